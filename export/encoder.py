@@ -1,0 +1,334 @@
+"""Export open_clip image and text towers to ONNX, TorchScript or TensorRT plans.
+
+Each tower becomes one graph with a dynamic batch axis that returns L2-normalised float32
+embeddings. The image graph takes uint8 pixels and does the float conversion and mean/std
+normalisation itself, so the server ships 1 byte per pixel channel to the GPU, not 4.
+
+Nothing is written unless the export matches PyTorch on real images and prompts
+(cosine >= 0.9999 for fp32, >= 0.999 for fp16); the folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from headmaster.export.card import EncoderCard, TowerFile
+from headmaster.export.encoders import LoadedEncoder, load
+from headmaster.export.errors import ExportError, UnsupportedHereError
+from headmaster.export.reference import reference_images, reference_prompts
+from headmaster.model_repository.backends.preprocess import preprocess_bytes
+from headmaster.model_repository.backends.runtime import load_runner
+
+LOG = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "plan", "torchscript")
+PRECISIONS = ("fp32", "fp16")
+MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+EXTENSIONS = {"onnx": ".onnx", "plan": ".plan", "torchscript": ".pt"}
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str  # open_clip model name, e.g. ViT-B-32
+    pretrained: str | None  # open_clip tag, checkpoint path, or None for random weights
+    out: Path
+    precision: str = "fp32"
+    format: str = "onnx"
+    seed: int = 0  # only for pretrained=None: the random weights are reproducible
+    towers: tuple[str, ...] = ("image", "text")
+    max_batch_size: int = 64  # TensorRT profile upper bound
+    opt_batch_size: int = 16  # TensorRT profile optimum
+    check_images: Path | None = None  # extra real images for the export check
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        unknown = set(self.towers) - {"image", "text"}
+        if unknown or not self.towers:
+            raise ExportError(f"towers must be a non-empty subset of image, text; got {self.towers}")
+        if not 1 <= self.opt_batch_size <= self.max_batch_size:
+            raise ExportError("need 1 <= opt_batch_size <= max_batch_size")
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _image_tower(encoder: LoadedEncoder, dtype):
+    torch = _torch()
+    p = encoder.preprocessing
+
+    class ImageTower(torch.nn.Module):
+        """uint8 pixels [N, 3, H, W] -> L2-normalised embedding [N, D] (float32)."""
+
+        def __init__(self, visual):
+            super().__init__()
+            self.visual = visual
+            self.register_buffer("mean", torch.tensor(p.mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(p.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+        def forward(self, pixels):
+            # Same arithmetic as torchvision's ToTensor + Normalize in open_clip's transform.
+            x = (pixels.float().div(255.0) - self.mean) / self.std
+            features = self.visual(x.to(dtype))
+            return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    return ImageTower(copy.deepcopy(encoder.model.visual).to(dtype)).eval()
+
+
+def _text_tower(encoder: LoadedEncoder, dtype):
+    torch = _torch()
+    model = copy.deepcopy(encoder.model)
+    model.visual = torch.nn.Identity()  # keep only what encode_text uses
+
+    class TextTower(torch.nn.Module):
+        """token ids [N, context] -> L2-normalised embedding [N, D] (float32)."""
+
+        def __init__(self, clip):
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, tokens):
+            return torch.nn.functional.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+    return TextTower(model.to(dtype)).eval()
+
+
+def _tower_spec(encoder: LoadedEncoder, tower: str, fmt: str, precision: str) -> TowerFile:
+    # Triton's PyTorch backend names tensors <name>__<index>; the others take any name.
+    suffix = "__0" if fmt == "torchscript" else ""
+    optimization = "extended" if (precision == "fp16" and fmt == "onnx") else "all"
+    if tower == "image":
+        return TowerFile(f"image{EXTENSIONS[fmt]}", fmt, f"PIXELS{suffix}", "UINT8",
+                         (3, *encoder.preprocessing.size), f"EMBEDDING{suffix}", optimization)
+    return TowerFile(f"text{EXTENSIONS[fmt]}", fmt, f"TOKENS{suffix}", "INT64",
+                     (encoder.context_length,), f"EMBEDDING{suffix}", optimization)
+
+
+def _example(spec: TowerFile, batch: int = 2):
+    torch = _torch()
+    if spec.input_dtype == "UINT8":
+        return torch.randint(0, 256, (batch, *spec.input_dims), dtype=torch.uint8)
+    return torch.randint(1, 1000, (batch, *spec.input_dims), dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def _exportable():
+    """No autograd, and no fused multi-head-attention fast path: it has no ONNX symbolic
+    and would bake one code path into the TorchScript trace."""
+    torch = _torch()
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _export_onnx(module, spec: TowerFile, path: Path) -> None:
+    import onnx
+
+    torch = _torch()
+    with _exportable():
+        torch.onnx.export(
+            module, (_example(spec),), str(path), dynamo=False, opset_version=OPSET,
+            input_names=[spec.input_name], output_names=[spec.output_name],
+            dynamic_axes={spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}},
+        )
+    onnx.checker.check_model(str(path))
+
+
+def _export_torchscript(module, spec: TowerFile, path: Path) -> None:
+    torch = _torch()
+    with _exportable():
+        traced = torch.jit.trace(module, (_example(spec),), check_trace=False)
+    traced.save(str(path))
+
+
+def _require_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise UnsupportedHereError(
+            "--format plan builds a TensorRT engine, which needs the `tensorrt` Python package and an "
+            f"NVIDIA GPU; `import tensorrt` failed here ({e}). Export --format onnx on this machine, or "
+            "run this command on the GPU host with the TensorRT version of your Triton container "
+            "(24.10 ships TensorRT 10.5): an engine only runs on the TensorRT version and GPU it was built on"
+        ) from None
+    return tensorrt
+
+
+def _build_plan(onnx_path: Path, spec: TowerFile, path: Path, options: ExportOptions) -> None:
+    trt = _require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if options.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    dims = tuple(spec.input_dims)
+    profile.set_shape(spec.input_name, (1, *dims), (options.opt_batch_size, *dims), (options.max_batch_size, *dims))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
+    path.write_bytes(bytes(engine))
+
+
+class _PlanRunner:
+    """Runs a TensorRT engine on CUDA tensors, for the export check only."""
+
+    def __init__(self, path: Path):
+        import tensorrt as trt
+
+        self.torch = _torch()
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+        self.context = self.engine.create_execution_context()
+
+    def __call__(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        torch = self.torch
+        (name, array), = inputs.items()
+        x = torch.from_numpy(array).cuda()
+        self.context.set_input_shape(name, tuple(x.shape))
+        self.context.set_tensor_address(name, x.data_ptr())
+        out = torch.empty(tuple(self.context.get_tensor_shape(outputs[0])), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(outputs[0], out.data_ptr())
+        stream = torch.cuda.current_stream()
+        self.context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return [out.cpu().numpy()]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions) -> tuple[list[str], np.ndarray]:
+    if tower == "image":
+        images = reference_images(options.check_images)
+        cfg = encoder.preprocessing.as_dict()
+        return [name for name, _ in images], np.stack([preprocess_bytes(data, cfg) for _, data in images])
+    import open_clip
+
+    prompts = reference_prompts()
+    tokens = open_clip.get_tokenizer(encoder.name)(prompts, context_length=encoder.context_length)
+    return prompts, tokens.numpy().astype(np.int64)
+
+
+def _verify(encoder: LoadedEncoder, tower: str, spec: TowerFile, path: Path, options: ExportOptions) -> dict:
+    """Exported artifact vs the fp32 PyTorch model on the same real inputs."""
+    torch = _torch()
+    names, batch = _check_inputs(encoder, tower, options)
+    reference_module = (_image_tower if tower == "image" else _text_tower)(encoder, torch.float32)
+    with torch.no_grad():
+        reference = reference_module(torch.from_numpy(batch)).numpy()
+    runner = _PlanRunner(path) if spec.format == "plan" else load_runner(
+        str(path), device="auto", optimization=spec.graph_optimization)
+    exported = runner({spec.input_name: batch}, [spec.output_name])[0]
+    cosines = _cosines(exported, reference)
+    worst = int(np.argmin(cosines))
+    minimum = MIN_COSINE[options.precision]
+    result = {"inputs": len(names), "min_cosine": float(cosines[worst]), "worst_input": names[worst],
+              "required": minimum, "max_norm_error": float(np.abs(np.linalg.norm(exported, axis=1) - 1).max())}
+    if not cosines[worst] >= minimum:
+        raise ExportError(
+            f"the exported {tower} tower ({spec.format}, {options.precision}) does not match PyTorch: "
+            f"cosine {cosines[worst]:.6f} < {minimum} on {names[worst]!r}; nothing was written"
+        )
+    LOG.info("%s tower: min cosine vs PyTorch %.7f over %d inputs", tower, cosines[worst], len(names))
+    return result
+
+
+def _tool_versions() -> dict:
+    versions = {}
+    for dist in ("torch", "open_clip_torch", "onnx", "onnxruntime", "headmaster", "tensorrt"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _export_tower(encoder: LoadedEncoder, tower: str, folder: Path, options: ExportOptions) -> tuple[TowerFile, dict]:
+    torch = _torch()
+    dtype = torch.float16 if options.precision == "fp16" else torch.float32
+    spec = _tower_spec(encoder, tower, options.format, options.precision)
+    module = (_image_tower if tower == "image" else _text_tower)(encoder, dtype)
+    path = folder / spec.file
+    if options.format == "torchscript":
+        _export_torchscript(module, spec, path)
+    elif options.format == "onnx":
+        _export_onnx(module, spec, path)
+    else:
+        onnx_path = folder / f"{tower}.for-plan.onnx"
+        _export_onnx(module, spec, onnx_path)
+        _build_plan(onnx_path, spec, path, options)
+        onnx_path.unlink()
+    return spec, _verify(encoder, tower, spec, path, options)
+
+
+def _place(staging: Path, out: Path) -> None:
+    """Move a finished export into place; only ever replaces a previous export."""
+    if out.exists():
+        if any(out.iterdir()) and not (out / "card.json").exists():
+            raise ExportError(f"{out} exists and is not an encoder export; choose an empty or new --out folder")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+def export_encoder(options: ExportOptions) -> EncoderCard:
+    """Export, verify, and write ``card.json`` + one file per tower into ``options.out``."""
+    if options.format == "plan":
+        _require_tensorrt()  # fail before minutes of loading and exporting
+    encoder = load(options.model, options.pretrained, options.seed)
+    out = Path(options.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
+    try:
+        towers, checks = {}, {}
+        for tower in options.towers:
+            towers[tower], checks[tower] = _export_tower(encoder, tower, staging, options)
+        card = EncoderCard(
+            model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
+            preprocessing=encoder.preprocessing.as_dict(), embed_dim=encoder.embed_dim,
+            context_length=encoder.context_length, logit_scale=encoder.logit_scale,
+            precision=options.precision, format=options.format, towers=towers, verification=checks,
+            tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            seed=encoder.seed,
+        )
+        card.save(staging)
+        _place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return card
+

@@ -1,0 +1,201 @@
+"""Heads as tiny ONNX models: embedding -> scores, plus the version's own metadata.
+
+A head version is self-contained: its graph computes the scores *and* emits ``INFO``, a
+JSON constant with the version number, label names, thresholds and whether the head is
+multi-label. The ensemble's threshold step applies exactly the thresholds that came out
+with the scores, so no hot swap can pair new weights with old labels (see
+``model_repository/backends/threshold.py``). ``head.json`` beside ``model.onnx`` holds the
+full record: encoder fingerprint, how the head was made, metrics.
+
+The same file runs in Triton (onnxruntime backend, or the python backend in the portable
+flavour) and on CPU with onnxruntime for rescoring stored embeddings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from headmaster.export.errors import CardError, ExportError
+
+HEAD_FILE = "head.json"
+MODEL_FILE = "model.onnx"
+HEAD_SCHEMA = 1
+OPSET = 17
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# Names the repository uses for its own models; a head may not take them.
+RESERVED_NAMES = {"preprocess", "image_encoder", "text_encoder", "tokenize", "threshold",
+                  "classify", "embed", "embed_text"}
+
+
+def check_head_name(name: str) -> str:
+    if not NAME_PATTERN.match(name or ""):
+        raise ExportError(
+            f"head name {name!r} is not allowed: use lowercase letters, digits and '_', starting "
+            "with a letter (it names a Triton model and the ensemble's SCORES_<name> output)"
+        )
+    if name in RESERVED_NAMES:
+        raise ExportError(f"head name {name!r} is reserved for the repository's own models: {sorted(RESERVED_NAMES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """A linear head (one layer) or an MLP (Linear -> ReLU -> ... -> Linear)."""
+
+    layers: tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [out, in], bias [out]) per layer
+    multi_label: bool  # sigmoid per label; otherwise softmax over the labels
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ExportError("a head needs at least one layer")
+        for i, (w, b) in enumerate(self.layers):
+            if w.ndim != 2 or b.shape != (w.shape[0],):
+                raise ExportError(f"layer {i}: weight {w.shape} and bias {b.shape} do not fit")
+            if i and w.shape[1] != self.layers[i - 1][0].shape[0]:
+                raise ExportError(f"layer {i} takes {w.shape[1]} inputs, layer {i - 1} gives {self.layers[i - 1][0].shape[0]}")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.layers[0][0].shape[1])
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.layers[-1][0].shape[0])
+
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """The numpy reference the ONNX graph must match."""
+        x = np.asarray(embeddings, dtype=np.float64)
+        for i, (w, b) in enumerate(self.layers):
+            x = x @ w.astype(np.float64).T + b
+            if i < len(self.layers) - 1:
+                x = np.maximum(x, 0.0)
+        if self.multi_label:
+            return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+        x = np.exp(x - x.max(axis=1, keepdims=True))
+        return (x / x.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class HeadCard:
+    """Everything about one head version; ``head.json`` in the version folder."""
+
+    name: str
+    version: int
+    labels: tuple[str, ...]
+    thresholds: tuple[float, ...]  # per label; see threshold.accept for how they apply
+    multi_label: bool
+    encoder_fingerprint: str  # the encoder whose embeddings this head reads
+    embed_dim: int
+    kind: str  # zero-shot | linear | mlp
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    details: dict = field(default_factory=dict)  # prompts, training data hash, metrics, ...
+    schema: int = HEAD_SCHEMA
+
+    def __post_init__(self) -> None:
+        check_head_name(self.name)
+        if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
+            raise ExportError(f"head {self.name}: labels must be distinct and at least one, got {self.labels}")
+        if not self.multi_label and len(self.labels) < 2:
+            raise ExportError(f"head {self.name}: a single-label head needs two labels or more (a binary "
+                              "head is a positive and a negative label)")
+        if len(self.thresholds) != len(self.labels):
+            raise ExportError(f"head {self.name}: {len(self.thresholds)} thresholds for {len(self.labels)} labels")
+        if not all(0.0 <= t <= 1.0 for t in self.thresholds):
+            raise ExportError(f"head {self.name}: thresholds must lie in [0, 1], got {self.thresholds}")
+        if self.version < 1:
+            raise ExportError(f"head {self.name}: versions start at 1, got {self.version}")
+
+    def info(self) -> dict:
+        """What travels with every answer of this version (the INFO output)."""
+        return {"head": self.name, "version": self.version, "labels": list(self.labels),
+                "thresholds": [float(t) for t in self.thresholds], "multi_label": self.multi_label}
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / HEAD_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "HeadCard":
+        path = Path(folder) / HEAD_FILE
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CardError(f"{folder} has no {HEAD_FILE}: not a head version") from None
+        except json.JSONDecodeError as e:
+            raise CardError(f"{path} is not valid JSON: {e}") from None
+        if d.get("schema") != HEAD_SCHEMA:
+            raise CardError(f"{path}: head schema {d.get('schema')!r} is not supported (expected {HEAD_SCHEMA})")
+        d["labels"], d["thresholds"] = tuple(d["labels"]), tuple(d["thresholds"])
+        return cls(**d)
+
+
+def head_onnx(weights: HeadWeights, card: HeadCard):
+    """EMBEDDING [N, D] -> SCORES [N, L] (float32) and INFO [N, 1] (the version's JSON)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if weights.embed_dim != card.embed_dim or weights.num_labels != len(card.labels):
+        raise ExportError(
+            f"head {card.name}: weights map {weights.embed_dim} -> {weights.num_labels}, "
+            f"but the card says {card.embed_dim} -> {len(card.labels)} labels"
+        )
+    nodes, inits, x = [], [], "EMBEDDING"
+    for i, (w, b) in enumerate(weights.layers):
+        inits += [numpy_helper.from_array(np.asarray(w, np.float32), f"w{i}"),
+                  numpy_helper.from_array(np.asarray(b, np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"z{i}"], transB=1))
+        x = f"z{i}"
+        if i < len(weights.layers) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+            x = f"r{i}"
+    nodes.append(helper.make_node("Sigmoid", [x], ["SCORES"]) if weights.multi_label
+                 else helper.make_node("Softmax", [x], ["SCORES"], axis=1))
+    # INFO: one JSON string per batch row, expanded to the batch size of this call.
+    info = np.array([[json.dumps(card.info(), separators=(",", ":"))]], dtype=object)
+    inits += [numpy_helper.from_array(info, "info"), numpy_helper.from_array(np.array([1], np.int64), "one")]
+    nodes += [
+        helper.make_node("Shape", ["EMBEDDING"], ["batch"], start=0, end=1),
+        helper.make_node("Concat", ["batch", "one"], ["info_shape"], axis=0),
+        helper.make_node("Expand", ["info", "info_shape"], ["INFO"]),
+    ]
+    graph = helper.make_graph(
+        nodes, f"head_{card.name}_v{card.version}",
+        [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, ["batch", weights.embed_dim])],
+        [helper.make_tensor_value_info("SCORES", TensorProto.FLOAT, ["batch", weights.num_labels]),
+         helper.make_tensor_value_info("INFO", TensorProto.STRING, ["batch", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="headmaster")
+    model.ir_version = 8  # readable by the onnxruntime in Triton 24.10 (1.19)
+    model.doc_string = json.dumps(card.info())
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_head(folder: Path, weights: HeadWeights, card: HeadCard, check_embeddings: np.ndarray | None = None) -> None:
+    """Write model.onnx + head.json, then load the ONNX file back and compare it with the
+    numpy reference on ``check_embeddings`` (random unit vectors when none are given)."""
+    import onnx
+    import onnxruntime as ort
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(head_onnx(weights, card), str(folder / MODEL_FILE))
+    card.save(folder)
+    if check_embeddings is None:
+        rng = np.random.default_rng(0)
+        check_embeddings = rng.normal(size=(64, weights.embed_dim)).astype(np.float32)
+        check_embeddings /= np.linalg.norm(check_embeddings, axis=1, keepdims=True)
+    session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
+    scores, info = session.run(["SCORES", "INFO"], {"EMBEDDING": np.asarray(check_embeddings, np.float32)})
+    error = float(np.abs(scores - weights.scores(check_embeddings)).max())
+    if error > 1e-4 or json.loads(info[0, 0]) != card.info():
+        raise ExportError(f"head {card.name} v{card.version}: the ONNX file disagrees with the trained "
+                          f"weights (max score error {error:.2e}); nothing was published")

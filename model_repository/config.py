@@ -1,0 +1,310 @@
+"""One typed description per kind of Triton model, rendered to config.pbtxt by one function.
+
+Each kind is a frozen dataclass, validated on construction, whose ``config(flavour)``
+returns the ``ModelConfig`` message in its JSON form. :func:`render` is the only place that
+turns a description into config.pbtxt text: it parses that JSON into Triton's own protobuf
+(``tritonclient.grpc.model_config_pb2``, so a misspelt field or a wrong type fails here,
+not inside the server), checks what the protobuf cannot, and prints it with text_format.
+
+Two flavours come from the same description:
+- ``native``: the platforms of NVIDIA's Triton container (``onnxruntime_onnx``,
+  ``tensorrt_plan``, ``pytorch_libtorch``) for the encoders and heads, on GPU.
+- ``portable``: the same artifacts run by python-backend models (``backends/runtime.py``),
+  for the Triton that ships in the nvidia-pytriton wheel, which has no other backend.
+Preprocessing, tokenising and thresholds are python-backend models in both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from headmaster.export.errors import ConfigError
+
+FLAVOURS = ("portable", "native")
+DTYPES = ("BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "BYTES")
+NATIVE_PLATFORMS = {"onnx": "onnxruntime_onnx", "plan": "tensorrt_plan", "torchscript": "pytorch_libtorch"}
+ARTIFACT_FILES = {"onnx": "model.onnx", "plan": "model.plan", "torchscript": "model.pt"}
+
+
+def _check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise ConfigError(f"flavour must be one of {', '.join(FLAVOURS)}, not {flavour!r}")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """An input or output (``ModelInput`` / ``ModelOutput``); dims exclude the batch axis."""
+
+    name: str
+    dtype: str  # Triton dtype without TYPE_; BYTES renders as TYPE_STRING
+    dims: tuple[int, ...]  # -1 for a variable axis
+    optional: bool = False  # ModelInput.optional: the request (or ensemble) may leave it out
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("a tensor needs a name")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"tensor {self.name}: dtype must be one of {DTYPES}, not {self.dtype!r}")
+        if not self.dims or any(d == 0 or d < -1 for d in self.dims):
+            raise ConfigError(f"tensor {self.name}: dims must be positive or -1, got {self.dims}")
+
+    def proto(self, is_input: bool) -> dict:
+        d = {"name": self.name, "data_type": "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}",
+             "dims": [str(x) for x in self.dims]}
+        if is_input and self.optional:
+            d["optional"] = True
+        return d
+
+
+@dataclass(frozen=True)
+class Batching:
+    """``max_batch_size`` and ``dynamic_batching`` (``ModelDynamicBatching``)."""
+
+    max_batch_size: int = 64
+    preferred_batch_sizes: tuple[int, ...] = ()  # the batcher waits for one of these sizes...
+    max_queue_delay_us: int = 0  # ...at most this long before sending what it has
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        bad = [s for s in self.preferred_batch_sizes if not 1 <= s <= self.max_batch_size]
+        if bad:
+            raise ConfigError(f"preferred_batch_sizes {bad} are not within 1..max_batch_size={self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ConfigError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+
+    def proto(self) -> dict:
+        d: dict = {}
+        if self.preferred_batch_sizes:
+            d["preferred_batch_size"] = list(self.preferred_batch_sizes)
+        if self.max_queue_delay_us:
+            d["max_queue_delay_microseconds"] = str(self.max_queue_delay_us)
+        return {"max_batch_size": self.max_batch_size, "dynamic_batching": d}
+
+
+@dataclass(frozen=True)
+class Instances:
+    """``instance_group``: how many copies of the model run, and where."""
+
+    count: int = 1
+    gpu: bool = False  # KIND_GPU in the native flavour; python models always run KIND_CPU
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError(f"instance count must be >= 1, got {self.count}")
+
+    def proto(self, flavour: str) -> list[dict]:
+        kind = "KIND_GPU" if (self.gpu and flavour == "native") else "KIND_CPU"
+        return [{"count": self.count, "kind": kind}]
+
+
+def _params(**values) -> dict:
+    return {k: {"string_value": str(v)} for k, v in values.items()}
+
+
+def _base(name: str, batching: Batching, inputs, outputs, flavour: str, instances: Instances) -> dict:
+    return {"name": name, **batching.proto(),
+            "input": [t.proto(True) for t in inputs], "output": [t.proto(False) for t in outputs],
+            "instance_group": instances.proto(flavour)}
+
+
+class ModelDescription(Protocol):
+    name: str
+
+    def config(self, flavour: str) -> dict: ...
+
+
+@dataclass(frozen=True)
+class PreprocessModel:
+    """Encoded image bytes -> uint8 pixels, by the encoder's own preprocessing."""
+
+    preprocessing: dict  # the encoder card's preprocessing
+    batching: Batching = Batching(64, (), 0)
+    instances: Instances = Instances(1)
+    threads: int = 0  # decode threads per instance; 0 = one per CPU core
+    name: str = "preprocess"
+
+    @property
+    def output(self) -> Tensor:
+        return Tensor("PIXELS", "UINT8", (3, *self.preprocessing["size"]))
+
+    def config(self, flavour: str) -> dict:
+        _check_flavour(flavour)
+        return {**_base(self.name, self.batching, [Tensor("IMAGE", "BYTES", (1,))], [self.output], flavour,
+                        self.instances),
+                "backend": "python",
+                "parameters": _params(preprocessing=json.dumps(self.preprocessing), threads=self.threads)}
+
+
+@dataclass(frozen=True)
+class EncoderModel:
+    """An exported tower (image or text) in onnx, plan or torchscript format."""
+
+    name: str  # image_encoder | text_encoder
+    format: str  # onnx | plan | torchscript
+    input: Tensor
+    output: Tensor
+    batching: Batching = Batching(64, (8, 16, 32), 2000)
+    instances: Instances = Instances(1, gpu=True)
+    graph_optimization: str = "all"  # onnxruntime level for the portable runner
+    device: str = "auto"  # portable runner: auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if self.format not in NATIVE_PLATFORMS:
+            raise ConfigError(f"encoder {self.name}: format must be one of {sorted(NATIVE_PLATFORMS)}, not {self.format!r}")
+
+    @property
+    def artifact(self) -> str:
+        return ARTIFACT_FILES[self.format]
+
+    def config(self, flavour: str) -> dict:
+        _check_flavour(flavour)
+        base = _base(self.name, self.batching, [self.input], [self.output], flavour, self.instances)
+        if flavour == "native":
+            return {**base, "platform": NATIVE_PLATFORMS[self.format]}
+        if self.format == "plan":
+            raise ConfigError(
+                f"{self.name}: a TensorRT plan needs Triton's tensorrt_plan backend (NVIDIA's container); "
+                "build the repository with --flavour native, or export --format onnx for the portable flavour"
+            )
+        return {**base, "backend": "python",
+                "parameters": _params(artifact=self.artifact, device=self.device,
+                                      graph_optimization=self.graph_optimization)}
+
+
+@dataclass(frozen=True)
+class TokenizeModel:
+    """Text -> the encoder's token ids (open_clip's tokenizer for that model)."""
+
+    model: str  # open_clip model name: picks the tokenizer
+    context_length: int
+    batching: Batching = Batching(64, (), 0)
+    name: str = "tokenize"
+
+    def config(self, flavour: str) -> dict:
+        _check_flavour(flavour)
+        return {**_base(self.name, self.batching, [Tensor("TEXT", "BYTES", (1,))],
+                        [Tensor("TOKENS", "INT64", (self.context_length,))], flavour, Instances(1)),
+                "backend": "python", "parameters": _params(model=self.model, context_length=self.context_length)}
+
+
+@dataclass(frozen=True)
+class HeadModel:
+    """One head: embedding -> SCORES + INFO; only the live version is loaded."""
+
+    name: str
+    embed_dim: int
+    live_version: int  # version_policy: specific, so rollback is a config change, not a delete
+    batching: Batching = Batching(64, (), 0)
+    instances: Instances = Instances(1)
+
+    def __post_init__(self) -> None:
+        if self.live_version < 1:
+            raise ConfigError(f"head {self.name}: live_version must be >= 1, got {self.live_version}")
+
+    outputs = (Tensor("SCORES", "FP32", (-1,)), Tensor("INFO", "BYTES", (1,)))
+
+    def config(self, flavour: str) -> dict:
+        _check_flavour(flavour)
+        base = _base(self.name, self.batching, [Tensor("EMBEDDING", "FP32", (self.embed_dim,))],
+                     self.outputs, flavour, self.instances)
+        base["version_policy"] = {"specific": {"versions": [self.live_version]}}
+        if flavour == "native":
+            return {**base, "platform": "onnxruntime_onnx"}
+        return {**base, "backend": "python", "parameters": _params(artifact="model.onnx", device="cpu", threads=1)}
+
+
+@dataclass(frozen=True)
+class ThresholdModel:
+    """Scores + INFO of every head -> RESULT, one JSON document per image."""
+
+    heads: tuple[str, ...]
+    embed_dim: int
+    batching: Batching = Batching(64, (), 0)
+    name: str = "threshold"
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        # Head inputs are optional so that adding or removing a head never breaks the
+        # classify ensemble that is live while the two models reload one after the other.
+        tensors = [Tensor("EMBEDDING", "FP32", (self.embed_dim,))]
+        for head in self.heads:
+            tensors += [Tensor(f"SCORES_{head}", "FP32", (-1,), optional=True),
+                        Tensor(f"INFO_{head}", "BYTES", (1,), optional=True)]
+        return tensors
+
+    def config(self, flavour: str) -> dict:
+        _check_flavour(flavour)
+        return {**_base(self.name, self.batching, self.inputs, [Tensor("RESULT", "BYTES", (1,))], flavour,
+                        Instances(1)),
+                "backend": "python", "parameters": _params(heads=json.dumps(list(self.heads)))}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``ensemble_scheduling.step``: model tensor name -> ensemble tensor name."""
+
+    model: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+    def proto(self) -> dict:
+        return {"model_name": self.model, "model_version": "-1",
+                "input_map": dict(self.inputs), "output_map": dict(self.outputs)}
+
+
+@dataclass(frozen=True)
+class EnsembleModel:
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    steps: tuple[Step, ...]
+    max_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ConfigError(f"ensemble {self.name} has no steps")
+        produced = {t.name for t in self.inputs}
+        for step in self.steps:
+            missing = set(step.inputs.values()) - produced
+            if missing:
+                raise ConfigError(f"ensemble {self.name}: step {step.model} reads {sorted(missing)}, "
+                                  "which no earlier step produces")
+            produced |= set(step.outputs.values())
+        unproduced = {t.name for t in self.outputs} - produced
+        if unproduced:
+            raise ConfigError(f"ensemble {self.name}: outputs {sorted(unproduced)} are produced by no step")
+
+    def config(self, flavour: str) -> dict:
+        _check_flavour(flavour)
+        return {"name": self.name, "platform": "ensemble", "max_batch_size": self.max_batch_size,
+                "input": [t.proto(True) for t in self.inputs], "output": [t.proto(False) for t in self.outputs],
+                "ensemble_scheduling": {"step": [s.proto() for s in self.steps]}}
+
+
+def to_proto(model: ModelDescription, flavour: str) -> model_config_pb2.ModelConfig:
+    try:
+        message = json_format.ParseDict(model.config(flavour), model_config_pb2.ModelConfig())
+    except json_format.ParseError as e:
+        raise ConfigError(f"model {model.name}: not a valid Triton ModelConfig: {e}") from None
+    if message.name != model.name:
+        raise ConfigError(f"model {model.name}: rendered name {message.name!r} differs")
+    return message
+
+
+def render(model: ModelDescription, flavour: str) -> str:
+    """The config.pbtxt text of a model description, validated by Triton's protobuf."""
+    return text_format.MessageToString(to_proto(model, flavour))
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    """Read a config.pbtxt back into Triton's ModelConfig protobuf."""
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise ConfigError(f"not a valid config.pbtxt: {e}") from None

@@ -1,0 +1,118 @@
+"""The one way anything is written into a model repository: atomically.
+
+Triton may read the repository at any moment (poll mode, an explicit load, a restart), so
+nothing appears there half-written: a version is built in a hidden folder beside its final
+place, checked, then renamed into place; a file is written beside its target and replaced
+in one ``os.replace``. A lock file serialises writers (two ``train-head`` runs must not both
+take version N+1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from headmaster.export.errors import RepositoryError
+
+LOCK_FILE = ".headmaster.lock"
+
+
+@contextlib.contextmanager
+def repository_lock(repo: Path) -> Iterator[None]:
+    """Exclusive lock on the repository for the duration of a write."""
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    with open(repo / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The numeric version folders of a model, ascending (what Triton counts as versions)."""
+    if not Path(model_dir).is_dir():
+        return []
+    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def write_file(path: Path, content: str | bytes) -> None:
+    """Replace ``path`` in one step: readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def publish_version(repo: Path, model: str, build: Callable[[Path, int], None], version: int | None = None) -> int:
+    """Create version ``version`` (default: the next one) of ``model`` in ``repo``.
+
+    ``build(folder, version)`` writes and checks the version's files in a staging folder;
+    if it raises, nothing is published. Returns the published version number. The caller
+    must hold :func:`repository_lock`.
+    """
+    model_dir = Path(repo) / model
+    model_dir.mkdir(parents=True, exist_ok=True)
+    existing = versions(model_dir)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    final = model_dir / str(version)
+    if final.exists():
+        raise RepositoryError(f"{final} already exists; versions are never overwritten")
+    # Non-numeric folders inside a model are ignored by Triton, so staging can sit right
+    # beside the final place and the rename below stays on one filesystem.
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
+    try:
+        build(staging, version)
+        staging.chmod(0o755)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return version
+
+
+def replace_version(repo: Path, model: str, version: int, build: Callable[[Path, int], None]) -> None:
+    """Rebuild an existing version in place (the encoder's, when the repository is rebuilt)."""
+    model_dir = Path(repo) / model
+    final = model_dir / str(version)
+    if not final.exists():
+        publish_version(repo, model, build, version)
+        return
+    old = model_dir / f".old-{version}-{os.getpid()}"
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
+    try:
+        build(staging, version)
+        staging.chmod(0o755)
+        final.rename(old)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_versions(repo: Path, model: str, keep: int, protect: set[int]) -> list[int]:
+    """Delete all but the newest ``keep`` versions (never one in ``protect``)."""
+    existing = versions(Path(repo) / model)
+    doomed = [v for v in existing[:-keep] if v not in protect] if keep > 0 else []
+    for v in doomed:
+        shutil.rmtree(Path(repo) / model / str(v))
+    return doomed

@@ -1,0 +1,91 @@
+"""Zero-shot heads: label prompts embedded by the encoder's own text tower.
+
+A zero-shot head is a linear layer whose rows are the (template-averaged, normalised)
+text embeddings of its labels, scaled by the encoder's logit scale, then a softmax: exactly
+CLIP's zero-shot classifier, in the same ONNX format as a trained head, so the two swap
+freely and a trained head can later replace it under the same name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from headmaster.export.errors import HeadmasterError
+from headmaster.export.heads import HeadCard, HeadWeights, check_head_name
+from headmaster.model_repository.config import ARTIFACT_FILES
+from headmaster.model_repository.repository import Repository, publish_head
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = ("a photo of {}.",)
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str  # what results call it
+    prompt: str  # what the text tower reads (through each template)
+
+    @classmethod
+    def parse(cls, text: str) -> "Label":
+        """'a cat' names and prompts alike; 'cat=a photo containing a cat' names it 'cat'."""
+        name, sep, prompt = text.partition("=")
+        name, prompt = (name.strip(), prompt.strip()) if sep else (text.strip(), text.strip())
+        if not name or not prompt:
+            raise HeadmasterError(f"label {text!r} is empty; use 'text' or 'name=prompt text'")
+        return cls(name, prompt)
+
+
+def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
+    """Text embeddings from the repository's own text tower, run locally on CPU."""
+    import open_clip
+
+    from headmaster.model_repository.backends.runtime import load_runner
+
+    if not repo.has_text:
+        raise HeadmasterError(f"{repo.path} has no text tower: export the encoder with both towers for zero-shot heads")
+    spec = repo.card.towers["text"]
+    if spec.format == "plan":
+        raise HeadmasterError("the text tower is a TensorRT plan, which this machine cannot run; "
+                              "export an onnx copy of the same encoder for zero-shot heads")
+    tokens = open_clip.get_tokenizer(repo.card.model)(texts, context_length=repo.card.context_length)
+    runner = load_runner(str(repo.path / "text_encoder" / "1" / ARTIFACT_FILES[spec.format]),
+                         device="cpu", optimization=spec.graph_optimization)
+    return runner({spec.input_name: tokens.numpy().astype(np.int64)}, [spec.output_name])[0]
+
+
+def zero_shot_weights(repo: Repository, labels: list[Label], templates: tuple[str, ...]) -> HeadWeights:
+    for template in templates:
+        if "{}" not in template:
+            raise HeadmasterError(f"template {template!r} has no '{{}}' where the label goes")
+    prompts = [t.format(label.prompt) for label in labels for t in templates]
+    embeddings = embed_texts(repo, prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    weight = (repo.card.logit_scale * embeddings).astype(np.float32)
+    return HeadWeights(((weight, np.zeros(len(labels), np.float32)),), multi_label=False)
+
+
+def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+                          thresholds: dict[str, float] | None = None) -> HeadCard:
+    """Publish the next version of head ``name`` as a zero-shot classifier over ``labels``."""
+    check_head_name(name)
+    parsed = [Label.parse(text) for text in labels]
+    if len(parsed) < 2:
+        raise HeadmasterError("a zero-shot head needs two labels or more; for a yes/no question give a "
+                              "positive and a negative prompt, e.g. --label 'cat=a photo containing a cat' "
+                              "--label 'no cat=a photo with no cat'")
+    thresholds = dict(thresholds or {})
+    unknown = set(thresholds) - {label.name for label in parsed}
+    if unknown:
+        raise HeadmasterError(f"--threshold names labels that are not in this head: {sorted(unknown)}")
+    repo = Repository(repo_path)
+    weights = zero_shot_weights(repo, parsed, tuple(templates))
+    return publish_head(repo_path, weights, lambda version: HeadCard(
+        name=name, version=version, labels=tuple(label.name for label in parsed),
+        thresholds=tuple(float(thresholds.get(label.name, 0.0)) for label in parsed),
+        multi_label=False, encoder_fingerprint=repo.fingerprint, embed_dim=repo.card.embed_dim,
+        kind="zero-shot", details={"prompts": {label.name: label.prompt for label in parsed},
+                                   "templates": list(templates)}))
