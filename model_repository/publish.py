@@ -45,11 +45,14 @@ def versions(model_dir: Path) -> list[int]:
 def write_file(path: Path, content: str | bytes) -> None:
     """Replace ``path`` in one step: readers see the old file or the new one, never a mix."""
     path = Path(path)
+    data = content.encode() if isinstance(content, str) else content
+    if path.is_file() and path.read_bytes() == data:
+        return  # untouched files keep their mtime, so Triton sees no change to reload
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(content.encode() if isinstance(content, str) else content)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

@@ -1,0 +1,216 @@
+"""asyncio client for the Headmaster ensembles, over gRPC or HTTP (tritonclient's aio clients).
+
+Images go out in requests of ``batch_size``, at most ``max_in_flight`` at a time; Triton's
+dynamic batcher merges concurrent requests on the server. When the server refuses a
+request as invalid (a corrupt image), its images are re-sent one by one, so exactly the
+bad ones come back as :class:`Failure` and the rest as :class:`Classification`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from headmaster.client.errors import (
+    ClientError,
+    InvalidInputError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+    ServerSideError,
+    ServerUnavailableError,
+)
+from headmaster.client.results import Classification, Failure
+
+PROTOCOLS = ("grpc", "http")
+DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+ImageInput = bytes | str | Path
+
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']+', ")
+
+
+def _translate(error: Exception, model: str) -> ClientError:
+    """tritonclient's InferenceServerException (or a transport error) -> the client's family."""
+    from tritonclient.utils import InferenceServerException
+
+    if not isinstance(error, InferenceServerException):
+        if isinstance(error, asyncio.TimeoutError):
+            return RequestTimeoutError(f"no answer from the server within the timeout ({error})")
+        return ServerUnavailableError(f"cannot reach the Triton server: {type(error).__name__}: {error}")
+    status = str(error.status() or "")
+    message = _ENSEMBLE_PREFIX.sub("", error.message() or str(error))
+    if status in ("400", "StatusCode.INVALID_ARGUMENT"):
+        return InvalidInputError(message)
+    if "DEADLINE_EXCEEDED" in status or "Deadline" in message or "timed out" in message.lower():
+        return RequestTimeoutError(message)
+    if "UNAVAILABLE" in status or "failed to connect" in message.lower() or "connection refused" in message.lower():
+        return ServerUnavailableError(f"cannot reach the Triton server: {message}")
+    if "unknown model" in message.lower() or "is not ready" in message.lower() or status in ("404", "StatusCode.NOT_FOUND"):
+        return ModelNotFoundError(f"model {model!r} is not served here: {message}")
+    return ServerSideError(message)
+
+
+class _Transport:
+    """The few calls we need, the same over both protocols."""
+
+    def __init__(self, url: str, protocol: str, timeout_s: float):
+        if protocol not in PROTOCOLS:
+            raise ClientError(f"protocol must be grpc or http, not {protocol!r}")
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as module
+            self.client = module.InferenceServerClient(url)
+        else:
+            import tritonclient.http.aio as module
+            self.client = module.InferenceServerClient(url, conn_timeout=timeout_s)
+        self.module = module
+
+    def bytes_input(self, name: str, items: Sequence[bytes]):
+        tensor = self.module.InferInput(name, [len(items), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[i] for i in items], dtype=object))
+        return tensor
+
+    def output(self, name: str):
+        if self.protocol == "http":
+            return self.module.InferRequestedOutput(name, binary_data=True)
+        return self.module.InferRequestedOutput(name)
+
+    async def infer(self, model: str, inputs, outputs: list[str]) -> dict[str, np.ndarray]:
+        requested = [self.output(n) for n in outputs]
+        try:
+            if self.protocol == "grpc":
+                result = await self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+            else:
+                result = await asyncio.wait_for(self.client.infer(model, inputs, outputs=requested), self.timeout_s)
+        except Exception as e:
+            raise _translate(e, model) from e
+        return {n: result.as_numpy(n) for n in outputs}
+
+    async def is_ready(self, model: str) -> bool:
+        try:
+            return bool(await self.client.is_server_ready()) and bool(await self.client.is_model_ready(model))
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+@dataclass(frozen=True)
+class _Item:
+    source: str | None
+    data: bytes
+    sha256: str
+
+
+def read_image(image: ImageInput) -> _Item:
+    """The bytes of an image given as bytes or a file path, with its name and content hash."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        source, data = None, bytes(image)
+    else:
+        source, data = str(image), Path(image).read_bytes()
+    return _Item(source, data, hashlib.sha256(data).hexdigest())
+
+
+class AsyncHeadmasterClient:
+    """Classify and embed images (and embed text) against a Headmaster Triton repository.
+
+    >>> async with AsyncHeadmasterClient("localhost:8001") as client:
+    ...     results = await client.classify(["cat.jpg", "dog.png"])
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = 120.0,
+                 batch_size: int = 8, max_in_flight: int = 4, model: str = "classify"):
+        if batch_size < 1 or max_in_flight < 1:
+            raise ClientError("batch_size and max_in_flight must be >= 1")
+        self.url = url or DEFAULT_URLS.get(protocol, "")
+        self.protocol = protocol
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.model = model
+        self._transport = _Transport(self.url, protocol, timeout_s)
+
+    async def __aenter__(self) -> "AsyncHeadmasterClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def is_ready(self) -> bool:
+        return await self._transport.is_ready(self.model)
+
+    # -- images ----------------------------------------------------------------------------
+    async def _classify_batch(self, batch: list[_Item]) -> list[Classification | Failure]:
+        inputs = [self._transport.bytes_input("IMAGE", [item.data for item in batch])]
+        try:
+            out = await self._transport.infer(self.model, inputs, ["EMBEDDING", "RESULT"])
+        except InvalidInputError as e:
+            if len(batch) == 1:
+                return [Failure(batch[0].source, re.sub(r"^IMAGE\[0\]: ", "", str(e)), batch[0].sha256)]
+            # One image spoiled the request: find which, by sending them one at a time.
+            singles = await asyncio.gather(*(self._classify_batch([item]) for item in batch))
+            return [result for single in singles for result in single]
+        return [Classification.from_result(item.source, item.sha256, embedding, result[0])
+                for item, embedding, result in zip(batch, out["EMBEDDING"], out["RESULT"])]
+
+    async def classify(self, images: Sequence[ImageInput],
+                       progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+        """One result per image, in order. Unreadable files and images the server refuses come
+        back as :class:`Failure`; transport problems raise (nothing can be classified then)."""
+        loaded: list[_Item | Failure] = []
+        for image in images:
+            try:
+                loaded.append(read_image(image))
+            except OSError as e:
+                loaded.append(Failure(str(image), f"cannot read file: {e.strerror or e}"))
+        results: list[Classification | Failure | None] = [r if isinstance(r, Failure) else None for r in loaded]
+        todo = [i for i, r in enumerate(loaded) if not isinstance(r, Failure)]
+        if progress and len(todo) < len(loaded):
+            progress(len(loaded) - len(todo))
+        gate = asyncio.Semaphore(self.max_in_flight)
+
+        async def run(indices: list[int]) -> None:
+            async with gate:
+                answers = await self._classify_batch([loaded[i] for i in indices])
+            for i, answer in zip(indices, answers):
+                results[i] = answer
+            if progress:
+                progress(len(indices))
+
+        chunks = [todo[s:s + self.batch_size] for s in range(0, len(todo), self.batch_size)]
+        await asyncio.gather(*(run(chunk) for chunk in chunks))
+        return results  # type: ignore[return-value]
+
+    async def classify_one(self, image: ImageInput) -> Classification:
+        """Classify one image; raises :class:`InvalidInputError` if the server refuses it."""
+        (result,) = await self.classify([image])
+        if isinstance(result, Failure):
+            raise InvalidInputError(f"{result.source or 'image'}: {result.error}")
+        return result
+
+    async def embed(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Embeddings [N, D] of images through the ``embed`` ensemble (no heads run)."""
+        batches = [[read_image(i).data for i in images[s:s + self.batch_size]]
+                   for s in range(0, len(images), self.batch_size)]
+        gate = asyncio.Semaphore(self.max_in_flight)
+
+        async def run(batch: list[bytes]) -> np.ndarray:
+            async with gate:
+                out = await self._transport.infer("embed", [self._transport.bytes_input("IMAGE", batch)], ["EMBEDDING"])
+            return out["EMBEDDING"]
+
+        return np.concatenate(await asyncio.gather(*(run(b) for b in batches))) if batches else np.zeros((0, 0), np.float32)
+
+    async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Text embeddings [N, D] through the ``embed_text`` ensemble (same space as images)."""
+        inputs = [self._transport.bytes_input("TEXT", [t.encode("utf-8") for t in texts])]
+        return (await self._transport.infer("embed_text", inputs, ["EMBEDDING"]))["EMBEDDING"]

@@ -1,0 +1,62 @@
+"""Typed results of the ``classify`` and ``embed`` ensembles."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    """One head's answer for one image."""
+
+    name: str
+    version: int  # the head version that produced these scores and applied its thresholds
+    labels: tuple[str, ...]  # accepted labels (may be empty)
+    scores: dict[str, float]  # every label's score
+
+    @property
+    def top(self) -> tuple[str, float]:
+        label = max(self.scores, key=self.scores.get)
+        return label, self.scores[label]
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What ``classify`` returns for an image that was processed."""
+
+    source: str | None  # the path or name the caller gave
+    sha256: str  # of the image bytes: the item's identity in stores and datasets
+    embedding: np.ndarray  # float32 [D], L2-normalised
+    heads: dict[str, HeadResult] = field(default_factory=dict)
+    ok = True
+
+    @classmethod
+    def from_result(cls, source: str | None, sha256: str, embedding: np.ndarray,
+                    result_json: bytes | str) -> "Classification":
+        doc = json.loads(result_json)
+        heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]))
+                 for name, h in doc.get("heads", {}).items()}
+        return cls(source, sha256, np.asarray(embedding, dtype=np.float32), heads)
+
+    def to_dict(self, with_embedding: bool = False) -> dict:
+        d = {"source": self.source, "sha256": self.sha256, "ok": True,
+             "heads": {n: {"version": h.version, "labels": list(h.labels), "scores": h.scores} for n, h in self.heads.items()}}
+        if with_embedding:
+            d["embedding"] = self.embedding.tolist()
+        return d
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image the server (or the client, reading it) could not process; the others still were."""
+
+    source: str | None
+    error: str
+    sha256: str | None = None  # None when the file could not even be read
+    ok = False
+
+    def to_dict(self, with_embedding: bool = False) -> dict:
+        return {"source": self.source, "sha256": self.sha256, "ok": False, "error": self.error}

@@ -1,0 +1,71 @@
+"""Blocking client: the asyncio client driven on a private event loop thread.
+
+One implementation of batching, concurrency and failure isolation serves both APIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from headmaster.client.aio import AsyncHeadmasterClient, ImageInput
+from headmaster.client.results import Classification, Failure
+
+
+class HeadmasterClient:
+    """Same methods as :class:`AsyncHeadmasterClient`, blocking.
+
+    >>> with HeadmasterClient("localhost:8000", protocol="http") as client:
+    ...     for result in client.classify(["cat.jpg"]):
+    ...         print(result.heads["animal"].labels)
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", **options):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="headmaster-client", daemon=True)
+        self._thread.start()
+
+        async def create() -> AsyncHeadmasterClient:
+            # tritonclient's aio clients bind to the loop they are created in.
+            return AsyncHeadmasterClient(url, protocol, **options)
+
+        self._client = self._run(create())
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    @property
+    def url(self) -> str:
+        return self._client.url
+
+    def is_ready(self) -> bool:
+        return self._run(self._client.is_ready())
+
+    def classify(self, images: Sequence[ImageInput],
+                 progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+        return self._run(self._client.classify(images, progress))
+
+    def classify_one(self, image: ImageInput) -> Classification:
+        return self._run(self._client.classify_one(image))
+
+    def embed(self, images: Sequence[ImageInput]) -> np.ndarray:
+        return self._run(self._client.embed(images))
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        return self._run(self._client.embed_text(texts))
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> "HeadmasterClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,67 @@
+"""`headmaster export ...`: encoders to ONNX / TensorRT / TorchScript."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Export open_clip encoders for Triton.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@app.command("encoder")
+def encoder(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write card.json and the tower files into.")],
+    model: Annotated[str, typer.Option("--model", help="open_clip model name (see `headmaster export list`).")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(
+        "--pretrained", help="open_clip pretrained tag (needs internet once), a local checkpoint file, "
+                             "or 'none' for random weights (tests, offline trials).")] = "none",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16.")] = "fp32",
+    format_: Annotated[str, typer.Option("--format", help="onnx, plan (TensorRT; needs tensorrt + GPU) or torchscript.")] = "onnx",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights when --pretrained none.")] = 0,
+    towers: Annotated[str, typer.Option(help="Comma-separated towers to export: image,text.")] = "image,text",
+    check_images: Annotated[Path | None, typer.Option(
+        help="Folder of extra real images for the export check (scikit-learn's photos are always used).")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 64,
+    opt_batch_size: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 16,
+) -> None:
+    """Export the image and text towers of an open_clip model, checked against PyTorch."""
+    from headmaster.export.encoder import ExportOptions, export_encoder
+
+    options = ExportOptions(
+        model=model, pretrained=None if pretrained.lower() == "none" else pretrained, out=out,
+        precision=precision, format=format_, seed=seed,
+        towers=tuple(t.strip() for t in towers.split(",") if t.strip()), check_images=check_images,
+        max_batch_size=max_batch_size, opt_batch_size=opt_batch_size)
+    with console.status(f"exporting {model} ({format_}, {precision}) and checking it against PyTorch..."):
+        card = export_encoder(options)
+    table = Table(title=f"{card.model} -> {out}", show_header=True)
+    for column in ("tower", "file", "input", "min cosine vs PyTorch", "required"):
+        table.add_column(column)
+    for tower, spec in card.towers.items():
+        check = card.verification[tower]
+        table.add_row(tower, spec.file, f"{spec.input_dtype} {list(spec.input_dims)}",
+                      f"{check['min_cosine']:.7f} ({check['inputs']} inputs)", str(check["required"]))
+    console.print(table)
+    console.print(f"fingerprint {card.fingerprint}")
+    if card.pretrained is None:
+        console.print("[yellow]random weights (--pretrained none): the embeddings carry no meaning; "
+                      "use a pretrained tag or checkpoint for real labels[/]")
+
+
+@app.command("list")
+def list_models(
+    model: Annotated[str | None, typer.Argument(help="Show the pretrained tags of this model.")] = None,
+) -> None:
+    """List open_clip models, or the pretrained tags of one."""
+    from headmaster.export.encoders import check_name, list_encoders, pretrained_tags
+
+    if model:
+        check_name(model, None)
+        typer.echo("\n".join(pretrained_tags(model)) or "(no pretrained tags)")
+    else:
+        typer.echo("\n".join(list_encoders()))
