@@ -25,7 +25,7 @@ from headmaster.export.errors import HeadmasterError
 from headmaster.model_repository import cli as repository_cli
 from headmaster.training import cli as training_cli
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(name="headmaster", no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Classify content with foundation-model embeddings and tiny heads on Triton.")
 app.add_typer(export_cli.app, name="export")

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(help="Build and check Headmaster model repositories.", no_args_is_help=True)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 RepoOption = Annotated[Path, typer.Option("--repo", help="The model repository folder.")]
 

@@ -71,6 +71,7 @@ def publish_version(repo: Path, model: str, build: Callable[[Path, int], None], 
     must hold :func:`repository_lock`.
     """
     model_dir = Path(repo) / model
+    created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     existing = versions(model_dir)
     version = version if version is not None else (existing[-1] + 1 if existing else 1)
@@ -86,6 +87,8 @@ def publish_version(repo: Path, model: str, build: Callable[[Path, int], None], 
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(model_dir, ignore_errors=True)  # a refused first version leaves no trace
         raise
     return version
 

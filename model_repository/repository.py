@@ -130,7 +130,7 @@ class Repository:
 
     # -- heads -------------------------------------------------------------------------
     def head_names(self) -> list[str]:
-        return sorted(p.parent.parent.name for p in self.path.glob(f"*/[0-9]*/{HEAD_FILE}"))
+        return sorted({p.parent.parent.name for p in self.path.glob(f"*/[0-9]*/{HEAD_FILE}")})
 
     def head(self, name: str) -> HeadState:
         folder = self.path / name

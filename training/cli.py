@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _parse_thresholds(values: list[str]) -> dict[str, float]:

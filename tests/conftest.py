@@ -1,0 +1,117 @@
+"""Shared fixtures: one exported encoder, one repository, one real Triton server per session.
+
+The encoder is open_clip's ViT-S-32 architecture with random weights (seed 0): no model hub
+is reachable here, and random weights exercise the same graphs as pretrained ones. Images
+are real photos that ship inside scikit-image and scikit-learn.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MODEL = "ViT-S-32"
+SEED = 0
+ARTIFACTS = Path(os.environ.get("HEADMASTER_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+
+def photo_bytes() -> dict[str, bytes]:
+    """Real photos as their encoded bytes (PNG / JPEG files from installed packages)."""
+    skimage_data = importlib.resources.files("skimage.data")
+    sklearn_images = importlib.resources.files("sklearn.datasets") / "images"
+    photos = {name: (skimage_data / name).read_bytes()
+              for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png")}
+    photos.update({name: (sklearn_images / name).read_bytes() for name in ("china.jpg", "flower.jpg")})
+    return photos
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    return photo_bytes()
+
+
+@pytest.fixture(scope="session")
+def jpeg_photos(photos) -> dict[str, bytes]:
+    """The same photos re-encoded as JPEG (what most clients send)."""
+    from PIL import Image
+
+    out = {}
+    for name, data in photos.items():
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(buffer, "JPEG", quality=90)
+        out[name.rsplit(".", 1)[0] + ".jpg"] = buffer.getvalue()
+    return out
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory) -> Path:
+    from headmaster.export.encoder import ExportOptions, export_encoder
+
+    out = tmp_path_factory.mktemp("encoder") / "vit-s-32"
+    export_encoder(ExportOptions(model=MODEL, pretrained=None, out=out, seed=SEED))
+    return out
+
+
+@pytest.fixture(scope="session")
+def open_clip_model():
+    """The same random-weight model, straight from open_clip, with open_clip's own transform:
+    the independent reference for served embeddings."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(SEED)
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=None)
+    return model.eval(), preprocess, open_clip.get_tokenizer(MODEL)
+
+
+ZERO_SHOT = {
+    "animal": (["cat=a photo of a cat", "dog=a photo of a dog", "bird=a photo of a bird"], ("a photo of {}.",), {}),
+    # A binary contest with a threshold on the positive label.
+    "has_cat": (["cat=a photo containing a cat", "no cat=a photo with no cat"], ("{}",), {"cat": 0.52}),
+}
+
+
+def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Path:
+    from headmaster.model_repository.repository import BuildOptions, build_repository
+    from headmaster.training.zero_shot import create_zero_shot_head
+
+    build_repository(encoder_dir, repo, BuildOptions(**options))
+    for name, (labels, templates, thresholds) in heads.items():
+        create_zero_shot_head(repo, name, labels, templates, thresholds)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def repo(encoder_dir, tmp_path_factory) -> Path:
+    return build_repo(encoder_dir, tmp_path_factory.mktemp("repo") / "model_repository",
+                      max_queue_delay_us=20000, preferred_batch_sizes=(4, 8))
+
+
+def start_server(repo: Path, log_dir: Path):
+    from headmaster.model_repository.repository import Repository
+    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+
+    repository = Repository(repo)
+    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), load_models=tuple(repository.model_names()),
+                            exit_timeout_s=10)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return TritonServer(options, log_path=log_dir / f"tritonserver-{repo.parent.name}.log").start()
+
+
+@pytest.fixture(scope="session")
+def server(repo):
+    server = start_server(repo, ARTIFACTS)
+    yield server
+    server.stop()
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)

@@ -1,0 +1,115 @@
+"""`headmaster repo build` / zero-shot heads: rendered, validated, fingerprint-checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from headmaster.export.card import EncoderCard
+from headmaster.export.encoder import ExportOptions, export_encoder
+from headmaster.export.errors import FingerprintMismatchError, RepositoryError
+from headmaster.export.heads import HeadCard, HeadWeights
+from headmaster.model_repository.config import parse
+from headmaster.model_repository.repository import BuildOptions, Repository, build_repository, publish_head
+from tests.conftest import MODEL, ZERO_SHOT
+
+
+@pytest.fixture(scope="module")
+def other_encoder(tmp_path_factory):
+    """Another encoder: same architecture, other weights (seed 1)."""
+    out = tmp_path_factory.mktemp("other") / "enc"
+    export_encoder(ExportOptions(model=MODEL, pretrained=None, out=out, seed=1, towers=("image",)))
+    return out
+
+
+def test_repository_has_every_model_and_validates(repo):
+    repository = Repository(repo)
+    repository.validate()
+    assert repository.model_names() == ["preprocess", "image_encoder", "tokenize", "text_encoder", "animal", "has_cat",
+                                        "threshold", "classify", "embed", "embed_text"]
+    for name in repository.model_names():
+        assert parse((repo / name / "config.pbtxt").read_text()).name == name
+
+
+def test_native_flavour_renders_from_the_same_description(encoder_dir, tmp_path):
+    from tests.conftest import build_repo
+
+    native = build_repo(encoder_dir, tmp_path / "native", flavour="native")
+    repository = Repository(native)
+    platforms = {name: parse((native / name / "config.pbtxt").read_text()).platform for name in repository.model_names()}
+    assert platforms["image_encoder"] == platforms["text_encoder"] == "onnxruntime_onnx"
+    assert platforms["animal"] == platforms["has_cat"] == "onnxruntime_onnx"
+    assert platforms["classify"] == "ensemble"
+    assert (native / "image_encoder" / "1" / "model.onnx").is_file()
+
+
+def test_zero_shot_weights_are_the_open_clip_text_embeddings(repo, open_clip_model):
+    model, _, tokenizer = open_clip_model
+    labels, templates, _ = ZERO_SHOT["animal"]
+    prompts = [templates[0].format(label.split("=", 1)[1]) for label in labels]
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(prompts), normalize=True).numpy()
+    expected = model.logit_scale.exp().item() * text
+    head = onnx.load(str(repo / "animal" / "1" / "model.onnx"))
+    weight = {t.name: numpy_helper.to_array(t) for t in head.graph.initializer}["w0"]
+    np.testing.assert_allclose(weight, expected, atol=1e-3)
+
+
+def foreign_card(version: int) -> HeadCard:
+    return HeadCard(name="stranger", version=version, labels=("a", "b"), thresholds=(0.0, 0.0), multi_label=False,
+                    encoder_fingerprint="sha256:" + "f" * 64, embed_dim=384, kind="linear")
+
+
+def test_a_head_from_another_encoder_is_refused(repo):
+    weights = HeadWeights(((np.zeros((2, 384), np.float32), np.zeros(2, np.float32)),), False)
+    with pytest.raises(FingerprintMismatchError, match="was made with encoder ffffffffffff, but this repository serves"):
+        publish_head(repo, weights, foreign_card)
+    assert not (repo / "stranger").exists()
+
+
+def test_rebuilding_with_another_encoder_is_refused_while_its_heads_exist(repo, other_encoder):
+    with pytest.raises(RepositoryError, match=r"cannot build .* head animal v1 .* was made with encoder"):
+        build_repository(other_encoder, repo)
+    Repository(repo).validate()  # untouched
+
+
+def test_validate_catches_a_tampered_head(encoder_dir, tmp_path):
+    from tests.conftest import build_repo
+
+    path = build_repo(encoder_dir, tmp_path / "r", heads={"animal": ZERO_SHOT["animal"]})
+    head_json = path / "animal" / "1" / "head.json"
+    doc = json.loads(head_json.read_text())
+    doc["encoder_fingerprint"] = "sha256:" + "e" * 64
+    head_json.write_text(json.dumps(doc))
+    with pytest.raises(FingerprintMismatchError, match="head animal v1 was made with encoder eeeeeeeeeeee"):
+        Repository(path).validate()
+
+
+def test_manifest_holds_the_encoder_card(repo, encoder_dir):
+    assert Repository(repo).card == EncoderCard.load(encoder_dir)
+    assert Repository(repo).options == BuildOptions(max_queue_delay_us=20000, preferred_batch_sizes=(4, 8))
+
+
+def test_not_a_repository_is_named(tmp_path):
+    with pytest.raises(RepositoryError, match="is not a Headmaster model repository"):
+        Repository(tmp_path)
+
+
+def test_a_head_with_several_versions_is_one_model_serving_the_newest(encoder_dir, tmp_path):
+    from headmaster.training.zero_shot import create_zero_shot_head
+    from tests.conftest import build_repo
+
+    path = build_repo(encoder_dir, tmp_path / "r", heads={})
+    for extra in ([], ["bird=a photo of a bird"]):
+        create_zero_shot_head(path, "pet", ["cat=a photo of a cat", "dog=a photo of a dog", *extra])
+    repository = Repository(path)
+    assert repository.head_names() == ["pet"]
+    assert repository.head("pet").versions == (1, 2) and repository.head("pet").live == 2
+    steps = [s.model_name for s in parse((path / "classify" / "config.pbtxt").read_text()).ensemble_scheduling.step]
+    assert steps == ["preprocess", "image_encoder", "pet", "threshold"]
+    repository.validate()
