@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -113,3 +114,24 @@ def test_a_head_with_several_versions_is_one_model_serving_the_newest(encoder_di
     steps = [s.model_name for s in parse((path / "classify" / "config.pbtxt").read_text()).ensemble_scheduling.step]
     assert steps == ["preprocess", "image_encoder", "pet", "threshold"]
     repository.validate()
+
+
+def test_docker_compose_serves_what_a_native_build_produces(encoder_dir, tmp_path):
+    """docker-compose.yml cannot run here (no Docker engine, no GPU); check that what it
+    mounts and loads matches a native-flavour repository built from the same description."""
+    import yaml
+
+    from tests.conftest import build_repo
+
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    service = compose["services"]["triton"]
+    assert "nvcr.io/nvidia/tritonserver:24.10-py3" in service["build"]["dockerfile_inline"]
+    assert service["volumes"] == ["./model_repository:/models"]
+    loaded = [arg.split("=", 1)[1] for arg in service["command"] if arg.startswith("--load-model=")]
+    native = Repository(build_repo(encoder_dir, tmp_path / "model_repository", flavour="native"))
+    assert set(loaded) <= set(native.model_names())
+    # Loading those ensembles pulls in every model of the repository.
+    used = {s.model_name for name in loaded
+            for s in parse((native.path / name / "config.pbtxt").read_text()).ensemble_scheduling.step}
+    assert used | set(loaded) == set(native.model_names())
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
