@@ -9,11 +9,11 @@ from headmaster.client.errors import (
     ServerSideError,
     ServerUnavailableError,
 )
-from headmaster.client.results import Classification, Failure, HeadResult
+from headmaster.client.results import Classification, Embedding, Failure, HeadResult
 from headmaster.client.sync import HeadmasterClient
 
 __all__ = [
-    "AsyncHeadmasterClient", "HeadmasterClient", "Classification", "Failure", "HeadResult",
+    "AsyncHeadmasterClient", "HeadmasterClient", "Classification", "Embedding", "Failure", "HeadResult",
     "ClientError", "InvalidInputError", "ModelNotFoundError", "RequestTimeoutError",
     "ServerSideError", "ServerUnavailableError",
 ]

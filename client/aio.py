@@ -25,7 +25,7 @@ from headmaster.client.errors import (
     ServerSideError,
     ServerUnavailableError,
 )
-from headmaster.client.results import Classification, Failure
+from headmaster.client.results import Classification, Embedding, Failure
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -92,6 +92,15 @@ class _Transport:
             raise _translate(e, model) from e
         return {n: result.as_numpy(n) for n in outputs}
 
+    async def parameter(self, model: str, key: str) -> str:
+        try:
+            config = await self.client.get_model_config(model, as_json=True) if self.protocol == "grpc" \
+                else await self.client.get_model_config(model)
+        except Exception as e:
+            raise _translate(e, model) from e
+        config = config.get("config", config)
+        return config.get("parameters", {}).get(key, {}).get("string_value", "")
+
     async def is_ready(self, model: str) -> bool:
         try:
             return bool(await self.client.is_server_ready()) and bool(await self.client.is_model_ready(model))
@@ -149,30 +158,27 @@ class AsyncHeadmasterClient:
         return await self._transport.is_ready(self.model)
 
     # -- images ----------------------------------------------------------------------------
-    async def _classify_batch(self, batch: list[_Item]) -> list[Classification | Failure]:
+    async def _run_batch(self, model: str, outputs: list[str], batch: list[_Item], build) -> list:
         inputs = [self._transport.bytes_input("IMAGE", [item.data for item in batch])]
         try:
-            out = await self._transport.infer(self.model, inputs, ["EMBEDDING", "RESULT"])
+            out = await self._transport.infer(model, inputs, outputs)
         except InvalidInputError as e:
             if len(batch) == 1:
                 return [Failure(batch[0].source, re.sub(r"^IMAGE\[0\]: ", "", str(e)), batch[0].sha256)]
             # One image spoiled the request: find which, by sending them one at a time.
-            singles = await asyncio.gather(*(self._classify_batch([item]) for item in batch))
+            singles = await asyncio.gather(*(self._run_batch(model, outputs, [item], build) for item in batch))
             return [result for single in singles for result in single]
-        return [Classification.from_result(item.source, item.sha256, embedding, result[0])
-                for item, embedding, result in zip(batch, out["EMBEDDING"], out["RESULT"])]
+        return [build(item, *row) for item, *row in zip(batch, *(out[name] for name in outputs))]
 
-    async def classify(self, images: Sequence[ImageInput],
-                       progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
-        """One result per image, in order. Unreadable files and images the server refuses come
-        back as :class:`Failure`; transport problems raise (nothing can be classified then)."""
+    async def _run_all(self, model: str, outputs: list[str], images: Sequence[ImageInput], build,
+                       progress: Callable[[int], None] | None) -> list:
         loaded: list[_Item | Failure] = []
         for image in images:
             try:
                 loaded.append(read_image(image))
             except OSError as e:
                 loaded.append(Failure(str(image), f"cannot read file: {e.strerror or e}"))
-        results: list[Classification | Failure | None] = [r if isinstance(r, Failure) else None for r in loaded]
+        results: list = [r if isinstance(r, Failure) else None for r in loaded]
         todo = [i for i, r in enumerate(loaded) if not isinstance(r, Failure)]
         if progress and len(todo) < len(loaded):
             progress(len(loaded) - len(todo))
@@ -180,7 +186,7 @@ class AsyncHeadmasterClient:
 
         async def run(indices: list[int]) -> None:
             async with gate:
-                answers = await self._classify_batch([loaded[i] for i in indices])
+                answers = await self._run_batch(model, outputs, [loaded[i] for i in indices], build)
             for i, answer in zip(indices, answers):
                 results[i] = answer
             if progress:
@@ -188,7 +194,16 @@ class AsyncHeadmasterClient:
 
         chunks = [todo[s:s + self.batch_size] for s in range(0, len(todo), self.batch_size)]
         await asyncio.gather(*(run(chunk) for chunk in chunks))
-        return results  # type: ignore[return-value]
+        return results
+
+    async def classify(self, images: Sequence[ImageInput],
+                       progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+        """One result per image, in order. Unreadable files and images the server refuses come
+        back as :class:`Failure`; transport problems raise (nothing can be classified then)."""
+        def build(item: _Item, embedding: np.ndarray, result: np.ndarray) -> Classification:
+            return Classification.from_result(item.source, item.sha256, embedding, result[0])
+
+        return await self._run_all(self.model, ["EMBEDDING", "RESULT"], images, build, progress)
 
     async def classify_one(self, image: ImageInput) -> Classification:
         """Classify one image; raises :class:`InvalidInputError` if the server refuses it."""
@@ -197,18 +212,17 @@ class AsyncHeadmasterClient:
             raise InvalidInputError(f"{result.source or 'image'}: {result.error}")
         return result
 
-    async def embed(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """Embeddings [N, D] of images through the ``embed`` ensemble (no heads run)."""
-        batches = [[read_image(i).data for i in images[s:s + self.batch_size]]
-                   for s in range(0, len(images), self.batch_size)]
-        gate = asyncio.Semaphore(self.max_in_flight)
+    async def embed(self, images: Sequence[ImageInput],
+                    progress: Callable[[int], None] | None = None) -> list[Embedding | Failure]:
+        """Embeddings through the ``embed`` ensemble (no heads run), one result per image."""
+        def build(item: _Item, embedding: np.ndarray) -> Embedding:
+            return Embedding(item.source, item.sha256, np.asarray(embedding, np.float32))
 
-        async def run(batch: list[bytes]) -> np.ndarray:
-            async with gate:
-                out = await self._transport.infer("embed", [self._transport.bytes_input("IMAGE", batch)], ["EMBEDDING"])
-            return out["EMBEDDING"]
+        return await self._run_all("embed", ["EMBEDDING"], images, build, progress)
 
-        return np.concatenate(await asyncio.gather(*(run(b) for b in batches))) if batches else np.zeros((0, 0), np.float32)
+    async def encoder_fingerprint(self) -> str:
+        """The fingerprint of the encoder the server runs (from the image_encoder's config)."""
+        return await self._transport.parameter("image_encoder", "fingerprint")
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings [N, D] through the ``embed_text`` ensemble (same space as images)."""

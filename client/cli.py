@@ -23,6 +23,7 @@ from headmaster.client.errors import ClientError
 from headmaster.export import cli as export_cli
 from headmaster.export.errors import HeadmasterError
 from headmaster.model_repository import cli as repository_cli
+from headmaster.model_repository.backends.preprocess import IMAGE_SUFFIXES
 from headmaster.training import cli as training_cli
 
 console = Console(stderr=True, soft_wrap=True)
@@ -32,8 +33,10 @@ app.add_typer(export_cli.app, name="export")
 app.add_typer(repository_cli.app, name="repo")
 app.command("serve")(repository_cli.serve)
 app.command("zero-shot")(training_cli.zero_shot)
+app.command("train-head")(training_cli.train_head_command)
+app.add_typer(repository_cli.heads_app, name="heads")
+app.command("rollback")(repository_cli.rollback)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic"}
 
 
 @app.callback()

@@ -50,6 +50,16 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class Embedding:
+    """What ``embed`` returns for an image that was processed."""
+
+    source: str | None
+    sha256: str
+    embedding: np.ndarray  # float32 [D], L2-normalised
+    ok = True
+
+
+@dataclass(frozen=True)
 class Failure:
     """An image the server (or the client, reading it) could not process; the others still were."""
 

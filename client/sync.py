@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from headmaster.client.aio import AsyncHeadmasterClient, ImageInput
-from headmaster.client.results import Classification, Failure
+from headmaster.client.results import Classification, Embedding, Failure
 
 
 class HeadmasterClient:
@@ -51,8 +51,12 @@ class HeadmasterClient:
     def classify_one(self, image: ImageInput) -> Classification:
         return self._run(self._client.classify_one(image))
 
-    def embed(self, images: Sequence[ImageInput]) -> np.ndarray:
-        return self._run(self._client.embed(images))
+    def embed(self, images: Sequence[ImageInput],
+              progress: Callable[[int], None] | None = None) -> list[Embedding | Failure]:
+        return self._run(self._client.embed(images, progress))
+
+    def encoder_fingerprint(self) -> str:
+        return self._run(self._client.encoder_fingerprint())
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         return self._run(self._client.embed_text(texts))

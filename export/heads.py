@@ -68,6 +68,20 @@ class HeadWeights:
     def num_labels(self) -> int:
         return int(self.layers[-1][0].shape[0])
 
+    @classmethod
+    def from_onnx(cls, path: Path) -> "HeadWeights":
+        """Read the layers back from a head's model.onnx (w0, b0, w1, b1, ...)."""
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(path))
+        init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        layers = []
+        while f"w{len(layers)}" in init:
+            layers.append((init[f"w{len(layers)}"], init[f"b{len(layers)}"]))
+        multi_label = any(node.op_type == "Sigmoid" for node in model.graph.node)
+        return cls(tuple(layers), multi_label)
+
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """The numpy reference the ONNX graph must match."""
         x = np.asarray(embeddings, dtype=np.float64)

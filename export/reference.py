@@ -11,8 +11,8 @@ import importlib.util
 from pathlib import Path
 
 from headmaster.export.errors import ExportError
+from headmaster.model_repository.backends.preprocess import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "logo.png")
 
 

@@ -108,3 +108,81 @@ def serve(
         for s, handler in previous.items():
             signal.signal(s, handler)
     console.print(f"stopped (tritonserver exit code {code})")
+
+
+heads_app = typer.Typer(help="List, remove and import heads.", invoke_without_command=True)
+ServerOption = Annotated[str | None, typer.Option(
+    "--server", help="HTTP address (host:port) of a running server to apply the change to.")]
+
+
+def _metric(card) -> str:
+    metrics = card.details.get("metrics") or {}
+    if "accuracy" in metrics:
+        return f"acc {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
+    if "micro_f1" in metrics:
+        return f"micro-F1 {metrics['micro_f1']:.3f}"
+    return "-"
+
+
+@heads_app.callback()
+def heads(ctx: typer.Context, repo: RepoOption = Path("model_repository")) -> None:
+    """List heads: versions on disk, the live one, labels, kind and validation metrics."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from headmaster.export.heads import HeadCard
+    from headmaster.model_repository.repository import Repository
+
+    repository = Repository(repo)
+    table = Table(title=f"heads in {repo} (encoder {repository.card.model} {repository.card.short_fingerprint})")
+    for column in ("head", "version", "live", "kind", "labels", "validation", "created"):
+        table.add_column(column)
+    for state in repository.heads():
+        for version in reversed(state.versions):
+            card = HeadCard.load(repository.path / state.name / str(version))
+            table.add_row(state.name, str(version), "[green]live[/]" if version == state.live else "",
+                          card.kind + (" multi-label" if card.multi_label else ""),
+                          ", ".join(card.labels), _metric(card), card.created)
+    Console(soft_wrap=True).print(table)
+
+
+@heads_app.command("remove")
+def remove(name: Annotated[str, typer.Argument(help="The head to take out.")],
+           repo: RepoOption = Path("model_repository"), server: ServerOption = None) -> None:
+    """Take a head out of the repository (and out of a running server with --server)."""
+    from headmaster.model_repository import live
+    from headmaster.model_repository.repository import remove_head
+
+    remove_head(repo, name)
+    if server:
+        live.head_removed(server, name)
+    console.print(f"removed head {name}" + (f" from {repo} and {server}" if server else f" from {repo}"))
+
+
+@heads_app.command("import")
+def import_(version_dir: Annotated[Path, typer.Argument(help="A head version folder (model.onnx + head.json).")],
+            repo: RepoOption = Path("model_repository"),
+            name: Annotated[str | None, typer.Option(help="Publish under another name.")] = None,
+            server: ServerOption = None) -> None:
+    """Publish a head version made elsewhere as the next version here (same encoder only)."""
+    from headmaster.model_repository import live
+    from headmaster.model_repository.repository import import_head
+
+    card = import_head(repo, version_dir, name)
+    if server:
+        live.head_published(server, card.name)
+    console.print(f"[green]head {card.name} v{card.version}[/] imported from {version_dir}")
+
+
+def rollback(name: Annotated[str, typer.Argument(help="The head to roll back.")],
+             to: Annotated[int | None, typer.Option(help="Version to serve (default: the one before the live one).")] = None,
+             repo: RepoOption = Path("model_repository"), server: ServerOption = None) -> None:
+    """Serve an older version of a head again."""
+    from headmaster.model_repository import live
+    from headmaster.model_repository.repository import rollback as rollback_head
+
+    version = rollback_head(repo, name, to)
+    if server:
+        live.head_published(server, name)
+    console.print(f"head {name} now serves v{version}" + (f" on {server}" if server else ""))

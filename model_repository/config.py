@@ -153,6 +153,7 @@ class EncoderModel:
     instances: Instances = Instances(1, gpu=True)
     graph_optimization: str = "all"  # onnxruntime level for the portable runner
     device: str = "auto"  # portable runner: auto | cpu | cuda
+    fingerprint: str = ""  # the encoder card's: clients check they embed with the right encoder
 
     def __post_init__(self) -> None:
         if self.format not in NATIVE_PLATFORMS:
@@ -165,16 +166,17 @@ class EncoderModel:
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
         base = _base(self.name, self.batching, [self.input], [self.output], flavour, self.instances)
+        identity = _params(fingerprint=self.fingerprint) if self.fingerprint else {}
         if flavour == "native":
-            return {**base, "platform": NATIVE_PLATFORMS[self.format]}
+            return {**base, "platform": NATIVE_PLATFORMS[self.format], "parameters": identity}
         if self.format == "plan":
             raise ConfigError(
                 f"{self.name}: a TensorRT plan needs Triton's tensorrt_plan backend (NVIDIA's container); "
                 "build the repository with --flavour native, or export --format onnx for the portable flavour"
             )
         return {**base, "backend": "python",
-                "parameters": _params(artifact=self.artifact, device=self.device,
-                                      graph_optimization=self.graph_optimization)}
+                "parameters": {**identity, **_params(artifact=self.artifact, device=self.device,
+                                                     graph_optimization=self.graph_optimization)}}
 
 
 @dataclass(frozen=True)

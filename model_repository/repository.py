@@ -28,7 +28,7 @@ from pathlib import Path
 
 from headmaster.export.card import EncoderCard, require_same_encoder
 from headmaster.export.errors import ConfigError, HeadmasterError, RepositoryError
-from headmaster.export.heads import HEAD_FILE, MODEL_FILE, HeadCard, check_head_name
+from headmaster.export.heads import HEAD_FILE, MODEL_FILE, NAME_PATTERN, HeadCard, check_head_name
 from headmaster.model_repository import backends
 from headmaster.model_repository.config import (
     ARTIFACT_FILES,
@@ -130,7 +130,10 @@ class Repository:
 
     # -- heads -------------------------------------------------------------------------
     def head_names(self) -> list[str]:
-        return sorted({p.parent.parent.name for p in self.path.glob(f"*/[0-9]*/{HEAD_FILE}")})
+        # Only valid head names: staging and trash folders start with '.', which pathlib's
+        # glob would match.
+        found = {p.parent.parent.name for p in self.path.glob(f"*/[0-9]*/{HEAD_FILE}")}
+        return sorted(name for name in found if NAME_PATTERN.match(name))
 
     def head(self, name: str) -> HeadState:
         folder = self.path / name
@@ -161,7 +164,8 @@ class Repository:
             output=Tensor(spec.output_name, "FP32", (self.card.embed_dim,)),
             batching=self.options.encoder_batching,
             instances=Instances(self.options.encoder_instances, gpu=True),
-            graph_optimization=spec.graph_optimization, device=self.options.device)
+            graph_optimization=spec.graph_optimization, device=self.options.device,
+            fingerprint=self.card.fingerprint)
 
     def head_model(self, name: str, live: int) -> HeadModel:
         return HeadModel(name, self.card.embed_dim, live, self.options.light_batching)
@@ -265,6 +269,12 @@ class Repository:
 def copy_backend(source: str, folder: Path) -> None:
     """Put a python-backend model source into a version folder as model.py."""
     shutil.copyfile(BACKENDS_DIR / f"{source}.py", Path(folder) / "model.py")
+    # The stub imports model.py with Python in isolated mode (no PYTHON* variables), so it
+    # would write __pycache__/ into the version folder after loading; Triton then sees a
+    # newer mtime and reloads the model on the next load call (the encoder included, on the
+    # first head published after a start). A plain file of that name makes the import system
+    # skip writing bytecode, with any Python version.
+    (Path(folder) / "__pycache__").touch()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -311,6 +321,36 @@ def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = Buil
         repository.validate()
     LOG.info("built %s (%s flavour) with encoder %s", repo, options.flavour, card.short_fingerprint)
     return repository
+
+
+def rollback(repo: Path, name: str, to: int | None = None) -> int:
+    """Serve an older version of a head again (default: the one before the live one)."""
+    repository = Repository(repo)
+    with repository_lock(repo):
+        state = repository.head(name)
+        older = [v for v in state.versions if v < state.live]
+        target = to if to is not None else (older[-1] if older else None)
+        if target is None:
+            raise RepositoryError(f"head {name} serves v{state.live}, its oldest version on disk; nothing to roll back to")
+        if target not in state.versions:
+            raise RepositoryError(f"head {name} has no version {target} on disk; versions: {list(state.versions)}")
+        card = HeadCard.load(repository.path / name / str(target))
+        require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {name} v{target}")
+        repository.set_live(name, target)
+    return target
+
+
+def import_head(repo: Path, version_dir: Path, name: str | None = None) -> HeadCard:
+    """Publish a head version made elsewhere (another repository, a training machine) as
+    the next version here; refused if it was made with another encoder."""
+    from dataclasses import replace
+
+    from headmaster.export.heads import HeadWeights
+
+    source = HeadCard.load(version_dir)
+    weights = HeadWeights.from_onnx(Path(version_dir) / MODEL_FILE)
+    details = {**source.details, "imported_from": str(Path(version_dir).resolve())}
+    return publish_head(repo, weights, lambda v: replace(source, name=name or source.name, version=v, details=details))
 
 
 def remove_head(repo: Path, name: str) -> None:

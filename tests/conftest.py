@@ -115,3 +115,36 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return (a * b).sum(axis=1)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's 1,797 labelled 8x8 digits, written as PNG files, one folder per digit."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    digits = load_digits()
+    for i, (image, target) in enumerate(zip(digits.images, digits.target)):
+        folder = root / str(target)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8), "L").save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def embedding_cache(tmp_path_factory) -> Path:
+    """One embedding cache for the session: each digit image is embedded once."""
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
+def subset(digits_dir: Path, target: Path, per_label: dict[str, int], rename: dict[str, str] | None = None) -> Path:
+    """A smaller folder dataset made of the first N images of some digits."""
+    import shutil
+
+    for digit, count in per_label.items():
+        folder = target / (rename or {}).get(digit, digit)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted((digits_dir / digit).glob("*.png"))[:count]:
+            shutil.copy(path, folder / path.name)
+    return target

@@ -7,8 +7,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 console = Console(stderr=True, soft_wrap=True)
+ServerOption = Annotated[str | None, typer.Option(
+    "--server", help="HTTP address (host:port) of a running server: embed through it and hot-load the result.")]
 
 
 def _parse_thresholds(values: list[str]) -> dict[str, float]:
@@ -34,17 +38,99 @@ def zero_shot(
                            "Default: 'a photo of {}.'")] = None,
     threshold: Annotated[list[str] | None, typer.Option(
         "--threshold", help="LABEL=SCORE: accept LABEL only at or above SCORE (default 0: the top label).")] = None,
-    server: Annotated[str | None, typer.Option(
-        "--server", help="HTTP address (host:port) of a running server to hot-load the head into.")] = None,
+    server: ServerOption = None,
+    replace_trained: Annotated[bool, typer.Option(help="Replace a live trained head of that name.")] = False,
 ) -> None:
     """Make (the next version of) a head from text prompts, embedded by the encoder's text tower."""
     from headmaster.training.zero_shot import DEFAULT_TEMPLATES, create_zero_shot_head
 
     card = create_zero_shot_head(repo, name, label, tuple(template or DEFAULT_TEMPLATES),
-                                 _parse_thresholds(threshold or []))
+                                 _parse_thresholds(threshold or []), replace_trained)
     console.print(f"[green]head {card.name} v{card.version}[/] (zero-shot): {', '.join(card.labels)}")
     if server:
         from headmaster.model_repository import live
 
         live.head_published(server, card.name)
         console.print(f"loaded into the server at {server}")
+
+
+def _print_report(result) -> None:
+    out = Console(soft_wrap=True)
+    checks, metrics, card = result.checks, result.metrics, result.card
+    data = Table(title="data", show_header=True)
+    for column in ("label", "images", "class weight"):
+        data.add_column(column)
+    for label, count in checks.counts.items():
+        data.add_row(label, str(count), f"{checks.class_weights[label]:.2f}")
+    out.print(data)
+    for warning in checks.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    for path, why in checks.unreadable[:20]:
+        console.print(f"[yellow]skipped[/] {path}: {why}")
+    if len(checks.unreadable) > 20:
+        console.print(f"[yellow]... and {len(checks.unreadable) - 20} more skipped files[/]")
+    for a, b, cosine in checks.near_duplicates[:10]:
+        console.print(f"near duplicate ({cosine:.3f}): {a} ~ {b}")
+    per_label = Table(title=f"validation ({metrics['n']} images, never trained on)", show_header=True)
+    for column in ("label", "precision", "recall", "F1", "support", "threshold", "why this threshold"):
+        per_label.add_column(column)
+    for row in result.thresholds:
+        m = metrics["per_label"][row["label"]]
+        per_label.add_row(row["label"], f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1-score']:.3f}",
+                          str(int(m["support"])), f"{row['threshold']:.3f}", row["why"])
+    out.print(per_label)
+    if metrics["multi_label"]:
+        out.print(f"micro-F1 {metrics['micro_f1']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
+                  f"exact-set accuracy {metrics['subset_accuracy']:.3f}")
+    else:
+        out.print(f"accuracy (top label) {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
+                  f"with thresholds: {metrics['thresholded']['coverage']:.1%} of images get a label, "
+                  f"{metrics['thresholded']['accuracy_of_accepted']:.3f} of those correct")
+        matrix = Table(title="confusion matrix (rows: actual, columns: predicted)", show_header=True)
+        matrix.add_column("")
+        for label in card.labels:
+            matrix.add_column(label)
+        for label, row in zip(card.labels, metrics["confusion_matrix"]):
+            matrix.add_row(label, *map(str, row))
+        out.print(matrix)
+
+
+def train_head_command(
+    data: Annotated[Path | None, typer.Argument(
+        help="Folder with one sub-folder of images per bucket (the folder name is the label).")] = None,
+    name: Annotated[str, typer.Option("--name", help="Head name: lowercase letters, digits, '_'.")] = ...,
+    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = Path("model_repository"),
+    manifest: Annotated[Path | None, typer.Option(
+        help="Multi-label data instead of folders: CSV (path,labels with ';') or JSONL ({path, labels}).")] = None,
+    model: Annotated[str, typer.Option("--model", help="linear or mlp.")] = "linear",
+    hidden: Annotated[int, typer.Option(help="MLP hidden width.")] = 512,
+    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping on validation loss).")] = 300,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-3,
+    seed: Annotated[int, typer.Option(help="Same data and seed give the same head.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Share of the images kept for validation.")] = 0.2,
+    thresholds: Annotated[str, typer.Option(help="best-f1, precision (see --target-precision) or none.")] = "best-f1",
+    target_precision: Annotated[float, typer.Option(help="With --thresholds precision.")] = 0.9,
+    positive: Annotated[str | None, typer.Option(
+        help="Binary heads: the label that gets a threshold; the other is the fallback.")] = None,
+    server: ServerOption = None,
+    local: Annotated[bool, typer.Option(help="Embed on this machine even when --server is given.")] = False,
+    cache: Annotated[Path | None, typer.Option(help="Embedding cache (default ~/.cache/headmaster/embeddings).")] = None,
+    keep: Annotated[int, typer.Option(help="Versions kept on disk for rollback.")] = 5,
+) -> None:
+    """Train the next version of a head from labelled images and publish it (hot-loaded with --server)."""
+    from headmaster.training.train_head import TrainOptions, train_head
+    from headmaster.training.trainer import TrainConfig
+
+    options = TrainOptions(
+        name=name, repo=repo, data=data, manifest=manifest, server=server, local=local,
+        config=TrainConfig(kind=model, hidden=hidden, epochs=epochs, learning_rate=learning_rate, seed=seed),
+        val_fraction=val_fraction, thresholds=thresholds, target_precision=target_precision, positive=positive,
+        cache_dir=cache, keep=keep)
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("embed", total=None)
+        result = train_head(options, lambda done, total: progress.update(task, completed=done, total=total))
+    _print_report(result)
+    console.print(f"[green]head {result.card.name} v{result.card.version}[/] ({result.card.kind}, "
+                  f"{'multi-label' if result.card.multi_label else 'single-label'}): {', '.join(result.card.labels)}"
+                  + (f"; loaded into {server}" if server else ""))

@@ -69,9 +69,20 @@ def zero_shot_weights(repo: Repository, labels: list[Label], templates: tuple[st
 
 
 def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES,
-                          thresholds: dict[str, float] | None = None) -> HeadCard:
-    """Publish the next version of head ``name`` as a zero-shot classifier over ``labels``."""
+                          thresholds: dict[str, float] | None = None, replace_trained: bool = False) -> HeadCard:
+    """Publish the next version of head ``name`` as a zero-shot classifier over ``labels``.
+
+    A trained head takes priority over a zero-shot one for the same name: replacing a live
+    trained version with prompts is refused unless ``replace_trained``."""
     check_head_name(name)
+    repo = Repository(repo_path)
+    if name in repo.head_names() and not replace_trained:
+        live = repo.head(name)
+        if live.card.kind != "zero-shot":
+            raise HeadmasterError(
+                f"head {name} serves v{live.live}, a trained ({live.card.kind}) head; trained heads take priority "
+                "over zero-shot ones for the same dimension. Pick another name, roll back with "
+                f"`headmaster rollback {name}`, or pass --replace-trained")
     parsed = [Label.parse(text) for text in labels]
     if len(parsed) < 2:
         raise HeadmasterError("a zero-shot head needs two labels or more; for a yes/no question give a "
@@ -81,7 +92,6 @@ def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templat
     unknown = set(thresholds) - {label.name for label in parsed}
     if unknown:
         raise HeadmasterError(f"--threshold names labels that are not in this head: {sorted(unknown)}")
-    repo = Repository(repo_path)
     weights = zero_shot_weights(repo, parsed, tuple(templates))
     return publish_head(repo_path, weights, lambda version: HeadCard(
         name=name, version=version, labels=tuple(label.name for label in parsed),

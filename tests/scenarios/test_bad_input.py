@@ -84,7 +84,7 @@ def test_bad_requests_in_a_dynamic_batch_do_not_fail_their_neighbours(server, jp
     inferences_after, executions_after = preprocess_counts(server.grpc_url)
 
     with HeadmasterClient(server.grpc_url) as client:
-        expected = {data: client.embed([data])[0] for data in set(good)}
+        expected = {data: client.embed([data])[0].embedding for data in set(good)}
     for i, (payload, answer) in enumerate(zip(payloads, answers)):
         if i % 3 == 0:
             assert isinstance(answer, InferenceServerException) and answer.status() == "StatusCode.INVALID_ARGUMENT"

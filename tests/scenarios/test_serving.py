@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from headmaster.client import AsyncHeadmasterClient, Classification, HeadmasterClient
+from headmaster.export.card import EncoderCard
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository.backends.threshold import accept
 from tests.conftest import cosine_rows
@@ -139,11 +140,16 @@ def test_model_metadata_documents_the_contract(server):
     assert {o["name"] for o in meta["outputs"]} == {"EMBEDDING", "RESULT", "SCORES_animal", "SCORES_has_cat"}
 
 
-def test_embed_ensemble_gives_the_classify_embedding(server, served, photos):
+def test_embed_ensemble_gives_the_classify_embedding(server, served, photos, encoder_dir):
     names, results = served
     with HeadmasterClient(server.grpc_url) as client:
-        embeddings = client.embed([photos[n] for n in names])
-    np.testing.assert_allclose(embeddings, np.stack([r.embedding for r in results]), atol=1e-6)
+        embedded = client.embed([photos[n] for n in names] + [b"not an image"])
+        assert client.encoder_fingerprint() == EncoderCard.load(encoder_dir).fingerprint
+    assert [e.ok for e in embedded] == [True] * len(names) + [False]
+    assert "cannot identify" in embedded[-1].error
+    np.testing.assert_allclose(np.stack([e.embedding for e in embedded[:-1]]),
+                               np.stack([r.embedding for r in results]), atol=1e-6)
+    assert [e.sha256 for e in embedded[:-1]] == [r.sha256 for r in results]
 
 
 def test_text_embeddings_match_open_clip(server, open_clip_model):

@@ -1,0 +1,118 @@
+"""Checks before training, and the train/validation split they inform.
+
+- buckets with few images (warning) and strong imbalance (warning; class weights offset it);
+- exact duplicates (same bytes): kept once; the same bytes under different buckets are
+  contradictory labels and are left out;
+- near duplicates (cosine >= 0.98 between mean-centred embeddings): listed; kept in the
+  same split, like exact duplicates, so validation never scores an image the head was
+  trained on. Centring first removes the offset all embeddings of an encoder share (small in
+  CLIP, dominant in random weights), which would otherwise make everything look alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from headmaster.training.data import DataError
+
+FEW_IMAGES = 20
+IMBALANCE_RATIO = 4.0
+NEAR_DUPLICATE_COSINE = 0.98
+
+
+@dataclass
+class CheckReport:
+    counts: dict[str, int]
+    class_weights: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why), skipped
+    exact_duplicates: list[list[str]] = field(default_factory=list)  # paths with the same bytes
+    conflicting: list[list[str]] = field(default_factory=list)  # same bytes, different labels: dropped
+    near_duplicates: list[tuple[str, str, float]] = field(default_factory=list)  # (path, path, cosine)
+
+    def as_dict(self) -> dict:
+        return {"counts": self.counts, "class_weights": self.class_weights, "warnings": self.warnings,
+                "unreadable": len(self.unreadable), "exact_duplicate_groups": len(self.exact_duplicates),
+                "conflicting_groups": len(self.conflicting), "near_duplicate_pairs": len(self.near_duplicates)}
+
+
+def class_weights(counts: dict[str, int], total: int, multi_label: bool) -> dict[str, float]:
+    """Single-label: n / (k * count) (sklearn's 'balanced'); multi-label: negatives / positives."""
+    if multi_label:
+        return {label: (total - c) / c for label, c in counts.items()}
+    return {label: total / (len(counts) * c) for label, c in counts.items()}
+
+
+def near_duplicate_pairs(x: np.ndarray, threshold: float = NEAR_DUPLICATE_COSINE,
+                         chunk: int = 2048) -> list[tuple[int, int, float]]:
+    """Pairs i < j of rows whose centred cosine >= threshold, in chunks (memory O(chunk * n))."""
+    x = x - x.mean(axis=0)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    pairs = []
+    for start in range(0, len(x), chunk):
+        block = x[start:start + chunk] @ x.T
+        rows, cols = np.nonzero(block >= threshold)
+        for r, c in zip(rows, cols):
+            i = start + int(r)
+            if i < c:
+                pairs.append((i, int(c), float(block[r, c])))
+    return pairs
+
+
+def components(n: int, pairs) -> np.ndarray:
+    """Union-find over pairs: a group id per row (for split grouping)."""
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j, *_ in pairs:
+        parent[find(i)] = find(j)
+    return np.array([find(i) for i in range(n)])
+
+
+def check_counts(counts: dict[str, int], total: int, multi_label: bool) -> tuple[dict[str, float], list[str]]:
+    warnings = []
+    for label, count in counts.items():
+        if count == 0:
+            raise DataError(f"label {label!r} has no readable images left; a head cannot learn it")
+        if count < 2:
+            raise DataError(f"label {label!r} has {count} readable image; it needs at least 2 "
+                            "(one to train on, one to validate)")
+        if count < FEW_IMAGES:
+            warnings.append(f"label {label!r} has only {count} images (fewer than {FEW_IMAGES}): "
+                            "its metrics will be noisy and the head may not generalise")
+    weights = class_weights(counts, total, multi_label)
+    if not multi_label and max(counts.values()) >= IMBALANCE_RATIO * min(counts.values()):
+        shown = ", ".join(f"{label} {counts[label]} (weight {w:.2f})" for label, w in weights.items())
+        warnings.append(f"strong imbalance, largest/smallest = {max(counts.values()) / min(counts.values()):.1f}: "
+                        f"training weighs each label against its frequency: {shown}")
+    return weights, warnings
+
+
+def split(labels: list[tuple[str, ...]], groups: np.ndarray, label_names: tuple[str, ...], multi_label: bool,
+          val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a train and a validation split: stratified by label, never splitting a group."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+    n = len(labels)
+    if not 0.05 <= val_fraction <= 0.5:
+        raise DataError(f"--val-fraction must be between 0.05 and 0.5, got {val_fraction}")
+    indices = np.arange(n)
+    if multi_label:
+        train, val = next(GroupShuffleSplit(1, test_size=val_fraction, random_state=seed).split(indices, groups=groups))
+    else:
+        y = np.array([label_names.index(l[0]) for l in labels])
+        folds = max(2, round(1 / val_fraction))
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        train, val = next(splitter.split(indices, y, groups))
+        missing = {label_names[i] for i in set(y.tolist()) - set(y[val].tolist())}
+        if missing:
+            raise DataError(f"no validation image left for {sorted(missing)} (too few images, or all of them "
+                            "duplicates of each other); add images or raise --val-fraction")
+    return np.sort(train), np.sort(val)

@@ -1,0 +1,163 @@
+"""Embeddings for training: computed once per image content and encoder, then cached.
+
+Two ways to embed, same numbers: through a running server (the ``embed`` ensemble), or
+locally with the repository's own exported encoder and the very preprocess code the server
+runs. The cache is a folder of Parquet files per encoder fingerprint, keyed by the sha256 of
+each image's bytes, so a retrain (or a renamed or copied file) never re-embeds, and
+embeddings of different encoders can never meet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from headmaster.export.card import require_same_encoder
+from headmaster.export.errors import HeadmasterError
+from headmaster.model_repository.config import ARTIFACT_FILES
+from headmaster.model_repository.repository import Repository
+
+LOG = logging.getLogger(__name__)
+Progress = Callable[[int], None] | None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headmaster" / "embeddings"
+
+
+class EmbeddingCache:
+    """sha256 of image bytes -> embedding, for one encoder fingerprint."""
+
+    def __init__(self, root: Path, fingerprint: str):
+        self.fingerprint = fingerprint
+        self.folder = Path(root) / fingerprint.split(":")[-1]
+
+    def load(self) -> dict[str, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        found: dict[str, np.ndarray] = {}
+        for shard in sorted(self.folder.glob("*.parquet")):
+            table = pq.read_table(shard)
+            stored = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
+            require_same_encoder(self.fingerprint, stored, f"cached embeddings in {shard}")
+            vectors = np.asarray(table.column("embedding").combine_chunks().values, np.float32)
+            vectors = vectors.reshape(table.num_rows, -1)
+            found.update(zip(table.column("sha256").to_pylist(), vectors))
+        return found
+
+    def add(self, embeddings: dict[str, np.ndarray]) -> None:
+        if not embeddings:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        matrix = np.stack(list(embeddings.values())).astype(np.float32)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+        table = pa.table({"sha256": list(embeddings), "embedding": column},
+                         metadata={"fingerprint": self.fingerprint})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"{time.time_ns()}-{os.getpid()}.parquet"
+        tmp = final.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        tmp.rename(final)  # readers never see half a shard
+
+
+class LocalEmbedder:
+    """The repository's image encoder, run here with onnxruntime / TorchScript."""
+
+    def __init__(self, repo: Repository, batch_size: int = 32):
+        from headmaster.model_repository.backends.runtime import load_runner
+
+        self.fingerprint = repo.fingerprint
+        self.preprocessing = repo.card.preprocessing
+        self.spec = repo.card.towers["image"]
+        if self.spec.format == "plan":
+            raise HeadmasterError("the image encoder is a TensorRT plan, which runs only in Triton on its GPU: "
+                                  "embed through the server with --server HOST:PORT")
+        path = repo.path / "image_encoder" / "1" / ARTIFACT_FILES[self.spec.format]
+        self.runner = load_runner(str(path), device="auto", optimization=self.spec.graph_optimization)
+        self.batch_size = batch_size
+        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+
+    def _pixels(self, path: Path):
+        from headmaster.model_repository.backends.preprocess import InvalidImage, preprocess_bytes
+
+        try:
+            return preprocess_bytes(path.read_bytes(), self.preprocessing)
+        except InvalidImage as e:
+            return str(e)
+        except OSError as e:
+            return f"cannot read file: {e.strerror or e}"
+
+    def __call__(self, paths: list[Path], progress: Progress = None) -> list[np.ndarray | str]:
+        results: list[np.ndarray | str] = []
+        for start in range(0, len(paths), self.batch_size):
+            pixels = list(self.pool.map(self._pixels, paths[start:start + self.batch_size]))
+            good = [p for p in pixels if not isinstance(p, str)]
+            vectors = iter(self.runner({self.spec.input_name: np.stack(good)}, [self.spec.output_name])[0]) if good else iter(())
+            results += [p if isinstance(p, str) else next(vectors) for p in pixels]
+            if progress:
+                progress(len(pixels))
+        return results
+
+
+class ServerEmbedder:
+    """The ``embed`` ensemble of a running server, after checking it runs the same encoder."""
+
+    def __init__(self, repo: Repository, url: str, protocol: str = "http"):
+        from headmaster.client import HeadmasterClient
+
+        self.fingerprint = repo.fingerprint
+        self.url, self.protocol = url, protocol
+        with HeadmasterClient(url, protocol) as client:
+            require_same_encoder(repo.fingerprint, client.encoder_fingerprint(), f"the server at {url}")
+
+    def __call__(self, paths: list[Path], progress: Progress = None) -> list[np.ndarray | str]:
+        from headmaster.client import HeadmasterClient
+
+        with HeadmasterClient(self.url, self.protocol, batch_size=16, max_in_flight=4) as client:
+            return [r.embedding if r.ok else r.error for r in client.embed(paths, progress)]
+
+
+def file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def embed_files(paths: list[Path], embedder, cache: EmbeddingCache | None,
+                progress: Progress = None) -> tuple[list[str | None], dict[str, np.ndarray], dict[str, str]]:
+    """Embed what the cache lacks. Returns each path's sha256 (None if unreadable), the
+    embeddings by sha256, and the failures by path."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        hashes = list(pool.map(file_sha256, paths))
+    known = cache.load() if cache else {}
+    todo: dict[str, Path] = {}
+    for path, sha in zip(paths, hashes):
+        if sha is not None and sha not in known and sha not in todo:
+            todo[sha] = path
+    if progress:
+        progress(len(paths) - len(todo))  # cached and unreadable ones are done already
+    LOG.info("%d images, %d cached, %d to embed", len(paths), len(paths) - len(todo), len(todo))
+    fresh: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}  # by sha256: every copy of an unreadable image is reported
+    if todo:
+        for sha, result in zip(todo, embedder(list(todo.values()), progress)):
+            if isinstance(result, str):
+                failed[sha] = result
+            else:
+                fresh[sha] = np.asarray(result, np.float32)
+        if cache:
+            cache.add(fresh)
+    known.update(fresh)
+    failures = {str(p): "cannot read file" if h is None else failed[h]
+                for p, h in zip(paths, hashes) if h is None or h in failed}
+    return hashes, known, failures

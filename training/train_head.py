@@ -1,0 +1,154 @@
+"""`train-head`: labelled images -> a new, checked, atomic head version (hot-loaded if asked).
+
+Steps: read the data (folders or manifest) -> embed what the cache lacks (server or local,
+same encoder either way) -> check the data -> split without leakage -> fit -> choose
+thresholds on validation -> measure -> publish version N+1 (its ONNX file is compared with
+the fitted weights on the validation embeddings first) -> tell the server to load it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from headmaster.export.heads import HeadCard, check_head_name
+from headmaster.model_repository.repository import Repository, publish_head
+from headmaster.training import checks
+from headmaster.training.data import DataError, Dataset, content_hash, from_folders, from_manifest
+from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, ServerEmbedder, default_cache_dir, embed_files
+from headmaster.training.metrics import evaluate
+from headmaster.training.thresholds import choose_thresholds
+from headmaster.training.trainer import TrainConfig, fit
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    name: str
+    repo: Path
+    data: Path | None = None  # folder of bucket folders (single-label)
+    manifest: Path | None = None  # CSV / JSONL of path -> labels (multi-label)
+    server: str | None = None  # HTTP host:port: embed through it and hot-load the new version
+    local: bool = False  # embed here even when a server is given
+    config: TrainConfig = field(default_factory=TrainConfig)
+    val_fraction: float = 0.2
+    thresholds: str = "best-f1"  # best-f1 | precision | none
+    target_precision: float = 0.9
+    positive: str | None = None  # binary heads: the label that gets the threshold
+    cache_dir: Path | None = None  # default: ~/.cache/headmaster/embeddings
+    keep: int = 5  # versions kept on disk (loadable for rollback)
+
+
+@dataclass
+class TrainResult:
+    card: HeadCard
+    metrics: dict
+    checks: checks.CheckReport
+    thresholds: list[dict]
+    fit: dict
+
+
+def load_dataset(options: TrainOptions) -> Dataset:
+    if (options.data is None) == (options.manifest is None):
+        raise DataError("give either a data folder (one sub-folder per bucket) or --manifest FILE, not both or neither")
+    return from_folders(options.data) if options.data is not None else from_manifest(options.manifest)
+
+
+def _truth(rows_labels: list[tuple[str, ...]], labels: tuple[str, ...]) -> np.ndarray:
+    return np.array([[label in row for label in labels] for row in rows_labels], dtype=np.int64)
+
+
+def train_head(options: TrainOptions, progress: Callable[[int, int], None] | None = None) -> TrainResult:
+    """progress(done, total) is called while images are embedded."""
+    check_head_name(options.name)
+    repo = Repository(options.repo)
+    dataset = load_dataset(options)
+    embedder = ServerEmbedder(repo, options.server) if options.server and not options.local else LocalEmbedder(repo)
+    cache = EmbeddingCache(options.cache_dir or default_cache_dir(), repo.fingerprint)
+    paths = [e.path for e in dataset.examples]
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], len(paths))
+
+    hashes, vectors, failures = embed_files(paths, embedder, cache, advance)
+
+    # One row per distinct image content; contradictory copies are dropped, not guessed.
+    report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
+    by_sha: dict[str, list[int]] = {}
+    for i, (example, sha) in enumerate(zip(dataset.examples, hashes)):
+        if sha is not None and str(example.path) not in failures:
+            by_sha.setdefault(sha, []).append(i)
+    rows: list[tuple[str, tuple[str, ...], str]] = []  # (sha, labels, path)
+    for sha, members in by_sha.items():
+        label_sets = {dataset.examples[i].labels for i in members}
+        member_paths = [str(dataset.examples[i].path) for i in members]
+        if len(label_sets) > 1:
+            report.conflicting.append(member_paths)
+            continue
+        if len(members) > 1:
+            report.exact_duplicates.append(member_paths)
+        rows.append((sha, dataset.examples[members[0]].labels, member_paths[0]))
+    if report.conflicting:
+        report.warnings.append(f"{len(report.conflicting)} images appear under different labels; left out")
+    if report.exact_duplicates:
+        report.warnings.append(f"{len(report.exact_duplicates)} images appear more than once with the same label; "
+                               "each is used once")
+
+    labels = dataset.labels
+    x = np.stack([vectors[sha] for sha, _, _ in rows]) if rows else np.zeros((0, 1), np.float32)
+    truth = _truth([row_labels for _, row_labels, _ in rows], labels)
+    report.counts = {label: int(truth[:, j].sum()) for j, label in enumerate(labels)}
+    weights, warnings = checks.check_counts(report.counts, len(rows), dataset.multi_label)
+    report.class_weights = weights
+    report.warnings += warnings
+
+    pairs = checks.near_duplicate_pairs(x)
+    report.near_duplicates = [(rows[i][2], rows[j][2], c) for i, j, c in pairs
+                              if dataset.multi_label or rows[i][1] == rows[j][1]]
+    if report.near_duplicates:
+        report.warnings.append(f"{len(report.near_duplicates)} near-duplicate pairs (cosine >= "
+                               f"{checks.NEAR_DUPLICATE_COSINE}); each pair is kept in one split")
+    groups = checks.components(len(rows), pairs)
+    if len(rows) and np.bincount(groups).max() > options.val_fraction * len(rows):
+        # A chain of near duplicates spans too much of the data to keep in one split.
+        report.warnings.append("near duplicates chain together across much of the data; they are listed "
+                               "but not kept together, so validation may see near copies of training images")
+        groups = np.arange(len(rows))
+    train, val = checks.split([row_labels for _, row_labels, _ in rows], groups,
+                              labels, dataset.multi_label, options.val_fraction, options.config.seed)
+
+    y = truth if dataset.multi_label else truth.argmax(axis=1)
+    class_weight_vector = np.array([weights[label] for label in labels])
+    head, fit_info = fit(x[train], y[train], x[val], y[val], dataset.multi_label, class_weight_vector, options.config)
+    val_scores = head.scores(x[val])
+    thresholds, explanation = choose_thresholds(val_scores, truth[val], labels, options.thresholds,
+                                                options.target_precision, options.positive)
+    metrics = evaluate(val_scores, truth[val], labels, dataset.multi_label, thresholds)
+    data_hash = content_hash([(sha, row_labels) for sha, row_labels, _ in rows])
+
+    def make_card(version: int) -> HeadCard:
+        return HeadCard(
+            name=options.name, version=version, labels=labels, thresholds=thresholds,
+            multi_label=dataset.multi_label, encoder_fingerprint=repo.fingerprint, embed_dim=head.embed_dim,
+            kind=options.config.kind,
+            details={"data": {"source": dataset.source, "sha256": data_hash, "images": len(rows),
+                              "train": int(len(train)), "validation": int(len(val)), "checks": report.as_dict()},
+                     "training": {**options.config.as_dict(), **fit_info, "val_fraction": options.val_fraction},
+                     "thresholds": {"mode": options.thresholds, "target_precision": options.target_precision,
+                                    "positive": options.positive, "per_label": explanation},
+                     "metrics": metrics})
+
+    card = publish_head(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep)
+    if options.server:
+        from headmaster.model_repository import live
+
+        live.head_published(options.server, card.name)
+    return TrainResult(card, metrics, report, explanation, fit_info)
