@@ -17,7 +17,7 @@ Preprocessing, tokenising and thresholds are python-backend models in both.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from google.protobuf import json_format, text_format

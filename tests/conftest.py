@@ -148,3 +148,16 @@ def subset(digits_dir: Path, target: Path, per_label: dict[str, int], rename: di
         for path in sorted((digits_dir / digit).glob("*.png"))[:count]:
             shutil.copy(path, folder / path.name)
     return target
+
+
+def clone_repo(source: Path, target: Path) -> Path:
+    """Copy a repository; model weights are hard-linked (never edited), the rest copied."""
+    import shutil
+
+    def copy(src, dst):
+        if src.endswith((".onnx", ".pt")):
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    shutil.copytree(source, target, copy_function=copy)
+    return target

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,28 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from headmaster.client import HeadmasterClient
 from headmaster.model_repository.server import free_port
-from tests.conftest import ARTIFACTS, start_server
+from tests.conftest import ARTIFACTS, clone_repo, start_server
 
 CLI = [sys.executable, "-m", "headmaster.client.cli"]
 
 
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def clone_repo(source: Path, target: Path) -> Path:
-    """Copy a repository; model weights are hard-linked (never edited), the rest copied."""
-    def copy(src, dst):
-        if src.endswith((".onnx", ".pt")):
-            os.link(src, dst)
-        else:
-            shutil.copy2(src, dst)
-    shutil.copytree(source, target, copy_function=copy)
-    return target
 
 
 def ports() -> list[str]:

@@ -1,0 +1,147 @@
+"""Hot swaps while clients send requests: no request fails, and every answer is consistent.
+
+A dedicated server on a copy of the session repository; 8 client threads classify real
+photos without pause while head versions (trained and written), new heads and removed heads
+go live one after another through explicit model control.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from headmaster.client import HeadmasterClient
+from headmaster.export.heads import HeadCard, HeadWeights
+from headmaster.model_repository import live
+from headmaster.model_repository.backends.threshold import accept
+from headmaster.model_repository.repository import Repository, publish_head, remove_head
+from headmaster.training.train_head import TrainOptions, train_head
+from headmaster.training.trainer import TrainConfig
+from tests.conftest import ARTIFACTS, clone_repo, start_server, subset
+
+CLIENTS = 8
+
+
+class Load:
+    """8 threads classifying in a loop; every answer and every failure is kept."""
+
+    def __init__(self, url: str, images: list[bytes]):
+        self.url, self.images = url, images
+        self.answers: list = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(CLIENTS)]
+
+    def _run(self) -> None:
+        with HeadmasterClient(self.url, batch_size=2, max_in_flight=1) as client:
+            while not self.stop.is_set():
+                try:
+                    results = client.classify(self.images)
+                except Exception as e:  # a transport error is a failed request too
+                    results = [e]
+                with self.lock:
+                    for r in results:
+                        if isinstance(r, Exception) or not r.ok:
+                            self.failures.append(str(getattr(r, "error", r)))
+                        else:
+                            self.answers.append((time.monotonic(), r))
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(1.0)
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+@pytest.fixture
+def live_server(repo, tmp_path):
+    copy = clone_repo(repo, tmp_path / "repo")
+    server = start_server(copy, ARTIFACTS / "hot-swap")
+    yield server, copy
+    server.stop()
+
+
+def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tuple[str, ...]) -> HeadCard:
+    """A head version written directly: random weights, random thresholds."""
+    repository = Repository(repo)
+    weights = HeadWeights(((rng.normal(scale=3.0, size=(len(labels), 384)).astype(np.float32),
+                            rng.normal(size=len(labels)).astype(np.float32)),), multi_label=False)
+    thresholds = tuple(float(t) for t in rng.uniform(0.0, 0.6, size=len(labels)))
+    return publish_head(repo, weights, lambda v: HeadCard(
+        name=name, version=v, labels=labels, thresholds=thresholds, multi_label=False,
+        encoder_fingerprint=repository.fingerprint, embed_dim=384, kind="linear", details={"written": True}))
+
+
+def test_ten_versions_go_live_under_load_without_a_failed_request(live_server, jpeg_photos, digits_dir,
+                                                                  embedding_cache, tmp_path):
+    server, repo = live_server
+    images = list(jpeg_photos.values())[:4]
+    head = "animal"
+    published: dict[int, tuple[HeadWeights, dict]] = {}
+
+    def record(version: int) -> None:
+        folder = repo / head / str(version)
+        published[version] = (HeadWeights.from_onnx(folder / "model.onnx"), HeadCard.load(folder).info())
+
+    record(1)
+    rng = np.random.default_rng(0)
+    data = subset(digits_dir, tmp_path / "digits", {"0": 25, "1": 25, "2": 25}, rename={"0": "cat", "1": "dog", "2": "bird"})
+    with Load(server.grpc_url, images) as load:
+        for i in range(10):
+            if i % 2 == 0:  # trained from labelled images
+                card = train_head(TrainOptions(name=head, repo=repo, data=data, cache_dir=embedding_cache,
+                                               config=TrainConfig(seed=i, epochs=40))).card
+            else:  # written: other label sets too (the score width changes)
+                card = written_version(repo, head, rng, ("cat", "dog", "bird", f"thing{i}")[: 3 + i % 4 // 2])
+            record(card.version)
+            live.head_published(server.http_url, head)
+    assert load.failures == []
+    assert set(published) == set(range(1, 12))
+    seen = {}
+    for _, result in load.answers:
+        answer = result.heads[head]
+        weights, info = published[answer.version]  # KeyError: a version that never existed
+        expected = weights.scores(result.embedding[None, :])[0]
+        np.testing.assert_allclose([answer.scores[label] for label in info["labels"]], expected, atol=1e-4)
+        assert list(answer.labels) == accept(expected[None, :], info)[0]
+        assert set(answer.scores) == set(info["labels"])
+        seen[answer.version] = seen.get(answer.version, 0) + 1
+    assert len(seen) >= 6, f"too few versions observed under load: {seen}"
+    assert max(seen) == 11  # the last one went live
+    assert len(load.answers) > 100
+
+
+def test_heads_come_and_go_under_load_without_a_failed_request(live_server, jpeg_photos):
+    server, repo = live_server
+    images = list(jpeg_photos.values())[:2]
+    rng = np.random.default_rng(1)
+    with Load(server.grpc_url, images) as load:
+        added_at = time.monotonic()
+        written_version(repo, "newcomer", rng, ("yes", "no"))
+        live.head_published(server.http_url, "newcomer")
+        loaded_at = time.monotonic()
+        time.sleep(2.0)
+        removed_at = time.monotonic()
+        remove_head(repo, "animal")
+        live.head_removed(server.http_url, "animal")
+        gone_at = time.monotonic()
+    assert load.failures == []
+    before = [r for t, r in load.answers if t < added_at]
+    between = [r for t, r in load.answers if loaded_at + 0.5 < t < removed_at]
+    after = [r for t, r in load.answers if t > gone_at + 0.5]
+    assert before and between and after
+    assert all(set(r.heads) == {"animal", "has_cat"} for r in before)
+    assert all(set(r.heads) == {"animal", "has_cat", "newcomer"} for r in between)
+    assert all(set(r.heads) == {"has_cat", "newcomer"} for r in after)
+    assert Repository(repo).head_names() == ["has_cat", "newcomer"]
