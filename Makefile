@@ -10,17 +10,21 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,perf]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,perf,postgres]'
 	touch $@
 
 setup: $(VENV)/.installed system-deps
 
-# perf_analyzer needs libb64 from Debian; everything else comes from pip.
+# From Debian: libb64 for perf_analyzer, Chromium to render the HTML review page in tests,
+# a PostgreSQL server for the store's PostgreSQL backend. Everything else comes from pip.
+DEBIAN_PACKAGES := libb64-0d chromium postgresql
 system-deps:
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq libb64-0d >/dev/null 2>&1 || \
-	    { apt-get update -qq >/dev/null && apt-get install -y -qq libb64-0d >/dev/null; }; \
-	  else echo "note: perf_analyzer needs libb64-0d: sudo apt-get install libb64-0d"; fi; }
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null && apt-get install -y -qq $$missing >/dev/null; }; \
+	  else echo "note: some tests need Debian packages: sudo apt-get install $$missing"; fi; fi
 
 quickstart: setup
 	$(VENV)/bin/headmaster quickstart

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from headmaster.client.errors import (
     ClientError,
     InvalidInputError,
@@ -74,6 +73,11 @@ class _Transport:
     def bytes_input(self, name: str, items: Sequence[bytes]):
         tensor = self.module.InferInput(name, [len(items), 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[i] for i in items], dtype=object))
+        return tensor
+
+    def fp32_input(self, name: str, array: np.ndarray):
+        tensor = self.module.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         return tensor
 
     def output(self, name: str):
@@ -204,6 +208,24 @@ class AsyncHeadmasterClient:
             return Classification.from_result(item.source, item.sha256, embedding, result[0])
 
         return await self._run_all(self.model, ["EMBEDDING", "RESULT"], images, build, progress)
+
+    async def classify_embeddings(self, embeddings: np.ndarray, sources: Sequence[str | None],
+                                  hashes: Sequence[str]) -> list[Classification]:
+        """Run the heads on embeddings computed earlier (``classify_embedding``: no preprocess,
+        no encoder). The caller vouches that they come from the served encoder."""
+        embeddings = np.asarray(embeddings, np.float32).reshape(len(hashes), -1)
+        gate = asyncio.Semaphore(self.max_in_flight)
+
+        async def run(start: int) -> list[Classification]:
+            rows = embeddings[start:start + self.batch_size]
+            async with gate:
+                out = await self._transport.infer("classify_embedding", [self._transport.fp32_input("EMBEDDING", rows)],
+                                                  ["RESULT"])
+            return [Classification.from_result(sources[start + i], hashes[start + i], row, result[0])
+                    for i, (row, result) in enumerate(zip(rows, out["RESULT"]))]
+
+        chunks = await asyncio.gather(*(run(s) for s in range(0, len(hashes), self.batch_size)))
+        return [c for chunk in chunks for c in chunk]
 
     async def classify_one(self, image: ImageInput) -> Classification:
         """Classify one image; raises :class:`InvalidInputError` if the server refuses it."""

@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-
 from headmaster.client.errors import ClientError
 from headmaster.export import cli as export_cli
 from headmaster.export.errors import HeadmasterError
 from headmaster.model_repository import cli as repository_cli
 from headmaster.model_repository.backends.preprocess import IMAGE_SUFFIXES
 from headmaster.training import cli as training_cli
+from headmaster.training import store_cli
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(name="headmaster", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -36,6 +36,11 @@ app.command("zero-shot")(training_cli.zero_shot)
 app.command("train-head")(training_cli.train_head_command)
 app.add_typer(repository_cli.heads_app, name="heads")
 app.command("rollback")(repository_cli.rollback)
+app.command("rescore")(store_cli.rescore_command)
+app.command("correct")(store_cli.correct_command)
+app.command("suggest")(store_cli.suggest_command)
+app.command("reembed")(store_cli.reembed_command)
+app.add_typer(store_cli.dataset_app, name="dataset")
 
 
 
@@ -74,6 +79,10 @@ def classify(
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 8,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for one request.")] = 120.0,
+    store: Annotated[str | None, typer.Option(help="Keep embeddings and labels in this store (a folder, created "
+                                                   "if new, or postgresql://...); stored images skip the encoder.")] = None,
+    store_float16: Annotated[bool, typer.Option("--store-float16", help="A new store keeps embeddings as float16 "
+                                                                      "(half the size).")] = False,
 ) -> None:
     """Classify images with the `classify` ensemble; prints labels, exits 2 if any image failed."""
     from headmaster.client import HeadmasterClient
@@ -87,7 +96,15 @@ def classify(
         columns = (TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("classify", total=len(files))
-            results = client.classify(files, progress=lambda n: progress.advance(task, n))
+            advance = lambda n: progress.advance(task, n)  # noqa: E731
+            if store:
+                from headmaster.client.classify_store import classify_into_store
+                from headmaster.client.store import open_store
+
+                opened = open_store(store, embedding_dtype="float16" if store_float16 else "float32")
+                results, stats = classify_into_store(client, opened, files, advance)
+            else:
+                results = client.classify(files, progress=advance)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         with open(output, "w") as f:
@@ -101,6 +118,8 @@ def classify(
     Console().print(table)
     failed = sum(not r.ok for r in results)
     console.print(f"{len(results) - failed} classified, {failed} failed" + (f"; results in {output}" if output else ""))
+    if store:
+        console.print(f"store {store}: {stats.embedded} embedded, {stats.reused} from stored embeddings")
     if failed:
         raise typer.Exit(2)
 

@@ -10,7 +10,6 @@ import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
-
 from headmaster.client.aio import AsyncHeadmasterClient, ImageInput
 from headmaster.client.results import Classification, Embedding, Failure
 
@@ -47,6 +46,10 @@ class HeadmasterClient:
     def classify(self, images: Sequence[ImageInput],
                  progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
         return self._run(self._client.classify(images, progress))
+
+    def classify_embeddings(self, embeddings: np.ndarray, sources: Sequence[str | None],
+                            hashes: Sequence[str]) -> list[Classification]:
+        return self._run(self._client.classify_embeddings(embeddings, sources, hashes))
 
     def classify_one(self, image: ImageInput) -> Classification:
         return self._run(self._client.classify_one(image))

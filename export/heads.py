@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from headmaster.export.errors import CardError, ExportError
 
 HEAD_FILE = "head.json"
@@ -30,7 +29,7 @@ OPSET = 17
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # Names the repository uses for its own models; a head may not take them.
 RESERVED_NAMES = {"preprocess", "image_encoder", "text_encoder", "tokenize", "threshold",
-                  "classify", "embed", "embed_text"}
+                  "classify", "classify_embedding", "embed", "embed_text"}
 
 
 def check_head_name(name: str) -> str:

@@ -6,9 +6,10 @@ folder before the ensemble that uses it). Explicit loads let us order the reload
 every request in flight or arriving meanwhile still finds a consistent set of models:
 
 - adding a head or a version: the head first, then ``threshold`` (whose head inputs are
-  optional, so the old ``classify`` still fits it), then ``classify``;
-- removing a head: ``classify`` first (it stops routing to the head), then ``threshold``,
-  then unload the head.
+  optional, so the old ensembles still fit it), then the ensembles ``classify`` and
+  ``classify_embedding``;
+- removing a head: the ensembles first (they stop routing to the head), then
+  ``threshold``, then unload the head.
 
 Triton itself keeps serving the old version of a model until the new one has loaded, and
 lets in-flight requests finish on the version they started on.
@@ -21,6 +22,8 @@ import logging
 from headmaster.export.errors import ServerError
 
 LOG = logging.getLogger(__name__)
+# Models whose configs name every head, in the order they are loaded after a head arrives.
+HEAD_DEPENDENT = ("threshold", "classify", "classify_embedding")
 
 
 def _client(url: str, timeout_s: float):
@@ -48,9 +51,9 @@ def _call(url: str, action: str, names: list[str], timeout_s: float) -> None:
 
 def head_published(url: str, head: str, timeout_s: float = 300.0) -> None:
     """A head got a new (or its first) version, or a new live version: load it everywhere."""
-    _call(url, "load", [head, "threshold", "classify"], timeout_s)
+    _call(url, "load", [head, *HEAD_DEPENDENT], timeout_s)
 
 
 def head_removed(url: str, head: str, timeout_s: float = 300.0) -> None:
-    _call(url, "load", ["classify", "threshold"], timeout_s)
+    _call(url, "load", [*reversed(HEAD_DEPENDENT)], timeout_s)
     _call(url, "unload", [head], timeout_s)

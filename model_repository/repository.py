@@ -45,7 +45,7 @@ from headmaster.model_repository.config import (
     parse,
     render,
 )
-from headmaster.model_repository.publish import repository_lock, replace_version, versions, write_file
+from headmaster.model_repository.publish import replace_version, repository_lock, versions, write_file
 
 LOG = logging.getLogger(__name__)
 
@@ -199,27 +199,34 @@ class Repository:
         return ensembles
 
     def head_models(self, heads: list[str]) -> list:
-        """The models whose config depends on the set of heads: threshold and classify."""
+        """The models whose config depends on the set of heads: threshold, ``classify`` (from
+        image bytes) and ``classify_embedding`` (from an embedding already computed, e.g. one
+        kept in a store: the heads run, the encoder does not)."""
         image = self.encoder_model("image")
         d = self.card.embed_dim
-        steps = [Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
-                 Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"})]
+        head_steps = []
         threshold_inputs = {"EMBEDDING": "EMBEDDING"}
-        outputs = [Tensor("EMBEDDING", "FP32", (d,)), Tensor("RESULT", "BYTES", (1,))]
+        head_outputs = []
         for head in heads:
-            steps.append(Step(head, {"EMBEDDING": "EMBEDDING"}, {"SCORES": f"SCORES_{head}", "INFO": f"INFO_{head}"}))
+            head_steps.append(Step(head, {"EMBEDDING": "EMBEDDING"}, {"SCORES": f"SCORES_{head}", "INFO": f"INFO_{head}"}))
             threshold_inputs.update({f"SCORES_{head}": f"SCORES_{head}", f"INFO_{head}": f"INFO_{head}"})
-            outputs.append(Tensor(f"SCORES_{head}", "FP32", (-1,)))
-        steps.append(Step("threshold", threshold_inputs, {"RESULT": "RESULT"}))
+            head_outputs.append(Tensor(f"SCORES_{head}", "FP32", (-1,)))
+        head_steps.append(Step("threshold", threshold_inputs, {"RESULT": "RESULT"}))
+        result = Tensor("RESULT", "BYTES", (1,))
+        embed_steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+                       Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"}))
         return [ThresholdModel(tuple(heads), d, self.options.light_batching),
-                EnsembleModel("classify", (Tensor("IMAGE", "BYTES", (1,)),), tuple(outputs), tuple(steps),
-                              self.options.max_batch_size)]
+                EnsembleModel("classify", (Tensor("IMAGE", "BYTES", (1,)),),
+                              (Tensor("EMBEDDING", "FP32", (d,)), result, *head_outputs),
+                              embed_steps + tuple(head_steps), self.options.max_batch_size),
+                EnsembleModel("classify_embedding", (Tensor("EMBEDDING", "FP32", (d,)),),
+                              (result, *head_outputs), tuple(head_steps), self.options.max_batch_size)]
 
     def model_names(self) -> list[str]:
         """What the server loads, dependencies first."""
         heads = self.head_names()
         return [m.name for m in self.static_models() if not isinstance(m, EnsembleModel)] + heads + \
-            ["threshold", "classify"] + [m.name for m in self.embed_ensembles()]
+            [m.name for m in self.head_models(heads)] + [m.name for m in self.embed_ensembles()]
 
     # -- writing ---------------------------------------------------------------------------
     def write_config(self, model) -> None:

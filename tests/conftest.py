@@ -161,3 +161,17 @@ def clone_repo(source: Path, target: Path) -> Path:
             shutil.copy2(src, dst)
     shutil.copytree(source, target, copy_function=copy)
     return target
+
+
+def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tuple[str, ...]):
+    """A head version written directly: random weights, random thresholds."""
+    from headmaster.export.heads import HeadCard, HeadWeights
+    from headmaster.model_repository.repository import Repository, publish_head
+
+    repository = Repository(repo)
+    weights = HeadWeights(((rng.normal(scale=3.0, size=(len(labels), 384)).astype(np.float32),
+                            rng.normal(size=len(labels)).astype(np.float32)),), multi_label=False)
+    thresholds = tuple(float(t) for t in rng.uniform(0.0, 0.6, size=len(labels)))
+    return publish_head(repo, weights, lambda v: HeadCard(
+        name=name, version=v, labels=labels, thresholds=thresholds, multi_label=False,
+        encoder_fingerprint=repository.fingerprint, embed_dim=384, kind="linear", details={"written": True}))

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from headmaster.training.data import DataError
 
 FEW_IMAGES = 20

@@ -97,7 +97,8 @@ def _print_report(result) -> None:
 
 def train_head_command(
     data: Annotated[Path | None, typer.Argument(
-        help="Folder with one sub-folder of images per bucket (the folder name is the label).")] = None,
+        help="Folder with one sub-folder of images per bucket (the folder name is the label), or a dataset "
+             "snapshot (`headmaster dataset export`).")] = None,
     name: Annotated[str, typer.Option("--name", help="Head name: lowercase letters, digits, '_'.")] = ...,
     repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = Path("model_repository"),
     manifest: Annotated[Path | None, typer.Option(
@@ -116,6 +117,9 @@ def train_head_command(
     local: Annotated[bool, typer.Option(help="Embed on this machine even when --server is given.")] = False,
     cache: Annotated[Path | None, typer.Option(help="Embedding cache (default ~/.cache/headmaster/embeddings).")] = None,
     keep: Annotated[int, typer.Option(help="Versions kept on disk for rollback.")] = 5,
+    store: Annotated[str | None, typer.Option(
+        help="Train from the people's labels in this store: frozen as a snapshot first (in STORE/snapshots), "
+             "embeddings as stored.")] = None,
 ) -> None:
     """Train the next version of a head from labelled images and publish it (hot-loaded with --server)."""
     from headmaster.training.train_head import TrainOptions, train_head
@@ -125,7 +129,7 @@ def train_head_command(
         name=name, repo=repo, data=data, manifest=manifest, server=server, local=local,
         config=TrainConfig(kind=model, hidden=hidden, epochs=epochs, learning_rate=learning_rate, seed=seed),
         val_fraction=val_fraction, thresholds=thresholds, target_precision=target_precision, positive=positive,
-        cache_dir=cache, keep=keep)
+        cache_dir=cache, keep=keep, store=store)
     columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("embed", total=None)

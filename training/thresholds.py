@@ -11,7 +11,6 @@ fallback an image gets when the positive label's score is below it.
 from __future__ import annotations
 
 import numpy as np
-
 from headmaster.export.errors import HeadmasterError
 
 MODES = ("best-f1", "precision", "none")

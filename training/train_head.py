@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from headmaster.export.heads import HeadCard, check_head_name
 from headmaster.model_repository.repository import Repository, publish_head
 from headmaster.training import checks
 from headmaster.training.data import DataError, Dataset, content_hash, from_folders, from_manifest
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, ServerEmbedder, default_cache_dir, embed_files
 from headmaster.training.metrics import evaluate
+from headmaster.training.snapshots import export_snapshot, is_snapshot, load_for_training
 from headmaster.training.thresholds import choose_thresholds
 from headmaster.training.trainer import TrainConfig, fit
 
@@ -31,7 +31,9 @@ LOG = logging.getLogger(__name__)
 class TrainOptions:
     name: str
     repo: Path
-    data: Path | None = None  # folder of bucket folders (single-label)
+    data: Path | None = None  # folder of bucket folders (single-label), or a dataset snapshot
+    store: str | None = None  # train from the store's corrections (frozen as a snapshot first)
+    snapshot_dir: Path | None = None  # where --store snapshots go (default: STORE/snapshots)
     manifest: Path | None = None  # CSV / JSONL of path -> labels (multi-label)
     server: str | None = None  # HTTP host:port: embed through it and hot-load the new version
     local: bool = False  # embed here even when a server is given
@@ -54,8 +56,9 @@ class TrainResult:
 
 
 def load_dataset(options: TrainOptions) -> Dataset:
-    if (options.data is None) == (options.manifest is None):
-        raise DataError("give either a data folder (one sub-folder per bucket) or --manifest FILE, not both or neither")
+    if sum(x is not None for x in (options.data, options.manifest, options.store)) != 1:
+        raise DataError("give one of: a data folder (one sub-folder per bucket) or snapshot, --manifest FILE, "
+                        "or --store PATH")
     return from_folders(options.data) if options.data is not None else from_manifest(options.manifest)
 
 
@@ -67,18 +70,33 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
     """progress(done, total) is called while images are embedded."""
     check_head_name(options.name)
     repo = Repository(options.repo)
-    dataset = load_dataset(options)
-    embedder = ServerEmbedder(repo, options.server) if options.server and not options.local else LocalEmbedder(repo)
-    cache = EmbeddingCache(options.cache_dir or default_cache_dir(), repo.fingerprint)
-    paths = [e.path for e in dataset.examples]
-    done = [0]
+    snapshot = None
+    if options.store is not None or (options.data is not None and is_snapshot(options.data)):
+        if options.manifest is not None or (options.store is not None and options.data is not None):
+            raise DataError("give one of: a data folder or snapshot, --manifest FILE, or --store PATH")
+        # Stored embeddings: nothing to embed, no encoder needed.
+        snapshot_path = options.data
+        if options.store is not None:
+            from headmaster.client.store import open_store
 
-    def advance(n: int) -> None:
-        done[0] += n
-        if progress:
-            progress(done[0], len(paths))
+            out = options.snapshot_dir or (Path("snapshots") if "://" in options.store else Path(options.store) / "snapshots")
+            snapshot_path = export_snapshot(open_store(options.store, create=False), options.name, out,
+                                            repo.fingerprint).path
+        snapshot, hashes, vectors = load_for_training(snapshot_path, repo.fingerprint)
+        dataset, failures = snapshot.dataset(), {}
+    else:
+        dataset = load_dataset(options)
+        embedder = ServerEmbedder(repo, options.server) if options.server and not options.local else LocalEmbedder(repo)
+        cache = EmbeddingCache(options.cache_dir or default_cache_dir(), repo.fingerprint)
+        paths = [e.path for e in dataset.examples]
+        done = [0]
 
-    hashes, vectors, failures = embed_files(paths, embedder, cache, advance)
+        def advance(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], len(paths))
+
+        hashes, vectors, failures = embed_files(paths, embedder, cache, advance)
 
     # One row per distinct image content; contradictory copies are dropped, not guessed.
     report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
@@ -140,6 +158,8 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
             multi_label=dataset.multi_label, encoder_fingerprint=repo.fingerprint, embed_dim=head.embed_dim,
             kind=options.config.kind,
             details={"data": {"source": dataset.source, "sha256": data_hash, "images": len(rows),
+                              "snapshot": {"path": str(snapshot.path), "head": snapshot.head, "number": snapshot.number,
+                                           "manifest_sha256": snapshot.manifest_sha256} if snapshot else None,
                               "train": int(len(train)), "validation": int(len(val)), "checks": report.as_dict()},
                      "training": {**options.config.as_dict(), **fit_info, "val_fraction": options.val_fraction},
                      "thresholds": {"mode": options.thresholds, "target_precision": options.target_precision,

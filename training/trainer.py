@@ -12,7 +12,6 @@ import contextlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
 from headmaster.export.errors import HeadmasterError
 from headmaster.export.heads import HeadWeights
 

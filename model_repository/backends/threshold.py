@@ -17,23 +17,31 @@ import json
 import numpy as np
 
 
-def accept(scores: np.ndarray, info: dict) -> list[list[str]]:
-    """Labels accepted for each row of ``scores`` [n, L] under the head's thresholds.
+def accepted_mask(scores: np.ndarray, info: dict) -> np.ndarray:
+    """Which labels each row of ``scores`` [n, L] accepts under the head's thresholds, [n, L] bool.
 
     multi-label heads (sigmoid): every label whose score reaches its threshold.
     single-label heads (softmax): of the labels that reach their thresholds, the highest
     scoring one, or none. With a binary head ("cat" / "no cat") and a threshold only on
     "cat", an image below it falls to "no cat".
     """
-    labels = info["labels"]
     thresholds = np.asarray(info["thresholds"], dtype=np.float32)
-    if scores.ndim != 2 or scores.shape[1] != len(labels):
-        raise ValueError(f"scores of shape {scores.shape} do not match {len(labels)} labels")
+    if scores.ndim != 2 or scores.shape[1] != len(info["labels"]):
+        raise ValueError(f"scores of shape {scores.shape} do not match {len(info['labels'])} labels")
     passed = scores >= thresholds
     if info["multi_label"]:
-        return [[labels[j] for j in np.flatnonzero(row)] for row in passed]
+        return passed
     best = np.where(passed, scores, -np.inf).argmax(axis=1)
-    return [[labels[b]] if passed[i, b] else [] for i, b in enumerate(best)]
+    mask = np.zeros_like(passed)
+    rows = np.arange(len(scores))
+    mask[rows, best] = passed[rows, best]
+    return mask
+
+
+def accept(scores: np.ndarray, info: dict) -> list[list[str]]:
+    """The accepted label names of each row (see accepted_mask)."""
+    labels = info["labels"]
+    return [[labels[j] for j in np.flatnonzero(row)] for row in accepted_mask(scores, info)]
 
 
 def head_results(scores: np.ndarray, info: dict) -> list[dict]:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import importlib.resources
+import re
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
-
 from headmaster.client import Classification, Failure, HeadmasterClient, InvalidInputError
+from tritonclient.utils import InferenceServerException
 
 
 def truncated_png() -> bytes:

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-
 from headmaster.client import HeadmasterClient
 from headmaster.model_repository.server import free_port
+
 from tests.conftest import ARTIFACTS, clone_repo, start_server
 
 CLI = [sys.executable, "-m", "headmaster.client.cli"]

@@ -1,0 +1,91 @@
+"""Rescore: run a head version over every stored embedding, on CPU, and record its labels.
+
+No encoder, no GPU, no Triton: the head's own ``model.onnx`` (the file Triton serves) runs
+in onnxruntime over the store in fixed-size batches, and its thresholds are applied by the
+very function the server's threshold step uses. Memory stays at a few batches whatever the
+store's size; the labels of one run land in the store all at once, or not at all.
+
+Only items embedded by the encoder the head was trained on are scored. Items of any other
+encoder are refused and counted (``headmaster reembed`` brings them over).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from headmaster.client.store import Store, label_table
+from headmaster.export.errors import FingerprintMismatchError, RepositoryError
+from headmaster.export.heads import MODEL_FILE, HeadCard
+from headmaster.model_repository.backends.threshold import accepted_mask
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class RescoreResult:
+    head: str
+    version: int
+    rows: int
+    seconds: float
+    label_counts: dict[str, int]
+    refused: dict[str, int] = field(default_factory=dict)  # foreign fingerprint -> items left unscored
+
+
+def head_version_dir(repo: Path, name: str, version: int | None) -> Path:
+    from headmaster.model_repository.repository import Repository
+
+    state = Repository(repo).head(name)
+    chosen = state.live if version is None else version
+    if chosen not in state.versions:
+        raise RepositoryError(
+            f"head {name} has no version {chosen} in {repo}; versions on disk: {list(state.versions)}")
+    return Path(repo) / name / str(chosen)
+
+
+def refused_items(store: Store, fingerprint: str) -> dict[str, int]:
+    """Items stored under other encoders, which must not meet this one's heads."""
+    return {fp: n for fp, n in store.fingerprints().items() if fp != fingerprint}
+
+
+def rescore(store: Store, version_dir: Path, batch_size: int = 65536,
+            progress: Callable[[int], None] | None = None) -> RescoreResult:
+    import numpy as np
+    import onnxruntime as ort
+
+    card = HeadCard.load(version_dir)
+    fingerprints = store.fingerprints()
+    refused = refused_items(store, card.encoder_fingerprint)
+    if card.encoder_fingerprint not in fingerprints:
+        stored = ", ".join(f"{fp} ({n} items)" for fp, n in fingerprints.items()) or "nothing"
+        raise FingerprintMismatchError(
+            f"head {card.name} v{card.version} reads embeddings of encoder {card.encoder_fingerprint}, but the store "
+            f"{store.location} holds none of those (it holds {stored}). Re-embed the store with that encoder "
+            "(`headmaster reembed`) or rescore with a head trained on the stored encoder.")
+    for fp, n in refused.items():
+        LOG.warning("refused %d items embedded with encoder %s (head %s needs %s)", n, fp, card.name,
+                    card.encoder_fingerprint)
+    options = ort.SessionOptions()
+    session = ort.InferenceSession(str(version_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    info = card.info()
+    counts = np.zeros(len(card.labels), np.int64)
+    started = time.perf_counter()
+
+    def batches():
+        for hashes, matrix in store.iter_embeddings(card.encoder_fingerprint, batch_size):
+            if matrix.shape[1] != card.embed_dim:
+                raise FingerprintMismatchError(f"stored embeddings have {matrix.shape[1]} dimensions, head "
+                                               f"{card.name} v{card.version} reads {card.embed_dim}")
+            (scores,) = session.run(["SCORES"], {"EMBEDDING": matrix})
+            accepted = accepted_mask(scores, info)
+            counts[:] += accepted.sum(axis=0)
+            if progress:
+                progress(len(matrix))
+            yield label_table(hashes, card.encoder_fingerprint, card.version, scores, card.labels, accepted, "rescore")
+
+    rows = store.add_labels(card.name, batches())
+    return RescoreResult(card.name, card.version, rows, time.perf_counter() - started,
+                         dict(zip(card.labels, map(int, counts))), refused)

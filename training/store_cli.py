@@ -1,0 +1,191 @@
+"""Commands on the store: rescore, correct, suggest, reembed, dataset export.
+
+None of them needs a GPU or a server except ``reembed`` (which needs the new encoder, here
+or in a running server).
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from headmaster.export.errors import HeadmasterError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True, soft_wrap=True)
+StoreOption = Annotated[str, typer.Option(
+    "--store", envvar="HEADMASTER_STORE",
+    help="The store: a folder (written by `classify --store`) or postgresql://... [env HEADMASTER_STORE]")]
+RepoOption = Annotated[Path, typer.Option("--repo", help="The model repository folder.")]
+dataset_app = typer.Typer(no_args_is_help=True, help="Frozen training sets made from the store.")
+
+
+def _open(store: str):
+    from headmaster.client.store import open_store
+
+    return open_store(store, create=False)
+
+
+def _progress(what: str, total: int | None):
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    progress = Progress(*columns, console=console, transient=True)
+    return progress, progress.add_task(what, total=total)
+
+
+def rescore_command(
+    name: Annotated[str, typer.Argument(help="The head.")],
+    store: StoreOption = "store",
+    version: Annotated[int | None, typer.Option(help="Head version (default: the live one).")] = None,
+    repo: RepoOption = Path("model_repository"),
+    batch_size: Annotated[int, typer.Option(help="Embeddings per onnxruntime call.")] = 65536,
+) -> None:
+    """Run a head version over every stored embedding on CPU and record its labels (no encoder, no server)."""
+    from headmaster.training.rescore import head_version_dir, rescore
+
+    opened = _open(store)
+    total = opened.fingerprints()
+    progress, task = _progress("rescoring", sum(total.values()))
+    with progress:
+        result = rescore(opened, head_version_dir(repo, name, version), batch_size,
+                         lambda n: progress.advance(task, n))
+    for fingerprint, count in result.refused.items():
+        console.print(f"[yellow]refused[/] {count} items embedded with another encoder ({fingerprint}): "
+                      "`headmaster reembed` brings them to this one")
+    counts = ", ".join(f"{label} {n}" for label, n in result.label_counts.items())
+    console.print(f"[green]{result.head} v{result.version}[/]: {result.rows} items rescored in "
+                  f"{result.seconds:.1f} s; accepted: {counts}")
+
+
+def correct_command(
+    item: Annotated[str | None, typer.Argument(help="sha256 (or a unique prefix), stored URI, or image path.")] = None,
+    head: Annotated[str | None, typer.Option("--head", help="The head the label is for.")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", help="The right label; repeat for a multi-label head.")] = None,
+    none: Annotated[bool, typer.Option("--none", help="Multi-label heads: none of the labels applies.")] = False,
+    csv_file: Annotated[Path | None, typer.Option("--csv", help="Many at once: columns item,label[,head,by,note].")] = None,
+    store: StoreOption = "store",
+    by: Annotated[str | None, typer.Option(help="Who says so (default: the login name).")] = None,
+    note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+    repo: RepoOption = Path("model_repository"),
+) -> None:
+    """Store a person's label for an item (checked against the head's labels when the repository has it)."""
+    from headmaster.training.corrections import make_corrections, read_csv
+    from headmaster.training.data import DataError
+
+    if (item is None) == (csv_file is None):
+        raise DataError("give an ITEM (with --head and --label) or --csv FILE")
+    if csv_file is not None:
+        rows = read_csv(csv_file, head)
+    else:
+        if head is None or (not label and not none):
+            raise DataError("a correction needs --head and --label (or --none for a multi-label head)")
+        rows = [{"item": item, "head": head, "labels": tuple(label or ()), "note": note}]
+    stored = make_corrections(_open(store), rows, by or getpass.getuser(), repo)
+    for correction in stored[:20]:
+        console.print(f"{correction.sha256[:12]} {correction.head}: {', '.join(correction.labels) or '(none)'} "
+                      f"(by {correction.by})")
+    console.print(f"[green]{len(stored)} corrections stored[/]")
+
+
+def suggest_command(
+    name: Annotated[str, typer.Argument(help="The head.")],
+    n: Annotated[int, typer.Option("--n", help="How many items.")] = 50,
+    store: StoreOption = "store",
+    version: Annotated[int | None, typer.Option(help="Head version (default: the newest one in the store).")] = None,
+    method: Annotated[str, typer.Option(help="margin (default) or entropy; see `headmaster suggest --help`.")] = "margin",
+    repo: RepoOption = Path("model_repository"),
+    output: Annotated[Path | None, typer.Option(
+        help="Write a CSV (item,head,label,uncertainty,uri) to fill in and give to `correct --csv`.")] = None,
+) -> None:
+    """List the stored items the head is least sure about and nobody has corrected.
+
+    margin: top score minus the second (single-label) or the smallest |score - threshold|
+    (multi-label); smallest first. entropy: of the scores; largest first."""
+    from headmaster.training.suggest import suggest
+
+    opened = _open(store)
+    multi_label, thresholds = False, None
+    try:
+        from headmaster.export.heads import HeadCard
+        from headmaster.model_repository.repository import Repository
+
+        state = Repository(repo).head(name)
+        chosen = state.live if version is None else version
+        if chosen in state.versions:
+            card = HeadCard.load(Path(repo) / name / str(chosen))
+            multi_label, thresholds = card.multi_label, card.thresholds
+    except HeadmasterError:  # no repository here: scores alone still rank (thresholds 0.5)
+        pass
+    scored, found = suggest(opened, name, n, version, method, multi_label, thresholds)
+    table = Table(title=f"{name} v{scored}: {len(found)} least certain uncorrected items ({method})")
+    for column in ("item", "uncertainty", "labels now", "source"):
+        table.add_column(column)
+    for s in found:
+        table.add_row(s.sha256[:12], f"{s.uncertainty:.4f}", ", ".join(s.labels) or "-", s.uri or "-")
+    Console(soft_wrap=True).print(table)
+    if output:
+        with open(output, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["item", "head", "label", "uncertainty", "uri"])
+            writer.writerows([s.sha256, name, "", f"{s.uncertainty:.6f}", s.uri or ""] for s in found)
+        console.print(f"written to {output}: fill in the label column, then `headmaster correct --csv {output}`")
+
+
+def reembed_command(
+    store: StoreOption = "store",
+    repo: RepoOption = Path("model_repository"),
+    server: Annotated[str | None, typer.Option(help="Embed through this server (HTTP host:port) instead of here.")] = None,
+) -> None:
+    """Embed every stored item again with the repository's encoder, from its source file."""
+    from headmaster.model_repository.repository import Repository
+    from headmaster.training.embeddings import LocalEmbedder, ServerEmbedder
+    from headmaster.training.reembed import reembed
+
+    opened = _open(store)
+    repository = Repository(repo)
+    embedder = ServerEmbedder(repository, server) if server else LocalEmbedder(repository)
+    progress, task = _progress("re-embedding", None)
+    with progress:
+        result = reembed(opened, embedder, progress=lambda n: progress.advance(task, n))
+    for sha, why in result.unreachable[:50]:
+        console.print(f"[yellow]not re-embedded[/] {sha[:12]}: {why}")
+    console.print(f"[green]{result.reembedded} re-embedded[/] with {result.fingerprint}; {result.already} had it "
+                  f"already; {len(result.unreachable)} unreachable")
+    if result.unreachable:
+        raise typer.Exit(2)
+
+
+@dataset_app.command("export")
+def dataset_export_command(
+    name: Annotated[str, typer.Argument(help="The head whose training set to freeze.")],
+    out: Annotated[Path, typer.Option("--out", help="Snapshots go to OUT/NAME/vN/.")],
+    store: StoreOption = "store",
+    repo: RepoOption = Path("model_repository"),
+    multi_label: Annotated[bool | None, typer.Option(
+        "--multi-label/--single-label", help="Default: the head's kind in the repository, else from the labels.")] = None,
+) -> None:
+    """Write an immutable snapshot of the head's training set (people's labels, embeddings, images)."""
+    from headmaster.model_repository.repository import Repository
+    from headmaster.training.corrections import head_labels
+    from headmaster.training.snapshots import export_snapshot
+
+    repository = Repository(repo)
+    if multi_label is None:
+        known = head_labels(repo, name)
+        multi_label = known[1] if known else None
+    snapshot = export_snapshot(_open(store), name, out, repository.fingerprint, multi_label)
+    state = "unchanged since" if snapshot.reused else "written:"
+    console.print(f"[green]{name} snapshot v{snapshot.number}[/] {state} {snapshot.path} ({snapshot.items} items, "
+                  f"{snapshot.manifest_sha256})")
+    for fingerprint, count in snapshot.refused.items():
+        console.print(f"[yellow]left out[/] {count} labelled items embedded only with {fingerprint}")
+    if snapshot.missing_images:
+        console.print(f"[yellow]{snapshot.missing_images} source images were already gone[/] (their embeddings are "
+                      "in the snapshot)")
+    print(snapshot.path, file=sys.stdout)
