@@ -34,3 +34,4 @@ test: setup
 
 benchmark: setup
 	$(PY) benchmarks/serve_throughput.py
+	$(PY) benchmarks/rescore_store.py

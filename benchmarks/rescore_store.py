@@ -13,8 +13,10 @@ Targets (issue 4): under 30 s and under 2 GB peak memory. Results: benchmarks/RE
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
+import os
 import platform
 import resource
 import shutil
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--batch-size", type=int, default=65536)
     parser.add_argument("--workdir", type=Path, default=Path("build/bench-rescore"))
+    parser.add_argument("--record", action="store_true", help="Append the result to benchmarks/RESULTS.md.")
     args = parser.parse_args()
 
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -92,13 +95,23 @@ def main() -> None:
     result = json.loads(child.stdout.strip().splitlines()[-1])
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
     assert result["rows"] == args.rows, result
-    print(f"machine: {platform.node()} {platform.machine()}, {__import__('os').cpu_count()} CPUs, "
-          f"python {platform.python_version()}")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"machine: {machine}")
     print(f"rescore: {result['rows']:,} rows in {result['seconds']:.1f} s ({result['rows'] / result['seconds']:,.0f} rows/s); "
           f"child process {wall:.1f} s with imports")
     print(f"peak memory (child RSS): {peak_mb:,.0f} MB")
     print(f"time / 30 s target: {result['seconds'] / 30:.2f}   memory / 2 GB target: {peak_mb / 2048:.2f}")
     print(f"accepted labels: {result['labels']}")
+    if args.record:
+        section = (
+            f"\n### {datetime.date.today()}: rescore {args.rows:,} x {args.dim} {args.dtype} embeddings, "
+            f"{args.labels}-class head, CPU ({machine})\n\n"
+            "| store on disk | rescore time | rows/s | peak memory (RSS) | time / 30 s | memory / 2 GB |\n"
+            "|---|---|---|---|---|---|\n"
+            f"| {size_mb:,.0f} MB | {result['seconds']:.1f} s | {result['rows'] / result['seconds']:,.0f} | "
+            f"{peak_mb:,.0f} MB | **{result['seconds'] / 30:.2f}** | **{peak_mb / 2048:.2f}** |\n")
+        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
+            f.write(section)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def quickstart(
     pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint; 'none' = random weights.")] = "none",
     images: Annotated[Path | None, typer.Option(help="Your own images (default: photos shipped in scikit-image/-learn).")] = None,
 ) -> None:
-    """Export -> build the repository -> zero-shot heads -> serve -> classify real photos -> print labels."""
+    """Export -> build the repository -> zero-shot heads -> serve -> classify real photos into a store -> print
+    labels -> rescore the stored embeddings on CPU."""
     from headmaster.client.quickstart import run_quickstart
 
     run_quickstart(workdir, model, None if pretrained.lower() == "none" else pretrained, images, console)

@@ -38,11 +38,14 @@ def sample_images(folder: Path) -> Path:
 
 def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Path | None, console: Console) -> None:
     from headmaster.client import HeadmasterClient
+    from headmaster.client.classify_store import classify_into_store
+    from headmaster.client.store import ParquetStore
     from headmaster.export.card import EncoderCard
     from headmaster.export.encoder import ExportOptions, export_encoder
     from headmaster.export.errors import CardError
     from headmaster.model_repository.repository import build_repository
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+    from headmaster.training.rescore import head_version_dir, rescore
     from headmaster.training.zero_shot import create_zero_shot_head
 
     workdir = Path(workdir)
@@ -79,15 +82,19 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                             load_models=tuple(repository.model_names()), exit_timeout_s=10)
     image_dir = images or sample_images(workdir / "images")
-    results_path = workdir / "results.jsonl"
+    results_path, store_path = workdir / "results.jsonl", workdir / "store"
+    if store_path.exists():
+        shutil.rmtree(store_path)  # embeddings of an earlier run's encoder have no use here
+    store = ParquetStore(store_path)
     with TritonServer(options) as server:
         console.print(f"Triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}")
-        console.rule(f"5. classify  [dim]headmaster classify {image_dir} --url {server.grpc_url} --output {results_path}")
+        console.rule(f"5. classify  [dim]headmaster classify {image_dir} --url {server.grpc_url} "
+                     f"--output {results_path} --store {store_path}")
         from headmaster.client.cli import collect_images
 
         files = collect_images([image_dir])
         with HeadmasterClient(server.grpc_url) as client:
-            results = client.classify(files)
+            results, _ = classify_into_store(client, store, files)
     with open(results_path, "w") as f:
         for result in results:
             f.write(json.dumps(result.to_dict()) + "\n")
@@ -102,6 +109,10 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
         table.add_row(Path(result.source).name, *cells)
     Console().print(table)
     console.print(f"{sum(r.ok for r in results)} of {len(results)} images classified; results in {results_path}")
+    console.rule(f"6. rescore on CPU from the store  [dim]headmaster rescore has_cat --store {store_path} --repo {repo}")
+    rescored = rescore(store, head_version_dir(repo, "has_cat", None))
+    console.print(f"{rescored.rows} stored embeddings rescored by has_cat v{rescored.version} in "
+                  f"{rescored.seconds:.2f} s, no encoder and no server: {rescored.label_counts}")
     if pretrained is None:
         console.print("[yellow]These labels come from random weights (--pretrained none), so they are "
                       "arbitrary. With internet: --pretrained laion2b_s34b_b79k (or a local checkpoint).[/]")
