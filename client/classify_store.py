@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from headmaster.client.results import Classification, Failure
 from headmaster.client.store import Store, StoredItem, file_sha256
 

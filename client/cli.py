@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
 from headmaster.client.errors import ClientError
 from headmaster.export import cli as export_cli
 from headmaster.export.errors import HeadmasterError
 from headmaster.model_repository import cli as repository_cli
 from headmaster.model_repository.backends.preprocess import IMAGE_SUFFIXES
 from headmaster.training import cli as training_cli
-from headmaster.training import store_cli
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from headmaster.training import eval_cli, store_cli
 
 console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(name="headmaster", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -41,6 +42,7 @@ app.command("correct")(store_cli.correct_command)
 app.command("suggest")(store_cli.suggest_command)
 app.command("reembed")(store_cli.reembed_command)
 app.add_typer(store_cli.dataset_app, name="dataset")
+app.command("eval")(eval_cli.eval_command)
 
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from headmaster.export.errors import HeadmasterError
 
 SCHEMA_VERSION = 1

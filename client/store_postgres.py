@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+
 from headmaster.client.store import (
     EMBEDDING_DTYPES,
     SCHEMA_VERSION,

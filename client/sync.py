@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
 from headmaster.client.aio import AsyncHeadmasterClient, ImageInput
 from headmaster.client.results import Classification, Embedding, Failure
 

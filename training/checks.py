@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from headmaster.training.data import DataError
 
 FEW_IMAGES = 20

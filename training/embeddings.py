@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
 from headmaster.export.card import require_same_encoder
 from headmaster.export.errors import HeadmasterError
 from headmaster.model_repository.config import ARTIFACT_FILES

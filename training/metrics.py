@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from headmaster.model_repository.backends.threshold import accept
 
 

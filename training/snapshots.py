@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from headmaster.client.store import Store, file_sha256, now
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import check_head_name

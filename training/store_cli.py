@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from headmaster.export.errors import HeadmasterError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from headmaster.export.errors import HeadmasterError
 
 console = Console(stderr=True, soft_wrap=True)
 StoreOption = Annotated[str, typer.Option(

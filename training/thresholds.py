@@ -11,6 +11,7 @@ fallback an image gets when the positive label's score is below it.
 from __future__ import annotations
 
 import numpy as np
+
 from headmaster.export.errors import HeadmasterError
 
 MODES = ("best-f1", "precision", "none")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from headmaster.export.heads import HeadCard, check_head_name
 from headmaster.model_repository.repository import Repository, publish_head
 from headmaster.training import checks

@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from headmaster.export.errors import HeadmasterError
 from headmaster.export.heads import HeadWeights
 

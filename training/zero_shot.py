@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from headmaster.export.errors import HeadmasterError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name
 from headmaster.model_repository.config import ARTIFACT_FILES
@@ -41,6 +42,7 @@ class Label:
 def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
     """Text embeddings from the repository's own text tower, run locally on CPU."""
     import open_clip
+
     from headmaster.model_repository.backends.runtime import load_runner
 
     if not repo.has_text:

@@ -11,8 +11,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
-from headmaster.client import Classification, Failure, HeadmasterClient, InvalidInputError
 from tritonclient.utils import InferenceServerException
+
+from headmaster.client import Classification, Failure, HeadmasterClient, InvalidInputError
 
 
 def truncated_png() -> bytes:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from headmaster.client import HeadmasterClient
 from headmaster.model_repository.server import free_port
-
 from tests.conftest import ARTIFACTS, clone_repo, start_server
 
 CLI = [sys.executable, "-m", "headmaster.client.cli"]

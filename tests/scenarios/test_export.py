@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
+
 from headmaster.export import encoder as encoder_module
 from headmaster.export.card import EncoderCard, fingerprint_of
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import load
 from headmaster.export.errors import CardError, ExportError, UnsupportedHereError
-
 from tests.conftest import MODEL, SEED
 
 

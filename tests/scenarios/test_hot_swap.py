@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+
 from headmaster.client import HeadmasterClient
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository import live
@@ -19,7 +20,6 @@ from headmaster.model_repository.backends.threshold import accept
 from headmaster.model_repository.repository import Repository, remove_head
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
-
 from tests.conftest import ARTIFACTS, clone_repo, start_server, subset, written_version
 
 CLIENTS = 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from headmaster.model_repository import perf_analyzer
 
 

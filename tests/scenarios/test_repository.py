@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+
 from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.errors import FingerprintMismatchError, RepositoryError
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository.config import parse
 from headmaster.model_repository.repository import BuildOptions, Repository, build_repository, publish_head
-from onnx import numpy_helper
-
 from tests.conftest import MODEL, ZERO_SHOT
 
 
@@ -103,7 +103,6 @@ def test_not_a_repository_is_named(tmp_path):
 
 def test_a_head_with_several_versions_is_one_model_serving_the_newest(encoder_dir, tmp_path):
     from headmaster.training.zero_shot import create_zero_shot_head
-
     from tests.conftest import build_repo
 
     path = build_repo(encoder_dir, tmp_path / "r", heads={})

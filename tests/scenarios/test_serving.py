@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+from PIL import Image
+
 from headmaster.client import AsyncHeadmasterClient, Classification, HeadmasterClient
 from headmaster.export.card import EncoderCard
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository.backends.threshold import accept
-from onnx import numpy_helper
-from PIL import Image
-
 from tests.conftest import cosine_rows
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from headmaster.client import HeadmasterClient
 from headmaster.client.classify_store import classify_into_store
 from headmaster.client.store import ParquetStore, StoreError, open_store
@@ -34,7 +35,6 @@ from headmaster.training.snapshots import Snapshot, export_snapshot
 from headmaster.training.suggest import suggest
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
-
 from tests.conftest import ARTIFACTS, clone_repo, start_server, subset, written_version
 from tests.scenarios.test_cli import run_cli
 

@@ -25,6 +25,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import pytest
+
 from headmaster.client.store import (
     Correction,
     ParquetStore,
@@ -384,6 +385,7 @@ def test_pgvector_columns(postgres_url, pgvector_available):
     if not pgvector_available:
         pytest.skip(PGVECTOR_MISSING)
     import psycopg
+
     from headmaster.client.store_postgres import PostgresStore
 
     with psycopg.connect(postgres_url, autocommit=True) as conn:
@@ -427,6 +429,7 @@ def test_unreachable_server_is_a_store_error():
 
 def test_refuses_foreign_tables(postgres_schema):
     import psycopg
+
     from headmaster.client.store_postgres import PostgresStore
 
     with psycopg.connect(postgres_schema, autocommit=True) as conn:

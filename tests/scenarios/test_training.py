@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.errors import FingerprintMismatchError, HeadmasterError
 from headmaster.export.heads import HeadCard, HeadWeights
@@ -22,7 +23,6 @@ from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
 from headmaster.training.zero_shot import create_zero_shot_head
-
 from tests.conftest import MODEL, build_repo, subset
 
 

@@ -9,8 +9,9 @@ import io
 import numpy as np
 import pytest
 import torch
-from headmaster.model_repository.backends.preprocess import InvalidImage, decode_image, preprocess_bytes
 from PIL import Image
+
+from headmaster.model_repository.backends.preprocess import InvalidImage, decode_image, preprocess_bytes
 
 SKIMAGE = importlib.resources.files("skimage.data")
 # RGB photos of several shapes, a greyscale photo, an RGBA logo, a palette GIF, a JPEG.

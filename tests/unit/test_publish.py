@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from headmaster.export.errors import RepositoryError
 from headmaster.model_repository.publish import (
     prune_versions,
