@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from headmaster.export.errors import CardError, ExportError
 
 HEAD_FILE = "head.json"

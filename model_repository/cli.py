@@ -129,9 +129,10 @@ def heads(ctx: typer.Context, repo: RepoOption = Path("model_repository")) -> No
     """List heads: versions on disk, the live one, labels, kind and validation metrics."""
     if ctx.invoked_subcommand is not None:
         return
+    from rich.table import Table
+
     from headmaster.export.heads import HeadCard
     from headmaster.model_repository.repository import Repository
-    from rich.table import Table
 
     repository = Repository(repo)
     table = Table(title=f"heads in {repo} (encoder {repository.card.model} {repository.card.short_fingerprint})")

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from google.protobuf import json_format, text_format
-from headmaster.export.errors import ConfigError
 from tritonclient.grpc import model_config_pb2
+
+from headmaster.export.errors import ConfigError
 
 FLAVOURS = ("portable", "native")
 DTYPES = ("BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "BYTES")
