@@ -380,13 +380,37 @@ class ParquetStore(Store):
         return {table["fingerprint"][0].as_py(): len(pc.unique(table["sha256"]))
                 for table in self._item_tables(["sha256", "fingerprint"])}
 
+    def _superseded(self, dataset) -> dict[str, object] | None:
+        """For items stored more than once (concurrent writers), the newest row's time; None
+        when every item is stored once, the usual case, which then costs one column scan."""
+        import pyarrow.compute as pc
+
+        table = dataset.to_table(columns=["sha256", "embedded_at"])
+        counts = pc.value_counts(table["sha256"])
+        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        if len(repeated) == 0:
+            return None
+        rows = table.filter(pc.is_in(table["sha256"], repeated))
+        newest = rows.group_by("sha256").aggregate([("embedded_at", "max")])
+        return dict(zip(newest["sha256"].to_pylist(), newest["embedded_at_max"].to_pylist()))
+
     def iter_embeddings(self, fingerprint: str, batch_size: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
+        import pyarrow as pa
+
         dataset = self._item_dataset(fingerprint)
         if dataset is None:
             return
+        newest, done = self._superseded(dataset), set()
         # Read-ahead of one batch and one file keeps memory at about two batches.
-        for batch in dataset.to_batches(columns=["sha256", "embedding"], batch_size=batch_size,
-                                        batch_readahead=1, fragment_readahead=1):
+        columns = ["sha256", "embedding"] + (["embedded_at"] if newest else [])
+        for batch in dataset.to_batches(columns=columns, batch_size=batch_size, batch_readahead=1, fragment_readahead=1):
+            if newest:  # an item stored twice is yielded once, as its newest row
+                keep = []
+                for sha, at in zip(batch.column(0).to_pylist(), batch.column(2).to_pylist()):
+                    ok = sha not in newest or (at == newest[sha] and sha not in done)
+                    done.update([sha] if ok and sha in newest else [])
+                    keep.append(ok)
+                batch = batch.filter(pa.array(keep))
             if batch.num_rows:
                 yield batch.column(0), self._matrix(batch.column(1))
 

@@ -218,6 +218,9 @@ def test_adding_an_item_again_keeps_one_the_newest(store):
     assert store.fingerprints() == {FP_A: 3}
     assert store.uris()[sha(1)] == {FP_A: "/moved/1.jpg"}
     np.testing.assert_allclose(store.embeddings([sha(1)], FP_A)[sha(1)], again.embedding)
+    streamed = [(str(h), row) for hashes, matrix in store.iter_embeddings(FP_A, 2) for h, row in zip(hashes, matrix)]
+    assert sorted(h for h, _ in streamed) == sorted([sha(0), sha(1), sha(2)])  # once each, the newest
+    np.testing.assert_allclose(dict(streamed)[sha(1)], again.embedding)
 
 
 def test_iter_embeddings_covers_every_row_once(store):
