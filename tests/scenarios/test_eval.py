@@ -18,19 +18,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import typer
 from sklearn.metrics import confusion_matrix
-from typer.testing import CliRunner
 
 from headmaster.model_repository.repository import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
-from headmaster.training.eval_cli import eval_command
 from headmaster.training.evaluate import EvalError, EvalOptions
 from headmaster.training.report import make_report
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
 from headmaster.training.zero_shot import create_zero_shot_head
 from tests.conftest import ARTIFACTS, build_repo
+from tests.scenarios.test_cli import run_cli
 
 DIGITS = ("1", "4", "7", "9")
 TRAIN, HOLD = 60, 40  # per digit: the first 60 images train, the next 40 are kept aside
@@ -248,18 +246,14 @@ def test_against_a_zero_shot_head_with_the_same_labels(setup, tmp_path):
     assert c.b.head.card.kind == "zero-shot"
 
 
-def test_eval_command_through_typer(setup, tmp_path):
-    app = typer.Typer()
-    app.command()(eval_command)
-    result = CliRunner().invoke(app, ["digit", "--data", str(setup["holdout"]), "--report", str(tmp_path / "r"),
-                                      "--repo", str(setup["repo"]), "--cache-dir", str(setup["cache"]),
-                                      "--compare", "1", "2", "--no-quality"])
-    assert result.exit_code == 0, result.output
-    assert "confusion matrix" in result.output and "digit v1 vs digit v2" in result.output
+def test_eval_command_as_a_user_runs_it(setup, tmp_path):
+    common = ["--data", setup["holdout"], "--repo", setup["repo"], "--cache-dir", setup["cache"]]
+    result = run_cli("eval", "digit", "--report", tmp_path / "r", *common, "--compare", 1, 2, "--no-quality")
+    assert result.returncode == 0, result.stderr
+    assert "confusion matrix" in result.stdout and "digit v1 vs digit v2" in result.stdout
     assert (tmp_path / "r" / "index.html").is_file() and (tmp_path / "r" / "metrics.json").is_file()
-    bad = CliRunner().invoke(app, ["digit", "--data", str(setup["holdout"]), "--report", str(tmp_path / "r2"),
-                                   "--repo", str(setup["repo"]), "--version", "9"])
-    assert bad.exit_code != 0 and "has no version 9" in str(bad.exception)
+    bad = run_cli("eval", "digit", "--report", tmp_path / "r2", *common, "--version", 9)
+    assert bad.returncode == 1 and "has no version 9" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_bad_holdouts(setup, tmp_path):
