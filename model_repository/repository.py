@@ -95,6 +95,14 @@ class HeadState:
     live: int  # the version the server loads
     card: HeadCard  # of the live version
 
+    def chosen(self, version: int | None) -> int:
+        """``version`` (the live one when None), refused when it is not on disk."""
+        chosen = self.live if version is None else version
+        if chosen not in self.versions:
+            raise RepositoryError(f"head {self.name} has no version {chosen} on disk; versions: "
+                                  f"{list(self.versions)} (live: {self.live})")
+        return chosen
+
 
 class Repository:
     """A built repository on disk: its manifest, encoder card, heads and model descriptions."""
@@ -144,6 +152,10 @@ class Repository:
         if live not in found:
             raise RepositoryError(f"head {name}: its config serves version {live}, which is not on disk ({found})")
         return HeadState(name, tuple(found), live, HeadCard.load(folder / str(live)))
+
+    def version_dir(self, name: str, version: int | None = None) -> Path:
+        """The folder of a head version (the live one when None)."""
+        return self.path / name / str(self.head(name).chosen(version))
 
     def heads(self) -> list[HeadState]:
         return [self.head(name) for name in self.head_names()]
@@ -339,8 +351,7 @@ def rollback(repo: Path, name: str, to: int | None = None) -> int:
         target = to if to is not None else (older[-1] if older else None)
         if target is None:
             raise RepositoryError(f"head {name} serves v{state.live}, its oldest version on disk; nothing to roll back to")
-        if target not in state.versions:
-            raise RepositoryError(f"head {name} has no version {target} on disk; versions: {list(state.versions)}")
+        state.chosen(target)
         card = HeadCard.load(repository.path / name / str(target))
         require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {name} v{target}")
         repository.set_live(name, target)

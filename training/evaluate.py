@@ -141,10 +141,7 @@ class HeadVersion:
 def load_head(repository: Repository, name: str, version: int | None = None) -> HeadVersion:
     """A version (default: the live one) of a head, refused if made for another encoder."""
     state = repository.head(name)
-    version = state.live if version is None else version
-    if version not in state.versions:
-        raise EvalError(f"head {name} has no version {version}; versions on disk: "
-                        f"{', '.join(map(str, state.versions))} (live: {state.live})")
+    version = state.chosen(version)
     folder = repository.path / name / str(version)
     card = HeadCard.load(folder)
     require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {name} v{version}")

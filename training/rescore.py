@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headmaster.client.store import Store, label_table
-from headmaster.export.errors import FingerprintMismatchError, RepositoryError
+from headmaster.export.errors import FingerprintMismatchError
 from headmaster.export.heads import MODEL_FILE, HeadCard
 from headmaster.model_repository.backends.threshold import accepted_mask
 
@@ -38,27 +38,19 @@ class RescoreResult:
 def head_version_dir(repo: Path, name: str, version: int | None) -> Path:
     from headmaster.model_repository.repository import Repository
 
-    state = Repository(repo).head(name)
-    chosen = state.live if version is None else version
-    if chosen not in state.versions:
-        raise RepositoryError(
-            f"head {name} has no version {chosen} in {repo}; versions on disk: {list(state.versions)}")
-    return Path(repo) / name / str(chosen)
-
-
-def refused_items(store: Store, fingerprint: str) -> dict[str, int]:
-    """Items stored under other encoders, which must not meet this one's heads."""
-    return {fp: n for fp, n in store.fingerprints().items() if fp != fingerprint}
+    return Repository(repo).version_dir(name, version)
 
 
 def rescore(store: Store, version_dir: Path, batch_size: int = 65536,
-            progress: Callable[[int], None] | None = None) -> RescoreResult:
+            progress: Callable[[int, int], None] | None = None) -> RescoreResult:
+    """progress(done, total) is called after each batch."""
     import numpy as np
     import onnxruntime as ort
 
     card = HeadCard.load(version_dir)
     fingerprints = store.fingerprints()
-    refused = refused_items(store, card.encoder_fingerprint)
+    # Items stored under other encoders must not meet this one's heads.
+    refused = {fp: n for fp, n in fingerprints.items() if fp != card.encoder_fingerprint}
     if card.encoder_fingerprint not in fingerprints:
         stored = ", ".join(f"{fp} ({n} items)" for fp, n in fingerprints.items()) or "nothing"
         raise FingerprintMismatchError(
@@ -72,6 +64,7 @@ def rescore(store: Store, version_dir: Path, batch_size: int = 65536,
     session = ort.InferenceSession(str(version_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
     info = card.info()
     counts = np.zeros(len(card.labels), np.int64)
+    total, done = fingerprints[card.encoder_fingerprint], [0]
     started = time.perf_counter()
 
     def batches():
@@ -82,8 +75,9 @@ def rescore(store: Store, version_dir: Path, batch_size: int = 65536,
             (scores,) = session.run(["SCORES"], {"EMBEDDING": matrix})
             accepted = accepted_mask(scores, info)
             counts[:] += accepted.sum(axis=0)
+            done[0] += len(matrix)
             if progress:
-                progress(len(matrix))
+                progress(done[0], total)
             yield label_table(hashes, card.encoder_fingerprint, card.version, scores, card.labels, accepted, "rescore")
 
     rows = store.add_labels(card.name, batches())

@@ -49,12 +49,10 @@ def rescore_command(
     """Run a head version over every stored embedding on CPU and record its labels (no encoder, no server)."""
     from headmaster.training.rescore import head_version_dir, rescore
 
-    opened = _open(store)
-    total = opened.fingerprints()
-    progress, task = _progress("rescoring", sum(total.values()))
+    progress, task = _progress("rescoring", None)
     with progress:
-        result = rescore(opened, head_version_dir(repo, name, version), batch_size,
-                         lambda n: progress.advance(task, n))
+        result = rescore(_open(store), head_version_dir(repo, name, version), batch_size,
+                         lambda done, total: progress.update(task, completed=done, total=total))
     for fingerprint, count in result.refused.items():
         console.print(f"[yellow]refused[/] {count} items embedded with another encoder ({fingerprint}): "
                       "`headmaster reembed` brings them to this one")
@@ -108,20 +106,16 @@ def suggest_command(
 
     margin: top score minus the second (single-label) or the smallest |score - threshold|
     (multi-label); smallest first. entropy: of the scores; largest first."""
+    from headmaster.export.heads import HeadCard
+    from headmaster.training.rescore import head_version_dir
     from headmaster.training.suggest import suggest
 
     opened = _open(store)
     multi_label, thresholds = False, None
     try:
-        from headmaster.export.heads import HeadCard
-        from headmaster.model_repository.repository import Repository
-
-        state = Repository(repo).head(name)
-        chosen = state.live if version is None else version
-        if chosen in state.versions:
-            card = HeadCard.load(Path(repo) / name / str(chosen))
-            multi_label, thresholds = card.multi_label, card.thresholds
-    except HeadmasterError:  # no repository here: scores alone still rank (thresholds 0.5)
+        card = HeadCard.load(head_version_dir(repo, name, version))
+        multi_label, thresholds = card.multi_label, card.thresholds
+    except HeadmasterError:  # no repository or version here: scores alone still rank (thresholds 0.5)
         pass
     scored, found = suggest(opened, name, n, version, method, multi_label, thresholds)
     table = Table(title=f"{name} v{scored}: {len(found)} least certain uncorrected items ({method})")
