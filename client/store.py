@@ -150,6 +150,20 @@ def latest(table, keys: Sequence[str], order: str = "at"):
     return ordered.filter(pa.array(first))
 
 
+def embedding_column(matrix: np.ndarray):
+    """[n, D] -> an Arrow fixed-size-list column (the embedding column of every Parquet file here)."""
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(matrix).reshape(-1)), matrix.shape[1])
+
+
+def embedding_matrix(column) -> np.ndarray:
+    """An embedding column (array or chunked) -> float32 [n, D]."""
+    values = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    flat = values.flatten().to_numpy(zero_copy_only=False)  # flatten honours slices; .values does not
+    return flat.astype(np.float32, copy=False).reshape(len(values), -1)
+
+
 def file_sha256(path: Path) -> str | None:
     digest = hashlib.sha256()
     try:
@@ -336,12 +350,6 @@ class ParquetStore(Store):
         parts = self._parts(self._items_folder(fingerprint))
         return ds.dataset(parts, format="parquet") if parts else None
 
-    @staticmethod
-    def _matrix(column) -> np.ndarray:
-        values = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-        flat = values.flatten().to_numpy(zero_copy_only=False)  # flatten honours slices; .values does not
-        return flat.astype(np.float32, copy=False).reshape(len(values), -1)
-
     # -- items ------------------------------------------------------------------------
     def add_embeddings(self, hashes: Sequence[str], uris: Sequence[str | None], fingerprint: str,
                        matrix: np.ndarray) -> None:
@@ -351,7 +359,7 @@ class ParquetStore(Store):
         table = pa.table({
             "sha256": pa.array(hashes, pa.string()), "uri": pa.array(uris, pa.string()),
             "fingerprint": pa.repeat(pa.scalar(fingerprint, pa.string()), len(matrix)),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]),
+            "embedding": embedding_column(matrix),
             "embedded_at": pa.repeat(pa.scalar(now(), pa.timestamp("us", tz="UTC")), len(matrix)),
         }, schema=self._item_schema(matrix.shape[1]))
         self._write(self._items_folder(fingerprint), [table])
@@ -364,7 +372,7 @@ class ParquetStore(Store):
         if dataset is None or not wanted:
             return {}
         table = dataset.to_table(columns=["sha256", "embedding"], filter=ds.field("sha256").isin(wanted))
-        return dict(zip(table["sha256"].to_pylist(), self._matrix(table["embedding"])))
+        return dict(zip(table["sha256"].to_pylist(), embedding_matrix(table["embedding"])))
 
     def _item_tables(self, columns: list[str]):
         import pyarrow.dataset as ds
@@ -412,7 +420,7 @@ class ParquetStore(Store):
                     keep.append(ok)
                 batch = batch.filter(pa.array(keep))
             if batch.num_rows:
-                yield batch.column(0), self._matrix(batch.column(1))
+                yield batch.column(0), embedding_matrix(batch.column(1))
 
     def uris(self) -> dict[str, dict[str, str | None]]:
         found: dict[str, dict[str, str | None]] = {}

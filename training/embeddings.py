@@ -9,7 +9,6 @@ embeddings of different encoders can never meet.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headmaster.client.store import embedding_column, embedding_matrix, file_sha256
 from headmaster.export.card import require_same_encoder
 from headmaster.export.errors import HeadmasterError
 from headmaster.model_repository.config import ARTIFACT_FILES
@@ -47,9 +47,7 @@ class EmbeddingCache:
             table = pq.read_table(shard)
             stored = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
             require_same_encoder(self.fingerprint, stored, f"cached embeddings in {shard}")
-            vectors = np.asarray(table.column("embedding").combine_chunks().values, np.float32)
-            vectors = vectors.reshape(table.num_rows, -1)
-            found.update(zip(table.column("sha256").to_pylist(), vectors))
+            found.update(zip(table.column("sha256").to_pylist(), embedding_matrix(table.column("embedding"))))
         return found
 
     def add(self, embeddings: dict[str, np.ndarray]) -> None:
@@ -59,8 +57,7 @@ class EmbeddingCache:
         import pyarrow.parquet as pq
 
         matrix = np.stack(list(embeddings.values())).astype(np.float32)
-        column = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
-        table = pa.table({"sha256": list(embeddings), "embedding": column},
+        table = pa.table({"sha256": list(embeddings), "embedding": embedding_column(matrix)},
                          metadata={"fingerprint": self.fingerprint})
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"{time.time_ns()}-{os.getpid()}.parquet"
@@ -124,13 +121,6 @@ class ServerEmbedder:
 
         with HeadmasterClient(self.url, self.protocol, batch_size=16, max_in_flight=4) as client:
             return [r.embedding if r.ok else r.error for r in client.embed(paths, progress)]
-
-
-def file_sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def embed_files(paths: list[Path], embedder, cache: EmbeddingCache | None,

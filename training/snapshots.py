@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.client.store import Store, file_sha256, now
+from headmaster.client.store import Store, embedding_column, embedding_matrix, file_sha256, now
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import check_head_name
 from headmaster.training.data import DataError, Dataset, Example, content_hash
@@ -73,8 +73,7 @@ class Snapshot:
         import pyarrow.parquet as pq
 
         table = pq.read_table(self.path / EMBEDDINGS_FILE)
-        matrix = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return dict(zip(table["sha256"].to_pylist(), matrix.astype(np.float32).reshape(table.num_rows, -1)))
+        return dict(zip(table["sha256"].to_pylist(), embedding_matrix(table["embedding"])))
 
     def hashes(self) -> list[str]:
         return [json.loads(line)["sha256"] for line in (self.path / MANIFEST_FILE).read_text().splitlines()]
@@ -153,9 +152,8 @@ def export_snapshot(store: Store, head: str, out: Path, fingerprint: str,
                       "note": correction.note, "source": next(iter(by_encoder.get(sha, {}).values()), None)})
     (staging / MANIFEST_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
     matrix = np.stack([vectors[sha] for sha in kept]).astype(np.float32)
-    pq.write_table(pa.table({"sha256": kept, "embedding": pa.FixedSizeListArray.from_arrays(
-        pa.array(matrix.reshape(-1)), matrix.shape[1])}, metadata={"fingerprint": fingerprint}),
-        staging / EMBEDDINGS_FILE)
+    pq.write_table(pa.table({"sha256": kept, "embedding": embedding_column(matrix)},
+                            metadata={"fingerprint": fingerprint}), staging / EMBEDDINGS_FILE)
     counts = {label: sum(label in corrections[sha].labels for sha in kept) for label in labels}
     snapshot = Snapshot(path=folder / f"v{number}", head=head, number=number, fingerprint=fingerprint,
                         manifest_sha256=manifest_hash, multi_label=multi_label, labels=tuple(labels), counts=counts,
