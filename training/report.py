@@ -164,12 +164,19 @@ def _scores_text(e: Evaluation, i: int, top: int = 3) -> str:
     return ", ".join(f"{e.labels[j]} {e.scores[i, j]:.3f}" for j in order)
 
 
+def _card(classes: str, paths: tuple[str, ...], caption: str, **data: str) -> str:
+    """One card of thumbnails with a caption (already HTML); ``data`` become data-* attributes
+    (the page sorts cards by data-confidence)."""
+    attrs = "".join(f' data-{name}="{value}"' for name, value in data.items())
+    return f'<figure class="{classes}"{attrs}>{"".join(map(_img, paths))}<figcaption>{caption}</figcaption></figure>'
+
+
 def _item(e: Evaluation, i: int, path: str, confidence: float, caption: str) -> str:
     accepted = ", ".join(e.accepted[i]) or "none"
-    return (f'<figure class="item" data-confidence="{confidence:.6f}" data-index="{i}">{_img(path)}'
-            f'<figcaption><b>{esc(Path(path).name)}</b><br>{esc(caption)}<br>'
-            f'<span class="scores">scores: {esc(_scores_text(e, i))}</span><br>'
-            f'<span class="accepted">with thresholds: {esc(accepted)}</span></figcaption></figure>')
+    return _card("item", (path,), f'<b>{esc(Path(path).name)}</b><br>{esc(caption)}<br>'
+                   f'<span class="scores">scores: {esc(_scores_text(e, i))}</span><br>'
+                   f'<span class="accepted">with thresholds: {esc(accepted)}</span>',
+                   confidence=f"{confidence:.6f}", index=str(i))
 
 
 def mistake_groups(e: Evaluation, paths: tuple[str, ...]) -> list[tuple[str, str, list[tuple[int, float]]]]:
@@ -286,9 +293,9 @@ def compare_html(c: Comparison, paths: tuple[str, ...]) -> str:
         verdict = "fixed" if set(ch.after) == right else "broken" if set(ch.before) == right else "still wrong"
         caption = (f"actual {', '.join(ch.truth) or 'none'}: {a} said {', '.join(ch.before) or 'none'} "
                    f"({ch.score_before:.3f}), {b} says {', '.join(ch.after) or 'none'} ({ch.score_after:.3f})")
-        items.append(f'<figure class="item change {verdict}" data-confidence="{ch.score_after:.6f}" '
-                     f'data-index="{ch.index}">{_img(ch.path)}<figcaption><b>{esc(Path(ch.path).name)}</b> '
-                     f'<span class="verdict">{verdict}</span><br>{esc(caption)}</figcaption></figure>')
+        items.append(_card(f"item change {verdict}", (ch.path,), f'<b>{esc(Path(ch.path).name)}</b> '
+                             f'<span class="verdict">{verdict}</span><br>{esc(caption)}',
+                             confidence=f"{ch.score_after:.6f}", index=str(ch.index)))
     more = f'<p class="more">and {len(c.changed) - MAX_FINDINGS} more</p>' if len(c.changed) > MAX_FINDINGS else ""
     return (f'<section id="compare"><h2>{esc(a)} vs {esc(b)}</h2>{table}'
             f'<h3>predictions that changed ({len(c.changed)} of {len(paths)} images)</h3>'
@@ -298,24 +305,22 @@ def compare_html(c: Comparison, paths: tuple[str, ...]) -> str:
 def quality_html(q: QualityReport) -> str:
     issues = []
     for issue in q.label_issues[:MAX_FINDINGS]:
-        issues.append(
-            f'<figure class="item issue" data-confidence="{issue.self_confidence:.6f}">{_img(issue.path)}'
-            f'<figcaption><b>#{issue.rank} {esc(Path(issue.path).name)}</b><br>labelled '
+        issues.append(_card(
+            "item issue", (issue.path,), f'<b>#{issue.rank} {esc(Path(issue.path).name)}</b><br>labelled '
             f'{esc(" + ".join(issue.given) or "none")}, looks like {esc(" + ".join(issue.suggested) or "none")} '
             f'({issue.suggested_probability:.2f}; its label {issue.self_confidence:.2f})'
-            f'{"" if issue.in_holdout else " [training set]"}<br><i>{esc(issue.action)}</i></figcaption></figure>')
+            f'{"" if issue.in_holdout else " [training set]"}<br><i>{esc(issue.action)}</i>',
+            confidence=f"{issue.self_confidence:.6f}"))
     pairs = []
     for d in q.near_duplicates[:MAX_FINDINGS]:
-        pairs.append(f'<figure class="pair duplicate">{_img(d.path_a)}{_img(d.path_b)}<figcaption>'
-                     f'{esc(Path(d.path_a).name)} ({esc(", ".join(d.labels_a))}) ~ {esc(Path(d.path_b).name)} '
-                     f'({esc(", ".join(d.labels_b))}), cosine {d.cosine:.3f}<br><i>{esc(d.action)}</i>'
-                     f'</figcaption></figure>')
+        pairs.append(_card("pair duplicate", (d.path_a, d.path_b),
+                             f'{esc(Path(d.path_a).name)} ({esc(", ".join(d.labels_a))}) ~ {esc(Path(d.path_b).name)} '
+                             f'({esc(", ".join(d.labels_b))}), cosine {d.cosine:.3f}<br><i>{esc(d.action)}</i>'))
     leaks = []
     for x in q.leaks[:MAX_FINDINGS]:
-        leaks.append(f'<figure class="pair leak">{_img(x.holdout_path)}{_img(x.train_path)}<figcaption>'
-                     f'holdout {esc(x.holdout_path)} {"=" if x.kind == "exact" else "~"} training '
-                     f'{esc(x.train_path)} ({esc(x.kind)}, cosine '
-                     f'{x.cosine:.3f})<br><i>{esc(x.action)}</i></figcaption></figure>')
+        leaks.append(_card("pair leak", (x.holdout_path, x.train_path),
+                             f'holdout {esc(x.holdout_path)} {"=" if x.kind == "exact" else "~"} training '
+                             f'{esc(x.train_path)} ({esc(x.kind)}, cosine {x.cosine:.3f})<br><i>{esc(x.action)}</i>'))
 
     def more(found, shown):
         if not found:
