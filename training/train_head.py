@@ -56,10 +56,14 @@ class TrainResult:
     fit: dict
 
 
-def load_dataset(options: TrainOptions) -> Dataset:
+def load_dataset(options: TrainOptions) -> Dataset | None:
+    """The labelled images to embed; None when the data is a snapshot or the store (their
+    embeddings are stored already)."""
     if sum(x is not None for x in (options.data, options.manifest, options.store)) != 1:
         raise DataError("give one of: a data folder (one sub-folder per bucket) or snapshot, --manifest FILE, "
                         "or --store PATH")
+    if options.store is not None or (options.data is not None and is_snapshot(options.data)):
+        return None  # stored embeddings: see train_head
     return from_folders(options.data) if options.data is not None else from_manifest(options.manifest)
 
 
@@ -71,10 +75,8 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
     """progress(done, total) is called while images are embedded."""
     check_head_name(options.name)
     repo = Repository(options.repo)
-    snapshot = None
-    if options.store is not None or (options.data is not None and is_snapshot(options.data)):
-        if options.manifest is not None or (options.store is not None and options.data is not None):
-            raise DataError("give one of: a data folder or snapshot, --manifest FILE, or --store PATH")
+    dataset, snapshot = load_dataset(options), None
+    if dataset is None:
         # Stored embeddings: nothing to embed, no encoder needed.
         snapshot_path = options.data
         if options.store is not None:
@@ -86,7 +88,6 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
         snapshot, hashes, vectors = load_for_training(snapshot_path, repo.fingerprint)
         dataset, failures = snapshot.dataset(), {}
     else:
-        dataset = load_dataset(options)
         embedder = ServerEmbedder(repo, options.server) if options.server and not options.local else LocalEmbedder(repo)
         cache = EmbeddingCache(options.cache_dir or default_cache_dir(), repo.fingerprint)
         paths = [e.path for e in dataset.examples]
