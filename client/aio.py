@@ -108,7 +108,9 @@ class _Transport:
 
     async def is_ready(self, model: str) -> bool:
         try:
-            return bool(await self.client.is_server_ready()) and bool(await self.client.is_model_ready(model))
+            # Server *live*, not server *ready*: Triton reports the whole server not ready while any
+            # model version is unloading, which every hot swap of a head causes for a moment.
+            return bool(await self.client.is_server_live()) and bool(await self.client.is_model_ready(model))
         except Exception:
             return False
 

@@ -93,6 +93,9 @@ def test_classify_store_then_rescore_gives_the_server_labels(store_server, photo
         # same version on CPU must give the same labels.
         card = written_version(repo, "animal", np.random.default_rng(7), ("cat", "dog", "bird"))
         live.head_published(server.http_url, "animal")
+        # The old version is still unloading (Triton calls the whole server "not ready" then),
+        # yet classify is ready: the client must say so, or `headmaster classify` refuses to run.
+        assert client.is_ready()
         served = {r.sha256: r.heads["animal"] for r in client.classify(photo_files) if r.ok}
     assert {h.version for h in served.values()} == {card.version}
     result = rescore(store, head_version_dir(repo, "animal", card.version))
