@@ -326,13 +326,13 @@ class ParquetStore(Store):
         os.replace(tmp, final)
         return rows
 
-    def _read(self, folder: Path, schema, columns=None, filter=None):
+    def _read(self, folder: Path, schema, filter=None):
         import pyarrow.dataset as ds
 
         parts = self._parts(folder)
         if not parts:
-            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-        return ds.dataset(parts, format="parquet", schema=schema).to_table(columns=columns, filter=filter)
+            return schema.empty_table()
+        return ds.dataset(parts, format="parquet", schema=schema).to_table(filter=filter)
 
     def _items_folder(self, fingerprint: str) -> Path:
         return self.path / "items" / fingerprint.split(":")[-1][:32]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +135,7 @@ def export_snapshot(store: Store, head: str, out: Path, fingerprint: str,
     if numbers:
         newest = Snapshot.load(folder / f"v{numbers[-1]}")
         if newest.manifest_sha256 == manifest_hash and newest.fingerprint == fingerprint:
-            return Snapshot(**{**asdict(newest), "path": newest.path, "labels": newest.labels, "reused": True})
+            return replace(newest, reused=True)
     number = (numbers[-1] if numbers else 0) + 1
     staging = folder / f".v{number}.staging"
     shutil.rmtree(staging, ignore_errors=True)
