@@ -48,16 +48,17 @@ def uncertainty(scores: np.ndarray, method: str, multi_label: bool, thresholds: 
 def suggest(store: Store, head: str, n: int = 50, version: int | None = None, method: str = "margin",
             multi_label: bool = False, thresholds: tuple[float, ...] | None = None) -> tuple[int, list[Suggestion]]:
     """Returns (the version scored, the ``n`` most uncertain uncorrected items)."""
-    table = store.labels(head)
+    if version is None:
+        every = store.labels(head)
+        if every.num_rows == 0:
+            raise StoreError(f"the store {store.location} holds no labels of head {head!r}: classify with --store "
+                             "or `headmaster rescore` first")
+        version = max(every["version"].to_pylist())
+    table = store.labels(head, version)  # the newest row per item, of that version
     if table.num_rows == 0:
-        raise StoreError(f"the store {store.location} holds no labels of head {head!r}: classify with --store "
-                         "or `headmaster rescore` first")
-    versions = table["version"].to_numpy()
-    version = int(versions.max()) if version is None else version
-    if version not in versions:
-        raise StoreError(f"the store holds labels of head {head!r} from versions {sorted(set(versions.tolist()))}, "
-                         f"not {version}; `headmaster rescore {head} --version {version}` first")
-    table = table.filter(table["version"].to_numpy() == version)
+        newest = sorted(set(store.labels(head)["version"].to_pylist()))
+        raise StoreError(f"the store holds no labels of head {head!r} from version {version} (its newest are from "
+                         f"versions {newest}); `headmaster rescore {head} --version {version}` first")
     corrected = set(store.corrections(head))
     keep = np.array([sha not in corrected for sha in table["sha256"].to_pylist()], bool)
     table = table.filter(keep)

@@ -21,7 +21,7 @@ import pytest
 
 from headmaster.client import HeadmasterClient
 from headmaster.client.classify_store import classify_into_store
-from headmaster.client.store import ParquetStore, StoreError, open_store
+from headmaster.client.store import ParquetStore, StoreError, label_table, open_store
 from headmaster.export.errors import FingerprintMismatchError
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository import live
@@ -310,6 +310,15 @@ def test_suggest_lists_the_least_certain_uncorrected_items(repo, digit_store, tm
     assert [s.uncertainty for s in by_entropy] == sorted((s.uncertainty for s in by_entropy), reverse=True)
     with pytest.raises(StoreError, match="holds no labels of head 'nothing'"):
         suggest(store, "nothing")
+    # A later version scoring the same items does not hide the earlier one's rows.
+    scores = np.array(table["scores"].to_pylist(), np.float32)
+    store.add_labels("animal", [label_table(table["sha256"], repository.fingerprint, version + 1, scores,
+                                            ("bird", "cat", "dog"), scores > 0.5, "rescore")])
+    assert suggest(store, "animal", n=5)[0] == version + 1
+    again_version, again = suggest(store, "animal", n=5, version=version)
+    assert again_version == version and [s.sha256 for s in again] == [s.sha256 for s in found]
+    with pytest.raises(StoreError, match=rf"no labels of head 'animal' from version 9 \(its newest are from versions \[{version + 1}\]\)"):
+        suggest(store, "animal", version=9)
 
 
 WRITER = """
