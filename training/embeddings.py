@@ -123,6 +123,11 @@ class ServerEmbedder:
             return [r.embedding if r.ok else r.error for r in client.embed(paths, progress)]
 
 
+def embedder_for(repo: Repository, server: str | None):
+    """Through the server at ``server`` (HTTP host:port) when given, else here."""
+    return ServerEmbedder(repo, server) if server else LocalEmbedder(repo)
+
+
 def embed_files(paths: list[Path], embedder, cache: EmbeddingCache | None,
                 progress: Progress = None) -> tuple[list[str | None], dict[str, np.ndarray], dict[str, str]]:
     """Embed what the cache lacks. Returns each path's sha256 (None if unreadable), the

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights
 from headmaster.model_repository.backends.threshold import accept
 from headmaster.model_repository.repository import Repository
 from headmaster.training.data import Dataset, from_folders, from_manifest
-from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, ServerEmbedder, default_cache_dir, embed_files
+from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
 
 LOG = logging.getLogger(__name__)
 
@@ -87,8 +88,13 @@ class Embedder:
     """One embedder and cache for a whole evaluation (holdout and training images alike)."""
 
     def __init__(self, repository: Repository, server: str | None, cache_dir: Path | None):
-        self.embedder = ServerEmbedder(repository, server) if server else LocalEmbedder(repository)
+        self.repository, self.server = repository, server
         self.cache = EmbeddingCache(cache_dir or default_cache_dir(), repository.fingerprint)
+
+    @cached_property
+    def embedder(self):
+        # Made on first use: a snapshot holdout needs no encoder unless training images join.
+        return embedder_for(self.repository, self.server)
 
     def __call__(self, paths: list[Path], progress: Callable[[int], None] | None = None):
         """Like embed_files: hashes, embeddings by sha256, failures by path."""

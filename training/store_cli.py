@@ -139,12 +139,12 @@ def reembed_command(
 ) -> None:
     """Embed every stored item again with the repository's encoder, from its source file."""
     from headmaster.model_repository.repository import Repository
-    from headmaster.training.embeddings import LocalEmbedder, ServerEmbedder
+    from headmaster.training.embeddings import embedder_for
     from headmaster.training.reembed import reembed
 
     opened = _open(store)
     repository = Repository(repo)
-    embedder = ServerEmbedder(repository, server) if server else LocalEmbedder(repository)
+    embedder = embedder_for(repository, server)
     progress, task = _progress("re-embedding", None)
     with progress:
         result = reembed(opened, embedder, progress=lambda n: progress.advance(task, n))

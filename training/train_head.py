@@ -19,7 +19,7 @@ from headmaster.export.heads import HeadCard, check_head_name
 from headmaster.model_repository.repository import Repository, publish_head
 from headmaster.training import checks
 from headmaster.training.data import DataError, Dataset, content_hash, from_folders, from_manifest
-from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, ServerEmbedder, default_cache_dir, embed_files
+from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
 from headmaster.training.metrics import evaluate
 from headmaster.training.snapshots import export_snapshot, is_snapshot, load_for_training
 from headmaster.training.thresholds import choose_thresholds
@@ -88,7 +88,7 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
         snapshot, hashes, vectors = load_for_training(snapshot_path, repo.fingerprint)
         dataset, failures = snapshot.dataset(), {}
     else:
-        embedder = ServerEmbedder(repo, options.server) if options.server and not options.local else LocalEmbedder(repo)
+        embedder = embedder_for(repo, None if options.local else options.server)
         cache = EmbeddingCache(options.cache_dir or default_cache_dir(), repo.fingerprint)
         paths = [e.path for e in dataset.examples]
         done = [0]
