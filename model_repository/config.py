@@ -223,7 +223,16 @@ class HeadModel:
 
 @dataclass(frozen=True)
 class ThresholdModel:
-    """Scores + INFO of every head -> RESULT, one JSON document per image."""
+    """Scores + INFO of every head -> RESULT, one JSON document per image.
+
+    It also hands the embedding and each head's scores back out (``EMBEDDING_OUT``,
+    ``SCORES_OUT_<head>``), and those copies, not the tensors the heads read, are what the
+    ensembles expose. Triton's ensemble scheduler prunes the steps that produce outputs a
+    request did not ask for, without checking whether another step still reads that tensor:
+    with ``EMBEDDING`` both an ensemble output and the heads' input, asking ``classify`` for
+    ``RESULT`` alone pruned the encoder and deadlocked. With every ensemble output made by this
+    last step, no output feeds another step, so any subset of outputs can be asked for.
+    """
 
     heads: tuple[str, ...]
     embed_dim: int
@@ -240,10 +249,14 @@ class ThresholdModel:
                         Tensor(f"INFO_{head}", "BYTES", (1,), optional=True)]
         return tensors
 
+    @property
+    def outputs(self) -> list[Tensor]:
+        return [Tensor("RESULT", "BYTES", (1,)), Tensor("EMBEDDING_OUT", "FP32", (self.embed_dim,)),
+                *(Tensor(f"SCORES_OUT_{head}", "FP32", (-1,)) for head in self.heads)]
+
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
-        return {**_base(self.name, self.batching, self.inputs, [Tensor("RESULT", "BYTES", (1,))], flavour,
-                        Instances(1)),
+        return {**_base(self.name, self.batching, self.inputs, self.outputs, flavour, Instances(1)),
                 "backend": "python", "parameters": _params(heads=json.dumps(list(self.heads)))}
 
 
@@ -281,6 +294,13 @@ class EnsembleModel:
         unproduced = {t.name for t in self.outputs} - produced
         if unproduced:
             raise ConfigError(f"ensemble {self.name}: outputs {sorted(unproduced)} are produced by no step")
+        # Triton prunes the producer of an output a request leaves out even when another step
+        # reads it (then the request deadlocks): an ensemble output must feed no step.
+        read = {tensor for step in self.steps for tensor in step.inputs.values()}
+        both = sorted({t.name for t in self.outputs} & read)
+        if both:
+            raise ConfigError(f"ensemble {self.name}: outputs {both} are also read by a step; a request asking "
+                              "for a subset of the outputs would deadlock in Triton's ensemble scheduler")
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)

@@ -216,23 +216,29 @@ class Repository:
         kept in a store: the heads run, the encoder does not)."""
         image = self.encoder_model("image")
         d = self.card.embed_dim
-        head_steps = []
-        threshold_inputs = {"EMBEDDING": "EMBEDDING"}
-        head_outputs = []
-        for head in heads:
-            head_steps.append(Step(head, {"EMBEDDING": "EMBEDDING"}, {"SCORES": f"SCORES_{head}", "INFO": f"INFO_{head}"}))
-            threshold_inputs.update({f"SCORES_{head}": f"SCORES_{head}", f"INFO_{head}": f"INFO_{head}"})
-            head_outputs.append(Tensor(f"SCORES_{head}", "FP32", (-1,)))
-        head_steps.append(Step("threshold", threshold_inputs, {"RESULT": "RESULT"}))
         result = Tensor("RESULT", "BYTES", (1,))
+        head_outputs = tuple(Tensor(f"SCORES_{head}", "FP32", (-1,)) for head in heads)
+
+        def head_steps(embedding: str, with_embedding: bool) -> tuple[Step, ...]:
+            # Every ensemble output comes from the threshold step's copies (see ThresholdModel).
+            steps, inputs, outputs = [], {"EMBEDDING": embedding}, {"RESULT": "RESULT"}
+            for head in heads:
+                steps.append(Step(head, {"EMBEDDING": embedding},
+                                  {"SCORES": f"HEAD_SCORES_{head}", "INFO": f"HEAD_INFO_{head}"}))
+                inputs.update({f"SCORES_{head}": f"HEAD_SCORES_{head}", f"INFO_{head}": f"HEAD_INFO_{head}"})
+                outputs[f"SCORES_OUT_{head}"] = f"SCORES_{head}"
+            if with_embedding:
+                outputs["EMBEDDING_OUT"] = "EMBEDDING"
+            return (*steps, Step("threshold", inputs, outputs))
+
         embed_steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
-                       Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"}))
+                       Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "IMAGE_EMBEDDING"}))
         return [ThresholdModel(tuple(heads), d, self.options.light_batching),
                 EnsembleModel("classify", (Tensor("IMAGE", "BYTES", (1,)),),
                               (Tensor("EMBEDDING", "FP32", (d,)), result, *head_outputs),
-                              embed_steps + tuple(head_steps), self.options.max_batch_size),
+                              embed_steps + head_steps("IMAGE_EMBEDDING", True), self.options.max_batch_size),
                 EnsembleModel("classify_embedding", (Tensor("EMBEDDING", "FP32", (d,)),),
-                              (result, *head_outputs), tuple(head_steps), self.options.max_batch_size)]
+                              (result, *head_outputs), head_steps("EMBEDDING", False), self.options.max_batch_size)]
 
     def model_names(self) -> list[str]:
         """What the server loads, dependencies first."""

@@ -55,7 +55,8 @@ def head_results(scores: np.ndarray, info: dict) -> list[dict]:
 
 
 class TritonPythonModel:
-    """EMBEDDING + (SCORES_<head>, INFO_<head>)... -> RESULT (BYTES [1], JSON per image)."""
+    """EMBEDDING + (SCORES_<head>, INFO_<head>)... -> RESULT (BYTES [1], JSON per image), and
+    EMBEDDING_OUT + SCORES_OUT_<head>: the same tensors handed on as the ensembles' outputs."""
 
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
@@ -77,18 +78,23 @@ class TritonPythonModel:
 
     def _answer(self, request):
         pb = self.pb
-        n = len(pb.get_input_tensor_by_name(request, "EMBEDDING").as_numpy())
-        items = [{"heads": {}} for _ in range(n)]
+        embedding = pb.get_input_tensor_by_name(request, "EMBEDDING").as_numpy()
+        items = [{"heads": {}} for _ in range(len(embedding))]
+        # The ensembles expose copies of the embedding and scores made here, so that no
+        # ensemble output is also a step's input (see config.ThresholdModel).
+        outputs = [pb.Tensor("EMBEDDING_OUT", embedding)]
         for head in self.heads:
             scores = pb.get_input_tensor_by_name(request, f"SCORES_{head}")
             info = pb.get_input_tensor_by_name(request, f"INFO_{head}")
             if scores is None or info is None:  # this request's ensemble has no such head
                 continue
             meta = self._info(info.as_numpy().reshape(-1)[0])
-            for item, result in zip(items, head_results(scores.as_numpy(), meta)):
+            values = scores.as_numpy()
+            for item, result in zip(items, head_results(values, meta)):
                 item["heads"][head] = result
+            outputs.append(pb.Tensor(f"SCORES_OUT_{head}", values))
         out = np.array([[json.dumps(item, separators=(",", ":"))] for item in items], dtype=object)
-        return pb.InferenceResponse([pb.Tensor("RESULT", out)])
+        return pb.InferenceResponse([pb.Tensor("RESULT", out), *outputs])
 
     def execute(self, requests):
         responses = []

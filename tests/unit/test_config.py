@@ -131,3 +131,10 @@ def test_rendered_json_form_round_trips():
     message = to_proto(ENSEMBLE, "portable")
     again = json_format.ParseDict(json_format.MessageToDict(message), type(message)())
     assert again == message
+
+
+def test_an_ensemble_output_that_feeds_a_step_is_refused_when_rendered():
+    with pytest.raises(ConfigError, match="also read by a step"):
+        EnsembleModel("bad", (Tensor("IMAGE", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (4,)),),
+                      (Step("enc", {"IMAGE": "IMAGE"}, {"E": "EMBEDDING"}),
+                       Step("head", {"EMBEDDING": "EMBEDDING"}, {"S": "SCORES"})))
