@@ -9,6 +9,11 @@ It reproduces open_clip's eval transform (``open_clip.transform.image_transform`
 step on the PIL image: resize (shortest / longest / squash), centre crop or pad, convert to
 RGB. The float conversion and mean/std normalisation live in the exported encoder graph,
 so only uint8 travels between the models (4x less than float32).
+
+Every image mode Pillow opens is first mapped to its 8-bit rendering (``to_8bit``: 16-bit
+greys keep their high byte, colour spaces become RGB, float pixels are refused), and the work
+one image may cause is bounded from its header (``MAX_PIXELS``, ``MAX_ASPECT_RATIO``; large
+JPEGs decode at reduced size), so one image in flight costs under ~150 MB.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import binascii
 import io
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -53,8 +59,81 @@ def _maybe_base64(data: bytes) -> bytes:
     return decoded if _looks_like_image(decoded) else data
 
 
-def decode_image(data: bytes, max_pixels: int = 100_000_000) -> Image.Image:
-    """Decode encoded image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF; or base64 of them)."""
+# Limits on the work one image may cause; each is also a parameter of the preprocess model's
+# config (TritonPythonModel.initialize), and a key of the preprocessing dict for local use.
+# Peak memory of one image is about 8 bytes per decoded pixel (Pillow keeps RGB, RGBA, CMYK
+# as 4 bytes a pixel, and a mode conversion or an EXIF rotation holds a second copy for a
+# moment), so 16 million pixels stay under ~150 MB: a 4000x4000 or 4618x3464 photo.
+MAX_PIXELS = 16_000_000
+# Longest side over shortest side. Beyond it a centre crop shows a sliver of the picture.
+MAX_ASPECT_RATIO = 32.0
+# Images decoded at once by one model instance (its thread pool); 0 = one per CPU core.
+# Peak memory of the instance is about DECODE_CONCURRENCY x 150 MB in the worst case.
+DECODE_CONCURRENCY = 0
+_BYTES_PER_PIXEL = 8  # the budget of one image: max_pixels x 8 bytes
+# A JPEG over max_pixels is decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) to fit,
+# but never below this many times the encoder's input side, so the bicubic resize after it
+# still shrinks by 4x or more. Images within max_pixels always decode at full size.
+_DRAFT_MARGIN = 4
+
+
+def _refuse_size(width: int, height: int, max_pixels: int, what: str = "") -> InvalidImage:
+    return InvalidImage(
+        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        f"{what} (max_pixels); send an image of at most {max_pixels} pixels, e.g. resized so its "
+        f"longest side is under {int((max_pixels * max(width, height) / min(width, height)) ** 0.5)}"
+    )
+
+
+def _check_geometry(image: Image.Image, max_pixels: int, max_aspect_ratio: float, draft_side: int) -> None:
+    """Refuse (or, for JPEG, plan a reduced decode of) an image by its header, before decoding."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    ratio = max(width, height) / min(width, height)
+    if ratio > max_aspect_ratio:
+        raise InvalidImage(
+            f"image is {width}x{height}: aspect ratio {ratio:.2f}:1 is over the limit of "
+            f"{max_aspect_ratio:g}:1 (max_aspect_ratio); crop or pad it nearer to square"
+        )
+    pixels = width * height
+    if image.format == "JPEG" and len(image.tile) == 1:
+        # Progressive (and multi-scan) JPEGs keep every DCT coefficient of the full-size image
+        # while decoding, 2 bytes each, whatever the output scale.
+        coefficients = 0
+        if image.info.get("progressive"):
+            h_max = max(h for _, h, _, _ in image.layer)
+            v_max = max(v for _, _, v, _ in image.layer)
+            coefficients = sum(2 * pixels * h * v // (h_max * v_max) for _, h, v, _ in image.layer)
+        scale = 1
+        while pixels > max_pixels and scale < 8 and min(width, height) // (scale * 2) >= draft_side > 0:
+            scale *= 2
+            pixels = -(-width // scale) * -(-height // scale)
+        if pixels <= max_pixels and coefficients + 4 * pixels > _BYTES_PER_PIXEL * max_pixels:
+            raise InvalidImage(
+                f"progressive JPEG of {width}x{height} needs about {(coefficients + 4 * pixels) >> 20} MiB to "
+                f"decode, over the budget of {_BYTES_PER_PIXEL * max_pixels >> 20} MiB (8 bytes x max_pixels "
+                f"{max_pixels}); send a baseline JPEG or a smaller image"
+            )
+        if scale > 1 and pixels <= max_pixels:
+            image.draft(image.mode, (width // scale, height // scale))
+            return
+        if pixels > max_pixels:
+            raise _refuse_size(width, height, max_pixels,
+                               f" even decoded at 1/{scale} size" if scale > 1 else "")
+    elif pixels > max_pixels:
+        raise _refuse_size(width, height, max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO,
+                 draft_side: int = 0) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF; or base64 of them).
+
+    Returns the first frame, upright (EXIF orientation applied), in one of the 8-bit modes
+    open_clip's transform handles: RGB, RGBA, L, LA or P (see ``to_8bit``). Limits are checked
+    from the header, before decoding. ``draft_side`` > 0 lets a JPEG over ``max_pixels`` decode
+    at reduced size, down to that shortest side.
+    """
     if data is None or len(data) == 0:
         raise InvalidImage("empty payload (0 bytes): expected the bytes of an encoded image")
     data = _maybe_base64(bytes(data))
@@ -65,22 +144,95 @@ def decode_image(data: bytes, max_pixels: int = 100_000_000) -> Image.Image:
             f"not an image: Pillow cannot identify the format of these {len(data)} bytes "
             f"(they start with {data[:16]!r}); send JPEG, PNG, WebP, GIF, BMP or TIFF bytes"
         ) from None
+    except Image.DecompressionBombError as e:
+        raise InvalidImage(f"image is too large: {e}; the limit is {max_pixels} pixels (max_pixels)") from None
     except Exception as e:  # Pillow raises many types for malformed headers
         raise InvalidImage(f"not a readable image: {type(e).__name__}: {e}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise InvalidImage(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-        )
+    _check_geometry(image, max_pixels, max_aspect_ratio, draft_side)
     try:
-        image.load()  # decode now, so truncated or corrupt data fails here, not later
-        # Phone photos store their rotation in EXIF; without this they embed sideways.
-        image = ImageOps.exif_transpose(image)
+        image.load()  # decode now (the first frame), so truncated or corrupt data fails here, not later
     except Exception as e:
         raise InvalidImage(
             f"corrupt or truncated {image.format or 'image'} data ({len(data)} bytes): {e}"
         ) from None
+    image = to_8bit(image)
+    try:
+        # Phone photos store their rotation in EXIF; without this they embed sideways.
+        # In place: no copy when there is nothing to rotate.
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as e:
+        raise InvalidImage(f"unreadable EXIF orientation in {image.format or 'image'} data: {e}") from None
     return image
+
+
+# Modes kept as decoded: open_clip's own transform handles them (the parity tests).
+_OPEN_CLIP_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P"})
+# 16-bit greys: keep the high byte of each value (as Pillow does for 16-bit RGB(A) PNG and
+# TIFF, and libpng's strip_16), via Pillow's raw unpackers, without a 32-bit copy.
+_HIGH_BYTE = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B",
+              "I;16N": "L;16" if sys.byteorder == "little" else "L;16B"}
+
+
+def _sample_format(image: Image.Image) -> tuple[int, int]:
+    tags = getattr(image, "tag_v2", None) or {}
+    bits = tags.get(258, (0,))
+    fmt = tags.get(339, (1,))
+    first = lambda v: v[0] if isinstance(v, tuple) else v  # noqa: E731
+    return int(first(bits) or 0), int(first(fmt) or 1)
+
+
+def _high_byte(image: Image.Image, rows: int = 64) -> Image.Image:
+    """A 16-bit grey (I;16*, or I holding 0..65535) as L, band by band: no full-size temporaries."""
+    out = Image.new("L", image.size)
+    for top in range(0, image.height, rows):
+        band = image.crop((0, top, image.width, min(image.height, top + rows)))
+        if band.mode == "I":
+            band = band.convert("I;16")  # values were checked to be within 0..65535
+        out.paste(Image.frombytes("L", band.size, band.tobytes(), "raw", _HIGH_BYTE[band.mode]), (0, top))
+    return out
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """The 8-bit rendering of a decoded image, in a mode open_clip's transform handles.
+
+    Pillow's own conversions of 16-bit greys to L clip at 255 (a photo turns white) and some
+    modes cannot be resized or converted to RGB at all, so every other mode is mapped here,
+    before any resizing. Float and signed or 32-bit integer pixels have no standard range:
+    those are refused.
+    """
+    mode = image.mode
+    if mode in _OPEN_CLIP_MODES:
+        if mode == "P" and "transparency" in image.info:
+            return image.convert("RGBA")  # what Pillow itself asks for; then as any RGBA image
+        return image
+    if mode in _HIGH_BYTE:
+        return _high_byte(image)
+    if mode == "I":
+        bits, sample_format = _sample_format(image)
+        low, high = image.getextrema()
+        if sample_format != 1 or bits > 16 or low < 0 or high > 65535:
+            kind = {2: "signed integer", 3: "floating point"}.get(sample_format, "unsigned integer")
+            raise InvalidImage(
+                f"image mode I ({bits or 32}-bit {kind} pixels, values {low}..{high}) has no standard range "
+                "to map to 8 bits; send an 8-bit or 16-bit unsigned image (PNG, TIFF or JPEG)"
+            )
+        # Pillow keeps 16-bit PGM / PPM and JPEG 2000 greys as mode I, values 0..65535.
+        return _high_byte(image)
+    if mode == "F":
+        raise InvalidImage(
+            "image mode F (32-bit floating point pixels) has no standard range to map to 8 bits; "
+            "send an 8-bit or 16-bit unsigned image (PNG, TIFF or JPEG)"
+        )
+    if mode == "1":
+        return image.convert("L")  # 0 / 255; resized like any grey image, not nearest-neighbour
+    if mode in ("PA", "RGBa"):
+        return image.convert("RGBA")
+    if mode == "La":
+        return image.convert("LA")
+    try:
+        return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX: Pillow's 8-bit colour conversions
+    except (ValueError, OSError) as e:
+        raise InvalidImage(f"image mode {mode} cannot be converted to RGB ({e}); send an RGB or greyscale image") from None
 
 
 def _resize(image: Image.Image, size_hw: tuple[int, int], resample: int) -> Image.Image:
@@ -136,6 +288,10 @@ def to_pixels(image: Image.Image, cfg: dict) -> np.ndarray:
     if mode == "squash":
         image = _resize(image, size, resample)
     elif mode == "shortest":
+        # Resize then crop, as open_clip does. Resizing only the crop's source box
+        # (resize(box=...)) would skip the long side's pixels, but Pillow passes the box as
+        # float32, which moves filter taps by a rounding error and changes ~0.01% of pixels
+        # by 1 level; instead max_aspect_ratio bounds the resized image (224 x 7168 at 32:1).
         if size[0] == size[1]:
             image = _resize(image, _shortest_edge_size(image, size[0]), resample)
         else:
@@ -151,7 +307,35 @@ def to_pixels(image: Image.Image, cfg: dict) -> np.ndarray:
 
 
 def preprocess_bytes(data: bytes, cfg: dict) -> np.ndarray:
-    return to_pixels(decode_image(data, int(cfg.get("max_pixels", 100_000_000))), cfg)
+    """Encoded bytes -> uint8 [3, H, W]; limits from ``cfg`` (``max_pixels``, ``max_aspect_ratio``)."""
+    draft_side = _DRAFT_MARGIN * max(cfg["size"])
+    image = decode_image(data, int(cfg.get("max_pixels") or MAX_PIXELS),
+                         float(cfg.get("max_aspect_ratio") or MAX_ASPECT_RATIO), draft_side)
+    return to_pixels(image, cfg)
+
+
+def limits_from_parameters(params: dict, preprocessing: dict | None = None) -> dict:
+    """The optional limit parameters of the model config (string values; absent or "" = default).
+
+    ``max_pixels``: most pixels decoded at full size (JPEGs over it decode at 1/2 to 1/8 size
+    when that fits); ``max_aspect_ratio``: longest over shortest side; ``decode_concurrency``:
+    images decoded at once by this instance (0 = one per CPU core; the older ``threads``
+    parameter is read when it is absent). A limit absent from ``params`` is taken from the
+    ``preprocessing`` dict when it has one, else the module default.
+    """
+    preprocessing = preprocessing or {}
+    def number(name, cast, default):
+        value = str(params.get(name, "")).strip()
+        return cast(value) if value else default
+
+    concurrency = number("decode_concurrency", int, number("threads", int, DECODE_CONCURRENCY))
+    limits = {"max_pixels": number("max_pixels", int, int(preprocessing.get("max_pixels") or MAX_PIXELS)),
+              "max_aspect_ratio": number("max_aspect_ratio", float,
+                                         float(preprocessing.get("max_aspect_ratio") or MAX_ASPECT_RATIO)),
+              "decode_concurrency": concurrency or (os.cpu_count() or 1)}
+    if limits["max_pixels"] < 1 or limits["max_aspect_ratio"] < 1 or limits["decode_concurrency"] < 1:
+        raise ValueError(f"preprocess limits must be positive (aspect ratio >= 1), not {limits}")
+    return limits
 
 
 class TritonPythonModel:
@@ -163,10 +347,11 @@ class TritonPythonModel:
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.cfg = json.loads(params["preprocessing"])
-        threads = int(params.get("threads", "0")) or (os.cpu_count() or 1)
-        # Pillow releases the GIL while decoding and resizing: threads decode in parallel.
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        preprocessing = json.loads(params["preprocessing"])
+        self.cfg = {**preprocessing, **limits_from_parameters(params, preprocessing)}
+        # Pillow releases the GIL while decoding and resizing: threads decode in parallel, each
+        # holding at most one image (~150 MB at the default limits) at a time.
+        self.pool = ThreadPoolExecutor(max_workers=self.cfg["decode_concurrency"], thread_name_prefix="decode")
 
     def _one(self, data):
         try:
