@@ -2,12 +2,16 @@
 
 An image whose bytes the store already holds, embedded by the encoder the server runs now,
 is not sent through the encoder again: its stored embedding goes to ``classify_embedding``
-(heads + thresholds only). Results are written chunk by chunk, so an interrupted run keeps
-what it finished.
+(heads + thresholds only). Nor is a second copy of an image in the same run (the same bytes
+under another name): it gets the first copy's answer. Each file is read once, in a thread
+pool: its bytes are hashed to look the item up, and the same bytes go to the server.
+Results are written chunk by chunk, so an interrupted run keeps what it finished.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +21,22 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.client.results import Classification, Failure
-from headmaster.client.store import Store, StoredItem, file_sha256
+from headmaster.client.store import Store, StoredItem
 
 
 @dataclass
 class StoreStats:
-    embedded: int = 0  # sent through the encoder
-    reused: int = 0  # classified from a stored embedding
+    embedded: int = 0  # new items: sent through the encoder once each
+    reused: int = 0  # classified without the encoder: a stored embedding, or another copy in this run
     failed: int = 0
+
+
+def _read(path: Path) -> tuple[bytes, str] | Failure:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return Failure(str(path), f"cannot read file: {e.strerror or e}")
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def classify_into_store(client, store: Store, files: Sequence[Path], progress: Callable[[int], None] | None = None,
@@ -36,27 +48,43 @@ def classify_into_store(client, store: Store, files: Sequence[Path], progress: C
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for start in range(0, len(files), chunk):
             part = list(files[start:start + chunk])
-            hashes = list(pool.map(file_sha256, part))
-            known = store.embeddings([h for h in hashes if h], fingerprint)
             out: list[Classification | Failure | None] = [None] * len(part)
-            fresh = [i for i, sha in enumerate(hashes) if sha not in known]
-            reused = [i for i, sha in enumerate(hashes) if sha in known]
-            for i, result in zip(fresh, client.classify([part[i] for i in fresh], progress)):
-                out[i] = result
+            read = list(pool.map(_read, part))
+            hashes: list[str | None] = [None] * len(part)
+            for i, got in enumerate(read):
+                if isinstance(got, Failure):
+                    out[i] = got
+                else:
+                    hashes[i] = got[1]
+            known = store.embeddings({h for h in hashes if h}, fingerprint)
+            first: dict[str, int] = {}  # sha256 -> the first file in this chunk with those bytes
+            for i, sha in enumerate(hashes):
+                if sha is not None:
+                    first.setdefault(sha, i)
+            fresh = [i for sha, i in first.items() if sha not in known]
+            reused = [i for sha, i in first.items() if sha in known]
+            if fresh:
+                answers = client.classify([read[i][0] for i in fresh], progress)
+                for i, answer in zip(fresh, answers):  # sent as bytes: the answer names no file yet
+                    out[i] = dataclasses.replace(answer, source=str(part[i]))
             if reused:
                 vectors = np.stack([known[hashes[i]] for i in reused])
-                for i, result in zip(reused, client.classify_embeddings(vectors, [str(part[i]) for i in reused],
+                for i, answer in zip(reused, client.classify_embeddings(vectors, [str(part[i]) for i in reused],
                                                                         [hashes[i] for i in reused])):
-                    out[i] = result
-                if progress:
-                    progress(len(reused))
-            new_items = list({r.sha256: StoredItem(r.sha256, str(Path(r.source).resolve()) if r.source else None,
-                                                   fingerprint, r.embedding)
-                              for r in (out[i] for i in fresh) if r.ok}.values())  # a copy is one item
+                    out[i] = answer
+            copies = [i for i, sha in enumerate(hashes) if sha is not None and first[sha] != i]
+            for i in copies:
+                out[i] = dataclasses.replace(out[first[hashes[i]]], source=str(part[i]))
+            if progress:
+                progress(len(reused) + len(copies) + sum(h is None for h in hashes))
+            new_items = [StoredItem(out[i].sha256, str(Path(part[i]).resolve()), fingerprint, out[i].embedding)
+                         for i in fresh if out[i].ok]
             store.add_items(new_items)
-            store.add_classifications([r for r in out if r.ok], fingerprint)
+            # Labels once per item, from the first copy (the others got the same answer).
+            store.add_classifications([out[i] for i in first.values() if out[i].ok], fingerprint)
             stats.embedded += len(new_items)
-            stats.reused += len(reused)
+            stats.reused += sum(1 for i, sha in enumerate(hashes)
+                                if sha is not None and out[i].ok and (sha in known or first[sha] != i))
             stats.failed += sum(not r.ok for r in out)
             results += out
     return results, stats

@@ -158,10 +158,22 @@ def embedding_column(matrix: np.ndarray):
 
 
 def embedding_matrix(column) -> np.ndarray:
-    """An embedding column (array or chunked) -> float32 [n, D]."""
+    """An embedding column (array or chunked) -> float32 [n, D]; zero rows give [0, D].
+
+    D comes from the column type (a fixed-size list), not from the data: reshaping zero values
+    with ``-1`` fails, and a read that finds none of the asked items (day two of every store)
+    is the usual case, not an error."""
+    import pyarrow as pa
+
     values = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     flat = values.flatten().to_numpy(zero_copy_only=False)  # flatten honours slices; .values does not
-    return flat.astype(np.float32, copy=False).reshape(len(values), -1)
+    if pa.types.is_fixed_size_list(values.type):
+        width = values.type.list_size
+    else:  # variable-size lists (not written here, but readable): every row must be as long
+        width = len(flat) // len(values) if len(values) else 0
+        if width * len(values) != len(flat):
+            raise StoreError(f"embedding rows of unequal length: {len(flat)} values in {len(values)} rows")
+    return flat.astype(np.float32, copy=False).reshape(len(values), width)
 
 
 def file_sha256(path: Path) -> str | None:
@@ -306,6 +318,8 @@ class ParquetStore(Store):
         rows, writer = 0, None
         try:
             for table in tables:
+                if table.num_rows == 0:  # an empty part would make a head with no rows look present
+                    continue
                 if writer is None:
                     # Dictionary-encoding embeddings, scores or hashes (all distinct) only costs:
                     # it made reading embeddings three times slower.
@@ -354,8 +368,25 @@ class ParquetStore(Store):
     def add_embeddings(self, hashes: Sequence[str], uris: Sequence[str | None], fingerprint: str,
                        matrix: np.ndarray) -> None:
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        matrix = np.asarray(matrix).astype(self.embedding_dtype, copy=False)
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2 or len(matrix) != len(hashes) or len(uris) != len(hashes):
+            raise StoreError(f"add_embeddings needs one uri and one embedding row per hash: {len(hashes)} hashes, "
+                             f"{len(uris)} uris, embeddings of shape {matrix.shape}")
+        if not len(matrix):
+            return
+        parts = self._parts(self._items_folder(fingerprint))
+        if parts:
+            stored = pq.read_schema(parts[-1]).field("embedding").type.list_size
+            if stored != matrix.shape[1]:
+                raise StoreError(f"the store holds {stored}-dimensional embeddings of encoder {fingerprint}; "
+                                 f"refusing {matrix.shape[1]}-dimensional ones")
+        last = {sha: i for i, sha in enumerate(hashes)}  # one row per item: the last one given wins
+        if len(last) < len(hashes):
+            keep = sorted(last.values())
+            hashes, uris, matrix = [hashes[i] for i in keep], [uris[i] for i in keep], matrix[keep]
+        matrix = matrix.astype(self.embedding_dtype, copy=False)
         table = pa.table({
             "sha256": pa.array(hashes, pa.string()), "uri": pa.array(uris, pa.string()),
             "fingerprint": pa.repeat(pa.scalar(fingerprint, pa.string()), len(matrix)),
@@ -372,6 +403,7 @@ class ParquetStore(Store):
         if dataset is None or not wanted:
             return {}
         table = dataset.to_table(columns=["sha256", "embedding"], filter=ds.field("sha256").isin(wanted))
+        # Parts are read oldest first, so an item two writers stored keeps its newest row here.
         return dict(zip(table["sha256"].to_pylist(), embedding_matrix(table["embedding"])))
 
     def _item_tables(self, columns: list[str]):
@@ -386,7 +418,7 @@ class ParquetStore(Store):
         import pyarrow.compute as pc
 
         return {table["fingerprint"][0].as_py(): len(pc.unique(table["sha256"]))
-                for table in self._item_tables(["sha256", "fingerprint"])}
+                for table in self._item_tables(["sha256", "fingerprint"]) if table.num_rows}
 
     def _superseded(self, dataset) -> dict[str, object] | None:
         """For items stored more than once (concurrent writers), the newest row's time; None

@@ -321,9 +321,12 @@ class PostgresStore(Store):
                 copy.set_types(["text", "text", "text", self._column_oid(), "timestamptz"])
                 for sha, i in rows.items():
                     copy.write_row((sha, fingerprint, uris[i], self._to_column(matrix[i]), at))
-            # A re-added item replaces its row, as the newest Parquet part wins there.
+            # A re-added item replaces its row, as the newest Parquet part wins there. Rows go in
+            # sha256 order: two writers adding the same items (two classify runs over overlapping
+            # folders) then lock them in the same order, instead of deadlocking.
             self._conn.execute(
-                "INSERT INTO items SELECT * FROM items_in ON CONFLICT (sha256, fingerprint) DO UPDATE "
+                'INSERT INTO items SELECT * FROM items_in ORDER BY sha256 COLLATE "C" '
+                "ON CONFLICT (sha256, fingerprint) DO UPDATE "
                 "SET uri = excluded.uri, embedding = excluded.embedding, embedded_at = excluded.embedded_at")
 
     def embeddings(self, hashes: Iterable[str], fingerprint: str) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ from headmaster.training.suggest import suggest
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
 from tests.conftest import ARTIFACTS, clone_repo, start_server, subset, written_version
-from tests.scenarios.test_cli import run_cli
+from tests.helpers import run_cli
 
 FOREIGN = "sha256:" + "f" * 64  # an encoder this repository never had
 
@@ -92,7 +92,7 @@ def test_classify_store_then_rescore_gives_the_server_labels(store_server, photo
         # A new version goes live; the server classifies with it; rescoring the store with the
         # same version on CPU must give the same labels.
         card = written_version(repo, "animal", np.random.default_rng(7), ("cat", "dog", "bird"))
-        live.head_published(server.http_url, "animal")
+        live.head_published(server, "animal")
         # The old version is still unloading (Triton calls the whole server "not ready" then),
         # yet classify is ready: the client must say so, or `headmaster classify` refuses to run.
         assert client.is_ready()
@@ -108,6 +108,44 @@ def test_classify_store_then_rescore_gives_the_server_labels(store_server, photo
         np.testing.assert_allclose(scores, list(served[sha].scores.values()), atol=1e-5)
     # The earlier version's labels are still there, per version.
     assert store.labels("animal", version=card.version - 1).num_rows == 7
+
+
+def test_chunks_of_only_new_images_into_a_store_that_holds_items(store_server, photo_files, tmp_path, monkeypatch):
+    """Issue 9: a chunk none of whose images is stored, in a store that holds others, crashed
+    (`cannot reshape array of size 0`); small chunks make every chunk after the first one such.
+    Each file is read once: hashed and sent from the same bytes."""
+    import builtins
+    import io
+    from collections import Counter
+
+    server, _ = store_server
+    store = ParquetStore(tmp_path / "store")
+    good = [p for p in photo_files if p.name != "broken.jpg"]
+    names = {str(p) for p in photo_files}
+    reads: Counter = Counter()
+    real_open = io.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) in names:
+            reads[str(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    with HeadmasterClient(server.grpc_url, batch_size=4) as client:
+        _, stats = classify_into_store(client, store, good[:2], chunk=2)
+        assert (stats.embedded, stats.reused, stats.failed) == (2, 0, 0)
+        before = encoder_executions(server.http_url)
+        monkeypatch.setattr(io, "open", counting_open)
+        monkeypatch.setattr(builtins, "open", counting_open)
+        results, stats = classify_into_store(client, store, photo_files, chunk=2)
+        monkeypatch.undo()
+        assert (stats.embedded, stats.reused, stats.failed) == (5, 2, 1)
+        assert encoder_executions(server.http_url) > before
+    assert reads == Counter({str(p): 1 for p in photo_files})
+    assert [Path(r.source).name for r in results] == [p.name for p in photo_files]
+    assert [r.source for r in results if not r.ok] == [str(photo_files[0].parent / "broken.jpg")]
+    fingerprint, = store.fingerprints()
+    assert store.fingerprints() == {fingerprint: 7}
+    assert sorted(store.labels("animal")["sha256"].to_pylist()) == sorted(r.sha256 for r in results if r.ok)
 
 
 def test_float16_store_halves_the_embeddings_and_keeps_them_close(store_server, photo_files, tmp_path):

@@ -1,11 +1,9 @@
 """The Store contract, run against every backend: a Parquet folder and a real PostgreSQL server.
 
-PostgreSQL: the DSN in HEADMASTER_TEST_POSTGRES (a ``postgresql://`` URL) when set, else a
-throwaway server started from Debian's binaries (/usr/lib/postgresql/NN/bin) in a temp folder,
-listening on a unix socket only, as the ``postgres`` user when the tests run as root (the
-server refuses root). Each test gets a schema of its own. No binaries: the postgres cases are
-skipped, or fail when CI is set. The ``postgres`` case uses pgvector when the server has it;
-``postgres-array`` always stores real[], so both column types run wherever pgvector exists.
+PostgreSQL: the session's server from tests/helpers.py (HEADMASTER_TEST_POSTGRES, or a
+throwaway server from Debian's binaries); each test gets a schema of its own. The ``postgres``
+case uses pgvector when the server has it; ``postgres-array`` always stores real[], so both
+column types run wherever pgvector exists.
 """
 
 from __future__ import annotations
@@ -14,14 +12,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
+import threading
 import uuid
-from pathlib import Path
-from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -35,8 +27,13 @@ from headmaster.client.store import (
     label_table,
     open_store,
 )
+from tests import helpers
+from tests.helpers import free_port, with_schema
 
-PG_ENV = "HEADMASTER_TEST_POSTGRES"
+# The PostgreSQL server's fixtures, shared with other modules through tests/helpers.py.
+postgres_url, pgvector_available, postgres_schema = helpers.postgres_url, helpers.pgvector_available, \
+    helpers.postgres_schema
+
 PGVECTOR_MISSING = "pgvector extension not installed on this PostgreSQL (Debian: postgresql-15-pgvector)"
 FP_A = "sha256:" + "a" * 64
 FP_B = "sha256:" + "b" * 64
@@ -63,97 +60,6 @@ def labelled(hashes, version: int, seed: int, at: dt.datetime, fingerprint: str 
 
 
 T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
-
-
-# -- the PostgreSQL server ---------------------------------------------------------------
-def _pg_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name)
-                   if p.parent.parent.name.isdigit() else 0)
-    return found[-1].parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so the PostgreSQL store must be tested)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    """The base URL of a PostgreSQL server for the whole session."""
-    if os.environ.get(PG_ENV):
-        yield os.environ[PG_ENV]
-        return
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'headmaster[postgres]')")
-    bin_dir = _pg_bin()
-    if bin_dir is None or not (bin_dir / "initdb").is_file():
-        _unavailable(f"no PostgreSQL server binaries in /usr/lib/postgresql/*/bin (Debian: postgresql) and no {PG_ENV}")
-    as_user: list[str] = []
-    root = tempfile.mkdtemp(prefix="headmaster-pg-")  # directly in /tmp: pytest's tmp is private to root
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            _unavailable("running as root and runuser is missing: the PostgreSQL server cannot run as root")
-        try:
-            shutil.chown(root, "postgres", "postgres")
-        except LookupError:
-            _unavailable("running as root and there is no `postgres` user: the PostgreSQL server cannot run as root")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = os.path.join(root, "data"), _free_port()
-    started = False
-    try:
-        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
-                        "--encoding=UTF8", "--locale=C", "--no-sync"], check=True, capture_output=True, timeout=60)
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", data, "-l", os.path.join(root, "server.log"), "-w",
-                        "-o", f"-p {port} -k {root} -c listen_addresses='' -c fsync=off -c full_page_writes=off", "start"], check=True, capture_output=True, timeout=60)
-        started = True
-        yield f"postgresql://postgres@/postgres?{urlencode({'host': root, 'port': port})}"
-    except subprocess.CalledProcessError as e:
-        log = Path(root, "server.log")
-        pytest.fail(f"could not start PostgreSQL: {e.stderr.decode(errors='replace')}"
-                    f"{log.read_text() if log.is_file() else ''}")
-    finally:
-        if started:
-            subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"],
-                           check=False, capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def pgvector_available(postgres_url) -> bool:
-    """Whether the server has pgvector; if so it is created once in ``public``, which every
-    test schema's search_path includes (an extension lives in exactly one schema)."""
-    import psycopg
-
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone() is None:
-            return False
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector SCHEMA public")
-        return True
-
-
-def with_schema(url: str, schema: str) -> str:
-    parts = urlsplit(url)
-    query = "&".join(q for q in [parts.query, urlencode({"options": f"-csearch_path={schema},public"})] if q)
-    return urlunsplit(parts._replace(query=query))
-
-
-@pytest.fixture
-def postgres_schema(postgres_url, pgvector_available):
-    """A DSN whose tables land in a fresh schema, dropped afterwards."""
-    import psycopg
-
-    schema = f"headmaster_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield with_schema(postgres_url, schema)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture(params=["parquet", "postgres", "postgres-array"])
@@ -340,6 +246,155 @@ def test_resolve_ambiguous_prefix(store):
     assert store.resolve("deadbeef1") == second
 
 
+# -- edges: nothing found, nothing given, one row, one item twice, another writer -------
+def every_read(store, fingerprint: str = FP_A) -> dict:
+    """What every read of the interface answers, as plain values."""
+    return {
+        "embeddings": {h: v.tolist() for h, v in store.embeddings([sha(i) for i in range(10)], fingerprint).items()},
+        "fingerprints": store.fingerprints(),
+        "iter": [(list(map(str, h)), m.shape) for h, m in store.iter_embeddings(fingerprint, 4)],
+        "uris": store.uris(),
+        "labels": store.labels("animal").to_pylist(),
+        "label_heads": store.label_heads(),
+        "corrections": store.corrections("animal"),
+    }
+
+
+def test_a_new_store_answers_every_read_with_nothing(store):
+    """A store whose fingerprint partition does not exist yet (day one, or a new encoder)."""
+    assert every_read(store) == {"embeddings": {}, "fingerprints": {}, "iter": [], "uris": {}, "labels": [],
+                                 "label_heads": [], "corrections": {}}
+    assert store.labels("animal").schema == label_schema()
+    assert store.labels("animal", version=1).schema == label_schema()
+    with pytest.raises(StoreError, match="unknown item"):
+        store.resolve(sha(0))
+
+
+def test_embeddings_of_only_new_items_in_a_store_that_holds_others(store):
+    """Day two: none of the asked items is stored yet, under a fingerprint that has items (the
+    Parquet store raised `cannot reshape array of size 0 into shape (0,newaxis)` here)."""
+    store.add_items(items(0, 5, FP_A, 8))
+    assert store.embeddings([sha(i) for i in range(100, 300)], FP_A) == {}
+    assert store.embeddings([sha(100)], FP_A) == {}
+    assert store.embeddings([], FP_A) == {}
+    assert store.embeddings(iter([]), FP_A) == {}
+    assert store.embeddings([sha(0)], FP_B) == {}  # a fingerprint with no partition
+    # One found among many new ones, asked for three times in one call.
+    got = store.embeddings([sha(100), sha(2), sha(2), sha(101), sha(2)], FP_A)
+    assert list(got) == [sha(2)] and got[sha(2)].shape == (8,) and got[sha(2)].dtype == np.float32
+    # A generator and a set are iterables too.
+    assert set(store.embeddings((sha(i) for i in range(3)), FP_A)) == {sha(0), sha(1), sha(2)}
+    assert set(store.embeddings({sha(3), sha(4)}, FP_A)) == {sha(3), sha(4)}
+
+
+def test_one_row_everywhere(store):
+    only = items(7, 1, FP_A, 8, seed=3)
+    store.add_items(only)
+    store.add_labels("animal", [labelled([sha(7)], 1, seed=1, at=T0)])
+    store.add_corrections([Correction(sha(7), "animal", ("cat",), "ann", T0)])
+    reads = every_read(store)
+    assert list(reads["embeddings"]) == [sha(7)]
+    np.testing.assert_allclose(reads["embeddings"][sha(7)], only[0].embedding)
+    assert reads["fingerprints"] == {FP_A: 1}
+    assert reads["iter"] == [([sha(7)], (1, 8))]
+    assert reads["uris"] == {sha(7): {FP_A: "/photos/7.jpg"}}
+    assert [r["sha256"] for r in reads["labels"]] == [sha(7)] and reads["label_heads"] == ["animal"]
+    assert list(reads["corrections"]) == [sha(7)]
+    assert store.resolve(sha(7)[:8]) == sha(7)
+
+
+def test_batches_of_one(store):
+    store.add_items(items(0, 3, FP_A, 8))
+    batches = list(store.iter_embeddings(FP_A, 1))
+    assert [m.shape for _, m in batches] == [(1, 8)] * 3
+    assert sorted(str(h[0]) for h, _ in batches) == sorted(sha(i) for i in range(3))
+
+
+def test_empty_writes_change_nothing(store):
+    store.add_items([])
+    store.add_embeddings([], [], FP_A, np.empty((0, 8), np.float32))
+    assert store.add_labels("animal", []) == 0
+    assert store.add_labels("animal", [labelled([], 1, seed=0, at=T0)]) == 0  # a table of zero rows
+    store.add_corrections([])
+    store.add_classifications([], FP_A)
+    assert every_read(store) == {"embeddings": {}, "fingerprints": {}, "iter": [], "uris": {}, "labels": [],
+                                 "label_heads": [], "corrections": {}}
+    # ... and the store still takes rows afterwards, of any dimension.
+    store.add_items(items(0, 2, FP_A, 12))
+    assert store.fingerprints() == {FP_A: 2}
+
+
+def test_one_item_twice_in_one_call_is_stored_once_the_last_wins(store):
+    rows = unit_rows(3, 8, seed=4)
+    store.add_embeddings([sha(0), sha(1), sha(0)], ["/a.jpg", "/b.jpg", "/copy-of-a.jpg"], FP_A, rows)
+    assert store.fingerprints() == {FP_A: 2}
+    assert store.uris()[sha(0)] == {FP_A: "/copy-of-a.jpg"}
+    got = store.embeddings([sha(0), sha(0)], FP_A)
+    np.testing.assert_allclose(got[sha(0)], rows[2])
+    streamed = [(str(h), m) for hashes, matrix in store.iter_embeddings(FP_A, 10) for h, m in zip(hashes, matrix)]
+    assert sorted(h for h, _ in streamed) == sorted([sha(0), sha(1)])
+    np.testing.assert_allclose(dict(streamed)[sha(0)], rows[2])
+
+    # Labels and corrections: two rows for one item at the same time; the one written last counts.
+    table = labelled([sha(0), sha(1), sha(0)], 1, seed=5, at=T0)
+    assert store.add_labels("animal", [table]) == 3
+    latest_rows = {r["sha256"]: r for r in store.labels("animal").to_pylist()}
+    assert len(latest_rows) == 2
+    np.testing.assert_allclose(latest_rows[sha(0)]["scores"], table["scores"][2].as_py())
+    store.add_corrections([Correction(sha(0), "animal", ("cat",), "ann", T0),
+                           Correction(sha(0), "animal", ("dog",), "bob", T0)])
+    assert store.corrections("animal")[sha(0)].by == "bob"
+
+
+def test_writes_that_do_not_fit_are_refused(store):
+    with pytest.raises(StoreError, match="one uri and one embedding row per hash"):
+        store.add_embeddings([sha(0), sha(1)], [None], FP_A, unit_rows(2, 8, 0))
+    with pytest.raises(StoreError, match="one uri and one embedding row per hash"):
+        store.add_embeddings([sha(0)], [None], FP_A, unit_rows(2, 8, 0))
+    with pytest.raises(StoreError, match="one uri and one embedding row per hash"):
+        store.add_embeddings([sha(0)], [None], FP_A, unit_rows(1, 8, 0)[0])
+    store.add_items(items(0, 2, FP_A, 8))
+    with pytest.raises(StoreError, match="holds 8-dimensional embeddings of encoder .*refusing 12-dimensional"):
+        store.add_items(items(5, 1, FP_A, 12))
+    store.add_items(items(5, 1, FP_B, 12))  # another encoder, another size
+    assert store.fingerprints() == {FP_A: 2, FP_B: 1}
+
+
+def test_a_store_another_writer_filled(backend):
+    """Two handles on one store (two processes, two users): what one writes the other reads,
+    and items both add at once are stored once each."""
+    mine, theirs = backend(), backend()
+    theirs.add_items(items(0, 40, FP_A, 8, seed=1))
+    assert mine.fingerprints() == {FP_A: 40}
+    assert set(mine.embeddings([sha(i) for i in range(30, 60)], FP_A)) == {sha(i) for i in range(30, 40)}
+    # Both add items 20..2019 at the same time, in opposite orders: PostgreSQL deadlocked here
+    # (each writer held row locks the other waited for) until rows went in in sha256 order.
+    forward = items(20, 2000, FP_A, 8, seed=2)
+    errors: list[BaseException] = []
+
+    def write(store, rows):
+        try:
+            store.add_items(rows)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(mine, forward)),
+               threading.Thread(target=write, args=(theirs, forward[::-1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for store in (mine, theirs, backend()):
+        assert store.fingerprints() == {FP_A: 2020}
+        assert len(store.uris()) == 2020
+        streamed = [str(h) for hashes, _ in store.iter_embeddings(FP_A, 512) for h in hashes]
+        assert len(streamed) == len(set(streamed)) == 2020
+        got = store.embeddings([i.sha256 for i in forward], FP_A)
+        assert len(got) == 2000
+        np.testing.assert_allclose(np.stack([got[i.sha256] for i in forward]), np.stack([i.embedding for i in forward]))
+
+
 # -- opening -----------------------------------------------------------------------------
 def test_reopen_keeps_rows_and_dtype(backend):
     backend(embedding_dtype="float16").add_items(items(0, 3, FP_A, 8))
@@ -425,7 +480,7 @@ def test_unreachable_server_is_a_store_error():
     from headmaster.client.store_postgres import PostgresStore
 
     with pytest.raises(StoreError, match=r"cannot connect to PostgreSQL at postgresql://me:\*\*\*@127\.0\.0\.1:"):
-        PostgresStore(f"postgresql://me:secret@127.0.0.1:{_free_port()}/nothing?connect_timeout=3")
+        PostgresStore(f"postgresql://me:secret@127.0.0.1:{free_port()}/nothing?connect_timeout=3")
     with pytest.raises(StoreError, match="not a valid PostgreSQL DSN"):
         PostgresStore("postgresql://localhost/db?no_such_option=1")
 
