@@ -19,6 +19,39 @@ MODEL = "ViT-S-32"
 SEED = 0
 ARTIFACTS = Path(os.environ.get("HEADMASTER_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 
+# The native tier (opt-in): HEADMASTER_NATIVE_BACKENDS names a backend directory holding
+# onnxruntime/ (Triton's onnxruntime backend) and python/, HEADMASTER_NATIVE_TRITON a
+# tritonserver binary (default: the bundled one; either variable turns the tier on, the
+# backends default to the binary's ../backends). Then the repositories the tests build are of
+# the native flavour (encoders and heads on the onnxruntime_onnx platform) and every server
+# the tests start runs that binary with those backends. HEADMASTER_NATIVE_DEVICE=gpu keeps the
+# encoders on KIND_GPU (default cpu: KIND_CPU, for a Triton without GPU).
+NATIVE_TRITON = os.environ.get("HEADMASTER_NATIVE_TRITON") or None
+NATIVE_BACKENDS = os.environ.get("HEADMASTER_NATIVE_BACKENDS") or (
+    str(Path(NATIVE_TRITON).resolve().parent.parent / "backends") if NATIVE_TRITON else None)
+NATIVE = NATIVE_BACKENDS is not None
+FLAVOUR = "native" if NATIVE else "portable"
+NATIVE_DEVICE = "auto" if os.environ.get("HEADMASTER_NATIVE_DEVICE", "cpu") == "gpu" else "cpu"
+# What build_repo adds to the build options of every repository on this tier.
+TIER_OPTIONS = {"flavour": "native", "device": NATIVE_DEVICE} if NATIVE else {}
+
+
+def pytest_report_header(config):
+    if NATIVE:
+        return (f"headmaster: native tier: flavour {FLAVOUR}, tritonserver {NATIVE_TRITON or '(bundled)'}, "
+                f"backends {NATIVE_BACKENDS}")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``portable_only(reason)`` skip on the native tier, saying why."""
+    if not NATIVE:
+        return
+    for item in items:
+        marker = item.get_closest_marker("portable_only")
+        if marker:
+            item.add_marker(pytest.mark.skip(reason="portable flavour only: " + " ".join(marker.args)))
+
 
 def photo_bytes() -> dict[str, bytes]:
     """Real photos as their encoded bytes (PNG / JPEG files from installed packages)."""
@@ -80,6 +113,8 @@ def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Pat
     from headmaster.model_repository.repository import BuildOptions, build_repository
     from headmaster.training.zero_shot import create_zero_shot_head
 
+    if "flavour" not in options:  # the native tier builds native repositories
+        options = {**TIER_OPTIONS, **options}
     build_repository(encoder_dir, repo, BuildOptions(**options))
     for name, (labels, templates, thresholds) in heads.items():
         create_zero_shot_head(repo, name, labels, templates, thresholds)
@@ -97,9 +132,11 @@ def start_server(repo: Path, log_dir: Path):
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
 
     repository = Repository(repo)
+    native = {"binary": Path(NATIVE_TRITON) if NATIVE_TRITON else None,
+              "backend_directory": Path(NATIVE_BACKENDS)} if NATIVE else {}
     options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), load_models=tuple(repository.model_names()),
-                            exit_timeout_s=10)
+                            exit_timeout_s=10, **native)
     log_dir.mkdir(parents=True, exist_ok=True)
     return TritonServer(options, log_path=log_dir / f"tritonserver-{repo.parent.name}.log").start()
 

@@ -1,0 +1,118 @@
+"""The native flavour from the session's exported encoder: every config matches its file.
+
+Triton's onnxruntime backend refuses a config whose dims differ from the ONNX file's own
+(a head's SCORES is [batch, labels], fixed per version). The static check
+(model_repository/native_check.py) makes the backend's comparisons over every model and
+every version on disk, here for a head published with 2 labels and then with 3.
+
+On the native tier (HEADMASTER_NATIVE_BACKENDS / HEADMASTER_NATIVE_TRITON, see conftest.py)
+the live test serves it with Triton's onnxruntime backend; on the normal tier the same test
+runs on the bundled server's python backend, from the same description.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from headmaster.client import HeadmasterClient
+from headmaster.model_repository.config import parse, to_proto
+from headmaster.model_repository.native_check import check_repository, served_versions, version_problems
+from headmaster.model_repository.repository import Repository, rollback
+from headmaster.training.zero_shot import create_zero_shot_head
+from tests.conftest import ARTIFACTS, build_repo, start_server
+
+TWO = ["cat=a photo of a cat", "dog=a photo of a dog"]
+THREE = [*TWO, "bird=a photo of a bird"]
+
+
+def scores_dims(repo: Path, head: str) -> list[int]:
+    config = parse((repo / head / "config.pbtxt").read_text())
+    return [list(t.dims) for t in config.output if t.name == "SCORES"][0]
+
+
+@pytest.fixture(scope="module")
+def native_repo(encoder_dir, tmp_path_factory) -> Path:
+    repo = build_repo(encoder_dir, tmp_path_factory.mktemp("native") / "repo", heads={}, flavour="native",
+                      device="cpu")
+    create_zero_shot_head(repo, "animals", TWO)
+    create_zero_shot_head(repo, "animals", THREE)
+    return repo
+
+
+def test_every_model_and_version_matches_its_file(native_repo):
+    repository = Repository(native_repo)
+    assert repository.head("animals").versions == (1, 2) and repository.head("animals").live == 2
+    platforms = {name: parse((native_repo / name / "config.pbtxt").read_text()).platform
+                 for name in repository.model_names()}
+    assert platforms["image_encoder"] == platforms["text_encoder"] == platforms["animals"] == "onnxruntime_onnx"
+    assert check_repository(repository) == []
+    checked = []
+    for name in repository.model_names():
+        config = parse((native_repo / name / "config.pbtxt").read_text())
+        if config.platform == "ensemble":
+            continue
+        heads = repository.head_names()
+        for version in sorted(int(p.name) for p in (native_repo / name).iterdir() if p.name.isdigit()):
+            # a head version is checked against the config that serves it when it is live
+            served = to_proto(repository.head_model(name, version), "native") if name in heads else config
+            assert version_problems(served, native_repo / name / str(version)) == [], f"{name} v{version}"
+            checked.append((name, version))
+    assert ("animals", 1) in checked and ("animals", 2) in checked and ("image_encoder", 1) in checked
+
+
+def test_the_config_follows_the_live_versions_label_count(native_repo, tmp_path):
+    repository = Repository(native_repo)
+    assert scores_dims(native_repo, "animals") == [3]
+    repository.set_live("animals", 1)
+    try:
+        assert scores_dims(native_repo, "animals") == [2]
+        assert served_versions(parse((native_repo / "animals" / "config.pbtxt").read_text()),
+                               native_repo / "animals") == [1]
+        assert check_repository(native_repo) == []
+    finally:
+        repository.set_live("animals", 2)
+    assert scores_dims(native_repo, "animals") == [3]
+    assert check_repository(native_repo) == []
+
+
+def test_encoder_configs_are_the_exported_files_shapes(native_repo, encoder_dir):
+    import onnxruntime as ort
+
+    for tower in ("image", "text"):
+        config = parse((native_repo / f"{tower}_encoder" / "config.pbtxt").read_text())
+        session = ort.InferenceSession(str(native_repo / f"{tower}_encoder" / "1" / "model.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        [model_input], [model_output] = session.get_inputs(), session.get_outputs()
+        assert (config.input[0].name, model_input.shape[1:]) == (model_input.name, list(config.input[0].dims))
+        assert (config.output[0].name, model_output.shape[1:]) == (model_output.name, list(config.output[0].dims))
+        assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU  # device="cpu"
+
+
+@pytest.mark.server
+def test_a_version_with_another_label_count_hot_loads(encoder_dir, jpeg_photos, tmp_path):
+    """Served (native tier: onnxruntime backend; otherwise the python backend): v1 with 2
+    labels, then v2 with 3 hot-loaded, then a rollback to v1, each answering with its labels."""
+    repo = build_repo(encoder_dir, tmp_path / "repo", heads={"animals": (TWO, ("{}",), {})})  # the tier's flavour
+    images = list(jpeg_photos.values())[:3]
+    server = start_server(repo, ARTIFACTS / "native-flavour")
+    try:
+        with HeadmasterClient(server.grpc_url) as client:
+            def labels() -> set[tuple[int, tuple[str, ...]]]:
+                results = client.classify(images)
+                assert all(r.ok for r in results), [getattr(r, "error", r) for r in results if not r.ok]
+                return {(r.heads["animals"].version, tuple(sorted(r.heads["animals"].scores))) for r in results}
+
+            assert labels() == {(1, ("cat", "dog"))}
+            create_zero_shot_head(repo, "animals", THREE, ("{}",))  # publishes v2 and loads it on the server
+            assert scores_dims(repo, "animals") == [3]
+            assert labels() == {(2, ("bird", "cat", "dog"))}
+            rollback(repo, "animals", to=1)
+            from headmaster.model_repository import live
+
+            live.head_published(server, "animals")
+            assert scores_dims(repo, "animals") == [2]
+            assert labels() == {(1, ("cat", "dog"))}
+    finally:
+        server.stop()
