@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,14 +98,15 @@ class _Transport:
             raise _translate(e, model) from e
         return {n: result.as_numpy(n) for n in outputs}
 
-    async def parameter(self, model: str, key: str) -> str:
+    async def input_dims(self, model: str, name: str) -> list[int]:
+        """An input's shape from the model's metadata (an API the server leaves open)."""
         try:
-            config = await self.client.get_model_config(model, as_json=True) if self.protocol == "grpc" \
-                else await self.client.get_model_config(model)
+            metadata = await self.client.get_model_metadata(model, as_json=True) if self.protocol == "grpc" \
+                else await self.client.get_model_metadata(model)
         except Exception as e:
             raise _translate(e, model) from e
-        config = config.get("config", config)
-        return config.get("parameters", {}).get(key, {}).get("string_value", "")
+        (tensor,) = [t for t in metadata["inputs"] if t["name"] == name]
+        return [int(d) for d in tensor["shape"]]
 
     async def is_ready(self, model: str) -> bool:
         try:
@@ -246,8 +248,18 @@ class AsyncHeadmasterClient:
         return await self._run_all("embed", ["EMBEDDING"], images, build, progress)
 
     async def encoder_fingerprint(self) -> str:
-        """The fingerprint of the encoder the server runs (from the image_encoder's config)."""
-        return await self._transport.parameter("image_encoder", "fingerprint")
+        """The fingerprint of the encoder the server runs: every RESULT names it, so one zero
+        embedding through ``classify_embedding`` (heads only, no encoder) asks for it without the
+        model-config API, which the server keeps closed."""
+        dims = await self._transport.input_dims("classify_embedding", "EMBEDDING")
+        zeros = np.zeros((1, dims[-1]), np.float32)
+        out = await self._transport.infer("classify_embedding", [self._transport.fp32_input("EMBEDDING", zeros)],
+                                          ["RESULT"])
+        fingerprint = json.loads(out["RESULT"].reshape(-1)[0]).get("encoder")
+        if not fingerprint:
+            raise ClientError(f"the server at {self.url} does not say which encoder it runs (a repository built by "
+                              "an older Headmaster): rebuild it with `headmaster repo build`")
+        return fingerprint
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings [N, D] through the ``embed_text`` ensemble (same space as images)."""

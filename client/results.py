@@ -31,6 +31,7 @@ class Classification:
     sha256: str  # of the image bytes: the item's identity in stores and datasets
     embedding: np.ndarray  # float32 [D], L2-normalised
     heads: dict[str, HeadResult] = field(default_factory=dict)
+    encoder: str | None = None  # fingerprint of the encoder whose embedding space this answer is in
     ok = True
 
     @classmethod
@@ -39,10 +40,10 @@ class Classification:
         doc = json.loads(result_json)
         heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]))
                  for name, h in doc.get("heads", {}).items()}
-        return cls(source, sha256, np.asarray(embedding, dtype=np.float32), heads)
+        return cls(source, sha256, np.asarray(embedding, dtype=np.float32), heads, doc.get("encoder"))
 
     def to_dict(self, with_embedding: bool = False) -> dict:
-        d = {"source": self.source, "sha256": self.sha256, "ok": True,
+        d = {"source": self.source, "sha256": self.sha256, "ok": True, "encoder": self.encoder,
              "heads": {n: {"version": h.version, "labels": list(h.labels), "scores": h.scores} for n, h in self.heads.items()}}
         if with_embedding:
             d["embedding"] = self.embedding.tolist()

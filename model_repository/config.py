@@ -126,8 +126,18 @@ class PreprocessModel:
     preprocessing: dict  # the encoder card's preprocessing
     batching: Batching = Batching(64, (), 0)
     instances: Instances = Instances(1)
-    threads: int = 0  # decode threads per instance; 0 = one per CPU core
+    threads: int = 0  # images decoded at once per instance (decode_concurrency); 0 = one per CPU core
     name: str = "preprocess"
+    # Bounds on the work one image or request may cause (backends/preprocess.py); 0 = its default.
+    max_pixels: int = 0  # pixels decoded at full size (larger JPEGs decode at 1/2..1/8)
+    max_aspect_ratio: float = 0  # longest side / shortest side
+    max_request_bytes: int = 0  # encoded bytes of all the images of one request
+
+    def __post_init__(self) -> None:
+        if min(self.threads, self.max_pixels, self.max_aspect_ratio, self.max_request_bytes) < 0:
+            raise ConfigError("preprocess limits must be >= 0 (0 = the default)")
+        if 0 < self.max_aspect_ratio < 1:
+            raise ConfigError(f"max_aspect_ratio is longest/shortest side, so >= 1, not {self.max_aspect_ratio}")
 
     @property
     def output(self) -> Tensor:
@@ -138,7 +148,10 @@ class PreprocessModel:
         return {**_base(self.name, self.batching, [Tensor("IMAGE", "BYTES", (1,))], [self.output], flavour,
                         self.instances),
                 "backend": "python",
-                "parameters": _params(preprocessing=json.dumps(self.preprocessing), threads=self.threads)}
+                "parameters": _params(preprocessing=json.dumps(self.preprocessing), decode_concurrency=self.threads,
+                                      **{k: v for k, v in (("max_pixels", self.max_pixels),
+                                                           ("max_aspect_ratio", self.max_aspect_ratio),
+                                                           ("max_request_bytes", self.max_request_bytes)) if v})}
 
 
 @dataclass(frozen=True)
@@ -152,7 +165,7 @@ class EncoderModel:
     batching: Batching = Batching(64, (8, 16, 32), 2000)
     instances: Instances = Instances(1, gpu=True)
     graph_optimization: str = "all"  # onnxruntime level for the portable runner
-    device: str = "auto"  # portable runner: auto | cpu | cuda
+    device: str = "auto"  # portable runner: auto | cpu | cuda; cpu also means KIND_CPU when native
     fingerprint: str = ""  # the encoder card's: clients check they embed with the right encoder
 
     def __post_init__(self) -> None:
@@ -165,7 +178,10 @@ class EncoderModel:
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
-        base = _base(self.name, self.batching, [self.input], [self.output], flavour, self.instances)
+        # device="cpu" keeps the instances on KIND_CPU in the native flavour too (a Triton
+        # without GPU refuses KIND_GPU); otherwise the encoders ask for a GPU there.
+        instances = Instances(self.instances.count, gpu=False) if self.device == "cpu" else self.instances
+        base = _base(self.name, self.batching, [self.input], [self.output], flavour, instances)
         identity = _params(fingerprint=self.fingerprint) if self.fingerprint else {}
         if flavour == "native":
             return {**base, "platform": NATIVE_PLATFORMS[self.format], "parameters": identity}
@@ -202,14 +218,24 @@ class HeadModel:
     name: str
     embed_dim: int
     live_version: int  # version_policy: specific, so rollback is a config change, not a delete
+    # Labels of the live version: SCORES is [num_labels], the fixed dim of its model.onnx,
+    # which Triton's onnxruntime backend requires the config to repeat exactly. The config
+    # serves one version and is re-rendered whenever the live version changes
+    # (Repository.set_live), so a version with another label count gets its own dims.
+    # None (-1) only where no head file is known; Repository.head_model always passes it.
+    num_labels: int | None = None
     batching: Batching = Batching(64, (), 0)
     instances: Instances = Instances(1)
 
     def __post_init__(self) -> None:
         if self.live_version < 1:
             raise ConfigError(f"head {self.name}: live_version must be >= 1, got {self.live_version}")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ConfigError(f"head {self.name}: num_labels must be >= 1, got {self.num_labels}")
 
-    outputs = (Tensor("SCORES", "FP32", (-1,)), Tensor("INFO", "BYTES", (1,)))
+    @property
+    def outputs(self) -> tuple[Tensor, ...]:
+        return (Tensor("SCORES", "FP32", (self.num_labels or -1,)), Tensor("INFO", "BYTES", (1,)))
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
@@ -238,6 +264,9 @@ class ThresholdModel:
     embed_dim: int
     batching: Batching = Batching(64, (), 0)
     name: str = "threshold"
+    # The encoder fingerprint every RESULT names: clients learn which embedding space an answer
+    # lives in without reading model configs (an API the server keeps closed).
+    encoder: str = ""
 
     @property
     def inputs(self) -> list[Tensor]:
@@ -257,7 +286,7 @@ class ThresholdModel:
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
         return {**_base(self.name, self.batching, self.inputs, self.outputs, flavour, Instances(1)),
-                "backend": "python", "parameters": _params(heads=json.dumps(list(self.heads)))}
+                "backend": "python", "parameters": _params(heads=json.dumps(list(self.heads)), encoder=self.encoder)}
 
 
 @dataclass(frozen=True)

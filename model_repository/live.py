@@ -13,47 +13,119 @@ every request in flight or arriving meanwhile still finds a consistent set of mo
 
 Triton itself keeps serving the old version of a model until the new one has loaded, and
 lets in-flight requests finish on the version they started on.
+
+The control API is closed by a key (see :mod:`server_record`); a :class:`Control` carries
+the address and the key, found in the repository's server record or given by the caller.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 from headmaster.export.errors import ServerError
+from headmaster.model_repository.server_record import KEY_ENV, KEY_HEADER, ServerRecord, running_server
 
 LOG = logging.getLogger(__name__)
 # Models whose configs name every head, in the order they are loaded after a head arrives.
 HEAD_DEPENDENT = ("threshold", "classify", "classify_embedding")
 
 
-def _client(url: str, timeout_s: float):
+@dataclass(frozen=True)
+class Control:
+    """A server's control API: its HTTP address and the key its restricted APIs want."""
+
+    http_url: str
+    api_key: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {KEY_HEADER: self.api_key} if self.api_key else {}
+
+    @classmethod
+    def of(cls, server) -> "Control":
+        """From a Control, a ServerRecord or TritonServer (anything with http_url and api_key),
+        or a bare host:port, whose key then comes from HEADMASTER_API_KEY."""
+        if isinstance(server, Control):
+            return server
+        if isinstance(server, str):
+            return cls(server, os.environ.get(KEY_ENV) or None)
+        return cls(server.http_url, getattr(server, "api_key", None))
+
+
+def find(repo: Path, server: str | None = None) -> Control | None:
+    """The server a command that changed ``repo`` must update: ``server`` when given (its key
+    from the repository's record when the addresses match, else HEADMASTER_API_KEY), else the
+    live server recorded in the repository, else None (nothing is serving it)."""
+    record: ServerRecord | None = running_server(repo)
+    if server is None:
+        return Control.of(record) if record else None
+    if record is not None and record.http_url == server:
+        return Control.of(record)
+    return Control.of(server)
+
+
+def _client(control: Control, timeout_s: float):
     import tritonclient.http as http
 
-    return http.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    return http.InferenceServerClient(control.http_url, connection_timeout=timeout_s, network_timeout=timeout_s)
 
 
-def _call(url: str, action: str, names: list[str], timeout_s: float) -> None:
+def _call(server, action: str, names: list[str], timeout_s: float) -> None:
     from tritonclient.utils import InferenceServerException
 
-    client = _client(url, timeout_s)
+    control = Control.of(server)
+    client = _client(control, timeout_s)
     try:
         for name in names:
-            LOG.info("%s %s on %s", action, name, url)
+            LOG.info("%s %s on %s", action, name, control.http_url)
             try:
-                getattr(client, f"{action}_model")(name)
+                getattr(client, f"{action}_model")(name, headers=control.headers)
             except InferenceServerException as e:
-                raise ServerError(f"the server at {url} could not {action} model {name!r}: {e.message()}") from None
+                message = e.message() or str(e)
+                if "403" in str(e.status()) or "restricted" in message.lower():
+                    raise ServerError(
+                        f"the server at {control.http_url} refused to {action} {name!r}: its control API is "
+                        f"closed and this command has no key for it (set {KEY_ENV}, or run the command on the "
+                        "machine that serves the repository, where the key is in REPO/.headmaster/server.json)"
+                    ) from None
+                raise ServerError(f"the server at {control.http_url} could not {action} model {name!r}: {message}") from None
             except Exception as e:  # connection refused, timeouts
-                raise ServerError(f"cannot reach the Triton server at {url} to {action} {name!r}: {e}") from None
+                raise ServerError(f"cannot reach the Triton server at {control.http_url} to {action} {name!r}: {e}") from None
     finally:
         client.close()
 
 
-def head_published(url: str, head: str, timeout_s: float = 300.0) -> None:
+def head_published(server, head: str, timeout_s: float = 300.0) -> None:
     """A head got a new (or its first) version, or a new live version: load it everywhere."""
-    _call(url, "load", [head, *HEAD_DEPENDENT], timeout_s)
+    _call(server, "load", [head, *HEAD_DEPENDENT], timeout_s)
 
 
-def head_removed(url: str, head: str, timeout_s: float = 300.0) -> None:
-    _call(url, "load", [*reversed(HEAD_DEPENDENT)], timeout_s)
-    _call(url, "unload", [head], timeout_s)
+def head_removed(server, head: str, timeout_s: float = 300.0) -> None:
+    _call(server, "load", [*reversed(HEAD_DEPENDENT)], timeout_s)
+    _call(server, "unload", [head], timeout_s)
+
+
+def reload(server, model: str, timeout_s: float = 300.0) -> None:
+    """Unload, then load ``model`` again: a fresh instance even when nothing on disk changed
+    (Triton treats a load of an unchanged model as done). Ensembles that use it go unready
+    meanwhile and are reloaded by Triton with it."""
+    _call(server, "unload", [model], timeout_s)
+    _call(server, "load", [model], timeout_s)
+
+
+def unload(server, models: list[str], timeout_s: float = 60.0) -> None:
+    _call(server, "unload", models, timeout_s)
+
+
+def loaded(server, timeout_s: float = 30.0) -> dict[str, str]:
+    """Model name -> the version Triton has READY (from the repository index)."""
+    control = Control.of(server)
+    client = _client(control, timeout_s)
+    try:
+        index = client.get_model_repository_index(headers=control.headers)
+    finally:
+        client.close()
+    return {m["name"]: m.get("version", "") for m in index if m.get("state") == "READY"}

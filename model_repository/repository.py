@@ -65,6 +65,10 @@ class BuildOptions:
     encoder_instances: int = 1
     preprocess_instances: int = 1
     preprocess_threads: int = 0  # 0 = one decode thread per CPU core
+    # Bounds per image and request in preprocess (0 = its defaults: 16 MP, 32:1, 64 MiB).
+    max_pixels: int = 0
+    max_aspect_ratio: float = 0
+    max_request_bytes: int = 0
     device: str = "auto"  # portable runner: auto | cpu | cuda
 
     def __post_init__(self) -> None:
@@ -138,6 +142,15 @@ class Repository:
 
     # -- heads -------------------------------------------------------------------------
     def head_names(self) -> list[str]:
+        """The heads this repository serves: head folders with a config. A head folder without
+        one (copied in by hand, maybe still being copied) is a candidate, not yet a head."""
+        return [name for name in self._head_folders() if (self.path / name / "config.pbtxt").is_file()]
+
+    def candidate_heads(self) -> list[str]:
+        """Head folders with versions but no config yet: dropped in by hand, waiting to be adopted."""
+        return [name for name in self._head_folders() if not (self.path / name / "config.pbtxt").is_file()]
+
+    def _head_folders(self) -> list[str]:
         # Only valid head names: staging and trash folders start with '.', which pathlib's
         # glob would match.
         found = {p.parent.parent.name for p in self.path.glob(f"*/[0-9]*/{HEAD_FILE}")}
@@ -180,13 +193,16 @@ class Repository:
             fingerprint=self.card.fingerprint)
 
     def head_model(self, name: str, live: int) -> HeadModel:
-        return HeadModel(name, self.card.embed_dim, live, self.options.light_batching)
+        labels = len(HeadCard.load(self.path / name / str(live)).labels)  # SCORES dims of that version
+        return HeadModel(name, self.card.embed_dim, live, labels, self.options.light_batching)
 
     def static_models(self) -> list:
         """Everything but the heads and what depends on the set of heads."""
         o = self.options
         models = [PreprocessModel(self.card.preprocessing, o.light_batching,
-                                  Instances(o.preprocess_instances), o.preprocess_threads),
+                                  Instances(o.preprocess_instances), o.preprocess_threads,
+                                  max_pixels=o.max_pixels, max_aspect_ratio=o.max_aspect_ratio,
+                                  max_request_bytes=o.max_request_bytes),
                   self.encoder_model("image")]
         if self.has_text:
             models += [TokenizeModel(self.card.model, self.card.context_length, o.light_batching),
@@ -233,7 +249,7 @@ class Repository:
 
         embed_steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
                        Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "IMAGE_EMBEDDING"}))
-        return [ThresholdModel(tuple(heads), d, self.options.light_batching),
+        return [ThresholdModel(tuple(heads), d, self.options.light_batching, encoder=self.fingerprint),
                 EnsembleModel("classify", (Tensor("IMAGE", "BYTES", (1,)),),
                               (Tensor("EMBEDDING", "FP32", (d,)), result, *head_outputs),
                               embed_steps + head_steps("IMAGE_EMBEDDING", True), self.options.max_batch_size),
@@ -269,26 +285,13 @@ class Repository:
 
     # -- checking --------------------------------------------------------------------------
     def validate(self) -> None:
-        """Every model has a config that Triton's protobuf reads, its files, and the heads'
-        encoder is the served one. Raises with the first problem found, named."""
-        for name in self.model_names():
-            config_path = self.path / name / "config.pbtxt"
-            if not config_path.is_file():
-                raise RepositoryError(f"model {name}: {config_path} is missing; run `headmaster repo build` again")
-            try:
-                config = parse(config_path.read_text())
-            except ConfigError as e:
-                raise RepositoryError(f"model {name}: {e}") from None
-            if config.name != name:
-                raise RepositoryError(f"model {name}: config.pbtxt names it {config.name!r}")
-            if config.platform != "ensemble" and not versions(self.path / name):
-                raise RepositoryError(f"model {name} has no version folder (e.g. {name}/1/)")
-        for head in self.heads():
-            require_same_encoder(self.fingerprint, head.card.encoder_fingerprint, f"head {head.name} v{head.live}")
-            if head.card.name != head.name or head.card.version != head.live:
-                raise RepositoryError(f"head {head.name}/{head.live}: head.json says {head.card.name} v{head.card.version}")
-            if not (self.path / head.name / str(head.live) / MODEL_FILE).is_file():
-                raise RepositoryError(f"head {head.name} v{head.live} has no {MODEL_FILE}")
+        """The repository on disk describes exactly what can be served: every problem that
+        ``consistency.problems`` finds (configs, files, head versions, ensembles, leftovers, and
+        native_check's configs vs model files), listed in one RepositoryError."""
+        from headmaster.model_repository.consistency import error_for, problems
+
+        if found := problems(self.path):
+            raise error_for(self.path, found)
 
 
 def copy_backend(source: str, folder: Path) -> None:
@@ -350,6 +353,8 @@ def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = Buil
 
 def rollback(repo: Path, name: str, to: int | None = None) -> int:
     """Serve an older version of a head again (default: the one before the live one)."""
+    from headmaster.model_repository.validation import check_rollback
+    check_rollback(repo, name, to)  # the target must validate before it goes live
     repository = Repository(repo)
     with repository_lock(repo):
         state = repository.head(name)
@@ -367,6 +372,9 @@ def rollback(repo: Path, name: str, to: int | None = None) -> int:
 def import_head(repo: Path, version_dir: Path, name: str | None = None) -> HeadCard:
     """Publish a head version made elsewhere (another repository, a training machine) as
     the next version here; refused if it was made with another encoder."""
+    from headmaster.model_repository.validation import check_version_dir
+    here = Repository(repo)
+    check_version_dir(version_dir, here.fingerprint, here.card.embed_dim)  # a corrupt folder: one line
     from dataclasses import replace
 
     from headmaster.export.heads import HeadWeights

@@ -24,8 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headmaster.export.errors import ServerError
+from headmaster.model_repository import server_record
+from headmaster.model_repository.server_record import KEY_HEADER, RESTRICTED_APIS, ServerRecord
 
 LOG = logging.getLogger(__name__)
+SHM_PREFIX = "triton_python_backend_shm_region_"
+STUB_NAME = "triton_python_backend_stub"
 
 MODEL_CONTROL_MODES = ("explicit", "poll", "none")
 
@@ -81,12 +85,24 @@ class ServerOptions:
     # Models loaded at start in explicit mode; empty means every model in the repository.
     load_models: tuple[str, ...] = ()
     log_verbose: int = 0
-    # How long a stop waits for in-flight requests before Triton gives up on them.
-    exit_timeout_s: int = 30
+    # How long Triton waits, once told to exit, for models to unload (the drain before it has
+    # already finished the requests in flight).
+    exit_timeout_s: int = 10
     # Python-backend shared memory per model instance; images travel through it, so start
     # large enough for a full batch instead of growing 1 MB at a time.
     shm_default_bytes: int = 64 * 1024 * 1024
     shm_growth_bytes: int = 16 * 1024 * 1024
+    # Triton APIs closed to callers without the key (header headmaster-api-key); () opens them all.
+    restricted_apis: tuple[str, ...] = RESTRICTED_APIS
+    api_key: str | None = None  # None: a new random key per start (found in the server record)
+    # Record address, pids and key in REPO/.headmaster/server.json, for the commands that change
+    # the repository; readable by the owner only.
+    write_record: bool = True
+    # Another tritonserver binary and --backend-directory instead of the bundled ones, e.g. a
+    # build with Triton's onnxruntime backend for the native flavour (the folder then holds
+    # python/ and onnxruntime/ as Triton expects). None: the nvidia-pytriton wheel's.
+    binary: Path | None = None
+    backend_directory: Path | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -142,6 +158,13 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self._process: subprocess.Popen | None = None
         self._log_file = None
+        self.api_key = (options.api_key or server_record.new_key()) if options.restricted_apis else None
+        self.stubs: dict[int, Stub] = {}  # python-backend stubs seen alive, by pid
+        self._suspects: list[Stub] = []  # stubs gone since the last look, judged at the next
+        # Models whose stub died under a request: Triton's python backend never frees that request,
+        # so the old model object outlives every unload and holds the server's exit to its timeout.
+        self.leaked_models: set[str] = set()
+        self.record: ServerRecord | None = None
 
     # -- addresses ---------------------------------------------------------------------
     @property
@@ -168,7 +191,7 @@ class TritonServer:
     def command(self, bundled: BundledTriton, backend_dir: Path) -> list[str]:
         o = self.options
         args = [
-            str(bundled.binary),
+            str(o.binary or bundled.binary),
             f"--model-repository={Path(o.repository).resolve()}",
             f"--backend-directory={backend_dir}",
             f"--http-address={o.host}",
@@ -187,6 +210,10 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=true",
         ]
+        if o.restricted_apis:
+            apis = ",".join(o.restricted_apis)
+            args += [f"--http-restricted-api={apis}:{KEY_HEADER}={self.api_key}",
+                     f"--grpc-restricted-protocol={apis}:{KEY_HEADER}={self.api_key}"]
         if o.model_control_mode == "poll":
             args.append(f"--repository-poll-secs={o.poll_interval_s}")
         if o.model_control_mode == "explicit":
@@ -196,6 +223,8 @@ class TritonServer:
     def _backend_dir(self, bundled: BundledTriton) -> Path:
         # The python backend looks for its stub beside libtriton_python.so, and the wheel
         # keeps one stub per Python version elsewhere: assemble the folder it expects.
+        if self.options.backend_directory is not None:
+            return Path(self.options.backend_directory).resolve()
         backend_dir = self._workdir / "backends"
         python_dir = backend_dir / "python"
         python_dir.mkdir(parents=True, exist_ok=True)
@@ -252,8 +281,15 @@ class TritonServer:
         try:
             self._wait_ready(timeout_s)
         except BaseException:
-            self.stop()
+            self.stop(failed=True)
             raise
+        self.watch_stubs()
+        if o.write_record:
+            self.record = ServerRecord(
+                repository=str(repository.resolve()), pid=self._process.pid, owner_pid=os.getpid(),
+                http_url=self.http_url, grpc_url=self.grpc_url, metrics_url=self.metrics_url, api_key=self.api_key,
+                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            server_record.write_record(repository, self.record)
         return self
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -291,30 +327,119 @@ class TritonServer:
     def is_alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def stop(self, timeout_s: float | None = None) -> int | None:
-        """Stop the server: SIGTERM lets Triton drain in-flight requests and unload models."""
-        process, self._process = self._process, None
+    # -- python-backend stubs ------------------------------------------------------------
+    def watch_stubs(self) -> list["Stub"]:
+        """Look at the server's python-backend stubs; returns those that died (a stub killed or
+        crashed leaves its model answering 500 for every request, and Triton never restarts it).
+
+        A stub also goes away when its model unloads or changes version. A stub counts as dead
+        when, one look after it vanished, its shared-memory region is still there (a clean exit
+        removes it; a killed stub cannot), no stub took its place, and Triton still calls the
+        version it ran READY."""
+        if not self.is_alive():
+            return []
+        alive = {stub.pid: stub for stub in _stubs_of(self._process.pid)}
+        dead = []
+        if self._suspects:
+            from headmaster.model_repository import live
+
+            try:
+                ready = live.loaded(self)
+            except Exception:
+                ready = {}
+            running = {(stub.instance, stub.version) for stub in alive.values()}
+            dead = [stub for stub in self._suspects
+                    if os.path.exists(f"/dev/shm/{stub.region}") and (stub.instance, stub.version) not in running
+                    and ready.get(stub.model) == stub.version]
+        self._suspects = [stub for pid, stub in self.stubs.items() if pid not in alive]
+        self.stubs = alive
+        return dead
+
+    def forget_stub_regions(self, stubs: list["Stub"]) -> None:
+        """Unlink the shared-memory regions of dead stubs. Only tritonserver still maps one (for the
+        model object the python backend never frees, see ``leaked_models``); the name goes now, the
+        memory when that mapping does."""
+        self.leaked_models |= {stub.model for stub in stubs}
+        _unlink_regions({stub.region for stub in stubs}, even_if_mapped=True)
+
+    # -- stopping ------------------------------------------------------------------------
+    def drain(self, timeout_s: float = 10.0) -> None:
+        """Stop taking requests and finish those in flight, before the process is told to exit:
+        the ensembles unload first (new requests are refused at once, in-flight ones finish on
+        the models they use), then every other model (python stubs exit and free their memory)."""
+        from headmaster.model_repository import live
+
+        try:
+            models = live.loaded(self, timeout_s)
+        except Exception as e:  # an unreachable or already stopping server: SIGTERM does the rest
+            LOG.info("no drain (%s)", e)
+            return
+        ensembles = [m for m in ("classify", "classify_embedding", "embed", "embed_text") if m in models]
+        for batch in (ensembles, [m for m in models if m not in ensembles]):
+            try:
+                live.unload(self, batch, timeout_s)
+            except Exception as e:
+                LOG.warning("drain: %s", e)
+                return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # unloads finish asynchronously
+            try:
+                if not live.loaded(self, timeout_s):
+                    return
+            except Exception:
+                return
+            time.sleep(0.1)
+
+    def stop(self, timeout_s: float | None = None, *, drain: bool = True, failed: bool = False) -> int | None:
+        """Stop the server: drain (see :meth:`drain`), then SIGTERM, which lets Triton finish and
+        exit; no process, no shared-memory file and no temporary folder is left behind."""
+        process = self._process
         code = None
         if process is not None:
+            regions = {stub.region for stub in self.stubs.values()}
+            regions |= {stub.region for stub in _stubs_of(process.pid)}
+            if drain and process.poll() is None:
+                self.drain()
+            self._process = None
             wait_s = timeout_s if timeout_s is not None else self.options.exit_timeout_s + 15
+            drained_leak = False
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+                # After a drain nothing is in flight: only the model object of a dead stub can keep
+                # Triton waiting, for its whole exit timeout, and then it exits with 1.
+                grace = min(wait_s, 3.0) if (drain and self.leaked_models) else wait_s
                 try:
-                    process.wait(wait_s)
+                    process.wait(grace)
                 except subprocess.TimeoutExpired:
-                    LOG.warning("tritonserver did not stop within %.0f s; killing it", wait_s)
-                    process.kill()
-                    process.wait()
-            code = process.returncode
+                    if grace < wait_s:
+                        LOG.warning("tritonserver still holds the model(s) %s whose python stub died (a python-backend "
+                                    "defect: the failed request is never released); stopped it after the drain",
+                                    ", ".join(sorted(self.leaked_models)))
+                        process.kill()
+                        process.wait()
+                        drained_leak = True  # everything was drained and unloaded; nothing was lost
+                    else:
+                        LOG.warning("tritonserver did not stop within %.0f s; killing it", wait_s)
+                        process.kill()
+                        process.wait()
+            code = 0 if drained_leak else process.returncode
             # Python-backend stubs are in the server's process group; none may outlive it.
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _unlink_regions(regions)
+            if self.record is not None:
+                server_record.remove_record(Path(self.options.repository), self.record.pid)
+                self.record = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        keep_log = (failed or (code not in (None, 0))) and self.log_path.is_relative_to(self._workdir)
+        if keep_log:
+            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        else:
+            shutil.rmtree(self._workdir, ignore_errors=True)
         return code
 
     def __enter__(self) -> "TritonServer":
@@ -322,3 +447,65 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One python-backend stub process: a model instance's Python interpreter."""
+
+    pid: int
+    model: str  # the model it runs
+    version: str  # the version folder it runs
+    instance: str  # e.g. preprocess_0_0
+    region: str  # its shared-memory region in /dev/shm
+
+
+def _stubs_of(server_pid: int) -> list[Stub]:
+    """The stubs whose parent is ``server_pid``, from /proc (their command line names the model
+    file, the shared-memory region and the instance)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != server_pid:
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if len(args) > 8 and args[0].endswith(STUB_NAME.encode()):
+            model_file = Path(args[1].decode())
+            found.append(Stub(int(entry.name), model_file.parent.parent.name, model_file.parent.name, args[8].decode(),
+                              args[2].decode()))
+    return found
+
+
+def _regions_in_use() -> set[str]:
+    """Shared-memory regions some process still maps."""
+    used = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            maps = (entry / "maps").read_text()
+        except OSError:
+            continue
+        used.update(line.rsplit("/", 1)[-1] for line in maps.splitlines() if f"/dev/shm/{SHM_PREFIX}" in line)
+    return used
+
+
+def _unlink_regions(regions: set[str], even_if_mapped: bool = False) -> None:
+    """Unlink the given regions (a stub killed with SIGKILL never unlinks its own) unless a
+    process still maps one."""
+    regions = {r for r in regions if r.startswith(SHM_PREFIX)}
+    if not regions:
+        return
+    in_use = set() if even_if_mapped else _regions_in_use()
+    for region in regions - in_use:
+        try:
+            os.unlink(f"/dev/shm/{region}")
+            LOG.info("removed the shared-memory region %s", region)
+        except FileNotFoundError:
+            pass

@@ -12,7 +12,8 @@ from rich.table import Table
 
 console = Console(stderr=True, soft_wrap=True)
 ServerOption = Annotated[str | None, typer.Option(
-    "--server", help="HTTP address (host:port) of a running server: embed through it and hot-load the result.")]
+    "--server", help="HTTP address (host:port) of a running server: embed through it and hot-load the result "
+                     "(default: embed here, and hot-load into the server `headmaster serve` recorded in the repository).")]
 
 
 def _parse_thresholds(values: list[str]) -> dict[str, float]:
@@ -42,16 +43,14 @@ def zero_shot(
     replace_trained: Annotated[bool, typer.Option(help="Replace a live trained head of that name.")] = False,
 ) -> None:
     """Make (the next version of) a head from text prompts, embedded by the encoder's text tower."""
+    from headmaster.model_repository import live
     from headmaster.training.zero_shot import DEFAULT_TEMPLATES, create_zero_shot_head
 
+    target = live.find(repo, server)
     card = create_zero_shot_head(repo, name, label, tuple(template or DEFAULT_TEMPLATES),
-                                 _parse_thresholds(threshold or []), replace_trained)
-    console.print(f"[green]head {card.name} v{card.version}[/] (zero-shot): {', '.join(card.labels)}")
-    if server:
-        from headmaster.model_repository import live
-
-        live.head_published(server, card.name)
-        console.print(f"loaded into the server at {server}")
+                                 _parse_thresholds(threshold or []), replace_trained, server)
+    console.print(f"[green]head {card.name} v{card.version}[/] (zero-shot): {', '.join(card.labels)}"
+                  + (f"; live on the server at {target.http_url}" if target else "; no server serves this repository"))
 
 
 def _print_report(result) -> None:
@@ -137,4 +136,5 @@ def train_head_command(
     _print_report(result)
     console.print(f"[green]head {result.card.name} v{result.card.version}[/] ({result.card.kind}, "
                   f"{'multi-label' if result.card.multi_label else 'single-label'}): {', '.join(result.card.labels)}"
-                  + (f"; loaded into {server}" if server else ""))
+                  + (f"; live on the server at {result.server}" if result.server else
+                     "; no server serves this repository"))

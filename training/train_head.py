@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.export.heads import HeadCard, check_head_name
-from headmaster.model_repository.repository import Repository, publish_head
+from headmaster.model_repository import lifecycle
+from headmaster.model_repository.repository import Repository
 from headmaster.training import checks
 from headmaster.training.data import DataError, Dataset, content_hash, from_folders, from_manifest
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
@@ -36,7 +37,8 @@ class TrainOptions:
     store: str | None = None  # train from the store's corrections (frozen as a snapshot first)
     snapshot_dir: Path | None = None  # where --store snapshots go (default: STORE/snapshots)
     manifest: Path | None = None  # CSV / JSONL of path -> labels (multi-label)
-    server: str | None = None  # HTTP host:port: embed through it and hot-load the new version
+    server: str | None = None  # HTTP host:port: embed through it and hot-load the new version (default:
+    # embed here, and hot-load into the server recorded in the repository, if one runs)
     local: bool = False  # embed here even when a server is given
     config: TrainConfig = field(default_factory=TrainConfig)
     val_fraction: float = 0.2
@@ -54,6 +56,7 @@ class TrainResult:
     checks: checks.CheckReport
     thresholds: list[dict]
     fit: dict
+    server: str | None = None  # the server that now serves the new version (None: none was running)
 
 
 def load_dataset(options: TrainOptions) -> Dataset | None:
@@ -168,9 +171,6 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
                                     "positive": options.positive, "per_label": explanation},
                      "metrics": metrics})
 
-    card = publish_head(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep)
-    if options.server:
-        from headmaster.model_repository import live
-
-        live.head_published(options.server, card.name)
-    return TrainResult(card, metrics, report, explanation, fit_info)
+    change = lifecycle.publish(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep,
+                               server=options.server)
+    return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)

@@ -16,8 +16,9 @@ import numpy as np
 
 from headmaster.export.errors import HeadmasterError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name
+from headmaster.model_repository import lifecycle
 from headmaster.model_repository.config import ARTIFACT_FILES
-from headmaster.model_repository.repository import Repository, publish_head
+from headmaster.model_repository.repository import Repository
 
 LOG = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ def zero_shot_weights(repo: Repository, labels: list[Label], templates: tuple[st
 
 
 def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES,
-                          thresholds: dict[str, float] | None = None, replace_trained: bool = False) -> HeadCard:
-    """Publish the next version of head ``name`` as a zero-shot classifier over ``labels``.
+                          thresholds: dict[str, float] | None = None, replace_trained: bool = False,
+                          server: str | None = None) -> HeadCard:
+    """Publish the next version of head ``name`` as a zero-shot classifier over ``labels``, and
+    make it live on ``server`` (default: the server recorded in the repository, if one runs).
 
     A trained head takes priority over a zero-shot one for the same name: replacing a live
     trained version with prompts is refused unless ``replace_trained``."""
@@ -93,9 +96,9 @@ def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templat
     if unknown:
         raise HeadmasterError(f"--threshold names labels that are not in this head: {sorted(unknown)}")
     weights = zero_shot_weights(repo, parsed, tuple(templates))
-    return publish_head(repo_path, weights, lambda version: HeadCard(
+    return lifecycle.publish(repo_path, weights, lambda version: HeadCard(
         name=name, version=version, labels=tuple(label.name for label in parsed),
         thresholds=tuple(float(thresholds.get(label.name, 0.0)) for label in parsed),
         multi_label=False, encoder_fingerprint=repo.fingerprint, embed_dim=repo.card.embed_dim,
         kind="zero-shot", details={"prompts": {label.name: label.prompt for label in parsed},
-                                   "templates": list(templates)}))
+                                   "templates": list(templates)}), server=server).card

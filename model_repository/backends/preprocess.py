@@ -70,6 +70,9 @@ MAX_ASPECT_RATIO = 32.0
 # Images decoded at once by one model instance (its thread pool); 0 = one per CPU core.
 # Peak memory of the instance is about DECODE_CONCURRENCY x 150 MB in the worst case.
 DECODE_CONCURRENCY = 0
+# Encoded bytes one request may carry (all its images together). Triton 2.51 reads any body
+# size itself (it has no request-size option): this keeps oversize requests from being decoded.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 _BYTES_PER_PIXEL = 8  # the budget of one image: max_pixels x 8 bytes
 # A JPEG over max_pixels is decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) to fit,
 # but never below this many times the encoder's input side, so the bicubic resize after it
@@ -332,8 +335,10 @@ def limits_from_parameters(params: dict, preprocessing: dict | None = None) -> d
     limits = {"max_pixels": number("max_pixels", int, int(preprocessing.get("max_pixels") or MAX_PIXELS)),
               "max_aspect_ratio": number("max_aspect_ratio", float,
                                          float(preprocessing.get("max_aspect_ratio") or MAX_ASPECT_RATIO)),
-              "decode_concurrency": concurrency or (os.cpu_count() or 1)}
-    if limits["max_pixels"] < 1 or limits["max_aspect_ratio"] < 1 or limits["decode_concurrency"] < 1:
+              "decode_concurrency": concurrency or (os.cpu_count() or 1),
+              "max_request_bytes": number("max_request_bytes", int, MAX_REQUEST_BYTES)}
+    if limits["max_pixels"] < 1 or limits["max_aspect_ratio"] < 1 or limits["decode_concurrency"] < 1 \
+            or limits["max_request_bytes"] < 1:
         raise ValueError(f"preprocess limits must be positive (aspect ratio >= 1), not {limits}")
     return limits
 
@@ -356,21 +361,33 @@ class TritonPythonModel:
     def _one(self, data):
         try:
             return preprocess_bytes(data, self.cfg)
-        except InvalidImage as e:
+        except Exception as e:  # InvalidImage, or a decoder failing in a way nobody foresaw: this image only
             return e
 
     def execute(self, requests):
         pb = self.pb
         batches = [pb.get_input_tensor_by_name(r, "IMAGE").as_numpy().reshape(-1) for r in requests]
-        flat = [item for batch in batches for item in batch]
+        limit = self.cfg["max_request_bytes"]
+        sizes = [sum(len(item) for item in batch) for batch in batches]
+        # An oversize request is refused whole before anything in it is decoded.
+        flat = [item for batch, size in zip(batches, sizes) if size <= limit for item in batch]
         results = iter(list(self.pool.map(self._one, flat)))
         responses = []
-        for batch in batches:
+        for batch, size in zip(batches, sizes):
+            if size > limit:
+                responses.append(pb.InferenceResponse(error=pb.TritonError(
+                    f"the request carries {size} bytes of images, over the limit of {limit} (max_request_bytes); "
+                    "send fewer or smaller images per request", pb.TritonError.INVALID_ARG)))
+                continue
             pixels = [next(results) for _ in range(len(batch))]
             bad = [(i, p) for i, p in enumerate(pixels) if isinstance(p, InvalidImage)]
+            broken = [(i, p) for i, p in enumerate(pixels) if isinstance(p, Exception) and not isinstance(p, InvalidImage)]
             if bad:
                 message = "; ".join(f"IMAGE[{i}]: {e}" for i, e in bad)
                 responses.append(pb.InferenceResponse(error=pb.TritonError(message, pb.TritonError.INVALID_ARG)))
+            elif broken:
+                message = "; ".join(f"IMAGE[{i}]: could not be decoded: {type(e).__name__}: {e}" for i, e in broken)
+                responses.append(pb.InferenceResponse(error=pb.TritonError(message)))
             else:
                 responses.append(pb.InferenceResponse([pb.Tensor("PIXELS", np.stack(pixels))]))
         return responses

@@ -65,6 +65,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.heads = json.loads(params.get("heads", "[]"))
+        self.encoder = params.get("encoder", "")  # the fingerprint every RESULT names
         self._info_cache: dict[bytes, dict] = {}
 
     def _info(self, raw: bytes) -> dict:
@@ -79,7 +80,7 @@ class TritonPythonModel:
     def _answer(self, request):
         pb = self.pb
         embedding = pb.get_input_tensor_by_name(request, "EMBEDDING").as_numpy()
-        items = [{"heads": {}} for _ in range(len(embedding))]
+        items = [{"encoder": self.encoder, "heads": {}} for _ in range(len(embedding))]
         # The ensembles expose copies of the embedding and scores made here, so that no
         # ensemble output is also a step's input (see config.ThresholdModel).
         outputs = [pb.Tensor("EMBEDDING_OUT", embedding)]

@@ -94,7 +94,7 @@ def test_ten_versions_go_live_under_load_without_a_failed_request(live_server, j
             else:  # written: other label sets too (the score width changes)
                 card = written_version(repo, head, rng, ("cat", "dog", "bird", f"thing{i}")[: 3 + i % 4 // 2])
             record(card.version)
-            live.head_published(server.http_url, head)
+            live.head_published(server, head)
     assert load.failures == []
     assert set(published) == set(range(1, 12))
     seen = {}
@@ -118,12 +118,12 @@ def test_heads_come_and_go_under_load_without_a_failed_request(live_server, jpeg
     with Load(server.grpc_url, images) as load:
         added_at = time.monotonic()
         written_version(repo, "newcomer", rng, ("yes", "no"))
-        live.head_published(server.http_url, "newcomer")
+        live.head_published(server, "newcomer")
         loaded_at = time.monotonic()
         time.sleep(2.0)
         removed_at = time.monotonic()
         remove_head(repo, "animal")
-        live.head_removed(server.http_url, "animal")
+        live.head_removed(server, "animal")
         gone_at = time.monotonic()
     assert load.failures == []
     # By when each request was sent and answered: a request sent after a load call returned

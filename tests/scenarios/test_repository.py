@@ -17,7 +17,7 @@ from headmaster.export.errors import FingerprintMismatchError, RepositoryError
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository.config import parse
 from headmaster.model_repository.repository import BuildOptions, Repository, build_repository, publish_head
-from tests.conftest import MODEL, ZERO_SHOT
+from tests.conftest import MODEL, TIER_OPTIONS, ZERO_SHOT
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_validate_catches_a_tampered_head(encoder_dir, tmp_path):
 
 def test_manifest_holds_the_encoder_card(repo, encoder_dir):
     assert Repository(repo).card == EncoderCard.load(encoder_dir)
-    assert Repository(repo).options == BuildOptions(max_queue_delay_us=20000, preferred_batch_sizes=(4, 8))
+    assert Repository(repo).options == BuildOptions(max_queue_delay_us=20000, preferred_batch_sizes=(4, 8), **TIER_OPTIONS)
 
 
 def test_not_a_repository_is_named(tmp_path):
@@ -135,3 +135,13 @@ def test_docker_compose_serves_what_a_native_build_produces(encoder_dir, tmp_pat
             for s in parse((native.path / name / "config.pbtxt").read_text()).ensemble_scheduling.step}
     assert used | set(loaded) == set(native.model_names())
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # Closed like `headmaster serve`: the same APIs behind the same header, on both transports,
+    # and the ports on loopback unless the operator says otherwise.
+    from headmaster.model_repository.server_record import KEY_HEADER, RESTRICTED_APIS
+
+    for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
+        (value,) = [arg.split("=", 1)[1] for arg in service["command"] if arg.startswith(flag)]
+        apis, header = value.split(":", 1)
+        assert set(apis.split(",")) == set(RESTRICTED_APIS)
+        assert header.startswith(f"{KEY_HEADER}=${{HEADMASTER_API_KEY:?")
+    assert all(port.startswith("127.0.0.1:") for port in service["ports"])

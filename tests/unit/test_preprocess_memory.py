@@ -126,8 +126,9 @@ def test_limits_come_from_model_parameters():
     assert defaults["decode_concurrency"] >= 1
     assert limits_from_parameters({"threads": "3"})["decode_concurrency"] == 3  # the older parameter
     given = limits_from_parameters({"max_pixels": "1000", "max_aspect_ratio": "4.5", "decode_concurrency": "2",
-                                    "threads": "8"})
-    assert given == {"max_pixels": 1000, "max_aspect_ratio": 4.5, "decode_concurrency": 2}
+                                    "threads": "8", "max_request_bytes": "4096"})
+    assert given == {"max_pixels": 1000, "max_aspect_ratio": 4.5, "decode_concurrency": 2, "max_request_bytes": 4096}
+    assert defaults["max_request_bytes"] == 64 * 1024 * 1024
     with pytest.raises(ValueError, match="must be positive"):
         limits_from_parameters({"max_aspect_ratio": "0.5"})
 

@@ -1,0 +1,125 @@
+"""The head lifecycle: publish, roll back, import, remove, adopt; on disk, then on the server.
+
+Every operation that changes which head versions a repository serves goes through here:
+the version is validated before it can become live (``validation.validate_version``), the
+repository on disk is changed under its lock (``repository.py``), and then the server that
+serves the repository is told, in the order :mod:`live` explains. The server is the one
+given, or else the one recorded in the repository (``REPO/.headmaster/server.json``), so
+``train-head``, ``zero-shot``, ``rollback`` and ``heads import/remove`` go live with no flag
+while ``headmaster serve`` runs.
+
+When the server refuses to load what the disk now says, the disk goes back to what the
+server still serves (the previous live version, or no head at all for a new one), so the
+repository never describes something that is not served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from headmaster.export.errors import HeadmasterError, ServerError
+from headmaster.export.heads import HeadCard
+from headmaster.model_repository import live, repository
+from headmaster.model_repository.publish import repository_lock
+from headmaster.model_repository.repository import Repository
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a lifecycle operation did."""
+
+    head: str
+    version: int | None  # the live version now (None: the head was removed)
+    server: str | None  # the HTTP address of the server that was updated, if one was
+    card: HeadCard | None = None
+
+
+def _live_version(repo: Path, name: str) -> int | None:
+    try:
+        return Repository(repo).head(name).live
+    except HeadmasterError:
+        return None
+
+
+def _go_live(repo: Path, name: str, previous: int | None, control: live.Control | None) -> str | None:
+    """Load ``name`` (and what depends on it) on the server; on failure put the disk back."""
+    if control is None:
+        return None
+    try:
+        live.head_published(control, name)
+    except ServerError as e:
+        with repository_lock(repo):
+            repo_state = Repository(repo)
+            if previous is not None:
+                repo_state.set_live(name, previous)
+                repo_state.render_heads()
+                undo = f"the repository serves v{previous} again"
+            else:
+                aside = Path(repo) / f".refused-{name}-{int(time.time())}"
+                (Path(repo) / name).rename(aside)
+                repo_state.render_heads()
+                undo = f"the head was moved aside to {aside}"
+        try:
+            live.head_published(control, name) if previous is not None else live.head_removed(control, name)
+        except ServerError:
+            pass  # the server keeps what it had loaded; the disk already says so
+        raise ServerError(f"{e}; {undo}") from None
+    return control.http_url
+
+
+def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
+            server: str | None = None) -> Change:
+    """Publish the next version of a head (see ``repository.publish_head``) and make it live."""
+    control = live.find(repo, server)
+    previous = _live_version(repo, make_card(1).name)
+    card = repository.publish_head(repo, weights, make_card, check_embeddings, keep)
+    return Change(card.name, card.version, _go_live(repo, card.name, previous, control), card)
+
+
+def rollback(repo: Path, name: str, to: int | None = None, server: str | None = None) -> Change:
+    """Serve an older version of a head (default: the one before the live one), validated first."""
+    control = live.find(repo, server)
+    previous = _live_version(repo, name)
+    version = repository.rollback(repo, name, to)
+    return Change(name, version, _go_live(repo, name, previous, control))
+
+
+def import_version(repo: Path, version_dir: Path, name: str | None = None, server: str | None = None) -> Change:
+    """A head version made elsewhere becomes the next version here (same encoder only)."""
+    target = name or HeadCard.load(version_dir).name
+    control = live.find(repo, server)
+    previous = _live_version(repo, target)
+    card = repository.import_head(repo, version_dir, name)
+    return Change(card.name, card.version, _go_live(repo, card.name, previous, control), card)
+
+
+def remove(repo: Path, name: str, server: str | None = None) -> Change:
+    """Take a head out: the ensembles stop naming it, then the server unloads it."""
+    control = live.find(repo, server)
+    repository.remove_head(repo, name)
+    if control is not None:
+        live.head_removed(control, name)
+    return Change(name, None, control.http_url if control else None)
+
+
+def adopt(repo: Path, name: str, version: int, server=None) -> Change:
+    """A version folder put into the repository by hand (``cp -r``) becomes the live one,
+    after the same validation as any other version: what the server's watcher calls."""
+    from headmaster.model_repository.validation import validate_version
+
+    control = live.Control.of(server) if server is not None else live.find(repo)
+    with repository_lock(repo):
+        state = Repository(repo)
+        previous = _live_version(repo, name) if name in state.head_names() else None
+        if previous is not None and previous >= version:
+            return Change(name, previous, None)  # published meanwhile by a command, which loads it
+        card = validate_version(state, name, version)
+        state.set_live(name, version)
+        state.render_heads()
+    return Change(name, version, _go_live(repo, name, previous, control), card)
+

@@ -1,0 +1,113 @@
+"""What ``headmaster serve`` does while Triton runs: heal dead stubs, adopt dropped-in versions.
+
+- **A dead stub is healed.** A python-backend stub killed (OOM killer, ``kill -9``) leaves its
+  model READY while every request fails with "Stub process is not healthy", and Triton does not
+  restart it. The supervisor notices the missing process within a tick, unloads the model
+  (readiness goes false at once, and with it the server's and the ensembles' that use it), loads
+  it again (a fresh stub; Triton reloads the ensembles with it), and unlinks the dead stub's
+  shared-memory region.
+- **A version folder copied in by hand is adopted.** ``cp -r elsewhere/animal/7 REPO/animal/``
+  (or a whole new head folder) is noticed by a scan of the repository every few seconds. A
+  folder is only looked at once its files have stopped changing (a copy in progress is not a
+  version), then it goes through the same validation and ordered loading as any other version
+  (:func:`lifecycle.adopt`). A refused folder is reported once and left alone until it changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from headmaster.export.errors import HeadmasterError
+from headmaster.model_repository import lifecycle, live
+from headmaster.model_repository.publish import versions
+from headmaster.model_repository.repository import Repository
+
+LOG = logging.getLogger(__name__)
+SETTLE_S = 1.0  # a dropped-in folder whose files changed less than this long ago may still be copying
+
+
+def _signature(folder: Path) -> tuple:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+@dataclass
+class Supervisor:
+    server: object  # a started TritonServer
+    repo: Path
+    say: Callable[[str], None] = LOG.warning  # how events reach the operator
+    scan_every_s: float = 2.0
+    _seen: dict[Path, tuple] = field(default_factory=dict)  # candidate folder -> signature last scan
+    _refused: dict[Path, tuple] = field(default_factory=dict)  # folder -> signature it was refused at
+    _last_scan: float = 0.0
+
+    def tick(self) -> None:
+        """One round: heal stubs every call; scan the repository every ``scan_every_s``."""
+        self.heal_stubs()
+        if time.monotonic() - self._last_scan >= self.scan_every_s:
+            self._last_scan = time.monotonic()
+            self.adopt_dropped_versions()
+
+    # -- stubs ----------------------------------------------------------------------------
+    def heal_stubs(self) -> list[str]:
+        dead = self.server.watch_stubs()
+        healed = []
+        for model in sorted({stub.model for stub in dead}):
+            self.say(f"the python stub of model {model} died; reloading {model}")
+            try:
+                live.reload(self.server, model)
+                healed.append(model)
+                self.say(f"model {model} reloaded")
+            except HeadmasterError as e:
+                self.say(f"model {model} could not be reloaded: {e}")
+        if dead:
+            self.server.forget_stub_regions(dead)
+        return healed
+
+    # -- dropped-in versions ----------------------------------------------------------------
+    def _candidates(self) -> list[tuple[str, int]]:
+        """(head, version) folders newer than what the repository serves, or of heads it does
+        not serve yet."""
+        repository = Repository(self.repo)
+        found = []
+        for name in repository.head_names():
+            try:
+                live_version = repository.head(name).live
+            except HeadmasterError:
+                continue  # a damaged head is `repo check`'s business, not the watcher's
+            found += [(name, v) for v in versions(self.repo / name) if v > live_version]
+        for name in repository.candidate_heads():
+            numbers = versions(self.repo / name)
+            if numbers:
+                found.append((name, numbers[-1]))
+        return found
+
+    def adopt_dropped_versions(self) -> list[str]:
+        adopted = []
+        try:
+            candidates = self._candidates()
+        except HeadmasterError as e:
+            LOG.info("repository scan skipped: %s", e)
+            return adopted
+        for name, version in candidates:
+            folder = self.repo / name / str(version)
+            signature = _signature(folder)
+            settled = self._seen.get(folder) == signature and signature and \
+                max(m for _, _, m in signature) / 1e9 < time.time() - SETTLE_S
+            self._seen[folder] = signature
+            if not settled or self._refused.get(folder) == signature:
+                continue
+            try:
+                change = lifecycle.adopt(self.repo, name, version, self.server)
+            except HeadmasterError as e:
+                self._refused[folder] = signature
+                self.say(f"refused the version copied into {folder}: {e}")
+                continue
+            self._seen.pop(folder, None)
+            adopted.append(f"{name} v{version}")
+            self.say(f"adopted {folder}: head {name} now serves v{change.version}")
+        return adopted

@@ -1,0 +1,382 @@
+"""`headmaster serve` as an operator runs it: a closed control plane, the server record, heads
+that go live with no flag, version folders dropped in by hand, a dead stub healed, and a clean
+drain on SIGTERM under load.
+
+One `headmaster serve` process (the real command, in a subprocess) on a copy of the session
+repository serves this module; the tests that end it come last. Clients talk to loopback only,
+and every load loop is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from headmaster.client import ClientError, HeadmasterClient
+from headmaster.model_repository.server import SHM_PREFIX, free_port
+from headmaster.model_repository.server_record import KEY_HEADER, read_record, record_path, running_server
+from tests.conftest import ARTIFACTS, clone_repo, subset, written_version
+
+HEADMASTER = [sys.executable, "-c", "from headmaster.client.cli import main; main()"]
+# `headmaster serve` runs the bundled Triton, which has only the python backend.
+pytestmark = pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)")
+
+
+class Serve:
+    """A `headmaster serve` subprocess and what it printed."""
+
+    def __init__(self, repo: Path, log: Path):
+        self.repo, self.log = repo, log
+        ports = [free_port() for _ in range(3)]
+        self.http_url, self.grpc_url = f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
+        self.output = open(log, "w")
+        self.process = subprocess.Popen(
+            [*HEADMASTER, "serve", "--repo", str(repo), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+             "--metrics-port", str(ports[2])], stdout=self.output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while running_server(repo) is None:
+            assert self.process.poll() is None, self.printed()
+            assert time.monotonic() < deadline, f"serve did not become ready:\n{self.printed()}"
+            time.sleep(0.5)
+        self.record = read_record(repo)
+
+    def printed(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout)
+        self.output.close()
+        return self.process.returncode
+
+
+def http(url: str, path: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None) -> int:
+    request = urllib.request.Request(f"http://{url}{path}", data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def stubs_of(pid: int) -> dict[str, tuple[int, str]]:
+    """instance name -> (pid, shm region) of the python stubs under tritonserver ``pid``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if args[0].endswith(b"triton_python_backend_stub"):
+            found[args[8].decode()] = (int(entry.name), args[2].decode())
+    return found
+
+
+class Clients:
+    """``n`` threads classifying ``images`` over gRPC until stopped (at most ``limit_s``)."""
+
+    def __init__(self, url: str, images: list[bytes], n: int = 4, limit_s: float = 120):
+        self.url, self.images, self.limit_s = url, images, limit_s
+        self.results: list[tuple[float, float, object]] = []  # (sent, answered, Classification or error)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        with HeadmasterClient(self.url, batch_size=2, max_in_flight=1, timeout_s=60) as client:
+            while not self.stop.is_set() and time.monotonic() - started < self.limit_s:
+                sent = time.monotonic()
+                try:
+                    out = client.classify(self.images)
+                except Exception as e:
+                    out = [e]
+                self.results += [(sent, time.monotonic(), r) for r in out]
+
+    @property
+    def failures(self) -> list[str]:
+        return [str(getattr(r, "error", r)) for _, _, r in self.results if isinstance(r, Exception) or not r.ok]
+
+    def __enter__(self) -> "Clients":
+        for t in self.threads:
+            t.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(repo, tmp_path_factory):
+    copy = clone_repo(repo, tmp_path_factory.mktemp("served") / "model_repository")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    serve = Serve(copy, ARTIFACTS / "serve-operations.log")
+    yield serve
+    serve.stop()
+
+
+def version_answered(url: str, image: bytes, head: str) -> int | None:
+    """The version of ``head`` that answered, or None when the server did not answer."""
+    try:
+        with HeadmasterClient(url) as client:
+            (result,) = client.classify([image])
+    except ClientError:
+        return None
+    return result.heads[head].version if result.ok and head in result.heads else None
+
+
+# -- the control plane -----------------------------------------------------------------------
+RESTRICTED_HTTP = [
+    ("POST", "/v2/repository/index", b"{}"),
+    ("POST", "/v2/repository/models/classify/unload", b"{}"),
+    ("POST", "/v2/repository/models/classify/load", b"{}"),
+    # The load API can carry files: this is how code would be uploaded and run.
+    ("POST", "/v2/repository/models/evil/load",
+     json.dumps({"parameters": {"config": json.dumps({"backend": "python"}),
+                                "file:1/model.py": "aW1wb3J0IG9zCg=="}}).encode()),
+    ("GET", "/v2/models/classify/config", None),
+    ("GET", "/v2/logging", None),
+    ("POST", "/v2/logging", b'{"log_verbose_level": 1}'),
+]
+
+
+@pytest.mark.parametrize("method, path, body", RESTRICTED_HTTP, ids=[f"{m} {p}" for m, p, _ in RESTRICTED_HTTP])
+def test_the_control_api_refuses_callers_without_the_key_over_http(served, method, path, body):
+    assert http(served.http_url, path, method, body) == 403
+    assert http(served.http_url, "/v2/models/classify/ready") == 200  # nothing was unloaded
+    assert not (served.repo / "evil").exists()
+
+
+def test_the_control_api_refuses_callers_without_the_key_over_grpc(served):
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    calls = {
+        "index": lambda **kw: client.get_model_repository_index(**kw),
+        "unload": lambda **kw: client.unload_model("classify", **kw),
+        "load with files": lambda **kw: client.load_model("evil", config=json.dumps({"backend": "python"}),
+                                                          files={"file:1/model.py": b"import os\n"}, **kw),
+        "config": lambda **kw: client.get_model_config("classify", **kw),
+        "log settings": lambda **kw: client.update_log_settings({"log_verbose_level": 1}, **kw),
+    }
+    try:
+        for what, call in calls.items():
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            # Triton 2.51 answers a restricted gRPC call with UNAVAILABLE (HTTP gets 403).
+            assert "This protocol is restricted" in refused.value.message(), (what, refused.value)
+        # The key opens it (gRPC metadata names it with Triton's prefix): read-only calls prove it.
+        key = {f"triton-grpc-protocol-{KEY_HEADER}": served.record.api_key}
+        assert client.get_model_repository_index(headers=key)
+        assert client.get_model_config("classify", headers=key)
+        assert client.is_model_ready("classify")
+    finally:
+        client.close()
+
+
+def test_inference_health_metadata_and_statistics_stay_open(served, jpeg_photos):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/classify", "/v2/models/classify/stats"):
+        assert http(served.http_url, path) == 200, path
+    with HeadmasterClient(served.grpc_url) as client:
+        assert client.classify([next(iter(jpeg_photos.values()))])[0].ok
+        assert client.encoder_fingerprint() == json.loads((served.repo / "headmaster.json").read_text())["encoder"][
+            "fingerprint"]
+
+
+def test_the_record_is_for_its_owner_only_and_a_stale_one_is_ignored(served, tmp_path):
+    path = record_path(served.repo)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    record = read_record(served.repo)
+    assert record.http_url == served.http_url and record.pid != os.getpid() and len(record.api_key) >= 40
+    # A copy of the repository carries the record along: it names another repository, so it is not used.
+    copy = clone_repo(served.repo, tmp_path / "copy")
+    assert read_record(copy) is not None and running_server(copy) is None
+    # A record whose server is gone (a dead pid) is stale: ignored and removed.
+    stale = json.loads(path.read_text())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (copy / ".headmaster" / "server.json").write_text(json.dumps({**stale, "pid": dead.pid, "repository": str(copy)}))
+    assert running_server(copy) is None
+    assert not (copy / ".headmaster" / "server.json").exists()
+
+
+# -- heads go live with no flag ------------------------------------------------------------------
+def test_a_head_trained_with_no_flag_goes_live_while_serve_runs(served, jpeg_photos, digits_dir, tmp_path):
+    image = jpeg_photos["chelsea.jpg"]
+    data = subset(digits_dir, tmp_path / "digits", {"0": 20, "1": 20}, rename={"0": "cat", "1": "no cat"})
+    with Clients(served.grpc_url, list(jpeg_photos.values())[:2]) as clients:
+        done = subprocess.run([*HEADMASTER, "train-head", str(data), "--name", "has_cat", "--repo", str(served.repo),
+                               "--epochs", "30"], capture_output=True, text=True, timeout=600)
+        finished = time.monotonic()
+        assert done.returncode == 0, done.stderr
+        assert "live on the server at" in done.stderr + done.stdout
+        new = max(int(p.name) for p in (served.repo / "has_cat").iterdir() if p.name.isdigit())
+        while version_answered(served.grpc_url, image, "has_cat") != new:
+            assert time.monotonic() - finished < 10, "the new version was not answering within 10 s"
+            time.sleep(0.2)
+    assert clients.failures == []
+    assert {r.heads["has_cat"].version for _, _, r in clients.results} >= {new}
+
+
+def test_a_version_copied_in_by_hand_is_validated_then_served(served, jpeg_photos, tmp_path):
+    image = jpeg_photos["coffee.jpg"]
+    elsewhere = clone_repo(served.repo, tmp_path / "elsewhere")
+    before = version_answered(served.grpc_url, image, "animal")
+    made = written_version(elsewhere, "animal", np.random.default_rng(7), ("cat", "dog", "bird", "fish"))
+    target = served.repo / "animal" / str(made.version)
+    assert made.version > before and not target.exists()
+    with Clients(served.grpc_url, [image]) as clients:
+        shutil.copytree(elsewhere / "animal" / str(made.version), target)  # cp -r
+        copied = time.monotonic()
+        while version_answered(served.grpc_url, image, "animal") != made.version:
+            assert time.monotonic() - copied < 10, f"not adopted within 10 s:\n{served.printed()[-2000:]}"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 30  # the head answers first; threshold and ensembles reload after it
+        while "adopted" not in served.printed():
+            assert time.monotonic() < deadline, served.printed()[-2000:]
+            time.sleep(0.2)
+    assert clients.failures == []
+
+    # A broken copy (3 scores for 4 labels) is refused, and the server keeps serving what it had.
+    broken = written_version(elsewhere, "animal", np.random.default_rng(8), ("cat", "dog", "bird"))
+    card = json.loads((elsewhere / "animal" / str(broken.version) / "head.json").read_text())
+    card.update(labels=["cat", "dog", "bird", "fish"], thresholds=[0.0] * 4, version=made.version + 1)
+    (elsewhere / "animal" / str(broken.version) / "head.json").write_text(json.dumps(card))
+    shutil.copytree(elsewhere / "animal" / str(broken.version), served.repo / "animal" / str(made.version + 1))
+    deadline = time.monotonic() + 15
+    while "refused the version copied into" not in served.printed():
+        assert time.monotonic() < deadline, served.printed()[-2000:]
+        time.sleep(0.5)
+    assert version_answered(served.grpc_url, image, "animal") == made.version
+    shutil.rmtree(served.repo / "animal" / str(made.version + 1))
+
+
+def test_a_version_triton_refuses_to_load_leaves_the_disk_naming_what_is_served(served, jpeg_photos, tmp_path):
+    """Validation passes (a sound head) but Triton cannot load it (its runner is broken): the
+    repository goes back to the version the server still serves, and says so."""
+    from headmaster.export.errors import ServerError
+    from headmaster.model_repository import lifecycle
+    from headmaster.model_repository.consistency import problems
+    from headmaster.model_repository.repository import Repository
+
+    image = jpeg_photos["astronaut.jpg"]
+    serving = version_answered(served.grpc_url, image, "has_cat")
+    elsewhere = clone_repo(served.repo, tmp_path / "elsewhere")
+    made = written_version(elsewhere, "has_cat", np.random.default_rng(9), ("cat", "no cat"))
+    target = served.repo / "has_cat" / str(made.version)
+    shutil.copytree(elsewhere / "has_cat" / str(made.version), target)
+    (target / "model.py").write_text("raise RuntimeError('this runner cannot start')\n")
+    with pytest.raises(ServerError, match=f"serves v{serving} again"):
+        lifecycle.adopt(served.repo, "has_cat", made.version, served.record)
+    assert Repository(served.repo).head("has_cat").live == serving
+    assert version_answered(served.grpc_url, image, "has_cat") == serving
+    shutil.rmtree(target)
+    assert problems(served.repo) == []
+
+
+# -- faults ---------------------------------------------------------------------------------------
+def test_a_killed_stub_is_healed_within_10_s(served, jpeg_photos):
+    image = jpeg_photos["rocket.jpg"]
+    pid, region = stubs_of(served.record.pid)["preprocess_0_0"]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    unready_seen = False
+    while True:
+        unready_seen |= http(served.http_url, "/v2/models/classify/ready") != 200
+        if version_answered(served.grpc_url, image, "animal") is not None:
+            break
+        assert time.monotonic() - killed < 10, f"not answering 10 s after the kill:\n{served.printed()[-2000:]}"
+        time.sleep(0.1)
+    assert "preprocess_0_0" in stubs_of(served.record.pid)
+    assert stubs_of(served.record.pid)["preprocess_0_0"][0] != pid
+    assert "reloading preprocess" in served.printed()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/dev/shm/{region}"):
+        assert time.monotonic() < deadline, "the dead stub's shared memory was left behind"
+        time.sleep(0.2)
+    assert unready_seen, "classify kept saying it was ready while its preprocess stub was dead"
+
+
+def regions_of(pid: int) -> set[str]:
+    return {region for _, region in stubs_of(pid).values()}
+
+
+def test_sigterm_under_load_answers_in_flight_refuses_new_and_leaves_nothing(served, jpeg_photos):
+    """Last test of the module: it ends the module's server."""
+    pid = served.record.pid
+    regions = regions_of(pid)
+    image = np.array([[jpeg_photos["chelsea.jpg"]], [jpeg_photos["coffee.jpg"]]], dtype=object)
+    outcomes: list[tuple[float, float, str]] = []
+    stop = threading.Event()
+    signalled = [None]
+
+    def client():
+        c = grpcclient.InferenceServerClient(served.grpc_url)
+        started = time.monotonic()
+        while not stop.is_set() and time.monotonic() - started < 60:
+            tensor = grpcclient.InferInput("IMAGE", [2, 1], "BYTES")
+            tensor.set_data_from_numpy(image)
+            sent = time.monotonic()
+            try:
+                c.infer("classify", [tensor], client_timeout=40)
+                outcomes.append((sent, time.monotonic(), "ok"))
+            except InferenceServerException as e:
+                outcomes.append((sent, time.monotonic(), str(e.status())))
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    signalled[0] = time.monotonic()
+    served.process.send_signal(signal.SIGTERM)
+    code = served.process.wait(30)
+    exited = time.monotonic() - signalled[0]
+    stop.set()
+    for t in threads:
+        t.join(60)
+    before = [o for o in outcomes if o[0] < signalled[0]]
+    after = [o for o in outcomes if o[0] >= signalled[0]]
+    assert code == 0, served.printed()[-2000:]
+    assert exited < 15
+    # Every request sent before the signal was answered; none hung.
+    assert before and all(kind == "ok" for _, _, kind in before), Counter(k for _, _, k in before)
+    assert all(answered - sent < 5 for sent, answered, _ in after), "a request sent during the drain hung"
+    assert os.path.exists(f"/proc/{pid}") is False
+    assert not any(os.path.exists(f"/dev/shm/{r}") for r in regions)
+    assert not record_path(served.repo).exists()
+    assert "stopped (tritonserver exit code 0)" in served.printed()
+
+
+def test_serve_exits_non_zero_when_tritonserver_dies(repo, tmp_path):
+    copy = clone_repo(repo, tmp_path / "repo")
+    serve = Serve(copy, tmp_path / "serve.log")
+    regions = regions_of(serve.record.pid)
+    os.kill(serve.record.pid, signal.SIGKILL)
+    code = serve.process.wait(60)
+    assert code == 1
+    assert "Triton exited unexpectedly" in serve.printed()
+    assert not any(os.path.exists(f"/dev/shm/{r}") for r in regions)
+    assert not [p for p in Path("/dev/shm").glob(f"{SHM_PREFIX}*") if p.name in regions]
