@@ -31,7 +31,7 @@ FINGERPRINT = "sha256:" + "b" * 64  # a synthetic encoder
 
 
 def build_store(path: Path, rows: int, dim: int, dtype: str, chunk: int = 100_000) -> float:
-    from headmaster.client.store import ParquetStore
+    from headmaster.store import ParquetStore
 
     store = ParquetStore(path, embedding_dtype=dtype)
     rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def write_head(folder: Path, dim: int, labels: int) -> None:
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from headmaster.client.store import ParquetStore
+from headmaster.store import ParquetStore
 from headmaster.training.rescore import rescore
 result = rescore(ParquetStore(Path(sys.argv[1]), create=False), Path(sys.argv[2]), batch_size=int(sys.argv[3]))
 print(json.dumps({"rows": result.rows, "seconds": result.seconds, "labels": result.label_counts}))

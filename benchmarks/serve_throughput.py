@@ -50,9 +50,9 @@ def jpeg_inputs() -> list[bytes]:
 
 
 def prepare(preferred: tuple[int, ...]) -> tuple[Path, Path]:
+    from headmaster.errors import CardError
     from headmaster.export.card import EncoderCard
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.export.errors import CardError
     from headmaster.model_repository.repository import BuildOptions, build_repository
     from headmaster.training.zero_shot import create_zero_shot_head
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from headmaster.export.errors import CardError, FingerprintMismatchError
+from headmaster.errors import CardError, FingerprintMismatchError
 
 CARD_FILE = "card.json"
 CARD_SCHEMA = 1

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from headmaster.errors import ExportError, UnsupportedHereError
 from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export.encoders import LoadedEncoder, load
-from headmaster.export.errors import ExportError, UnsupportedHereError
 from headmaster.export.reference import reference_images, reference_prompts
 from headmaster.model_repository.backends.preprocess import preprocess_bytes
 from headmaster.model_repository.backends.runtime import load_runner

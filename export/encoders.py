@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from headmaster.export.errors import ExportError
+from headmaster.errors import ExportError
 
 LOG = logging.getLogger(__name__)
 

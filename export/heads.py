@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.export.errors import CardError, ExportError
+from headmaster.errors import CardError, ExportError
 
 HEAD_FILE = "head.json"
 MODEL_FILE = "model.onnx"

@@ -10,8 +10,8 @@ import importlib.resources
 import importlib.util
 from pathlib import Path
 
-from headmaster.export.errors import ExportError
-from headmaster.model_repository.backends.preprocess import IMAGE_SUFFIXES
+from headmaster.errors import ExportError
+from headmaster.images import IMAGE_SUFFIXES
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "logo.png")
 

@@ -23,7 +23,7 @@ from typing import Protocol
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from headmaster.export.errors import ConfigError
+from headmaster.errors import ConfigError
 
 FLAVOURS = ("portable", "native")
 DTYPES = ("BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "BYTES")

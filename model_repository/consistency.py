@@ -25,10 +25,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headmaster.export.errors import FingerprintMismatchError, HeadmasterError, RepositoryError
+from headmaster.errors import (
+    ForeignHeadsRepositoryError,
+    ForeignVersionError,
+    HeadmasterError,
+    InconsistentRepositoryError,
+)
 from headmaster.export.heads import HEAD_FILE, MODEL_FILE, NAME_PATTERN, RESERVED_NAMES
 from headmaster.model_repository.publish import repository_lock, versions
-from headmaster.model_repository.validation import RUNNER_FILE, ForeignVersionError, validate_version
+from headmaster.model_repository.validation import RUNNER_FILE, validate_version
 
 CONFIG = "config.pbtxt"
 LEFTOVER_DIRS = (".staging-", ".removed-", ".old-")  # publish.py / remove_head, interrupted
@@ -51,12 +56,8 @@ def _problem(text: str, model: str | None = None, foreign: bool = False) -> Prob
     return p
 
 
-class InconsistentRepositoryError(RepositoryError):
-    """The repository on disk does not describe what would be served (see ``problems``)."""
 
 
-class ForeignHeadsRepositoryError(InconsistentRepositoryError, FingerprintMismatchError):
-    """...and among the problems, a head made with another encoder."""
 
 
 def error_for(repo: Path, found: list[str]) -> InconsistentRepositoryError:

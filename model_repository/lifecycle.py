@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from headmaster.export.errors import HeadmasterError, ServerError
+from headmaster.errors import HeadmasterError, ServerError
 from headmaster.export.heads import HeadCard
 from headmaster.model_repository import live, repository
 from headmaster.model_repository.publish import repository_lock

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from headmaster.export.errors import ServerError
+from headmaster.errors import ServerError
 from headmaster.model_repository.server_record import KEY_ENV, KEY_HEADER, ServerRecord, running_server
 
 LOG = logging.getLogger(__name__)

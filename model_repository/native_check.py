@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from headmaster.export.errors import ConfigError
+from headmaster.errors import ConfigError
 
 # onnxruntime's tensor types -> Triton config data types (onnxruntime_utils.cc
 # ConvertFromOnnxDataType / ModelConfigDataTypeToOnnxDataType); types absent here

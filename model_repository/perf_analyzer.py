@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from headmaster.export.errors import HeadmasterError
+from headmaster.errors import HeadmasterError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from headmaster.export.errors import RepositoryError
+from headmaster.errors import RepositoryError
 
 LOCK_FILE = ".headmaster.lock"
 

@@ -26,8 +26,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from headmaster.errors import ConfigError, HeadmasterError, RepositoryError
 from headmaster.export.card import EncoderCard, require_same_encoder
-from headmaster.export.errors import ConfigError, HeadmasterError, RepositoryError
 from headmaster.export.heads import HEAD_FILE, MODEL_FILE, NAME_PATTERN, HeadCard, check_head_name
 from headmaster.model_repository import backends
 from headmaster.model_repository.config import (

@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headmaster.export.errors import ServerError
+from headmaster.errors import ServerError
 from headmaster.model_repository import server_record
 from headmaster.model_repository.server_record import KEY_HEADER, RESTRICTED_APIS, ServerRecord
 

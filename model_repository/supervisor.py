@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headmaster.export.errors import HeadmasterError
+from headmaster.errors import HeadmasterError
 from headmaster.model_repository import lifecycle, live
 from headmaster.model_repository.publish import versions
 from headmaster.model_repository.repository import Repository

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.export.errors import FingerprintMismatchError, HeadmasterError, RepositoryError
+from headmaster.errors import (
+    ForeignVersionError,
+    HeadmasterError,
+    InvalidVersionError,
+)
 from headmaster.export.heads import HEAD_FILE, MODEL_FILE, HeadCard
 
 RUNNER_FILE = "model.py"  # the portable flavour serves heads through the python backend
 PROBE_ROWS = 4  # unit vectors run through the head; small, so a check costs milliseconds
 
 
-class InvalidVersionError(RepositoryError):
-    """A head version that must not go live (the message names its folder and the defect)."""
 
 
-class ForeignVersionError(InvalidVersionError, FingerprintMismatchError):
-    """A head version made with another encoder than the served one."""
 
 
 def _one_line(text: object, limit: int = 300) -> str:

@@ -24,7 +24,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import pytest
 
 PG_ENV = "HEADMASTER_TEST_POSTGRES"
-CLI = [sys.executable, "-m", "headmaster.client.cli"]
+CLI = [sys.executable, "-m", "headmaster.cli"]
 
 
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:

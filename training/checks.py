@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from headmaster.training.data import DataError
+from headmaster.errors import DataError
 
 FEW_IMAGES = 20
 IMBALANCE_RATIO = 4.0

@@ -11,10 +11,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from headmaster.client.store import Correction, Store, now
-from headmaster.export.errors import HeadmasterError, RepositoryError
+from headmaster.errors import DataError, HeadmasterError, RepositoryError
 from headmaster.export.heads import check_head_name
-from headmaster.training.data import DataError
+from headmaster.store.base import Correction, Store, now
 
 
 def head_labels(repo: Path | None, head: str) -> tuple[tuple[str, ...], bool] | None:

@@ -14,12 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from headmaster.export.errors import HeadmasterError
-from headmaster.model_repository.backends.preprocess import IMAGE_SUFFIXES
-
-
-class DataError(HeadmasterError):
-    """The training data cannot make a head; the message says what to change."""
+from headmaster.errors import DataError
+from headmaster.images import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.client.store import embedding_column, embedding_matrix, file_sha256
+from headmaster.errors import HeadmasterError
 from headmaster.export.card import require_same_encoder
-from headmaster.export.errors import HeadmasterError
 from headmaster.model_repository.config import ARTIFACT_FILES
 from headmaster.model_repository.repository import Repository
+from headmaster.store.base import embedding_column, embedding_matrix, file_sha256
 
 LOG = logging.getLogger(__name__)
 Progress = Callable[[int], None] | None

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from headmaster.errors import EvalError
 from headmaster.export.card import require_same_encoder
-from headmaster.export.errors import HeadmasterError
 from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights
 from headmaster.model_repository.backends.threshold import accept
 from headmaster.model_repository.repository import Repository
@@ -43,8 +43,6 @@ TOP_K = (2, 3, 5)  # top-k accuracies reported for heads with more than k labels
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))  # threshold sweep grid
 
 
-class EvalError(HeadmasterError):
-    """The head cannot be evaluated on this holdout; the message says what to change."""
 
 
 @dataclass(frozen=True)

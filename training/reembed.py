@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headmaster.client.store import Store, file_sha256
+from headmaster.store.base import Store, file_sha256
 
 
 @dataclass

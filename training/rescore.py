@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headmaster.client.store import Store, label_table
-from headmaster.export.errors import FingerprintMismatchError
+from headmaster.errors import FingerprintMismatchError
 from headmaster.export.heads import MODEL_FILE, HeadCard
 from headmaster.model_repository.backends.threshold import accepted_mask
+from headmaster.store.base import Store, label_table
 
 LOG = logging.getLogger(__name__)
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.client.store import Store, embedding_column, embedding_matrix, file_sha256, now
+from headmaster.errors import DataError
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import check_head_name
-from headmaster.training.data import DataError, Dataset, Example, content_hash
+from headmaster.store.base import Store, embedding_column, embedding_matrix, file_sha256, now
+from headmaster.training.data import Dataset, Example, content_hash
 
 SNAPSHOT_FILE = "snapshot.json"
 MANIFEST_FILE = "manifest.jsonl"

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headmaster.client.store import Store, StoreError
+from headmaster.errors import StoreError
+from headmaster.store.base import Store
 
 METHODS = ("margin", "entropy")
 

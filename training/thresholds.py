@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from headmaster.export.errors import HeadmasterError
+from headmaster.errors import HeadmasterError
 
 MODES = ("best-f1", "precision", "none")
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from headmaster.errors import DataError
 from headmaster.export.heads import HeadCard, check_head_name
 from headmaster.model_repository import lifecycle
 from headmaster.model_repository.repository import Repository
 from headmaster.training import checks
-from headmaster.training.data import DataError, Dataset, content_hash, from_folders, from_manifest
+from headmaster.training.data import Dataset, content_hash, from_folders, from_manifest
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
 from headmaster.training.metrics import evaluate
 from headmaster.training.snapshots import export_snapshot, is_snapshot, load_for_training
@@ -83,7 +84,7 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
         # Stored embeddings: nothing to embed, no encoder needed.
         snapshot_path = options.data
         if options.store is not None:
-            from headmaster.client.store import open_store
+            from headmaster.store import open_store
 
             out = options.snapshot_dir or (Path("snapshots") if "://" in options.store else Path(options.store) / "snapshots")
             snapshot_path = export_snapshot(open_store(options.store, create=False), options.name, out,

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from headmaster.export.errors import HeadmasterError
+from headmaster.errors import HeadmasterError
 from headmaster.export.heads import HeadWeights
 
 KINDS = ("linear", "mlp")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.export.errors import HeadmasterError
+from headmaster.errors import HeadmasterError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name
 from headmaster.model_repository import lifecycle
 from headmaster.model_repository.config import ARTIFACT_FILES

@@ -32,8 +32,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # PIL's resample codes for open_clip's interpolation names ('random' means bicubic at eval).
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "random": Image.BICUBIC}
 _RESIZE_MODES = ("shortest", "longest", "squash")
-# File names that folder-walking commands treat as images (decoding goes by content).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic"})
 
 
 class InvalidImage(ValueError):

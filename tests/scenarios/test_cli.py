@@ -17,7 +17,7 @@ from headmaster.client import HeadmasterClient
 from headmaster.model_repository.server import free_port
 from tests.conftest import ARTIFACTS, clone_repo, start_server
 
-CLI = [sys.executable, "-m", "headmaster.client.cli"]
+CLI = [sys.executable, "-m", "headmaster.cli"]
 
 
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:

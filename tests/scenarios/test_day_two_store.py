@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.client.store import Store, open_store
+from headmaster.store import open_store
+from headmaster.store.base import Store
 from tests import helpers
 from tests.helpers import CLI, run_cli
 
@@ -206,7 +207,7 @@ def test_copies_in_one_run_are_one_item_and_a_stored_folder_skips_the_encoder(se
 def test_a_store_other_writers_fill(server, digit_files, backend, tmp_path):
     """Another writer stored some images before this run (they skip the encoder); then two
     runs over overlapping folders write at the same time: every image is stored once."""
-    from headmaster.client.classify_store import classify_into_store
+    from headmaster.store.classify import classify_into_store
 
     earlier = place(digit_files[1100:1140], tmp_path / "theirs")
     with HeadmasterClient(server.grpc_url, batch_size=8) as client:

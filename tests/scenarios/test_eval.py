@@ -20,9 +20,10 @@ import onnxruntime as ort
 import pytest
 from sklearn.metrics import confusion_matrix
 
+from headmaster.errors import EvalError
 from headmaster.model_repository.repository import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
-from headmaster.training.evaluate import EvalError, EvalOptions
+from headmaster.training.evaluate import EvalOptions
 from headmaster.training.report import make_report
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
@@ -319,7 +320,7 @@ def test_multi_label_head_on_a_manifest_holdout(setup, digits_dir, tmp_path):
 
 def test_eval_on_a_dataset_snapshot_uses_its_labels_and_stored_embeddings(setup, tmp_path):
     """The holdout can be a snapshot of people's labels in the store (no images embedded again)."""
-    from headmaster.client.store import ParquetStore
+    from headmaster.store import ParquetStore
     from headmaster.training.corrections import make_corrections
     from headmaster.training.snapshots import export_snapshot
 

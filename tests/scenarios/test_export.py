@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
+from headmaster.errors import CardError, ExportError, UnsupportedHereError
 from headmaster.export import encoder as encoder_module
 from headmaster.export.card import EncoderCard, fingerprint_of
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import load
-from headmaster.export.errors import CardError, ExportError, UnsupportedHereError
 from tests.conftest import MODEL, SEED
 
 
@@ -92,7 +92,7 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path):
 
 
 def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "headmaster.client.cli", "export", "encoder", "--model", "ViT-Q-99",
+    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "export", "encoder", "--model", "ViT-Q-99",
                              "--out", str(tmp_path / "enc")], capture_output=True, text=True)
     assert result.returncode == 1
     assert "error: unknown open_clip model 'ViT-Q-99'" in result.stderr

@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from headmaster.errors import FingerprintMismatchError, RepositoryError
 from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
-from headmaster.export.errors import FingerprintMismatchError, RepositoryError
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository.config import parse
 from headmaster.model_repository.repository import BuildOptions, Repository, build_repository, publish_head

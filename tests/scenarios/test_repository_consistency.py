@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headmaster.export.errors import FingerprintMismatchError, RepositoryError
+from headmaster.errors import FingerprintMismatchError, InvalidVersionError, RepositoryError
 from headmaster.model_repository.config import parse
 from headmaster.model_repository.consistency import problems, repair
 from headmaster.model_repository.repository import Repository, import_head, rollback
-from headmaster.model_repository.validation import InvalidVersionError, validate_version
+from headmaster.model_repository.validation import validate_version
 from tests.conftest import build_repo, clone_repo, written_version
 
 LABELS = ("cat", "dog", "bird")
-CLI = [sys.executable, "-m", "headmaster.client.cli"]
+CLI = [sys.executable, "-m", "headmaster.cli"]
 
 
 @pytest.fixture(scope="module")

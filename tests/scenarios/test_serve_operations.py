@@ -33,7 +33,7 @@ from headmaster.model_repository.server import SHM_PREFIX, free_port
 from headmaster.model_repository.server_record import KEY_HEADER, read_record, record_path, running_server
 from tests.conftest import ARTIFACTS, clone_repo, subset, written_version
 
-HEADMASTER = [sys.executable, "-c", "from headmaster.client.cli import main; main()"]
+HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
 # `headmaster serve` runs the bundled Triton, which has only the python backend.
 pytestmark = pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)")
 
@@ -276,7 +276,7 @@ def test_a_version_copied_in_by_hand_is_validated_then_served(served, jpeg_photo
 def test_a_version_triton_refuses_to_load_leaves_the_disk_naming_what_is_served(served, jpeg_photos, tmp_path):
     """Validation passes (a sound head) but Triton cannot load it (its runner is broken): the
     repository goes back to the version the server still serves, and says so."""
-    from headmaster.export.errors import ServerError
+    from headmaster.errors import ServerError
     from headmaster.model_repository import lifecycle
     from headmaster.model_repository.consistency import problems
     from headmaster.model_repository.repository import Repository

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.client.classify_store import classify_into_store
-from headmaster.client.store import ParquetStore, StoreError, label_table, open_store
-from headmaster.export.errors import FingerprintMismatchError
+from headmaster.errors import DataError, FingerprintMismatchError, StoreError
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository import live
 from headmaster.model_repository.repository import Repository
+from headmaster.store import ParquetStore, open_store
+from headmaster.store.base import label_table
+from headmaster.store.classify import classify_into_store
 from headmaster.training.corrections import make_corrections, read_csv
-from headmaster.training.data import DataError
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 from headmaster.training.reembed import reembed
 from headmaster.training.rescore import head_version_dir, rescore
@@ -361,7 +361,7 @@ def test_suggest_lists_the_least_certain_uncorrected_items(repo, digit_store, tm
 
 WRITER = """
 import sys, numpy as np
-from headmaster.client.store import ParquetStore
+from headmaster.store import ParquetStore
 store = ParquetStore(sys.argv[1])
 rng = np.random.default_rng(0)
 batch = 0

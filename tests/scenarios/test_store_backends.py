@@ -18,15 +18,9 @@ import uuid
 import numpy as np
 import pytest
 
-from headmaster.client.store import (
-    Correction,
-    ParquetStore,
-    StoredItem,
-    StoreError,
-    label_schema,
-    label_table,
-    open_store,
-)
+from headmaster.errors import StoreError
+from headmaster.store import ParquetStore, open_store
+from headmaster.store.base import Correction, StoredItem, label_schema, label_table
 from tests import helpers
 from tests.helpers import free_port, with_schema
 
@@ -67,7 +61,7 @@ def backend(request, tmp_path):
     """A function that opens (or reopens) this test's store on the backend under test."""
     if request.param == "parquet":
         return lambda **kw: ParquetStore(tmp_path / "store", **kw)
-    from headmaster.client.store_postgres import PostgresStore
+    from headmaster.store.postgres import PostgresStore
 
     dsn = request.getfixturevalue("postgres_schema")
     opened = []
@@ -416,7 +410,7 @@ def test_refuses_another_schema_version(backend):
 
 # -- PostgreSQL only ---------------------------------------------------------------------
 def test_open_store_picks_postgres(postgres_schema):
-    from headmaster.client.store_postgres import PostgresStore
+    from headmaster.store.postgres import PostgresStore
 
     store = open_store(postgres_schema)
     assert isinstance(store, PostgresStore)
@@ -426,9 +420,9 @@ def test_open_store_picks_postgres(postgres_schema):
 
 
 def test_embedding_column_follows_the_server(postgres_schema, pgvector_available, caplog):
-    from headmaster.client.store_postgres import PostgresStore
+    from headmaster.store.postgres import PostgresStore
 
-    with caplog.at_level(logging.INFO, logger="headmaster.client.store_postgres"):
+    with caplog.at_level(logging.INFO, logger="headmaster.store.postgres"):
         store = PostgresStore(postgres_schema)
     assert store.embedding_type == ("vector" if pgvector_available else "real[]")
     assert f"embeddings in {'pgvector vector' if pgvector_available else 'real[]'} columns" in caplog.text
@@ -444,7 +438,7 @@ def test_pgvector_columns(postgres_url, pgvector_available):
         pytest.skip(PGVECTOR_MISSING)
     import psycopg
 
-    from headmaster.client.store_postgres import PostgresStore
+    from headmaster.store.postgres import PostgresStore
 
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         has_halfvec = conn.execute("SELECT to_regtype('halfvec') IS NOT NULL").fetchone()[0]
@@ -477,7 +471,7 @@ def test_pgvector_columns(postgres_url, pgvector_available):
 
 def test_unreachable_server_is_a_store_error():
     pytest.importorskip("psycopg")
-    from headmaster.client.store_postgres import PostgresStore
+    from headmaster.store.postgres import PostgresStore
 
     with pytest.raises(StoreError, match=r"cannot connect to PostgreSQL at postgresql://me:\*\*\*@127\.0\.0\.1:"):
         PostgresStore(f"postgresql://me:secret@127.0.0.1:{free_port()}/nothing?connect_timeout=3")
@@ -488,7 +482,7 @@ def test_unreachable_server_is_a_store_error():
 def test_refuses_foreign_tables(postgres_schema):
     import psycopg
 
-    from headmaster.client.store_postgres import PostgresStore
+    from headmaster.store.postgres import PostgresStore
 
     with psycopg.connect(postgres_schema, autocommit=True) as conn:
         conn.execute("CREATE TABLE items (id int)")

@@ -13,12 +13,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from headmaster.errors import DataError, FingerprintMismatchError, HeadmasterError
 from headmaster.export.encoder import ExportOptions, export_encoder
-from headmaster.export.errors import FingerprintMismatchError, HeadmasterError
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository.backends.threshold import accept
 from headmaster.model_repository.repository import Repository, build_repository, import_head, rollback
-from headmaster.training.data import DataError
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
@@ -233,13 +232,13 @@ def test_train_head_through_the_server_embeds_like_locally(repo, server, digits_
 
 def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path):
     data = subset(digits_dir, tmp_path / "data", {"1": 40, "2": 40, "3": 40})
-    result = subprocess.run([sys.executable, "-m", "headmaster.client.cli", "train-head", str(data), "--name", "small",
+    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "train-head", str(data), "--name", "small",
                              "--repo", str(train_repo), "--cache", str(embedding_cache)],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "confusion matrix" in result.stdout and "why this threshold" in result.stdout
     assert "head small v1 (linear, single-label): 1, 2, 3" in result.stderr
-    listing = subprocess.run([sys.executable, "-m", "headmaster.client.cli", "heads", "--repo", str(train_repo)],
+    listing = subprocess.run([sys.executable, "-m", "headmaster.cli", "heads", "--repo", str(train_repo)],
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and "small" in listing.stdout and "live" in listing.stdout
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import json_format
 
-from headmaster.export.errors import ConfigError
+from headmaster.errors import ConfigError
 from headmaster.model_repository.config import (
     Batching,
     EncoderModel,

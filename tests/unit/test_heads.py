@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from headmaster.export.errors import ExportError
+from headmaster.errors import ExportError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name, head_onnx, write_head
 from headmaster.model_repository.backends.threshold import accept, head_results
 

@@ -14,8 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from headmaster.errors import RepositoryError
 from headmaster.export.card import CARD_FILE, EncoderCard, TowerFile
-from headmaster.export.errors import RepositoryError
 from headmaster.export.heads import HeadCard, HeadWeights, write_head
 from headmaster.model_repository.config import EncoderModel, HeadModel, Tensor, parse, render, to_proto
 from headmaster.model_repository.native_check import check_repository, onnx_problems, torchscript_problems

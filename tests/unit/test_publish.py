@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from headmaster.export.errors import RepositoryError
+from headmaster.errors import RepositoryError
 from headmaster.model_repository.publish import (
     prune_versions,
     publish_version,

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 
-from headmaster.export.errors import FingerprintMismatchError, RepositoryError
+from headmaster.errors import FingerprintMismatchError, ForeignVersionError, InvalidVersionError, RepositoryError
 from headmaster.export.heads import HeadCard, HeadWeights, head_onnx, write_head
-from headmaster.model_repository.validation import ForeignVersionError, InvalidVersionError, check_version_dir
+from headmaster.model_repository.validation import check_version_dir
 
 FINGERPRINT = "sha256:" + "a" * 64
 DIM = 16

@@ -10,9 +10,14 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.table import Table
+
+from headmaster.cli.common import console as stderr_console
+from headmaster.images import collect_images
 
 ZERO_SHOT_HEADS = {
     # A multi-bucket head, and a binary contest (a positive and a negative prompt).
@@ -38,13 +43,13 @@ def sample_images(folder: Path) -> Path:
 
 def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Path | None, console: Console) -> None:
     from headmaster.client import HeadmasterClient
-    from headmaster.client.classify_store import classify_into_store
-    from headmaster.client.store import ParquetStore
+    from headmaster.errors import CardError
     from headmaster.export.card import EncoderCard
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.export.errors import CardError
     from headmaster.model_repository.repository import build_repository
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+    from headmaster.store import ParquetStore
+    from headmaster.store.classify import classify_into_store
     from headmaster.training.rescore import head_version_dir, rescore
     from headmaster.training.zero_shot import create_zero_shot_head
 
@@ -90,8 +95,6 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
         console.print(f"Triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}")
         console.rule(f"5. classify  [dim]headmaster classify {image_dir} --url {server.grpc_url} "
                      f"--output {results_path} --store {store_path}")
-        from headmaster.client.cli import collect_images
-
         files = collect_images([image_dir])
         with HeadmasterClient(server.grpc_url) as client:
             results, _ = classify_into_store(client, store, files)
@@ -116,3 +119,14 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     if pretrained is None:
         console.print("[yellow]These labels come from random weights (--pretrained none), so they are "
                       "arbitrary. With internet: --pretrained laion2b_s34b_b79k (or a local checkpoint).[/]")
+
+
+def quickstart(
+    workdir: Annotated[Path, typer.Option(help="Where the encoder, repository, images and results go.")] = Path("build/quickstart"),
+    model: Annotated[str, typer.Option(help="open_clip model.")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint; 'none' = random weights.")] = "none",
+    images: Annotated[Path | None, typer.Option(help="Your own images (default: photos shipped in scikit-image/-learn).")] = None,
+) -> None:
+    """Export -> build the repository -> zero-shot heads -> serve -> classify real photos into a store -> print
+    labels -> rescore the stored embeddings on CPU."""
+    run_quickstart(workdir, model, None if pretrained.lower() == "none" else pretrained, images, stderr_console)

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from headmaster.cli.common import console
+
 app = typer.Typer(help="Export open_clip encoders for Triton.", no_args_is_help=True)
-console = Console(stderr=True, soft_wrap=True)
 
 
 @app.command("encoder")

@@ -33,15 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from headmaster.client.store import (
-    EMBEDDING_DTYPES,
-    SCHEMA_VERSION,
-    Correction,
-    Store,
-    StoreError,
-    label_schema,
-    now,
-)
+from headmaster.errors import StoreError
+from headmaster.store.base import EMBEDDING_DTYPES, SCHEMA_VERSION, Correction, Store, label_schema, now
 
 if TYPE_CHECKING:
     from typing_extensions import Self

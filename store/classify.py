@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.client.results import Classification, Failure
-from headmaster.client.store import Store, StoredItem
+from headmaster.store.base import Store, StoredItem
 
 
 @dataclass

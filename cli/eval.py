@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True, soft_wrap=True)
+from headmaster.cli.common import DEFAULT_REPO, console, out, progress
+
 SHOWN = 10  # findings listed in the terminal; the report has them all
 
 
@@ -63,7 +62,6 @@ def _summary(e) -> str:
 
 
 def print_run(run, quality, files) -> None:
-    out = Console(soft_wrap=True)
     e, h = run.evaluation, run.holdout
     for path, why in h.skipped[:20]:
         console.print(f"[yellow]skipped[/] {path}: {why}", highlight=False)
@@ -123,7 +121,7 @@ def eval_command(
     train_data: Annotated[Path | None, typer.Option(
         "--train-data", help="The head's training folder: leakage check and more data for the label-error "
                              "check (default: the folder recorded in the head, if it exists).")] = None,
-    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = Path("model_repository"),
+    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = DEFAULT_REPO,
     server: Annotated[str | None, typer.Option(
         "--server", help="HTTP address (host:port) of a running server to embed through (default: embed here).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(
@@ -139,10 +137,9 @@ def eval_command(
     options = EvalOptions(name=name, repo=repo, data=data, manifest=manifest, snapshot=snapshot, version=version,
                           compare=compare,
                           against=against, server=server, cache_dir=cache_dir, train_data=train_data)
-    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("embed", total=None)
+    bar, task = progress("embedding", None)
+    with bar:
         run, checked, files = make_report(options, report,
-                                          lambda done, total: progress.update(task, completed=done, total=total),
+                                          lambda done, total: bar.update(task, completed=done, total=total),
                                           quality=quality)
     print_run(run, checked, files)

@@ -13,46 +13,34 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from headmaster.export.errors import HeadmasterError
+from headmaster.cli.common import DEFAULT_REPO, RepoOption, StoreOption, console, out, progress
+from headmaster.errors import HeadmasterError
 
-console = Console(stderr=True, soft_wrap=True)
-StoreOption = Annotated[str, typer.Option(
-    "--store", envvar="HEADMASTER_STORE",
-    help="The store: a folder (written by `classify --store`) or postgresql://... [env HEADMASTER_STORE]")]
-RepoOption = Annotated[Path, typer.Option("--repo", help="The model repository folder.")]
 dataset_app = typer.Typer(no_args_is_help=True, help="Frozen training sets made from the store.")
 
 
 def _open(store: str):
-    from headmaster.client.store import open_store
+    from headmaster.store import open_store
 
     return open_store(store, create=False)
-
-
-def _progress(what: str, total: int | None):
-    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    progress = Progress(*columns, console=console, transient=True)
-    return progress, progress.add_task(what, total=total)
 
 
 def rescore_command(
     name: Annotated[str, typer.Argument(help="The head.")],
     store: StoreOption = "store",
     version: Annotated[int | None, typer.Option(help="Head version (default: the live one).")] = None,
-    repo: RepoOption = Path("model_repository"),
+    repo: RepoOption = DEFAULT_REPO,
     batch_size: Annotated[int, typer.Option(help="Embeddings per onnxruntime call.")] = 65536,
 ) -> None:
     """Run a head version over every stored embedding on CPU and record its labels (no encoder, no server)."""
     from headmaster.training.rescore import head_version_dir, rescore
 
-    progress, task = _progress("rescoring", None)
-    with progress:
+    bar, task = progress("rescoring", None)
+    with bar:
         result = rescore(_open(store), head_version_dir(repo, name, version), batch_size,
-                         lambda done, total: progress.update(task, completed=done, total=total))
+                         lambda done, total: bar.update(task, completed=done, total=total))
     for fingerprint, count in result.refused.items():
         console.print(f"[yellow]refused[/] {count} items embedded with another encoder ({fingerprint}): "
                       "`headmaster reembed` brings them to this one")
@@ -71,11 +59,11 @@ def correct_command(
     store: StoreOption = "store",
     by: Annotated[str | None, typer.Option(help="Who says so (default: the login name).")] = None,
     note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
-    repo: RepoOption = Path("model_repository"),
+    repo: RepoOption = DEFAULT_REPO,
 ) -> None:
     """Store a person's label for an item (checked against the head's labels when the repository has it)."""
+    from headmaster.errors import DataError
     from headmaster.training.corrections import make_corrections, read_csv
-    from headmaster.training.data import DataError
 
     if (item is None) == (csv_file is None):
         raise DataError("give an ITEM (with --head and --label) or --csv FILE")
@@ -98,7 +86,7 @@ def suggest_command(
     store: StoreOption = "store",
     version: Annotated[int | None, typer.Option(help="Head version (default: the newest one in the store).")] = None,
     method: Annotated[str, typer.Option(help="margin (default) or entropy; see `headmaster suggest --help`.")] = "margin",
-    repo: RepoOption = Path("model_repository"),
+    repo: RepoOption = DEFAULT_REPO,
     output: Annotated[Path | None, typer.Option(
         help="Write a CSV (item,head,label,uncertainty,uri) to fill in and give to `correct --csv`.")] = None,
 ) -> None:
@@ -123,7 +111,7 @@ def suggest_command(
         table.add_column(column)
     for s in found:
         table.add_row(s.sha256[:12], f"{s.uncertainty:.4f}", ", ".join(s.labels) or "-", s.uri or "-")
-    Console(soft_wrap=True).print(table)
+    out.print(table)
     if output:
         with open(output, "w", newline="") as f:
             writer = csv.writer(f)
@@ -134,7 +122,7 @@ def suggest_command(
 
 def reembed_command(
     store: StoreOption = "store",
-    repo: RepoOption = Path("model_repository"),
+    repo: RepoOption = DEFAULT_REPO,
     server: Annotated[str | None, typer.Option(help="Embed through this server (HTTP host:port) instead of here.")] = None,
 ) -> None:
     """Embed every stored item again with the repository's encoder, from its source file."""
@@ -145,9 +133,9 @@ def reembed_command(
     opened = _open(store)
     repository = Repository(repo)
     embedder = embedder_for(repository, server)
-    progress, task = _progress("re-embedding", None)
-    with progress:
-        result = reembed(opened, embedder, progress=lambda n: progress.advance(task, n))
+    bar, task = progress("re-embedding", None)
+    with bar:
+        result = reembed(opened, embedder, progress=lambda n: bar.advance(task, n))
     for sha, why in result.unreachable[:50]:
         console.print(f"[yellow]not re-embedded[/] {sha[:12]}: {why}")
     console.print(f"[green]{result.reembedded} re-embedded[/] with {result.fingerprint}; {result.already} had it "
@@ -161,7 +149,7 @@ def dataset_export_command(
     name: Annotated[str, typer.Argument(help="The head whose training set to freeze.")],
     out: Annotated[Path, typer.Option("--out", help="Snapshots go to OUT/NAME/vN/.")],
     store: StoreOption = "store",
-    repo: RepoOption = Path("model_repository"),
+    repo: RepoOption = DEFAULT_REPO,
     multi_label: Annotated[bool | None, typer.Option(
         "--multi-label/--single-label", help="Default: the head's kind in the repository, else from the labels.")] = None,
 ) -> None:

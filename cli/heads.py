@@ -1,4 +1,7 @@
-"""`headmaster zero-shot`: heads from text prompts (trained heads come with train-head)."""
+"""The head commands: `zero-shot`, `train-head`, `heads` (list, remove, import), `rollback`.
+
+Each changes the repository through `model_repository.lifecycle`, which also makes the change
+live on the server that serves it."""
 
 from __future__ import annotations
 
@@ -6,14 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True, soft_wrap=True)
-ServerOption = Annotated[str | None, typer.Option(
-    "--server", help="HTTP address (host:port) of a running server: embed through it and hot-load the result "
-                     "(default: embed here, and hot-load into the server `headmaster serve` recorded in the repository).")]
+from headmaster.cli.common import DEFAULT_REPO, RepoOption, ServerOption, console, out, progress
 
 
 def _parse_thresholds(values: list[str]) -> dict[str, float]:
@@ -33,7 +31,7 @@ def zero_shot(
     name: Annotated[str, typer.Argument(help="Head name: lowercase letters, digits, '_'.")],
     label: Annotated[list[str], typer.Option(
         "--label", help="A label: 'text' or 'name=prompt text'. Repeat; two or more.")],
-    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = Path("model_repository"),
+    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = DEFAULT_REPO,
     template: Annotated[list[str] | None, typer.Option(
         "--template", help="Prompt template with {} for the label; repeat to average several. "
                            "Default: 'a photo of {}.'")] = None,
@@ -54,7 +52,6 @@ def zero_shot(
 
 
 def _print_report(result) -> None:
-    out = Console(soft_wrap=True)
     checks, metrics, card = result.checks, result.metrics, result.card
     data = Table(title="data", show_header=True)
     for column in ("label", "images", "class weight"):
@@ -99,7 +96,7 @@ def train_head_command(
         help="Folder with one sub-folder of images per bucket (the folder name is the label), or a dataset "
              "snapshot (`headmaster dataset export`).")] = None,
     name: Annotated[str, typer.Option("--name", help="Head name: lowercase letters, digits, '_'.")] = ...,
-    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = Path("model_repository"),
+    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = DEFAULT_REPO,
     manifest: Annotated[Path | None, typer.Option(
         help="Multi-label data instead of folders: CSV (path,labels with ';') or JSONL ({path, labels}).")] = None,
     model: Annotated[str, typer.Option("--model", help="linear or mlp.")] = "linear",
@@ -129,12 +126,88 @@ def train_head_command(
         config=TrainConfig(kind=model, hidden=hidden, epochs=epochs, learning_rate=learning_rate, seed=seed),
         val_fraction=val_fraction, thresholds=thresholds, target_precision=target_precision, positive=positive,
         cache_dir=cache, keep=keep, store=store)
-    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("embed", total=None)
-        result = train_head(options, lambda done, total: progress.update(task, completed=done, total=total))
+    bar, task = progress("embedding", None)
+    with bar:
+        result = train_head(options, lambda done, total: bar.update(task, completed=done, total=total))
     _print_report(result)
     console.print(f"[green]head {result.card.name} v{result.card.version}[/] ({result.card.kind}, "
                   f"{'multi-label' if result.card.multi_label else 'single-label'}): {', '.join(result.card.labels)}"
                   + (f"; live on the server at {result.server}" if result.server else
                      "; no server serves this repository"))
+
+
+heads_app = typer.Typer(help="List, remove and import heads.", invoke_without_command=True)
+
+
+def _metric(card) -> str:
+    metrics = card.details.get("metrics") or {}
+    if "accuracy" in metrics:
+        return f"acc {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
+    if "micro_f1" in metrics:
+        return f"micro-F1 {metrics['micro_f1']:.3f}"
+    return "-"
+
+
+@heads_app.callback()
+def heads(ctx: typer.Context, repo: RepoOption = DEFAULT_REPO) -> None:
+    """List heads: versions on disk, the live one, labels, kind and validation metrics."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from headmaster.export.heads import HeadCard
+    from headmaster.model_repository.repository import Repository
+
+    repository = Repository(repo)
+    table = Table(title=f"heads in {repo} (encoder {repository.card.model} {repository.card.short_fingerprint})")
+    for column in ("head", "version", "live", "kind", "labels", "validation", "created"):
+        table.add_column(column)
+    for state in repository.heads():
+        for version in reversed(state.versions):
+            card = HeadCard.load(repository.path / state.name / str(version))
+            table.add_row(state.name, str(version), "[green]live[/]" if version == state.live else "",
+                          card.kind + (" multi-label" if card.multi_label else ""),
+                          ", ".join(card.labels), _metric(card), card.created)
+    out.print(table)
+
+
+@heads_app.command("remove")
+def remove(name: Annotated[str, typer.Argument(help="The head to take out.")],
+           repo: RepoOption = DEFAULT_REPO, server: ServerOption = None) -> None:
+    """Take a head out of the repository, and out of the server that serves it."""
+    from headmaster.model_repository import lifecycle
+
+    change = lifecycle.remove(repo, name, server)
+    console.print(f"removed head {name} from {repo}" + _where(change))
+
+
+@heads_app.command("import")
+def import_(version_dir: Annotated[Path, typer.Argument(help="A head version folder (model.onnx + head.json).")],
+            repo: RepoOption = DEFAULT_REPO,
+            name: Annotated[str | None, typer.Option(help="Publish under another name.")] = None,
+            server: ServerOption = None) -> None:
+    """Publish a head version made elsewhere as the next version here (same encoder only)."""
+    from headmaster.model_repository import lifecycle
+    from headmaster.model_repository.repository import Repository
+    from headmaster.model_repository.validation import check_version_dir
+
+    here = Repository(repo)  # a corrupt folder is refused in one line (InvalidVersionError), before anything
+    check_version_dir(version_dir, here.fingerprint, here.card.embed_dim)
+
+    change = lifecycle.import_version(repo, version_dir, name, server)
+    card = change.card
+    console.print(f"[green]head {card.name} v{card.version}[/] imported from {version_dir}" + _where(change))
+
+
+def rollback(name: Annotated[str, typer.Argument(help="The head to roll back.")],
+             to: Annotated[int | None, typer.Option(help="Version to serve (default: the one before the live one).")] = None,
+             repo: RepoOption = DEFAULT_REPO, server: ServerOption = None) -> None:
+    """Serve an older version of a head again (validated first)."""
+    from headmaster.model_repository import lifecycle
+
+    change = lifecycle.rollback(repo, name, to, server)
+    console.print(f"head {name} now serves v{change.version}" + _where(change))
+
+
+def _where(change) -> str:
+    return f"; live on the server at {change.server}" if change.server else "; no server serves this repository"

@@ -1,0 +1,86 @@
+"""`headmaster repo build | check | repair`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from headmaster.cli.common import DEFAULT_REPO, RepoOption, console
+
+app = typer.Typer(help="Build, check and repair Headmaster model repositories.", no_args_is_help=True)
+
+
+@app.command("build")
+def build(
+    encoder: Annotated[Path, typer.Option("--encoder", help="Folder written by `headmaster export encoder`.")],
+    repo: RepoOption = DEFAULT_REPO,
+    flavour: Annotated[str, typer.Option(
+        help="portable: python-backend models for the bundled Triton (no Docker); "
+             "native: onnxruntime/TensorRT/PyTorch backends for NVIDIA's container.")] = "portable",
+    max_batch_size: Annotated[int, typer.Option(help="Largest batch any model takes.")] = 64,
+    preferred_batch_size: Annotated[list[int] | None, typer.Option(
+        help="Encoder dynamic batcher's preferred sizes (repeat the option).")] = None,
+    max_queue_delay_us: Annotated[int, typer.Option(
+        help="How long the encoder's batcher may wait to fill a preferred batch, in microseconds.")] = 2000,
+    encoder_instances: Annotated[int, typer.Option(help="Encoder model instances.")] = 1,
+    preprocess_instances: Annotated[int, typer.Option(help="Preprocess model instances.")] = 1,
+    preprocess_threads: Annotated[int, typer.Option(help="Decode threads per preprocess instance (0 = per core).")] = 0,
+    device: Annotated[str, typer.Option(help="Portable flavour: auto, cpu or cuda for the encoders.")] = "auto",
+    max_pixels: Annotated[int, typer.Option(
+        help="Most pixels an image may decode to at full size (larger JPEGs decode at 1/2..1/8); 0 = 16,000,000.")] = 0,
+    max_aspect_ratio: Annotated[float, typer.Option(help="Longest over shortest side an image may have; 0 = 32.")] = 0,
+    max_request_mb: Annotated[float, typer.Option(
+        help="Encoded megabytes of images one request may carry (all its images); 0 = 64.")] = 0,
+) -> None:
+    """Assemble a Triton repository: preprocess -> encoder -> heads -> threshold, as `classify`."""
+    from headmaster.model_repository.repository import BuildOptions, build_repository
+
+    options = BuildOptions(flavour=flavour, max_batch_size=max_batch_size,
+                           preferred_batch_sizes=tuple(preferred_batch_size or (8, 16, 32)),
+                           max_queue_delay_us=max_queue_delay_us, encoder_instances=encoder_instances,
+                           preprocess_instances=preprocess_instances, preprocess_threads=preprocess_threads,
+                           device=device, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
+                           max_request_bytes=int(max_request_mb * 1024 * 1024))
+    repository = build_repository(encoder, repo, options)
+    console.print(f"[green]built[/] {repo} ({flavour}) with encoder {repository.card.model} "
+                  f"{repository.card.short_fingerprint}: {', '.join(repository.model_names())}")
+
+
+@app.command("check")
+def check(repo: RepoOption = DEFAULT_REPO) -> None:
+    """Find every way the repository differs from what can be served: configs, files, head
+    versions (each one run once), ensembles, leftovers. Exit 1 when there is any."""
+    from headmaster.model_repository.consistency import problems
+    from headmaster.model_repository.repository import Repository
+
+    found = problems(repo)
+    if found:
+        for problem in found:
+            console.print(problem, markup=False, highlight=False)
+        console.print(f"[red]{len(found)} problem(s)[/] in {repo}; fix them with "
+                      f"`headmaster repo repair --repo {repo}`", highlight=False)
+        raise typer.Exit(1)
+    repository = Repository(repo)
+    console.print(f"[green]ok[/] {repo}: {len(repository.model_names())} models, "
+                  f"heads: {', '.join(repository.head_names()) or '(none)'}")
+
+
+@app.command("repair")
+def repair(repo: RepoOption = DEFAULT_REPO) -> None:
+    """Make the repository describe what can be served, from what is on disk: each head serves
+    its configured version if valid, else its newest valid one; invalid versions and heads are
+    moved aside (.invalid-*); configs are re-rendered; leftovers removed."""
+    from headmaster.model_repository.consistency import problems
+    from headmaster.model_repository.consistency import repair as repair_repository
+
+    for action in repair_repository(repo):
+        console.print(action, markup=False, highlight=False)
+    left = problems(repo)
+    if left:
+        for problem in left:
+            console.print(problem, markup=False, highlight=False)
+        console.print(f"[red]{len(left)} problem(s) repair cannot fix[/] in {repo}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/] {repo} describes what it serves", highlight=False)

@@ -1,0 +1,112 @@
+"""`headmaster serve`: the bundled Triton on a repository, watched until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from headmaster.cli.common import DEFAULT_REPO, RepoOption, console
+
+
+def serve(
+    repo: RepoOption = DEFAULT_REPO,
+    host: Annotated[str, typer.Option(help="Address to listen on. 127.0.0.1 (default) serves this machine only; "
+                                           "0.0.0.0 serves every network the machine is on (see README, Security).")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="HTTP/REST (KServe v2) port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    model_control_mode: Annotated[str, typer.Option(
+        help="explicit (default: heads hot-load when train-head/zero-shot ask), poll or none.")] = "explicit",
+    poll_interval: Annotated[int, typer.Option(help="Seconds between repository scans in poll mode.")] = 2,
+    log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
+    log_file: Annotated[Path | None, typer.Option(
+        help="Where to write the server log (default: REPO/.headmaster/triton.log).")] = None,
+    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become ready.")] = 300.0,
+    api_key_file: Annotated[Path | None, typer.Option(
+        help="File holding the key of the control API (default: $HEADMASTER_API_KEY, else a new random key, "
+             "written to REPO/.headmaster/server.json for the owner).")] = None,
+    open_control_api: Annotated[bool, typer.Option(
+        "--open-control-api", help="Leave Triton's model-repository, model-config and logging APIs open to "
+                                   "anyone who reaches the ports (they can load code onto this machine).")] = False,
+    watch: Annotated[bool, typer.Option(help="Adopt head versions copied into the repository by hand.")] = True,
+    triton_arg: Annotated[list[str] | None, typer.Option(
+        help="Pass an option to tritonserver as it is (repeat), e.g. --triton-arg=--grpc-use-ssl=true.")] = None,
+) -> None:
+    """Run the Triton server bundled in nvidia-pytriton on a repository until Ctrl-C / SIGTERM."""
+    import os
+
+    from headmaster.errors import RepositoryError, ServerError
+    from headmaster.model_repository.repository import Repository
+    from headmaster.model_repository.server import ServerOptions, TritonServer
+    from headmaster.model_repository.server_record import KEY_ENV, RESTRICTED_APIS, STATE_DIR, running_server
+    from headmaster.model_repository.supervisor import Supervisor
+
+    running = running_server(repo)
+    if running is not None:
+        raise ServerError(f"{repo} is already served by tritonserver pid {running.pid} at {running.http_url}; "
+                          "stop it first (two servers on one repository would disagree about its heads)")
+    repository = Repository(repo)
+    try:
+        repository.validate()
+    except RepositoryError as e:
+        from headmaster.model_repository.consistency import repair
+
+        console.print(f"[yellow]the repository does not describe a servable state:[/] {e}")
+        for action in repair(repo):
+            console.print(f"  repaired: {action}")
+        repository = Repository(repo)
+        repository.validate()
+    key = api_key_file.read_text().strip() if api_key_file else os.environ.get(KEY_ENV) or None
+    options = ServerOptions(repository=repo, host=host, http_port=http_port, grpc_port=grpc_port,
+                            metrics_port=metrics_port, model_control_mode=model_control_mode,
+                            poll_interval_s=poll_interval, load_models=tuple(repository.model_names()),
+                            log_verbose=log_verbose, api_key=key,
+                            restricted_apis=() if open_control_api else RESTRICTED_APIS,
+                            extra_args=tuple(triton_arg or ()))
+    server = TritonServer(options, log_path=log_file or Path(repo) / STATE_DIR / "triton.log")
+    stopping = False
+
+    def request_stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = None
+    try:
+        with console.status(f"starting Triton on {repo} (log: {server.log_path})..."):
+            server.start(timeout_s=startup_timeout)
+        console.print(f"[green]Triton is ready[/] serving {len(options.load_models)} models from {repo}")
+        console.print(f"  HTTP     http://{server.http_url}   (curl http://{server.http_url}/v2/models/classify)")
+        console.print(f"  gRPC     {server.grpc_url}")
+        console.print(f"  metrics  {server.metrics_url}")
+        console.print(f"  log      {server.log_path}")
+        if open_control_api:
+            console.print("[yellow]the control API is open:[/] anyone who reaches these ports can load and unload "
+                          "models, and upload code that runs as this user")
+        else:
+            console.print(f"  control  closed; the key is in {Path(repo) / STATE_DIR / 'server.json'} (owner only)")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            console.print(f"[yellow]listening on {host}:[/] inference, health, metadata and statistics answer anyone "
+                          "who reaches this address, unencrypted over HTTP (see README, Security, for TLS)")
+        console.print("Ctrl-C or SIGTERM stops it.")
+        supervisor = Supervisor(server, Path(repo), say=lambda line: console.print(line, highlight=False))
+        while not stopping:
+            if not server.is_alive():
+                console.print(f"[red]Triton exited unexpectedly:[/]\n{server.failure_summary()}")
+                break
+            if model_control_mode == "explicit":  # Triton refuses load and unload calls in the other modes
+                supervisor.tick() if watch else supervisor.heal_stubs()
+            time.sleep(0.25)
+        if stopping:
+            console.print("stopping: refusing new requests, finishing those in flight, unloading models...")
+    finally:
+        code = server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    console.print(f"stopped (tritonserver exit code {code})")
+    if code != 0:
+        raise typer.Exit(1)

@@ -1,0 +1,9 @@
+"""Headmaster: classify content with foundation-model embeddings and tiny heads on NVIDIA Triton.
+
+The package is assembled from the checkout's top-level folders (see README, "Where things
+live"): ``headmaster.errors`` (this folder) is the one exception family every other part
+raises from; ``headmaster.export``, ``headmaster.model_repository``, ``headmaster.training``,
+``headmaster.store``, ``headmaster.client`` and ``headmaster.cli`` are the jobs.
+"""
+
+__version__ = "0.1.0"
