@@ -156,6 +156,7 @@ def heads(ctx: typer.Context, repo: RepoOption = DEFAULT_REPO) -> None:
     from rich.table import Table
 
     from headmaster.export.heads import HeadCard
+    from headmaster.model_repository.layout import version_dir
     from headmaster.model_repository.repository import Repository
 
     repository = Repository(repo)
@@ -164,7 +165,7 @@ def heads(ctx: typer.Context, repo: RepoOption = DEFAULT_REPO) -> None:
         table.add_column(column)
     for state in repository.heads():
         for version in reversed(state.versions):
-            card = HeadCard.load(repository.path / state.name / str(version))
+            card = HeadCard.load(version_dir(repository.path, state.name, version))
             table.add_row(state.name, str(version), "[green]live[/]" if version == state.live else "",
                           card.kind + (" multi-label" if card.multi_label else ""),
                           ", ".join(card.labels), _metric(card), card.created)

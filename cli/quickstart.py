@@ -46,7 +46,8 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     from headmaster.errors import CardError
     from headmaster.export.card import EncoderCard
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository.repository import build_repository
+    from headmaster.model_repository import consistency
+    from headmaster.model_repository.build import build_repository
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
     from headmaster.store import ParquetStore
     from headmaster.store.classify import classify_into_store
@@ -83,7 +84,7 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
         console.print(f"head {name} v{head.version}: {', '.join(head.labels)}")
 
     console.rule(f"4. serve  [dim]headmaster serve --repo {repo}")
-    repository.validate()
+    consistency.check(repo)
     options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                             load_models=tuple(repository.model_names()), exit_timeout_s=10)
     image_dir = images or sample_images(workdir / "images")

@@ -35,7 +35,8 @@ def build(
         help="Encoded megabytes of images one request may carry (all its images); 0 = 64.")] = 0,
 ) -> None:
     """Assemble a Triton repository: preprocess -> encoder -> heads -> threshold, as `classify`."""
-    from headmaster.model_repository.repository import BuildOptions, build_repository
+    from headmaster.model_repository.build import build_repository
+    from headmaster.model_repository.repository import BuildOptions
 
     options = BuildOptions(flavour=flavour, max_batch_size=max_batch_size,
                            preferred_batch_sizes=tuple(preferred_batch_size or (8, 16, 32)),

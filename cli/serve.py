@@ -40,6 +40,7 @@ def serve(
     import os
 
     from headmaster.errors import RepositoryError, ServerError
+    from headmaster.model_repository import consistency
     from headmaster.model_repository.repository import Repository
     from headmaster.model_repository.server import ServerOptions, TritonServer
     from headmaster.model_repository.server_record import KEY_ENV, RESTRICTED_APIS, STATE_DIR, running_server
@@ -51,15 +52,13 @@ def serve(
                           "stop it first (two servers on one repository would disagree about its heads)")
     repository = Repository(repo)
     try:
-        repository.validate()
+        consistency.check(repo)
     except RepositoryError as e:
-        from headmaster.model_repository.consistency import repair
-
         console.print(f"[yellow]the repository does not describe a servable state:[/] {e}")
-        for action in repair(repo):
+        for action in consistency.repair(repo):
             console.print(f"  repaired: {action}")
+        consistency.check(repo)
         repository = Repository(repo)
-        repository.validate()
     key = api_key_file.read_text().strip() if api_key_file else os.environ.get(KEY_ENV) or None
     options = ServerOptions(repository=repo, host=host, http_port=http_port, grpc_port=grpc_port,
                             metrics_port=metrics_port, model_control_mode=model_control_mode,

@@ -32,10 +32,11 @@ from headmaster.errors import (
     InconsistentRepositoryError,
 )
 from headmaster.export.heads import HEAD_FILE, MODEL_FILE, NAME_PATTERN, RESERVED_NAMES
-from headmaster.model_repository.publish import repository_lock, versions
+from headmaster.model_repository.layout import CONFIG_FILE, versions
+from headmaster.model_repository.publish import repository_lock
 from headmaster.model_repository.validation import RUNNER_FILE, validate_version
 
-CONFIG = "config.pbtxt"
+CONFIG = CONFIG_FILE
 LEFTOVER_DIRS = (".staging-", ".removed-", ".old-")  # publish.py / remove_head, interrupted
 LEFTOVER_FILES = (".config.pbtxt.", ".headmaster.json.")  # publish.write_file's temporary files
 QUARANTINE = ".invalid-"  # where repair puts what must not be served (never a version number)
@@ -67,6 +68,12 @@ def error_for(repo: Path, found: list[str]) -> InconsistentRepositoryError:
     lines = "\n".join(f"  - {p}" for p in found)
     return error(f"{repo} has {len(found)} problem(s):\n{lines}\n"
                  f"fix them with `headmaster repo repair --repo {repo}`")
+
+
+def check(repo: Path) -> None:
+    """Raise, listing every problem, unless the repository describes exactly what can be served."""
+    if found := problems(repo):
+        raise error_for(Path(repo), found)
 
 
 def _rebuild(repo: Path) -> str:
@@ -371,7 +378,8 @@ def repair(repo_path: Path) -> list[str]:
     line per action taken ([] when there was nothing to do). Raises RepositoryError only if
     the manifest cannot be read. Problems it cannot fix (missing encoder files) remain in
     ``problems()``, which names the rebuild."""
-    from headmaster.model_repository.repository import Repository, copy_backend
+    from headmaster.model_repository.layout import copy_backend
+    from headmaster.model_repository.repository import Repository
 
     repo = Path(repo_path)
     repository = Repository(repo)

@@ -16,15 +16,20 @@ repository never describes something that is not served.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from headmaster.errors import HeadmasterError, ServerError
-from headmaster.export.heads import HeadCard
-from headmaster.model_repository import live, repository
-from headmaster.model_repository.publish import repository_lock
+from headmaster.errors import HeadmasterError, RepositoryError, ServerError
+from headmaster.export.card import require_same_encoder
+from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights, check_head_name, write_head
+from headmaster.model_repository import live
+from headmaster.model_repository.layout import copy_backend, version_dir
+from headmaster.model_repository.publish import prune_versions, publish_version, repository_lock
 from headmaster.model_repository.repository import Repository
+from headmaster.model_repository.validation import check_rollback, check_version_dir, validate_version
 
 LOG = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5
     """Publish the next version of a head (see ``repository.publish_head``) and make it live."""
     control = live.find(repo, server)
     previous = _live_version(repo, make_card(1).name)
-    card = repository.publish_head(repo, weights, make_card, check_embeddings, keep)
+    card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep)
     return Change(card.name, card.version, _go_live(repo, card.name, previous, control), card)
 
 
@@ -85,7 +90,7 @@ def rollback(repo: Path, name: str, to: int | None = None, server: str | None = 
     """Serve an older version of a head (default: the one before the live one), validated first."""
     control = live.find(repo, server)
     previous = _live_version(repo, name)
-    version = repository.rollback(repo, name, to)
+    version = _rollback_on_disk(repo, name, to)
     return Change(name, version, _go_live(repo, name, previous, control))
 
 
@@ -94,14 +99,14 @@ def import_version(repo: Path, version_dir: Path, name: str | None = None, serve
     target = name or HeadCard.load(version_dir).name
     control = live.find(repo, server)
     previous = _live_version(repo, target)
-    card = repository.import_head(repo, version_dir, name)
+    card = _import_on_disk(repo, version_dir, name)
     return Change(card.name, card.version, _go_live(repo, card.name, previous, control), card)
 
 
 def remove(repo: Path, name: str, server: str | None = None) -> Change:
     """Take a head out: the ensembles stop naming it, then the server unloads it."""
     control = live.find(repo, server)
-    repository.remove_head(repo, name)
+    _remove_on_disk(repo, name)
     if control is not None:
         live.head_removed(control, name)
     return Change(name, None, control.http_url if control else None)
@@ -110,8 +115,6 @@ def remove(repo: Path, name: str, server: str | None = None) -> Change:
 def adopt(repo: Path, name: str, version: int, server=None) -> Change:
     """A version folder put into the repository by hand (``cp -r``) becomes the live one,
     after the same validation as any other version: what the server's watcher calls."""
-    from headmaster.model_repository.validation import validate_version
-
     control = live.Control.of(server) if server is not None else live.find(repo)
     with repository_lock(repo):
         state = Repository(repo)
@@ -123,3 +126,73 @@ def adopt(repo: Path, name: str, version: int, server=None) -> Change:
         state.render_heads()
     return Change(name, version, _go_live(repo, name, previous, control), card)
 
+
+# -- the disk side of each operation ------------------------------------------------------------
+def _rollback_on_disk(repo: Path, name: str, to: int | None = None) -> int:
+    """Serve an older version of a head again (default: the one before the live one)."""
+    check_rollback(repo, name, to)  # the target must validate before it goes live
+    repository = Repository(repo)
+    with repository_lock(repo):
+        state = repository.head(name)
+        older = [v for v in state.versions if v < state.live]
+        target = to if to is not None else (older[-1] if older else None)
+        if target is None:
+            raise RepositoryError(f"head {name} serves v{state.live}, its oldest version on disk; nothing to roll back to")
+        state.chosen(target)
+        card = HeadCard.load(version_dir(repository.path, name, target))
+        require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {name} v{target}")
+        repository.set_live(name, target)
+    return target
+
+
+def _import_on_disk(repo: Path, version_dir: Path, name: str | None = None) -> HeadCard:
+    """Publish a head version made elsewhere (another repository, a training machine) as
+    the next version here; refused if it was made with another encoder."""
+    here = Repository(repo)
+    check_version_dir(version_dir, here.fingerprint, here.card.embed_dim)  # a corrupt folder: one line
+    source = HeadCard.load(version_dir)
+    weights = HeadWeights.from_onnx(Path(version_dir) / MODEL_FILE)
+    details = {**source.details, "imported_from": str(Path(version_dir).resolve())}
+    return _publish_on_disk(repo, weights, lambda v: replace(source, name=name or source.name, version=v, details=details))
+
+
+def _remove_on_disk(repo: Path, name: str) -> None:
+    """Take a head out of the repository (the caller reloads classify, then unloads it)."""
+    check_head_name(name)
+    repository = Repository(repo)
+    with repository_lock(repo):
+        repository.head(name)  # raises if there is no such head
+        trash = Path(repo) / f".removed-{name}-{os.getpid()}"  # renamed away first: one step for readers
+        (Path(repo) / name).rename(trash)
+        repository.render_heads()
+        shutil.rmtree(trash)
+
+
+def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5) -> HeadCard:
+    """Publish the next version of a head: the only way head versions enter a repository.
+
+    ``make_card(version)`` returns the HeadCard for the version number the repository
+    assigns. The encoder fingerprint must be the served one; the ONNX file is checked
+    against ``weights`` before the version is renamed into place; the new version becomes
+    the live one; the oldest versions beyond ``keep`` are deleted.
+    """
+    repository = Repository(repo)
+    published: list[HeadCard] = []
+
+    def build(folder: Path, version: int) -> None:
+        card = make_card(version)
+        require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {card.name}")
+        if card.embed_dim != repository.card.embed_dim:
+            raise RepositoryError(f"head {card.name} reads {card.embed_dim}-d embeddings; "
+                                  f"the encoder gives {repository.card.embed_dim}-d")
+        write_head(folder, weights, card, check_embeddings)
+        copy_backend("runtime", folder)
+        published.append(card)
+
+    with repository_lock(repo):
+        name = make_card(1).name  # validates the name before anything is written
+        version = publish_version(repo, name, build)
+        repository.set_live(name, version)
+        repository.render_heads()
+        prune_versions(repo, name, keep, protect={version})
+    return published[0]

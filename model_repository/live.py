@@ -27,10 +27,10 @@ from pathlib import Path
 
 from headmaster.errors import ServerError
 from headmaster.model_repository.server_record import KEY_ENV, KEY_HEADER, ServerRecord, running_server
+from headmaster.model_repository.topology import HEAD_DEPENDENT
 
 LOG = logging.getLogger(__name__)
 # Models whose configs name every head, in the order they are loaded after a head arrives.
-HEAD_DEPENDENT = ("threshold", "classify", "classify_embedding")
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,20 @@ def find(repo: Path, server: str | None = None) -> Control | None:
     record: ServerRecord | None = running_server(repo)
     if server is None:
         return Control.of(record) if record else None
-    if record is not None and record.http_url == server:
+    if record is not None and same_address(record.http_url, server):
         return Control.of(record)
     return Control.of(server)
+
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0", ""}
+
+
+def same_address(a: str, b: str) -> bool:
+    """host:port equality where every name of this machine's loopback is one host."""
+    (host_a, _, port_a), (host_b, _, port_b) = a.rpartition(":"), b.rpartition(":")
+    if port_a != port_b:
+        return False
+    return host_a == host_b or (host_a.lower() in LOOPBACK and host_b.lower() in LOOPBACK)
 
 
 def _client(control: Control, timeout_s: float):

@@ -3,7 +3,7 @@
 Triton's native backends compare a config with the model file only when they load it, in
 the server: a head whose config says ``SCORES [-1]`` while its ``model.onnx`` says
 ``[batch, 3]`` is refused by the onnxruntime backend, and the ``classify`` ensemble with it.
-This module makes the same comparisons without a server, so ``Repository.validate()`` and
+This module makes the same comparisons without a server, so ``consistency.check`` and
 ``headmaster repo check`` name the problem before anything is served.
 
 What is compared, per platform:
@@ -42,6 +42,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from headmaster.errors import ConfigError
+from headmaster.model_repository.layout import config_path, version_dir
 
 # onnxruntime's tensor types -> Triton config data types (onnxruntime_utils.cc
 # ConvertFromOnnxDataType / ModelConfigDataTypeToOnnxDataType); types absent here
@@ -273,7 +274,7 @@ def check_repository(repository) -> list[str]:
     configs: dict[str, mc.ModelConfig] = {}
     problems = []
     for name in repository.model_names():
-        path = repository.path / name / "config.pbtxt"
+        path = config_path(repository.path, name)
         try:
             configs[name] = parse(path.read_text())
         except (OSError, ConfigError) as e:
@@ -286,5 +287,5 @@ def check_repository(repository) -> list[str]:
         if not served:
             problems.append(f"{name}: its version policy selects no version folder on disk")
         for version in served:
-            problems += [f"{name} v{version}: {p}" for p in version_problems(config, repository.path / name / str(version))]
+            problems += [f"{name} v{version}: {p}" for p in version_problems(config, version_dir(repository.path, name, version))]
     return problems

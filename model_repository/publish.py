@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from headmaster.errors import RepositoryError
-
-LOCK_FILE = ".headmaster.lock"
+from headmaster.model_repository.layout import LOCK_FILE, versions
 
 
 @contextlib.contextmanager
@@ -33,13 +32,6 @@ def repository_lock(repo: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def versions(model_dir: Path) -> list[int]:
-    """The numeric version folders of a model, ascending (what Triton counts as versions)."""
-    if not Path(model_dir).is_dir():
-        return []
-    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
 
 
 def write_file(path: Path, content: str | bytes) -> None:

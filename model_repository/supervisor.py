@@ -23,7 +23,7 @@ from pathlib import Path
 
 from headmaster.errors import HeadmasterError
 from headmaster.model_repository import lifecycle, live
-from headmaster.model_repository.publish import versions
+from headmaster.model_repository.layout import versions
 from headmaster.model_repository.repository import Repository
 
 LOG = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class Supervisor:
     _seen: dict[Path, tuple] = field(default_factory=dict)  # candidate folder -> signature last scan
     _refused: dict[Path, tuple] = field(default_factory=dict)  # folder -> signature it was refused at
     _last_scan: float = 0.0
+    # Per head, the newest version that was on disk when serving began or has been live since:
+    # only a version above it is new. A version rolled back from stays below it, so it is never
+    # taken for a drop-in and made live again.
+    _known: dict[str, int] | None = None
 
     def tick(self) -> None:
         """One round: heal stubs every call; scan the repository every ``scan_every_s``."""
@@ -73,15 +77,19 @@ class Supervisor:
         """(head, version) folders newer than what the repository serves, or of heads it does
         not serve yet."""
         repository = Repository(self.repo)
+        if self._known is None:  # what is on disk when serving begins is not dropped in
+            self._known = {name: max(versions(self.repo / name), default=0)
+                           for name in repository.head_names() + repository.candidate_heads()}
         found = []
         for name in repository.head_names():
             try:
                 live_version = repository.head(name).live
             except HeadmasterError:
                 continue  # a damaged head is `repo check`'s business, not the watcher's
-            found += [(name, v) for v in versions(self.repo / name) if v > live_version]
+            known = self._known[name] = max(self._known.get(name, 0), live_version)
+            found += [(name, v) for v in versions(self.repo / name) if v > known]
         for name in repository.candidate_heads():
-            numbers = versions(self.repo / name)
+            numbers = [v for v in versions(self.repo / name) if v > self._known.get(name, 0)]
             if numbers:
                 found.append((name, numbers[-1]))
         return found

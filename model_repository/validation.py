@@ -24,6 +24,7 @@ from headmaster.errors import (
     InvalidVersionError,
 )
 from headmaster.export.heads import HEAD_FILE, MODEL_FILE, HeadCard
+from headmaster.model_repository.layout import version_dir
 
 RUNNER_FILE = "model.py"  # the portable flavour serves heads through the python backend
 PROBE_ROWS = 4  # unit vectors run through the head; small, so a check costs milliseconds
@@ -174,7 +175,7 @@ def validate_version(repository, name: str, version: int, *, shown: str | None =
 
     if not isinstance(repository, Repository):
         repository = Repository(Path(repository))
-    folder = repository.path / name / str(version)
+    folder = version_dir(repository.path, name, version)
     return check_version_dir(folder, repository.fingerprint, repository.card.embed_dim, name=name,
                              version=int(version), needs_runner=repository.flavour == "portable", shown=shown)
 

@@ -110,7 +110,8 @@ ZERO_SHOT = {
 
 
 def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Path:
-    from headmaster.model_repository.repository import BuildOptions, build_repository
+    from headmaster.model_repository.build import build_repository
+    from headmaster.model_repository.repository import BuildOptions
     from headmaster.training.zero_shot import create_zero_shot_head
 
     if "flavour" not in options:  # the native tier builds native repositories
@@ -203,12 +204,13 @@ def clone_repo(source: Path, target: Path) -> Path:
 def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tuple[str, ...]):
     """A head version written directly: random weights, random thresholds."""
     from headmaster.export.heads import HeadCard, HeadWeights
-    from headmaster.model_repository.repository import Repository, publish_head
+    from headmaster.model_repository.lifecycle import publish
+    from headmaster.model_repository.repository import Repository
 
     repository = Repository(repo)
     weights = HeadWeights(((rng.normal(scale=3.0, size=(len(labels), 384)).astype(np.float32),
                             rng.normal(size=len(labels)).astype(np.float32)),), multi_label=False)
     thresholds = tuple(float(t) for t in rng.uniform(0.0, 0.6, size=len(labels)))
-    return publish_head(repo, weights, lambda v: HeadCard(
+    return publish(repo, weights, lambda v: HeadCard(
         name=name, version=v, labels=labels, thresholds=thresholds, multi_label=False,
-        encoder_fingerprint=repository.fingerprint, embed_dim=384, kind="linear", details={"written": True}))
+        encoder_fingerprint=repository.fingerprint, embed_dim=384, kind="linear", details={"written": True})).card

@@ -20,7 +20,7 @@ import numpy as np
 
 from headmaster.errors import HeadmasterError
 from headmaster.export.card import require_same_encoder
-from headmaster.model_repository.config import ARTIFACT_FILES
+from headmaster.model_repository.layout import encoder_artifact
 from headmaster.model_repository.repository import Repository
 from headmaster.store.base import embedding_column, embedding_matrix, file_sha256
 
@@ -78,7 +78,7 @@ class LocalEmbedder:
         if self.spec.format == "plan":
             raise HeadmasterError("the image encoder is a TensorRT plan, which runs only in Triton on its GPU: "
                                   "embed through the server with --server HOST:PORT")
-        path = repo.path / "image_encoder" / "1" / ARTIFACT_FILES[self.spec.format]
+        path = encoder_artifact(repo.path, "image", self.spec.format)
         self.runner = load_runner(str(path), device="auto", optimization=self.spec.graph_optimization)
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)

@@ -32,6 +32,7 @@ from headmaster.errors import EvalError
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights
 from headmaster.model_repository.backends.threshold import accept
+from headmaster.model_repository.layout import version_dir
 from headmaster.model_repository.repository import Repository
 from headmaster.training.data import Dataset, from_folders, from_manifest
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
@@ -146,7 +147,7 @@ def load_head(repository: Repository, name: str, version: int | None = None) -> 
     """A version (default: the live one) of a head, refused if made for another encoder."""
     state = repository.head(name)
     version = state.chosen(version)
-    folder = repository.path / name / str(version)
+    folder = version_dir(repository.path, name, version)
     card = HeadCard.load(folder)
     require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {name} v{version}")
     # The ONNX file is what runs; its shape must agree with the card that names its columns.

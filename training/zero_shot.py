@@ -17,7 +17,7 @@ import numpy as np
 from headmaster.errors import HeadmasterError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name
 from headmaster.model_repository import lifecycle
-from headmaster.model_repository.config import ARTIFACT_FILES
+from headmaster.model_repository.layout import encoder_artifact
 from headmaster.model_repository.repository import Repository
 
 LOG = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
         raise HeadmasterError("the text tower is a TensorRT plan, which this machine cannot run; "
                               "export an onnx copy of the same encoder for zero-shot heads")
     tokens = open_clip.get_tokenizer(repo.card.model)(texts, context_length=repo.card.context_length)
-    runner = load_runner(str(repo.path / "text_encoder" / "1" / ARTIFACT_FILES[spec.format]),
+    runner = load_runner(str(encoder_artifact(repo.path, "text", spec.format)),
                          device="cpu", optimization=spec.graph_optimization)
     return runner({spec.input_name: tokens.numpy().astype(np.int64)}, [spec.output_name])[0]
 

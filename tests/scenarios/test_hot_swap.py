@@ -15,9 +15,9 @@ import pytest
 
 from headmaster.client import HeadmasterClient
 from headmaster.export.heads import HeadCard, HeadWeights
-from headmaster.model_repository import live
+from headmaster.model_repository import lifecycle, live
 from headmaster.model_repository.backends.threshold import accept
-from headmaster.model_repository.repository import Repository, remove_head
+from headmaster.model_repository.repository import Repository
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
 from tests.conftest import ARTIFACTS, clone_repo, start_server, subset, written_version
@@ -122,7 +122,7 @@ def test_heads_come_and_go_under_load_without_a_failed_request(live_server, jpeg
         loaded_at = time.monotonic()
         time.sleep(2.0)
         removed_at = time.monotonic()
-        remove_head(repo, "animal")
+        lifecycle.remove(repo, "animal")
         live.head_removed(server, "animal")
         gone_at = time.monotonic()
     assert load.failures == []

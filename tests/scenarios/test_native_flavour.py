@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from headmaster.client import HeadmasterClient
+from headmaster.model_repository import lifecycle
 from headmaster.model_repository.config import parse, to_proto
 from headmaster.model_repository.native_check import check_repository, served_versions, version_problems
-from headmaster.model_repository.repository import Repository, rollback
+from headmaster.model_repository.repository import Repository
 from headmaster.training.zero_shot import create_zero_shot_head
 from tests.conftest import ARTIFACTS, build_repo, start_server
 
@@ -108,7 +109,7 @@ def test_a_version_with_another_label_count_hot_loads(encoder_dir, jpeg_photos, 
             create_zero_shot_head(repo, "animals", THREE, ("{}",))  # publishes v2 and loads it on the server
             assert scores_dims(repo, "animals") == [3]
             assert labels() == {(2, ("bird", "cat", "dog"))}
-            rollback(repo, "animals", to=1)
+            lifecycle.rollback(repo, "animals", to=1)
             from headmaster.model_repository import live
 
             live.head_published(server, "animals")

@@ -15,8 +15,11 @@ from headmaster.errors import FingerprintMismatchError, RepositoryError
 from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.heads import HeadCard, HeadWeights
+from headmaster.model_repository import lifecycle
+from headmaster.model_repository.build import build_repository
 from headmaster.model_repository.config import parse
-from headmaster.model_repository.repository import BuildOptions, Repository, build_repository, publish_head
+from headmaster.model_repository.consistency import check
+from headmaster.model_repository.repository import BuildOptions, Repository
 from tests.conftest import MODEL, TIER_OPTIONS, ZERO_SHOT
 
 
@@ -30,7 +33,7 @@ def other_encoder(tmp_path_factory):
 
 def test_repository_has_every_model_and_validates(repo):
     repository = Repository(repo)
-    repository.validate()
+    check(repository.path)
     assert repository.model_names() == ["preprocess", "image_encoder", "tokenize", "text_encoder", "animal", "has_cat",
                                         "threshold", "classify", "classify_embedding", "embed", "embed_text"]
     for name in repository.model_names():
@@ -69,14 +72,14 @@ def foreign_card(version: int) -> HeadCard:
 def test_a_head_from_another_encoder_is_refused(repo):
     weights = HeadWeights(((np.zeros((2, 384), np.float32), np.zeros(2, np.float32)),), False)
     with pytest.raises(FingerprintMismatchError, match="was made with encoder ffffffffffff, but this repository serves"):
-        publish_head(repo, weights, foreign_card)
+        lifecycle.publish(repo, weights, foreign_card)
     assert not (repo / "stranger").exists()
 
 
 def test_rebuilding_with_another_encoder_is_refused_while_its_heads_exist(repo, other_encoder):
     with pytest.raises(RepositoryError, match=r"cannot build .* head animal v1 .* was made with encoder"):
         build_repository(other_encoder, repo)
-    Repository(repo).validate()  # untouched
+    check(repo)  # untouched
 
 
 def test_validate_catches_a_tampered_head(encoder_dir, tmp_path):
@@ -88,7 +91,7 @@ def test_validate_catches_a_tampered_head(encoder_dir, tmp_path):
     doc["encoder_fingerprint"] = "sha256:" + "e" * 64
     head_json.write_text(json.dumps(doc))
     with pytest.raises(FingerprintMismatchError, match="head animal v1 was made with encoder eeeeeeeeeeee"):
-        Repository(path).validate()
+        check(path)
 
 
 def test_manifest_holds_the_encoder_card(repo, encoder_dir):
@@ -113,7 +116,7 @@ def test_a_head_with_several_versions_is_one_model_serving_the_newest(encoder_di
     assert repository.head("pet").versions == (1, 2) and repository.head("pet").live == 2
     steps = [s.model_name for s in parse((path / "classify" / "config.pbtxt").read_text()).ensemble_scheduling.step]
     assert steps == ["preprocess", "image_encoder", "pet", "threshold"]
-    repository.validate()
+    check(repository.path)
 
 
 def test_docker_compose_serves_what_a_native_build_produces(encoder_dir, tmp_path):

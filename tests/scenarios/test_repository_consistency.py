@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from headmaster.errors import FingerprintMismatchError, InvalidVersionError, RepositoryError
+from headmaster.model_repository import lifecycle
 from headmaster.model_repository.config import parse
-from headmaster.model_repository.consistency import problems, repair
-from headmaster.model_repository.repository import Repository, import_head, rollback
+from headmaster.model_repository.consistency import check, problems, repair
+from headmaster.model_repository.repository import Repository
 from headmaster.model_repository.validation import validate_version
 from tests.conftest import build_repo, clone_repo, written_version
 
@@ -66,14 +67,14 @@ def head_steps(repo: Path, ensemble: str = "classify") -> list[str]:
 def repaired(repo: Path) -> list[str]:
     actions = repair(repo)
     assert problems(repo) == [], "repair left problems"
-    Repository(repo).validate()
+    check(repo)
     assert repair(repo) == []  # nothing left to do
     return actions
 
 
 def test_a_built_repository_is_clean(base):
     assert problems(base) == []
-    Repository(base).validate()
+    check(base)
     assert repair(base) == []
 
 
@@ -87,7 +88,7 @@ def test_a_corrupt_live_version_is_found_and_the_previous_one_served_again(repo)
     assert found[0].endswith("(the version animal/config.pbtxt serves)")
     with pytest.raises(RepositoryError, match=r"1 problem\(s\):\n  - head version animal/2: (.|\n)*"
                                               r"fix them with `headmaster repo repair --repo "):
-        Repository(repo).validate()
+        check(repo)
 
     actions = repaired(repo)
     assert actions[0].startswith("moved the invalid animal/2 to animal/.invalid-2-")
@@ -103,7 +104,7 @@ def test_a_head_folder_deleted_by_hand_is_found_and_taken_out_of_the_ensembles(r
                               "ensemble classify runs heads that are not on disk: has_cat",
                               "ensemble classify_embedding runs heads that are not on disk: has_cat"]
     with pytest.raises(RepositoryError, match="3 problem"):
-        Repository(repo).validate()
+        check(repo)
     assert repaired(repo) == ["rewrote threshold/config.pbtxt for heads [animal]",
                               "rewrote classify/config.pbtxt for heads [animal]",
                               "rewrote classify_embedding/config.pbtxt for heads [animal]"]
@@ -118,25 +119,25 @@ def test_three_scores_for_four_labels_never_go_live(repo, tmp_path):
     with pytest.raises(InvalidVersionError, match=message):
         validate_version(repo, "animal", 1)
     with pytest.raises(InvalidVersionError, match=message):
-        rollback(repo, "animal", to=1)
+        lifecycle.rollback(repo, "animal", to=1)
     with pytest.raises(InvalidVersionError, match=message):
-        rollback(repo, "animal")  # the default target: the version before the live one
+        lifecycle.rollback(repo, "animal")  # the default target: the version before the live one
     assert live_version(repo, "animal") == 2
     assert problems(repo) == ["head version animal/1: model.onnx gives 3 scores per embedding, but head.json has 4 "
                               "labels ['cat', 'dog', 'bird', 'fish']"]
 
     outside = shutil.copytree(repo / "animal" / "1", tmp_path / "elsewhere" / "1")
     with pytest.raises(InvalidVersionError, match="head version .*elsewhere/1: model.onnx gives 3 scores"):
-        import_head(repo, outside)
+        lifecycle.import_version(repo, outside)
     assert Repository(repo).head("animal").versions == (1, 2)
 
 
 def test_a_sound_version_imports_and_rolls_back(repo, tmp_path):
     outside = shutil.copytree(repo / "animal" / "1", tmp_path / "elsewhere" / "1")
-    card = import_head(repo, outside, name="pets")
+    card = lifecycle.import_version(repo, outside, name="pets").card
     assert (card.name, card.version) == ("pets", 1)
     written_version(repo, "animal", np.random.default_rng(0), LABELS)
-    assert rollback(repo, "animal") == 1
+    assert lifecycle.rollback(repo, "animal").version == 1
     assert problems(repo) == []
 
 
@@ -186,7 +187,7 @@ def test_a_head_with_no_valid_version_is_moved_aside(repo):
 def test_a_head_with_another_encoder_fails_validate_as_a_fingerprint_mismatch(repo):
     edit_card(repo / "animal" / "1", encoder_fingerprint="sha256:" + "e" * 64)
     with pytest.raises(FingerprintMismatchError, match="head animal v1 was made with encoder eeeeeeeeeeee"):
-        Repository(repo).validate()
+        check(repo)
 
 
 def test_a_head_folder_without_config_is_reported_and_adopted(repo):

@@ -240,6 +240,21 @@ def test_a_head_trained_with_no_flag_goes_live_while_serve_runs(served, jpeg_pho
     assert {r.heads["has_cat"].version for _, _, r in clients.results} >= {new}
 
 
+def test_a_rollback_with_no_flag_stays_rolled_back(served, jpeg_photos):
+    """The version rolled back from is still on disk and newer than the live one: the watcher
+    of dropped-in folders must not take it for one and make it live again."""
+    image = jpeg_photos["chelsea.jpg"]
+    newest = version_answered(served.grpc_url, image, "has_cat")
+    done = subprocess.run([*HEADMASTER, "rollback", "has_cat", "--repo", str(served.repo),
+                           "--server", served.http_url.replace("127.0.0.1", "localhost")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert version_answered(served.grpc_url, image, "has_cat") < newest
+    time.sleep(6)  # three scans of the repository
+    assert version_answered(served.grpc_url, image, "has_cat") < newest
+    assert "adopted" not in served.printed()
+
+
 def test_a_version_copied_in_by_hand_is_validated_then_served(served, jpeg_photos, tmp_path):
     image = jpeg_photos["coffee.jpg"]
     elsewhere = clone_repo(served.repo, tmp_path / "elsewhere")

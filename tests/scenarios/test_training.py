@@ -16,8 +16,10 @@ import pytest
 from headmaster.errors import DataError, FingerprintMismatchError, HeadmasterError
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.heads import HeadCard, HeadWeights
+from headmaster.model_repository import lifecycle
 from headmaster.model_repository.backends.threshold import accept
-from headmaster.model_repository.repository import Repository, build_repository, import_head, rollback
+from headmaster.model_repository.build import build_repository
+from headmaster.model_repository.repository import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 from headmaster.training.train_head import TrainOptions, train_head
 from headmaster.training.trainer import TrainConfig
@@ -188,7 +190,7 @@ def test_trained_head_takes_priority_over_zero_shot(train_repo, digits_dir, embe
     assert (state.live, state.card.kind) == (trained.card.version, "linear") and trained.card.version == 2
     with pytest.raises(HeadmasterError, match="trained heads take priority over zero-shot ones"):
         create_zero_shot_head(train_repo, "is_seven", ["seven=a seven", "other=a digit"])
-    assert rollback(train_repo, "is_seven") == 1
+    assert lifecycle.rollback(train_repo, "is_seven").version == 1
     assert Repository(train_repo).head("is_seven").card.kind == "zero-shot"
 
 
@@ -206,10 +208,10 @@ def test_a_head_trained_on_one_encoder_is_refused_by_a_repository_serving_anothe
     data = subset(digits_dir, tmp_path / "data", {"3": 30, "5": 30})
     trained = train_head(TrainOptions(name="three_five", repo=train_repo, data=data, cache_dir=embedding_cache))
     with pytest.raises(FingerprintMismatchError, match="head three_five was made with encoder"):
-        import_head(other_repo, train_repo / "three_five" / str(trained.card.version))
+        lifecycle.import_version(other_repo, train_repo / "three_five" / str(trained.card.version))
     assert "three_five" not in Repository(other_repo).head_names()
     # The same head imports fine into a repository of its own encoder.
-    assert import_head(train_repo, train_repo / "three_five" / str(trained.card.version), name="copy").version == 1
+    assert lifecycle.import_version(train_repo, train_repo / "three_five" / str(trained.card.version), name="copy").version == 1
 
 
 def test_embeddings_from_a_server_of_another_encoder_are_refused(other_repo, server, digits_dir, embedding_cache, tmp_path):

@@ -17,9 +17,12 @@ from onnx import TensorProto, helper, numpy_helper
 from headmaster.errors import RepositoryError
 from headmaster.export.card import CARD_FILE, EncoderCard, TowerFile
 from headmaster.export.heads import HeadCard, HeadWeights, write_head
+from headmaster.model_repository import lifecycle
+from headmaster.model_repository.build import build_repository
 from headmaster.model_repository.config import EncoderModel, HeadModel, Tensor, parse, render, to_proto
+from headmaster.model_repository.consistency import check
 from headmaster.model_repository.native_check import check_repository, onnx_problems, torchscript_problems
-from headmaster.model_repository.repository import BuildOptions, Repository, build_repository, publish_head, rollback
+from headmaster.model_repository.repository import BuildOptions, Repository
 
 D = 8  # embedding size of the tiny encoders
 SIZE = 4  # image side of the tiny image encoder
@@ -217,8 +220,8 @@ def tiny_encoder(tmp_path) -> Path:
 
 def publish(repo: Path, labels: tuple[str, ...], seed: int = 0) -> HeadCard:
     fingerprint = Repository(repo).fingerprint
-    return publish_head(repo, head_weights(len(labels), seed),
-                        lambda v: head_card(v, labels, fingerprint))
+    return lifecycle.publish(repo, head_weights(len(labels), seed),
+                             lambda v: head_card(v, labels, fingerprint)).card
 
 
 def test_a_correct_native_repository_passes(tiny_encoder, tmp_path):
@@ -226,7 +229,7 @@ def test_a_correct_native_repository_passes(tiny_encoder, tmp_path):
     build_repository(tiny_encoder, repo, BuildOptions(flavour="native", device="cpu"))
     publish(repo, ("cat", "dog"))
     assert check_repository(repo) == []
-    Repository(repo).validate()
+    check(repo)
 
 
 def test_a_head_whose_label_count_changes_per_version(tiny_encoder, tmp_path):
@@ -243,12 +246,12 @@ def test_a_head_whose_label_count_changes_per_version(tiny_encoder, tmp_path):
     assert check_repository(repo) == [
         "animals v1: output 'SCORES': config shape [-1,3] (batch dim + config dims) but the model has [-1,2]"]
     with pytest.raises(RepositoryError, match=r"animals v1: output 'SCORES': config shape \[-1,3\]"):
-        Repository(repo).validate()
+        check(repo)
     # Serving v1 the supported way re-renders the config for its two labels.
     Repository(repo).set_live("animals", 1)
     assert list(parse(config_path.read_text()).output[0].dims) == [2]
     assert check_repository(repo) == []
-    rollback(repo, "animals", to=2)
+    lifecycle.rollback(repo, "animals", to=2)
     assert check_repository(repo) == []
 
 

@@ -1,0 +1,67 @@
+"""Assemble (or re-assemble) a repository from an exported encoder: the encoder towers, the
+python-backend models, every config, and the heads already there (same encoder only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from headmaster.errors import HeadmasterError, RepositoryError
+from headmaster.export.card import EncoderCard, require_same_encoder
+from headmaster.export.heads import HEAD_FILE
+from headmaster.model_repository import consistency
+from headmaster.model_repository.layout import ARTIFACT_FILES, MANIFEST, MANIFEST_SCHEMA, copy_backend
+from headmaster.model_repository.publish import replace_version, repository_lock, write_file
+from headmaster.model_repository.repository import BuildOptions, Repository
+
+LOG = logging.getLogger(__name__)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # encoders are hundreds of MB: share the bytes when we can
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = BuildOptions()) -> Repository:
+    """Assemble (or re-assemble) ``repo`` from an exported encoder; existing heads are kept
+    only if they were made with this same encoder."""
+    card = EncoderCard.load(encoder_dir)
+    repo = Path(repo)
+    with repository_lock(repo):
+        if (repo / MANIFEST).exists():
+            try:
+                previous = Repository(repo)
+                for head in previous.heads():
+                    require_same_encoder(card.fingerprint, head.card.encoder_fingerprint,
+                                         f"head {head.name} v{head.live} in {repo}")
+            except HeadmasterError as e:
+                raise RepositoryError(
+                    f"cannot build {repo} with encoder {card.short_fingerprint}: {e}. Build into a new "
+                    "repository, or remove the heads of the old encoder first"
+                ) from None
+        for tower, spec in card.towers.items():
+            def build_tower(folder: Path, _version: int, spec=spec) -> None:
+                _link_or_copy(Path(encoder_dir) / spec.file, folder / ARTIFACT_FILES[spec.format])
+                copy_backend("runtime", folder)
+                card.save(folder)
+            replace_version(repo, f"{tower}_encoder", 1, build_tower)
+        for name, source in (("preprocess", "preprocess"), ("threshold", "threshold")) + \
+                ((("tokenize", "tokenize"),) if "text" in card.towers else ()):
+            replace_version(repo, name, 1, lambda folder, _v, source=source: copy_backend(source, folder))
+        for head_dir in repo.glob(f"*/[0-9]*/{HEAD_FILE}"):
+            copy_backend("runtime", head_dir.parent)
+        manifest = {"schema": MANIFEST_SCHEMA, "build": asdict(options), "encoder": json.loads(card.to_json())}
+        write_file(repo / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        repository = Repository(repo)
+        for model in repository.static_models():
+            repository.write_config(model)
+        repository.render_heads()
+        consistency.check(repo)
+    LOG.info("built %s (%s flavour) with encoder %s", repo, options.flavour, card.short_fingerprint)
+    return repository

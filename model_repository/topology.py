@@ -1,0 +1,113 @@
+"""Which Triton models a repository serves and how they connect: pure functions of the encoder
+card, the build options and the set of heads (no files are read), so they are unit-tested alone.
+
+    classify            IMAGE -> preprocess -> image_encoder -> every head -> threshold -> RESULT
+    classify_embedding  EMBEDDING -> every head -> threshold -> RESULT (no encoder: stored embeddings)
+    embed, embed_text   IMAGE / TEXT -> the encoder alone -> EMBEDDING
+
+Every ensemble output is a copy made by the last step (``threshold``), never a tensor another
+step reads: Triton's ensemble scheduler prunes the producer of an output a request leaves out
+(see config.ThresholdModel).
+"""
+
+from __future__ import annotations
+
+from headmaster.model_repository.config import (
+    EncoderModel,
+    EnsembleModel,
+    HeadModel,
+    Instances,
+    PreprocessModel,
+    Step,
+    Tensor,
+    ThresholdModel,
+    TokenizeModel,
+)
+
+# Models whose configs name every head, in the order they load after a head arrives.
+HEAD_DEPENDENT = ("threshold", "classify", "classify_embedding")
+
+
+def encoder_model(card, options, tower: str) -> EncoderModel:
+    """``card``: the EncoderCard; ``options``: the repository's BuildOptions."""
+    spec = card.towers[tower]
+    return EncoderModel(
+        name=f"{tower}_encoder", format=spec.format,
+        input=Tensor(spec.input_name, spec.input_dtype, tuple(spec.input_dims)),
+        output=Tensor(spec.output_name, "FP32", (card.embed_dim,)),
+        batching=options.encoder_batching,
+        instances=Instances(options.encoder_instances, gpu=True),
+        graph_optimization=spec.graph_optimization, device=options.device,
+        fingerprint=card.fingerprint)
+
+
+def head_model(card, options, name: str, live: int, labels: int) -> HeadModel:
+    """A head serving version ``live``, whose SCORES has ``labels`` columns."""
+    return HeadModel(name, card.embed_dim, live, labels, options.light_batching)
+
+
+def embed_ensembles(card, options) -> list[EnsembleModel]:
+    image = encoder_model(card, options, "image")
+    d = card.embed_dim
+    ensembles = [EnsembleModel(
+        "embed", (Tensor("IMAGE", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (d,)),),
+        (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+         Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"})),
+        options.max_batch_size)]
+    if "text" in card.towers:
+        text = encoder_model(card, options, "text")
+        ensembles.append(EnsembleModel(
+            "embed_text", (Tensor("TEXT", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (d,)),),
+            (Step("tokenize", {"TEXT": "TEXT"}, {"TOKENS": "TOKENS"}),
+             Step(text.name, {text.input.name: "TOKENS"}, {text.output.name: "EMBEDDING"})),
+            options.max_batch_size))
+    return ensembles
+
+
+def static_models(card, options) -> list:
+    """Everything but the heads and what depends on the set of heads."""
+    o = options
+    models = [PreprocessModel(card.preprocessing, o.light_batching, Instances(o.preprocess_instances),
+                              o.preprocess_threads, max_pixels=o.max_pixels, max_aspect_ratio=o.max_aspect_ratio,
+                              max_request_bytes=o.max_request_bytes),
+              encoder_model(card, options, "image")]
+    if "text" in card.towers:
+        models += [TokenizeModel(card.model, card.context_length, o.light_batching),
+                   encoder_model(card, options, "text")]
+    return models + embed_ensembles(card, options)
+
+
+def head_dependent_models(card, options, heads: list[str]) -> list:
+    """threshold, ``classify`` (from image bytes) and ``classify_embedding`` (from an embedding
+    computed earlier, e.g. one kept in a store: the heads run, the encoder does not)."""
+    image = encoder_model(card, options, "image")
+    d = card.embed_dim
+    result = Tensor("RESULT", "BYTES", (1,))
+    head_outputs = tuple(Tensor(f"SCORES_{head}", "FP32", (-1,)) for head in heads)
+
+    def head_steps(embedding: str, with_embedding: bool) -> tuple[Step, ...]:
+        steps, inputs, outputs = [], {"EMBEDDING": embedding}, {"RESULT": "RESULT"}
+        for head in heads:
+            steps.append(Step(head, {"EMBEDDING": embedding},
+                              {"SCORES": f"HEAD_SCORES_{head}", "INFO": f"HEAD_INFO_{head}"}))
+            inputs.update({f"SCORES_{head}": f"HEAD_SCORES_{head}", f"INFO_{head}": f"HEAD_INFO_{head}"})
+            outputs[f"SCORES_OUT_{head}"] = f"SCORES_{head}"
+        if with_embedding:
+            outputs["EMBEDDING_OUT"] = "EMBEDDING"
+        return (*steps, Step("threshold", inputs, outputs))
+
+    embed_steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+                   Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "IMAGE_EMBEDDING"}))
+    return [ThresholdModel(tuple(heads), d, options.light_batching, encoder=card.fingerprint),
+            EnsembleModel("classify", (Tensor("IMAGE", "BYTES", (1,)),),
+                          (Tensor("EMBEDDING", "FP32", (d,)), result, *head_outputs),
+                          embed_steps + head_steps("IMAGE_EMBEDDING", True), options.max_batch_size),
+            EnsembleModel("classify_embedding", (Tensor("EMBEDDING", "FP32", (d,)),),
+                          (result, *head_outputs), head_steps("EMBEDDING", False), options.max_batch_size)]
+
+
+def model_names(card, options, heads: list[str]) -> list[str]:
+    """What the server loads, dependencies first."""
+    return [m.name for m in static_models(card, options) if not isinstance(m, EnsembleModel)] + list(heads) + \
+        [m.name for m in head_dependent_models(card, options, heads)] + [m.name for m in embed_ensembles(card, options)]
+
