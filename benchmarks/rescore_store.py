@@ -62,7 +62,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from headmaster.store import ParquetStore
-from headmaster.training.rescore import rescore
+from headmaster.training.feedback.rescore import rescore
 result = rescore(ParquetStore(Path(sys.argv[1]), create=False), Path(sys.argv[2]), batch_size=int(sys.argv[3]))
 print(json.dumps({"rows": result.rows, "seconds": result.seconds, "labels": result.label_counts}))
 """

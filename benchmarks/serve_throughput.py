@@ -55,7 +55,7 @@ def prepare(preferred: tuple[int, ...]) -> tuple[Path, Path]:
     from headmaster.export.encoder import ExportOptions, export_encoder
     from headmaster.model_repository.build import build_repository
     from headmaster.model_repository.repository import BuildOptions
-    from headmaster.training.zero_shot import create_zero_shot_head
+    from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     encoder_dir, repo = WORKDIR / "encoder", WORKDIR / "model_repository"
     try:

@@ -129,8 +129,8 @@ def eval_command(
     quality: Annotated[bool, typer.Option(help="Check label errors, near duplicates and leakage.")] = True,
 ) -> None:
     """Evaluate a head on labelled images kept aside; write a review page of its mistakes."""
-    from headmaster.training.evaluate import EvalOptions
-    from headmaster.training.report import make_report
+    from headmaster.training.evaluation.evaluate import EvalOptions
+    from headmaster.training.evaluation.report import make_report
 
     # typer gives an unset tuple option as (None, None).
     compare = tuple(compare) if compare and all(v is not None for v in compare) else None

@@ -42,7 +42,7 @@ def zero_shot(
 ) -> None:
     """Make (the next version of) a head from text prompts, embedded by the encoder's text tower."""
     from headmaster.model_repository import live
-    from headmaster.training.zero_shot import DEFAULT_TEMPLATES, create_zero_shot_head
+    from headmaster.training.heads.zero_shot import DEFAULT_TEMPLATES, create_zero_shot_head
 
     target = live.find(repo, server)
     card = create_zero_shot_head(repo, name, label, tuple(template or DEFAULT_TEMPLATES),
@@ -118,8 +118,8 @@ def train_head_command(
              "embeddings as stored.")] = None,
 ) -> None:
     """Train the next version of a head from labelled images and publish it (hot-loaded with --server)."""
-    from headmaster.training.train_head import TrainOptions, train_head
-    from headmaster.training.trainer import TrainConfig
+    from headmaster.training.heads.train_head import TrainOptions, train_head
+    from headmaster.training.heads.trainer import TrainConfig
 
     options = TrainOptions(
         name=name, repo=repo, data=data, manifest=manifest, server=server, local=local,

@@ -51,8 +51,9 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
     from headmaster.store import ParquetStore
     from headmaster.store.classify import classify_into_store
-    from headmaster.training.rescore import head_version_dir, rescore
-    from headmaster.training.zero_shot import create_zero_shot_head
+    from headmaster.training.feedback.rescore import rescore
+    from headmaster.training.head_version import HeadVersion
+    from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     workdir = Path(workdir)
     encoder_dir, repo = workdir / "encoder", workdir / "model_repository"
@@ -114,7 +115,7 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     Console().print(table)
     console.print(f"{sum(r.ok for r in results)} of {len(results)} images classified; results in {results_path}")
     console.rule(f"6. rescore on CPU from the store  [dim]headmaster rescore has_cat --store {store_path} --repo {repo}")
-    rescored = rescore(store, head_version_dir(repo, "has_cat", None))
+    rescored = rescore(store, HeadVersion.load(repo, "has_cat"))
     console.print(f"{rescored.rows} stored embeddings rescored by has_cat v{rescored.version} in "
                   f"{rescored.seconds:.2f} s, no encoder and no server: {rescored.label_counts}")
     if pretrained is None:

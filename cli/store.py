@@ -35,11 +35,12 @@ def rescore_command(
     batch_size: Annotated[int, typer.Option(help="Embeddings per onnxruntime call.")] = 65536,
 ) -> None:
     """Run a head version over every stored embedding on CPU and record its labels (no encoder, no server)."""
-    from headmaster.training.rescore import head_version_dir, rescore
+    from headmaster.training.feedback.rescore import rescore
+    from headmaster.training.head_version import HeadVersion
 
     bar, task = progress("rescoring", None)
     with bar:
-        result = rescore(_open(store), head_version_dir(repo, name, version), batch_size,
+        result = rescore(_open(store), HeadVersion.load(repo, name, version), batch_size,
                          lambda done, total: bar.update(task, completed=done, total=total))
     for fingerprint, count in result.refused.items():
         console.print(f"[yellow]refused[/] {count} items embedded with another encoder ({fingerprint}): "
@@ -63,7 +64,7 @@ def correct_command(
 ) -> None:
     """Store a person's label for an item (checked against the head's labels when the repository has it)."""
     from headmaster.errors import DataError
-    from headmaster.training.corrections import make_corrections, read_csv
+    from headmaster.training.feedback.corrections import make_corrections, read_csv
 
     if (item is None) == (csv_file is None):
         raise DataError("give an ITEM (with --head and --label) or --csv FILE")
@@ -94,14 +95,13 @@ def suggest_command(
 
     margin: top score minus the second (single-label) or the smallest |score - threshold|
     (multi-label); smallest first. entropy: of the scores; largest first."""
-    from headmaster.export.heads import HeadCard
-    from headmaster.training.rescore import head_version_dir
-    from headmaster.training.suggest import suggest
+    from headmaster.training.feedback.suggest import suggest
+    from headmaster.training.head_version import HeadVersion
 
     opened = _open(store)
     multi_label, thresholds = False, None
     try:
-        card = HeadCard.load(head_version_dir(repo, name, version))
+        card = HeadVersion.load(repo, name, version).card
         multi_label, thresholds = card.multi_label, card.thresholds
     except HeadmasterError:  # no repository or version here: scores alone still rank (thresholds 0.5)
         pass
@@ -128,7 +128,7 @@ def reembed_command(
     """Embed every stored item again with the repository's encoder, from its source file."""
     from headmaster.model_repository.repository import Repository
     from headmaster.training.embeddings import embedder_for
-    from headmaster.training.reembed import reembed
+    from headmaster.training.feedback.reembed import reembed
 
     opened = _open(store)
     repository = Repository(repo)
@@ -155,8 +155,8 @@ def dataset_export_command(
 ) -> None:
     """Write an immutable snapshot of the head's training set (people's labels, embeddings, images)."""
     from headmaster.model_repository.repository import Repository
-    from headmaster.training.corrections import head_labels
-    from headmaster.training.snapshots import export_snapshot
+    from headmaster.training.feedback.corrections import head_labels
+    from headmaster.training.feedback.snapshots import export_snapshot
 
     repository = Repository(repo)
     if multi_label is None:

@@ -112,7 +112,7 @@ ZERO_SHOT = {
 def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Path:
     from headmaster.model_repository.build import build_repository
     from headmaster.model_repository.repository import BuildOptions
-    from headmaster.training.zero_shot import create_zero_shot_head
+    from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     if "flavour" not in options:  # the native tier builds native repositories
         options = {**TIER_OPTIONS, **options}

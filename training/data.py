@@ -115,3 +115,12 @@ def content_hash(labelled: list[tuple[str, tuple[str, ...]]]) -> str:
     for sha, labels in sorted(labelled):
         digest.update(f"{sha}\t{';'.join(labels)}\n".encode())
     return "sha256:" + digest.hexdigest()
+
+
+def read_labelled(data: Path | None, manifest: Path | None) -> Dataset:
+    """The one way labelled images are read, for training and evaluation alike: a folder of
+    bucket folders (single-label) or a manifest (multi-label), exactly one of them."""
+    if (data is None) == (manifest is None):
+        raise DataError("give one labelled data source: a folder with one sub-folder per label, or a manifest "
+                        "(CSV path,labels or JSONL)", option="data")
+    return from_folders(data) if data is not None else from_manifest(manifest)

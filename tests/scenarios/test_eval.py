@@ -23,11 +23,11 @@ from sklearn.metrics import confusion_matrix
 from headmaster.errors import EvalError
 from headmaster.model_repository.repository import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
-from headmaster.training.evaluate import EvalOptions
-from headmaster.training.report import make_report
-from headmaster.training.train_head import TrainOptions, train_head
-from headmaster.training.trainer import TrainConfig
-from headmaster.training.zero_shot import create_zero_shot_head
+from headmaster.training.evaluation.evaluate import EvalOptions
+from headmaster.training.evaluation.report import make_report
+from headmaster.training.heads.train_head import TrainOptions, train_head
+from headmaster.training.heads.trainer import TrainConfig
+from headmaster.training.heads.zero_shot import create_zero_shot_head
 from tests.conftest import ARTIFACTS, build_repo
 from tests.scenarios.test_cli import run_cli
 
@@ -321,8 +321,8 @@ def test_multi_label_head_on_a_manifest_holdout(setup, digits_dir, tmp_path):
 def test_eval_on_a_dataset_snapshot_uses_its_labels_and_stored_embeddings(setup, tmp_path):
     """The holdout can be a snapshot of people's labels in the store (no images embedded again)."""
     from headmaster.store import ParquetStore
-    from headmaster.training.corrections import make_corrections
-    from headmaster.training.snapshots import export_snapshot
+    from headmaster.training.feedback.corrections import make_corrections
+    from headmaster.training.feedback.snapshots import export_snapshot
 
     repository = Repository(setup["repo"])
     paths = sorted(setup["holdout"].rglob("*.png"))

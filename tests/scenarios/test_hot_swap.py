@@ -18,8 +18,8 @@ from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository import lifecycle, live
 from headmaster.model_repository.backends.threshold import accept
 from headmaster.model_repository.repository import Repository
-from headmaster.training.train_head import TrainOptions, train_head
-from headmaster.training.trainer import TrainConfig
+from headmaster.training.heads.train_head import TrainOptions, train_head
+from headmaster.training.heads.trainer import TrainConfig
 from tests.conftest import ARTIFACTS, clone_repo, start_server, subset, written_version
 
 CLIENTS = 8

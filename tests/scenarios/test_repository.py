@@ -105,7 +105,7 @@ def test_not_a_repository_is_named(tmp_path):
 
 
 def test_a_head_with_several_versions_is_one_model_serving_the_newest(encoder_dir, tmp_path):
-    from headmaster.training.zero_shot import create_zero_shot_head
+    from headmaster.training.heads.zero_shot import create_zero_shot_head
     from tests.conftest import build_repo
 
     path = build_repo(encoder_dir, tmp_path / "r", heads={})

@@ -27,14 +27,15 @@ from headmaster.model_repository.repository import Repository
 from headmaster.store import ParquetStore, open_store
 from headmaster.store.base import label_table
 from headmaster.store.classify import classify_into_store
-from headmaster.training.corrections import make_corrections, read_csv
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
-from headmaster.training.reembed import reembed
-from headmaster.training.rescore import head_version_dir, rescore
-from headmaster.training.snapshots import Snapshot, export_snapshot
-from headmaster.training.suggest import suggest
-from headmaster.training.train_head import TrainOptions, train_head
-from headmaster.training.trainer import TrainConfig
+from headmaster.training.feedback.corrections import make_corrections, read_csv
+from headmaster.training.feedback.reembed import reembed
+from headmaster.training.feedback.rescore import rescore
+from headmaster.training.feedback.snapshots import Snapshot, export_snapshot
+from headmaster.training.feedback.suggest import suggest
+from headmaster.training.head_version import HeadVersion
+from headmaster.training.heads.train_head import TrainOptions, train_head
+from headmaster.training.heads.trainer import TrainConfig
 from tests.conftest import ARTIFACTS, clone_repo, start_server, subset, written_version
 from tests.helpers import run_cli
 
@@ -98,7 +99,7 @@ def test_classify_store_then_rescore_gives_the_server_labels(store_server, photo
         assert client.is_ready()
         served = {r.sha256: r.heads["animal"] for r in client.classify(photo_files) if r.ok}
     assert {h.version for h in served.values()} == {card.version}
-    result = rescore(store, head_version_dir(repo, "animal", card.version))
+    result = rescore(store, HeadVersion.load(repo, "animal", card.version))
     assert result.rows == 7 and result.refused == {}
     stored = store.labels("animal", version=card.version)
     assert stored.num_rows == 7
@@ -278,7 +279,7 @@ def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store
     store.add_embeddings(foreign, [None] * 5, FOREIGN, rng.normal(size=(5, 384)))
     make_corrections(store, [{"item": h, "head": "digit", "labels": ("three",)} for h in foreign], by="someone")
 
-    result = rescore(store, head_version_dir(repo, "animal", None))
+    result = rescore(store, HeadVersion.load(repo, "animal"))
     assert result.rows == 120 and result.refused == {FOREIGN: 5}
     assert set(store.labels("animal")["sha256"].to_pylist()) == set(hashes)  # none of the foreign rows
 
@@ -286,9 +287,9 @@ def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store
     assert snapshot.items == 120 and snapshot.refused == {FOREIGN: 5}
 
     # A head of the foreign encoder finds nothing it may read.
-    card = HeadCard.load(head_version_dir(repo, "animal", None))
+    card = HeadVersion.load(repo, "animal").card
     alien = tmp_path / "alien" / "1"
-    weights = HeadWeights.from_onnx(head_version_dir(repo, "animal", None) / "model.onnx")
+    weights = HeadWeights.from_onnx(HeadVersion.load(repo, "animal").model)
     from headmaster.export.heads import write_head
     write_head(alien, weights, HeadCard(**{**card.__dict__, "encoder_fingerprint": "sha256:" + "a" * 64}))
     with pytest.raises(FingerprintMismatchError, match="holds none of those"):
@@ -335,7 +336,7 @@ def test_suggest_lists_the_least_certain_uncorrected_items(repo, digit_store, tm
     repository, paths, hashes, vectors = digit_store
     store = ParquetStore(tmp_path / "store")
     store.add_embeddings(hashes, [str(p) for p in paths], repository.fingerprint, np.stack([vectors[h] for h in hashes]))
-    rescore(store, head_version_dir(repo, "animal", None))
+    rescore(store, HeadVersion.load(repo, "animal"))
     table = store.labels("animal")
     top = np.sort(np.array(table["scores"].to_pylist()), axis=1)
     margins = top[:, -1] - top[:, -2]  # top score minus the second

@@ -21,9 +21,9 @@ from headmaster.model_repository.backends.threshold import accept
 from headmaster.model_repository.build import build_repository
 from headmaster.model_repository.repository import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
-from headmaster.training.train_head import TrainOptions, train_head
-from headmaster.training.trainer import TrainConfig
-from headmaster.training.zero_shot import create_zero_shot_head
+from headmaster.training.heads.train_head import TrainOptions, train_head
+from headmaster.training.heads.trainer import TrainConfig
+from headmaster.training.heads.zero_shot import create_zero_shot_head
 from tests.conftest import MODEL, build_repo, subset
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.export.heads import HeadCard
-from headmaster.training.checks import near_duplicate_pairs
 from headmaster.training.data import content_hash, from_folders, from_manifest
-from headmaster.training.evaluate import Embedder, Holdout, embed_dataset
+from headmaster.training.evaluation.evaluate import Embedder, Holdout, embed_dataset
+from headmaster.training.heads.checks import near_duplicate_pairs
 
 LOG = logging.getLogger(__name__)
 

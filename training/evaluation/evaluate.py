@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.errors import EvalError
-from headmaster.export.card import require_same_encoder
-from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights
+from headmaster.export.heads import HeadCard
 from headmaster.model_repository.backends.threshold import accept
-from headmaster.model_repository.layout import version_dir
 from headmaster.model_repository.repository import Repository
-from headmaster.training.data import Dataset, from_folders, from_manifest
+from headmaster.training.data import Dataset, read_labelled
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
+from headmaster.training.head_version import HeadVersion
 
 LOG = logging.getLogger(__name__)
 
@@ -100,15 +99,9 @@ class Embedder:
         return embed_files(paths, self.embedder, self.cache, progress)
 
 
-def read_dataset(data: Path | None, manifest: Path | None) -> Dataset:
-    if (data is None) == (manifest is None):
-        raise EvalError("give one of --data FOLDER (one sub-folder per label), --manifest FILE or --snapshot DIR")
-    return from_folders(data) if data is not None else from_manifest(manifest)
-
-
 def snapshot_holdout(path: Path, fingerprint: str) -> Holdout:
     """A dataset snapshot as the holdout: its labels and stored embeddings, nothing to embed."""
-    from headmaster.training.snapshots import load_for_training
+    from headmaster.training.feedback.snapshots import load_for_training
 
     snapshot, hashes, vectors = load_for_training(path, fingerprint)
     dataset = snapshot.dataset()
@@ -132,34 +125,6 @@ def embed_dataset(dataset: Dataset, embed: Embedder, progress: Callable[[int], N
 
 
 # -- the head ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HeadVersion:
-    card: HeadCard
-    model: Path  # its model.onnx
-    live: bool
-
-    @property
-    def title(self) -> str:
-        return f"{self.card.name} v{self.card.version}"
-
-
-def load_head(repository: Repository, name: str, version: int | None = None) -> HeadVersion:
-    """A version (default: the live one) of a head, refused if made for another encoder."""
-    state = repository.head(name)
-    version = state.chosen(version)
-    folder = version_dir(repository.path, name, version)
-    card = HeadCard.load(folder)
-    require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {name} v{version}")
-    # The ONNX file is what runs; its shape must agree with the card that names its columns.
-    weights = HeadWeights.from_onnx(folder / MODEL_FILE)
-    if weights.num_labels != len(card.labels) or weights.multi_label != card.multi_label:
-        raise EvalError(f"head {name} v{version}: {MODEL_FILE} gives {weights.num_labels} "
-                        f"{'sigmoid' if weights.multi_label else 'softmax'} scores but head.json lists "
-                        f"{len(card.labels)} {'multi' if card.multi_label else 'single'}-label labels; "
-                        "the version folder is damaged: re-publish it")
-    return HeadVersion(card, folder / MODEL_FILE, version == state.live)
-
-
 def check_labels(head: HeadVersion, holdout: Holdout) -> tuple[str, ...]:
     """The head's labels absent from the holdout (allowed, reported). Holdout labels the
     head lacks, or a holdout with several labels per image for a single-label head, are errors."""
@@ -175,17 +140,6 @@ def check_labels(head: HeadVersion, holdout: Holdout) -> tuple[str, ...]:
                             f"{'no' if not holdout.truth_sets[holdout.paths.index(bad[0])] else 'several'} labels "
                             f"(first: {bad[0]}); give each image exactly one label")
     return tuple(label for label in head.card.labels if label not in holdout.labels)
-
-
-def run_head(head: HeadVersion, embeddings: np.ndarray) -> np.ndarray:
-    """The version's model.onnx on CPU: scores [n, L] in the card's label order."""
-    import onnxruntime as ort
-
-    if embeddings.shape[1] != head.card.embed_dim:
-        raise EvalError(f"head {head.title} reads {head.card.embed_dim}-d embeddings, the holdout's are "
-                        f"{embeddings.shape[1]}-d")
-    session = ort.InferenceSession(str(head.model), providers=["CPUExecutionProvider"])
-    return session.run(["SCORES"], {"EMBEDDING": np.asarray(embeddings, np.float32)})[0]
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -288,7 +242,7 @@ def positive_label(card: HeadCard) -> int:
 
 
 def evaluate(head: HeadVersion, holdout: Holdout, scores: np.ndarray | None = None) -> Evaluation:
-    """Every metric of one head version on the holdout (scores default to run_head's)."""
+    """Every metric of one head version on the holdout (scores default to the version's own)."""
     from sklearn.metrics import (
         accuracy_score,
         classification_report,
@@ -303,7 +257,7 @@ def evaluate(head: HeadVersion, holdout: Holdout, scores: np.ndarray | None = No
         raise EvalError(f"no readable image left in the holdout {holdout.source}")
     card = head.card
     labels = card.labels
-    scores = run_head(head, holdout.embeddings) if scores is None else scores
+    scores = head.scores(holdout.embeddings) if scores is None else scores
     truth = holdout.truth(labels)
     accepted = tuple(tuple(row) for row in accept(scores.astype(np.float32), card.info()))
     present = [j for j, label in enumerate(labels) if label not in missing]
@@ -439,12 +393,12 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
     if options.compare and options.version is not None:
         raise EvalError("--compare V1 V2 names both versions; leave out --version")
     repository = Repository(options.repo)
-    first = load_head(repository, options.name, options.compare[0] if options.compare else options.version)
+    first = HeadVersion.load(repository, options.name, options.compare[0] if options.compare else options.version)
     second = None
     if options.compare:
-        second = load_head(repository, options.name, options.compare[1])
+        second = HeadVersion.load(repository, options.name, options.compare[1])
     elif options.against:
-        second = load_head(repository, options.against)
+        second = HeadVersion.load(repository, options.against)
     if options.manifest is not None and not first.card.multi_label:
         LOG.info("a manifest holdout for a single-label head: each image needs exactly one label")
     embed = Embedder(repository, options.server, options.cache_dir)
@@ -453,7 +407,7 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
             raise EvalError("give one of --data, --manifest or --snapshot")
         holdout = snapshot_holdout(options.snapshot, repository.fingerprint)
     else:
-        dataset = read_dataset(options.data, options.manifest)
+        dataset = read_labelled(options.data, options.manifest)
         done = [0]
 
         def advance(n: int) -> None:

@@ -1,7 +1,7 @@
 """Rescore: run a head version over every stored embedding, on CPU, and record its labels.
 
 No encoder, no GPU, no Triton: the head's own ``model.onnx`` (the file Triton serves) runs
-in onnxruntime over the store in fixed-size batches, and its thresholds are applied by the
+in onnxruntime (:class:`HeadVersion`) over the store in fixed-size batches, and its thresholds are applied by the
 very function the server's threshold step uses. Memory stays at a few batches whatever the
 store's size; the labels of one run land in the store all at once, or not at all.
 
@@ -15,12 +15,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from headmaster.errors import FingerprintMismatchError
-from headmaster.export.heads import MODEL_FILE, HeadCard
-from headmaster.model_repository.backends.threshold import accepted_mask
 from headmaster.store.base import Store, label_table
+from headmaster.training.head_version import HeadVersion
 
 LOG = logging.getLogger(__name__)
 
@@ -35,19 +33,12 @@ class RescoreResult:
     refused: dict[str, int] = field(default_factory=dict)  # foreign fingerprint -> items left unscored
 
 
-def head_version_dir(repo: Path, name: str, version: int | None) -> Path:
-    from headmaster.model_repository.repository import Repository
-
-    return Repository(repo).version_dir(name, version)
-
-
-def rescore(store: Store, version_dir: Path, batch_size: int = 65536,
+def rescore(store: Store, head: HeadVersion, batch_size: int = 65536,
             progress: Callable[[int, int], None] | None = None) -> RescoreResult:
     """progress(done, total) is called after each batch."""
     import numpy as np
-    import onnxruntime as ort
 
-    card = HeadCard.load(version_dir)
+    card = head.card
     fingerprints = store.fingerprints()
     # Items stored under other encoders must not meet this one's heads.
     refused = {fp: n for fp, n in fingerprints.items() if fp != card.encoder_fingerprint}
@@ -60,9 +51,6 @@ def rescore(store: Store, version_dir: Path, batch_size: int = 65536,
     for fp, n in refused.items():
         LOG.warning("refused %d items embedded with encoder %s (head %s needs %s)", n, fp, card.name,
                     card.encoder_fingerprint)
-    options = ort.SessionOptions()
-    session = ort.InferenceSession(str(version_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
-    info = card.info()
     counts = np.zeros(len(card.labels), np.int64)
     total, done = fingerprints[card.encoder_fingerprint], [0]
     started = time.perf_counter()
@@ -72,8 +60,8 @@ def rescore(store: Store, version_dir: Path, batch_size: int = 65536,
             if matrix.shape[1] != card.embed_dim:
                 raise FingerprintMismatchError(f"stored embeddings have {matrix.shape[1]} dimensions, head "
                                                f"{card.name} v{card.version} reads {card.embed_dim}")
-            (scores,) = session.run(["SCORES"], {"EMBEDDING": matrix})
-            accepted = accepted_mask(scores, info)
+            scores = head.scores(matrix)
+            accepted = head.accepted_mask(scores)
             counts[:] += accepted.sum(axis=0)
             done[0] += len(matrix)
             if progress:

@@ -19,13 +19,13 @@ from headmaster.errors import DataError
 from headmaster.export.heads import HeadCard, check_head_name
 from headmaster.model_repository import lifecycle
 from headmaster.model_repository.repository import Repository
-from headmaster.training import checks
-from headmaster.training.data import Dataset, content_hash, from_folders, from_manifest
+from headmaster.training.data import Dataset, content_hash, read_labelled
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
-from headmaster.training.metrics import evaluate
-from headmaster.training.snapshots import export_snapshot, is_snapshot, load_for_training
-from headmaster.training.thresholds import choose_thresholds
-from headmaster.training.trainer import TrainConfig, fit
+from headmaster.training.feedback.snapshots import export_snapshot, is_snapshot, load_for_training
+from headmaster.training.heads import checks
+from headmaster.training.heads.metrics import evaluate
+from headmaster.training.heads.thresholds import choose_thresholds
+from headmaster.training.heads.trainer import TrainConfig, fit
 
 LOG = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def load_dataset(options: TrainOptions) -> Dataset | None:
                         "or --store PATH")
     if options.store is not None or (options.data is not None and is_snapshot(options.data)):
         return None  # stored embeddings: see train_head
-    return from_folders(options.data) if options.data is not None else from_manifest(options.manifest)
+    return read_labelled(options.data, options.manifest)
 
 
 def _truth(rows_labels: list[tuple[str, ...]], labels: tuple[str, ...]) -> np.ndarray:

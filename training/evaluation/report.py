@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.training.evaluate import Comparison, EvalOptions, EvalRun, Evaluation, run_eval
-from headmaster.training.label_quality import QualityReport, check_quality, corrections, write_corrections
+from headmaster.training.evaluation.evaluate import Comparison, EvalOptions, EvalRun, Evaluation, run_eval
+from headmaster.training.evaluation.label_quality import QualityReport, check_quality, corrections, write_corrections
 
 LOG = logging.getLogger(__name__)
 

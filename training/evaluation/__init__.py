@@ -1,0 +1,1 @@
+"""Measuring a head on labelled images kept aside, and reviewing its mistakes."""

@@ -1,0 +1,1 @@
+"""The feedback loop on the store: rescore, corrections, dataset snapshots, suggestions, re-embedding."""

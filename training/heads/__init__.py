@@ -1,0 +1,1 @@
+"""Making heads: from labelled images (train_head) or from text prompts (zero_shot)."""
