@@ -55,9 +55,9 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+            raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}", option="format")
         if self.precision not in PRECISIONS:
-            raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+            raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}", option="precision")
         unknown = set(self.towers) - {"image", "text"}
         if unknown or not self.towers:
             raise ExportError(f"towers must be a non-empty subset of image, text; got {self.towers}")
@@ -298,7 +298,7 @@ def _place(staging: Path, out: Path) -> None:
     """Move a finished export into place; only ever replaces a previous export."""
     if out.exists():
         if any(out.iterdir()) and not (out / "card.json").exists():
-            raise ExportError(f"{out} exists and is not an encoder export; choose an empty or new --out folder")
+            raise ExportError(f"{out} exists and is not an encoder export; choose an empty or new folder", option="out")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         staging.rename(out)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.errors import CardError, ExportError
+from headmaster.errors import CardError, ExportError, InvalidNameError
 
 HEAD_FILE = "head.json"
 MODEL_FILE = "model.onnx"
@@ -35,12 +35,13 @@ RESERVED_NAMES = {"preprocess", "image_encoder", "text_encoder", "tokenize", "th
 
 def check_head_name(name: str) -> str:
     if not NAME_PATTERN.match(name or ""):
-        raise ExportError(
+        raise InvalidNameError(
             f"head name {name!r} is not allowed: use lowercase letters, digits and '_', starting "
-            "with a letter (it names a Triton model and the ensemble's SCORES_<name> output)"
+            "with a letter (it names a Triton model and the ensemble's SCORES_<name> output)", option="name"
         )
     if name in RESERVED_NAMES:
-        raise ExportError(f"head name {name!r} is reserved for the repository's own models: {sorted(RESERVED_NAMES)}")
+        raise InvalidNameError(f"head name {name!r} is reserved for the repository's own models: {sorted(RESERVED_NAMES)}",
+                               option="name")
     return name
 
 

@@ -27,7 +27,7 @@ def reference_images(extra: Path | None = None) -> list[tuple[str, bytes]]:
     if extra is not None:
         files = sorted(p for p in Path(extra).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise ExportError(f"--check-images {extra} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise ExportError(f"{extra} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})", option="check_images")
         found += [(str(p), p.read_bytes()) for p in files[:64]]
     return found
 

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from headmaster.errors import HeadmasterError
+from headmaster.errors import ToolError
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def run(model: str, url: str, input_data: Path, *, protocol: str = "grpc", batch
         concurrency: int = 1, measurement_ms: int = 5000, timeout_s: float = 600) -> PerfResult:
     reason = unavailable_reason()
     if reason:
-        raise HeadmasterError(reason)
+        raise ToolError(reason)
     report = Path(input_data).with_suffix(".csv")
     command = [str(binary()), "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
                "--concurrency-range", str(concurrency), "--input-data", str(input_data),
@@ -78,7 +78,7 @@ def run(model: str, url: str, input_data: Path, *, protocol: str = "grpc", batch
                "--stability-percentage", "25", "--max-trials", "6", "-f", str(report)]
     done = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=timeout_s)
     if done.returncode != 0:
-        raise HeadmasterError(f"perf_analyzer failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
+        raise ToolError(f"perf_analyzer failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
     with open(report) as f:
         row = next(csv.DictReader(f))
     return PerfResult(float(row["Inferences/Second"]), float(row["p50 latency"]) / 1000,

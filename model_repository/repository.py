@@ -48,9 +48,9 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         if self.flavour not in ("portable", "native"):
-            raise ConfigError(f"--flavour must be portable or native, not {self.flavour!r}")
+            raise ConfigError(f"flavour must be portable or native, not {self.flavour!r}", option="flavour")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}", option="device")
         Batching(self.max_batch_size, self.preferred_batch_sizes, self.max_queue_delay_us)
 
     @classmethod

@@ -11,16 +11,20 @@ makes one fixture per module, so the server itself is started once per session a
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import numpy as np
 import pytest
 
 PG_ENV = "HEADMASTER_TEST_POSTGRES"
@@ -147,3 +151,180 @@ def postgres_schema(postgres_url, pgvector_available):
     yield with_schema(postgres_url, schema)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# -- the session's encoder, repository and server, and data ------------------------------------------------
+MODEL = "ViT-S-32"
+SEED = 0
+ARTIFACTS = Path(os.environ.get("HEADMASTER_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+# The native tier (opt-in): HEADMASTER_NATIVE_BACKENDS names a backend directory holding
+# onnxruntime/ (Triton's onnxruntime backend) and python/, HEADMASTER_NATIVE_TRITON a
+# tritonserver binary (default: the bundled one; either variable turns the tier on, the
+# backends default to the binary's ../backends). Then the repositories the tests build are of
+# the native flavour (encoders and heads on the onnxruntime_onnx platform) and every server
+# the tests start runs that binary with those backends. HEADMASTER_NATIVE_DEVICE=gpu keeps the
+# encoders on KIND_GPU (default cpu: KIND_CPU, for a Triton without GPU).
+NATIVE_TRITON = os.environ.get("HEADMASTER_NATIVE_TRITON") or None
+NATIVE_BACKENDS = os.environ.get("HEADMASTER_NATIVE_BACKENDS") or (
+    str(Path(NATIVE_TRITON).resolve().parent.parent / "backends") if NATIVE_TRITON else None)
+NATIVE = NATIVE_BACKENDS is not None
+FLAVOUR = "native" if NATIVE else "portable"
+NATIVE_DEVICE = "auto" if os.environ.get("HEADMASTER_NATIVE_DEVICE", "cpu") == "gpu" else "cpu"
+# What build_repo adds to the build options of every repository on this tier.
+TIER_OPTIONS = {"flavour": "native", "device": NATIVE_DEVICE} if NATIVE else {}
+
+
+def photo_bytes() -> dict[str, bytes]:
+    """Real photos as their encoded bytes (PNG / JPEG files from installed packages)."""
+    skimage_data = importlib.resources.files("skimage.data")
+    sklearn_images = importlib.resources.files("sklearn.datasets") / "images"
+    photos = {name: (skimage_data / name).read_bytes()
+              for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png")}
+    photos.update({name: (sklearn_images / name).read_bytes() for name in ("china.jpg", "flower.jpg")})
+    return photos
+
+
+ZERO_SHOT = {
+    "animal": (["cat=a photo of a cat", "dog=a photo of a dog", "bird=a photo of a bird"], ("a photo of {}.",), {}),
+    # A binary contest with a threshold on the positive label.
+    "has_cat": (["cat=a photo containing a cat", "no cat=a photo with no cat"], ("{}",), {"cat": 0.52}),
+}
+
+
+def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Path:
+    from headmaster.model_repository.build import build_repository
+    from headmaster.model_repository.repository import BuildOptions
+    from headmaster.training.heads.zero_shot import create_zero_shot_head
+
+    if "flavour" not in options:  # the native tier builds native repositories
+        options = {**TIER_OPTIONS, **options}
+    build_repository(encoder_dir, repo, BuildOptions(**options))
+    for name, (labels, templates, thresholds) in heads.items():
+        create_zero_shot_head(repo, name, labels, templates, thresholds)
+    return repo
+
+
+def start_server(repo: Path, log_dir: Path):
+    from headmaster.model_repository.repository import Repository
+    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+
+    repository = Repository(repo)
+    native = {"binary": Path(NATIVE_TRITON) if NATIVE_TRITON else None,
+              "backend_directory": Path(NATIVE_BACKENDS)} if NATIVE else {}
+    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), load_models=tuple(repository.model_names()),
+                            exit_timeout_s=10, **native)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return TritonServer(options, log_path=log_dir / f"tritonserver-{repo.parent.name}.log").start()
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def subset(digits_dir: Path, target: Path, per_label: dict[str, int], rename: dict[str, str] | None = None) -> Path:
+    """A smaller folder dataset made of the first N images of some digits."""
+    import shutil
+
+    for digit, count in per_label.items():
+        folder = target / (rename or {}).get(digit, digit)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted((digits_dir / digit).glob("*.png"))[:count]:
+            shutil.copy(path, folder / path.name)
+    return target
+
+
+def clone_repo(source: Path, target: Path) -> Path:
+    """Copy a repository; model weights are hard-linked (never edited), the rest copied."""
+    import shutil
+
+    def copy(src, dst):
+        if src.endswith((".onnx", ".pt")):
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    shutil.copytree(source, target, copy_function=copy)
+    return target
+
+
+def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tuple[str, ...]):
+    """A head version written directly: random weights, random thresholds."""
+    from headmaster.export.heads import HeadCard, HeadWeights
+    from headmaster.model_repository.lifecycle import publish
+    from headmaster.model_repository.repository import Repository
+
+    repository = Repository(repo)
+    weights = HeadWeights(((rng.normal(scale=3.0, size=(len(labels), 384)).astype(np.float32),
+                            rng.normal(size=len(labels)).astype(np.float32)),), multi_label=False)
+    thresholds = tuple(float(t) for t in rng.uniform(0.0, 0.6, size=len(labels)))
+    return publish(repo, weights, lambda v: HeadCard(
+        name=name, version=v, labels=labels, thresholds=thresholds, multi_label=False,
+        encoder_fingerprint=repository.fingerprint, embed_dim=384, kind="linear", details={"written": True})).card
+
+
+class Clients:
+    """``n`` threads classifying ``images`` over gRPC until stopped (at most ``limit_s``): every
+    answer and every failure is kept, with when its request was sent and answered."""
+
+    def __init__(self, url: str, images: list[bytes], n: int = 4, limit_s: float = 120, settle_s: float = 0.0):
+        self.url, self.images, self.limit_s, self.settle_s = url, images, limit_s, settle_s
+        self.results: list[tuple[float, float, object]] = []  # (sent, answered, Classification or error)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+
+    def _run(self) -> None:
+        from headmaster.client import HeadmasterClient
+
+        started = time.monotonic()
+        with HeadmasterClient(self.url, batch_size=2, max_in_flight=1, timeout_s=60) as client:
+            while not self.stop.is_set() and time.monotonic() - started < self.limit_s:
+                sent = time.monotonic()
+                try:
+                    out = client.classify(self.images)
+                except Exception as e:  # a transport error is a failed request too
+                    out = [e]
+                self.results += [(sent, time.monotonic(), r) for r in out]
+
+    @property
+    def failures(self) -> list[str]:
+        return [str(getattr(r, "error", r)) for _, _, r in self.results if isinstance(r, Exception) or not r.ok]
+
+    @property
+    def answers(self) -> list[tuple[float, float, object]]:
+        return [(sent, answered, r) for sent, answered, r in self.results if not isinstance(r, Exception) and r.ok]
+
+    def __enter__(self) -> "Clients":
+        for t in self.threads:
+            t.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(self.settle_s)  # answers to requests sent after the last change
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def assert_image_refused(server, module, data: bytes, status: str, message: str) -> None:
+    """Send one image to `classify` with tritonclient ``module`` (grpc or http): it must be refused
+    as that image's own fault (``status``), the message naming IMAGE[0] and matching ``message``."""
+    import re
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = module.InferenceServerClient(server.grpc_url if module is grpcclient else server.http_url)
+    try:
+        tensor = module.InferInput("IMAGE", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[data]], dtype=object))
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("classify", [tensor])
+        assert caught.value.status() == status
+        assert caught.value.message().startswith("in ensemble 'classify', IMAGE[0]: ")
+        assert re.search(message, caught.value.message()), caught.value.message()
+    finally:
+        client.close()

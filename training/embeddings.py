@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.errors import HeadmasterError
+from headmaster.errors import UnsupportedHereError
 from headmaster.export.card import require_same_encoder
 from headmaster.model_repository.layout import encoder_artifact
 from headmaster.model_repository.repository import Repository
@@ -76,7 +76,7 @@ class LocalEmbedder:
         self.preprocessing = repo.card.preprocessing
         self.spec = repo.card.towers["image"]
         if self.spec.format == "plan":
-            raise HeadmasterError("the image encoder is a TensorRT plan, which runs only in Triton on its GPU: "
+            raise UnsupportedHereError("the image encoder is a TensorRT plan, which runs only in Triton on its GPU: "
                                   "embed through the server with --server HOST:PORT")
         path = encoder_artifact(repo.path, "image", self.spec.format)
         self.runner = load_runner(str(path), device="auto", optimization=self.spec.graph_optimization)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
-import re
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from headmaster.client import Classification, Failure, HeadmasterClient, InvalidInputError
+from tests.helpers import assert_image_refused
 
 
 def truncated_png() -> bytes:
@@ -40,15 +40,7 @@ def image_input(module, items: list[bytes]):
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_image_is_an_invalid_argument_saying_why(server, case, module, status):
     data, message = BAD[case]
-    client = module.InferenceServerClient(server.grpc_url if module is grpcclient else server.http_url)
-    try:
-        with pytest.raises(InferenceServerException) as caught:
-            client.infer("classify", [image_input(module, [data])])
-        assert caught.value.status() == status
-        assert caught.value.message().startswith("in ensemble 'classify', IMAGE[0]: ")
-        assert re.search(message, caught.value.message())
-    finally:
-        client.close()
+    assert_image_refused(server, module, data, status, message)
 
 
 def preprocess_counts(url: str) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import pytest
 
 from headmaster.client import HeadmasterClient
 from headmaster.model_repository.server import free_port
-from tests.conftest import ARTIFACTS, clone_repo, start_server
+from tests.helpers import ARTIFACTS, clone_repo, start_server
 
 CLI = [sys.executable, "-m", "headmaster.cli"]
 

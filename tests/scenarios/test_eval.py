@@ -28,8 +28,7 @@ from headmaster.training.evaluation.report import make_report
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
 from headmaster.training.heads.zero_shot import create_zero_shot_head
-from tests.conftest import ARTIFACTS, build_repo
-from tests.scenarios.test_cli import run_cli
+from tests.helpers import ARTIFACTS, build_repo, run_cli
 
 DIGITS = ("1", "4", "7", "9")
 TRAIN, HOLD = 60, 40  # per digit: the first 60 images train, the next 40 are kept aside

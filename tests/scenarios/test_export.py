@@ -14,7 +14,7 @@ from headmaster.export import encoder as encoder_module
 from headmaster.export.card import EncoderCard, fingerprint_of
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import load
-from tests.conftest import MODEL, SEED
+from tests.helpers import MODEL, SEED
 
 
 def test_card_records_the_fingerprint_and_everything_it_is_made_of(encoder_dir):

@@ -7,61 +7,20 @@ go live one after another through explicit model control.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from headmaster.client import HeadmasterClient
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository import lifecycle, live
 from headmaster.model_repository.backends.threshold import accept
 from headmaster.model_repository.repository import Repository
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
-from tests.conftest import ARTIFACTS, clone_repo, start_server, subset, written_version
+from tests.helpers import ARTIFACTS, Clients, clone_repo, start_server, subset, written_version
 
 CLIENTS = 8
-
-
-class Load:
-    """8 threads classifying in a loop; every answer and every failure is kept."""
-
-    def __init__(self, url: str, images: list[bytes]):
-        self.url, self.images = url, images
-        self.answers: list = []
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(CLIENTS)]
-
-    def _run(self) -> None:
-        with HeadmasterClient(self.url, batch_size=2, max_in_flight=1) as client:
-            while not self.stop.is_set():
-                sent = time.monotonic()
-                try:
-                    results = client.classify(self.images)
-                except Exception as e:  # a transport error is a failed request too
-                    results = [e]
-                with self.lock:
-                    for r in results:
-                        if isinstance(r, Exception) or not r.ok:
-                            self.failures.append(str(getattr(r, "error", r)))
-                        else:
-                            self.answers.append((sent, time.monotonic(), r))
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        time.sleep(1.0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(2.0)
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
 
 
 @pytest.fixture
@@ -86,7 +45,7 @@ def test_ten_versions_go_live_under_load_without_a_failed_request(live_server, j
     record(1)
     rng = np.random.default_rng(0)
     data = subset(digits_dir, tmp_path / "digits", {"0": 25, "1": 25, "2": 25}, rename={"0": "cat", "1": "dog", "2": "bird"})
-    with Load(server.grpc_url, images) as load:
+    with Clients(server.grpc_url, images, n=CLIENTS, settle_s=2.0) as load:
         for i in range(10):
             if i % 2 == 0:  # trained from labelled images
                 card = train_head(TrainOptions(name=head, repo=repo, data=data, cache_dir=embedding_cache,
@@ -115,7 +74,7 @@ def test_heads_come_and_go_under_load_without_a_failed_request(live_server, jpeg
     server, repo = live_server
     images = list(jpeg_photos.values())[:2]
     rng = np.random.default_rng(1)
-    with Load(server.grpc_url, images) as load:
+    with Clients(server.grpc_url, images, n=CLIENTS, settle_s=2.0) as load:
         added_at = time.monotonic()
         written_version(repo, "newcomer", rng, ("yes", "no"))
         live.head_published(server, "newcomer")

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import io
-import re
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
-from tritonclient.utils import InferenceServerException
 
-from tests.conftest import cosine_rows
+from tests.helpers import assert_image_refused, cosine_rows
 
 
 def image_input(module, items: list[bytes]):
@@ -55,15 +53,7 @@ def test_16bit_png_embeds_like_its_8bit_picture_not_like_white(server, photos):
 def test_images_past_the_limits_are_a_400_naming_the_limit(server, jpeg_photos, case, message, module, status):
     data = {"1x6000 strip": lambda: encode(Image.new("RGB", (6000, 1), (90, 120, 200)), "PNG"),
             "float TIFF": lambda: encode(Image.new("F", (64, 48), 0.5), "TIFF")}[case]()
-    client = module.InferenceServerClient(server.grpc_url if module is grpcclient else server.http_url)
-    try:
-        with pytest.raises(InferenceServerException) as caught:
-            client.infer("classify", [image_input(module, [data])])
-        assert caught.value.status() == status
-        assert caught.value.message().startswith("in ensemble 'classify', IMAGE[0]: ")
-        assert re.search(message, caught.value.message())
-    finally:
-        client.close()
+    assert_image_refused(server, module, data, status, message)
     # The server still answers ordinary images.
     assert embed(server.grpc_url, [next(iter(jpeg_photos.values()))]).shape[0] == 1
 

@@ -22,7 +22,7 @@ from headmaster.model_repository.config import parse, to_proto
 from headmaster.model_repository.native_check import check_repository, served_versions, version_problems
 from headmaster.model_repository.repository import Repository
 from headmaster.training.heads.zero_shot import create_zero_shot_head
-from tests.conftest import ARTIFACTS, build_repo, start_server
+from tests.helpers import ARTIFACTS, build_repo, start_server
 
 TWO = ["cat=a photo of a cat", "dog=a photo of a dog"]
 THREE = [*TWO, "bird=a photo of a bird"]

@@ -20,7 +20,7 @@ from headmaster.model_repository.build import build_repository
 from headmaster.model_repository.config import parse
 from headmaster.model_repository.consistency import check
 from headmaster.model_repository.repository import BuildOptions, Repository
-from tests.conftest import MODEL, TIER_OPTIONS, ZERO_SHOT
+from tests.helpers import MODEL, TIER_OPTIONS, ZERO_SHOT
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_repository_has_every_model_and_validates(repo):
 
 
 def test_native_flavour_renders_from_the_same_description(encoder_dir, tmp_path):
-    from tests.conftest import build_repo
+    from tests.helpers import build_repo
 
     native = build_repo(encoder_dir, tmp_path / "native", flavour="native")
     repository = Repository(native)
@@ -83,7 +83,7 @@ def test_rebuilding_with_another_encoder_is_refused_while_its_heads_exist(repo, 
 
 
 def test_validate_catches_a_tampered_head(encoder_dir, tmp_path):
-    from tests.conftest import build_repo
+    from tests.helpers import build_repo
 
     path = build_repo(encoder_dir, tmp_path / "r", heads={"animal": ZERO_SHOT["animal"]})
     head_json = path / "animal" / "1" / "head.json"
@@ -106,7 +106,7 @@ def test_not_a_repository_is_named(tmp_path):
 
 def test_a_head_with_several_versions_is_one_model_serving_the_newest(encoder_dir, tmp_path):
     from headmaster.training.heads.zero_shot import create_zero_shot_head
-    from tests.conftest import build_repo
+    from tests.helpers import build_repo
 
     path = build_repo(encoder_dir, tmp_path / "r", heads={})
     for extra in ([], ["bird=a photo of a bird"]):
@@ -124,7 +124,7 @@ def test_docker_compose_serves_what_a_native_build_produces(encoder_dir, tmp_pat
     mounts and loads matches a native-flavour repository built from the same description."""
     import yaml
 
-    from tests.conftest import build_repo
+    from tests.helpers import build_repo
 
     compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
     service = compose["services"]["triton"]

@@ -21,7 +21,7 @@ from headmaster.model_repository.config import parse
 from headmaster.model_repository.consistency import check, problems, repair
 from headmaster.model_repository.repository import Repository
 from headmaster.model_repository.validation import validate_version
-from tests.conftest import build_repo, clone_repo, written_version
+from tests.helpers import build_repo, clone_repo, written_version
 
 LABELS = ("cat", "dog", "bird")
 CLI = [sys.executable, "-m", "headmaster.cli"]

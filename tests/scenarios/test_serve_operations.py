@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 from headmaster.client import ClientError, HeadmasterClient
 from headmaster.model_repository.server import SHM_PREFIX, free_port
 from headmaster.model_repository.server_record import KEY_HEADER, read_record, record_path, running_server
-from tests.conftest import ARTIFACTS, clone_repo, subset, written_version
+from tests.helpers import ARTIFACTS, Clients, clone_repo, subset, written_version
 
 HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
 # `headmaster serve` runs the bundled Triton, which has only the python backend.
@@ -91,42 +91,6 @@ def stubs_of(pid: int) -> dict[str, tuple[int, str]]:
         if args[0].endswith(b"triton_python_backend_stub"):
             found[args[8].decode()] = (int(entry.name), args[2].decode())
     return found
-
-
-class Clients:
-    """``n`` threads classifying ``images`` over gRPC until stopped (at most ``limit_s``)."""
-
-    def __init__(self, url: str, images: list[bytes], n: int = 4, limit_s: float = 120):
-        self.url, self.images, self.limit_s = url, images, limit_s
-        self.results: list[tuple[float, float, object]] = []  # (sent, answered, Classification or error)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
-
-    def _run(self) -> None:
-        started = time.monotonic()
-        with HeadmasterClient(self.url, batch_size=2, max_in_flight=1, timeout_s=60) as client:
-            while not self.stop.is_set() and time.monotonic() - started < self.limit_s:
-                sent = time.monotonic()
-                try:
-                    out = client.classify(self.images)
-                except Exception as e:
-                    out = [e]
-                self.results += [(sent, time.monotonic(), r) for r in out]
-
-    @property
-    def failures(self) -> list[str]:
-        return [str(getattr(r, "error", r)) for _, _, r in self.results if isinstance(r, Exception) or not r.ok]
-
-    def __enter__(self) -> "Clients":
-        for t in self.threads:
-            t.start()
-        time.sleep(1.0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from headmaster.client import AsyncHeadmasterClient, Classification, HeadmasterC
 from headmaster.export.card import EncoderCard
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository.backends.threshold import accept
-from tests.conftest import cosine_rows
+from tests.helpers import cosine_rows
 
 
 @pytest.fixture(scope="module")

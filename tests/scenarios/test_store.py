@@ -36,8 +36,7 @@ from headmaster.training.feedback.suggest import suggest
 from headmaster.training.head_version import HeadVersion
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
-from tests.conftest import ARTIFACTS, clone_repo, start_server, subset, written_version
-from tests.helpers import run_cli
+from tests.helpers import ARTIFACTS, clone_repo, run_cli, start_server, subset, written_version
 
 FOREIGN = "sha256:" + "f" * 64  # an encoder this repository never had
 

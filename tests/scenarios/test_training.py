@@ -24,7 +24,7 @@ from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
 from headmaster.training.heads.zero_shot import create_zero_shot_head
-from tests.conftest import MODEL, build_repo, subset
+from tests.helpers import MODEL, build_repo, subset
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from headmaster.errors import ExportError
+from headmaster.errors import ExportError, InvalidNameError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name, head_onnx, write_head
 from headmaster.model_repository.backends.threshold import accept, head_results
 
@@ -65,7 +65,7 @@ def test_layers_must_chain():
     ("classify", "reserved"), ("threshold", "reserved"),
 ])
 def test_head_names_are_checked(name, message):
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(InvalidNameError, match=message):
         check_head_name(name)
 
 

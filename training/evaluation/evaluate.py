@@ -389,9 +389,9 @@ class EvalRun:
 def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None = None) -> EvalRun:
     """Load, embed, score and measure; progress(done, total) while embedding."""
     if options.compare and options.against:
-        raise EvalError("give --compare V1 V2 or --against OTHER_HEAD, not both")
+        raise EvalError("compare two versions or compare against another head, not both", option="against")
     if options.compare and options.version is not None:
-        raise EvalError("--compare V1 V2 names both versions; leave out --version")
+        raise EvalError("comparing two versions names both of them; leave out the single version", option="version")
     repository = Repository(options.repo)
     first = HeadVersion.load(repository, options.name, options.compare[0] if options.compare else options.version)
     second = None
@@ -404,7 +404,7 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
     embed = Embedder(repository, options.server, options.cache_dir)
     if options.snapshot is not None:
         if options.data is not None or options.manifest is not None:
-            raise EvalError("give one of --data, --manifest or --snapshot")
+            raise EvalError("give one holdout: a labelled folder, a manifest or a dataset snapshot", option="snapshot")
         holdout = snapshot_holdout(options.snapshot, repository.fingerprint)
     else:
         dataset = read_labelled(options.data, options.manifest)

@@ -102,7 +102,7 @@ def split(labels: list[tuple[str, ...]], groups: np.ndarray, label_names: tuple[
 
     n = len(labels)
     if not 0.05 <= val_fraction <= 0.5:
-        raise DataError(f"--val-fraction must be between 0.05 and 0.5, got {val_fraction}")
+        raise DataError(f"the validation fraction must be between 0.05 and 0.5, got {val_fraction}", option="val_fraction")
     indices = np.arange(n)
     if multi_label:
         train, val = next(GroupShuffleSplit(1, test_size=val_fraction, random_state=seed).split(indices, groups=groups))

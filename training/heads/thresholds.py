@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from headmaster.errors import HeadmasterError
+from headmaster.errors import TrainingError
 
 MODES = ("best-f1", "precision", "none")
 
@@ -23,11 +23,11 @@ def choose_thresholds(scores: np.ndarray, truth: np.ndarray, labels: tuple[str, 
     from sklearn.metrics import precision_recall_curve
 
     if mode not in MODES:
-        raise HeadmasterError(f"--thresholds must be one of {', '.join(MODES)}, not {mode!r}")
+        raise TrainingError(f"thresholds must be one of {', '.join(MODES)}, not {mode!r}", option="thresholds")
     if positive is not None and positive not in labels:
-        raise HeadmasterError(f"--positive {positive!r} is not a label of this head: {', '.join(labels)}")
+        raise TrainingError(f"the positive label {positive!r} is not a label of this head: {', '.join(labels)}", option="positive")
     if not 0 < target_precision <= 1:
-        raise HeadmasterError(f"--target-precision must be in (0, 1], got {target_precision}")
+        raise TrainingError(f"the target precision must be in (0, 1], got {target_precision}", option="target_precision")
     thresholds, rows = [], []
     for j, label in enumerate(labels):
         if mode == "none" or (positive is not None and label != positive):

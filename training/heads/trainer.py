@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from headmaster.errors import HeadmasterError
+from headmaster.errors import TrainingError
 from headmaster.export.heads import HeadWeights
 
 KINDS = ("linear", "mlp")
@@ -32,9 +32,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise HeadmasterError(f"--model must be one of {', '.join(KINDS)}, not {self.kind!r}")
+            raise TrainingError(f"the head kind must be one of {', '.join(KINDS)}, not {self.kind!r}", option="kind")
         if min(self.hidden, self.epochs, self.batch_size, self.patience) < 1 or self.learning_rate <= 0:
-            raise HeadmasterError("hidden, epochs, batch size and patience must be >= 1, learning rate > 0")
+            raise TrainingError("hidden, epochs, batch size and patience must be >= 1, learning rate > 0")
 
     def as_dict(self) -> dict:
         return asdict(self)

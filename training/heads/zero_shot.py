@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headmaster.errors import HeadmasterError
+from headmaster.errors import DataError, ExportError, UnsupportedHereError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name
 from headmaster.model_repository import lifecycle
 from headmaster.model_repository.layout import encoder_artifact
@@ -36,7 +36,7 @@ class Label:
         name, sep, prompt = text.partition("=")
         name, prompt = (name.strip(), prompt.strip()) if sep else (text.strip(), text.strip())
         if not name or not prompt:
-            raise HeadmasterError(f"label {text!r} is empty; use 'text' or 'name=prompt text'")
+            raise DataError(f"label {text!r} is empty; use 'text' or 'name=prompt text'")
         return cls(name, prompt)
 
 
@@ -47,10 +47,10 @@ def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
     from headmaster.model_repository.backends.runtime import load_runner
 
     if not repo.has_text:
-        raise HeadmasterError(f"{repo.path} has no text tower: export the encoder with both towers for zero-shot heads")
+        raise ExportError(f"{repo.path} has no text tower: export the encoder with both towers for zero-shot heads")
     spec = repo.card.towers["text"]
     if spec.format == "plan":
-        raise HeadmasterError("the text tower is a TensorRT plan, which this machine cannot run; "
+        raise UnsupportedHereError("the text tower is a TensorRT plan, which this machine cannot run; "
                               "export an onnx copy of the same encoder for zero-shot heads")
     tokens = open_clip.get_tokenizer(repo.card.model)(texts, context_length=repo.card.context_length)
     runner = load_runner(str(encoder_artifact(repo.path, "text", spec.format)),
@@ -61,7 +61,7 @@ def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
 def zero_shot_weights(repo: Repository, labels: list[Label], templates: tuple[str, ...]) -> HeadWeights:
     for template in templates:
         if "{}" not in template:
-            raise HeadmasterError(f"template {template!r} has no '{{}}' where the label goes")
+            raise DataError(f"template {template!r} has no '{{}}' where the label goes")
     prompts = [t.format(label.prompt) for label in labels for t in templates]
     embeddings = embed_texts(repo, prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -82,19 +82,19 @@ def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templat
     if name in repo.head_names() and not replace_trained:
         live = repo.head(name)
         if live.card.kind != "zero-shot":
-            raise HeadmasterError(
+            raise DataError(
                 f"head {name} serves v{live.live}, a trained ({live.card.kind}) head; trained heads take priority "
                 "over zero-shot ones for the same dimension. Pick another name, roll back with "
                 f"`headmaster rollback {name}`, or pass --replace-trained")
     parsed = [Label.parse(text) for text in labels]
     if len(parsed) < 2:
-        raise HeadmasterError("a zero-shot head needs two labels or more; for a yes/no question give a "
+        raise DataError("a zero-shot head needs two labels or more; for a yes/no question give a "
                               "positive and a negative prompt, e.g. --label 'cat=a photo containing a cat' "
                               "--label 'no cat=a photo with no cat'")
     thresholds = dict(thresholds or {})
     unknown = set(thresholds) - {label.name for label in parsed}
     if unknown:
-        raise HeadmasterError(f"--threshold names labels that are not in this head: {sorted(unknown)}")
+        raise DataError(f"thresholds name labels that are not in this head: {sorted(unknown)}", option="threshold")
     weights = zero_shot_weights(repo, parsed, tuple(templates))
     return lifecycle.publish(repo_path, weights, lambda version: HeadCard(
         name=name, version=version, labels=tuple(label.name for label in parsed),
