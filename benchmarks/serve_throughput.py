@@ -147,7 +147,7 @@ def main() -> None:
             pa = None
             if not args.no_perf_analyzer and not perf_analyzer.unavailable_reason():
                 data = perf_analyzer.write_image_input(images, WORKDIR / f"perf_input_b{b}.json")
-                pa = perf_analyzer.run("classify", server.grpc_url, data, batch_size=b, concurrency=2,
+                pa = perf_analyzer.run("classify", server.http_url, data, batch_size=b, concurrency=2, api_key=server.api_key,
                                        measurement_ms=int(args.seconds * 1000 / 3))
             rows.append((b, raw[b], served, pa))
         breakdown = model_times(server.grpc_url)

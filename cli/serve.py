@@ -33,6 +33,11 @@ def serve(
         "--open-control-api", help="Leave Triton's model-repository, model-config and logging APIs open to "
                                    "anyone who reaches the ports (they can load code onto this machine).")] = False,
     watch: Annotated[bool, typer.Option(help="Adopt head versions copied into the repository by hand.")] = True,
+    tritonserver: Annotated[Path | None, typer.Option(
+        help="Another tritonserver binary (default: the one bundled in nvidia-pytriton), e.g. one with the "
+             "onnxruntime backend for a native-flavour repository.")] = None,
+    backend_directory: Annotated[Path | None, typer.Option(
+        help="Triton backend directory for --tritonserver (holding onnxruntime/, python/, ...).")] = None,
     triton_arg: Annotated[list[str] | None, typer.Option(
         help="Pass an option to tritonserver as it is (repeat), e.g. --triton-arg=--grpc-use-ssl=true.")] = None,
 ) -> None:
@@ -65,7 +70,7 @@ def serve(
                             poll_interval_s=poll_interval, load_models=tuple(repository.model_names()),
                             log_verbose=log_verbose, api_key=key,
                             restricted_apis=() if open_control_api else RESTRICTED_APIS,
-                            extra_args=tuple(triton_arg or ()))
+                            extra_args=tuple(triton_arg or ()), binary=tritonserver, backend_directory=backend_directory)
     server = TritonServer(options, log_path=log_file or Path(repo) / STATE_DIR / "triton.log")
     stopping = False
 

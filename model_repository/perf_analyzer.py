@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headmaster.errors import ToolError
+from headmaster.model_repository.server_record import KEY_HEADER
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,15 @@ def write_image_input(images: list[bytes], path: Path, input_name: str = "IMAGE"
     return Path(path)
 
 
-def run(model: str, url: str, input_data: Path, *, protocol: str = "grpc", batch_size: int = 1,
-        concurrency: int = 1, measurement_ms: int = 5000, timeout_s: float = 600) -> PerfResult:
+def run(model: str, url: str, input_data: Path, *, protocol: str = "http", batch_size: int = 1,
+        concurrency: int = 1, measurement_ms: int = 5000, timeout_s: float = 600,
+        api_key: str | None = None) -> PerfResult:
+    """perf_analyzer reads the model's config before it measures; on a server whose model-config
+    API is closed (``headmaster serve``) that needs the key, which perf_analyzer sends only over
+    HTTP (its ``-H`` headers are ignored for gRPC): hence HTTP by default."""
+    if api_key and protocol != "http":
+        raise ToolError("perf_analyzer sends headers over HTTP only; measure a server with a closed control API "
+                        "over HTTP", option="protocol")
     reason = unavailable_reason()
     if reason:
         raise ToolError(reason)
@@ -76,6 +84,8 @@ def run(model: str, url: str, input_data: Path, *, protocol: str = "grpc", batch
                "--concurrency-range", str(concurrency), "--input-data", str(input_data),
                "--measurement-interval", str(measurement_ms), "--measurement-mode", "time_windows",
                "--stability-percentage", "25", "--max-trials", "6", "-f", str(report)]
+    if api_key:
+        command += ["-H", f"{KEY_HEADER}:{api_key}"]
     done = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=timeout_s)
     if done.returncode != 0:
         raise ToolError(f"perf_analyzer failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")

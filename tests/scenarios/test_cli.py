@@ -34,7 +34,8 @@ def assert_clean_error(result: subprocess.CompletedProcess, message: str) -> Non
     assert "Traceback" not in result.stderr
 
 
-def test_serve_refuses_a_taken_port(repo):
+def test_serve_refuses_a_taken_port(repo, tmp_path):
+    repo = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already: a clone is not
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -48,10 +49,24 @@ def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
     assert_clean_error(run_cli("serve", "--repo", tmp_path, *ports()), "is not a Headmaster model repository")
 
 
-def test_serve_refuses_a_broken_config(repo, tmp_path):
+def test_serve_repairs_a_broken_config_and_says_so(repo, tmp_path):
     broken = clone_repo(repo, tmp_path / "repo")
     (broken / "classify" / "config.pbtxt").write_text("name: 'classify'\nmax_batch_size: lots\n")
-    assert_clean_error(run_cli("serve", "--repo", broken, *ports()), "model classify: not a valid config.pbtxt")
+    process = subprocess.Popen([*CLI, "serve", "--repo", str(broken), *ports()], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if "Triton is ready" in line or len(lines) > 200:
+                break
+        printed = "".join(lines)
+        assert "classify/config.pbtxt: not a valid config.pbtxt" in printed, printed
+        assert "repaired:" in printed and "Triton is ready" in printed, printed
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    assert process.returncode == 0
+    assert "max_batch_size: lots" not in (broken / "classify" / "config.pbtxt").read_text()
 
 
 def test_serve_reports_why_triton_could_not_load_a_model(repo, tmp_path):
