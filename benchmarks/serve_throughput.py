@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # for tests.conftest's photo helper
+sys.path.insert(0, str(ROOT))  # for the tests photo helper
 
 MODEL = "ViT-B-32"
 WORKDIR = ROOT / "build" / "benchmark"
@@ -39,7 +39,7 @@ def jpeg_inputs() -> list[bytes]:
     """The real photos from scikit-image / scikit-learn, as JPEG (300x451 to 640x427)."""
     from PIL import Image
 
-    from tests.conftest import photo_bytes
+    from tests.helpers import photo_bytes
 
     out = []
     for data in photo_bytes().values():
