@@ -97,3 +97,12 @@ def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
     assert result.returncode == 1
     assert "error: unknown open_clip model 'ViT-Q-99'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_cli_names_the_flag_to_change(tmp_path):
+    """The library names the parameter at fault; the command line turns it into its flag."""
+    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "export", "encoder", "--format", "tflite",
+                             "--out", str(tmp_path / "enc")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "error: format must be one of onnx, plan, torchscript, not 'tflite' (change --format)" in result.stderr
+    assert "Traceback" not in result.stderr

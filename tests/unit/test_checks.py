@@ -172,8 +172,9 @@ def test_a_label_with_no_validation_image_is_refused():
         try:
             _, val = split(labels, np.arange(12), ("cat", "dog"), False, 0.25, seed)
         except DataError as e:
-            assert str(e) == ("no validation image left for ['dog'] (too few images, or all of them duplicates "
-                              "of each other); add images or raise --val-fraction")
+            assert str(e) == ("no validation image left for ['dog'] (too few images, or all of them near "
+                              "duplicates of each other, which stay on one side); add images of it")
+            assert e.option == "val_fraction"
             refused += 1
         else:
             assert {labels[i] for i in val} == {("cat",), ("dog",)}
@@ -183,10 +184,6 @@ def test_a_label_with_no_validation_image_is_refused():
         split(labels, np.arange(12), ("cat", "dog"), False, 0.25, seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: split checks that every label has a validation image, not that "
-                                       "every label keeps a training image; a label whose images are all one "
-                                       "near-duplicate group (smaller than val_fraction of the data, so "
-                                       "train_head keeps the group) goes wholly to validation")
 def test_every_label_keeps_a_training_image_or_is_refused():
     labels = single_label({"cat": 20, "dog": 4})
     groups = np.array(list(range(20)) + [99] * 4)  # the four dogs are near duplicates of each other

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from google.protobuf import json_format
 
@@ -138,3 +139,15 @@ def test_an_ensemble_output_that_feeds_a_step_is_refused_when_rendered():
         EnsembleModel("bad", (Tensor("IMAGE", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (4,)),),
                       (Step("enc", {"IMAGE": "IMAGE"}, {"E": "EMBEDDING"}),
                        Step("head", {"EMBEDDING": "EMBEDDING"}, {"S": "SCORES"})))
+
+
+def test_errors_name_the_parameter_and_the_cli_its_flag():
+    from headmaster.cli.common import flag
+    from headmaster.errors import HeadmasterError, TrainingError
+    from headmaster.training.heads.thresholds import choose_thresholds
+
+    with pytest.raises(TrainingError) as caught:
+        choose_thresholds(np.zeros((2, 2)), np.eye(2), ("a", "b"), "bogus")
+    assert caught.value.option == "thresholds" and isinstance(caught.value, HeadmasterError)
+    assert flag("thresholds") == "--thresholds" and flag("target_precision") == "--target-precision"
+    assert flag("kind") == "--model"  # TrainConfig.kind is train-head's --model

@@ -111,8 +111,10 @@ def split(labels: list[tuple[str, ...]], groups: np.ndarray, label_names: tuple[
         folds = max(2, round(1 / val_fraction))
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         train, val = next(splitter.split(indices, y, groups))
-        missing = {label_names[i] for i in set(y.tolist()) - set(y[val].tolist())}
-        if missing:
-            raise DataError(f"no validation image left for {sorted(missing)} (too few images, or all of them "
-                            "duplicates of each other); add images or raise --val-fraction")
+        for side, rows in (("validation", val), ("training", train)):
+            missing = {label_names[i] for i in set(y.tolist()) - set(y[rows].tolist())}
+            if missing:
+                raise DataError(f"no {side} image left for {sorted(missing)} (too few images, or all of them "
+                                "near duplicates of each other, which stay on one side); add images of it",
+                                option="val_fraction")
     return np.sort(train), np.sort(val)
