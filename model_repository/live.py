@@ -131,12 +131,17 @@ def unload(server, models: list[str], timeout_s: float = 60.0) -> None:
     _call(server, "unload", models, timeout_s)
 
 
-def loaded(server, timeout_s: float = 30.0) -> dict[str, str]:
-    """Model name -> the version Triton has READY (from the repository index)."""
+def states(server, timeout_s: float = 30.0) -> list[tuple[str, str, str]]:
+    """(model, version, state) of every model version Triton knows (its repository index)."""
     control = Control.of(server)
     client = _client(control, timeout_s)
     try:
         index = client.get_model_repository_index(headers=control.headers)
     finally:
         client.close()
-    return {m["name"]: m.get("version", "") for m in index if m.get("state") == "READY"}
+    return [(m["name"], m.get("version", ""), m.get("state", "")) for m in index]
+
+
+def loaded(server, timeout_s: float = 30.0) -> dict[str, str]:
+    """Model name -> the version Triton has READY."""
+    return {name: version for name, version, state in states(server, timeout_s) if state == "READY"}

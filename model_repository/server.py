@@ -375,20 +375,19 @@ class TritonServer:
             LOG.info("no drain (%s)", e)
             return
         ensembles = [m for m in ("classify", "classify_embedding", "embed", "embed_text") if m in models]
+        # An unload returns at once; the model goes when its last in-flight request is done. So the
+        # ensembles go first, and the models they use only once no ensemble is left to call them.
+        deadline = time.monotonic() + timeout_s
         for batch in (ensembles, [m for m in models if m not in ensembles]):
             try:
                 live.unload(self, batch, timeout_s)
-            except Exception as e:
+                while time.monotonic() < deadline and any(
+                        name in batch and state in ("READY", "LOADING", "UNLOADING")
+                        for name, _, state in live.states(self, timeout_s)):
+                    time.sleep(0.1)
+            except Exception as e:  # a server stopping under us: SIGTERM does the rest
                 LOG.warning("drain: %s", e)
                 return
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:  # unloads finish asynchronously
-            try:
-                if not live.loaded(self, timeout_s):
-                    return
-            except Exception:
-                return
-            time.sleep(0.1)
 
     def stop(self, timeout_s: float | None = None, *, drain: bool = True, failed: bool = False) -> int | None:
         """Stop the server: drain (see :meth:`drain`), then SIGTERM, which lets Triton finish and

@@ -73,7 +73,8 @@ def test_serve_reports_why_triton_could_not_load_a_model(repo, tmp_path):
     broken = clone_repo(repo, tmp_path / "repo")
     (broken / "threshold" / "1" / "model.py").write_text("this is not python\n")
     result = run_cli("serve", "--repo", broken, *ports(), "--startup-timeout", 120)
-    assert_clean_error(result, "tritonserver exited with code 1 while starting")
+    # Triton exits 1 on a model that fails to load (now and then it crashes on the way out: -11).
+    assert_clean_error(result, "tritonserver exited with code")
     assert "threshold" in result.stderr and "failed to load" in result.stderr
 
 
@@ -103,7 +104,8 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only) and this counts a "
                            "python stub per model; a native repository needs the onnxruntime backend")
-def test_serve_stops_cleanly_on_sigterm(repo):
+def test_serve_stops_cleanly_on_sigterm(repo, tmp_path):
+    repo = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already: a clone is not
     shm_before = set(os.listdir("/dev/shm"))
     process = subprocess.Popen([*CLI, "serve", "--repo", str(repo), *ports()], stderr=subprocess.PIPE, text=True)
     try:

@@ -292,7 +292,7 @@ def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store
     from headmaster.export.heads import write_head
     write_head(alien, weights, HeadCard(**{**card.__dict__, "encoder_fingerprint": "sha256:" + "a" * 64}))
     with pytest.raises(FingerprintMismatchError, match="holds none of those"):
-        rescore(store, alien)
+        rescore(store, HeadVersion(HeadCard.load(alien), alien))
 
     # A snapshot made for another encoder is refused by train-head in this repository.
     alien_snapshot = export_snapshot(store, "digit", tmp_path / "alien-snapshots", FOREIGN)
