@@ -75,7 +75,7 @@ KILL_GRACE_S = 2.0  # a kill's window lasts until this long after the model answ
 HEAL_LIMIT_S = 120.0  # a kill not healed by then is reported as not healed
 # The `headmaster` console script of this interpreter's environment (the same entry point otherwise).
 HEADMASTER = ([str(Path(sys.executable).parent / "headmaster")] if (Path(sys.executable).parent / "headmaster").exists()
-              else [sys.executable, "-c", "from headmaster.client.cli import main; main()"])
+              else [sys.executable, "-c", "from headmaster.cli import main; main()"])
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -121,8 +121,9 @@ def odd_inputs(png: bytes) -> dict[str, tuple[bytes, bool]]:
 # -- setup (child process) ----------------------------------------------------------------------
 def setup(work: Path) -> None:
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository.repository import BuildOptions, Repository, build_repository
-    from headmaster.training.zero_shot import create_zero_shot_head
+    from headmaster.model_repository.build import build_repository
+    from headmaster.model_repository.repository import BuildOptions, Repository
+    from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     encoder, repo = work / "encoder" / "vit-s-32", work / "model_repository"
     export_encoder(ExportOptions(model=MODEL, pretrained=None, out=encoder, seed=SEED))
