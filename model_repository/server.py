@@ -427,7 +427,7 @@ class TritonServer:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            _unlink_regions(regions)
+            _unlink_regions(regions, even_if_mapped=True)  # every process that mapped them was just killed
             if self.record is not None:
                 server_record.remove_record(Path(self.options.repository), self.record.pid)
                 self.record = None
