@@ -47,10 +47,6 @@ class ServerRecord:
     api_key: str | None  # None when the control API is open
     started: str  # ISO-8601
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return {KEY_HEADER: self.api_key} if self.api_key else {}
-
     def is_alive(self) -> bool:
         """The process exists and its HTTP endpoint answers."""
         try:
