@@ -51,7 +51,7 @@ class EncoderCard:
     embed_dim: int
     context_length: int  # text tokens per prompt
     logit_scale: float  # exp(logit_scale) of the model: zero-shot heads scale cosines by it
-    precision: str  # fp32 | fp16
+    precision: str  # fp32 | fp16 | int8 (int8: the image tower; verification["image"]["gate"] holds its figures)
     format: str  # onnx | plan | torchscript
     towers: dict[str, TowerFile]  # "image", "text"
     verification: dict  # what the export check measured

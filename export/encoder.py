@@ -6,6 +6,9 @@ normalisation itself, so the server ships 1 byte per pixel channel to the GPU, n
 
 Nothing is written unless the export matches PyTorch on real images and prompts
 (cosine >= 0.9999 for fp32, >= 0.999 for fp16); the folder appears complete or not at all.
+int8 (ONNX, image tower; the text tower stays fp32) is the fp32 export quantized by
+onnxruntime and promoted only through ``export/quantize.py``'s gate (cosine >= 0.98 to fp32 on
+every held-out image).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from headmaster.errors import ExportError, UnsupportedHereError
 from headmaster.export.card import EncoderCard, TowerFile
+from headmaster.export import quantize
 from headmaster.export.encoders import LoadedEncoder, load
 from headmaster.export.reference import reference_images, reference_prompts
 from headmaster.model_repository.backends.preprocess import preprocess_bytes
@@ -34,8 +38,9 @@ from headmaster.model_repository.backends.runtime import load_runner
 LOG = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "plan", "torchscript")
-PRECISIONS = ("fp32", "fp16")
-MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+PRECISIONS = ("fp32", "fp16", "int8")
+# int8: the image tower against the fp32 tower on held-out images (export/quantize.py).
+MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": quantize.MIN_COSINE}
 EXTENSIONS = {"onnx": ".onnx", "plan": ".plan", "torchscript": ".pt"}
 OPSET = 17
 
@@ -52,12 +57,18 @@ class ExportOptions:
     max_batch_size: int = 64  # TensorRT profile upper bound
     opt_batch_size: int = 16  # TensorRT profile optimum
     check_images: Path | None = None  # extra real images for the export check
+    calibration: Path | None = None  # int8: the user's images to calibrate on (default: reference_images())
+    quantization: quantize.QuantizeSettings = quantize.QuantizeSettings()  # int8: how (tests make bad ones)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}", option="format")
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}", option="precision")
+        if self.precision == "int8" and self.format != "onnx":
+            raise ExportError("precision int8 is an onnxruntime (CPU) graph: use --format onnx", option="precision")
+        if self.calibration is not None and self.precision != "int8":
+            raise ExportError("calibration images only serve --precision int8", option="calibration")
         unknown = set(self.towers) - {"image", "text"}
         if unknown or not self.towers:
             raise ExportError(f"towers must be a non-empty subset of image, text; got {self.towers}")
@@ -242,7 +253,8 @@ def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions) ->
     return prompts, tokens.numpy().astype(np.int64)
 
 
-def _verify(encoder: LoadedEncoder, tower: str, spec: TowerFile, path: Path, options: ExportOptions) -> dict:
+def _verify(encoder: LoadedEncoder, tower: str, spec: TowerFile, path: Path, options: ExportOptions,
+            precision: str) -> dict:
     """Exported artifact vs the fp32 PyTorch model on the same real inputs."""
     torch = _torch()
     names, batch = _check_inputs(encoder, tower, options)
@@ -254,12 +266,12 @@ def _verify(encoder: LoadedEncoder, tower: str, spec: TowerFile, path: Path, opt
     exported = runner({spec.input_name: batch}, [spec.output_name])[0]
     cosines = _cosines(exported, reference)
     worst = int(np.argmin(cosines))
-    minimum = MIN_COSINE[options.precision]
+    minimum = MIN_COSINE[precision]
     result = {"inputs": len(names), "min_cosine": float(cosines[worst]), "worst_input": names[worst],
               "required": minimum, "max_norm_error": float(np.abs(np.linalg.norm(exported, axis=1) - 1).max())}
     if not cosines[worst] >= minimum:
         raise ExportError(
-            f"the exported {tower} tower ({spec.format}, {options.precision}) does not match PyTorch: "
+            f"the exported {tower} tower ({spec.format}, {precision}) does not match PyTorch: "
             f"cosine {cosines[worst]:.6f} < {minimum} on {names[worst]!r}; nothing was written"
         )
     LOG.info("%s tower: min cosine vs PyTorch %.7f over %d inputs", tower, cosines[worst], len(names))
@@ -276,12 +288,35 @@ def _tool_versions() -> dict:
     return versions
 
 
+def _quantize_image_tower(encoder: LoadedEncoder, spec: TowerFile, fp32_path: Path, path: Path,
+                          options: ExportOptions) -> dict:
+    """int8 from the verified fp32 tower, promoted only through the gate; the card's record."""
+    preprocessing = encoder.preprocessing.as_dict()
+    calibration = quantize.calibration_images(options.calibration)
+    how = quantize.quantize_image_tower(fp32_path, path, spec.input_name,
+                                        quantize.pixels(calibration, preprocessing), options.quantization)
+    figures = quantize.promotion_gate(fp32_path, path, spec.input_name, spec.output_name,
+                                      quantize.gate_images(calibration), preprocessing)
+    quantize.require_passed(figures, ExportError, f"{encoder.name} int8")
+    return {"quantization": {**how, "calibration": "reference_images()" if options.calibration is None
+                             else str(options.calibration)}, "gate": figures}
+
+
 def _export_tower(encoder: LoadedEncoder, tower: str, folder: Path, options: ExportOptions) -> tuple[TowerFile, dict]:
     torch = _torch()
-    dtype = torch.float16 if options.precision == "fp16" else torch.float32
-    spec = _tower_spec(encoder, tower, options.format, options.precision)
+    # int8 starts from the fp32 graph (the text tower stays fp32).
+    precision = "fp32" if options.precision == "int8" else options.precision
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    spec = _tower_spec(encoder, tower, options.format, precision)
     module = (_image_tower if tower == "image" else _text_tower)(encoder, dtype)
     path = folder / spec.file
+    if options.precision == "int8" and tower == "image":
+        fp32_path = folder / f"{tower}.fp32.onnx"
+        _export_onnx(module, spec, fp32_path)
+        check = _verify(encoder, tower, spec, fp32_path, options, precision)
+        int8 = _quantize_image_tower(encoder, spec, fp32_path, path, options)
+        fp32_path.unlink()
+        return spec, {**check, "precision": "int8", **int8}
     if options.format == "torchscript":
         _export_torchscript(module, spec, path)
     elif options.format == "onnx":
@@ -291,7 +326,7 @@ def _export_tower(encoder: LoadedEncoder, tower: str, folder: Path, options: Exp
         _export_onnx(module, spec, onnx_path)
         _build_plan(onnx_path, spec, path, options)
         onnx_path.unlink()
-    return spec, _verify(encoder, tower, spec, path, options)
+    return spec, {**_verify(encoder, tower, spec, path, options, precision), "precision": precision}
 
 
 def _place(staging: Path, out: Path) -> None:

@@ -43,3 +43,45 @@ def reference_prompts() -> list[str]:
         "",
         "a very long prompt " + "with many repeated words " * 20,
     ]
+
+
+# scikit-image's other photos: never used for calibration, so an int8 tower is judged on
+# images its quantization ranges were not fitted to (export/quantize.py's promotion gate).
+SKIMAGE_HELD_OUT = ("brick.png", "cell.png", "clock_motion.png", "coins.png", "color.png", "grass.png",
+                    "gravel.png", "horse.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png",
+                    "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png", "phantom.png",
+                    "retina.jpg", "text.png", "chessboard_RGB.png")
+
+
+def _png(pixels) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def held_out_images(faces: int = 100, digits: int = 100) -> list[tuple[str, bytes]]:
+    """(name, encoded bytes) of real images that are not `reference_images()`: scikit-learn's
+    handwritten digits (every 18th of 1,797, 8x8 greys) and, with scikit-image installed, its
+    other photos and the first `faces` of its LFW faces (25x25 greys)."""
+    from sklearn.datasets import load_digits
+
+    found = []
+    if importlib.util.find_spec("skimage") is not None:
+        data = importlib.resources.files("skimage.data")
+        found += [(f"skimage/{name}", (data / name).read_bytes()) for name in SKIMAGE_HELD_OUT
+                  if (data / name).is_file()]
+        if faces and (data / "lfw_subset.npy").is_file():
+            import numpy as np
+
+            with (data / "lfw_subset.npy").open("rb") as f:
+                lfw = np.load(f)
+            found += [(f"skimage/lfw_subset[{i}]", _png((face * 255).clip(0, 255)))
+                      for i, face in enumerate(lfw[:faces])]
+    images = load_digits().images
+    found += [(f"sklearn/digits[{i}]", _png(images[i] * 255 / 16)) for i in range(0, len(images), 18)[:digits]]
+    return found
