@@ -20,12 +20,16 @@ def encoder(
     pretrained: Annotated[str, typer.Option(
         "--pretrained", help="open_clip pretrained tag (needs internet once), a local checkpoint file, "
                              "or 'none' for random weights (tests, offline trials).")] = "none",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16.")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or int8 (ONNX image tower for CPUs, "
+                        "quantized by onnxruntime and promoted only through a gate against fp32).")] = "fp32",
     format_: Annotated[str, typer.Option("--format", help="onnx, plan (TensorRT; needs tensorrt + GPU) or torchscript.")] = "onnx",
     seed: Annotated[int, typer.Option(help="Seed of the random weights when --pretrained none.")] = 0,
     towers: Annotated[str, typer.Option(help="Comma-separated towers to export: image,text.")] = "image,text",
     check_images: Annotated[Path | None, typer.Option(
         help="Folder of extra real images for the export check (scikit-learn's photos are always used).")] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        help="--precision int8: folder of your own images to calibrate on (default: the photos that ship "
+             "with scikit-learn and scikit-image).")] = None,
     max_batch_size: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 64,
     opt_batch_size: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 16,
 ) -> None:
@@ -36,7 +40,7 @@ def encoder(
         model=model, pretrained=None if pretrained.lower() == "none" else pretrained, out=out,
         precision=precision, format=format_, seed=seed,
         towers=tuple(t.strip() for t in towers.split(",") if t.strip()), check_images=check_images,
-        max_batch_size=max_batch_size, opt_batch_size=opt_batch_size)
+        calibration=calibration, max_batch_size=max_batch_size, opt_batch_size=opt_batch_size)
     with console.status(f"exporting {model} ({format_}, {precision}) and checking it against PyTorch..."):
         card = export_encoder(options)
     table = Table(title=f"{card.model} -> {out}", show_header=True)
@@ -47,6 +51,11 @@ def encoder(
         table.add_row(tower, spec.file, f"{spec.input_dtype} {list(spec.input_dims)}",
                       f"{check['min_cosine']:.7f} ({check['inputs']} inputs)", str(check["required"]))
     console.print(table)
+    gate = card.verification.get("image", {}).get("gate")
+    if gate:
+        console.print(f"int8 gate: cosine to fp32 mean {gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f} "
+                      f"(required >= {gate['required_min_cosine']}) over {gate['images']} held-out images; "
+                      f"calibrated on {card.verification['image']['quantization']['calibration_images']} images")
     console.print(f"fingerprint {card.fingerprint}")
     if card.pretrained is None:
         console.print("[yellow]random weights (--pretrained none): the embeddings carry no meaning; "

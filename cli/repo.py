@@ -46,7 +46,15 @@ def build(
                            max_request_bytes=int(max_request_mb * 1024 * 1024))
     repository = build_repository(encoder, repo, options)
     console.print(f"[green]built[/] {repo} ({flavour}) with encoder {repository.card.model} "
-                  f"{repository.card.short_fingerprint}: {', '.join(repository.model_names())}")
+                  f"{repository.card.short_fingerprint} ({repository.card.precision}): "
+                  f"{', '.join(repository.model_names())}")
+    promotion = repository.promotion
+    if promotion:
+        gate = promotion["gate"]
+        agreement = ", ".join(f"{head} {figures['label_agreement']:.2%}" for head, figures in gate["heads"].items())
+        console.print(f"{promotion['from']} -> {promotion['to']} gate passed: cosine to {promotion['from']} mean "
+                      f"{gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f} over {gate['images']} held-out "
+                      f"images; labels unchanged: {agreement or 'no heads'}")
 
 
 @app.command("check")

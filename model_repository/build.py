@@ -1,5 +1,10 @@
 """Assemble (or re-assemble) a repository from an exported encoder: the encoder towers, the
-python-backend models, every config, and the heads already there (same encoder only)."""
+python-backend models, every config, and the heads already there (same encoder only).
+
+A repository served by an fp32 (or fp16) image tower that is rebuilt with an int8 export of
+the same encoder passes the int8 promotion gate first (export/quantize.py): the new tower
+against the one served now, on held-out real images, with every head's live version; when it
+fails, nothing is written."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from headmaster.errors import HeadmasterError, RepositoryError
 from headmaster.export.card import EncoderCard, require_same_encoder
 from headmaster.export.heads import HEAD_FILE
 from headmaster.model_repository import consistency
-from headmaster.model_repository.layout import ARTIFACT_FILES, MANIFEST, MANIFEST_SCHEMA, copy_backend
+from headmaster.model_repository.layout import ARTIFACT_FILES, MANIFEST, MANIFEST_SCHEMA, copy_backend, encoder_artifact
 from headmaster.model_repository.publish import replace_version, repository_lock, write_file
 from headmaster.model_repository.repository import BuildOptions, Repository
 
@@ -28,12 +33,36 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def precision_gate(previous: Repository, card: EncoderCard, encoder_dir: Path) -> dict | None:
+    """The int8 promotion gate when ``previous`` (same encoder, not int8) switches to the int8
+    export in ``encoder_dir``: its figures, or None when no switch happens. Raises
+    RepositoryError naming the figures when the int8 tower fails."""
+    if not (card.precision == "int8" and previous.card.precision != "int8"
+            and previous.fingerprint == card.fingerprint and "image" in previous.card.towers):
+        return None
+    from headmaster.export import quantize
+    # HeadVersion scores heads exactly as eval and rescore do (training sits above this module).
+    from headmaster.training.head_version import HeadVersion
+
+    served = previous.card.towers["image"]
+    new = card.towers["image"]
+    heads = [HeadVersion.load(previous, head.name) for head in previous.heads() if head.live is not None]
+    figures = quantize.promotion_gate(
+        encoder_artifact(previous.path, "image", served.format), Path(encoder_dir) / new.file,
+        new.input_name, new.output_name, quantize.gate_images(quantize.calibration_images()),
+        card.preprocessing, heads)
+    quantize.require_passed(figures, RepositoryError,
+                            f"cannot switch {previous.path} from {previous.card.precision} to int8")
+    return {"from": previous.card.precision, "to": "int8", "gate": figures}
+
+
 def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = BuildOptions()) -> Repository:
     """Assemble (or re-assemble) ``repo`` from an exported encoder; existing heads are kept
     only if they were made with this same encoder."""
     card = EncoderCard.load(encoder_dir)
     repo = Path(repo)
     with repository_lock(repo):
+        promotion = None
         if (repo / MANIFEST).exists():
             try:
                 previous = Repository(repo)
@@ -45,6 +74,7 @@ def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = Buil
                     f"cannot build {repo} with encoder {card.short_fingerprint}: {e}. Build into a new "
                     "repository, or remove the heads of the old encoder first"
                 ) from None
+            promotion = precision_gate(previous, card, encoder_dir)  # before anything is written
         for tower, spec in card.towers.items():
             def build_tower(folder: Path, _version: int, spec=spec) -> None:
                 _link_or_copy(Path(encoder_dir) / spec.file, folder / ARTIFACT_FILES[spec.format])
@@ -57,6 +87,8 @@ def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = Buil
         for head_dir in repo.glob(f"*/[0-9]*/{HEAD_FILE}"):
             copy_backend("runtime", head_dir.parent)
         manifest = {"schema": MANIFEST_SCHEMA, "build": asdict(options), "encoder": json.loads(card.to_json())}
+        if promotion is not None:
+            manifest["promotion"] = promotion
         write_file(repo / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         repository = Repository(repo)
         for model in repository.static_models():

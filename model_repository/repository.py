@@ -102,6 +102,7 @@ class Repository:
             raise RepositoryError(f"{manifest_path}: schema {manifest.get('schema')!r} is not supported")
         self.options = BuildOptions.from_dict(manifest["build"])
         self.card = EncoderCard.from_dict(manifest["encoder"])
+        self.promotion = manifest.get("promotion")  # the int8 gate's figures of the last precision switch
 
     @property
     def flavour(self) -> str:
