@@ -7,7 +7,9 @@ served and local embeddings share one implementation.
 
 It reproduces open_clip's eval transform (``open_clip.transform.image_transform``) step by
 step on the PIL image: resize (shortest / longest / squash), centre crop or pad, convert to
-RGB. The float conversion and mean/std normalisation live in the exported encoder graph,
+RGB; with ``crop_pct`` below 1 (timm backbones), timm's eval transform
+(``timm.data.transforms_imagenet_eval``): convert to RGB first (``convert_first``, as timm's
+loaders do), resize to floor(size / crop_pct), then centre crop. The float conversion and mean/std normalisation live in the exported encoder graph,
 so only uint8 travels between the models (4x less than float32).
 
 Every image mode Pillow opens is first mapped to its 8-bit rendering (``to_8bit``: 16-bit
@@ -286,8 +288,18 @@ def to_pixels(image: Image.Image, cfg: dict) -> np.ndarray:
     size = tuple(cfg["size"])
     resample = _RESAMPLE[cfg.get("interpolation", "bicubic")]
     mode = cfg.get("resize_mode", "shortest")
+    if cfg.get("convert_first"):
+        # timm's loaders convert to RGB on reading, before the transform; open_clip after resizing.
+        image = image.convert(cfg.get("mode", "RGB"))
     if mode == "squash":
         image = _resize(image, size, resample)
+    elif mode == "shortest" and float(cfg.get("crop_pct", 1.0)) != 1.0:
+        crop_pct = float(cfg["crop_pct"])
+        scaled = tuple(int(np.floor(x / crop_pct)) for x in size)
+        # timm: torchvision's shortest-edge Resize for a square size, ResizeKeepRatio otherwise.
+        target = (_shortest_edge_size(image, scaled[0]) if scaled[0] == scaled[1]
+                  else _keep_ratio_size(image, scaled, 0.0))
+        image = _center_crop_or_pad(_resize(image, target, resample), size, 0)
     elif mode == "shortest":
         # Resize then crop, as open_clip does. Resizing only the crop's source box
         # (resize(box=...)) would skip the long side's pixels, but Pillow passes the box as
