@@ -59,6 +59,7 @@ class ExportOptions:
     check_images: Path | None = None  # extra real images for the export check
     calibration: Path | None = None  # int8: the user's images to calibrate on (default: reference_images())
     quantization: quantize.QuantizeSettings = quantize.QuantizeSettings()  # int8: how (tests make bad ones)
+    image_size: int | None = None  # timm backbones: square input size other than their pretrained config's
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -353,11 +354,28 @@ def _place(staging: Path, out: Path) -> None:
         staging.rename(out)
 
 
+def _require_tokenizer(name: str) -> None:
+    """A text tower is only useful with its tokenizer (the export check and the served
+    ``tokenize`` model both need it): refuse before exporting if it cannot load here."""
+    import open_clip
+
+    try:
+        open_clip.get_tokenizer(name)
+    except Exception as e:
+        raise ExportError(
+            f"the text tower of {name} needs its tokenizer, which does not load here ({type(e).__name__}: {e}); "
+            "SigLIP's is a Hugging Face tokenizer (pip install transformers, and its files from the hub or a local "
+            "cache). Export the image tower alone with --towers image (trained heads; no zero-shot)",
+            option="towers") from None
+
+
 def export_encoder(options: ExportOptions) -> EncoderCard:
     """Export, verify, and write ``card.json`` + one file per tower into ``options.out``."""
     if options.format == "plan":
         _require_tensorrt()  # fail before minutes of loading and exporting
-    encoder = load(options.model, options.pretrained, options.seed)
+    if "text" in options.towers and not options.model.startswith("timm:"):
+        _require_tokenizer(options.model)  # before minutes of loading
+    encoder = load(options.model, options.pretrained, options.seed, options.image_size)
     towers_wanted = [t for t in options.towers if t == "image" or encoder.has_text]
     if options.towers == ("text",) and not encoder.has_text:
         raise ExportError(f"{options.model} is an image-only backbone: it has no text tower", option="towers")

@@ -127,13 +127,13 @@ class Family:
 POOLINGS = ("cls", "mean", "head-less")
 
 FAMILIES: tuple[Family, ...] = (
-    Family("siglip", "open_clip", ("*SigLIP*",), "ViT-B-16-SigLIP", zero_shot="sigmoid",
+    Family("siglip", "open_clip", ("*SigLIP*",), "ViT-B-32-SigLIP2-256", zero_shot="sigmoid",
            licence="Apache-2.0 weights; its tokenizer is a Hugging Face one (needs `transformers` and the hub "
                    "or a local copy) for the text tower"),
     Family("mobileclip", "open_clip", ("MobileCLIP*",), "MobileCLIP2-S0",
-           licence="Apple sample-code licence (MobileCLIP) / Apple ML research licence (MobileCLIP2): read it"),
+           licence="Apple's own terms for the weights (see each checkpoint's model card): read them"),
     Family("eva-clip", "open_clip", ("EVA0*",), "EVA02-B-16", licence="MIT"),
-    Family("clip", "open_clip", ("*",), "ViT-B-32", licence="per checkpoint (OpenAI: MIT; LAION: MIT)"),
+    Family("clip", "open_clip", ("*",), "ViT-B-32", licence="per checkpoint (see its model card)"),
     Family("dinov2", "timm", ("vit_*_dinov2*",), "vit_small_patch14_dinov2", pooling="cls", zero_shot=None,
            licence="Apache-2.0 (first released CC-BY-NC-4.0, relicensed 2023-08; check your checkpoint)"),
     Family("dinov3", "timm", ("vit_*_dinov3*",), "vit_small_patch16_dinov3", pooling="cls", zero_shot=None,
@@ -270,8 +270,9 @@ def _pooled(model, pooling: str):
     return Pooled(model).eval()
 
 
-def _load_timm(name: str, pretrained: str | None, seed: int) -> LoadedEncoder:
-    """A timm backbone, classifier removed, preprocessing from its own pretrained config."""
+def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | None = None) -> LoadedEncoder:
+    """A timm backbone, classifier removed, preprocessing from its own pretrained config
+    (``image_size``: another square input size; ViTs resample their position embeddings)."""
     import timm
     import torch
     from timm.data import resolve_data_config
@@ -284,17 +285,19 @@ def _load_timm(name: str, pretrained: str | None, seed: int) -> LoadedEncoder:
     source = str(path) if path is not None and path.exists() else pretrained
     if source is None:
         torch.manual_seed(seed)
+    sized = {"img_size": image_size} if image_size and family.pooling in ("cls", "mean") else {}
     try:
         if path is not None and path.exists():
-            model = timm.create_model(bare, pretrained=False, num_classes=0, checkpoint_path=source)
+            model = timm.create_model(bare, pretrained=False, num_classes=0, checkpoint_path=source, **sized)
         else:
             model = timm.create_model(f"{bare}.{source}" if source else bare, pretrained=source is not None,
-                                      num_classes=0)
+                                      num_classes=0, **sized)
     except Exception as e:
         where = "no pretrained weights" if source is None else f"weights {source!r}"
         raise ExportError(f"timm could not create {bare} with {where}: {type(e).__name__}: {e}") from e
     model = (family.prepare(model) if family.prepare else model).eval()
-    preprocessing = Preprocessing.from_timm(resolve_data_config({}, model=model))
+    size = {"input_size": (3, image_size, image_size)} if image_size else {}
+    preprocessing = Preprocessing.from_timm(resolve_data_config(size, model=model))
     visual = _pooled(model, family.pooling)
     with torch.no_grad():
         embed_dim = int(visual(torch.zeros(1, 3, *preprocessing.size)).shape[-1])
@@ -304,14 +307,17 @@ def _load_timm(name: str, pretrained: str | None, seed: int) -> LoadedEncoder:
                          visual=visual)
 
 
-def load(name: str, pretrained: str | None, seed: int = 0) -> LoadedEncoder:
+def load(name: str, pretrained: str | None, seed: int = 0, image_size: int | None = None) -> LoadedEncoder:
     """Create the model through open_clip's or timm's factory, fp32, eval mode."""
     import open_clip
     import torch
 
     check_name(name, pretrained)
+    if image_size is not None and (image_size < 16 or not name.startswith(TIMM_PREFIX)):
+        raise ExportError("--image-size is for timm backbones (>= 16 pixels); an open_clip model's size is part of "
+                          "its name (e.g. ViT-B-16-SigLIP-384)", option="image_size")
     if name.startswith(TIMM_PREFIX):
-        return _load_timm(name, pretrained, seed)
+        return _load_timm(name, pretrained, seed, image_size)
     source = str(Path(pretrained).expanduser()) if pretrained and Path(pretrained).expanduser().exists() else pretrained
     if source is None:
         torch.manual_seed(seed)  # random weights, reproducible: same seed, same fingerprint
