@@ -400,6 +400,9 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
         second = HeadVersion.load(repository, options.name, options.compare[1])
     elif options.against:
         second = HeadVersion.load(repository, options.against)
+    if options.ood is not None and not first.has_ood:
+        raise EvalError(f"head {first.title} has no out-of-distribution reference set (trained with --ood off, or "
+                        "before heads carried one): retrain it to evaluate --ood", option="ood")
     if options.manifest is not None and not first.card.multi_label:
         LOG.info("a manifest holdout for a single-label head: each image needs exactly one label")
     embed = Embedder(repository, options.server, options.cache_dir)

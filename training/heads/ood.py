@@ -17,6 +17,7 @@ benchmark (benchmarks/ood_knn.py) measures what the cap costs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,8 +89,9 @@ def fit_ood(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     references = x_train[keep].astype(np.float16)
     k = min(k, len(references))
     distances = knn_distance(KnnIndex(references.astype(np.float32)), x_val, k)
-    threshold = float(np.quantile(distances, TPR, method="higher"))
-    card = {"k": int(k), "threshold": round(threshold, 6), "policy": policy, "references": int(len(references)),
+    # Rounded up, so that the image at the quantile stays inside after the card's rounding.
+    threshold = math.ceil(float(np.quantile(distances, TPR, method="higher")) * 1e6) / 1e6
+    card = {"k": int(k), "threshold": threshold, "policy": policy, "references": int(len(references)),
             "sha256": references_sha256(references)}
     details = {**how, "tpr": TPR, "training_rows": int(len(x_train)), "subsampled": bool(len(keep) < len(x_train)),
                "validation_kept": float((distances <= card["threshold"]).mean())}
