@@ -138,7 +138,9 @@ FAMILIES: tuple[Family, ...] = (
            licence="Apache-2.0 (first released CC-BY-NC-4.0, relicensed 2023-08; check your checkpoint)"),
     Family("dinov3", "timm", ("vit_*_dinov3*",), "vit_small_patch16_dinov3", pooling="cls", zero_shot=None,
            licence="DINOv3 License (Meta's own terms, not open source): read it before commercial use"),
-    Family("eva02", "timm", ("eva02_*",), "eva02_tiny_patch14_224", pooling="mean", zero_shot=None, licence="MIT"),
+    # EVA02's own head averages the patch tokens and then applies its fc_norm: head-less keeps both.
+    Family("eva02", "timm", ("eva02_*",), "eva02_tiny_patch14_224", pooling="head-less", zero_shot=None,
+           licence="MIT"),
     Family("convnext", "timm", ("convnext*",), "convnext_atto", pooling="head-less", zero_shot=None,
            licence="Apache-2.0"),
     Family("mobilenetv3", "timm", ("mobilenetv3_*", "tf_mobilenetv3_*"), "mobilenetv3_small_050",

@@ -21,7 +21,7 @@ from headmaster.client import HeadmasterClient
 from headmaster.export.reference import held_out_images, reference_images
 from headmaster.model_repository.backends.threshold import OOD_FILE
 from headmaster.model_repository.repository import Repository
-from headmaster.training.embeddings import LocalEmbedder
+from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 from headmaster.training.head_version import HeadVersion
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from tests.helpers import ARTIFACTS, build_repo, run_cli, start_server
@@ -114,9 +114,14 @@ def test_eval_reports_auroc_and_fpr_against_an_ood_folder(ood_setup, tmp_path):
 
     repository = Repository(ood_setup["repo"])
     head = HeadVersion.load(repository, "digit")
-    embed = LocalEmbedder(repository)
-    inside = np.stack(embed(sorted(ood_setup["holdout"].rglob("*.png"))))
-    outside = np.stack(embed(sorted(ood_setup["photos"].iterdir())))
+
+    def embed(paths):  # the command's cache: the same embeddings, not computed twice
+        hashes, vectors, _ = embed_files(paths, LocalEmbedder(repository),
+                                         EmbeddingCache(ood_setup["cache"], repository.fingerprint))
+        return np.stack([vectors[h] for h in hashes])
+
+    inside = embed(sorted(ood_setup["holdout"].rglob("*.png")))
+    outside = embed(sorted(ood_setup["photos"].iterdir()))
     d_in, d_out = head.ood_distances(inside), head.ood_distances(outside)
     assert o["auroc"] == pytest.approx(roc_auc_score(np.r_[np.zeros(len(d_in)), np.ones(len(d_out))],
                                                      np.r_[d_in, d_out]), abs=1e-6)

@@ -153,3 +153,21 @@ def test_timm_crop_modes_other_than_center_are_refused():
         Preprocessing.from_timm({**cfg, "crop_mode": "squash"})
     with pytest.raises(ExportError, match="interpolation 'nearest' is not served"):
         Preprocessing.from_timm({**cfg, "interpolation": "nearest"})
+
+
+def test_each_pooling_is_what_timm_itself_computes():
+    """cls = the class token of forward_features; mean = the patch tokens' mean without the
+    prefix (class + register) tokens, which is timm's own avg pool of DINOv3 (no fc_norm)."""
+    import timm
+
+    from headmaster.export.encoders import _pooled
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=64).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert torch.allclose(_pooled(model, "cls")(x), tokens[:, 0])
+        assert model.num_prefix_tokens == 5 and model.global_pool == "avg"
+        assert torch.allclose(_pooled(model, "mean")(x), model(x), atol=1e-6)
+        assert torch.allclose(_pooled(model, "head-less")(x), model(x))
