@@ -290,7 +290,9 @@ def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | N
     sized = {"img_size": image_size} if image_size and family.pooling in ("cls", "mean") else {}
     try:
         if path is not None and path.exists():
-            model = timm.create_model(bare, pretrained=False, num_classes=0, checkpoint_path=source, **sized)
+            # A checkpoint usually holds the classifier it was trained with: load it whole, then drop it.
+            model = timm.create_model(bare, pretrained=False, checkpoint_path=source, **sized)
+            model.reset_classifier(0)
         else:
             model = timm.create_model(f"{bare}.{source}" if source else bare, pretrained=source is not None,
                                       num_classes=0, **sized)

@@ -94,6 +94,24 @@ def test_timm_preprocessing_comes_from_the_models_own_config():
     assert load("timm:vit_small_patch14_dinov2", None).preprocessing.size == (518, 518)
 
 
+def test_a_timm_checkpoint_by_path_loads_with_its_classifier_dropped(tmp_path):
+    import timm
+    import torch
+
+    torch.manual_seed(1)
+    trained = timm.create_model("convnext_atto", pretrained=False)  # with its 1000-class head
+    torch.save(trained.state_dict(), tmp_path / "convnext.pth")
+    encoder = load("timm:convnext_atto", str(tmp_path / "convnext.pth"))
+    assert encoder.pretrained == str(tmp_path / "convnext.pth") and encoder.seed is None
+    trained.reset_classifier(0)
+    from headmaster.export.encoders import weights_sha256
+
+    assert encoder.weights_sha256 == weights_sha256(trained) != load("timm:convnext_atto", None).weights_sha256
+    with pytest.raises(ExportError, match="timm could not create convnext_atto with weights"):
+        (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+        load("timm:convnext_atto", str(tmp_path / "broken.pth"))
+
+
 def test_unknown_and_unsupported_models_are_refused_by_name():
     with pytest.raises(ExportError, match="timm model 'resnet18' belongs to no supported family"):
         family_of("timm:resnet18")
