@@ -117,7 +117,8 @@ def main() -> None:
 
     lines = [f"### {datetime.date.today()}: out-of-distribution kNN, {args.dim}-d, k={args.k} "
              f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-             f"faiss {faiss.__version__}; machine shared with other work)", "",
+             f"faiss {faiss.__version__}; machine shared with other work, load average "
+             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end)", "",
              "| references | search | batch | ms per image per head |", "|---|---|---|---|"]
     lines += [f"| {size:,} | {how} | {batch} | {ms:.3f} |" for size, how, batch, ms in rows]
     lines += ["", f"ViT-B-32 image tower, onnxruntime fp32, batch 8, same run: {encoder[8]:.1f} ms per image.", "",

@@ -149,6 +149,12 @@ class TritonPythonModel:
         self.heads = json.loads(params.get("heads", "[]"))
         self.encoder = params.get("encoder", "")  # the fingerprint every RESULT names
         self._info_cache: dict[bytes, dict] = {}
+        try:  # one search thread: the encoder owns the cores; OpenMP spinning beside it cost 4-7x here
+            import faiss
+
+            faiss.omp_set_num_threads(1)
+        except ImportError:
+            pass
         # Head versions live beside this model in the repository: REPO/<head>/<version>/.
         self.repository = os.path.dirname(os.path.abspath(args["model_repository"]))
         self._indexes: dict[tuple[str, int, str], KnnIndex] = {}
