@@ -222,7 +222,7 @@ def check_name(name: str, pretrained: str | None) -> None:
     if name not in models and not name.startswith(("hf-hub:", "local-dir:")):
         close = [m for m in models if m.lower().startswith(name.lower()[:5])][:8]
         raise ExportError(
-            f"unknown model {name!r}; some known ones: {', '.join(close or models[:8])} "
+            f"unknown {'timm' if name.startswith(TIMM_PREFIX) else 'open_clip'} model {name!r}; some known ones: {', '.join(close or models[:8])} "
             "(all: headmaster export list)"
         )
     if pretrained is None or name.startswith(("hf-hub:", "local-dir:")):

@@ -115,7 +115,7 @@ def test_a_timm_checkpoint_by_path_loads_with_its_classifier_dropped(tmp_path):
 def test_unknown_and_unsupported_models_are_refused_by_name():
     with pytest.raises(ExportError, match="timm model 'resnet18' belongs to no supported family"):
         family_of("timm:resnet18")
-    with pytest.raises(ExportError, match="unknown model 'timm:vit_tiny_patch14_dinov2'"):
+    with pytest.raises(ExportError, match="unknown timm model 'timm:vit_tiny_patch14_dinov2'"):
         load("timm:vit_tiny_patch14_dinov2", None)  # of the DINOv2 family's pattern, but not in timm
     with pytest.raises(ExportError, match="--image-size is for timm backbones"):
         load("ViT-S-32", None, image_size=224)

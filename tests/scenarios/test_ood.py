@@ -148,6 +148,10 @@ def test_a_tampered_reference_set_is_refused_before_it_goes_live(ood_setup, tmp_
     folder = Repository(ood_setup["repo"]).version_dir("digit")
     copy = tmp_path / "digit-copy"
     shutil.copytree(folder, copy)
+    # A good copy imports with its reference set, under another name.
+    card = lifecycle.import_version(ood_setup["repo"], copy, name="digit_twin").card
+    twin = Repository(ood_setup["repo"]).version_dir("digit_twin")
+    assert card.ood == ood_setup["card"].ood and (twin / OOD_FILE).read_bytes() == (folder / OOD_FILE).read_bytes()
     references = np.load(copy / OOD_FILE)
     np.save(copy / OOD_FILE, references[::-1])
     with pytest.raises(InvalidVersionError, match="is not the reference set this version was made with"):

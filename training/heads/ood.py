@@ -52,8 +52,10 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 def choose_k(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> tuple[int, dict]:
     """k by held-out-label AUROC on validation (single-label heads); see the module docstring."""
+    if y_train.ndim != 1:  # multi-label: no label can be held out alone
+        return DEFAULT_K, {"k_rule": f"default {DEFAULT_K} (multi-label head)"}
     labels = [c for c in np.unique(y_train) if (y_val == c).any() and (y_val != c).any() and (y_train != c).sum() >= 2]
-    if y_train.ndim != 1 or not labels:
+    if not labels:
         return DEFAULT_K, {"k_rule": f"default {DEFAULT_K} (no label can be held out)"}
     per_k = {}
     for k in K_CANDIDATES:
