@@ -54,7 +54,7 @@ def jpeg_inputs() -> list[bytes]:
     return out
 
 
-def prepare(precision: str, preferred: tuple[int, ...]) -> tuple[Path, Path]:
+def prepare(precision: str, preferred: tuple[int, ...], device: str) -> tuple[Path, Path]:
     from headmaster.errors import CardError
     from headmaster.export.card import EncoderCard
     from headmaster.export.encoder import ExportOptions, export_encoder
@@ -73,13 +73,14 @@ def prepare(precision: str, preferred: tuple[int, ...]) -> tuple[Path, Path]:
         import shutil
 
         shutil.rmtree(repo)
-    build_repository(encoder_dir, repo, BuildOptions(preferred_batch_sizes=preferred, max_queue_delay_us=2000))
+    build_repository(encoder_dir, repo, BuildOptions.for_device(device, preferred_batch_sizes=preferred,
+                                                                 max_queue_delay_us=None if device == "cuda" else 2000))
     for name, (labels, templates) in HEADS.items():
         create_zero_shot_head(repo, name, labels, templates)
     return encoder_dir, repo
 
 
-def raw_throughput(encoder_dir: Path, images: list[bytes], batch: int, seconds: float) -> float:
+def raw_throughput(encoder_dir: Path, images: list[bytes], batch: int, seconds: float, device: str = "cpu") -> float:
     from headmaster.export.card import EncoderCard
     from headmaster.model_repository.backends.preprocess import preprocess_bytes
     from headmaster.model_repository.backends.runtime import load_runner
@@ -87,7 +88,7 @@ def raw_throughput(encoder_dir: Path, images: list[bytes], batch: int, seconds: 
     card = EncoderCard.load(encoder_dir)
     pixels = np.stack([preprocess_bytes(images[i % len(images)], card.preprocessing) for i in range(batch)])
     spec = card.towers["image"]
-    runner = load_runner(str(encoder_dir / spec.file), device="cpu", optimization=spec.graph_optimization)
+    runner = load_runner(str(encoder_dir / spec.file), device=device, optimization=spec.graph_optimization)
     run = lambda: runner({spec.input_name: pixels}, [spec.output_name])  # noqa: E731
     run()
     done, start = 0, time.perf_counter()
@@ -162,8 +163,8 @@ def measure(precision: str, images: list[bytes], args) -> tuple[list, dict]:
     from headmaster.model_repository.repository import Repository
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
 
-    encoder_dir, repo = prepare(precision, tuple(sorted(set(args.batch_sizes))))
-    raw = {b: raw_throughput(encoder_dir, images, b, args.seconds) for b in args.batch_sizes}
+    encoder_dir, repo = prepare(precision, tuple(sorted(set(args.batch_sizes))), args.device)
+    raw = {b: raw_throughput(encoder_dir, images, b, args.seconds, args.device) for b in args.batch_sizes}
     options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                             load_models=tuple(Repository(repo).model_names()), exit_timeout_s=10)
     rows = []
@@ -190,6 +191,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU repository (repo build --device cuda), e.g. --precisions fp16 "
+                             "--batch-sizes 64 256 (not run on this project's machines: no GPU was lent)")
     args = parser.parse_args()
 
     from headmaster.model_repository import perf_analyzer
