@@ -169,7 +169,10 @@ def test_limits_come_from_model_parameters():
     given = limits_from_parameters({"max_pixels": "1000", "max_aspect_ratio": "4.5", "decode_concurrency": "2",
                                     "threads": "8", "max_request_bytes": "4096"})
     assert given == {"max_pixels": 1000, "max_aspect_ratio": 4.5, "decode_concurrency": 2, "max_request_bytes": 4096,
-                     "exact_decode": False}
+                     "exact_decode": False, "decoder": "pillow"}
+    assert limits_from_parameters({"decoder": "torchvision"})["decoder"] == "torchvision"
+    with pytest.raises(ValueError, match="decoder must be one of pillow, torchvision"):
+        limits_from_parameters({"decoder": "nvjpeg"})
     assert limits_from_parameters({"exact_decode": "true"})["exact_decode"] is True
     assert limits_from_parameters({}, {"exact_decode": True})["exact_decode"] is True
     assert defaults["max_request_bytes"] == 64 * 1024 * 1024
