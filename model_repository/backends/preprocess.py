@@ -446,6 +446,14 @@ class TorchDecoder:
         return out
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's cpuset, taskset), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def limits_from_parameters(params: dict, preprocessing: dict | None = None) -> dict:
     """The optional limit parameters of the model config (string values; absent or "" = default).
 
@@ -465,7 +473,7 @@ def limits_from_parameters(params: dict, preprocessing: dict | None = None) -> d
     limits = {"max_pixels": number("max_pixels", int, int(preprocessing.get("max_pixels") or MAX_PIXELS)),
               "max_aspect_ratio": number("max_aspect_ratio", float,
                                          float(preprocessing.get("max_aspect_ratio") or MAX_ASPECT_RATIO)),
-              "decode_concurrency": concurrency or (os.cpu_count() or 1),
+              "decode_concurrency": concurrency or _usable_cores(),
               "max_request_bytes": number("max_request_bytes", int, MAX_REQUEST_BYTES),
               "exact_decode": str(params.get("exact_decode", preprocessing.get("exact_decode", ""))).strip().lower()
               in ("1", "true", "yes"),
