@@ -35,8 +35,8 @@ def rescore_command(
     batch_size: Annotated[int, typer.Option(help="Embeddings per onnxruntime call.")] = 65536,
 ) -> None:
     """Run a head version over every stored embedding on CPU and record its labels (no encoder, no server)."""
+    from headmaster.model_repository.head_version import HeadVersion
     from headmaster.training.feedback.rescore import rescore
-    from headmaster.training.head_version import HeadVersion
 
     bar, task = progress("rescoring", None)
     with bar:
@@ -95,8 +95,8 @@ def suggest_command(
 
     margin: top score minus the second (single-label) or the smallest |score - threshold|
     (multi-label); smallest first. entropy: of the scores; largest first."""
+    from headmaster.model_repository.head_version import HeadVersion
     from headmaster.training.feedback.suggest import suggest
-    from headmaster.training.head_version import HeadVersion
 
     opened = _open(store)
     multi_label, thresholds = False, None

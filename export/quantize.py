@@ -60,7 +60,7 @@ class QuantizeSettings:
 
 
 class ScoringHead(Protocol):
-    """What the gate needs of a head version (training.head_version.HeadVersion has it)."""
+    """What the gate needs of a head version (model_repository.head_version.HeadVersion has it)."""
 
     title: str
 

@@ -19,6 +19,7 @@ from headmaster.errors import HeadmasterError, RepositoryError
 from headmaster.export.card import EncoderCard, require_same_encoder
 from headmaster.export.heads import HEAD_FILE
 from headmaster.model_repository import consistency
+from headmaster.model_repository.head_version import HeadVersion
 from headmaster.model_repository.layout import ARTIFACT_FILES, MANIFEST, MANIFEST_SCHEMA, copy_backend, encoder_artifact
 from headmaster.model_repository.publish import replace_version, repository_lock, write_file
 from headmaster.model_repository.repository import BuildOptions, Repository
@@ -40,10 +41,7 @@ def precision_gate(previous: Repository, card: EncoderCard, encoder_dir: Path) -
     if not (card.precision == "int8" and previous.card.precision != "int8"
             and previous.fingerprint == card.fingerprint and "image" in previous.card.towers):
         return None
-    from headmaster.export import quantize
-
-    # HeadVersion scores heads exactly as eval and rescore do (training sits above this module).
-    from headmaster.training.head_version import HeadVersion
+    from headmaster.export import quantize  # onnxruntime.quantization: only when switching
 
     served = previous.card.towers["image"]
     new = card.towers["image"]

@@ -15,7 +15,7 @@ Out of distribution: a head version trained with a reference set (``ood.npy`` be
 embedding lies from the training embeddings: the cosine distance to the k-th nearest
 reference. Beyond the version's threshold the image is ``"ood": true``; an ``abstain`` head
 then accepts no label, a ``flag`` head labels as usual. ``ood_rule`` is the one implementation,
-run here and by the CPU tools (``training/head_version.py``).
+run here and by the CPU tools (``model_repository/head_version.py``).
 """
 
 from __future__ import annotations

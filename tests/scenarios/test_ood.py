@@ -20,9 +20,9 @@ from PIL import Image
 from headmaster.client import HeadmasterClient
 from headmaster.export.reference import held_out_images, reference_images
 from headmaster.model_repository.backends.threshold import OOD_FILE
+from headmaster.model_repository.head_version import HeadVersion
 from headmaster.model_repository.repository import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
-from headmaster.training.head_version import HeadVersion
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from tests.helpers import ARTIFACTS, build_repo, run_cli, start_server
 

@@ -23,6 +23,7 @@ from headmaster.client import HeadmasterClient
 from headmaster.errors import DataError, FingerprintMismatchError, StoreError
 from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.model_repository import live
+from headmaster.model_repository.head_version import HeadVersion
 from headmaster.model_repository.repository import Repository
 from headmaster.store import ParquetStore, open_store
 from headmaster.store.base import label_table
@@ -33,7 +34,6 @@ from headmaster.training.feedback.reembed import reembed
 from headmaster.training.feedback.rescore import rescore
 from headmaster.training.feedback.snapshots import Snapshot, export_snapshot
 from headmaster.training.feedback.suggest import suggest
-from headmaster.training.head_version import HeadVersion
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
 from tests.helpers import ARTIFACTS, clone_repo, run_cli, start_server, subset, written_version

@@ -31,10 +31,10 @@ import numpy as np
 from headmaster.errors import EvalError
 from headmaster.export.heads import HeadCard
 from headmaster.model_repository.backends.threshold import accept
+from headmaster.model_repository.head_version import HeadVersion
 from headmaster.model_repository.repository import Repository
 from headmaster.training.data import Dataset, read_labelled
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
-from headmaster.training.head_version import HeadVersion
 
 LOG = logging.getLogger(__name__)
 

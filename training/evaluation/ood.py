@@ -18,7 +18,7 @@ import numpy as np
 from headmaster.errors import EvalError
 from headmaster.images import IMAGE_SUFFIXES
 from headmaster.model_repository.backends.threshold import accepted_mask, ood_rule
-from headmaster.training.head_version import HeadVersion
+from headmaster.model_repository.head_version import HeadVersion
 
 TPR = 0.95
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from headmaster.errors import FingerprintMismatchError
+from headmaster.model_repository.head_version import HeadVersion
 from headmaster.store.base import Store, label_table
-from headmaster.training.head_version import HeadVersion
 
 LOG = logging.getLogger(__name__)
 
