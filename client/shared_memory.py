@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+import warnings
 from collections.abc import Sequence
 from multiprocessing import shared_memory
 
@@ -31,6 +32,7 @@ from headmaster.client.errors import ClientError
 KINDS = ("system", "cuda")
 KEY_HEADER = "headmaster-api-key"  # the header `headmaster serve` asks for on restricted APIs
 KEY_ENV = "HEADMASTER_API_KEY"
+UNREGISTER_WAIT_S = 10.0  # how long close() waits for the server to let go of a region
 _GRPC_PREFIX = "triton-grpc-protocol-"  # Triton reads restricted-protocol keys from this gRPC metadata
 
 
@@ -174,10 +176,21 @@ class RegionPool:
         self.free.put_nowait(slot)
 
     async def _drop(self, slot: Slot) -> None:
-        try:
-            await slot.region.unregister(self.client, self.headers)
-        except Exception:  # the server may be gone already; our side is released either way
-            pass
+        # Triton answers a request before it lets go of the request's buffers, and refuses to
+        # unregister a region still in use: under load the unregister can arrive in that gap.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UNREGISTER_WAIT_S
+        while True:
+            try:
+                await slot.region.unregister(self.client, self.headers)
+                break
+            except Exception as e:  # noqa: BLE001 - our side is released either way
+                if "currently in use" not in str(e) or loop.time() > deadline:
+                    # Left mapped by the server until someone with its key unregisters it, or it stops.
+                    warnings.warn(f"the server kept {self.kind} shared-memory region {slot.region.name!r} "
+                                  f"registered: {e}", RuntimeWarning, stacklevel=2)
+                    break
+                await asyncio.sleep(0.05)
         slot.region.release()
 
     async def close(self) -> None:

@@ -134,3 +134,15 @@ def test_a_client_killed_mid_run_leaves_nothing_in_dev_shm(server, tmp_path, jpe
     assert registered(server) == []
     with HeadmasterClient(server.grpc_url) as client:
         assert client.classify([jpeg_photos["chelsea.jpg"]])[0].ok
+
+
+def test_closing_right_after_a_busy_run_unregisters_every_region(server, jpeg_photos):
+    # Triton answers before it releases a request's buffers and refuses to unregister a region in
+    # use: a client closed straight after its last answer must still leave nothing registered.
+    batch = list(jpeg_photos.values()) * 2
+    for _ in range(15):
+        with HeadmasterClient(server.grpc_url, batch_size=2, max_in_flight=4, shared_memory="system",
+                              api_key=server.api_key) as client:
+            assert all(r.ok for r in client.embed(batch))
+        assert registered(server) == []
+    assert not ours()
