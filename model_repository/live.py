@@ -55,11 +55,31 @@ class Control:
         return cls(server.http_url, getattr(server, "api_key", None))
 
 
-def find(repo: Path, server: str | None = None) -> Control | None:
+@dataclass(frozen=True)
+class Replicas:
+    """Several servers of one (S3) repository: every change is loaded on each in turn, in the
+    same order as on one server, so that each replica moves from one consistent set of models
+    to the next; a replica that refuses stops the rollout and names itself."""
+
+    members: tuple[Control, ...]
+
+    @property
+    def http_url(self) -> str:
+        return ",".join(member.http_url for member in self.members)
+
+
+def members(server) -> tuple[Control, ...]:
+    return server.members if isinstance(server, Replicas) else (Control.of(server),)
+
+
+def find(repo: Path, server: str | None = None) -> Control | Replicas | None:
     """The server a command that changed ``repo`` must update: ``server`` when given (its key
-    from the repository's record when the addresses match, else HEADMASTER_API_KEY), else the
-    live server recorded in the repository, else None (nothing is serving it)."""
+    from the repository's record when the addresses match, else HEADMASTER_API_KEY; several
+    servers separated by commas: the replicas of one repository), else the live server recorded
+    in the repository, else None (nothing is serving it)."""
     record: ServerRecord | None = running_server(repo)
+    if server is not None and "," in server:
+        return Replicas(tuple(find(repo, one.strip()) for one in server.split(",") if one.strip()))
     if server is None:
         return Control.of(record) if record else None
     if record is not None and same_address(record.http_url, server):
@@ -109,14 +129,44 @@ def _call(server, action: str, names: list[str], timeout_s: float) -> None:
         client.close()
 
 
+def _on_each(server, step) -> None:
+    """``step(control)`` on every replica in turn; a failure names the replicas already done."""
+    done: list[str] = []
+    for control in members(server):
+        try:
+            step(control)
+        except ServerError as e:
+            if not done:
+                raise
+            raise ServerError(f"{e} (replicas already changed: {', '.join(done)})") from None
+        done.append(control.http_url)
+
+
 def head_published(server, head: str, timeout_s: float = 300.0) -> None:
     """A head got a new (or its first) version, or a new live version: load it everywhere."""
-    _call(server, "load", [head, *HEAD_DEPENDENT], timeout_s)
+    _on_each(server, lambda control: _call(control, "load", [head, *HEAD_DEPENDENT], timeout_s))
 
 
 def head_removed(server, head: str, timeout_s: float = 300.0) -> None:
-    _call(server, "load", [*reversed(HEAD_DEPENDENT)], timeout_s)
-    _call(server, "unload", [head], timeout_s)
+    def step(control):
+        _call(control, "load", [*reversed(HEAD_DEPENDENT)], timeout_s)
+        _call(control, "unload", [head], timeout_s)
+    _on_each(server, step)
+
+
+def rollout(server, heads: list[str], timeout_s: float = 300.0) -> dict[str, str | None]:
+    """Make every replica load what the repository names now (after a write made without
+    ``--server``, or to catch up a replica that missed one): each head, then the models that
+    name heads, replica after replica. Returns replica -> None, or the reason it is a straggler;
+    unlike a head command, one straggler does not stop the others."""
+    report: dict[str, str | None] = {}
+    for control in members(server):
+        try:
+            _call(control, "load", [*heads, *HEAD_DEPENDENT], timeout_s)
+            report[control.http_url] = None
+        except ServerError as e:
+            report[control.http_url] = str(e)
+    return report
 
 
 def reload(server, model: str, timeout_s: float = 300.0) -> None:
