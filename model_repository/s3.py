@@ -97,7 +97,10 @@ class S3Location:
 
 
 def _client(location: S3Location):
-    import boto3
+    try:
+        import boto3
+    except ImportError:
+        raise RepositoryError("s3:// repositories need boto3: pip install 'headmaster[s3]'", option="repo") from None
     from botocore.config import Config
 
     return boto3.client("s3", endpoint_url=location.endpoint,

