@@ -64,6 +64,7 @@ def build(
 def check(repo: RepoOption = DEFAULT_REPO) -> None:
     """Find every way the repository differs from what can be served: configs, files, head
     versions (each one run once), ensembles, leftovers. Exit 1 when there is any."""
+    from headmaster.model_repository import s3
     from headmaster.model_repository.consistency import problems
     from headmaster.model_repository.repository import Repository
 
@@ -71,11 +72,11 @@ def check(repo: RepoOption = DEFAULT_REPO) -> None:
     if found:
         for problem in found:
             console.print(problem, markup=False, highlight=False)
-        console.print(f"[red]{len(found)} problem(s)[/] in {repo}; fix them with "
-                      f"`headmaster repo repair --repo {repo}`", highlight=False)
+        console.print(f"[red]{len(found)} problem(s)[/] in {s3.describe(repo)}; fix them with "
+                      f"`headmaster repo repair --repo {s3.describe(repo)}`", highlight=False)
         raise typer.Exit(1)
     repository = Repository(repo)
-    console.print(f"[green]ok[/] {repo}: {len(repository.model_names())} models, "
+    console.print(f"[green]ok[/] {s3.describe(repo)}: {len(repository.model_names())} models, "
                   f"heads: {', '.join(repository.head_names()) or '(none)'}")
 
 
@@ -95,9 +96,9 @@ def repair(repo: RepoOption = DEFAULT_REPO) -> None:
     if left:
         for problem in left:
             console.print(problem, markup=False, highlight=False)
-        console.print(f"[red]{len(left)} problem(s) repair cannot fix[/] in {repo}", highlight=False)
+        console.print(f"[red]{len(left)} problem(s) repair cannot fix[/] in {s3.describe(repo)}", highlight=False)
         raise typer.Exit(1)
-    console.print(f"[green]ok[/] {repo} describes what it serves", highlight=False)
+    console.print(f"[green]ok[/] {s3.describe(repo)} describes what it serves", highlight=False)
 
 
 @app.command("push")

@@ -229,7 +229,9 @@ def pull(location: S3Location, folder: Path | None = None) -> Path:
             if relative not in remote:
                 path.rmdir() if relative.endswith("/") else path.unlink()
         for path in sorted(folder.rglob("*"), reverse=True):  # folders emptied by deletions
-            if path.is_dir() and not any(path.iterdir()) and not path.name.startswith("."):
+            relative = path.relative_to(folder).as_posix() + "/"
+            if path.is_dir() and not any(path.iterdir()) and relative not in remote \
+                    and not any(part.startswith(".") for part in path.relative_to(folder).parts):
                 path.rmdir()
         _write_index(folder, location, remote)
     return folder
@@ -293,8 +295,13 @@ def push(location: S3Location, folder: Path, expected: dict[str, str] | None = N
 
 def sync_up(repo: Path) -> list[str]:
     """After a write to a working copy: push it (nothing for an ordinary repository)."""
+    from headmaster.model_repository.publish import repository_lock
+
     location = location_of(repo)
-    return push(location, repo) if location is not None else []
+    if location is None:
+        return []
+    with repository_lock(repo):  # no pull of this working copy in between (a replica starting here)
+        return push(location, repo)
 
 
 def describe(repo) -> str:

@@ -89,6 +89,19 @@ def test_push_uploads_versions_before_what_names_them(bucket, repo, tmp_path, ca
     assert "classify/1/" in paths  # the ensemble's empty version folder, as a folder marker
     assert not any(p.startswith(".") or "/." in p for p in paths)  # lock, state, staging stay local
     assert s3.push_repository(repo, bucket["url"].replace("/prod", "/order"))[1] == []
+    copy = s3.pull(location)  # a pull then a push of an unchanged working copy changes nothing
+    assert (copy / "classify" / "1").is_dir() and s3.push(location, copy) == []
+
+
+def test_repo_build_check_and_repair_on_the_bucket(bucket, encoder_dir):
+    url = bucket["url"].replace("/prod", "/built")
+    built = run(bucket, "repo", "build", "--encoder", encoder_dir, "--repo", url)
+    assert f"built {url}" in built.stderr and "objects pushed" in built.stderr
+    found = objects(bucket, "built")
+    assert "headmaster.json" in found and "image_encoder/1/model.onnx" in found and "classify/1/" in found
+    assert "ok" in run(bucket, "repo", "check", "--repo", url).stderr
+    assert "describes what it serves" in run(bucket, "repo", "repair", "--repo", url).stderr
+    assert objects(bucket, "built") == found  # nothing to repair, nothing pushed
 
 
 def test_bad_locations_are_one_line_errors(bucket):
@@ -109,7 +122,8 @@ class Replica:
         self.output = open(log, "w")
         self.process = subprocess.Popen(
             [*HEADMASTER, "serve", "--repo", bucket["url"], "--http-port", str(ports[0]), "--grpc-port",
-             str(ports[1]), "--metrics-port", str(ports[2])], stdout=self.output, stderr=subprocess.STDOUT,
+             str(ports[1]), "--metrics-port", str(ports[2]), "--log-file", str(log.with_suffix(".triton.log"))],
+            stdout=self.output, stderr=subprocess.STDOUT,
             env=bucket["env"])
 
     def wait_ready(self, deadline: float) -> None:
@@ -193,7 +207,7 @@ def test_three_replicas_agree_on_every_head_version_under_load(bucket, replicas,
         done = time.monotonic()
         time.sleep(2.0)  # answers to requests sent after the command returned
         assert 2 in published, "the bucket never named animal v2"
-        print("\n" + "\n".join(line for line in OUTPUTS[-1].splitlines() if " s" in line and "load" in line))
+        print("\n" + "\n".join(OUTPUTS[-1].splitlines()[-40:]))
         for load in loads:
             sent, answered = min((s, a) for s, a, r in load.answers if r.heads["animal"].version == 2)
             print(f"first v2 answer: sent {sent - published[2]:+.1f} s, answered {answered - published[2]:+.1f} s "
@@ -227,7 +241,12 @@ def test_three_replicas_agree_on_every_head_version_under_load(bucket, replicas,
         stop_watch.set()
         for load in loads:
             load.__exit__(None, None, None)
+    steps = {"published": published.get(2, 0), "refused": refused_at, "rolled back": rolled, "removed": removed}
     for load in loads:
+        failed_at = [sent for sent, _, r in load.results if isinstance(r, Exception) or not r.ok]
+        if failed_at:
+            print("failures from", {k: round(min(failed_at) - v, 1) for k, v in steps.items()},
+                  "to", {k: round(max(failed_at) - v, 1) for k, v in steps.items()})
         assert load.failures == [], load.failures[:3]
         assert _versions_seen(load, "animal", refused_at) <= {1, 2} and 3 not in _versions_seen(load, "animal", 0)
         assert _versions_seen(load, "animal", rolled) == {1}
