@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from headmaster.errors import ServerError
@@ -40,6 +40,8 @@ class Control:
 
     http_url: str
     api_key: str | None = None
+    # The working copy of an S3 repository this server reads: its configs go with each load.
+    configs: Path | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -82,10 +84,34 @@ def find(repo: Path, server: str | None = None) -> Control | Replicas | None:
     if server is not None and "," in server:
         return Replicas(tuple(find(repo, one.strip()) for one in server.split(",") if one.strip()))
     if server is None:
-        return Control.of(record) if record else None
-    if record is not None and same_address(record.http_url, server):
-        return Control.of(record)
-    return Control.of(server)
+        control = Control.of(record) if record else None
+    elif record is not None and same_address(record.http_url, server):
+        control = Control.of(record)
+    else:
+        control = Control.of(server)
+    from headmaster.model_repository import s3
+
+    if control is not None and s3.location_of(repo) is not None:
+        control = replace(control, configs=Path(repo))
+    return control
+
+
+def _config_override(control: Control, name: str) -> dict:
+    """For a server reading S3, the model's config as JSON with the load call. Triton 2.51 decides
+    whether an S3 model changed from the objects' modification times, and was seen keeping an
+    ensemble's old config on a load after its config.pbtxt had changed in the bucket (then
+    unloading it when ``threshold`` no longer fitted): a config given with the load is always
+    taken. The model's files still come from the bucket."""
+    if control.configs is None:
+        return {}
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(control.configs) / name / "config.pbtxt"
+    if not path.is_file():
+        return {}
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return {"config": json_format.MessageToJson(config, preserving_proto_field_name=True)}
 
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0", ""}
@@ -115,7 +141,8 @@ def _call(server, action: str, names: list[str], timeout_s: float) -> None:
             LOG.info("%s %s on %s", action, name, control.http_url)
             started = time.monotonic()
             try:
-                getattr(client, f"{action}_model")(name, headers=control.headers)
+                extra = _config_override(control, name) if action == "load" else {}
+                getattr(client, f"{action}_model")(name, headers=control.headers, **extra)
             except InferenceServerException as e:
                 message = e.message() or str(e)
                 if "403" in str(e.status()) or "restricted" in message.lower():

@@ -81,9 +81,11 @@ def test_default_values_render_valid_manifests():
     assert [a for a in args if a.startswith("--load-model=")] == [
         "--load-model=classify", "--load-model=classify_embedding", "--load-model=embed", "--load-model=embed_text"]
     restricted = [a for a in args if "restricted" in a]
-    assert restricted == ["--http-restricted-api=model-repository,model-config,logging:headmaster-api-key="
-                          "$(HEADMASTER_API_KEY)", "--grpc-restricted-protocol=model-repository,model-config,"
-                          "logging:headmaster-api-key=$(HEADMASTER_API_KEY)"]
+    from headmaster.model_repository.server_record import RESTRICTED_APIS
+
+    apis = ",".join(RESTRICTED_APIS)  # what `headmaster serve` closes, closed the same way here
+    assert restricted == [f"--http-restricted-api={apis}:headmaster-api-key=$(HEADMASTER_API_KEY)",
+                          f"--grpc-restricted-protocol={apis}:headmaster-api-key=$(HEADMASTER_API_KEY)"]
     env = {e["name"]: e for e in container["env"]}
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HEADMASTER_API_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name]  # from Secrets only
