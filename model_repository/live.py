@@ -184,9 +184,38 @@ def head_published(server, head: str, timeout_s: float = 300.0) -> None:
     _on_each(server, lambda control: _call(control, "load", [head, *HEAD_DEPENDENT], timeout_s))
 
 
+def _still_routes(control: Control, model: str, head: str, timeout_s: float) -> bool:
+    """Whether the config ``model`` is loaded with still names ``head`` (model-config API)."""
+    import json
+
+    client = _client(control, timeout_s)
+    try:
+        config = client.get_model_config(model, headers=control.headers)
+    except Exception:
+        return False  # not loaded: nothing routes through it
+    finally:
+        client.close()
+    return f'"{head}"' in json.dumps(config)
+
+
 def head_removed(server, head: str, timeout_s: float = 300.0) -> None:
+    ensembles = [m for m in reversed(HEAD_DEPENDENT) if m != "threshold"]
+
     def step(control):
-        _call(control, "load", [*reversed(HEAD_DEPENDENT)], timeout_s)
+        _call(control, "load", ensembles, timeout_s)
+        # Triton 2.51 reading S3 was seen keeping an ensemble's old config on such a load; the
+        # reload of threshold would then drop that ensemble. Check, and load again, before it.
+        for model in ensembles:
+            for _ in range(3):
+                if not _still_routes(control, model, head, timeout_s):
+                    break
+                LOG.warning("%s still routes %s through %s: loading it again", control.http_url, head, model)
+                time.sleep(1.0)
+                _call(control, "load", [model], timeout_s)
+            else:
+                raise ServerError(f"the server at {control.http_url} kept serving {model} with head {head!r} "
+                                  "after three loads of its new config")
+        _call(control, "load", ["threshold"], timeout_s)
         _call(control, "unload", [head], timeout_s)
     _on_each(server, step)
 

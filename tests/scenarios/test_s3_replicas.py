@@ -234,8 +234,9 @@ def test_three_replicas_agree_on_every_head_version_under_load(bucket, replicas,
         # 3. Rollback to v1, then remove `has_cat`: both reach every replica.
         run(bucket, "rollback", "animal", "--repo", bucket["url"], "--server", servers)
         rolled = time.monotonic()
-        run(bucket, "heads", "remove", "has_cat", "--repo", bucket["url"], "--server", servers)
+        run(bucket, "--verbose", "heads", "remove", "has_cat", "--repo", bucket["url"], "--server", servers)
         removed = time.monotonic()
+        print("\n".join(line for line in OUTPUTS[-1].splitlines() if "load" in line or "routes" in line))
         time.sleep(2.0)
     finally:
         stop_watch.set()
@@ -301,7 +302,8 @@ def test_credentials_appear_nowhere(bucket, replicas):
     import boto3
 
     texts = list(OUTPUTS)
-    texts += [r.log.read_text() for r in replicas]
+    texts += [r.log.read_text() for r in replicas]  # serve's output
+    texts += [r.log.with_suffix(".triton.log").read_text() for r in replicas]  # tritonserver's own log
     cache = Path(bucket["env"]["HEADMASTER_S3_CACHE"])
     texts += [p.read_text(errors="replace") for p in cache.rglob("*") if p.is_file() and p.suffix != ".onnx"]
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{bucket['port']}")
