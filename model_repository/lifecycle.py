@@ -28,9 +28,10 @@ from headmaster.errors import HeadmasterError, RepositoryError, ServerError
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights, check_head_name, write_head
 from headmaster.model_repository import live, s3
-from headmaster.model_repository.layout import copy_backend, version_dir
+from headmaster.model_repository.layout import CONFIG_FILE, copy_backend, version_dir
 from headmaster.model_repository.publish import prune_versions, publish_version, repository_lock
 from headmaster.model_repository.repository import Repository
+from headmaster.model_repository.topology import HEAD_DEPENDENT
 from headmaster.model_repository.validation import check_rollback, check_version_dir, validate_version
 
 LOG = logging.getLogger(__name__)
@@ -113,9 +114,19 @@ def remove(repo: Path, name: str, server: str | None = None) -> Change:
     """Take a head out: the ensembles stop naming it, then the server unloads it."""
     control = live.find(repo, server)
     _remove_on_disk(repo, name)
-    s3.sync_up(repo)
-    if control is not None:
-        live.head_removed(control, name)
+    if control is not None and s3.location_of(repo) is not None:
+        # Triton reading S3 reloads an ensemble's changed dependencies when the ensemble loads: were
+        # threshold's new config (without the head) in the bucket already, loading classify_embedding
+        # would reload threshold and drop the still-old classify for seconds. So the bucket changes in
+        # two phases: the ensembles' configs, loaded on every replica, the head unloaded; then the rest.
+        s3.sync_up(repo, only={f"{model}/{CONFIG_FILE}" for model in HEAD_DEPENDENT if model != "threshold"})
+        live.head_removed(control, name, reload_threshold=False)
+        s3.sync_up(repo)
+        live.load(control, ["threshold"])
+    else:
+        s3.sync_up(repo)
+        if control is not None:
+            live.head_removed(control, name)
     return Change(name, None, control.http_url if control else None)
 
 

@@ -97,11 +97,9 @@ def find(repo: Path, server: str | None = None) -> Control | Replicas | None:
 
 
 def _config_override(control: Control, name: str) -> dict:
-    """For a server reading S3, the model's config as JSON with the load call. Triton 2.51 decides
-    whether an S3 model changed from the objects' modification times, and was seen keeping an
-    ensemble's old config on a load after its config.pbtxt had changed in the bucket (then
-    unloading it when ``threshold`` no longer fitted): a config given with the load is always
-    taken. The model's files still come from the bucket."""
+    """For a server reading S3, the model's config as JSON with the load call: the replica loads
+    exactly the config the command validated, whatever Triton makes of the objects' modification
+    times (S3 gives them to the second). The model's files still come from the bucket."""
     if control.configs is None:
         return {}
     from google.protobuf import json_format, text_format
@@ -198,13 +196,21 @@ def _still_routes(control: Control, model: str, head: str, timeout_s: float) -> 
     return f'"{head}"' in json.dumps(config)
 
 
-def head_removed(server, head: str, timeout_s: float = 300.0) -> None:
+def load(server, models: list[str], timeout_s: float = 300.0) -> None:
+    """Load ``models`` in order on the server, or on every replica at once."""
+    _on_each(server, lambda control: _call(control, "load", models, timeout_s))
+
+
+def head_removed(server, head: str, timeout_s: float = 300.0, reload_threshold: bool = True) -> None:
+    """The ensembles stop naming ``head``, then ``threshold`` reloads, then ``head`` unloads.
+    ``reload_threshold=False`` leaves the old ``threshold`` (its head inputs are optional, so the
+    new ensembles fit it) for a later :func:`load`: see ``lifecycle.remove`` for S3."""
     ensembles = [m for m in reversed(HEAD_DEPENDENT) if m != "threshold"]
 
     def step(control):
         _call(control, "load", ensembles, timeout_s)
-        # Triton 2.51 reading S3 was seen keeping an ensemble's old config on such a load; the
-        # reload of threshold would then drop that ensemble. Check, and load again, before it.
+        # Before threshold changes, every ensemble must have let go of the head (threshold without
+        # the head's input would make Triton drop an ensemble that still names it): check.
         for model in ensembles:
             for _ in range(3):
                 if not _still_routes(control, model, head, timeout_s):
@@ -215,7 +221,8 @@ def head_removed(server, head: str, timeout_s: float = 300.0) -> None:
             else:
                 raise ServerError(f"the server at {control.http_url} kept serving {model} with head {head!r} "
                                   "after three loads of its new config")
-        _call(control, "load", ["threshold"], timeout_s)
+        if reload_threshold:
+            _call(control, "load", ["threshold"], timeout_s)
         _call(control, "unload", [head], timeout_s)
     _on_each(server, step)
 

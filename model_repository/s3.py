@@ -250,7 +250,8 @@ def _push_order(relative: str) -> int:
     return 0
 
 
-def push(location: S3Location, folder: Path, expected: dict[str, str] | None = None) -> list[str]:
+def push(location: S3Location, folder: Path, expected: dict[str, str] | None = None,
+         only: set[str] | None = None) -> list[str]:
     """Upload what differs in ``folder`` to the bucket in the order that keeps every version
     complete before a config names it, then delete what the folder no longer has. ``expected``
     (default: the working copy's index) is what the bucket held when the work began: if the bucket
@@ -266,6 +267,8 @@ def push(location: S3Location, folder: Path, expected: dict[str, str] | None = N
     local = {relative: (path, _etag(path)) for relative, path in _local_files(folder).items()}
     uploads = sorted((r for r, (_, etag) in local.items() if remote.get(r) != etag), key=lambda r: (_push_order(r), r))
     deletions = sorted(r for r in remote if r not in local)
+    if only is not None:  # a first phase: just these files, nothing deleted yet
+        uploads, deletions = [r for r in uploads if r in only], []
     client = _client(location)
     from boto3.s3.transfer import TransferConfig
 
@@ -293,15 +296,16 @@ def push(location: S3Location, folder: Path, expected: dict[str, str] | None = N
     return uploads + deletions
 
 
-def sync_up(repo: Path) -> list[str]:
-    """After a write to a working copy: push it (nothing for an ordinary repository)."""
+def sync_up(repo: Path, only: set[str] | None = None) -> list[str]:
+    """After a write to a working copy: push it (nothing for an ordinary repository); ``only``:
+    just those relative paths, for a change that reaches the bucket in two phases."""
     from headmaster.model_repository.publish import repository_lock
 
     location = location_of(repo)
     if location is None:
         return []
     with repository_lock(repo):  # no pull of this working copy in between (a replica starting here)
-        return push(location, repo)
+        return push(location, repo, only=only)
 
 
 def describe(repo) -> str:
