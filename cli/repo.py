@@ -33,6 +33,9 @@ def build(
     max_aspect_ratio: Annotated[float, typer.Option(help="Longest over shortest side an image may have; 0 = 32.")] = 0,
     max_request_mb: Annotated[float, typer.Option(
         help="Encoded megabytes of images one request may carry (all its images); 0 = 64.")] = 0,
+    exact_decode: Annotated[bool, typer.Option(
+        help="Decode large JPEGs at full size (open_clip's exact pixels) instead of at reduced DCT scale "
+             "(>= 4x the encoder's input side; within 3 levels of 255).")] = False,
 ) -> None:
     """Assemble a Triton repository: preprocess -> encoder -> heads -> threshold, as `classify`."""
     from headmaster.model_repository.build import build_repository
@@ -43,7 +46,7 @@ def build(
                            max_queue_delay_us=max_queue_delay_us, encoder_instances=encoder_instances,
                            preprocess_instances=preprocess_instances, preprocess_threads=preprocess_threads,
                            device=device, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
-                           max_request_bytes=int(max_request_mb * 1024 * 1024))
+                           max_request_bytes=int(max_request_mb * 1024 * 1024), exact_decode=exact_decode)
     from headmaster.model_repository import s3
 
     repository = build_repository(encoder, repo, options)

@@ -132,6 +132,7 @@ class PreprocessModel:
     max_pixels: int = 0  # pixels decoded at full size (larger JPEGs decode at 1/2..1/8)
     max_aspect_ratio: float = 0  # longest side / shortest side
     max_request_bytes: int = 0  # encoded bytes of all the images of one request
+    exact_decode: bool = False  # large JPEGs at full size (open_clip's exact pixels) instead of reduced
 
     def __post_init__(self) -> None:
         if min(self.threads, self.max_pixels, self.max_aspect_ratio, self.max_request_bytes) < 0:
@@ -151,7 +152,9 @@ class PreprocessModel:
                 "parameters": _params(preprocessing=json.dumps(self.preprocessing), decode_concurrency=self.threads,
                                       **{k: v for k, v in (("max_pixels", self.max_pixels),
                                                            ("max_aspect_ratio", self.max_aspect_ratio),
-                                                           ("max_request_bytes", self.max_request_bytes)) if v})}
+                                                           ("max_request_bytes", self.max_request_bytes),
+                                                           ("exact_decode", "true" if self.exact_decode else ""))
+                                         if v})}
 
 
 @dataclass(frozen=True)

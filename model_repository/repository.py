@@ -44,6 +44,7 @@ class BuildOptions:
     max_pixels: int = 0
     max_aspect_ratio: float = 0
     max_request_bytes: int = 0
+    exact_decode: bool = False  # large JPEGs decoded at full size instead of at reduced DCT scale
     device: str = "auto"  # portable runner: auto | cpu | cuda
 
     def __post_init__(self) -> None:

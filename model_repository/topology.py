@@ -69,7 +69,7 @@ def static_models(card, options) -> list:
     o = options
     models = [PreprocessModel(card.preprocessing, o.light_batching, Instances(o.preprocess_instances),
                               o.preprocess_threads, max_pixels=o.max_pixels, max_aspect_ratio=o.max_aspect_ratio,
-                              max_request_bytes=o.max_request_bytes),
+                              max_request_bytes=o.max_request_bytes, exact_decode=o.exact_decode),
               encoder_model(card, options, "image")]
     if "text" in card.towers:
         models += [TokenizeModel(card.model, card.context_length, o.light_batching),

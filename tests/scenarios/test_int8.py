@@ -24,7 +24,7 @@ from headmaster.export.reference import reference_images
 from headmaster.model_repository.backends.runtime import load_runner
 from headmaster.model_repository.build import build_repository
 from headmaster.model_repository.layout import MANIFEST, encoder_artifact
-from headmaster.model_repository.repository import BuildOptions, Repository
+from headmaster.model_repository.repository import Repository
 from headmaster.training.head_version import HeadVersion
 from tests.helpers import MODEL, SEED, build_repo
 
