@@ -268,8 +268,14 @@ def test_head_commands_work_against_the_bucket(bucket, replicas, digits_dir, jpe
     trained = run(bucket, "train-head", data, "--name", "digit", "--repo", bucket["url"], "--server", servers,
                   "--epochs", "30")
     assert "head digit v1" in trained.stderr + trained.stdout
+    # A version made elsewhere (here: the bucket's own animal v1, pulled) imported as a new head.
+    elsewhere = tmp_path / "elsewhere"
+    import shutil
+
+    shutil.copytree(s3.pull(s3.S3Location.parse(bucket["url"])) / "animal" / "1", elsewhere)
+    run(bucket, "heads", "import", elsewhere, "--name", "pet", "--repo", bucket["url"], "--server", servers)
     listed = run(bucket, "heads", "--repo", bucket["url"])
-    assert "digit" in listed.stdout and "animal" in listed.stdout
+    assert "digit" in listed.stdout and "animal" in listed.stdout and "pet" in listed.stdout
     photos_dir = tmp_path / "photos"
     photos_dir.mkdir()
     for name, data_bytes in jpeg_photos.items():
@@ -277,7 +283,7 @@ def test_head_commands_work_against_the_bucket(bucket, replicas, digits_dir, jpe
     for replica in replicas:
         out = tmp_path / f"{replica.grpc_url.replace(':', '_')}.jsonl"
         run(bucket, "classify", photos_dir, "--url", replica.grpc_url, "--output", out)
-        assert '"digit"' in out.read_text()
+        assert '"digit"' in out.read_text() and '"pet"' in out.read_text()
     store = tmp_path / "store"
     run(bucket, "classify", photos_dir, "--url", replicas[0].grpc_url, "--store", store)
     rescored = run(bucket, "rescore", "digit", "--store", store, "--repo", bucket["url"])
