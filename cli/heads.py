@@ -31,7 +31,7 @@ def zero_shot(
     name: Annotated[str, typer.Argument(help="Head name: lowercase letters, digits, '_'.")],
     label: Annotated[list[str], typer.Option(
         "--label", help="A label: 'text' or 'name=prompt text'. Repeat; two or more.")],
-    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = DEFAULT_REPO,
+    repo: RepoOption = DEFAULT_REPO,
     template: Annotated[list[str] | None, typer.Option(
         "--template", help="Prompt template with {} for the label; repeat to average several. "
                            "Default: 'a photo of {}.'")] = None,
@@ -96,7 +96,7 @@ def train_head_command(
         help="Folder with one sub-folder of images per bucket (the folder name is the label), or a dataset "
              "snapshot (`headmaster dataset export`).")] = None,
     name: Annotated[str, typer.Option("--name", help="Head name: lowercase letters, digits, '_'.")] = ...,
-    repo: Annotated[Path, typer.Option("--repo", help="The model repository folder.")] = DEFAULT_REPO,
+    repo: RepoOption = DEFAULT_REPO,
     manifest: Annotated[Path | None, typer.Option(
         help="Multi-label data instead of folders: CSV (path,labels with ';') or JSONL ({path, labels}).")] = None,
     model: Annotated[str, typer.Option("--model", help="linear or mlp.")] = "linear",
@@ -222,3 +222,35 @@ def rollback(name: Annotated[str, typer.Argument(help="The head to roll back.")]
 
 def _where(change) -> str:
     return f"; live on the server at {change.server}" if change.server else "; no server serves this repository"
+
+
+def rollout(repo: RepoOption = DEFAULT_REPO,
+            server: Annotated[str, typer.Option(
+                "--server", help="The replicas' HTTP addresses (host:port), separated by commas; "
+                                 "the key from HEADMASTER_API_KEY.")] = ...) -> None:
+    """Make every replica of a repository load the head versions it names now, one replica after
+    another, then check that they all serve the same versions; stragglers are named (exit 1)."""
+    from headmaster.model_repository import live, s3
+    from headmaster.model_repository.repository import Repository
+
+    repository = Repository(repo)
+    wanted = {state.name: str(state.live) for state in repository.heads()}
+    replicas = live.find(repo, server)
+    report = live.rollout(replicas, list(wanted))
+    stragglers = {url: why for url, why in report.items() if why}
+    for control in live.members(replicas):
+        if control.http_url in stragglers:
+            continue
+        serving = live.loaded(control)
+        wrong = {head: serving.get(head) for head, version in wanted.items() if serving.get(head) != version}
+        if wrong:
+            stragglers[control.http_url] = "serves " + ", ".join(f"{h} v{v}" for h, v in wrong.items())
+    for url in report:
+        console.print(f"  {url}: " + (f"[red]straggler[/]: {stragglers[url]}" if url in stragglers else "[green]ok[/]"),
+                      highlight=False)
+    versions = ", ".join(f"{head} v{version}" for head, version in wanted.items()) or "no heads"
+    if stragglers:
+        console.print(f"[red]{len(stragglers)} of {len(report)} replicas do not serve[/] {versions} from "
+                      f"{s3.describe(repo)}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[green]{len(report)} replicas serve[/] {versions} from {s3.describe(repo)}", highlight=False)

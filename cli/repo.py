@@ -57,8 +57,11 @@ def build(
         preprocess_instances=preprocess_instances, preprocess_threads=preprocess_threads, decoder=decoder,
         max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
         max_request_bytes=int(max_request_mb * 1024 * 1024), exact_decode=exact_decode)
+    from headmaster.model_repository import s3
+
     repository = build_repository(encoder, repo, options)
-    console.print(f"[green]built[/] {repo} ({flavour}) with encoder {repository.card.model} "
+    pushed = s3.sync_up(repo)  # an S3 repository: versions first, configs, then the manifest
+    console.print(f"[green]built[/] {s3.describe(repo)}{f' ({len(pushed)} objects pushed)' if pushed else ''} ({flavour}) with encoder {repository.card.model} "
                   f"{repository.card.short_fingerprint} ({repository.card.precision}): "
                   f"{', '.join(repository.model_names())}")
     promotion = repository.promotion
@@ -74,6 +77,7 @@ def build(
 def check(repo: RepoOption = DEFAULT_REPO) -> None:
     """Find every way the repository differs from what can be served: configs, files, head
     versions (each one run once), ensembles, leftovers. Exit 1 when there is any."""
+    from headmaster.model_repository import s3
     from headmaster.model_repository.consistency import problems
     from headmaster.model_repository.repository import Repository
 
@@ -81,11 +85,11 @@ def check(repo: RepoOption = DEFAULT_REPO) -> None:
     if found:
         for problem in found:
             console.print(problem, markup=False, highlight=False)
-        console.print(f"[red]{len(found)} problem(s)[/] in {repo}; fix them with "
-                      f"`headmaster repo repair --repo {repo}`", highlight=False)
+        console.print(f"[red]{len(found)} problem(s)[/] in {s3.describe(repo)}; fix them with "
+                      f"`headmaster repo repair --repo {s3.describe(repo)}`", highlight=False)
         raise typer.Exit(1)
     repository = Repository(repo)
-    console.print(f"[green]ok[/] {repo}: {len(repository.model_names())} models, "
+    console.print(f"[green]ok[/] {s3.describe(repo)}: {len(repository.model_names())} models, "
                   f"heads: {', '.join(repository.head_names()) or '(none)'}")
 
 
@@ -94,15 +98,34 @@ def repair(repo: RepoOption = DEFAULT_REPO) -> None:
     """Make the repository describe what can be served, from what is on disk: each head serves
     its configured version if valid, else its newest valid one; invalid versions and heads are
     moved aside (.invalid-*); configs are re-rendered; leftovers removed."""
+    from headmaster.model_repository import s3
     from headmaster.model_repository.consistency import problems
     from headmaster.model_repository.consistency import repair as repair_repository
 
     for action in repair_repository(repo):
         console.print(action, markup=False, highlight=False)
+    s3.sync_up(repo)
     left = problems(repo)
     if left:
         for problem in left:
             console.print(problem, markup=False, highlight=False)
-        console.print(f"[red]{len(left)} problem(s) repair cannot fix[/] in {repo}", highlight=False)
+        console.print(f"[red]{len(left)} problem(s) repair cannot fix[/] in {s3.describe(repo)}", highlight=False)
         raise typer.Exit(1)
-    console.print(f"[green]ok[/] {repo} describes what it serves", highlight=False)
+    console.print(f"[green]ok[/] {s3.describe(repo)} describes what it serves", highlight=False)
+
+
+@app.command("push")
+def push(
+    source: Annotated[Path, typer.Argument(help="A repository folder (written by `headmaster repo build`).")],
+    to: Annotated[str, typer.Option("--to", help="s3://BUCKET/PREFIX (or s3://HOST:PORT/BUCKET/PREFIX); "
+                                                 "credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")],
+) -> None:
+    """Copy a repository into S3, versions before the configs that name them, the manifest last;
+    objects the source no longer has are deleted last. Servers of the bucket are not told: see
+    `headmaster rollout`."""
+    from headmaster.model_repository import s3
+    from headmaster.model_repository.consistency import check as check_repository
+
+    check_repository(source)  # never push a repository that cannot be served
+    location, changed = s3.push_repository(source, to)
+    console.print(f"[green]pushed[/] {source} to {location}: {len(changed)} objects changed", highlight=False)

@@ -49,33 +49,43 @@ def serve(
     import os
 
     from headmaster.errors import RepositoryError, ServerError
-    from headmaster.model_repository import consistency
+    from headmaster.model_repository import consistency, s3
     from headmaster.model_repository.repository import Repository
     from headmaster.model_repository.server import ServerOptions, TritonServer
     from headmaster.model_repository.server_record import KEY_ENV, RESTRICTED_APIS, STATE_DIR, running_server
     from headmaster.model_repository.supervisor import Supervisor
 
-    running = running_server(repo)
-    if running is not None:
-        raise ServerError(f"{repo} is already served by tritonserver pid {running.pid} at {running.http_url}; "
-                          "stop it first (two servers on one repository would disagree about its heads)")
+    location = s3.location_of(repo)  # --repo s3://...: repo is its fresh working copy
+    if location is None:
+        running = running_server(repo)
+        if running is not None:
+            raise ServerError(f"{repo} is already served by tritonserver pid {running.pid} at {running.http_url}; "
+                              "stop it first (two servers on one repository would disagree about its heads)")
     repository = Repository(repo)
     try:
         consistency.check(repo)
     except RepositoryError as e:
+        if location is not None:  # a replica never writes to the bucket: many start at once
+            raise RepositoryError(f"{location} does not describe a servable state: {e}; fix it with "
+                                  f"`headmaster repo repair --repo {location}`", option="repo") from None
         console.print(f"[yellow]the repository does not describe a servable state:[/] {e}")
         for action in consistency.repair(repo):
             console.print(f"  repaired: {action}")
         consistency.check(repo)
         repository = Repository(repo)
     key = api_key_file.read_text().strip() if api_key_file else os.environ.get(KEY_ENV) or None
-    options = ServerOptions(repository=repo, host=host, http_port=http_port, grpc_port=grpc_port,
-                            metrics_port=metrics_port, model_control_mode=model_control_mode,
+    # From S3, Triton reads the bucket itself (AWS_* from this environment); the working copy only
+    # told us what to load. No record is written: the replicas of a bucket are many, on many
+    # machines, and head commands name them with --server (their key from HEADMASTER_API_KEY).
+    options = ServerOptions(repository=location.triton_path() if location else repo, host=host, http_port=http_port,
+                            grpc_port=grpc_port, metrics_port=metrics_port, model_control_mode=model_control_mode,
                             poll_interval_s=poll_interval, load_models=tuple(repository.model_names()),
                             log_verbose=log_verbose, api_key=key,
                             restricted_apis=() if open_control_api else RESTRICTED_APIS,
                             extra_args=tuple(triton_arg or ()), binary=tritonserver, backend_directory=backend_directory)
-    server = TritonServer(options, log_path=log_file or Path(repo) / STATE_DIR / "triton.log")
+    default_log = Path(repo) / STATE_DIR / (f"triton-{http_port}.log" if location else "triton.log")
+    server = TritonServer(options, log_path=log_file or default_log)
+    shown = str(location) if location else str(repo)
     stopping = False
 
     def request_stop(signum, _frame):
@@ -85,9 +95,9 @@ def serve(
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     code = None
     try:
-        with console.status(f"starting Triton on {repo} (log: {server.log_path})..."):
+        with console.status(f"starting Triton on {shown} (log: {server.log_path})..."):
             server.start(timeout_s=startup_timeout)
-        console.print(f"[green]Triton is ready[/] serving {len(options.load_models)} models from {repo}")
+        console.print(f"[green]Triton is ready[/] serving {len(options.load_models)} models from {shown}", highlight=False)
         console.print(f"  HTTP     http://{server.http_url}   (curl http://{server.http_url}/v2/models/classify)")
         console.print(f"  gRPC     {server.grpc_url}")
         console.print(f"  metrics  {server.metrics_url}")
@@ -95,6 +105,8 @@ def serve(
         if open_control_api:
             console.print("[yellow]the control API is open:[/] anyone who reaches these ports can load and unload "
                           "models, and upload code that runs as this user")
+        elif location is not None:
+            console.print(f"  control  closed; the key is {KEY_ENV} ({'given' if key else 'random: give one to change heads'})")
         else:
             console.print(f"  control  closed; the key is in {Path(repo) / STATE_DIR / 'server.json'} (owner only)")
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -120,10 +132,11 @@ def serve(
                 console.print(f"restarting Triton ({len(crashes)} of at most {restarts} in 10 minutes)...")
                 server.start(timeout_s=startup_timeout)
                 supervisor = Supervisor(server, Path(repo), say=say)
-                console.print(f"[green]Triton is ready again[/] (pid {server.record.pid})")
+                console.print(f"[green]Triton is ready again[/] (pid {server.pid})")  # no record from S3
                 continue
             if model_control_mode == "explicit":  # Triton refuses load and unload calls in the other modes
-                supervisor.tick() if watch else supervisor.heal_stubs()
+                # Versions dropped into a bucket are not watched: S3 writes go through head commands.
+                supervisor.tick() if watch and location is None else supervisor.heal_stubs()
             time.sleep(0.25)
         if stopping:
             console.print("stopping: refusing new requests, finishing those in flight, unloading models...")

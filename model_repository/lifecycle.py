@@ -6,7 +6,9 @@ repository on disk is changed under its lock (``repository.py``), and then the s
 serves the repository is told, in the order :mod:`live` explains. The server is the one
 given, or else the one recorded in the repository (``REPO/.headmaster/server.json``), so
 ``train-head``, ``zero-shot``, ``rollback`` and ``heads import/remove`` go live with no flag
-while ``headmaster serve`` runs.
+while ``headmaster serve`` runs. A working copy of an S3 repository (:mod:`s3`) is pushed after
+the disk change and before any server is told, so every replica loads from the bucket what the
+command validated; several servers (``--server a,b,c``) are changed one after another.
 
 When the server refuses to load what the disk now says, the disk goes back to what the
 server still serves (the previous live version, or no head at all for a new one), so the
@@ -25,10 +27,11 @@ from pathlib import Path
 from headmaster.errors import HeadmasterError, RepositoryError, ServerError
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights, check_head_name, write_head
-from headmaster.model_repository import live
-from headmaster.model_repository.layout import copy_backend, version_dir
+from headmaster.model_repository import live, s3
+from headmaster.model_repository.layout import CONFIG_FILE, copy_backend, version_dir
 from headmaster.model_repository.publish import prune_versions, publish_version, repository_lock
 from headmaster.model_repository.repository import Repository
+from headmaster.model_repository.topology import HEAD_DEPENDENT
 from headmaster.model_repository.validation import check_rollback, check_version_dir, validate_version
 
 LOG = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ def _go_live(repo: Path, name: str, previous: int | None, control: live.Control 
                 (Path(repo) / name).rename(aside)
                 repo_state.render_heads()
                 undo = f"the head was moved aside to {aside}"
+        s3.sync_up(repo)  # an S3 repository names the previous state again before any replica reloads
         try:
             live.head_published(control, name) if previous is not None else live.head_removed(control, name)
         except ServerError:
@@ -84,6 +88,7 @@ def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5
     control = live.find(repo, server)
     previous = _live_version(repo, make_card(1).name)
     card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep, references)
+    s3.sync_up(repo)
     return Change(card.name, card.version, _go_live(repo, card.name, previous, control), card)
 
 
@@ -92,6 +97,7 @@ def rollback(repo: Path, name: str, to: int | None = None, server: str | None = 
     control = live.find(repo, server)
     previous = _live_version(repo, name)
     version = _rollback_on_disk(repo, name, to)
+    s3.sync_up(repo)
     return Change(name, version, _go_live(repo, name, previous, control))
 
 
@@ -101,6 +107,7 @@ def import_version(repo: Path, version_dir: Path, name: str | None = None, serve
     control = live.find(repo, server)
     previous = _live_version(repo, target)
     card = _import_on_disk(repo, version_dir, name)
+    s3.sync_up(repo)
     return Change(card.name, card.version, _go_live(repo, card.name, previous, control), card)
 
 
@@ -108,8 +115,19 @@ def remove(repo: Path, name: str, server: str | None = None) -> Change:
     """Take a head out: the ensembles stop naming it, then the server unloads it."""
     control = live.find(repo, server)
     _remove_on_disk(repo, name)
-    if control is not None:
-        live.head_removed(control, name)
+    if control is not None and s3.location_of(repo) is not None:
+        # Triton reading S3 reloads an ensemble's changed dependencies when the ensemble loads: were
+        # threshold's new config (without the head) in the bucket already, loading classify_embedding
+        # would reload threshold and drop the still-old classify for seconds. So the bucket changes in
+        # two phases: the ensembles' configs, loaded on every replica, the head unloaded; then the rest.
+        s3.sync_up(repo, only={f"{model}/{CONFIG_FILE}" for model in HEAD_DEPENDENT if model != "threshold"})
+        live.head_removed(control, name, reload_threshold=False)
+        s3.sync_up(repo)
+        live.load(control, ["threshold"])
+    else:
+        s3.sync_up(repo)
+        if control is not None:
+            live.head_removed(control, name)
     return Change(name, None, control.http_url if control else None)
 
 

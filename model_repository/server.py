@@ -73,7 +73,7 @@ class BundledTriton:
 class ServerOptions:
     """How to run tritonserver; each field maps to one of its command-line options."""
 
-    repository: Path
+    repository: Path | str  # a folder, or Triton's s3://[http(s)://host:port/]bucket/prefix
     host: str = "127.0.0.1"  # --http-address / --grpc-address; 0.0.0.0 to serve other hosts
     http_port: int = 8000
     grpc_port: int = 8001
@@ -187,12 +187,20 @@ class TritonServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def remote(self) -> bool:
+        return str(self.options.repository).startswith("s3://")
+
+    @property
+    def repository_arg(self) -> str:
+        return str(self.options.repository) if self.remote else str(Path(self.options.repository).resolve())
+
     # -- life cycle ----------------------------------------------------------------------
     def command(self, bundled: BundledTriton, backend_dir: Path) -> list[str]:
         o = self.options
         args = [
             str(o.binary or bundled.binary),
-            f"--model-repository={Path(o.repository).resolve()}",
+            f"--model-repository={self.repository_arg}",
             f"--backend-directory={backend_dir}",
             f"--http-address={o.host}",
             f"--grpc-address={o.host}",
@@ -254,7 +262,7 @@ class TritonServer:
     def start(self, timeout_s: float = 180.0) -> "TritonServer":
         o = self.options
         repository = Path(o.repository)
-        if not repository.is_dir():
+        if not self.remote and not repository.is_dir():
             raise ServerError(f"model repository {repository} does not exist or is not a folder")
         for name, port in (("http", o.http_port), ("grpc", o.grpc_port), ("metrics", o.metrics_port)):
             if port_in_use(o.host, port):
@@ -284,7 +292,7 @@ class TritonServer:
             self.stop(failed=True)
             raise
         self.watch_stubs()
-        if o.write_record:
+        if o.write_record and not self.remote:
             self.record = ServerRecord(
                 repository=str(repository.resolve()), pid=self._process.pid, owner_pid=os.getpid(),
                 http_url=self.http_url, grpc_url=self.grpc_url, metrics_url=self.metrics_url, api_key=self.api_key,

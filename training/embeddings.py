@@ -124,8 +124,9 @@ class ServerEmbedder:
 
 
 def embedder_for(repo: Repository, server: str | None):
-    """Through the server at ``server`` (HTTP host:port) when given, else here."""
-    return ServerEmbedder(repo, server) if server else LocalEmbedder(repo)
+    """Through the server at ``server`` (HTTP host:port) when given, else here; of several
+    replicas (``a,b,c``) the first embeds."""
+    return ServerEmbedder(repo, server.split(",")[0].strip()) if server else LocalEmbedder(repo)
 
 
 def embed_files(paths: list[Path], embedder, cache: EmbeddingCache | None,
