@@ -10,14 +10,15 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,perf,postgres]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,perf,postgres,ray,queue]'
 	touch $@
 
 setup: $(VENV)/.installed system-deps
 
 # From Debian: libb64 for perf_analyzer, Chromium to render the HTML review page in tests,
-# a PostgreSQL server for the store's PostgreSQL backend. Everything else comes from pip.
-DEBIAN_PACKAGES := libb64-0d chromium postgresql
+# a PostgreSQL server for the store's PostgreSQL backend, a Redis server for the queue workers.
+# Everything else comes from pip.
+DEBIAN_PACKAGES := libb64-0d chromium postgresql redis-server
 system-deps:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
