@@ -35,6 +35,10 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _fields(raw: dict) -> dict[str, bytes]:
+    return {_text(k): v for k, v in raw.items()}
+
+
 class RedisStreams(Broker):
     def __init__(self, url: str, *, connect_timeout_s: float = 5.0):
         import redis
@@ -99,7 +103,7 @@ class RedisStreams(Broker):
     def read(self, stream, group, consumer, count, block_ms) -> list[Message]:
         answer = self._call("XREADGROUP", self.redis.xreadgroup, group, consumer, {stream: ">"},
                             count=count, block=block_ms)
-        return [Message(_text(i), fields) for _, entries in answer or [] for i, fields in entries if fields]
+        return [Message(_text(i), _fields(f)) for _, entries in answer or [] for i, f in entries if f]
 
     def claim_stale(self, stream, group, consumer, min_idle_ms, count) -> list[Message]:
         key = (stream, group)
@@ -115,7 +119,7 @@ class RedisStreams(Broker):
         pending = self._call("XPENDING", self.redis.xpending_range, stream, group, min=entries[0][0],
                              max=entries[-1][0], count=len(entries) * 4 + 16, consumername=consumer)
         counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        return [Message(i, f, counts.get(i, 2)) for i, f in entries]
+        return [Message(i, _fields(f), counts.get(i, 2)) for i, f in entries]
 
     def ack(self, stream, group, ids) -> None:
         if ids:
