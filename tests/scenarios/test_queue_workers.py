@@ -4,7 +4,6 @@ entries, backpressure, hot-loaded head versions, `worker status`."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -18,7 +17,10 @@ from headmaster.errors import QueueError
 from headmaster.model_repository.repository import Repository
 from headmaster.store import open_store
 from headmaster.training.head_version import HeadVersion
-from tests.helpers import CLI, clone_repo, redis_url, run_cli, written_version  # noqa: F401 (fixture)
+from tests import helpers
+from tests.helpers import CLI, clone_repo, free_port, run_cli, written_version
+
+redis_url = helpers.redis_url  # the session's redis-server (a fixture shared through helpers)
 
 pytest.importorskip("redis")
 
@@ -341,7 +343,7 @@ def test_embed_worker_through_the_server(broker, names, repo, server, tmp_path, 
 
 
 def test_redis_errors_are_one_line_and_hide_the_password():
-    free = __import__("tests.helpers", fromlist=["free_port"]).free_port()
+    free = free_port()
     with pytest.raises(QueueError, match="cannot reach Redis") as caught:
         RedisStreams(f"redis://:s3cret-pass@127.0.0.1:{free}/0", connect_timeout_s=1)
     assert "s3cret-pass" not in str(caught.value) and "***" in str(caught.value)
