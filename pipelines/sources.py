@@ -20,9 +20,10 @@ def _s3(uri: str):
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    options = {"endpoint_override": endpoint} if endpoint else {}
-    if endpoint and endpoint.startswith("http://"):
-        options["scheme"] = "http"
+    options = {}
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        options = {"endpoint_override": host.rstrip("/"), "scheme": scheme or "https"}
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
         options["region"] = region

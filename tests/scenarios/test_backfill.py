@@ -19,7 +19,7 @@ from headmaster.model_repository.repository import Repository
 from headmaster.store import open_store
 from headmaster.training.embeddings import LocalEmbedder
 from headmaster.training.head_version import HeadVersion
-from tests.helpers import CLI, clone_repo, run_cli
+from tests.helpers import CLI, clone_repo, free_port, run_cli
 
 ray = pytest.importorskip("ray")
 
@@ -218,6 +218,41 @@ def test_backfill_through_the_server(ray_cluster, repo, server, catalogue, tmp_p
     stored = store.embeddings([hashlib.sha256(f.read_bytes()).hexdigest() for f in files], repository.fingerprint)
     for f, vector in zip(files, LocalEmbedder(repository)(files)):
         assert float(stored[hashlib.sha256(f.read_bytes()).hexdigest()] @ vector) > 0.999
+
+
+def test_backfill_from_an_s3_prefix(backfill_repo, catalogue, tmp_path):
+    """The real command on `s3://bucket/prefix`, against moto's S3 API server on loopback."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra)")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    folder, _ = catalogue
+    port = free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    s3.start()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket="catalogue")
+        files = sorted(folder.glob("002?.jpg")) + [folder / "broken.jpg"]
+        for f in files:
+            client.put_object(Bucket="catalogue", Key=f"2026/{f.name}", Body=f.read_bytes())
+        client.put_object(Bucket="catalogue", Key="2026/notes.txt", Body=b"not listed: not an image name")
+        client.put_object(Bucket="catalogue", Key="other/0001.jpg", Body=(folder / "0001.jpg").read_bytes())
+        store_path = tmp_path / "store"
+        result = subprocess.run([*CLI, "backfill", "s3://catalogue/2026/", "--store", str(store_path), "--repo",
+                                 str(backfill_repo)], capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        s3.stop()
+    assert result.returncode == 2, result.stderr
+    assert "11 images: 10 embedded, 0 already stored, 1 unreadable" in result.stdout, result.stdout
+    assert "s3://catalogue/2026/broken.jpg" in result.stderr
+    store = open_store(store_path)
+    uris = {next(iter(u.values())) for u in store.uris().values()}
+    assert uris == {f"s3://catalogue/2026/{f.name}" for f in files if f.name != "broken.jpg"}
+    assert_exactly_once(store, backfill_repo, {hashlib.sha256(f.read_bytes()).hexdigest() for f in files[:-1]})
 
 
 def test_bad_source_is_one_line(tmp_path):
