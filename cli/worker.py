@@ -134,13 +134,9 @@ def status_command(
         table.add_column(column)
     broker = _broker(redis)
     rows = broker.status(stream or None)
-    seen = {r.stream for r in rows}
-    for name in stream or []:
-        if name not in seen:
-            rows.append(None)
-            table.add_row(name, "(no group)", str(broker.redis.xlen(name)), "-", "-", "")
     for row in rows:
-        if row is not None:
-            table.add_row(row.stream, row.group, str(row.length), str(row.lag) if row.lag >= 0 else "?",
-                          str(row.pending), ", ".join(f"{c} {n}" for c, n in row.consumers.items()))
+        table.add_row(row.stream, row.group, str(row.length), str(row.lag) if row.lag >= 0 else "?",
+                      str(row.pending), ", ".join(f"{c} {n}" for c, n in row.consumers.items()))
+    for name in sorted(set(stream or []) - {r.stream for r in rows}):
+        table.add_row(name, "(no group reads it)", "-", "-", "-", "")
     out.print(table)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import signal
 import subprocess
 import time
@@ -202,6 +203,7 @@ def test_killed_backfill_resumes_exactly_once(backfill_repo, catalogue, tmp_path
     assert result.returncode == 2, result.stderr  # 2: the broken image
     assert f"{len(hashes) - stored_before} embedded, {stored_before} already stored, 1 unreadable" in result.stdout
     assert "unreadable:" in result.stderr and "broken.jpg" in result.stderr
+    assert re.search(r"backfill: \d+ of 97 \(\d+%\), [\d.]+ img/s, ETA \d+ s", result.stderr), result.stderr
     assert_exactly_once(open_store(store_path), backfill_repo, hashes)
 
 
