@@ -19,31 +19,44 @@ def build(
     flavour: Annotated[str, typer.Option(
         help="portable: python-backend models for the bundled Triton (no Docker); "
              "native: onnxruntime/TensorRT/PyTorch backends for NVIDIA's container.")] = "portable",
-    max_batch_size: Annotated[int, typer.Option(help="Largest batch any model takes.")] = 64,
+    max_batch_size: Annotated[int | None, typer.Option(
+        help="Largest batch any model takes [default: 64; 512 with --device cuda].")] = None,
     preferred_batch_size: Annotated[list[int] | None, typer.Option(
-        help="Encoder dynamic batcher's preferred sizes (repeat the option).")] = None,
-    max_queue_delay_us: Annotated[int, typer.Option(
-        help="How long the encoder's batcher may wait to fill a preferred batch, in microseconds.")] = 2000,
-    encoder_instances: Annotated[int, typer.Option(help="Encoder model instances.")] = 1,
-    preprocess_instances: Annotated[int, typer.Option(help="Preprocess model instances.")] = 1,
+        help="Encoder dynamic batcher's preferred sizes (repeat the option) [default: 8 16 32; "
+             "64 128 256 512 with --device cuda].")] = None,
+    max_queue_delay_us: Annotated[int | None, typer.Option(
+        help="How long the encoder's batcher may wait to fill a preferred batch, in microseconds "
+             "[default: 2000; 1000 with --device cuda].")] = None,
+    encoder_instances: Annotated[int | None, typer.Option(
+        help="Encoder model instances (per GPU on a GPU) [default: 1; 2 with --device cuda].")] = None,
+    preprocess_instances: Annotated[int | None, typer.Option(
+        help="Preprocess model instances [default: 1; 2 with --device cuda].")] = None,
     preprocess_threads: Annotated[int, typer.Option(help="Decode threads per preprocess instance (0 = per core).")] = 0,
-    device: Annotated[str, typer.Option(help="Portable flavour: auto, cpu or cuda for the encoders.")] = "auto",
+    device: Annotated[str, typer.Option(
+        help="Portable flavour: auto, cpu or cuda for the encoders; cuda also picks GPU batching defaults.")] = "auto",
+    decoder: Annotated[str | None, typer.Option(
+        help="pillow (CPU threads, open_clip's exact pixels) or torchvision (batched; nvJPEG on the GPU with "
+             "--device cuda, pixels on the GPU for the encoder) [default: pillow; torchvision with --device cuda].")] = None,
     max_pixels: Annotated[int, typer.Option(
         help="Most pixels an image may decode to at full size (larger JPEGs decode at 1/2..1/8); 0 = 16,000,000.")] = 0,
     max_aspect_ratio: Annotated[float, typer.Option(help="Longest over shortest side an image may have; 0 = 32.")] = 0,
     max_request_mb: Annotated[float, typer.Option(
         help="Encoded megabytes of images one request may carry (all its images); 0 = 64.")] = 0,
+    exact_decode: Annotated[bool, typer.Option(
+        help="Decode large JPEGs at full size (open_clip's exact pixels) instead of at reduced DCT scale "
+             "(>= 4x the encoder's input side; within 3 levels of 255).")] = False,
 ) -> None:
     """Assemble a Triton repository: preprocess -> encoder -> heads -> threshold, as `classify`."""
     from headmaster.model_repository.build import build_repository
     from headmaster.model_repository.repository import BuildOptions
 
-    options = BuildOptions(flavour=flavour, max_batch_size=max_batch_size,
-                           preferred_batch_sizes=tuple(preferred_batch_size or (8, 16, 32)),
-                           max_queue_delay_us=max_queue_delay_us, encoder_instances=encoder_instances,
-                           preprocess_instances=preprocess_instances, preprocess_threads=preprocess_threads,
-                           device=device, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
-                           max_request_bytes=int(max_request_mb * 1024 * 1024))
+    options = BuildOptions.for_device(
+        device, flavour=flavour, max_batch_size=max_batch_size,
+        preferred_batch_sizes=tuple(preferred_batch_size) if preferred_batch_size else None,
+        max_queue_delay_us=max_queue_delay_us, encoder_instances=encoder_instances,
+        preprocess_instances=preprocess_instances, preprocess_threads=preprocess_threads, decoder=decoder,
+        max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
+        max_request_bytes=int(max_request_mb * 1024 * 1024), exact_decode=exact_decode)
     repository = build_repository(encoder, repo, options)
     console.print(f"[green]built[/] {repo} ({flavour}) with encoder {repository.card.model} "
                   f"{repository.card.short_fingerprint} ({repository.card.precision}): "

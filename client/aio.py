@@ -4,6 +4,8 @@ Images go out in requests of ``batch_size``, at most ``max_in_flight`` at a time
 dynamic batcher merges concurrent requests on the server. When the server refuses a
 request as invalid (a corrupt image), its images are re-sent one by one, so exactly the
 bad ones come back as :class:`Failure` and the rest as :class:`Classification`.
+On the server's own host, ``shared_memory="system"`` (or ``"cuda"``) passes images and
+embeddings through shared memory instead of the socket (client/shared_memory.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from headmaster.client.errors import (
     ServerUnavailableError,
 )
 from headmaster.client.results import Classification, Embedding, Failure
+from headmaster.client.shared_memory import RegionPool, serialize_bytes
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -98,14 +101,52 @@ class _Transport:
             raise _translate(e, model) from e
         return {n: result.as_numpy(n) for n in outputs}
 
-    async def input_dims(self, model: str, name: str) -> list[int]:
-        """An input's shape from the model's metadata (an API the server leaves open)."""
+    async def infer_shared(self, pool: RegionPool, model: str, items: Sequence[bytes], outputs: list[str],
+                           embedding_dim: int) -> dict[str, np.ndarray]:
+        """``infer`` with the images, and the EMBEDDING output, in a shared-memory region."""
+        data = serialize_bytes(items)
+        out_bytes = len(items) * embedding_dim * 4 if "EMBEDDING" in outputs else 0
+        slot = await pool.acquire(len(data), out_bytes)
         try:
-            metadata = await self.client.get_model_metadata(model, as_json=True) if self.protocol == "grpc" \
+            slot.region.write(data)
+            image = self.module.InferInput("IMAGE", [len(items), 1], "BYTES")
+            image.set_shared_memory(slot.region.name, len(data))
+            requested = []
+            for name in outputs:
+                output = self.output(name)
+                if name == "EMBEDDING":
+                    output.set_shared_memory(slot.region.name, out_bytes, offset=slot.input_capacity)
+                requested.append(output)
+            try:
+                if self.protocol == "grpc":
+                    result = await self.client.infer(model, [image], outputs=requested, client_timeout=self.timeout_s)
+                else:
+                    result = await asyncio.wait_for(self.client.infer(model, [image], outputs=requested),
+                                                    self.timeout_s)
+            except Exception as e:
+                raise _translate(e, model) from e
+            answer = {n: result.as_numpy(n) for n in outputs if n != "EMBEDDING"}
+            if "EMBEDDING" in outputs:
+                answer["EMBEDDING"] = slot.region.read(slot.input_capacity, len(items) * embedding_dim).reshape(
+                    len(items), embedding_dim)
+            return answer
+        finally:
+            pool.release(slot)
+
+    async def _metadata(self, model: str) -> dict:
+        try:
+            return await self.client.get_model_metadata(model, as_json=True) if self.protocol == "grpc" \
                 else await self.client.get_model_metadata(model)
         except Exception as e:
             raise _translate(e, model) from e
-        (tensor,) = [t for t in metadata["inputs"] if t["name"] == name]
+
+    async def input_dims(self, model: str, name: str) -> list[int]:
+        """An input's shape from the model's metadata (an API the server leaves open)."""
+        (tensor,) = [t for t in (await self._metadata(model))["inputs"] if t["name"] == name]
+        return [int(d) for d in tensor["shape"]]
+
+    async def output_dims(self, model: str, name: str) -> list[int]:
+        (tensor,) = [t for t in (await self._metadata(model))["outputs"] if t["name"] == name]
         return [int(d) for d in tensor["shape"]]
 
     async def is_ready(self, model: str) -> bool:
@@ -144,7 +185,11 @@ class AsyncHeadmasterClient:
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = 120.0,
-                 batch_size: int = 8, max_in_flight: int = 4, model: str = "classify"):
+                 batch_size: int = 8, max_in_flight: int = 4, model: str = "classify",
+                 shared_memory: str | None = None, api_key: str | None = None, cuda_device: int = 0):
+        """``shared_memory``: "system" or "cuda" to pass images and embeddings through shared
+        memory (the server's host only); registering it needs the server's ``api_key`` (or
+        HEADMASTER_API_KEY)."""
         if batch_size < 1 or max_in_flight < 1:
             raise ClientError("batch_size and max_in_flight must be >= 1")
         self.url = url or DEFAULT_URLS.get(protocol, "")
@@ -153,6 +198,9 @@ class AsyncHeadmasterClient:
         self.max_in_flight = max_in_flight
         self.model = model
         self._transport = _Transport(self.url, protocol, timeout_s)
+        self._pool = RegionPool(shared_memory, self._transport.client, protocol, api_key, max_in_flight,
+                                cuda_device) if shared_memory else None
+        self._embedding_dim: int | None = None
 
     async def __aenter__(self) -> "AsyncHeadmasterClient":
         return self
@@ -161,6 +209,8 @@ class AsyncHeadmasterClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         await self._transport.close()
 
     async def is_ready(self) -> bool:
@@ -168,9 +218,15 @@ class AsyncHeadmasterClient:
 
     # -- images ----------------------------------------------------------------------------
     async def _run_batch(self, model: str, outputs: list[str], batch: list[_Item], build) -> list:
-        inputs = [self._transport.bytes_input("IMAGE", [item.data for item in batch])]
         try:
-            out = await self._transport.infer(model, inputs, outputs)
+            if self._pool is None:
+                inputs = [self._transport.bytes_input("IMAGE", [item.data for item in batch])]
+                out = await self._transport.infer(model, inputs, outputs)
+            else:
+                if self._embedding_dim is None:
+                    self._embedding_dim = (await self._transport.output_dims(model, "EMBEDDING"))[-1]
+                out = await self._transport.infer_shared(self._pool, model, [item.data for item in batch], outputs,
+                                                         self._embedding_dim)
         except InvalidInputError as e:
             if len(batch) == 1:
                 return [Failure(batch[0].source, re.sub(r"^IMAGE\[0\]: ", "", str(e)), batch[0].sha256)]

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.errors import ExportError, UnsupportedHereError
-from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export import quantize
+from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export.encoders import LoadedEncoder, load
 from headmaster.export.reference import reference_images, reference_prompts
 from headmaster.model_repository.backends.preprocess import preprocess_bytes

@@ -116,8 +116,13 @@ def quantize_image_tower(fp32_path: Path, out_path: Path, input_name: str, calib
                          settings: QuantizeSettings = QuantizeSettings()) -> dict:
     """Write the int8 (QDQ) version of the ONNX image tower at ``fp32_path`` to ``out_path``;
     ``calibration`` is uint8 pixels [N, 3, H, W]. Returns what was done, for the card."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

@@ -41,6 +41,7 @@ def precision_gate(previous: Repository, card: EncoderCard, encoder_dir: Path) -
             and previous.fingerprint == card.fingerprint and "image" in previous.card.towers):
         return None
     from headmaster.export import quantize
+
     # HeadVersion scores heads exactly as eval and rescore do (training sits above this module).
     from headmaster.training.head_version import HeadVersion
 

@@ -92,14 +92,15 @@ class Instances:
     """``instance_group``: how many copies of the model run, and where."""
 
     count: int = 1
-    gpu: bool = False  # KIND_GPU in the native flavour; python models always run KIND_CPU
+    gpu: bool = False  # KIND_GPU in the native flavour (count instances on every GPU)...
+    python_gpu: bool = False  # ...and for python models too (the portable encoder, GPU decode)
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ConfigError(f"instance count must be >= 1, got {self.count}")
 
     def proto(self, flavour: str) -> list[dict]:
-        kind = "KIND_GPU" if (self.gpu and flavour == "native") else "KIND_CPU"
+        kind = "KIND_GPU" if self.gpu and (flavour == "native" or self.python_gpu) else "KIND_CPU"
         return [{"count": self.count, "kind": kind}]
 
 
@@ -132,10 +133,17 @@ class PreprocessModel:
     max_pixels: int = 0  # pixels decoded at full size (larger JPEGs decode at 1/2..1/8)
     max_aspect_ratio: float = 0  # longest side / shortest side
     max_request_bytes: int = 0  # encoded bytes of all the images of one request
+    exact_decode: bool = False  # large JPEGs at full size (open_clip's exact pixels) instead of reduced
+    decoder: str = "pillow"  # pillow | torchvision (batched; nvJPEG when the instances are on a GPU)
 
     def __post_init__(self) -> None:
         if min(self.threads, self.max_pixels, self.max_aspect_ratio, self.max_request_bytes) < 0:
             raise ConfigError("preprocess limits must be >= 0 (0 = the default)")
+        if self.decoder not in ("pillow", "torchvision"):
+            raise ConfigError(f"decoder must be pillow or torchvision, not {self.decoder!r}", option="decoder")
+        if self.instances.gpu and self.decoder != "torchvision":
+            raise ConfigError("preprocess runs on a GPU only with decoder torchvision (Pillow decodes on CPU)",
+                              option="decoder")
         if 0 < self.max_aspect_ratio < 1:
             raise ConfigError(f"max_aspect_ratio is longest/shortest side, so >= 1, not {self.max_aspect_ratio}")
 
@@ -145,13 +153,17 @@ class PreprocessModel:
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
+        instances = Instances(self.instances.count, self.instances.gpu, python_gpu=self.instances.gpu)
         return {**_base(self.name, self.batching, [Tensor("IMAGE", "BYTES", (1,))], [self.output], flavour,
-                        self.instances),
+                        instances),
                 "backend": "python",
                 "parameters": _params(preprocessing=json.dumps(self.preprocessing), decode_concurrency=self.threads,
+                                      **({"decoder": self.decoder} if self.decoder != "pillow" else {}),
                                       **{k: v for k, v in (("max_pixels", self.max_pixels),
                                                            ("max_aspect_ratio", self.max_aspect_ratio),
-                                                           ("max_request_bytes", self.max_request_bytes)) if v})}
+                                                           ("max_request_bytes", self.max_request_bytes),
+                                                           ("exact_decode", "true" if self.exact_decode else ""))
+                                         if v})}
 
 
 @dataclass(frozen=True)
@@ -190,9 +202,15 @@ class EncoderModel:
                 f"{self.name}: a TensorRT plan needs Triton's tensorrt_plan backend (NVIDIA's container); "
                 "build the repository with --flavour native, or export --format onnx for the portable flavour"
             )
+        if self.device == "cuda":
+            # One instance group per GPU, and inputs left on the GPU by preprocess (DLPack) stay there.
+            base["instance_group"] = Instances(self.instances.count, True, python_gpu=True).proto(flavour)
+            gpu_inputs = _params(FORCE_CPU_ONLY_INPUT_TENSORS="no")
+        else:
+            gpu_inputs = {}
         return {**base, "backend": "python",
-                "parameters": {**identity, **_params(artifact=self.artifact, device=self.device,
-                                                     graph_optimization=self.graph_optimization)}}
+                "parameters": {**identity, **gpu_inputs, **_params(artifact=self.artifact, device=self.device,
+                                                                   graph_optimization=self.graph_optimization)}}
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,10 @@ STATE_DIR = ".headmaster"  # inside the repository; Triton never loads it (expli
 RECORD_FILE = "server.json"
 KEY_HEADER = "headmaster-api-key"  # the header Triton checks on the restricted APIs
 KEY_ENV = "HEADMASTER_API_KEY"
-# What `serve` closes by default: changing the server, reading how it is configured, its logs.
-RESTRICTED_APIS = ("model-repository", "model-config", "logging")
+# What `serve` closes by default: changing the server, reading how it is configured, its logs,
+# and shared memory (registering a region makes the server map any /dev/shm name or CUDA
+# handle it is given, and read inputs from / write outputs into it).
+RESTRICTED_APIS = ("model-repository", "model-config", "logging", "shared-memory")
 
 
 def new_key() -> str:

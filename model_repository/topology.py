@@ -67,9 +67,11 @@ def embed_ensembles(card, options) -> list[EnsembleModel]:
 def static_models(card, options) -> list:
     """Everything but the heads and what depends on the set of heads."""
     o = options
-    models = [PreprocessModel(card.preprocessing, o.light_batching, Instances(o.preprocess_instances),
+    decode_on_gpu = o.decoder == "torchvision" and o.device == "cuda"
+    models = [PreprocessModel(card.preprocessing, o.light_batching, Instances(o.preprocess_instances, decode_on_gpu),
                               o.preprocess_threads, max_pixels=o.max_pixels, max_aspect_ratio=o.max_aspect_ratio,
-                              max_request_bytes=o.max_request_bytes),
+                              max_request_bytes=o.max_request_bytes, exact_decode=o.exact_decode,
+                              decoder=o.decoder),
               encoder_model(card, options, "image")]
     if "text" in card.towers:
         models += [TokenizeModel(card.model, card.context_length, o.light_batching),

@@ -7,6 +7,11 @@ artifact; self-contained on purpose.
 
 Dynamic batching hands ``execute`` several requests at once: their inputs are concatenated,
 run in one call and split back, one response per request.
+
+On a GPU (``device`` cuda, instances ``KIND_GPU``), inputs that an earlier model left on the
+GPU (the torchvision decoder in preprocess) arrive as GPU tensors (``FORCE_CPU_ONLY_INPUT_TENSORS``
+"no") and reach the encoder through DLPack without a host round trip: TorchScript takes them
+as torch tensors, onnxruntime's CUDA provider through I/O binding.
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ import os
 import numpy as np
 
 
+def _cuda_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+
+
 class OnnxRunner:
     def __init__(self, path: str, device: str, threads: int, optimization: str):
         import onnxruntime as ort
+
+        self.ort = ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -31,15 +42,34 @@ class OnnxRunner:
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         }[optimization]
         available = ort.get_available_providers()
-        wanted = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-            wanted.insert(0, "CUDAExecutionProvider")
-        elif device == "cuda":
-            raise RuntimeError(f"device=cuda asked, but onnxruntime offers only {available}")
+        wanted: list = ["CPUExecutionProvider"]
+        self.cuda = device in ("auto", "cuda") or device.startswith("cuda:")
+        self.cuda = self.cuda and "CUDAExecutionProvider" in available
+        if self.cuda:
+            self.device_id = _cuda_index(device)
+            wanted.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_id}))
+        elif device.startswith("cuda"):
+            raise RuntimeError(f"device={device} asked, but onnxruntime offers only {available}")
         self.session = ort.InferenceSession(path, options, providers=wanted)
 
-    def __call__(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        return self.session.run(outputs, inputs)
+    def __call__(self, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
+        if not any(hasattr(v, "__dlpack__") and not isinstance(v, np.ndarray) for v in inputs.values()):
+            return self.session.run(outputs, inputs)
+        # torch tensors (from DLPack): bound where they lie, no copy to the host first.
+        binding = self.session.io_binding()
+        for name, tensor in inputs.items():
+            tensor = tensor.contiguous()
+            on_gpu = tensor.device.type == "cuda"
+            binding.bind_input(name, "cuda" if on_gpu else "cpu", tensor.device.index or 0 if on_gpu else 0,
+                               _NUMPY_OF[str(tensor.dtype)], list(tensor.shape), tensor.data_ptr())
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+_NUMPY_OF = {"torch.uint8": np.uint8, "torch.float32": np.float32, "torch.float16": np.float16,
+             "torch.int64": np.int64, "torch.int32": np.int32}
 
 
 class TorchScriptRunner:
@@ -49,16 +79,17 @@ class TorchScriptRunner:
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-        if device == "cuda" and not use_cuda:
-            raise RuntimeError("device=cuda asked, but torch sees no CUDA device")
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+        use_cuda = (device in ("auto", "cuda") or device.startswith("cuda:")) and torch.cuda.is_available()
+        if device.startswith("cuda") and not use_cuda:
+            raise RuntimeError(f"device={device} asked, but torch sees no CUDA device")
+        self.device = torch.device(f"cuda:{_cuda_index(device)}" if use_cuda else "cpu")
         self.module = torch.jit.load(path, map_location=self.device).eval()
 
-    def __call__(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    def __call__(self, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
-            args = [torch.from_numpy(a).to(self.device) for a in inputs.values()]
+            args = [(a if isinstance(a, torch.Tensor) else torch.from_numpy(a)).to(self.device)
+                    for a in inputs.values()]
             result = self.module(*args)
         result = result if isinstance(result, (tuple, list)) else (result,)
         return [r.float().cpu().numpy() if r.is_floating_point() else r.cpu().numpy() for r in result]
@@ -74,6 +105,15 @@ def load_runner(path: str, device: str = "auto", threads: int = 0, optimization:
     return RUNNERS[extension](path, device, threads, optimization)
 
 
+def _concatenate(parts: list):
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    import torch
+
+    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([p if isinstance(p, torch.Tensor) else torch.from_numpy(p).to(device) for p in parts])
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
@@ -82,23 +122,31 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = os.path.join(args["model_repository"], args["model_version"])
+        device = params.get("device", "auto")
+        if args.get("model_instance_kind") == "GPU":  # Triton placed this instance on one GPU
+            device = f"cuda:{args['model_instance_device_id']}"
         self.runner = load_runner(
             os.path.join(version_dir, params["artifact"]),
-            device=params.get("device", "auto"),
+            device=device,
             threads=int(params.get("threads", "0")),
             optimization=params.get("graph_optimization", "all"),
         )
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
 
+    def _input(self, request, name):
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor.is_cpu():
+            return tensor.as_numpy()
+        import torch.utils.dlpack
+
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())  # stays on its GPU
+
     def execute(self, requests):
         pb = self.pb
-        per_request = [
-            {name: pb.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs}
-            for r in requests
-        ]
+        per_request = [{name: self._input(r, name) for name in self.inputs} for r in requests]
         sizes = [len(next(iter(inputs.values()))) for inputs in per_request]
-        batch = {name: np.concatenate([inputs[name] for inputs in per_request]) for name in self.inputs}
+        batch = {name: _concatenate([inputs[name] for inputs in per_request]) for name in self.inputs}
         try:
             results = self.runner(batch, self.outputs)
         except Exception as e:  # a failed batch answers every request with the reason

@@ -24,7 +24,7 @@ from headmaster.export.reference import reference_images
 from headmaster.model_repository.backends.runtime import load_runner
 from headmaster.model_repository.build import build_repository
 from headmaster.model_repository.layout import MANIFEST, encoder_artifact
-from headmaster.model_repository.repository import BuildOptions, Repository
+from headmaster.model_repository.repository import Repository
 from headmaster.training.head_version import HeadVersion
 from tests.helpers import MODEL, SEED, build_repo
 
@@ -176,3 +176,26 @@ def test_a_repository_without_heads_switches_and_records_the_gate(encoder_dir, i
     # int8 -> int8 again: nothing to promote, no gate.
     assert build_repository(int8_dir, repo, repository.options).promotion is None
     shutil.rmtree(repo)
+
+
+def test_a_repository_whose_heads_keep_their_labels_switches_and_the_heads_carry_over(encoder_dir, int8_dir, tmp_path):
+    """The passing side of the switch gate, made certain: a multi-label head whose thresholds are
+    0 accepts every label on every image, whatever the tower's precision."""
+    from headmaster.export.heads import HeadCard, HeadWeights
+    from headmaster.model_repository.lifecycle import publish
+
+    repo = build_repo(encoder_dir, tmp_path / "repo", heads={})
+    fp32 = Repository(repo)
+    rng = np.random.default_rng(0)
+    weights = HeadWeights(((rng.normal(size=(3, fp32.card.embed_dim)).astype(np.float32),
+                            np.zeros(3, np.float32)),), multi_label=True)
+    publish(repo, weights, lambda v: HeadCard(
+        name="tags", version=v, labels=("a", "b", "c"), thresholds=(0.0, 0.0, 0.0), multi_label=True,
+        encoder_fingerprint=fp32.fingerprint, embed_dim=fp32.card.embed_dim, kind="linear", details={}))
+    repository = build_repository(int8_dir, repo, fp32.options)
+    assert repository.card.precision == "int8"
+    gate = repository.promotion["gate"]
+    assert gate["passed"] and gate["min_cosine"] >= 0.98
+    assert [figures["label_agreement"] for figures in gate["heads"].values()] == [1.0]
+    head = HeadVersion.load(repository, "tags")  # same fingerprint: the head carried over
+    assert head.card.version == 1 and repository.heads()[0].live == 1

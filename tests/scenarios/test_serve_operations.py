@@ -124,6 +124,13 @@ RESTRICTED_HTTP = [
     ("GET", "/v2/models/classify/config", None),
     ("GET", "/v2/logging", None),
     ("POST", "/v2/logging", b'{"log_verbose_level": 1}'),
+    # Registering shared memory makes the server map any /dev/shm name (a python stub's region) it is given.
+    ("POST", "/v2/systemsharedmemory/region/evil/register", b'{"key": "/evil", "offset": 0, "byte_size": 64}'),
+    ("GET", "/v2/systemsharedmemory/status", None),
+    ("POST", "/v2/systemsharedmemory/unregister", b"{}"),
+    ("POST", "/v2/cudasharedmemory/region/evil/register", b'{"raw_handle": {"b64": "AAAA"}, "device_id": 0, '
+                                                           b'"byte_size": 64}'),
+    ("GET", "/v2/cudasharedmemory/status", None),
 ]
 
 
@@ -143,6 +150,8 @@ def test_the_control_api_refuses_callers_without_the_key_over_grpc(served):
                                                           files={"file:1/model.py": b"import os\n"}, **kw),
         "config": lambda **kw: client.get_model_config("classify", **kw),
         "log settings": lambda **kw: client.update_log_settings({"log_verbose_level": 1}, **kw),
+        "shared memory": lambda **kw: client.register_system_shared_memory("evil", "/evil", 64, **kw),
+        "shared memory status": lambda **kw: client.get_system_shared_memory_status(**kw),
     }
     try:
         for what, call in calls.items():

@@ -91,6 +91,45 @@ def test_large_jpegs_decode_at_reduced_size_within_two_levels_of_the_full_size_p
     assert decode_image(data, max_pixels=2400 * 1800, draft_side=4 * 224).size == (2400, 1800)
 
 
+# Real photos upscaled to phone-camera sizes.
+PHONE_SIZES = {(4032, 3024): 2, (3024, 4032): 2, (4000, 3000): 2, (8000, 6000): 4, (2400, 1800): 2,
+               (4001, 2999): 1, (2401, 1800): 1}  # odd sides: full size (a scaled pixel must cover whole ones)
+
+
+@pytest.mark.parametrize("size", PHONE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
+def test_every_large_jpeg_decodes_at_reduced_size_within_three_levels_of_the_exact_path(name, size):
+    """By default (issue 12) a JPEG whose sides the scale divides and whose shortest side is at
+    least 8x the encoder's input decodes at 1/2..1/8 size, never below 4x: several times less
+    decode time for a phone photo. Resize targets come from the full size."""
+    data = encode(Image.fromarray(getattr(skimage.data, name)()).resize(size, Image.LANCZOS), "JPEG", quality=90)
+    scale = PHONE_SIZES[size]
+    assert decode_image(data, draft_side=4 * 224, reduce=True).size == (size[0] // scale, size[1] // scale)
+    reduced = preprocess_bytes(data, CLIP).astype(int)
+    exact = preprocess_bytes(data, {**CLIP, "exact_decode": True}).astype(int)
+    assert np.abs(reduced - exact).max() <= 3 and np.abs(reduced - exact).mean() < 0.25
+    if scale == 1:
+        assert np.array_equal(reduced, exact)
+
+
+def test_reduced_decode_keeps_the_exact_path_for_jpegs_under_8x_the_input_and_for_other_formats():
+    small = encode(PHOTO.resize((1700, 1200)), "JPEG")  # 1/2 would be 600 < 4 x 224: full size
+    assert decode_image(small, draft_side=4 * 224, reduce=True).size == (1700, 1200)
+    assert np.array_equal(preprocess_bytes(small, CLIP), preprocess_bytes(small, {**CLIP, "exact_decode": True}))
+    png = encode(PHOTO.resize((2000, 2000)), "PNG")
+    assert decode_image(png, draft_side=4 * 224, reduce=True).size == (2000, 2000)
+
+
+def test_a_rotated_large_jpeg_keeps_its_upright_geometry_when_reduced():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(PHOTO.resize((4000, 3000), Image.BICUBIC), "JPEG", quality=90, exif=exif.tobytes())
+    assert decode_image(data, draft_side=4 * 224, reduce=True).size == (1500, 2000)  # upright
+    reduced = preprocess_bytes(data, {**CLIP, "resize_mode": "longest", "fill_color": 0}).astype(int)
+    exact = preprocess_bytes(data, {**CLIP, "resize_mode": "longest", "exact_decode": True}).astype(int)
+    assert np.abs(reduced - exact).max() <= 3 and np.abs(reduced - exact).mean() < 0.25
+
+
 def test_jpegs_too_large_even_at_reduced_size_are_refused():
     data = encode(PHOTO.resize((2400, 1800)), "JPEG")
     # 1/4 size would be 600x450, under the 4 x 224 floor: only 1/2 is allowed, still too many pixels.
@@ -104,8 +143,10 @@ def test_progressive_jpegs_are_refused_when_their_coefficients_overflow_the_budg
     data = encode(PHOTO.resize((2000, 2000)), "JPEG", progressive=True, subsampling=0)
     with pytest.raises(InvalidImage, match=r"progressive JPEG of 2000x2000 needs about \d+ MiB to decode, over "
                                            r"the budget of \d+ MiB \(8 bytes x max_pixels 4000000\)"):
-        preprocess_bytes(data, {**CLIP, "max_pixels": 4_000_000})
-    assert preprocess_bytes(data, {**CLIP, "max_pixels": 6_000_000}).shape == (3, 224, 224)
+        preprocess_bytes(data, {**CLIP, "max_pixels": 4_000_000, "exact_decode": True})
+    assert preprocess_bytes(data, {**CLIP, "max_pixels": 6_000_000, "exact_decode": True}).shape == (3, 224, 224)
+    # Decoded at 1/2 size (1000x1000 >= 4 x 224), the output buffer is a quarter: within budget.
+    assert preprocess_bytes(data, {**CLIP, "max_pixels": 4_000_000}).shape == (3, 224, 224)
 
 
 def test_pillow_resize_box_is_not_bit_exact_so_the_crop_stays_after_the_resize():
@@ -127,7 +168,10 @@ def test_limits_come_from_model_parameters():
     assert limits_from_parameters({"threads": "3"})["decode_concurrency"] == 3  # the older parameter
     given = limits_from_parameters({"max_pixels": "1000", "max_aspect_ratio": "4.5", "decode_concurrency": "2",
                                     "threads": "8", "max_request_bytes": "4096"})
-    assert given == {"max_pixels": 1000, "max_aspect_ratio": 4.5, "decode_concurrency": 2, "max_request_bytes": 4096}
+    assert given == {"max_pixels": 1000, "max_aspect_ratio": 4.5, "decode_concurrency": 2, "max_request_bytes": 4096,
+                     "exact_decode": False}
+    assert limits_from_parameters({"exact_decode": "true"})["exact_decode"] is True
+    assert limits_from_parameters({}, {"exact_decode": True})["exact_decode"] is True
     assert defaults["max_request_bytes"] == 64 * 1024 * 1024
     with pytest.raises(ValueError, match="must be positive"):
         limits_from_parameters({"max_aspect_ratio": "0.5"})
