@@ -35,14 +35,15 @@ from benchmarks.serve_throughput import WORKDIR, prepare  # noqa: E402
 HEADS, LABELS = 10, 10
 
 
-def head_repo(source: Path, target: Path) -> Path:
+def head_repo(encoder_dir: Path, target: Path) -> Path:
+    """A repository of its own (the ViT-B-32 export of serve_throughput.py) holding only the 10 heads."""
     from headmaster.export.heads import HeadCard, HeadWeights
+    from headmaster.model_repository.build import build_repository
     from headmaster.model_repository.lifecycle import publish
-    from headmaster.model_repository.repository import Repository
-    from tests.helpers import clone_repo
+    from headmaster.model_repository.repository import BuildOptions, Repository
 
     shutil.rmtree(target, ignore_errors=True)
-    clone_repo(source, target)
+    build_repository(encoder_dir, target, BuildOptions())
     repository = Repository(target)
     rng = np.random.default_rng(0)
     dim = repository.card.embed_dim
@@ -53,10 +54,6 @@ def head_repo(source: Path, target: Path) -> Path:
         publish(target, weights, lambda v, h=h, labels=labels: HeadCard(
             name=f"head{h}", version=v, labels=labels, thresholds=(0.3,) * LABELS, multi_label=False,
             encoder_fingerprint=repository.fingerprint, embed_dim=dim, kind="linear"))
-    from headmaster.model_repository.lifecycle import remove
-
-    for name in ("subject", "has_cat"):  # only the 10 benchmark heads
-        remove(target, name)
     return target
 
 
@@ -81,8 +78,10 @@ def main() -> None:
     from headmaster.pipelines.redis_streams import RedisStreams
     from tests.helpers import CLI, free_port
 
-    _, source = prepare((8, 16))
-    repo = head_repo(source, WORKDIR / "queue-repo")
+    encoder_dir = WORKDIR / "encoder-fp32"
+    if not (encoder_dir / "card.json").is_file():
+        encoder_dir, _ = prepare("fp32", (8, 16), "cpu")
+    repo = head_repo(encoder_dir, WORKDIR / "queue-repo")
     fingerprint, dim = Repository(repo).fingerprint, Repository(repo).card.embed_dim
     root, port = tempfile.mkdtemp(prefix="headmaster-bench-redis-"), free_port()
     redis = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", root, "--save", "",
@@ -98,7 +97,8 @@ def main() -> None:
             shutil.rmtree(store, ignore_errors=True)
             stream = f"bench-{phase}"
             worker_cmd = [*CLI, "worker", "heads", "--store", str(store), "--repo", str(repo), "--redis", url,
-                          "--stream", stream, "--batch", "256", "--exit-when-idle", "3"]
+                          "--stream", stream, "--batch", "256", "--exit-when-idle",
+                          "3" if phase == "throughput" else "15"]
             enqueued = {}
             if phase == "throughput":
                 pipe = broker.redis.pipeline(transaction=False)

@@ -88,7 +88,9 @@ def heads_command(
     from headmaster.store import open_store
 
     heads = LiveHeads(repo)
-    heads.current()  # a broken repository fails here, in one line
+    if not heads.current():  # a broken repository fails here too, in one line
+        raise PipelineError(f"{repo} serves no head: the worker would acknowledge every entry without a label; "
+                            "make a head first (`headmaster zero-shot` or `train-head`)", option="repo")
     options = WorkerOptions(group=group, batch=batch, claim_idle_ms=claim_idle_ms, max_tries=max_tries,
                             **({"consumer": consumer} if consumer else {}))
     worker = HeadsWorker(_broker(redis), open_store(store), heads, options, stream)
