@@ -82,7 +82,10 @@ def _read_batch(batch: dict, known: set[str], preprocessing) -> dict:
             data = b""
         for key, value in zip(out, (uri, sha, status, error, data, pixels)):
             out[key].append(value)
-    shape = next((p.shape for p in out["pixels"] if p is not None), (0,))
+    # Every batch the same pixel shape, even one whose images were all skipped or unreadable:
+    # Ray turns blocks of unequal shapes into an object column.
+    size = (preprocessing or {}).get("size") if isinstance(preprocessing, dict) else None
+    shape = next((p.shape for p in out["pixels"] if p is not None), (3, *size) if size else (0,))
     out["pixels"] = np.stack([p if p is not None else np.zeros(shape, np.uint8) for p in out["pixels"]])
     out["data"] = np.array(out["data"], dtype=object)
     return {k: v if isinstance(v, np.ndarray) else np.array(v) for k, v in out.items()}
@@ -105,7 +108,8 @@ class _Embed:
         vectors = np.zeros((len(status), self.dim), np.float32)
         if len(good):
             if self.local:
-                vectors[good] = self.embedder.embed_pixels(batch["pixels"][good])
+                vectors[good] = self.embedder.embed_pixels(
+                    np.stack([np.asarray(p, np.uint8) for p in batch["pixels"][good]]))
             else:
                 for i, got in zip(good, self.embedder([bytes(batch["data"][i]) for i in good])):
                     if isinstance(got, str):
