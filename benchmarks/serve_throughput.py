@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/serve_throughput.py [--precisions fp32 int8] [--batch-sizes 8 16]
                                                     [--seconds 20] [--record]
 
-Everything runs in one process tree on this machine, in one run, per precision:
+Everything runs in one process tree on this machine, in one run, per precision, the figures
+measured in alternating windows (every figure sees the same machine load):
 - raw: the exported image tower in onnxruntime (same session options as the server's
   runner) on already-preprocessed uint8 pixels, batch B, back to back;
 - served: JPEG bytes -> `classify` (decode + resize, encoder, two zero-shot heads,
@@ -80,36 +81,49 @@ def prepare(precision: str, preferred: tuple[int, ...], device: str) -> tuple[Pa
     return encoder_dir, repo
 
 
-def raw_throughput(encoder_dir: Path, images: list[bytes], batch: int, seconds: float, device: str = "cpu") -> float:
-    from headmaster.export.card import EncoderCard
-    from headmaster.model_repository.backends.preprocess import preprocess_bytes
-    from headmaster.model_repository.backends.runtime import load_runner
+class Raw:
+    """The exported image tower in onnxruntime, called directly on preprocessed pixels."""
 
-    card = EncoderCard.load(encoder_dir)
-    pixels = np.stack([preprocess_bytes(images[i % len(images)], card.preprocessing) for i in range(batch)])
-    spec = card.towers["image"]
-    runner = load_runner(str(encoder_dir / spec.file), device=device, optimization=spec.graph_optimization)
-    run = lambda: runner({spec.input_name: pixels}, [spec.output_name])  # noqa: E731
-    run()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        run()
-        done += batch
-    return done / (time.perf_counter() - start)
+    def __init__(self, encoder_dir: Path, images: list[bytes], device: str = "cpu"):
+        from headmaster.export.card import EncoderCard
+        from headmaster.model_repository.backends.preprocess import preprocess_bytes
+        from headmaster.model_repository.backends.runtime import load_runner
 
+        card = EncoderCard.load(encoder_dir)
+        self.pixels = np.stack([preprocess_bytes(images[i % len(images)], card.preprocessing) for i in range(64)])
+        self.spec = card.towers["image"]
+        self.runner = load_runner(str(encoder_dir / self.spec.file), device=device,
+                                  optimization=self.spec.graph_optimization)
 
-def served_throughput(url: str, images: list[bytes], batch: int, seconds: float) -> float:
-    from headmaster.client import HeadmasterClient
-
-    with HeadmasterClient(url, batch_size=batch, max_in_flight=2) as client:
-        chunk = [images[i % len(images)] for i in range(batch * 4)]
-        client.classify(chunk)  # warm-up: first batches pay for lazy initialisation
+    def window(self, batch: int, seconds: float) -> tuple[int, float]:
+        """Images done and seconds spent, running batches back to back for ``seconds``."""
+        x = self.pixels[:batch]
+        self.runner({self.spec.input_name: x}, [self.spec.output_name])  # warm
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            results = client.classify(chunk)
-            assert all(r.ok for r in results)
-            done += len(chunk)
-        return done / (time.perf_counter() - start)
+            self.runner({self.spec.input_name: x}, [self.spec.output_name])
+            done += batch
+        return done, time.perf_counter() - start
+
+
+class Served:
+    """JPEG bytes -> `classify` over gRPC, requests of B images, 2 in flight."""
+
+    def __init__(self, url: str, images: list[bytes]):
+        from headmaster.client import HeadmasterClient
+
+        self.url, self.images, self.client_type = url, images, HeadmasterClient
+
+    def window(self, batch: int, seconds: float) -> tuple[int, float]:
+        with self.client_type(self.url, batch_size=batch, max_in_flight=2) as client:
+            chunk = [self.images[i % len(self.images)] for i in range(batch * 4)]
+            client.classify(chunk)  # warm-up: the first batches pay for lazy initialisation
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                results = client.classify(chunk)
+                assert all(r.ok for r in results)
+                done += len(chunk)
+            return done, time.perf_counter() - start
 
 
 def model_times(url: str) -> dict[str, tuple[int, int, float, float]]:
@@ -157,38 +171,61 @@ def phone_photo_preprocessing(seconds: float) -> list[tuple[str, float, float]]:
     return rows
 
 
-def measure(precision: str, images: list[bytes], args) -> tuple[list, dict]:
+def measure(images: list[bytes], args) -> tuple[list, dict]:
+    """Every (precision, batch, raw | served) figure, measured in alternating windows of a few
+    seconds, so that all of them see the same machine load (this machine is shared)."""
+    import contextlib
+
     from headmaster.errors import ToolError
     from headmaster.model_repository import perf_analyzer
     from headmaster.model_repository.repository import Repository
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
 
-    encoder_dir, repo = prepare(precision, tuple(sorted(set(args.batch_sizes))), args.device)
-    raw = {b: raw_throughput(encoder_dir, images, b, args.seconds, args.device) for b in args.batch_sizes}
-    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            load_models=tuple(Repository(repo).model_names()), exit_timeout_s=10)
-    rows = []
-    with TritonServer(options, log_path=WORKDIR / f"tritonserver-{precision}.log") as server:
-        for b in args.batch_sizes:
-            served = served_throughput(server.grpc_url, images, b, args.seconds)
-            pa = None
-            if not args.no_perf_analyzer and not perf_analyzer.unavailable_reason():
-                data = perf_analyzer.write_image_input(images, WORKDIR / f"perf_input_b{b}.json")
-                try:
-                    pa = perf_analyzer.run("classify", server.http_url, data, batch_size=b, concurrency=2,
-                                           api_key=server.api_key, measurement_ms=int(args.seconds * 1000 / 3))
-                except ToolError as e:  # on a busy machine it may find no stable window: say so, go on
-                    pa = f"no stable measurement ({str(e).splitlines()[-1][:60]})"
-            rows.append((precision, b, raw[b], served, pa))
-        breakdown = model_times(server.grpc_url)
-    return rows, breakdown
+    with contextlib.ExitStack() as stack:
+        raw, served, servers = {}, {}, {}
+        for precision in args.precisions:
+            encoder_dir, repo = prepare(precision, tuple(sorted(set(args.batch_sizes))), args.device)
+            raw[precision] = Raw(encoder_dir, images, args.device)
+            options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                                    metrics_port=free_port(), load_models=tuple(Repository(repo).model_names()),
+                                    exit_timeout_s=10)
+            servers[precision] = stack.enter_context(
+                TritonServer(options, log_path=WORKDIR / f"tritonserver-{precision}.log"))
+            served[precision] = Served(servers[precision].grpc_url, images)
+        totals: dict[tuple, list[float]] = {}
+        window = max(2.0, args.seconds / args.rounds)
+        for _ in range(args.rounds):
+            for b in args.batch_sizes:
+                for precision in args.precisions:
+                    for kind, side in (("raw", raw[precision]), ("served", served[precision])):
+                        done, spent = side.window(b, window)
+                        total = totals.setdefault((precision, b, kind), [0, 0.0])
+                        total[0] += done
+                        total[1] += spent
+        rows = []
+        for precision in args.precisions:
+            for b in args.batch_sizes:
+                pa = None
+                if not args.no_perf_analyzer and not perf_analyzer.unavailable_reason():
+                    data = perf_analyzer.write_image_input(images, WORKDIR / f"perf_input_b{b}.json")
+                    try:
+                        pa = perf_analyzer.run("classify", servers[precision].http_url, data, batch_size=b,
+                                               concurrency=2, api_key=servers[precision].api_key,
+                                               measurement_ms=int(window * 1000))
+                    except ToolError as e:  # on a busy machine it may find no stable window: say so, go on
+                        pa = f"no stable measurement ({str(e).splitlines()[-1][:60]})"
+                rate = {kind: totals[precision, b, kind][0] / totals[precision, b, kind][1] for kind in ("raw", "served")}
+                rows.append((precision, b, rate["raw"], rate["served"], pa))
+        breakdowns = {precision: model_times(server.grpc_url) for precision, server in servers.items()}
+    return rows, breakdowns
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "fp16", "int8"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure, all rounds together")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating windows per figure")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -200,10 +237,7 @@ def main() -> None:
 
     images = jpeg_inputs()
     load_start = os.getloadavg()[0]
-    rows, breakdowns = [], {}
-    for precision in args.precisions:
-        measured, breakdowns[precision] = measure(precision, images, args)
-        rows += measured
+    rows, breakdowns = measure(images, args)
     phone = phone_photo_preprocessing(args.seconds)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

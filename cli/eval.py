@@ -61,6 +61,19 @@ def _summary(e) -> str:
     return text
 
 
+def _ood_summary(o: dict) -> str:
+    text = (f"out of distribution ({o['ood_images']} images from {o['ood_source']}): AUROC {o['auroc']:.3f}  "
+            f"FPR at 95% TPR {o['fpr_at_95_tpr']:.3f}  version threshold {o['version_threshold']:.4f} (k={o['k']}, "
+            f"{o['policy']}): {o['holdout_kept']:.1%} of the holdout kept, {o['ood_rejected']:.1%} of the others "
+            f"rejected; others given a label {o['ood_labelled_without_rule']:.1%} -> {o['ood_labelled_with_rule']:.1%} "
+            "when abstaining")
+    if "holdout_with_rule" in o:
+        a, b = o["holdout_without_rule"], o["holdout_with_rule"]
+        text += (f"; holdout accuracy of accepted labels {a['accuracy_of_accepted']:.3f} ({a['coverage']:.1%} "
+                 f"labelled) -> {b['accuracy_of_accepted']:.3f} ({b['coverage']:.1%}) when abstaining")
+    return text
+
+
 def print_run(run, quality, files) -> None:
     e, h = run.evaluation, run.holdout
     for path, why in h.skipped[:20]:
@@ -72,6 +85,8 @@ def print_run(run, quality, files) -> None:
     out.print(_per_label_table(e))
     out.print(_confusion_table(e))
     out.print(_summary(e), highlight=False)
+    if "ood" in e.metrics:
+        out.print(_ood_summary(e.metrics["ood"]), highlight=False)
     c = run.comparison
     if c is not None:
         table = Table(title=f"{c.a.head.title} vs {c.b.head.title}")
@@ -127,6 +142,9 @@ def eval_command(
     cache_dir: Annotated[Path | None, typer.Option(
         "--cache-dir", help="Embedding cache (default ~/.cache/headmaster/embeddings).")] = None,
     quality: Annotated[bool, typer.Option(help="Check label errors, near duplicates and leakage.")] = True,
+    ood: Annotated[Path | None, typer.Option(
+        "--ood", help="Folder of images unlike the head's data: AUROC and FPR at 95% TPR of its out-of-distribution "
+                      "rule, and what its threshold does to the accepted labels.")] = None,
 ) -> None:
     """Evaluate a head on labelled images kept aside; write a review page of its mistakes."""
     from headmaster.training.evaluation.evaluate import EvalOptions
@@ -136,7 +154,7 @@ def eval_command(
     compare = tuple(compare) if compare and all(v is not None for v in compare) else None
     options = EvalOptions(name=name, repo=repo, data=data, manifest=manifest, snapshot=snapshot, version=version,
                           compare=compare,
-                          against=against, server=server, cache_dir=cache_dir, train_data=train_data)
+                          against=against, server=server, cache_dir=cache_dir, train_data=train_data, ood=ood)
     bar, task = progress("embedding", None)
     with bar:
         run, checked, files = make_report(options, report,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from headmaster.cli.common import console
+from headmaster.cli.common import console, out
 
 app = typer.Typer(help="Export open_clip encoders for Triton.", no_args_is_help=True)
 
@@ -16,7 +16,8 @@ app = typer.Typer(help="Export open_clip encoders for Triton.", no_args_is_help=
 @app.command("encoder")
 def encoder(
     out: Annotated[Path, typer.Option("--out", help="Folder to write card.json and the tower files into.")],
-    model: Annotated[str, typer.Option("--model", help="open_clip model name (see `headmaster export list`).")] = "ViT-B-32",
+    model: Annotated[str, typer.Option("--model", help="open_clip model name, or timm:<name> for an image-only "
+                                                       "timm backbone (see `headmaster export list`).")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(
         "--pretrained", help="open_clip pretrained tag (needs internet once), a local checkpoint file, "
                              "or 'none' for random weights (tests, offline trials).")] = "none",
@@ -32,15 +33,18 @@ def encoder(
              "with scikit-learn and scikit-image).")] = None,
     max_batch_size: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 64,
     opt_batch_size: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 16,
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="timm backbones: square input size instead of the pretrained config's "
+                             "(e.g. 224 for DINOv2, whose config says 518).")] = None,
 ) -> None:
-    """Export the image and text towers of an open_clip model, checked against PyTorch."""
+    """Export an encoder (open_clip: image and text towers; timm:<name>: image only), checked against PyTorch."""
     from headmaster.export.encoder import ExportOptions, export_encoder
 
     options = ExportOptions(
         model=model, pretrained=None if pretrained.lower() == "none" else pretrained, out=out,
         precision=precision, format=format_, seed=seed,
         towers=tuple(t.strip() for t in towers.split(",") if t.strip()), check_images=check_images,
-        calibration=calibration, max_batch_size=max_batch_size, opt_batch_size=opt_batch_size)
+        calibration=calibration, max_batch_size=max_batch_size, opt_batch_size=opt_batch_size, image_size=image_size)
     with console.status(f"exporting {model} ({format_}, {precision}) and checking it against PyTorch..."):
         card = export_encoder(options)
     table = Table(title=f"{card.model} -> {out}", show_header=True)
@@ -65,12 +69,29 @@ def encoder(
 @app.command("list")
 def list_models(
     model: Annotated[str | None, typer.Argument(help="Show the pretrained tags of this model.")] = None,
+    models: Annotated[bool, typer.Option("--models", help="Every supported model name, one a line.")] = False,
 ) -> None:
-    """List open_clip models, or the pretrained tags of one."""
-    from headmaster.export.encoders import check_name, list_encoders, pretrained_tags
+    """The supported encoder families (with licence notes), every model (--models), or one model's tags."""
+    from headmaster.export.encoders import FAMILIES, check_name, list_encoders, pretrained_tags
 
     if model:
         check_name(model, None)
         typer.echo("\n".join(pretrained_tags(model)) or "(no pretrained tags)")
-    else:
-        typer.echo("\n".join(list_encoders()))
+        return
+    names = list_encoders()
+    if models:
+        typer.echo("\n".join(names))
+        return
+    from headmaster.export.encoders import family_of
+
+    table = Table(title="encoder families (`headmaster export list --models` names every model)")
+    for column in ("family", "library", "models", "smallest", "embedding", "zero-shot", "licence"):
+        table.add_column(column)
+    for family in FAMILIES:
+        count = sum(1 for n in names if (n.startswith("timm:") == (family.library == "timm"))
+                    and family_of(n).name == family.name)
+        prefix = "timm:" if family.library == "timm" else ""
+        table.add_row(family.name, family.library, f"{count}: {', '.join(prefix + p for p in family.patterns)}",
+                      prefix + family.smallest, family.pooling or "open_clip encode_image",
+                      family.zero_shot or "no (image only)", family.licence)
+    out.print(table)

@@ -116,6 +116,12 @@ def train_head_command(
     store: Annotated[str | None, typer.Option(
         help="Train from the people's labels in this store: frozen as a snapshot first (in STORE/snapshots), "
              "embeddings as stored.")] = None,
+    ood: Annotated[str, typer.Option(
+        "--ood", help="Images unlike the training data (kNN distance to it beyond the 95%-of-validation "
+                      "threshold): 'flag' labels them with \"ood\": true, 'abstain' gives them no label, 'off' "
+                      "keeps no reference set.")] = "flag",
+    ood_references: Annotated[int, typer.Option(
+        "--ood-references", help="Training embeddings kept for the kNN (a seeded subsample beyond).")] = 20_000,
 ) -> None:
     """Train the next version of a head from labelled images and publish it (hot-loaded with --server)."""
     from headmaster.training.heads.train_head import TrainOptions, train_head
@@ -125,11 +131,15 @@ def train_head_command(
         name=name, repo=repo, data=data, manifest=manifest, server=server, local=local,
         config=TrainConfig(kind=model, hidden=hidden, epochs=epochs, learning_rate=learning_rate, seed=seed),
         val_fraction=val_fraction, thresholds=thresholds, target_precision=target_precision, positive=positive,
-        cache_dir=cache, keep=keep, store=store)
+        cache_dir=cache, keep=keep, store=store, ood=ood, ood_references=ood_references)
     bar, task = progress("embedding", None)
     with bar:
         result = train_head(options, lambda done, total: bar.update(task, completed=done, total=total))
     _print_report(result)
+    if result.card.ood:
+        o = result.card.ood
+        console.print(f"out of distribution ({o['policy']}): kNN k={o['k']} over {o['references']} training "
+                      f"embeddings, distance > {o['threshold']:.4f} (95% of validation images are nearer)")
     console.print(f"[green]head {result.card.name} v{result.card.version}[/] ({result.card.kind}, "
                   f"{'multi-label' if result.card.multi_label else 'single-label'}): {', '.join(result.card.labels)}"
                   + (f"; live on the server at {result.server}" if result.server else

@@ -40,8 +40,12 @@ def serve(
         help="Triton backend directory for --tritonserver (holding onnxruntime/, python/, ...).")] = None,
     triton_arg: Annotated[list[str] | None, typer.Option(
         help="Pass an option to tritonserver as it is (repeat), e.g. --triton-arg=--grpc-use-ssl=true.")] = None,
+    restarts: Annotated[int, typer.Option(
+        help="Restart tritonserver when it dies, at most this many times in 10 minutes (the bundled Triton "
+             "2.51 can crash when a gRPC client disconnects mid-request); 0 = exit 1 at once.")] = 3,
 ) -> None:
     """Run the Triton server bundled in nvidia-pytriton on a repository until Ctrl-C / SIGTERM."""
+    import dataclasses
     import os
 
     from headmaster.errors import RepositoryError, ServerError
@@ -97,11 +101,27 @@ def serve(
             console.print(f"[yellow]listening on {host}:[/] inference, health, metadata and statistics answer anyone "
                           "who reaches this address, unencrypted over HTTP (see README, Security, for TLS)")
         console.print("Ctrl-C or SIGTERM stops it.")
-        supervisor = Supervisor(server, Path(repo), say=lambda line: console.print(line, highlight=False))
+        say = lambda line: console.print(line, highlight=False)  # noqa: E731
+        supervisor = Supervisor(server, Path(repo), say=say)
+        crashes: list[float] = []
         while not stopping:
             if not server.is_alive():
                 console.print(f"[red]Triton exited unexpectedly:[/]\n{server.failure_summary()}")
-                break
+                crashes = [t for t in crashes if time.monotonic() - t < 600] + [time.monotonic()]
+                if len(crashes) > restarts:
+                    if restarts:
+                        console.print(f"[red]not restarting:[/] {len(crashes)} crashes within 10 minutes "
+                                      f"(--restarts {restarts})")
+                    break
+                # Same key and ports: clients and the repository's commands carry on once it is back.
+                server.stop(drain=False, failed=True)  # reaps the stubs, frees their shared memory
+                options = dataclasses.replace(options, api_key=server.api_key)
+                server = TritonServer(options, log_path=server.log_path)
+                console.print(f"restarting Triton ({len(crashes)} of at most {restarts} in 10 minutes)...")
+                server.start(timeout_s=startup_timeout)
+                supervisor = Supervisor(server, Path(repo), say=say)
+                console.print(f"[green]Triton is ready again[/] (pid {server.record.pid})")
+                continue
             if model_control_mode == "explicit":  # Triton refuses load and unload calls in the other modes
                 supervisor.tick() if watch else supervisor.heal_stubs()
             time.sleep(0.25)

@@ -16,6 +16,16 @@ class HeadResult:
     version: int  # the head version that produced these scores and applied its thresholds
     labels: tuple[str, ...]  # accepted labels (may be empty)
     scores: dict[str, float]  # every label's score
+    # A version with an out-of-distribution reference set: whether the image lies beyond its
+    # threshold, and its cosine distance to the k-th nearest training embedding (else None).
+    ood: bool | None = None
+    ood_distance: float | None = None
+
+    def as_dict(self) -> dict:
+        d = {"version": self.version, "labels": list(self.labels), "scores": self.scores}
+        if self.ood is not None:
+            d.update(ood=self.ood, ood_distance=self.ood_distance)
+        return d
 
     @property
     def top(self) -> tuple[str, float]:
@@ -38,13 +48,14 @@ class Classification:
     def from_result(cls, source: str | None, sha256: str, embedding: np.ndarray,
                     result_json: bytes | str) -> "Classification":
         doc = json.loads(result_json)
-        heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]))
+        heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]),
+                                  h.get("ood"), h.get("ood_distance"))
                  for name, h in doc.get("heads", {}).items()}
         return cls(source, sha256, np.asarray(embedding, dtype=np.float32), heads, doc.get("encoder"))
 
     def to_dict(self, with_embedding: bool = False) -> dict:
         d = {"source": self.source, "sha256": self.sha256, "ok": True, "encoder": self.encoder,
-             "heads": {n: {"version": h.version, "labels": list(h.labels), "scores": h.scores} for n, h in self.heads.items()}}
+             "heads": {n: h.as_dict() for n, h in self.heads.items()}}
         if with_embedding:
             d["embedding"] = self.embedding.tolist()
         return d

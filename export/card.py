@@ -23,8 +23,11 @@ CARD_FILE = "card.json"
 CARD_SCHEMA = 1
 
 
-def fingerprint_of(model: str, weights_sha256: str, preprocessing: dict, embed_dim: int) -> str:
+def fingerprint_of(model: str, weights_sha256: str, preprocessing: dict, embed_dim: int,
+                   pooling: str | None = None) -> str:
     identity = {"model": model, "weights_sha256": weights_sha256, "preprocessing": preprocessing, "embed_dim": embed_dim}
+    if pooling is not None:  # timm backbones; open_clip cards keep the fingerprints they had
+        identity["pooling"] = pooling
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -44,7 +47,7 @@ class TowerFile:
 
 @dataclass(frozen=True)
 class EncoderCard:
-    model: str  # open_clip model name
+    model: str  # open_clip model name, or timm:<name> for an image-only timm backbone
     pretrained: str | None  # tag, checkpoint path, or None (random weights from `seed`)
     weights_sha256: str
     preprocessing: dict  # headmaster.export.encoders.Preprocessing.as_dict()
@@ -60,9 +63,12 @@ class EncoderCard:
     seed: int | None = None
     schema: int = CARD_SCHEMA
     fingerprint: str = field(default="")
+    family: str = "clip"  # headmaster.export.encoders.FAMILIES
+    pooling: str | None = None  # timm backbones: cls | mean | head-less (hashed into the fingerprint)
+    logit_bias: float | None = None  # SigLIP: zero-shot scores are sigmoid(logit_scale * cosine + logit_bias)
 
     def __post_init__(self) -> None:
-        expected = fingerprint_of(self.model, self.weights_sha256, self.preprocessing, self.embed_dim)
+        expected = fingerprint_of(self.model, self.weights_sha256, self.preprocessing, self.embed_dim, self.pooling)
         if not self.fingerprint:
             object.__setattr__(self, "fingerprint", expected)
         elif self.fingerprint != expected:

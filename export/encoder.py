@@ -59,6 +59,7 @@ class ExportOptions:
     check_images: Path | None = None  # extra real images for the export check
     calibration: Path | None = None  # int8: the user's images to calibrate on (default: reference_images())
     quantization: quantize.QuantizeSettings = quantize.QuantizeSettings()  # int8: how (tests make bad ones)
+    image_size: int | None = None  # timm backbones: square input size other than their pretrained config's
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -101,7 +102,16 @@ def _image_tower(encoder: LoadedEncoder, dtype):
             features = self.visual(x.to(dtype))
             return torch.nn.functional.normalize(features.float(), dim=-1)
 
-    return ImageTower(copy.deepcopy(encoder.model.visual).to(dtype)).eval()
+    return _unfused(ImageTower(copy.deepcopy(encoder.visual).to(dtype)).eval())
+
+
+def _unfused(module):
+    # timm's attention layers choose F.scaled_dot_product_attention at construction
+    # (``fused_attn``); the explicit path computes the same attention in traceable ops.
+    for layer in module.modules():
+        if isinstance(getattr(layer, "fused_attn", None), bool):
+            layer.fused_attn = False
+    return module
 
 
 def _text_tower(encoder: LoadedEncoder, dtype):
@@ -143,7 +153,9 @@ def _example(spec: TowerFile, batch: int = 2):
 @contextlib.contextmanager
 def _exportable():
     """No autograd, and no fused multi-head-attention fast path: it has no ONNX symbolic
-    and would bake one code path into the TorchScript trace."""
+    and would bake one code path into the TorchScript trace. timm's attention layers likewise
+    take their explicit softmax(QK^T)V path instead of F.scaled_dot_product_attention while
+    tracing (``_unfused``), which exports as plain MatMul/Softmax on every opset and runtime."""
     torch = _torch()
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -280,7 +292,7 @@ def _verify(encoder: LoadedEncoder, tower: str, spec: TowerFile, path: Path, opt
 
 def _tool_versions() -> dict:
     versions = {}
-    for dist in ("torch", "open_clip_torch", "onnx", "onnxruntime", "headmaster", "tensorrt"):
+    for dist in ("torch", "open_clip_torch", "timm", "onnx", "onnxruntime", "headmaster", "tensorrt"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -342,18 +354,40 @@ def _place(staging: Path, out: Path) -> None:
         staging.rename(out)
 
 
+def _require_tokenizer(name: str) -> None:
+    """A text tower is only useful with its tokenizer (the export check and the served
+    ``tokenize`` model both need it): refuse before exporting if it cannot load here."""
+    import open_clip
+
+    try:
+        open_clip.get_tokenizer(name)
+    except Exception as e:
+        raise ExportError(
+            f"the text tower of {name} needs its tokenizer, which does not load here ({type(e).__name__}: {e}); "
+            "SigLIP's is a Hugging Face tokenizer (pip install transformers, and its files from the hub or a local "
+            "cache). Export the image tower alone with --towers image (trained heads; no zero-shot)",
+            option="towers") from None
+
+
 def export_encoder(options: ExportOptions) -> EncoderCard:
     """Export, verify, and write ``card.json`` + one file per tower into ``options.out``."""
     if options.format == "plan":
         _require_tensorrt()  # fail before minutes of loading and exporting
-    encoder = load(options.model, options.pretrained, options.seed)
+    if "text" in options.towers and not options.model.startswith("timm:"):
+        _require_tokenizer(options.model)  # before minutes of loading
+    encoder = load(options.model, options.pretrained, options.seed, options.image_size)
+    towers_wanted = [t for t in options.towers if t == "image" or encoder.has_text]
+    if options.towers == ("text",) and not encoder.has_text:
+        raise ExportError(f"{options.model} is an image-only backbone: it has no text tower", option="towers")
+    if "text" in options.towers and not encoder.has_text:
+        LOG.info("%s is image-only: exporting its image tower (no text tower, so no zero-shot heads)", options.model)
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
     try:
         towers, checks = {}, {}
-        for tower in options.towers:
+        for tower in towers_wanted:
             towers[tower], checks[tower] = _export_tower(encoder, tower, staging, options)
         card = EncoderCard(
             model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
@@ -361,7 +395,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
             context_length=encoder.context_length, logit_scale=encoder.logit_scale,
             precision=options.precision, format=options.format, towers=towers, verification=checks,
             tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            seed=encoder.seed,
+            seed=encoder.seed, family=encoder.family, pooling=encoder.pooling, logit_bias=encoder.logit_bias,
         )
         card.save(staging)
         _place(staging, out)

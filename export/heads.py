@@ -96,6 +96,24 @@ class HeadWeights:
         return (x / x.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def check_ood(name: str, ood: dict) -> None:
+    """The ``ood`` entry of a head card, refused with what is wrong."""
+    from headmaster.model_repository.backends.threshold import OOD_POLICIES
+
+    missing = {"k", "threshold", "policy", "references", "sha256"} - set(ood)
+    if missing:
+        raise ExportError(f"head {name}: ood lacks {sorted(missing)}", option="ood")
+    if ood["policy"] not in OOD_POLICIES:
+        raise ExportError(f"head {name}: ood policy must be one of {', '.join(OOD_POLICIES)}, not {ood['policy']!r}",
+                          option="ood")
+    if not (isinstance(ood["k"], int) and 1 <= ood["k"] <= ood["references"]):
+        raise ExportError(f"head {name}: ood k must be an integer in [1, references={ood['references']}], "
+                          f"not {ood['k']!r}", option="ood")
+    if not 0.0 <= float(ood["threshold"]) <= 2.0:
+        raise ExportError(f"head {name}: ood threshold is a cosine distance in [0, 2], not {ood['threshold']!r}",
+                          option="ood")
+
+
 @dataclass(frozen=True)
 class HeadCard:
     """Everything about one head version; ``head.json`` in the version folder."""
@@ -111,6 +129,10 @@ class HeadCard:
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     details: dict = field(default_factory=dict)  # prompts, training data hash, metrics, ...
     schema: int = HEAD_SCHEMA
+    # Out of distribution (None: the version has no reference set and never says "ood"):
+    # k, threshold (cosine distance to the k-th nearest reference), policy (abstain | flag),
+    # references (rows of ood.npy) and sha256 (threshold.references_sha256 of them).
+    ood: dict | None = None
 
     def __post_init__(self) -> None:
         check_head_name(self.name)
@@ -125,11 +147,16 @@ class HeadCard:
             raise ExportError(f"head {self.name}: thresholds must lie in [0, 1], got {self.thresholds}")
         if self.version < 1:
             raise ExportError(f"head {self.name}: versions start at 1, got {self.version}")
+        if self.ood is not None:
+            check_ood(self.name, self.ood)
 
     def info(self) -> dict:
         """What travels with every answer of this version (the INFO output)."""
-        return {"head": self.name, "version": self.version, "labels": list(self.labels),
+        info = {"head": self.name, "version": self.version, "labels": list(self.labels),
                 "thresholds": [float(t) for t in self.thresholds], "multi_label": self.multi_label}
+        if self.ood is not None:  # versions without a reference set keep yesterday's INFO
+            info["ood"] = dict(self.ood)
+        return info
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / HEAD_FILE
@@ -194,14 +221,25 @@ def head_onnx(weights: HeadWeights, card: HeadCard):
     return model
 
 
-def write_head(folder: Path, weights: HeadWeights, card: HeadCard, check_embeddings: np.ndarray | None = None) -> None:
-    """Write model.onnx + head.json, then load the ONNX file back and compare it with the
-    numpy reference on ``check_embeddings`` (random unit vectors when none are given)."""
+def write_head(folder: Path, weights: HeadWeights, card: HeadCard, check_embeddings: np.ndarray | None = None,
+               references: np.ndarray | None = None) -> None:
+    """Write model.onnx + head.json (+ ood.npy, the reference set a card with ``ood`` names),
+    then load the ONNX file back and compare it with the numpy reference on
+    ``check_embeddings`` (random unit vectors when none are given)."""
     import onnx
     import onnxruntime as ort
 
+    from headmaster.model_repository.backends.threshold import OOD_FILE, references_sha256
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if (card.ood is None) != (references is None):
+        raise ExportError(f"head {card.name}: a reference set goes with a card that describes it (ood), and only then")
+    if references is not None:
+        if references.shape != (card.ood["references"], card.embed_dim) or \
+                references_sha256(references) != card.ood["sha256"]:
+            raise ExportError(f"head {card.name}: the reference set is not the one its card describes")
+        np.save(folder / OOD_FILE, references, allow_pickle=False)
     onnx.save(head_onnx(weights, card), str(folder / MODEL_FILE))
     card.save(folder)
     if check_embeddings is None:

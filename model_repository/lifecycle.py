@@ -78,11 +78,12 @@ def _go_live(repo: Path, name: str, previous: int | None, control: live.Control 
 
 
 def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
-            server: str | None = None) -> Change:
-    """Publish the next version of a head (see ``repository.publish_head``) and make it live."""
+            server: str | None = None, references=None) -> Change:
+    """Publish the next version of a head (see ``repository.publish_head``) and make it live;
+    ``references``: the out-of-distribution reference set its card's ``ood`` describes."""
     control = live.find(repo, server)
     previous = _live_version(repo, make_card(1).name)
-    card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep)
+    card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep, references)
     return Change(card.name, card.version, _go_live(repo, card.name, previous, control), card)
 
 
@@ -153,7 +154,14 @@ def _import_on_disk(repo: Path, version_dir: Path, name: str | None = None) -> H
     source = HeadCard.load(version_dir)
     weights = HeadWeights.from_onnx(Path(version_dir) / MODEL_FILE)
     details = {**source.details, "imported_from": str(Path(version_dir).resolve())}
-    return _publish_on_disk(repo, weights, lambda v: replace(source, name=name or source.name, version=v, details=details))
+    references = None
+    if source.ood is not None:  # check_version_dir has verified it against the card
+        import numpy as np
+
+        from headmaster.model_repository.backends.threshold import OOD_FILE
+        references = np.load(Path(version_dir) / OOD_FILE, allow_pickle=False)
+    return _publish_on_disk(repo, weights, lambda v: replace(source, name=name or source.name, version=v, details=details),
+                            references=references)
 
 
 def _remove_on_disk(repo: Path, name: str) -> None:
@@ -168,7 +176,8 @@ def _remove_on_disk(repo: Path, name: str) -> None:
         shutil.rmtree(trash)
 
 
-def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5) -> HeadCard:
+def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
+                     references=None) -> HeadCard:
     """Publish the next version of a head: the only way head versions enter a repository.
 
     ``make_card(version)`` returns the HeadCard for the version number the repository
@@ -185,7 +194,7 @@ def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep
         if card.embed_dim != repository.card.embed_dim:
             raise RepositoryError(f"head {card.name} reads {card.embed_dim}-d embeddings; "
                                   f"the encoder gives {repository.card.embed_dim}-d")
-        write_head(folder, weights, card, check_embeddings)
+        write_head(folder, weights, card, check_embeddings, references)
         copy_backend("runtime", folder)
         published.append(card)
 

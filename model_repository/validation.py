@@ -148,7 +148,26 @@ def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: s
                       if isinstance(found, dict) else ["everything"])
             raise refuse(f"{MODEL_FILE} answers with INFO that disagrees with {HEAD_FILE} on "
                          f"{', '.join(differ)}: {json.dumps(found)[:160]}")
+    if card.ood is not None:
+        _check_references(folder, card, refuse)
     return card
+
+
+def _check_references(folder: Path, card: HeadCard, refuse) -> None:
+    """The out-of-distribution reference set the card names: present, that size, those bytes."""
+    from headmaster.model_repository.backends.threshold import OOD_FILE, load_references
+
+    path = folder / OOD_FILE
+    if not path.is_file():
+        raise refuse(f"{OOD_FILE} is missing ({HEAD_FILE} describes an out-of-distribution reference set)")
+    try:
+        references = load_references(str(folder), card.ood)
+    except ValueError as e:
+        raise refuse(f"{OOD_FILE}: {e}") from None
+    except OSError as e:
+        raise refuse(f"{OOD_FILE} cannot be read: {e}") from None
+    if references.shape != (card.ood["references"], card.embed_dim):
+        raise refuse(f"{OOD_FILE} is {list(references.shape)}, not [{card.ood['references']}, {card.embed_dim}]")
 
 
 def _scores_activation(model_path: Path) -> str | None:

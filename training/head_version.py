@@ -16,7 +16,14 @@ import numpy as np
 
 from headmaster.errors import FingerprintMismatchError
 from headmaster.export.heads import MODEL_FILE, HeadCard
-from headmaster.model_repository.backends.threshold import accept, accepted_mask
+from headmaster.model_repository.backends.threshold import (
+    KnnIndex,
+    accept,
+    accepted_mask,
+    knn_distance,
+    load_references,
+    ood_rule,
+)
 from headmaster.model_repository.repository import Repository
 from headmaster.model_repository.validation import check_version_dir
 
@@ -27,6 +34,7 @@ class HeadVersion:
     folder: Path  # REPO/<head>/<N>/
     live: bool = False  # the version the repository serves
     _session: list = field(default_factory=list, repr=False, compare=False)  # onnxruntime session, made once
+    _index: list = field(default_factory=list, repr=False, compare=False)  # its kNN index, made once
 
     @classmethod
     def load(cls, repository: Repository | Path, name: str, version: int | None = None) -> "HeadVersion":
@@ -62,9 +70,30 @@ class HeadVersion:
             self._session.append(ort.InferenceSession(str(self.model), providers=["CPUExecutionProvider"]))
         return self._session[0].run(["SCORES"], {"EMBEDDING": embeddings})[0]
 
-    def accepted_mask(self, scores: np.ndarray) -> np.ndarray:
-        """[n, L] bool: which labels the server's threshold step accepts."""
-        return accepted_mask(np.asarray(scores, np.float32), self.info)
+    @property
+    def has_ood(self) -> bool:
+        return self.card.ood is not None
 
-    def accepted(self, scores: np.ndarray) -> list[list[str]]:
-        return accept(np.asarray(scores, np.float32), self.info)
+    def ood_distances(self, embeddings: np.ndarray) -> np.ndarray | None:
+        """[n] cosine distance to the k-th nearest training embedding (None: no reference set),
+        searched as the server's threshold step does."""
+        if not self.has_ood:
+            return None
+        if not self._index:
+            self._index.append(KnnIndex(load_references(str(self.folder), self.card.ood)))
+        return knn_distance(self._index[0], embeddings, int(self.card.ood["k"]))
+
+    def out_of_distribution(self, embeddings: np.ndarray) -> np.ndarray | None:
+        """[n] bool by the server's rule, or None for a version without a reference set."""
+        distances = self.ood_distances(embeddings)
+        return None if distances is None else ood_rule(distances, self.card.ood)
+
+    def accepted_mask(self, scores: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """[n, L] bool: which labels the server's threshold step accepts (with ``embeddings``,
+        an abstaining version accepts nothing for images out of its distribution)."""
+        flags = None if embeddings is None else self.out_of_distribution(embeddings)
+        return accepted_mask(np.asarray(scores, np.float32), self.info, flags)
+
+    def accepted(self, scores: np.ndarray, embeddings: np.ndarray | None = None) -> list[list[str]]:
+        flags = None if embeddings is None else self.out_of_distribution(embeddings)
+        return accept(np.asarray(scores, np.float32), self.info, flags)

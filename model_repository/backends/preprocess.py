@@ -7,7 +7,9 @@ served and local embeddings share one implementation.
 
 It reproduces open_clip's eval transform (``open_clip.transform.image_transform``) step by
 step on the PIL image: resize (shortest / longest / squash), centre crop or pad, convert to
-RGB. The float conversion and mean/std normalisation live in the exported encoder graph,
+RGB; with ``crop_pct`` below 1 (timm backbones), timm's eval transform
+(``timm.data.transforms_imagenet_eval``): convert to RGB first (``convert_first``, as timm's
+loaders do), resize to floor(size / crop_pct), then centre crop. The float conversion and mean/std normalisation live in the exported encoder graph,
 so only uint8 travels between the models (4x less than float32).
 
 Every image mode Pillow opens is first mapped to its 8-bit rendering (``to_8bit``: 16-bit
@@ -318,8 +320,18 @@ def to_pixels(image: Image.Image, cfg: dict, full_size: tuple[int, int] | None =
     size = tuple(cfg["size"])
     resample = _RESAMPLE[cfg.get("interpolation", "bicubic")]
     mode = cfg.get("resize_mode", "shortest")
+    if cfg.get("convert_first"):
+        # timm's loaders convert to RGB on reading, before the transform; open_clip after resizing.
+        image = image.convert(cfg.get("mode", "RGB"))
     if mode == "squash":
         image = _resize(image, size, resample, full_size)
+    elif mode == "shortest" and float(cfg.get("crop_pct", 1.0)) != 1.0:
+        crop_pct = float(cfg["crop_pct"])
+        scaled = tuple(int(np.floor(x / crop_pct)) for x in size)
+        # timm: torchvision's shortest-edge Resize for a square size, ResizeKeepRatio otherwise.
+        target = (_shortest_edge_size(w, h, scaled[0]) if scaled[0] == scaled[1]
+                  else _keep_ratio_size(w, h, scaled, 0.0))
+        image = _center_crop_or_pad(_resize(image, target, resample, full_size), size, 0)
     elif mode == "shortest":
         # Resize then crop, as open_clip does. Resizing only the crop's source box
         # (resize(box=...)) would skip the long side's pixels, but Pillow passes the box as
@@ -373,6 +385,8 @@ class TorchDecoder:
     def _fits(self, data: bytes) -> tuple[int, int] | None:
         """The upright (width, height) of a JPEG this path can take, else None (Pillow's path)."""
         if self.mode not in ("shortest", "squash") or not data.startswith(b"\xff\xd8\xff"):
+            return None
+        if float(self.cfg.get("crop_pct", 1.0)) != 1.0:  # timm's resize-then-crop: Pillow's exact path
             return None
         try:
             image = Image.open(io.BytesIO(data))
@@ -432,6 +446,14 @@ class TorchDecoder:
         return out
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's cpuset, taskset), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def limits_from_parameters(params: dict, preprocessing: dict | None = None) -> dict:
     """The optional limit parameters of the model config (string values; absent or "" = default).
 
@@ -451,7 +473,7 @@ def limits_from_parameters(params: dict, preprocessing: dict | None = None) -> d
     limits = {"max_pixels": number("max_pixels", int, int(preprocessing.get("max_pixels") or MAX_PIXELS)),
               "max_aspect_ratio": number("max_aspect_ratio", float,
                                          float(preprocessing.get("max_aspect_ratio") or MAX_ASPECT_RATIO)),
-              "decode_concurrency": concurrency or (os.cpu_count() or 1),
+              "decode_concurrency": concurrency or _usable_cores(),
               "max_request_bytes": number("max_request_bytes", int, MAX_REQUEST_BYTES),
               "exact_decode": str(params.get("exact_decode", preprocessing.get("exact_decode", ""))).strip().lower()
               in ("1", "true", "yes"),

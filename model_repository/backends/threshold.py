@@ -7,23 +7,93 @@ old labels or thresholds: both come out of the same execution of the same versio
 
 Head inputs are optional: a repository adding or removing a head reloads this model and the
 ``classify`` ensemble one after the other, and either order keeps every request answerable.
-Copied as ``model.py``; numpy only.
+Copied as ``model.py``; numpy, and faiss-cpu where it is installed (the kNN search of the
+out-of-distribution rule; without it the same exact search runs as a numpy matmul).
+
+Out of distribution: a head version trained with a reference set (``ood.npy`` beside its
+``model.onnx``, described by the ``ood`` entry of its INFO) is asked, per image, how far the
+embedding lies from the training embeddings: the cosine distance to the k-th nearest
+reference. Beyond the version's threshold the image is ``"ood": true``; an ``abstain`` head
+then accepts no label, a ``flag`` head labels as usual. ``ood_rule`` is the one implementation,
+run here and by the CPU tools (``training/head_version.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import numpy as np
 
+OOD_FILE = "ood.npy"  # float16 [R, D]: L2-normalised training embeddings of the head version
+OOD_POLICIES = ("abstain", "flag")
 
-def accepted_mask(scores: np.ndarray, info: dict) -> np.ndarray:
+
+def references_sha256(references: np.ndarray) -> str:
+    """The digest INFO carries of a reference set: its dtype, shape and bytes."""
+    references = np.ascontiguousarray(references)
+    digest = hashlib.sha256(f"{references.dtype.str}{references.shape}".encode())
+    digest.update(references.tobytes())
+    return digest.hexdigest()
+
+
+def load_references(folder: str, ood: dict) -> np.ndarray:
+    """A version's reference set, refused unless it is the one its INFO names."""
+    references = np.load(os.path.join(folder, OOD_FILE), allow_pickle=False)
+    if references_sha256(references) != ood["sha256"]:
+        raise ValueError(f"{os.path.join(folder, OOD_FILE)} is not the reference set this version was made with")
+    return references
+
+
+class KnnIndex:
+    """Exact cosine kNN over a reference set: faiss's flat inner-product index (the field's
+    library for this), or the same exact search in numpy where faiss is not installed."""
+
+    def __init__(self, references: np.ndarray):
+        self.references = np.ascontiguousarray(references, dtype=np.float32)
+        try:
+            import faiss
+        except ImportError:
+            self.index = None
+        else:
+            self.index = faiss.IndexFlatIP(self.references.shape[1])
+            self.index.add(self.references)
+
+    def __len__(self) -> int:
+        return len(self.references)
+
+    def similarities(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """[n, k] cosine similarities to the k nearest references, nearest first."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, len(self.references))
+        if self.index is not None:
+            return self.index.search(queries, k)[0]
+        sims = queries @ self.references.T
+        top = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
+        return -np.sort(-top, axis=1)
+
+
+def knn_distance(index: KnnIndex, embeddings: np.ndarray, k: int) -> np.ndarray:
+    """[n] cosine distance of each embedding to its k-th nearest reference."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    return (1.0 - index.similarities(embeddings, k)[:, -1]).astype(np.float32)
+
+
+def ood_rule(distances: np.ndarray, ood: dict) -> np.ndarray:
+    """[n] bool: which images lie beyond the version's distance threshold."""
+    return np.asarray(distances) > float(ood["threshold"])
+
+
+def accepted_mask(scores: np.ndarray, info: dict, out_of_distribution: np.ndarray | None = None) -> np.ndarray:
     """Which labels each row of ``scores`` [n, L] accepts under the head's thresholds, [n, L] bool.
 
     multi-label heads (sigmoid): every label whose score reaches its threshold.
     single-label heads (softmax): of the labels that reach their thresholds, the highest
     scoring one, or none. With a binary head ("cat" / "no cat") and a threshold only on
-    "cat", an image below it falls to "no cat".
+    "cat", an image below it falls to "no cat". With ``out_of_distribution`` ([n] bool) and an
+    ``abstain`` head, those rows accept nothing.
     """
     thresholds = np.asarray(info["thresholds"], dtype=np.float32)
     if scores.ndim != 2 or scores.shape[1] != len(info["labels"]):
@@ -35,23 +105,35 @@ def accepted_mask(scores: np.ndarray, info: dict) -> np.ndarray:
     mask = np.zeros_like(passed)
     rows = np.arange(len(scores))
     mask[rows, best] = passed[rows, best]
-    return mask
+    return _abstain(mask, info, out_of_distribution)
 
 
-def accept(scores: np.ndarray, info: dict) -> list[list[str]]:
+def _abstain(mask: np.ndarray, info: dict, out_of_distribution: np.ndarray | None) -> np.ndarray:
+    if out_of_distribution is None or (info.get("ood") or {}).get("policy") != "abstain":
+        return mask
+    return mask & ~np.asarray(out_of_distribution, dtype=bool)[:, None]
+
+
+def accept(scores: np.ndarray, info: dict, out_of_distribution: np.ndarray | None = None) -> list[list[str]]:
     """The accepted label names of each row (see accepted_mask)."""
     labels = info["labels"]
-    return [[labels[j] for j in np.flatnonzero(row)] for row in accepted_mask(scores, info)]
+    return [[labels[j] for j in np.flatnonzero(row)] for row in accepted_mask(scores, info, out_of_distribution)]
 
 
-def head_results(scores: np.ndarray, info: dict) -> list[dict]:
-    """The per-image JSON of one head: version, accepted labels, score per label."""
-    accepted = accept(scores, info)
+def head_results(scores: np.ndarray, info: dict, distances: np.ndarray | None = None) -> list[dict]:
+    """The per-image JSON of one head: version, accepted labels, score per label, and for a
+    version with a reference set ``ood`` and ``ood_distance``."""
+    flags = None if distances is None else ood_rule(distances, info["ood"])
+    accepted = accept(scores, info, flags)
     names = info["labels"]
-    return [
+    results = [
         {"version": info["version"], "labels": labels, "scores": dict(zip(names, map(float, row)))}
         for labels, row in zip(accepted, scores)
     ]
+    if flags is not None:
+        for result, flag, distance in zip(results, flags, distances):
+            result.update(ood=bool(flag), ood_distance=round(float(distance), 6))
+    return results
 
 
 class TritonPythonModel:
@@ -67,6 +149,26 @@ class TritonPythonModel:
         self.heads = json.loads(params.get("heads", "[]"))
         self.encoder = params.get("encoder", "")  # the fingerprint every RESULT names
         self._info_cache: dict[bytes, dict] = {}
+        try:  # one search thread: the encoder owns the cores; OpenMP spinning beside it cost 4-7x here
+            import faiss
+
+            faiss.omp_set_num_threads(1)
+        except ImportError:
+            pass
+        # Head versions live beside this model in the repository: REPO/<head>/<version>/.
+        self.repository = os.path.dirname(os.path.abspath(args["model_repository"]))
+        self._indexes: dict[tuple[str, int, str], KnnIndex] = {}
+
+    def _index(self, head: str, info: dict) -> KnnIndex:
+        # One index per version, built on first use: a hot swap brings its own reference set.
+        key = (head, int(info["version"]), info["ood"]["sha256"])
+        index = self._indexes.get(key)
+        if index is None:
+            folder = os.path.join(self.repository, head, str(info["version"]))
+            for old in [k for k in self._indexes if k[0] == head]:
+                del self._indexes[old]
+            index = self._indexes[key] = KnnIndex(load_references(folder, info["ood"]))
+        return index
 
     def _info(self, raw: bytes) -> dict:
         # The same few INFO strings arrive with every request: parse each once.
@@ -91,7 +193,10 @@ class TritonPythonModel:
                 continue
             meta = self._info(info.as_numpy().reshape(-1)[0])
             values = scores.as_numpy()
-            for item, result in zip(items, head_results(values, meta)):
+            distances = None
+            if meta.get("ood"):
+                distances = knn_distance(self._index(head, meta), embedding, int(meta["ood"]["k"]))
+            for item, result in zip(items, head_results(values, meta, distances)):
                 item["heads"][head] = result
             outputs.append(pb.Tensor(f"SCORES_OUT_{head}", values))
         out = np.array([[json.dumps(item, separators=(",", ":"))] for item in items], dtype=object)

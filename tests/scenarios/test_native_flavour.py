@@ -117,3 +117,27 @@ def test_a_version_with_another_label_count_hot_loads(encoder_dir, jpeg_photos, 
             assert labels() == {(1, ("cat", "dog"))}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("fmt, precision", [("onnx", "fp16"), ("torchscript", "fp16")])
+def test_a_gpu_native_repository_matches_its_files_as_nvidias_backends_check_them(tmp_path, fmt, precision):
+    """What NVIDIA's container runs on a GPU: fp16 towers on KIND_GPU with the GPU batching
+    defaults, checked statically as onnxruntime_backend / the PyTorch backend check at load
+    (no GPU here to load them; a TensorRT plan needs TensorRT to be read at all)."""
+    from headmaster.export.encoder import ExportOptions, export_encoder
+    from headmaster.model_repository.build import build_repository
+    from headmaster.model_repository.repository import BuildOptions
+    from tests.helpers import MODEL, SEED
+
+    encoder = tmp_path / "encoder"
+    export_encoder(ExportOptions(model=MODEL, pretrained=None, out=encoder, seed=SEED, precision=precision,
+                                 format=fmt, towers=("image",)))
+    repository = build_repository(encoder, tmp_path / "repo", BuildOptions.for_device("cuda", flavour="native"))
+    assert check_repository(repository) == []
+    config = parse((tmp_path / "repo" / "image_encoder" / "config.pbtxt").read_text())
+    assert config.platform == {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}[fmt]
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU and config.instance_group[0].count == 2
+    assert config.max_batch_size == 512 and list(config.dynamic_batching.preferred_batch_size) == [64, 128, 256, 512]
+    preprocess = parse((tmp_path / "repo" / "preprocess" / "config.pbtxt").read_text())
+    assert preprocess.instance_group[0].kind == preprocess.instance_group[0].KIND_GPU
+    assert preprocess.parameters["decoder"].string_value == "torchvision"

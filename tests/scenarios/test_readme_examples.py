@@ -404,6 +404,12 @@ def check_curl(output: str, world: World) -> None:
     assert set(result["heads"]["animal"]["scores"]) == {"cat", "dog", "bird"}, result
 
 
+def check_shared_memory(output: str, block: Block) -> None:
+    images = re.findall(r'"([^"]+\.(?:jpg|png))"', block.code)
+    assert ast.literal_eval(output.strip()) == [(384,)] * len(images), output  # ViT-S-32's embedding, per image
+    assert not list(Path("/dev/shm").glob("headmaster-*")), "the client left a shared-memory region behind"
+
+
 def check_client(output: str, block: Block, world: World) -> None:
     images = re.findall(r'"([^"]+\.(?:jpg|png))"', block.code)
     lines = [line for line in output.splitlines() if line.strip()]
@@ -578,6 +584,8 @@ def test_readme_block(block: Block, command: str | None, request, tmp_path):
 
     if "curl " in code:
         check_curl(output, world)
+    elif "shared_memory=" in code:
+        check_shared_memory(output, block)
     elif "HeadmasterClient" in code:
         check_client(output, block, world)
     elif "--store store/" in code:

@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -41,14 +42,14 @@ pytestmark = pytest.mark.portable_only("`headmaster serve` runs the bundled Trit
 class Serve:
     """A `headmaster serve` subprocess and what it printed."""
 
-    def __init__(self, repo: Path, log: Path):
+    def __init__(self, repo: Path, log: Path, *options: str):
         self.repo, self.log = repo, log
         ports = [free_port() for _ in range(3)]
         self.http_url, self.grpc_url = f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
         self.output = open(log, "w")
         self.process = subprocess.Popen(
             [*HEADMASTER, "serve", "--repo", str(repo), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-             "--metrics-port", str(ports[2])], stdout=self.output, stderr=subprocess.STDOUT)
+             "--metrics-port", str(ports[2]), *options], stdout=self.output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while running_server(repo) is None:
             assert self.process.poll() is None, self.printed()
@@ -360,7 +361,7 @@ def test_sigterm_under_load_answers_in_flight_refuses_new_and_leaves_nothing(ser
 
 def test_serve_exits_non_zero_when_tritonserver_dies(repo, tmp_path):
     copy = clone_repo(repo, tmp_path / "repo")
-    serve = Serve(copy, tmp_path / "serve.log")
+    serve = Serve(copy, tmp_path / "serve.log", "--restarts", "0")
     regions = regions_of(serve.record.pid)
     os.kill(serve.record.pid, signal.SIGKILL)
     code = serve.process.wait(60)
@@ -368,3 +369,47 @@ def test_serve_exits_non_zero_when_tritonserver_dies(repo, tmp_path):
     assert "Triton exited unexpectedly" in serve.printed()
     assert not any(os.path.exists(f"/dev/shm/{r}") for r in regions)
     assert not [p for p in Path("/dev/shm").glob(f"{SHM_PREFIX}*") if p.name in regions]
+
+
+def test_serve_restarts_a_crashed_tritonserver_with_the_same_ports_and_key(repo, tmp_path, jpeg_photos):
+    """The bundled Triton 2.51 segfaults when a gRPC client vanishes while its request is in
+    flight (upstream triton-inference-server/server#7368, fixed in 24.12; reproduced here with
+    a killed client). serve restarts it: same ports, same key, the heads as they were."""
+    copy = clone_repo(repo, tmp_path / "repo")
+    serve = Serve(copy, tmp_path / "serve.log", "--restarts", "2")
+    image = jpeg_photos["chelsea.jpg"]
+    try:
+        first = serve.record
+        regions = regions_of(first.pid)
+        os.kill(first.pid, signal.SIGKILL)  # what a crash looks like from outside
+        deadline = time.monotonic() + 240
+        while (running_server(copy) is None or read_record(copy).pid == first.pid
+               or version_answered(serve.grpc_url, image, "animal") is None):
+            assert serve.process.poll() is None, serve.printed()
+            assert time.monotonic() < deadline, serve.printed()
+            time.sleep(1)
+        second = read_record(copy)
+        assert (second.http_url, second.grpc_url, second.api_key) == (first.http_url, first.grpc_url, first.api_key)
+        assert "restarting Triton (1 of at most 2 in 10 minutes)" in serve.printed()
+        assert not any(os.path.exists(f"/dev/shm/{r}") for r in regions)
+        # The real trigger: gRPC clients killed mid-request. Whether or not this Triton crashes on
+        # them, serve answers again afterwards.
+        script = textwrap.dedent(f"""
+            from headmaster.client import HeadmasterClient
+            with HeadmasterClient({serve.grpc_url!r}, batch_size=2, max_in_flight=4) as client:
+                print("ready", flush=True)
+                while True:
+                    client.classify([{image!r}] * 8)
+        """)
+        client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "ready"
+        time.sleep(2)
+        client.kill()
+        client.wait()
+        deadline = time.monotonic() + 240
+        while version_answered(serve.grpc_url, image, "animal") is None:
+            assert serve.process.poll() is None, serve.printed()
+            assert time.monotonic() < deadline, serve.printed()
+            time.sleep(1)
+    finally:
+        assert serve.stop() == 0, serve.printed()

@@ -100,3 +100,74 @@ def test_bad_bytes_fail_with_a_message_naming_the_problem(data, message):
 def test_oversized_images_are_refused_before_decoding():
     with pytest.raises(InvalidImage, match=r"image is 64x48 = 3072 pixels, over the limit of 1000"):
         decode_image(jpeg(), max_pixels=1000)
+
+
+# timm backbones: each family's own eval transform (timm.data.resolve_data_config of its
+# smallest model), and the shapes timm's crop_pct meets (non-square, upscaling).
+def _timm_configs() -> list[dict]:
+    import timm
+    from timm.data import resolve_data_config
+
+    from headmaster.export.encoders import FAMILIES, Preprocessing
+
+    found = {}
+    for family in FAMILIES:
+        if family.library == "timm":
+            model = timm.create_model(family.smallest, pretrained=False, num_classes=0)
+            cfg = Preprocessing.from_timm(resolve_data_config({}, model=model)).as_dict()
+            found[f"{family.name}-{cfg['size'][0]}-crop{cfg.get('crop_pct', 1.0)}"] = cfg
+    base = dict(next(iter(found.values())), crop_pct=0.875)
+    found["non-square-192x256-crop0.875"] = dict(base, size=(192, 256))
+    found["upscale-384-crop0.9-bilinear"] = dict(base, size=(384, 384), crop_pct=0.9, interpolation="bilinear")
+    return list(found.items())
+
+
+TIMM_CONFIGS = _timm_configs()
+
+
+def timm_pixels(data: bytes, cfg: dict) -> torch.Tensor:
+    """timm's own eval transform on an image its loader opened (RGB), before Normalize."""
+    from timm.data import create_transform
+
+    transform = create_transform(input_size=(3, *cfg["size"]), is_training=False, interpolation=cfg["interpolation"],
+                                 mean=(0, 0, 0), std=(1, 1, 1), crop_pct=cfg.get("crop_pct", 1.0), crop_mode="center")
+    return transform(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.mark.parametrize("cfg", [c for _, c in TIMM_CONFIGS], ids=[n for n, _ in TIMM_CONFIGS])
+@pytest.mark.parametrize("name", FILES)
+def test_pixels_equal_timm_transform(name, cfg):
+    data = (SKIMAGE / name).read_bytes()
+    ours = preprocess_bytes(data, cfg)
+    assert ours.shape == (3, *cfg["size"])
+    assert torch.equal(torch.from_numpy(ours).float().div(255), timm_pixels(data, cfg))
+
+
+def test_timm_crop_modes_other_than_center_are_refused():
+    from headmaster.errors import ExportError
+    from headmaster.export.encoders import Preprocessing
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0, 0, 0), "std": (1, 1, 1),
+           "crop_pct": 0.9}
+    with pytest.raises(ExportError, match="crop_mode 'squash' is not served"):
+        Preprocessing.from_timm({**cfg, "crop_mode": "squash"})
+    with pytest.raises(ExportError, match="interpolation 'nearest' is not served"):
+        Preprocessing.from_timm({**cfg, "interpolation": "nearest"})
+
+
+def test_each_pooling_is_what_timm_itself_computes():
+    """cls = the class token of forward_features; mean = the patch tokens' mean without the
+    prefix (class + register) tokens, which is timm's own avg pool of DINOv3 (no fc_norm)."""
+    import timm
+
+    from headmaster.export.encoders import _pooled
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=64).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert torch.allclose(_pooled(model, "cls")(x), tokens[:, 0])
+        assert model.num_prefix_tokens == 5 and model.global_pool == "avg"
+        assert torch.allclose(_pooled(model, "mean")(x), model(x), atol=1e-6)
+        assert torch.allclose(_pooled(model, "head-less")(x), model(x))

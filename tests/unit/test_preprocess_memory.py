@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -169,7 +170,12 @@ def test_limits_come_from_model_parameters():
     given = limits_from_parameters({"max_pixels": "1000", "max_aspect_ratio": "4.5", "decode_concurrency": "2",
                                     "threads": "8", "max_request_bytes": "4096"})
     assert given == {"max_pixels": 1000, "max_aspect_ratio": 4.5, "decode_concurrency": 2, "max_request_bytes": 4096,
-                     "exact_decode": False}
+                     "exact_decode": False, "decoder": "pillow"}
+    assert limits_from_parameters({"decoder": "torchvision"})["decoder"] == "torchvision"
+    # One decode thread per core this process may use (a container's cpuset), not per host core.
+    assert defaults["decode_concurrency"] == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="decoder must be one of pillow, torchvision"):
+        limits_from_parameters({"decoder": "nvjpeg"})
     assert limits_from_parameters({"exact_decode": "true"})["exact_decode"] is True
     assert limits_from_parameters({}, {"exact_decode": True})["exact_decode"] is True
     assert defaults["max_request_bytes"] == 64 * 1024 * 1024

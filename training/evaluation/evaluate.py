@@ -58,6 +58,7 @@ class EvalOptions:
     server: str | None = None  # HTTP host:port: embed through the server (same encoder)
     cache_dir: Path | None = None  # default: ~/.cache/headmaster/embeddings
     train_data: Path | None = None  # the head's training set, for leakage and label-issue checks
+    ood: Path | None = None  # a folder of out-of-distribution images: AUROC, FPR at 95% TPR (evaluation/ood.py)
 
 
 # -- the holdout -----------------------------------------------------------------------------
@@ -399,6 +400,9 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
         second = HeadVersion.load(repository, options.name, options.compare[1])
     elif options.against:
         second = HeadVersion.load(repository, options.against)
+    if options.ood is not None and not first.has_ood:
+        raise EvalError(f"head {first.title} has no out-of-distribution reference set (trained with --ood off, or "
+                        "before heads carried one): retrain it to evaluate --ood", option="ood")
     if options.manifest is not None and not first.card.multi_label:
         LOG.info("a manifest holdout for a single-label head: each image needs exactly one label")
     embed = Embedder(repository, options.server, options.cache_dir)
@@ -417,5 +421,15 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
 
         holdout = embed_dataset(dataset, embed, advance)
     evaluation = evaluate(first, holdout)
+    if options.ood is not None:
+        from headmaster.training.evaluation.ood import ood_metrics, ood_paths
+
+        paths = ood_paths(options.ood)
+        hashes, vectors, failures = embed(paths)
+        outside = [vectors[h] for p, h in zip(paths, hashes) if h is not None and str(p) not in failures]
+        if not outside:
+            raise EvalError(f"--ood {options.ood}: none of its {len(paths)} images could be read", option="ood")
+        evaluation.metrics["ood"] = ood_metrics(first, holdout.embeddings, np.stack(outside),
+                                                holdout.truth(first.card.labels), str(options.ood))
     comparison = compare(evaluation, evaluate(second, holdout), holdout) if second else None
     return EvalRun(options, repository, holdout, evaluation, comparison, embed)

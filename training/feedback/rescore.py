@@ -61,7 +61,7 @@ def rescore(store: Store, head: HeadVersion, batch_size: int = 65536,
                 raise FingerprintMismatchError(f"stored embeddings have {matrix.shape[1]} dimensions, head "
                                                f"{card.name} v{card.version} reads {card.embed_dim}")
             scores = head.scores(matrix)
-            accepted = head.accepted_mask(scores)
+            accepted = head.accepted_mask(scores, matrix)  # an abstaining head labels no outlier
             counts[:] += accepted.sum(axis=0)
             done[0] += len(matrix)
             if progress:

@@ -23,6 +23,7 @@ from headmaster.training.data import Dataset, content_hash, read_labelled
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
 from headmaster.training.feedback.snapshots import export_snapshot, is_snapshot, load_for_training
 from headmaster.training.heads import checks
+from headmaster.training.heads import ood as ood_detection
 from headmaster.training.heads.metrics import evaluate
 from headmaster.training.heads.thresholds import choose_thresholds
 from headmaster.training.heads.trainer import TrainConfig, fit
@@ -48,6 +49,8 @@ class TrainOptions:
     positive: str | None = None  # binary heads: the label that gets the threshold
     cache_dir: Path | None = None  # default: ~/.cache/headmaster/embeddings
     keep: int = 5  # versions kept on disk (loadable for rollback)
+    ood: str = "flag"  # out of distribution: abstain (no label) | flag (label + "ood": true) | off (no reference set)
+    ood_references: int = ood_detection.MAX_REFERENCES  # training embeddings kept for the kNN (subsampled beyond)
 
 
 @dataclass
@@ -157,6 +160,10 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
                                                 options.target_precision, options.positive)
     metrics = evaluate(val_scores, truth[val], labels, dataset.multi_label, thresholds)
     data_hash = content_hash([(sha, row_labels) for sha, row_labels, _ in rows])
+    if options.ood not in ood_detection.MODES:
+        raise DataError(f"ood must be one of {', '.join(ood_detection.MODES)}, not {options.ood!r}", option="ood")
+    ood_fit = None if options.ood == "off" else ood_detection.fit_ood(
+        x[train], y[train], x[val], y[val], options.ood, options.ood_references, options.config.seed)
 
     def make_card(version: int) -> HeadCard:
         return HeadCard(
@@ -170,8 +177,9 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
                      "training": {**options.config.as_dict(), **fit_info, "val_fraction": options.val_fraction},
                      "thresholds": {"mode": options.thresholds, "target_precision": options.target_precision,
                                     "positive": options.positive, "per_label": explanation},
-                     "metrics": metrics})
+                     "metrics": metrics, "ood": ood_fit.details if ood_fit else None},
+            ood=ood_fit.card if ood_fit else None)
 
     change = lifecycle.publish(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep,
-                               server=options.server)
+                               server=options.server, references=ood_fit.references if ood_fit else None)
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)

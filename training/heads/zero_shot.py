@@ -4,6 +4,11 @@ A zero-shot head is a linear layer whose rows are the (template-averaged, normal
 text embeddings of its labels, scaled by the encoder's logit scale, then a softmax: exactly
 CLIP's zero-shot classifier, in the same ONNX format as a trained head, so the two swap
 freely and a trained head can later replace it under the same name.
+
+SigLIP encoders (a card with ``logit_bias``) were trained with a sigmoid per image-text
+pair: their head is multi-label, each label scored sigmoid(logit_scale * cosine + logit_bias)
+on its own, so one prompt answers yes/no as the model intends. Image-only backbones (timm)
+have no text tower: zero-shot is refused; train a head instead.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
 
     from headmaster.model_repository.backends.runtime import load_runner
 
+    if repo.card.model.startswith("timm:"):
+        raise ExportError(f"{repo.card.model} is an image-only backbone ({repo.card.family}): it has no text tower, "
+                          "so no zero-shot heads; train a head on labelled images (`headmaster train-head`), or "
+                          "build a repository from a CLIP / SigLIP encoder for zero-shot", option="model")
     if not repo.has_text:
         raise ExportError(f"{repo.path} has no text tower: export the encoder with both towers for zero-shot heads")
     spec = repo.card.towers["text"]
@@ -65,8 +74,15 @@ def zero_shot_weights(repo: Repository, labels: list[Label], templates: tuple[st
     prompts = [t.format(label.prompt) for label in labels for t in templates]
     embeddings = embed_texts(repo, prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    weight = (repo.card.logit_scale * embeddings).astype(np.float32)
-    return HeadWeights(((weight, np.zeros(len(labels), np.float32)),), multi_label=False)
+    return classifier(embeddings, repo.card.logit_scale, repo.card.logit_bias)
+
+
+def classifier(text_embeddings: np.ndarray, logit_scale: float, logit_bias: float | None) -> HeadWeights:
+    """CLIP: softmax over scale * cosines. SigLIP (a bias): sigmoid(scale * cosine + bias) per label."""
+    weight = (logit_scale * np.asarray(text_embeddings)).astype(np.float32)
+    if logit_bias is None:
+        return HeadWeights(((weight, np.zeros(len(weight), np.float32)),), multi_label=False)
+    return HeadWeights(((weight, np.full(len(weight), logit_bias, np.float32)),), multi_label=True)
 
 
 def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES,
@@ -87,7 +103,8 @@ def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templat
                 "over zero-shot ones for the same dimension. Pick another name, roll back with "
                 f"`headmaster rollback {name}`, or pass --replace-trained")
     parsed = [Label.parse(text) for text in labels]
-    if len(parsed) < 2:
+    sigmoid = repo.card.logit_bias is not None
+    if len(parsed) < (1 if sigmoid else 2):
         raise DataError("a zero-shot head needs two labels or more; for a yes/no question give a "
                               "positive and a negative prompt, e.g. --label 'cat=a photo containing a cat' "
                               "--label 'no cat=a photo with no cat'")
@@ -98,7 +115,11 @@ def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templat
     weights = zero_shot_weights(repo, parsed, tuple(templates))
     return lifecycle.publish(repo_path, weights, lambda version: HeadCard(
         name=name, version=version, labels=tuple(label.name for label in parsed),
-        thresholds=tuple(float(thresholds.get(label.name, 0.0)) for label in parsed),
-        multi_label=False, encoder_fingerprint=repo.fingerprint, embed_dim=repo.card.embed_dim,
+        # A sigmoid head accepts a label whose own probability reaches its threshold (default 0.5).
+        thresholds=tuple(float(thresholds.get(label.name, 0.5 if sigmoid else 0.0)) for label in parsed),
+        multi_label=weights.multi_label, encoder_fingerprint=repo.fingerprint, embed_dim=repo.card.embed_dim,
         kind="zero-shot", details={"prompts": {label.name: label.prompt for label in parsed},
-                                   "templates": list(templates)}), server=server).card
+                                   "templates": list(templates),
+                                   "scoring": "sigmoid(scale * cosine + bias)" if sigmoid else "softmax(scale * cosine)",
+                                   "logit_scale": repo.card.logit_scale, "logit_bias": repo.card.logit_bias}),
+        server=server).card

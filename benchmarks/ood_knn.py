@@ -1,0 +1,136 @@
+"""Out-of-distribution kNN benchmark: what the rule costs per image, per head, at 100k references.
+
+Runs the exact code the threshold step runs (``threshold.KnnIndex`` + ``knn_distance``: faiss's
+flat inner-product index, and its numpy fallback) on references of 100,000 and on the default
+cap of 20,000 rows, at the batch sizes the server forms, next to the ViT-B-32 image tower in
+onnxruntime on the same machine (random weights, the cost does not depend on them).
+
+What the cap costs in detection: synthetic but structured embeddings (a mixture of 2,000
+clusters on the 512-d sphere; in-distribution = 1,600 of the clusters, out-of-distribution =
+the other 400), FPR at 95% TPR with all 100,000 references vs subsamples of 20,000 and 5,000.
+
+    python benchmarks/ood_knn.py [--dim 512] [--references 100000] [--record]
+
+Results: benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def per_image_ms(index, queries: np.ndarray, k: int, batch: int, seconds: float = 3.0) -> float:
+    from headmaster.model_repository.backends.threshold import knn_distance
+
+    knn_distance(index, queries[:batch], k)  # warm up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        start = (done // batch * batch) % (len(queries) - batch)
+        knn_distance(index, queries[start:start + batch], k)
+        done += batch
+    return (time.perf_counter() - started) / done * 1000
+
+
+def encoder_ms(batch: int) -> float:
+    from headmaster.export.encoder import ExportOptions, export_encoder
+    from headmaster.model_repository.backends.runtime import load_runner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        card = export_encoder(ExportOptions(model="ViT-B-32", pretrained=None, out=Path(tmp) / "e", towers=("image",)))
+        spec = card.towers["image"]
+        run = load_runner(str(Path(tmp) / "e" / spec.file), device="cpu", optimization="all")
+        pixels = np.random.default_rng(0).integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
+        run({spec.input_name: pixels}, [spec.output_name])
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 5.0:
+            run({spec.input_name: pixels}, [spec.output_name])
+            done += batch
+        return (time.perf_counter() - started) / done * 1000
+
+
+def clustered(rng, centres: np.ndarray, n: int, spread: float) -> np.ndarray:
+    pick = rng.integers(0, len(centres), n)
+    return unit(centres[pick] + spread * rng.normal(size=(n, centres.shape[1])).astype(np.float32))
+
+
+def cap_cost(dim: int, references: int, k: int = 10) -> list[tuple[int, float]]:
+    """FPR at 95% TPR against the reference-set size (seeded subsamples of one set)."""
+    from headmaster.model_repository.backends.threshold import KnnIndex, knn_distance
+
+    rng = np.random.default_rng(0)
+    centres = unit(rng.normal(size=(2000, dim)).astype(np.float32))
+    seen, unseen = centres[:1600], centres[1600:]
+    spread = 1.2 / np.sqrt(dim)  # neighbours within a cluster at cosine ~0.4
+    train = clustered(rng, seen, references, spread)
+    inside, outside = clustered(rng, seen, 5000, spread), clustered(rng, unseen, 5000, spread)
+    rows = []
+    for size in (references, 20_000, 5_000):
+        keep = np.sort(rng.choice(references, size, replace=False)) if size < references else np.arange(references)
+        index = KnnIndex(train[keep])
+        d_in, d_out = knn_distance(index, inside, k), knn_distance(index, outside, k)
+        rows.append((size, float((d_out <= np.quantile(d_in, 0.95, method="higher")).mean())))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--references", type=int, default=100_000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+
+    import faiss
+
+    from headmaster.model_repository.backends.threshold import KnnIndex
+
+    rng = np.random.default_rng(0)
+    queries = unit(rng.normal(size=(2048, args.dim)).astype(np.float32))
+    rows = []
+    for size in (args.references, 20_000):
+        references = unit(rng.normal(size=(size, args.dim)).astype(np.float32))
+        for threads in (1, os.cpu_count() or 1):
+            faiss.omp_set_num_threads(threads)
+            index = KnnIndex(references)
+            for batch in (1, 8, 32):
+                rows.append((size, f"faiss, {threads} thread(s)", batch, per_image_ms(index, queries, args.k, batch)))
+        index = KnnIndex(references)
+        index.index = None
+        rows.append((size, "numpy fallback", 32, per_image_ms(index, queries, args.k, 32)))
+    encoder = {batch: encoder_ms(batch) for batch in (8,)}
+    cap = cap_cost(args.dim, args.references, args.k)
+
+    lines = [f"### {datetime.date.today()}: out-of-distribution kNN, {args.dim}-d, k={args.k} "
+             f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+             f"faiss {faiss.__version__}; machine shared with other work, load average "
+             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end)", "",
+             "| references | search | batch | ms per image per head |", "|---|---|---|---|"]
+    lines += [f"| {size:,} | {how} | {batch} | {ms:.3f} |" for size, how, batch, ms in rows]
+    lines += ["", f"ViT-B-32 image tower, onnxruntime fp32, batch 8, same run: {encoder[8]:.1f} ms per image.", "",
+              "FPR at 95% TPR against the reference-set size (synthetic clustered embeddings, see the script):", "",
+              "| references | FPR at 95% TPR |", "|---|---|"]
+    lines += [f"| {size:,} | {fpr:.4f} |" for size, fpr in cap]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.record:
+        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

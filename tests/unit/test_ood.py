@@ -1,0 +1,149 @@
+"""Out of distribution, without a server: the kNN rule, how a version's reference set is fitted,
+carried, validated and applied (real data: scikit-learn's digits as pixels)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from headmaster.errors import ExportError, InvalidVersionError, TrainingError
+from headmaster.export.heads import HeadCard, HeadWeights, write_head
+from headmaster.model_repository.backends import threshold
+from headmaster.model_repository.backends.threshold import (
+    OOD_FILE,
+    KnnIndex,
+    head_results,
+    knn_distance,
+    references_sha256,
+)
+from headmaster.model_repository.validation import check_version_dir
+from headmaster.training.heads.ood import K_CANDIDATES, TPR, fit_ood
+
+FINGERPRINT = "sha256:" + "b" * 64
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits 0-7 as in-distribution (train / validation), 8 and 9 as images never trained on."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.data.astype(np.float32) - d.data.mean(axis=0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    seen = d.target < 8
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(np.flatnonzero(seen))
+    train, val = idx[:1000], idx[1000:]
+    return x[train], d.target[train], x[val], d.target[val], x[~seen]
+
+
+def test_faiss_and_the_numpy_fallback_find_the_same_neighbours(digits):
+    x_train, _, x_val, _, _ = digits
+    with_faiss = KnnIndex(x_train)
+    assert with_faiss.index is not None  # faiss-cpu is a dependency
+    without = KnnIndex(x_train)
+    without.index = None
+    for k in (1, 7, 50):
+        np.testing.assert_allclose(with_faiss.similarities(x_val, k), without.similarities(x_val, k), atol=1e-5)
+    # An exact search: the nearest reference of a reference is itself.
+    assert np.allclose(knn_distance(with_faiss, x_train[:20], 1), 0.0, atol=1e-5)
+
+
+def test_fit_keeps_95_percent_of_validation_and_flags_unseen_digits(digits):
+    x_train, y_train, x_val, y_val, unseen = digits
+    fit = fit_ood(x_train, y_train, x_val, y_val, "abstain")
+    assert fit.card["k"] in K_CANDIDATES and fit.card["references"] == len(x_train)
+    assert fit.references.dtype == np.float16 and fit.card["sha256"] == references_sha256(fit.references)
+    assert set(fit.details["auroc_by_k"]) <= set(K_CANDIDATES)
+    index = KnnIndex(fit.references.astype(np.float32))
+    kept = (knn_distance(index, x_val, fit.card["k"]) <= fit.card["threshold"]).mean()
+    assert TPR <= kept < TPR + 0.02
+    # 8s and 9s were never seen: far more of them lie beyond the threshold than the 5% of seen digits.
+    flagged = (knn_distance(index, unseen, fit.card["k"]) > fit.card["threshold"]).mean()
+    assert flagged > 0.3, flagged
+
+
+def test_a_capped_reference_set_is_a_seeded_subsample(digits):
+    x_train, y_train, x_val, y_val, _ = digits
+    a = fit_ood(x_train, y_train, x_val, y_val, "flag", max_references=300, seed=1)
+    b = fit_ood(x_train, y_train, x_val, y_val, "flag", max_references=300, seed=1)
+    assert a.card == b.card and a.card["references"] == 300 and a.details["subsampled"]
+    with pytest.raises(TrainingError, match="ood must be one of off, abstain, flag, not 'maybe'"):
+        fit_ood(x_train, y_train, x_val, y_val, "maybe")
+
+
+def _head(policy: str | None, dim: int = 64) -> tuple[HeadCard, HeadWeights, np.ndarray | None]:
+    rng = np.random.default_rng(0)
+    weights = HeadWeights(((rng.normal(size=(3, dim)).astype(np.float32), np.zeros(3, np.float32)),), False)
+    references = None
+    ood = None
+    if policy:
+        references = rng.normal(size=(50, dim)).astype(np.float32)
+        references = (references / np.linalg.norm(references, axis=1, keepdims=True)).astype(np.float16)
+        ood = {"k": 1, "threshold": 0.5, "policy": policy, "references": 50, "sha256": references_sha256(references)}
+    card = HeadCard(name="kind", version=2, labels=("a", "b", "c"), thresholds=(0.0, 0.0, 0.0), multi_label=False,
+                    encoder_fingerprint=FINGERPRINT, embed_dim=dim, kind="linear", ood=ood)
+    return card, weights, references
+
+
+@pytest.mark.parametrize("policy", ["abstain", "flag"])
+def test_results_say_ood_with_the_distance_and_an_abstaining_head_accepts_nothing(policy):
+    card, weights, references = _head(policy)
+    index = KnnIndex(references.astype(np.float32))
+    inside = references[:2].astype(np.float32)  # distance 0 to themselves, their own nearest (k=1)
+    outside = -inside  # the far side of the sphere
+    embeddings = np.concatenate([inside, outside])
+    scores = weights.scores(embeddings)
+    results = head_results(scores, card.info(), knn_distance(index, embeddings, card.ood["k"]))
+    assert [r["ood"] for r in results] == [False, False, True, True]
+    assert all(r["ood_distance"] > card.ood["threshold"] for r in results[2:])
+    assert all(len(r["labels"]) == 1 for r in results[:2])
+    assert all(len(r["labels"]) == (0 if policy == "abstain" else 1) for r in results[2:])
+
+
+def test_a_version_without_a_reference_set_answers_as_before():
+    card, weights, _ = _head(None)
+    info = card.info()
+    assert "ood" not in info
+    results = head_results(weights.scores(np.eye(3, 64, dtype=np.float32)), info)
+    assert all(set(r) == {"version", "labels", "scores"} for r in results)
+
+
+def test_the_reference_set_is_validated_with_the_version(tmp_path):
+    card, weights, references = _head("abstain")
+    folder = tmp_path / "2"
+    write_head(folder, weights, card, references=references)
+    assert check_version_dir(folder, FINGERPRINT, 64).ood == card.ood
+    # Another set of the same shape: refused, and so is none at all.
+    np.save(folder / OOD_FILE, np.flip(references, axis=0))
+    with pytest.raises(InvalidVersionError, match="ood.npy: .* is not the reference set this version was made with"):
+        check_version_dir(folder, FINGERPRINT, 64)
+    (folder / OOD_FILE).unlink()
+    with pytest.raises(InvalidVersionError, match="ood.npy is missing"):
+        check_version_dir(folder, FINGERPRINT, 64)
+    with pytest.raises(ExportError, match="a reference set goes with a card that describes it"):
+        write_head(tmp_path / "3", weights, replace(card, version=3))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"policy": "ignore"}, "ood policy must be one of abstain, flag, not 'ignore'"),
+    ({"k": 51}, r"ood k must be an integer in \[1, references=50\]"),
+    ({"threshold": 3.0}, r"ood threshold is a cosine distance in \[0, 2\]"),
+])
+def test_bad_ood_entries_are_refused(change, message):
+    card, _, _ = _head("flag")
+    with pytest.raises(ExportError, match=message):
+        replace(card, ood={**card.ood, **change})
+
+
+def test_the_threshold_step_reads_each_versions_reference_set_from_the_repository(tmp_path):
+    """The python backend, as Triton runs it: REPO/threshold next to REPO/<head>/<version>."""
+    card, weights, references = _head("abstain")
+    write_head(tmp_path / "repo" / "kind" / "2", weights, card, references=references)
+    model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
+    model.repository = str(tmp_path / "repo")
+    model._indexes = {}
+    index = model._index("kind", card.info())
+    assert len(index) == 50 and model._index("kind", card.info()) is index  # built once per version
