@@ -2,7 +2,8 @@
 
 export.py (export ...), repo.py (repo build / check / repair), serve.py (serve), heads.py
 (zero-shot, train-head, heads, rollback), classify.py, store.py (rescore, correct, suggest,
-reembed, dataset), eval.py, quickstart.py; common.py holds the consoles and shared options.
+reembed, dataset), eval.py, quickstart.py, backfill.py, worker.py (worker embed / heads /
+submit / status); common.py holds the consoles and shared options.
 Package errors print as one line without a traceback, naming the flag to change when the
 library says which parameter was at fault.
 """
@@ -16,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from headmaster.cli import classify, eval, export, heads, quickstart, repo, serve, store
+from headmaster.cli import backfill, classify, eval, export, heads, quickstart, repo, serve, store, worker
 from headmaster.cli.common import console, flag
 from headmaster.client.errors import ClientError
 from headmaster.errors import HeadmasterError
@@ -39,6 +40,8 @@ app.command("reembed")(store.reembed_command)
 app.add_typer(store.dataset_app, name="dataset")
 app.command("eval")(eval.eval_command)
 app.command("quickstart")(quickstart.quickstart)
+app.command("backfill")(backfill.backfill_command)
+app.add_typer(worker.app, name="worker")
 
 
 @app.callback()

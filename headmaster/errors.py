@@ -88,3 +88,12 @@ class EvalError(HeadmasterError):
 
 class StoreError(HeadmasterError):
     """The store cannot do what was asked; the message says why and what to do."""
+
+
+# -- pipelines: backfill and queue workers ---------------------------------------------------------
+class PipelineError(HeadmasterError):
+    """A backfill or a queue worker cannot run as asked; the message says what to change."""
+
+
+class QueueError(PipelineError):
+    """The queue (broker) cannot be reached, or refused or timed out an operation."""

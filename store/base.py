@@ -199,6 +199,13 @@ class Store(abc.ABC):
         """(hashes, float32 [n, D]) batches of the items embedded by ``fingerprint``, in bounded memory.
         The hashes are a list or an Arrow string array (what :func:`label_table` takes)."""
 
+    def hashes(self, fingerprint: str) -> set[str]:
+        """The items embedded by ``fingerprint`` (what a backfill skips)."""
+        found: set[str] = set()
+        for hashes, _ in self.iter_embeddings(fingerprint, 65536):
+            found.update(hashes.to_pylist() if hasattr(hashes, "to_pylist") else hashes)
+        return found
+
     @abc.abstractmethod
     def uris(self) -> dict[str, dict[str, str | None]]:
         """sha256 -> {fingerprint: uri} for every stored item."""
@@ -211,6 +218,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def labels(self, head: str, version: int | None = None):
         """The newest label row per item for ``head`` (optionally of one version), an Arrow table."""
+
+    def labelled(self, head: str, version: int, hashes: Iterable[str] | None = None) -> set[str]:
+        """The items (of ``hashes``, or all) that hold a label row of this head version: what a
+        redelivered message or a resumed backfill must not label again."""
+        stored = set(self.labels(head, version)["sha256"].to_pylist())
+        return stored if hashes is None else stored & set(hashes)
 
     @abc.abstractmethod
     def label_heads(self) -> list[str]: ...

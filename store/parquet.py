@@ -231,6 +231,10 @@ class ParquetStore(Store):
             if batch.num_rows:
                 yield batch.column(0), embedding_matrix(batch.column(1))
 
+    def hashes(self, fingerprint: str) -> set[str]:
+        dataset = self._item_dataset(fingerprint)
+        return set() if dataset is None else set(dataset.to_table(columns=["sha256"])["sha256"].to_pylist())
+
     def uris(self) -> dict[str, dict[str, str | None]]:
         found: dict[str, dict[str, str | None]] = {}
         for table in self._item_tables(["sha256", "uri", "fingerprint"]):
@@ -247,6 +251,18 @@ class ParquetStore(Store):
 
         condition = ds.field("version") == version if version is not None else None
         return latest(self._read(self.path / "labels" / head, label_schema(), filter=condition), ["sha256"])
+
+    def labelled(self, head: str, version: int, hashes: Iterable[str] | None = None) -> set[str]:
+        import pyarrow.dataset as ds
+
+        parts = self._parts(self.path / "labels" / head)
+        if not parts:
+            return set()
+        condition = ds.field("version") == version
+        if hashes is not None:
+            condition &= ds.field("sha256").isin(list(set(hashes)))
+        table = ds.dataset(parts, format="parquet", schema=label_schema()).to_table(columns=["sha256"], filter=condition)
+        return set(table["sha256"].to_pylist())
 
     def label_heads(self) -> list[str]:
         return sorted(p.name for p in (self.path / "labels").glob("*") if self._parts(p))

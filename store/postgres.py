@@ -408,6 +408,16 @@ class PostgresStore(Store):
                 ], schema=schema))
         return pa.Table.from_batches(batches, schema=schema)
 
+    def labelled(self, head: str, version: int, hashes=None) -> set[str]:
+        # One indexed lookup (labels_head) per batch: what every queue batch asks.
+        if hashes is None:
+            rows = self._conn.execute("SELECT DISTINCT sha256 FROM labels WHERE head = %s AND version = %s",
+                                      (head, version))
+        else:
+            rows = self._conn.execute("SELECT DISTINCT sha256 FROM labels WHERE head = %s AND version = %s "
+                                      "AND sha256 = ANY(%s)", (head, version, list(set(hashes))))
+        return {sha for (sha,) in rows.fetchall()}
+
     def label_heads(self) -> list[str]:
         return [head for (head,) in self._conn.execute(
             'SELECT DISTINCT head COLLATE "C" FROM labels ORDER BY 1').fetchall()]

@@ -328,3 +328,36 @@ def assert_image_refused(server, module, data: bytes, status: str, message: str)
         assert re.search(message, caught.value.message()), caught.value.message()
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A throwaway redis-server (Debian's) on a free loopback port, in a temp folder, no
+    persistence; stopped at the end of the session. Missing binary: skipped, or failed when CI is set."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing (Debian: redis-server; `make setup` installs it) and CI is set")
+        pytest.skip("redis-server is missing (Debian: redis-server)")
+    pytest.importorskip("redis", reason="the Redis client is not installed (pip install 'headmaster[queue]')")
+    import redis
+
+    root, port = tempfile.mkdtemp(prefix="headmaster-redis-"), free_port()
+    process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", root, "--save", "",
+                                "--appendonly", "no", "--protected-mode", "yes"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            pytest.fail(f"redis-server did not answer on port {port}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)

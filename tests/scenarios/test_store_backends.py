@@ -175,6 +175,24 @@ def test_labels_latest_wins_and_version_filter(store):
     assert store.label_heads() == ["animal", "other"]
 
 
+def test_labelled_and_hashes_answer_what_a_resumed_pipeline_skips(store):
+    """`labelled` (items holding a row of one head version) and `hashes` (items of one encoder):
+    what the queue's heads workers and the backfill check before writing."""
+    hashes = [sha(i) for i in range(6)]
+    store.add_labels("animal", [labelled(hashes[:4], 1, seed=1, at=T0)])
+    store.add_labels("animal", [labelled(hashes[2:], 2, seed=2, at=T0)])
+    store.add_labels("other", [labelled(hashes, 1, seed=3, at=T0)])
+    assert store.labelled("animal", 1) == set(hashes[:4])
+    assert store.labelled("animal", 2, [hashes[0], hashes[3], hashes[5], sha(99)]) == {hashes[3], hashes[5]}
+    assert store.labelled("animal", 3, hashes) == set()
+    assert store.labelled("nobody", 1, hashes) == set()
+    store.add_items(items(0, 5, FP_A, 8))
+    store.add_items(items(3, 6, FP_B, 8))
+    assert store.hashes(FP_A) == {sha(i) for i in range(5)}
+    assert store.hashes(FP_B) == {sha(i) for i in range(3, 9)}
+    assert store.hashes("sha256:" + "9" * 64) == set()
+
+
 def test_add_labels_is_all_or_nothing(store):
     store.add_labels("animal", [labelled([sha(0)], 1, seed=0, at=T0)])
 
