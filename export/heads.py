@@ -26,6 +26,7 @@ from headmaster.errors import CardError, ExportError, InvalidNameError
 HEAD_FILE = "head.json"
 MODEL_FILE = "model.onnx"
 HEAD_SCHEMA = 1
+ACTIVATIONS = ("", "identity", "ordinal")
 OPSET = 17
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # Names the repository uses for its own models; a head may not take them.
@@ -51,10 +52,15 @@ class HeadWeights:
 
     layers: tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [out, in], bias [out]) per layer
     multi_label: bool  # sigmoid per label; otherwise softmax over the labels
+    # How the last layer becomes SCORES: "" (sigmoid or softmax by multi_label), "identity" (a
+    # regression value) or "ordinal" (K-1 cumulative logits -> sigmoid -> K class probabilities).
+    activation: str = ""
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ExportError("a head needs at least one layer")
+        if self.activation not in ACTIVATIONS:
+            raise ExportError(f"head activation must be one of {ACTIVATIONS}, not {self.activation!r}")
         for i, (w, b) in enumerate(self.layers):
             if w.ndim != 2 or b.shape != (w.shape[0],):
                 raise ExportError(f"layer {i}: weight {w.shape} and bias {b.shape} do not fit")
@@ -67,7 +73,8 @@ class HeadWeights:
 
     @property
     def num_labels(self) -> int:
-        return int(self.layers[-1][0].shape[0])
+        out = int(self.layers[-1][0].shape[0])
+        return out + 1 if self.activation == "ordinal" else out  # K-1 cut points give K classes
 
     @classmethod
     def from_onnx(cls, path: Path) -> "HeadWeights":
@@ -80,8 +87,11 @@ class HeadWeights:
         layers = []
         while f"w{len(layers)}" in init:
             layers.append((init[f"w{len(layers)}"], init[f"b{len(layers)}"]))
-        multi_label = any(node.op_type == "Sigmoid" for node in model.graph.node)
-        return cls(tuple(layers), multi_label)
+        ops = {node.op_type for node in model.graph.node}
+        maker = next((node.op_type for node in model.graph.node if "SCORES" in node.output), "")
+        activation = {"Identity": "identity", "Sub": "ordinal"}.get(maker, "")
+        multi_label = "Sigmoid" in ops and activation == ""
+        return cls(tuple(layers), multi_label, activation)
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """The numpy reference the ONNX graph must match."""
@@ -90,6 +100,12 @@ class HeadWeights:
             x = x @ w.astype(np.float64).T + b
             if i < len(self.layers) - 1:
                 x = np.maximum(x, 0.0)
+        if self.activation == "identity":
+            return x.astype(np.float32)
+        if self.activation == "ordinal":
+            above = 1.0 / (1.0 + np.exp(-x))  # P(class > k)
+            ones, zeros = np.ones((len(x), 1)), np.zeros((len(x), 1))
+            return (np.hstack([ones, above]) - np.hstack([above, zeros])).astype(np.float32)
         if self.multi_label:
             return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
         x = np.exp(x - x.max(axis=1, keepdims=True))
@@ -114,6 +130,42 @@ def check_ood(name: str, ood: dict) -> None:
                           option="ood")
 
 
+def check_task(card: "HeadCard") -> None:
+    """A card's task and what it needs, refused with what is wrong."""
+    from headmaster.model_repository.backends.threshold import TASKS
+
+    name, task = card.name, card.task
+    if task not in TASKS:
+        raise ExportError(f"head {name}: task must be one of {', '.join(TASKS)}, not {task!r}", option="task")
+    if (card.parents is not None) != (task == "hierarchy"):
+        raise ExportError(f"head {name}: a taxonomy (parents) goes with task hierarchy, and only then", option="task")
+    if (card.value_range is not None) != (task == "regression"):
+        raise ExportError(f"head {name}: a value range goes with task regression, and only then", option="task")
+    if task == "hierarchy":
+        if not card.multi_label:
+            raise ExportError(f"head {name}: a hierarchy head scores every node with a sigmoid (multi_label)")
+        unknown = sorted({*card.parents, *card.parents.values()} - set(card.labels))
+        if unknown:
+            raise ExportError(f"head {name}: the taxonomy names {unknown}, which are not labels of the head",
+                              option="taxonomy")
+        for label in card.parents:
+            seen, node = {label}, label
+            while node in card.parents:
+                node = card.parents[node]
+                if node in seen:
+                    raise ExportError(f"head {name}: the taxonomy has a cycle through {label!r}", option="taxonomy")
+                seen.add(node)
+    if task == "regression":
+        if len(card.labels) != 1 or card.multi_label:
+            raise ExportError(f"head {name}: a regression head has one output (its label names the value), "
+                              f"not {list(card.labels)}")
+        low, high = card.value_range
+        if not low < high:
+            raise ExportError(f"head {name}: the value range must be [low, high] with low < high, not {card.value_range}")
+    if task == "ordinal" and (card.multi_label or len(card.labels) < 2):
+        raise ExportError(f"head {name}: an ordinal head has two ordered classes or more, one per image")
+
+
 @dataclass(frozen=True)
 class HeadCard:
     """Everything about one head version; ``head.json`` in the version folder."""
@@ -133,12 +185,19 @@ class HeadCard:
     # k, threshold (cosine distance to the k-th nearest reference), policy (abstain | flag),
     # references (rows of ood.npy) and sha256 (threshold.references_sha256 of them).
     ood: dict | None = None
+    # What the head answers (see threshold.TASKS): labels (flat, yesterday's heads), hierarchy
+    # (a path in ``parents``: child -> parent), regression (a value in ``value_range``) or
+    # ordinal (one of ``labels``, in their order, lowest first).
+    task: str = "labels"
+    parents: dict | None = None  # hierarchy: child label -> parent label
+    value_range: tuple[float, float] | None = None  # regression: the training targets' [min, max]
 
     def __post_init__(self) -> None:
         check_head_name(self.name)
         if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
             raise ExportError(f"head {self.name}: labels must be distinct and at least one, got {self.labels}")
-        if not self.multi_label and len(self.labels) < 2:
+        check_task(self)
+        if not self.multi_label and len(self.labels) < 2 and self.task != "regression":
             raise ExportError(f"head {self.name}: a single-label head needs two labels or more (a binary "
                               "head is a positive and a negative label)")
         if len(self.thresholds) != len(self.labels):
@@ -156,6 +215,12 @@ class HeadCard:
                 "thresholds": [float(t) for t in self.thresholds], "multi_label": self.multi_label}
         if self.ood is not None:  # versions without a reference set keep yesterday's INFO
             info["ood"] = dict(self.ood)
+        if self.task != "labels":  # flat heads keep yesterday's INFO too
+            info["task"] = self.task
+            if self.parents is not None:
+                info["parents"] = dict(self.parents)
+            if self.value_range is not None:
+                info["range"] = [float(v) for v in self.value_range]
         return info
 
     def save(self, folder: Path) -> Path:
@@ -175,6 +240,8 @@ class HeadCard:
         if d.get("schema") != HEAD_SCHEMA:
             raise CardError(f"{path}: head schema {d.get('schema')!r} is not supported (expected {HEAD_SCHEMA})")
         d["labels"], d["thresholds"] = tuple(d["labels"]), tuple(d["thresholds"])
+        if d.get("value_range") is not None:
+            d["value_range"] = tuple(d["value_range"])
         return cls(**d)
 
 
@@ -197,8 +264,6 @@ def head_onnx(weights: HeadWeights, card: HeadCard):
         if i < len(weights.layers) - 1:
             nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
             x = f"r{i}"
-    nodes.append(helper.make_node("Sigmoid", [x], ["SCORES"]) if weights.multi_label
-                 else helper.make_node("Softmax", [x], ["SCORES"], axis=1))
     # INFO: one JSON string per batch row, expanded to the batch size of this call.
     info = np.array([[json.dumps(card.info(), separators=(",", ":"))]], dtype=object)
     inits += [numpy_helper.from_array(info, "info"), numpy_helper.from_array(np.array([1], np.int64), "one")]
@@ -207,6 +272,23 @@ def head_onnx(weights: HeadWeights, card: HeadCard):
         helper.make_node("Concat", ["batch", "one"], ["info_shape"], axis=0),
         helper.make_node("Expand", ["info", "info_shape"], ["INFO"]),
     ]
+    if weights.activation == "identity":
+        nodes.append(helper.make_node("Identity", [x], ["SCORES"]))
+    elif weights.activation == "ordinal":
+        # P(class = k) = P(class > k-1) - P(class > k), with P(> -1) = 1 and P(> K-1) = 0.
+        nodes += [
+            helper.make_node("Sigmoid", [x], ["above"]),
+            helper.make_node("ConstantOfShape", ["info_shape"], ["ones"],
+                             value=numpy_helper.from_array(np.array([1.0], np.float32))),
+            helper.make_node("ConstantOfShape", ["info_shape"], ["zeros"],
+                             value=numpy_helper.from_array(np.array([0.0], np.float32))),
+            helper.make_node("Concat", ["ones", "above"], ["upper"], axis=1),
+            helper.make_node("Concat", ["above", "zeros"], ["lower"], axis=1),
+            helper.make_node("Sub", ["upper", "lower"], ["SCORES"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Sigmoid", [x], ["SCORES"]) if weights.multi_label
+                     else helper.make_node("Softmax", [x], ["SCORES"], axis=1))
     graph = helper.make_graph(
         nodes, f"head_{card.name}_v{card.version}",
         [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, ["batch", weights.embed_dim])],

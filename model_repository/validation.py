@@ -121,7 +121,8 @@ def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: s
         raise refuse(f"{MODEL_FILE} gives SCORES as {scores.dtype}, not float32")
     if not np.isfinite(scores).all():
         raise refuse(f"{MODEL_FILE} gives scores that are not finite (NaN or infinity)")
-    if scores.min() < -1e-6 or scores.max() > 1 + 1e-6:
+    regression = card.task == "regression"  # a value, any real number; every other task scores in [0, 1]
+    if not regression and (scores.min() < -1e-6 or scores.max() > 1 + 1e-6):
         raise refuse(f"{MODEL_FILE} gives scores outside [0, 1] ({scores.min():.4g} .. {scores.max():.4g})")
 
     activation = _scores_activation(model_path)
@@ -129,7 +130,11 @@ def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: s
         raise refuse(f"{MODEL_FILE} scores each label with a sigmoid (multi-label), but {HEAD_FILE} says single-label")
     if activation == "Softmax" and card.multi_label:
         raise refuse(f"{MODEL_FILE} scores with a softmax (single-label), but {HEAD_FILE} says multi-label")
-    if not card.multi_label and not np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
+    made_by = {"regression": "Identity", "ordinal": "Sub"}.get(card.task)
+    if activation is not None and made_by is not None and activation != made_by:
+        raise refuse(f"{MODEL_FILE} makes SCORES with {activation}, but a {card.task} head's SCORES come from "
+                     f"{made_by} (see export/heads.py)")
+    if not card.multi_label and not regression and not np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
         raise refuse(f"{MODEL_FILE}: the scores of a single-label head must sum to 1 (softmax), they sum to "
                      f"{scores.sum(axis=1).round(4).tolist()}")
 

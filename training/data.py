@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from headmaster.errors import DataError
 from headmaster.images import IMAGE_SUFFIXES
 
@@ -21,7 +23,8 @@ from headmaster.images import IMAGE_SUFFIXES
 @dataclass(frozen=True)
 class Example:
     path: Path
-    labels: tuple[str, ...]  # one label for folder data; any number from a manifest
+    labels: tuple[str, ...]  # one label for folder data; any number from a manifest; a root-first path (hierarchy)
+    value: float | None = None  # regression: the image's number
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class Dataset:
     multi_label: bool
     source: str  # the folder or manifest it came from
     skipped: tuple[tuple[str, str], ...] = ()  # (path, why) of files left out before embedding
+    task: str = "labels"  # labels | hierarchy | regression | ordinal (see training/heads/tasks.py)
+    parents: dict | None = None  # hierarchy: child label -> parent label
 
     def counts(self) -> dict[str, int]:
         counts = {label: 0 for label in self.labels}
@@ -124,3 +129,132 @@ def read_labelled(data: Path | None, manifest: Path | None) -> Dataset:
         raise DataError("give one labelled data source: a folder with one sub-folder per label, or a manifest "
                         "(CSV path,labels or JSONL)", option="data")
     return from_folders(data) if data is not None else from_manifest(manifest)
+
+
+# -- taxonomies, values and ordered classes (training/heads/tasks.py) ---------------------------
+def read_taxonomy(path: Path) -> dict[str, str]:
+    """A CSV of ``parent,child`` rows -> {child: parent}."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"taxonomy {path} does not exist", option="taxonomy")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"parent", "child"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: a taxonomy is a CSV with the columns parent,child (got {reader.fieldnames})",
+                            option="taxonomy")
+        parents: dict[str, str] = {}
+        for number, row in enumerate(reader, 2):
+            parent, child = (row["parent"] or "").strip(), (row["child"] or "").strip()
+            if not parent or not child or parent == child:
+                raise DataError(f"{path}:{number}: a row names a parent and a different child", option="taxonomy")
+            if parents.get(child, parent) != parent:
+                raise DataError(f"{path}:{number}: {child!r} has two parents ({parents[child]!r} and {parent!r}); "
+                                "a taxonomy is a tree", option="taxonomy")
+            parents[child] = parent
+    if not parents:
+        raise DataError(f"taxonomy {path} has no parent,child rows", option="taxonomy")
+    return parents
+
+
+def path_to_root(label: str, parents: dict[str, str]) -> tuple[str, ...]:
+    """``label`` and its ancestors, root first; a cycle is an error."""
+    path = [label]
+    while path[-1] in parents:
+        if parents[path[-1]] in path:
+            raise DataError(f"the taxonomy has a cycle through {label!r}", option="taxonomy")
+        path.append(parents[path[-1]])
+    return tuple(reversed(path))
+
+
+def from_hierarchy(root: Path, taxonomy: Path | dict | None = None) -> Dataset:
+    """Images in nested folders (``animal/cat/x.jpg`` is a cat, and so an animal), or in folders
+    named after the taxonomy's nodes (any depth) with ``taxonomy`` (a parent,child CSV or a
+    {child: parent} dict) giving the tree. Each image's labels are its node and every ancestor:
+    a parent's examples include its children's."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; give a folder of label folders (nested for a taxonomy)")
+    given = read_taxonomy(taxonomy) if isinstance(taxonomy, (str, Path)) else dict(taxonomy or {})
+    parents: dict[str, str] = dict(given)
+    where: dict[str, str] = {}  # label -> the folder that defined it (names must be unique in the tree)
+    examples, skipped = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        parts = path.relative_to(root).parts[:-1]
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append((str(path), "not an image file name"))
+            continue
+        if not parts:
+            skipped.append((str(path), "not inside a label folder"))
+            continue
+        if given:
+            node = parts[-1]
+            if node not in given and node not in given.values():
+                raise DataError(f"folder {path.parent} is named {node!r}, which the taxonomy does not have",
+                                option="taxonomy")
+        else:
+            for i, part in enumerate(parts):
+                folder = "/".join(parts[: i + 1])
+                if where.setdefault(part, folder) != folder:
+                    raise DataError(f"label {part!r} is both {where[part]}/ and {folder}/ in {root}: labels of a "
+                                    "taxonomy must be unique (rename one)", option="data")
+                if i:
+                    parents[part] = parts[i - 1]
+            node = parts[-1]
+        examples.append(Example(path, path_to_root(node, parents)))
+    if not examples:
+        raise DataError(f"{root} has no images inside label folders")
+    labels = tuple(sorted({label for e in examples for label in e.labels} | set(parents) | set(parents.values())))
+    roots = [label for label in labels if label not in parents]
+    if len(roots) < 2:
+        raise DataError(f"the taxonomy in {root} has {len(roots)} top-level label(s) ({', '.join(roots)}): a "
+                        "hierarchy head needs two or more", option="data")
+    for label in labels:
+        path_to_root(label, parents)
+    return Dataset(tuple(examples), labels, True, str(root), tuple(skipped), "hierarchy", parents)
+
+
+def from_values(manifest: Path) -> Dataset:
+    """A CSV of ``path,<name>``: one number per image (e.g. ``path,quality``); the second
+    column's name names the value. Relative paths start at the CSV."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DataError(f"values file {manifest} does not exist", option="manifest")
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        names = [n for n in (reader.fieldnames or []) if n != "path"]
+        if "path" not in (reader.fieldnames or []) or len(names) != 1:
+            raise DataError(f"{manifest}: a values CSV has the columns path and one value column (e.g. "
+                            f"path,quality), got {reader.fieldnames}", option="manifest")
+        examples = []
+        for number, row in enumerate(reader, 2):
+            try:
+                value = float(row[names[0]])
+            except (TypeError, ValueError):
+                raise DataError(f"{manifest}:{number}: {names[0]} {row[names[0]]!r} is not a number",
+                                option="manifest") from None
+            if not np.isfinite(value):
+                raise DataError(f"{manifest}:{number}: {names[0]} must be a finite number", option="manifest")
+            path = Path(row["path"])
+            examples.append(Example(path if path.is_absolute() else (manifest.parent / path).resolve(), (), value))
+    if len(examples) < 2 or len({e.value for e in examples}) < 2:
+        raise DataError(f"{manifest}: a regression head needs images with at least two different values",
+                        option="manifest")
+    return Dataset(tuple(examples), (names[0],), False, str(manifest), (), "regression")
+
+
+def ordered(dataset: Dataset, order: tuple[str, ...] | None) -> Dataset:
+    """A folder dataset as ordinal classes, lowest first: ``order`` (every folder exactly once),
+    or numeric order when every folder name is a number."""
+    labels = dataset.labels
+    if order is None:
+        try:
+            order = tuple(sorted(labels, key=float))
+        except ValueError:
+            raise DataError(f"ordinal classes need an order (e.g. --order {','.join(labels)}): the folders "
+                            f"{', '.join(labels)} are not all numbers", option="order") from None
+    if sorted(order) != sorted(labels) or len(set(order)) != len(order):
+        raise DataError(f"--order {','.join(order)} must name each class folder once: {', '.join(labels)}",
+                        option="order")
+    return Dataset(dataset.examples, tuple(order), False, dataset.source, dataset.skipped, "ordinal")

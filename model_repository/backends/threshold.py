@@ -10,6 +10,12 @@ Head inputs are optional: a repository adding or removing a head reloads this mo
 Copied as ``model.py``; numpy, and faiss-cpu where it is installed (the kNN search of the
 out-of-distribution rule; without it the same exact search runs as a numpy matmul).
 
+Tasks (INFO's ``task``; absent for yesterday's flat heads): ``hierarchy`` heads score every
+node of a taxonomy (INFO ``parents``: child -> parent) with a sigmoid and answer one consistent
+path, root first; ``regression`` heads give one raw number (``value``, held in INFO ``range``);
+``ordinal`` heads give probabilities over ordered classes and answer the median ``class`` and
+the ``expected`` rank. ``accepted_mask`` / ``head_results`` are the one implementation.
+
 Out of distribution: a head version trained with a reference set (``ood.npy`` beside its
 ``model.onnx``, described by the ``ood`` entry of its INFO) is asked, per image, how far the
 embedding lies from the training embeddings: the cosine distance to the k-th nearest
@@ -86,6 +92,63 @@ def ood_rule(distances: np.ndarray, ood: dict) -> np.ndarray:
     return np.asarray(distances) > float(ood["threshold"])
 
 
+TASKS = ("labels", "hierarchy", "regression", "ordinal")  # INFO without "task": labels (yesterday's heads)
+ORDINAL_CUT = 0.5  # an ordinal answer is the median class: the last k with P(class >= k) >= this
+
+
+def task_of(info: dict) -> str:
+    return info.get("task", "labels")
+
+
+def depths(labels: list[str], parents: dict) -> np.ndarray:
+    """[L] depth of each label in its taxonomy (roots: 0)."""
+    out = []
+    for label in labels:
+        d, node = 0, label
+        while node in parents:
+            node, d = parents[node], d + 1
+        out.append(d)
+    return np.array(out, dtype=np.int64)
+
+
+def hierarchy_mask(scores: np.ndarray, info: dict) -> np.ndarray:
+    """The consistent path of each row: from the roots down, the best-scoring node among the
+    chosen parent's children that reaches its threshold; the path stops at the deepest
+    confident level, so a child is never accepted without its parent."""
+    labels, parents = info["labels"], info["parents"]
+    passed = scores >= np.asarray(info["thresholds"], dtype=np.float32)
+    level = depths(labels, parents)
+    parent = np.array([labels.index(parents[label]) if label in parents else -1 for label in labels])
+    mask = np.zeros_like(passed)
+    rows = np.arange(len(scores))
+    chosen = np.full(len(scores), -1)  # the node chosen one level up (-1: the root level)
+    for d in range(int(level.max()) + 1 if len(level) else 0):
+        candidate = passed & (level == d)[None, :] & (parent[None, :] == chosen[:, None])
+        best = np.where(candidate, scores, -np.inf).argmax(axis=1)
+        found = candidate[rows, best]
+        mask[rows[found], best[found]] = True
+        chosen = np.where(found, best, -2)  # -2: no parent chosen, nothing deeper can be
+    return mask
+
+
+def ordinal_class(scores: np.ndarray) -> np.ndarray:
+    """[n] class index of ordinal probabilities [n, K]: the median, the last k with
+    P(class >= k) >= ORDINAL_CUT (class 0 when none)."""
+    above = 1.0 - np.cumsum(scores, axis=1)[:, :-1]  # P(class > k) for k < K-1, falling with k
+    return (above >= ORDINAL_CUT).sum(axis=1)
+
+
+def expected_rank(scores: np.ndarray) -> np.ndarray:
+    """[n] expected class index (0 = the first label) under ordinal probabilities [n, K]."""
+    return scores @ np.arange(scores.shape[1], dtype=np.float64)
+
+
+def regression_value(scores: np.ndarray, info: dict) -> np.ndarray:
+    """[n] the head's value, held inside the range its training targets spanned."""
+    low, high = info["range"]
+    return np.clip(scores[:, 0].astype(np.float64), low, high)
+
+
 def accepted_mask(scores: np.ndarray, info: dict, out_of_distribution: np.ndarray | None = None) -> np.ndarray:
     """Which labels each row of ``scores`` [n, L] accepts under the head's thresholds, [n, L] bool.
 
@@ -98,6 +161,15 @@ def accepted_mask(scores: np.ndarray, info: dict, out_of_distribution: np.ndarra
     thresholds = np.asarray(info["thresholds"], dtype=np.float32)
     if scores.ndim != 2 or scores.shape[1] != len(info["labels"]):
         raise ValueError(f"scores of shape {scores.shape} do not match {len(info['labels'])} labels")
+    task = task_of(info)
+    if task == "regression":  # a value, no label to accept
+        return np.zeros(scores.shape, dtype=bool)
+    if task == "hierarchy":
+        return _abstain(hierarchy_mask(scores, info), info, out_of_distribution)
+    if task == "ordinal":
+        mask = np.zeros(scores.shape, dtype=bool)
+        mask[np.arange(len(scores)), ordinal_class(scores)] = True
+        return _abstain(mask, info, out_of_distribution)
     passed = scores >= thresholds
     if info["multi_label"]:
         return passed
@@ -117,7 +189,11 @@ def _abstain(mask: np.ndarray, info: dict, out_of_distribution: np.ndarray | Non
 def accept(scores: np.ndarray, info: dict, out_of_distribution: np.ndarray | None = None) -> list[list[str]]:
     """The accepted label names of each row (see accepted_mask)."""
     labels = info["labels"]
-    return [[labels[j] for j in np.flatnonzero(row)] for row in accepted_mask(scores, info, out_of_distribution)]
+    mask = accepted_mask(scores, info, out_of_distribution)
+    if task_of(info) == "hierarchy":  # a path: root first
+        level = depths(labels, info["parents"])
+        return [[labels[j] for j in sorted(np.flatnonzero(row), key=lambda j: level[j])] for row in mask]
+    return [[labels[j] for j in np.flatnonzero(row)] for row in mask]
 
 
 def head_results(scores: np.ndarray, info: dict, distances: np.ndarray | None = None) -> list[dict]:
@@ -130,6 +206,16 @@ def head_results(scores: np.ndarray, info: dict, distances: np.ndarray | None = 
         {"version": info["version"], "labels": labels, "scores": dict(zip(names, map(float, row)))}
         for labels, row in zip(accepted, scores)
     ]
+    task = task_of(info)
+    if task == "regression":
+        for result, value in zip(results, regression_value(scores, info)):
+            result["value"] = float(value)
+    elif task == "ordinal":
+        for result, k, rank in zip(results, ordinal_class(scores), expected_rank(scores)):
+            result.update({"class": names[int(k)], "expected": float(rank)})
+    elif task == "hierarchy":
+        for result in results:
+            result["depth"] = len(result["labels"])  # levels answered (0: not even a root was confident)
     if flags is not None:
         for result, flag, distance in zip(results, flags, distances):
             result.update(ood=bool(flag), ood_distance=round(float(distance), 6))

@@ -51,6 +51,9 @@ class TrainOptions:
     keep: int = 5  # versions kept on disk (loadable for rollback)
     ood: str = "flag"  # out of distribution: abstain (no label) | flag (label + "ood": true) | off (no reference set)
     ood_references: int = ood_detection.MAX_REFERENCES  # training embeddings kept for the kNN (subsampled beyond)
+    task: str = "labels"  # labels (flat) | hierarchy | regression | ordinal: see training/heads/tasks.py
+    taxonomy: Path | None = None  # hierarchy: a parent,child CSV (default: the data's folder nesting)
+    order: tuple[str, ...] | None = None  # ordinal: the class folders, lowest first (default: numeric)
 
 
 @dataclass
@@ -81,6 +84,10 @@ def _truth(rows_labels: list[tuple[str, ...]], labels: tuple[str, ...]) -> np.nd
 def train_head(options: TrainOptions, progress: Callable[[int, int], None] | None = None) -> TrainResult:
     """progress(done, total) is called while images are embedded."""
     check_head_name(options.name)
+    if options.task != "labels":
+        from headmaster.training.heads.tasks import train_task_head
+
+        return train_task_head(options, progress)
     repo = Repository(options.repo)
     dataset, snapshot = load_dataset(options), None
     if dataset is None:

@@ -71,25 +71,7 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
             torch.nn.Linear(dim, config.hidden), torch.nn.ReLU(), torch.nn.Linear(config.hidden, num_labels))
         weights = torch.from_numpy(class_weights.astype(np.float32))
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=weights) if multi_label else torch.nn.CrossEntropyLoss(weight=weights)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        order = torch.Generator().manual_seed(config.seed)
-        best = (float("inf"), None, 0)
-        history = []
-        for epoch in range(config.epochs):
-            model.train()
-            for batch in torch.randperm(len(xt), generator=order).split(config.batch_size):
-                optimizer.zero_grad()
-                loss_fn(model(xt[batch]), yt[batch]).backward()
-                optimizer.step()
-            model.eval()
-            with torch.no_grad():
-                val_loss = float(loss_fn(model(xv), yv))
-            history.append(val_loss)
-            if val_loss < best[0] - 1e-6:
-                best = (val_loss, {k: v.clone() for k, v in model.state_dict().items()}, epoch)
-            elif epoch - best[2] >= config.patience:
-                break
-        model.load_state_dict(best[1])
+        best, history = _train(model, loss_fn, xt, yt, xv, yv, config)
         linears = [m for m in (model if config.kind == "mlp" else [model]) if isinstance(m, torch.nn.Linear)]
         layers = [(m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64)) for m in linears]
     # Fold (x - mean) / std into the first layer: W' = W / std, b' = b - W' @ mean.
@@ -98,3 +80,30 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
     layers[0] = (w, b - w @ mean)
     head = HeadWeights(tuple((lw.astype(np.float32), lb.astype(np.float32)) for lw, lb in layers), multi_label)
     return head, {"epochs_run": len(history), "best_epoch": best[2] + 1, "best_val_loss": best[0]}
+
+
+def _train(model, loss_fn, xt, yt, xv, yv, config: TrainConfig):
+    """AdamW with early stopping on the validation loss; leaves the best epoch's weights in
+    ``model``. Returns (best val loss, its state, its epoch) and the loss history."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    order = torch.Generator().manual_seed(config.seed)
+    best = (float("inf"), None, 0)
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        for batch in torch.randperm(len(xt), generator=order).split(config.batch_size):
+            optimizer.zero_grad()
+            loss_fn(model(xt[batch]), yt[batch]).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = float(loss_fn(model(xv), yv))
+        history.append(val_loss)
+        if val_loss < best[0] - 1e-6:
+            best = (val_loss, {k: v.clone() for k, v in model.state_dict().items()}, epoch)
+        elif epoch - best[2] >= config.patience:
+            break
+    model.load_state_dict(best[1])
+    return best, history
