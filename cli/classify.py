@@ -17,8 +17,16 @@ from headmaster.images import IMAGE_SUFFIXES, collect_images
 def _label_cell(result) -> str:
     if not result.ok:
         return f"[red]error: {result.error}[/]"
-    return "  ".join(f"{name}: [bold]{', '.join(h.labels) or '-'}[/] ({h.top[1]:.2f})" for name, h in result.heads.items()) \
-        or "(no heads)"
+    return "  ".join(_head_cell(name, h) for name, h in result.heads.items()) or "(no heads)"
+
+
+def _head_cell(name: str, h) -> str:
+    if h.value is not None:  # regression
+        return f"{name}: [bold]{h.value:.3f}[/]"
+    if h.ordinal_class is not None:
+        return f"{name}: [bold]{h.ordinal_class}[/] (expected rank {h.expected:.2f})"
+    # Flat labels, or a hierarchy's path (root first).
+    return f"{name}: [bold]{', '.join(h.labels) or '-'}[/] ({h.top[1]:.2f})"
 
 
 def classify(

@@ -117,6 +117,21 @@ def print_run(run, quality, files) -> None:
                   highlight=False)
 
 
+def _eval_task(options, report: Path) -> None:
+    from headmaster.training.evaluation.task_eval import make_task_report
+    from headmaster.training.heads.task_metrics import summary_lines
+
+    bar, task = progress("embedding", None)
+    with bar:
+        e, files = make_task_report(options, report, lambda done, total: bar.update(task, completed=done, total=total))
+    for path, why in e.skipped[:20]:
+        console.print(f"[yellow]skipped[/] {path}: {why}", highlight=False)
+    out.print(f"{e.head.title} ({e.head.card.task}) on {e.source}: {len(e.paths)} images", highlight=False)
+    for line in summary_lines(e.metrics):
+        out.print(f"  {line}", highlight=False)
+    console.print(f"[green]report:[/] {files.html}  (metrics.json and the plots beside it)", highlight=False)
+
+
 def eval_command(
     name: Annotated[str, typer.Argument(help="The head to evaluate.")],
     report: Annotated[Path, typer.Option("--report", help="Folder for index.html, metrics.json, "
@@ -155,6 +170,11 @@ def eval_command(
     options = EvalOptions(name=name, repo=repo, data=data, manifest=manifest, snapshot=snapshot, version=version,
                           compare=compare,
                           against=against, server=server, cache_dir=cache_dir, train_data=train_data, ood=ood)
+    from headmaster.model_repository.head_version import HeadVersion
+
+    if HeadVersion.load(repo, name, version if not compare else compare[0]).card.task != "labels":
+        _eval_task(options, report)
+        return
     bar, task = progress("embedding", None)
     with bar:
         run, checked, files = make_report(options, report,

@@ -57,7 +57,7 @@ def _print_report(result) -> None:
     for column in ("label", "images", "class weight"):
         data.add_column(column)
     for label, count in checks.counts.items():
-        data.add_row(label, str(count), f"{checks.class_weights[label]:.2f}")
+        data.add_row(label, str(count), f"{checks.class_weights.get(label, 1.0):.2f}")
     out.print(data)
     for warning in checks.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
@@ -67,6 +67,13 @@ def _print_report(result) -> None:
         console.print(f"[yellow]... and {len(checks.unreadable) - 20} more skipped files[/]")
     for a, b, cosine in checks.near_duplicates[:10]:
         console.print(f"near duplicate ({cosine:.3f}): {a} ~ {b}")
+    if card.task != "labels":
+        from headmaster.training.heads.task_metrics import summary_lines
+
+        out.print(f"validation ({metrics['n']} images, never trained on), {card.task} head:")
+        for line in summary_lines(metrics):
+            out.print(f"  {line}")
+        return
     per_label = Table(title=f"validation ({metrics['n']} images, never trained on)", show_header=True)
     for column in ("label", "precision", "recall", "F1", "support", "threshold", "why this threshold"):
         per_label.add_column(column)
@@ -122,6 +129,14 @@ def train_head_command(
                       "keeps no reference set.")] = "flag",
     ood_references: Annotated[int, typer.Option(
         "--ood-references", help="Training embeddings kept for the kNN (a seeded subsample beyond).")] = 20_000,
+    task: Annotated[str, typer.Option(
+        "--task", help="labels (flat), hierarchy (nested label folders, or --taxonomy), regression (--manifest "
+                       "CSV path,<value>) or ordinal (class folders, lowest first by --order).")] = "labels",
+    taxonomy: Annotated[Path | None, typer.Option(
+        "--taxonomy", help="Hierarchy: a CSV of parent,child rows (default: the folders' nesting).")] = None,
+    order: Annotated[str | None, typer.Option(
+        "--order", help="Ordinal: the class folders lowest first, comma-separated, e.g. G,PG,R,X "
+                        "(default: numeric order of the folder names).")] = None,
 ) -> None:
     """Train the next version of a head from labelled images and publish it (hot-loaded with --server)."""
     from headmaster.training.heads.train_head import TrainOptions, train_head
@@ -131,7 +146,8 @@ def train_head_command(
         name=name, repo=repo, data=data, manifest=manifest, server=server, local=local,
         config=TrainConfig(kind=model, hidden=hidden, epochs=epochs, learning_rate=learning_rate, seed=seed),
         val_fraction=val_fraction, thresholds=thresholds, target_precision=target_precision, positive=positive,
-        cache_dir=cache, keep=keep, store=store, ood=ood, ood_references=ood_references)
+        cache_dir=cache, keep=keep, store=store, ood=ood, ood_references=ood_references, task=task,
+        taxonomy=taxonomy, order=tuple(o.strip() for o in order.split(",")) if order else None)
     bar, task = progress("embedding", None)
     with bar:
         result = train_head(options, lambda done, total: bar.update(task, completed=done, total=total))

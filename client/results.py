@@ -20,11 +20,20 @@ class HeadResult:
     # threshold, and its cosine distance to the k-th nearest training embedding (else None).
     ood: bool | None = None
     ood_distance: float | None = None
+    # By the head's task (None for flat label heads): a regression head's value; an ordinal
+    # head's class (also its one label) and expected rank (0 = its first class). A hierarchy
+    # head's labels are its path, root first.
+    value: float | None = None
+    ordinal_class: str | None = None
+    expected: float | None = None
 
     def as_dict(self) -> dict:
         d = {"version": self.version, "labels": list(self.labels), "scores": self.scores}
         if self.ood is not None:
             d.update(ood=self.ood, ood_distance=self.ood_distance)
+        for key, value in (("value", self.value), ("class", self.ordinal_class), ("expected", self.expected)):
+            if value is not None:
+                d[key] = value
         return d
 
     @property
@@ -49,7 +58,8 @@ class Classification:
                     result_json: bytes | str) -> "Classification":
         doc = json.loads(result_json)
         heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]),
-                                  h.get("ood"), h.get("ood_distance"))
+                                  h.get("ood"), h.get("ood_distance"), h.get("value"), h.get("class"),
+                                  h.get("expected"))
                  for name, h in doc.get("heads", {}).items()}
         return cls(source, sha256, np.asarray(embedding, dtype=np.float32), heads, doc.get("encoder"))
 

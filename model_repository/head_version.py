@@ -20,6 +20,7 @@ from headmaster.model_repository.backends.threshold import (
     KnnIndex,
     accept,
     accepted_mask,
+    head_results,
     knn_distance,
     load_references,
     ood_rule,
@@ -97,3 +98,9 @@ class HeadVersion:
     def accepted(self, scores: np.ndarray, embeddings: np.ndarray | None = None) -> list[list[str]]:
         flags = None if embeddings is None else self.out_of_distribution(embeddings)
         return accept(np.asarray(scores, np.float32), self.info, flags)
+
+    def results(self, embeddings: np.ndarray) -> list[dict]:
+        """What the server's threshold step answers for each embedding under this version: the
+        per-head JSON of RESULT (labels, scores; value / class / path by the head's task; ood)."""
+        embeddings = np.asarray(embeddings, np.float32)
+        return head_results(self.scores(embeddings), self.info, self.ood_distances(embeddings))

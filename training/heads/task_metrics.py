@@ -77,3 +77,30 @@ def ordinal_metrics(predicted: np.ndarray, truth: np.ndarray, labels: tuple[str,
     if expected is not None:
         out["mae_expected"] = float(mean_absolute_error(truth, expected))
     return out
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The metrics of a hierarchy / regression / ordinal head as a few lines of text (the CLI's)."""
+    task = metrics["task"]
+    if task == "regression":
+        return [f"MAE {metrics['mae']:.3f}  RMSE {metrics['rmse']:.3f}  Spearman {metrics['spearman']:.3f}  "
+                f"R² {metrics['r2']:.3f}  ({metrics['n']} images)"]
+    if task == "hierarchy":
+        lines = [f"level {m['level']} ({', '.join(m['labels'])}): accuracy {m['accuracy']:.3f}, "
+                 f"{m['coverage']:.1%} answered at this level, {m['accuracy_of_answered']:.3f} of those right, "
+                 f"macro-F1 {m['macro_f1']:.3f}, {m['n']} images" for m in metrics["per_level"]]
+        return lines + [f"exact path {metrics['exact_path']:.3f}; paths answered by depth "
+                        f"{metrics['answered_depth']}; every path consistent: {metrics['paths_consistent']}"]
+
+    def line(name: str, m: dict) -> str:
+        return (f"{name}: accuracy {m['accuracy']:.3f}  MAE {m['mae_classes']:.3f} classes  "
+                f"mistakes fall {m['mistake_mean_distance']:.2f} classes away on average, "
+                f"{m['neighbour_share_of_mistakes']:.1%} of them neighbours; off by 0, 1, 2, ...: {m['by_distance']}")
+
+    lines = [line("ordinal", metrics)]
+    if "multiclass_baseline" in metrics:
+        lines.append(line("plain multiclass on the same split", metrics["multiclass_baseline"]))
+    if "multiclass_baseline_at_training" in metrics:
+        lines.append(line("plain multiclass on this version's validation split (at training)",
+                          metrics["multiclass_baseline_at_training"]))
+    return lines
