@@ -165,6 +165,11 @@ def test_eval_pages_per_task(tasks):
     assert sum(m["by_distance"]) == len(paths) == m["n"]
     assert m["mae_classes"] == pytest.approx(np.dot(np.arange(10), m["by_distance"]) / len(paths))
     assert "multiclass_baseline_at_training" in m and "plain multiclass" in rank.stdout
+    figures = {name: json.loads((root / f"r-{name}" / "metrics.json").read_text())["evaluation"]
+               for name in ("shape", "value", "rank")}
+    figures["rank_at_training"] = HeadVersion.load(repo, "digit_rank").card.details["metrics"]
+    (ARTIFACTS / "task-heads").mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "task-heads" / "figures.json").write_text(json.dumps(figures, indent=1))  # for the README's figures
     page = (root / "r-rank" / "index.html").read_text()
     assert 'data-distance="1"' in page and 'id="plot-scatter"' in page and "plain multiclass" in page
 
