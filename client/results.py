@@ -20,11 +20,16 @@ class HeadResult:
     # threshold, and its cosine distance to the k-th nearest training embedding (else None).
     ood: bool | None = None
     ood_distance: float | None = None
+    # While the head runs an A/B or shadow test: {"mode", "arm" (which version answered: live |
+    # candidate), "agree", "other": the other version's {"version", "labels", "scores"}}.
+    ab: dict | None = None
 
     def as_dict(self) -> dict:
         d = {"version": self.version, "labels": list(self.labels), "scores": self.scores}
         if self.ood is not None:
             d.update(ood=self.ood, ood_distance=self.ood_distance)
+        if self.ab is not None:
+            d["ab"] = self.ab
         return d
 
     @property
@@ -49,7 +54,7 @@ class Classification:
                     result_json: bytes | str) -> "Classification":
         doc = json.loads(result_json)
         heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]),
-                                  h.get("ood"), h.get("ood_distance"))
+                                  h.get("ood"), h.get("ood_distance"), h.get("ab"))
                  for name, h in doc.get("heads", {}).items()}
         return cls(source, sha256, np.asarray(embedding, dtype=np.float32), heads, doc.get("encoder"))
 
