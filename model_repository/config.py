@@ -324,6 +324,26 @@ class ThresholdModel:
 
 
 @dataclass(frozen=True)
+class StudentModel:
+    """A distilled student (training/distill.py): image bytes -> its own preprocessing -> SCORES + RESULT."""
+
+    name: str
+    num_labels: int
+    batching: Batching = Batching(16, (), 0)
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 1:
+            raise ConfigError(f"student {self.name}: num_labels must be >= 1, got {self.num_labels}")
+
+    def config(self, flavour: str) -> dict:
+        _check_flavour(flavour)  # a python model in both flavours
+        return {**_base(self.name, self.batching, [Tensor("IMAGE", "BYTES", (1,))],
+                        [Tensor("SCORES", "FP32", (self.num_labels,)), Tensor("RESULT", "BYTES", (1,))],
+                        flavour, Instances(1)),
+                "backend": "python"}
+
+
+@dataclass(frozen=True)
 class Step:
     """One ``ensemble_scheduling.step``: model tensor name -> ensemble tensor name."""
 

@@ -208,7 +208,14 @@ class Repository:
         return topology.head_dependent_models(self.card, self.options, heads, pins, running)
 
     def model_names(self) -> list[str]:
-        return topology.model_names(self.card, self.options, self.head_names())
+        return topology.model_names(self.card, self.options, self.head_names()) + self.student_names()
+
+    def student_names(self) -> list[str]:
+        """Distilled students (``headmaster distill``): models of their own, served from image bytes."""
+        from headmaster.model_repository.backends.student import STUDENT_FILE
+
+        return sorted(p.parent.parent.name for p in self.path.glob(f"*/[0-9]*/{STUDENT_FILE}")
+                      if config_path(self.path, p.parent.parent.name).is_file())
 
     # -- writing ---------------------------------------------------------------------------
     def write_config(self, model) -> None:
