@@ -25,6 +25,7 @@ from pathlib import Path
 
 from headmaster.errors import ServerError
 from headmaster.model_repository import server_record
+from headmaster.model_repository.backends.threshold import REPOSITORY_ENV
 from headmaster.model_repository.server_record import KEY_HEADER, RESTRICTED_APIS, ServerRecord
 
 LOG = logging.getLogger(__name__)
@@ -257,6 +258,10 @@ class TritonServer:
         # The stub takes its interpreter from the first python3 on PATH: make it this one,
         # so model.py files see the same site-packages (onnxruntime, Pillow, ...).
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        # From S3, Triton copies each model into its own temporary folder: the threshold model
+        # reads the head versions' reference sets from the bucket named here.
+        if str(self.options.repository).startswith("s3://"):
+            env[REPOSITORY_ENV] = str(self.options.repository)
         return env
 
     def start(self, timeout_s: float = 180.0) -> "TritonServer":

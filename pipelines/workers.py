@@ -118,10 +118,11 @@ class Worker:
             if self.step():
                 idle_since = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                return
+                break
             if time.monotonic() - last_trim > 1.0:  # acknowledged entries leave the stream: memory stays bounded
                 self.broker.trim(self.stream)
                 last_trim = time.monotonic()
+        self.broker.trim(self.stream)  # what this worker acknowledged last leaves with it
 
 
 class EmbedWorker(Worker):

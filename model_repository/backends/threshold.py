@@ -11,7 +11,8 @@ Copied as ``model.py``; numpy, and faiss-cpu where it is installed (the kNN sear
 out-of-distribution rule; without it the same exact search runs as a numpy matmul).
 
 Out of distribution: a head version trained with a reference set (``ood.npy`` beside its
-``model.onnx``, described by the ``ood`` entry of its INFO) is asked, per image, how far the
+``model.onnx``, described by the ``ood`` entry of its INFO; read from the bucket with boto3 when
+Triton serves an S3 repository) is asked, per image, how far the
 embedding lies from the training embeddings: the cosine distance to the k-th nearest
 reference. Beyond the version's threshold the image is ``"ood": true``; an ``abstain`` head
 then accepts no label, a ``flag`` head labels as usual. ``ood_rule`` is the one implementation,
@@ -31,12 +32,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 
 AB_METRIC = "headmaster_ab_items_total"
 OOD_FILE = "ood.npy"  # float16 [R, D]: L2-normalised training embeddings of the head version
 OOD_POLICIES = ("abstain", "flag")
+# The repository Triton was started on (`headmaster serve` and the Helm chart set it): where an
+# S3-served model finds the head versions' reference sets.
+REPOSITORY_ENV = "HEADMASTER_REPOSITORY"
 
 
 def in_candidate_arm(sha256_hex: str, share: float) -> bool:
@@ -82,10 +87,43 @@ def references_sha256(references: np.ndarray) -> str:
 
 def load_references(folder: str, ood: dict) -> np.ndarray:
     """A version's reference set, refused unless it is the one its INFO names."""
-    references = np.load(os.path.join(folder, OOD_FILE), allow_pickle=False)
+    return _checked(np.load(os.path.join(folder, OOD_FILE), allow_pickle=False), ood, os.path.join(folder, OOD_FILE))
+
+
+def _checked(references: np.ndarray, ood: dict, where: str) -> np.ndarray:
     if references_sha256(references) != ood["sha256"]:
-        raise ValueError(f"{os.path.join(folder, OOD_FILE)} is not the reference set this version was made with")
+        raise ValueError(f"{where} is not the reference set this version was made with")
     return references
+
+
+def s3_parts(url: str) -> tuple[str | None, str, str]:
+    """(endpoint, bucket, prefix) of Triton's ``s3://[http(s)://host:port/]bucket/prefix``; the
+    endpoint None (AWS, or AWS_ENDPOINT_URL) for the plain form. The same reading as
+    ``model_repository/s3.py``, which this model cannot import inside NVIDIA's container."""
+    rest = url[len("s3://"):]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    scheme = re.match(r"^(https?)://", rest)
+    if scheme:
+        rest = rest[scheme.end():]
+    first, _, after = rest.partition("/")
+    if scheme or re.fullmatch(r"[A-Za-z0-9.\-]+:\d+", first):
+        endpoint, rest = f"{scheme.group(1) if scheme else 'http'}://{first}", after
+    bucket, _, prefix = rest.partition("/")
+    return endpoint, bucket, prefix.strip("/")
+
+
+def fetch_references(repository_url: str, head: str, version: int, ood: dict) -> np.ndarray:
+    """A version's reference set read from the bucket Triton serves: Triton copies each model
+    of an S3 repository into its own temporary folder, so the head versions are not beside
+    this model there. Credentials as Triton's own (AWS_* in the environment)."""
+    import io
+
+    import boto3
+
+    endpoint, bucket, prefix = s3_parts(repository_url)
+    key = "/".join(p for p in (prefix, head, str(version), OOD_FILE) if p)
+    body = boto3.client("s3", endpoint_url=endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+    return _checked(np.load(io.BytesIO(body), allow_pickle=False), ood, f"s3://{bucket}/{key}")
 
 
 class KnnIndex:
@@ -217,7 +255,12 @@ class TritonPythonModel:
             folder = os.path.join(self.repository, head, str(info["version"]))
             for old in [k for k in self._indexes if k[0] == head]:
                 del self._indexes[old]
-            index = self._indexes[key] = KnnIndex(load_references(folder, info["ood"]))
+            remote = os.environ.get(REPOSITORY_ENV, "")
+            if remote.startswith("s3://") and not os.path.isdir(folder):
+                references = fetch_references(remote, head, int(info["version"]), info["ood"])
+            else:
+                references = load_references(folder, info["ood"])
+            index = self._indexes[key] = KnnIndex(references)
         return index
 
     def _info(self, raw: bytes) -> dict:

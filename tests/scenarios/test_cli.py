@@ -95,6 +95,20 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def shm_mapped_by(pids: set[int]) -> set[str]:
+    """The /dev/shm names these processes map: this server's regions, not those of another
+    server running on the machine at the same time."""
+    names = set()
+    for pid in pids:
+        try:
+            maps = (Path("/proc") / str(pid) / "maps").read_text()
+        except OSError:
+            continue
+        names |= {line.split("/dev/shm/", 1)[1].split(" (deleted)")[0].strip() for line in maps.splitlines()
+                  if "/dev/shm/" in line}
+    return names
+
+
 def alive(pid: int) -> bool:
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -118,7 +132,7 @@ def test_serve_stops_cleanly_on_sigterm(repo, tmp_path):
         assert any("Triton is ready" in line for line in seen), "".join(seen)
         server_tree = descendants(process.pid)
         assert len(server_tree) >= 8  # tritonserver + a python stub per model
-        shm_during = set(os.listdir("/dev/shm")) - shm_before
+        shm_during = (set(os.listdir("/dev/shm")) - shm_before) & shm_mapped_by(server_tree)
         assert shm_during, "the python backend keeps its tensors in /dev/shm"
         process.send_signal(signal.SIGTERM)
         rest = process.stderr.read()

@@ -164,6 +164,10 @@ def test_heads_worker_killed_mid_batch_loses_nothing(broker, names, worker_repo,
             if table is not None and table.num_rows >= 300:
                 break
             time.sleep(0.05)
+        # Kill while it holds a batch (read, not yet acknowledged): reading the store above is
+        # slow on a busy machine, so wait for the pending entries themselves.
+        while time.monotonic() < deadline and not broker.status([embeddings])[0].consumers.get("victim"):
+            time.sleep(0.005)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
     finally:

@@ -126,10 +126,13 @@ def test_docker_compose_serves_what_a_native_build_produces(encoder_dir, tmp_pat
 
     from tests.helpers import build_repo
 
-    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    root = Path(__file__).parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
     service = compose["services"]["triton"]
-    assert "nvcr.io/nvidia/tritonserver:24.10-py3" in service["build"]["dockerfile_inline"]
-    assert service["volumes"] == ["./model_repository:/models"]
+    assert "FROM nvcr.io/nvidia/tritonserver:24.10-py3" in (root / service["build"]["dockerfile"]).read_text()
+    # The repository is the bucket `headmaster repo push` fills with the native build (MinIO).
+    (repository,) = [arg.split("=", 1)[1] for arg in service["command"] if arg.startswith("--model-repository=")]
+    assert repository.startswith("s3://") and service["environment"]["HEADMASTER_REPOSITORY"] == repository
     loaded = [arg.split("=", 1)[1] for arg in service["command"] if arg.startswith("--load-model=")]
     native = Repository(build_repo(encoder_dir, tmp_path / "model_repository", flavour="native"))
     assert set(loaded) <= set(native.model_names())
