@@ -60,7 +60,7 @@ class DistillReport:
     onnx_max_diff: float  # ONNX vs PyTorch on the held-out pixels
     student_img_s: float  # CPU, onnxruntime, from pixels, batch 16
     teacher_img_s: float  # the image encoder + the head, the same way
-    seconds: float
+    seconds: float  # reading, training, export, comparison and timing (before publishing)
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -261,7 +261,7 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
         mean_abs_score_diff=float(np.abs(student_scores[val] - targets[val]).mean()),
         train_top1_agreement=float(same_top[train].mean()), onnx_max_diff=onnx_diff,
         student_img_s=round(student_rate, 1), teacher_img_s=round(teacher_rate, 1),
-        seconds=0.0, details={"epochs": options.epochs, "pretrained": options.pretrained, "image_size": config["size"],
+        seconds=round(time.monotonic() - started, 1), details={"epochs": options.epochs, "pretrained": options.pretrained, "image_size": config["size"],
                               "store": str(options.store), "encoder": repository.fingerprint})
 
     def build(folder: Path, version: int) -> None:
@@ -284,7 +284,6 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
     control = live.find(options.repo, server)
     if control is not None:
         live.load(control, [name])
-    report.seconds = round(time.monotonic() - started, 1)
     return report
 
 
