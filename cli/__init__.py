@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from headmaster.cli import backfill, classify, eval, export, heads, quickstart, repo, serve, store, worker
+from headmaster.cli import ab, backfill, classify, distill, eval, export, heads, quickstart, repo, serve, store, worker
 from headmaster.cli.common import console, flag
 from headmaster.client.errors import ClientError
 from headmaster.errors import HeadmasterError
@@ -30,6 +30,8 @@ app.command("serve")(serve.serve)
 app.command("zero-shot")(heads.zero_shot)
 app.command("train-head")(heads.train_head_command)
 app.add_typer(heads.heads_app, name="heads")
+for _name, _command in (("canary", ab.canary), ("compare", ab.compare), ("promote", ab.promote), ("abort", ab.abort)):
+    heads.heads_app.command(_name)(_command)
 app.command("rollback")(heads.rollback)
 app.command("rollout")(heads.rollout)
 app.command("classify")(classify.classify)
@@ -39,6 +41,7 @@ app.command("suggest")(store.suggest_command)
 app.command("reembed")(store.reembed_command)
 app.add_typer(store.dataset_app, name="dataset")
 app.command("eval")(eval.eval_command)
+app.command("distill")(distill.distill_command)
 app.command("quickstart")(quickstart.quickstart)
 app.command("backfill")(backfill.backfill_command)
 app.add_typer(worker.app, name="worker")

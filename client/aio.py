@@ -145,6 +145,9 @@ class _Transport:
         (tensor,) = [t for t in (await self._metadata(model))["inputs"] if t["name"] == name]
         return [int(d) for d in tensor["shape"]]
 
+    async def has_input(self, model: str, name: str) -> bool:
+        return any(t["name"] == name for t in (await self._metadata(model))["inputs"])
+
     async def output_dims(self, model: str, name: str) -> list[int]:
         (tensor,) = [t for t in (await self._metadata(model))["outputs"] if t["name"] == name]
         return [int(d) for d in tensor["shape"]]
@@ -276,12 +279,18 @@ class AsyncHeadmasterClient:
         no encoder). The caller vouches that they come from the served encoder."""
         embeddings = np.asarray(embeddings, np.float32).reshape(len(hashes), -1)
         gate = asyncio.Semaphore(self.max_in_flight)
+        # The items' sha256 go along where the server takes them: an A/B test of a head picks each
+        # item's arm by its image's sha256, so a stored item gets the arm its image gets.
+        with_hashes = await self._transport.has_input("classify_embedding", "SHA256") if len(hashes) else False
 
         async def run(start: int) -> list[Classification]:
             rows = embeddings[start:start + self.batch_size]
+            inputs = [self._transport.fp32_input("EMBEDDING", rows)]
+            if with_hashes:
+                inputs.append(self._transport.bytes_input(
+                    "SHA256", [str(h).encode("utf-8") for h in hashes[start:start + self.batch_size]]))
             async with gate:
-                out = await self._transport.infer("classify_embedding", [self._transport.fp32_input("EMBEDDING", rows)],
-                                                  ["RESULT"])
+                out = await self._transport.infer("classify_embedding", inputs, ["RESULT"])
             return [Classification.from_result(sources[start + i], hashes[start + i], row, result[0])
                     for i, (row, result) in enumerate(zip(rows, out["RESULT"]))]
 

@@ -26,6 +26,9 @@ class HeadResult:
     value: float | None = None
     ordinal_class: str | None = None
     expected: float | None = None
+    # While the head runs an A/B or shadow test: {"mode", "arm" (which version answered: live |
+    # candidate), "agree", "other": the other version's {"version", "labels", "scores"}}.
+    ab: dict | None = None
 
     def as_dict(self) -> dict:
         d = {"version": self.version, "labels": list(self.labels), "scores": self.scores}
@@ -34,6 +37,8 @@ class HeadResult:
         for key, value in (("value", self.value), ("class", self.ordinal_class), ("expected", self.expected)):
             if value is not None:
                 d[key] = value
+        if self.ab is not None:
+            d["ab"] = self.ab
         return d
 
     @property
@@ -59,7 +64,7 @@ class Classification:
         doc = json.loads(result_json)
         heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]),
                                   h.get("ood"), h.get("ood_distance"), h.get("value"), h.get("class"),
-                                  h.get("expected"))
+                                  h.get("expected"), h.get("ab"))
                  for name, h in doc.get("heads", {}).items()}
         return cls(source, sha256, np.asarray(embedding, dtype=np.float32), heads, doc.get("encoder"))
 

@@ -244,8 +244,14 @@ class HeadModel:
     num_labels: int | None = None
     batching: Batching = Batching(64, (), 0)
     instances: Instances = Instances(1)
+    # Versions loaded beside the live one: the candidate of an A/B or shadow test (model_repository/ab.py),
+    # which must have the live version's labels (one SCORES dim serves both).
+    also_serve: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.live_version in self.also_serve or any(v < 1 for v in self.also_serve):
+            raise ConfigError(f"head {self.name}: also_serve {self.also_serve} must be versions >= 1 other than "
+                              f"the live one ({self.live_version})")
         if self.live_version < 1:
             raise ConfigError(f"head {self.name}: live_version must be >= 1, got {self.live_version}")
         if self.num_labels is not None and self.num_labels < 1:
@@ -259,7 +265,7 @@ class HeadModel:
         _check_flavour(flavour)
         base = _base(self.name, self.batching, [Tensor("EMBEDDING", "FP32", (self.embed_dim,))],
                      self.outputs, flavour, self.instances)
-        base["version_policy"] = {"specific": {"versions": [self.live_version]}}
+        base["version_policy"] = {"specific": {"versions": sorted([self.live_version, *self.also_serve])}}
         if flavour == "native":
             return {**base, "platform": "onnxruntime_onnx"}
         return {**base, "backend": "python", "parameters": _params(artifact="model.onnx", device="cpu", threads=1)}
@@ -285,15 +291,23 @@ class ThresholdModel:
     # The encoder fingerprint every RESULT names: clients learn which embedding space an answer
     # lives in without reading model configs (an API the server keeps closed).
     encoder: str = ""
+    # head -> {"version", "share", "mode"} of the A/B or shadow test it runs (model_repository/ab.py).
+    ab: dict | None = None
 
     @property
     def inputs(self) -> list[Tensor]:
         # Head inputs are optional so that adding or removing a head never breaks the
         # classify ensemble that is live while the two models reload one after the other.
-        tensors = [Tensor("EMBEDDING", "FP32", (self.embed_dim,))]
+        # IMAGE / SHA256 give an A/B test each item's key (the image's sha256); optional too.
+        tensors = [Tensor("EMBEDDING", "FP32", (self.embed_dim,)), Tensor("SHA256", "BYTES", (1,), optional=True)]
+        if self.ab:
+            tensors.append(Tensor("IMAGE", "BYTES", (1,), optional=True))
         for head in self.heads:
             tensors += [Tensor(f"SCORES_{head}", "FP32", (-1,), optional=True),
                         Tensor(f"INFO_{head}", "BYTES", (1,), optional=True)]
+            if head in (self.ab or {}):
+                tensors += [Tensor(f"SCORES_AB_{head}", "FP32", (-1,), optional=True),
+                            Tensor(f"INFO_AB_{head}", "BYTES", (1,), optional=True)]
         return tensors
 
     @property
@@ -304,7 +318,29 @@ class ThresholdModel:
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
         return {**_base(self.name, self.batching, self.inputs, self.outputs, flavour, Instances(1)),
-                "backend": "python", "parameters": _params(heads=json.dumps(list(self.heads)), encoder=self.encoder)}
+                "backend": "python", "parameters": _params(heads=json.dumps(list(self.heads)), encoder=self.encoder,
+                                                           **({"ab": json.dumps(self.ab, sort_keys=True)}
+                                                              if self.ab else {}))}
+
+
+@dataclass(frozen=True)
+class StudentModel:
+    """A distilled student (training/distill.py): image bytes -> its own preprocessing -> SCORES + RESULT."""
+
+    name: str
+    num_labels: int
+    batching: Batching = Batching(16, (), 0)
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 1:
+            raise ConfigError(f"student {self.name}: num_labels must be >= 1, got {self.num_labels}")
+
+    def config(self, flavour: str) -> dict:
+        _check_flavour(flavour)  # a python model in both flavours
+        return {**_base(self.name, self.batching, [Tensor("IMAGE", "BYTES", (1,))],
+                        [Tensor("SCORES", "FP32", (self.num_labels,)), Tensor("RESULT", "BYTES", (1,))],
+                        flavour, Instances(1)),
+                "backend": "python"}
 
 
 @dataclass(frozen=True)
@@ -314,9 +350,10 @@ class Step:
     model: str
     inputs: dict[str, str]
     outputs: dict[str, str]
+    version: int = -1  # -1: the newest loaded; a number while a head serves two (an A/B test)
 
     def proto(self) -> dict:
-        return {"model_name": self.model, "model_version": "-1",
+        return {"model_name": self.model, "model_version": str(self.version),
                 "input_map": dict(self.inputs), "output_map": dict(self.outputs)}
 
 

@@ -110,11 +110,10 @@ def _config_matches(repository, model) -> bool:
     return error is None and config == _rendered(repository, model)
 
 
-def _configured_version(config) -> int | None:
-    policy = config.version_policy
-    if policy.HasField("specific") and policy.specific.versions:
-        return max(policy.specific.versions)
-    return None
+def _configured_version(config, test=None) -> int | None:
+    from headmaster.model_repository.repository import live_of
+
+    return live_of(config, test)
 
 
 def _configured_heads(model_name: str, config) -> list[str]:
@@ -123,7 +122,18 @@ def _configured_heads(model_name: str, config) -> list[str]:
             return list(json.loads(config.parameters["heads"].string_value))
         except (KeyError, ValueError, TypeError):
             return []
-    return [s.model_name for s in config.ensemble_scheduling.step if s.model_name not in NON_HEAD_STEPS]
+    # A head under an A/B test has two steps (its live version and the candidate): named once.
+    return list(dict.fromkeys(s.model_name for s in config.ensemble_scheduling.step
+                              if s.model_name not in NON_HEAD_STEPS))
+
+
+def _test_of(repo: Path, name: str):
+    from headmaster.model_repository import ab
+
+    try:
+        return ab.running(repo, name)
+    except Exception:  # an unreadable record: the config's newest version, as without a test
+        return None
 
 
 # -- heads ------------------------------------------------------------------------------------
@@ -164,7 +174,7 @@ def survey_head(repository, name: str) -> HeadSurvey:
     survey = HeadSurvey(name, versions(folder), has_config=(folder / CONFIG).is_file())
     config, survey.config_error = _read_config(folder, name)
     if config is not None:
-        survey.configured = _configured_version(config)
+        survey.configured = _configured_version(config, _test_of(repository.path, name))
     for v in survey.versions:
         try:
             validate_version(repository, name, v, shown=f"{name}/{v}")

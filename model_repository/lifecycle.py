@@ -27,7 +27,7 @@ from pathlib import Path
 from headmaster.errors import HeadmasterError, RepositoryError, ServerError
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights, check_head_name, write_head
-from headmaster.model_repository import live, s3
+from headmaster.model_repository import ab, live, s3
 from headmaster.model_repository.layout import CONFIG_FILE, copy_backend, version_dir
 from headmaster.model_repository.publish import prune_versions, publish_version, repository_lock
 from headmaster.model_repository.repository import Repository
@@ -85,6 +85,7 @@ def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5
             server: str | None = None, references=None) -> Change:
     """Publish the next version of a head (see ``repository.publish_head``) and make it live;
     ``references``: the out-of-distribution reference set its card's ``ood`` describes."""
+    ab.refuse_during_test(repo, make_card(1).name, "publish a version of")
     control = live.find(repo, server)
     previous = _live_version(repo, make_card(1).name)
     card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep, references)
@@ -94,6 +95,7 @@ def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5
 
 def rollback(repo: Path, name: str, to: int | None = None, server: str | None = None) -> Change:
     """Serve an older version of a head (default: the one before the live one), validated first."""
+    ab.refuse_during_test(repo, name, "roll back")
     control = live.find(repo, server)
     previous = _live_version(repo, name)
     version = _rollback_on_disk(repo, name, to)
@@ -104,6 +106,7 @@ def rollback(repo: Path, name: str, to: int | None = None, server: str | None = 
 def import_version(repo: Path, version_dir: Path, name: str | None = None, server: str | None = None) -> Change:
     """A head version made elsewhere becomes the next version here (same encoder only)."""
     target = name or HeadCard.load(version_dir).name
+    ab.refuse_during_test(repo, target, "import a version of")
     control = live.find(repo, server)
     previous = _live_version(repo, target)
     card = _import_on_disk(repo, version_dir, name)
@@ -113,6 +116,7 @@ def import_version(repo: Path, version_dir: Path, name: str | None = None, serve
 
 def remove(repo: Path, name: str, server: str | None = None) -> Change:
     """Take a head out: the ensembles stop naming it, then the server unloads it."""
+    ab.refuse_during_test(repo, name, "remove")
     control = live.find(repo, server)
     _remove_on_disk(repo, name)
     if control is not None and s3.location_of(repo) is not None:
@@ -135,6 +139,7 @@ def adopt(repo: Path, name: str, version: int, server=None) -> Change:
     """A version folder put into the repository by hand (``cp -r``) becomes the live one,
     after the same validation as any other version: what the server's watcher calls."""
     control = live.Control.of(server) if server is not None else live.find(repo)
+    ab.refuse_during_test(repo, name, "adopt a version of")
     with repository_lock(repo):
         state = Repository(repo)
         previous = _live_version(repo, name) if name in state.head_names() else None
@@ -144,6 +149,87 @@ def adopt(repo: Path, name: str, version: int, server=None) -> Change:
         state.set_live(name, version)
         state.render_heads()
     return Change(name, version, _go_live(repo, name, previous, control), card)
+
+
+# -- A/B and shadow tests (ab.py) ------------------------------------------------------------------
+# Both versions load into the head's model at once; the ensembles' steps name each by number, since
+# Triton's "-1" (newest loaded) would route every request to the newer of the two. Every change of
+# a test goes in phases so that each request, in flight or arriving, meets a consistent set:
+#   start:  ensembles pinned to the live version -> head loads [live, candidate] -> threshold with
+#           the test -> ensembles running both versions;
+#   finish: ensembles pinned to the version that stays, running one -> head loads that version
+#           alone -> threshold without the test -> ensembles back to "-1".
+def _write_ensembles(repository: Repository, pinned: dict[str, int], with_tests: bool) -> None:
+    for model in repository.head_models(repository.head_names(), pinned, with_tests)[1:]:  # [0] is threshold
+        repository.write_config(model)
+
+
+def start_test(repo: Path, name: str, version: int, share: float = 0.1, shadow: bool = False,
+               server: str | None = None) -> ab.AbTest:
+    """Serve ``version`` of head ``name`` beside its live version: to ``share`` of the items (stable
+    by image sha256), or to none (``shadow``), its answers recorded either way."""
+    control = live.find(repo, server)
+    with repository_lock(repo):
+        repository = Repository(repo)
+        state = repository.head(name)
+        ab.refuse_during_test(repo, name, "start another test on")
+        state.chosen(version)
+        card = validate_version(repository, name, version)
+        if tuple(card.labels) != tuple(state.card.labels):
+            raise RepositoryError(f"head {name} v{version} has labels {list(card.labels)}, v{state.live} has "
+                                  f"{list(state.card.labels)}: an A/B test compares versions with the same labels")
+        test = ab.AbTest.new(name, state.live, version, share, shadow)
+        _write_ensembles(repository, {name: state.live}, with_tests=False)
+    s3.sync_up(repo)
+    try:
+        if control is not None:
+            live.load(control, [m for m in HEAD_DEPENDENT if m != "threshold"])
+        with repository_lock(repo):
+            ab.record(repo, test)
+            Repository(repo).render_heads()
+        s3.sync_up(repo)
+        if control is not None:
+            live.head_published(control, name)
+    except ServerError as e:
+        with repository_lock(repo):
+            ab.clear(repo, name)
+            Repository(repo).render_heads()
+        s3.sync_up(repo)
+        try:
+            if control is not None:
+                live.head_published(control, name)
+        except ServerError:
+            pass
+        raise ServerError(f"{e}; the test was not started: head {name} serves v{state.live} alone") from None
+    return test
+
+
+def finish_test(repo: Path, name: str, promote: bool, server: str | None = None) -> Change:
+    """End the test of head ``name``: its candidate becomes the live version (``promote``), or
+    goes back to disk only (abort); the head then loads one version again."""
+    control = live.find(repo, server)
+    with repository_lock(repo):
+        test = ab.running(repo, name)
+        if test is None:
+            Repository(repo).head(name)  # no such head: that message first
+            raise RepositoryError(f"head {name} runs no A/B or shadow test; start one with "
+                                  f"`headmaster heads canary {name} --version N`")
+        final = test.version if promote else test.live
+        if promote:
+            validate_version(Repository(repo), name, final)
+        _write_ensembles(Repository(repo), {name: final}, with_tests=False)
+    s3.sync_up(repo)
+    if control is not None:
+        live.load(control, [m for m in HEAD_DEPENDENT if m != "threshold"])
+    with repository_lock(repo):
+        ab.clear(repo, name)
+        repository = Repository(repo)
+        repository.set_live(name, final)
+        repository.render_heads()
+    s3.sync_up(repo)
+    if control is not None:
+        live.head_published(control, name)
+    return Change(name, final, control.http_url if control else None)
 
 
 # -- the disk side of each operation ------------------------------------------------------------

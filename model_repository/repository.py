@@ -9,13 +9,13 @@ inconsistency, ``consistency.py``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from headmaster.errors import ConfigError, RepositoryError
 from headmaster.export.card import EncoderCard, require_same_encoder
 from headmaster.export.heads import HEAD_FILE, HeadCard
-from headmaster.model_repository import topology
+from headmaster.model_repository import ab, topology
 from headmaster.model_repository.config import Batching, EnsembleModel, parse, render
 from headmaster.model_repository.layout import (
     CONFIG_FILE,
@@ -27,6 +27,17 @@ from headmaster.model_repository.layout import (
     versions,
 )
 from headmaster.model_repository.publish import write_file
+
+
+def live_of(config, test=None) -> int | None:
+    """The live version a head's parsed config serves: the version its policy names, other than the
+    candidate of a running A/B test (``test``, an ab.AbTest), which loads beside it."""
+    policy = config.version_policy
+    if not (policy.HasField("specific") and policy.specific.versions):
+        return None
+    served = [v for v in policy.specific.versions if test is None or v != test.version]
+    return max(served) if served else None
+
 
 GPU_DEFAULTS = {"max_batch_size": 512, "preferred_batch_sizes": (64, 128, 256, 512), "max_queue_delay_us": 1000,
                 "encoder_instances": 2, "preprocess_instances": 2, "decoder": "torchvision"}
@@ -167,8 +178,7 @@ class Repository:
         path = config_path(self.path, name)
         if not path.is_file():
             return None
-        policy = parse(path.read_text()).version_policy
-        return max(policy.specific.versions) if policy.HasField("specific") and policy.specific.versions else None
+        return live_of(parse(path.read_text()), ab.running(self.path, name))
 
     # -- model descriptions (topology.py) ---------------------------------------------------
     def encoder_model(self, tower: str):
@@ -176,7 +186,11 @@ class Repository:
 
     def head_model(self, name: str, live: int):
         labels = len(HeadCard.load(version_dir(self.path, name, live)).labels)  # SCORES dims of that version
-        return topology.head_model(self.card, self.options, name, live, labels)
+        model = topology.head_model(self.card, self.options, name, live, labels)
+        test = ab.running(self.path, name)
+        if test is not None and test.live == live:  # the candidate of a running test loads beside it
+            model = replace(model, also_serve=(test.version,))
+        return model
 
     def static_models(self) -> list:
         return topology.static_models(self.card, self.options)
@@ -184,11 +198,24 @@ class Repository:
     def embed_ensembles(self) -> list:
         return topology.embed_ensembles(self.card, self.options)
 
-    def head_models(self, heads: list[str]) -> list:
-        return topology.head_dependent_models(self.card, self.options, heads)
+    def head_models(self, heads: list[str], pinned: dict[str, int] | None = None, with_tests: bool = True) -> list:
+        """threshold and the ensembles for ``heads``; a head under an A/B test runs both its
+        versions (``with_tests=False``: the live one only, still pinned, as while a test starts
+        or ends); ``pinned`` pins more heads' steps to a version."""
+        tests = ab.tests(self.path, heads)
+        pins = {head: test.live for head, test in tests.items()} | dict(pinned or {})
+        running = {head: test.params() for head, test in tests.items()} if with_tests else None
+        return topology.head_dependent_models(self.card, self.options, heads, pins, running)
 
     def model_names(self) -> list[str]:
-        return topology.model_names(self.card, self.options, self.head_names())
+        return topology.model_names(self.card, self.options, self.head_names()) + self.student_names()
+
+    def student_names(self) -> list[str]:
+        """Distilled students (``headmaster distill``): models of their own, served from image bytes."""
+        from headmaster.model_repository.backends.student import STUDENT_FILE
+
+        return sorted(p.parent.parent.name for p in self.path.glob(f"*/[0-9]*/{STUDENT_FILE}")
+                      if config_path(self.path, p.parent.parent.name).is_file())
 
     # -- writing ---------------------------------------------------------------------------
     def write_config(self, model) -> None:

@@ -79,9 +79,16 @@ def static_models(card, options) -> list:
     return models + embed_ensembles(card, options)
 
 
-def head_dependent_models(card, options, heads: list[str]) -> list:
+def head_dependent_models(card, options, heads: list[str], pinned: dict[str, int] | None = None,
+                          ab: dict[str, dict] | None = None) -> list:
     """threshold, ``classify`` (from image bytes) and ``classify_embedding`` (from an embedding
-    computed earlier, e.g. one kept in a store: the heads run, the encoder does not)."""
+    computed earlier, e.g. one kept in a store: the heads run, the encoder does not).
+
+    ``pinned``: head -> the version its step runs, for a head whose config loads two versions
+    (Triton's ``-1`` would pick the newer one, the candidate, not the live one). ``ab``: head ->
+    {"version", "share", "mode"} of its A/B or shadow test: the candidate runs as a second step
+    of the same model, its outputs handed to threshold (see backends/threshold.py)."""
+    pinned, ab = pinned or {}, ab or {}
     image = encoder_model(card, options, "image")
     d = card.embed_dim
     result = Tensor("RESULT", "BYTES", (1,))
@@ -91,21 +98,34 @@ def head_dependent_models(card, options, heads: list[str]) -> list:
         steps, inputs, outputs = [], {"EMBEDDING": embedding}, {"RESULT": "RESULT"}
         for head in heads:
             steps.append(Step(head, {"EMBEDDING": embedding},
-                              {"SCORES": f"HEAD_SCORES_{head}", "INFO": f"HEAD_INFO_{head}"}))
+                              {"SCORES": f"HEAD_SCORES_{head}", "INFO": f"HEAD_INFO_{head}"}, pinned.get(head, -1)))
             inputs.update({f"SCORES_{head}": f"HEAD_SCORES_{head}", f"INFO_{head}": f"HEAD_INFO_{head}"})
             outputs[f"SCORES_OUT_{head}"] = f"SCORES_{head}"
+            if head in ab:
+                steps.append(Step(head, {"EMBEDDING": embedding},
+                                  {"SCORES": f"AB_SCORES_{head}", "INFO": f"AB_INFO_{head}"}, int(ab[head]["version"])))
+                inputs.update({f"SCORES_AB_{head}": f"AB_SCORES_{head}", f"INFO_AB_{head}": f"AB_INFO_{head}"})
         if with_embedding:
             outputs["EMBEDDING_OUT"] = "EMBEDDING"
         return (*steps, Step("threshold", inputs, outputs))
 
+    def keyed(steps: tuple[Step, ...], key: dict[str, str]) -> tuple[Step, ...]:
+        # threshold, the last step, also reads each item's A/B key (the image, or its sha256).
+        last = steps[-1]
+        return (*steps[:-1], Step(last.model, {**last.inputs, **key}, last.outputs))
+
     embed_steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
                    Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "IMAGE_EMBEDDING"}))
-    return [ThresholdModel(tuple(heads), d, options.light_batching, encoder=card.fingerprint),
+    ab_params = {head: {k: test[k] for k in ("version", "share", "mode")} for head, test in ab.items()}
+    return [ThresholdModel(tuple(heads), d, options.light_batching, encoder=card.fingerprint, ab=ab_params or None),
             EnsembleModel("classify", (Tensor("IMAGE", "BYTES", (1,)),),
                           (Tensor("EMBEDDING", "FP32", (d,)), result, *head_outputs),
-                          embed_steps + head_steps("IMAGE_EMBEDDING", True), options.max_batch_size),
-            EnsembleModel("classify_embedding", (Tensor("EMBEDDING", "FP32", (d,)),),
-                          (result, *head_outputs), head_steps("EMBEDDING", False), options.max_batch_size)]
+                          keyed(embed_steps + head_steps("IMAGE_EMBEDDING", True), {"IMAGE": "IMAGE"} if ab else {}),
+                          options.max_batch_size),
+            EnsembleModel("classify_embedding", (Tensor("EMBEDDING", "FP32", (d,)),
+                                                 Tensor("SHA256", "BYTES", (1,), optional=True)),
+                          (result, *head_outputs), keyed(head_steps("EMBEDDING", False), {"SHA256": "SHA256"}),
+                          options.max_batch_size)]
 
 
 def model_names(card, options, heads: list[str]) -> list[str]:

@@ -27,6 +27,9 @@ SCHEMA_VERSION = 1
 STORE_FILE = "store.json"
 EMBEDDING_DTYPES = ("float32", "float16")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The source of label rows from the version of an A/B test that did not answer: read by version
+# (``labels(head, version)``, ``heads compare``), skipped by "the current labels" (no version).
+OTHER_ARM = "ab-other"
 
 
 @dataclass(frozen=True)
@@ -94,18 +97,22 @@ def label_table(hashes, fingerprint: str, version: int, scores: np.ndarray, labe
 def classification_tables(results, fingerprint: str, source: str = "classify") -> dict[str, list]:
     """Label tables per head from client Classification results (grouped by head version,
     since a hot swap can land in the middle of a run)."""
-    grouped: dict[tuple[str, int], list] = {}
+    grouped: dict[tuple[str, int, str], list] = {}
     for result in results:
         for name, head in result.heads.items():
-            grouped.setdefault((name, head.version), []).append((result.sha256, head))
+            grouped.setdefault((name, head.version, source), []).append((result.sha256, head.scores, head.labels))
+            if head.ab:  # the version of an A/B test that did not answer: kept, never the current label
+                other = head.ab["other"]
+                grouped.setdefault((name, int(other["version"]), OTHER_ARM), []).append(
+                    (result.sha256, other["scores"], other["labels"]))
     tables: dict[str, list] = {}
     at = now()
-    for (name, version), rows in grouped.items():
-        names = list(rows[0][1].scores)
-        scores = np.array([[h.scores[label] for label in names] for _, h in rows], np.float32)
-        accepted = np.array([[label in h.labels for label in names] for _, h in rows], bool)
+    for (name, version, origin), rows in grouped.items():
+        names = list(rows[0][1])
+        scores = np.array([[row_scores[label] for label in names] for _, row_scores, _ in rows], np.float32)
+        accepted = np.array([[label in labels for label in names] for _, _, labels in rows], bool)
         tables.setdefault(name, []).append(
-            label_table([sha for sha, _ in rows], fingerprint, version, scores, names, accepted, source, at))
+            label_table([sha for sha, _, _ in rows], fingerprint, version, scores, names, accepted, origin, at))
     return tables
 
 
@@ -217,7 +224,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def labels(self, head: str, version: int | None = None):
-        """The newest label row per item for ``head`` (optionally of one version), an Arrow table."""
+        """The newest label row per item for ``head`` (optionally of one version), an Arrow table.
+        Without a version, rows of an A/B test's non-answering version (source OTHER_ARM) are skipped."""
 
     def labelled(self, head: str, version: int, hashes: Iterable[str] | None = None) -> set[str]:
         """The items (of ``hashes``, or all) that hold a label row of this head version: what a

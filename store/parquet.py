@@ -36,6 +36,7 @@ import numpy as np
 from headmaster.errors import StoreError
 from headmaster.store.base import (
     EMBEDDING_DTYPES,
+    OTHER_ARM,
     SCHEMA_VERSION,
     STORE_FILE,
     Correction,
@@ -249,7 +250,7 @@ class ParquetStore(Store):
     def labels(self, head: str, version: int | None = None):
         import pyarrow.dataset as ds
 
-        condition = ds.field("version") == version if version is not None else None
+        condition = ds.field("version") == version if version is not None else ds.field("source") != OTHER_ARM
         return latest(self._read(self.path / "labels" / head, label_schema(), filter=condition), ["sha256"])
 
     def labelled(self, head: str, version: int, hashes: Iterable[str] | None = None) -> set[str]:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from headmaster.errors import StoreError
-from headmaster.store.base import EMBEDDING_DTYPES, SCHEMA_VERSION, Correction, Store, label_schema, now
+from headmaster.store.base import EMBEDDING_DTYPES, OTHER_ARM, SCHEMA_VERSION, Correction, Store, label_schema, now
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -387,7 +387,8 @@ class PostgresStore(Store):
         import pyarrow as pa
 
         schema = label_schema()
-        condition, params = ("AND version = %s", (head, version)) if version is not None else ("", (head,))
+        condition, params = (("AND version = %s", (head, version)) if version is not None
+                             else ("AND source IS DISTINCT FROM %s", (head, OTHER_ARM)))
         batches = []
         with self._conn.transaction(), self._conn.cursor("headmaster_labels", binary=True) as cur:
             cur.execute(

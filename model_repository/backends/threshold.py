@@ -23,6 +23,14 @@ embedding lies from the training embeddings: the cosine distance to the k-th nea
 reference. Beyond the version's threshold the image is ``"ood": true``; an ``abstain`` head
 then accepts no label, a ``flag`` head labels as usual. ``ood_rule`` is the one implementation,
 run here and by the CPU tools (``model_repository/head_version.py``).
+
+A/B and shadow versions (``model_repository/ab.py``): while a head tests a candidate version,
+the ensembles run both versions of the head on every item (heads are one small matmul) and hand
+the candidate's SCORES/INFO here as ``SCORES_AB_<head>`` / ``INFO_AB_<head>``. Each item's arm
+is a pure function of the image's sha256 (:func:`in_candidate_arm`), so the same image always
+gets the same arm, on every replica and in every run; ``shadow`` never lets the candidate
+answer. The item's JSON carries the other arm's answer under ``ab``, and a Prometheus counter
+(``headmaster_ab_items_total``) counts items per arm and whether the two versions agreed.
 """
 
 from __future__ import annotations
@@ -34,11 +42,45 @@ import re
 
 import numpy as np
 
+AB_METRIC = "headmaster_ab_items_total"
 OOD_FILE = "ood.npy"  # float16 [R, D]: L2-normalised training embeddings of the head version
 OOD_POLICIES = ("abstain", "flag")
 # The repository Triton was started on (`headmaster serve` and the Helm chart set it): where an
 # S3-served model finds the head versions' reference sets.
 REPOSITORY_ENV = "HEADMASTER_REPOSITORY"
+
+
+def in_candidate_arm(sha256_hex: str, share: float) -> bool:
+    """Whether an item (its image's sha256, hex) falls in the candidate's share: the first 64
+    bits of the digest as a fraction of 2**64, below ``share``. SHA-256 bits are uniform, so
+    over n items the share is met within about sqrt(share*(1-share)/n)."""
+    return int(sha256_hex[:16], 16) < share * 2.0**64
+
+
+def item_keys(request_image, request_sha256, embedding: np.ndarray) -> list[str]:
+    """Each item's arm key: the sha256 of its image bytes (``classify``), the sha256 the caller
+    sent with a stored embedding (``classify_embedding``), else the sha256 of the embedding."""
+    if request_image is not None:
+        return [hashlib.sha256(bytes(b)).hexdigest() for b in request_image.reshape(-1)]
+    if request_sha256 is not None:
+        keys = [bytes(b).decode("ascii", "replace").strip().lower() for b in request_sha256.reshape(-1)]
+        if all(len(k) == 64 and all(c in "0123456789abcdef" for c in k) for k in keys):
+            return keys
+    return [hashlib.sha256(np.ascontiguousarray(row, np.float32).tobytes()).hexdigest() for row in embedding]
+
+
+def ab_results(answer: list[dict], candidate: list[dict], keys: list[str], test: dict) -> list[tuple[dict, str, bool]]:
+    """Per item: (the result that answers, its arm, whether both versions accepted the same
+    labels). The answer carries the other arm's result under ``ab``."""
+    out = []
+    for live_result, candidate_result, key in zip(answer, candidate, keys):
+        arm = "candidate" if test["mode"] == "canary" and in_candidate_arm(key, float(test["share"])) else "live"
+        agree = set(live_result["labels"]) == set(candidate_result["labels"])
+        chosen, other = (candidate_result, live_result) if arm == "candidate" else (live_result, candidate_result)
+        chosen = {**chosen, "ab": {"mode": test["mode"], "arm": arm, "agree": agree,
+                                   "other": {k: other[k] for k in ("version", "labels", "scores")}}}
+        out.append((chosen, arm, agree))
+    return out
 
 
 def references_sha256(references: np.ndarray) -> str:
@@ -272,6 +314,14 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.heads = json.loads(params.get("heads", "[]"))
         self.encoder = params.get("encoder", "")  # the fingerprint every RESULT names
+        self.ab = json.loads(params.get("ab", "{}"))  # head -> {version, share, mode} of its running test
+        self._ab_counters: dict[tuple, object] = {}
+        self._ab_family = None
+        if self.ab:
+            self._ab_family = pb_utils.MetricFamily(
+                name=AB_METRIC, description="items answered during an A/B or shadow test of a head version, "
+                "by arm and by whether the live and candidate versions accepted the same labels",
+                kind=pb_utils.MetricFamily.COUNTER)
         self._info_cache: dict[bytes, dict] = {}
         try:  # one search thread: the encoder owns the cores; OpenMP spinning beside it cost 4-7x here
             import faiss
@@ -308,9 +358,32 @@ class TritonPythonModel:
             info = self._info_cache[raw] = json.loads(raw)
         return info
 
+    def _count(self, head: str, live: int, candidate: int, mode: str, arm: str, agree: bool, n: int) -> None:
+        key = (head, live, candidate, mode, arm, agree)
+        counter = self._ab_counters.get(key)
+        if counter is None:
+            counter = self._ab_counters[key] = self._ab_family.Metric(labels={
+                "head": head, "live_version": str(live), "candidate_version": str(candidate), "mode": mode,
+                "arm": arm, "agree": "true" if agree else "false"})
+        counter.increment(n)
+
+    def _candidate(self, request, head: str, embedding) -> tuple[np.ndarray, list[dict]] | None:
+        """The candidate version's scores and results, when this request's ensemble ran one."""
+        test = self.ab.get(head)
+        scores = self.pb.get_input_tensor_by_name(request, f"SCORES_AB_{head}")
+        info = self.pb.get_input_tensor_by_name(request, f"INFO_AB_{head}")
+        if test is None or scores is None or info is None:
+            return None
+        meta = self._info(info.as_numpy().reshape(-1)[0])
+        distances = None
+        if meta.get("ood"):
+            distances = knn_distance(self._index(head, meta), embedding, int(meta["ood"]["k"]))
+        return scores.as_numpy(), head_results(scores.as_numpy(), meta, distances)
+
     def _answer(self, request):
         pb = self.pb
         embedding = pb.get_input_tensor_by_name(request, "EMBEDDING").as_numpy()
+        keys: list[str] | None = None
         items = [{"encoder": self.encoder, "heads": {}} for _ in range(len(embedding))]
         # The ensembles expose copies of the embedding and scores made here, so that no
         # ensemble output is also a step's input (see config.ThresholdModel).
@@ -325,7 +398,27 @@ class TritonPythonModel:
             distances = None
             if meta.get("ood"):
                 distances = knn_distance(self._index(head, meta), embedding, int(meta["ood"]["k"]))
-            for item, result in zip(items, head_results(values, meta, distances)):
+            results = head_results(values, meta, distances)
+            candidate = self._candidate(request, head, embedding) if self.ab else None
+            if candidate is not None:
+                candidate_scores, candidate = candidate
+                if keys is None:
+                    image, sha = (pb.get_input_tensor_by_name(request, n) for n in ("IMAGE", "SHA256"))
+                    keys = item_keys(None if image is None else image.as_numpy(),
+                                     None if sha is None else sha.as_numpy(), embedding)
+                test = self.ab[head]
+                tally: dict[tuple[str, bool], int] = {}
+                chosen = []
+                values = np.array(values, copy=True)  # SCORES_OUT: each row from the arm that answered
+                for i, (result, arm, agree) in enumerate(ab_results(results, candidate, keys, test)):
+                    chosen.append(result)
+                    if arm == "candidate":
+                        values[i] = candidate_scores[i]
+                    tally[arm, agree] = tally.get((arm, agree), 0) + 1
+                for (arm, agree), n in tally.items():
+                    self._count(head, int(meta["version"]), int(candidate[0]["version"]), test["mode"], arm, agree, n)
+                results = chosen
+            for item, result in zip(items, results):
                 item["heads"][head] = result
             outputs.append(pb.Tensor(f"SCORES_OUT_{head}", values))
         out = np.array([[json.dumps(item, separators=(",", ":"))] for item in items], dtype=object)

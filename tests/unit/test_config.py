@@ -83,7 +83,7 @@ def test_head_serves_only_its_live_version():
 def test_threshold_head_inputs_are_optional():
     config = parse(render(ThresholdModel(("animal",), 512), "portable"))
     optional = {t.name: t.optional for t in config.input}
-    assert optional == {"EMBEDDING": False, "SCORES_animal": True, "INFO_animal": True}
+    assert optional == {"EMBEDDING": False, "SHA256": True, "SCORES_animal": True, "INFO_animal": True}
 
 
 def test_plan_cannot_be_portable():

@@ -105,7 +105,7 @@ def test_threshold_inputs(card, heads):
     assert threshold.name == "threshold"
     assert threshold.heads == tuple(heads)
     assert threshold.encoder == card.fingerprint
-    expected = [Tensor("EMBEDDING", "FP32", (D,), optional=False)]
+    expected = [Tensor("EMBEDDING", "FP32", (D,), optional=False), Tensor("SHA256", "BYTES", (1,), optional=True)]
     for head in heads:
         expected += [Tensor(f"SCORES_{head}", "FP32", (-1,), optional=True),
                      Tensor(f"INFO_{head}", "BYTES", (1,), optional=True)]
@@ -117,7 +117,7 @@ def test_threshold_config_marks_head_inputs_optional(card):
     threshold = topology.head_dependent_models(card, OPTIONS, ["animals"])[0]
     config = parse(render(threshold, "portable"))
     assert {i.name: i.optional for i in config.input} == {
-        "EMBEDDING": False, "SCORES_animals": True, "INFO_animals": True}
+        "EMBEDDING": False, "SHA256": True, "SCORES_animals": True, "INFO_animals": True}
     assert config.parameters["heads"].string_value == '["animals"]'
     assert config.parameters["encoder"].string_value == card.fingerprint
 
@@ -148,8 +148,10 @@ def test_classify_steps(card, heads):
 def test_classify_embedding_runs_the_heads_without_the_encoder(card, heads):
     ensemble = by_name(topology.head_dependent_models(card, OPTIONS, heads))["classify_embedding"]
     assert [s.model for s in ensemble.steps] == [*heads, "threshold"]
-    assert ensemble.inputs == (Tensor("EMBEDDING", "FP32", (D,)),)
+    # SHA256 (optional): the stored item's image hash, the key of an A/B test's arms.
+    assert ensemble.inputs == (Tensor("EMBEDDING", "FP32", (D,)), Tensor("SHA256", "BYTES", (1,), optional=True))
     assert all(s.inputs["EMBEDDING"] == "EMBEDDING" for s in ensemble.steps)
+    assert ensemble.steps[-1].inputs["SHA256"] == "SHA256"
     assert [t.name for t in ensemble.outputs] == ["RESULT", *(f"SCORES_{h}" for h in heads)]
     assert "EMBEDDING_OUT" not in ensemble.steps[-1].outputs
 
