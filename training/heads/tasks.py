@@ -27,6 +27,7 @@ from headmaster.training.data import Dataset, content_hash, from_folders, from_h
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
 from headmaster.training.heads import checks
 from headmaster.training.heads import ood as ood_detection
+from headmaster.training.heads.options import TrainResult
 from headmaster.training.heads.score_fit import fit_ordinal, fit_regression
 from headmaster.training.heads.task_metrics import hierarchy_metrics, ordinal_metrics, regression_metrics
 from headmaster.training.heads.thresholds import choose_thresholds
@@ -57,8 +58,6 @@ def load_task_dataset(options) -> Dataset:
 
 def train_task_head(options, progress: Callable[[int, int], None] | None = None):
     """Train and publish a hierarchy / regression / ordinal head; returns a TrainResult."""
-    from headmaster.training.heads.train_head import TrainResult
-
     if options.task not in TASKS:
         raise DataError(f"task must be labels or one of {', '.join(TASKS)}, not {options.task!r}", option="task")
     if options.order is not None and options.task != "ordinal":

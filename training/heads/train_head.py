@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,45 +24,12 @@ from headmaster.training.feedback.snapshots import export_snapshot, is_snapshot,
 from headmaster.training.heads import checks
 from headmaster.training.heads import ood as ood_detection
 from headmaster.training.heads.metrics import evaluate
+from headmaster.training.heads.options import TrainOptions, TrainResult
+from headmaster.training.heads.tasks import train_task_head
 from headmaster.training.heads.thresholds import choose_thresholds
-from headmaster.training.heads.trainer import TrainConfig, fit
+from headmaster.training.heads.trainer import fit
 
 LOG = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    name: str
-    repo: Path
-    data: Path | None = None  # folder of bucket folders (single-label), or a dataset snapshot
-    store: str | None = None  # train from the store's corrections (frozen as a snapshot first)
-    snapshot_dir: Path | None = None  # where --store snapshots go (default: STORE/snapshots)
-    manifest: Path | None = None  # CSV / JSONL of path -> labels (multi-label)
-    server: str | None = None  # HTTP host:port: embed through it and hot-load the new version (default:
-    # embed here, and hot-load into the server recorded in the repository, if one runs)
-    local: bool = False  # embed here even when a server is given
-    config: TrainConfig = field(default_factory=TrainConfig)
-    val_fraction: float = 0.2
-    thresholds: str = "best-f1"  # best-f1 | precision | none
-    target_precision: float = 0.9
-    positive: str | None = None  # binary heads: the label that gets the threshold
-    cache_dir: Path | None = None  # default: ~/.cache/headmaster/embeddings
-    keep: int = 5  # versions kept on disk (loadable for rollback)
-    ood: str = "flag"  # out of distribution: abstain (no label) | flag (label + "ood": true) | off (no reference set)
-    ood_references: int = ood_detection.MAX_REFERENCES  # training embeddings kept for the kNN (subsampled beyond)
-    task: str = "labels"  # labels (flat) | hierarchy | regression | ordinal: see training/heads/tasks.py
-    taxonomy: Path | None = None  # hierarchy: a parent,child CSV (default: the data's folder nesting)
-    order: tuple[str, ...] | None = None  # ordinal: the class folders, lowest first (default: numeric)
-
-
-@dataclass
-class TrainResult:
-    card: HeadCard
-    metrics: dict
-    checks: checks.CheckReport
-    thresholds: list[dict]
-    fit: dict
-    server: str | None = None  # the server that now serves the new version (None: none was running)
 
 
 def load_dataset(options: TrainOptions) -> Dataset | None:
@@ -85,8 +51,6 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
     """progress(done, total) is called while images are embedded."""
     check_head_name(options.name)
     if options.task != "labels":
-        from headmaster.training.heads.tasks import train_task_head
-
         return train_task_head(options, progress)
     repo = Repository(options.repo)
     dataset, snapshot = load_dataset(options), None
