@@ -157,3 +157,19 @@ def embed_files(paths: list[Path], embedder, cache: EmbeddingCache | None,
     failures = {str(p): "cannot read file" if h is None else failed[h]
                 for p, h in zip(paths, hashes) if h is None or h in failed}
     return hashes, known, failures
+
+
+def embed_paths(paths: list[Path], repo: Repository, server: str | None, cache_dir: Path | None,
+                progress: Callable[[int, int], None] | None = None):
+    """``embed_files`` for training: the repository's encoder here (or through ``server``), the
+    embedding cache, and ``progress(done, total)``."""
+    embedder = embedder_for(repo, server)
+    cache = EmbeddingCache(cache_dir or default_cache_dir(), repo.fingerprint)
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], len(paths))
+
+    return embed_files(paths, embedder, cache, advance)

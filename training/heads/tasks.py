@@ -24,7 +24,7 @@ from headmaster.model_repository import lifecycle
 from headmaster.model_repository.backends.threshold import ordinal_class
 from headmaster.model_repository.repository import Repository
 from headmaster.training.data import Dataset, content_hash, from_folders, from_hierarchy, from_values, ordered
-from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
+from headmaster.training.embeddings import embed_paths
 from headmaster.training.heads import checks
 from headmaster.training.heads import ood as ood_detection
 from headmaster.training.heads.options import TrainResult
@@ -64,17 +64,8 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
         raise DataError("--order goes with --task ordinal", option="order")
     repo = Repository(options.repo)
     dataset = load_task_dataset(options)
-    embedder = embedder_for(repo, None if options.local else options.server)
-    cache = EmbeddingCache(options.cache_dir or default_cache_dir(), repo.fingerprint)
-    paths = [e.path for e in dataset.examples]
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        if progress:
-            progress(done[0], len(paths))
-
-    hashes, vectors, failures = embed_files(paths, embedder, cache, advance)
+    hashes, vectors, failures = embed_paths([e.path for e in dataset.examples], repo,
+                                            None if options.local else options.server, options.cache_dir, progress)
     report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
     by_sha: dict[str, list[int]] = {}
     for i, (example, sha) in enumerate(zip(dataset.examples, hashes)):

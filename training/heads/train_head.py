@@ -19,7 +19,7 @@ from headmaster.export.heads import HeadCard, check_head_name
 from headmaster.model_repository import lifecycle
 from headmaster.model_repository.repository import Repository
 from headmaster.training.data import Dataset, content_hash, read_labelled
-from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
+from headmaster.training.embeddings import embed_paths
 from headmaster.training.feedback.snapshots import export_snapshot, is_snapshot, load_for_training
 from headmaster.training.heads import checks
 from headmaster.training.heads import ood as ood_detection
@@ -66,17 +66,8 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
         snapshot, hashes, vectors = load_for_training(snapshot_path, repo.fingerprint)
         dataset, failures = snapshot.dataset(), {}
     else:
-        embedder = embedder_for(repo, None if options.local else options.server)
-        cache = EmbeddingCache(options.cache_dir or default_cache_dir(), repo.fingerprint)
-        paths = [e.path for e in dataset.examples]
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            if progress:
-                progress(done[0], len(paths))
-
-        hashes, vectors, failures = embed_files(paths, embedder, cache, advance)
+        hashes, vectors, failures = embed_paths([e.path for e in dataset.examples], repo,
+                                                None if options.local else options.server, options.cache_dir, progress)
 
     # One row per distinct image content; contradictory copies are dropped, not guessed.
     report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
