@@ -144,6 +144,17 @@ def _train(model, pixels: np.ndarray, targets: np.ndarray, options: DistillOptio
             optimiser.step()
             total += float(loss) * len(index)
         LOG.info("epoch %d: loss %.4f", epoch + 1, total / len(x))
+    # BatchNorm's running statistics trail the weights (momentum 0.1 from mean 0, variance 1), far
+    # behind after a short run: re-estimate them with the final weights, as an exact average.
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    if norms:
+        with torch.no_grad():
+            for start in range(0, len(x), options.batch_size):
+                if len(x[start:start + options.batch_size]) >= 2:
+                    model(x[start:start + options.batch_size])
     model.eval()
 
 
