@@ -137,6 +137,9 @@ def train_head_command(
     order: Annotated[str | None, typer.Option(
         "--order", help="Ordinal: the class folders lowest first, comma-separated, e.g. G,PG,R,X "
                         "(default: numeric order of the folder names).")] = None,
+    candidate: Annotated[bool, typer.Option(
+        "--candidate", help="Publish without going live, to test it first: `headmaster heads canary NAME "
+                            "--version N --share 0.1` (or --shadow).")] = False,
 ) -> None:
     """Train the next version of a head from labelled images and publish it (hot-loaded with --server)."""
     from headmaster.training.heads.train_head import TrainOptions, train_head
@@ -147,7 +150,7 @@ def train_head_command(
         config=TrainConfig(kind=model, hidden=hidden, epochs=epochs, learning_rate=learning_rate, seed=seed),
         val_fraction=val_fraction, thresholds=thresholds, target_precision=target_precision, positive=positive,
         cache_dir=cache, keep=keep, store=store, ood=ood, ood_references=ood_references, task=task,
-        taxonomy=taxonomy, order=tuple(o.strip() for o in order.split(",")) if order else None)
+        taxonomy=taxonomy, order=tuple(o.strip() for o in order.split(",")) if order else None, candidate=candidate)
     bar, task = progress("embedding", None)
     with bar:
         result = train_head(options, lambda done, total: bar.update(task, completed=done, total=total))
@@ -158,7 +161,9 @@ def train_head_command(
                       f"embeddings, distance > {o['threshold']:.4f} (95% of validation images are nearer)")
     console.print(f"[green]head {result.card.name} v{result.card.version}[/] ({result.card.kind}, "
                   f"{'multi-label' if result.card.multi_label else 'single-label'}): {', '.join(result.card.labels)}"
-                  + (f"; live on the server at {result.server}" if result.server else
+                  + ("; a candidate, not live: test it with `headmaster heads canary "
+                     f"{result.card.name} --version {result.card.version} --share 0.1` (or --shadow)" if candidate else
+                     f"; live on the server at {result.server}" if result.server else
                      "; no server serves this repository"))
 
 

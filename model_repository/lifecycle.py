@@ -82,14 +82,23 @@ def _go_live(repo: Path, name: str, previous: int | None, control: live.Control 
 
 
 def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
-            server: str | None = None, references=None) -> Change:
+            server: str | None = None, references=None, go_live: bool = True) -> Change:
     """Publish the next version of a head (see ``repository.publish_head``) and make it live;
-    ``references``: the out-of-distribution reference set its card's ``ood`` describes."""
-    ab.refuse_during_test(repo, make_card(1).name, "publish a version of")
+    ``references``: the out-of-distribution reference set its card's ``ood`` describes.
+    ``go_live=False`` publishes a candidate: on disk, validated, never served until an A/B or
+    shadow test (``heads canary``) or a rollback names it, so no request sees it untested."""
+    name = make_card(1).name
+    ab.refuse_during_test(repo, name, "publish a version of")
     control = live.find(repo, server)
-    previous = _live_version(repo, make_card(1).name)
-    card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep, references)
+    previous = _live_version(repo, name)
+    if not go_live and previous is None:
+        raise RepositoryError(f"head {name} has no live version to test a candidate against: its first version "
+                              "goes live (drop --candidate)", option="candidate")
+    card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep, references,
+                            live_version=None if go_live else previous)
     s3.sync_up(repo)
+    if not go_live:  # the head's config still names the live version: nothing to load
+        return Change(card.name, previous, control.http_url if control else None, card)
     return Change(card.name, card.version, _go_live(repo, card.name, previous, control), card)
 
 
@@ -281,7 +290,7 @@ def _remove_on_disk(repo: Path, name: str) -> None:
 
 
 def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
-                     references=None) -> HeadCard:
+                     references=None, live_version: int | None = None) -> HeadCard:
     """Publish the next version of a head: the only way head versions enter a repository.
 
     ``make_card(version)`` returns the HeadCard for the version number the repository
@@ -305,7 +314,7 @@ def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep
     with repository_lock(repo):
         name = make_card(1).name  # validates the name before anything is written
         version = publish_version(repo, name, build)
-        repository.set_live(name, version)
+        repository.set_live(name, live_version or version)  # live_version: a candidate stays off the air
         repository.render_heads()
-        prune_versions(repo, name, keep, protect={version})
+        prune_versions(repo, name, keep, protect={version, live_version or version})
     return published[0]

@@ -249,3 +249,34 @@ def test_a_head_under_test_refuses_other_changes(ab_server, tmp_path):
     assert [v for name, v, s in live.states(server) if name == HEAD and s == "READY"] == [str(base)]
     none = run_cli("heads", "promote", HEAD, "--repo", str(repo))
     assert none.returncode == 1 and "error: head animal runs no A/B or shadow test" in none.stderr
+
+
+def test_train_head_candidate_is_published_not_live_then_tested(ab_server, digits_dir, embedding_cache, tmp_path):
+    """The user's order: a head is live; `train-head --candidate` makes the next version without
+    serving it; `heads canary --shadow` tests it; `heads promote` makes it live."""
+    from tests.helpers import subset
+
+    server, repo = ab_server
+    data = subset(digits_dir, tmp_path / "digits", {"3": 15, "8": 15}, rename={"3": "three", "8": "eight"})
+    common = ["--name", "digit", "--repo", repo, "--server", server.http_url, "--cache", embedding_cache,
+              "--epochs", "20"]
+    first = run_cli("train-head", data, *common, "--candidate")
+    assert first.returncode == 1 and "error: head digit has no live version to test a candidate against" in \
+        first.stderr and "Traceback" not in first.stderr
+    assert not (repo / "digit").exists()
+    assert run_cli("train-head", data, *common).returncode == 0
+    candidate = run_cli("train-head", data, *common, "--candidate", "--seed", "1")
+    assert candidate.returncode == 0, candidate.stderr
+    said = " ".join((candidate.stdout + candidate.stderr).split())  # rich wraps lines at the terminal's width
+    assert "head digit v2" in said and "a candidate, not live: test it with `headmaster heads canary digit" in said
+    assert lifecycle._live_version(repo, "digit") == 1 and (repo / "digit" / "2" / "model.onnx").is_file()
+    assert [v for name, v, s in live.states(server) if name == "digit" and s == "READY"] == ["1"]
+    with HeadmasterClient(server.grpc_url) as client:
+        assert {r.heads["digit"].version for r in client.classify(sorted(data.rglob("*.png"))[:6])} == {1}
+    assert run_cli("heads", "canary", "digit", "--version", "2", "--shadow", "--repo", repo).returncode == 0
+    with HeadmasterClient(server.grpc_url) as client:
+        answers = client.classify(sorted(data.rglob("*.png"))[:6])
+    assert {r.heads["digit"].version for r in answers} == {1}  # shadow: the live version answers
+    assert {r.heads["digit"].ab["other"]["version"] for r in answers} == {2}
+    assert run_cli("heads", "promote", "digit", "--repo", repo).returncode == 0
+    assert lifecycle._live_version(repo, "digit") == 2

@@ -34,6 +34,7 @@ class TrainOptions:
     ood_references: int = ood_detection.MAX_REFERENCES  # training embeddings kept for the kNN (subsampled beyond)
     task: str = "labels"  # labels (flat) | hierarchy | regression | ordinal: see training/heads/tasks.py
     taxonomy: Path | None = None  # hierarchy: a parent,child CSV (default: the data's folder nesting)
+    candidate: bool = False  # publish without going live: for `heads canary` (an A/B or shadow test)
     order: tuple[str, ...] | None = None  # ordinal: the class folders, lowest first (default: numeric)
 
 
