@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from headmaster.client import HeadmasterClient
 from headmaster.model_repository import s3
 from headmaster.model_repository.server import free_port
 from tests.helpers import ARTIFACTS, Clients, clone_repo, subset
@@ -306,6 +307,34 @@ def test_head_commands_work_against_the_bucket(bucket, replicas, digits_dir, jpe
     assert "versions: 1" in (s3.pull(s3.S3Location.parse(bucket["url"])) / "digit" / "config.pbtxt").read_text()
     rollout = run(bucket, "rollout", "--repo", bucket["url"], "--server", f"{servers},{gone}", check=False)
     assert rollout.returncode == 1 and f"{gone}: straggler" in rollout.stderr and rollout.stderr.count(": ok") == 3
+
+
+def test_a_shadow_test_on_the_bucket_reaches_every_replica(bucket, replicas, digits_dir, jpeg_photos, tmp_path):
+    """`train-head --candidate`, `heads canary --shadow` and `heads abort` on an S3 repository with
+    --server naming every replica: each replica answers with the live version and the candidate's
+    answer beside it while the test runs, and without it after."""
+    servers = ",".join(r.http_url for r in replicas)
+    data = subset(digits_dir, tmp_path / "digits", {"3": 12, "8": 12}, rename={"3": "three", "8": "eight"})
+    run(bucket, "train-head", data, "--name", "digit", "--repo", bucket["url"], "--server", servers, "--epochs", "30",
+        "--candidate", "--seed", "3")
+    working = s3.pull(s3.S3Location.parse(bucket["url"]))
+    candidate = max(int(p.name) for p in (working / "digit").iterdir() if p.name.isdigit())
+    run(bucket, "heads", "canary", "digit", "--version", candidate, "--shadow", "--repo", bucket["url"],
+        "--server", servers)
+    photo = next(iter(jpeg_photos.values()))
+
+    def answers() -> list:
+        out = []
+        for replica in replicas:
+            with HeadmasterClient(replica.grpc_url) as client:
+                out.append(client.classify([photo])[0].heads["digit"])
+        return out
+
+    during = answers()
+    assert {a.version for a in during} == {1} and {a.ab["other"]["version"] for a in during} == {candidate}
+    run(bucket, "heads", "abort", "digit", "--repo", bucket["url"], "--server", servers)
+    after = answers()
+    assert {a.version for a in after} == {1} and all(a.ab is None for a in after)
 
 
 def test_credentials_appear_nowhere(bucket, replicas):
