@@ -221,7 +221,7 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
     from headmaster.export.heads import check_head_name
     from headmaster.model_repository import live, s3
     from headmaster.model_repository.backends.student import STUDENT_FILE, preprocess
-    from headmaster.model_repository.backends.threshold import accepted_mask
+    from headmaster.model_repository.backends.threshold import accepted_mask, task_of
     from headmaster.model_repository.config import StudentModel
     from headmaster.model_repository.head_version import HeadVersion
     from headmaster.model_repository.layout import copy_backend
@@ -238,6 +238,10 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
         raise DataError("--val-fraction must be between 0 and 1 and --epochs at least 1", option="val_fraction")
     teacher = HeadVersion.load(repository, options.head)
     info = teacher.info
+    if task_of(info) != "labels":  # the served student answers with the flat label rule
+        raise DataError(f"head {options.head} is a {task_of(info)} head: distill makes students of label heads "
+                        "only (a hierarchy's paths, an ordinal class or a value are not served by a student)",
+                        option="head")
     hashes, embeddings, images = stored_images(open_store(options.store, create=False), repository.fingerprint,
                                                options.max_items)
     targets = teacher.scores(embeddings).astype(np.float32)

@@ -230,3 +230,7 @@ def test_bad_task_input_is_one_clear_line(tasks, tmp_path):
     done = run_cli("train-head", tasks["holdout"], "--name", "bad", "--task", "ordinal", "--order", "0,1",
                    "--repo", tasks["repo"])
     assert "must name each class folder once" in done.stderr + done.stdout and "Traceback" not in done.stderr
+    for name, task in (("shape", "hierarchy"), ("digit_value", "regression"), ("digit_rank", "ordinal")):
+        done = run_cli("distill", name, "--store", tmp_path / "store", "--repo", tasks["repo"])
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.startswith(f"error: head {name} is a {task} head: distill makes students of label heads")
