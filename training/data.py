@@ -258,3 +258,13 @@ def ordered(dataset: Dataset, order: tuple[str, ...] | None) -> Dataset:
         raise DataError(f"--order {','.join(order)} must name each class folder once: {', '.join(labels)}",
                         option="order")
     return Dataset(dataset.examples, tuple(order), False, dataset.source, dataset.skipped, "ordinal")
+
+
+def by_content(examples, hashes: list[str | None], failures: dict[str, str]) -> dict[str, list[int]]:
+    """The indices of the readable examples, per image content (sha256): copies of one image
+    under several paths land together, to be kept once or dropped when their labels disagree."""
+    groups: dict[str, list[int]] = {}
+    for i, (example, sha) in enumerate(zip(examples, hashes)):
+        if sha is not None and str(example.path) not in failures:
+            groups.setdefault(sha, []).append(i)
+    return groups

@@ -23,7 +23,15 @@ from headmaster.export.heads import HeadCard
 from headmaster.model_repository import lifecycle
 from headmaster.model_repository.backends.threshold import ordinal_class
 from headmaster.model_repository.repository import Repository
-from headmaster.training.data import Dataset, content_hash, from_folders, from_hierarchy, from_values, ordered
+from headmaster.training.data import (
+    Dataset,
+    by_content,
+    content_hash,
+    from_folders,
+    from_hierarchy,
+    from_values,
+    ordered,
+)
 from headmaster.training.embeddings import embed_paths
 from headmaster.training.heads import checks
 from headmaster.training.heads import ood as ood_detection
@@ -67,10 +75,7 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
     hashes, vectors, failures = embed_paths([e.path for e in dataset.examples], repo,
                                             None if options.local else options.server, options.cache_dir, progress)
     report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
-    by_sha: dict[str, list[int]] = {}
-    for i, (example, sha) in enumerate(zip(dataset.examples, hashes)):
-        if sha is not None and str(example.path) not in failures:
-            by_sha.setdefault(sha, []).append(i)
+    by_sha = by_content(dataset.examples, hashes, failures)
     rows = []  # (sha, Example)
     for sha, members in by_sha.items():
         targets = {(dataset.examples[i].labels, dataset.examples[i].value) for i in members}

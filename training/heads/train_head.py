@@ -18,7 +18,7 @@ from headmaster.errors import DataError
 from headmaster.export.heads import HeadCard, check_head_name
 from headmaster.model_repository import lifecycle
 from headmaster.model_repository.repository import Repository
-from headmaster.training.data import Dataset, content_hash, read_labelled
+from headmaster.training.data import Dataset, by_content, content_hash, read_labelled
 from headmaster.training.embeddings import embed_paths
 from headmaster.training.feedback.snapshots import export_snapshot, is_snapshot, load_for_training
 from headmaster.training.heads import checks
@@ -71,10 +71,7 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
 
     # One row per distinct image content; contradictory copies are dropped, not guessed.
     report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
-    by_sha: dict[str, list[int]] = {}
-    for i, (example, sha) in enumerate(zip(dataset.examples, hashes)):
-        if sha is not None and str(example.path) not in failures:
-            by_sha.setdefault(sha, []).append(i)
+    by_sha = by_content(dataset.examples, hashes, failures)
     rows: list[tuple[str, tuple[str, ...], str]] = []  # (sha, labels, path)
     for sha, members in by_sha.items():
         label_sets = {dataset.examples[i].labels for i in members}
