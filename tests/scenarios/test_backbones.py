@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +41,11 @@ def _model_name(family) -> str:
     return ("timm:" if family.library == "timm" else "") + family.smallest
 
 
-@pytest.fixture(scope="session")
-def family_exports(tmp_path_factory) -> dict:
-    return {"root": tmp_path_factory.mktemp("families")}
+@pytest.fixture(scope="module")
+def family_exports(tmp_path_factory) -> Iterator[dict]:
+    exports = {"root": tmp_path_factory.mktemp("families")}
+    yield exports
+    shutil.rmtree(exports["root"], ignore_errors=True)
 
 
 def _export(family_exports, family) -> EncoderCard:

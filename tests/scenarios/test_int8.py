@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,11 @@ from tests.helpers import MODEL, SEED, build_repo
 
 
 @pytest.fixture(scope="module")
-def int8_dir(tmp_path_factory) -> Path:
+def int8_dir(tmp_path_factory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("int8") / "vit-s-32-int8"
     export_encoder(ExportOptions(model=MODEL, pretrained=None, out=out, seed=SEED, precision="int8"))
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def test_int8_export_passes_its_gate_and_the_card_records_it(int8_dir, encoder_dir):

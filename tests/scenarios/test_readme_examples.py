@@ -270,6 +270,7 @@ def world(encoder_dir, digits_dir, tmp_path_factory) -> World:
     if world.serve is not None and world.serve.poll() is None:
         world.serve.send_signal(signal.SIGTERM)
         world.serve.wait(60)
+    shutil.rmtree(root.parent, ignore_errors=True)  # a checkpoint and an export: over a gigabyte
 
 
 @pytest.fixture(scope="module")
