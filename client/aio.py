@@ -38,6 +38,42 @@ ImageInput = bytes | str | Path
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']+', ")
 
 
+class _Abandoned(Exception):
+    """A request not sent because another one of the same call failed."""
+
+
+class _Gate:
+    """At most ``n`` requests in flight; once one fails, those still waiting are not sent."""
+
+    def __init__(self, n: int):
+        self._slots = asyncio.Semaphore(n)
+        self.failed = False
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+        if self.failed:
+            self._slots.release()
+            raise _Abandoned
+
+    async def __aexit__(self, kind, error, traceback) -> None:
+        self._slots.release()
+        if kind is not None:
+            self.failed = True
+
+
+async def _gather(*coroutines) -> list:
+    """asyncio.gather that waits for every request of the call before raising the first failure.
+    gather alone would leave the others running, to fail later on a closed channel, unheard
+    ("Task exception was never retrieved"); cancelling them instead would drop in-flight gRPC
+    calls, which is what crashes Triton 2.51 (README, "A crashed server is restarted"). With a
+    :class:`_Gate` the wait is short: requests not yet sent are abandoned."""
+    results = await asyncio.gather(*coroutines, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, _Abandoned):
+            raise result
+    return results
+
+
 def _translate(error: Exception, model: str) -> ClientError:
     """tritonclient's InferenceServerException (or a transport error) -> the client's family."""
     from tritonclient.utils import InferenceServerException
@@ -234,7 +270,7 @@ class AsyncHeadmasterClient:
             if len(batch) == 1:
                 return [Failure(batch[0].source, re.sub(r"^IMAGE\[0\]: ", "", str(e)), batch[0].sha256)]
             # One image spoiled the request: find which, by sending them one at a time.
-            singles = await asyncio.gather(*(self._run_batch(model, outputs, [item], build) for item in batch))
+            singles = await _gather(*(self._run_batch(model, outputs, [item], build) for item in batch))
             return [result for single in singles for result in single]
         return [build(item, *row) for item, *row in zip(batch, *(out[name] for name in outputs))]
 
@@ -250,7 +286,7 @@ class AsyncHeadmasterClient:
         todo = [i for i, r in enumerate(loaded) if not isinstance(r, Failure)]
         if progress and len(todo) < len(loaded):
             progress(len(loaded) - len(todo))
-        gate = asyncio.Semaphore(self.max_in_flight)
+        gate = _Gate(self.max_in_flight)
 
         async def run(indices: list[int]) -> None:
             async with gate:
@@ -261,7 +297,7 @@ class AsyncHeadmasterClient:
                 progress(len(indices))
 
         chunks = [todo[s:s + self.batch_size] for s in range(0, len(todo), self.batch_size)]
-        await asyncio.gather(*(run(chunk) for chunk in chunks))
+        await _gather(*(run(chunk) for chunk in chunks))
         return results
 
     async def classify(self, images: Sequence[ImageInput],
@@ -278,7 +314,7 @@ class AsyncHeadmasterClient:
         """Run the heads on embeddings computed earlier (``classify_embedding``: no preprocess,
         no encoder). The caller vouches that they come from the served encoder."""
         embeddings = np.asarray(embeddings, np.float32).reshape(len(hashes), -1)
-        gate = asyncio.Semaphore(self.max_in_flight)
+        gate = _Gate(self.max_in_flight)
         # The items' sha256 go along where the server takes them: an A/B test of a head picks each
         # item's arm by its image's sha256, so a stored item gets the arm its image gets.
         with_hashes = await self._transport.has_input("classify_embedding", "SHA256") if len(hashes) else False
@@ -294,7 +330,7 @@ class AsyncHeadmasterClient:
             return [Classification.from_result(sources[start + i], hashes[start + i], row, result[0])
                     for i, (row, result) in enumerate(zip(rows, out["RESULT"]))]
 
-        chunks = await asyncio.gather(*(run(s) for s in range(0, len(hashes), self.batch_size)))
+        chunks = await _gather(*(run(s) for s in range(0, len(hashes), self.batch_size)))
         return [c for chunk in chunks for c in chunk]
 
     async def classify_one(self, image: ImageInput) -> Classification:
