@@ -118,7 +118,8 @@ def serve(
         crashes: list[float] = []
         while not stopping:
             if not server.is_alive():
-                console.print(f"[red]Triton exited unexpectedly:[/]\n{server.failure_summary()}")
+                console.print(f"[red]Triton exited unexpectedly[/] ({server.exit_description()}):\n"
+                              f"{server.failure_summary()}")
                 crashes = [t for t in crashes if time.monotonic() - t < 600] + [time.monotonic()]
                 if len(crashes) > restarts:
                     if restarts:
