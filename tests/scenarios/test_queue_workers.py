@@ -4,6 +4,7 @@ entries, backpressure, hot-loaded head versions, `worker status`."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -146,6 +147,15 @@ def test_redelivered_entries_are_not_labelled_twice(broker, names, worker_repo, 
     assert status.pending == 0
 
 
+def frozen(pid: int) -> None:
+    """SIGSTOP a process and return once it has stopped (state T in /proc)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
+
+
 def test_heads_worker_killed_mid_batch_loses_nothing(broker, names, worker_repo, redis_url, tmp_path):
     """Real worker processes: one is SIGKILLed while it holds pending entries; another claims them."""
     _, embeddings = names
@@ -164,9 +174,14 @@ def test_heads_worker_killed_mid_batch_loses_nothing(broker, names, worker_repo,
             if table is not None and table.num_rows >= 300:
                 break
             time.sleep(0.05)
-        # Kill while it holds a batch (read, not yet acknowledged): reading the store above is
-        # slow on a busy machine, so wait for the pending entries themselves.
-        while time.monotonic() < deadline and not broker.status([embeddings])[0].consumers.get("victim"):
+        # Kill while it holds a batch (read, not yet acknowledged). It acknowledges every few
+        # milliseconds, so look at its pending entries while it is frozen: a look then a kill
+        # can straddle an acknowledgement on a busy machine.
+        while time.monotonic() < deadline:
+            frozen(victim.pid)
+            if broker.status([embeddings])[0].consumers.get("victim"):
+                break
+            victim.send_signal(signal.SIGCONT)
             time.sleep(0.005)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
