@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from headmaster.errors import RepositoryError
-from headmaster.model_repository.layout import LOCK_FILE, versions
+from headmaster.model_repository.layout import LOCK_FILE, STATE_DIR, versions
+
+PUBLISHED_FILE = "published.json"  # in STATE_DIR: per model, the highest version a command wrote
 
 
 @contextlib.contextmanager
@@ -82,7 +85,22 @@ def publish_version(repo: Path, model: str, build: Callable[[Path, int], None], 
         if created:
             shutil.rmtree(model_dir, ignore_errors=True)  # a refused first version leaves no trace
         raise
+    ledger = published_versions(repo)
+    ledger[model] = max(ledger.get(model, 0), version)
+    write_file(Path(repo) / STATE_DIR / PUBLISHED_FILE, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
     return version
+
+
+def published_versions(repo: Path) -> dict[str, int]:
+    """Per model, the highest version written by :func:`publish_version` (a command's own:
+    ``train-head``, a candidate, an import, a student). ``serve``'s watcher adopts only versions
+    above it: those copied in by hand. A command's version goes live, stays a candidate, or was
+    refused by Triton and put back, as the command decided; the watcher must not decide again."""
+    try:
+        ledger = json.loads((Path(repo) / STATE_DIR / PUBLISHED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in ledger.items()} if isinstance(ledger, dict) else {}
 
 
 def replace_version(repo: Path, model: str, version: int, build: Callable[[Path, int], None]) -> None:

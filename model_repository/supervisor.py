@@ -11,6 +11,8 @@
   folder is only looked at once its files have stopped changing (a copy in progress is not a
   version), then it goes through the same validation and ordered loading as any other version
   (:func:`lifecycle.adopt`). A refused folder is reported once and left alone until it changes.
+  A version a command wrote (``publish.published_versions``) is never adopted: a candidate stays a
+  candidate, and a version Triton refused when the command loaded it stays put back.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from headmaster.errors import HeadmasterError
 from headmaster.model_repository import lifecycle, live
 from headmaster.model_repository.layout import versions
+from headmaster.model_repository.publish import published_versions
 from headmaster.model_repository.repository import Repository
 
 LOG = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class Supervisor:
         """(head, version) folders newer than what the repository serves, or of heads it does
         not serve yet."""
         repository = Repository(self.repo)
+        published = published_versions(self.repo)
         if self._known is None:  # what is on disk when serving begins is not dropped in
             self._known = {name: max(versions(self.repo / name), default=0)
                            for name in repository.head_names() + repository.candidate_heads()}
@@ -86,10 +90,11 @@ class Supervisor:
                 live_version = repository.head(name).live
             except HeadmasterError:
                 continue  # a damaged head is `repo check`'s business, not the watcher's
-            known = self._known[name] = max(self._known.get(name, 0), live_version)
+            known = self._known[name] = max(self._known.get(name, 0), live_version, published.get(name, 0))
             found += [(name, v) for v in versions(self.repo / name) if v > known]
         for name in repository.candidate_heads():
-            numbers = [v for v in versions(self.repo / name) if v > self._known.get(name, 0)]
+            known = max(self._known.get(name, 0), published.get(name, 0))
+            numbers = [v for v in versions(self.repo / name) if v > known]
             if numbers:
                 found.append((name, numbers[-1]))
         return found

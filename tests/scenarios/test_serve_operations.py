@@ -230,6 +230,23 @@ def test_a_rollback_with_no_flag_stays_rolled_back(served, jpeg_photos):
     assert "adopted" not in served.printed()
 
 
+def test_a_candidate_trained_while_serve_runs_stays_a_candidate(served, jpeg_photos, digits_dir, tmp_path):
+    """`train-head --candidate` writes a version above the live one that nothing serves until a
+    canary names it: the watcher of dropped-in folders must not take it for one."""
+    image = jpeg_photos["chelsea.jpg"]
+    live_before = version_answered(served.grpc_url, image, "has_cat")
+    adopted_before = served.printed().count("adopted")
+    data = subset(digits_dir, tmp_path / "digits", {"0": 20, "1": 20}, rename={"0": "cat", "1": "no cat"})
+    done = subprocess.run([*HEADMASTER, "train-head", str(data), "--name", "has_cat", "--repo", str(served.repo),
+                           "--epochs", "5", "--candidate"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    candidate = max(int(p.name) for p in (served.repo / "has_cat").iterdir() if p.name.isdigit())
+    assert candidate > live_before
+    time.sleep(8)  # four scans of the repository, each past the folder's settling time
+    assert version_answered(served.grpc_url, image, "has_cat") == live_before
+    assert served.printed().count("adopted") == adopted_before, served.printed()[-2000:]
+
+
 def test_a_version_copied_in_by_hand_is_validated_then_served(served, jpeg_photos, tmp_path):
     image = jpeg_photos["coffee.jpg"]
     elsewhere = clone_repo(served.repo, tmp_path / "elsewhere")
@@ -265,9 +282,8 @@ def test_a_version_copied_in_by_hand_is_validated_then_served(served, jpeg_photo
 
 def test_a_version_triton_refuses_to_load_leaves_the_disk_naming_what_is_served(served, jpeg_photos, tmp_path):
     """Validation passes (a sound head) but Triton cannot load it (its runner is broken): the
-    repository goes back to the version the server still serves, and says so."""
-    from headmaster.errors import ServerError
-    from headmaster.model_repository import lifecycle
+    repository goes back to the version the server still serves, and says so; the watcher tries
+    that folder once."""
     from headmaster.model_repository.consistency import problems
     from headmaster.model_repository.repository import Repository
 
@@ -275,13 +291,20 @@ def test_a_version_triton_refuses_to_load_leaves_the_disk_naming_what_is_served(
     serving = version_answered(served.grpc_url, image, "has_cat")
     elsewhere = clone_repo(served.repo, tmp_path / "elsewhere")
     made = written_version(elsewhere, "has_cat", np.random.default_rng(9), ("cat", "no cat"))
+    source = elsewhere / "has_cat" / str(made.version)
+    (source / "model.py").write_text("raise RuntimeError('this runner cannot start')\n")
     target = served.repo / "has_cat" / str(made.version)
-    shutil.copytree(elsewhere / "has_cat" / str(made.version), target)
-    (target / "model.py").write_text("raise RuntimeError('this runner cannot start')\n")
-    with pytest.raises(ServerError, match=f"serves v{serving} again"):
-        lifecycle.adopt(served.repo, "has_cat", made.version, served.record)
+    assert not target.exists()
+    shutil.copytree(source, target)  # cp -r
+    deadline = time.monotonic() + 60
+    while f"refused the version copied into {target}" not in " ".join(served.printed().split()):
+        assert time.monotonic() < deadline, served.printed()[-2000:]
+        time.sleep(0.5)
+    assert f"serves v{serving} again" in " ".join(served.printed().split())
     assert Repository(served.repo).head("has_cat").live == serving
     assert version_answered(served.grpc_url, image, "has_cat") == serving
+    time.sleep(5)  # more scans: the refused folder, unchanged, is not tried again
+    assert served.printed().count(f"refused the version copied into {target}") == 1
     shutil.rmtree(target)
     assert problems(served.repo) == []
 

@@ -10,6 +10,7 @@ from headmaster.errors import RepositoryError
 from headmaster.model_repository.publish import (
     prune_versions,
     publish_version,
+    published_versions,
     replace_version,
     repository_lock,
     versions,
@@ -86,3 +87,13 @@ def test_write_file_replaces_and_leaves_identical_files_untouched(tmp_path):
     write_file(path, "b")
     assert path.read_text() == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["config.pbtxt"]
+
+
+def test_the_highest_version_a_command_wrote_is_recorded_per_model(tmp_path):
+    assert published_versions(tmp_path) == {}
+    for _ in range(3):
+        publish_version(tmp_path, "m", writer("x"))
+    publish_version(tmp_path, "n", writer("x"))
+    assert published_versions(tmp_path) == {"m": 3, "n": 1}
+    (tmp_path / ".headmaster" / "published.json").write_text("{not json")
+    assert published_versions(tmp_path) == {}  # unreadable: the watcher falls back to the live versions
