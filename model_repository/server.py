@@ -34,7 +34,10 @@ SHM_PREFIX = "triton_python_backend_shm_region_"
 STUB_NAME = "triton_python_backend_stub"
 
 MODEL_CONTROL_MODES = ("explicit", "poll", "none")
-_NO_GPU_NOISE = re.compile(r"CudaDriverHelper has not been initialized|CUDA driver version is insufficient")
+# Exactly the lines Triton prints on every machine without a GPU: a model that fails to load for
+# want of CUDA says "CUDA driver version is insufficient" too, and that line must stay.
+_NO_GPU_NOISE = re.compile(r"CudaDriverHelper has not been initialized|"
+                           r"unable to create stream for \w+: CUDA driver version is insufficient")
 
 
 @dataclass(frozen=True)
