@@ -61,6 +61,10 @@ class Serve:
     def printed(self) -> str:
         return self.log.read_text()
 
+    def said(self) -> str:
+        """What it printed, as one line: rich wraps the warnings of its log handler."""
+        return " ".join(self.printed().split())
+
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -297,14 +301,14 @@ def test_a_version_triton_refuses_to_load_leaves_the_disk_naming_what_is_served(
     assert not target.exists()
     shutil.copytree(source, target)  # cp -r
     deadline = time.monotonic() + 60
-    while f"refused the version copied into {target}" not in " ".join(served.printed().split()):
+    while f"refused the version copied into {target}" not in served.said():
         assert time.monotonic() < deadline, served.printed()[-2000:]
         time.sleep(0.5)
-    assert f"serves v{serving} again" in " ".join(served.printed().split())
+    assert f"serves v{serving} again" in served.said()
     assert Repository(served.repo).head("has_cat").live == serving
     assert version_answered(served.grpc_url, image, "has_cat") == serving
     time.sleep(5)  # more scans: the refused folder, unchanged, is not tried again
-    assert served.printed().count(f"refused the version copied into {target}") == 1
+    assert served.said().count(f"refused the version copied into {target}") == 1
     shutil.rmtree(target)
     assert problems(served.repo) == []
 
@@ -441,12 +445,12 @@ def test_serve_restarts_a_crashed_tritonserver_with_the_same_ports_and_key(repo,
     # The same disconnect can, instead of a crash, leave models Triton never releases: it then
     # exits 1 at its exit timeout with every request answered, and serve says so and exits 0.
     if "Exit timeout expired" in (copy / ".headmaster" / "triton.log").read_text(errors="replace"):
-        assert "nothing in flight was lost" in " ".join(serve.printed().split())  # rich wraps log lines
+        assert "nothing in flight was lost" in serve.said()
 
 
 def test_a_request_cut_by_the_exit_timeout_is_still_a_failed_stop(repo, tmp_path, jpeg_photos):
     """The other side of reading Triton's exit log: requests still running when its exit timeout
-    expires are lost, and stop reports tritonserver's exit code 1."""
+    expires are lost, and stop reports a failure (tritonserver's exit code 1, or its crash)."""
     from headmaster.model_repository.repository import Repository
     from headmaster.model_repository.server import ServerOptions, TritonServer
 
