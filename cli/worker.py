@@ -23,12 +23,13 @@ TriesOption = Annotated[int, typer.Option(help="Deliveries before a failing entr
 IdleOption = Annotated[float | None, typer.Option(help="Exit after this many seconds with nothing to do.")]
 
 
-def _broker(url: str):
+def _broker(url: str, patience_s: float | None = 60.0):
+    """The broker; a worker (``patience_s=None``) waits for a lost Redis for as long as it takes."""
     try:
         from headmaster.pipelines.redis_streams import RedisStreams
     except ImportError:
         raise PipelineError("the workers need the Redis client: pip install 'headmaster[queue]'") from None
-    return RedisStreams(url)
+    return RedisStreams(url, patience_s=patience_s)
 
 
 def _run(worker, exit_when_idle: float | None) -> None:
@@ -65,7 +66,7 @@ def embed_command(
 
     options = WorkerOptions(group=group, batch=batch, claim_idle_ms=claim_idle_ms, max_tries=max_tries,
                             max_backlog=max_backlog, **({"consumer": consumer} if consumer else {}))
-    worker = EmbedWorker(_broker(redis), open_store(store), bytes_embedder(Repository(repo), server), options,
+    worker = EmbedWorker(_broker(redis, None), open_store(store), bytes_embedder(Repository(repo), server), options,
                          stream, output)
     _run(worker, exit_when_idle)
 
@@ -93,7 +94,7 @@ def heads_command(
                             "make a head first (`headmaster zero-shot` or `train-head`)", option="repo")
     options = WorkerOptions(group=group, batch=batch, claim_idle_ms=claim_idle_ms, max_tries=max_tries,
                             **({"consumer": consumer} if consumer else {}))
-    worker = HeadsWorker(_broker(redis), open_store(store), heads, options, stream)
+    worker = HeadsWorker(_broker(redis, None), open_store(store), heads, options, stream)
     _run(worker, exit_when_idle)
     if worker.latencies:
         import numpy as np

@@ -10,6 +10,7 @@ once (see :mod:`.workers`).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -63,6 +64,11 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def status(self, streams: list[str] | None = None) -> list[GroupStatus]:
         """Lag and pending per group of each stream (all streams when None)."""
+
+    def give_up_when(self, stop: Callable[[], bool]) -> None:
+        """While the broker is unreachable, calls wait and reconnect; once ``stop()`` is true
+        they raise instead, so a worker told to exit during an outage exits. A broker that
+        never waits ignores it."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -110,7 +110,10 @@ class Worker:
         return len(messages)
 
     def run(self, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> None:
-        """Until ``stop()`` says so (or, with ``idle_exit_s``, after that long with nothing to do)."""
+        """Until ``stop()`` says so (or, with ``idle_exit_s``, after that long with nothing to do).
+        A broker that goes away is waited for (the broker reconnects with backoff), so a Redis
+        restart pauses the loop; ``stop()`` also ends the wait."""
+        self.broker.give_up_when(stop)
         self.broker.ensure_group(self.stream, self.options.group)
         idle_since = time.monotonic()
         last_trim = 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -330,34 +331,60 @@ def assert_image_refused(server, module, data: bytes, status: str, message: str)
         client.close()
 
 
+class RedisServer:
+    """A throwaway redis-server (Debian's) on a free loopback port, in a temp folder of its own,
+    that a test can stop (SIGTERM or SIGKILL) and start again on the same port and data.
+    ``extra`` adds server options (e.g. ``("--appendonly", "yes", "--appendfsync", "always")``);
+    without them nothing persists. Missing binary: skipped, or failed when CI is set."""
+
+    def __init__(self, *extra: str):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is missing (Debian: redis-server; `make setup` installs it) and CI is set")
+            pytest.skip("redis-server is missing (Debian: redis-server)")
+        pytest.importorskip("redis", reason="the Redis client is not installed (pip install 'headmaster[queue]')")
+        self.root, self.port = tempfile.mkdtemp(prefix="headmaster-redis-"), free_port()
+        self.extra = extra or ("--save", "", "--appendonly", "no")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start it and return once it answers (its data loaded)."""
+        import redis
+
+        self.process = subprocess.Popen([self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
+                                         self.root, "--protected-mode", "yes", *self.extra],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+                client.ping()  # answers LOADING (an error) until the data is in
+                client.close()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        pytest.fail(f"redis-server did not answer on port {self.port}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: Redis shuts down as told (it writes its append-only file out); SIGKILL: a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def redis_url():
-    """A throwaway redis-server (Debian's) on a free loopback port, in a temp folder, no
-    persistence; stopped at the end of the session. Missing binary: skipped, or failed when CI is set."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing (Debian: redis-server; `make setup` installs it) and CI is set")
-        pytest.skip("redis-server is missing (Debian: redis-server)")
-    pytest.importorskip("redis", reason="the Redis client is not installed (pip install 'headmaster[queue]')")
-    import redis
-
-    root, port = tempfile.mkdtemp(prefix="headmaster-redis-"), free_port()
-    process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", root, "--save", "",
-                                "--appendonly", "no", "--protected-mode", "yes"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    """A throwaway redis-server (:class:`RedisServer`), no persistence; stopped at the end of the session."""
+    server = RedisServer()
     try:
-        for _ in range(100):
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            pytest.fail(f"redis-server did not answer on port {port}")
-        yield url
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-        shutil.rmtree(root, ignore_errors=True)
+        server.close()

@@ -370,3 +370,222 @@ def test_redis_errors_are_one_line_and_hide_the_password():
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot reach Redis") and "s3cret-pass" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def random_pngs(folder, n: int, seed: int) -> list[str]:
+    """``n`` distinct small PNG files; returns their sha256 (the items they make)."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    hashes = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buffer, "PNG")
+        (folder / f"{i:04d}.png").write_bytes(buffer.getvalue())
+        hashes.append(hashlib.sha256(buffer.getvalue()).hexdigest())
+    return hashes
+
+
+def test_workers_ride_out_a_redis_restart_and_a_redis_crash(worker_repo, tmp_path):
+    """Both real workers keep running through a Redis restart (SIGTERM) and a crash (SIGKILL),
+    each mid-stream, on the persistence the README asks for (appendonly yes, appendfsync always):
+    they log the loss and the reconnection, and every image is stored and labelled exactly once.
+    --claim-idle-ms is far above the test's length, so what a lost reply left pending comes back
+    through the reconnection, not through a claim."""
+    redis_server = helpers.RedisServer("--save", "", "--appendonly", "yes", "--appendfsync", "always")
+    n = 150
+    hashes = random_pngs(tmp_path / "photos", n, seed=11)
+    store_path = tmp_path / "store"
+    open_store(store_path)
+    url = redis_server.url
+    common = ["--store", store_path, "--repo", worker_repo, "--redis", url, "--claim-idle-ms", "600000"]
+    logs = {name: tmp_path / f"{name}.log" for name in ("embed", "heads")}
+    workers = {}
+    try:
+        submitted = run_cli("worker", "submit", tmp_path / "photos", "--redis", url)
+        assert submitted.returncode == 0, submitted.stderr
+        for name, batch in (("embed", "8"), ("heads", "16")):
+            with open(logs[name], "w") as log:
+                workers[name] = subprocess.Popen([*CLI, "worker", name, *map(str, common), "--batch", batch],
+                                                 stdout=log, stderr=subprocess.STDOUT)
+
+        def labelled() -> int:
+            table = label_rows(open_store(store_path), "animal")
+            return 0 if table is None else table.num_rows
+
+        deadline = time.monotonic() + 240
+        for sig, at in ((signal.SIGTERM, n // 3), (signal.SIGKILL, 2 * n // 3)):
+            while labelled() < at:
+                assert time.monotonic() < deadline, f"only {labelled()} of {n} labelled"
+                assert all(w.poll() is None for w in workers.values()), {k: p.read_text() for k, p in logs.items()}
+                time.sleep(0.02)
+            assert labelled() < n, "the restart must come mid-stream"
+            redis_server.stop(sig)
+            time.sleep(2)  # the outage: both workers meet refused connections
+            redis_server.start()
+        while labelled() < n and time.monotonic() < deadline:
+            assert all(w.poll() is None for w in workers.values()), {k: p.read_text() for k, p in logs.items()}
+            time.sleep(0.1)
+        time.sleep(1)  # anything labelled twice would have been written by now
+        assert all(w.poll() is None for w in workers.values()), "a worker exited"
+        for worker in workers.values():
+            worker.send_signal(signal.SIGTERM)
+        for name, worker in workers.items():
+            assert worker.wait(timeout=60) == 0, logs[name].read_text()
+    finally:
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    try:
+        for name, log in logs.items():
+            text = " ".join(log.read_text().split())  # rich wraps long log lines
+            assert text.count(f"lost Redis at {url}") >= 2, f"{name}: {text}"
+            assert text.count(f"reconnected to Redis at {url}") >= 2, f"{name}: {text}"
+        store = open_store(store_path)
+        repository = Repository(worker_repo)
+        stored = [sha for table in store._item_tables(["sha256"]) for sha in table.column("sha256").to_pylist()]
+        assert sorted(stored) == sorted(hashes), "every image stored exactly once"
+        vectors = store.embeddings(hashes, repository.fingerprint)
+        assert_labelled_once(store, worker_repo, hashes, np.stack([vectors[s] for s in hashes]))
+        broker = RedisStreams(url)
+        try:
+            for status in broker.status():
+                if not status.stream.endswith(":dead"):
+                    assert (status.lag, status.pending) == (0, 0), status
+            assert not broker.redis.exists(dead_letters("headmaster:images"), dead_letters("headmaster:embeddings"))
+        finally:
+            broker.close()
+    finally:
+        redis_server.close()
+
+
+class CuttingProxy:
+    """A TCP proxy in front of Redis that can cut a connection just after Redis answered,
+    before the answer reaches the client: the reply dies on the way, as in a crash or a
+    network cut at the worst moment."""
+
+    def __init__(self, port: int):
+        import socket
+
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut_next_reply = threading.Event()
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source, sink, replies: bool):
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                if replies and self.cut_next_reply.is_set():
+                    self.cut_next_reply.clear()
+                    self.cuts += 1
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_batch_whose_reply_is_cut_off_is_read_again_after_reconnecting(redis_url, caplog):
+    """Redis hands entries over (they are pending for the consumer) and the connection dies
+    before the reply arrives: redis-py's retry reads the next entries, and the broker reads the
+    lost ones back from the consumer's pending list once it has reconnected, instead of leaving
+    them to a claim ``claim_idle_ms`` later."""
+    from urllib.parse import urlsplit
+
+    proxy = CuttingProxy(urlsplit(redis_url).port)
+    broker = RedisStreams(f"redis://127.0.0.1:{proxy.port}/0")
+    stream = f"cut-{uuid.uuid4().hex[:8]}"
+    try:
+        ids = [broker.publish(stream, {"n": str(i)}) for i in range(8)]
+        broker.ensure_group(stream, "g")
+        first = broker.read(stream, "g", "c", 3, 10)
+        broker.ack(stream, "g", [m.id for m in first])
+        proxy.cut_next_reply.set()
+        retried = broker.read(stream, "g", "c", 3, 10)
+        assert proxy.cuts == 1 and broker.reconnects == 1
+        assert [m.id for m in retried] == ids[6:], "the retry got the entries after the lost ones"
+        broker.ack(stream, "g", [m.id for m in retried])
+        again = broker.read(stream, "g", "c", 10, 10)
+        assert [(m.id, m.deliveries) for m in again] == [(i, 2) for i in ids[3:6]]
+        assert broker.read(stream, "g", "c", 10, 10) == []
+        assert "lost Redis at redis://127.0.0.1" in caplog.text and "reconnected to Redis at" in caplog.text
+    finally:
+        broker.close()
+        proxy.close()
+
+
+def test_a_worker_goes_on_after_redis_comes_back_empty_and_stops_while_it_is_away(worker_repo, tmp_path, caplog):
+    """Redis without persistence restarts with nothing: the worker makes its group again and
+    labels what comes next; told to stop while Redis is away, it stops waiting and says why."""
+    redis_server = helpers.RedisServer()
+    broker = RedisStreams(redis_server.url, patience_s=None)
+    fingerprint = Repository(worker_repo).fingerprint
+    store = open_store(tmp_path / "store")
+    worker = HeadsWorker(broker, store, LiveHeads(worker_repo), WorkerOptions(group="heads", batch=16, block_ms=50),
+                         "embeddings")
+    stop = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            worker.run(stop=stop.is_set)
+        except QueueError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        first = publish_embeddings(broker, "embeddings", fingerprint, unit_vectors(20, seed=8), prefix="1")
+        deadline = time.monotonic() + 60
+        while worker.processed < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        redis_server.stop()
+        redis_server.start()
+        second = publish_embeddings(broker, "embeddings", fingerprint, unit_vectors(20, seed=9), prefix="2")
+        while worker.processed < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker.processed == 40
+        assert "group heads of embeddings is gone from Redis" in caplog.text
+        rows = label_rows(store, "animal").column("sha256").to_pylist()
+        assert sorted(rows) == sorted(first + second)
+        redis_server.stop(signal.SIGKILL)
+        time.sleep(0.5)
+        stop.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "a stopped worker waits for Redis no longer"
+        [error] = errors
+        assert "stopped while reconnecting (entries this worker held stay pending for its group)" in str(error)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        broker.close()
+        redis_server.close()
