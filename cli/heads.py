@@ -160,11 +160,19 @@ def train_head_command(
         console.print(f"out of distribution ({o['policy']}): kNN k={o['k']} over {o['references']} training "
                       f"embeddings, distance > {o['threshold']:.4f} (95% of validation images are nearer)")
     console.print(f"[green]head {result.card.name} v{result.card.version}[/] ({result.card.kind}, "
-                  f"{'multi-label' if result.card.multi_label else 'single-label'}): {', '.join(result.card.labels)}"
+                  f"{_task_words(result.card)}): {', '.join(result.card.labels)}"
                   + ("; a candidate, not live: test it with `headmaster heads canary "
                      f"{result.card.name} --version {result.card.version} --share 0.1` (or --shadow)" if candidate else
                      f"; live on the server at {result.server}" if result.server else
                      "; no server serves this repository"))
+
+
+def _task_words(card) -> str:
+    """What kind of head it is, in the words the summary line uses (a regression head has one
+    output, which is no 'single label')."""
+    if card.task != "labels":
+        return card.task
+    return "multi-label" if card.multi_label else "single-label"
 
 
 heads_app = typer.Typer(help="List, remove and import heads.", invoke_without_command=True)

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from headmaster.cli.common import DEFAULT_REPO, RepoOption, StoreOption, console, out, progress
+from headmaster.cli.common import DEFAULT_REPO, RepoOption, StoreOption, console, out, progress, repo_path
 from headmaster.errors import HeadmasterError
 
 dataset_app = typer.Typer(no_args_is_help=True, help="Frozen training sets made from the store.")
@@ -149,20 +149,29 @@ def dataset_export_command(
     name: Annotated[str, typer.Argument(help="The head whose training set to freeze.")],
     out: Annotated[Path, typer.Option("--out", help="Snapshots go to OUT/NAME/vN/.")],
     store: StoreOption = "store",
-    repo: RepoOption = DEFAULT_REPO,
+    repo: Annotated[Path | None, typer.Option(
+        "--repo", parser=repo_path, help="The repository whose encoder's embeddings the snapshot holds (and whose "
+                                         "head gives its kind). Default: ./model_repository when there is one, "
+                                         "else the one encoder that embedded the labelled items.")] = None,
     multi_label: Annotated[bool | None, typer.Option(
         "--multi-label/--single-label", help="Default: the head's kind in the repository, else from the labels.")] = None,
 ) -> None:
     """Write an immutable snapshot of the head's training set (people's labels, embeddings, images)."""
     from headmaster.model_repository.repository import Repository
     from headmaster.training.feedback.corrections import head_labels
-    from headmaster.training.feedback.snapshots import export_snapshot
+    from headmaster.training.feedback.snapshots import export_snapshot, labelled_fingerprint
 
-    repository = Repository(repo)
+    opened = _open(store)
+    if repo is None and DEFAULT_REPO.is_dir():
+        repo = DEFAULT_REPO
+    if repo is not None:
+        fingerprint = Repository(repo).fingerprint
+    else:  # a labeller's machine without the repository: the store knows which encoder embedded the items
+        fingerprint = labelled_fingerprint(opened, name) or ""
     if multi_label is None:
         known = head_labels(repo, name)
         multi_label = known[1] if known else None
-    snapshot = export_snapshot(_open(store), name, out, repository.fingerprint, multi_label)
+    snapshot = export_snapshot(opened, name, out, fingerprint, multi_label)
     state = "unchanged since" if snapshot.reused else "written:"
     console.print(f"[green]{name} snapshot v{snapshot.number}[/] {state} {snapshot.path} ({snapshot.items} items, "
                   f"{snapshot.manifest_sha256})")

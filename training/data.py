@@ -97,7 +97,13 @@ def from_manifest(manifest: Path) -> Dataset:
         with open(manifest, newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"path", "labels"} <= set(reader.fieldnames):
-                raise DataError(f"{manifest}: a CSV manifest needs the columns path,labels (got {reader.fieldnames})")
+                hint = ""
+                if reader.fieldnames and "path" in reader.fieldnames and len(reader.fieldnames) == 2:
+                    other = next(n for n in reader.fieldnames if n != "path")
+                    hint = (f"; path,{other} (a number per image) is what a regression head trains on: "
+                            "`train-head --task regression`")
+                raise DataError(f"{manifest}: a CSV manifest needs the columns path,labels (got "
+                                f"{reader.fieldnames}){hint}")
             rows = [(row["path"], _split_labels(row["labels"] or "")) for row in reader]
     if not rows:
         raise DataError(f"manifest {manifest} lists no images")

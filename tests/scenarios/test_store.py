@@ -36,7 +36,7 @@ from headmaster.training.feedback.snapshots import Snapshot, export_snapshot
 from headmaster.training.feedback.suggest import suggest
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
-from tests.helpers import ARTIFACTS, clone_repo, run_cli, start_server, subset, written_version
+from tests.helpers import ARTIFACTS, CLI, clone_repo, run_cli, start_server, subset, written_version
 
 FOREIGN = "sha256:" + "f" * 64  # an encoder this repository never had
 
@@ -267,6 +267,28 @@ def test_corrections_change_the_next_snapshot_and_head_only(repo, digit_store, t
     v4 = train_head(TrainOptions(store=str(store.path), **options)).card
     assert v4.details["data"]["sha256"] == second.manifest_sha256
     assert Snapshot.load(Path(v4.details["data"]["snapshot"]["path"])).manifest_sha256 == second.manifest_sha256
+
+
+def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the_store(digit_store, tmp_path):
+    """On a machine without ./model_repository (a labeller's), `dataset export` needs no --repo:
+    the one encoder that embedded the labelled items, the kind from the labels. Two encoders:
+    one line asking for --repo."""
+    repository, paths, hashes, _ = digit_store
+    store = new_store(tmp_path, digit_store)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    command = [*CLI, "dataset", "export", "digit", "--out", str(tmp_path / "snapshots"), "--store", str(store.path)]
+    done = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    snapshot = Snapshot.load(Path(done.stdout.strip()))
+    assert (snapshot.fingerprint, snapshot.multi_label, snapshot.items) == (repository.fingerprint, False, 120)
+
+    store.add_embeddings(hashes[:5], [None] * 5, FOREIGN, np.random.default_rng(0).normal(size=(5, 384)))
+    done = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr == (f"error: the items labelled for 'digit' are embedded by 2 encoders ({repository.fingerprint} "
+                           f"(120 items), {FOREIGN} (5 items)): name the repository whose encoder the snapshot is for "
+                           "(change --repo)\n")
 
 
 def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store, tmp_path):

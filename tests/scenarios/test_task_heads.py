@@ -234,3 +234,24 @@ def test_bad_task_input_is_one_clear_line(tasks, tmp_path):
         done = run_cli("distill", name, "--store", tmp_path / "store", "--repo", tasks["repo"])
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert done.stderr.startswith(f"error: head {name} is a {task} head: distill makes students of label heads")
+
+
+def test_a_regression_head_from_the_command_line_is_called_one(repo, digits_dir, embedding_cache, tmp_path):
+    """A path,value file without --task is refused naming --task regression; with it, the
+    summary line calls the head a regression head (not "single-label")."""
+    own = clone_repo(repo, tmp_path / "repo")
+    values = tmp_path / "values.csv"
+    with open(values, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "digit_value"])
+        for digit in ("0", "5", "9"):
+            writer.writerows((str(p), digit) for p in sorted((digits_dir / digit).glob("*.png"))[:10])
+    common = ["--name", "digit_value", "--repo", own, "--local", "--cache", embedding_cache, "--epochs", 20]
+    done = run_cli("train-head", "--manifest", values, *common)
+    assert done.returncode == 1 and done.stderr.strip() == (  # after the progress bar's empty line
+        f"error: {values}: a CSV manifest needs the columns path,labels (got ['path', 'digit_value']); "
+        "path,digit_value (a number per image) is what a regression head trains on: `train-head --task regression`")
+    done = run_cli("train-head", "--manifest", values, "--task", "regression", *common)
+    assert done.returncode == 0, done.stderr
+    summary = [line for line in done.stderr.splitlines() if line.startswith("head digit_value v1 ")]
+    assert summary == ["head digit_value v1 (linear, regression): digit_value; no server serves this repository"]

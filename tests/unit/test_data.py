@@ -165,6 +165,20 @@ def test_manifest_errors(tmp_path, text, message):
         from_manifest(manifest)
 
 
+def test_a_values_csv_given_as_a_labels_manifest_names_task_regression(tmp_path):
+    manifest = tmp_path / "values.csv"
+    manifest.write_text("path,quality\na.png,0.5\nb.png,2\n")
+    with pytest.raises(DataError) as caught:
+        from_manifest(manifest)
+    assert str(caught.value) == (f"{manifest}: a CSV manifest needs the columns path,labels (got ['path', 'quality']); "
+                                 "path,quality (a number per image) is what a regression head trains on: "
+                                 "`train-head --task regression`")
+    manifest.write_text("file,quality\na.png,0.5\n")  # no path column: no such guess
+    with pytest.raises(DataError) as caught:
+        from_manifest(manifest)
+    assert str(caught.value).endswith("(got ['file', 'quality'])")
+
+
 def test_a_missing_manifest(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         from_manifest(tmp_path / "nope.csv")

@@ -103,6 +103,25 @@ def _place_image(sha: str, uris: dict[str, str | None], target_dir: Path) -> str
     return None
 
 
+def labelled_fingerprint(store: Store, head: str) -> str | None:
+    """The one encoder that embedded the items labelled for ``head`` (what a snapshot is made
+    of when no repository names it); None when nothing is labelled. Several encoders: an error
+    that asks for ``--repo``, since which one the snapshot should hold is the user's choice."""
+    corrections = store.corrections(head)
+    if not corrections:
+        return None
+    uris = store.uris()
+    counts: dict[str, int] = {}
+    for sha in corrections:
+        for fingerprint in uris.get(sha, {}):
+            counts[fingerprint] = counts.get(fingerprint, 0) + 1
+    if len(counts) > 1:
+        found = ", ".join(f"{fp} ({n} items)" for fp, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        raise DataError(f"the items labelled for {head!r} are embedded by {len(counts)} encoders ({found}): "
+                        "name the repository whose encoder the snapshot is for", option="repo")
+    return next(iter(counts), None)
+
+
 def export_snapshot(store: Store, head: str, out: Path, fingerprint: str,
                     multi_label: bool | None = None) -> Snapshot:
     """Freeze the training set of ``head`` (its corrections) embedded by ``fingerprint``."""
