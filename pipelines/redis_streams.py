@@ -112,6 +112,28 @@ class Reconnecting(Retry):
         return result
 
 
+class _NotingPool(redis.ConnectionPool):
+    """redis-py's pool, which also tells :class:`Reconnecting` when a connection that was up is
+    made again without a failed command: the pool found it closed while idle (Redis restarted
+    between two commands) and reconnected on its own, a reconnection the log should show too."""
+
+    retry: Reconnecting
+
+    def make_connection(self):
+        connection = super().make_connection()
+        connection.register_connect_callback(self._connected)
+        return connection
+
+    def _connected(self, connection) -> None:
+        again = getattr(connection, "_was_connected", False)
+        connection._was_connected = True
+        retry = self.retry
+        if again and retry.answered and retry.down_since is None:  # a failed command reports its own
+            LOG.warning("lost Redis at %s while idle (the server closed the connection)", retry.where)
+            LOG.warning("reconnected to Redis at %s", retry.where)
+            retry.reconnects += 1
+
+
 class RedisStreams(Broker):
     """The broker on Redis Streams.
 
@@ -129,8 +151,10 @@ class RedisStreams(Broker):
         try:
             # socket_timeout: a read that hangs on a dead peer (no RST, e.g. a partition) becomes
             # a TimeoutError, which is retried; reads block at most a few seconds by design.
-            self.redis = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=30,
-                                              socket_keepalive=True, retry=self._retry, decode_responses=False)
+            pool = _NotingPool.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=30,
+                                        socket_keepalive=True, retry=self._retry, decode_responses=False)
+            pool.retry = self._retry
+            self.redis = redis.Redis(connection_pool=pool)
             self.redis.ping()
         except ValueError as e:
             raise QueueError(f"--redis {safe_url(url)!r} is not a Redis URL ({e}); "

@@ -543,6 +543,24 @@ def test_a_batch_whose_reply_is_cut_off_is_read_again_after_reconnecting(redis_u
         proxy.close()
 
 
+def test_a_connection_redis_closed_while_idle_is_reported_too(caplog):
+    """Redis restarted between two commands: redis-py's pool reconnects before the next one
+    without a failure, and the log still says so."""
+    redis_server = helpers.RedisServer()
+    broker = RedisStreams(redis_server.url)
+    try:
+        broker.publish("s", {"n": "1"})
+        redis_server.stop()
+        redis_server.start()
+        assert broker.backlog("s") == 0  # no persistence: the restart emptied it
+        assert broker.reconnects == 1
+        assert caplog.messages == [f"lost Redis at {redis_server.url} while idle (the server closed the connection)",
+                                   f"reconnected to Redis at {redis_server.url}"]
+    finally:
+        broker.close()
+        redis_server.close()
+
+
 def test_a_worker_goes_on_after_redis_comes_back_empty_and_stops_while_it_is_away(worker_repo, tmp_path, caplog):
     """Redis without persistence restarts with nothing: the worker makes its group again and
     labels what comes next; told to stop while Redis is away, it stops waiting and says why."""
