@@ -286,9 +286,9 @@ def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the
     store.add_embeddings(hashes[:5], [None] * 5, FOREIGN, np.random.default_rng(0).normal(size=(5, 384)))
     done = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
-    assert done.stderr == (f"error: the items labelled for 'digit' are embedded by 2 encoders ({repository.fingerprint} "
-                           f"(120 items), {FOREIGN} (5 items)): name the repository whose encoder the snapshot is for "
-                           "(change --repo)\n")
+    assert done.stderr == (f"error: the items labelled for 'digit' are embedded by 2 encoders "
+                           f"({repository.fingerprint} (120 items), {FOREIGN} (5 items)): name the repository whose "
+                           "encoder the snapshot is for (change --repo)\n")
 
 
 def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store, tmp_path):
