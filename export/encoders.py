@@ -147,6 +147,9 @@ FAMILIES: tuple[Family, ...] = (
            pooling="head-less", zero_shot=None, licence="Apache-2.0 (edge)"),
     Family("efficientnet-lite", "timm", ("tf_efficientnet_lite*", "efficientnet_lite*"), "tf_efficientnet_lite0",
            pooling="head-less", zero_shot=None, licence="Apache-2.0 (edge)"),
+    # Bring your own: an ONNX image encoder and its description (export/onnx_file.py); `pooling`
+    # on its card is the description's pool (none | avg | cls | mean).
+    Family("onnx", "onnx", ("FILE",), "FILE", zero_shot=None, licence="yours (the file's own terms)"),
 )
 
 TIMM_PREFIX = "timm:"
@@ -155,6 +158,8 @@ TIMM_PREFIX = "timm:"
 def family_of(name: str) -> Family:
     """The family of a model name (``timm:<name>`` for timm); refuses timm models of no family."""
     library, bare = ("timm", name[len(TIMM_PREFIX):]) if name.startswith(TIMM_PREFIX) else ("open_clip", name)
+    if name.startswith("onnx:"):
+        return next(f for f in FAMILIES if f.library == "onnx")
     for family in FAMILIES:
         if family.library == library and any(fnmatch.fnmatchcase(bare, p) for p in family.patterns):
             return family
