@@ -17,8 +17,9 @@ app = typer.Typer(help="Export open_clip encoders for Triton.", no_args_is_help=
 def encoder(
     out: Annotated[Path, typer.Option("--out", help="Folder to write card.json and the tower files into.")],
     model: Annotated[str, typer.Option("--model", help="open_clip model name, or timm:<name> for an image-only "
-                                                       "timm backbone, or onnx:FILE for your own ONNX "
-                                                       "image encoder (see `headmaster export list`).")] = "ViT-B-32",
+                                                       "timm backbone, onnx:FILE for your own ONNX image "
+                                                       "encoder, or hf:FOLDER for a Hugging Face CLIP / SigLIP / "
+                                                       "DINOv2 save_pretrained folder (see `headmaster export list`).")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(
         "--pretrained", help="open_clip pretrained tag (needs internet once), a local checkpoint file, "
                              "or 'none' for random weights (tests, offline trials).")] = "none",
@@ -148,9 +149,10 @@ def list_models(
     for family in FAMILIES:
         count = sum(1 for n in names if (n.startswith("timm:") == (family.library == "timm"))
                     and family_of(n).name == family.name)
-        prefix = {"timm": "timm:", "onnx": "onnx:"}.get(family.library, "")
+        prefix = {"timm": "timm:", "onnx": "onnx:", "transformers": "hf:"}.get(family.library, "")
         table.add_row(family.name, family.library, f"{count}: {', '.join(prefix + p for p in family.patterns)}",
-                      prefix + family.smallest, family.pooling or ("the tensor you name" if family.library == "onnx"
-                                                                   else "open_clip encode_image"),
+                      prefix + family.smallest, family.pooling or {"onnx": "the tensor you name",
+                                                                  "transformers": "the model's own"}.get(
+                          family.library, "open_clip encode_image"),
                       family.zero_shot or "no (image only)", family.licence)
     out.print(table)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.errors import ExportError, UnsupportedHereError
-from headmaster.export import onnx_file, quantize
+from headmaster.export import hf_folder, onnx_file, quantize
 from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export.encoders import LoadedEncoder, load
 from headmaster.export.reference import reference_images, reference_prompts
@@ -77,6 +77,9 @@ class ExportOptions:
             raise ExportError(f"towers must be a non-empty subset of image, text; got {self.towers}")
         if not 1 <= self.opt_batch_size <= self.max_batch_size:
             raise ExportError("need 1 <= opt_batch_size <= max_batch_size")
+        if self.model.startswith(hf_folder.PREFIX) and (self.image_size or self.pretrained):
+            raise ExportError("an hf:FOLDER encoder takes its weights and size from the folder: drop --pretrained "
+                              "and --image-size", option="pretrained")
         if self.model.startswith(onnx_file.PREFIX) and self.format != "onnx":
             raise ExportError("an onnx:FILE encoder is served as ONNX: use --format onnx", option="format")
         if self.model.startswith(onnx_file.PREFIX) and self.precision == "fp16":
@@ -448,13 +451,18 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
         return _export_onnx_file(options)
     if options.format == "plan":
         _require_tensorrt()  # fail before minutes of loading and exporting
-    if "text" in options.towers and not options.model.startswith("timm:"):
+    hf = options.model.startswith(hf_folder.PREFIX)
+    if "text" in options.towers and not options.model.startswith("timm:") and not hf:
         _require_tokenizer(options.model)  # before minutes of loading
-    encoder = load(options.model, options.pretrained, options.seed, options.image_size)
+    if hf and options.towers == ("text",):
+        raise ExportError(f"{options.model}: the text tower of a Hugging Face folder is not exported (its own "
+                          "tokenizer is not served); export --towers image", option="towers")
+    encoder = (hf_folder.load(options.model, "text" in options.towers) if hf
+               else load(options.model, options.pretrained, options.seed, options.image_size))
     towers_wanted = [t for t in options.towers if t == "image" or encoder.has_text]
     if options.towers == ("text",) and not encoder.has_text:
         raise ExportError(f"{options.model} is an image-only backbone: it has no text tower", option="towers")
-    if "text" in options.towers and not encoder.has_text:
+    if "text" in options.towers and not encoder.has_text and not hf:
         LOG.info("%s is image-only: exporting its image tower (no text tower, so no zero-shot heads)", options.model)
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
