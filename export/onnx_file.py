@@ -106,9 +106,15 @@ class OnnxDescription:
         for key in ("mean", "std", "size"):
             if values.get(key) is not None:
                 value = values[key]
+                if isinstance(value, str):  # "224x224", "0.5,0.5,0.5"
+                    value = value.lower().replace("x", " ").replace(",", " ").split()
                 value = [value] if isinstance(value, (int, float)) else list(value)
                 value = value * (2 if key == "size" else 3) if len(value) == 1 else value
-                values[key] = tuple(int(v) if key == "size" else float(v) for v in value)
+                try:
+                    values[key] = tuple(int(v) if key == "size" else float(v) for v in value)
+                except (TypeError, ValueError):
+                    raise ExportError(f"onnx description: {key} {values[key]!r} is not "
+                                      f"{'HxW' if key == 'size' else 'three numbers'}", option=key) from None
         try:
             return cls(**values)
         except TypeError as e:

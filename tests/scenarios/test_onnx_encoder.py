@@ -163,6 +163,11 @@ def test_the_description_file_and_flags_combine(classifier_file, tmp_path):
     description = OnnxDescription.from_sources(classifier_file, config, {"embedding": POOLED, "pool": None})
     assert description.embedding == POOLED and description.mean == (0.5, 0.5, 0.5) and description.pool == "none"
     assert open_file(classifier_file, description).size == (224, 224)
+    (tmp_path / "described.yaml").write_text("embedding: logits\nmean: 0.5,0.5,0.5\nstd: 0.5\nsize: 224x224\n")
+    assert OnnxDescription.from_sources(classifier_file, tmp_path / "described.yaml", {}).size == (224, 224)
+    (tmp_path / "described.yaml").write_text("embedding: logits\nmean: half\nstd: 0.5\n")
+    with pytest.raises(ExportError, match="mean 'half' is not three numbers"):
+        OnnxDescription.from_sources(classifier_file, tmp_path / "described.yaml", {})
 
 
 @pytest.fixture(scope="module")
@@ -198,5 +203,11 @@ def test_int8_goes_through_the_same_gate(classifier_file, tmp_path):
         export_encoder(ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e",
                                      precision="int8", onnx={"embedding": "logits", **IMAGENET}))
     assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []
+    # The pooled features (no MatMul / Gemm left to quantize: the convolutions stay float) pass it.
+    card = export_encoder(ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e",
+                                        precision="int8", onnx={"embedding": POOLED, **IMAGENET}))
+    assert card.precision == "int8" and card.verification["image"]["gate"]["passed"]
+    assert card.verification["image"]["min_cosine"] >= 0.9999  # the fp32 rewrite's own check, before int8
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["card.json", "image.onnx"]
     with pytest.raises(ExportError, match="exports as fp32 or int8"):
         ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "f", precision="fp16")
