@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.errors import ExportError, UnsupportedHereError
-from headmaster.export import quantize
+from headmaster.export import hf_folder, onnx_file, quantize
 from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export.encoders import LoadedEncoder, load
 from headmaster.export.reference import reference_images, reference_prompts
@@ -60,6 +60,8 @@ class ExportOptions:
     calibration: Path | None = None  # int8: the user's images to calibrate on (default: reference_images())
     quantization: quantize.QuantizeSettings = quantize.QuantizeSettings()  # int8: how (tests make bad ones)
     image_size: int | None = None  # timm backbones: square input size other than their pretrained config's
+    # onnx:FILE: its preprocessing and embedding tensor (export/onnx_file.py); None reads FILE's sidecar only
+    onnx: "OnnxDescription | dict | None" = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -75,6 +77,14 @@ class ExportOptions:
             raise ExportError(f"towers must be a non-empty subset of image, text; got {self.towers}")
         if not 1 <= self.opt_batch_size <= self.max_batch_size:
             raise ExportError("need 1 <= opt_batch_size <= max_batch_size")
+        if self.model.startswith(hf_folder.PREFIX) and (self.image_size or self.pretrained):
+            raise ExportError("an hf:FOLDER encoder takes its weights and size from the folder: drop --pretrained "
+                              "and --image-size", option="pretrained")
+        if self.model.startswith(onnx_file.PREFIX) and self.format != "onnx":
+            raise ExportError("an onnx:FILE encoder is served as ONNX: use --format onnx", option="format")
+        if self.model.startswith(onnx_file.PREFIX) and self.precision == "fp16":
+            raise ExportError("an onnx:FILE encoder exports as fp32 or int8 (the graph is yours: convert the file "
+                              "to fp16 first if you want fp16)", option="precision")
 
 
 def _torch():
@@ -369,17 +379,90 @@ def _require_tokenizer(name: str) -> None:
             option="towers") from None
 
 
+def _staging(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
+    return staging
+
+
+def _export_onnx_file(options: ExportOptions) -> EncoderCard:
+    """``onnx:FILE``: the user's graph rewritten into an image tower, checked against onnxruntime
+    on the original file (export/onnx_file.py), int8 through the same gate as any tower."""
+    path = Path(options.model[len(onnx_file.PREFIX):]).expanduser()
+    description = options.onnx
+    if not isinstance(description, onnx_file.OnnxDescription):
+        description = onnx_file.OnnxDescription.from_sources(path, None, dict(description or {}))
+    if options.towers == ("text",):
+        raise ExportError(f"{options.model} is an image encoder: it has no text tower", option="towers")
+    encoder = onnx_file.open_file(path, description)
+    images = reference_images(options.check_images)
+    preprocessing = encoder.card_preprocessing()
+    batch = np.stack([preprocess_bytes(data, preprocessing) for _, data in images])
+    reference = onnx_file.reference_embeddings(encoder, batch)  # refuses a wrong rank / pooling in one line
+    spec = TowerFile("image.onnx", "onnx", onnx_file.INPUT, "UINT8", (3, *encoder.size), onnx_file.OUTPUT)
+    out = Path(options.out)
+    staging = _staging(out)
+    try:
+        import onnx
+
+        tower = staging / spec.file
+        onnx.save(onnx_file.rewrite(encoder), str(tower))
+        exported = load_runner(str(tower), device="auto")({spec.input_name: batch}, [spec.output_name])[0]
+        cosines = _cosines(exported, reference)
+        worst = int(np.argmin(cosines))
+        check = {"inputs": len(images), "min_cosine": float(cosines[worst]), "worst_input": images[worst][0],
+                 "required": MIN_COSINE["fp32"], "reference": "onnxruntime on the original file",
+                 "max_norm_error": float(np.abs(np.linalg.norm(exported, axis=1) - 1).max()), "precision": "fp32"}
+        if not cosines[worst] >= MIN_COSINE["fp32"]:
+            raise ExportError(f"the rewritten graph of {options.model} does not match onnxruntime on the original "
+                              f"file: cosine {cosines[worst]:.6f} < {MIN_COSINE['fp32']} on {images[worst][0]!r}; "
+                              "nothing was written")
+        LOG.info("%s: min cosine vs the original file %.7f over %d images", options.model, cosines[worst], len(images))
+        if options.precision == "int8":
+            fp32_path = staging / "image.fp32.onnx"
+            tower.rename(fp32_path)
+            calibration = quantize.calibration_images(options.calibration)
+            how = quantize.quantize_image_tower(fp32_path, tower, spec.input_name,
+                                                quantize.pixels(calibration, preprocessing), options.quantization)
+            figures = quantize.promotion_gate(fp32_path, tower, spec.input_name, spec.output_name,
+                                              quantize.gate_images(calibration), preprocessing)
+            quantize.require_passed(figures, ExportError, f"{options.model} int8")
+            fp32_path.unlink()
+            check = {**check, "precision": "int8", "gate": figures, "quantization": {
+                **how, "calibration": "reference_images()" if options.calibration is None else str(options.calibration)}}
+        card = EncoderCard(
+            model=encoder.name, pretrained=str(path.resolve()), weights_sha256=encoder.file_sha256,
+            preprocessing=preprocessing, embed_dim=int(exported.shape[1]), context_length=0, logit_scale=0.0,
+            precision=options.precision, format="onnx", towers={"image": spec}, verification={"image": check},
+            tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            family="onnx", pooling=encoder.description.pool)
+        card.save(staging)
+        _place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return card
+
+
 def export_encoder(options: ExportOptions) -> EncoderCard:
     """Export, verify, and write ``card.json`` + one file per tower into ``options.out``."""
+    if options.model.startswith(onnx_file.PREFIX):
+        return _export_onnx_file(options)
     if options.format == "plan":
         _require_tensorrt()  # fail before minutes of loading and exporting
-    if "text" in options.towers and not options.model.startswith("timm:"):
+    hf = options.model.startswith(hf_folder.PREFIX)
+    if "text" in options.towers and not options.model.startswith("timm:") and not hf:
         _require_tokenizer(options.model)  # before minutes of loading
-    encoder = load(options.model, options.pretrained, options.seed, options.image_size)
+    if hf and options.towers == ("text",):
+        raise ExportError(f"{options.model}: the text tower of a Hugging Face folder is not exported (its own "
+                          "tokenizer is not served); export --towers image", option="towers")
+    encoder = (hf_folder.load(options.model, "text" in options.towers) if hf
+               else load(options.model, options.pretrained, options.seed, options.image_size))
     towers_wanted = [t for t in options.towers if t == "image" or encoder.has_text]
     if options.towers == ("text",) and not encoder.has_text:
         raise ExportError(f"{options.model} is an image-only backbone: it has no text tower", option="towers")
-    if "text" in options.towers and not encoder.has_text:
+    if "text" in options.towers and not encoder.has_text and not hf:
         LOG.info("%s is image-only: exporting its image tower (no text tower, so no zero-shot heads)", options.model)
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ class Preprocessing:
     # (resize_mode 'shortest'); 1.0 is open_clip's resize straight to `size`.
     crop_pct: float = 1.0
     convert_first: bool = False  # timm: convert to `mode` before resizing, as timm's loaders do
+    crop_floor: bool = False  # Hugging Face processors: centre-crop offsets rounded down, not to nearest
 
     def __post_init__(self) -> None:
         if self.resize_mode not in ("shortest", "longest", "squash"):
@@ -98,6 +99,8 @@ class Preprocessing:
             del d["crop_pct"]
         if not d["convert_first"]:
             del d["convert_first"]
+        if not d["crop_floor"]:
+            del d["crop_floor"]
         return d
 
     def resized_size(self) -> tuple[int, int] | int:
@@ -147,6 +150,11 @@ FAMILIES: tuple[Family, ...] = (
            pooling="head-less", zero_shot=None, licence="Apache-2.0 (edge)"),
     Family("efficientnet-lite", "timm", ("tf_efficientnet_lite*", "efficientnet_lite*"), "tf_efficientnet_lite0",
            pooling="head-less", zero_shot=None, licence="Apache-2.0 (edge)"),
+    # Bring your own: an ONNX image encoder and its description (export/onnx_file.py); `pooling`
+    # on its card is the description's pool (none | avg | cls | mean).
+    Family("onnx", "onnx", ("FILE",), "FILE", zero_shot=None, licence="yours (the file's own terms)"),
+    # A Hugging Face save_pretrained folder of a CLIP, SigLIP or DINOv2 model (export/hf_folder.py).
+    Family("hf", "transformers", ("FOLDER",), "FOLDER", zero_shot=None, licence="yours (the checkpoint's own terms)"),
 )
 
 TIMM_PREFIX = "timm:"
@@ -155,6 +163,8 @@ TIMM_PREFIX = "timm:"
 def family_of(name: str) -> Family:
     """The family of a model name (``timm:<name>`` for timm); refuses timm models of no family."""
     library, bare = ("timm", name[len(TIMM_PREFIX):]) if name.startswith(TIMM_PREFIX) else ("open_clip", name)
+    if name.startswith(("onnx:", "hf:")):
+        return next(f for f in FAMILIES if f.name == name.split(":", 1)[0])
     for family in FAMILIES:
         if family.library == library and any(fnmatch.fnmatchcase(bare, p) for p in family.patterns):
             return family

@@ -8,6 +8,7 @@ are real photos that ship inside scikit-image and scikit-learn.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,11 @@ from tests.helpers import (  # noqa: F401 (re-exported for the fixtures below)
     photo_bytes,
     start_server,
 )
+
+# No test reaches a model hub: with transformers installed (the hf extra), a Hugging Face
+# tokenizer or model not in the local cache would otherwise be fetched with retries for minutes
+# before failing. Subprocesses (the CLI, tritonserver) inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_report_header(config):

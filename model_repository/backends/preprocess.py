@@ -289,8 +289,9 @@ def _shortest_edge_size(w: int, h: int, size: int) -> tuple[int, int]:
     return new_h, new_w
 
 
-def _center_crop_or_pad(image: Image.Image, size_hw: tuple[int, int], fill: int) -> Image.Image:
-    # open_clip.transform.center_crop_or_pad (torchvision's CenterCrop is the fill=0 case).
+def _center_crop_or_pad(image: Image.Image, size_hw: tuple[int, int], fill: int, floor: bool = False) -> Image.Image:
+    # open_clip.transform.center_crop_or_pad (torchvision's CenterCrop is the fill=0 case);
+    # ``floor``: Hugging Face image processors' centre crop, which rounds the offsets down.
     crop_h, crop_w = size_hw
     if crop_w > image.width or crop_h > image.height:
         left = (crop_w - image.width) // 2 if crop_w > image.width else 0
@@ -300,8 +301,11 @@ def _center_crop_or_pad(image: Image.Image, size_hw: tuple[int, int], fill: int)
         image = ImageOps.expand(image, border=(left, top, right, bottom), fill=_fill_for(image, fill))
         if (image.height, image.width) == (crop_h, crop_w):
             return image
-    top = int(round((image.height - crop_h) / 2.0))
-    left = int(round((image.width - crop_w) / 2.0))
+    if floor:
+        top, left = (image.height - crop_h) // 2, (image.width - crop_w) // 2
+    else:
+        top = int(round((image.height - crop_h) / 2.0))
+        left = int(round((image.width - crop_w) / 2.0))
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
@@ -331,7 +335,7 @@ def to_pixels(image: Image.Image, cfg: dict, full_size: tuple[int, int] | None =
         # timm: torchvision's shortest-edge Resize for a square size, ResizeKeepRatio otherwise.
         target = (_shortest_edge_size(w, h, scaled[0]) if scaled[0] == scaled[1]
                   else _keep_ratio_size(w, h, scaled, 0.0))
-        image = _center_crop_or_pad(_resize(image, target, resample, full_size), size, 0)
+        image = _center_crop_or_pad(_resize(image, target, resample, full_size), size, 0, bool(cfg.get("crop_floor")))
     elif mode == "shortest":
         # Resize then crop, as open_clip does. Resizing only the crop's source box
         # (resize(box=...)) would skip the long side's pixels, but Pillow passes the box as
@@ -341,7 +345,7 @@ def to_pixels(image: Image.Image, cfg: dict, full_size: tuple[int, int] | None =
             image = _resize(image, _shortest_edge_size(w, h, size[0]), resample, full_size)
         else:
             image = _resize(image, _keep_ratio_size(w, h, size, 0.0), Image.BICUBIC, full_size)
-        image = _center_crop_or_pad(image, size, 0)
+        image = _center_crop_or_pad(image, size, 0, bool(cfg.get("crop_floor")))
     elif mode == "longest":
         image = _resize(image, _keep_ratio_size(w, h, size, 1.0), resample, full_size)
         image = _center_crop_or_pad(image, size, int(cfg.get("fill_color", 0)))
@@ -411,8 +415,11 @@ class TorchDecoder:
         x = torch.nn.functional.interpolate(decoded[None].float(), size=target, mode=self.interpolation,
                                             antialias=True, align_corners=False)[0]
         x = x.round_().clamp_(0, 255).to(torch.uint8)
-        top = int(round((x.shape[1] - self.size[0]) / 2.0))
-        left = int(round((x.shape[2] - self.size[1]) / 2.0))
+        if self.cfg.get("crop_floor"):  # Hugging Face's centre crop (see _center_crop_or_pad)
+            top, left = (x.shape[1] - self.size[0]) // 2, (x.shape[2] - self.size[1]) // 2
+        else:
+            top = int(round((x.shape[1] - self.size[0]) / 2.0))
+            left = int(round((x.shape[2] - self.size[1]) / 2.0))
         return x[:, top:top + self.size[0], left:left + self.size[1]]
 
     def __call__(self, items: list[bytes], pillow) -> list:

@@ -51,7 +51,7 @@ def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
 
     from headmaster.model_repository.backends.runtime import load_runner
 
-    if repo.card.model.startswith("timm:"):
+    if repo.card.model.startswith(("timm:", "onnx:", "hf:")):
         raise ExportError(f"{repo.card.model} is an image-only backbone ({repo.card.family}): it has no text tower, "
                           "so no zero-shot heads; train a head on labelled images (`headmaster train-head`), or "
                           "build a repository from a CLIP / SigLIP encoder for zero-shot", option="model")
