@@ -30,8 +30,8 @@ def serve(
         help="File holding the key of the control API (default: $HEADMASTER_API_KEY, else a new random key, "
              "written to REPO/.headmaster/server.json for the owner).")] = None,
     open_control_api: Annotated[bool, typer.Option(
-        "--open-control-api", help="Leave Triton's model-repository, model-config and logging APIs open to "
-                                   "anyone who reaches the ports (they can load code onto this machine).")] = False,
+        "--open-control-api", help="Leave Triton's model-repository, logging, trace and shared-memory APIs open "
+                                   "to anyone who reaches the ports (they can load code onto this machine).")] = False,
     watch: Annotated[bool, typer.Option(help="Adopt head versions copied into the repository by hand.")] = True,
     tritonserver: Annotated[Path | None, typer.Option(
         help="Another tritonserver binary (default: the one bundled in nvidia-pytriton), e.g. one with the "
@@ -110,8 +110,9 @@ def serve(
         else:
             console.print(f"  control  closed; the key is in {Path(repo) / STATE_DIR / 'server.json'} (owner only)")
         if host not in ("127.0.0.1", "localhost", "::1"):
-            console.print(f"[yellow]listening on {host}:[/] inference, health, metadata and statistics answer anyone "
-                          "who reaches this address, unencrypted over HTTP (see README, Security, for TLS)")
+            console.print(f"[yellow]listening on {host}:[/] inference, health, metadata, model configs and "
+                          "statistics answer anyone who reaches this address, unencrypted over HTTP (see README, "
+                          "Security, for TLS)")
         console.print("Ctrl-C or SIGTERM stops it.")
         say = lambda line: console.print(line, highlight=False)  # noqa: E731
         supervisor = Supervisor(server, Path(repo), say=say)

@@ -350,8 +350,8 @@ class AsyncHeadmasterClient:
 
     async def encoder_fingerprint(self) -> str:
         """The fingerprint of the encoder the server runs: every RESULT names it, so one zero
-        embedding through ``classify_embedding`` (heads only, no encoder) asks for it without the
-        model-config API, which the server keeps closed."""
+        embedding through ``classify_embedding`` (heads only, no encoder) asks for it through
+        inference alone, which every Triton in front of the repository answers."""
         dims = await self._transport.input_dims("classify_embedding", "EMBEDDING")
         zeros = np.zeros((1, dims[-1]), np.float32)
         out = await self._transport.infer("classify_embedding", [self._transport.fp32_input("EMBEDDING", zeros)],

@@ -268,3 +268,19 @@ def states(server, timeout_s: float = 30.0) -> list[tuple[str, str, str]]:
 def loaded(server, timeout_s: float = 30.0) -> dict[str, str]:
     """Model name -> the version Triton has READY."""
     return {name: version for name, version, state in states(server, timeout_s) if state == "READY"}
+
+
+def serving(server, timeout_s: float = 30.0) -> dict[str, set[str]]:
+    """Model name -> the versions Triton has READY, from its model statistics: what the server holds,
+    without reading the repository. The repository index (:func:`states`) lists the repository first:
+    from S3 with the endpoint gone it waits on the bucket, and Triton's exit then waits on that call."""
+    control = Control.of(server)
+    client = _client(control, timeout_s)
+    try:
+        stats = client.get_inference_statistics(headers=control.headers)
+    finally:
+        client.close()
+    versions: dict[str, set[str]] = {}
+    for model in stats.get("model_stats", []):
+        versions.setdefault(model["name"], set()).add(model["version"])
+    return versions

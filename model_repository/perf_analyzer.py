@@ -70,9 +70,11 @@ def write_image_input(images: list[bytes], path: Path, input_name: str = "IMAGE"
 def run(model: str, url: str, input_data: Path, *, protocol: str = "http", batch_size: int = 1,
         concurrency: int = 1, measurement_ms: int = 5000, timeout_s: float = 600,
         api_key: str | None = None) -> PerfResult:
-    """perf_analyzer reads the model's config before it measures; on a server whose model-config
-    API is closed (``headmaster serve``) that needs the key, which perf_analyzer sends only over
-    HTTP (its ``-H`` headers are ignored for gRPC): hence HTTP by default."""
+    """perf_analyzer on ``model`` at ``url`` over ``protocol`` (http or grpc), one measurement.
+
+    It reads the model's config before it measures; ``headmaster serve`` leaves that API open, so
+    no key is needed. ``api_key`` is for a server that closes it, over HTTP only: perf_analyzer
+    ignores its ``-H`` headers for gRPC."""
     if api_key and protocol != "http":
         raise ToolError("perf_analyzer sends headers over HTTP only; measure a server with a closed control API "
                         "over HTTP", option="protocol")

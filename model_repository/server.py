@@ -8,6 +8,7 @@ libraries and the python backend. Only the python backend is in it, which is why
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -32,6 +33,10 @@ from headmaster.model_repository.server_record import KEY_HEADER, RESTRICTED_API
 LOG = logging.getLogger(__name__)
 SHM_PREFIX = "triton_python_backend_shm_region_"
 STUB_NAME = "triton_python_backend_stub"
+# Where Triton copies each model it loads from S3 (it makes a folderXXXXXX there per model and
+# removes it when the model unloads): a folder of this server's own, so that what a stop leaves
+# is known and removed, whatever else on the machine also copies into /tmp.
+S3_COPIES_ENV = "TRITON_AWS_MOUNT_DIRECTORY"
 
 MODEL_CONTROL_MODES = ("explicit", "poll", "none")
 # Exactly the lines Triton prints on every machine without a GPU: a model that fails to load for
@@ -267,7 +272,20 @@ class TritonServer:
         # reads the head versions' reference sets from the bucket named here.
         if str(self.options.repository).startswith("s3://"):
             env[REPOSITORY_ENV] = str(self.options.repository)
+            self.s3_copies.mkdir(parents=True, exist_ok=True)  # Triton wants it to exist, empty
+            env[S3_COPIES_ENV] = str(self.s3_copies)
         return env
+
+    @property
+    def s3_copies(self) -> Path:
+        """The folder Triton copies the models it loads from S3 into (one folderXXXXXX each)."""
+        return self._workdir / "s3-copies"
+
+    def model_copies(self) -> dict[Path, str]:
+        """The copies of S3 models Triton holds now: folder -> the model's name (from its config)."""
+        if not self.s3_copies.is_dir():
+            return {}
+        return {folder: _model_name(folder) for folder in sorted(self.s3_copies.iterdir()) if folder.is_dir()}
 
     def start(self, timeout_s: float = 180.0) -> "TritonServer":
         o = self.options
@@ -376,13 +394,13 @@ class TritonServer:
             from headmaster.model_repository import live
 
             try:
-                ready = live.loaded(self)
+                ready = live.serving(self, 10.0)
             except Exception:
                 ready = {}
             running = {(stub.instance, stub.version) for stub in alive.values()}
             dead = [stub for stub in self._suspects
                     if os.path.exists(f"/dev/shm/{stub.region}") and (stub.instance, stub.version) not in running
-                    and ready.get(stub.model) == stub.version]
+                    and stub.version in ready.get(stub.model, ())]
         self._suspects = [stub for pid, stub in self.stubs.items() if pid not in alive]
         self.stubs = alive
         return dead
@@ -398,24 +416,32 @@ class TritonServer:
     def drain(self, timeout_s: float = 10.0) -> None:
         """Stop taking requests and finish those in flight, before the process is told to exit:
         the ensembles unload first (new requests are refused at once, in-flight ones finish on
-        the models they use), then every other model (python stubs exit and free their memory)."""
+        the models they use), then every other model (python stubs exit and free their memory).
+
+        Nothing here reads the repository (Triton's model statistics say what is loaded, its stubs
+        what still runs): with an S3 endpoint gone, a call that lists the bucket waits on it, and
+        Triton's exit waits on that call until its exit timeout, with the models still loaded."""
         from headmaster.model_repository import live
 
         try:
-            models = live.loaded(self, timeout_s)
+            models = live.serving(self, timeout_s)
         except Exception as e:  # an unreachable or already stopping server: SIGTERM does the rest
             LOG.info("no drain (%s)", e)
             return
         ensembles = [m for m in ("classify", "classify_embedding", "embed", "embed_text") if m in models]
-        # An unload returns at once; the model goes when its last in-flight request is done. So the
-        # ensembles go first, and the models they use only once no ensemble is left to call them.
+        # An unload returns at once; the model goes when its last in-flight request is done (an
+        # ensemble request holds the models it uses until it is answered). So the ensembles go
+        # first, then the models they use; each batch until Triton no longer serves it and its
+        # python stubs have exited.
         deadline = time.monotonic() + timeout_s
         for batch in (ensembles, [m for m in models if m not in ensembles]):
+            if not batch:
+                continue
             try:
                 live.unload(self, batch, timeout_s)
-                while time.monotonic() < deadline and any(
-                        name in batch and state in ("READY", "LOADING", "UNLOADING")
-                        for name, _, state in live.states(self, timeout_s)):
+                while time.monotonic() < deadline and (
+                        set(batch) & set(live.serving(self, timeout_s))
+                        or any(stub.model in batch for stub in _stubs_of(self._process.pid))):
                     time.sleep(0.1)
             except Exception as e:  # a server stopping under us: SIGTERM does the rest
                 LOG.warning("drain: %s", e)
@@ -455,17 +481,29 @@ class TritonServer:
                         process.kill()
                         process.wait()
             code = 0 if drained_leak else process.returncode
-            if code not in (0, None) and _only_references_outlived(self._log_since(told_at)):
-                LOG.warning("tritonserver finished every request but still held models at its exit timeout (Triton "
-                            "2.51 keeps a reference when a gRPC client disconnects mid-request, upstream "
-                            "triton-inference-server/server#7368); nothing in flight was lost")
-                code = 0
+            timed_out = _exit_timeout(self._log_since(told_at)) if code not in (0, None) else None
+            if timed_out is not None:
+                lost, why = timed_out
+                LOG.warning("tritonserver's exit timeout (%d s) ran out %s%s", self.options.exit_timeout_s, why,
+                            "" if lost else "; nothing in flight was lost")
+                code = code if lost else 0
             # Python-backend stubs are in the server's process group; none may outlive it.
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             _unlink_regions(regions, even_if_mapped=True)  # every process that mapped them was just killed
+            # A model unloaded in time takes its S3 copy with it; Triton exiting with models still
+            # loaded (its exit timeout, a kill) leaves theirs, which nothing else would remove.
+            copies = self.model_copies()
+            if copies:
+                how = ("ran out of its exit timeout" if timed_out
+                       else f"was killed by signal {-process.returncode}" if process.returncode < 0
+                       else f"exited with code {process.returncode}")
+                LOG.warning("tritonserver %s with %d models still loaded from S3 (%s): removed the copies it had "
+                            "made of them", how, len(copies), ", ".join(sorted(set(copies.values()))))
+                for folder in copies:
+                    shutil.rmtree(folder, ignore_errors=True)
             if self.record is not None:
                 server_record.remove_record(Path(self.options.repository), self.record.pid)
                 self.record = None
@@ -475,6 +513,7 @@ class TritonServer:
         keep_log = (failed or (code not in (None, 0))) and self.log_path.is_relative_to(self._workdir)
         if keep_log:
             shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+            shutil.rmtree(self.s3_copies, ignore_errors=True)
         else:
             shutil.rmtree(self._workdir, ignore_errors=True)
         return code
@@ -500,16 +539,34 @@ class TritonServer:
         self.stop()
 
 
-def _only_references_outlived(shutdown_log: str) -> bool:
-    """Whether Triton, stopping, ran out of time only on unloading: it first waits for in-flight
-    inferences, then for models to unload. Its log says which wait expired; when it is the second,
-    every request was answered and the exit code 1 reports a leaked model reference, not a loss."""
+def _exit_timeout(shutdown_log: str) -> tuple[bool, str] | None:
+    """Why Triton, stopping, ran out of its exit timeout, read from its countdown lines: None when it
+    did not; else (whether requests were cut off, the reason). Triton first waits for its HTTP and
+    gRPC connections, then for in-flight inferences, then for models to unload, all within one
+    timeout; the exit code 1 says only that the timeout expired, not which wait spent it."""
     if "Exit timeout expired" not in shutdown_log:
-        return False
+        return None
     inflight = re.findall(r"Found (\d+) model versions that have in-flight inferences", shutdown_log)
-    unloading = re.findall(r"Found \d+ live models and (\d+) in-flight non-inference requests", shutdown_log)
-    return (bool(inflight) and inflight[-1] == "0" and "All models are stopped" in shutdown_log
-            and bool(unloading) and unloading[-1] == "0")
+    if inflight and inflight[-1] != "0":
+        return True, f"with inferences still running in {inflight[-1]} model versions: they were cut off"
+    live = re.findall(r"Found (\d+) live models and (\d+) in-flight non-inference requests", shutdown_log)
+    if not (inflight and live and "All models are stopped" in shutdown_log):
+        return True, "before its in-flight inferences were counted"
+    models, calls = live[-1]
+    if calls != "0":
+        return True, f"with {calls} control calls (a model load or unload) still running"
+    open_at_end = [(service, n) for timeout, n, service in
+                   re.findall(r"Timeout (\d+): Found (\d+) (\w+) service connections", shutdown_log)
+                   if int(timeout) <= 1 and n != "0"]
+    if open_at_end:
+        service, n = open_at_end[-1]
+        return False, (f"waiting for {n} open {service} connection(s), with {models} models still loaded: a call "
+                       "was still running (from an S3 repository, one that reads the bucket, such as the "
+                       "repository index, waits as long as the endpoint is unreachable), so no time was left to "
+                       "unload the models")
+    return False, (f"with {models} models still held after every request was answered (Triton 2.51 keeps a "
+                   "reference when a gRPC client disconnects mid-request, upstream "
+                   "triton-inference-server/server#7368)")
 
 
 @dataclass(frozen=True)
@@ -540,9 +597,22 @@ def _stubs_of(server_pid: int) -> list[Stub]:
             continue
         if len(args) > 8 and args[0].endswith(STUB_NAME.encode()):
             model_file = Path(args[1].decode())
-            found.append(Stub(int(entry.name), model_file.parent.parent.name, model_file.parent.name, args[8].decode(),
-                              args[2].decode()))
+            found.append(Stub(int(entry.name), _model_name(model_file.parent.parent), model_file.parent.name,
+                              args[8].decode(), args[2].decode()))
     return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_name(folder: Path) -> str:
+    """A model folder's model name: the folder's own name in a repository on disk; a copy Triton made
+    from S3 is named folderXXXXXX, and its config.pbtxt says which model it is."""
+    if not folder.name.startswith("folder"):
+        return folder.name
+    try:
+        found = re.search(r'^name:\s*"([^"]+)"', (folder / "config.pbtxt").read_text(), re.M)
+    except OSError:
+        found = None
+    return found.group(1) if found else folder.name
 
 
 def _regions_in_use() -> set[str]:

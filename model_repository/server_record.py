@@ -1,8 +1,8 @@
 """The record a running server leaves in its repository, so commands that change the
 repository find it, and the key that opens its control API.
 
-``headmaster serve`` closes Triton's model-repository, model-config and logging APIs with a
-secret header (Triton's ``--http-restricted-api`` / ``--grpc-restricted-protocol``): nobody
+``headmaster serve`` closes Triton's model-repository, logging, trace-setting and shared-memory
+APIs with a secret header (Triton's ``--http-restricted-api`` / ``--grpc-restricted-protocol``): nobody
 who merely reaches the ports can load, unload or upload models. The secret, the addresses and
 the process ids go into ``REPO/.headmaster/server.json``, readable by its owner only; the
 commands that change the repository (``train-head``, ``zero-shot``, ``rollback``, ``heads
@@ -26,10 +26,12 @@ STATE_DIR = ".headmaster"  # inside the repository; Triton never loads it (expli
 RECORD_FILE = "server.json"
 KEY_HEADER = "headmaster-api-key"  # the header Triton checks on the restricted APIs
 KEY_ENV = "HEADMASTER_API_KEY"
-# What `serve` closes by default: changing the server, reading how it is configured, its logs,
-# and shared memory (registering a region makes the server map any /dev/shm name or CUDA
-# handle it is given, and read inputs from / write outputs into it).
-RESTRICTED_APIS = ("model-repository", "model-config", "logging", "shared-memory")
+# What `serve` closes by default: changing the server (loads, unloads, uploads), its log and trace
+# settings, and shared memory (registering a region makes the server map any /dev/shm name or CUDA
+# handle it is given, and read inputs from / write outputs into it). Reading a model's configuration
+# changes nothing and stays open, like metadata and statistics: perf_analyzer, Model Analyzer and
+# tritonclient's get_model_config read it first, and perf_analyzer cannot send a key over gRPC.
+RESTRICTED_APIS = ("model-repository", "logging", "trace", "shared-memory")
 
 
 def new_key() -> str:

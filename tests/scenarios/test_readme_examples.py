@@ -476,6 +476,14 @@ def check_store(output: str, block: Block, world: World, before) -> None:
 # The tests
 
 
+def check_perf_analyzer(output: str, block: Block) -> None:
+    """Each perf_analyzer line measured `classify` (no key: the model's config is open to it)."""
+    runs = [c for c in block.commands if "perf_analyzer -m classify" in c]
+    measured = re.findall(r"Concurrency: 1, throughput: ([0-9.]+) infer/sec", output)
+    assert len(measured) == len(runs) == 2 and all(float(t) > 0 for t in measured), output[-3000:]
+    assert "restricted" not in output and "failed" not in output.lower(), output[-3000:]
+
+
 def make_quickstart(command: str, world: World, tmp_path: Path) -> None:
     recipe = re.search(r"^quickstart:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M)
     assert recipe and recipe.group(1).strip() == "$(VENV)/bin/headmaster quickstart", \
@@ -595,6 +603,8 @@ def test_readme_block(block: Block, command: str | None, request, tmp_path):
         check_zero_shot_story(output, world)
     elif "train-head photos/animal" in code:
         check_training(output, block, world, before.get("animal", []))
+    elif "perf_analyzer -m classify" in code:
+        check_perf_analyzer(output, block)
     # any other bash or python block: exit 0 is the check
 
 

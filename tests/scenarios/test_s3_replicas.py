@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -115,18 +116,90 @@ def test_bad_locations_are_one_line_errors(bucket):
     assert done.returncode == 1 and "cannot list s3://127.0.0.1:1/b-u-c/p" in done.stderr
 
 
+class Relay:
+    """A TCP relay in front of the S3 endpoint: what a replica sees as its bucket's endpoint, which a
+    test can take away (new connections refused, open ones cut) while the bucket itself stays up for
+    every other replica and command."""
+
+    def __init__(self, port: int):
+        self.upstream = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.gone = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.gone.is_set():
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                continue
+            self.open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def take_away(self) -> None:
+        """The endpoint is gone: nothing listens on its port any more, and open connections are reset."""
+        self.gone.set()
+        self.listener.close()
+        for connection in self.open:
+            try:
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                connection.close()
+            except OSError:
+                pass
+
+
 class Replica:
     """`headmaster serve --repo s3://...`: the bundled Triton reading the bucket itself."""
 
-    def __init__(self, bucket, log: Path):
+    def __init__(self, bucket, log: Path, relay: Relay | None = None):
         ports = [free_port() for _ in range(3)]
         self.http_url, self.grpc_url, self.log = f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", log
+        self.relay = relay
+        url = bucket["url"].replace(f":{bucket['port']}/", f":{relay.port}/") if relay else bucket["url"]
         self.output = open(log, "w")
         self.process = subprocess.Popen(
-            [*HEADMASTER, "serve", "--repo", bucket["url"], "--http-port", str(ports[0]), "--grpc-port",
+            [*HEADMASTER, "serve", "--repo", url, "--http-port", str(ports[0]), "--grpc-port",
              str(ports[1]), "--metrics-port", str(ports[2]), "--log-file", str(log.with_suffix(".triton.log"))],
             stdout=self.output, stderr=subprocess.STDOUT,
             env=bucket["env"])
+        self.workdir: Path | None = None  # tritonserver's own temp folder, once it runs
+
+    def tritonserver(self) -> tuple[int, Path]:
+        """The pid of the tritonserver this replica runs, and its temp folder (the parent of the
+        --backend-directory serve assembles there, beside the copies of the bucket's models)."""
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) \
+                        == self.process.pid:
+                    args = (entry / "cmdline").read_bytes().decode().split("\0")
+                    if args[0].endswith("tritonserver"):
+                        backends = next(a.split("=", 1)[1] for a in args if a.startswith("--backend-directory="))
+                        return int(entry.name), Path(backends).parent
+            except (OSError, ValueError, IndexError):
+                continue
+        raise AssertionError(f"no tritonserver under serve pid {self.process.pid}")
+
+    def said(self) -> str:
+        """serve's output as one line (rich wraps its warnings at the terminal's width)."""
+        return " ".join(self.log.read_text().split())
 
     def wait_ready(self, deadline: float) -> None:
         import urllib.request
@@ -149,6 +222,12 @@ class Replica:
         self.output.close()
         return self.process.returncode
 
+    def left_behind(self) -> list[str]:
+        """What this replica's tritonserver left in its temp folder (its copies of the bucket's models
+        included): nothing, after a clean stop."""
+        return sorted(str(p.relative_to(self.workdir)) for p in self.workdir.rglob("*")) \
+            if self.workdir and self.workdir.exists() else []
+
 
 def _tmp_folders() -> set[str]:
     return {p.name for p in Path("/tmp").glob("folder*")}
@@ -156,20 +235,25 @@ def _tmp_folders() -> set[str]:
 
 @pytest.fixture(scope="module")
 def replicas(bucket, repo, tmp_path_factory):
+    """Three replicas of the bucket; the third reads it through a relay a test can take away."""
     source = clone_repo(repo, tmp_path_factory.mktemp("source") / "model_repository")
     run(bucket, "repo", "push", source, "--to", bucket["url"])
     before = _tmp_folders()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    started = [Replica(bucket, ARTIFACTS / f"s3-replica-{i}.log") for i in range(3)]
+    started = [Replica(bucket, ARTIFACTS / f"s3-replica-{i}.log", relay=Relay(bucket["port"]) if i == 2 else None)
+               for i in range(3)]
     try:
         deadline = time.monotonic() + 300
         for replica in started:
             replica.wait_ready(deadline)
+            replica.workdir = replica.tritonserver()[1]
         yield started
     finally:
         codes = [replica.stop() for replica in started]
         assert codes == [0, 0, 0], [r.log.read_text()[-2000:] for r in started]
-        # Triton copies each model it loads from S3 into /tmp/folderXXXXXX; a clean stop removes them.
+        # Triton copies each model it loads from S3 (into its own temp folder, not /tmp/folderXXXXXX);
+        # a clean stop removes them with the folder.
+        assert [r.left_behind() for r in started] == [[], [], []]
         assert not (_tmp_folders() - before), "tritonserver left S3 copies in /tmp"
 
 
@@ -374,3 +458,54 @@ def test_helm_test_hook_classifies_through_a_replica(replicas, tmp_path):
     answer = yaml.safe_load(done.stdout)  # JSON is YAML
     result = answer["outputs"][0]["data"][0]
     assert "animal" in result and "encoder" in result
+
+
+def test_a_crashed_replica_leaves_no_copy_of_the_bucket(replicas, jpeg_photos):
+    """tritonserver killed outright (a crash) cannot delete its copies of the bucket's models; serve,
+    restarting it, removes them and says which models they were and why."""
+    replica = replicas[1]
+    pid, workdir = replica.tritonserver()
+    copies = list((workdir / "s3-copies").iterdir())
+    assert len(copies) >= 7
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while "Triton is ready again" not in replica.said():
+        assert replica.process.poll() is None and time.monotonic() < deadline, replica.said()[-2000:]
+        time.sleep(0.5)
+    said = replica.said()
+    assert f"tritonserver was killed by signal 9 with {len(copies)} models still loaded from S3" in said, said[-2000:]
+    assert "removed the copies it had made of them" in said
+    named = said.split("still loaded from S3 (", 1)[1].split(")", 1)[0].split(", ")
+    assert {"image_encoder", "preprocess", "threshold"} <= set(named), named  # ensembles have no copy
+    assert not any(folder.exists() for folder in copies) and not workdir.exists()
+    replica.workdir = replica.tritonserver()[1]  # the new server's, checked when the fixture stops it
+    with HeadmasterClient(replica.grpc_url) as client:
+        assert all(r.ok for r in client.classify(list(jpeg_photos.values())[:2]))
+
+
+def test_a_stop_after_the_s3_endpoint_went_away_is_clean(replicas, jpeg_photos):
+    """The bucket's endpoint goes away while a replica serves: requests keep succeeding (every model is
+    loaded), and SIGTERM still drains and stops it cleanly. (Before, the drain asked Triton's repository
+    index, which lists the bucket: the call waited on the dead endpoint, Triton's exit waited on the
+    call until its exit timeout, 27 s, and exited with 7 models loaded and their copies left in /tmp;
+    serve blamed gRPC clients.) Last in this module: it stops the third replica."""
+    replica = replicas[2]
+    pid, workdir = replica.tritonserver()
+    copies = [p.name for p in (workdir / "s3-copies").iterdir()]
+    assert len(copies) >= 7 and all(name.startswith("folder") for name in copies)  # Triton's copies, here
+
+    replica.relay.take_away()
+    with HeadmasterClient(replica.grpc_url) as client:
+        assert all(r.ok for r in client.classify(list(jpeg_photos.values())[:2]))
+    started = time.monotonic()
+    code = replica.stop()
+    took = time.monotonic() - started
+    said = replica.said()
+    assert code == 0, said[-2000:]
+    assert "stopped (tritonserver exit code 0)" in said
+    assert "WARNING" not in said and "gRPC client" not in said and "exit timeout" not in said, said[-2000:]
+    # A clean stop here takes about 10 s, as with the endpoint up (the drain, then Triton's own exit);
+    # the old one took 27 s (the index call's 10 s, then Triton's whole 10 s exit timeout).
+    assert took < 25, f"the stop took {took:.0f} s"
+    assert not Path(f"/proc/{pid}").exists()
+    assert not workdir.exists() and replica.left_behind() == []

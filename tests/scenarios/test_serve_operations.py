@@ -127,9 +127,12 @@ RESTRICTED_HTTP = [
     ("POST", "/v2/repository/models/evil/load",
      json.dumps({"parameters": {"config": json.dumps({"backend": "python"}),
                                 "file:1/model.py": "aW1wb3J0IG9zCg=="}}).encode()),
-    ("GET", "/v2/models/classify/config", None),
     ("GET", "/v2/logging", None),
     ("POST", "/v2/logging", b'{"log_verbose_level": 1}'),
+    # Tracing every request at TENSORS level would copy every caller's inputs into the trace.
+    ("GET", "/v2/trace/setting", None),
+    ("POST", "/v2/trace/setting", b'{"trace_level": ["TENSORS"], "trace_rate": "1"}'),
+    ("POST", "/v2/models/classify/trace/setting", b'{"trace_level": ["TIMESTAMPS"]}'),
     # Registering shared memory makes the server map any /dev/shm name (a python stub's region) it is given.
     ("POST", "/v2/systemsharedmemory/region/evil/register", b'{"key": "/evil", "offset": 0, "byte_size": 64}'),
     ("GET", "/v2/systemsharedmemory/status", None),
@@ -154,8 +157,8 @@ def test_the_control_api_refuses_callers_without_the_key_over_grpc(served):
         "unload": lambda **kw: client.unload_model("classify", **kw),
         "load with files": lambda **kw: client.load_model("evil", config=json.dumps({"backend": "python"}),
                                                           files={"file:1/model.py": b"import os\n"}, **kw),
-        "config": lambda **kw: client.get_model_config("classify", **kw),
         "log settings": lambda **kw: client.update_log_settings({"log_verbose_level": 1}, **kw),
+        "trace settings": lambda **kw: client.update_trace_settings(settings={"trace_rate": "1"}, **kw),
         "shared memory": lambda **kw: client.register_system_shared_memory("evil", "/evil", 64, **kw),
         "shared memory status": lambda **kw: client.get_system_shared_memory_status(**kw),
     }
@@ -168,15 +171,23 @@ def test_the_control_api_refuses_callers_without_the_key_over_grpc(served):
         # The key opens it (gRPC metadata names it with Triton's prefix): read-only calls prove it.
         key = {f"triton-grpc-protocol-{KEY_HEADER}": served.record.api_key}
         assert client.get_model_repository_index(headers=key)
-        assert client.get_model_config("classify", headers=key)
+        assert client.get_log_settings(headers=key)
         assert client.is_model_ready("classify")
     finally:
         client.close()
 
 
-def test_inference_health_metadata_and_statistics_stay_open(served, jpeg_photos):
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/classify", "/v2/models/classify/stats"):
+def test_inference_health_metadata_statistics_and_model_configs_stay_open(served, jpeg_photos):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/classify", "/v2/models/classify/stats",
+                 "/v2/models/classify/config"):
         assert http(served.http_url, path) == 200, path
+    # Reading a config changes nothing: perf_analyzer and Model Analyzer read it first, over gRPC too,
+    # where they cannot send a key.
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    try:
+        assert client.get_model_config("classify").config.name == "classify"
+    finally:
+        client.close()
     with HeadmasterClient(served.grpc_url) as client:
         assert client.classify([next(iter(jpeg_photos.values()))])[0].ok
         assert client.encoder_fingerprint() == json.loads((served.repo / "headmaster.json").read_text())["encoder"][
