@@ -74,6 +74,7 @@ pytestmark = pytest.mark.portable_only("the README's examples run `headmaster se
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 VENV_BIN = Path(sys.executable).parent
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 CHECKPOINT_PLACEHOLDER = "/path/to/open_clip_checkpoint.pt"
@@ -91,6 +92,7 @@ class Block:
     code: str
     line: int  # of the opening fence
     slug: str
+    source: str = "README.md"  # the file it is in: README.md or docs/PAGE.md
 
     @property
     def commands(self) -> list[str]:
@@ -111,8 +113,7 @@ def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def readme_blocks(text: str | None = None) -> list[Block]:
-    text = README.read_text() if text is None else text
+def file_blocks(source: str, text: str) -> list[Block]:
     blocks, heading, fence, lang, start, lines = [], "", None, "", 0, []
     for number, line in enumerate(text.splitlines(), 1):
         if fence is None:
@@ -122,11 +123,33 @@ def readme_blocks(text: str | None = None) -> list[Block]:
             elif line.startswith("#"):
                 heading = line.lstrip("#").strip()
         elif line.strip() == fence:
-            blocks.append(Block(heading, lang, "\n".join(lines) + "\n", start, ""))
+            blocks.append(Block(heading, lang, "\n".join(lines) + "\n", start, "", source))
             fence = None
         else:
             lines.append(line)
-    assert fence is None, f"README.md: the fence opened on line {start} is never closed"
+    assert fence is None, f"{source}: the fence opened on line {start} is never closed"
+    return blocks
+
+
+def doc_files() -> list[Path]:
+    """README.md, then the docs/ pages in the order the README links them (the examples build on
+    each other: a head trained on one page is rolled back on a later one)."""
+    linked = re.findall(r"\]\((docs/[\w-]+\.md)\)", README.read_text())
+    pages = [ROOT / name for name in dict.fromkeys(linked)]
+    unlinked = sorted(str(p.relative_to(ROOT)) for p in set(DOCS.glob("*.md")) - set(pages))
+    assert not unlinked, f"docs pages the README does not link (so nobody finds them): {unlinked}"
+    missing = [str(p.relative_to(ROOT)) for p in pages if not p.is_file()]
+    assert not missing, f"the README links docs pages that do not exist: {missing}"
+    return [README, *pages]
+
+
+def readme_blocks(text: str | None = None) -> list[Block]:
+    """Every fenced block of README.md and the docs pages (or of ``text`` alone), named."""
+    sources = [("README.md", text)] if text is not None else \
+        [(str(path.relative_to(ROOT)), path.read_text()) for path in doc_files()]
+    blocks: list[Block] = []
+    for source, content in sources:
+        blocks += file_blocks(source, content)
     # ids: the heading's slug; with the block's language when the heading has several blocks
     per_heading: dict[str, int] = {}
     for block in blocks:
@@ -141,7 +164,7 @@ def readme_blocks(text: str | None = None) -> list[Block]:
             n += 1
             slug = f"{base}-{n}"
         seen.add(slug)
-        named.append(Block(block.heading, block.lang, block.code, block.line, slug))
+        named.append(Block(block.heading, block.lang, block.code, block.line, slug, block.source))
     return named
 
 
@@ -553,9 +576,9 @@ def quickstart_from_hub(world: World) -> None:
 
 @pytest.mark.parametrize("block, command", cases())
 def test_readme_block(block: Block, command: str | None, request, tmp_path):
-    """One fenced block of README.md, as a user runs it."""
-    current = {b.line: b for b in readme_blocks()}  # README.md as it is now
-    assert block.line in current and current[block.line].code == block.code
+    """One fenced block of README.md or a docs page, as a user runs it."""
+    current = {(b.source, b.line): b for b in readme_blocks()}  # the files as they are now
+    assert (block.source, block.line) in current and current[(block.source, block.line)].code == block.code
 
     if command is not None:  # the blocks whose lines need different treatment
         world = request.getfixturevalue("world")
@@ -570,14 +593,14 @@ def test_readme_block(block: Block, command: str | None, request, tmp_path):
         if command.startswith(".venv/bin/headmaster quickstart"):
             code = command.split("#")[0]
             return check_quickstart(ran(world.bash(code), code), world.root / "build" / "quickstart")
-        pytest.fail(f"no check for this line of the block on README.md line {block.line}: {command}")
+        pytest.fail(f"no check for this line of the block on {block.source} line {block.line}: {command}")
 
     if block.heading == "Command line":
         return check_synopsis(block)
     if "─►" in block.code:
         return check_diagram(block, request.getfixturevalue("world"))
     if block.lang not in ("bash", "sh", "shell", "python"):
-        pytest.fail(f"README.md line {block.line}: a ```{block.lang} block nobody checks; add a check here")
+        pytest.fail(f"{block.source} line {block.line}: a ```{block.lang} block nobody checks; add a check here")
 
     world = request.getfixturevalue("served")
     code = world.substitute(block.code)
