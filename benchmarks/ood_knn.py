@@ -1,15 +1,21 @@
 """Out-of-distribution kNN benchmark: what the rule costs per image, per head, at 100k references.
 
 Runs the exact code the threshold step runs (``threshold.KnnIndex`` + ``knn_distance``: faiss's
-flat inner-product index, and its numpy fallback) on references of 100,000 and on the default
-cap of 20,000 rows, at the batch sizes the server forms, next to the ViT-B-32 image tower in
-onnxruntime on the same machine (random weights, the cost does not depend on them).
+flat inner-product index, and its numpy fallback) on references of 100,000 and of 20,000 rows,
+at the batch sizes the server forms, next to the ViT-B-32 image tower in onnxruntime on the same
+machine (random weights, the cost does not depend on them).
+
+The inverted-file search (``threshold.ivf_search``: what a head with more than ``EXACT_MAX``
+references gets) at 100,000 and 200,000 clustered references: its cost per image (one thread,
+batch 8) as a share of the encoder's, the time to build it (the server builds it once per head
+version), recall@k of its neighbours against the exact faiss search, and FPR at 95% TPR with
+its distances against the exact ones.
 
 What the cap costs in detection: synthetic but structured embeddings (a mixture of 2,000
 clusters on the 512-d sphere; in-distribution = 1,600 of the clusters, out-of-distribution =
 the other 400), FPR at 95% TPR with all 100,000 references vs subsamples of 20,000 and 5,000.
 
-    python benchmarks/ood_knn.py [--dim 512] [--references 100000] [--record]
+    python benchmarks/ood_knn.py [--dim 512] [--references 100000] [--no-exact] [--record]
 
 Results: benchmarks/RESULTS.md.
 """
@@ -87,11 +93,44 @@ def cap_cost(dim: int, references: int, k: int = 10) -> list[tuple[int, float]]:
     return rows
 
 
+def ivf_rows(dim: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
+    """The inverted-file search against the exact one on clustered references (as cap_cost)."""
+    import faiss
+
+    from headmaster.model_repository.backends.threshold import KnnIndex, ivf_search, knn_distance
+
+    faiss.omp_set_num_threads(1)  # as the threshold step runs it
+    rows = []
+    for size in sizes:
+        rng = np.random.default_rng(0)
+        centres = unit(rng.normal(size=(2000, dim)).astype(np.float32))
+        spread = 1.2 / np.sqrt(dim)
+        references = clustered(rng, centres[:1600], size, spread).astype(np.float16).astype(np.float32)
+        inside, outside = clustered(rng, centres[:1600], 2000, spread), clustered(rng, centres[1600:], 2000, spread)
+        exact = KnnIndex(references)
+        search = ivf_search(size)
+        started = time.perf_counter()
+        ivf = KnnIndex(references, search)
+        build = time.perf_counter() - started
+        want, got = exact.index.search(inside, k)[1], ivf.index.search(inside, k)[1]
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(want, got)]))
+
+        def fpr(index) -> float:
+            d_in, d_out = knn_distance(index, inside, k), knn_distance(index, outside, k)
+            return float((d_out <= np.quantile(d_in, 0.95, method="higher")).mean())
+
+        rows.append({"references": size, "search": search, "build_s": build, "recall": recall,
+                     "ivf_ms": per_image_ms(ivf, inside, k, 8), "exact_ms": per_image_ms(exact, inside, k, 8),
+                     "fpr_ivf": fpr(ivf), "fpr_exact": fpr(exact)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--references", type=int, default=100_000)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--no-exact", action="store_true", help="only the inverted-file rows (and the encoder)")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -102,7 +141,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     queries = unit(rng.normal(size=(2048, args.dim)).astype(np.float32))
     rows = []
-    for size in (args.references, 20_000):
+    for size in () if args.no_exact else (args.references, 20_000):
         references = unit(rng.normal(size=(size, args.dim)).astype(np.float32))
         for threads in (1, os.cpu_count() or 1):
             faiss.omp_set_num_threads(threads)
@@ -112,8 +151,9 @@ def main() -> None:
         index = KnnIndex(references)
         index.index = None
         rows.append((size, "numpy fallback", 32, per_image_ms(index, queries, args.k, 32)))
+    ivf = ivf_rows(args.dim, (args.references, 2 * args.references), args.k)
     encoder = {batch: encoder_ms(batch) for batch in (8,)}
-    cap = cap_cost(args.dim, args.references, args.k)
+    cap = [] if args.no_exact else cap_cost(args.dim, args.references, args.k)
 
     lines = [f"### {datetime.date.today()}: out-of-distribution kNN, {args.dim}-d, k={args.k} "
              f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -125,6 +165,13 @@ def main() -> None:
               "FPR at 95% TPR against the reference-set size (synthetic clustered embeddings, see the script):", "",
               "| references | FPR at 95% TPR |", "|---|---|"]
     lines += [f"| {size:,} | {fpr:.4f} |" for size, fpr in cap]
+    lines += ["", "Inverted-file search (what heads above EXACT_MAX references get), clustered references, one "
+              "thread, batch 8, against the exact faiss search on the same references:", "",
+              "| references | lists / probed | build (s) | recall@k | IVF ms per image | exact ms per image | "
+              "IVF / encoder | exact / encoder | FPR at 95% TPR, IVF / exact |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['references']:,} | {r['search']['lists']} / {r['search']['probe']} | {r['build_s']:.1f} | "
+              f"{r['recall']:.4f} | {r['ivf_ms']:.3f} | {r['exact_ms']:.3f} | {r['ivf_ms'] / encoder[8]:.1%} | "
+              f"{r['exact_ms'] / encoder[8]:.1%} | {r['fpr_ivf']:.4f} / {r['fpr_exact']:.4f} |" for r in ivf]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:

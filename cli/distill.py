@@ -20,17 +20,21 @@ def distill_command(
     pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights (must be cached).")] = False,
     val_fraction: Annotated[float, typer.Option(help="Held-out share of items for the agreement.")] = 0.2,
     max_items: Annotated[int | None, typer.Option(help="Use at most this many stored images.")] = None,
+    min_agreement: Annotated[float, typer.Option(
+        help="Publish only a student that accepts the teacher's labels on at least this share of the held-out "
+             "images (lower it to publish a weaker student knowingly).")] = 0.9,  # training.distill.MIN_AGREEMENT
     seed: int = 0,
     server: ServerOption = None,
 ) -> None:
     """Train a small timm student to reproduce a head's (encoder + head) scores from the stored
     images, export it to ONNX, report its agreement with the teacher and both CPU speeds, and
-    serve it as its own model (image bytes -> SCORES + RESULT)."""
+    serve it as its own model (image bytes -> SCORES + RESULT) if it agrees enough (--min-agreement)."""
     from headmaster.training.distill import DistillOptions, distill
 
     with console.status(f"distilling {name} into {student}"):
         report = distill(DistillOptions(name, repo, store, student, as_name, pretrained, image_size, epochs,
-                                        val_fraction=val_fraction, seed=seed, max_items=max_items), server)
+                                        val_fraction=val_fraction, seed=seed, max_items=max_items,
+                                        min_agreement=min_agreement), server)
     out.print(f"student {report.name} v{report.version} ({report.student}, {report.parameters:,} parameters) of "
               f"{report.teacher}: {report.train_items} training / {report.val_items} held-out images", highlight=False)
     out.print(f"agreement with the teacher (held out): top-1 {report.top1_agreement:.1%}, accepted labels "

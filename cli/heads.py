@@ -128,7 +128,8 @@ def train_head_command(
                       "threshold): 'flag' labels them with \"ood\": true, 'abstain' gives them no label, 'off' "
                       "keeps no reference set.")] = "flag",
     ood_references: Annotated[int, typer.Option(
-        "--ood-references", help="Training embeddings kept for the kNN (a seeded subsample beyond).")] = 20_000,
+        "--ood-references", help="Training embeddings kept for the kNN (a seeded subsample beyond; "
+                                     "beyond 10,000 they are searched through faiss IVF).")] = 100_000,
     task: Annotated[str, typer.Option(
         "--task", help="labels (flat), hierarchy (nested label folders, or --taxonomy), regression (--manifest "
                        "CSV path,<value>) or ordinal (class folders, lowest first by --order).")] = "labels",

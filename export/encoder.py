@@ -72,6 +72,8 @@ class ExportOptions:
             raise ExportError("precision int8 is an onnxruntime (CPU) graph: use --format onnx", option="precision")
         if self.calibration is not None and self.precision != "int8":
             raise ExportError("calibration images only serve --precision int8", option="calibration")
+        if self.calibration is not None:
+            quantize.calibration_images(self.calibration)  # too few images: refused before any work
         unknown = set(self.towers) - {"image", "text"}
         if unknown or not self.towers:
             raise ExportError(f"towers must be a non-empty subset of image, text; got {self.towers}")

@@ -224,17 +224,37 @@ def pretrained_tags(name: str) -> list[str]:
     return open_clip.list_pretrained_tags_by_model(name)
 
 
+def close_names(name: str, known: list[str], n: int = 8) -> list[str]:
+    """The known names nearest to ``name`` by edit distance (difflib's ratio, case ignored),
+    compared without the ``timm:`` prefix so that a name typed with or without it, or one with
+    a typo anywhere, finds its neighbours in either library."""
+    import difflib
+
+    def bare(m: str) -> str:
+        return (m[len(TIMM_PREFIX):] if m.startswith(TIMM_PREFIX) else m).lower()
+
+    by_bare: dict[str, list[str]] = {}
+    for m in known:
+        by_bare.setdefault(bare(m), []).append(m)
+    found = difflib.get_close_matches(bare(name), list(by_bare), n=n, cutoff=0.6)
+    return [m for b in found for m in by_bare[b]][:n]
+
+
 def check_name(name: str, pretrained: str | None) -> None:
-    """Refuse unknown models and tags before anything heavy runs."""
-    if name.startswith(TIMM_PREFIX):
-        family_of(name)
+    """Refuse unknown models and tags before anything heavy runs: an unknown name with the
+    known names closest to it, a timm model of no supported family with the families."""
     models = list_encoders()
     if name not in models and not name.startswith(("hf-hub:", "local-dir:")):
-        close = [m for m in models if m.lower().startswith(name.lower()[:5])][:8]
+        if name.startswith(TIMM_PREFIX):
+            import timm
+
+            if name[len(TIMM_PREFIX):] in timm.list_models():
+                family_of(name)  # a real timm model, of no family: refused with the families
+        close = close_names(name, models)
         raise ExportError(
-            f"unknown {'timm' if name.startswith(TIMM_PREFIX) else 'open_clip'} model {name!r}; some known ones: {', '.join(close or models[:8])} "
-            "(all: headmaster export list)"
-        )
+            f"unknown {'timm' if name.startswith(TIMM_PREFIX) else 'open_clip'} model {name!r}; "
+            + (f"closest known names: {', '.join(close)}" if close else "no known name is close to it")
+            + " (all: headmaster export list --models)", option="model")
     if pretrained is None or name.startswith(("hf-hub:", "local-dir:")):
         return
     if Path(pretrained).expanduser().exists():

@@ -128,6 +128,12 @@ def check_ood(name: str, ood: dict) -> None:
     if not 0.0 <= float(ood["threshold"]) <= 2.0:
         raise ExportError(f"head {name}: ood threshold is a cosine distance in [0, 2], not {ood['threshold']!r}",
                           option="ood")
+    search = ood.get("search")
+    if search is not None and not (isinstance(search, dict) and search.get("kind") == "ivf"
+                                   and all(isinstance(search.get(f), int) and search[f] >= 1 for f in ("lists", "probe"))
+                                   and isinstance(search.get("seed", 0), int)):
+        raise ExportError(f"head {name}: ood search must be absent (exact) or {{kind: ivf, lists >= 1, probe >= 1, "
+                          f"seed}}, not {search!r}", option="ood")
 
 
 def check_task(card: "HeadCard") -> None:
@@ -184,6 +190,7 @@ class HeadCard:
     # Out of distribution (None: the version has no reference set and never says "ood"):
     # k, threshold (cosine distance to the k-th nearest reference), policy (abstain | flag),
     # references (rows of ood.npy) and sha256 (threshold.references_sha256 of them).
+    # search: absent for an exact search, else threshold.ivf_search's record (large sets).
     ood: dict | None = None
     # What the head answers (see threshold.TASKS): labels (flat, yesterday's heads), hierarchy
     # (a path in ``parents``: child -> parent), regression (a value in ``value_range``) or

@@ -75,17 +75,28 @@ def pixels(images: list[tuple[str, bytes]], preprocessing: dict) -> np.ndarray:
 
 
 MAX_CALIBRATION = 256
+# Min/max calibration takes each activation's range from these images alone: from fewer
+# distinct images than the built-in set (8 photos), the ranges miss what most images produce.
+MIN_CALIBRATION = 8
 
 
 def calibration_images(folder: Path | None = None) -> list[tuple[str, bytes]]:
-    """The photos that ship with scikit-learn / scikit-image, or (up to 256 of) the user's own."""
+    """The photos that ship with scikit-learn / scikit-image, or (up to 256 of) the user's own,
+    of which at least ``MIN_CALIBRATION`` distinct ones."""
     if folder is None:
         return reference_images()
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ExportError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})",
                           option="calibration")
-    return [(str(p), p.read_bytes()) for p in files[:MAX_CALIBRATION]]
+    images = [(str(p), p.read_bytes()) for p in files[:MAX_CALIBRATION]]
+    distinct = len({data for _, data in images})
+    if distinct < MIN_CALIBRATION:
+        raise ExportError(f"{folder} holds {distinct} distinct image(s); int8 calibration needs at least "
+                          f"{MIN_CALIBRATION} like the ones you will serve (activation ranges from fewer miss "
+                          "most images); add images, or leave --calibration out to use the built-in photos",
+                          option="calibration")
+    return images
 
 
 def gate_images(calibration: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:

@@ -81,7 +81,8 @@ class HeadVersion:
         if not self.has_ood:
             return None
         if not self._index:
-            self._index.append(KnnIndex(load_references(str(self.folder), self.card.ood)))
+            self._index.append(KnnIndex(load_references(str(self.folder), self.card.ood),
+                                        self.card.ood.get("search")))
         return knn_distance(self._index[0], embeddings, int(self.card.ood["k"]))
 
     def out_of_distribution(self, embeddings: np.ndarray) -> np.ndarray | None:

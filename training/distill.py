@@ -8,7 +8,10 @@ model will (``backends/student.preprocess``), and is trained to match the teache
 probabilities (soft cross-entropy for a single-label head, binary cross-entropy per label for a
 multi-label one). It is exported to ONNX (checked against PyTorch), compared with the teacher
 on held-out items, timed against the teacher on CPU (onnxruntime), and published into the
-repository as its own model (``REPO/<name>/<N>/``: model.onnx, student.json, model.py).
+repository as its own model (``REPO/<name>/<N>/``: model.onnx, student.json, model.py) only if
+it accepts the teacher's labels on at least ``min_agreement`` of the held-out items
+(``MIN_AGREEMENT`` unless lowered): a student that disagrees is refused with its figures, and
+nothing is written.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from headmaster.errors import DataError, RepositoryError, StoreError
 
 LOG = logging.getLogger(__name__)
 STUDENT_KEEP = 2  # student versions kept on disk
+MIN_AGREEMENT = 0.9  # held-out items on which the student must accept the teacher's labels
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class DistillOptions:
     val_fraction: float = 0.2  # held-out items the agreement is measured on
     seed: int = 0
     max_items: int | None = None
+    min_agreement: float = MIN_AGREEMENT  # the floor of label_agreement below which nothing is published
 
 
 @dataclass
@@ -236,6 +241,8 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
         raise RepositoryError(f"{name} is a head in {repository.path}; give the student another --name", option="name")
     if not 0.0 < options.val_fraction < 1.0 or options.epochs < 1:
         raise DataError("--val-fraction must be between 0 and 1 and --epochs at least 1", option="val_fraction")
+    if not 0.0 <= options.min_agreement <= 1.0:
+        raise DataError(f"the agreement floor is a share in [0, 1], not {options.min_agreement}", option="min_agreement")
     teacher = HeadVersion.load(repository, options.head)
     info = teacher.info
     if task_of(info) != "labels":  # the served student answers with the flat label rule
@@ -277,7 +284,17 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
         train_top1_agreement=float(same_top[train].mean()), onnx_max_diff=onnx_diff,
         student_img_s=round(student_rate, 1), teacher_img_s=round(teacher_rate, 1),
         seconds=round(time.monotonic() - started, 1), details={"epochs": options.epochs, "pretrained": options.pretrained, "image_size": config["size"],
-                              "store": str(options.store), "encoder": repository.fingerprint})
+                              "store": str(options.store), "encoder": repository.fingerprint,
+                              "min_agreement": options.min_agreement})
+    if not report.label_agreement >= options.min_agreement:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"the student {options.student} accepts the teacher's labels on {report.label_agreement:.1%} "
+                        f"of {report.val_items} held-out images (top-1 {report.top1_agreement:.1%}), below the floor "
+                        f"of {options.min_agreement:.1%}, so it is refused and nothing was published; train longer "
+                        "(--epochs), on more stored images or from pretrained weights, or lower the floor to publish "
+                        "it as it is", option="min_agreement")
 
     def build(folder: Path, version: int) -> None:
         (folder / "model.onnx").write_bytes(onnx_path.read_bytes())

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 
@@ -132,39 +133,84 @@ def fetch_references(repository_url: str, head: str, version: int, ood: dict) ->
     return _checked(np.load(io.BytesIO(body), allow_pickle=False), ood, f"s3://{bucket}/{key}")
 
 
-class KnnIndex:
-    """Exact cosine kNN over a reference set: faiss's flat inner-product index (the field's
-    library for this), or the same exact search in numpy where faiss is not installed."""
+EXACT_MAX = 10_000  # reference sets up to this size are searched exactly; larger ones through IVF
+IVF_PROBE = 32  # lists visited per query (of about sqrt(R)): recall measured in benchmarks/ood_knn.py
+IVF_ITERATIONS = 10  # k-means iterations that place the lists' centres
 
-    def __init__(self, references: np.ndarray):
+
+def ivf_search(references: int) -> dict | None:
+    """The search a reference set of this many rows gets, as its INFO records it: None (exact)
+    up to EXACT_MAX rows, else an inverted-file index of about sqrt(R) lists placed by seeded
+    spherical k-means over the references, ``probe`` of them visited per query."""
+    if references <= EXACT_MAX:
+        return None
+    return {"kind": "ivf", "lists": int(round(math.sqrt(references))), "probe": IVF_PROBE, "seed": 1,
+            "iterations": IVF_ITERATIONS}
+
+
+class KnnIndex:
+    """Cosine kNN over a reference set, by the rule its INFO records (``search``): exact (faiss's
+    flat inner-product index, the field's library for this) or, for large sets, faiss's
+    inverted-file index (IndexIVFFlat, inner product). The lists are placed by faiss's k-means,
+    seeded and on one thread, so the server and the CPU tools build the same index from the
+    same references. Without faiss the search is exact in numpy (for an IVF set, its k-th
+    distances can then only be nearer than the server's)."""
+
+    def __init__(self, references: np.ndarray, search: dict | None = None):
         self.references = np.ascontiguousarray(references, dtype=np.float32)
+        self.search = search
+        if search is not None and search.get("kind") != "ivf":
+            raise ValueError(f"unknown ood search {search.get('kind')!r} (this server knows exact and ivf)")
         try:
             import faiss
         except ImportError:
             self.index = None
-        else:
-            self.index = faiss.IndexFlatIP(self.references.shape[1])
+            return
+        dim = self.references.shape[1]
+        if search is None:
+            self.index = faiss.IndexFlatIP(dim)
             self.index.add(self.references)
+            return
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # one thread: the same centres wherever the index is built
+        try:
+            lists = max(1, min(int(search["lists"]), len(self.references)))
+            kmeans = faiss.Kmeans(dim, lists, niter=int(search.get("iterations", IVF_ITERATIONS)),
+                                  seed=int(search.get("seed", 1)), spherical=True)
+            kmeans.train(self.references)
+            self._quantizer = faiss.IndexFlatIP(dim)  # the IVF index does not own it: keep it alive
+            self._quantizer.add(kmeans.centroids)
+            self.index = faiss.IndexIVFFlat(self._quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+            self.index.is_trained = True  # the centres are given
+            self.index.add(self.references)
+            self.index.nprobe = max(1, min(int(search["probe"]), lists))
+        finally:
+            faiss.omp_set_num_threads(threads)
+        self.references = self.references[:0]  # the index holds its own copy: don't keep two
 
     def __len__(self) -> int:
-        return len(self.references)
+        return int(self.index.ntotal) if self.index is not None else len(self.references)
 
     def similarities(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """[n, k] cosine similarities to the k nearest references, nearest first."""
+        """[n, k] cosine similarities to the k nearest references found, nearest first (-inf
+        where an inverted-file search found fewer than k candidates)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        k = min(k, len(self.references))
+        k = min(k, len(self))
         if self.index is not None:
-            return self.index.search(queries, k)[0]
+            sims = self.index.search(queries, k)[0]
+            return np.where(sims < -1e30, -np.inf, sims)  # faiss marks missing neighbours with -FLT_MAX
         sims = queries @ self.references.T
         top = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
         return -np.sort(-top, axis=1)
 
 
 def knn_distance(index: KnnIndex, embeddings: np.ndarray, k: int) -> np.ndarray:
-    """[n] cosine distance of each embedding to its k-th nearest reference."""
+    """[n] cosine distance of each embedding to its k-th nearest reference, held in [0, 2]:
+    rounding takes unit vectors a hair past a cosine of 1, and a missing neighbour counts as
+    the farthest possible."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    return (1.0 - index.similarities(embeddings, k)[:, -1]).astype(np.float32)
+    return np.clip(1.0 - index.similarities(embeddings, k)[:, -1], 0.0, 2.0).astype(np.float32)
 
 
 def ood_rule(distances: np.ndarray, ood: dict) -> np.ndarray:
@@ -346,7 +392,7 @@ class TritonPythonModel:
                 references = fetch_references(remote, head, int(info["version"]), info["ood"])
             else:
                 references = load_references(folder, info["ood"])
-            index = self._indexes[key] = KnnIndex(references)
+            index = self._indexes[key] = KnnIndex(references, info["ood"].get("search"))
         return index
 
     def _info(self, raw: bytes) -> dict:

@@ -122,6 +122,19 @@ def test_unknown_and_unsupported_models_are_refused_by_name():
         family_of("timm:resnet18")
     with pytest.raises(ExportError, match="unknown timm model 'timm:vit_tiny_patch14_dinov2'"):
         load("timm:vit_tiny_patch14_dinov2", None)  # of the DINOv2 family's pattern, but not in timm
+    # Typos: the closest names by edit distance over the whole registry, before any family check.
+    with pytest.raises(ExportError, match=r"unknown timm model 'timm:mobilenetv3_smal_100'; closest known names: "
+                                          r"timm:mobilenetv3_small_100, ") as e:
+        load("timm:mobilenetv3_smal_100", None)
+    assert "convnext" not in str(e.value) and e.value.option == "model"
+    with pytest.raises(ExportError, match=r"unknown timm model 'timm:vit_small_patch14_dinov'; closest known names: "
+                                          r"timm:vit_small_patch14_dinov2, "):
+        load("timm:vit_small_patch14_dinov", None)
+    with pytest.raises(ExportError, match=r"unknown open_clip model 'ViT-B-33'; closest known names: ViT-B-32, "):
+        load("ViT-B-33", None)
+    result = run_cli("export", "encoder", "--model", "timm:mobilenetv3_smal_100", "--out", "/nonexistent/never")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "closest known names: timm:mobilenetv3_small_100" in result.stderr
     with pytest.raises(ExportError, match="--image-size is for timm backbones"):
         load("ViT-S-32", None, image_size=224)
     result = run_cli("export", "encoder", "--model", "ViT-B-32-SigLIP2-256", "--out", "/nonexistent/never")

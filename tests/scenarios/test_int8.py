@@ -99,7 +99,8 @@ def test_a_broken_quantization_is_refused_with_its_figures(tmp_path):
 
     black = tmp_path / "black"
     black.mkdir()
-    Image.new("RGB", (224, 224)).save(black / "black.png")
+    for shade in range(quantize.MIN_CALIBRATION):  # the fewest distinct images calibration takes
+        Image.new("RGB", (224, 224), (shade, shade, shade)).save(black / f"black{shade}.png")
     out = tmp_path / "broken"
     options = ExportOptions(model=MODEL, pretrained=None, out=out, seed=SEED, precision="int8", towers=("image",),
                             calibration=black, quantization=quantize.QuantizeSettings(op_types=None, weights_only=False))
@@ -121,6 +122,22 @@ def test_int8_options_are_checked_before_any_work(tmp_path):
     assert e.value.option == "calibration"
 
 
+def test_calibration_on_too_few_images_is_refused_with_the_figure(tmp_path):
+    from PIL import Image
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(few / f"{i}.png")
+    (few / "copy.png").write_bytes((few / "0.png").read_bytes())  # a copy is not another image
+    with pytest.raises(ExportError, match=r"holds 3 distinct image\(s\); int8 calibration needs at least 8 ") as e:
+        ExportOptions(model=MODEL, pretrained=None, out=tmp_path / "out", precision="int8", calibration=few)
+    assert e.value.option == "calibration" and "\n" not in str(e.value)
+    for i in range(3, 8):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(few / f"{i}.png")
+    assert len(quantize.calibration_images(few)) == 9  # 8 distinct images (and the copy): accepted
+
+
 def test_held_out_images_are_never_calibration_images(tmp_path):
     default = quantize.gate_images(quantize.calibration_images())
     assert not {d for _, d in default} & {d for _, d in reference_images()}
@@ -128,6 +145,10 @@ def test_held_out_images_are_never_calibration_images(tmp_path):
     own.mkdir()
     name, data = reference_images()[0]
     (own / "mine.jpg").write_bytes(data)
+    from PIL import Image
+
+    for i in range(quantize.MIN_CALIBRATION - 1):
+        Image.new("RGB", (64, 64), (30 * i, 90, 0)).save(own / f"plain{i}.png")
     held = {d for _, d in quantize.gate_images(quantize.calibration_images(own))}
     assert data not in held and len(held) > len(default)  # the other reference photos join
 

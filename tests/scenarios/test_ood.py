@@ -93,6 +93,28 @@ def test_served_results_say_ood_as_the_cpu_path_does_and_abstain(ood_setup):
     assert all(set(r.heads["animal"].as_dict()) == {"version", "labels", "scores"} for r in served)
 
 
+def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeypatch):
+    """A version whose reference set is searched through IVF (EXACT_MAX lowered so that 1,200 digits
+    are "large"): the server builds the index its INFO records and flags what HeadVersion flags."""
+    from headmaster.model_repository.backends import threshold
+
+    monkeypatch.setattr(threshold, "EXACT_MAX", 500)
+    card = train_head(TrainOptions(name="digit_ivf", repo=ood_setup["repo"], data=ood_setup["train"],
+                                   cache_dir=ood_setup["cache"], ood="flag")).card
+    monkeypatch.undo()
+    assert card.ood["search"]["kind"] == "ivf" and card.ood["references"] > 500
+    digits = sorted(ood_setup["holdout"].rglob("*.png"))[:48]
+    photos = sorted(ood_setup["photos"].iterdir())
+    with HeadmasterClient(ood_setup["server"].http_url, "http", batch_size=8) as client:
+        served = client.classify([str(p) for p in digits + photos])
+    head = HeadVersion.load(ood_setup["repo"], "digit_ivf")
+    embeddings = np.stack([r.embedding for r in served])
+    got = [r.heads["digit_ivf"] for r in served]
+    assert [g.ood for g in got] == head.out_of_distribution(embeddings).tolist()
+    np.testing.assert_allclose([g.ood_distance for g in got], head.ood_distances(embeddings), atol=1e-4)
+    assert not all(g.ood for g in got) and any(g.ood for g in got)
+
+
 def test_hostile_input_beside_ood_heads_fails_alone(ood_setup):
     """A broken image in the batch is refused alone; the others still get their ood answer."""
     buffer = io.BytesIO()

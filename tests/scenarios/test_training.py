@@ -145,6 +145,30 @@ def test_unusable_data_is_a_clear_error(train_repo, digits_dir, embedding_cache,
     assert not (train_repo / "bad").exists()
 
 
+def test_a_collapsed_encoder_is_named_as_the_problem_not_a_flag(train_repo, digits_dir, tmp_path):
+    """Embeddings of every label nearly identical (as a random-weight DINOv2 gives on digits): train-head
+    with its default --ood says the encoder is wrong for the data, in one line, and writes nothing."""
+    from headmaster.store.base import file_sha256
+
+    data = subset(digits_dir, tmp_path / "data", {"1": 30, "2": 30, "3": 30})
+    repository = Repository(train_repo)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=repository.card.embed_dim)
+    paths = sorted(data.rglob("*.png"))
+    vectors = base + 1e-6 * rng.normal(size=(len(paths), repository.card.embed_dim))
+    EmbeddingCache(tmp_path / "cache", repository.fingerprint).add(
+        {file_sha256(p): v.astype(np.float32) for p, v in zip(paths, vectors)})
+    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "train-head", str(data), "--name", "collapsed",
+                             "--repo", str(train_repo), "--cache", str(tmp_path / "cache"), "--local"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 1, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "the embeddings of different labels are nearly identical" in error[0]
+    assert "the encoder or its preprocessing is wrong for these images" in error[0] and "--ood" not in error[0]
+    assert not (train_repo / "collapsed").exists()
+
+
 def test_precision_target_thresholds_a_binary_head(train_repo, digits_dir, embedding_cache, tmp_path):
     data = subset(digits_dir, tmp_path / "data", {"0": 120, "6": 120}, rename={"0": "zero", "6": "other"})
     result = train_head(TrainOptions(name="is_zero", repo=train_repo, data=data, cache_dir=embedding_cache,

@@ -147,3 +147,77 @@ def test_the_threshold_step_reads_each_versions_reference_set_from_the_repositor
     model._indexes = {}
     index = model._index("kind", card.info())
     assert len(index) == 50 and model._index("kind", card.info()) is index  # built once per version
+
+
+def _clustered(rng, centres: np.ndarray, n: int) -> np.ndarray:
+    x = centres[rng.integers(0, len(centres), n)] + 1.2 / np.sqrt(centres.shape[1]) * rng.normal(size=(n, centres.shape[1]))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+
+
+def test_a_large_reference_set_is_searched_through_ivf_with_high_recall():
+    """Above EXACT_MAX references the card records an IVF search, and its neighbours are the exact
+    search's (recall@10 measured on clustered 128-d references of real size)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(400, 128))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    size = threshold.EXACT_MAX + 5_000
+    references, queries = _clustered(rng, centres, size), _clustered(rng, centres, 300)
+    assert threshold.ivf_search(threshold.EXACT_MAX) is None
+    search = threshold.ivf_search(size)
+    assert search["kind"] == "ivf" and search["lists"] == round(size ** 0.5)
+    exact, ivf = KnnIndex(references), KnnIndex(references, search)
+    assert len(ivf) == size and ivf.index.nprobe == threshold.IVF_PROBE
+    want, got = exact.index.search(queries, 10)[1], ivf.index.search(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got)])
+    assert recall >= 0.95, recall
+    # An index built again from the same references finds the same neighbours at the same distances.
+    np.testing.assert_array_equal(knn_distance(KnnIndex(references, search), queries, 10),
+                                  knn_distance(ivf, queries, 10))
+
+
+def test_fit_records_the_ivf_search_and_its_threshold_keeps_95_percent(monkeypatch, digits):
+    """The threshold of an IVF card is measured with the IVF search the server will run."""
+    x_train, y_train, x_val, y_val, _ = digits
+    monkeypatch.setattr(threshold, "EXACT_MAX", 500)
+    fit = fit_ood(x_train, y_train, x_val, y_val, "flag")
+    assert fit.card["search"] == {"kind": "ivf", "lists": 32, "probe": threshold.IVF_PROBE, "seed": 1,
+                                  "iterations": threshold.IVF_ITERATIONS}
+    index = KnnIndex(fit.references.astype(np.float32), fit.card["search"])
+    kept = (knn_distance(index, x_val, fit.card["k"]) <= fit.card["threshold"]).mean()
+    assert TPR <= kept < TPR + 0.02
+    card, _, _ = _head("flag")
+    with pytest.raises(ExportError, match="ood search must be absent"):
+        replace(card, ood={**card.ood, "search": {"kind": "hnsw"}})
+
+
+def test_distances_stay_in_range_on_a_collapsed_set():
+    """Unit vectors that are all the same direction give a cosine a hair above 1 by rounding: the
+    distance is 0, never below, and the threshold fitted on them is a valid card entry."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=384)
+    x = base + 1e-6 * rng.normal(size=(200, 384))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    raw = 1.0 - KnnIndex(x[:150]).similarities(x[150:], 3)[:, -1]
+    d = knn_distance(KnnIndex(x[:150]), x[150:], 3)
+    assert d.min() >= 0.0 and d.max() <= 2.0 and raw.min() < 0.0  # the rounding is real; the clamp holds it
+    y = np.arange(200) % 2
+    fit = fit_ood(x[:150], y[:150], x[150:], y[150:], "flag")
+    assert fit.card["threshold"] >= 0.0
+
+
+def test_a_collapsed_embedding_set_is_refused_plainly():
+    from headmaster.errors import DataError
+    from headmaster.training.heads import checks
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=384)
+    collapsed = base + 1e-6 * rng.normal(size=(60, 384))  # a random-weight DINOv2 on digits: 3e-07 apart
+    truth = np.eye(3, dtype=np.int64)[np.arange(60) % 3]
+    with pytest.raises(DataError, match=r"the embeddings of different labels are nearly identical \(the means of "
+                                        r"a, b, c lie within cosine distance \d\.\de-\d\d of each other; 1e-04 or more "
+                                        r"is needed\): the encoder or its preprocessing is wrong for these images") as e:
+        checks.check_spread(collapsed, truth, ("a", "b", "c"))
+    assert e.value.option is None and "\n" not in str(e.value)
+    spread = rng.normal(size=(60, 384))  # distinct images: accepted
+    checks.check_spread(spread, truth, ("a", "b", "c"))
+    assert checks.label_spread(spread, truth) > checks.COLLAPSED_DISTANCE

@@ -6,7 +6,11 @@
 - near duplicates (cosine >= 0.98 between mean-centred embeddings): listed; kept in the
   same split, like exact duplicates, so validation never scores an image the head was
   trained on. Centring first removes the offset all embeddings of an encoder share (small in
-  CLIP, dominant in random weights), which would otherwise make everything look alike.
+  CLIP, dominant in random weights), which would otherwise make everything look alike;
+- a collapsed encoder (error): when the mean embeddings of all labels lie within
+  ``COLLAPSED_DISTANCE`` (cosine) of each other, the encoder sees one image whatever it is shown
+  (a random-weight DINOv2 on digits: 3e-07; a random-weight CLIP ViT-S-32: 1e-02); no head and
+  no out-of-distribution threshold can be learnt from that.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from headmaster.errors import DataError
 FEW_IMAGES = 20
 IMBALANCE_RATIO = 4.0
 NEAR_DUPLICATE_COSINE = 0.98
+COLLAPSED_DISTANCE = 1e-4  # largest cosine distance between label means below which nothing separates
 
 
 @dataclass
@@ -59,6 +64,30 @@ def near_duplicate_pairs(x: np.ndarray, threshold: float = NEAR_DUPLICATE_COSINE
             if i < c:
                 pairs.append((i, int(c), float(block[r, c])))
     return pairs
+
+
+def label_spread(x: np.ndarray, truth: np.ndarray) -> float:
+    """The largest cosine distance between the mean (L2-normalised) embeddings of two labels;
+    ``truth`` is the 0/1 matrix [n, L]. 2.0 when fewer than two labels have images."""
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    centres = [x[truth[:, j].astype(bool)].mean(axis=0) for j in range(truth.shape[1]) if truth[:, j].any()]
+    if len(centres) < 2:
+        return 2.0
+    c = np.stack(centres).astype(np.float64)
+    c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    return float(np.clip(1.0 - c @ c.T, 0.0, 2.0).max())
+
+
+def check_spread(x: np.ndarray, truth: np.ndarray, labels: tuple[str, ...]) -> None:
+    """Refuse a collapsed embedding set (see the module docstring) with what it means."""
+    spread = label_spread(x, truth)
+    if spread < COLLAPSED_DISTANCE:
+        raise DataError(f"the embeddings of different labels are nearly identical (the means of "
+                        f"{', '.join(labels[:4])}{', ...' if len(labels) > 4 else ''} lie within cosine distance "
+                        f"{spread:.1e} of each other; {COLLAPSED_DISTANCE:.0e} or more is needed): the encoder or its "
+                        "preprocessing is wrong for these images (random weights, or a model for another kind of "
+                        "image); export an encoder with pretrained weights suited to them and build the repository "
+                        "with it")
 
 
 def components(n: int, pairs) -> np.ndarray:

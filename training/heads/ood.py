@@ -1,8 +1,10 @@
 """Out of distribution: what a trained head version carries to say "not like my training data".
 
 The score is the cosine distance from an image's embedding to its k-th nearest training
-embedding (deep nearest neighbours, Sun et al. 2022), searched exactly by faiss
-(``threshold.KnnIndex``). The threshold keeps ``TPR`` (95%) of the validation images: an
+embedding (deep nearest neighbours, Sun et al. 2022), searched by faiss
+(``threshold.KnnIndex``): exactly up to ``threshold.EXACT_MAX`` references, through an
+inverted-file index beyond (``threshold.ivf_search``, recorded in the card so that the server
+and the CPU tools search the same way). The threshold keeps ``TPR`` (95%) of the validation images: an
 image farther from the training set than 95% of held-out in-distribution images is "ood".
 
 k is chosen on validation without any out-of-distribution data: each label in turn is
@@ -11,8 +13,8 @@ treated as unseen (its training rows leave the reference set, its validation row
 heads and heads whose labels cannot be held out keep ``DEFAULT_K``.
 
 The reference set is the training split, L2-normalised, stored as float16, subsampled to
-``max_references`` rows (seeded) so that a head stays small and its search fast; the
-benchmark (benchmarks/ood_knn.py) measures what the cap costs.
+``max_references`` rows (seeded) so that a head stays small; the benchmark
+(benchmarks/ood_knn.py) measures what the cap and the inverted-file search cost and their recall.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from headmaster.errors import TrainingError
-from headmaster.model_repository.backends.threshold import OOD_POLICIES, KnnIndex, knn_distance, references_sha256
+from headmaster.model_repository.backends.threshold import (
+    OOD_POLICIES,
+    KnnIndex,
+    ivf_search,
+    knn_distance,
+    references_sha256,
+)
 
 TPR = 0.95  # in-distribution validation images kept below the threshold
 K_CANDIDATES = (1, 3, 5, 10, 20, 50)
 DEFAULT_K = 10
-MAX_REFERENCES = 20_000
+MAX_REFERENCES = 100_000
 MODES = ("off", *OOD_POLICIES)
 
 
@@ -90,11 +98,12 @@ def fit_ood(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
         keep = np.sort(np.random.default_rng(seed).choice(len(keep), max_references, replace=False))
     references = x_train[keep].astype(np.float16)
     k = min(k, len(references))
-    distances = knn_distance(KnnIndex(references.astype(np.float32)), x_val, k)
+    search = ivf_search(len(references))
+    distances = knn_distance(KnnIndex(references.astype(np.float32), search), x_val, k)
     # Rounded up, so that the image at the quantile stays inside after the card's rounding.
     threshold = math.ceil(float(np.quantile(distances, TPR, method="higher")) * 1e6) / 1e6
     card = {"k": int(k), "threshold": threshold, "policy": policy, "references": int(len(references)),
-            "sha256": references_sha256(references)}
+            "sha256": references_sha256(references), **({"search": search} if search else {})}
     details = {**how, "tpr": TPR, "training_rows": int(len(x_train)), "subsampled": bool(len(keep) < len(x_train)),
                "validation_kept": float((distances <= card["threshold"]).mean())}
     return OodFit(references, card, details)

@@ -95,6 +95,7 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
     weights, warnings = checks.check_counts(report.counts, len(rows), dataset.multi_label)
     report.class_weights = weights
     report.warnings += warnings
+    checks.check_spread(x, truth, labels)
 
     pairs = checks.near_duplicate_pairs(x)
     report.near_duplicates = [(rows[i][2], rows[j][2], c) for i, j, c in pairs
