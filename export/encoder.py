@@ -60,6 +60,7 @@ class ExportOptions:
     calibration: Path | None = None  # int8: the user's images to calibrate on (default: reference_images())
     quantization: quantize.QuantizeSettings = quantize.QuantizeSettings()  # int8: how (tests make bad ones)
     image_size: int | None = None  # timm backbones: square input size other than their pretrained config's
+    key_map: str | None = None  # a checkpoint saved by another codebase: named map or JSON rules (checkpoints.py)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -375,7 +376,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
         _require_tensorrt()  # fail before minutes of loading and exporting
     if "text" in options.towers and not options.model.startswith("timm:"):
         _require_tokenizer(options.model)  # before minutes of loading
-    encoder = load(options.model, options.pretrained, options.seed, options.image_size)
+    encoder = load(options.model, options.pretrained, options.seed, options.image_size, options.key_map)
     towers_wanted = [t for t in options.towers if t == "image" or encoder.has_text]
     if options.towers == ("text",) and not encoder.has_text:
         raise ExportError(f"{options.model} is an image-only backbone: it has no text tower", option="towers")
@@ -396,6 +397,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
             precision=options.precision, format=options.format, towers=towers, verification=checks,
             tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             seed=encoder.seed, family=encoder.family, pooling=encoder.pooling, logit_bias=encoder.logit_bias,
+            checkpoint=encoder.checkpoint,
         )
         card.save(staging)
         _place(staging, out)
