@@ -204,31 +204,32 @@ def ood(repo: Path, test: Path, sets: dict[str, Path], cache: Path) -> dict:
     return figures
 
 
-def int8(work: Path, repo: Path, test_paths: list[Path], heads: list[str]) -> dict:
+def int8(work: Path, train_paths: list[Path], test_paths: list[Path], repo: Path, heads: list[str]) -> dict:
+    """The product's int8 export refuses a CNN (its weight MatMuls are what it quantizes); the
+    Conv layers quantized by the same onnxruntime path, calibrated on 100 training digits, go
+    through the same gate on the 1,000 test digits with both heads."""
+    from headmaster.errors import ExportError
     from headmaster.export import quantize
-    from headmaster.model_repository.build import build_repository
     from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.repository import BuildOptions, Repository
 
-    card, folder = export(work, "int8")
-    fp32_card = json.loads((work / "encoder-fp32" / "card.json").read_text())
-    fp32_file = work / "encoder-fp32" / fp32_card["towers"]["image"]["file"]
-    spec = card.towers["image"]
+    try:
+        export(work, "int8")
+        refused = None
+    except ExportError as e:
+        refused = str(e)
+    folder = work / "encoder-fp32"
+    card = json.loads((folder / "card.json").read_text())
+    spec = card["towers"]["image"]
+    fp32_file, conv_file = folder / spec["file"], work / "image-conv-int8.onnx"
+    calibration = [(str(p), p.read_bytes()) for p in train_paths[::40]]
+    how = quantize.quantize_image_tower(fp32_file, conv_file, spec["input_name"],
+                                        quantize.pixels(calibration, card["preprocessing"]),
+                                        quantize.QuantizeSettings(op_types=("Conv",)))
     images = [(str(p.relative_to(p.parents[1])), p.read_bytes()) for p in test_paths]
-    gate = quantize.promotion_gate(fp32_file, folder / spec.file, spec.input_name, spec.output_name, images,
-                                   card.preprocessing, [HeadVersion.load(repo, h) for h in heads])
-    # The repository's own switch: `repo build` with the int8 export runs the gate with every live head.
-    switched = work / "repo-int8"
-    if switched.exists():
-        import shutil
-
-        shutil.rmtree(switched)
-    import shutil
-
-    shutil.copytree(repo, switched)
-    build_repository(folder, switched, BuildOptions())
-    return {"export_gate": card.verification["image"]["gate"], "mnist_gate": gate,
-            "switch": Repository(switched).card.precision}
+    gate = quantize.promotion_gate(fp32_file, conv_file, spec["input_name"], spec["output_name"], images,
+                                   card["preprocessing"], [HeadVersion.load(repo, h) for h in heads])
+    return {"export_refused": refused, "conv_quantized_weights": how["quantized_weights"],
+            "calibration_images": len(calibration), "mnist_gate": gate}
 
 
 def task_heads(repo: Path, train: Path, test: Path, values: dict[str, int], work: Path, cache: Path) -> dict:
@@ -314,7 +315,8 @@ def main() -> None:
     LOG.info("served %s", results["served"])
     results["ood"] = ood(repo, test, outside_sets(work), cache)
     LOG.info("ood %s", results["ood"])
-    results["int8"] = int8(work, repo, test_paths, ["digit", "digit_mlp"])
+    train_paths = sorted(train.rglob("*.png"))
+    results["int8"] = int8(work, train_paths, test_paths, repo, ["digit", "digit_mlp"])
     LOG.info("int8 %s", results["int8"])
     results["tasks"] = task_heads(repo, train, test, values, work, cache)
     LOG.info("tasks %s", results["tasks"])
@@ -330,7 +332,7 @@ def main() -> None:
 def markdown(r: dict) -> str:
     lr, served = r["logistic_regression"], r["served"]
     lines = [
-        f"## Real weights: EfficientNet-Lite0 (ImageNet) on MNIST ({datetime.date.today()}, {platform.machine()}, "
+        f"### {datetime.date.today()}: real weights, EfficientNet-Lite0 (ImageNet) on MNIST ({platform.machine()}, "
         f"{os.cpu_count()} cores, `python benchmarks/real_weights.py`)",
         "",
         f"Encoder `{MODEL}` from `{WEIGHTS}` (key map efficientnet_pytorch, {r['encoder']['checkpoint']['tensors']} "
@@ -352,14 +354,18 @@ def markdown(r: dict) -> str:
     for name, o in r["ood"].items():
         lines.append(f"| OOD `{name}` ({o['images']} images) vs MNIST test: AUROC / FPR at 95% TPR | "
                      f"{o['auroc']:.4f} / {o['fpr_at_95_tpr']:.2%} |")
-    gate, export_gate = r["int8"]["mnist_gate"], r["int8"]["export_gate"]
-    lines.append(f"| int8 vs fp32 on the {gate['images']} test digits: cosine mean / min | "
-                 f"{gate['mean_cosine']:.5f} / {gate['min_cosine']:.5f} |")
+    i8 = r["int8"]
+    gate = i8["mnist_gate"]
+    lines.append(f"| `export encoder --precision int8` (MatMul/Gemm weights) | "
+                 f"{'refused: no weight MatMul in a CNN' if i8['export_refused'] else 'exported'} |")
+    lines.append(f"| Conv int8 ({i8['conv_quantized_weights']} weights, {i8['calibration_images']} calibration "
+                 f"digits) vs fp32 on {gate['images']} test digits: cosine mean / min | "
+                 f"{gate['mean_cosine']:.4f} / {gate['min_cosine']:.4f} |")
     for name, h in gate["heads"].items():
-        lines.append(f"| int8 gate, head `{name}`: accepted labels unchanged | {h['label_agreement']:.2%} |")
-    lines.append(f"| int8 export gate (held-out photos): cosine mean / min | {export_gate['mean_cosine']:.5f} / "
-                 f"{export_gate['min_cosine']:.5f} |")
-    lines.append(f"| `repo build` switch to int8 with both heads (gate) | {r['int8']['switch']} |")
+        lines.append(f"| Conv int8 through the gate, head `{name}`: accepted labels unchanged | "
+                     f"{h['label_agreement']:.2%} |")
+    lines.append(f"| gate verdict (min cosine >= {gate['required_min_cosine']}, agreement >= "
+                 f"{gate['required_label_agreement']:.0%}) | {'passed' if gate['passed'] else 'refused'} |")
     for name, t in r["tasks"].items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in t.items() if k not in ("task", "version"))
         lines.append(f"| {t['task']} head `{name}` (`eval`) | {shown} |")

@@ -305,6 +305,12 @@ def _quantize_image_tower(encoder: LoadedEncoder, spec: TowerFile, fp32_path: Pa
                           options: ExportOptions) -> dict:
     """int8 from the verified fp32 tower, promoted only through the gate; the card's record."""
     preprocessing = encoder.preprocessing.as_dict()
+    op_types = options.quantization.op_types
+    if op_types and not quantize.weight_nodes(fp32_path, op_types):
+        # A convolutional network has no MatMul/Gemm with weights: its "int8" graph would be fp32 renamed.
+        raise ExportError(f"{encoder.name} has no {'/'.join(op_types)} node with weights to quantize (int8 "
+                          "here quantizes a transformer's weight MatMuls; a convolutional network has none): "
+                          "export it as fp32 or fp16", option="precision")
     calibration = quantize.calibration_images(options.calibration)
     how = quantize.quantize_image_tower(fp32_path, path, spec.input_name,
                                         quantize.pixels(calibration, preprocessing), options.quantization)

@@ -159,3 +159,12 @@ def test_a_head_on_real_embeddings_matches_logistic_regression_and_the_server_an
     assert [tuple(r.heads["digit"].labels) for r in served] == [tuple(row) for row in accepted]
     served_embeddings = np.stack([r.embedding for r in served])
     assert (served_embeddings * x_test).sum(axis=1).min() >= 0.9999
+
+
+def test_int8_refuses_a_convolutional_network_it_would_not_quantize(tmp_path):
+    """int8 quantizes weight MatMuls (a transformer's); EfficientNet has none, so its "int8"
+    graph would be the fp32 one renamed: refused in one line, nothing written."""
+    with pytest.raises(ExportError, match="has no MatMul/Gemm node with weights to quantize") as e:
+        export_encoder(ExportOptions(model=LITE0, pretrained=None, out=tmp_path / "int8", towers=("image",),
+                                     precision="int8"))
+    assert "\n" not in str(e.value) and not (tmp_path / "int8").exists()
