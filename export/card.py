@@ -66,6 +66,9 @@ class EncoderCard:
     family: str = "clip"  # headmaster.export.encoders.FAMILIES
     pooling: str | None = None  # timm backbones: cls | mean | head-less (hashed into the fingerprint)
     logit_bias: float | None = None  # SigLIP: zero-shot scores are sigmoid(logit_scale * cosine + logit_bias)
+    # A local checkpoint: its file's sha256, the key map that renamed its tensors, how many loaded.
+    # Not hashed: weights_sha256 already covers the weights it gave, whatever their names in the file.
+    checkpoint: dict | None = None
 
     def __post_init__(self) -> None:
         expected = fingerprint_of(self.model, self.weights_sha256, self.preprocessing, self.embed_dim, self.pooling)

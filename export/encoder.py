@@ -62,6 +62,7 @@ class ExportOptions:
     image_size: int | None = None  # timm backbones: square input size other than their pretrained config's
     # onnx:FILE: its preprocessing and embedding tensor (export/onnx_file.py); None reads FILE's sidecar only
     onnx: "OnnxDescription | dict | None" = None
+    key_map: str | None = None  # a checkpoint saved by another codebase: named map or JSON rules (checkpoints.py)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -316,6 +317,12 @@ def _quantize_image_tower(encoder: LoadedEncoder, spec: TowerFile, fp32_path: Pa
                           options: ExportOptions) -> dict:
     """int8 from the verified fp32 tower, promoted only through the gate; the card's record."""
     preprocessing = encoder.preprocessing.as_dict()
+    op_types = options.quantization.op_types
+    if op_types and not quantize.weight_nodes(fp32_path, op_types):
+        # A convolutional network has no MatMul/Gemm with weights: its "int8" graph would be fp32 renamed.
+        raise ExportError(f"{encoder.name} has no {'/'.join(op_types)} node with weights to quantize (int8 "
+                          "here quantizes a transformer's weight MatMuls; a convolutional network has none): "
+                          "export it as fp32 or fp16", option="precision")
     calibration = quantize.calibration_images(options.calibration)
     how = quantize.quantize_image_tower(fp32_path, path, spec.input_name,
                                         quantize.pixels(calibration, preprocessing), options.quantization)
@@ -460,7 +467,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
         raise ExportError(f"{options.model}: the text tower of a Hugging Face folder is not exported (its own "
                           "tokenizer is not served); export --towers image", option="towers")
     encoder = (hf_folder.load(options.model, "text" in options.towers) if hf
-               else load(options.model, options.pretrained, options.seed, options.image_size))
+               else load(options.model, options.pretrained, options.seed, options.image_size, options.key_map))
     towers_wanted = [t for t in options.towers if t == "image" or encoder.has_text]
     if options.towers == ("text",) and not encoder.has_text:
         raise ExportError(f"{options.model} is an image-only backbone: it has no text tower", option="towers")
@@ -481,6 +488,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
             precision=options.precision, format=options.format, towers=towers, verification=checks,
             tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             seed=encoder.seed, family=encoder.family, pooling=encoder.pooling, logit_bias=encoder.logit_bias,
+            checkpoint=encoder.checkpoint,
         )
         card.save(staging)
         _place(staging, out)

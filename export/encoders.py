@@ -15,6 +15,7 @@ backbones, no text tower, so no zero-shot; trained heads work the same.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import logging
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from headmaster.errors import ExportError
+from headmaster.export import checkpoints
 
 LOG = logging.getLogger(__name__)
 
@@ -190,6 +192,7 @@ class LoadedEncoder:
     pooling: str | None = None  # timm families: cls | mean | head-less (part of the fingerprint)
     logit_bias: float | None = None  # SigLIP: sigmoid(scale * cosine + bias) is the model's own score
     visual: object = None  # the module that maps normalised pixels to the (unnormalised) embedding
+    checkpoint: dict | None = None  # a local checkpoint: file, sha256, key map (export/checkpoints.py)
 
     @property
     def has_text(self) -> bool:
@@ -257,6 +260,8 @@ def check_name(name: str, pretrained: str | None) -> None:
             + " (all: headmaster export list --models)", option="model")
     if pretrained is None or name.startswith(("hf-hub:", "local-dir:")):
         return
+    if pretrained.startswith(checkpoints.PACKAGE_PREFIX):
+        return  # checked (installed, sha256) when loaded
     if Path(pretrained).expanduser().exists():
         return
     tags = pretrained_tags(name)
@@ -302,7 +307,8 @@ def _pooled(model, pooling: str):
     return Pooled(model).eval()
 
 
-def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | None = None) -> LoadedEncoder:
+def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | None = None,
+               key_map: str | None = None) -> LoadedEncoder:
     """A timm backbone, classifier removed, preprocessing from its own pretrained config
     (``image_size``: another square input size; ViTs resample their position embeddings)."""
     import timm
@@ -318,14 +324,21 @@ def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | N
     if source is None:
         torch.manual_seed(seed)
     sized = {"img_size": image_size} if image_size and family.pooling in ("cls", "mean") else {}
+    checkpoint = None
     try:
         if path is not None and path.exists():
-            # A checkpoint usually holds the classifier it was trained with: load it whole, then drop it.
-            model = timm.create_model(bare, pretrained=False, checkpoint_path=source, **sized)
+            # A local file (another codebase's names renamed by its key map), loaded strictly, the
+            # classifier it was trained with dropped: a mismatch is one line (export/checkpoints.py).
+            model = timm.create_model(bare, pretrained=False, **sized)
+            classifier = model.pretrained_cfg.get("classifier") or "classifier"
             model.reset_classifier(0)
+            prefixes = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+            checkpoint = checkpoints.load_checkpoint(model, path, key_map, drop_prefixes=prefixes)
         else:
             model = timm.create_model(f"{bare}.{source}" if source else bare, pretrained=source is not None,
                                       num_classes=0, **sized)
+    except ExportError:
+        raise
     except Exception as e:
         where = "no pretrained weights" if source is None else f"weights {source!r}"
         raise ExportError(f"timm could not create {bare} with {where}: {type(e).__name__}: {e}") from e
@@ -338,26 +351,48 @@ def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | N
     return LoadedEncoder(model=model, name=name, pretrained=source, weights_sha256=weights_sha256(model),
                          preprocessing=preprocessing, embed_dim=embed_dim, context_length=0, logit_scale=0.0,
                          seed=seed if source is None else None, family=family.name, pooling=family.pooling,
-                         visual=visual)
+                         visual=visual, checkpoint=checkpoint)
 
 
-def load(name: str, pretrained: str | None, seed: int = 0, image_size: int | None = None) -> LoadedEncoder:
-    """Create the model through open_clip's or timm's factory, fp32, eval mode."""
+def load(name: str, pretrained: str | None, seed: int = 0, image_size: int | None = None,
+         key_map: str | None = None) -> LoadedEncoder:
+    """Create the model through open_clip's or timm's factory, fp32, eval mode.
+
+    ``pretrained``: a tag, a checkpoint file, ``package:<name>`` (weights a Python package ships,
+    ``checkpoints.SHIPPED``) or None; ``key_map`` renames a checkpoint's tensors first."""
     import open_clip
     import torch
 
     check_name(name, pretrained)
+    if pretrained is not None and pretrained.startswith(checkpoints.PACKAGE_PREFIX):
+        shipped = checkpoints.SHIPPED.get(pretrained[len(checkpoints.PACKAGE_PREFIX):])
+        path = checkpoints.shipped_path(pretrained)
+        if shipped.model != name:
+            raise ExportError(f"{pretrained} holds weights of {shipped.model}, not {name}", option="model")
+        encoder = load(name, str(path), seed, image_size, key_map or shipped.key_map)
+        return dataclasses.replace(encoder, pretrained=pretrained)  # the card names the package, not this disk
+    if key_map is not None and not (pretrained and Path(pretrained).expanduser().is_file()):
+        raise ExportError("--key-map renames the tensors of a local checkpoint file: pass one with --pretrained",
+                          option="key_map")
     if image_size is not None and (image_size < 16 or not name.startswith(TIMM_PREFIX)):
         raise ExportError("--image-size is for timm backbones (>= 16 pixels); an open_clip model's size is part of "
                           "its name (e.g. ViT-B-16-SigLIP-384)", option="image_size")
     if name.startswith(TIMM_PREFIX):
-        return _load_timm(name, pretrained, seed, image_size)
+        return _load_timm(name, pretrained, seed, image_size, key_map)
     source = str(Path(pretrained).expanduser()) if pretrained and Path(pretrained).expanduser().exists() else pretrained
     if source is None:
         torch.manual_seed(seed)  # random weights, reproducible: same seed, same fingerprint
+    checkpoint = None
     try:
-        model = open_clip.create_model(name, pretrained=source, precision="fp32", device="cpu",
-                                       require_pretrained=source is not None)
+        if key_map is not None:
+            # Another codebase's state dict: the architecture first, then its renamed tensors, strictly.
+            model = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
+            checkpoint = checkpoints.load_checkpoint(model, Path(source), key_map)
+        else:
+            model = open_clip.create_model(name, pretrained=source, precision="fp32", device="cpu",
+                                           require_pretrained=source is not None)
+    except ExportError:
+        raise
     except Exception as e:
         where = "no pretrained weights" if source is None else f"weights {source!r}"
         raise ExportError(f"open_clip could not create {name} with {where}: {type(e).__name__}: {e}") from e
@@ -382,4 +417,5 @@ def load(name: str, pretrained: str | None, seed: int = 0, image_size: int | Non
         family=family_of(name).name,
         logit_bias=float(model.logit_bias.item()) if getattr(model, "logit_bias", None) is not None else None,
         visual=model.visual,
+        checkpoint=checkpoint,
     )

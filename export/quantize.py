@@ -123,6 +123,17 @@ def _activation_matmuls(path: Path) -> list[str]:
             if node.op_type in QUANTIZED_OPS and not any(i in constants for i in node.input)]
 
 
+def weight_nodes(path: Path, op_types: tuple[str, ...]) -> list[str]:
+    """Nodes of ``op_types`` that multiply by a constant (a weight): what int8 would quantize."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for node in graph.node if node.op_type == "Constant" for o in node.output}
+    return [node.name for node in graph.node
+            if node.op_type in op_types and any(i in constants for i in node.input)]
+
+
 def quantize_image_tower(fp32_path: Path, out_path: Path, input_name: str, calibration: np.ndarray,
                          settings: QuantizeSettings = QuantizeSettings()) -> dict:
     """Write the int8 (QDQ) version of the ONNX image tower at ``fp32_path`` to ``out_path``;
