@@ -190,6 +190,9 @@ class LoadedEncoder:
     pooling: str | None = None  # timm families: cls | mean | head-less (part of the fingerprint)
     logit_bias: float | None = None  # SigLIP: sigmoid(scale * cosine + bias) is the model's own score
     visual: object = None  # the module that maps normalised pixels to the (unnormalised) embedding
+    text: object = None  # hf:FOLDER: token ids -> (unnormalised) text embedding; open_clip: model.encode_text
+    tokenizer: dict | None = None  # hf:FOLDER: the card's record of the folder's tokenizer
+    tokenizer_files: dict | None = None  # hf:FOLDER: its files (name -> bytes), saved in the export's tokenizer/
 
     @property
     def has_text(self) -> bool:
