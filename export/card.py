@@ -24,10 +24,12 @@ CARD_SCHEMA = 1
 
 
 def fingerprint_of(model: str, weights_sha256: str, preprocessing: dict, embed_dim: int,
-                   pooling: str | None = None) -> str:
+                   pooling: str | None = None, tokenizer: dict | None = None) -> str:
     identity = {"model": model, "weights_sha256": weights_sha256, "preprocessing": preprocessing, "embed_dim": embed_dim}
     if pooling is not None:  # timm backbones; open_clip cards keep the fingerprints they had
         identity["pooling"] = pooling
+    if tokenizer is not None:  # an hf:FOLDER's own tokenizer decides what its text embeddings are
+        identity["tokenizer"] = tokenizer
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -69,9 +71,14 @@ class EncoderCard:
     # A local checkpoint: its file's sha256, the key map that renamed its tensors, how many loaded.
     # Not hashed: weights_sha256 already covers the weights it gave, whatever their names in the file.
     checkpoint: dict | None = None
+    # hf:FOLDER text towers: the folder's own tokenizer, saved under tokenizer/ beside the towers
+    # (kind, sha256 of each file, context_length, padding, pad_id; hashed into the fingerprint).
+    # None: open_clip's tokenizer for `model`.
+    tokenizer: dict | None = None
 
     def __post_init__(self) -> None:
-        expected = fingerprint_of(self.model, self.weights_sha256, self.preprocessing, self.embed_dim, self.pooling)
+        expected = fingerprint_of(self.model, self.weights_sha256, self.preprocessing, self.embed_dim, self.pooling,
+                                  self.tokenizer)
         if not self.fingerprint:
             object.__setattr__(self, "fingerprint", expected)
         elif self.fingerprint != expected:

@@ -33,6 +33,7 @@ from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export.encoders import LoadedEncoder, load
 from headmaster.export.reference import reference_images, reference_prompts
 from headmaster.model_repository.backends.preprocess import preprocess_bytes
+from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
 from headmaster.model_repository.backends.runtime import load_runner
 
 LOG = logging.getLogger(__name__)
@@ -129,6 +130,18 @@ def _unfused(module):
 
 def _text_tower(encoder: LoadedEncoder, dtype):
     torch = _torch()
+    if encoder.text is not None:  # hf:FOLDER: the folder model's own get_text_features
+        class FolderTextTower(torch.nn.Module):
+            """token ids [N, context] -> L2-normalised embedding [N, D] (float32)."""
+
+            def __init__(self, text):
+                super().__init__()
+                self.text = text
+
+            def forward(self, tokens):
+                return torch.nn.functional.normalize(self.text(tokens).float(), dim=-1)
+
+        return FolderTextTower(copy.deepcopy(encoder.text).to(dtype)).eval()
     model = copy.deepcopy(encoder.model)
     model.visual = torch.nn.Identity()  # keep only what encode_text uses
 
@@ -266,14 +279,18 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
-def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions) -> tuple[list[str], np.ndarray]:
+def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions,
+                  folder: Path) -> tuple[list[str], np.ndarray]:
     if tower == "image":
         images = reference_images(options.check_images)
         cfg = encoder.preprocessing.as_dict()
         return [name for name, _ in images], np.stack([preprocess_bytes(data, cfg) for _, data in images])
+    prompts = reference_prompts()
+    if encoder.tokenizer is not None:  # hf:FOLDER: its saved tokenizer, as the tokenize model serves it
+        tokens = folder_tokenizer(folder / TOKENIZER_DIR, encoder.context_length, encoder.tokenizer["pad_id"])
+        return prompts, tokens(prompts)
     import open_clip
 
-    prompts = reference_prompts()
     tokens = open_clip.get_tokenizer(encoder.name)(prompts, context_length=encoder.context_length)
     return prompts, tokens.numpy().astype(np.int64)
 
@@ -282,7 +299,7 @@ def _verify(encoder: LoadedEncoder, tower: str, spec: TowerFile, path: Path, opt
             precision: str) -> dict:
     """Exported artifact vs the fp32 PyTorch model on the same real inputs."""
     torch = _torch()
-    names, batch = _check_inputs(encoder, tower, options)
+    names, batch = _check_inputs(encoder, tower, options, path.parent)
     reference_module = (_image_tower if tower == "image" else _text_tower)(encoder, torch.float32)
     with torch.no_grad():
         reference = reference_module(torch.from_numpy(batch)).numpy()
@@ -463,10 +480,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
     hf = options.model.startswith(hf_folder.PREFIX)
     if "text" in options.towers and not options.model.startswith("timm:") and not hf:
         _require_tokenizer(options.model)  # before minutes of loading
-    if hf and options.towers == ("text",):
-        raise ExportError(f"{options.model}: the text tower of a Hugging Face folder is not exported (its own "
-                          "tokenizer is not served); export --towers image", option="towers")
-    encoder = (hf_folder.load(options.model, "text" in options.towers) if hf
+    encoder = (hf_folder.load(options.model, options.towers) if hf
                else load(options.model, options.pretrained, options.seed, options.image_size, options.key_map))
     towers_wanted = [t for t in options.towers if t == "image" or encoder.has_text]
     if options.towers == ("text",) and not encoder.has_text:
@@ -479,6 +493,10 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
     staging.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
     try:
         towers, checks = {}, {}
+        if encoder.tokenizer_files and "text" in towers_wanted:  # before the text tower's check, which reads them
+            (staging / TOKENIZER_DIR).mkdir()
+            for name, data in encoder.tokenizer_files.items():
+                (staging / TOKENIZER_DIR / name).write_bytes(data)
         for tower in towers_wanted:
             towers[tower], checks[tower] = _export_tower(encoder, tower, staging, options)
         card = EncoderCard(
@@ -489,6 +507,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
             tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             seed=encoder.seed, family=encoder.family, pooling=encoder.pooling, logit_bias=encoder.logit_bias,
             checkpoint=encoder.checkpoint,
+            tokenizer=encoder.tokenizer if "text" in towers_wanted else None,
         )
         card.save(staging)
         _place(staging, out)

@@ -156,7 +156,8 @@ FAMILIES: tuple[Family, ...] = (
     # on its card is the description's pool (none | avg | cls | mean).
     Family("onnx", "onnx", ("FILE",), "FILE", zero_shot=None, licence="yours (the file's own terms)"),
     # A Hugging Face save_pretrained folder of a CLIP, SigLIP or DINOv2 model (export/hf_folder.py).
-    Family("hf", "transformers", ("FOLDER",), "FOLDER", zero_shot=None, licence="yours (the checkpoint's own terms)"),
+    Family("hf", "transformers", ("FOLDER",), "FOLDER", zero_shot="softmax (a CLIP folder with its tokenizer)",
+           licence="yours (the checkpoint's own terms)"),
 )
 
 TIMM_PREFIX = "timm:"
@@ -193,6 +194,9 @@ class LoadedEncoder:
     logit_bias: float | None = None  # SigLIP: sigmoid(scale * cosine + bias) is the model's own score
     visual: object = None  # the module that maps normalised pixels to the (unnormalised) embedding
     checkpoint: dict | None = None  # a local checkpoint: file, sha256, key map (export/checkpoints.py)
+    text: object = None  # hf:FOLDER: token ids -> (unnormalised) text embedding; open_clip: model.encode_text
+    tokenizer: dict | None = None  # hf:FOLDER: the card's record of the folder's tokenizer
+    tokenizer_files: dict | None = None  # hf:FOLDER: its files (name -> bytes), saved in the export's tokenizer/
 
     @property
     def has_text(self) -> bool:

@@ -10,12 +10,20 @@ fingerprint over its weights and preprocessing.
 
 The embedding is the model's own: ``get_image_features`` for CLIP and SigLIP (the projected,
 pooled image embedding), ``pooler_output`` for DINOv2 (its final layer-normed class token).
-Text towers are not exported from a folder: the served ``tokenize`` model runs open_clip's
-tokenizers, not a folder's own, so the image tower is exported alone, and the export says so.
+
+A CLIP folder saved with its tokenizer (``tokenizer.save_pretrained(FOLDER)``) also gets its text
+tower: ``get_text_features`` of token ids padded to the model's context length with the
+tokenizer's pad id (CLIP's text transformer is causal and pools the end-of-text position, so
+padding changes nothing), and the tokenizer's files are saved in the export's ``tokenizer/``, named
+with their sha256 on the card (and in the fingerprint), and served by the ``tokenize`` model with
+the ``tokenizers`` library. A folder without a tokenizer, and SigLIP (a sentencepiece tokenizer
+whose text canonicalisation transformers runs in Python, so no ``tokenizer.json`` reproduces it),
+export the image tower only, and the export says why in one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -96,8 +104,67 @@ def _visual(model, model_type: str):
     return Visual(model).eval()
 
 
-def load(name: str, text_wanted: bool) -> LoadedEncoder:
-    """``hf:FOLDER`` as a LoadedEncoder (image tower; see the module docstring for text)."""
+def _text(model):
+    """The module that maps token ids to the model's own (unnormalised) text embedding."""
+    import torch
+
+    class Text(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, tokens):
+            out = self.inner.get_text_features(input_ids=tokens)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    return Text(model).eval()
+
+
+# What a folder's tokenizer is saved with; tokenizer.json is what the tokenize model runs.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def no_text_reason(name: str, folder: Path, model_type: str) -> str | None:
+    """Why the folder's text tower cannot be exported (one line), or None when it can."""
+    if model_type == "dinov2":
+        return f"{name} is an image-only DINOv2 model: it has no text tower"
+    if model_type == "siglip":
+        return (f"{name}: the text tower of a SigLIP folder is not exported: its sentencepiece tokenizer runs text "
+                "canonicalisation in transformers' Python, which the served tokenize model does not reproduce")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        return (f"{name}: the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt), so no text "
+                "tower; save it into the folder too: tokenizer.save_pretrained(FOLDER)")
+    return None
+
+
+def _tokenizer(name: str, folder: Path, config: dict) -> tuple[dict, dict[str, bytes]]:
+    """The folder's tokenizer: the card's record of it and its files (tokenizer.json made by
+    transformers from vocab.json/merges.txt when the folder has no fast tokenizer file)."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise ExportError(f"--model {name}: transformers could not load the folder's tokenizer: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0]}", option="model") from None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"--model {name}: its tokenizer ({type(tokenizer).__name__}) has no tokenizers backend "
+                          "(tokenizer.json) to serve; save a fast tokenizer into the folder", option="model")
+    files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
+    files.setdefault("tokenizer.json", backend.to_str().encode())
+    text_config = config.get("text_config") or {}
+    context_length = int(text_config.get("max_position_embeddings", 77))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    record = {"kind": type(tokenizer).__name__, "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
+              "context_length": context_length, "padding": "max_length", "pad_id": int(pad_id),
+              "pooling": "end-of-text position"}
+    return record, files
+
+
+def load(name: str, towers: tuple[str, ...]) -> LoadedEncoder:
+    """``hf:FOLDER`` as a LoadedEncoder: the image tower, and the text tower with its tokenizer
+    when ``towers`` names it and the folder has one (see ``no_text_reason``)."""
     folder = Path(name[len(PREFIX):]).expanduser()
     if not folder.is_dir():
         raise ExportError(f"--model {name}: no such folder (a save_pretrained folder of a transformers "
@@ -108,6 +175,12 @@ def load(name: str, text_wanted: bool) -> LoadedEncoder:
         raise ExportError(f"--model {name}: model_type {model_type!r} in config.json is not supported; supported: "
                           f"{', '.join(MODEL_TYPES)}", option="model")
     preprocessing = preprocessing_of(folder)
+    text_wanted = "text" in towers
+    reason = no_text_reason(name, folder, model_type) if text_wanted else None
+    if reason and "image" not in towers:
+        raise ExportError(f"{reason}; export --towers image", option="towers")
+    if reason:
+        (LOG.info if model_type == "dinov2" else LOG.warning)("%s; exporting the image tower only", reason)
     try:
         import torch
         import transformers
@@ -122,9 +195,10 @@ def load(name: str, text_wanted: bool) -> LoadedEncoder:
     except Exception as e:
         raise ExportError(f"--model {name}: transformers could not load the folder as {class_name}: "
                           f"{type(e).__name__}: {str(e).strip().splitlines()[0]}", option="model") from None
-    if text_wanted and model_type != "dinov2":
-        LOG.warning("%s: exporting the image tower only: a folder's own tokenizer is not served (the tokenize "
-                    "model runs open_clip's), so no text tower and no zero-shot heads; train heads on images", name)
+    text = tokenizer = files = None
+    if text_wanted and reason is None:
+        tokenizer, files = _tokenizer(name, folder, config)
+        text = _text(model)
     visual = _visual(model, model_type)
     with torch.no_grad():
         embed_dim = int(visual(torch.zeros(1, 3, *preprocessing.size)).shape[-1])
@@ -132,6 +206,8 @@ def load(name: str, text_wanted: bool) -> LoadedEncoder:
     bias = getattr(model, "logit_bias", None)
     return LoadedEncoder(model=model, name=f"{PREFIX}{folder.name}", pretrained=str(folder.resolve()),
                          weights_sha256=weights_sha256(model), preprocessing=preprocessing, embed_dim=embed_dim,
-                         context_length=0, logit_scale=float(scale.exp().item()) if scale is not None else 0.0,
+                         context_length=tokenizer["context_length"] if tokenizer else 0,
+                         logit_scale=float(scale.exp().item()) if scale is not None else 0.0,
                          seed=None, family="hf", pooling=pooling,
-                         logit_bias=float(bias.item()) if bias is not None else None, visual=visual)
+                         logit_bias=float(bias.item()) if bias is not None else None, visual=visual,
+                         text=text, tokenizer=tokenizer, tokenizer_files=files)

@@ -8,6 +8,7 @@ fails, nothing is written."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from headmaster.errors import HeadmasterError, RepositoryError
 from headmaster.export.card import EncoderCard, require_same_encoder
 from headmaster.export.heads import HEAD_FILE
 from headmaster.model_repository import consistency
+from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR
 from headmaster.model_repository.head_version import HeadVersion
 from headmaster.model_repository.layout import ARTIFACT_FILES, MANIFEST, MANIFEST_SCHEMA, copy_backend, encoder_artifact
 from headmaster.model_repository.publish import replace_version, repository_lock, write_file
@@ -32,6 +34,19 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)  # encoders are hundreds of MB: share the bytes when we can
     except OSError:
         shutil.copyfile(source, target)
+
+
+def _tokenizer_files(card: EncoderCard, encoder_dir: Path, folder: Path) -> None:
+    """The served tokenize model plus an hf:FOLDER's own tokenizer files, each checked against the card."""
+    copy_backend("tokenize", folder)
+    (folder / TOKENIZER_DIR).mkdir()
+    for name, digest in card.tokenizer["files"].items():
+        source = encoder_dir / TOKENIZER_DIR / name
+        found = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else "missing"
+        if found != digest:
+            raise RepositoryError(f"{encoder_dir}: tokenizer file {TOKENIZER_DIR}/{name} is {found}, not the "
+                                  f"{digest} its card records; export the encoder again")
+        shutil.copyfile(source, folder / TOKENIZER_DIR / name)
 
 
 def precision_gate(previous: Repository, card: EncoderCard, encoder_dir: Path) -> dict | None:
@@ -82,7 +97,9 @@ def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = Buil
             replace_version(repo, f"{tower}_encoder", 1, build_tower)
         for name, source in (("preprocess", "preprocess"), ("threshold", "threshold")) + \
                 ((("tokenize", "tokenize"),) if "text" in card.towers else ()):
-            replace_version(repo, name, 1, lambda folder, _v, source=source: copy_backend(source, folder))
+            own = source == "tokenize" and card.tokenizer is not None  # an hf:FOLDER's own tokenizer
+            replace_version(repo, name, 1, lambda folder, _v, source=source, own=own: (
+                _tokenizer_files(card, Path(encoder_dir), folder) if own else copy_backend(source, folder)))
         for head_dir in repo.glob(f"*/[0-9]*/{HEAD_FILE}"):
             copy_backend("runtime", head_dir.parent)
         manifest = {"schema": MANIFEST_SCHEMA, "build": asdict(options), "encoder": json.loads(card.to_json())}

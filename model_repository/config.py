@@ -221,12 +221,17 @@ class TokenizeModel:
     context_length: int
     batching: Batching = Batching(64, (), 0)
     name: str = "tokenize"
+    # hf:FOLDER: the card's tokenizer record; the folder's tokenizer files sit in tokenizer/ of the version.
+    folder_tokenizer: dict | None = None
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
+        own = ({} if self.folder_tokenizer is None
+               else _params(tokenizer="folder", pad_id=self.folder_tokenizer["pad_id"]))
         return {**_base(self.name, self.batching, [Tensor("TEXT", "BYTES", (1,))],
                         [Tensor("TOKENS", "INT64", (self.context_length,))], flavour, Instances(1)),
-                "backend": "python", "parameters": _params(model=self.model, context_length=self.context_length)}
+                "backend": "python", "parameters": {**_params(model=self.model, context_length=self.context_length),
+                                                    **own}}
 
 
 @dataclass(frozen=True)

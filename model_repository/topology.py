@@ -74,7 +74,7 @@ def static_models(card, options) -> list:
                               decoder=o.decoder),
               encoder_model(card, options, "image")]
     if "text" in card.towers:
-        models += [TokenizeModel(card.model, card.context_length, o.light_batching),
+        models += [TokenizeModel(card.model, card.context_length, o.light_batching, folder_tokenizer=card.tokenizer),
                    encoder_model(card, options, "text")]
     return models + embed_ensembles(card, options)
 

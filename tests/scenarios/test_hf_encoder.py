@@ -1,7 +1,10 @@
 """Bring your own encoder as a Hugging Face folder (``--model hf:FOLDER``): transformers CLIP,
 SigLIP and DINOv2 models with small configs and random weights, saved with ``save_pretrained``
 together with their image processors, exported, checked against the folder's own processor and
-model on real photos, refused in one line when the folder is not one, and served by a real Triton."""
+model on real photos, refused in one line when the folder is not one, and served by a real Triton.
+The CLIP folder carries its tokenizer (built offline from open_clip's bundled BPE vocabulary), so
+its text tower is exported and served with that tokenizer, and zero-shot heads classify as
+transformers does."""
 
 from __future__ import annotations
 
@@ -15,16 +18,34 @@ import pytest
 
 from headmaster.client import HeadmasterClient
 from headmaster.errors import ExportError
+from headmaster.errors import CardError, RepositoryError
+from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import weights_sha256
 from headmaster.export.reference import reference_images
 from headmaster.model_repository.backends.preprocess import preprocess_bytes
 from headmaster.model_repository.backends.runtime import load_runner
+from headmaster.model_repository.backends.tokenize import folder_tokenizer
+from headmaster.model_repository.build import build_repository
+from headmaster.training.heads.zero_shot import create_zero_shot_head
 from tests.helpers import ARTIFACTS, build_repo, cosine_rows, run_cli, start_server
 
 transformers = pytest.importorskip("transformers", reason="hf:FOLDER needs transformers (pip install 'headmaster[hf]')")
 
 TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+PROMPTS = ["a photo of a cat", "A DOG, running!", "an astronaut   riding a horse", "café au lait",
+           " ".join(["a very long prompt"] * 30)]  # the last one is truncated to the context length
+
+
+def _clip_tokenizer():
+    """A CLIPTokenizer made offline from open_clip's bundled BPE vocabulary and merges."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bpe = SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(token, token): i for token, i in bpe.encoder.items()}
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def _save(folder: Path, kind: str) -> Path:
@@ -37,6 +58,7 @@ def _save(folder: Path, kind: str) -> Path:
         model = transformers.CLIPModel(transformers.CLIPConfig(
             vision_config=vision, text_config=dict(TOWER, max_position_embeddings=77), projection_dim=32))
         processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+        _clip_tokenizer().save_pretrained(folder)
     elif kind == "siglip":
         model = transformers.SiglipModel(transformers.SiglipConfig(
             vision_config=vision, text_config=dict(TOWER, vocab_size=1000, max_position_embeddings=64,
@@ -83,7 +105,9 @@ def _theirs(kind: str, folder: Path, photos: list[bytes]) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2"])
 def test_a_save_pretrained_folder_exports_and_matches_transformers_on_real_photos(kind, folders, exports):
     card, out = exports[kind]
-    assert card.model == f"hf:{kind}" and card.family == "hf" and set(card.towers) == {"image"}
+    assert card.model == f"hf:{kind}" and card.family == "hf"
+    assert set(card.towers) == ({"image", "text"} if kind == "clip" else {"image"})
+    assert (card.tokenizer is not None) == (kind == "clip") and card.context_length == (77 if kind == "clip" else 0)
     assert card.pooling == ("cls" if kind == "dinov2" else None) and card.verification["image"]["min_cosine"] >= 0.9999
     assert card.weights_sha256 == weights_sha256(transformers.AutoModel.from_pretrained(folders[kind]))
     photos = [d for _, d in reference_images()]
@@ -117,21 +141,92 @@ def test_what_is_not_a_supported_folder_is_refused_in_one_line(folders, tmp_path
     with pytest.raises(ExportError, match="model_type 'vit' in config.json is not supported; supported: clip, "
                                           "siglip, dinov2"):
         export_encoder(ExportOptions(model=f"hf:{vit}", pretrained=None, out=tmp_path / "e"))
-    with pytest.raises(ExportError, match="text tower of a Hugging Face folder is not exported"):
-        export_encoder(ExportOptions(model=f"hf:{folders['clip']}", pretrained=None, out=tmp_path / "e",
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(folders["clip"], untokenized)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (untokenized / name).unlink()
+    result = run_cli("export", "encoder", "--model", f"hf:{untokenized}", "--towers", "text", "--out", tmp_path / "e")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ("the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt), so no text tower; save it "
+            "into the folder too: tokenizer.save_pretrained(FOLDER); export --towers image") in result.stderr
+    with pytest.raises(ExportError, match="the text tower of a SigLIP folder is not exported: its sentencepiece "
+                                          "tokenizer .*; export --towers image"):
+        export_encoder(ExportOptions(model=f"hf:{folders['siglip']}", pretrained=None, out=tmp_path / "e",
                                      towers=("text",)))
     with pytest.raises(ExportError, match="hf:.*/absent: no such folder"):
         export_encoder(ExportOptions(model=f"hf:{tmp_path / 'absent'}", pretrained=None, out=tmp_path / "e"))
     assert not (tmp_path / "e").exists()
 
 
-def test_a_served_hf_encoder_embeds_as_transformers_does(folders, exports, tmp_path):
+def test_a_served_hf_encoder_embeds_and_classifies_as_transformers_does(folders, exports, tmp_path):
+    import torch
+    from PIL import Image
+
+    labels = ["a photo of a cat", "a photo of a dog", "a photo of a car", "a photo of a tree"]
     repo = build_repo(exports["clip"][1], tmp_path / "repo", heads={})
+    create_zero_shot_head(repo, "thing", labels, templates=("{}",))
     server = start_server(repo, ARTIFACTS)
     try:
         photos = [d for _, d in reference_images()]
         with HeadmasterClient(server.http_url, "http", batch_size=4) as client:
             served = np.stack([e.embedding for e in client.embed(photos)])
+            served_text = client.embed_text(PROMPTS)
+            answers = client.classify(photos)
     finally:
         server.stop()
     assert cosine_rows(served, _theirs("clip", folders["clip"], photos)).min() >= 0.9999
+    # The tokenize model serves the folder's tokenizer: Triton's text embeddings are transformers' own.
+    assert cosine_rows(served_text, _their_text(folders["clip"], PROMPTS)[1]).min() >= 0.9999
+    # transformers' own zero-shot: logits_per_image over the same prompts.
+    processor = transformers.CLIPProcessor.from_pretrained(folders["clip"])
+    model = transformers.AutoModel.from_pretrained(folders["clip"]).eval()
+    inputs = processor(text=labels, images=[Image.open(io.BytesIO(d)).convert("RGB") for d in photos],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image.numpy()
+    theirs = [labels[i] for i in logits.argmax(axis=1)]
+    ours = [max(a.heads["thing"].scores, key=a.heads["thing"].scores.get) for a in answers]
+    assert ours == theirs and len(set(theirs)) > 1, (ours, theirs, logits)
+
+
+def _their_text(folder: Path, prompts: list[str]) -> tuple[dict, np.ndarray]:
+    """The folder's own tokenizer and model, as a transformers user embeds text."""
+    import torch
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    batch = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = model.get_text_features(**batch).pooler_output
+    return batch, torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+def test_the_text_tower_and_its_tokenizer_match_transformers(folders, exports):
+    card, out = exports["clip"]
+    assert card.tokenizer["pad_id"] == 49407 and card.tokenizer["padding"] == "max_length"
+    saved = sorted(p.name for p in (out / "tokenizer").iterdir())
+    assert saved == sorted(card.tokenizer["files"]) == ["tokenizer.json", "tokenizer_config.json"]
+    assert card.verification["text"]["min_cosine"] >= 0.9999
+    batch, theirs = _their_text(folders["clip"], PROMPTS)
+    tokens = folder_tokenizer(out / "tokenizer", card.context_length, card.tokenizer["pad_id"])(PROMPTS)
+    # Same ids where transformers has tokens; the rest is the pad id, up to the context length.
+    mask = batch["attention_mask"].numpy().astype(bool)
+    assert tokens.shape == (len(PROMPTS), 77) and mask[-1].all() and mask.shape[1] == 77
+    assert (tokens[mask] == batch["input_ids"].numpy()[mask]).all()
+    assert (tokens[~mask] == 49407).all()
+    ours = load_runner(str(out / "text.onnx"), device="cpu")({"TOKENS": tokens}, ["EMBEDDING"])[0]
+    assert cosine_rows(ours, theirs).min() >= 0.9999
+
+
+def test_the_tokenizer_is_part_of_the_card_and_checked_when_built(exports, tmp_path):
+    card, out = exports["clip"]
+    edited = json.loads(card.to_json())
+    edited["tokenizer"]["pad_id"] = 0
+    with pytest.raises(CardError, match="does not match its own fields"):
+        EncoderCard.from_dict(edited)
+    changed = tmp_path / "encoder"
+    shutil.copytree(out, changed)
+    (changed / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(RepositoryError, match="tokenizer file tokenizer/tokenizer_config.json is .*, not the .* its "
+                                              "card records; export the encoder again"):
+        build_repository(changed, tmp_path / "repo")

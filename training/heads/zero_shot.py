@@ -22,7 +22,7 @@ import numpy as np
 from headmaster.errors import DataError, ExportError, UnsupportedHereError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name
 from headmaster.model_repository import lifecycle
-from headmaster.model_repository.layout import encoder_artifact
+from headmaster.model_repository.layout import encoder_artifact, version_dir
 from headmaster.model_repository.repository import Repository
 
 LOG = logging.getLogger(__name__)
@@ -47,11 +47,10 @@ class Label:
 
 def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
     """Text embeddings from the repository's own text tower, run locally on CPU."""
-    import open_clip
-
     from headmaster.model_repository.backends.runtime import load_runner
+    from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
 
-    if repo.card.model.startswith(("timm:", "onnx:", "hf:")):
+    if repo.card.model.startswith(("timm:", "onnx:")) or (repo.card.model.startswith("hf:") and not repo.has_text):
         raise ExportError(f"{repo.card.model} is an image-only backbone ({repo.card.family}): it has no text tower, "
                           "so no zero-shot heads; train a head on labelled images (`headmaster train-head`), or "
                           "build a repository from a CLIP / SigLIP encoder for zero-shot", option="model")
@@ -61,10 +60,16 @@ def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
     if spec.format == "plan":
         raise UnsupportedHereError("the text tower is a TensorRT plan, which this machine cannot run; "
                               "export an onnx copy of the same encoder for zero-shot heads")
-    tokens = open_clip.get_tokenizer(repo.card.model)(texts, context_length=repo.card.context_length)
+    if repo.card.tokenizer is not None:  # hf:FOLDER: the folder's own tokenizer, as the tokenize model serves it
+        tokens = folder_tokenizer(version_dir(repo.path, "tokenize", 1) / TOKENIZER_DIR, repo.card.context_length,
+                                  repo.card.tokenizer["pad_id"])(texts)
+    else:
+        import open_clip
+
+        tokens = open_clip.get_tokenizer(repo.card.model)(texts, context_length=repo.card.context_length).numpy()
     runner = load_runner(str(encoder_artifact(repo.path, "text", spec.format)),
                          device="cpu", optimization=spec.graph_optimization)
-    return runner({spec.input_name: tokens.numpy().astype(np.int64)}, [spec.output_name])[0]
+    return runner({spec.input_name: tokens.astype(np.int64)}, [spec.output_name])[0]
 
 
 def zero_shot_weights(repo: Repository, labels: list[Label], templates: tuple[str, ...]) -> HeadWeights:
