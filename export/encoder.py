@@ -287,7 +287,8 @@ def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions,
         return [name for name, _ in images], np.stack([preprocess_bytes(data, cfg) for _, data in images])
     prompts = reference_prompts()
     if encoder.tokenizer is not None:  # hf:FOLDER: its saved tokenizer, as the tokenize model serves it
-        tokens = folder_tokenizer(folder / TOKENIZER_DIR, encoder.context_length, encoder.tokenizer["pad_id"])
+        tokens = folder_tokenizer(folder / TOKENIZER_DIR, encoder.context_length, encoder.tokenizer["pad_id"],
+                                  encoder.tokenizer)
         return prompts, tokens(prompts)
     import open_clip
 

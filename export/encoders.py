@@ -156,7 +156,7 @@ FAMILIES: tuple[Family, ...] = (
     # on its card is the description's pool (none | avg | cls | mean).
     Family("onnx", "onnx", ("FILE",), "FILE", zero_shot=None, licence="yours (the file's own terms)"),
     # A Hugging Face save_pretrained folder of a CLIP, SigLIP or DINOv2 model (export/hf_folder.py).
-    Family("hf", "transformers", ("FOLDER",), "FOLDER", zero_shot="softmax (a CLIP folder with its tokenizer)",
+    Family("hf", "transformers", ("FOLDER",), "FOLDER", zero_shot="softmax (CLIP) / sigmoid (SigLIP), from a folder with its tokenizer",
            licence="yours (the checkpoint's own terms)"),
 )
 

@@ -16,9 +16,13 @@ tower: ``get_text_features`` of token ids padded to the model's context length w
 tokenizer's pad id (CLIP's text transformer is causal and pools the end-of-text position, so
 padding changes nothing), and the tokenizer's files are saved in the export's ``tokenizer/``, named
 with their sha256 on the card (and in the fingerprint), and served by the ``tokenize`` model with
-the ``tokenizers`` library. A folder without a tokenizer, and SigLIP (a sentencepiece tokenizer
-whose text canonicalisation transformers runs in Python, so no ``tokenizer.json`` reproduces it),
-export the image tower only, and the export says why in one line.
+the ``tokenizers`` library. A SigLIP folder saved with its ``SiglipTokenizer`` gets its text tower
+too: its ``spiece.model`` is saved and hashed the same way and served by a port of that class
+(``tokenize.siglip_tokenizer``: transformers runs SigLIP's text cleaning in Python, so no
+``tokenizer.json`` reproduces it), padded to the context length (64) as SigLIP was trained, and
+embedded from ``input_ids`` alone (no attention mask, as big_vision and open_clip run it: the model
+pools the last position). A folder without a tokenizer exports the image tower only, and the
+export says why in one line.
 """
 
 from __future__ import annotations
@@ -129,8 +133,10 @@ def no_text_reason(name: str, folder: Path, model_type: str) -> str | None:
     if model_type == "dinov2":
         return f"{name} is an image-only DINOv2 model: it has no text tower"
     if model_type == "siglip":
-        return (f"{name}: the text tower of a SigLIP folder is not exported: its sentencepiece tokenizer runs text "
-                "canonicalisation in transformers' Python, which the served tokenize model does not reproduce")
+        if not (folder / "spiece.model").is_file():
+            return (f"{name}: the SigLIP folder has no tokenizer (spiece.model), so no text tower; save it into the "
+                    "folder too: SiglipTokenizer.save_pretrained(FOLDER)")
+        return None
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
         return (f"{name}: the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt), so no text "
                 "tower; save it into the folder too: tokenizer.save_pretrained(FOLDER)")
@@ -147,18 +153,37 @@ def _tokenizer(name: str, folder: Path, config: dict) -> tuple[dict, dict[str, b
     except Exception as e:
         raise ExportError(f"--model {name}: transformers could not load the folder's tokenizer: "
                           f"{type(e).__name__}: {str(e).strip().splitlines()[0]}", option="model") from None
+    text_config = config.get("text_config") or {}
+    if type(tokenizer).__name__ == "SiglipTokenizer":
+        return _siglip_tokenizer(tokenizer, folder, text_config)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ExportError(f"--model {name}: its tokenizer ({type(tokenizer).__name__}) has no tokenizers backend "
                           "(tokenizer.json) to serve; save a fast tokenizer into the folder", option="model")
     files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
     files.setdefault("tokenizer.json", backend.to_str().encode())
-    text_config = config.get("text_config") or {}
     context_length = int(text_config.get("max_position_embeddings", 77))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     record = {"kind": type(tokenizer).__name__, "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
               "context_length": context_length, "padding": "max_length", "pad_id": int(pad_id),
               "pooling": "end-of-text position"}
+    return record, files
+
+
+def _siglip_tokenizer(tokenizer, folder: Path, text_config: dict) -> tuple[dict, dict[str, bytes]]:
+    """A SigLIP folder's SiglipTokenizer: its spiece.model, and what tokenize.siglip_tokenizer needs
+    to reproduce the class (lower-casing, unk token, end-of-sequence and pad ids, special tokens)."""
+    from headmaster.model_repository.backends.tokenize import SIGLIP
+
+    files = {f: (folder / f).read_bytes() for f in ("spiece.model", "tokenizer_config.json")
+             if (folder / f).is_file()}
+    special = {t: int(i) for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
+    record = {"kind": type(tokenizer).__name__, "format": SIGLIP,
+              "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
+              "context_length": int(text_config.get("max_position_embeddings", 64)), "padding": "max_length",
+              "pad_id": int(tokenizer.pad_token_id), "eos_id": int(tokenizer.eos_token_id),
+              "unk_token": str(tokenizer.unk_token), "lowercase": bool(getattr(tokenizer, "do_lower_case", True)),
+              "special_tokens": special, "pooling": "last position, no attention mask"}
     return record, files
 
 

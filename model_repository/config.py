@@ -227,7 +227,10 @@ class TokenizeModel:
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
         own = ({} if self.folder_tokenizer is None
-               else _params(tokenizer="folder", pad_id=self.folder_tokenizer["pad_id"]))
+               else _params(tokenizer="folder", pad_id=self.folder_tokenizer["pad_id"],
+                            # a SigLIP spiece.model: the rest of its record (tokenize.siglip_tokenizer reads it)
+                            **({"spec": json.dumps(self.folder_tokenizer, sort_keys=True)}
+                               if "format" in self.folder_tokenizer else {})))
         return {**_base(self.name, self.batching, [Tensor("TEXT", "BYTES", (1,))],
                         [Tensor("TOKENS", "INT64", (self.context_length,))], flavour, Instances(1)),
                 "backend": "python", "parameters": {**_params(model=self.model, context_length=self.context_length),

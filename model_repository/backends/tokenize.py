@@ -8,7 +8,9 @@ An ``hf:FOLDER`` encoder serves the folder's own tokenizer instead: its ``tokeni
 copied into ``tokenizer/`` beside this file when the repository is built, run by the
 ``tokenizers`` library (what transformers' fast tokenizers run), truncated and padded to the
 context length with the folder's pad id, as ``tokenizer(..., padding="max_length",
-truncation=True)`` does. This file imports nothing else of Headmaster: Triton loads it alone.
+truncation=True)`` does; a SigLIP folder's ``spiece.model`` is run by ``siglip_tokenizer`` (a port of
+transformers' SiglipTokenizer, with sentencepiece). This file imports nothing else of Headmaster:
+Triton loads it alone.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import numpy as np
 TOKENIZER_DIR = "tokenizer"  # beside model.py in the version folder, and in an hf:FOLDER export
 
 
-def folder_tokenizer(folder, context_length: int, pad_id: int):
-    """texts -> INT64 [N, context_length] with a saved Hugging Face tokenizer (``folder/tokenizer.json``)."""
+def folder_tokenizer(folder, context_length: int, pad_id: int, spec: dict | None = None):
+    """texts -> INT64 [N, context_length] with a saved Hugging Face tokenizer (``folder/tokenizer.json``),
+    or a SigLIP folder's ``spiece.model`` when ``spec`` (the card's tokenizer record) says so."""
+    if spec is not None and spec.get("format") == SIGLIP:
+        return siglip_tokenizer(folder, context_length, pad_id, spec)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
@@ -38,6 +43,67 @@ def folder_tokenizer(folder, context_length: int, pad_id: int):
     return tokens
 
 
+SIGLIP = "sentencepiece-siglip"  # the card's tokenizer "format" of a SigLIP folder's spiece.model
+_UNDERLINE = "\u2581"  # sentencepiece's word boundary
+
+
+def siglip_tokenizer(folder, context_length: int, pad_id: int, spec: dict):
+    """texts -> INT64 [N, context_length] as transformers' ``SiglipTokenizer(texts, padding="max_length",
+    truncation=True, max_length=context_length)`` gives them, with the folder's ``spiece.model``.
+
+    A port of that class (transformers 5), because its text cleaning runs in Python and no
+    ``tokenizer.json`` reproduces it: special tokens are split out first (whitespace beside them
+    dropped); each other piece is lower-cased (``spec["lowercase"]``), stripped of ASCII punctuation
+    and of repeated whitespace, and encoded behind the unk token, whose own pieces are then dropped
+    (transformers' trick against sentencepiece's dummy prefix); ids are cut to leave room for the
+    end-of-sequence id, which is appended unless already last, then padded with ``pad_id``.
+    """
+    import re
+    import string
+
+    import sentencepiece as spm
+
+    model = spm.SentencePieceProcessor()
+    model.Load(str(Path(folder) / "spiece.model"))
+    unk, eos_id, lowercase = spec["unk_token"], int(spec["eos_id"]), bool(spec["lowercase"])
+    special = {t: int(i) for t, i in spec["special_tokens"].items()}  # token -> id, split out before cleaning
+    splitter = re.compile("(" + "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) + ")")
+    unk_length = len(model.encode(unk))
+    punctuation = str.maketrans("", "", string.punctuation)
+
+    def pieces(text: str) -> list[str]:
+        if lowercase:
+            text = text.lower()
+        text = re.sub(r"\s+", " ", text.translate(punctuation)).strip()
+        out = model.encode(unk + text, out_type=str)
+        return out[unk_length:] if len(out) >= unk_length else out
+
+    def ids(text: str) -> list[int]:
+        text = _UNDERLINE + text.replace(_UNDERLINE, " ")  # as SiglipTokenizer.tokenize does
+        parts = splitter.split(text) if special else [text]
+        for i, part in enumerate(parts):  # special tokens strip the whitespace beside them (lstrip, rstrip)
+            if part in special:
+                if i > 0:
+                    parts[i - 1] = parts[i - 1].rstrip()
+                if i + 1 < len(parts):
+                    parts[i + 1] = parts[i + 1].lstrip()
+        tokens = []
+        for part in parts:
+            if part:
+                tokens.extend([part] if part in special else pieces(part))
+        if len(tokens) > 1 and tokens[0] == _UNDERLINE and tokens[1] in special:
+            tokens = tokens[1:]
+        out = [special[t] if t in special else model.piece_to_id(t) for t in tokens][:context_length - 1]
+        if not out or out[-1] != eos_id:
+            out.append(eos_id)
+        return out + [pad_id] * (context_length - len(out))
+
+    def tokens(texts: list[str]) -> np.ndarray:
+        return np.asarray([ids(t) for t in texts], dtype=np.int64).reshape(len(texts), context_length)
+
+    return tokens
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
@@ -49,7 +115,7 @@ class TritonPythonModel:
         if params.get("tokenizer") == "folder":
             version = Path(args["model_repository"]) / args["model_version"]  # this model's version folder
             self._encode = folder_tokenizer(version / TOKENIZER_DIR, self.context_length,
-                                            int(params["pad_id"]))
+                                            int(params["pad_id"]), json.loads(params.get("spec", "null")))
         else:
             import open_clip
 

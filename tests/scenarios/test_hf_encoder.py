@@ -2,9 +2,10 @@
 SigLIP and DINOv2 models with small configs and random weights, saved with ``save_pretrained``
 together with their image processors, exported, checked against the folder's own processor and
 model on real photos, refused in one line when the folder is not one, and served by a real Triton.
-The CLIP folder carries its tokenizer (built offline from open_clip's bundled BPE vocabulary), so
-its text tower is exported and served with that tokenizer, and zero-shot heads classify as
-transformers does."""
+The CLIP folder carries its tokenizer (built offline from open_clip's bundled BPE vocabulary) and
+the SigLIP folder a SiglipTokenizer (a sentencepiece model trained here on generated text), so their
+text towers are exported and served with those tokenizers, and zero-shot heads classify as
+transformers does (softmax for CLIP, sigmoid with the model's logit_bias for SigLIP)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def _clip_tokenizer():
     return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
 
 
+def _siglip_tokenizer(folder: Path):
+    """A SiglipTokenizer over a small sentencepiece model trained offline on generated lines."""
+    import random
+
+    import sentencepiece
+
+    rng = random.Random(3)
+    words = ("a photo of the cat dog car tree astronaut riding horse café au lait running small big red blue "
+             "green picture painting sketch drawing bright dark naïve ünïcode").split()
+    corpus = folder.parent / "siglip-corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(400)))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder.parent / "siglip-sp"),
+                                             vocab_size=150, hard_vocab_limit=False, model_type="unigram",
+                                             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return transformers.SiglipTokenizer(vocab_file=str(folder.parent / "siglip-sp.model"))
+
+
 def _save(folder: Path, kind: str) -> Path:
     """A random-init transformers model of `kind` and its image processor, as save_pretrained writes them."""
     import torch
@@ -64,6 +82,7 @@ def _save(folder: Path, kind: str) -> Path:
             vision_config=vision, text_config=dict(TOWER, vocab_size=1000, max_position_embeddings=64,
                                                    bos_token_id=1, eos_token_id=2, pad_token_id=1)))
         processor = transformers.SiglipImageProcessor(size={"height": 64, "width": 64})
+        _siglip_tokenizer(folder).save_pretrained(folder)
     else:
         model = transformers.Dinov2Model(transformers.Dinov2Config(**TOWER, image_size=56, patch_size=14))
         processor = transformers.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
@@ -106,8 +125,9 @@ def _theirs(kind: str, folder: Path, photos: list[bytes]) -> np.ndarray:
 def test_a_save_pretrained_folder_exports_and_matches_transformers_on_real_photos(kind, folders, exports):
     card, out = exports[kind]
     assert card.model == f"hf:{kind}" and card.family == "hf"
-    assert set(card.towers) == ({"image", "text"} if kind == "clip" else {"image"})
-    assert (card.tokenizer is not None) == (kind == "clip") and card.context_length == (77 if kind == "clip" else 0)
+    assert set(card.towers) == ({"image"} if kind == "dinov2" else {"image", "text"})
+    assert (card.tokenizer is not None) == (kind != "dinov2")
+    assert card.context_length == {"clip": 77, "siglip": 64, "dinov2": 0}[kind]
     assert card.pooling == ("cls" if kind == "dinov2" else None) and card.verification["image"]["min_cosine"] >= 0.9999
     assert card.weights_sha256 == weights_sha256(transformers.AutoModel.from_pretrained(folders[kind]))
     photos = [d for _, d in reference_images()]
@@ -149,9 +169,13 @@ def test_what_is_not_a_supported_folder_is_refused_in_one_line(folders, tmp_path
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert ("the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt), so no text tower; save it "
             "into the folder too: tokenizer.save_pretrained(FOLDER); export --towers image") in result.stderr
-    with pytest.raises(ExportError, match="the text tower of a SigLIP folder is not exported: its sentencepiece "
-                                          "tokenizer .*; export --towers image"):
-        export_encoder(ExportOptions(model=f"hf:{folders['siglip']}", pretrained=None, out=tmp_path / "e",
+    spieceless = tmp_path / "spieceless"
+    shutil.copytree(folders["siglip"], spieceless)
+    (spieceless / "spiece.model").unlink()
+    with pytest.raises(ExportError, match=r"the SigLIP folder has no tokenizer \(spiece.model\), so no text tower; "
+                                          r"save it into the folder too: SiglipTokenizer.save_pretrained\(FOLDER\); "
+                                          "export --towers image"):
+        export_encoder(ExportOptions(model=f"hf:{spieceless}", pretrained=None, out=tmp_path / "e",
                                      towers=("text",)))
     with pytest.raises(ExportError, match="hf:.*/absent: no such folder"):
         export_encoder(ExportOptions(model=f"hf:{tmp_path / 'absent'}", pretrained=None, out=tmp_path / "e"))
@@ -230,3 +254,71 @@ def test_the_tokenizer_is_part_of_the_card_and_checked_when_built(exports, tmp_p
     with pytest.raises(RepositoryError, match="tokenizer file tokenizer/tokenizer_config.json is .*, not the .* its "
                                               "card records; export the encoder again"):
         build_repository(changed, tmp_path / "repo")
+
+
+SIGLIP_PROMPTS = ["a photo of a cat", "A DOG, running!", "an astronaut   riding a horse", "Café au lait...",
+                  "Hello</s>world", "x \u2581 y", "", "Ünïcode ÇAFÉ \u2014 \u201cquoted\u201d", "a\tb\nc",
+                  " ".join(["a very long prompt"] * 30)]
+
+
+def _siglip_text(folder: Path, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """SiglipTokenizer's ids (padded to max_length 64, as SigLIP is run) and get_text_features of them
+    (input_ids alone: SigLIP pools the last position and was trained without an attention mask)."""
+    import torch
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=ids).pooler_output
+    return ids.numpy(), torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+def test_the_siglip_text_tower_and_its_sentencepiece_tokenizer_match_transformers(folders, exports):
+    card, out = exports["siglip"]
+    assert type(transformers.AutoTokenizer.from_pretrained(folders["siglip"])).__name__ == "SiglipTokenizer"
+    assert card.tokenizer["format"] == "sentencepiece-siglip" and card.tokenizer["pad_id"] == 1
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == sorted(card.tokenizer["files"]) == [
+        "spiece.model", "tokenizer_config.json"]
+    assert card.logit_bias is not None and card.verification["text"]["min_cosine"] >= 0.9999
+    ids, theirs = _siglip_text(folders["siglip"], SIGLIP_PROMPTS)
+    tokens = folder_tokenizer(out / "tokenizer", card.context_length, card.tokenizer["pad_id"],
+                              card.tokenizer)(SIGLIP_PROMPTS)
+    # Every id, padding included: the casing, punctuation, whitespace, special-token and truncation cases.
+    assert tokens.shape == ids.shape == (len(SIGLIP_PROMPTS), 64) and (tokens == ids).all()
+    assert len(set(map(tuple, tokens[:4].tolist()))) == 4 and (tokens[-1] != 1).sum() == 63
+    ours = load_runner(str(out / "text.onnx"), device="cpu")({"TOKENS": tokens}, ["EMBEDDING"])[0]
+    assert cosine_rows(ours, theirs).min() >= 0.9999
+
+
+def test_a_served_siglip_folder_classifies_zero_shot_as_transformers_does(folders, exports, tmp_path):
+    import torch
+    from PIL import Image
+
+    labels = ["a photo of a cat", "a photo of a dog", "a photo of a car", "a photo of a tree"]
+    repo = build_repo(exports["siglip"][1], tmp_path / "repo", heads={})
+    create_zero_shot_head(repo, "thing", labels, templates=("{}",))
+    server = start_server(repo, ARTIFACTS)
+    try:
+        photos = [d for _, d in reference_images()]
+        with HeadmasterClient(server.http_url, "http", batch_size=4) as client:
+            served_text = client.embed_text(SIGLIP_PROMPTS)
+            answers = client.classify(photos)
+    finally:
+        server.stop()
+    # Triton's tokenize model runs the SigLIP port: its text embeddings are transformers' own.
+    assert cosine_rows(served_text, _siglip_text(folders["siglip"], SIGLIP_PROMPTS)[1]).min() >= 0.9999
+    # transformers' own zero-shot: sigmoid(logits_per_image) (scale and bias of the folder's model).
+    processor = transformers.AutoImageProcessor.from_pretrained(folders["siglip"])
+    model = transformers.AutoModel.from_pretrained(folders["siglip"]).eval()
+    pixels = processor(images=[Image.open(io.BytesIO(d)).convert("RGB") for d in photos],
+                       return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        probs = torch.sigmoid(model(input_ids=torch.from_numpy(_siglip_text(folders["siglip"], labels)[0]),
+                                    pixel_values=pixels).logits_per_image).numpy()
+    theirs = [labels[i] for i in probs.argmax(axis=1)]
+    scores = [a.heads["thing"].scores for a in answers]
+    ours = [max(s, key=s.get) for s in scores]
+    assert ours == theirs and len(set(theirs)) > 1, (ours, theirs, probs)
+    # The head scores each label as the model does: sigmoid(scale * cosine + bias), not a softmax.
+    assert np.allclose([[s[label] for label in labels] for s in scores], probs, atol=1e-4)

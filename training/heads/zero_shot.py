@@ -62,7 +62,7 @@ def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
                               "export an onnx copy of the same encoder for zero-shot heads")
     if repo.card.tokenizer is not None:  # hf:FOLDER: the folder's own tokenizer, as the tokenize model serves it
         tokens = folder_tokenizer(version_dir(repo.path, "tokenize", 1) / TOKENIZER_DIR, repo.card.context_length,
-                                  repo.card.tokenizer["pad_id"])(texts)
+                                  repo.card.tokenizer["pad_id"], repo.card.tokenizer)(texts)
     else:
         import open_clip
 
