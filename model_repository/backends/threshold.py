@@ -323,6 +323,7 @@ class TritonPythonModel:
                 "by arm and by whether the live and candidate versions accepted the same labels",
                 kind=pb_utils.MetricFamily.COUNTER)
         self._info_cache: dict[bytes, dict] = {}
+        self.live_metrics = LiveMetrics(pb_utils)
         try:  # one search thread: the encoder owns the cores; OpenMP spinning beside it cost 4-7x here
             import faiss
 
@@ -420,6 +421,7 @@ class TritonPythonModel:
                 results = chosen
             for item, result in zip(items, results):
                 item["heads"][head] = result
+            self.live_metrics.record(head, meta, results)
             outputs.append(pb.Tensor(f"SCORES_OUT_{head}", values))
         out = np.array([[json.dumps(item, separators=(",", ":"))] for item in items], dtype=object)
         return pb.InferenceResponse([pb.Tensor("RESULT", out), *outputs])
@@ -432,3 +434,80 @@ class TritonPythonModel:
             except Exception as e:  # one malformed request must not fail the others
                 responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(e).__name__}: {e}")))
         return responses
+
+
+# -- live metrics ------------------------------------------------------------------------------
+# What each head answers, on Triton's metrics port beside Triton's own per-model counts and
+# latencies, labelled by head and by the version that answered: enough for a board and alert
+# rules to see a label take over, a rise of abstentions or OOD flags, a shift of confidence.
+# Each metric call is one message to the Triton process (about 20-25 us measured here), so
+# counts are summed per request and the score distribution is a set of cumulative bucket
+# counters (Prometheus's histogram layout, usable by histogram_quantile), not a HISTOGRAM
+# family that would cost one call per item.
+ITEMS_METRIC = "headmaster_items_total"
+ANSWERS_METRIC = "headmaster_answers_total"
+ABSTENTIONS_METRIC = "headmaster_abstentions_total"
+OOD_METRIC = "headmaster_ood_total"
+TOP_SCORE_METRIC = "headmaster_top_score_bucket"
+TOP_SCORE_BUCKETS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # upper bounds; +Inf follows
+LIVE_METRICS = {  # name -> (labels beyond head and version, description)
+    ITEMS_METRIC: ((), "items answered by a head version"),
+    ANSWERS_METRIC: (("label",), "accepted labels per head version and label"),
+    ABSTENTIONS_METRIC: ((), "items for which a head version accepted no label (below every "
+                             "threshold, or abstained as out of distribution)"),
+    OOD_METRIC: ((), "items a head version flagged as out of distribution"),
+    TOP_SCORE_METRIC: (("le",), "items per head version whose highest label score is at most le "
+                                "(cumulative, as a Prometheus histogram's buckets)"),
+}
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else f"{value:g}"
+
+
+def metric_counts(head: str, task: str, results: list[dict]) -> dict[tuple[str, tuple], int]:
+    """The increments one request makes to the live metrics of one head: ``(metric name, label
+    pairs) -> count``, summed over the request's items; nothing with a zero count."""
+    counts: dict[tuple[str, tuple], int] = {}
+
+    def add(name: str, version, n: int = 1, **extra: str) -> None:
+        key = (name, (("head", head), ("version", str(version)), *extra.items()))
+        counts[key] = counts.get(key, 0) + n
+
+    bounds = (*TOP_SCORE_BUCKETS, float("inf"))
+    for result in results:
+        version = result["version"]
+        add(ITEMS_METRIC, version)
+        if result.get("ood"):
+            add(OOD_METRIC, version)
+        if task == "regression":  # a value: no label, no confidence to count
+            continue
+        for label in result["labels"]:
+            add(ANSWERS_METRIC, version, label=label)
+        if not result["labels"]:
+            add(ABSTENTIONS_METRIC, version)
+        top = max(result["scores"].values(), default=0.0)
+        for bound in bounds:
+            if top <= bound:
+                add(TOP_SCORE_METRIC, version, le=_bound(bound))
+    return counts
+
+
+class LiveMetrics:
+    """The live metrics of the heads, as Triton custom metric families (COUNTER)."""
+
+    def __init__(self, pb_utils):
+        self._families = {name: pb_utils.MetricFamily(name=name, description=description,
+                                                      kind=pb_utils.MetricFamily.COUNTER)
+                          for name, (_, description) in LIVE_METRICS.items()}
+        self._metrics: dict[tuple[str, tuple], object] = {}
+
+    def record(self, head: str, info: dict, results: list[dict]) -> None:
+        """Count one request's answers of one head (``results`` as answered, A/B arms included)."""
+        for (name, labels), n in metric_counts(head, task_of(info), results).items():
+            metric = self._metrics.get((name, labels))
+            if metric is None:
+                if len(self._metrics) > 100_000:  # versions come and go: never grow without end
+                    self._metrics.clear()  # (the series restart at 0, which rate() reads as a restart)
+                metric = self._metrics[name, labels] = self._families[name].Metric(labels=dict(labels))
+            metric.increment(n)

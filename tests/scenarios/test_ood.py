@@ -93,6 +93,25 @@ def test_served_results_say_ood_as_the_cpu_path_does_and_abstain(ood_setup):
     assert all(set(r.heads["animal"].as_dict()) == {"version", "labels", "scores"} for r in served)
 
 
+def test_ood_flags_and_abstentions_are_counted_on_the_metrics_port(ood_setup):
+    """headmaster_ood_total and headmaster_abstentions_total rise by the flags and empty answers."""
+    from tests.live_metrics import increase, scrape
+
+    server = ood_setup["server"]
+    photos = sorted(ood_setup["photos"].iterdir())
+    digits = sorted(ood_setup["holdout"].rglob("*.png"))[:8]
+    before = scrape(server.metrics_url)
+    with HeadmasterClient(server.grpc_url, batch_size=4) as client:
+        got = [r.heads["digit"] for r in client.classify([str(p) for p in digits + photos])]
+    rise = increase(before, scrape(server.metrics_url))
+    labels = (("head", "digit"), ("version", str(got[0].version)))
+    assert sum(g.ood for g in got) >= 1
+    assert rise.get(("headmaster_ood_total", labels), 0) == sum(g.ood for g in got)
+    assert rise.get(("headmaster_abstentions_total", labels), 0) == sum(not g.labels for g in got)
+    assert rise[("headmaster_items_total", labels)] == len(got)
+    assert ("headmaster_ood_total", (("head", "animal"), ("version", "1"))) not in rise  # no reference set
+
+
 def test_hostile_input_beside_ood_heads_fails_alone(ood_setup):
     """A broken image in the batch is refused alone; the others still get their ood answer."""
     buffer = io.BytesIO()
