@@ -11,7 +11,7 @@ HELM := .tools/helm
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[test,perf,postgres,s3,ray,queue]'
+	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[test,perf,postgres,s3,ray,queue,monitor]'
 	touch $@
 
 setup: $(VENV)/.installed system-deps $(HELM)
