@@ -469,27 +469,28 @@ def metric_counts(head: str, task: str, results: list[dict]) -> dict[tuple[str, 
     """The increments one request makes to the live metrics of one head: ``(metric name, label
     pairs) -> count``, summed over the request's items; nothing with a zero count."""
     counts: dict[tuple[str, tuple], int] = {}
-
-    def add(name: str, version, n: int = 1, **extra: str) -> None:
-        key = (name, (("head", head), ("version", str(version)), *extra.items()))
-        counts[key] = counts.get(key, 0) + n
-
-    bounds = (*TOP_SCORE_BUCKETS, float("inf"))
-    for result in results:
-        version = result["version"]
-        add(ITEMS_METRIC, version)
-        if result.get("ood"):
-            add(OOD_METRIC, version)
+    by_version: dict[object, list[dict]] = {}
+    for result in results:  # one version, or two during an A/B test
+        by_version.setdefault(result["version"], []).append(result)
+    bounds = np.array([*TOP_SCORE_BUCKETS, np.inf])
+    for version, rows in by_version.items():
+        base = (("head", head), ("version", str(version)))
+        counts[ITEMS_METRIC, base] = len(rows)
+        flagged = sum(1 for r in rows if r.get("ood"))
+        if flagged:
+            counts[OOD_METRIC, base] = flagged
         if task == "regression":  # a value: no label, no confidence to count
             continue
-        for label in result["labels"]:
-            add(ANSWERS_METRIC, version, label=label)
-        if not result["labels"]:
-            add(ABSTENTIONS_METRIC, version)
-        top = max(result["scores"].values(), default=0.0)
-        for bound in bounds:
-            if top <= bound:
-                add(TOP_SCORE_METRIC, version, le=_bound(bound))
+        for label in (label for r in rows for label in r["labels"]):
+            key = (ANSWERS_METRIC, (*base, ("label", label)))
+            counts[key] = counts.get(key, 0) + 1
+        abstained = sum(1 for r in rows if not r["labels"])
+        if abstained:
+            counts[ABSTENTIONS_METRIC, base] = abstained
+        top = np.sort([max(r["scores"].values(), default=0.0) for r in rows])
+        for bound, n in zip(bounds, np.searchsorted(top, bounds, side="right")):  # items <= bound
+            if n:
+                counts[TOP_SCORE_METRIC, (*base, ("le", _bound(float(bound))))] = int(n)
     return counts
 
 
