@@ -498,13 +498,24 @@ class LiveMetrics:
     """The live metrics of the heads, as Triton custom metric families (COUNTER)."""
 
     def __init__(self, pb_utils):
+        self._logger = getattr(pb_utils, "Logger", None)
+        self._failed = False
         self._families = {name: pb_utils.MetricFamily(name=name, description=description,
                                                       kind=pb_utils.MetricFamily.COUNTER)
                           for name, (_, description) in LIVE_METRICS.items()}
         self._metrics: dict[tuple[str, tuple], object] = {}
 
     def record(self, head: str, info: dict, results: list[dict]) -> None:
-        """Count one request's answers of one head (``results`` as answered, A/B arms included)."""
+        """Count one request's answers of one head (``results`` as answered, A/B arms included);
+        a failure to count is logged once and never fails the answers."""
+        try:
+            self._record(head, info, results)
+        except Exception as e:  # noqa: BLE001 - metrics must not cost an answer
+            if not self._failed and self._logger is not None:
+                self._logger.log_warn(f"headmaster live metrics: {type(e).__name__}: {e}")
+            self._failed = True
+
+    def _record(self, head: str, info: dict, results: list[dict]) -> None:
         for (name, labels), n in metric_counts(head, task_of(info), results).items():
             metric = self._metrics.get((name, labels))
             if metric is None:
