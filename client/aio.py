@@ -30,6 +30,7 @@ from headmaster.client.errors import (
 )
 from headmaster.client.results import Classification, Embedding, Failure
 from headmaster.client.shared_memory import RegionPool, serialize_bytes
+from headmaster.client.tracing import trace_headers
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -129,10 +130,13 @@ class _Transport:
     async def infer(self, model: str, inputs, outputs: list[str]) -> dict[str, np.ndarray]:
         requested = [self.output(n) for n in outputs]
         try:
+            headers = trace_headers() or None  # the caller's span, for a server that traces
             if self.protocol == "grpc":
-                result = await self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+                result = await self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s,
+                                                 headers=headers)
             else:
-                result = await asyncio.wait_for(self.client.infer(model, inputs, outputs=requested), self.timeout_s)
+                result = await asyncio.wait_for(self.client.infer(model, inputs, outputs=requested, headers=headers),
+                                                self.timeout_s)
         except Exception as e:
             raise _translate(e, model) from e
         return {n: result.as_numpy(n) for n in outputs}

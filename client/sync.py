@@ -6,6 +6,7 @@ One implementation of batching, concurrency and failure isolation serves both AP
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable, Sequence
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from headmaster.client.aio import AsyncHeadmasterClient, ImageInput
 from headmaster.client.results import Classification, Embedding, Failure
+from headmaster.client.tracing import in_context
 
 
 class HeadmasterClient:
@@ -35,7 +37,8 @@ class HeadmasterClient:
         self._client = self._run(create())
 
     def _run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        # The caller's context (its current trace span) goes along to the loop thread.
+        return asyncio.run_coroutine_threadsafe(in_context(coroutine, contextvars.copy_context()), self._loop).result()
 
     @property
     def url(self) -> str:

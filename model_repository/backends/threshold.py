@@ -369,6 +369,7 @@ class TritonPythonModel:
                 "by arm and by whether the live and candidate versions accepted the same labels",
                 kind=pb_utils.MetricFamily.COUNTER)
         self._info_cache: dict[bytes, dict] = {}
+        self.live_metrics = LiveMetrics(pb_utils)
         try:  # one search thread: the encoder owns the cores; OpenMP spinning beside it cost 4-7x here
             import faiss
 
@@ -466,6 +467,7 @@ class TritonPythonModel:
                 results = chosen
             for item, result in zip(items, results):
                 item["heads"][head] = result
+            self.live_metrics.record(head, meta, results)
             outputs.append(pb.Tensor(f"SCORES_OUT_{head}", values))
         out = np.array([[json.dumps(item, separators=(",", ":"))] for item in items], dtype=object)
         return pb.InferenceResponse([pb.Tensor("RESULT", out), *outputs])
@@ -478,3 +480,92 @@ class TritonPythonModel:
             except Exception as e:  # one malformed request must not fail the others
                 responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(e).__name__}: {e}")))
         return responses
+
+
+# -- live metrics ------------------------------------------------------------------------------
+# What each head answers, on Triton's metrics port beside Triton's own per-model counts and
+# latencies, labelled by head and by the version that answered: enough for a board and alert
+# rules to see a label take over, a rise of abstentions or OOD flags, a shift of confidence.
+# Each metric call is one message to the Triton process (about 20-25 us measured here), so
+# counts are summed per request and the score distribution is a set of cumulative bucket
+# counters (Prometheus's histogram layout, usable by histogram_quantile), not a HISTOGRAM
+# family that would cost one call per item.
+ITEMS_METRIC = "headmaster_items_total"
+ANSWERS_METRIC = "headmaster_answers_total"
+ABSTENTIONS_METRIC = "headmaster_abstentions_total"
+OOD_METRIC = "headmaster_ood_total"
+TOP_SCORE_METRIC = "headmaster_top_score_bucket"
+TOP_SCORE_BUCKETS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # upper bounds; +Inf follows
+LIVE_METRICS = {  # name -> (labels beyond head and version, description)
+    ITEMS_METRIC: ((), "items answered by a head version"),
+    ANSWERS_METRIC: (("label",), "accepted labels per head version and label"),
+    ABSTENTIONS_METRIC: ((), "items for which a head version accepted no label (below every "
+                             "threshold, or abstained as out of distribution)"),
+    OOD_METRIC: ((), "items a head version flagged as out of distribution"),
+    TOP_SCORE_METRIC: (("le",), "items per head version whose highest label score is at most le "
+                                "(cumulative, as a Prometheus histogram's buckets)"),
+}
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else f"{value:g}"
+
+
+def metric_counts(head: str, task: str, results: list[dict]) -> dict[tuple[str, tuple], int]:
+    """The increments one request makes to the live metrics of one head: ``(metric name, label
+    pairs) -> count``, summed over the request's items; nothing with a zero count."""
+    counts: dict[tuple[str, tuple], int] = {}
+    by_version: dict[object, list[dict]] = {}
+    for result in results:  # one version, or two during an A/B test
+        by_version.setdefault(result["version"], []).append(result)
+    bounds = np.array([*TOP_SCORE_BUCKETS, np.inf])
+    for version, rows in by_version.items():
+        base = (("head", head), ("version", str(version)))
+        counts[ITEMS_METRIC, base] = len(rows)
+        flagged = sum(1 for r in rows if r.get("ood"))
+        if flagged:
+            counts[OOD_METRIC, base] = flagged
+        if task == "regression":  # a value: no label, no confidence to count
+            continue
+        for label in (label for r in rows for label in r["labels"]):
+            key = (ANSWERS_METRIC, (*base, ("label", label)))
+            counts[key] = counts.get(key, 0) + 1
+        abstained = sum(1 for r in rows if not r["labels"])
+        if abstained:
+            counts[ABSTENTIONS_METRIC, base] = abstained
+        top = np.sort([max(r["scores"].values(), default=0.0) for r in rows])
+        for bound, n in zip(bounds, np.searchsorted(top, bounds, side="right")):  # items <= bound
+            if n:
+                counts[TOP_SCORE_METRIC, (*base, ("le", _bound(float(bound))))] = int(n)
+    return counts
+
+
+class LiveMetrics:
+    """The live metrics of the heads, as Triton custom metric families (COUNTER)."""
+
+    def __init__(self, pb_utils):
+        self._logger = getattr(pb_utils, "Logger", None)
+        self._failed = False
+        self._families = {name: pb_utils.MetricFamily(name=name, description=description,
+                                                      kind=pb_utils.MetricFamily.COUNTER)
+                          for name, (_, description) in LIVE_METRICS.items()}
+        self._metrics: dict[tuple[str, tuple], object] = {}
+
+    def record(self, head: str, info: dict, results: list[dict]) -> None:
+        """Count one request's answers of one head (``results`` as answered, A/B arms included);
+        a failure to count is logged once and never fails the answers."""
+        try:
+            self._record(head, info, results)
+        except Exception as e:  # noqa: BLE001 - metrics must not cost an answer
+            if not self._failed and self._logger is not None:
+                self._logger.log_warn(f"headmaster live metrics: {type(e).__name__}: {e}")
+            self._failed = True
+
+    def _record(self, head: str, info: dict, results: list[dict]) -> None:
+        for (name, labels), n in metric_counts(head, task_of(info), results).items():
+            metric = self._metrics.get((name, labels))
+            if metric is None:
+                if len(self._metrics) > 100_000:  # versions come and go: never grow without end
+                    self._metrics.clear()  # (the series restart at 0, which rate() reads as a restart)
+                metric = self._metrics[name, labels] = self._families[name].Metric(labels=dict(labels))
+            metric.increment(n)

@@ -115,6 +115,25 @@ def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeyp
     assert not all(g.ood for g in got) and any(g.ood for g in got)
 
 
+def test_ood_flags_and_abstentions_are_counted_on_the_metrics_port(ood_setup):
+    """headmaster_ood_total and headmaster_abstentions_total rise by the flags and empty answers."""
+    from tests.live_metrics import increase, scrape
+
+    server = ood_setup["server"]
+    photos = sorted(ood_setup["photos"].iterdir())
+    digits = sorted(ood_setup["holdout"].rglob("*.png"))[:8]
+    before = scrape(server.metrics_url)
+    with HeadmasterClient(server.grpc_url, batch_size=4) as client:
+        got = [r.heads["digit"] for r in client.classify([str(p) for p in digits + photos])]
+    rise = increase(before, scrape(server.metrics_url))
+    labels = (("head", "digit"), ("version", str(got[0].version)))
+    assert sum(g.ood for g in got) >= 1
+    assert rise.get(("headmaster_ood_total", labels), 0) == sum(g.ood for g in got)
+    assert rise.get(("headmaster_abstentions_total", labels), 0) == sum(not g.labels for g in got)
+    assert rise[("headmaster_items_total", labels)] == len(got)
+    assert ("headmaster_ood_total", (("head", "animal"), ("version", "1"))) not in rise  # no reference set
+
+
 def test_hostile_input_beside_ood_heads_fails_alone(ood_setup):
     """A broken image in the batch is refused alone; the others still get their ood answer."""
     buffer = io.BytesIO()
@@ -178,3 +197,144 @@ def test_a_tampered_reference_set_is_refused_before_it_goes_live(ood_setup, tmp_
     np.save(copy / OOD_FILE, references[::-1])
     with pytest.raises(InvalidVersionError, match="is not the reference set this version was made with"):
         lifecycle.import_version(ood_setup["repo"], copy, name="digit_copy")
+
+
+@pytest.fixture(scope="module")
+def drift_store(ood_setup, tmp_path_factory):
+    """A store holding two days of the digit head's traffic: day 1 only unseen digits, day 2
+    with 30% of its items photos (27 photos among 90)."""
+    import datetime as dt
+
+    from headmaster.store import open_store
+    from headmaster.store.base import label_table
+
+    repository = Repository(ood_setup["repo"])
+    head = HeadVersion.load(repository, "digit")
+    digits = sorted(ood_setup["holdout"].rglob("*.png"))
+    digits = [digits[i] for i in np.random.default_rng(1).permutation(len(digits))]  # every digit on both days
+    photos = sorted(ood_setup["photos"].iterdir())
+    hashes, vectors, _ = embed_files(digits + photos, LocalEmbedder(repository),
+                                     EmbeddingCache(ood_setup["cache"], repository.fingerprint))
+    store = open_store(tmp_path_factory.mktemp("drift") / "store")
+    days = {dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc): hashes[:100],
+            dt.datetime(2026, 12, 2, 12, tzinfo=dt.timezone.utc): hashes[100:163] + hashes[len(digits):]}
+    assert len(days[dt.datetime(2026, 12, 2, 12, tzinfo=dt.timezone.utc)]) == 90
+    for at, day in days.items():
+        matrix = np.stack([vectors[h] for h in day])
+        store.add_embeddings(day, [None] * len(day), repository.fingerprint, matrix)
+        scores = head.scores(matrix)
+        store.add_labels("digit", [label_table(day, repository.fingerprint, head.card.version, scores,
+                                               head.card.labels, head.accepted_mask(scores, matrix), "classify", at)])
+    return store.location
+
+
+def test_drift_keeps_quiet_on_unseen_digits_and_catches_photos(ood_setup, drift_store, tmp_path):
+    common = ["--store", drift_store, "--repo", ood_setup["repo"]]
+    quiet = run_cli("drift", "digit", *common, "--since", "2026-12-01", "--until", "2026-12-02",
+                    "--json", tmp_path / "quiet.json")
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    report = json.loads((tmp_path / "quiet.json").read_text())
+    assert report["n_current"] == 100 and report["drift"] is False
+    assert {c["name"] for c in report["checks"]} == {"label_share", "top_score", "ood_rate", "embedding_mmd",
+                                                     "embedding_classifier"}
+
+    drifted = run_cli("drift", "digit", *common, "--since", "2026-12-02", "--json", tmp_path / "day2.json",
+                      "--html", tmp_path / "day2.html", "--metrics-file", tmp_path / "drift.prom")
+    assert drifted.returncode == 3, drifted.stdout + drifted.stderr
+    checks = {c["name"]: c for c in json.loads((tmp_path / "day2.json").read_text())["checks"]}
+    assert checks["ood_rate"]["drift"] and checks["ood_rate"]["value"] >= 0.2
+    assert checks["embedding_mmd"]["drift"] and checks["embedding_classifier"]["drift"]
+    assert "DRIFT" in (tmp_path / "day2.html").read_text()
+    metrics = (tmp_path / "drift.prom").read_text()
+    assert 'headmaster_drift_detected{head="digit",version="1",check="ood_rate"} 1' in metrics
+
+    # Day 1 as the reference instead of the version's training embeddings.
+    against_day1 = run_cli("drift", "digit", *common, "--since", "2026-12-02", "--reference-since", "2026-12-01",
+                           "--reference-until", "2026-12-02")
+    assert against_day1.returncode == 3, against_day1.stdout + against_day1.stderr
+
+
+def test_drift_refuses_a_small_window_and_a_head_without_reference(ood_setup, drift_store):
+    common = ["--store", drift_store, "--repo", ood_setup["repo"]]
+    small = run_cli("drift", "digit", *common, "--since", "2026-12-01", "--until", "2026-12-02",
+                    "--min-items", "500")
+    assert small.returncode == 1
+    assert ("the current window (store 2026-12-01T00:00:00+00:00..2026-12-02T00:00:00+00:00) holds 100 items of "
+            "head digit; at least 500 are needed to test for drift (change --min-items)") in " ".join(small.stderr.split())
+    none = run_cli("drift", "animal", *common)
+    assert none.returncode == 1
+    assert "head animal v1 has no reference embeddings" in " ".join(none.stderr.split())
+    assert "Traceback" not in small.stderr + none.stderr
+
+
+def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaster_serve(ood_setup, tmp_path):
+    """A real Prometheus (Debian's) scrapes a real `headmaster serve` of this module's repository
+    (a head with a reference set, so OOD and abstentions happen) and loads the alert rules; each
+    panel query of the Grafana dashboard, its variables filled in, returns series."""
+    import subprocess
+    import time
+    import urllib.parse
+    import urllib.request
+
+    from tests.helpers import CLI, clone_repo, free_port
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is missing: apt-get install prometheus")
+    monitoring = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
+    dashboard = json.loads((monitoring / "grafana-dashboard.json").read_text())
+    repo = clone_repo(ood_setup["repo"], tmp_path / "repo")  # the module's server holds the original
+    http, grpc, metrics, web = free_port(), free_port(), free_port(), free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(monitoring / "alerts.yml")],
+        "scrape_configs": [{"job_name": "headmaster", "static_configs": [{"targets": [f"127.0.0.1:{metrics}"]}]}]}))
+    serve = subprocess.Popen([*CLI, "serve", "--repo", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
+                              "--metrics-port", str(metrics)], stderr=subprocess.PIPE, text=True)
+    scraper = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                f"--web.listen-address=127.0.0.1:{web}"], stdout=subprocess.DEVNULL,
+                               stderr=open(tmp_path / "prometheus.log", "w"))
+
+    def query(expr: str) -> list:
+        url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert answer["status"] == "success", (expr, answer)
+        return answer["data"]["result"]
+
+    try:
+        seen = []
+        for line in serve.stderr:
+            seen.append(line)
+            if "Triton is ready" in line or serve.poll() is not None:
+                break
+        assert any("Triton is ready" in line for line in seen), "".join(seen)
+        images = [str(p) for p in sorted(ood_setup["holdout"].rglob("*.png"))[:12]
+                  + sorted(ood_setup["photos"].iterdir())]
+        with HeadmasterClient(f"127.0.0.1:{grpc}", batch_size=8) as client:
+            for _ in range(4):  # traffic across several scrapes, so that rate() has two samples or more
+                assert all(r.ok for r in client.classify(images))
+                time.sleep(2)
+        deadline = time.monotonic() + 60
+        while not query('headmaster_items_total{head="digit"}') and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(3)
+        rules = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/rules", timeout=10).read())
+        assert {r["health"] for g in rules["data"]["groups"] for r in g["rules"]} == {"ok"}
+        for variable in dashboard["templating"]["list"]:
+            if variable["type"] == "query":
+                assert "digit" in json.loads(urllib.request.urlopen(
+                    f"http://127.0.0.1:{web}/api/v1/label/head/values", timeout=10).read())["data"]
+        empty = []
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$head", ".+").replace("$__rate_interval", "1m")
+                if not query(expr):
+                    empty.append((panel["title"], expr))
+        assert empty == []
+        assert query('headmaster:ood_rate:1h{head="digit"}')  # the recording rules ran on real series
+    finally:
+        scraper.terminate()
+        serve.terminate()
+        scraper.wait(timeout=30)
+        serve.wait(timeout=90)

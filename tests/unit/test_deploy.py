@@ -189,3 +189,37 @@ def test_compose_file_references_resolve():
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
     image = services["triton"].get("image", "")
     assert image.endswith(":24.10") and "latest" not in json.dumps(compose)
+
+
+@needs_helm
+def test_alert_rules_and_dashboard_ship_with_the_chart():
+    """The chart carries deploy/monitoring's alert rules (a PrometheusRule, where the Prometheus
+    Operator's API exists) and Grafana dashboard (a ConfigMap for Grafana's sidecar), unchanged."""
+    monitoring = ROOT / "deploy" / "monitoring"
+    assert sorted(by_kind(render())) == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Pod", "Service"]
+    manifests = render("metrics.grafanaDashboard.enabled=true",
+                       api_versions=("monitoring.coreos.com/v1/PrometheusRule",))
+    validate(manifests)
+    kinds = by_kind(manifests)
+    rule = kinds["PrometheusRule"][0]
+    assert rule["spec"] == yaml.safe_load((monitoring / "alerts.yml").read_text())
+    dashboard = next(c for c in kinds["ConfigMap"] if c["metadata"]["labels"].get("grafana_dashboard") == "1")
+    assert json.loads(dashboard["data"]["headmaster-heads.json"]) == \
+        json.loads((monitoring / "grafana-dashboard.json").read_text())
+
+
+def test_compose_prometheus_loads_the_alert_rules_and_grafana_the_dashboard():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    for rule_file in scrape["rule_files"]:
+        assert mounts[rule_file] == "./deploy/monitoring/alerts.yml"
+    grafana = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"]}
+    provider = yaml.safe_load((ROOT / "deploy" / "monitoring" / "grafana" / "dashboards.yml").read_text())
+    folder = provider["providers"][0]["options"]["path"]
+    assert [source for target, source in grafana.items() if target.startswith(folder + "/")] == [
+        "./deploy/monitoring/grafana-dashboard.json"]
+    datasource = yaml.safe_load((ROOT / "deploy" / "monitoring" / "grafana" / "datasources.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${")  # no default password

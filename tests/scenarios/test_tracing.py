@@ -1,0 +1,80 @@
+"""`headmaster serve --trace-url`: Triton's OpenTelemetry spans reach a local OTLP/HTTP receiver,
+in the trace of the application's span that the client propagated (W3C traceparent)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from headmaster.client import HeadmasterClient
+from tests.helpers import CLI, clone_repo, free_port, run_cli
+
+
+@pytest.fixture()
+def otlp_receiver():
+    """An OTLP/HTTP endpoint on loopback keeping every span it is sent (Triton sends JSON)."""
+    spans: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            for resource in body.get("resourceSpans", []):
+                for scope in resource.get("scopeSpans", []):
+                    spans.extend(scope.get("spans", []))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1/traces", spans
+    server.shutdown()
+
+
+def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiver):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    url, spans = otlp_receiver
+    copy = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    serve = subprocess.Popen([*CLI, "serve", "--repo", str(copy), "--http-port", str(http), "--grpc-port", str(grpc),
+                              "--metrics-port", str(metrics), "--trace-url", url], stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in serve.stderr:
+            seen.append(line)
+            if "Triton is ready" in line or serve.poll() is not None:
+                break
+        assert any("Triton is ready" in line for line in seen), "".join(seen)
+        tracer = TracerProvider().get_tracer("headmaster-test")
+        with tracer.start_as_current_span("application") as span:
+            with HeadmasterClient(f"127.0.0.1:{grpc}") as client:
+                assert client.classify([photos["chelsea.png"]])[0].ok
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            span_id = format(span.get_span_context().span_id, "016x")
+        deadline = time.monotonic() + 60  # Triton exports in batches, every few seconds
+        while time.monotonic() < deadline and not any(s["traceId"] == trace_id and s["name"] == "image_encoder"
+                                                      for s in spans):
+            time.sleep(1)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=90)
+    ours = [s for s in spans if s["traceId"] == trace_id]
+    names = {s["name"] for s in ours}
+    assert {"InferRequest", "classify", "preprocess", "image_encoder", "threshold"} <= names, names
+    request = next(s for s in ours if s["name"] == "InferRequest")
+    assert request["parentSpanId"] == span_id  # Triton's request span is a child of the caller's
+
+
+def test_a_trace_url_that_is_not_otlp_http_is_refused(tmp_path):
+    result = run_cli("serve", "--repo", tmp_path, "--trace-url", "localhost:4318")
+    assert result.returncode == 1
+    assert "the trace URL must be an OTLP/HTTP address" in " ".join(result.stderr.split())
