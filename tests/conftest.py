@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import (  # noqa: F401 (re-exported for the fixtures below)
+from tests.helpers import (
     ARTIFACTS,
     FLAVOUR,
     MODEL,

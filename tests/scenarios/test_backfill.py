@@ -174,7 +174,7 @@ def test_killed_backfill_resumes_exactly_once(backfill_repo, catalogue, tmp_path
     catalogue_folder, _ = catalogue
     folder = tmp_path / "images"  # 96 of the images and the broken file: Ray's start-up dominates anyway
     folder.mkdir()
-    for path in sorted(catalogue_folder.glob("*.jpg"))[:96] + [catalogue_folder / "broken.jpg"]:
+    for path in [*sorted(catalogue_folder.glob("*.jpg"))[:96], catalogue_folder / "broken.jpg"]:
         shutil.copy(path, folder / path.name)
     hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("0*.jpg")}
     assert len(hashes) == 96
@@ -238,7 +238,7 @@ def test_backfill_from_an_s3_prefix(backfill_repo, catalogue, tmp_path):
         client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")
         client.create_bucket(Bucket="catalogue")
-        files = sorted(folder.glob("002?.jpg")) + [folder / "broken.jpg"]
+        files = [*sorted(folder.glob("002?.jpg")), folder / "broken.jpg"]
         for f in files:
             client.put_object(Bucket="catalogue", Key=f"2026/{f.name}", Body=f.read_bytes())
         client.put_object(Bucket="catalogue", Key="2026/notes.txt", Body=b"not listed: not an image name")

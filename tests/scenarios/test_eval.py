@@ -225,7 +225,7 @@ def test_compare_two_versions_side_by_side(setup, tmp_path):
     a, b = reference_scores(setup, paths, 1), reference_scores(setup, paths, 2)
     expected = {paths[i] for i in np.flatnonzero(a.argmax(axis=1) != b.argmax(axis=1))}
     assert expected and {ch.path for ch in c.changed} == expected
-    assert dict((n, (x, y)) for n, x, y in c.rows)["accuracy"] == pytest.approx(
+    assert {n: (x, y) for n, x, y in c.rows}["accuracy"] == pytest.approx(
         (c.a.metrics["accuracy"], c.b.metrics["accuracy"]))
     page = parse(files.html.read_text())
     assert page.count("img", "thumb", section="compare") == len(expected)

@@ -110,7 +110,7 @@ def test_a_broken_quantization_is_refused_with_its_figures(tmp_path):
 
 
 def test_int8_options_are_checked_before_any_work(tmp_path):
-    with pytest.raises(ExportError, match="--format onnx|format onnx") as e:
+    with pytest.raises(ExportError, match=r"--format onnx|format onnx") as e:
         ExportOptions(model=MODEL, pretrained=None, out=tmp_path, precision="int8", format="torchscript")
     assert e.value.option == "precision"
     with pytest.raises(ExportError) as e:

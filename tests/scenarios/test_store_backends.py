@@ -366,7 +366,7 @@ def test_writes_that_do_not_fit_are_refused(store):
     with pytest.raises(StoreError, match="one uri and one embedding row per hash"):
         store.add_embeddings([sha(0)], [None], FP_A, unit_rows(1, 8, 0)[0])
     store.add_items(items(0, 2, FP_A, 8))
-    with pytest.raises(StoreError, match="holds 8-dimensional embeddings of encoder .*refusing 12-dimensional"):
+    with pytest.raises(StoreError, match=r"holds 8-dimensional embeddings of encoder .*refusing 12-dimensional"):
         store.add_items(items(5, 1, FP_A, 12))
     store.add_items(items(5, 1, FP_B, 12))  # another encoder, another size
     assert store.fingerprints() == {FP_A: 2, FP_B: 1}
