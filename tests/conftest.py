@@ -78,7 +78,7 @@ _popen_init = subprocess.Popen.__init__
 
 
 def _starts_triton(args) -> bool:
-    argv = [os.fspath(a) for a in args] if isinstance(args, (list, tuple)) else [os.fspath(args)]
+    argv = [os.fsdecode(a) for a in args] if isinstance(args, (list, tuple)) else [os.fsdecode(args)]
     if not argv:
         return False
     if os.path.basename(argv[0]) == "tritonserver":

@@ -58,6 +58,7 @@ def _export(family_exports, family) -> EncoderCard:
     return family_exports[family.name]
 
 
+@pytest.mark.slow  # an export and its check against PyTorch per family: about 10 minutes for all on 2 cores
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.name != "clip"], ids=lambda f: f.name)
 def test_each_family_exports_and_matches_pytorch_on_real_photos(family, family_exports):
     if family.name in ("eva-clip", "mobileclip") and not HEAVY:
@@ -139,6 +140,7 @@ def test_export_list_shows_families_and_licences():
     assert "timm:vit_small_patch16_dinov3" in names and "ViT-B-16-SigLIP2" in names and "MobileCLIP2-S0" in names
 
 
+@pytest.mark.slow  # exports SigLIP's image tower when the family test did not
 def test_siglip_zero_shot_scores_as_the_model_does(family_exports):
     """sigmoid(scale * cosine + bias) per label, against open_clip's own SigLIP forward pass
     (random weights; token ids stand in for the Hugging Face tokenizer this machine lacks)."""

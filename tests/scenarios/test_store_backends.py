@@ -28,6 +28,10 @@ from tests.helpers import free_port, with_schema
 postgres_url, pgvector_available, postgres_schema = helpers.postgres_url, helpers.pgvector_available, \
     helpers.postgres_schema
 
+# Every case a real store; the postgres ones reach PostgreSQL through request.getfixturevalue,
+# which the tiers in tests/conftest.py cannot see.
+pytestmark = pytest.mark.disk
+
 PGVECTOR_MISSING = "pgvector extension not installed on this PostgreSQL (Debian: postgresql-15-pgvector)"
 FP_A = "sha256:" + "a" * 64
 FP_B = "sha256:" + "b" * 64
