@@ -86,6 +86,7 @@ def test_open_clip_models_fall_into_their_families():
     assert family_of("timm:vit_base_patch16_dinov3").name == "dinov3"
 
 
+@pytest.mark.slow  # creates every timm family's model: 40 s on 2 busy cores (2026-12-07)
 def test_timm_preprocessing_comes_from_the_models_own_config():
     import timm
     from timm.data import resolve_data_config
@@ -128,6 +129,7 @@ def test_unknown_and_unsupported_models_are_refused_by_name():
     assert result.returncode == 1 and "needs its tokenizer" in result.stderr and "--towers image" in result.stderr
 
 
+@pytest.mark.slow  # the command lists timm's registry: 41 s on 2 busy cores (2026-12-07)
 def test_export_list_shows_families_and_licences():
     result = subprocess.run([sys.executable, "-m", "headmaster.cli", "export", "list"], capture_output=True,
                             text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})  # a wide terminal

@@ -29,6 +29,10 @@ from headmaster.model_repository.layout import MANIFEST, encoder_artifact
 from headmaster.model_repository.repository import Repository
 from tests.helpers import MODEL, SEED, build_repo
 
+# The int8 export (calibration, quantization, its gate) takes minutes: 160 s to build int8_dir, and
+# 75 to 160 s for each test that quantizes again (measured 2026-12-07, 2 shared cores under load).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def int8_dir(tmp_path_factory) -> Iterator[Path]:

@@ -55,6 +55,7 @@ def embed(repo: Path, paths, cache: Path) -> np.ndarray:
     return np.stack([vectors[h] for h in hashes])
 
 
+@pytest.mark.slow  # embeds the 1,797 digits and fits both: 210 s on 2 busy cores (2026-12-07)
 def test_digits_head_is_as_accurate_as_logistic_regression(train_repo, digits_split, embedding_cache):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
