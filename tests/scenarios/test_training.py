@@ -246,6 +246,7 @@ def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path
     assert listing.returncode == 0 and "small" in listing.stdout and "live" in listing.stdout
 
 
+@pytest.mark.slow  # reads the `digit` head test_digits_head_is_as_accurate_as_logistic_regression publishes
 def test_accept_rule_matches_the_report_for_the_published_thresholds(train_repo):
     """What the threshold step will do with the published thresholds is what was measured."""
     state = Repository(train_repo).head("digit")
