@@ -1,17 +1,18 @@
 # The two commands of the README. Both create .venv/ on first use.
 #   make quickstart   export -> repository -> serve -> classify real photos -> print labels
 #   make test         the test suite (a real Triton server, real models, real images)
+#   make lint         ruff and mypy (CI runs it before the tests)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 HELM := .tools/helm
 
-.PHONY: setup system-deps quickstart test benchmark
+.PHONY: setup system-deps quickstart test lint benchmark
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[test,perf,postgres,s3,ray,queue,hf,monitor]'
+	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[test,dev,perf,postgres,s3,ray,queue,hf,monitor]'
 	touch $@
 
 setup: $(VENV)/.installed system-deps $(HELM)
@@ -49,6 +50,11 @@ quickstart: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Lint and types before tests: ruff over the whole checkout, mypy over the modules [tool.mypy] names.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) .ci/typecheck.py
 
 benchmark: setup
 	$(PY) benchmarks/serve_throughput.py

@@ -35,7 +35,7 @@ def machine() -> dict:
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
     flags = sorted(set(re.findall(r"\b(avx512_vnni|avx_vnni|amx_\w+)\b", text)))
     try:
-        load = "%.1f" % os.getloadavg()[0]
+        load = f"{os.getloadavg()[0]:.1f}"
     except OSError:
         load = "?"
     return {"cpu": model.group(1).strip() if model else platform.processor() or platform.machine(),
@@ -77,8 +77,8 @@ def main() -> None:
         rows = []
         for batch in args.batch_sizes:
             x = np.ascontiguousarray(np.resize(photos, (batch, *photos.shape[1:])))
-            images = {p: 0 for p in sessions}
-            spent = {p: 0.0 for p in sessions}
+            images = dict.fromkeys(sessions, 0)
+            spent = dict.fromkeys(sessions, 0.0)
             for s in sessions.values():
                 s.run(None, {"PIXELS": x})  # warm-up
             while min(spent.values()) < args.seconds:  # alternate: both see the same load

@@ -592,9 +592,9 @@ def stop_serve(serve: Serve, watcher: Watcher) -> dict:
                   if _alive(p) and _cmdline(p)[:1] and _cmdline(p)[0].endswith(STUB_NAME)]
     repo_text = str(serve.repo.resolve())
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) not in (os.getpid(), server_pid, *stub_pids):
-            if any(repo_text in a for a in _cmdline(int(entry.name))) and _alive(int(entry.name)):
-                leftovers.append(f"pid {entry.name}: {' '.join(_cmdline(int(entry.name)))[:120]}")
+        if entry.name.isdigit() and int(entry.name) not in (os.getpid(), server_pid, *stub_pids) \
+                and any(repo_text in a for a in _cmdline(int(entry.name))) and _alive(int(entry.name)):
+            leftovers.append(f"pid {entry.name}: {' '.join(_cmdline(int(entry.name)))[:120]}")
     return {"exit_code": code, "exit_s": exit_s, "killed_after_120s": exit_s is None, "leftover_processes": leftovers,
             "regions_seen": len(regions), "leftover_regions": sorted(r for r in regions if os.path.exists(f"/dev/shm/{r}")),
             "workdir": str(serve.workdir), "workdir_left": bool(serve.workdir and serve.workdir.exists()),

@@ -245,7 +245,7 @@ class AsyncHeadmasterClient:
                                 cuda_device) if shared_memory else None
         self._embedding_dim: int | None = None
 
-    async def __aenter__(self) -> "AsyncHeadmasterClient":
+    async def __aenter__(self) -> AsyncHeadmasterClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -287,20 +287,21 @@ class AsyncHeadmasterClient:
             except OSError as e:
                 loaded.append(Failure(str(image), f"cannot read file: {e.strerror or e}"))
         results: list = [r if isinstance(r, Failure) else None for r in loaded]
-        todo = [i for i, r in enumerate(loaded) if not isinstance(r, Failure)]
+        todo = {i: r for i, r in enumerate(loaded) if isinstance(r, _Item)}  # index -> image to send
         if progress and len(todo) < len(loaded):
             progress(len(loaded) - len(todo))
         gate = _Gate(self.max_in_flight)
 
         async def run(indices: list[int]) -> None:
             async with gate:
-                answers = await self._run_batch(model, outputs, [loaded[i] for i in indices], build)
+                answers = await self._run_batch(model, outputs, [todo[i] for i in indices], build)
             for i, answer in zip(indices, answers):
                 results[i] = answer
             if progress:
                 progress(len(indices))
 
-        chunks = [todo[s:s + self.batch_size] for s in range(0, len(todo), self.batch_size)]
+        order = list(todo)
+        chunks = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         await _gather(*(run(chunk) for chunk in chunks))
         return results
 

@@ -43,7 +43,7 @@ class HeadResult:
 
     @property
     def top(self) -> tuple[str, float]:
-        label = max(self.scores, key=self.scores.get)
+        label = max(self.scores, key=self.scores.__getitem__)
         return label, self.scores[label]
 
 
@@ -60,7 +60,7 @@ class Classification:
 
     @classmethod
     def from_result(cls, source: str | None, sha256: str, embedding: np.ndarray,
-                    result_json: bytes | str) -> "Classification":
+                    result_json: bytes | str) -> Classification:
         doc = json.loads(result_json)
         heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]),
                                   h.get("ood"), h.get("ood_distance"), h.get("value"), h.get("class"),

@@ -68,11 +68,17 @@ class _SystemRegion:
             self.memory.unlink()
             self.linked = False
 
+    def _buffer(self) -> memoryview:
+        buffer = self.memory.buf
+        if buffer is None:  # closed by release()
+            raise ClientError(f"shared-memory region {self.name} was released; this client is closed")
+        return buffer
+
     def write(self, data: bytes) -> None:
-        self.memory.buf[:len(data)] = data
+        self._buffer()[:len(data)] = data
 
     def read(self, offset: int, count: int) -> np.ndarray:
-        return np.frombuffer(self.memory.buf, np.float32, count, offset).copy()
+        return np.frombuffer(self._buffer(), np.float32, count, offset).copy()
 
     async def unregister(self, client, headers: dict) -> None:
         await client.unregister_system_shared_memory(self.name, headers=headers)
@@ -135,17 +141,22 @@ class RegionPool:
     def _new_region(self, size: int):
         return _SystemRegion(size) if self.kind == "system" else _CudaRegion(size, self.device)
 
-    async def acquire(self, input_bytes: int, output_bytes: int) -> Slot:
+    def _queue(self) -> asyncio.Queue:
+        """The free slots, made on first use (inside the event loop that uses them)."""
         if self.free is None:
             self.free = asyncio.Queue()
             for _ in range(self.slots):
                 self.free.put_nowait(None)  # an empty slot: its region is made on first use
-        slot = await self.free.get()
+        return self.free
+
+    async def acquire(self, input_bytes: int, output_bytes: int) -> Slot:
+        free = self._queue()
+        slot = await free.get()
         if slot is None or slot.input_capacity < input_bytes or slot.region.size < slot.input_capacity + output_bytes:
             try:
                 slot = await self._replace(slot, max(input_bytes, 2 * (slot.input_capacity if slot else 0)), output_bytes)
             except BaseException:
-                self.free.put_nowait(None)
+                free.put_nowait(None)
                 raise
         return slot
 
@@ -173,7 +184,7 @@ class RegionPool:
         return slot
 
     def release(self, slot: Slot) -> None:
-        self.free.put_nowait(slot)
+        self._queue().put_nowait(slot)
 
     async def _drop(self, slot: Slot) -> None:
         # Triton answers a request before it lets go of the request's buffers, and refuses to

@@ -75,7 +75,7 @@ class HeadmasterClient:
             self._thread.join()
         self._loop.close()
 
-    def __enter__(self) -> "HeadmasterClient":
+    def __enter__(self) -> HeadmasterClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -100,7 +100,7 @@ class EncoderCard:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EncoderCard":
+    def from_dict(cls, d: dict) -> EncoderCard:
         d = dict(d)
         if d.get("schema") != CARD_SCHEMA:
             raise CardError(f"encoder card schema {d.get('schema')!r} is not supported (expected {CARD_SCHEMA})")
@@ -111,7 +111,7 @@ class EncoderCard:
             raise CardError(f"malformed encoder card: {e}") from None
 
     @classmethod
-    def load(cls, folder_or_file: Path) -> "EncoderCard":
+    def load(cls, folder_or_file: Path) -> EncoderCard:
         path = Path(folder_or_file)
         path = path / CARD_FILE if path.is_dir() else path
         if not path.is_file():

@@ -60,7 +60,7 @@ class Preprocessing:
                               f"shortest), not {self.crop_pct!r}")
 
     @classmethod
-    def from_timm(cls, data_config: dict) -> "Preprocessing":
+    def from_timm(cls, data_config: dict) -> Preprocessing:
         """From ``timm.data.resolve_data_config``: timm's eval transform, or a clear refusal."""
         mode = data_config.get("crop_mode", "center")
         if mode != "center":
@@ -74,7 +74,7 @@ class Preprocessing:
                    crop_pct=float(data_config.get("crop_pct") or 1.0), convert_first=True)
 
     @classmethod
-    def from_open_clip(cls, cfg: dict) -> "Preprocessing":
+    def from_open_clip(cls, cfg: dict) -> Preprocessing:
         size = cfg["size"]
         size = (size, size) if isinstance(size, int) else tuple(size)
         return cls(
@@ -88,7 +88,7 @@ class Preprocessing:
         )
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         d = dict(d)
         for key in ("size", "mean", "std"):
             d[key] = tuple(d[key])

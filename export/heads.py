@@ -77,7 +77,7 @@ class HeadWeights:
         return out + 1 if self.activation == "ordinal" else out  # K-1 cut points give K classes
 
     @classmethod
-    def from_onnx(cls, path: Path) -> "HeadWeights":
+    def from_onnx(cls, path: Path) -> HeadWeights:
         """Read the layers back from a head's model.onnx (w0, b0, w1, b1, ...)."""
         import onnx
         from onnx import numpy_helper
@@ -136,7 +136,7 @@ def check_ood(name: str, ood: dict) -> None:
                           f"seed}}, not {search!r}", option="ood")
 
 
-def check_task(card: "HeadCard") -> None:
+def check_task(card: HeadCard) -> None:
     """A card's task and what it needs, refused with what is wrong."""
     from headmaster.model_repository.backends.threshold import TASKS
 
@@ -236,7 +236,7 @@ class HeadCard:
         return path
 
     @classmethod
-    def load(cls, folder: Path) -> "HeadCard":
+    def load(cls, folder: Path) -> HeadCard:
         path = Path(folder) / HEAD_FILE
         try:
             d = json.loads(path.read_text())

@@ -43,7 +43,7 @@ class AbTest:
             raise RepositoryError(f"head {self.head} already serves v{self.live}: a test needs another version")
 
     @classmethod
-    def new(cls, head: str, live: int, version: int, share: float, shadow: bool) -> "AbTest":
+    def new(cls, head: str, live: int, version: int, share: float, shadow: bool) -> AbTest:
         return cls(head, live, version, "shadow" if shadow else "canary", 0.0 if shadow else float(share),
                    dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 

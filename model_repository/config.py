@@ -54,7 +54,7 @@ class Tensor:
             raise ConfigError(f"tensor {self.name}: dims must be positive or -1, got {self.dims}")
 
     def proto(self, is_input: bool) -> dict:
-        d = {"name": self.name, "data_type": "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}",
+        d: dict[str, object] = {"name": self.name, "data_type": "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}",
              "dims": [str(x) for x in self.dims]}
         if is_input and self.optional:
             d["optional"] = True

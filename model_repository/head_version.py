@@ -38,7 +38,7 @@ class HeadVersion:
     _index: list = field(default_factory=list, repr=False, compare=False)  # its kNN index, made once
 
     @classmethod
-    def load(cls, repository: Repository | Path, name: str, version: int | None = None) -> "HeadVersion":
+    def load(cls, repository: Repository | Path, name: str, version: int | None = None) -> HeadVersion:
         """A version (default: the live one) of a head in a repository, validated for its encoder."""
         repository = repository if isinstance(repository, Repository) else Repository(repository)
         state = repository.head(name)

@@ -54,7 +54,7 @@ def _live_version(repo: Path, name: str) -> int | None:
         return None
 
 
-def _go_live(repo: Path, name: str, previous: int | None, control: live.Control | None) -> str | None:
+def _go_live(repo: Path, name: str, previous: int | None, control: live.Control | live.Replicas | None) -> str | None:
     """Load ``name`` (and what depends on it) on the server; on failure put the disk back."""
     if control is None:
         return None

@@ -48,7 +48,7 @@ class Control:
         return {KEY_HEADER: self.api_key} if self.api_key else {}
 
     @classmethod
-    def of(cls, server) -> "Control":
+    def of(cls, server) -> Control:
         """From a Control, a ServerRecord or TritonServer (anything with http_url and api_key),
         or a bare host:port, whose key then comes from HEADMASTER_API_KEY."""
         if isinstance(server, Control):
@@ -82,16 +82,22 @@ def find(repo: Path, server: str | None = None) -> Control | Replicas | None:
     in the repository, else None (nothing is serving it)."""
     record: ServerRecord | None = running_server(repo)
     if server is not None and "," in server:
-        return Replicas(tuple(find(repo, one.strip()) for one in server.split(",") if one.strip()))
-    if server is None:
-        control = Control.of(record) if record else None
-    elif record is not None and same_address(record.http_url, server):
+        return Replicas(tuple(_control(repo, record, one.strip()) for one in server.split(",") if one.strip()))
+    if server is None and record is None:
+        return None
+    return _control(repo, record, server)
+
+
+def _control(repo: Path, record: ServerRecord | None, server: str | None) -> Control:
+    """``server`` (None: the recorded one) as a Control of ``repo``: its key from the record when
+    the addresses match."""
+    if record is not None and (server is None or same_address(record.http_url, server)):
         control = Control.of(record)
     else:
         control = Control.of(server)
     from headmaster.model_repository import s3
 
-    if control is not None and s3.location_of(repo) is not None:
+    if s3.location_of(repo) is not None:
         control = replace(control, configs=Path(repo))
     return control
 

@@ -196,7 +196,7 @@ def torchscript_problems(config: mc.ModelConfig, path: Path) -> list[str]:
                     problems.append(f"inputs {', '.join(config_names)}: NAME__N indices must be distinct and below "
                                     f"forward's {len(arguments)} arguments ({', '.join(names)})")
             # else: neither argument names nor NAME__N: the backend feeds inputs in config order.
-    for i, t in enumerate(list(config.input) + list(config.output)):
+    for t in [*config.input, *config.output]:
         if _dtype(t.data_type) not in TORCH_TYPES:
             problems.append(f"'{t.name}': data type {_dtype(t.data_type)} has no torch type in the PyTorch backend")
     output_names = [t.name for t in config.output]

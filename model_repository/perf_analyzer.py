@@ -42,7 +42,7 @@ def environment() -> dict[str, str]:
     env = dict(os.environ)
     spec = importlib.util.find_spec("nvidia.cuda_runtime")
     if spec and spec.submodule_search_locations:
-        lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
+        lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(lib), env.get("LD_LIBRARY_PATH", "")) if p)
     return env
 

@@ -72,7 +72,7 @@ class BuildOptions:
         Batching(self.max_batch_size, self.preferred_batch_sizes, self.max_queue_delay_us)
 
     @classmethod
-    def for_device(cls, device: str = "auto", **given) -> "BuildOptions":
+    def for_device(cls, device: str = "auto", **given) -> BuildOptions:
         """Defaults chosen for where the encoder runs, then whatever is ``given`` (None = default).
 
         On a GPU the encoder wants large batches (ViT-B-32 in fp16 on an H100: ~30,000 img/s at
@@ -85,7 +85,7 @@ class BuildOptions:
         return cls(device=device, **{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BuildOptions":
+    def from_dict(cls, d: dict) -> BuildOptions:
         return cls(**{**d, "preferred_batch_sizes": tuple(d.get("preferred_batch_sizes", ()))})
 
     @property

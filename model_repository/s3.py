@@ -54,7 +54,7 @@ class S3Location:
     endpoint: str | None = None  # http(s)://host:port of an S3-compatible server
 
     @classmethod
-    def parse(cls, url: str) -> "S3Location":
+    def parse(cls, url: str) -> S3Location:
         """``s3://bucket/prefix`` (endpoint from AWS_ENDPOINT_URL) or Triton's
         ``s3://host:port/bucket/prefix`` (plain http) / ``s3://http(s)://host:port/bucket/prefix``."""
         if not is_s3(url):

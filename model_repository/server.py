@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from headmaster.errors import ServerError
 from headmaster.model_repository import server_record
@@ -55,7 +56,7 @@ class BundledTriton:
     stub: Path  # triton_python_backend_stub built for this interpreter's Python version
 
     @classmethod
-    def locate(cls) -> "BundledTriton":
+    def locate(cls) -> BundledTriton:
         try:
             import pytriton
         except ImportError as e:  # pragma: no cover - a dependency of the package
@@ -168,7 +169,7 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="headmaster-triton-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self._process: subprocess.Popen | None = None
-        self._log_file = None
+        self._log_file: IO[bytes] | None = None
         self.api_key = (options.api_key or server_record.new_key()) if options.restricted_apis else None
         self.stubs: dict[int, Stub] = {}  # python-backend stubs seen alive, by pid
         self._suspects: list[Stub] = []  # stubs gone since the last look, judged at the next
@@ -287,7 +288,7 @@ class TritonServer:
             return {}
         return {folder: _model_name(folder) for folder in sorted(self.s3_copies.iterdir()) if folder.is_dir()}
 
-    def start(self, timeout_s: float = 180.0) -> "TritonServer":
+    def start(self, timeout_s: float = 180.0) -> TritonServer:
         o = self.options
         repository = Path(o.repository)
         if not self.remote and not repository.is_dir():
@@ -315,7 +316,7 @@ class TritonServer:
             preexec_fn=_die_with_parent,
         )
         try:
-            self._wait_ready(timeout_s)
+            self._wait_ready(self._process, timeout_s)
         except BaseException:
             self.stop(failed=True)
             raise
@@ -328,13 +329,13 @@ class TritonServer:
             server_record.write_record(repository, self.record)
         return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, process: subprocess.Popen, timeout_s: float) -> None:
         url = f"http://{self.http_url}/v2/health/ready"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+            if process.poll() is not None:
                 raise ServerError(
-                    f"tritonserver exited with code {self._process.returncode} while starting:\n"
+                    f"tritonserver exited with code {process.returncode} while starting:\n"
                     f"{self.failure_summary()}\n(full log: {self.log_path})"
                 )
             try:
@@ -378,7 +379,7 @@ class TritonServer:
         return self._process is not None and self._process.poll() is None
 
     # -- python-backend stubs ------------------------------------------------------------
-    def watch_stubs(self) -> list["Stub"]:
+    def watch_stubs(self) -> list[Stub]:
         """Look at the server's python-backend stubs; returns those that died (a stub killed or
         crashed leaves its model answering 500 for every request, and Triton never restarts it).
 
@@ -386,9 +387,10 @@ class TritonServer:
         when, one look after it vanished, its shared-memory region is still there (a clean exit
         removes it; a killed stub cannot), no stub took its place, and Triton still calls the
         version it ran READY."""
-        if not self.is_alive():
+        process = self._process
+        if process is None or process.poll() is not None:  # not started, or gone
             return []
-        alive = {stub.pid: stub for stub in _stubs_of(self._process.pid)}
+        alive = {stub.pid: stub for stub in _stubs_of(process.pid)}
         dead = []
         if self._suspects:
             from headmaster.model_repository import live
@@ -405,7 +407,7 @@ class TritonServer:
         self.stubs = alive
         return dead
 
-    def forget_stub_regions(self, stubs: list["Stub"]) -> None:
+    def forget_stub_regions(self, stubs: list[Stub]) -> None:
         """Unlink the shared-memory regions of dead stubs. Only tritonserver still maps one (for the
         model object the python backend never frees, see ``leaked_models``); the name goes now, the
         memory when that mapping does."""
@@ -428,7 +430,7 @@ class TritonServer:
         except Exception as e:  # an unreachable or already stopping server: SIGTERM does the rest
             LOG.info("no drain (%s)", e)
             return
-        ensembles = [m for m in ("classify", "classify_embedding", "embed", "embed_text") if m in models]
+        ensembles: list[str] = [m for m in ("classify", "classify_embedding", "embed", "embed_text") if m in models]
         # An unload returns at once; the model goes when its last in-flight request is done (an
         # ensemble request holds the models it uses until it is answered). So the ensembles go
         # first, then the models they use; each batch until Triton no longer serves it and its
@@ -532,7 +534,7 @@ class TritonServer:
         except OSError:
             return ""
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -617,7 +619,7 @@ def _model_name(folder: Path) -> str:
 
 def _regions_in_use() -> set[str]:
     """Shared-memory regions some process still maps."""
-    used = set()
+    used: set[str] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue

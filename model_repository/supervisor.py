@@ -22,12 +22,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headmaster.errors import HeadmasterError
 from headmaster.model_repository import lifecycle, live
 from headmaster.model_repository.layout import versions
 from headmaster.model_repository.publish import published_versions
 from headmaster.model_repository.repository import Repository
+
+if TYPE_CHECKING:  # the server module imports this one
+    from headmaster.model_repository.server import TritonServer
 
 LOG = logging.getLogger(__name__)
 SETTLE_S = 1.0  # a dropped-in folder whose files changed less than this long ago may still be copying
@@ -40,7 +44,7 @@ def _signature(folder: Path) -> tuple:
 
 @dataclass
 class Supervisor:
-    server: object  # a started TritonServer
+    server: TritonServer  # a started one
     repo: Path
     say: Callable[[str], None] = LOG.warning  # how events reach the operator
     scan_every_s: float = 2.0
@@ -100,7 +104,7 @@ class Supervisor:
         return found
 
     def adopt_dropped_versions(self) -> list[str]:
-        adopted = []
+        adopted: list[str] = []
         try:
             candidates = self._candidates()
         except HeadmasterError as e:

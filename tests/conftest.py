@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import (  # noqa: F401 (re-exported for the fixtures below)
+from tests.helpers import (
     ARTIFACTS,
     FLAVOUR,
     MODEL,
@@ -40,16 +41,80 @@ def pytest_report_header(config):
     return None
 
 
+# -- tiers by cost, not by folder -----------------------------------------------------------------
+# pure: no Triton, nothing shared on disk (in memory, or small files under its own tmp_path).
+# disk: real artifacts built once and shared (an exported encoder, a repository, the digits, a
+#   module's own exports: anything made through tmp_path_factory) or a real PostgreSQL / Redis; no Triton.
+# server: starts or uses a real Triton.  slow: over ~20 s on 2 cores (marked by hand).
+# The fast tier is `pytest -m "not server and not slow"`.
+
+# Fixtures that start a Triton server, or hand one out: a test using one, directly or through
+# another fixture, is in the server tier. A test that starts one itself (start_server,
+# TritonServer, `headmaster serve`) carries `@pytest.mark.server`; the guard below fails one that
+# does not, so the fast tier never starts a server by mistake.
+SERVER_FIXTURES = frozenset({
+    "server",  # the session's (below)
+    "ab_server", "convnext_served", "live_server", "ood_setup", "replicas", "served", "store_server", "taught",
+    "tasks", "torchvision_server",  # one module's own (tests/scenarios/)
+})
+# Real services other than Triton.
+DISK_FIXTURES = frozenset({"tmp_path_factory", "postgres_url", "redis_url"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
 def pytest_collection_modifyitems(config, items):
-    """The scenario tier (real exports, a real Triton) is marked ``server``, so ``pytest -m "not
-    server"`` runs the fast tier alone; tests marked ``portable_only(reason)`` skip on the native
-    tier, saying why."""
+    """Each test gets one cost tier from the fixtures it uses (see above), unless it names one
+    itself; tests marked ``portable_only(reason)`` skip on the native tier, saying why."""
     for item in items:
-        if "scenarios" in item.path.parts:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("server") is None and fixtures & SERVER_FIXTURES:
             item.add_marker(pytest.mark.server)
+        if not any(item.get_closest_marker(tier) for tier in ("server", "disk", "pure")):
+            item.add_marker(pytest.mark.disk if fixtures & DISK_FIXTURES else pytest.mark.pure)
         marker = item.get_closest_marker("portable_only")
         if NATIVE and marker:
             item.add_marker(pytest.mark.skip(reason="portable flavour only: " + " ".join(marker.args)))
+
+
+# The guard: a test outside the server tier that starts tritonserver (in this process) or
+# `headmaster serve` / `quickstart` (in a subprocess) fails, saying how to mark it.
+_running: list[pytest.Item] = []  # the test whose setup, call or teardown runs now
+_popen_init = subprocess.Popen.__init__
+
+
+def _starts_triton(args) -> bool:
+    argv = [os.fsdecode(a) for a in args] if isinstance(args, (list, tuple)) else [os.fsdecode(args)]
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) == "tritonserver":
+        return True
+    headmaster = os.path.basename(argv[0]) == "headmaster" or any("headmaster.cli" in a for a in argv)
+    return headmaster and ("serve" in argv or "quickstart" in argv)
+
+
+def _guarded_popen_init(self, args, *rest, **kwargs):
+    if _running and _running[-1].get_closest_marker("server") is None and _starts_triton(args):
+        pytest.fail(f"{_running[-1].nodeid} starts a Triton server ({' '.join(map(str, args))[:120]}) but is not "
+                    "in the server tier: mark it @pytest.mark.server, or add the fixture that starts it to "
+                    "SERVER_FIXTURES in tests/conftest.py", pytrace=False)
+    _popen_init(self, args, *rest, **kwargs)
+
+
+def pytest_configure(config):
+    subprocess.Popen.__init__ = _guarded_popen_init
+
+
+def pytest_unconfigure(config):
+    subprocess.Popen.__init__ = _popen_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.pop()
 
 
 @pytest.fixture(scope="session")

@@ -297,7 +297,7 @@ class Clients:
     def answers(self) -> list[tuple[float, float, object]]:
         return [(sent, answered, r) for sent, answered, r in self.results if not isinstance(r, Exception) and r.ok]
 
-    def __enter__(self) -> "Clients":
+    def __enter__(self) -> Clients:
         for t in self.threads:
             t.start()
         time.sleep(1.0)

@@ -38,7 +38,7 @@ class Dataset:
     parents: dict | None = None  # hierarchy: child label -> parent label
 
     def counts(self) -> dict[str, int]:
-        counts = {label: 0 for label in self.labels}
+        counts = dict.fromkeys(self.labels, 0)
         for example in self.examples:
             for label in example.labels:
                 counts[label] += 1

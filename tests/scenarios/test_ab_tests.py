@@ -147,7 +147,7 @@ def test_canary_share_stable_arms_counters_and_promote_under_load(ab_server, jpe
 
     # Prometheus: the counters grew by exactly the items answered, per arm and agreement.
     after = ab_counters(server)
-    answered = [r for r in results] + [a for _, _, a in load.answers] + stored
+    answered = list(results) + [a for _, _, a in load.answers] + stored
     for arm in ("live", "candidate"):
         for agree in (True, False):
             key = ("canary", arm, "true" if agree else "false")

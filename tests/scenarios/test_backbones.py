@@ -58,6 +58,7 @@ def _export(family_exports, family) -> EncoderCard:
     return family_exports[family.name]
 
 
+@pytest.mark.slow  # an export and its check against PyTorch per family: about 10 minutes for all on 2 cores
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.library in ("open_clip", "timm") and f.name != "clip"],
                          ids=lambda f: f.name)
 def test_each_family_exports_and_matches_pytorch_on_real_photos(family, family_exports):
@@ -86,6 +87,7 @@ def test_open_clip_models_fall_into_their_families():
     assert family_of("timm:vit_base_patch16_dinov3").name == "dinov3"
 
 
+@pytest.mark.slow  # creates every timm family's model: 40 s on 2 busy cores (2026-12-07)
 def test_timm_preprocessing_comes_from_the_models_own_config():
     import timm
     from timm.data import resolve_data_config
@@ -141,6 +143,7 @@ def test_unknown_and_unsupported_models_are_refused_by_name():
     assert result.returncode == 1 and "needs its tokenizer" in result.stderr and "--towers image" in result.stderr
 
 
+@pytest.mark.slow  # the command lists timm's registry: 41 s on 2 busy cores (2026-12-07)
 def test_export_list_shows_families_and_licences():
     result = subprocess.run([sys.executable, "-m", "headmaster.cli", "export", "list"], capture_output=True,
                             text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})  # a wide terminal
@@ -153,6 +156,7 @@ def test_export_list_shows_families_and_licences():
     assert "timm:vit_small_patch16_dinov3" in names and "ViT-B-16-SigLIP2" in names and "MobileCLIP2-S0" in names
 
 
+@pytest.mark.slow  # exports SigLIP's image tower when the family test did not
 def test_siglip_zero_shot_scores_as_the_model_does(family_exports):
     """sigmoid(scale * cosine + bias) per label, against open_clip's own SigLIP forward pass
     (random weights; token ids stand in for the Hugging Face tokenizer this machine lacks)."""

@@ -110,6 +110,7 @@ def assert_exactly_once(store, repo, hashes: set[str]) -> None:
         assert all(r["labels"] == expected[r["sha256"]] for r in rows)
 
 
+@pytest.mark.slow  # a Ray cluster's start and 200 images through the encoder
 def test_backfill_stores_every_image_once_with_every_head(ray_cluster, backfill_repo, catalogue, tmp_path):
     folder, hashes = catalogue
     store = open_store(tmp_path / "store")
@@ -135,6 +136,7 @@ def test_backfill_stores_every_image_once_with_every_head(ray_cluster, backfill_
     assert_exactly_once(store, backfill_repo, hashes)
 
 
+@pytest.mark.slow  # Ray
 def test_stored_items_missing_labels_are_completed_once(ray_cluster, backfill_repo, catalogue, tmp_path):
     """What a kill between the items write and the labels write leaves: items without labels."""
     folder, hashes = catalogue
@@ -149,6 +151,7 @@ def test_stored_items_missing_labels_are_completed_once(ray_cluster, backfill_re
     assert_exactly_once(store, backfill_repo, hashes)
 
 
+@pytest.mark.slow  # Ray
 def test_listings_as_source(ray_cluster, backfill_repo, catalogue, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -167,6 +170,7 @@ def test_listings_as_source(ray_cluster, backfill_repo, catalogue, tmp_path):
     assert (report.total, report.embedded, report.failures) == (1, 1, [])
 
 
+@pytest.mark.slow  # the command twice, each starting its own Ray cluster
 def test_killed_backfill_resumes_exactly_once(backfill_repo, catalogue, tmp_path):
     """The real command, SIGKILLed (with its whole local Ray cluster) mid-run, then run again."""
     import shutil
@@ -174,7 +178,7 @@ def test_killed_backfill_resumes_exactly_once(backfill_repo, catalogue, tmp_path
     catalogue_folder, _ = catalogue
     folder = tmp_path / "images"  # 96 of the images and the broken file: Ray's start-up dominates anyway
     folder.mkdir()
-    for path in sorted(catalogue_folder.glob("*.jpg"))[:96] + [catalogue_folder / "broken.jpg"]:
+    for path in [*sorted(catalogue_folder.glob("*.jpg"))[:96], catalogue_folder / "broken.jpg"]:
         shutil.copy(path, folder / path.name)
     hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("0*.jpg")}
     assert len(hashes) == 96
@@ -222,6 +226,7 @@ def test_backfill_through_the_server(ray_cluster, repo, server, catalogue, tmp_p
         assert float(stored[hashlib.sha256(f.read_bytes()).hexdigest()] @ vector) > 0.999
 
 
+@pytest.mark.slow  # the command, starting its own Ray cluster
 def test_backfill_from_an_s3_prefix(backfill_repo, catalogue, tmp_path):
     """The real command on `s3://bucket/prefix`, against moto's S3 API server on loopback."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra)")
@@ -238,7 +243,7 @@ def test_backfill_from_an_s3_prefix(backfill_repo, catalogue, tmp_path):
         client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")
         client.create_bucket(Bucket="catalogue")
-        files = sorted(folder.glob("002?.jpg")) + [folder / "broken.jpg"]
+        files = [*sorted(folder.glob("002?.jpg")), folder / "broken.jpg"]
         for f in files:
             client.put_object(Bucket="catalogue", Key=f"2026/{f.name}", Body=f.read_bytes())
         client.put_object(Bucket="catalogue", Key="2026/notes.txt", Body=b"not listed: not an image name")

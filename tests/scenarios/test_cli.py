@@ -34,6 +34,7 @@ def assert_clean_error(result: subprocess.CompletedProcess, message: str) -> Non
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.server  # runs `headmaster serve` / starts Triton itself
 def test_serve_refuses_a_taken_port(repo, tmp_path):
     repo = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already: a clone is not
     with socket.socket() as holder:
@@ -45,10 +46,12 @@ def test_serve_refuses_a_taken_port(repo, tmp_path):
     assert_clean_error(result, f"port {taken} (http) is already in use on 127.0.0.1")
 
 
+@pytest.mark.server  # runs `headmaster serve` / starts Triton itself
 def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
     assert_clean_error(run_cli("serve", "--repo", tmp_path, *ports()), "is not a Headmaster model repository")
 
 
+@pytest.mark.server  # runs `headmaster serve` / starts Triton itself
 def test_serve_repairs_a_broken_config_and_says_so(repo, tmp_path):
     broken = clone_repo(repo, tmp_path / "repo")
     (broken / "classify" / "config.pbtxt").write_text("name: 'classify'\nmax_batch_size: lots\n")
@@ -69,6 +72,7 @@ def test_serve_repairs_a_broken_config_and_says_so(repo, tmp_path):
     assert "max_batch_size: lots" not in (broken / "classify" / "config.pbtxt").read_text()
 
 
+@pytest.mark.server  # runs `headmaster serve` / starts Triton itself
 def test_serve_reports_why_triton_could_not_load_a_model(repo, tmp_path):
     broken = clone_repo(repo, tmp_path / "repo")
     (broken / "threshold" / "1" / "model.py").write_text("this is not python\n")
@@ -118,6 +122,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only) and this counts a "
                            "python stub per model; a native repository needs the onnxruntime backend")
+@pytest.mark.server  # runs `headmaster serve`
 def test_serve_stops_cleanly_on_sigterm(repo, tmp_path):
     repo = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already: a clone is not
     shm_before = set(os.listdir("/dev/shm"))
@@ -174,6 +179,7 @@ def test_classify_without_a_server_says_so(tmp_path, jpeg_photos):
     assert_clean_error(result, "no ready Headmaster server at")
 
 
+@pytest.mark.server  # starts its own Triton
 def test_zero_shot_head_hot_loads_into_a_running_server(repo, tmp_path, jpeg_photos):
     live_repo = clone_repo(repo, tmp_path / "repo")
     image = next(iter(jpeg_photos.values()))

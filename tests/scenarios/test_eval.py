@@ -30,6 +30,9 @@ from headmaster.training.heads.trainer import TrainConfig
 from headmaster.training.heads.zero_shot import create_zero_shot_head
 from tests.helpers import ARTIFACTS, build_repo, run_cli
 
+# The module's setup (the digits embedded, heads trained) took 160 s (2026-12-07, 2 shared cores under load).
+pytestmark = pytest.mark.slow
+
 DIGITS = ("1", "4", "7", "9")
 TRAIN, HOLD = 60, 40  # per digit: the first 60 images train, the next 40 are kept aside
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -225,7 +228,7 @@ def test_compare_two_versions_side_by_side(setup, tmp_path):
     a, b = reference_scores(setup, paths, 1), reference_scores(setup, paths, 2)
     expected = {paths[i] for i in np.flatnonzero(a.argmax(axis=1) != b.argmax(axis=1))}
     assert expected and {ch.path for ch in c.changed} == expected
-    assert dict((n, (x, y)) for n, x, y in c.rows)["accuracy"] == pytest.approx(
+    assert {n: (x, y) for n, x, y in c.rows}["accuracy"] == pytest.approx(
         (c.a.metrics["accuracy"], c.b.metrics["accuracy"]))
     page = parse(files.html.read_text())
     assert page.count("img", "thumb", section="compare") == len(expected)

@@ -67,6 +67,7 @@ def test_plan_says_clearly_that_tensorrt_is_missing(tmp_path):
     assert not (tmp_path / "enc").exists()
 
 
+@pytest.mark.slow  # a full export before its check fails: 40 s on 2 busy cores (2026-12-07)
 def test_an_export_that_fails_its_check_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setitem(encoder_module.MIN_COSINE, "fp32", 1.01)  # no export can reach this
     with pytest.raises(ExportError, match=r"does not match PyTorch: cosine .* < 1.01 .* nothing was written"):

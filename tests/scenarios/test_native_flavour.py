@@ -30,7 +30,7 @@ THREE = [*TWO, "bird=a photo of a bird"]
 
 def scores_dims(repo: Path, head: str) -> list[int]:
     config = parse((repo / head / "config.pbtxt").read_text())
-    return [list(t.dims) for t in config.output if t.name == "SCORES"][0]
+    return next(list(t.dims) for t in config.output if t.name == "SCORES")
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,8 @@ from headmaster.model_repository.server import free_port
 from tests.helpers import ARTIFACTS, ZERO_SHOT, build_repo, photo_bytes, subset
 
 # The examples run `headmaster serve` as written: the bundled Triton, python backend only.
-pytestmark = pytest.mark.portable_only("the README's examples run `headmaster serve`, the bundled Triton")
+pytestmark = [pytest.mark.portable_only("the README's examples run `headmaster serve`, the bundled Triton"),
+              pytest.mark.server]  # the blocks reach the served world through request.getfixturevalue
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -629,6 +630,7 @@ def test_readme_block(block: Block, command: str | None, request, tmp_path):
     elif "perf_analyzer -m classify" in code:
         check_perf_analyzer(output, block)
     # any other bash or python block: exit 0 is the check
+    return None
 
 
 def test_readme_server_stops_cleanly(request):

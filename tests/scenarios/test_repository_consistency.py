@@ -127,7 +127,7 @@ def test_three_scores_for_four_labels_never_go_live(repo, tmp_path):
                               "labels ['cat', 'dog', 'bird', 'fish']"]
 
     outside = shutil.copytree(repo / "animal" / "1", tmp_path / "elsewhere" / "1")
-    with pytest.raises(InvalidVersionError, match="head version .*elsewhere/1: model.onnx gives 3 scores"):
+    with pytest.raises(InvalidVersionError, match=r"head version .*elsewhere/1: model\.onnx gives 3 scores"):
         lifecycle.import_version(repo, outside)
     assert Repository(repo).head("animal").versions == (1, 2)
 

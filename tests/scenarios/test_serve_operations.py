@@ -37,7 +37,8 @@ from tests.helpers import ARTIFACTS, Clients, clone_repo, subset, written_versio
 
 HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
 # `headmaster serve` runs the bundled Triton, which has only the python backend.
-pytestmark = pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)")
+pytestmark = [pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)"),
+              pytest.mark.server]  # every test runs `headmaster serve` or a Triton
 
 
 class Serve:

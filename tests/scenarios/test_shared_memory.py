@@ -87,9 +87,9 @@ def test_a_bad_image_in_a_shared_memory_batch_fails_alone(server, jpeg_photos):
 
 def test_registering_shared_memory_needs_the_key(server, jpeg_photos, monkeypatch):
     monkeypatch.delenv("HEADMASTER_API_KEY", raising=False)
-    with HeadmasterClient(server.grpc_url, shared_memory="system") as client:
-        with pytest.raises(ClientError, match=r"shared-memory API is restricted to callers with its key.*api_key="):
-            client.classify([jpeg_photos["chelsea.jpg"]])
+    with HeadmasterClient(server.grpc_url, shared_memory="system") as client, \
+            pytest.raises(ClientError, match=r"shared-memory API is restricted to callers with its key.*api_key="):
+        client.classify([jpeg_photos["chelsea.jpg"]])
     monkeypatch.setenv("HEADMASTER_API_KEY", server.api_key)  # the environment variable works as well
     with HeadmasterClient(server.grpc_url, shared_memory="system") as client:
         assert client.classify([jpeg_photos["chelsea.jpg"]])[0].ok

@@ -237,7 +237,7 @@ def test_corrections_change_the_next_snapshot_and_head_only(repo, digit_store, t
     assert export_snapshot(store, "digit", tmp_path / "snapshots", repository.fingerprint).reused
     before = folder_digest(first.path)
 
-    options = dict(name="digit", repo=train_repo, config=TrainConfig(seed=0, epochs=60))
+    options = {"name": "digit", "repo": train_repo, "config": TrainConfig(seed=0, epochs=60)}
     v1 = train_head(TrainOptions(data=first.path, **options)).card
     assert v1.details["data"]["sha256"] == first.manifest_sha256
     assert v1.details["data"]["snapshot"]["number"] == 1

@@ -28,6 +28,10 @@ from tests.helpers import free_port, with_schema
 postgres_url, pgvector_available, postgres_schema = helpers.postgres_url, helpers.pgvector_available, \
     helpers.postgres_schema
 
+# Every case a real store; the postgres ones reach PostgreSQL through request.getfixturevalue,
+# which the tiers in tests/conftest.py cannot see.
+pytestmark = pytest.mark.disk
+
 PGVECTOR_MISSING = "pgvector extension not installed on this PostgreSQL (Debian: postgresql-15-pgvector)"
 FP_A = "sha256:" + "a" * 64
 FP_B = "sha256:" + "b" * 64
@@ -366,7 +370,7 @@ def test_writes_that_do_not_fit_are_refused(store):
     with pytest.raises(StoreError, match="one uri and one embedding row per hash"):
         store.add_embeddings([sha(0)], [None], FP_A, unit_rows(1, 8, 0)[0])
     store.add_items(items(0, 2, FP_A, 8))
-    with pytest.raises(StoreError, match="holds 8-dimensional embeddings of encoder .*refusing 12-dimensional"):
+    with pytest.raises(StoreError, match=r"holds 8-dimensional embeddings of encoder .*refusing 12-dimensional"):
         store.add_items(items(5, 1, FP_A, 12))
     store.add_items(items(5, 1, FP_B, 12))  # another encoder, another size
     assert store.fingerprints() == {FP_A: 2, FP_B: 1}

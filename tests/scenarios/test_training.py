@@ -55,6 +55,7 @@ def embed(repo: Path, paths, cache: Path) -> np.ndarray:
     return np.stack([vectors[h] for h in hashes])
 
 
+@pytest.mark.slow  # embeds the 1,797 digits and fits both: 210 s on 2 busy cores (2026-12-07)
 def test_digits_head_is_as_accurate_as_logistic_regression(train_repo, digits_split, embedding_cache):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -269,6 +270,7 @@ def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path
     assert listing.returncode == 0 and "small" in listing.stdout and "live" in listing.stdout
 
 
+@pytest.mark.slow  # reads the `digit` head test_digits_head_is_as_accurate_as_logistic_regression publishes
 def test_accept_rule_matches_the_report_for_the_published_thresholds(train_repo):
     """What the threshold step will do with the published thresholds is what was measured."""
     state = Repository(train_repo).head("digit")

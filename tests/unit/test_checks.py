@@ -158,7 +158,7 @@ def test_split_never_splits_a_group(multi_label):
 
 @pytest.mark.parametrize("fraction", [0.04, 0.51, 0.0, 1.0])
 def test_split_validates_the_fraction(fraction):
-    with pytest.raises(DataError, match="between 0.05 and 0.5") as e:
+    with pytest.raises(DataError, match=r"between 0\.05 and 0\.5") as e:
         split(single_label({"a": 10, "b": 10}), np.arange(20), ("a", "b"), False, fraction, 0)
     assert e.value.option == "val_fraction"
 

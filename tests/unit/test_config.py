@@ -124,7 +124,7 @@ def test_the_protobuf_rejects_what_the_dataclasses_cannot_see():
 
 
 def test_parse_reports_broken_text():
-    with pytest.raises(ConfigError, match="not a valid config.pbtxt"):
+    with pytest.raises(ConfigError, match=r"not a valid config\.pbtxt"):
         parse("name: 'x'\nmax_batch_size: eight\n")
 
 

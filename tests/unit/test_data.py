@@ -149,7 +149,7 @@ def test_a_malformed_jsonl_line_names_its_number(tmp_path):
 def test_a_label_on_every_image_is_refused(tmp_path, images):
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,labels\nimgs/a.png,photo;dog\nimgs/b.png,photo\nimgs/c.png,photo;cat\n")
-    with pytest.raises(DataError, match="label 'photo' is on every image of .*needs images without it too"):
+    with pytest.raises(DataError, match=r"label 'photo' is on every image of .*needs images without it too"):
         from_manifest(manifest)
 
 

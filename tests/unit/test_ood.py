@@ -118,10 +118,10 @@ def test_the_reference_set_is_validated_with_the_version(tmp_path):
     assert check_version_dir(folder, FINGERPRINT, 64).ood == card.ood
     # Another set of the same shape: refused, and so is none at all.
     np.save(folder / OOD_FILE, np.flip(references, axis=0))
-    with pytest.raises(InvalidVersionError, match="ood.npy: .* is not the reference set this version was made with"):
+    with pytest.raises(InvalidVersionError, match=r"ood\.npy: .* is not the reference set this version was made with"):
         check_version_dir(folder, FINGERPRINT, 64)
     (folder / OOD_FILE).unlink()
-    with pytest.raises(InvalidVersionError, match="ood.npy is missing"):
+    with pytest.raises(InvalidVersionError, match=r"ood\.npy is missing"):
         check_version_dir(folder, FINGERPRINT, 64)
     with pytest.raises(ExportError, match="a reference set goes with a card that describes it"):
         write_head(tmp_path / "3", weights, replace(card, version=3))

@@ -21,7 +21,7 @@ from headmaster.training.heads.trainer import TrainConfig, fit
 
 ROUND = ("0", "6", "8", "9")
 PARENTS = {d: ("round" if d in ROUND else "straight") for d in "0123456789"}
-NODES = tuple(sorted(PARENTS) + ["round", "straight"])
+NODES = (*sorted(PARENTS), "round", "straight")
 FP = "sha256:" + "0" * 64
 
 

@@ -86,7 +86,7 @@ def test_another_encoder_is_refused_as_a_fingerprint_mismatch(tmp_path):
 
 def test_another_embedding_size_is_refused(tmp_path):
     folder = write(tmp_path / "3", card())
-    with pytest.raises(InvalidVersionError, match="head.json reads 16-d embeddings; the encoder gives 32-d"):
+    with pytest.raises(InvalidVersionError, match=r"head\.json reads 16-d embeddings; the encoder gives 32-d"):
         check_version_dir(folder, FINGERPRINT, 32)
 
 

@@ -181,7 +181,7 @@ def holdout_near_duplicates(holdout: Holdout) -> list[NearDuplicate]:
 def find_leaks(holdout: Holdout, train: Holdout) -> list[Leak]:
     """Holdout images whose bytes, or a near copy, are in the training set."""
     leaks: list[Leak] = []
-    train_by_sha = {sha: path for sha, path in zip(train.hashes, train.paths)}
+    train_by_sha = dict(zip(train.hashes, train.paths))
     exact = set()
     for path, sha in zip(holdout.paths, holdout.hashes):
         if sha in train_by_sha:

@@ -172,7 +172,7 @@ def hierarchy_html(e: TaskEvaluation) -> str:
             said = result["labels"][d] if len(result["labels"]) > d else "(no answer at this level)"
             if len(truth) > d and said != truth[d]:
                 by_pair.setdefault((truth[d], said), []).append(i)
-        groups.append(f"<h3>level {d}: {len(sum(by_pair.values(), []))} mistakes</h3>" + "".join(
+        groups.append(f"<h3>level {d}: {sum(len(rows) for rows in by_pair.values())} mistakes</h3>" + "".join(
             _group(f"{t} answered as {s}", rows, e, lambda i: " > ".join(e.results[i]["labels"]) or "no answer",
                    level=d) for (t, s), rows in sorted(by_pair.items(), key=lambda kv: -len(kv[1]))))
     return (f'<section id="levels"><h2>per level</h2>{table}<p>exact path {m["exact_path"]:.3f}; images by depth '

@@ -52,7 +52,7 @@ class Snapshot:
     reused: bool = False  # nothing had changed: the newest existing snapshot was returned
 
     @classmethod
-    def load(cls, path: Path) -> "Snapshot":
+    def load(cls, path: Path) -> Snapshot:
         path = Path(path)
         try:
             meta = json.loads((path / SNAPSHOT_FILE).read_text())

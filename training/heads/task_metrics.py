@@ -89,7 +89,7 @@ def summary_lines(metrics: dict) -> list[str]:
         lines = [f"level {m['level']} ({', '.join(m['labels'])}): accuracy {m['accuracy']:.3f}, "
                  f"{m['coverage']:.1%} answered at this level, {m['accuracy_of_answered']:.3f} of those right, "
                  f"macro-F1 {m['macro_f1']:.3f}, {m['n']} images" for m in metrics["per_level"]]
-        return lines + [f"exact path {metrics['exact_path']:.3f}; paths answered by depth "
+        return [*lines, f"exact path {metrics['exact_path']:.3f}; paths answered by depth "
                         f"{metrics['answered_depth']}; every path consistent: {metrics['paths_consistent']}"]
 
     def line(name: str, m: dict) -> str:

@@ -36,7 +36,7 @@ class Label:
     prompt: str  # what the text tower reads (through each template)
 
     @classmethod
-    def parse(cls, text: str) -> "Label":
+    def parse(cls, text: str) -> Label:
         """'a cat' names and prompts alike; 'cat=a photo containing a cat' names it 'cat'."""
         name, sep, prompt = text.partition("=")
         name, prompt = (name.strip(), prompt.strip()) if sep else (text.strip(), text.strip())
