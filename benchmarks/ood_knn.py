@@ -115,7 +115,7 @@ def ivf_rows(dim: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
         want, got = exact.index.search(inside, k)[1], ivf.index.search(inside, k)[1]
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(want, got)]))
 
-        def fpr(index) -> float:
+        def fpr(index, inside=inside, outside=outside) -> float:
             d_in, d_out = knn_distance(index, inside, k), knn_distance(index, outside, k)
             return float((d_out <= np.quantile(d_in, 0.95, method="higher")).mean())
 

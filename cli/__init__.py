@@ -17,8 +17,21 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from headmaster.cli import ab, backfill, classify, distill, eval, export, heads, quickstart, repo, serve, store, worker
-from headmaster.cli import drift
+from headmaster.cli import (
+    ab,
+    backfill,
+    classify,
+    distill,
+    drift,
+    eval,
+    export,
+    heads,
+    quickstart,
+    repo,
+    serve,
+    store,
+    worker,
+)
 from headmaster.cli.common import console, flag
 from headmaster.client.errors import ClientError
 from headmaster.errors import HeadmasterError

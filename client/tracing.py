@@ -8,7 +8,7 @@ spans in the caller's trace. Without it, or without a span, no header is sent.
 from __future__ import annotations
 
 import contextvars
-
+from typing import Any
 
 _propagate: list = []  # opentelemetry.propagate once imported, or None when it is not installed
 
@@ -16,11 +16,14 @@ _propagate: list = []  # opentelemetry.propagate once imported, or None when it 
 def trace_headers() -> dict[str, str]:
     """The current trace context as request headers ({} when there is none)."""
     if not _propagate:
+        found: Any = None
         try:  # looked up once: a failed import searches the path again on every call
             from opentelemetry import propagate
+
+            found = propagate
         except ImportError:
-            propagate = None
-        _propagate.append(propagate)
+            pass
+        _propagate.append(found)
     if _propagate[0] is None:
         return {}
     carrier: dict[str, str] = {}

@@ -33,8 +33,8 @@ from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export.encoders import LoadedEncoder, load
 from headmaster.export.reference import reference_images, reference_prompts
 from headmaster.model_repository.backends.preprocess import preprocess_bytes
-from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
 from headmaster.model_repository.backends.runtime import load_runner
+from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
 
 LOG = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ExportOptions:
     quantization: quantize.QuantizeSettings = quantize.QuantizeSettings()  # int8: how (tests make bad ones)
     image_size: int | None = None  # timm backbones: square input size other than their pretrained config's
     # onnx:FILE: its preprocessing and embedding tensor (export/onnx_file.py); None reads FILE's sidecar only
-    onnx: "OnnxDescription | dict | None" = None
+    onnx: onnx_file.OnnxDescription | dict | None = None
     key_map: str | None = None  # a checkpoint saved by another codebase: named map or JSON rules (checkpoints.py)
 
     def __post_init__(self) -> None:

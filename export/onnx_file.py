@@ -84,7 +84,7 @@ class OnnxDescription:
                              mean=self.mean, std=self.std, crop_pct=self.crop_pct, convert_first=True)
 
     @classmethod
-    def from_sources(cls, path: Path, config: Path | None, overrides: dict) -> "OnnxDescription":
+    def from_sources(cls, path: Path, config: Path | None, overrides: dict) -> OnnxDescription:
         """The sidecar file (``config``, else FILE's stem + .yaml/.yml/.json when present),
         then the CLI's ``overrides`` (None values ignored) on top."""
         values: dict = {}

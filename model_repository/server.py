@@ -425,6 +425,9 @@ class TritonServer:
         Triton's exit waits on that call until its exit timeout, with the models still loaded."""
         from headmaster.model_repository import live
 
+        process = self._process
+        if process is None:  # never started: nothing to drain
+            return
         try:
             models = live.serving(self, timeout_s)
         except Exception as e:  # an unreachable or already stopping server: SIGTERM does the rest
@@ -443,7 +446,7 @@ class TritonServer:
                 live.unload(self, batch, timeout_s)
                 while time.monotonic() < deadline and (
                         set(batch) & set(live.serving(self, timeout_s))
-                        or any(stub.model in batch for stub in _stubs_of(self._process.pid))):
+                        or any(stub.model in batch for stub in _stubs_of(process.pid))):
                     time.sleep(0.1)
             except Exception as e:  # a server stopping under us: SIGTERM does the rest
                 LOG.warning("drain: %s", e)

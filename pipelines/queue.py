@@ -69,6 +69,7 @@ class Broker(abc.ABC):
         """While the broker is unreachable, calls wait and reconnect; once ``stop()`` is true
         they raise instead, so a worker told to exit during an outage exits. A broker that
         never waits ignores it."""
+        return  # not abstract: a broker that never waits needs nothing here
 
     @abc.abstractmethod
     def close(self) -> None: ...

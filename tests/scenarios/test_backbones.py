@@ -114,7 +114,7 @@ def test_a_timm_checkpoint_by_path_loads_with_its_classifier_dropped(tmp_path):
     from headmaster.export.encoders import weights_sha256
 
     assert encoder.weights_sha256 == weights_sha256(trained) != load("timm:convnext_atto", None).weights_sha256
-    with pytest.raises(ExportError, match="cannot read checkpoint .*broken.pth: "):
+    with pytest.raises(ExportError, match=r"cannot read checkpoint .*broken\.pth: "):
         (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
         load("timm:convnext_atto", str(tmp_path / "broken.pth"))
 

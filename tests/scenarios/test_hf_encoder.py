@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.errors import ExportError
-from headmaster.errors import CardError, RepositoryError
+from headmaster.errors import CardError, ExportError, RepositoryError
 from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import weights_sha256
@@ -33,7 +32,7 @@ from tests.helpers import ARTIFACTS, build_repo, cosine_rows, run_cli, start_ser
 
 transformers = pytest.importorskip("transformers", reason="hf:FOLDER needs transformers (pip install 'headmaster[hf]')")
 
-TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TOWER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 PROMPTS = ["a photo of a cat", "A DOG, running!", "an astronaut   riding a horse", "café au lait",
            " ".join(["a very long prompt"] * 30)]  # the last one is truncated to the context length
 
@@ -56,8 +55,7 @@ def _siglip_tokenizer(folder: Path):
     import sentencepiece
 
     rng = random.Random(3)
-    words = ("a photo of the cat dog car tree astronaut riding horse café au lait running small big red blue "
-             "green picture painting sketch drawing bright dark naïve ünïcode").split()
+    words = ["a", "photo", "of", "the", "cat", "dog", "car", "tree", "astronaut", "riding", "horse", "café", "au", "lait", "running", "small", "big", "red", "blue", "green", "picture", "painting", "sketch", "drawing", "bright", "dark", "naïve", "ünïcode"]
     corpus = folder.parent / "siglip-corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(400)))
     sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder.parent / "siglip-sp"),
@@ -158,8 +156,8 @@ def test_what_is_not_a_supported_folder_is_refused_in_one_line(folders, tmp_path
     assert "no preprocessor_config.json (save the image processor into the folder too" in result.stderr
     vit = tmp_path / "vit"
     transformers.ViTModel(transformers.ViTConfig(**TOWER, image_size=32, patch_size=16)).save_pretrained(vit)
-    with pytest.raises(ExportError, match="model_type 'vit' in config.json is not supported; supported: clip, "
-                                          "siglip, dinov2"):
+    with pytest.raises(ExportError, match=r"model_type 'vit' in config\.json is not supported; supported: clip, "
+                                          r"siglip, dinov2"):
         export_encoder(ExportOptions(model=f"hf:{vit}", pretrained=None, out=tmp_path / "e"))
     untokenized = tmp_path / "untokenized"
     shutil.copytree(folders["clip"], untokenized)
@@ -177,7 +175,7 @@ def test_what_is_not_a_supported_folder_is_refused_in_one_line(folders, tmp_path
                                           "export --towers image"):
         export_encoder(ExportOptions(model=f"hf:{spieceless}", pretrained=None, out=tmp_path / "e",
                                      towers=("text",)))
-    with pytest.raises(ExportError, match="hf:.*/absent: no such folder"):
+    with pytest.raises(ExportError, match=r"hf:.*/absent: no such folder"):
         export_encoder(ExportOptions(model=f"hf:{tmp_path / 'absent'}", pretrained=None, out=tmp_path / "e"))
     assert not (tmp_path / "e").exists()
 
@@ -251,8 +249,8 @@ def test_the_tokenizer_is_part_of_the_card_and_checked_when_built(exports, tmp_p
     changed = tmp_path / "encoder"
     shutil.copytree(out, changed)
     (changed / "tokenizer" / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(RepositoryError, match="tokenizer file tokenizer/tokenizer_config.json is .*, not the .* its "
-                                              "card records; export the encoder again"):
+    with pytest.raises(RepositoryError, match=r"tokenizer file tokenizer/tokenizer_config\.json is .*, not the .* its "
+                                              r"card records; export the encoder again"):
         build_repository(changed, tmp_path / "repo")
 
 

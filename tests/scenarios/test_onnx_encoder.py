@@ -198,8 +198,8 @@ def test_served_embeddings_are_onnxruntimes_on_the_original_file(classifier_file
 
 def test_int8_goes_through_the_same_gate(classifier_file, tmp_path):
     """The random classifier's logits (a Gemm, which int8 quantizes) lose too much: refused, nothing written."""
-    with pytest.raises(ExportError, match="int8: the int8 image tower fails the promotion gate.*min cosine to fp32 "
-                                          "0\\.9[0-7]\\d* < 0\\.98") as caught:
+    with pytest.raises(ExportError, match=r"int8: the int8 image tower fails the promotion gate.*min cosine to fp32 "
+                                          r"0\.9[0-7]\d* < 0\.98") as caught:
         export_encoder(ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e",
                                      precision="int8", onnx={"embedding": "logits", **IMAGENET}))
     assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []

@@ -39,7 +39,6 @@ def otlp_receiver():
 
 
 def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiver):
-    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
     url, spans = otlp_receiver

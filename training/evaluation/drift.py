@@ -134,7 +134,7 @@ def detect(head_version, reference: Window, current: Window, min_items: int = 50
     except ImportError:
         raise UnsupportedHereError("headmaster drift needs Evidently: pip install 'headmaster[monitor]'") from None
     from evidently.legacy.core import ColumnType
-    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model, mmd
+    from evidently.legacy.metrics.data_drift.embedding_drift_methods import mmd, model
     from scipy.stats import binomtest
 
     for window in (reference, current):
