@@ -15,7 +15,7 @@ from headmaster.cli.common import DEFAULT_REPO, RepoOption, console
 def serve(
     repo: RepoOption = DEFAULT_REPO,
     host: Annotated[str, typer.Option(help="Address to listen on. 127.0.0.1 (default) serves this machine only; "
-                                           "0.0.0.0 serves every network the machine is on (see README, Security).")] = "127.0.0.1",
+                                           "0.0.0.0 serves every network the machine is on (see docs/serving.md, security).")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="HTTP/REST (KServe v2) port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
@@ -119,8 +119,8 @@ def serve(
             console.print(f"  control  closed; the key is in {Path(repo) / STATE_DIR / 'server.json'} (owner only)")
         if host not in ("127.0.0.1", "localhost", "::1"):
             console.print(f"[yellow]listening on {host}:[/] inference, health, metadata, model configs and "
-                          "statistics answer anyone who reaches this address, unencrypted over HTTP (see README, "
-                          "Security, for TLS)")
+                          "statistics answer anyone who reaches this address, unencrypted over HTTP (see docs/serving.md, "
+                          "security, for TLS)")
         console.print("Ctrl-C or SIGTERM stops it.")
         say = lambda line: console.print(line, highlight=False)  # noqa: E731
         supervisor = Supervisor(server, Path(repo), say=say)

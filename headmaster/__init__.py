@@ -1,6 +1,6 @@
 """Headmaster: classify content with foundation-model embeddings and tiny heads on NVIDIA Triton.
 
-The package is assembled from the checkout's top-level folders (see README, "Where things
+The package is assembled from the checkout's top-level folders (see docs/architecture.md, "Where things
 live"): ``headmaster.errors`` (this folder) is the one exception family every other part
 raises from; ``headmaster.export``, ``headmaster.model_repository``, ``headmaster.training``,
 ``headmaster.store``, ``headmaster.client`` and ``headmaster.cli`` are the jobs.

@@ -195,7 +195,7 @@ class RedisStreams(Broker):
                 raise
         # Redis came back without its data (no persistence, or a new server): the group is gone,
         # and whatever it held with it. Make it again, from the start of what is there, and go on.
-        LOG.warning("group %s of %s is gone from Redis at %s (restarted without its data? see the README on "
+        LOG.warning("group %s of %s is gone from Redis at %s (restarted without its data? see docs/pipelines.md on "
                     "appendonly): made again; entries queued before the restart may be lost", group, stream,
                     safe_url(self.url))
         self.ensure_group(stream, group)

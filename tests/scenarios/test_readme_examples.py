@@ -1,6 +1,8 @@
-"""Every fenced code block of README.md runs as a test, verbatim (issue 9).
+"""Every fenced code block of README.md and of the docs/ pages runs as a test, verbatim (issue 9).
 
-README.md is read when the tests are collected and run (never a copy): each fenced block
+README.md and the docs/ pages it links (in the order it first links them; a page it does not
+link fails, so no page goes unread) are read when the tests are collected and run (never a
+copy): each fenced block
 (```bash, ```python, ```text and any other) becomes one test, named after the heading above
 it. A new block nobody wrote a check for still runs (bash and python: exit 0), and a block of
 another kind fails until a check for it is added here.
