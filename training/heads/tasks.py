@@ -14,6 +14,7 @@ and the loss of the task:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -139,7 +140,10 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
     else:
         metrics = ordinal_metrics(ordinal_class(val_scores), y[val], labels, val_scores @ np.arange(len(labels)))
         # The same split through a plain multiclass head: what the ordinal loss buys.
-        baseline, _ = fit(x[train], y[train], x[val], y[val], False, np.ones(len(labels)), config)
+        # The same optimiser as the ordinal head (AdamW, early stopping), so the comparison shows
+        # what the cumulative targets change, not what L-BFGS does.
+        baseline, _ = fit(x[train], y[train], x[val], y[val], False, np.ones(len(labels)),
+                          dataclasses.replace(config, solver="adamw"))
         metrics["multiclass_baseline"] = ordinal_metrics(baseline.scores(x[val]).argmax(axis=1), y[val], labels)
     if options.ood not in ood_detection.MODES:
         raise DataError(f"ood must be one of {', '.join(ood_detection.MODES)}, not {options.ood!r}", option="ood")
