@@ -7,8 +7,8 @@ machine (random weights, the cost does not depend on them).
 
 The inverted-file search (``threshold.ivf_search``: what a head with more than ``EXACT_MAX``
 references gets) at 100,000 and 200,000 clustered references: its cost per image (one thread,
-batch 8) as a share of the encoder's, the time to build it (the server builds it once per head
-version), recall@k of its neighbours against the exact faiss search, and FPR at 95% TPR with
+batch 8) as a share of the encoder's, the time to build it (train-head builds it once and stores
+it as ood.faiss; the server reads that file), recall@k of its neighbours against the exact faiss search, and FPR at 95% TPR with
 its distances against the exact ones.
 
 What the cap costs in detection: synthetic but structured embeddings (a mixture of 2,000
@@ -16,6 +16,12 @@ clusters on the 512-d sphere; in-distribution = 1,600 of the clusters, out-of-di
 the other 400), FPR at 95% TPR with all 100,000 references vs subsamples of 20,000 and 5,000.
 
     python benchmarks/ood_knn.py [--dim 512] [--references 100000] [--no-exact] [--record]
+
+The first request that needs a new IVF head version, as the threshold step serves it
+(``TritonPythonModel._index`` + ``knn_distance``, one thread, batch 8), with the index built on
+first use (a version published before ood.faiss was stored) and read from ood.faiss (now):
+
+    python benchmarks/ood_knn.py --first-request 30000 [--record]
 
 Results: benchmarks/RESULTS.md.
 """
@@ -125,6 +131,44 @@ def ivf_rows(dim: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
     return rows
 
 
+def first_request(dim: int, size: int, k: int) -> dict:
+    """Seconds of the first request (batch 8) that needs a version of ``size`` clustered
+    references: the index built on first use vs read from the stored ood.faiss."""
+    import faiss
+
+    from headmaster.model_repository.backends import threshold
+
+    faiss.omp_set_num_threads(1)  # as the threshold step runs it
+    rng = np.random.default_rng(0)
+    centres = unit(rng.normal(size=(2000, dim)).astype(np.float32))
+    references = clustered(rng, centres[:1600], size, 1.2 / np.sqrt(dim)).astype(np.float16)
+    queries = clustered(rng, centres, 8, 1.2 / np.sqrt(dim))
+    search = threshold.ivf_search(size)
+    if search is None:
+        raise SystemExit(f"--first-request {size}: at most EXACT_MAX ({threshold.EXACT_MAX}) references are "
+                         "searched exactly, with nothing to build; ask for more")
+    started = time.perf_counter()
+    stored = threshold.KnnIndex(references.astype(np.float32), search).serialized()  # what train-head does
+    publish_s = time.perf_counter() - started
+    ood = {"k": k, "threshold": 1.0, "policy": "flag", "references": size,
+           "sha256": threshold.references_sha256(references), "search": search}
+    out = {"references": size, "search": search, "publish_s": publish_s, "index_mb": len(stored) / 2**20}
+    with tempfile.TemporaryDirectory() as tmp:
+        version = Path(tmp) / "head" / "1"
+        version.mkdir(parents=True)
+        np.save(version / threshold.OOD_FILE, references, allow_pickle=False)
+        (version / threshold.OOD_INDEX_FILE).write_bytes(stored)
+        distances = []
+        for name, entry in (("built_s", ood), ("stored_s", {**ood, "index_sha256": threshold.index_sha256(stored)})):
+            model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
+            model.repository, model._indexes = tmp, {}
+            started = time.perf_counter()
+            distances.append(threshold.knn_distance(model._index("head", {"version": 1, "ood": entry}), queries, k))
+            out[name] = time.perf_counter() - started
+    out["same"] = bool(np.array_equal(*distances))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=512)
@@ -132,7 +176,30 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--no-exact", action="store_true", help="only the inverted-file rows (and the encoder)")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    parser.add_argument("--first-request", type=int, metavar="REFERENCES",
+                        help="only the first request of an IVF version of this many references, built vs stored")
     args = parser.parse_args()
+    if args.first_request is not None:
+        import faiss
+
+        r = first_request(args.dim, args.first_request, args.k)
+        text = "\n".join([
+            f"### {datetime.date.today()}: first request of a new IVF head version, {r['references']:,} clustered "
+            f"{args.dim}-d references, k={args.k}, batch 8 ({platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, faiss {faiss.__version__}; machine shared with other work, "
+            f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; "
+            f"`benchmarks/ood_knn.py --first-request {r['references']} --dim {args.dim}`)", "",
+            "| index | first request (s) |", "|---|---|",
+            f"| built on first use (k-means over {r['search']['lists']} lists + add; versions published before "
+            f"ood.faiss) | {r['built_s']:.2f} |",
+            f"| read from ood.faiss ({r['index_mb']:.1f} MiB, sha256 checked) | {r['stored_s']:.2f} |", "",
+            f"Building and serializing the index at publish time (train-head) took {r['publish_s']:.2f} s in the same "
+            f"run; the two indexes gave {'identical' if r['same'] else 'DIFFERENT'} distances."]) + "\n"
+        print(text)
+        if args.record:
+            with open(Path(__file__).parent / "RESULTS.md", "a") as f:
+                f.write("\n" + text)
+        return
 
     import faiss
 

@@ -134,6 +134,10 @@ def check_ood(name: str, ood: dict) -> None:
                                    and isinstance(search.get("seed", 0), int)):
         raise ExportError(f"head {name}: ood search must be absent (exact) or {{kind: ivf, lists >= 1, probe >= 1, "
                           f"seed}}, not {search!r}", option="ood")
+    named = ood.get("index_sha256")
+    if named is not None and not (search is not None and isinstance(named, str) and re.fullmatch(r"[0-9a-f]{64}", named)):
+        raise ExportError(f"head {name}: ood index_sha256 goes with an ivf search and is 64 hex digits, "
+                          f"not {named!r}", option="ood")
 
 
 def check_task(card: HeadCard) -> None:
@@ -190,7 +194,9 @@ class HeadCard:
     # Out of distribution (None: the version has no reference set and never says "ood"):
     # k, threshold (cosine distance to the k-th nearest reference), policy (abstain | flag),
     # references (rows of ood.npy) and sha256 (threshold.references_sha256 of them).
-    # search: absent for an exact search, else threshold.ivf_search's record (large sets).
+    # search: absent for an exact search, else threshold.ivf_search's record (large sets);
+    # index_sha256: the sha256 of the IVF index stored beside them (ood.faiss; absent in
+    # versions published before it was stored, whose index is built when first used).
     ood: dict | None = None
     # What the head answers (see threshold.TASKS): labels (flat, yesterday's heads), hierarchy
     # (a path in ``parents``: child -> parent), regression (a value in ``value_range``) or
@@ -311,14 +317,20 @@ def head_onnx(weights: HeadWeights, card: HeadCard):
 
 
 def write_head(folder: Path, weights: HeadWeights, card: HeadCard, check_embeddings: np.ndarray | None = None,
-               references: np.ndarray | None = None) -> None:
-    """Write model.onnx + head.json (+ ood.npy, the reference set a card with ``ood`` names),
+               references: np.ndarray | None = None, ood_index: bytes | None = None) -> None:
+    """Write model.onnx + head.json (+ ood.npy, the reference set a card with ``ood`` names,
+    and ood.faiss, the serialized IVF index ``ood_index`` a card with ``ood.index_sha256`` names),
     then load the ONNX file back and compare it with the numpy reference on
     ``check_embeddings`` (random unit vectors when none are given)."""
     import onnx
     import onnxruntime as ort
 
-    from headmaster.model_repository.backends.threshold import OOD_FILE, references_sha256
+    from headmaster.model_repository.backends.threshold import (
+        OOD_FILE,
+        OOD_INDEX_FILE,
+        index_sha256,
+        references_sha256,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -329,6 +341,12 @@ def write_head(folder: Path, weights: HeadWeights, card: HeadCard, check_embeddi
                 references_sha256(references) != card.ood["sha256"]:
             raise ExportError(f"head {card.name}: the reference set is not the one its card describes")
         np.save(folder / OOD_FILE, references, allow_pickle=False)
+    named = (card.ood or {}).get("index_sha256")
+    if (named is None) != (ood_index is None) or (ood_index is not None and index_sha256(ood_index) != named):
+        raise ExportError(f"head {card.name}: a faiss index ({OOD_INDEX_FILE}) goes with a card whose ood "
+                          "entry names its sha256 (index_sha256), and only that index")
+    if ood_index is not None:
+        (folder / OOD_INDEX_FILE).write_bytes(ood_index)
     onnx.save(head_onnx(weights, card), str(folder / MODEL_FILE))
     card.save(folder)
     if check_embeddings is None:

@@ -17,12 +17,11 @@ import numpy as np
 from headmaster.errors import FingerprintMismatchError
 from headmaster.export.heads import MODEL_FILE, HeadCard
 from headmaster.model_repository.backends.threshold import (
-    KnnIndex,
     accept,
     accepted_mask,
     head_results,
     knn_distance,
-    load_references,
+    load_index,
     ood_rule,
 )
 from headmaster.model_repository.repository import Repository
@@ -81,8 +80,8 @@ class HeadVersion:
         if not self.has_ood:
             return None
         if not self._index:
-            self._index.append(KnnIndex(load_references(str(self.folder), self.card.ood),
-                                        self.card.ood.get("search")))
+            # The stored IVF index when the version has one (the server reads the same file).
+            self._index.append(load_index(str(self.folder), self.card.ood))
         return knn_distance(self._index[0], embeddings, int(self.card.ood["k"]))
 
     def out_of_distribution(self, embeddings: np.ndarray) -> np.ndarray | None:

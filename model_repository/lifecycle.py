@@ -82,9 +82,11 @@ def _go_live(repo: Path, name: str, previous: int | None, control: live.Control 
 
 
 def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
-            server: str | None = None, references=None, go_live: bool = True) -> Change:
+            server: str | None = None, references=None, go_live: bool = True,
+            ood_index: bytes | None = None) -> Change:
     """Publish the next version of a head (see ``repository.publish_head``) and make it live;
-    ``references``: the out-of-distribution reference set its card's ``ood`` describes.
+    ``references``: the out-of-distribution reference set its card's ``ood`` describes, and
+    ``ood_index`` its serialized IVF index (large sets, ``ood.index_sha256`` on the card).
     ``go_live=False`` publishes a candidate: on disk, validated, never served until an A/B or
     shadow test (``heads canary``) or a rollback names it, so no request sees it untested."""
     name = make_card(1).name
@@ -95,7 +97,7 @@ def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5
         raise RepositoryError(f"head {name} has no live version to test a candidate against: its first version "
                               "goes live (drop --candidate)", option="candidate")
     card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep, references,
-                            live_version=None if go_live else previous)
+                            live_version=None if go_live else previous, ood_index=ood_index)
     s3.sync_up(repo)
     if not go_live:  # the head's config still names the live version: nothing to load
         return Change(card.name, previous, control.http_url if control else None, card)
@@ -267,14 +269,16 @@ def _import_on_disk(repo: Path, version_dir: Path, name: str | None = None) -> H
     source = HeadCard.load(version_dir)
     weights = HeadWeights.from_onnx(Path(version_dir) / MODEL_FILE)
     details = {**source.details, "imported_from": str(Path(version_dir).resolve())}
-    references = None
-    if source.ood is not None:  # check_version_dir has verified it against the card
+    references, ood_index = None, None
+    if source.ood is not None:  # check_version_dir has verified them against the card
         import numpy as np
 
-        from headmaster.model_repository.backends.threshold import OOD_FILE
+        from headmaster.model_repository.backends.threshold import OOD_FILE, OOD_INDEX_FILE
         references = np.load(Path(version_dir) / OOD_FILE, allow_pickle=False)
+        if source.ood.get("index_sha256"):  # the very index it was published with, not rebuilt
+            ood_index = (Path(version_dir) / OOD_INDEX_FILE).read_bytes()
     return _publish_on_disk(repo, weights, lambda v: replace(source, name=name or source.name, version=v, details=details),
-                            references=references)
+                            references=references, ood_index=ood_index)
 
 
 def _remove_on_disk(repo: Path, name: str) -> None:
@@ -290,7 +294,7 @@ def _remove_on_disk(repo: Path, name: str) -> None:
 
 
 def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
-                     references=None, live_version: int | None = None) -> HeadCard:
+                     references=None, live_version: int | None = None, ood_index: bytes | None = None) -> HeadCard:
     """Publish the next version of a head: the only way head versions enter a repository.
 
     ``make_card(version)`` returns the HeadCard for the version number the repository
@@ -307,7 +311,7 @@ def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep
         if card.embed_dim != repository.card.embed_dim:
             raise RepositoryError(f"head {card.name} reads {card.embed_dim}-d embeddings; "
                                   f"the encoder gives {repository.card.embed_dim}-d")
-        write_head(folder, weights, card, check_embeddings, references)
+        write_head(folder, weights, card, check_embeddings, references, ood_index)
         copy_backend("runtime", folder)
         published.append(card)
 

@@ -173,6 +173,24 @@ def _check_references(folder: Path, card: HeadCard, refuse) -> None:
         raise refuse(f"{OOD_FILE} cannot be read: {e}") from None
     if references.shape != (card.ood["references"], card.embed_dim):
         raise refuse(f"{OOD_FILE} is {list(references.shape)}, not [{card.ood['references']}, {card.embed_dim}]")
+    if card.ood.get("index_sha256"):
+        _check_index(folder, card, refuse)
+
+
+def _check_index(folder: Path, card: HeadCard, refuse) -> None:
+    """The IVF index the card names (ood.index_sha256): present, those bytes."""
+    from headmaster.model_repository.backends.threshold import OOD_INDEX_FILE, index_sha256
+
+    path = folder / OOD_INDEX_FILE
+    if not path.is_file():
+        raise refuse(f"{OOD_INDEX_FILE} is missing ({HEAD_FILE} names its sha256 in ood.index_sha256)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise refuse(f"{OOD_INDEX_FILE} cannot be read: {e}") from None
+    if index_sha256(data) != card.ood["index_sha256"]:
+        raise refuse(f"{OOD_INDEX_FILE} is not the faiss index this version was published with "
+                     f"(its sha256 differs from {HEAD_FILE}'s ood.index_sha256)")
 
 
 def _scores_activation(model_path: Path) -> str | None:

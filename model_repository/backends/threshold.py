@@ -18,7 +18,8 @@ the ``expected`` rank. ``accepted_mask`` / ``head_results`` are the one implemen
 
 Out of distribution: a head version trained with a reference set (``ood.npy`` beside its
 ``model.onnx``, described by the ``ood`` entry of its INFO; read from the bucket with boto3 when
-Triton serves an S3 repository) is asked, per image, how far the
+Triton serves an S3 repository; a large set's IVF index, ``ood.faiss``, is built once when the
+version is published and read here, never rebuilt) is asked, per image, how far the
 embedding lies from the training embeddings: the cosine distance to the k-th nearest
 reference. Beyond the version's threshold the image is ``"ood": true``; an ``abstain`` head
 then accepts no label, a ``flag`` head labels as usual. ``ood_rule`` is the one implementation,
@@ -45,6 +46,9 @@ import numpy as np
 
 AB_METRIC = "headmaster_ab_items_total"
 OOD_FILE = "ood.npy"  # float16 [R, D]: L2-normalised training embeddings of the head version
+# An IVF reference set's faiss index (faiss.serialize_index), built once when the version is
+# published; its sha256 is the ood entry's index_sha256. Versions without it build the index.
+OOD_INDEX_FILE = "ood.faiss"
 OOD_POLICIES = ("abstain", "flag")
 # The repository Triton was started on (`headmaster serve` and the Helm chart set it): where an
 # S3-served model finds the head versions' reference sets.
@@ -125,12 +129,56 @@ def fetch_references(repository_url: str, head: str, version: int, ood: dict) ->
     this model there. Credentials as Triton's own (AWS_* in the environment)."""
     import io
 
+    where, body = _fetch(repository_url, head, version, OOD_FILE)
+    return _checked(np.load(io.BytesIO(body), allow_pickle=False), ood, where)
+
+
+def _fetch(repository_url: str, head: str, version: int, name: str) -> tuple[str, bytes]:
     import boto3
 
     endpoint, bucket, prefix = s3_parts(repository_url)
-    key = "/".join(p for p in (prefix, head, str(version), OOD_FILE) if p)
+    key = "/".join(p for p in (prefix, head, str(version), name) if p)
     body = boto3.client("s3", endpoint_url=endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
-    return _checked(np.load(io.BytesIO(body), allow_pickle=False), ood, f"s3://{bucket}/{key}")
+    return f"s3://{bucket}/{key}", body
+
+
+def index_sha256(data: bytes) -> str:
+    """The digest INFO's ``ood.index_sha256`` carries of a serialized faiss index."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _checked_index(data: bytes, ood: dict, where: str) -> bytes:
+    if index_sha256(data) != ood["index_sha256"]:
+        raise ValueError(f"{where} is not the faiss index this version was published with "
+                         "(its sha256 differs from the ood entry's index_sha256)")
+    return data
+
+
+def load_index(folder: str, ood: dict) -> KnnIndex:
+    """A version's kNN index: its stored faiss index (``OOD_INDEX_FILE``, refused unless it
+    is the one INFO names) when INFO names one and faiss is here, else built from its
+    reference set (exact sets, versions published before the index was stored)."""
+    if ood.get("index_sha256") and _has_faiss():
+        where = os.path.join(folder, OOD_INDEX_FILE)
+        with open(where, "rb") as f:
+            return KnnIndex.deserialized(_checked_index(f.read(), ood, where), ood["search"])
+    return KnnIndex(load_references(folder, ood), ood.get("search"))
+
+
+def fetch_index(repository_url: str, head: str, version: int, ood: dict) -> KnnIndex:
+    """:func:`load_index` from the bucket Triton serves (see :func:`fetch_references`)."""
+    if ood.get("index_sha256") and _has_faiss():
+        where, body = _fetch(repository_url, head, version, OOD_INDEX_FILE)
+        return KnnIndex.deserialized(_checked_index(body, ood, where), ood["search"])
+    return KnnIndex(fetch_references(repository_url, head, version, ood), ood.get("search"))
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 EXACT_MAX = 10_000  # reference sets up to this size are searched exactly; larger ones through IVF
@@ -187,6 +235,28 @@ class KnnIndex:
         finally:
             faiss.omp_set_num_threads(threads)
         self.references = self.references[:0]  # the index holds its own copy: don't keep two
+
+    @classmethod
+    def deserialized(cls, data: bytes, search: dict) -> KnnIndex:
+        """The index :meth:`serialized` wrote (faiss.deserialize_index), probed as ``search`` says."""
+        import faiss
+
+        self = cls.__new__(cls)
+        self.search = search
+        self.index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        self.references = np.zeros((0, self.index.d), np.float32)
+        if search.get("kind") != "ivf" or not hasattr(self.index, "nprobe"):
+            raise ValueError(f"a stored faiss index goes with an ivf search, not {search.get('kind')!r}")
+        self.index.nprobe = max(1, min(int(search["probe"]), int(self.index.nlist)))
+        return self
+
+    def serialized(self) -> bytes:
+        """The faiss index as bytes (faiss.serialize_index), what ``OOD_INDEX_FILE`` holds."""
+        import faiss
+
+        if self.index is None:
+            raise ValueError("no faiss here: an index cannot be stored without faiss")
+        return faiss.serialize_index(self.index).tobytes()
 
     def __len__(self) -> int:
         return int(self.index.ntotal) if self.index is not None else len(self.references)
@@ -381,7 +451,8 @@ class TritonPythonModel:
         self._indexes: dict[tuple[str, int, str], KnnIndex] = {}
 
     def _index(self, head: str, info: dict) -> KnnIndex:
-        # One index per version, built on first use: a hot swap brings its own reference set.
+        # One index per version, read on first use (an IVF version's index was built when it was
+        # published): a hot swap brings its own reference set.
         key = (head, int(info["version"]), info["ood"]["sha256"])
         index = self._indexes.get(key)
         if index is None:
@@ -390,10 +461,10 @@ class TritonPythonModel:
                 del self._indexes[old]
             remote = os.environ.get(REPOSITORY_ENV, "")
             if remote.startswith("s3://") and not os.path.isdir(folder):
-                references = fetch_references(remote, head, int(info["version"]), info["ood"])
+                index = fetch_index(remote, head, int(info["version"]), info["ood"])
             else:
-                references = load_references(folder, info["ood"])
-            index = self._indexes[key] = KnnIndex(references, info["ood"].get("search"))
+                index = load_index(folder, info["ood"])
+            self._indexes[key] = index
         return index
 
     def _info(self, raw: bytes) -> dict:

@@ -8,6 +8,7 @@ separates by content, and its AUROC would be higher (see README, "What was not r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -18,8 +19,9 @@ import pytest
 from PIL import Image
 
 from headmaster.client import HeadmasterClient
+from headmaster.client.errors import ServerSideError
 from headmaster.export.reference import held_out_images, reference_images
-from headmaster.model_repository.backends.threshold import OOD_FILE
+from headmaster.model_repository.backends.threshold import OOD_FILE, OOD_INDEX_FILE, KnnIndex, knn_distance
 from headmaster.model_repository.head_version import HeadVersion
 from headmaster.model_repository.repository import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
@@ -95,7 +97,8 @@ def test_served_results_say_ood_as_the_cpu_path_does_and_abstain(ood_setup):
 
 def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeypatch):
     """A version whose reference set is searched through IVF (EXACT_MAX lowered so that 1,200 digits
-    are "large"): the server builds the index its INFO records and flags what HeadVersion flags."""
+    are "large"): train-head stores the index it built (ood.faiss, its sha256 on the card); the
+    server reads that file and flags what HeadVersion, reading the same file, flags."""
     from headmaster.model_repository.backends import threshold
 
     monkeypatch.setattr(threshold, "EXACT_MAX", 500)
@@ -103,8 +106,20 @@ def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeyp
                                    cache_dir=ood_setup["cache"], ood="flag")).card
     monkeypatch.undo()
     assert card.ood["search"]["kind"] == "ivf" and card.ood["references"] > 500
+    index_file = Repository(ood_setup["repo"]).version_dir("digit_ivf") / OOD_INDEX_FILE
+    stored = index_file.read_bytes()
+    assert hashlib.sha256(stored).hexdigest() == card.ood["index_sha256"]
     digits = sorted(ood_setup["holdout"].rglob("*.png"))[:48]
     photos = sorted(ood_setup["photos"].iterdir())
+    # The server reads that file (it does not build its own): before the first request, a
+    # tampered copy is refused, naming the file; put back, the version answers.
+    index_file.write_bytes(stored[:-1] + bytes([stored[-1] ^ 1]))
+    try:
+        with HeadmasterClient(ood_setup["server"].http_url, "http", batch_size=8) as client, \
+                pytest.raises(ServerSideError, match=r"ood\.faiss is not the faiss index this version was published with"):
+            client.classify([str(digits[0])])
+    finally:
+        index_file.write_bytes(stored)
     with HeadmasterClient(ood_setup["server"].http_url, "http", batch_size=8) as client:
         served = client.classify([str(p) for p in digits + photos])
     head = HeadVersion.load(ood_setup["repo"], "digit_ivf")
@@ -112,6 +127,8 @@ def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeyp
     got = [r.heads["digit_ivf"] for r in served]
     assert [g.ood for g in got] == head.out_of_distribution(embeddings).tolist()
     np.testing.assert_allclose([g.ood_distance for g in got], head.ood_distances(embeddings), atol=1e-4)
+    np.testing.assert_allclose([g.ood_distance for g in got], atol=1e-4, desired=knn_distance(
+        KnnIndex.deserialized(stored, card.ood["search"]), embeddings, card.ood["k"]))
     assert not all(g.ood for g in got) and any(g.ood for g in got)
 
 

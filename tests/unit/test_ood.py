@@ -221,3 +221,107 @@ def test_a_collapsed_embedding_set_is_refused_plainly():
     spread = rng.normal(size=(60, 384))  # distinct images: accepted
     checks.check_spread(spread, truth, ("a", "b", "c"))
     assert checks.label_spread(spread, truth) > checks.COLLAPSED_DISTANCE
+
+
+def test_an_ivf_index_is_built_once_at_publish_and_read_back_not_rebuilt(tmp_path, monkeypatch, digits):
+    """fit_ood serializes the IVF index it measured the threshold with; write_head stores it as
+    ood.faiss with its sha256 on the card; the CPU path and the threshold step read that file and
+    find the distances the in-memory index finds; a tampered or missing file is refused."""
+    x_train, y_train, x_val, y_val, unseen = digits
+    monkeypatch.setattr(threshold, "EXACT_MAX", 500)
+    fit = fit_ood(x_train, y_train, x_val, y_val, "flag")
+    monkeypatch.undo()
+    assert fit.index is not None and fit.card["index_sha256"] == threshold.index_sha256(fit.index)
+    base, weights, _ = _head("flag")
+    card = replace(base, ood=fit.card)
+    folder = tmp_path / "repo" / "kind" / "2"
+    write_head(folder, weights, card, references=fit.references, ood_index=fit.index)
+    assert (folder / threshold.OOD_INDEX_FILE).read_bytes() == fit.index
+    assert check_version_dir(folder, FINGERPRINT, 64).ood == card.ood
+
+    queries = np.concatenate([x_val, unseen])
+    in_memory = knn_distance(KnnIndex(fit.references.astype(np.float32), fit.card["search"]), queries, fit.card["k"])
+    loaded = threshold.load_index(str(folder), card.ood)
+    assert loaded.index.nprobe == threshold.IVF_PROBE and len(loaded) == fit.card["references"]
+    np.testing.assert_array_equal(knn_distance(loaded, queries, fit.card["k"]), in_memory)
+    model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
+    model.repository, model._indexes = str(tmp_path / "repo"), {}
+    np.testing.assert_array_equal(knn_distance(model._index("kind", card.info()), queries, fit.card["k"]), in_memory)
+
+    # Another index of the same references (other centres): refused at load and by validation.
+    other = KnnIndex(fit.references.astype(np.float32), {**fit.card["search"], "seed": 7}).serialized()
+    assert other != fit.index
+    (folder / threshold.OOD_INDEX_FILE).write_bytes(other)
+    with pytest.raises(ValueError, match=r"ood\.faiss is not the faiss index this version was published with"):
+        threshold.load_index(str(folder), card.ood)
+    with pytest.raises(InvalidVersionError, match=r"ood\.faiss is not the faiss index this version was published"):
+        check_version_dir(folder, FINGERPRINT, 64)
+    (folder / threshold.OOD_INDEX_FILE).unlink()
+    with pytest.raises(InvalidVersionError, match=r"ood\.faiss is missing"):
+        check_version_dir(folder, FINGERPRINT, 64)
+    # A card naming an index is only written with that index.
+    with pytest.raises(ExportError, match=r"a faiss index \(ood\.faiss\) goes with a card"):
+        write_head(tmp_path / "3", weights, replace(card, version=3), references=fit.references, ood_index=other)
+
+
+def test_a_version_published_before_the_index_was_stored_builds_it(tmp_path, monkeypatch, digits):
+    """An ivf search without index_sha256 (yesterday's versions): no ood.faiss, the index is
+    built from the references as before, and finds what the stored index finds."""
+    x_train, y_train, x_val, y_val, unseen = digits
+    monkeypatch.setattr(threshold, "EXACT_MAX", 500)
+    fit = fit_ood(x_train, y_train, x_val, y_val, "flag")
+    monkeypatch.undo()
+    base, weights, _ = _head("flag")
+    old = replace(base, ood={k: v for k, v in fit.card.items() if k != "index_sha256"})
+    folder = tmp_path / "2"
+    write_head(folder, weights, old, references=fit.references)
+    assert not (folder / threshold.OOD_INDEX_FILE).exists()
+    assert check_version_dir(folder, FINGERPRINT, 64).ood == old.ood
+    built = threshold.load_index(str(folder), old.ood)
+    stored = KnnIndex.deserialized(fit.index, fit.card["search"])
+    queries = np.concatenate([x_val, unseen])
+    np.testing.assert_array_equal(knn_distance(built, queries, fit.card["k"]),
+                                  knn_distance(stored, queries, fit.card["k"]))
+
+
+def test_an_s3_served_threshold_step_fetches_the_stored_index(tmp_path, monkeypatch, digits):
+    """Served from a bucket (moto's real S3 server), the threshold step fetches ood.faiss beside
+    ood.npy, finds the distances the in-memory index finds, and refuses a tampered object."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from headmaster.model_repository.server import free_port
+
+    x_train, y_train, x_val, y_val, unseen = digits
+    monkeypatch.setattr(threshold, "EXACT_MAX", 500)
+    fit = fit_ood(x_train, y_train, x_val, y_val, "flag")
+    monkeypatch.undo()
+    base, weights, _ = _head("flag")
+    card = replace(base, ood=fit.card)
+    folder = tmp_path / "local" / "kind" / "2"
+    write_head(folder, weights, card, references=fit.references, ood_index=fit.index)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", threshold.REPOSITORY_ENV: f"s3://127.0.0.1:{port}/models/prod"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        client.create_bucket(Bucket="models")
+        for name in (threshold.OOD_FILE, threshold.OOD_INDEX_FILE):
+            client.put_object(Bucket="models", Key=f"prod/kind/2/{name}", Body=(folder / name).read_bytes())
+        model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
+        model.repository, model._indexes = str(tmp_path / "elsewhere"), {}  # no head folders beside it
+        queries = np.concatenate([x_val, unseen])
+        in_memory = knn_distance(KnnIndex(fit.references.astype(np.float32), fit.card["search"]), queries, fit.card["k"])
+        served = model._index("kind", card.info())
+        np.testing.assert_array_equal(knn_distance(served, queries, fit.card["k"]), in_memory)
+        other = KnnIndex(fit.references.astype(np.float32), {**fit.card["search"], "seed": 7}).serialized()
+        client.put_object(Bucket="models", Key=f"prod/kind/2/{threshold.OOD_INDEX_FILE}", Body=other)
+        with pytest.raises(ValueError, match=r"^s3://models/prod/kind/2/ood\.faiss is not the faiss index"):
+            threshold.fetch_index(f"s3://127.0.0.1:{port}/models/prod", "kind", 2, card.ood)
+    finally:
+        server.stop()

@@ -3,8 +3,9 @@
 The score is the cosine distance from an image's embedding to its k-th nearest training
 embedding (deep nearest neighbours, Sun et al. 2022), searched by faiss
 (``threshold.KnnIndex``): exactly up to ``threshold.EXACT_MAX`` references, through an
-inverted-file index beyond (``threshold.ivf_search``, recorded in the card so that the server
-and the CPU tools search the same way). The threshold keeps ``TPR`` (95%) of the validation images: an
+inverted-file index beyond (``threshold.ivf_search``, recorded in the card; the index itself is
+built here once and published beside the references as ``threshold.OOD_INDEX_FILE``, its sha256
+in the card, so that the server and the CPU tools read and search the very same index). The threshold keeps ``TPR`` (95%) of the validation images: an
 image farther from the training set than 95% of held-out in-distribution images is "ood".
 
 k is chosen on validation without any out-of-distribution data: each label in turn is
@@ -28,6 +29,7 @@ from headmaster.errors import TrainingError
 from headmaster.model_repository.backends.threshold import (
     OOD_POLICIES,
     KnnIndex,
+    index_sha256,
     ivf_search,
     knn_distance,
     references_sha256,
@@ -45,6 +47,7 @@ class OodFit:
     references: np.ndarray  # float16 [R, D], unit rows: ood.npy
     card: dict  # HeadCard.ood
     details: dict  # how k and the threshold were chosen (head.json details["ood"])
+    index: bytes | None = None  # the serialized faiss IVF index (ood.faiss); None: an exact search
 
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -99,11 +102,15 @@ def fit_ood(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     references = x_train[keep].astype(np.float16)
     k = min(k, len(references))
     search = ivf_search(len(references))
-    distances = knn_distance(KnnIndex(references.astype(np.float32), search), x_val, k)
+    index = KnnIndex(references.astype(np.float32), search)
+    distances = knn_distance(index, x_val, k)
+    # What the server will read instead of rebuilding (without faiss here, it builds as before).
+    stored = index.serialized() if search and index.index is not None else None
     # Rounded up, so that the image at the quantile stays inside after the card's rounding.
     threshold = math.ceil(float(np.quantile(distances, TPR, method="higher")) * 1e6) / 1e6
     card = {"k": int(k), "threshold": threshold, "policy": policy, "references": int(len(references)),
-            "sha256": references_sha256(references), **({"search": search} if search else {})}
+            "sha256": references_sha256(references),
+            **({"search": search, "index_sha256": index_sha256(stored)} if stored is not None else {})}
     details = {**how, "tpr": TPR, "training_rows": int(len(x_train)), "subsampled": bool(len(keep) < len(x_train)),
                "validation_kept": float((distances <= card["threshold"]).mean())}
-    return OodFit(references, card, details)
+    return OodFit(references, card, details, stored)

@@ -163,5 +163,6 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
 
     change = lifecycle.publish(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep,
                                server=options.server, references=ood_fit.references if ood_fit else None,
+                               ood_index=ood_fit.index if ood_fit else None,
                                go_live=not options.candidate)
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)

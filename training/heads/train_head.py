@@ -142,5 +142,6 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
 
     change = lifecycle.publish(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep,
                                server=options.server, references=ood_fit.references if ood_fit else None,
+                               ood_index=ood_fit.index if ood_fit else None,
                                go_live=not options.candidate)
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)
