@@ -331,14 +331,14 @@ def _tool_versions() -> dict:
     return versions
 
 
-def _quantize_image_tower(encoder: LoadedEncoder, spec: TowerFile, fp32_path: Path, path: Path,
+def _quantize_image_tower(name: str, preprocessing: dict, spec: TowerFile, fp32_path: Path, path: Path,
                           options: ExportOptions) -> dict:
-    """int8 from the verified fp32 tower, promoted only through the gate; the card's record."""
-    preprocessing = encoder.preprocessing.as_dict()
+    """int8 from the verified fp32 tower, promoted only through the gate; the card's record. Every
+    kind of encoder (open_clip, timm, onnx:FILE, hf:FOLDER) goes through this one gate."""
     op_types = options.quantization.op_types
     if op_types and not quantize.weight_nodes(fp32_path, op_types):
         # A convolutional network has no MatMul/Gemm with weights: its "int8" graph would be fp32 renamed.
-        raise ExportError(f"{encoder.name} has no {'/'.join(op_types)} node with weights to quantize (int8 "
+        raise ExportError(f"{name} has no {'/'.join(op_types)} node with weights to quantize (int8 "
                           "here quantizes a transformer's weight MatMuls; a convolutional network has none): "
                           "export it as fp32 or fp16", option="precision")
     calibration = quantize.calibration_images(options.calibration)
@@ -346,7 +346,7 @@ def _quantize_image_tower(encoder: LoadedEncoder, spec: TowerFile, fp32_path: Pa
                                         quantize.pixels(calibration, preprocessing), options.quantization)
     figures = quantize.promotion_gate(fp32_path, path, spec.input_name, spec.output_name,
                                       quantize.gate_images(calibration), preprocessing)
-    quantize.require_passed(figures, ExportError, f"{encoder.name} int8")
+    quantize.require_passed(figures, ExportError, f"{name} int8")
     return {"quantization": {**how, "calibration": "reference_images()" if options.calibration is None
                              else str(options.calibration)}, "gate": figures}
 
@@ -363,7 +363,8 @@ def _export_tower(encoder: LoadedEncoder, tower: str, folder: Path, options: Exp
         fp32_path = folder / f"{tower}.fp32.onnx"
         _export_onnx(module, spec, fp32_path)
         check = _verify(encoder, tower, spec, fp32_path, options, precision)
-        int8 = _quantize_image_tower(encoder, spec, fp32_path, path, options)
+        int8 = _quantize_image_tower(encoder.name, encoder.preprocessing.as_dict(), spec, fp32_path, path,
+                                     options)
         fp32_path.unlink()
         return spec, {**check, "precision": "int8", **int8}
     if options.format == "torchscript":
@@ -449,15 +450,9 @@ def _export_onnx_file(options: ExportOptions) -> EncoderCard:
         if options.precision == "int8":
             fp32_path = staging / "image.fp32.onnx"
             tower.rename(fp32_path)
-            calibration = quantize.calibration_images(options.calibration)
-            how = quantize.quantize_image_tower(fp32_path, tower, spec.input_name,
-                                                quantize.pixels(calibration, preprocessing), options.quantization)
-            figures = quantize.promotion_gate(fp32_path, tower, spec.input_name, spec.output_name,
-                                              quantize.gate_images(calibration), preprocessing)
-            quantize.require_passed(figures, ExportError, f"{options.model} int8")
+            int8 = _quantize_image_tower(options.model, preprocessing, spec, fp32_path, tower, options)
             fp32_path.unlink()
-            check = {**check, "precision": "int8", "gate": figures, "quantization": {
-                **how, "calibration": "reference_images()" if options.calibration is None else str(options.calibration)}}
+            check = {**check, "precision": "int8", **int8}
         card = EncoderCard(
             model=encoder.name, pretrained=str(path.resolve()), weights_sha256=encoder.file_sha256,
             preprocessing=preprocessing, embed_dim=int(exported.shape[1]), context_length=0, logit_scale=0.0,

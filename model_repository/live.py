@@ -260,14 +260,19 @@ def unload(server, models: list[str], timeout_s: float = 60.0) -> None:
     _call(server, "unload", models, timeout_s)
 
 
-def states(server, timeout_s: float = 30.0) -> list[tuple[str, str, str]]:
-    """(model, version, state) of every model version Triton knows (its repository index)."""
+def _ask(server, timeout_s: float, question):
+    """One read-only call of the control API, on a client opened and closed for it."""
     control = Control.of(server)
     client = _client(control, timeout_s)
     try:
-        index = client.get_model_repository_index(headers=control.headers)
+        return question(client, control.headers)
     finally:
         client.close()
+
+
+def states(server, timeout_s: float = 30.0) -> list[tuple[str, str, str]]:
+    """(model, version, state) of every model version Triton knows (its repository index)."""
+    index = _ask(server, timeout_s, lambda client, headers: client.get_model_repository_index(headers=headers))
     return [(m["name"], m.get("version", ""), m.get("state", "")) for m in index]
 
 
@@ -280,12 +285,7 @@ def serving(server, timeout_s: float = 30.0) -> dict[str, set[str]]:
     """Model name -> the versions Triton has READY, from its model statistics: what the server holds,
     without reading the repository. The repository index (:func:`states`) lists the repository first:
     from S3 with the endpoint gone it waits on the bucket, and Triton's exit then waits on that call."""
-    control = Control.of(server)
-    client = _client(control, timeout_s)
-    try:
-        stats = client.get_inference_statistics(headers=control.headers)
-    finally:
-        client.close()
+    stats = _ask(server, timeout_s, lambda client, headers: client.get_inference_statistics(headers=headers))
     versions: dict[str, set[str]] = {}
     for model in stats.get("model_stats", []):
         versions.setdefault(model["name"], set()).add(model["version"])

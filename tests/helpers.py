@@ -37,6 +37,18 @@ def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+def read_until_ready(serve: subprocess.Popen) -> list[str]:
+    """The lines ``headmaster serve`` (started with ``stderr=PIPE, text=True``) prints up to "Triton is
+    ready"; fails with all of them when it exits first."""
+    seen = []
+    for line in serve.stderr:
+        seen.append(line)
+        if "Triton is ready" in line or serve.poll() is not None:
+            break
+    assert any("Triton is ready" in line for line in seen), "".join(seen)
+    return seen
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,7 +26,7 @@ from headmaster.model_repository.head_version import HeadVersion
 from headmaster.model_repository.repository import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 from headmaster.training.heads.train_head import TrainOptions, train_head
-from tests.helpers import ARTIFACTS, build_repo, run_cli, start_server
+from tests.helpers import ARTIFACTS, build_repo, read_until_ready, run_cli, start_server
 
 TRAIN = 1200  # digits trained on; the next HOLD are the in-distribution holdout
 HOLD = 200
@@ -320,12 +320,7 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaste
         return answer["data"]["result"]
 
     try:
-        seen = []
-        for line in serve.stderr:
-            seen.append(line)
-            if "Triton is ready" in line or serve.poll() is not None:
-                break
-        assert any("Triton is ready" in line for line in seen), "".join(seen)
+        read_until_ready(serve)
         images = [str(p) for p in sorted(ood_setup["holdout"].rglob("*.png"))[:12]
                   + sorted(ood_setup["photos"].iterdir())]
         with HeadmasterClient(f"127.0.0.1:{grpc}", batch_size=8) as client:

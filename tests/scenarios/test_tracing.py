@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from headmaster.client import HeadmasterClient
-from tests.helpers import CLI, clone_repo, free_port, run_cli
+from tests.helpers import CLI, clone_repo, free_port, read_until_ready, run_cli
 
 
 @pytest.fixture()
@@ -47,12 +47,7 @@ def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiv
     serve = subprocess.Popen([*CLI, "serve", "--repo", str(copy), "--http-port", str(http), "--grpc-port", str(grpc),
                               "--metrics-port", str(metrics), "--trace-url", url], stderr=subprocess.PIPE, text=True)
     try:
-        seen = []
-        for line in serve.stderr:
-            seen.append(line)
-            if "Triton is ready" in line or serve.poll() is not None:
-                break
-        assert any("Triton is ready" in line for line in seen), "".join(seen)
+        read_until_ready(serve)
         tracer = TracerProvider().get_tracer("headmaster-test")
         with tracer.start_as_current_span("application") as span:
             with HeadmasterClient(f"127.0.0.1:{grpc}") as client:
