@@ -180,6 +180,7 @@ def test_what_is_not_a_supported_folder_is_refused_in_one_line(folders, tmp_path
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.server  # starts its own Triton
 def test_a_served_hf_encoder_embeds_and_classifies_as_transformers_does(folders, exports, tmp_path):
     import torch
     from PIL import Image
@@ -289,6 +290,7 @@ def test_the_siglip_text_tower_and_its_sentencepiece_tokenizer_match_transformer
     assert cosine_rows(ours, theirs).min() >= 0.9999
 
 
+@pytest.mark.server  # starts its own Triton
 def test_a_served_siglip_folder_classifies_zero_shot_as_transformers_does(folders, exports, tmp_path):
     import torch
     from PIL import Image

@@ -38,6 +38,7 @@ def otlp_receiver():
     server.shutdown()
 
 
+@pytest.mark.server  # starts its own Triton
 def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiver):
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -68,6 +69,7 @@ def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiv
     assert request["parentSpanId"] == span_id  # Triton's request span is a child of the caller's
 
 
+@pytest.mark.server  # starts its own Triton
 def test_a_trace_url_that_is_not_otlp_http_is_refused(tmp_path):
     result = run_cli("serve", "--repo", tmp_path, "--trace-url", "localhost:4318")
     assert result.returncode == 1
