@@ -69,7 +69,7 @@ def write_image_input(images: list[bytes], path: Path, input_name: str = "IMAGE"
 
 def run(model: str, url: str, input_data: Path, *, protocol: str = "http", batch_size: int = 1,
         concurrency: int = 1, measurement_ms: int = 5000, timeout_s: float = 600,
-        api_key: str | None = None) -> PerfResult:
+        api_key: str | None = None, request_count: int | None = None) -> PerfResult:
     """perf_analyzer on ``model`` at ``url`` over ``protocol`` (http or grpc), one measurement.
 
     It reads the model's config before it measures; ``headmaster serve`` leaves that API open, so
@@ -83,9 +83,12 @@ def run(model: str, url: str, input_data: Path, *, protocol: str = "http", batch
         raise ToolError(reason)
     report = Path(input_data).with_suffix(".csv")
     command = [str(binary()), "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
-               "--concurrency-range", str(concurrency), "--input-data", str(input_data),
-               "--measurement-interval", str(measurement_ms), "--measurement-mode", "time_windows",
-               "--stability-percentage", "25", "--max-trials", "6", "-f", str(report)]
+               "--concurrency-range", str(concurrency), "--input-data", str(input_data), "-f", str(report)]
+    if request_count:
+        command += ["--request-count", str(request_count)]
+    else:
+        command += ["--measurement-interval", str(measurement_ms), "--measurement-mode", "time_windows",
+                    "--stability-percentage", "25", "--max-trials", "6"]
     if api_key:
         command += ["-H", f"{KEY_HEADER}:{api_key}"]
     done = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=timeout_s)

@@ -31,8 +31,9 @@ def perf_input(jpeg_photos, tmp_path_factory):
 def test_perf_analyzer_drives_classify_with_real_jpegs_without_the_key(server, perf_input, tmp_path, protocol):
     data = Path(shutil.copy(perf_input, tmp_path))  # perf_analyzer's report goes beside it
     url = server.grpc_url if protocol == "grpc" else server.http_url
+    # A fixed request count: windows measured until stable may never agree on a busy CI machine.
     result = perf_analyzer.run("classify", url, data, protocol=protocol, batch_size=2, concurrency=2,
-                               measurement_ms=1500)
+                               request_count=40)
     assert "-H" not in result.command  # no key went with it
     assert result.throughput > 0
     assert 0 < result.p50_ms <= result.p99_ms
