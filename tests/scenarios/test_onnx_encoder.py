@@ -16,6 +16,7 @@ from headmaster.errors import ExportError
 from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.onnx_file import OnnxDescription, open_file, reference_embeddings
+from headmaster.export.quantize import QuantizeSettings
 from headmaster.export.reference import reference_images
 from headmaster.model_repository.backends.preprocess import preprocess_bytes
 from headmaster.training.heads.train_head import TrainOptions, train_head
@@ -197,11 +198,15 @@ def test_served_embeddings_are_onnxruntimes_on_the_original_file(classifier_file
 
 
 def test_int8_goes_through_the_same_gate(classifier_file, tmp_path):
-    """The random classifier's logits (a Gemm, which int8 quantizes) lose too much: refused, nothing written."""
+    """A deliberately coarse int8 tower of the classifier's logits (every op, activations included,
+    one scale per tensor) loses too much: refused by the gate, nothing written. (With the default
+    settings its min cosine is 0.989 on one x86 machine and below 0.98 on another: int8 kernels
+    differ by CPU, so the test does not ride on the default's margin.)"""
+    coarse = QuantizeSettings(op_types=None, weights_only=False, per_channel=False)
     with pytest.raises(ExportError, match=r"int8: the int8 image tower fails the promotion gate.*min cosine to fp32 "
-                                          r"0\.9[0-7]\d* < 0\.98") as caught:
+                                          r"0\.\d+ < 0\.98") as caught:
         export_encoder(ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e",
-                                     precision="int8", onnx={"embedding": "logits", **IMAGENET}))
+                                     precision="int8", quantization=coarse, onnx={"embedding": "logits", **IMAGENET}))
     assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []
     # The pooled features leave no MatMul / Gemm to quantize (the convolutions would stay float): an
     # "int8" file would be the fp32 graph renamed, so it is refused as a timm CNN's is.
