@@ -204,7 +204,7 @@ def test_multi_label_head_from_a_manifest(train_repo, digits_dir, embedding_cach
     assert weights.multi_label
     x = embed(train_repo, sorted(digits_dir.rglob("*.png"))[1::5][:10], embedding_cache)  # not in the manifest
     session = ort.InferenceSession(str(train_repo / "digit_tags" / str(card.version) / "model.onnx"))
-    np.testing.assert_allclose(session.run(["SCORES"], {"EMBEDDING": x})[0], weights.scores(x), atol=1e-5)
+    np.testing.assert_allclose(session.run(["SCORES"], {"EMBEDDING": x})[0], weights.scores(x), atol=1e-4)  # float32 Gemm vs numpy: 1.1e-5 seen
 
 
 def test_trained_head_takes_priority_over_zero_shot(train_repo, digits_dir, embedding_cache, tmp_path):
