@@ -62,10 +62,11 @@ def man_page_text(path: Path, limit: int = 2000) -> str | None:
 def man_pages(sections: tuple[str, ...] = ("1", "2", "3", "5", "7", "8"), per_section: int = 100,
               seed: int = 0, root: Path = MAN_ROOT) -> list[tuple[str, str, str]]:
     """(page file name, text, section) of ``per_section`` pages drawn (seeded) from each section's
-    plain ``*.N.gz`` pages (not 3pm, 1ssl, ...), fewer where a section has fewer; sorted."""
+    plain ``*.N.gz`` pages (not 3pm, 1ssl, ...), fewer where a section has fewer; sorted. A text
+    seen already (a page installed under two names) is not taken twice, in any section."""
     import numpy as np
 
-    found = []
+    found, seen = [], set()
     for section in sections:
         files = sorted((root / f"man{section}").glob(f"*.{section}.gz"))
         rng = np.random.default_rng(seed)
@@ -74,7 +75,8 @@ def man_pages(sections: tuple[str, ...] = ("1", "2", "3", "5", "7", "8"), per_se
             if taken == per_section:
                 break
             text = man_page_text(files[i])
-            if text:
+            if text and text not in seen:
+                seen.add(text)
                 found.append((files[i].name, text, section))
                 taken += 1
     return sorted(found)

@@ -7,6 +7,7 @@ one with a 400 naming what was wrong."""
 from __future__ import annotations
 
 import hashlib
+import html
 import urllib.request
 from pathlib import Path
 
@@ -149,3 +150,25 @@ def test_a_text_encoder_exports_only_as_an_fp32_onnx_text_tower(tmp_path):
     with pytest.raises(ExportError, match="no such folder"):
         export_encoder(ExportOptions(model=f"st:{tmp_path / 'missing'}", pretrained=None, out=tmp_path / "y",
                                      towers=("text",)))
+
+
+def test_eval_reads_a_text_holdout_and_its_review_page_shows_texts(text_served, tmp_path):
+    from headmaster.training.evaluation.evaluate import EvalOptions
+    from headmaster.training.evaluation.report import make_report
+
+    _, repo, _, _, test_dir, root = text_served
+    run, _, files = make_report(EvalOptions(name="section", repo=repo, data=test_dir, cache_dir=root / "cache"),
+                                tmp_path / "report")
+    paths = sorted(test_dir.rglob("*.txt"))
+    assert len(run.holdout) == len(paths) and not run.holdout.skipped
+    head = HeadVersion.load(repo, "section")
+    x = np.stack([run.holdout.embeddings[run.holdout.paths.index(str(p))] for p in paths])
+    offline = [head.card.labels[i] for i in head.scores(x).argmax(axis=1)]
+    expected = np.mean([o == p.parent.name for o, p in zip(offline, paths)])
+    assert run.evaluation.metrics["accuracy"] == pytest.approx(expected)
+    page = files.html.read_text(encoding="utf-8")
+    assert 'class="thumb"' not in page  # no image thumbnails for texts
+    mistakes = [p for o, p in zip(offline, paths) if o != p.parent.name]
+    for path in mistakes:  # each mistake is shown by the start of its text
+        start = " ".join(path.read_text(encoding="utf-8").split())[:40]
+        assert 'class="thumb-text"' in page and html.escape(start, quote=True)[:30] in page
