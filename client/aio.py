@@ -271,6 +271,10 @@ class AsyncHeadmasterClient:
     async def is_ready(self) -> bool:
         return await self._transport.is_ready(self.model)
 
+    async def classifies_text(self) -> bool:
+        """Whether the server's ``classify`` reads TEXT (a text encoder's repository) rather than IMAGE."""
+        return await self._transport.has_input(self.model, "TEXT")
+
     # -- images ----------------------------------------------------------------------------
     async def _run_batch(self, model: str, outputs: list[str], batch: list[_Item], build,
                          input_name: str = "IMAGE") -> list:

@@ -47,6 +47,9 @@ class HeadmasterClient:
     def is_ready(self) -> bool:
         return self._run(self._client.is_ready())
 
+    def classifies_text(self) -> bool:
+        return self._run(self._client.classifies_text())
+
     def classify(self, images: Sequence[ImageInput],
                  progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
         return self._run(self._client.classify(images, progress))

@@ -1,4 +1,4 @@
-"""Real labelled text that ships on the system: manual pages by section.
+"""Text items as files (.txt), and real labelled text that ships on the system: manual pages by section.
 
 ``/usr/share/man/manN/*.N.gz`` (troff sources) turned into plain text: a page's label is its
 section (1 user commands, 2 system calls, 3 library functions, 5 file formats, 7 overviews,
@@ -12,6 +12,9 @@ import gzip
 import re
 from pathlib import Path
 
+# A text encoder's items (st:FOLDER) as files: one .txt file per text, its UTF-8 bytes the text, so the
+# file's sha256 is the text's (the embedding cache and the store key texts by it).
+TEXT_SUFFIXES = frozenset({".txt"})
 MAN_ROOT = Path("/usr/share/man")
 # Macros whose arguments are text (man(7) and mdoc(7)); every other request line is dropped.
 _TEXT_MACROS = {"SH", "SS", "B", "I", "BR", "BI", "IB", "IR", "RB", "RI", "SM", "SB", "TP", "IP",

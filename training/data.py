@@ -19,10 +19,7 @@ import numpy as np
 
 from headmaster.errors import DataError
 from headmaster.images import IMAGE_SUFFIXES
-
-# A text encoder's labelled data (st:FOLDER): one .txt file per text, its UTF-8 bytes the text, so the
-# file's sha256 is the text's (the embedding cache and the store key texts by it).
-TEXT_SUFFIXES = frozenset({".txt"})
+from headmaster.texts import TEXT_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -172,3 +172,28 @@ def test_eval_reads_a_text_holdout_and_its_review_page_shows_texts(text_served, 
     for path in mistakes:  # each mistake is shown by the start of its text
         start = " ".join(path.read_text(encoding="utf-8").split())[:40]
         assert 'class="thumb-text"' in page and html.escape(start, quote=True)[:30] in page
+
+
+def test_texts_go_into_the_store_by_their_sha256_and_rescore_gives_the_served_labels(text_served, tmp_path):
+    from headmaster.store import open_store
+    from headmaster.store.classify import classify_into_store
+    from headmaster.training.feedback.rescore import rescore
+
+    _, repo, server, _, test_dir, _ = text_served
+    paths = sorted(test_dir.rglob("*.txt"))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    store = open_store(tmp_path / "store")
+    with HeadmasterClient(server.http_url, "http", batch_size=8) as client:
+        assert client.classifies_text()
+        results, stats = classify_into_store(client, store, [*paths, tmp_path / "empty.txt"])
+        assert stats.embedded == len(paths) and stats.failed == 1 and "empty text" in results[-1].error
+        assert [r.sha256 for r in results[:-1]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+        again, stats = classify_into_store(client, store, paths)  # stored texts skip the encoder
+        assert stats.embedded == 0 and stats.reused == len(paths)
+        assert [r.heads["section"].labels for r in again] == [r.heads["section"].labels for r in results[:-1]]
+    head = HeadVersion.load(repo, "section")
+    result = rescore(store, head)
+    assert result.rows == len(paths)
+    stored = store.labels("section", head.card.version).to_pylist()
+    by_sha = {row["sha256"]: tuple(row["labels"]) for row in stored if row["source"] == "rescore"}
+    assert {r.sha256: tuple(r.heads["section"].labels) for r in results[:-1]} == by_sha
