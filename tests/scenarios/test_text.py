@@ -95,6 +95,12 @@ def test_a_head_trained_on_text_files_answers_served_as_offline(text_served):
     accepted = accept(head.scores(x).astype(np.float32), head.card.info())
     assert [tuple(r.heads["section"].labels) for r in served] == [tuple(row) for row in accepted]
     assert (np.stack([r.embedding for r in served]) * x).sum(axis=1).min() >= 0.9999
+    # train-head --server embeds through embed_text: the same vectors, a bad file named as such
+    (root / "bad.txt").write_bytes(b"\xc3\x28 broken")
+    through, found, failed = embed_paths([*paths, root / "bad.txt"], Repository(repo), server.http_url,
+                                         root / "server-cache")
+    assert through[:-1] == hashes and "not valid UTF-8" in failed[str(root / "bad.txt")]
+    assert (np.stack([found[h] for h in hashes]) * x).sum(axis=1).min() >= 0.9999
 
 
 def test_bad_texts_are_refused_one_by_one_and_the_server_keeps_serving(text_served):
