@@ -84,6 +84,9 @@ class ExportOptions:
         if self.model.startswith(hf_folder.PREFIX) and (self.image_size or self.pretrained):
             raise ExportError("an hf:FOLDER encoder takes its weights and size from the folder: drop --pretrained "
                               "and --image-size", option="pretrained")
+        if self.model.startswith(sentence_folder.PREFIX) and (self.image_size or self.pretrained or self.key_map):
+            raise ExportError("an st:FOLDER text encoder takes its weights from the folder: drop --pretrained, "
+                              "--key-map and --image-size", option="pretrained")
         if self.model.startswith(onnx_file.PREFIX) and self.format != "onnx":
             raise ExportError("an onnx:FILE encoder is served as ONNX: use --format onnx", option="format")
         if self.model.startswith(onnx_file.PREFIX) and self.precision == "fp16":

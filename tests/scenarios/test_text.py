@@ -153,6 +153,8 @@ def test_a_head_trains_from_a_text_label_csv_and_refuses_bad_ones(text_served, t
 def test_a_text_encoder_exports_only_as_an_fp32_onnx_text_tower(tmp_path):
     with pytest.raises(ExportError, match="text encoder"):
         export_encoder(ExportOptions(model=MODEL, pretrained=None, out=tmp_path / "x", precision="int8"))
+    with pytest.raises(ExportError, match="takes its weights from the folder"):
+        export_encoder(ExportOptions(model=MODEL, pretrained="laion2b", out=tmp_path / "z", towers=("text",)))
     with pytest.raises(ExportError, match="no such folder"):
         export_encoder(ExportOptions(model=f"st:{tmp_path / 'missing'}", pretrained=None, out=tmp_path / "y",
                                      towers=("text",)))
@@ -203,3 +205,26 @@ def test_texts_go_into_the_store_by_their_sha256_and_rescore_gives_the_served_la
     stored = store.labels("section", head.card.version).to_pylist()
     by_sha = {row["sha256"]: tuple(row["labels"]) for row in stored if row["source"] == "rescore"}
     assert {r.sha256: tuple(r.heads["section"].labels) for r in results[:-1]} == by_sha
+
+
+def test_a_folder_that_is_not_a_sentence_transformers_one_is_refused_in_one_line(tmp_path):
+    import json
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(ExportError, match=r"no modules\.json") as e:
+        export_encoder(ExportOptions(model=f"st:{folder}", pretrained=None, out=tmp_path / "out", towers=("text",)))
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(ExportError, match=r"modules .*Dense.* are not served"):
+        export_encoder(ExportOptions(model=f"st:{folder}", pretrained=None, out=tmp_path / "out", towers=("text",)))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ExportError, match=r"pooling \['pooling_mode_max_tokens'\] is not served"):
+        export_encoder(ExportOptions(model=f"st:{folder}", pretrained=None, out=tmp_path / "out", towers=("text",)))
