@@ -228,3 +228,21 @@ def test_a_folder_that_is_not_a_sentence_transformers_one_is_refused_in_one_line
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
     with pytest.raises(ExportError, match=r"pooling \['pooling_mode_max_tokens'\] is not served"):
         export_encoder(ExportOptions(model=f"st:{folder}", pretrained=None, out=tmp_path / "out", towers=("text",)))
+
+
+def test_the_classify_command_reads_text_files_against_a_text_server(text_served, tmp_path):
+    import json
+
+    from tests.helpers import run_cli
+
+    _, repo, server, _, test_dir, _ = text_served
+    paths = sorted(test_dir.rglob("*.txt"))[:4]
+    (tmp_path / "binary.txt").write_bytes(b"\x00\xff\xfe")
+    done = run_cli("classify", *paths, tmp_path / "binary.txt", "--url", server.http_url, "--protocol", "http",
+                   "--output", tmp_path / "out.jsonl")
+    assert done.returncode == 2, done.stderr  # one file failed
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["source"] for line in lines] == [str(p) for p in paths] + [str(tmp_path / "binary.txt")]
+    assert all(line["heads"]["section"]["labels"] is not None for line in lines[:-1])
+    assert "not valid UTF-8" in lines[-1]["error"]
+    assert lines[0]["sha256"] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
