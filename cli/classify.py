@@ -12,6 +12,7 @@ from rich.table import Table
 from headmaster.cli.common import console, out, progress
 from headmaster.client.errors import ClientError
 from headmaster.images import IMAGE_SUFFIXES, collect_images
+from headmaster.texts import TEXT_SUFFIXES
 
 
 def _label_cell(result) -> str:
@@ -30,7 +31,8 @@ def _head_cell(name: str, h) -> str:
 
 
 def classify(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively); .txt "
+                                                     "files against a text encoder's server.")],
     url: Annotated[str | None, typer.Option(help="Server address host:port (default localhost:8001 for gRPC, "
                                                  "localhost:8000 for HTTP).")] = None,
     protocol: Annotated[str, typer.Option(help="grpc or http.")] = "grpc",
@@ -47,12 +49,15 @@ def classify(
     """Classify images with the `classify` ensemble; prints labels, exits 2 if any image failed."""
     from headmaster.client import HeadmasterClient
 
-    files = collect_images(paths)
-    if not files:
-        raise ClientError(f"no image files in {', '.join(map(str, paths))} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     with HeadmasterClient(url, protocol, batch_size=batch_size, max_in_flight=concurrency, timeout_s=timeout) as client:
         if not client.is_ready():
             raise ClientError(f"no ready Headmaster server at {client.url} ({protocol}); start one with `headmaster serve`")
+        text = client.classifies_text()  # a text encoder's server: .txt files, each one text
+        suffixes = TEXT_SUFFIXES if text else IMAGE_SUFFIXES
+        files = collect_images(paths, suffixes)
+        if not files:
+            raise ClientError(f"no {'text' if text else 'image'} files in {', '.join(map(str, paths))} "
+                              f"(looked for {', '.join(sorted(suffixes))})")
         bar, task = progress("classifying", len(files))
         with bar:
             advance = lambda n: bar.advance(task, n)  # noqa: E731
@@ -62,6 +67,11 @@ def classify(
 
                 opened = open_store(store, embedding_dtype="float16" if store_float16 else "float32")
                 results, stats = classify_into_store(client, opened, files, advance)
+            elif text:
+                import dataclasses
+
+                results = [dataclasses.replace(r, source=str(f)) for f, r in zip(files, client.classify_text(
+                    [f.read_bytes() for f in files], progress=advance))]
             else:
                 results = client.classify(files, progress=advance)
     if output:

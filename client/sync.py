@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from headmaster.client.aio import AsyncHeadmasterClient, ImageInput
+from headmaster.client.aio import AsyncHeadmasterClient, ImageInput, TextInput
 from headmaster.client.results import Classification, Embedding, Failure
 from headmaster.client.tracing import in_context
 
@@ -47,6 +47,9 @@ class HeadmasterClient:
     def is_ready(self) -> bool:
         return self._run(self._client.is_ready())
 
+    def classifies_text(self) -> bool:
+        return self._run(self._client.classifies_text())
+
     def classify(self, images: Sequence[ImageInput],
                  progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
         return self._run(self._client.classify(images, progress))
@@ -64,6 +67,14 @@ class HeadmasterClient:
 
     def encoder_fingerprint(self) -> str:
         return self._run(self._client.encoder_fingerprint())
+
+    def classify_text(self, texts: Sequence[TextInput],
+                      progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+        return self._run(self._client.classify_text(texts, progress))
+
+    def embed_texts(self, texts: Sequence[TextInput],
+                    progress: Callable[[int], None] | None = None) -> list[Embedding | Failure]:
+        return self._run(self._client.embed_texts(texts, progress))
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         return self._run(self._client.embed_text(texts))

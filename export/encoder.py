@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.errors import ExportError, UnsupportedHereError
-from headmaster.export import hf_folder, onnx_file, quantize
+from headmaster.export import hf_folder, onnx_file, quantize, sentence_folder
 from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export.encoders import LoadedEncoder, load
-from headmaster.export.reference import reference_images, reference_prompts
+from headmaster.export.reference import reference_images, reference_prompts, reference_texts
 from headmaster.model_repository.backends.preprocess import preprocess_bytes
 from headmaster.model_repository.backends.runtime import load_runner
 from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
@@ -84,6 +84,9 @@ class ExportOptions:
         if self.model.startswith(hf_folder.PREFIX) and (self.image_size or self.pretrained):
             raise ExportError("an hf:FOLDER encoder takes its weights and size from the folder: drop --pretrained "
                               "and --image-size", option="pretrained")
+        if self.model.startswith(sentence_folder.PREFIX) and (self.image_size or self.pretrained or self.key_map):
+            raise ExportError("an st:FOLDER text encoder takes its weights from the folder: drop --pretrained, "
+                              "--key-map and --image-size", option="pretrained")
         if self.model.startswith(onnx_file.PREFIX) and self.format != "onnx":
             raise ExportError("an onnx:FILE encoder is served as ONNX: use --format onnx", option="format")
         if self.model.startswith(onnx_file.PREFIX) and self.precision == "fp16":
@@ -100,6 +103,7 @@ def _torch():
 def _image_tower(encoder: LoadedEncoder, dtype):
     torch = _torch()
     p = encoder.preprocessing
+    assert p is not None, "a text-only encoder has no image tower"
 
     class ImageTower(torch.nn.Module):
         """uint8 pixels [N, 3, H, W] -> L2-normalised embedding [N, D] (float32)."""
@@ -163,6 +167,7 @@ def _tower_spec(encoder: LoadedEncoder, tower: str, fmt: str, precision: str) ->
     suffix = "__0" if fmt == "torchscript" else ""
     optimization = "extended" if (precision == "fp16" and fmt == "onnx") else "all"
     if tower == "image":
+        assert encoder.preprocessing is not None
         return TowerFile(f"image{EXTENSIONS[fmt]}", fmt, f"PIXELS{suffix}", "UINT8",
                          (3, *encoder.preprocessing.size), f"EMBEDDING{suffix}", optimization)
     return TowerFile(f"text{EXTENSIONS[fmt]}", fmt, f"TOKENS{suffix}", "INT64",
@@ -282,11 +287,14 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions,
                   folder: Path) -> tuple[list[str], np.ndarray]:
     if tower == "image":
+        assert encoder.preprocessing is not None
         images = reference_images(options.check_images)
         cfg = encoder.preprocessing.as_dict()
         return [name for name, _ in images], np.stack([preprocess_bytes(data, cfg) for _, data in images])
     prompts = reference_prompts()
-    if encoder.tokenizer is not None:  # hf:FOLDER: its saved tokenizer, as the tokenize model serves it
+    if encoder.preprocessing is None:  # a text encoder: also real sentences, long ones truncated
+        prompts = prompts + reference_texts()
+    if encoder.tokenizer is not None:  # hf:FOLDER, st:FOLDER: its saved tokenizer, as the tokenize model serves it
         tokens = folder_tokenizer(folder / TOKENIZER_DIR, encoder.context_length, encoder.tokenizer["pad_id"],
                                   encoder.tokenizer)
         return prompts, tokens(prompts)
@@ -360,6 +368,7 @@ def _export_tower(encoder: LoadedEncoder, tower: str, folder: Path, options: Exp
     module = (_image_tower if tower == "image" else _text_tower)(encoder, dtype)
     path = folder / spec.file
     if options.precision == "int8" and tower == "image":
+        assert encoder.preprocessing is not None
         fp32_path = folder / f"{tower}.fp32.onnx"
         _export_onnx(module, spec, fp32_path)
         check = _verify(encoder, tower, spec, fp32_path, options, precision)
@@ -474,11 +483,19 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
     if options.format == "plan":
         _require_tensorrt()  # fail before minutes of loading and exporting
     hf = options.model.startswith(hf_folder.PREFIX)
-    if "text" in options.towers and not options.model.startswith("timm:") and not hf:
+    st = options.model.startswith(sentence_folder.PREFIX)
+    if st and (options.precision != "fp32" or options.format != "onnx" or "text" not in options.towers):
+        raise ExportError(f"{options.model} is a text encoder: export it as --format onnx --precision fp32 "
+                          "(its only tower is text)", option="model")
+    if "text" in options.towers and not options.model.startswith("timm:") and not hf and not st:
         _require_tokenizer(options.model)  # before minutes of loading
-    encoder = (hf_folder.load(options.model, options.towers) if hf
-               else load(options.model, options.pretrained, options.seed, options.image_size, options.key_map))
-    towers_wanted = [t for t in options.towers if t == "image" or encoder.has_text]
+    if st:
+        encoder = sentence_folder.load(options.model)
+    else:
+        encoder = (hf_folder.load(options.model, options.towers) if hf
+                   else load(options.model, options.pretrained, options.seed, options.image_size, options.key_map))
+    towers_wanted = [t for t in options.towers
+                     if (t == "image" and encoder.preprocessing is not None) or (t == "text" and encoder.has_text)]
     if options.towers == ("text",) and not encoder.has_text:
         raise ExportError(f"{options.model} is an image-only backbone: it has no text tower", option="towers")
     if "text" in options.towers and not encoder.has_text and not hf:
@@ -497,7 +514,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
             towers[tower], checks[tower] = _export_tower(encoder, tower, staging, options)
         card = EncoderCard(
             model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
-            preprocessing=encoder.preprocessing.as_dict(), embed_dim=encoder.embed_dim,
+            preprocessing=encoder.preprocessing.as_dict() if encoder.preprocessing else {}, embed_dim=encoder.embed_dim,
             context_length=encoder.context_length, logit_scale=encoder.logit_scale,
             precision=options.precision, format=options.format, towers=towers, verification=checks,
             tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

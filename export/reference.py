@@ -45,6 +45,20 @@ def reference_prompts() -> list[str]:
     ]
 
 
+def reference_texts() -> list[str]:
+    """Real prose for a text encoder's export check: the docstrings of a few standard-library
+    modules (the longest run past a 256-token context, so truncation is checked too), and text
+    with accents, CJK characters and emoji."""
+    import argparse
+    import csv
+    import json
+    import textwrap
+
+    docs = [(m.__doc__ or "").strip() for m in (json, csv, argparse, textwrap)]
+    return [d for d in docs if d] + ["Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e \u2014 na\u00efve r\u00e9sum\u00e9",
+                                     "\u6771\u4eac\u90fd\u306e\u5929\u6c17 \U0001f600 weather in Tokyo"]
+
+
 # scikit-image's other photos: never used for calibration, so an int8 tower is judged on
 # images its quantization ranges were not fitted to (export/quantize.py's promotion gate).
 SKIMAGE_HELD_OUT = ("brick.png", "cell.png", "clock_motion.png", "coins.png", "color.png", "grass.png",

@@ -54,7 +54,8 @@ def precision_gate(previous: Repository, card: EncoderCard, encoder_dir: Path) -
     export in ``encoder_dir``: its figures, or None when no switch happens. Raises
     RepositoryError naming the figures when the int8 tower fails."""
     if not (card.precision == "int8" and previous.card.precision != "int8"
-            and previous.fingerprint == card.fingerprint and "image" in previous.card.towers):
+            and previous.fingerprint == card.fingerprint and "image" in previous.card.towers
+            and "image" in card.towers):
         return None
     from headmaster.export import quantize  # onnxruntime.quantization: only when switching
 
@@ -95,8 +96,8 @@ def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = Buil
                 copy_backend("runtime", folder)
                 card.save(folder)
             replace_version(repo, f"{tower}_encoder", 1, build_tower)
-        for name, source in (("preprocess", "preprocess"), ("threshold", "threshold")) + \
-                ((("tokenize", "tokenize"),) if "text" in card.towers else ()):
+        for name, source in ((("preprocess", "preprocess"),) if "image" in card.towers else ()) + \
+                (("threshold", "threshold"),) + ((("tokenize", "tokenize"),) if "text" in card.towers else ()):
             own = source == "tokenize" and card.tokenizer is not None  # an hf:FOLDER's own tokenizer
             replace_version(repo, name, 1, lambda folder, _v, source=source, own=own: (
                 _tokenizer_files(card, Path(encoder_dir), folder) if own else copy_backend(source, folder)))

@@ -223,6 +223,13 @@ class TokenizeModel:
     name: str = "tokenize"
     # hf:FOLDER: the card's tokenizer record; the folder's tokenizer files sit in tokenizer/ of the version.
     folder_tokenizer: dict | None = None
+    max_text_bytes: int = 0  # UTF-8 bytes per text (0 = backends/tokenize.py's default); longer is refused
+    refuse_empty: bool = False  # a text encoder's repository: an empty text is a 400, not an embedding
+
+    def __post_init__(self) -> None:
+        if self.max_text_bytes < 0:
+            raise ConfigError(f"max_text_bytes must be >= 0 (0 = the default), not {self.max_text_bytes}",
+                              option="max_text_bytes")
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
@@ -234,7 +241,9 @@ class TokenizeModel:
         return {**_base(self.name, self.batching, [Tensor("TEXT", "BYTES", (1,))],
                         [Tensor("TOKENS", "INT64", (self.context_length,))], flavour, Instances(1)),
                 "backend": "python", "parameters": {**_params(model=self.model, context_length=self.context_length),
-                                                    **own}}
+                                                    **own, **(_params(max_text_bytes=self.max_text_bytes)
+                                                              if self.max_text_bytes else {}),
+                                                    **(_params(refuse_empty="true") if self.refuse_empty else {})}}
 
 
 @dataclass(frozen=True)

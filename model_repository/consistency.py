@@ -40,7 +40,7 @@ CONFIG = CONFIG_FILE
 LEFTOVER_DIRS = (".staging-", ".removed-", ".old-")  # publish.py / remove_head, interrupted
 LEFTOVER_FILES = (".config.pbtxt.", ".headmaster.json.")  # publish.write_file's temporary files
 QUARANTINE = ".invalid-"  # where repair puts what must not be served (never a version number)
-NON_HEAD_STEPS = {"preprocess", "image_encoder", "threshold"}
+NON_HEAD_STEPS = {"preprocess", "image_encoder", "tokenize", "text_encoder", "threshold"}
 
 
 class Problem(str):

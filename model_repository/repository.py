@@ -59,6 +59,7 @@ class BuildOptions:
     max_aspect_ratio: float = 0
     max_request_bytes: int = 0
     exact_decode: bool = False  # large JPEGs decoded at full size instead of at reduced DCT scale
+    max_text_bytes: int = 0  # UTF-8 bytes per text the tokenize model takes (0 = its default, 1 MiB)
     device: str = "auto"  # portable runner: auto | cpu | cuda
     decoder: str = "pillow"  # pillow (CPU threads) | torchvision (batched; on the GPU when device is cuda)
 

@@ -2,6 +2,7 @@
 card, the build options and the set of heads (no files are read), so they are unit-tested alone.
 
     classify            IMAGE -> preprocess -> image_encoder -> every head -> threshold -> RESULT
+                        (a text encoder, st:FOLDER: TEXT -> tokenize -> text_encoder -> ... -> RESULT)
     classify_embedding  EMBEDDING -> every head -> threshold -> RESULT (no encoder: stored embeddings)
     embed, embed_text   IMAGE / TEXT -> the encoder alone -> EMBEDDING
 
@@ -28,6 +29,11 @@ from headmaster.model_repository.config import (
 HEAD_DEPENDENT = ("threshold", "classify", "classify_embedding")
 
 
+def text_only(card) -> bool:
+    """A text encoder (st:FOLDER): no image tower, so ``classify`` reads TEXT (UTF-8 bytes)."""
+    return "image" not in card.towers
+
+
 def encoder_model(card, options, tower: str) -> EncoderModel:
     """``card``: the EncoderCard; ``options``: the repository's BuildOptions."""
     spec = card.towers[tower]
@@ -47,13 +53,15 @@ def head_model(card, options, name: str, live: int, labels: int) -> HeadModel:
 
 
 def embed_ensembles(card, options) -> list[EnsembleModel]:
-    image = encoder_model(card, options, "image")
     d = card.embed_dim
-    ensembles = [EnsembleModel(
-        "embed", (Tensor("IMAGE", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (d,)),),
-        (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
-         Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"})),
-        options.max_batch_size)]
+    ensembles = []
+    if not text_only(card):
+        image = encoder_model(card, options, "image")
+        ensembles.append(EnsembleModel(
+            "embed", (Tensor("IMAGE", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (d,)),),
+            (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+             Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"})),
+            options.max_batch_size))
     if "text" in card.towers:
         text = encoder_model(card, options, "text")
         ensembles.append(EnsembleModel(
@@ -68,13 +76,14 @@ def static_models(card, options) -> list:
     """Everything but the heads and what depends on the set of heads."""
     o = options
     decode_on_gpu = o.decoder == "torchvision" and o.device == "cuda"
-    models = [PreprocessModel(card.preprocessing, o.light_batching, Instances(o.preprocess_instances, decode_on_gpu),
-                              o.preprocess_threads, max_pixels=o.max_pixels, max_aspect_ratio=o.max_aspect_ratio,
-                              max_request_bytes=o.max_request_bytes, exact_decode=o.exact_decode,
-                              decoder=o.decoder),
-              encoder_model(card, options, "image")]
+    models: list = [] if text_only(card) else [
+        PreprocessModel(card.preprocessing, o.light_batching, Instances(o.preprocess_instances, decode_on_gpu),
+                        o.preprocess_threads, max_pixels=o.max_pixels, max_aspect_ratio=o.max_aspect_ratio,
+                        max_request_bytes=o.max_request_bytes, exact_decode=o.exact_decode, decoder=o.decoder),
+        encoder_model(card, options, "image")]
     if "text" in card.towers:
-        models += [TokenizeModel(card.model, card.context_length, o.light_batching, folder_tokenizer=card.tokenizer),
+        models += [TokenizeModel(card.model, card.context_length, o.light_batching, folder_tokenizer=card.tokenizer,
+                                 max_text_bytes=o.max_text_bytes, refuse_empty=text_only(card)),
                    encoder_model(card, options, "text")]
     return models + embed_ensembles(card, options)
 
@@ -89,7 +98,6 @@ def head_dependent_models(card, options, heads: list[str], pinned: dict[str, int
     {"version", "share", "mode"} of its A/B or shadow test: the candidate runs as a second step
     of the same model, its outputs handed to threshold (see backends/threshold.py)."""
     pinned, ab = pinned or {}, ab or {}
-    image = encoder_model(card, options, "image")
     d = card.embed_dim
     result = Tensor("RESULT", "BYTES", (1,))
     head_outputs = tuple(Tensor(f"SCORES_{head}", "FP32", (-1,)) for head in heads)
@@ -114,13 +122,21 @@ def head_dependent_models(card, options, heads: list[str], pinned: dict[str, int
         last = steps[-1]
         return (*steps[:-1], Step(last.model, {**last.inputs, **key}, last.outputs))
 
-    embed_steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
-                   Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "IMAGE_EMBEDDING"}))
+    if text_only(card):  # TEXT: its A/B key is the text's bytes, hashed as an image's are
+        text = encoder_model(card, options, "text")
+        item = "TEXT"
+        embed_steps = (Step("tokenize", {"TEXT": "TEXT"}, {"TOKENS": "TOKENS"}),
+                       Step(text.name, {text.input.name: "TOKENS"}, {text.output.name: "IMAGE_EMBEDDING"}))
+    else:
+        image = encoder_model(card, options, "image")
+        item = "IMAGE"
+        embed_steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+                       Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "IMAGE_EMBEDDING"}))
     ab_params = {head: {k: test[k] for k in ("version", "share", "mode")} for head, test in ab.items()}
     return [ThresholdModel(tuple(heads), d, options.light_batching, encoder=card.fingerprint, ab=ab_params or None),
-            EnsembleModel("classify", (Tensor("IMAGE", "BYTES", (1,)),),
+            EnsembleModel("classify", (Tensor(item, "BYTES", (1,)),),
                           (Tensor("EMBEDDING", "FP32", (d,)), result, *head_outputs),
-                          keyed(embed_steps + head_steps("IMAGE_EMBEDDING", True), {"IMAGE": "IMAGE"} if ab else {}),
+                          keyed(embed_steps + head_steps("IMAGE_EMBEDDING", True), {"IMAGE": item} if ab else {}),
                           options.max_batch_size),
             EnsembleModel("classify_embedding", (Tensor("EMBEDDING", "FP32", (d,)),
                                                  Tensor("SHA256", "BYTES", (1,), optional=True)),

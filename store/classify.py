@@ -41,8 +41,11 @@ def _read(path: Path) -> tuple[bytes, str] | Failure:
 
 def classify_into_store(client, store: Store, files: Sequence[Path], progress: Callable[[int], None] | None = None,
                         chunk: int = 256) -> tuple[list[Classification | Failure], StoreStats]:
-    """``client`` is a :class:`HeadmasterClient`; returns one result per file, in order."""
+    """``client`` is a :class:`HeadmasterClient`; returns one result per file, in order. Against a
+    text encoder's server (``classify`` reads TEXT) each file's bytes are one text (a .txt file):
+    the item's sha256 is the text's."""
     fingerprint = client.encoder_fingerprint()
+    send = client.classify_text if client.classifies_text() else client.classify
     stats = StoreStats()
     results: list[Classification | Failure] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -64,7 +67,7 @@ def classify_into_store(client, store: Store, files: Sequence[Path], progress: C
             fresh = [i for sha, i in first.items() if sha not in known]
             reused = [i for sha, i in first.items() if sha in known]
             if fresh:
-                answers = client.classify([read[i][0] for i in fresh], progress)
+                answers = send([read[i][0] for i in fresh], progress)
                 for i, answer in zip(fresh, answers):  # sent as bytes: the answer names no file yet
                     out[i] = dataclasses.replace(answer, source=str(part[i]))
             if reused:

@@ -55,7 +55,7 @@ def pytest_report_header(config):
 SERVER_FIXTURES = frozenset({
     "server",  # the session's (below)
     "ab_server", "convnext_served", "lite0_served", "live_server", "ood_setup", "replicas", "served",
-    "store_server", "taught", "tasks", "torchvision_server",  # one module's own (tests/scenarios/)
+    "store_server", "taught", "tasks", "text_served", "torchvision_server",  # one module's own (tests/scenarios/)
 })
 # Real services other than Triton.
 DISK_FIXTURES = frozenset({"tmp_path_factory", "postgres_url", "redis_url"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from headmaster.errors import DataError
 from headmaster.images import IMAGE_SUFFIXES
+from headmaster.texts import TEXT_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,9 @@ def _is_visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def from_folders(root: Path) -> Dataset:
-    """One sub-folder per bucket (label = folder name), images anywhere below it."""
+def from_folders(root: Path, text: bool = False) -> Dataset:
+    """One sub-folder per bucket (label = folder name), images anywhere below it (``text``: .txt files)."""
+    suffixes, kind = (TEXT_SUFFIXES, "text") if text else (IMAGE_SUFFIXES, "image")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; give a folder with one sub-folder per bucket")
@@ -63,11 +66,12 @@ def from_folders(root: Path) -> Dataset:
     examples, skipped = [], []
     for bucket in buckets:
         files = sorted(p for p in bucket.rglob("*") if p.is_file() and _is_visible(p))
-        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-        skipped += [(str(p), "not an image file name") for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        images = [p for p in files if p.suffix.lower() in suffixes]
+        skipped += [(str(p), f"not {'a' if text else 'an'} {kind} file name") for p in files
+                    if p.suffix.lower() not in suffixes]
         if not images:
-            raise DataError(f"bucket {bucket.name!r} in {root} has no images "
-                            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(f"bucket {bucket.name!r} in {root} has no {kind}s "
+                            f"(looked for {', '.join(sorted(suffixes))})")
         examples += [Example(p, (bucket.name,)) for p in images]
     return Dataset(tuple(examples), tuple(b.name for b in buckets), False, str(root), tuple(skipped))
 
@@ -128,12 +132,56 @@ def content_hash(labelled: list[tuple[str, tuple[str, ...]]]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def read_labelled(data: Path | None, manifest: Path | None) -> Dataset:
+def text_files_dir() -> Path:
+    """Where the texts of a CSV are kept as files, one per text, named by its sha256 (content-addressed,
+    so shared safely): $XDG_CACHE_HOME/headmaster/texts."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headmaster" / "texts"
+
+
+def from_text_csv(manifest: Path, folder: Path | None = None) -> Dataset:
+    """A CSV with the columns ``text,label`` (one label per text: a single-label head). Each text is
+    kept as ``<sha256>.txt`` under ``folder`` (default ``text_files_dir()``) so that it is embedded,
+    cached, stored and reviewed as a text file is."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DataError(f"text CSV {manifest} does not exist", option="manifest")
+    folder = Path(folder) if folder is not None else text_files_dir()
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{manifest}: a text CSV needs the columns text,label (got {reader.fieldnames})",
+                            option="manifest")
+        rows = []
+        for number, row in enumerate(reader, 2):
+            text, label = row["text"] or "", (row["label"] or "").strip()
+            if not text.strip() or not label:
+                raise DataError(f"{manifest}:{number}: a row needs a non-empty text and a label", option="manifest")
+            rows.append((text, label))
+    labels = sorted({label for _, label in rows})
+    if len(labels) < 2:
+        raise DataError(f"{manifest} has {len(labels)} label(s): a head needs two or more", option="manifest")
+    folder.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for text, label in rows:
+        data = text.encode("utf-8")
+        path = folder / f"{hashlib.sha256(data).hexdigest()}.txt"
+        if not path.is_file():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.rename(path)
+        examples.append(Example(path, (label,)))
+    return Dataset(tuple(examples), tuple(labels), False, str(manifest))
+
+
+def read_labelled(data: Path | None, manifest: Path | None, text: bool = False) -> Dataset:
     """The one way labelled images are read, for training and evaluation alike: a folder of
-    bucket folders (single-label) or a manifest (multi-label), exactly one of them."""
+    bucket folders (single-label) or a manifest (multi-label), exactly one of them. ``text`` (a
+    text encoder's repository): folders of .txt files, or a CSV of text,label."""
     if (data is None) == (manifest is None):
         raise DataError("give one labelled data source: a folder with one sub-folder per label, or a manifest "
-                        "(CSV path,labels or JSONL)", option="data")
+                        "(CSV path,labels or JSONL; text,label for a text encoder)", option="data")
+    if text:
+        return from_folders(data, text=True) if data is not None else from_text_csv(manifest)
     return from_folders(data) if data is not None else from_manifest(manifest)
 
 

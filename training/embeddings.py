@@ -22,6 +22,7 @@ from headmaster.errors import UnsupportedHereError
 from headmaster.export.card import require_same_encoder
 from headmaster.model_repository.layout import encoder_artifact
 from headmaster.model_repository.repository import Repository
+from headmaster.model_repository.topology import text_only
 from headmaster.store.base import embedding_column, embedding_matrix, file_sha256
 
 LOG = logging.getLogger(__name__)
@@ -105,6 +106,54 @@ class LocalEmbedder:
         return results
 
 
+def _read_texts(paths: list[Path]) -> list[str]:
+    """Each .txt file's text, or why it is refused (as the served tokenize model refuses it)."""
+    from headmaster.model_repository.backends.tokenize import InvalidText, decode_texts
+
+    found: list[str] = []
+    for path in paths:
+        try:
+            found.append(decode_texts([path.read_bytes()])[0])
+        except InvalidText as e:
+            found.append(_Refused(str(e).removeprefix("TEXT[0]: ")))
+        except OSError as e:
+            found.append(_Refused(f"cannot read file: {e.strerror or e}"))
+    return found
+
+
+class _Refused(str):
+    """Why a text file is not embedded (not the text itself)."""
+
+
+class LocalTextEmbedder:
+    """A text encoder's repository (st:FOLDER): the served tokenizer and text tower, run here."""
+
+    def __init__(self, repo: Repository, batch_size: int = 32):
+        from headmaster.model_repository.backends.runtime import load_runner
+        from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
+
+        card = repo.card
+        self.fingerprint = repo.fingerprint
+        self.spec = card.towers["text"]
+        self.tokens = folder_tokenizer(repo.path / "tokenize" / "1" / TOKENIZER_DIR, card.context_length,
+                                       card.tokenizer["pad_id"], card.tokenizer)
+        path = encoder_artifact(repo.path, "text", self.spec.format)
+        self.runner = load_runner(str(path), device="auto", optimization=self.spec.graph_optimization)
+        self.batch_size = batch_size
+
+    def __call__(self, paths: list[Path], progress: Progress = None) -> list[np.ndarray | str]:
+        results: list[np.ndarray | str] = []
+        for start in range(0, len(paths), self.batch_size):
+            texts = _read_texts(paths[start:start + self.batch_size])
+            good = [t for t in texts if not isinstance(t, _Refused)]
+            vectors = iter(self.runner({self.spec.input_name: self.tokens(good)}, [self.spec.output_name])[0]) \
+                if good else iter(())
+            results += [str(t) if isinstance(t, _Refused) else next(vectors) for t in texts]
+            if progress:
+                progress(len(texts))
+        return results
+
+
 class ServerEmbedder:
     """The ``embed`` ensemble of a running server, after checking it runs the same encoder."""
 
@@ -113,6 +162,7 @@ class ServerEmbedder:
 
         self.fingerprint = repo.fingerprint
         self.url, self.protocol = url, protocol
+        self.text = text_only(repo.card)
         with HeadmasterClient(url, protocol) as client:
             require_same_encoder(repo.fingerprint, client.encoder_fingerprint(), f"the server at {url}")
 
@@ -120,13 +170,19 @@ class ServerEmbedder:
         from headmaster.client import HeadmasterClient
 
         with HeadmasterClient(self.url, self.protocol, batch_size=16, max_in_flight=4) as client:
+            if self.text:  # the files' bytes as TEXT; the server refuses what the local path refuses
+                found = [r.embedding if r.ok else r.error for r in client.embed_texts(
+                    [p.read_bytes() if p.is_file() else b"" for p in paths], progress)]
+                return [f"cannot read file: {p}" if not p.is_file() else r for p, r in zip(paths, found)]
             return [r.embedding if r.ok else r.error for r in client.embed(paths, progress)]
 
 
 def embedder_for(repo: Repository, server: str | None):
     """Through the server at ``server`` (HTTP host:port) when given, else here; of several
     replicas (``a,b,c``) the first embeds."""
-    return ServerEmbedder(repo, server.split(",")[0].strip()) if server else LocalEmbedder(repo)
+    if server:
+        return ServerEmbedder(repo, server.split(",")[0].strip())
+    return LocalTextEmbedder(repo) if text_only(repo.card) else LocalEmbedder(repo)
 
 
 def embed_files(paths: list[Path], embedder, cache: EmbeddingCache | None,

@@ -21,6 +21,32 @@ from pathlib import Path
 import numpy as np
 
 TOKENIZER_DIR = "tokenizer"  # beside model.py in the version folder, and in an hf:FOLDER export
+MAX_TEXT_BYTES = 1 << 20  # UTF-8 bytes per text unless the config's max_text_bytes says otherwise
+
+
+class InvalidText(ValueError):
+    """A text the model refuses (the message names which item and why): a 400 for the client."""
+
+
+def decode_texts(raw, max_bytes: int = MAX_TEXT_BYTES, allow_empty: bool = False) -> list[str]:
+    """A request's TEXT items as strings, or InvalidText naming the first bad one: not UTF-8,
+    empty (or only whitespace), or longer than ``max_bytes`` (refused before any tokenising)."""
+    texts = []
+    for i, item in enumerate(raw):
+        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        if len(data) > max_bytes:
+            raise InvalidText(f"TEXT[{i}]: {len(data)} bytes is over the limit of {max_bytes} bytes per text "
+                              "(max_text_bytes)")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidText(f"TEXT[{i}]: not valid UTF-8 text (byte {e.start}: {e.reason}); send text "
+                              "encoded as UTF-8") from None
+        if not allow_empty and not text.strip():
+            raise InvalidText(f"TEXT[{i}]: empty text ({len(data)} bytes, nothing but whitespace): there is "
+                              "nothing to classify")
+        texts.append(text)
+    return texts
 
 
 def folder_tokenizer(folder, context_length: int, pad_id: int, spec: dict | None = None):
@@ -112,6 +138,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.context_length = int(params["context_length"])
+        self.max_bytes = int(params.get("max_text_bytes") or MAX_TEXT_BYTES)
+        # Zero-shot prompts may be empty; a text encoder's repository (refuse_empty) classifies texts.
+        self.allow_empty = params.get("refuse_empty") != "true"
         if params.get("tokenizer") == "folder":
             version = Path(args["model_repository"]) / args["model_version"]  # this model's version folder
             self._encode = folder_tokenizer(version / TOKENIZER_DIR, self.context_length,
@@ -124,8 +153,7 @@ class TritonPythonModel:
 
     def _tokens(self, request) -> np.ndarray:
         raw = self.pb.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
-        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in raw]
-        return self._encode(texts)
+        return self._encode(decode_texts(raw, self.max_bytes, self.allow_empty))
 
     def execute(self, requests):
         pb = self.pb
@@ -133,7 +161,6 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(pb.InferenceResponse([pb.Tensor("TOKENS", self._tokens(request))]))
-            except UnicodeDecodeError as e:
-                responses.append(pb.InferenceResponse(
-                    error=pb.TritonError(f"TEXT is not valid UTF-8: {e}", pb.TritonError.INVALID_ARG)))
+            except InvalidText as e:
+                responses.append(pb.InferenceResponse(error=pb.TritonError(str(e), pb.TritonError.INVALID_ARG)))
         return responses

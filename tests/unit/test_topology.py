@@ -275,3 +275,37 @@ def test_a_plan_encoder_does_not_render_portable():
     assert parse(render(image, "native")).platform == "tensorrt_plan"
     with pytest.raises(ConfigError, match="TensorRT plan needs Triton's tensorrt_plan backend"):
         render(image, "portable")
+
+
+# -- a text encoder (st:FOLDER): no image tower, classify reads TEXT ----------------------------
+def test_a_text_encoder_classifies_text_through_tokenize_and_its_text_tower():
+    text_card = dataclasses.replace(make_card({"text": TEXT}), preprocessing={}, fingerprint="")
+    models = everything(text_card, OPTIONS, THREE)
+    assert not {"preprocess", "image_encoder", "embed"} & set(models)
+    assert {"tokenize", "text_encoder", "embed_text", "classify", "classify_embedding"} <= set(models)
+    classify = models["classify"]
+    assert [t.name for t in classify.inputs] == ["TEXT"] and classify.inputs[0].dtype == "BYTES"
+    assert [s.model for s in classify.steps] == ["tokenize", "text_encoder", *THREE, "threshold"]
+    tokenize = to_proto(models["tokenize"], "portable")
+    assert tokenize.parameters["refuse_empty"].string_value == "true"
+    # the image encoders' tokenize (zero-shot prompts) keeps accepting empty prompts
+    assert "refuse_empty" not in to_proto(everything(make_card(), OPTIONS, THREE)["tokenize"], "portable").parameters
+    for model in models.values():
+        parse(render(model, "portable"))
+        parse(render(model, "native"))
+    ab = topology.head_dependent_models(text_card, OPTIONS, THREE, ab={"mood": {"version": 2, "share": 0.5,
+                                                                               "mode": "ab"}})
+    classify_ab = by_name(ab)["classify"]
+    assert classify_ab.steps[-1].inputs["IMAGE"] == "TEXT"  # an A/B arm is picked by the text's sha256
+
+
+def test_decode_texts_names_the_item_and_the_reason():
+    from headmaster.model_repository.backends.tokenize import InvalidText, decode_texts
+
+    assert decode_texts([b"caf\xc3\xa9", "plain"]) == ["caf\u00e9", "plain"]
+    assert decode_texts([b""], allow_empty=True) == [""]
+    for raw, message in (([b"ok", b""], r"TEXT\[1\]: empty text"), ([b" \n"], r"TEXT\[0\]: empty text"),
+                         ([b"\xff"], r"TEXT\[0\]: not valid UTF-8 text \(byte 0"),
+                         ([b"x" * 11], r"TEXT\[0\]: 11 bytes is over the limit of 10 bytes")):
+        with pytest.raises(InvalidText, match=message):
+            decode_texts(raw, max_bytes=10)

@@ -33,6 +33,7 @@ from headmaster.export.heads import HeadCard
 from headmaster.model_repository.backends.threshold import accept
 from headmaster.model_repository.head_version import HeadVersion
 from headmaster.model_repository.repository import Repository
+from headmaster.model_repository.topology import text_only
 from headmaster.training.data import Dataset, read_labelled
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
 
@@ -411,7 +412,7 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
             raise EvalError("give one holdout: a labelled folder, a manifest or a dataset snapshot", option="snapshot")
         holdout = snapshot_holdout(options.snapshot, repository.fingerprint)
     else:
-        dataset = read_labelled(options.data, options.manifest)
+        dataset = read_labelled(options.data, options.manifest, text=text_only(repository.card))
         done = [0]
 
         def advance(n: int) -> None:

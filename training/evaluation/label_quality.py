@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.export.heads import HeadCard
-from headmaster.training.data import content_hash, from_folders, from_manifest
+from headmaster.model_repository.topology import text_only
+from headmaster.training.data import content_hash, read_labelled
 from headmaster.training.evaluation.evaluate import Embedder, Holdout, embed_dataset
 from headmaster.training.heads.checks import near_duplicate_pairs
 
@@ -218,7 +219,8 @@ def check_quality(holdout: Holdout, card: HeadCard, embed: Embedder, train_data:
     if source is None:
         notes.append(described)
     else:
-        dataset = from_folders(source) if source.is_dir() else from_manifest(source)
+        text = text_only(embed.repository.card)  # a text encoder's training set: .txt folders or text,label
+        dataset = read_labelled(source if source.is_dir() else None, None if source.is_dir() else source, text=text)
         train = embed_dataset(dataset, embed)
         recorded = (card.details.get("data") or {}).get("sha256")
         if recorded and recorded != _training_hash(train):

@@ -141,7 +141,24 @@ def thumbnail(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+TEXT_PREVIEW_CHARS = 280  # of a text item (a .txt file: a text encoder's data), shown in place of a thumbnail
+
+
+@lru_cache(maxsize=4096)
+def text_preview(path: str) -> str:
+    """The start of a text file, HTML-escaped (what a text item shows where an image shows a thumbnail)."""
+    try:
+        text = Path(path).read_bytes()[:4 * TEXT_PREVIEW_CHARS].decode("utf-8", "replace")
+    except OSError as e:
+        LOG.warning("no preview for %s: %s", path, e)
+        return ""
+    text = " ".join(text.split())
+    return esc(text[:TEXT_PREVIEW_CHARS] + ("\u2026" if len(text) > TEXT_PREVIEW_CHARS else ""))
+
+
 def _img(path: str) -> str:
+    if path.endswith(".txt"):
+        return f'<blockquote class="thumb-text" title="{esc(path)}">{text_preview(path)}</blockquote>'
     return f'<img class="thumb" src="{thumbnail(path)}" alt="{esc(Path(path).name)}" title="{esc(path)}">'
 
 
@@ -352,6 +369,7 @@ th{background:#f4f4f4}table.matrix td a{font-weight:bold;color:#a00}
 figure{margin:0;padding:6px;border:1px solid #ddd;border-radius:4px;width:190px;font-size:12px;background:#fafafa}
 figure.pair{width:280px}
 img.thumb{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#000;margin:2px}
+blockquote.thumb-text{margin:2px;padding:4px;max-height:9em;overflow:auto;font-size:11px;background:#fff;border-left:3px solid #ccc}
 .group{margin:1em 0;padding-top:.3em;border-top:1px solid #eee}.group:target{background:#fff6d5}
 .plots img{max-width:620px;margin:4px;border:1px solid #eee}td.better{color:#070}td.worse{color:#a00}
 .fixed .verdict{color:#070}.broken .verdict{color:#a00}.notes li{color:#864}

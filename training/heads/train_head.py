@@ -18,6 +18,7 @@ from headmaster.errors import DataError
 from headmaster.export.heads import HeadCard, check_head_name
 from headmaster.model_repository import lifecycle
 from headmaster.model_repository.repository import Repository
+from headmaster.model_repository.topology import text_only
 from headmaster.training.data import Dataset, by_content, content_hash, read_labelled
 from headmaster.training.embeddings import embed_paths
 from headmaster.training.feedback.snapshots import export_snapshot, is_snapshot, load_for_training
@@ -40,7 +41,7 @@ def load_dataset(options: TrainOptions) -> Dataset | None:
                         "or --store PATH")
     if options.store is not None or (options.data is not None and is_snapshot(options.data)):
         return None  # stored embeddings: see train_head
-    return read_labelled(options.data, options.manifest)
+    return read_labelled(options.data, options.manifest, text=text_only(Repository(options.repo).card))
 
 
 def _truth(rows_labels: list[tuple[str, ...]], labels: tuple[str, ...]) -> np.ndarray:
