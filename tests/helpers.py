@@ -400,3 +400,44 @@ def redis_url():
         yield server.url
     finally:
         server.close()
+
+
+class MotoS3Server:
+    """moto's S3 API server in a process of its own on a free loopback port, as a real S3 endpoint
+    is: under three replicas and client threads, moto in the test's own process (ThreadedMotoServer)
+    shared its GIL with the clients, answered late, and Triton's S3 client gave up ("curlCode: 28,
+    Timeout was reached"). Each request it serves is one line of ``log`` (werkzeug's access log)."""
+
+    def __init__(self, log: Path):
+        import urllib.request
+
+        self.port, self.log = free_port(), log
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._output = open(log, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=self._output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, f"moto's server did not answer:\n{log.read_text()}"
+                time.sleep(0.2)
+
+    def requests_since(self, offset: int) -> list[str]:
+        """The access-log lines written after byte ``offset`` of the log (``log.stat().st_size`` before)."""
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace").splitlines()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._output.close()

@@ -2,7 +2,7 @@
 command against the bucket, three replicas that agree on every head version under client load,
 and credentials kept out of every output.
 
-The S3 API is moto's real HTTP server (`moto[server]`, ThreadedMotoServer) on 127.0.0.1; the
+The S3 API is moto's real HTTP server (`moto[server]`, a process of its own) on 127.0.0.1; the
 replicas are three `headmaster serve` processes (the bundled Triton reading the bucket itself);
 every command runs as a user runs it, in a subprocess. Nothing leaves loopback.
 """
@@ -24,7 +24,7 @@ import pytest
 from headmaster.client import HeadmasterClient
 from headmaster.model_repository import s3
 from headmaster.model_repository.server import free_port
-from tests.helpers import ARTIFACTS, Clients, clone_repo, subset
+from tests.helpers import ARTIFACTS, Clients, MotoS3Server, clone_repo, subset
 
 HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
 pytestmark = pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)")
@@ -35,12 +35,10 @@ BUCKET = "headmaster-models"
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     work = tmp_path_factory.mktemp("s3")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    server = MotoS3Server(ARTIFACTS / "s3-moto.log")
+    port = server.port
     env = {**os.environ, "AWS_ACCESS_KEY_ID": SECRET_ID, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "AWS_DEFAULT_REGION": "us-east-1", "HEADMASTER_S3_CACHE": str(work / "cache"),
            "HEADMASTER_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1"}
@@ -50,7 +48,7 @@ def bucket(tmp_path_factory):
     import boto3
 
     boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
-    yield {"port": port, "env": env, "work": work, "url": f"s3://127.0.0.1:{port}/{BUCKET}/prod"}
+    yield {"port": port, "env": env, "work": work, "url": f"s3://127.0.0.1:{port}/{BUCKET}/prod", "server": server}
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     server.stop()
@@ -72,14 +70,14 @@ def objects(bucket, prefix="prod") -> dict[str, str]:
     return s3.remote_objects(s3.S3Location(BUCKET, prefix, f"http://127.0.0.1:{bucket['port']}"))
 
 
-def test_push_uploads_versions_before_what_names_them(bucket, repo, tmp_path, caplog):
+def test_push_uploads_versions_before_what_names_them(bucket, repo, tmp_path):
     """The order a reader of the bucket sees: every version's files, then configs (heads, threshold,
     ensembles), then the manifest; a second push of the same repository uploads nothing."""
-    import logging
-
-    caplog.set_level(logging.INFO, logger="werkzeug")  # moto's server logs each request it serves
+    log = bucket["server"].log
+    before = log.stat().st_size
     location, changed = s3.push_repository(repo, bucket["url"].replace("/prod", "/order"))
-    puts = [line.split('"PUT ', 1)[1].split()[0].split("?")[0] for line in (r.getMessage() for r in caplog.records)
+    time.sleep(0.5)  # the server writes its access line after it answers
+    puts = [line.split('"PUT ', 1)[1].split()[0].split("?")[0] for line in bucket["server"].requests_since(before)
             if '"PUT /' in line and "/order/" in line]
     paths = [p.split("/order/", 1)[1] for p in puts]
     assert set(paths) == set(changed) and len(paths) > 20
@@ -119,13 +117,16 @@ def test_bad_locations_are_one_line_errors(bucket):
 class Relay:
     """A TCP relay in front of the S3 endpoint: what a replica sees as its bucket's endpoint, which a
     test can take away (new connections refused, open ones cut) while the bucket itself stays up for
-    every other replica and command."""
+    every other replica and command. Each relayed connection's two sockets are closed when both
+    directions end: Triton's S3 client opens thousands of connections in this module, and sockets
+    only shut down (never closed) once exhausted the test process's file descriptors."""
 
     def __init__(self, port: int):
         self.upstream = ("127.0.0.1", port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.open: list[socket.socket] = []
+        self.open: set[socket.socket] = set()
+        self.lock = threading.Lock()
         self.gone = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -133,35 +134,53 @@ class Relay:
         while not self.gone.is_set():
             try:
                 client, _ = self.listener.accept()
-                server = socket.create_connection(self.upstream)
             except OSError:
                 continue
-            self.open += [client, server]
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open |= {client, server}
+            done = threading.Barrier(2, action=lambda c=client, s=server: self._close(c, s))
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, done), daemon=True).start()
+
+    def _close(self, *ends: socket.socket) -> None:
+        with self.lock:
+            self.open -= set(ends)
+        for end in ends:
+            end.close()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(source: socket.socket, sink: socket.socket, done: threading.Barrier) -> None:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
         except OSError:
             pass
         finally:
-            for end in (source, sink):
+            for end in (source, sink):  # the other direction ends too
                 try:
                     end.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            try:
+                done.wait(timeout=30)  # the last of the two directions closes both sockets
+            except threading.BrokenBarrierError:
+                pass
 
     def take_away(self) -> None:
         """The endpoint is gone: nothing listens on its port any more, and open connections are reset."""
         self.gone.set()
         self.listener.close()
-        for connection in self.open:
+        with self.lock:
+            connections = list(self.open)
+        for connection in connections:
             try:
                 connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                connection.close()
+                connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
