@@ -246,3 +246,94 @@ def test_the_classify_command_reads_text_files_against_a_text_server(text_served
     assert all(line["heads"]["section"]["labels"] is not None for line in lines[:-1])
     assert "not valid UTF-8" in lines[-1]["error"]
     assert lines[0]["sha256"] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_the_loop_and_the_canary_run_on_text(text_served, tmp_path):
+    """The loop on a text head: texts classified into a store, people's labels stored (some
+    fixing the head's answer), the next version trained from the store as a candidate, tested
+    as a canary (each text's arm from the sha256 of its UTF-8 bytes, whether it comes as TEXT or
+    as a stored embedding) and in shadow, compared over the store, promoted: it then answers."""
+    import csv
+
+    from headmaster.model_repository import ab, lifecycle, live
+    from headmaster.model_repository.backends.threshold import in_candidate_arm
+    from headmaster.store import open_store
+    from headmaster.store.classify import classify_into_store
+    from tests.helpers import run_cli
+
+    _, repo, server, train_dir, test_dir, root = text_served
+    head = "loop"  # its own head: the other tests keep "section" as they found it
+    first = train_head(TrainOptions(name=head, repo=repo, data=test_dir, cache_dir=root / "cache",
+                                    server=server.http_url))
+    assert first.card.version == 1 and live.loaded(server)[head] == "1"
+    paths = sorted(train_dir.rglob("*.txt")) + sorted(test_dir.rglob("*.txt"))
+    texts = [p.read_text(encoding="utf-8") for p in paths]
+    store_path = tmp_path / "store"
+    with HeadmasterClient(server.http_url, "http", batch_size=8) as client:
+        results, stats = classify_into_store(client, open_store(store_path), paths)
+    assert stats.failed == 0 and {r.heads[head].version for r in results} == {1}
+    answered = {r.sha256: r.heads[head].top[0] for r in results}
+    truth = {r.sha256: p.parent.name for r, p in zip(results, paths)}
+    wrong = [sha for sha in truth if answered[sha] != truth[sha]]
+    assert wrong  # v1 saw 18 texts: it gets some of the 66 wrong, and people fix those
+
+    # People's labels: one by the command line (a sha256 prefix), the rest from a CSV.
+    one = wrong[0]
+    done = run_cli("correct", one[:12], "--head", head, "--label", truth[one], "--by", "ann", "--store", store_path,
+                   "--repo", repo)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "fixes.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item", "label"])
+        writer.writerows((sha, label) for sha, label in truth.items() if sha != one)
+    done = run_cli("correct", "--csv", tmp_path / "fixes.csv", "--head", head, "--store", store_path, "--repo", repo)
+    assert done.returncode == 0, done.stderr
+    assert {sha: c.labels for sha, c in open_store(store_path).corrections(head).items()} == \
+        {sha: (label,) for sha, label in truth.items()}
+
+    # The next version from the store's labels, published as a candidate: v1 keeps answering.
+    done = run_cli("train-head", "--store", store_path, "--name", head, "--repo", repo, "--server", server.http_url,
+                   "--candidate")
+    assert done.returncode == 0, done.stderr
+    assert lifecycle._live_version(repo, head) == 1 and (repo / head / "2" / "model.onnx").is_file()
+    with HeadmasterClient(server.http_url, "http", batch_size=8) as client:
+        assert {r.heads[head].version for r in client.classify_text(texts[:8])} == {1}
+
+    # A canary answering half the texts: the arm is a function of the text's sha256.
+    done = run_cli("heads", "canary", head, "--version", "2", "--share", "0.5", "--repo", repo)
+    assert done.returncode == 0, done.stderr
+    with HeadmasterClient(server.http_url, "http", batch_size=8) as client:
+        answers = client.classify_text(texts)
+        stored, _ = classify_into_store(client, open_store(store_path), paths)  # stored: classify_embedding
+    assert [r.sha256 for r in answers] == [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    arms = [r.heads[head].ab["arm"] for r in answers]
+    assert arms == ["candidate" if in_candidate_arm(r.sha256, 0.5) else "live" for r in answers]
+    assert 0 < arms.count("candidate") < len(arms)
+    assert [r.heads[head].ab["arm"] for r in stored] == arms  # the same arm by either way in
+    assert [r.heads[head].version for r in answers] == [2 if a == "candidate" else 1 for a in arms]
+    assert run_cli("heads", "abort", head, "--repo", repo).returncode == 0
+    assert ab.running(repo, head) is None and lifecycle._live_version(repo, head) == 1
+
+    # In shadow: v1 answers every text, v2's answer rides along and both go into the store.
+    done = run_cli("heads", "canary", head, "--version", "2", "--shadow", "--repo", repo)
+    assert done.returncode == 0, done.stderr
+    with HeadmasterClient(server.http_url, "http", batch_size=8) as client:
+        shadowed, _ = classify_into_store(client, open_store(store_path), paths)
+    assert {r.heads[head].version for r in shadowed} == {1}
+    assert {r.heads[head].ab["other"]["version"] for r in shadowed} == {2}
+    agree = sum(r.heads[head].ab["agree"] for r in shadowed)
+    shown = run_cli("heads", "compare", head, "--repo", repo, "--store", store_path, "--show", "3")
+    assert shown.returncode == 0, shown.stderr
+    assert f"v1 and v2 agree on {agree} of {len(paths)} items" in " ".join(shown.stdout.split())
+
+    # Promoted: v2 answers every text, as it scores them offline, and it fixed what people fixed.
+    assert run_cli("heads", "promote", head, "--repo", repo).returncode == 0
+    assert lifecycle._live_version(repo, head) == 2 and live.loaded(server)[head] == "2"
+    with HeadmasterClient(server.http_url, "http", batch_size=8) as client:
+        final = client.classify_text(texts)
+    assert all(r.heads[head].version == 2 and r.heads[head].ab is None for r in final)
+    v2 = HeadVersion.load(repo, head, 2)
+    x = np.stack([r.embedding for r in final])
+    assert [r.heads[head].top[0] for r in final] == [v2.card.labels[i] for i in v2.scores(x).argmax(axis=1)]
+    assert sum(r.heads[head].top[0] == truth[r.sha256] for r in final) > len(truth) - len(wrong)
