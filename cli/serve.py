@@ -137,7 +137,15 @@ def serve(
                     break
                 # Same key and ports: clients and the repository's commands carry on once it is back.
                 server.stop(drain=False, failed=True)  # reaps the stubs, frees their shared memory
-                options = dataclasses.replace(options, api_key=server.api_key)
+                # What the repository names now: a head removed (or added) since the first start would
+                # otherwise be asked for by name, and Triton refuses to start without it.
+                if location is not None:
+                    try:
+                        s3.pull(location, Path(repo))
+                    except RepositoryError as e:  # the bucket unreachable: what the working copy last saw
+                        console.print(f"[yellow]restarting from the last copy of {location}:[/] {e}")
+                options = dataclasses.replace(options, api_key=server.api_key,
+                                              load_models=tuple(Repository(repo).model_names()))
                 server = TritonServer(options, log_path=server.log_path)
                 console.print(f"restarting Triton ({len(crashes)} of at most {restarts} in 10 minutes)...")
                 server.start(timeout_s=startup_timeout)

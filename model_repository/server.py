@@ -168,6 +168,7 @@ class TritonServer:
         self.options = options
         self._workdir = Path(tempfile.mkdtemp(prefix="headmaster-triton-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
+        self._log_start = 0  # where this start's lines begin in the (appended) log
         self._process: subprocess.Popen | None = None
         self._log_file: IO[bytes] | None = None
         self.api_key = (options.api_key or server_record.new_key()) if options.restricted_apis else None
@@ -303,6 +304,7 @@ class TritonServer:
         cmd = self.command(bundled, self._backend_dir(bundled))
         LOG.debug("starting %s", " ".join(cmd))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_start = self._log_size()  # the log is appended to: this start's lines begin here
         self._log_file = open(self.log_path, "ab")
         self._process = subprocess.Popen(
             cmd,
@@ -352,10 +354,9 @@ class TritonServer:
 
     def failure_summary(self, max_lines: int = 15) -> str:
         """The server's own error lines: what failed to load and why."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
+        if not self.log_path.exists():
             return "(no server log)"
+        lines = self._log_since(self._log_start).splitlines()  # not an earlier run's lines
         # Triton's glog lines start with a severity letter: E = error. Its crash handler prints
         # "Signal (11) received." The CUDA lines are what it says on every machine without a GPU.
         errors = [l for l in lines if (l[:1] == "E" or "failed to load" in l or "error:" in l.lower()

@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException
 from headmaster.client import AsyncHeadmasterClient, ClientError, HeadmasterClient
 from headmaster.model_repository.server import SHM_PREFIX, free_port
 from headmaster.model_repository.server_record import KEY_HEADER, read_record, record_path, running_server
-from tests.helpers import ARTIFACTS, Clients, clone_repo, subset, written_version
+from tests.helpers import ARTIFACTS, Clients, clone_repo, run_cli, subset, written_version
 
 HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
 # `headmaster serve` runs the bundled Triton, which has only the python backend.
@@ -415,12 +415,15 @@ def test_serve_exits_non_zero_when_tritonserver_dies(repo, tmp_path):
 def test_serve_restarts_a_crashed_tritonserver_with_the_same_ports_and_key(repo, tmp_path, jpeg_photos):
     """The bundled Triton 2.51 segfaults when a gRPC client vanishes while its request is in
     flight (upstream triton-inference-server/server#7368, fixed in 24.12; reproduced here with
-    a killed client). serve restarts it: same ports, same key, the heads as they were."""
+    a killed client). serve restarts it: same ports, same key, the heads as the repository names
+    them now (a head removed while serving is not asked for: Triton would refuse to start)."""
     copy = clone_repo(repo, tmp_path / "repo")
     serve = Serve(copy, tmp_path / "serve.log", "--restarts", "2")
     image = jpeg_photos["chelsea.jpg"]
     try:
         first = serve.record
+        removed = run_cli("heads", "remove", "has_cat", "--repo", copy)
+        assert removed.returncode == 0, removed.stderr
         regions = regions_of(first.pid)
         os.kill(first.pid, signal.SIGKILL)  # what a crash looks like from outside
         deadline = time.monotonic() + 240
@@ -431,6 +434,8 @@ def test_serve_restarts_a_crashed_tritonserver_with_the_same_ports_and_key(repo,
             time.sleep(1)
         second = read_record(copy)
         assert (second.http_url, second.grpc_url, second.api_key) == (first.http_url, first.grpc_url, first.api_key)
+        with HeadmasterClient(serve.grpc_url) as client:
+            assert set(client.classify([image])[0].heads) == {"animal"}
         assert "restarting Triton (1 of at most 2 in 10 minutes)" in serve.printed()
         assert not any(os.path.exists(f"/dev/shm/{r}") for r in regions)
         # The real trigger: gRPC clients killed mid-request. Whether or not this Triton crashes on
