@@ -59,6 +59,7 @@ def serve(
     from headmaster.model_repository.server_record import KEY_ENV, RESTRICTED_APIS, STATE_DIR, running_server
     from headmaster.model_repository.supervisor import Supervisor
     from headmaster.model_repository.tracing import trace_args
+    from headmaster.model_repository.warmup import warm_up
 
     tracing = trace_args(trace_url, trace_rate) if trace_url else ()  # a bad URL is refused before anything starts
 
@@ -105,6 +106,8 @@ def serve(
     try:
         with console.status(f"starting Triton on {shown} (log: {server.log_path})..."):
             server.start(timeout_s=startup_timeout)
+        with console.status("warming the ensembles..."):  # encoders and heads warmed as they loaded
+            warm_up(server.http_url, options.load_models)
         console.print(f"[green]Triton is ready[/] serving {len(options.load_models)} models from {shown}", highlight=False)
         console.print(f"  HTTP     http://{server.http_url}   (curl http://{server.http_url}/v2/models/classify)")
         console.print(f"  gRPC     {server.grpc_url}")
@@ -141,6 +144,7 @@ def serve(
                 server = TritonServer(options, log_path=server.log_path)
                 console.print(f"restarting Triton ({len(crashes)} of at most {restarts} in 10 minutes)...")
                 server.start(timeout_s=startup_timeout)
+                warm_up(server.http_url, options.load_models)
                 supervisor = Supervisor(server, Path(repo), say=say)
                 console.print(f"[green]Triton is ready again[/] (pid {server.pid})")  # no record from S3
                 continue
