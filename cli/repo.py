@@ -45,6 +45,9 @@ def build(
     exact_decode: Annotated[bool, typer.Option(
         help="Decode large JPEGs at full size (open_clip's exact pixels) instead of at reduced DCT scale "
              "(>= 4x the encoder's input side; within 3 levels of 255).")] = False,
+    embedding_cache_mb: Annotated[float, typer.Option(
+        help="Memory for the image encoder's cache of embeddings by sha256 of an image's pixels, so a repeated "
+             "image skips the encoder (portable flavour; least recently used out first); 0 = no cache.")] = 64.0,
 ) -> None:
     """Assemble a Triton repository: preprocess -> encoder -> heads -> threshold, as `classify`."""
     from headmaster.model_repository.build import build_repository
@@ -56,7 +59,8 @@ def build(
         max_queue_delay_us=max_queue_delay_us, encoder_instances=encoder_instances,
         preprocess_instances=preprocess_instances, preprocess_threads=preprocess_threads, decoder=decoder,
         max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
-        max_request_bytes=int(max_request_mb * 1024 * 1024), exact_decode=exact_decode)
+        max_request_bytes=int(max_request_mb * 1024 * 1024), exact_decode=exact_decode,
+        embedding_cache_mb=embedding_cache_mb)
     from headmaster.model_repository import s3
 
     repository = build_repository(encoder, repo, options)

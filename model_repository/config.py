@@ -197,10 +197,14 @@ class EncoderModel:
     graph_optimization: str = "all"  # onnxruntime level for the portable runner
     device: str = "auto"  # portable runner: auto | cpu | cuda; cpu also means KIND_CPU when native
     fingerprint: str = ""  # the encoder card's: clients check they embed with the right encoder
+    # Portable runner: bytes of embeddings kept by sha256 of the input row (backends/runtime.py); 0 = none.
+    cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.format not in NATIVE_PLATFORMS:
             raise ConfigError(f"encoder {self.name}: format must be one of {sorted(NATIVE_PLATFORMS)}, not {self.format!r}")
+        if self.cache_bytes < 0:
+            raise ConfigError(f"encoder {self.name}: cache_bytes must be >= 0, got {self.cache_bytes}")
 
     @property
     def artifact(self) -> str:
@@ -230,7 +234,8 @@ class EncoderModel:
             gpu_inputs = {}
         return {**base, "backend": "python",
                 "parameters": {**identity, **gpu_inputs, **_params(artifact=self.artifact, device=self.device,
-                                                                   graph_optimization=self.graph_optimization)}}
+                                                                   graph_optimization=self.graph_optimization),
+                               **(_params(cache_bytes=self.cache_bytes) if self.cache_bytes else {})}}
 
 
 @dataclass(frozen=True)

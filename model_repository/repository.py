@@ -61,6 +61,8 @@ class BuildOptions:
     exact_decode: bool = False  # large JPEGs decoded at full size instead of at reduced DCT scale
     device: str = "auto"  # portable runner: auto | cpu | cuda
     decoder: str = "pillow"  # pillow (CPU threads) | torchvision (batched; on the GPU when device is cuda)
+    # The image encoder's cache of embeddings by sha256 of the pixels (backends/runtime.py), portable flavour.
+    embedding_cache_mb: float = 64.0
 
     def __post_init__(self) -> None:
         if self.flavour not in ("portable", "native"):
@@ -70,6 +72,9 @@ class BuildOptions:
         if self.decoder not in ("pillow", "torchvision"):
             raise ConfigError(f"decoder must be pillow or torchvision, not {self.decoder!r}", option="decoder")
         Batching(self.max_batch_size, self.preferred_batch_sizes, self.max_queue_delay_us)
+        if self.embedding_cache_mb < 0:
+            raise ConfigError(f"embedding_cache_mb must be >= 0 (0 = no cache), not {self.embedding_cache_mb}",
+                              option="embedding-cache-mb")
 
     @classmethod
     def for_device(cls, device: str = "auto", **given) -> BuildOptions:

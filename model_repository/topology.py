@@ -38,7 +38,9 @@ def encoder_model(card, options, tower: str) -> EncoderModel:
         batching=options.encoder_batching,
         instances=Instances(options.encoder_instances, gpu=True),
         graph_optimization=spec.graph_optimization, device=options.device,
-        fingerprint=card.fingerprint)
+        fingerprint=card.fingerprint,
+        # Images repeat, texts are few and cheap: only the image tower keeps a cache.
+        cache_bytes=int(options.embedding_cache_mb * 2**20) if tower == "image" else 0)
 
 
 def head_model(card, options, name: str, live: int, labels: int) -> HeadModel:
