@@ -11,8 +11,9 @@ weights, the same JPEGs, the same concurrency, each server alone, alternating ro
   patch 32, 224 px, projection 512) saved offline with its image processor and a CLIP tokenizer
   made from open_clip's bundled BPE vocabulary. ``--dtype int8`` is its int8.
 - Headmaster: open_clip ViT-B-32 with random weights exported to ONNX (fp32, or int8), a
-  repository with two zero-shot heads (benchmarks/serve_throughput.py's), served by the real
-  ``headmaster serve``; ``classify`` and ``embed`` over gRPC.
+  repository with two zero-shot heads (benchmarks/serve_throughput.py's) built with
+  ``--no-serve-text`` (the text tower stays on disk, unloaded: classify and embed need none),
+  served by the real ``headmaster serve``; ``classify`` and ``embed`` over gRPC.
 - Per server and round: started alone; the first 10 single-image requests after it says ready
   (new images); 4 client threads x batch 8 for --seconds (images/s, p50/p99 per request,
   failures; RSS and PSS of the server's whole process tree sampled under load, the highest
@@ -351,6 +352,9 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
+    from headmaster.model_repository.build import build_repository
+    from headmaster.model_repository.repository import BuildOptions
+
     bin_dir = setup_peer()
     serve_throughput = _load("serve_throughput")
     pool = image_pool(args.pool)  # distinct images: nothing repeats within a window
@@ -358,7 +362,10 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     load_start = os.getloadavg()[0]
     for precision in args.precisions:
-        _, repo = serve_throughput.prepare(precision, (8, 16, 32), "cpu")
+        encoder_dir, repo = serve_throughput.prepare(precision, (8, 16, 32), "cpu")
+        # classify and embed need no text tower: it stays on disk (the zero-shot heads were made
+        # from it) but is not loaded (repo build --no-serve-text).
+        build_repository(encoder_dir, repo, BuildOptions(preferred_batch_sizes=(8, 16, 32), serve_text=False))
         for r in range(args.rounds):
             fresh = fresh_all[31 * r:31 * (r + 1)]  # for the single-image figures
             order = [("infinity", None), ("headmaster", None)] if r % 2 == 0 else [("headmaster", None), ("infinity", None)]

@@ -63,6 +63,10 @@ class BuildOptions:
     decoder: str = "pillow"  # pillow (CPU threads) | torchvision (batched; on the GPU when device is cuda)
     # The image encoder's cache of embeddings by sha256 of the pixels (backends/runtime.py), portable flavour.
     embedding_cache_mb: float = 64.0
+    # Load the text tower, tokenize and embed_text. Off: they stay in the repository (zero-shot
+    # heads are made from them on this machine, not through the server) but the server does not
+    # load them: a ViT-B-32 serves classify and embed in ~850 MB less (two fewer processes).
+    serve_text: bool = True
 
     def __post_init__(self) -> None:
         if self.flavour not in ("portable", "native"):

@@ -56,7 +56,7 @@ def embed_ensembles(card, options) -> list[EnsembleModel]:
         (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
          Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"})),
         options.max_batch_size)]
-    if "text" in card.towers:
+    if "text" in card.towers and options.serve_text:
         text = encoder_model(card, options, "text")
         ensembles.append(EnsembleModel(
             "embed_text", (Tensor("TEXT", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (d,)),),
@@ -75,7 +75,7 @@ def static_models(card, options) -> list:
                               max_request_bytes=o.max_request_bytes, exact_decode=o.exact_decode,
                               decoder=o.decoder),
               encoder_model(card, options, "image")]
-    if "text" in card.towers:
+    if "text" in card.towers and options.serve_text:
         models += [TokenizeModel(card.model, card.context_length, o.light_batching, folder_tokenizer=card.tokenizer),
                    encoder_model(card, options, "text")]
     return models + embed_ensembles(card, options)

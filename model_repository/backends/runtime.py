@@ -35,7 +35,16 @@ class OnnxRunner:
         self.ort = ort
 
         options = ort.SessionOptions()
+        # Chosen, and said here rather than left to defaults: one model runs one batch at a time
+        # (sequential, one inter-op thread); intra-op threads: 0 = one per physical core for an
+        # encoder (it is the work), 1 for a head (tiny matrices; more threads only contend). The
+        # CPU arena stays on: it keeps the activation buffers of the largest batch seen and reuses
+        # them (off, every batch allocates again); with warm-up at load, that size is reached
+        # before the server says ready, not under the first client's requests.
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_cpu_mem_arena = True
         # fp16 graphs crash onnxruntime's CPU layout optimisations (level 99, seen with
         # onnxruntime 1.32): the exporter records 'extended' for them.
         options.graph_optimization_level = {
