@@ -110,7 +110,7 @@ def serve(
         with console.status(f"starting Triton on {shown} (log: {server.log_path})..."):
             server.start(timeout_s=startup_timeout)
         with console.status("warming the ensembles..."):  # encoders and heads warmed as they loaded
-            warm_up(server.http_url, options.load_models)
+            warm_up(server.http_url, options.load_models, repository.student_names())
         console.print(f"[green]Triton is ready[/] serving {len(options.load_models)} models from {shown}", highlight=False)
         console.print(f"  HTTP     http://{server.http_url}   (curl http://{server.http_url}/v2/models/classify)")
         console.print(f"  gRPC     {server.grpc_url}")
@@ -147,7 +147,7 @@ def serve(
                 server = TritonServer(options, log_path=server.log_path)
                 console.print(f"restarting Triton ({len(crashes)} of at most {restarts} in 10 minutes)...")
                 server.start(timeout_s=startup_timeout)
-                warm_up(server.http_url, options.load_models)
+                warm_up(server.http_url, options.load_models, repository.student_names())
                 supervisor = Supervisor(server, Path(repo), say=say)
                 console.print(f"[green]Triton is ready again[/] (pid {server.pid})")  # no record from S3
                 continue

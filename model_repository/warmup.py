@@ -41,14 +41,16 @@ def _bytes_input(client_module, name: str, item: bytes):
     return tensor
 
 
-def warm_up(http_url: str, models: tuple[str, ...] | list[str], timeout_s: float = 120.0) -> dict[str, float]:
-    """Send the warm-up requests to the ensembles among ``models`` on the server at ``http_url``;
-    returns seconds spent per ensemble. A failure is logged, not raised: the server is up and a
-    broken model answers its own error to the first client."""
+def warm_up(http_url: str, models: tuple[str, ...] | list[str], students: tuple[str, ...] | list[str] = (),
+            timeout_s: float = 120.0) -> dict[str, float]:
+    """Send the warm-up requests to the ensembles among ``models`` (and to the distilled
+    ``students``, python models reading image bytes) on the server at ``http_url``; returns
+    seconds spent per model. A failure is logged, not raised: the server is up and a broken
+    model answers its own error to the first client."""
     import tritonclient.http as http
 
     jpeg = tiny_jpeg()
-    plan = [(name, "IMAGE", jpeg) for name in ("classify", "embed") if name in models]
+    plan = [(name, "IMAGE", jpeg) for name in ("classify", "embed", *students) if name in models]
     if "embed_text" in models:
         plan.append(("embed_text", "TEXT", b"a photo"))
     spent: dict[str, float] = {}
@@ -58,10 +60,12 @@ def warm_up(http_url: str, models: tuple[str, ...] | list[str], timeout_s: float
         for model, input_name, item in plan:
             start = time.monotonic()
             try:
+                ensemble = model in ("classify", "embed", "embed_text")
                 for _ in range(ROUNDS):
                     answer = client.infer(model, [_bytes_input(http, input_name, item)],
-                                          outputs=[http.InferRequestedOutput("EMBEDDING")])
-                    embedding = answer.as_numpy("EMBEDDING") if input_name == "IMAGE" else embedding
+                                          outputs=[http.InferRequestedOutput("EMBEDDING")] if ensemble else None)
+                    if model in ("classify", "embed"):
+                        embedding = answer.as_numpy("EMBEDDING")
             except Exception as e:  # noqa: BLE001 - any failure: say so and go on
                 LOG.warning("warm-up request to %s failed: %s", model, e)
             spent[model] = time.monotonic() - start
