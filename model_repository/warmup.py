@@ -1,7 +1,7 @@
 """Warm every served model before `headmaster serve` says ready.
 
-Triton warms what it can itself: the encoders and heads carry ``model_warmup`` in their configs
-(config.warmup), so Triton runs them while they load. It cannot warm what reads image bytes or
+Triton warms what it can itself: the encoders carry ``model_warmup`` in their configs
+(config.warmup), so Triton runs them while they load (the heads do not: see config.EncoderModel). It cannot warm what reads image bytes or
 text (it would invent random bytes, which no decoder accepts) nor ensembles (Triton refuses
 ``model_warmup`` there). So the server's own requests do the rest: one small real JPEG through
 ``classify`` (preprocess, the encoder, every head, threshold) and ``embed``, a word through
