@@ -47,6 +47,13 @@ def build(
              "(>= 4x the encoder's input side; within 3 levels of 255).")] = False,
     max_text_bytes: Annotated[int, typer.Option(
         help="UTF-8 bytes one text may have (tokenize refuses longer ones with a 400); 0 = 1 MiB.")] = 0,
+    embedding_cache_mb: Annotated[float, typer.Option(
+        help="Memory for the image encoder's cache of embeddings by sha256 of an image's pixels, so a repeated "
+             "image skips the encoder (portable flavour; least recently used out first); 0 = no cache.")] = 64.0,
+    serve_text: Annotated[bool, typer.Option(
+        help="Load the text tower, tokenize and embed_text in the server. --no-serve-text keeps them in the "
+             "repository (zero-shot heads are still made from them) but unloaded: less memory, two fewer "
+             "processes.")] = True,
 ) -> None:
     """Assemble a Triton repository: preprocess -> encoder -> heads -> threshold, as `classify`."""
     from headmaster.model_repository.build import build_repository
@@ -59,7 +66,7 @@ def build(
         preprocess_instances=preprocess_instances, preprocess_threads=preprocess_threads, decoder=decoder,
         max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
         max_request_bytes=int(max_request_mb * 1024 * 1024), exact_decode=exact_decode,
-        max_text_bytes=max_text_bytes)
+        max_text_bytes=max_text_bytes, embedding_cache_mb=embedding_cache_mb, serve_text=serve_text)
     from headmaster.model_repository import s3
 
     repository = build_repository(encoder, repo, options)

@@ -58,7 +58,9 @@ def serve(
     from headmaster.model_repository.server import ServerOptions, TritonServer
     from headmaster.model_repository.server_record import KEY_ENV, RESTRICTED_APIS, STATE_DIR, running_server
     from headmaster.model_repository.supervisor import Supervisor
+    from headmaster.model_repository.topology import text_only
     from headmaster.model_repository.tracing import trace_args
+    from headmaster.model_repository.warmup import warm_up
 
     tracing = trace_args(trace_url, trace_rate) if trace_url else ()  # a bad URL is refused before anything starts
 
@@ -80,6 +82,9 @@ def serve(
             console.print(f"  repaired: {action}")
         consistency.check(repo)
         repository = Repository(repo)
+    # The checks above opened every ONNX file in onnxruntime (~450 MB for a ViT-B-32 repository);
+    # glibc keeps what they freed unless asked, and this process then watches the server for days.
+    _give_freed_memory_back()
     key = api_key_file.read_text().strip() if api_key_file else os.environ.get(KEY_ENV) or None
     # From S3, Triton reads the bucket itself (AWS_* from this environment); the working copy only
     # told us what to load. No record is written: the replicas of a bucket are many, on many
@@ -105,6 +110,9 @@ def serve(
     try:
         with console.status(f"starting Triton on {shown} (log: {server.log_path})..."):
             server.start(timeout_s=startup_timeout)
+        with console.status("warming the ensembles..."):  # encoders and heads warmed as they loaded
+            warm_up(server.http_url, options.load_models, repository.student_names(),
+                        text_only=text_only(repository.card))
         console.print(f"[green]Triton is ready[/] serving {len(options.load_models)} models from {shown}", highlight=False)
         console.print(f"  HTTP     http://{server.http_url}   (curl http://{server.http_url}/v2/models/classify)")
         console.print(f"  gRPC     {server.grpc_url}")
@@ -144,11 +152,14 @@ def serve(
                         s3.pull(location, Path(repo))
                     except RepositoryError as e:  # the bucket unreachable: what the working copy last saw
                         console.print(f"[yellow]restarting from the last copy of {location}:[/] {e}")
+                repository = Repository(repo)
                 options = dataclasses.replace(options, api_key=server.api_key,
-                                              load_models=tuple(Repository(repo).model_names()))
+                                              load_models=tuple(repository.model_names()))
                 server = TritonServer(options, log_path=server.log_path)
                 console.print(f"restarting Triton ({len(crashes)} of at most {restarts} in 10 minutes)...")
                 server.start(timeout_s=startup_timeout)
+                warm_up(server.http_url, options.load_models, repository.student_names(),
+                        text_only=text_only(repository.card))
                 supervisor = Supervisor(server, Path(repo), say=say)
                 console.print(f"[green]Triton is ready again[/] (pid {server.pid})")  # no record from S3
                 continue
@@ -165,3 +176,12 @@ def serve(
     console.print(f"stopped (tritonserver exit code {code})")
     if code != 0:
         raise typer.Exit(1)
+
+
+def _give_freed_memory_back() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass

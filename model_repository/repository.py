@@ -62,6 +62,12 @@ class BuildOptions:
     max_text_bytes: int = 0  # UTF-8 bytes per text the tokenize model takes (0 = its default, 1 MiB)
     device: str = "auto"  # portable runner: auto | cpu | cuda
     decoder: str = "pillow"  # pillow (CPU threads) | torchvision (batched; on the GPU when device is cuda)
+    # The image encoder's cache of embeddings by sha256 of the pixels (backends/runtime.py), portable flavour.
+    embedding_cache_mb: float = 64.0
+    # Load the text tower, tokenize and embed_text. Off: they stay in the repository (zero-shot
+    # heads are made from them on this machine, not through the server) but the server does not
+    # load them: a ViT-B-32 serves classify and embed in ~850 MB less (two fewer processes).
+    serve_text: bool = True
 
     def __post_init__(self) -> None:
         if self.flavour not in ("portable", "native"):
@@ -71,6 +77,9 @@ class BuildOptions:
         if self.decoder not in ("pillow", "torchvision"):
             raise ConfigError(f"decoder must be pillow or torchvision, not {self.decoder!r}", option="decoder")
         Batching(self.max_batch_size, self.preferred_batch_sizes, self.max_queue_delay_us)
+        if self.embedding_cache_mb < 0:
+            raise ConfigError(f"embedding_cache_mb must be >= 0 (0 = no cache), not {self.embedding_cache_mb}",
+                              option="embedding-cache-mb")
 
     @classmethod
     def for_device(cls, device: str = "auto", **given) -> BuildOptions:

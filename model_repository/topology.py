@@ -34,6 +34,12 @@ def text_only(card) -> bool:
     return "image" not in card.towers
 
 
+def serves_text(card, options) -> bool:
+    """The text tower is loaded: a text encoder's always; an image encoder's unless
+    ``--no-serve-text`` keeps it on disk only (for zero-shot heads, not served: less memory)."""
+    return "text" in card.towers and (options.serve_text or text_only(card))
+
+
 def encoder_model(card, options, tower: str) -> EncoderModel:
     """``card``: the EncoderCard; ``options``: the repository's BuildOptions."""
     spec = card.towers[tower]
@@ -44,7 +50,9 @@ def encoder_model(card, options, tower: str) -> EncoderModel:
         batching=options.encoder_batching,
         instances=Instances(options.encoder_instances, gpu=True),
         graph_optimization=spec.graph_optimization, device=options.device,
-        fingerprint=card.fingerprint)
+        fingerprint=card.fingerprint,
+        # Images repeat, texts are few and cheap: only the image tower keeps a cache.
+        cache_bytes=int(options.embedding_cache_mb * 2**20) if tower == "image" else 0)
 
 
 def head_model(card, options, name: str, live: int, labels: int) -> HeadModel:
@@ -62,7 +70,7 @@ def embed_ensembles(card, options) -> list[EnsembleModel]:
             (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
              Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"})),
             options.max_batch_size))
-    if "text" in card.towers:
+    if serves_text(card, options):
         text = encoder_model(card, options, "text")
         ensembles.append(EnsembleModel(
             "embed_text", (Tensor("TEXT", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (d,)),),
@@ -81,7 +89,7 @@ def static_models(card, options) -> list:
                         o.preprocess_threads, max_pixels=o.max_pixels, max_aspect_ratio=o.max_aspect_ratio,
                         max_request_bytes=o.max_request_bytes, exact_decode=o.exact_decode, decoder=o.decoder),
         encoder_model(card, options, "image")]
-    if "text" in card.towers:
+    if serves_text(card, options):
         models += [TokenizeModel(card.model, card.context_length, o.light_batching, folder_tokenizer=card.tokenizer,
                                  max_text_bytes=o.max_text_bytes, refuse_empty=text_only(card)),
                    encoder_model(card, options, "text")]

@@ -54,7 +54,7 @@ def pytest_report_header(config):
 # does not, so the fast tier never starts a server by mistake.
 SERVER_FIXTURES = frozenset({
     "server",  # the session's (below)
-    "ab_server", "convnext_served", "lite0_served", "live_server", "ood_setup", "replicas", "served",
+    "ab_server", "cache_served", "convnext_served", "lite0_served", "live_server", "ood_setup", "replicas", "served",
     "store_server", "taught", "tasks", "text_served", "torchvision_server",  # one module's own (tests/scenarios/)
 })
 # Real services other than Triton.

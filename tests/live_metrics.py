@@ -13,13 +13,20 @@ import urllib.request
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)')
 
 
+# The image encoder's cache series (backends/runtime.py) count images the encoder skipped, not
+# what heads answered: left out of a scrape unless its prefix names them.
+CACHE_PREFIX = "headmaster_embedding_cache"
+
+
 def scrape(metrics_url: str, prefix: str = "headmaster_") -> dict[tuple[str, tuple], float]:
-    """(series name, sorted label pairs) -> value of every series whose name starts with prefix."""
+    """(series name, sorted label pairs) -> value of every series whose name starts with prefix
+    (the encoder cache's only when the prefix is theirs)."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     out = {}
+    skip_cache = not prefix.startswith(CACHE_PREFIX)
     for line in text.splitlines():
         match = _SAMPLE.match(line)
-        if match and match["name"].startswith(prefix):
+        if match and match["name"].startswith(prefix) and not (skip_cache and match["name"].startswith(CACHE_PREFIX)):
             labels = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or "")))
             out[match["name"], labels] = float(match["value"])
     return out

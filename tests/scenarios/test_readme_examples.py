@@ -22,8 +22,8 @@ The world the examples assume is built in a temp folder, as a user's checkout wo
 - ``headmaster serve --repo model_repository`` (the real command, a subprocess, in that folder)
   on the default ports 8000 / 8001 / 8002 when they are free. When one is taken, the server
   starts on free ports and ``localhost:8000`` / ``localhost:8001`` in the examples are replaced
-  by its HTTP / gRPC addresses (``127.0.0.1:8000`` / ``127.0.0.1:8001`` likewise): the only
-  substitution in the blocks that run against the server.
+  by its HTTP / gRPC addresses, and ``localhost:8002`` by its metrics address (``127.0.0.1:...``
+  likewise): the only substitution in the blocks that run against the server.
   A block that relies on a default port without naming it (``headmaster classify`` with no
   ``--url``) is then skipped, saying why. The server is stopped with SIGTERM at the end, and
   must exit 0.
@@ -224,7 +224,8 @@ class World:
         """The one substitution: the server's addresses, when it could not take the default ports."""
         for host in ("localhost", "127.0.0.1"):
             code = (code.replace(f"{host}:8000", f"{host}:{self.ports['http']}")
-                        .replace(f"{host}:8001", f"{host}:{self.ports['grpc']}"))
+                        .replace(f"{host}:8001", f"{host}:{self.ports['grpc']}")
+                        .replace(f"{host}:8002", f"{host}:{self.ports['metrics']}"))
         return code
 
     def bash(self, code: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
@@ -417,6 +418,13 @@ def check_synopsis(block: Block) -> None:
             if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text):
                 problems.append(f"headmaster {' '.join(path)} has no {option}")
     assert not problems, "the synopsis names what does not exist:\n" + "\n".join(problems)
+
+
+def check_cache_hits(output: str) -> None:
+    """The same image classified twice: the metric line the block greps counts at least that hit."""
+    line = next((x for x in output.splitlines() if x.startswith("headmaster_embedding_cache_hits_total{")), None)
+    assert line is not None, output
+    assert float(line.split()[-1]) >= 1, line
 
 
 def check_curl(output: str, world: World) -> None:
@@ -619,7 +627,9 @@ def test_readme_block(block: Block, command: str | None, request, tmp_path):
     else:
         output = ran(world.bash(code), code)
 
-    if "curl " in code:
+    if "headmaster_embedding_cache_hits_total" in code:
+        check_cache_hits(output)
+    elif "curl " in code:
         check_curl(output, world)
     elif "shared_memory=" in code:
         check_shared_memory(output, block)

@@ -80,6 +80,12 @@ def test_model_names_without_a_text_tower(image_only):
         "preprocess", "image_encoder", "animals", "threshold", "classify", "classify_embedding", "embed"]
 
 
+def test_a_text_tower_left_unserved_loads_no_text_model(card):
+    lean = dataclasses.replace(OPTIONS, serve_text=False)
+    assert topology.model_names(card, lean, ["animals"]) == [
+        "preprocess", "image_encoder", "animals", "threshold", "classify", "classify_embedding", "embed"]
+
+
 @pytest.mark.parametrize("heads", [[], ["animals"], THREE], ids=["0 heads", "1 head", "3 heads"])
 def test_every_step_model_loads_before_its_ensemble(card, heads):
     names = topology.model_names(card, OPTIONS, heads)
