@@ -43,8 +43,11 @@ def append(repo: Path, head: str, decision: str, **fields) -> dict:
     target = path(repo, head)
     target.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(entry, sort_keys=False, default=str) + "\n").encode()
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(target, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line: never glue this one to it
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
