@@ -23,8 +23,12 @@ def improve_command(
     server: ServerOption = None,
     model: Annotated[str, typer.Option("--model", help="linear or mlp (as train-head).")] = "linear",
     seed: Annotated[int, typer.Option(help="Same data and seed give the same candidate.")] = 0,
-    keep_issues: Annotated[bool, typer.Option(
-        help="Train on the items cleanlab flags as likely mislabelled too (default: leave them out).")] = False,
+    drop_issues: Annotated[bool, typer.Option(
+        "--drop-issues/--keep-issues",
+        help="Leave the items cleanlab flags as likely mislabelled out of training (default: train on them; "
+             "they are listed for people to check either way).")] = False,
+    max_accuracy_drop: Annotated[float, typer.Option(
+        help="Refuse when golden accuracy falls by more than this (point estimate; -1: off).")] = 0.0,
     max_class_drop: Annotated[float, typer.Option(
         help="Refuse when a class's recall interval lies wholly below minus this.")] = 0.0,
     ece_margin: Annotated[float, typer.Option(help="Refuse when the calibration error grows by more.")] = 0.03,
@@ -51,15 +55,16 @@ def improve_command(
 
     options = ImproveOptions(
         name=name, repo=repo, store=store, golden=golden, replace_golden=replace_golden, server=server,
-        config=TrainConfig(kind=model, seed=seed), drop_issues=not keep_issues, cache_dir=cache,
-        gate=GateOptions(max_class_drop=max_class_drop, ece_margin=ece_margin, ood_margin=ood_margin,
+        config=TrainConfig(kind=model, seed=seed), drop_issues=drop_issues, cache_dir=cache,
+        gate=GateOptions(max_class_drop=max_class_drop,
+                         max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop, ece_margin=ece_margin, ood_margin=ood_margin,
                          confidence=confidence, seed=seed),
         then=then, share=share, force=force, min_agreement=min_agreement, min_items=min_items)
     result = improve(options)
     entry = result.entry
     if result.issues:
         console.print(f"[yellow]{len(result.issues)} likely mislabelled items[/] "
-                      f"({'left out of training' if not keep_issues else 'trained on'}); check them in "
+                      f"({'left out of training' if drop_issues else 'trained on'}); check them in "
                       f"{result.issues_csv}, then `headmaster correct --csv {result.issues_csv}`")
     if result.gate is not None:
         _print_gate(result.gate)

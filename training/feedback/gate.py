@@ -10,7 +10,9 @@ when, on that set:
   ``confidence`` interval of that difference is below ``-max_class_drop``. A drop the golden set
   cannot tell from noise passes (and is reported with its interval); a small golden set thus
   guards only against large drops, which the interval makes visible.
-- **overall accuracy got worse**, by the same rule on all golden items;
+- **overall accuracy got worse**, by the same rule on all golden items, or fell at all on the
+  golden set (``max_accuracy_drop``, default 0, on the point estimate: a candidate no better
+  than the live version on the golden set gains nothing by going live);
 - **calibration got worse**: the expected calibration error of the top score (the bins of
   ``eval``) grew by more than ``ece_margin``;
 - **more golden items look out of distribution**: the share the candidate flags "ood" exceeds
@@ -34,6 +36,7 @@ from headmaster.training.heads.ood import TPR as OOD_TPR
 @dataclass(frozen=True)
 class GateOptions:
     max_class_drop: float = 0.0  # a class is worse when its recall CI lies wholly below -this
+    max_accuracy_drop: float | None = 0.0  # golden accuracy may fall by at most this, point estimate (None: off)
     ece_margin: float = 0.03  # calibration error may grow by at most this
     ood_margin: float = 0.05  # share of golden items flagged out of distribution may grow by at most this
     bootstrap: int = 2000  # resamples
@@ -43,6 +46,8 @@ class GateOptions:
     def __post_init__(self) -> None:
         if not 0.5 <= self.confidence < 1:
             raise DataError(f"the gate's confidence must be in [0.5, 1), not {self.confidence}", option="confidence")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise DataError("the gate's allowed accuracy drop must be >= 0", option="max_accuracy_drop")
         if self.bootstrap < 100:
             raise DataError(f"the gate needs at least 100 bootstrap resamples, not {self.bootstrap}", option="bootstrap")
         if min(self.max_class_drop, self.ece_margin, self.ood_margin) < 0:
@@ -127,6 +132,10 @@ def gate(live, candidate, embeddings: np.ndarray, truth_labels: list[str], optio
     if overall[2] < 0:
         reasons.append(f"accuracy is worse: {live_metrics['accuracy']:.3f} -> {cand_metrics['accuracy']:.3f} "
                        f"({options.confidence:.0%} interval [{overall[1]:+.3f}, {overall[2]:+.3f}])")
+    elif options.max_accuracy_drop is not None and \
+            cand_metrics["accuracy"] < live_metrics["accuracy"] - options.max_accuracy_drop - 1e-12:
+        reasons.append(f"accuracy on the golden set fell: {live_metrics['accuracy']:.3f} -> "
+                       f"{cand_metrics['accuracy']:.3f} (allowed drop {options.max_accuracy_drop})")
     if cand_metrics["ece"] > live_metrics["ece"] + options.ece_margin:
         reasons.append(f"calibration is worse: ECE {live_metrics['ece']:.3f} -> {cand_metrics['ece']:.3f} "
                        f"(margin {options.ece_margin})")
@@ -141,7 +150,8 @@ def gate(live, candidate, embeddings: np.ndarray, truth_labels: list[str], optio
         notes.append("the candidate has no out-of-distribution reference set; the live version has one")
     metrics = {"golden_items": len(truth), "live": live_metrics, "candidate": cand_metrics, "classes": classes,
                "accuracy": {"difference": overall[0], "low": overall[1], "high": overall[2]},
-               "options": {"max_class_drop": options.max_class_drop, "ece_margin": options.ece_margin,
+               "options": {"max_class_drop": options.max_class_drop, "max_accuracy_drop": options.max_accuracy_drop,
+                           "ece_margin": options.ece_margin,
                            "ood_margin": options.ood_margin, "bootstrap": options.bootstrap,
                            "confidence": options.confidence, "seed": options.seed}}
     return GateResult(not reasons, reasons, metrics, notes)

@@ -4,7 +4,10 @@
    the golden set's items are left out of it (a golden item that trains cannot judge).
 2. Flag likely mislabels first: cleanlab's confident learning on out-of-fold probabilities
    (:func:`label_quality.out_of_fold_probabilities`); flagged items are written to a CSV that
-   `headmaster correct --csv` reads, and left out of this training (``drop_issues``).
+   `headmaster correct --csv` reads, for people to check; ``drop_issues`` leaves them out of
+   this training too (off by default: on real embeddings with a perfect annotator, cleanlab
+   flagged 10-20% of margin-sampled labels, the hard items active learning needs; see
+   benchmarks/active_loop.py).
 3. Train the candidate (`train-head`'s pipeline on the snapshot) and, before anything is
    published, gate it against the live version on the frozen golden set (:mod:`.gate`), both
    run from their own ONNX files.
@@ -60,7 +63,7 @@ class ImproveOptions:
     replace_golden: bool = False  # allow a golden set other than the one recorded (it is frozen otherwise)
     snapshot_dir: Path | None = None  # default: STORE/snapshots
     config: TrainConfig = field(default_factory=TrainConfig)
-    drop_issues: bool = True  # leave likely mislabels out of training
+    drop_issues: bool = False  # leave likely mislabels out of training (default: flag them for people only)
     gate: GateOptions = field(default_factory=GateOptions)
     keep: int = 5
     server: str | None = None
