@@ -216,6 +216,12 @@ def test_the_gate_refuses_a_worse_class_and_worse_calibration_and_passes_a_copy(
     assert any(reason.startswith("class 'bee' is worse") for reason in result.reasons)
     assert result.metrics["classes"]["bee"]["candidate"] == 0
     assert result.notes == ["the candidate has no out-of-distribution reference set; the live version has one"]
+    # The same weights with an OOD threshold of 0: every golden item flagged, refused for it alone.
+    twitchy = dataclasses.replace(live.card, ood={**live.card.ood, "threshold": 0.0})
+    write_head(tmp_path / "twitchy", weights, twitchy, references=np.load(live.folder / "ood.npy"))
+    result = gate(live, HeadVersion(twitchy, tmp_path / "twitchy"), x, truth)
+    assert [r.split(":")[0] for r in result.reasons] == ["more golden items look out of distribution"]
+    assert result.metrics["candidate"]["ood_rate"] == 1.0
     with pytest.raises(DataError, match="confidence must be in"):
         GateOptions(confidence=1.5)
     json.dumps(result.metrics)  # the ledger takes it as it is
