@@ -187,6 +187,12 @@ def test_an_accepted_candidate_goes_to_shadow_and_is_promoted_when_it_agrees(loo
     assert Repository(repository.path).head(HEAD).live == accepted.candidate and ab.running(repository.path, HEAD) is None
     decisions = [e["decision"] for e in ledger.read(repository.path, HEAD)]
     assert decisions == ["accepted", "shadow", "waiting", "promoted"]
+    shown = subprocess.run([*CLI, "history", HEAD, "--repo", str(repository.path)], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split("│") for line in shown.stdout.splitlines() if line.startswith("│ 20")]
+    assert [r[2].strip() for r in rows] == decisions
+    assert rows[3][7].strip().startswith("agree ") and "agreed with v1" in rows[3][9]
 
 
 def test_the_gate_refuses_a_worse_class_and_worse_calibration_and_passes_a_copy(loop, tmp_path):
