@@ -243,10 +243,10 @@ def markdown(results: dict, args) -> str:
         lines.append(f"| {a['round']} | {a['labels']} | {cell(a, 'candidate_accuracy')} | {cell(a, 'live_accuracy')} "
                      f"(v{a['live']}, {a['decision']}) | {cell(b, 'candidate_accuracy')} | {cell(b, 'live_accuracy')} "
                      f"(v{b['live']}, {b['decision']}) |")
+    lines.append("")
     for run in (margin, random):
         live = [r["live_accuracy"] for r in run["rounds"]]
         falls = [i for i in range(1, len(live)) if live[i] < live[i - 1]]
-        lines.append("")
         lines.append(f"- {run['strategy']}: live accuracy {live[0]:.1%} -> {live[-1]:.1%}; "
                      + ("never fell" if not falls else f"fell at rounds {falls}") + f"; {run['seconds']:.0f} s for "
                      f"{len(run['rounds']) - 1} rounds (rescore, select, correct, improve, promote)")
