@@ -2,7 +2,7 @@
 
 export.py (export ...), repo.py (repo build / check / repair), serve.py (serve), heads.py
 (zero-shot, train-head, heads, rollback), classify.py, store.py (rescore, correct, suggest,
-reembed, dataset), eval.py, quickstart.py, backfill.py, worker.py (worker embed / heads /
+reembed, dataset), improve.py (improve, history), eval.py, quickstart.py, backfill.py, worker.py (worker embed / heads /
 submit / status); common.py holds the consoles and shared options.
 Package errors print as one line without a traceback, naming the flag to change when the
 library says which parameter was at fault.
@@ -26,6 +26,7 @@ from headmaster.cli import (
     eval,
     export,
     heads,
+    improve,
     quickstart,
     repo,
     serve,
@@ -60,6 +61,8 @@ app.command("quickstart")(quickstart.quickstart)
 app.command("backfill")(backfill.backfill_command)
 app.add_typer(worker.app, name="worker")
 app.command("drift")(drift.drift_command)
+app.command("improve")(improve.improve_command)
+app.command("history")(improve.history_command)
 
 
 @app.callback()

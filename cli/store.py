@@ -57,6 +57,9 @@ def correct_command(
         "--label", help="The right label; repeat for a multi-label head.")] = None,
     none: Annotated[bool, typer.Option("--none", help="Multi-label heads: none of the labels applies.")] = False,
     csv_file: Annotated[Path | None, typer.Option("--csv", help="Many at once: columns item,label[,head,by,note].")] = None,
+    label_studio: Annotated[Path | None, typer.Option(
+        "--label-studio", help="Many at once: a Label Studio JSON export of tasks made by `suggest --mix --output "
+                               "F.json` (the newest annotation per task; who and when from Label Studio).")] = None,
     store: StoreOption = "store",
     by: Annotated[str | None, typer.Option(help="Who says so (default: the login name).")] = None,
     note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
@@ -66,9 +69,15 @@ def correct_command(
     from headmaster.errors import DataError
     from headmaster.training.feedback.corrections import make_corrections, read_csv
 
-    if (item is None) == (csv_file is None):
-        raise DataError("give an ITEM (with --head and --label) or --csv FILE")
-    if csv_file is not None:
+    if sum(x is not None for x in (item, csv_file, label_studio)) != 1:
+        raise DataError("give an ITEM (with --head and --label), --csv FILE or --label-studio FILE")
+    if label_studio is not None:
+        from headmaster.training.feedback.review import read_label_studio
+
+        rows, skipped = read_label_studio(label_studio, head)
+        for why in skipped[:20]:
+            console.print(f"[yellow]skipped[/] {why}")
+    elif csv_file is not None:
         rows = read_csv(csv_file, head)
     else:
         if head is None or (not label and not none):
@@ -89,16 +98,53 @@ def suggest_command(
     method: Annotated[str, typer.Option(help="margin (default) or entropy; see `headmaster suggest --help`.")] = "margin",
     repo: RepoOption = DEFAULT_REPO,
     output: Annotated[Path | None, typer.Option(
-        help="Write a CSV (item,head,label,uncertainty,uri) to fill in and give to `correct --csv`.")] = None,
+        help="Write a CSV (item,head,label,uncertainty,uri) to fill in and give to `correct --csv`; with --mix, "
+             "F.json writes Label Studio tasks (and F.xml, its labelling config), F.csv a review CSV.")] = None,
+    mix: Annotated[str | None, typer.Option(
+        help="Review selection instead: shares of margin, threshold, ood, disagreement, diversity, random, e.g. "
+             "'margin=0.5,ood=0.1,disagreement=0.1,diversity=0.2,random=0.1' ('default' for that). Items sent are "
+             "recorded and never sent again.")] = None,
+    max_per_day: Annotated[int | None, typer.Option(help="With --mix: at most this many items per head in 24 h.")] = None,
+    other: Annotated[int | None, typer.Option(
+        help="With --mix: the version to disagree with (default: the running A/B test's candidate).")] = None,
+    seed: Annotated[int, typer.Option(help="With --mix: the random control's and diversity's seed.")] = 0,
+    image_prefix: Annotated[str | None, typer.Option(
+        help="Label Studio tasks: image URLs are this + the path under --image-root (e.g. '/data/local-files/?d=').")
+    ] = None,
+    image_root: Annotated[Path | None, typer.Option(help="With --image-prefix: the folder paths are relative to.")] = None,
 ) -> None:
     """List the stored items the head is least sure about and nobody has corrected.
 
     margin: top score minus the second (single-label) or the smallest |score - threshold|
-    (multi-label); smallest first. entropy: of the scores; largest first."""
+    (multi-label); smallest first. entropy: of the scores; largest first. With --mix: a review
+    batch from several strategies, each item with the version's prediction, score and version."""
     from headmaster.model_repository.head_version import HeadVersion
     from headmaster.training.feedback.suggest import suggest
 
     opened = _open(store)
+    if mix is not None:
+        from headmaster.model_repository import ab
+        from headmaster.training.feedback.review import parse_mix, select, write_tasks
+
+        head_version = HeadVersion.load(repo, name, version)
+        test = ab.running(repo, name)
+        if other is None and test is not None:
+            other = test.version if test.version != head_version.card.version else test.live
+        items = select(opened, head_version, n, parse_mix(None if mix == "default" else mix), repo, other,
+                       max_per_day, seed, record=True)
+        table = Table(title=f"{name} v{head_version.card.version}: {len(items)} items for review")
+        for column in ("item", "strategy", "value", "prediction", "score", "source"):
+            table.add_column(column)
+        for i in items:
+            table.add_row(i.sha256[:12], i.strategy, f"{i.why:.4f}", ", ".join(i.prediction) or "-", f"{i.score:.3f}",
+                          i.uri or "-")
+        out.print(table)
+        if output:
+            written = write_tasks(items, output, head_version.card.labels, head_version.card.multi_label,
+                                  image_prefix, image_root)
+            console.print(f"written: {', '.join(map(str, written))}; labels come back with "
+                          f"`headmaster correct --label-studio EXPORT.json` or `--csv`")
+        return
     multi_label, thresholds = False, None
     try:
         card = HeadVersion.load(repo, name, version).card

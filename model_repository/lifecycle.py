@@ -27,7 +27,7 @@ from pathlib import Path
 from headmaster.errors import HeadmasterError, RepositoryError, ServerError
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights, check_head_name, write_head
-from headmaster.model_repository import ab, live, s3
+from headmaster.model_repository import ab, ledger, live, s3
 from headmaster.model_repository.layout import CONFIG_FILE, copy_backend, version_dir
 from headmaster.model_repository.publish import prune_versions, publish_version, repository_lock
 from headmaster.model_repository.repository import Repository
@@ -176,9 +176,10 @@ def _write_ensembles(repository: Repository, pinned: dict[str, int], with_tests:
 
 
 def start_test(repo: Path, name: str, version: int, share: float = 0.1, shadow: bool = False,
-               server: str | None = None) -> ab.AbTest:
+               server: str | None = None, record: bool = True) -> ab.AbTest:
     """Serve ``version`` of head ``name`` beside its live version: to ``share`` of the items (stable
-    by image sha256), or to none (``shadow``), its answers recorded either way."""
+    by image sha256), or to none (``shadow``), its answers recorded either way (and the start in
+    the head's ledger, unless ``record`` is False)."""
     control = live.find(repo, server)
     with repository_lock(repo):
         repository = Repository(repo)
@@ -212,12 +213,16 @@ def start_test(repo: Path, name: str, version: int, share: float = 0.1, shadow: 
         except ServerError:
             pass
         raise ServerError(f"{e}; the test was not started: head {name} serves v{state.live} alone") from None
+    if record:
+        ledger.append(repo, name, test.mode, live_version=test.live, candidate_version=test.version,
+                      reason=f"v{test.version} beside v{test.live}" + ("" if shadow else f" for {test.share:.1%} of items"))
     return test
 
 
-def finish_test(repo: Path, name: str, promote: bool, server: str | None = None) -> Change:
+def finish_test(repo: Path, name: str, promote: bool, server: str | None = None, record: bool = True) -> Change:
     """End the test of head ``name``: its candidate becomes the live version (``promote``), or
-    goes back to disk only (abort); the head then loads one version again."""
+    goes back to disk only (abort); the head then loads one version again. Recorded in the
+    head's ledger unless ``record`` is False (the caller records it with its reasons)."""
     control = live.find(repo, server)
     with repository_lock(repo):
         test = ab.running(repo, name)
@@ -240,6 +245,9 @@ def finish_test(repo: Path, name: str, promote: bool, server: str | None = None)
     s3.sync_up(repo)
     if control is not None:
         live.head_published(control, name)
+    if record:
+        ledger.append(repo, name, "promoted" if promote else "aborted", live_version=final,
+                      candidate_version=test.version, reason=f"{test.mode} test ended by hand")
     return Change(name, final, control.http_url if control else None)
 
 

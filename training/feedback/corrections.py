@@ -30,7 +30,8 @@ def head_labels(repo: Path | None, head: str) -> tuple[tuple[str, ...], bool] | 
 
 
 def make_corrections(store: Store, rows: list[dict], by: str, repo: Path | None = None) -> list[Correction]:
-    """rows: {"item", "head", "labels": tuple, "note"?, "by"?}. Every row is checked before any is kept."""
+    """rows: {"item", "head", "labels": tuple, "note"?, "by"?, "at"? (when the person said so; default
+    now)}. Every row is checked before any is kept."""
     known = store.uris()
     heads: dict[str, tuple | None] = {}
     corrections, problems = [], []
@@ -50,7 +51,8 @@ def make_corrections(store: Store, rows: list[dict], by: str, repo: Path | None 
                 if not multi_label and len(labels) != 1:
                     raise DataError(f"head {head} is single-label: give exactly one label, not {len(labels)}")
             sha = store.resolve(row["item"], known)
-            corrections.append(Correction(sha, head, labels, row.get("by") or by, at, row.get("note") or ""))
+            corrections.append(Correction(sha, head, labels, row.get("by") or by, row.get("at") or at,
+                                          row.get("note") or ""))
         except HeadmasterError as e:  # collect them all: a bulk file should be fixed in one go
             problems.append(f"row {number} ({row.get('item')}): {e}")
     if problems:
@@ -67,6 +69,11 @@ def read_csv(path: Path, head: str | None) -> list[dict]:
         if not {"item", "label"} <= columns or ("head" not in columns and head is None):
             raise DataError(f"{path}: a corrections CSV needs the columns item,label (and head, or --head); "
                             f"it has {sorted(columns)}")
+        # A review CSV (`suggest --mix --output F.csv`) also names the prediction each row answers.
+        from headmaster.training.feedback.review import note_for_csv
+
         return [{"item": row["item"], "head": row.get("head") or head,
                  "labels": tuple(label.strip() for label in (row["label"] or "").split(";") if label.strip()),
-                 "by": row.get("by"), "note": row.get("note")} for row in reader]
+                 "by": row.get("by"), "note": note_for_csv(row)} for row in reader
+                # a review CSV's rows left empty were not reviewed (a filled-in one says "none" with ';')
+                if not ("strategy" in columns and not (row["label"] or "").strip())]

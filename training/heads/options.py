@@ -3,6 +3,7 @@ flat-label pipeline (train_head.py) and the hierarchy / regression / ordinal one
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,10 @@ class TrainOptions:
     taxonomy: Path | None = None  # hierarchy: a parent,child CSV (default: the data's folder nesting)
     candidate: bool = False  # publish without going live: for `heads canary` (an A/B or shadow test)
     order: tuple[str, ...] | None = None  # ordinal: the class folders, lowest first (default: numeric)
+    exclude: frozenset[str] = frozenset()  # sha256 of items left out (a golden set, likely mislabels): labels only
+    # Called with the candidate before anything is published: (weights, make_card, ood_fit, x_val);
+    # raising stops the publish (`headmaster improve`'s gate). Flat-label heads only.
+    before_publish: Callable | None = None
 
 
 @dataclass

@@ -74,7 +74,11 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
     report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
     by_sha = by_content(dataset.examples, hashes, failures)
     rows: list[tuple[str, tuple[str, ...], str]] = []  # (sha, labels, path)
+    excluded = 0
     for sha, members in by_sha.items():
+        if sha in options.exclude:
+            excluded += 1
+            continue
         label_sets = {dataset.examples[i].labels for i in members}
         member_paths = [str(dataset.examples[i].path) for i in members]
         if len(label_sets) > 1:
@@ -134,13 +138,16 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
             details={"data": {"source": dataset.source, "sha256": data_hash, "images": len(rows),
                               "snapshot": {"path": str(snapshot.path), "head": snapshot.head, "number": snapshot.number,
                                            "manifest_sha256": snapshot.manifest_sha256} if snapshot else None,
-                              "train": int(len(train)), "validation": int(len(val)), "checks": report.as_dict()},
+                              "train": int(len(train)), "validation": int(len(val)), "excluded": excluded,
+                              "checks": report.as_dict()},
                      "training": {**options.config.as_dict(), **fit_info, "val_fraction": options.val_fraction},
                      "thresholds": {"mode": options.thresholds, "target_precision": options.target_precision,
                                     "positive": options.positive, "per_label": explanation},
                      "metrics": metrics, "ood": ood_fit.details if ood_fit else None},
             ood=ood_fit.card if ood_fit else None)
 
+    if options.before_publish is not None:
+        options.before_publish(head, make_card, ood_fit, x[val])
     change = lifecycle.publish(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep,
                                server=options.server, references=ood_fit.references if ood_fit else None,
                                ood_index=ood_fit.index if ood_fit else None,
