@@ -169,6 +169,5 @@ def list_models(
                                                                   "transformers": "the model's own",
                                                                   "sentence-transformers": "the folder's own (text)"}.get(
                           family.library, "open_clip encode_image"),
-                      family.zero_shot or ("no (text only)" if family.library == "sentence-transformers"
-                                           else "no (image only)"), family.licence)
+                      family.zero_shot or "no (image only)", family.licence)
     out.print(table)

@@ -34,20 +34,27 @@ def zero_shot(
     repo: RepoOption = DEFAULT_REPO,
     template: Annotated[list[str] | None, typer.Option(
         "--template", help="Prompt template with {} for the label; repeat to average several. "
-                           "Default: 'a photo of {}.'")] = None,
+                           "Default: 'a photo of {}.' (a text encoder: '{}', the description as written)")] = None,
     threshold: Annotated[list[str] | None, typer.Option(
         "--threshold", help="LABEL=SCORE: accept LABEL only at or above SCORE (default 0: the top label).")] = None,
     server: ServerOption = None,
     replace_trained: Annotated[bool, typer.Option(help="Replace a live trained head of that name.")] = False,
+    logit_scale: Annotated[float | None, typer.Option(
+        "--logit-scale", help="Multiply cosines by this before the softmax. Default: the encoder's own; "
+                              "20 for a text encoder, which has none.")] = None,
 ) -> None:
-    """Make (the next version of) a head from text prompts, embedded by the encoder's text tower."""
+    """Make (the next version of) a head from text prompts, embedded by the encoder's text tower.
+
+    On a text encoder's repository (st:...), the head scores texts against the labels'
+    descriptions, embedded by the same encoder."""
     from headmaster.model_repository import live
-    from headmaster.training.heads.zero_shot import DEFAULT_TEMPLATES, create_zero_shot_head
+    from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     target = live.find(repo, server)
-    card = create_zero_shot_head(repo, name, label, tuple(template or DEFAULT_TEMPLATES),
-                                 _parse_thresholds(threshold or []), replace_trained, server)
-    console.print(f"[green]head {card.name} v{card.version}[/] (zero-shot): {', '.join(card.labels)}"
+    card = create_zero_shot_head(repo, name, label, tuple(template) if template else None,
+                                 _parse_thresholds(threshold or []), replace_trained, server, logit_scale)
+    console.print(f"[green]head {card.name} v{card.version}[/] (zero-shot, logit scale "
+                  f"{card.details['logit_scale']:g}): {', '.join(card.labels)}"
                   + (f"; live on the server at {target.http_url}" if target else "; no server serves this repository"))
 
 

