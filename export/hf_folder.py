@@ -44,19 +44,21 @@ MODEL_TYPES = {"clip": ("CLIPModel", None), "siglip": ("SiglipModel", None), "di
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_folder_json(path: Path, what: str, prefix: str = PREFIX):
+    """A JSON file of a model folder (``prefix``: how ``--model`` named it), or a one-line refusal
+    saying it is missing (``what``: what it should hold) or not JSON."""
     if not path.is_file():
-        raise ExportError(f"--model hf:{path.parent}: no {path.name} ({what})", option="model")
+        raise ExportError(f"--model {prefix}{path.parent}: no {path.name} ({what})", option="model")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ExportError(f"--model hf:{path.parent}: {path.name} is not valid JSON: {e}", option="model") from None
+        raise ExportError(f"--model {prefix}{path.parent}: {path.name} is not valid JSON: {e}", option="model") from None
 
 
 def preprocessing_of(folder: Path) -> Preprocessing:
     """The image processor's eval transform (``preprocessor_config.json``) as the served one, or a
     one-line refusal naming the setting the served preprocessing cannot reproduce."""
-    cfg = _read_json(folder / "preprocessor_config.json",
+    cfg = read_folder_json(folder / "preprocessor_config.json",
                      "save the image processor into the folder too: processor.save_pretrained(FOLDER)")
     where = f"--model hf:{folder}: preprocessor_config.json"
     resample = _RESAMPLE.get(cfg.get("resample", 3))
@@ -194,7 +196,7 @@ def load(name: str, towers: tuple[str, ...]) -> LoadedEncoder:
     if not folder.is_dir():
         raise ExportError(f"--model {name}: no such folder (a save_pretrained folder of a transformers "
                           "CLIP, SigLIP or DINOv2 model)", option="model")
-    config = _read_json(folder / "config.json", "not a save_pretrained folder")
+    config = read_folder_json(folder / "config.json", "not a save_pretrained folder")
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ExportError(f"--model {name}: model_type {model_type!r} in config.json is not supported; supported: "

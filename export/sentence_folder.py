@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from pathlib import Path
 
 from headmaster.errors import ExportError
 from headmaster.export.encoders import LoadedEncoder, weights_sha256
+from headmaster.export.hf_folder import read_folder_json
 
 PREFIX = "st:"
 # Folders that installed packages ship: name after st: -> (importable package, folder inside it).
@@ -55,13 +55,8 @@ def folder_of(name: str) -> tuple[Path, str | None]:
     return folder, None
 
 
-def _read_json(path: Path, what: str) -> object:
-    if not path.is_file():
-        raise ExportError(f"--model st:{path.parent}: no {path.name} ({what})", option="model")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"--model st:{path.parent}: {path.name} is not valid JSON: {e}", option="model") from None
+def _read_json(path: Path, what: str):
+    return read_folder_json(path, what, PREFIX)
 
 
 def describe(folder: Path) -> dict:
