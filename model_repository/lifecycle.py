@@ -66,17 +66,17 @@ def _go_live(repo: Path, name: str, previous: int | None, control: live.Control 
             if previous is not None:
                 repo_state.set_live(name, previous)
                 repo_state.render_heads()
-                undo = f"the repository serves v{previous} again"
-            else:
-                aside = Path(repo) / f".refused-{name}-{int(time.time())}"
-                (Path(repo) / name).rename(aside)
-                repo_state.render_heads()
-                undo = f"the head was moved aside to {aside}"
-        s3.sync_up(repo)  # an S3 repository names the previous state again before any replica reloads
+        if previous is not None:
+            s3.sync_up(repo)  # an S3 repository names the previous state again before any replica reloads
+        aside = Path(repo) / f".refused-{name}-{int(time.time())}"
         try:
-            live.head_published(control, name) if previous is not None else live.head_removed(control, name)
+            if previous is not None:
+                live.head_published(control, name)
+            else:
+                _take_out(repo, name, aside, control, keep_aside=True)
         except ServerError:
-            pass  # the server keeps what it had loaded; the disk already says so
+            pass  # the server keeps what it had loaded; the disk says what it should serve
+        undo = f"the repository serves v{previous} again" if previous is not None else f"the head was moved aside to {aside}"
         raise ServerError(f"{e}; {undo}") from None
     return control.http_url
 
@@ -129,21 +129,36 @@ def remove(repo: Path, name: str, server: str | None = None) -> Change:
     """Take a head out: the ensembles stop naming it, then the server unloads it."""
     ab.refuse_during_test(repo, name, "remove")
     control = live.find(repo, server)
-    _remove_on_disk(repo, name)
-    if control is not None and s3.location_of(repo) is not None:
-        # Triton reading S3 reloads an ensemble's changed dependencies when the ensemble loads: were
-        # threshold's new config (without the head) in the bucket already, loading classify_embedding
-        # would reload threshold and drop the still-old classify for seconds. So the bucket changes in
-        # two phases: the ensembles' configs, loaded on every replica, the head unloaded; then the rest.
-        s3.sync_up(repo, only={f"{model}/{CONFIG_FILE}" for model in HEAD_DEPENDENT if model != "threshold"})
-        live.head_removed(control, name, reload_threshold=False)
-        s3.sync_up(repo)
-        live.load(control, ["threshold"])
-    else:
-        s3.sync_up(repo)
-        if control is not None:
-            live.head_removed(control, name)
+    check_head_name(name)
+    Repository(repo).head(name)  # raises if there is no such head
+    _take_out(repo, name, Path(repo) / f".removed-{name}-{os.getpid()}", control)
     return Change(name, None, control.http_url if control else None)
+
+
+def _take_out(repo: Path, name: str, aside: Path, control: live.Control | live.Replicas | None,
+              keep_aside: bool = False) -> None:
+    """Move head ``name`` out of the repository to ``aside`` (deleted after, unless ``keep_aside``)
+    and off the server, in two phases. Triton loads an ensemble's changed dependencies with it:
+    were threshold's new config (without the head) on disk or in the bucket already, loading
+    classify_embedding would reload threshold first and drop the still-old classify (which feeds
+    threshold the head's scores) until it loads too: requests fail meanwhile. So first the
+    ensembles change (threshold's head inputs are optional: the old one fits them), load
+    everywhere and the head unloads; then threshold changes and loads. A crash in between leaves
+    a consistent repository: the next render finishes it."""
+    with repository_lock(repo):
+        repository = Repository(repo)
+        (Path(repo) / name).rename(aside)  # one step for readers
+        _write_ensembles(repository, {}, with_tests=True)
+    s3.sync_up(repo, only={f"{model}/{CONFIG_FILE}" for model in HEAD_DEPENDENT if model != "threshold"})
+    if control is not None:
+        live.head_removed(control, name, reload_threshold=False)
+    with repository_lock(repo):
+        Repository(repo).render_heads()
+    s3.sync_up(repo)  # the head's folder and threshold leave the bucket
+    if control is not None:
+        live.load(control, ["threshold"])
+    if not keep_aside:
+        shutil.rmtree(aside)
 
 
 def adopt(repo: Path, name: str, version: int, server=None) -> Change:
@@ -287,18 +302,6 @@ def _import_on_disk(repo: Path, version_dir: Path, name: str | None = None) -> H
             ood_index = (Path(version_dir) / OOD_INDEX_FILE).read_bytes()
     return _publish_on_disk(repo, weights, lambda v: replace(source, name=name or source.name, version=v, details=details),
                             references=references, ood_index=ood_index)
-
-
-def _remove_on_disk(repo: Path, name: str) -> None:
-    """Take a head out of the repository (the caller reloads classify, then unloads it)."""
-    check_head_name(name)
-    repository = Repository(repo)
-    with repository_lock(repo):
-        repository.head(name)  # raises if there is no such head
-        trash = Path(repo) / f".removed-{name}-{os.getpid()}"  # renamed away first: one step for readers
-        (Path(repo) / name).rename(trash)
-        repository.render_heads()
-        shutil.rmtree(trash)
 
 
 def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,

@@ -352,11 +352,15 @@ class TritonServer:
             f"{self.failure_summary()}\n(full log: {self.log_path})"
         )
 
+    def log_text(self) -> str:
+        """What the server has logged since this start (the log file is appended to across starts)."""
+        return self._log_since(self._log_start)
+
     def failure_summary(self, max_lines: int = 15) -> str:
         """The server's own error lines: what failed to load and why."""
         if not self.log_path.exists():
             return "(no server log)"
-        lines = self._log_since(self._log_start).splitlines()  # not an earlier run's lines
+        lines = self.log_text().splitlines()  # not an earlier run's lines
         # Triton's glog lines start with a severity letter: E = error. Its crash handler prints
         # "Signal (11) received." The CUDA lines are what it says on every machine without a GPU.
         errors = [l for l in lines if (l[:1] == "E" or "failed to load" in l or "error:" in l.lower()

@@ -81,10 +81,15 @@ def test_heads_come_and_go_under_load_without_a_failed_request(live_server, jpeg
         loaded_at = time.monotonic()
         time.sleep(2.0)
         removed_at = time.monotonic()
-        lifecycle.remove(repo, "animal")
-        live.head_removed(server, "animal")
+        change = lifecycle.remove(repo, "animal")  # finds the server in the repository's record
         gone_at = time.monotonic()
+    assert change.server == server.http_url
     assert load.failures == []
+    # Whether a request meets the gap is luck; whether there was one is in Triton's log: an ensemble
+    # made invalid by a reload (threshold without the head while classify still named it) is
+    # unserved until it reloads too. The CI run of 2026-12-07 lost 2 requests to that gap.
+    invalid = [line for line in server.log_text().splitlines() if "Invalid argument" in line]
+    assert invalid == []
     # By when each request was sent and answered: a request sent after a load call returned
     # must see the new set of heads (on a busy machine a request can take seconds).
     before = [r for _, answered, r in load.answers if answered < added_at]
