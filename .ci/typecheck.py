@@ -43,5 +43,8 @@ def mirror() -> None:
 
 if __name__ == "__main__":
     mirror()
-    sys.exit(subprocess.call([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                              *sys.argv[1:]], cwd=ROOT))
+    sys.exit(
+        subprocess.call(
+            [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), *sys.argv[1:]], cwd=ROOT
+        )
+    )

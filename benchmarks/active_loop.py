@@ -74,8 +74,9 @@ def go_live(repo: Path, version: int) -> None:
     lifecycle.finish_test(repo, HEAD, promote=True)
 
 
-def run(strategy: str, work: Path, encoder: Path, pool: tuple, golden: Path, held: tuple, args,
-        poison_round: int | None) -> dict:
+def run(
+    strategy: str, work: Path, encoder: Path, pool: tuple, golden: Path, held: tuple, args, poison_round: int | None
+) -> dict:
     from headmaster.model_repository.build import build_repository
     from headmaster.model_repository.head_version import HeadVersion
     from headmaster.model_repository.repository import BuildOptions, Repository
@@ -100,8 +101,15 @@ def run(strategy: str, work: Path, encoder: Path, pool: tuple, golden: Path, hel
     start = [i for d in range(10) for i in rng.choice(np.flatnonzero(y == d), args.start, replace=False)]
     make_corrections(store, [{"item": hashes[i], "head": HEAD, "labels": (str(y[i]),)} for i in start], "start")
     train_head(TrainOptions(name=HEAD, repo=repo, store=str(store_path)))
-    rounds = [{"round": 0, "labels": len(start), "live": 1, "live_accuracy": accuracy(repo, x_held, y_held),
-               "decision": "start"}]
+    rounds = [
+        {
+            "round": 0,
+            "labels": len(start),
+            "live": 1,
+            "live_accuracy": accuracy(repo, x_held, y_held),
+            "decision": "start",
+        }
+    ]
     annotator = np.random.default_rng(args.seed + 1)
     for number in range(1, args.rounds + 1):
         started = time.perf_counter()
@@ -115,11 +123,19 @@ def run(strategy: str, work: Path, encoder: Path, pool: tuple, golden: Path, hel
         candidate = accuracy(repo, x_held, y_held, result.candidate) if result.candidate else None
         if result.decision == "accepted":
             go_live(repo, result.candidate)
-        rounds.append({"round": number, "labels": rounds[-1]["labels"] + len(items),
-                       "live": Repository(repo).head(HEAD).live, "live_accuracy": accuracy(repo, x_held, y_held),
-                       "candidate_accuracy": candidate, "decision": result.decision,
-                       "reason": result.entry.get("reason"), "label_issues": len(result.issues),
-                       "seconds": time.perf_counter() - started})
+        rounds.append(
+            {
+                "round": number,
+                "labels": rounds[-1]["labels"] + len(items),
+                "live": Repository(repo).head(HEAD).live,
+                "live_accuracy": accuracy(repo, x_held, y_held),
+                "candidate_accuracy": candidate,
+                "decision": result.decision,
+                "reason": result.entry.get("reason"),
+                "label_issues": len(result.issues),
+                "seconds": time.perf_counter() - started,
+            }
+        )
         LOG.info("%s round %d: %s", strategy, number, rounds[-1])
     out = {"strategy": strategy, "rounds": rounds}
     if poison_round:
@@ -127,8 +143,9 @@ def run(strategy: str, work: Path, encoder: Path, pool: tuple, golden: Path, hel
     return out
 
 
-def poisoned(root: Path, repo: Path, store_path: Path, live, truth: dict[str, int], golden: Path, args,
-             held: tuple) -> list[dict]:
+def poisoned(
+    root: Path, repo: Path, store_path: Path, live, truth: dict[str, int], golden: Path, args, held: tuple
+) -> list[dict]:
     """A round whose answers are 30% wrong, on a throw-away copy; improve with and without the
     mislabel filter."""
     from headmaster.store import ParquetStore
@@ -148,16 +165,26 @@ def poisoned(root: Path, repo: Path, store_path: Path, live, truth: dict[str, in
         rows = answer(items, truth, args.wrong, np.random.default_rng(args.seed + 99))
         wrong = sum(int(r["labels"][0]) != truth[r["item"]] for r in rows)
         make_corrections(store, rows, "careless annotator")
-        result = improve(ImproveOptions(name=HEAD, repo=copy / "repo", store=str(copy / "store"), golden=golden,
-                                        drop_issues=drop))
+        result = improve(
+            ImproveOptions(name=HEAD, repo=copy / "repo", store=str(copy / "store"), golden=golden, drop_issues=drop)
+        )
         poisoned_sha = {r["item"] for r in rows if int(r["labels"][0]) != truth[r["item"]]}
         caught = len(poisoned_sha & {i.sha256 for i in result.issues})
-        found.append({"drop_issues": drop, "answers": len(rows), "wrong": wrong, "flagged": len(result.issues),
-                      "wrong_flagged": caught, "decision": result.decision, "reason": result.entry.get("reason"),
-                      "candidate_accuracy": accuracy(copy / "repo", *held, result.candidate) if result.candidate
-                      else None, "metrics": {k: result.gate.metrics[k] for k in ("accuracy",)} if result.gate else None,
-                      "live_ece": result.gate.metrics["live"]["ece"] if result.gate else None,
-                      "candidate_ece": result.gate.metrics["candidate"]["ece"] if result.gate else None})
+        found.append(
+            {
+                "drop_issues": drop,
+                "answers": len(rows),
+                "wrong": wrong,
+                "flagged": len(result.issues),
+                "wrong_flagged": caught,
+                "decision": result.decision,
+                "reason": result.entry.get("reason"),
+                "candidate_accuracy": accuracy(copy / "repo", *held, result.candidate) if result.candidate else None,
+                "metrics": {k: result.gate.metrics[k] for k in ("accuracy",)} if result.gate else None,
+                "live_ece": result.gate.metrics["live"]["ece"] if result.gate else None,
+                "candidate_ece": result.gate.metrics["candidate"]["ece"] if result.gate else None,
+            }
+        )
         LOG.info("poisoned round (drop issues %s): %s", drop, found[-1])
     return found
 
@@ -203,10 +230,17 @@ def main() -> None:
     if golden_store_path.exists():
         shutil.rmtree(golden_store_path)
     golden_store = ParquetStore(golden_store_path)
-    golden_store.add_embeddings([test_hashes[i] for i in golden_rows], [str(test_paths[i]) for i in golden_rows],
-                                fingerprint, x_test[golden_rows])
-    make_corrections(golden_store, [{"item": test_hashes[i], "head": HEAD, "labels": (str(y_test[i]),)}
-                                    for i in golden_rows], "golden")
+    golden_store.add_embeddings(
+        [test_hashes[i] for i in golden_rows],
+        [str(test_paths[i]) for i in golden_rows],
+        fingerprint,
+        x_test[golden_rows],
+    )
+    make_corrections(
+        golden_store,
+        [{"item": test_hashes[i], "head": HEAD, "labels": (str(y_test[i]),)} for i in golden_rows],
+        "golden",
+    )
     golden = export_snapshot(golden_store, HEAD, work / "loop-golden", fingerprint).path
     prepare_s = time.perf_counter() - started
     pool = (train_paths, train_hashes, x_train, y_train)
@@ -214,8 +248,9 @@ def main() -> None:
     results = {"prepare_s": prepare_s, "runs": []}
     for strategy in ("margin", "random"):
         t = time.perf_counter()
-        results["runs"].append(run(strategy, work, encoder, pool, golden, held, args,
-                                   args.poison_round if strategy == "margin" else None))
+        results["runs"].append(
+            run(strategy, work, encoder, pool, golden, held, args, args.poison_round if strategy == "margin" else None)
+        )
         results["runs"][-1]["seconds"] = time.perf_counter() - t
     (work / "active_loop.json").write_text(json.dumps(results, indent=1, default=str))
     text = markdown(results, args)
@@ -228,34 +263,47 @@ def main() -> None:
 def markdown(results: dict, args) -> str:
     margin, random = results["runs"]
     load = os.getloadavg()
-    lines = [f"### {datetime.date.today()}: the loop on real embeddings (`benchmarks/active_loop.py`; EfficientNet-Lite0 "
-             f"ImageNet weights, MNIST 5,000 sample; {platform.machine()}, {os.cpu_count()} cores, Python "
-             f"{platform.python_version()}; load average {load[0]:.1f} at the end)", "",
-             f"{args.start} labels per digit to start, {args.per_round} reviews per round, annotator = ground truth; "
-             "accuracy on 500 held-out digits (neither trained on nor used by the gate); the gate judges on 500 "
-             "other golden digits. live = the version serving after the round (a refused candidate leaves it).", "",
-             "| round | labels | margin: candidate | margin: live (version, decision) | random: candidate | "
-             "random: live (version, decision) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"### {datetime.date.today()}: the loop on real embeddings (`benchmarks/active_loop.py`; EfficientNet-Lite0 "
+        f"ImageNet weights, MNIST 5,000 sample; {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; load average {load[0]:.1f} at the end)",
+        "",
+        f"{args.start} labels per digit to start, {args.per_round} reviews per round, annotator = ground truth; "
+        "accuracy on 500 held-out digits (neither trained on nor used by the gate); the gate judges on 500 "
+        "other golden digits. live = the version serving after the round (a refused candidate leaves it).",
+        "",
+        "| round | labels | margin: candidate | margin: live (version, decision) | random: candidate | "
+        "random: live (version, decision) |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def cell(r: dict, key: str) -> str:
         return "-" if r.get(key) is None else f"{r[key]:.1%}"
+
     for a, b in zip(margin["rounds"], random["rounds"]):
-        lines.append(f"| {a['round']} | {a['labels']} | {cell(a, 'candidate_accuracy')} | {cell(a, 'live_accuracy')} "
-                     f"(v{a['live']}, {a['decision']}) | {cell(b, 'candidate_accuracy')} | {cell(b, 'live_accuracy')} "
-                     f"(v{b['live']}, {b['decision']}) |")
+        lines.append(
+            f"| {a['round']} | {a['labels']} | {cell(a, 'candidate_accuracy')} | {cell(a, 'live_accuracy')} "
+            f"(v{a['live']}, {a['decision']}) | {cell(b, 'candidate_accuracy')} | {cell(b, 'live_accuracy')} "
+            f"(v{b['live']}, {b['decision']}) |"
+        )
     lines.append("")
     for run in (margin, random):
         live = [r["live_accuracy"] for r in run["rounds"]]
         falls = [i for i in range(1, len(live)) if live[i] < live[i - 1]]
-        lines.append(f"- {run['strategy']}: live accuracy {live[0]:.1%} -> {live[-1]:.1%}; "
-                     + ("never fell" if not falls else f"fell at rounds {falls}") + f"; {run['seconds']:.0f} s for "
-                     f"{len(run['rounds']) - 1} rounds (rescore, select, correct, improve, promote)")
+        lines.append(
+            f"- {run['strategy']}: live accuracy {live[0]:.1%} -> {live[-1]:.1%}; "
+            + ("never fell" if not falls else f"fell at rounds {falls}")
+            + f"; {run['seconds']:.0f} s for "
+            f"{len(run['rounds']) - 1} rounds (rescore, select, correct, improve, promote)"
+        )
     for p in margin.get("poisoned", []):
-        lines.append(f"- poisoned round {args.poison_round} (margin run, a throw-away copy; {p['wrong']} of "
-                     f"{p['answers']} answers wrong), mislabels {'left out' if p['drop_issues'] else 'kept'}: cleanlab "
-                     f"flagged {p['flagged']} items, {p['wrong_flagged']} of the wrong answers among them; "
-                     f"**{p['decision']}**" + (f": {p['reason']}" if p['decision'] == 'refused' else
-                                              f" (candidate {cell(p, 'candidate_accuracy')})"))
+        lines.append(
+            f"- poisoned round {args.poison_round} (margin run, a throw-away copy; {p['wrong']} of "
+            f"{p['answers']} answers wrong), mislabels {'left out' if p['drop_issues'] else 'kept'}: cleanlab "
+            f"flagged {p['flagged']} items, {p['wrong_flagged']} of the wrong answers among them; "
+            f"**{p['decision']}**"
+            + (f": {p['reason']}" if p["decision"] == "refused" else f" (candidate {cell(p, 'candidate_accuracy')})")
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -73,8 +73,14 @@ def main() -> None:
     started = time.perf_counter()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray_start = time.perf_counter() - started
-    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            load_models=tuple(Repository(repo).model_names()), exit_timeout_s=10)
+    options = ServerOptions(
+        repository=repo,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        load_models=tuple(Repository(repo).model_names()),
+        exit_timeout_s=10,
+    )
     try:
         with TritonServer(options, log_path=WORKDIR / "tritonserver-backfill.log") as server:
             with HeadmasterClient(server.grpc_url, "grpc", batch_size=8, max_in_flight=4) as client:
@@ -86,15 +92,21 @@ def main() -> None:
             print(rows[-1], flush=True)
             for actors in (1,):  # on 2 cores the server does the work: more actors only queue more requests
                 t = time.perf_counter()
-                report = backfill(str(files[0].parent), open_store(stores / f"server-{actors}"),
-                                  BackfillOptions(repo=repo, server=server.grpc_url, actors=actors, embed_batch=16))
+                report = backfill(
+                    str(files[0].parent),
+                    open_store(stores / f"server-{actors}"),
+                    BackfillOptions(repo=repo, server=server.grpc_url, actors=actors, embed_batch=16),
+                )
                 assert report.embedded == len(files), report
                 rows.append(("backfill, actors call the server's `embed`", actors, time.perf_counter() - t))
                 print(rows[-1], flush=True)
         for actors in (1, 2):
             t = time.perf_counter()
-            report = backfill(str(files[0].parent), open_store(stores / f"local-{actors}"),
-                              BackfillOptions(repo=repo, actors=actors, embed_batch=16))
+            report = backfill(
+                str(files[0].parent),
+                open_store(stores / f"local-{actors}"),
+                BackfillOptions(repo=repo, actors=actors, embed_batch=16),
+            )
             assert report.embedded == len(files), report
             rows.append(("backfill --local (encoder in each actor)", actors, time.perf_counter() - t))
             print(rows[-1], flush=True)
@@ -103,17 +115,25 @@ def main() -> None:
 
     base = rows[0][2]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    lines = [f"### {dt.date.today().isoformat()}: backfill on Ray vs classify --store, {len(files)} JPEGs, {MODEL} "
-             f"fp32, CPU ({machine}; the machine was shared with other jobs)", "",
-             "| path | actors | seconds | images/s | vs classify --store |", "|---|---|---|---|---|"]
+    lines = [
+        f"### {dt.date.today().isoformat()}: backfill on Ray vs classify --store, {len(files)} JPEGs, {MODEL} "
+        f"fp32, CPU ({machine}; the machine was shared with other jobs)",
+        "",
+        "| path | actors | seconds | images/s | vs classify --store |",
+        "|---|---|---|---|---|",
+    ]
     for name, actors, seconds in rows:
         lines.append(f"| {name} | {actors} | {seconds:.1f} | {len(files) / seconds:.1f} | {base / seconds:.2f}x |")
     one = {name: s for name, a, s in rows if a == 1}
     two = {name: s for name, a, s in rows if a == 2}
-    lines += ["", "Scaling from 1 to 2 actors (same run): " + "; ".join(
-        f"{name}: **{one[name] / two[name]:.2f}x**" for name in one if name in two), "",
-              f"Two heads run on every embedding in every path. Ray's local cluster took {ray_start:.1f} s to start "
-              "(once per command, not in the figures)."]
+    lines += [
+        "",
+        "Scaling from 1 to 2 actors (same run): "
+        + "; ".join(f"{name}: **{one[name] / two[name]:.2f}x**" for name in one if name in two),
+        "",
+        f"Two heads run on every embedding in every path. Ray's local cluster took {ray_start:.1f} s to start "
+        "(once per command, not in the figures).",
+    ]
     report = "\n".join(lines)
     print("\n" + report)
     if args.record:

@@ -65,8 +65,10 @@ def write_images(root: Path, rng: np.random.Generator) -> tuple[list[Path], list
         dark.append(root / "dark" / f"{i:04d}.png")
         pool_labels.append(label)
     (root / "outside").mkdir()
-    photos = [Image.open(__import__("io").BytesIO(data)).convert("RGB")
-              for _, data in reference_images() + held_out_images(faces=0, digits=0)]
+    photos = [
+        Image.open(__import__("io").BytesIO(data)).convert("RGB")
+        for _, data in reference_images() + held_out_images(faces=0, digits=0)
+    ]
     outside = []
     for k in range(150):  # random crops: more outside images than the 27 photos
         photo = photos[k % len(photos)]
@@ -102,13 +104,16 @@ def main() -> None:
         export_encoder(ExportOptions(model="ViT-S-32", pretrained=None, out=root / "encoder", seed=0))
         build_repository(root / "encoder", root / "repo")
         cache = root / "cache"
-        train_head(TrainOptions(name="digit", repo=root / "repo", data=root / "images" / "train", cache_dir=cache,
-                                ood="flag"))
+        train_head(
+            TrainOptions(name="digit", repo=root / "repo", data=root / "images" / "train", cache_dir=cache, ood="flag")
+        )
         repository = Repository(root / "repo")
         head = HeadVersion.load(repository, "digit")
 
         def embed(paths: list[Path]) -> np.ndarray:
-            hashes, vectors, _ = embed_files(paths, LocalEmbedder(repository), EmbeddingCache(cache, repository.fingerprint))
+            hashes, vectors, _ = embed_files(
+                paths, LocalEmbedder(repository), EmbeddingCache(cache, repository.fingerprint)
+            )
             return np.stack([vectors[h] for h in hashes])
 
         pool_x, dark_x, outside_x = embed(pool), embed(dark), embed(outside)
@@ -128,8 +133,14 @@ def main() -> None:
         for n in args.sizes:
             k = int(round(n * OUTSIDE_SHARE))
             mixed = np.concatenate([pool_x[draw(everyone, n - k, n)], outside_x[draw(np.arange(len(outside_x)), k, n)]])
-            rows.append((n, verdict(mixed, n), verdict(pool_x[draw(no_zero, n, n + 1)], n),
-                         verdict(dark_x[draw(everyone, n, n + 2)], n)))
+            rows.append(
+                (
+                    n,
+                    verdict(mixed, n),
+                    verdict(pool_x[draw(no_zero, n, n + 1)], n),
+                    verdict(dark_x[draw(everyone, n, n + 2)], n),
+                )
+            )
         big = max(args.sizes)
         alarms = [verdict(pool_x[draw(everyone, big, 1000 + w)], 1000 + w) for w in range(args.null_windows)]
     minutes = (time.perf_counter() - started) / 60
@@ -142,16 +153,23 @@ def main() -> None:
     table += [f"| {n} | {', '.join(a) or '-'} | {', '.join(b) or '-'} | {', '.join(c) or '-'} |" for n, a, b, c in rows]
     false = sum(bool(a) for a in alarms)
     checks = sorted({c for a in alarms for c in a})
-    summary = (f"First n detected: photos {first(1)}, class gone {first(2)}, dark {first(3)}. False alarms: "
-               f"{false} of {args.null_windows} in-distribution windows of {big} ({', '.join(checks) or 'none'}). "
-               f"{minutes:.1f} min.")
+    summary = (
+        f"First n detected: photos {first(1)}, class gone {first(2)}, dark {first(3)}. False alarms: "
+        f"{false} of {args.null_windows} in-distribution windows of {big} ({', '.join(checks) or 'none'}). "
+        f"{minutes:.1f} min."
+    )
     print("\n".join(table) + "\n\n" + summary)
     if args.record:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n### {datetime.date.today()}: drift detection on digits, random-weight ViT-S-32 ({machine}; "
-                    "`benchmarks/drift_detection.py`; checks that found drift per window)\n\n"
-                    + "\n".join(table) + "\n\n" + summary + "\n")
+            f.write(
+                f"\n### {datetime.date.today()}: drift detection on digits, random-weight ViT-S-32 ({machine}; "
+                "`benchmarks/drift_detection.py`; checks that found drift per window)\n\n"
+                + "\n".join(table)
+                + "\n\n"
+                + summary
+                + "\n"
+            )
 
 
 if __name__ == "__main__":

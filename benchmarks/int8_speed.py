@@ -38,9 +38,13 @@ def machine() -> dict:
         load = f"{os.getloadavg()[0]:.1f}"
     except OSError:
         load = "?"
-    return {"cpu": model.group(1).strip() if model else platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "int8_flags": ", ".join(flags) or "none (no VNNI, no AMX)",
-            "load": load, "python": platform.python_version()}
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "int8_flags": ", ".join(flags) or "none (no VNNI, no AMX)",
+        "load": load,
+        "python": platform.python_version(),
+    }
 
 
 def session(path: Path):
@@ -63,13 +67,18 @@ def main() -> None:
     from headmaster.export.encoder import ExportOptions, export_encoder
 
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, int8 instructions: {info['int8_flags']}, "
-          f"load average {info['load']} at start")
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, int8 instructions: {info['int8_flags']}, "
+        f"load average {info['load']} at start"
+    )
     with tempfile.TemporaryDirectory(prefix="int8-speed-") as tmp:
         started = time.perf_counter()
-        cards = {p: export_encoder(ExportOptions(model=args.model, pretrained=None, out=Path(tmp) / p,
-                                                 precision=p, towers=("image",)))
-                 for p in ("fp32", "int8")}
+        cards = {
+            p: export_encoder(
+                ExportOptions(model=args.model, pretrained=None, out=Path(tmp) / p, precision=p, towers=("image",))
+            )
+            for p in ("fp32", "int8")
+        }
         print(f"exported fp32 and int8 in {time.perf_counter() - started:.0f} s")
         gate = cards["int8"].verification["image"]["gate"]
         sessions = {p: session(Path(tmp) / p / card.towers["image"].file) for p, card in cards.items()}
@@ -89,22 +98,28 @@ def main() -> None:
                     images[p] += batch
             rate = {p: images[p] / spent[p] for p in sessions}
             rows.append((batch, rate["fp32"], rate["int8"], rate["int8"] / rate["fp32"]))
-            print(f"batch {batch:3d}: fp32 {rate['fp32']:6.1f} img/s  int8 {rate['int8']:6.1f} img/s  "
-                  f"int8/fp32 {rate['int8'] / rate['fp32']:.2f}x (target {TARGET}x)")
+            print(
+                f"batch {batch:3d}: fp32 {rate['fp32']:6.1f} img/s  int8 {rate['int8']:6.1f} img/s  "
+                f"int8/fp32 {rate['int8'] / rate['fp32']:.2f}x (target {TARGET}x)"
+            )
     end_load = machine()["load"]
-    print(f"gate: cosine to fp32 mean {gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f} over "
-          f"{gate['images']} held-out images; load average {end_load} at the end")
+    print(
+        f"gate: cosine to fp32 mean {gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f} over "
+        f"{gate['images']} held-out images; load average {end_load} at the end"
+    )
     if args.record:
         day = datetime.date.today().isoformat()
-        lines = [f"\n### {day}: {args.model} int8 vs fp32 image tower, onnxruntime direct, CPU "
-                 f"({info['cpu']}, {info['cores']} cores, int8 instructions: {info['int8_flags']}, "
-                 f"Python {info['python']})\n",
-                 f"Random weights; `benchmarks/int8_speed.py`, {args.seconds:.0f} s per precision and batch, "
-                 f"alternating; load average {info['load']} at start, {end_load} at the end (other work on "
-                 "the machine). Gate on held-out images: cosine to fp32 mean "
-                 f"{gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f}.\n",
-                 "| batch | fp32 (img/s) | int8 (img/s) | int8 / fp32 | target |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            f"\n### {day}: {args.model} int8 vs fp32 image tower, onnxruntime direct, CPU "
+            f"({info['cpu']}, {info['cores']} cores, int8 instructions: {info['int8_flags']}, "
+            f"Python {info['python']})\n",
+            f"Random weights; `benchmarks/int8_speed.py`, {args.seconds:.0f} s per precision and batch, "
+            f"alternating; load average {info['load']} at start, {end_load} at the end (other work on "
+            "the machine). Gate on held-out images: cosine to fp32 mean "
+            f"{gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f}.\n",
+            "| batch | fp32 (img/s) | int8 (img/s) | int8 / fp32 | target |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {b} | {f:.1f} | {i:.1f} | **{r:.2f}x** | {TARGET}x |" for b, f, i, r in rows]
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
             f.write("\n".join(lines) + "\n")

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BATCHES = (1, 8, 64, 256)
-TIMED_MODEL = '''
+TIMED_MODEL = """
 
 class TritonPythonModel:  # the benchmark's: times the threshold step's metric code
     def initialize(self, args):
@@ -56,7 +56,7 @@ class TritonPythonModel:  # the benchmark's: times the threshold step's metric c
             calls = len(metric_counts("bench", "labels", results))
             out.append(self.pb.InferenceResponse([self.pb.Tensor("T", np.array([t1 - t0, t2 - t1, calls], np.float64))]))
         return out
-'''
+"""
 CONFIG = """name: "bench"
 backend: "python"
 max_batch_size: 0
@@ -81,8 +81,14 @@ def main() -> None:
         (repo / "bench" / "1").mkdir(parents=True)
         (repo / "bench" / "config.pbtxt").write_text(CONFIG)
         (repo / "bench" / "1" / "model.py").write_text(Path(threshold.__file__).read_text() + TIMED_MODEL)
-        options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), restricted_apis=(), write_record=False)
+        options = ServerOptions(
+            repository=repo,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            restricted_apis=(),
+            write_record=False,
+        )
         rows = []
         with TritonServer(options, log_path=Path(tmp) / "triton.log") as server:
             client = http.InferenceServerClient(server.http_url.replace("http://", ""))
@@ -96,17 +102,24 @@ def main() -> None:
                 python_us, record_us = np.median(times[:, 0]) * 1e6, np.median(times[:, 1]) * 1e6
                 calls = np.median(times[:, 2])
                 rows.append((n, calls, python_us, record_us, record_us / n))
-    table = ["| items per request | metric calls | metric_counts (us) | record, calls included (us) | per item (us) |",
-             "|---|---|---|---|---|"]
+    table = [
+        "| items per request | metric calls | metric_counts (us) | record, calls included (us) | per item (us) |",
+        "|---|---|---|---|---|",
+    ]
     table += [f"| {n} | {calls:.0f} | {py:.0f} | {rec:.0f} | {per:.1f} |" for n, calls, py, rec, per in rows]
     print("\n".join(table))
     if args.record:
-        machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-                   f"load average {os.getloadavg()[0]:.1f}")
+        machine = (
+            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n### {datetime.date.today()}: live metrics per request, bundled Triton 2.51 python backend "
-                    f"({machine}; `benchmarks/live_metrics_cost.py`, median of {args.repeats})\n\n"
-                    + "\n".join(table) + "\n")
+            f.write(
+                f"\n### {datetime.date.today()}: live metrics per request, bundled Triton 2.51 python backend "
+                f"({machine}; `benchmarks/live_metrics_cost.py`, median of {args.repeats})\n\n"
+                + "\n".join(table)
+                + "\n"
+            )
 
 
 if __name__ == "__main__":

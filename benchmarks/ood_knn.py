@@ -53,7 +53,7 @@ def per_image_ms(index, queries: np.ndarray, k: int, batch: int, seconds: float 
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         start = (done // batch * batch) % (len(queries) - batch)
-        knn_distance(index, queries[start:start + batch], k)
+        knn_distance(index, queries[start : start + batch], k)
         done += batch
     return (time.perf_counter() - started) / done * 1000
 
@@ -125,9 +125,18 @@ def ivf_rows(dim: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
             d_in, d_out = knn_distance(index, inside, k), knn_distance(index, outside, k)
             return float((d_out <= np.quantile(d_in, 0.95, method="higher")).mean())
 
-        rows.append({"references": size, "search": search, "build_s": build, "recall": recall,
-                     "ivf_ms": per_image_ms(ivf, inside, k, 8), "exact_ms": per_image_ms(exact, inside, k, 8),
-                     "fpr_ivf": fpr(ivf), "fpr_exact": fpr(exact)})
+        rows.append(
+            {
+                "references": size,
+                "search": search,
+                "build_s": build,
+                "recall": recall,
+                "ivf_ms": per_image_ms(ivf, inside, k, 8),
+                "exact_ms": per_image_ms(exact, inside, k, 8),
+                "fpr_ivf": fpr(ivf),
+                "fpr_exact": fpr(exact),
+            }
+        )
     return rows
 
 
@@ -145,13 +154,21 @@ def first_request(dim: int, size: int, k: int) -> dict:
     queries = clustered(rng, centres, 8, 1.2 / np.sqrt(dim))
     search = threshold.ivf_search(size)
     if search is None:
-        raise SystemExit(f"--first-request {size}: at most EXACT_MAX ({threshold.EXACT_MAX}) references are "
-                         "searched exactly, with nothing to build; ask for more")
+        raise SystemExit(
+            f"--first-request {size}: at most EXACT_MAX ({threshold.EXACT_MAX}) references are "
+            "searched exactly, with nothing to build; ask for more"
+        )
     started = time.perf_counter()
     stored = threshold.KnnIndex(references.astype(np.float32), search).serialized()  # what train-head does
     publish_s = time.perf_counter() - started
-    ood = {"k": k, "threshold": 1.0, "policy": "flag", "references": size,
-           "sha256": threshold.references_sha256(references), "search": search}
+    ood = {
+        "k": k,
+        "threshold": 1.0,
+        "policy": "flag",
+        "references": size,
+        "sha256": threshold.references_sha256(references),
+        "search": search,
+    }
     out = {"references": size, "search": search, "publish_s": publish_s, "index_mb": len(stored) / 2**20}
     with tempfile.TemporaryDirectory() as tmp:
         version = Path(tmp) / "head" / "1"
@@ -176,25 +193,38 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--no-exact", action="store_true", help="only the inverted-file rows (and the encoder)")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
-    parser.add_argument("--first-request", type=int, metavar="REFERENCES",
-                        help="only the first request of an IVF version of this many references, built vs stored")
+    parser.add_argument(
+        "--first-request",
+        type=int,
+        metavar="REFERENCES",
+        help="only the first request of an IVF version of this many references, built vs stored",
+    )
     args = parser.parse_args()
     if args.first_request is not None:
         import faiss
 
         r = first_request(args.dim, args.first_request, args.k)
-        text = "\n".join([
-            f"### {datetime.date.today()}: first request of a new IVF head version, {r['references']:,} clustered "
-            f"{args.dim}-d references, k={args.k}, batch 8 ({platform.machine()}, {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, faiss {faiss.__version__}; machine shared with other work, "
-            f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; "
-            f"`benchmarks/ood_knn.py --first-request {r['references']} --dim {args.dim}`)", "",
-            "| index | first request (s) |", "|---|---|",
-            f"| built on first use (k-means over {r['search']['lists']} lists + add; versions published before "
-            f"ood.faiss) | {r['built_s']:.2f} |",
-            f"| read from ood.faiss ({r['index_mb']:.1f} MiB, sha256 checked) | {r['stored_s']:.2f} |", "",
-            f"Building and serializing the index at publish time (train-head) took {r['publish_s']:.2f} s in the same "
-            f"run; the two indexes gave {'identical' if r['same'] else 'DIFFERENT'} distances."]) + "\n"
+        text = (
+            "\n".join(
+                [
+                    f"### {datetime.date.today()}: first request of a new IVF head version, {r['references']:,} clustered "
+                    f"{args.dim}-d references, k={args.k}, batch 8 ({platform.machine()}, {os.cpu_count()} cores, "
+                    f"Python {platform.python_version()}, faiss {faiss.__version__}; machine shared with other work, "
+                    f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; "
+                    f"`benchmarks/ood_knn.py --first-request {r['references']} --dim {args.dim}`)",
+                    "",
+                    "| index | first request (s) |",
+                    "|---|---|",
+                    f"| built on first use (k-means over {r['search']['lists']} lists + add; versions published before "
+                    f"ood.faiss) | {r['built_s']:.2f} |",
+                    f"| read from ood.faiss ({r['index_mb']:.1f} MiB, sha256 checked) | {r['stored_s']:.2f} |",
+                    "",
+                    f"Building and serializing the index at publish time (train-head) took {r['publish_s']:.2f} s in the same "
+                    f"run; the two indexes gave {'identical' if r['same'] else 'DIFFERENT'} distances.",
+                ]
+            )
+            + "\n"
+        )
         print(text)
         if args.record:
             with open(Path(__file__).parent / "RESULTS.md", "a") as f:
@@ -222,23 +252,41 @@ def main() -> None:
     encoder = {batch: encoder_ms(batch) for batch in (8,)}
     cap = [] if args.no_exact else cap_cost(args.dim, args.references, args.k)
 
-    lines = [f"### {datetime.date.today()}: out-of-distribution kNN, {args.dim}-d, k={args.k} "
-             f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-             f"faiss {faiss.__version__}; machine shared with other work, load average "
-             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end)", "",
-             "| references | search | batch | ms per image per head |", "|---|---|---|---|"]
+    lines = [
+        f"### {datetime.date.today()}: out-of-distribution kNN, {args.dim}-d, k={args.k} "
+        f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"faiss {faiss.__version__}; machine shared with other work, load average "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end)",
+        "",
+        "| references | search | batch | ms per image per head |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {size:,} | {how} | {batch} | {ms:.3f} |" for size, how, batch, ms in rows]
-    lines += ["", f"ViT-B-32 image tower, onnxruntime fp32, batch 8, same run: {encoder[8]:.1f} ms per image.", "",
-              "FPR at 95% TPR against the reference-set size (synthetic clustered embeddings, see the script):", "",
-              "| references | FPR at 95% TPR |", "|---|---|"]
+    lines += [
+        "",
+        f"ViT-B-32 image tower, onnxruntime fp32, batch 8, same run: {encoder[8]:.1f} ms per image.",
+        "",
+        "FPR at 95% TPR against the reference-set size (synthetic clustered embeddings, see the script):",
+        "",
+        "| references | FPR at 95% TPR |",
+        "|---|---|",
+    ]
     lines += [f"| {size:,} | {fpr:.4f} |" for size, fpr in cap]
-    lines += ["", "Inverted-file search (what heads above EXACT_MAX references get), clustered references, one "
-              "thread, batch 8, against the exact faiss search on the same references:", "",
-              "| references | lists / probed | build (s) | recall@k | IVF ms per image | exact ms per image | "
-              "IVF / encoder | exact / encoder | FPR at 95% TPR, IVF / exact |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['references']:,} | {r['search']['lists']} / {r['search']['probe']} | {r['build_s']:.1f} | "
-              f"{r['recall']:.4f} | {r['ivf_ms']:.3f} | {r['exact_ms']:.3f} | {r['ivf_ms'] / encoder[8]:.1%} | "
-              f"{r['exact_ms'] / encoder[8]:.1%} | {r['fpr_ivf']:.4f} / {r['fpr_exact']:.4f} |" for r in ivf]
+    lines += [
+        "",
+        "Inverted-file search (what heads above EXACT_MAX references get), clustered references, one "
+        "thread, batch 8, against the exact faiss search on the same references:",
+        "",
+        "| references | lists / probed | build (s) | recall@k | IVF ms per image | exact ms per image | "
+        "IVF / encoder | exact / encoder | FPR at 95% TPR, IVF / exact |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['references']:,} | {r['search']['lists']} / {r['search']['probe']} | {r['build_s']:.1f} | "
+        f"{r['recall']:.4f} | {r['ivf_ms']:.3f} | {r['exact_ms']:.3f} | {r['ivf_ms'] / encoder[8]:.1%} | "
+        f"{r['exact_ms'] / encoder[8]:.1%} | {r['fpr_ivf']:.4f} / {r['fpr_exact']:.4f} |"
+        for r in ivf
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:

@@ -55,7 +55,7 @@ INFINITY = "0.0.78"
 CLIENTS, BATCH = 4, 8
 
 # Run by the peer's own interpreter: the random-init CLIP folder infinity loads (no hub here).
-MAKE_PEER_MODEL = r'''
+MAKE_PEER_MODEL = r"""
 import gzip, html, json, sys
 from pathlib import Path
 import torch
@@ -79,7 +79,7 @@ vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|starto
 (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 CLIPTokenizer(out / "vocab.json", out / "merges.txt").save_pretrained(out)
 print("made", out)
-'''
+"""
 
 
 def _load(name: str):
@@ -97,8 +97,9 @@ def setup_peer() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
         pip = [str(python), "-m", "pip", "install", "-q"]
         subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, f"infinity-emb[server,torch,vision,optimum]=={INFINITY}", "torch==2.13.0", "aiohttp"],
-                       check=True)
+        subprocess.run(
+            [*pip, f"infinity-emb[server,torch,vision,optimum]=={INFINITY}", "torch==2.13.0", "aiohttp"], check=True
+        )
         subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], check=False)
     if not (PEER_MODEL / "config.json").exists():
         import open_clip
@@ -129,7 +130,8 @@ def image_pool(n: int) -> list[bytes]:
         dx, dy = int(rng.integers(0, w // 8)), int(rng.integers(0, h // 8))
         buffer = io.BytesIO()
         photo.crop((dx, dy, w - int(rng.integers(0, w // 8)), h - int(rng.integers(0, h // 8)))).save(
-            buffer, "JPEG", quality=int(rng.integers(80, 95)))
+            buffer, "JPEG", quality=int(rng.integers(80, 95))
+        )
         out.append(buffer.getvalue())
     return out
 
@@ -157,8 +159,10 @@ def memory(pid: int) -> dict[int, tuple[str, int, int]]:
     out = {}
     for p in tree(pid):
         try:
-            fields = {line.split(":")[0]: int(line.split()[1]) * 1024
-                      for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]}
+            fields = {
+                line.split(":")[0]: int(line.split()[1]) * 1024
+                for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]
+            }
             name = Path(f"/proc/{p}/comm").read_text().strip()
         except (OSError, ValueError, IndexError):
             continue
@@ -198,9 +202,24 @@ class HeadmasterServer:
         self.grpc = f"127.0.0.1:{ports[1]}"
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "headmaster.cli", "serve", "--repo", str(repo), "--http-port", str(ports[0]),
-             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "headmaster.cli",
+                "serve",
+                "--repo",
+                str(repo),
+                "--http-port",
+                str(ports[0]),
+                "--grpc-port",
+                str(ports[1]),
+                "--metrics-port",
+                str(ports[2]),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for line in self.process.stderr:  # serve says ready only once every model is warm
             if "Triton is ready" in line:
                 break
@@ -233,14 +252,40 @@ class InfinityServer:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.started = time.monotonic()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
-               "DO_NOT_TRACK": "1"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+            "DO_NOT_TRACK": "1",
+        }
         self.log = open(PEER_DIR / f"infinity-{dtype}.log", "w")
         self.process = subprocess.Popen(
-            [str(bin_dir / "infinity_emb"), "v2", "--model-id", str(PEER_MODEL), "--served-model-name", "clip",
-             "--engine", "torch", "--device", "cpu", "--dtype", dtype, "--batch-size", str(BATCH * CLIENTS),
-             "--port", str(port), "--host", "127.0.0.1"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                str(bin_dir / "infinity_emb"),
+                "v2",
+                "--model-id",
+                str(PEER_MODEL),
+                "--served-model-name",
+                "clip",
+                "--engine",
+                "torch",
+                "--device",
+                "cpu",
+                "--dtype",
+                dtype,
+                "--batch-size",
+                str(BATCH * CLIENTS),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 600
         while True:
             if self.process.poll() is not None:
@@ -257,10 +302,16 @@ class InfinityServer:
         self.ready_s = time.monotonic() - self.started
 
     def call(self, images: list[bytes], model: str | None = None) -> bool:
-        body = json.dumps({"model": "clip", "modality": "image",
-                           "input": ["data:image/jpeg;base64," + base64.b64encode(i).decode() for i in images]})
-        request = urllib.request.Request(f"{self.url}/embeddings", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "model": "clip",
+                "modality": "image",
+                "input": ["data:image/jpeg;base64," + base64.b64encode(i).decode() for i in images],
+            }
+        )
+        request = urllib.request.Request(
+            f"{self.url}/embeddings", data=body.encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as r:
             answer = json.loads(r.read())
         return len(answer["data"]) == len(images)
@@ -319,10 +370,16 @@ def load(server, pool: list[bytes], seconds: float, model: str | None = None) ->
     spent = time.monotonic() - start
     peak = sampler.stop()
     ms = np.array(latencies) * 1000
-    return {"img_s": len(latencies) * BATCH / spent, "repeats": max(0, (len(latencies) + failures[0]) * BATCH - len(pool)), "p50": float(np.percentile(ms, 50)) if len(ms) else 0.0,
-            "p99": float(np.percentile(ms, 99)) if len(ms) else 0.0, "failures": failures[0],
-            "rss": sum(r for _, r, _ in peak.values()), "pss": sum(p for _, _, p in peak.values()),
-            "processes": sorted(peak.values(), key=lambda x: -x[2])}
+    return {
+        "img_s": len(latencies) * BATCH / spent,
+        "repeats": max(0, (len(latencies) + failures[0]) * BATCH - len(pool)),
+        "p50": float(np.percentile(ms, 50)) if len(ms) else 0.0,
+        "p99": float(np.percentile(ms, 99)) if len(ms) else 0.0,
+        "failures": failures[0],
+        "rss": sum(r for _, r, _ in peak.values()),
+        "pss": sum(p for _, _, p in peak.values()),
+        "processes": sorted(peak.values(), key=lambda x: -x[2]),
+    }
 
 
 def singles(server, images: list[bytes], model: str | None = None) -> list[float]:
@@ -335,7 +392,7 @@ def round_of(server, pool: list[bytes], fresh: list[bytes], seconds: float, mode
     out = {"ready_s": server.ready_s, "first10": singles(server, fresh[:10], models[0])}
     share = len(pool) // len(models)
     for k, model in enumerate(models):
-        out[model or "embed"] = load(server, pool[k * share:(k + 1) * share], seconds, model)
+        out[model or "embed"] = load(server, pool[k * share : (k + 1) * share], seconds, model)
     out["steady"] = singles(server, fresh[10:30], models[0])
     repeated = fresh[30]
     timed(server, [repeated], models[0])  # seen once
@@ -358,7 +415,7 @@ def main() -> None:
     bin_dir = setup_peer()
     serve_throughput = _load("serve_throughput")
     pool = image_pool(args.pool)  # distinct images: nothing repeats within a window
-    fresh_all = image_pool(args.pool + 31 * (args.rounds + 1))[args.pool:]
+    fresh_all = image_pool(args.pool + 31 * (args.rounds + 1))[args.pool :]
     results: dict[tuple[str, str], list[dict]] = {}
     load_start = os.getloadavg()[0]
     for precision in args.precisions:
@@ -367,15 +424,22 @@ def main() -> None:
         # from it) but is not loaded (repo build --no-serve-text).
         build_repository(encoder_dir, repo, BuildOptions(preferred_batch_sizes=(8, 16, 32), serve_text=False))
         for r in range(args.rounds):
-            fresh = fresh_all[31 * r:31 * (r + 1)]  # for the single-image figures
-            order = [("infinity", None), ("headmaster", None)] if r % 2 == 0 else [("headmaster", None), ("infinity", None)]
+            fresh = fresh_all[31 * r : 31 * (r + 1)]  # for the single-image figures
+            order = (
+                [("infinity", None), ("headmaster", None)] if r % 2 == 0 else [("headmaster", None), ("infinity", None)]
+            )
             for side, _ in order:
                 print(f"{precision} round {r + 1}: {side}...", flush=True)
-                server = (InfinityServer(bin_dir, "float32" if precision == "fp32" else "int8") if side == "infinity"
-                          else HeadmasterServer(repo, "classify"))
+                server = (
+                    InfinityServer(bin_dir, "float32" if precision == "fp32" else "int8")
+                    if side == "infinity"
+                    else HeadmasterServer(repo, "classify")
+                )
                 try:
                     models = [None] if side == "infinity" else ["classify", "embed"]
-                    results.setdefault((precision, side), []).append(round_of(server, pool, fresh, args.seconds, models))
+                    results.setdefault((precision, side), []).append(
+                        round_of(server, pool, fresh, args.seconds, models)
+                    )
                 finally:
                     server.stop()
     report = render(results, args, load_start)
@@ -389,40 +453,59 @@ def main() -> None:
 def render(results: dict, args, load_start: float) -> str:
     gb = 1e9
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    lines = [f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: Headmaster vs infinity-emb {INFINITY}, "
-             f"ViT-B/32 random weights, CPU ({machine}); {CLIENTS} clients x batch {BATCH}, {args.rounds} alternating "
-             f"rounds of {args.seconds:.0f} s per server and model; load average {load_start:.1f} at start, "
-             f"{os.getloadavg()[0]:.1f} at the end (`benchmarks/peer_infinity.py`)", "",
-             "| precision | server | img/s | p50 ms | p99 ms | failures | PSS GB | RSS GB | processes | ready after s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: Headmaster vs infinity-emb {INFINITY}, "
+        f"ViT-B/32 random weights, CPU ({machine}); {CLIENTS} clients x batch {BATCH}, {args.rounds} alternating "
+        f"rounds of {args.seconds:.0f} s per server and model; load average {load_start:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at the end (`benchmarks/peer_infinity.py`)",
+        "",
+        "| precision | server | img/s | p50 ms | p99 ms | failures | PSS GB | RSS GB | processes | ready after s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (precision, side), rounds in results.items():
-        for model in (["embed"] if side == "infinity" else ["classify", "embed"]):
+        for model in ["embed"] if side == "infinity" else ["classify", "embed"]:
             w = [r[model] for r in rounds]
-            lines.append(f"| {precision} | {side} `{model}` | {np.mean([x['img_s'] for x in w]):.1f} | "
-                         f"{np.mean([x['p50'] for x in w]):.0f} | {max(x['p99'] for x in w):.0f} | "
-                         f"{sum(x['failures'] for x in w)} | {max(x['pss'] for x in w) / gb:.2f} | "
-                         f"{max(x['rss'] for x in w) / gb:.2f} | {len(w[-1]['processes'])} | "
-                         f"{np.mean([r['ready_s'] for r in rounds]):.0f} |")
-    repeats = sum(r[m]["repeats"] for rounds in results.values() for r in rounds for m in ("classify", "embed") if m in r)
+            lines.append(
+                f"| {precision} | {side} `{model}` | {np.mean([x['img_s'] for x in w]):.1f} | "
+                f"{np.mean([x['p50'] for x in w]):.0f} | {max(x['p99'] for x in w):.0f} | "
+                f"{sum(x['failures'] for x in w)} | {max(x['pss'] for x in w) / gb:.2f} | "
+                f"{max(x['rss'] for x in w) / gb:.2f} | {len(w[-1]['processes'])} | "
+                f"{np.mean([r['ready_s'] for r in rounds]):.0f} |"
+            )
+    repeats = sum(
+        r[m]["repeats"] for rounds in results.values() for r in rounds for m in ("classify", "embed") if m in r
+    )
     if repeats:
         lines += ["", f"(the pool ran out: {repeats} images were sent twice within a window; use a larger --pool)"]
-    lines += ["", "| precision | server | first 10 after ready: p99 ms | steady single: p99 ms | ratio | "
-                  "new image p50 ms | repeated image p50 ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| precision | server | first 10 after ready: p99 ms | steady single: p99 ms | ratio | "
+        "new image p50 ms | repeated image p50 ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (precision, side), rounds in results.items():
         first = np.percentile(np.concatenate([r["first10"] for r in rounds]), 99)
         steady = np.percentile(np.concatenate([r["steady"] for r in rounds]), 99)
         new = np.percentile(np.concatenate([r["steady"] for r in rounds]), 50)
         again = np.percentile(np.concatenate([r["repeated"] for r in rounds]), 50)
-        lines.append(f"| {precision} | {side} | {first:.0f} | {steady:.0f} | {first / steady:.2f}x | {new:.1f} | "
-                     f"{again:.1f} | {new / again:.1f}x |")
-    lines += ["", "| precision | classify / infinity img/s | infinity PSS / Headmaster PSS | RSS ratio |", "|---|---|---|---|"]
+        lines.append(
+            f"| {precision} | {side} | {first:.0f} | {steady:.0f} | {first / steady:.2f}x | {new:.1f} | "
+            f"{again:.1f} | {new / again:.1f}x |"
+        )
+    lines += [
+        "",
+        "| precision | classify / infinity img/s | infinity PSS / Headmaster PSS | RSS ratio |",
+        "|---|---|---|---|",
+    ]
     for precision in args.precisions:
         if (precision, "infinity") in results and (precision, "headmaster") in results:
             h = [r["classify"] for r in results[precision, "headmaster"]]
             i = [r["embed"] for r in results[precision, "infinity"]]
-            lines.append(f"| {precision} | **{np.mean([x['img_s'] for x in h]) / np.mean([x['img_s'] for x in i]):.2f}x** | "
-                         f"{max(x['pss'] for x in i) / max(x['pss'] for x in h):.2f}x | "
-                         f"{max(x['rss'] for x in i) / max(x['rss'] for x in h):.2f}x |")
+            lines.append(
+                f"| {precision} | **{np.mean([x['img_s'] for x in h]) / np.mean([x['img_s'] for x in i]):.2f}x** | "
+                f"{max(x['pss'] for x in i) / max(x['pss'] for x in h):.2f}x | "
+                f"{max(x['rss'] for x in i) / max(x['rss'] for x in h):.2f}x |"
+            )
     lines += ["", "Memory per process at the highest-PSS sample of the last round (name: PSS / RSS MB):", ""]
     for (precision, side), rounds in results.items():
         procs = rounds[-1]["classify" if side == "headmaster" else "embed"]["processes"]

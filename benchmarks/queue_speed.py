@@ -49,11 +49,24 @@ def head_repo(encoder_dir: Path, target: Path) -> Path:
     dim = repository.card.embed_dim
     for h in range(HEADS):
         labels = tuple(f"label{j}" for j in range(LABELS))
-        weights = HeadWeights(((rng.normal(size=(LABELS, dim)).astype(np.float32),
-                                rng.normal(size=LABELS).astype(np.float32)),), multi_label=False)
-        publish(target, weights, lambda v, h=h, labels=labels: HeadCard(
-            name=f"head{h}", version=v, labels=labels, thresholds=(0.3,) * LABELS, multi_label=False,
-            encoder_fingerprint=repository.fingerprint, embed_dim=dim, kind="linear"))
+        weights = HeadWeights(
+            ((rng.normal(size=(LABELS, dim)).astype(np.float32), rng.normal(size=LABELS).astype(np.float32)),),
+            multi_label=False,
+        )
+        publish(
+            target,
+            weights,
+            lambda v, h=h, labels=labels: HeadCard(
+                name=f"head{h}",
+                version=v,
+                labels=labels,
+                thresholds=(0.3,) * LABELS,
+                multi_label=False,
+                encoder_fingerprint=repository.fingerprint,
+                embed_dim=dim,
+                kind="linear",
+            ),
+        )
     return target
 
 
@@ -61,8 +74,10 @@ def label_rows(store: Path):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    tables = [ds.dataset(sorted(map(str, folder.glob("part-*.parquet"))), format="parquet").to_table(
-        columns=["sha256", "at"]) for folder in (store / "labels").iterdir()]
+    tables = [
+        ds.dataset(sorted(map(str, folder.glob("part-*.parquet"))), format="parquet").to_table(columns=["sha256", "at"])
+        for folder in (store / "labels").iterdir()
+    ]
     return pa.concat_tables(tables)
 
 
@@ -84,8 +99,10 @@ def main() -> None:
     repo = head_repo(encoder_dir, WORKDIR / "queue-repo")
     fingerprint, dim = Repository(repo).fingerprint, Repository(repo).card.embed_dim
     root, port = tempfile.mkdtemp(prefix="headmaster-bench-redis-"), free_port()
-    redis = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", root, "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    redis = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", root, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     time.sleep(0.5)
     rng = np.random.default_rng(1)
@@ -96,9 +113,23 @@ def main() -> None:
             store = WORKDIR / f"queue-store-{phase}"
             shutil.rmtree(store, ignore_errors=True)
             stream = f"bench-{phase}"
-            worker_cmd = [*CLI, "worker", "heads", "--store", str(store), "--repo", str(repo), "--redis", url,
-                          "--stream", stream, "--batch", "256", "--exit-when-idle",
-                          "3" if phase == "throughput" else "15"]
+            worker_cmd = [
+                *CLI,
+                "worker",
+                "heads",
+                "--store",
+                str(store),
+                "--repo",
+                str(repo),
+                "--redis",
+                url,
+                "--stream",
+                stream,
+                "--batch",
+                "256",
+                "--exit-when-idle",
+                "3" if phase == "throughput" else "15",
+            ]
             enqueued = {}
             if phase == "throughput":
                 pipe = broker.redis.pipeline(transaction=False)
@@ -124,9 +155,15 @@ def main() -> None:
                     v = rng.normal(size=dim).astype(np.float32)
                     sha = f"{i + 10**9:064x}"
                     enqueued[sha] = time.time()
-                    broker.publish(stream, {"sha256": sha, "fingerprint": fingerprint,
-                                            "embedding": (v / np.linalg.norm(v)).tobytes(),
-                                            "enqueued_at": repr(enqueued[sha])})
+                    broker.publish(
+                        stream,
+                        {
+                            "sha256": sha,
+                            "fingerprint": fingerprint,
+                            "embedding": (v / np.linalg.norm(v)).tobytes(),
+                            "enqueued_at": repr(enqueued[sha]),
+                        },
+                    )
                 worker.wait(timeout=300)
                 table = label_rows(store)
                 at = table["at"].to_numpy().astype("datetime64[us]").astype(np.int64) / 1e6
@@ -144,14 +181,17 @@ def main() -> None:
     rows, rate = results["throughput"]
     n, (p50, p95, p99), complete = results["latency"]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    report = "\n".join([
-        f"### {dt.date.today().isoformat()}: one heads worker on Redis Streams, {HEADS} heads x {LABELS} labels over "
-        f"{dim}-d embeddings, Parquet store, CPU ({machine}; the machine was shared with other jobs)", "",
-        f"- Throughput: {rows:,} label rows ({args.items:,} embeddings x {HEADS} heads) at **{rate:,.0f} labels/s** "
-        f"({rate / HEADS:,.0f} embeddings/s), batches of 256.",
-        f"- Latency at a steady {args.rate:.0f} embeddings/s for {args.seconds:.0f} s ({n} items; every item labelled: "
-        f"{complete}): enqueue -> all {HEADS} labels stored p50 **{p50:.0f} ms**, p95 {p95:.0f} ms, p99 {p99:.0f} ms.",
-    ])
+    report = "\n".join(
+        [
+            f"### {dt.date.today().isoformat()}: one heads worker on Redis Streams, {HEADS} heads x {LABELS} labels over "
+            f"{dim}-d embeddings, Parquet store, CPU ({machine}; the machine was shared with other jobs)",
+            "",
+            f"- Throughput: {rows:,} label rows ({args.items:,} embeddings x {HEADS} heads) at **{rate:,.0f} labels/s** "
+            f"({rate / HEADS:,.0f} embeddings/s), batches of 256.",
+            f"- Latency at a steady {args.rate:.0f} embeddings/s for {args.seconds:.0f} s ({n} items; every item labelled: "
+            f"{complete}): enqueue -> all {HEADS} labels stored p50 **{p50:.0f} ms**, p95 {p95:.0f} ms, p99 {p99:.0f} ms.",
+        ]
+    )
     print("\n" + report)
     if args.record:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:

@@ -63,7 +63,7 @@ def mnist_split(work: Path) -> tuple[Path, Path, dict[str, int]]:
     images, labels = mnist_data()
     order = np.random.default_rng(0).permutation(len(labels))
     values = {}
-    for folder, indices in (("train", order[:TRAIN]), ("test", order[TRAIN:TRAIN + TEST])):
+    for folder, indices in (("train", order[:TRAIN]), ("test", order[TRAIN : TRAIN + TEST])):
         for i in indices:
             path = work / "mnist" / folder / str(labels[i]) / f"{i:04d}.png"
             values[str(path)] = int(labels[i])
@@ -125,8 +125,9 @@ def export(work: Path, precision: str):
     if (out / "card.json").exists():
         return EncoderCard.load(out), out
     started = time.perf_counter()
-    card = export_encoder(ExportOptions(model=MODEL, pretrained=WEIGHTS, out=out, towers=("image",),
-                                        precision=precision))
+    card = export_encoder(
+        ExportOptions(model=MODEL, pretrained=WEIGHTS, out=out, towers=("image",), precision=precision)
+    )
     LOG.info("exported %s %s in %.0f s", MODEL, precision, time.perf_counter() - started)
     return card, out
 
@@ -146,7 +147,7 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test
     from sklearn.linear_model import LogisticRegression
 
     split = np.random.default_rng(1).permutation(len(y))
-    fit, val = split[: int(0.8 * len(y))], split[int(0.8 * len(y)):]
+    fit, val = split[: int(0.8 * len(y))], split[int(0.8 * len(y)) :]
     sweep = {}
     for c in np.logspace(-2, 3, 11):
         sweep[float(c)] = LogisticRegression(C=c, max_iter=3000).fit(x[fit], y[fit]).score(x[val], y[val])
@@ -171,8 +172,14 @@ def served_vs_offline(repo: Path, paths: list[Path], x_test: np.ndarray, heads: 
     from headmaster.model_repository.repository import Repository
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
 
-    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            load_models=tuple(Repository(repo).model_names()), exit_timeout_s=10)
+    options = ServerOptions(
+        repository=repo,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        load_models=tuple(Repository(repo).model_names()),
+        exit_timeout_s=10,
+    )
     server = TritonServer(options, log_path=work / "tritonserver.log").start()
     try:
         started = time.perf_counter()
@@ -182,9 +189,13 @@ def served_vs_offline(repo: Path, paths: list[Path], x_test: np.ndarray, heads: 
     finally:
         server.stop()
     assert all(r.ok for r in served)
-    result = {"images": len(paths), "images_per_s": len(paths) / seconds,
-              "min_cosine_served_vs_offline_embedding": float(
-                  (np.stack([r.embedding for r in served]) * x_test).sum(axis=1).min())}
+    result = {
+        "images": len(paths),
+        "images_per_s": len(paths) / seconds,
+        "min_cosine_served_vs_offline_embedding": float(
+            (np.stack([r.embedding for r in served]) * x_test).sum(axis=1).min()
+        ),
+    }
     for name in heads:
         head = HeadVersion.load(repo, name)
         scores = head.scores(x_test)
@@ -192,8 +203,10 @@ def served_vs_offline(repo: Path, paths: list[Path], x_test: np.ndarray, heads: 
         served_top = [max(r.heads[name].scores.items(), key=lambda kv: kv[1])[0] for r in served]
         offline_accepted = [tuple(row) for row in accept(scores.astype(np.float32), head.card.info())]
         served_accepted = [tuple(r.heads[name].labels) for r in served]
-        result[name] = {"top_label_equal": sum(a == b for a, b in zip(served_top, offline_top)),
-                        "accepted_labels_equal": sum(a == b for a, b in zip(served_accepted, offline_accepted))}
+        result[name] = {
+            "top_label_equal": sum(a == b for a, b in zip(served_top, offline_top)),
+            "accepted_labels_equal": sum(a == b for a, b in zip(served_accepted, offline_accepted)),
+        }
     return result
 
 
@@ -204,8 +217,13 @@ def ood(repo: Path, test: Path, sets: dict[str, Path], cache: Path) -> dict:
     for name, folder in sets.items():
         run = run_eval(EvalOptions(name="digit", repo=repo, data=test, cache_dir=cache, ood=folder))
         o = run.evaluation.metrics["ood"]
-        figures[name] = {"images": o["ood_images"], "auroc": o["auroc"], "fpr_at_95_tpr": o["fpr_at_95_tpr"],
-                         "rejected_by_head_threshold": o["ood_rejected"], "holdout_kept": o["holdout_kept"]}
+        figures[name] = {
+            "images": o["ood_images"],
+            "auroc": o["auroc"],
+            "fpr_at_95_tpr": o["fpr_at_95_tpr"],
+            "rejected_by_head_threshold": o["ood_rejected"],
+            "holdout_kept": o["holdout_kept"],
+        }
     return figures
 
 
@@ -227,14 +245,29 @@ def int8(work: Path, train_paths: list[Path], test_paths: list[Path], repo: Path
     spec = card["towers"]["image"]
     fp32_file, conv_file = folder / spec["file"], work / "image-conv-int8.onnx"
     calibration = [(str(p), p.read_bytes()) for p in train_paths[::40]]
-    how = quantize.quantize_image_tower(fp32_file, conv_file, spec["input_name"],
-                                        quantize.pixels(calibration, card["preprocessing"]),
-                                        quantize.QuantizeSettings(op_types=("Conv",)))
+    how = quantize.quantize_image_tower(
+        fp32_file,
+        conv_file,
+        spec["input_name"],
+        quantize.pixels(calibration, card["preprocessing"]),
+        quantize.QuantizeSettings(op_types=("Conv",)),
+    )
     images = [(str(p.relative_to(p.parents[1])), p.read_bytes()) for p in test_paths]
-    gate = quantize.promotion_gate(fp32_file, conv_file, spec["input_name"], spec["output_name"], images,
-                                   card["preprocessing"], [HeadVersion.load(repo, h) for h in heads])
-    return {"export_refused": refused, "conv_quantized_weights": how["quantized_weights"],
-            "calibration_images": len(calibration), "mnist_gate": gate}
+    gate = quantize.promotion_gate(
+        fp32_file,
+        conv_file,
+        spec["input_name"],
+        spec["output_name"],
+        images,
+        card["preprocessing"],
+        [HeadVersion.load(repo, h) for h in heads],
+    )
+    return {
+        "export_refused": refused,
+        "conv_quantized_weights": how["quantized_weights"],
+        "calibration_images": len(calibration),
+        "mnist_gate": gate,
+    }
 
 
 def task_heads(repo: Path, train: Path, test: Path, values: dict[str, int], work: Path, cache: Path) -> dict:
@@ -257,10 +290,16 @@ def task_heads(repo: Path, train: Path, test: Path, values: dict[str, int], work
 
     figures = {}
     jobs = {
-        "parity_digit": ("hierarchy", {"data": nested(train, work / "hier" / "train")},
-                         {"data": nested(test, work / "hier" / "test")}),
-        "digit_value": ("regression", {"manifest": manifest(train, work / "values-train.csv")},
-                        {"manifest": manifest(test, work / "values-test.csv")}),
+        "parity_digit": (
+            "hierarchy",
+            {"data": nested(train, work / "hier" / "train")},
+            {"data": nested(test, work / "hier" / "test")},
+        ),
+        "digit_value": (
+            "regression",
+            {"manifest": manifest(train, work / "values-train.csv")},
+            {"manifest": manifest(test, work / "values-test.csv")},
+        ),
         "digit_rank": ("ordinal", {"data": train}, {"data": test}),
     }
     for name, (task, train_data, test_data) in jobs.items():
@@ -274,13 +313,19 @@ def review_page(repo: Path, test: Path, train: Path, cache: Path, work: Path) ->
     from headmaster.training.evaluation.evaluate import EvalOptions
     from headmaster.training.evaluation.report import make_report
 
-    run, quality, files = make_report(EvalOptions(name="digit", repo=repo, data=test, cache_dir=cache,
-                                                  train_data=train), work / "review")
+    run, quality, files = make_report(
+        EvalOptions(name="digit", repo=repo, data=test, cache_dir=cache, train_data=train), work / "review"
+    )
     m = run.evaluation.metrics
     mistakes = int((run.evaluation.top != run.evaluation.truth.argmax(axis=1)).sum())
-    return {"page": str(files.html if hasattr(files, "html") else work / "review" / "index.html"),
-            "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["calibration"]["ece"],
-            "mistakes": mistakes, "label_issues": len(quality.label_issues) if quality else None}
+    return {
+        "page": str(files.html if hasattr(files, "html") else work / "review" / "index.html"),
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "ece": m["calibration"]["ece"],
+        "mistakes": mistakes,
+        "label_issues": len(quality.label_issues) if quality else None,
+    }
 
 
 def distilled(repo: Path, train_paths: list[Path], x_train: np.ndarray, work: Path) -> dict:
@@ -299,20 +344,39 @@ def distilled(repo: Path, train_paths: list[Path], x_train: np.ndarray, work: Pa
     store = open_store(store_dir)
     fingerprint = Repository(repo).fingerprint
     chosen = range(0, len(train_paths), 6)
-    store.add_items([StoredItem(file_sha256(train_paths[i]), str(train_paths[i].resolve()), fingerprint, x_train[i])
-                     for i in chosen])
-    report = distill(DistillOptions(head="digit", repo=repo, store=str(store_dir), student=DISTILL_STUDENT,
-                                    image_size=64, epochs=DISTILL_EPOCHS, min_agreement=0.0))
-    return {**report.to_dict(), "default_floor": MIN_AGREEMENT,
-            "default_floor_verdict": "published" if report.label_agreement >= MIN_AGREEMENT else "refused"}
+    store.add_items(
+        [
+            StoredItem(file_sha256(train_paths[i]), str(train_paths[i].resolve()), fingerprint, x_train[i])
+            for i in chosen
+        ]
+    )
+    report = distill(
+        DistillOptions(
+            head="digit",
+            repo=repo,
+            store=str(store_dir),
+            student=DISTILL_STUDENT,
+            image_size=64,
+            epochs=DISTILL_EPOCHS,
+            min_agreement=0.0,
+        )
+    )
+    return {
+        **report.to_dict(),
+        "default_floor": MIN_AGREEMENT,
+        "default_floor_verdict": "published" if report.label_agreement >= MIN_AGREEMENT else "refused",
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "headmaster" / "real-weights")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    parser.add_argument("--only", default=",".join(PARTS),
-                        help=f"comma-separated parts to run ({', '.join(PARTS)}); the others keep WORK/results.json's figures")
+    parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run ({', '.join(PARTS)}); the others keep WORK/results.json's figures",
+    )
     args = parser.parse_args()
     parts = set(args.only.split(","))
     if not parts <= set(PARTS):
@@ -338,16 +402,25 @@ def main() -> None:
     test_paths, x_test, y_test = embeddings(test, repo, cache)
     embed_s = time.perf_counter() - started
     previous = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
-    results: dict = {**previous, "encoder": {"model": MODEL, "pretrained": WEIGHTS, "fingerprint": card.fingerprint,
-                                             "checkpoint": card.checkpoint,
-                                             "export_min_cosine": card.verification["image"]["min_cosine"],
-                                             "embed_seconds": embed_s}}
+    results: dict = {
+        **previous,
+        "encoder": {
+            "model": MODEL,
+            "pretrained": WEIGHTS,
+            "fingerprint": card.fingerprint,
+            "checkpoint": card.checkpoint,
+            "export_min_cosine": card.verification["image"]["min_cosine"],
+            "embed_seconds": embed_s,
+        },
+    }
     # The repository is rebuilt above: the heads are trained again whatever --only says.
     for name, kind in (("digit", "linear"), ("digit_mlp", "mlp")):
         started = time.perf_counter()
         train_head(TrainOptions(name=name, repo=repo, data=train, cache_dir=cache, config=TrainConfig(kind=kind)))
-        results[name] = {"accuracy": head_accuracy(repo, name, x_test, y_test)[0],
-                         "train_seconds": time.perf_counter() - started}
+        results[name] = {
+            "accuracy": head_accuracy(repo, name, x_test, y_test)[0],
+            "train_seconds": time.perf_counter() - started,
+        }
     if "heads" in parts:
         results["logistic_regression"] = logistic_regression(x_train, y_train, x_test, y_test)
     LOG.info("heads %s", {k: results.get(k) for k in ("digit", "digit_mlp", "logistic_regression")})
@@ -397,39 +470,58 @@ def markdown(r: dict) -> str:
     ]
     for name in ("digit", "digit_mlp"):
         s = served[name]
-        lines.append(f"| served `classify` = offline `{name}` on {served['images']} test images: top label / "
-                     f"accepted labels | {s['top_label_equal']} / {s['accepted_labels_equal']} |")
-    lines.append(f"| served embedding vs offline, min cosine | {served['min_cosine_served_vs_offline_embedding']:.6f} |")
+        lines.append(
+            f"| served `classify` = offline `{name}` on {served['images']} test images: top label / "
+            f"accepted labels | {s['top_label_equal']} / {s['accepted_labels_equal']} |"
+        )
+    lines.append(
+        f"| served embedding vs offline, min cosine | {served['min_cosine_served_vs_offline_embedding']:.6f} |"
+    )
     for name, o in r["ood"].items():
-        lines.append(f"| OOD `{name}` ({o['images']} images) vs MNIST test: AUROC / FPR at 95% TPR | "
-                     f"{o['auroc']:.4f} / {o['fpr_at_95_tpr']:.2%} |")
+        lines.append(
+            f"| OOD `{name}` ({o['images']} images) vs MNIST test: AUROC / FPR at 95% TPR | "
+            f"{o['auroc']:.4f} / {o['fpr_at_95_tpr']:.2%} |"
+        )
     i8 = r["int8"]
     gate = i8["mnist_gate"]
-    lines.append(f"| `export encoder --precision int8` (MatMul/Gemm weights) | "
-                 f"{'refused: no weight MatMul in a CNN' if i8['export_refused'] else 'exported'} |")
-    lines.append(f"| Conv int8 ({i8['conv_quantized_weights']} weights, {i8['calibration_images']} calibration "
-                 f"digits) vs fp32 on {gate['images']} test digits: cosine mean / min | "
-                 f"{gate['mean_cosine']:.4f} / {gate['min_cosine']:.4f} |")
+    lines.append(
+        f"| `export encoder --precision int8` (MatMul/Gemm weights) | "
+        f"{'refused: no weight MatMul in a CNN' if i8['export_refused'] else 'exported'} |"
+    )
+    lines.append(
+        f"| Conv int8 ({i8['conv_quantized_weights']} weights, {i8['calibration_images']} calibration "
+        f"digits) vs fp32 on {gate['images']} test digits: cosine mean / min | "
+        f"{gate['mean_cosine']:.4f} / {gate['min_cosine']:.4f} |"
+    )
     for name, h in gate["heads"].items():
-        lines.append(f"| Conv int8 through the gate, head `{name}`: accepted labels unchanged | "
-                     f"{h['label_agreement']:.2%} |")
-    lines.append(f"| gate verdict (min cosine >= {gate['required_min_cosine']}, agreement >= "
-                 f"{gate['required_label_agreement']:.0%}) | {'passed' if gate['passed'] else 'refused'} |")
+        lines.append(
+            f"| Conv int8 through the gate, head `{name}`: accepted labels unchanged | {h['label_agreement']:.2%} |"
+        )
+    lines.append(
+        f"| gate verdict (min cosine >= {gate['required_min_cosine']}, agreement >= "
+        f"{gate['required_label_agreement']:.0%}) | {'passed' if gate['passed'] else 'refused'} |"
+    )
     for name, t in r["tasks"].items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in t.items() if k not in ("task", "version"))
         lines.append(f"| {t['task']} head `{name}` (`eval`) | {shown} |")
     rv = r["review"]
-    lines.append(f"| review page (`eval --report`): accuracy / mistakes shown / label issues | "
-                 f"{rv['accuracy']:.2%} / {rv['mistakes']} / {rv['label_issues']} |")
+    lines.append(
+        f"| review page (`eval --report`): accuracy / mistakes shown / label issues | "
+        f"{rv['accuracy']:.2%} / {rv['mistakes']} / {rv['label_issues']} |"
+    )
     if "distill" in r:
         d = r["distill"]
-        lines.append(f"| `distill digit --student {d['student']} --image-size {d['details']['image_size']} --epochs "
-                     f"{d['details']['epochs']}` ({d['parameters']:,} parameters, from scratch; {d['train_items']} / "
-                     f"{d['val_items']} stored digits): agreement with the teacher on the held-out ones, top-1 / "
-                     f"accepted labels | {d['top1_agreement']:.2%} / {d['label_agreement']:.2%} (default floor "
-                     f"{d['default_floor']:.0%}: {d['default_floor_verdict']}; run with --min-agreement 0) |")
-        lines.append(f"| student vs teacher (encoder + head), CPU onnxruntime from pixels | "
-                     f"{d['student_img_s']:.0f} / {d['teacher_img_s']:.0f} images/s |")
+        lines.append(
+            f"| `distill digit --student {d['student']} --image-size {d['details']['image_size']} --epochs "
+            f"{d['details']['epochs']}` ({d['parameters']:,} parameters, from scratch; {d['train_items']} / "
+            f"{d['val_items']} stored digits): agreement with the teacher on the held-out ones, top-1 / "
+            f"accepted labels | {d['top1_agreement']:.2%} / {d['label_agreement']:.2%} (default floor "
+            f"{d['default_floor']:.0%}: {d['default_floor_verdict']}; run with --min-agreement 0) |"
+        )
+        lines.append(
+            f"| student vs teacher (encoder + head), CPU onnxruntime from pixels | "
+            f"{d['student_img_s']:.0f} / {d['teacher_img_s']:.0f} images/s |"
+        )
     return "\n".join(lines) + "\n"
 
 

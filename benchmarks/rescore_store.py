@@ -50,11 +50,19 @@ def write_head(folder: Path, dim: int, labels: int) -> None:
     from headmaster.export.heads import write_head as write
 
     rng = np.random.default_rng(1)
-    weights = HeadWeights(((rng.normal(size=(labels, dim)).astype(np.float32) * 4, np.zeros(labels, np.float32)),),
-                          multi_label=False)
-    card = HeadCard(name="bench", version=1, labels=tuple(f"class_{i}" for i in range(labels)),
-                    thresholds=(0.3,) * labels, multi_label=False, encoder_fingerprint=FINGERPRINT,
-                    embed_dim=dim, kind="linear")
+    weights = HeadWeights(
+        ((rng.normal(size=(labels, dim)).astype(np.float32) * 4, np.zeros(labels, np.float32)),), multi_label=False
+    )
+    card = HeadCard(
+        name="bench",
+        version=1,
+        labels=tuple(f"class_{i}" for i in range(labels)),
+        thresholds=(0.3,) * labels,
+        multi_label=False,
+        encoder_fingerprint=FINGERPRINT,
+        embed_dim=dim,
+        kind="linear",
+    )
     write(folder, weights, card)
 
 
@@ -84,11 +92,16 @@ def main() -> None:
     build_s = build_store(store_path, args.rows, args.dim, args.dtype)
     size_mb = sum(p.stat().st_size for p in store_path.rglob("*.parquet")) / 2**20
     write_head(head_dir, args.dim, args.labels)
-    print(f"store: {args.rows:,} x {args.dim} {args.dtype} embeddings, {size_mb:,.0f} MB on disk (built in {build_s:.1f} s)")
+    print(
+        f"store: {args.rows:,} x {args.dim} {args.dtype} embeddings, {size_mb:,.0f} MB on disk (built in {build_s:.1f} s)"
+    )
 
     wall = time.perf_counter()
-    child = subprocess.run([sys.executable, "-c", CHILD, str(store_path), str(head_dir), str(args.batch_size)],
-                           capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(store_path), str(head_dir), str(args.batch_size)],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - wall
     if child.returncode:
         sys.exit(f"rescore failed:\n{child.stderr}")
@@ -97,8 +110,10 @@ def main() -> None:
     assert result["rows"] == args.rows, result
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"machine: {machine}")
-    print(f"rescore: {result['rows']:,} rows in {result['seconds']:.1f} s ({result['rows'] / result['seconds']:,.0f} rows/s); "
-          f"child process {wall:.1f} s with imports")
+    print(
+        f"rescore: {result['rows']:,} rows in {result['seconds']:.1f} s ({result['rows'] / result['seconds']:,.0f} rows/s); "
+        f"child process {wall:.1f} s with imports"
+    )
     print(f"peak memory (child RSS): {peak_mb:,.0f} MB")
     print(f"time / 30 s target: {result['seconds'] / 30:.2f}   memory / 2 GB target: {peak_mb / 2048:.2f}")
     print(f"accepted labels: {result['labels']}")
@@ -109,7 +124,8 @@ def main() -> None:
             "| store on disk | rescore time | rows/s | peak memory (RSS) | time / 30 s | memory / 2 GB |\n"
             "|---|---|---|---|---|---|\n"
             f"| {size_mb:,.0f} MB | {result['seconds']:.1f} s | {result['rows'] / result['seconds']:,.0f} | "
-            f"{peak_mb:,.0f} MB | **{result['seconds'] / 30:.2f}** | **{peak_mb / 2048:.2f}** |\n")
+            f"{peak_mb:,.0f} MB | **{result['seconds'] / 30:.2f}** | **{peak_mb / 2048:.2f}** |\n"
+        )
         with open(Path(__file__).parent / "RESULTS.md", "a") as f:
             f.write(section)
 

@@ -37,8 +37,10 @@ sys.path.insert(0, str(ROOT))  # for the tests photo helper
 
 MODEL = "ViT-B-32"
 WORKDIR = ROOT / "build" / "benchmark"
-HEADS = {"subject": (["cat=a photo of a cat", "dog=a photo of a dog", "person=a photo of a person"], ("a photo of {}.",)),
-         "has_cat": (["cat=a photo containing a cat", "no cat=a photo with no cat"], ("{}",))}
+HEADS = {
+    "subject": (["cat=a photo of a cat", "dog=a photo of a dog", "person=a photo of a person"], ("a photo of {}.",)),
+    "has_cat": (["cat=a photo containing a cat", "no cat=a photo with no cat"], ("{}",)),
+}
 
 
 def jpeg_inputs() -> list[bytes]:
@@ -68,14 +70,20 @@ def prepare(precision: str, preferred: tuple[int, ...], device: str) -> tuple[Pa
         EncoderCard.load(encoder_dir)
     except CardError:
         print(f"exporting {MODEL} {precision} (random weights: speed does not depend on them)...", flush=True)
-        export_encoder(ExportOptions(model=MODEL, pretrained=None, out=encoder_dir, towers=("image", "text"),
-                                     precision=precision))
+        export_encoder(
+            ExportOptions(model=MODEL, pretrained=None, out=encoder_dir, towers=("image", "text"), precision=precision)
+        )
     if repo.exists():
         import shutil
 
         shutil.rmtree(repo)
-    build_repository(encoder_dir, repo, BuildOptions.for_device(device, preferred_batch_sizes=preferred,
-                                                                 max_queue_delay_us=None if device == "cuda" else 2000))
+    build_repository(
+        encoder_dir,
+        repo,
+        BuildOptions.for_device(
+            device, preferred_batch_sizes=preferred, max_queue_delay_us=None if device == "cuda" else 2000
+        ),
+    )
     for name, (labels, templates) in HEADS.items():
         create_zero_shot_head(repo, name, labels, templates)
     return encoder_dir, repo
@@ -92,8 +100,9 @@ class Raw:
         card = EncoderCard.load(encoder_dir)
         self.pixels = np.stack([preprocess_bytes(images[i % len(images)], card.preprocessing) for i in range(64)])
         self.spec = card.towers["image"]
-        self.runner = load_runner(str(encoder_dir / self.spec.file), device=device,
-                                  optimization=self.spec.graph_optimization)
+        self.runner = load_runner(
+            str(encoder_dir / self.spec.file), device=device, optimization=self.spec.graph_optimization
+        )
 
     def window(self, batch: int, seconds: float) -> tuple[int, float]:
         """Images done and seconds spent, running batches back to back for ``seconds``."""
@@ -139,7 +148,9 @@ def model_times(url: str) -> dict[str, tuple[int, int, float, float]]:
     for s in stats:
         executions = int(s.get("execution_count", 0))
         if executions:
-            compute = sum(int(s["inference_stats"][k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
+            compute = sum(
+                int(s["inference_stats"][k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output")
+            )
             images = int(s.get("inference_count", 0))
             out[s["name"]] = (images, executions, compute / executions / 1e6, compute / max(images, 1) / 1e6)
     return out
@@ -186,11 +197,17 @@ def measure(images: list[bytes], args) -> tuple[list, dict]:
         for precision in args.precisions:
             encoder_dir, repo = prepare(precision, tuple(sorted(set(args.batch_sizes))), args.device)
             raw[precision] = Raw(encoder_dir, images, args.device)
-            options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                    metrics_port=free_port(), load_models=tuple(Repository(repo).model_names()),
-                                    exit_timeout_s=10)
+            options = ServerOptions(
+                repository=repo,
+                http_port=free_port(),
+                grpc_port=free_port(),
+                metrics_port=free_port(),
+                load_models=tuple(Repository(repo).model_names()),
+                exit_timeout_s=10,
+            )
             servers[precision] = stack.enter_context(
-                TritonServer(options, log_path=WORKDIR / f"tritonserver-{precision}.log"))
+                TritonServer(options, log_path=WORKDIR / f"tritonserver-{precision}.log")
+            )
             served[precision] = Served(servers[precision].grpc_url, images)
         totals: dict[tuple, list[float]] = {}
         window = max(2.0, args.seconds / args.rounds)
@@ -209,12 +226,20 @@ def measure(images: list[bytes], args) -> tuple[list, dict]:
                 if not args.no_perf_analyzer and not perf_analyzer.unavailable_reason():
                     data = perf_analyzer.write_image_input(images, WORKDIR / f"perf_input_b{b}.json")
                     try:
-                        pa = perf_analyzer.run("classify", servers[precision].http_url, data, batch_size=b,
-                                               concurrency=2, api_key=servers[precision].api_key,
-                                               measurement_ms=int(window * 1000))
+                        pa = perf_analyzer.run(
+                            "classify",
+                            servers[precision].http_url,
+                            data,
+                            batch_size=b,
+                            concurrency=2,
+                            api_key=servers[precision].api_key,
+                            measurement_ms=int(window * 1000),
+                        )
                     except ToolError as e:  # on a busy machine it may find no stable window: say so, go on
                         pa = f"no stable measurement ({str(e).splitlines()[-1][:60]})"
-                rate = {kind: totals[precision, b, kind][0] / totals[precision, b, kind][1] for kind in ("raw", "served")}
+                rate = {
+                    kind: totals[precision, b, kind][0] / totals[precision, b, kind][1] for kind in ("raw", "served")
+                }
                 rows.append((precision, b, rate["raw"], rate["served"], pa))
         breakdowns = {precision: model_times(server.grpc_url) for precision, server in servers.items()}
     return rows, breakdowns
@@ -228,9 +253,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating windows per figure")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--no-perf-analyzer", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: the GPU repository (repo build --device cuda), e.g. --precisions fp16 "
-                             "--batch-sizes 64 256 (not run on this project's machines: no GPU was lent)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: the GPU repository (repo build --device cuda), e.g. --precisions fp16 "
+        "--batch-sizes 64 256 (not run on this project's machines: no GPU was lent)",
+    )
     args = parser.parse_args()
 
     from headmaster.model_repository import perf_analyzer
@@ -241,26 +270,49 @@ def main() -> None:
     phone = phone_photo_preprocessing(args.seconds)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    lines = [f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: {MODEL} {' vs '.join(args.precisions)} "
-             f"ONNX, CPU ({machine}); load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end", "",
-             "| precision | batch | onnxruntime direct (img/s) | served classify from JPEG (img/s) | served / direct | "
-             "perf_analyzer classify (img/s, p50 ms) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: {MODEL} {' vs '.join(args.precisions)} "
+        f"ONNX, CPU ({machine}); load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end",
+        "",
+        "| precision | batch | onnxruntime direct (img/s) | served classify from JPEG (img/s) | served / direct | "
+        "perf_analyzer classify (img/s, p50 ms) |",
+        "|---|---|---|---|---|---|",
+    ]
     for precision, b, r, s, pa in rows:
-        pa_text = pa if isinstance(pa, str) else f"{pa.throughput:.1f} ({pa.p50_ms:.0f} ms)" if pa \
+        pa_text = (
+            pa
+            if isinstance(pa, str)
+            else f"{pa.throughput:.1f} ({pa.p50_ms:.0f} ms)"
+            if pa
             else perf_analyzer.unavailable_reason() or "skipped"
+        )
         lines.append(f"| {precision} | {b} | {r:.1f} | {s:.1f} | **{s / r:.0%}** | {pa_text} |")
     by = {(p, b): (r, s) for p, b, r, s, _ in rows}
     if "fp32" in args.precisions and "int8" in args.precisions:
         lines += ["", "| batch | int8 / fp32, direct | int8 / fp32, served |", "|---|---|---|"]
-        lines += [f"| {b} | **{by['int8', b][0] / by['fp32', b][0]:.2f}x** | {by['int8', b][1] / by['fp32', b][1]:.2f}x |"
-                  for b in args.batch_sizes]
-    lines += ["", "Where the server spent its time (Triton statistics over the whole run; compute per image):", "",
-              "| precision | model | images | executions | ms per execution | ms per image |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"| {b} | **{by['int8', b][0] / by['fp32', b][0]:.2f}x** | {by['int8', b][1] / by['fp32', b][1]:.2f}x |"
+            for b in args.batch_sizes
+        ]
+    lines += [
+        "",
+        "Where the server spent its time (Triton statistics over the whole run; compute per image):",
+        "",
+        "| precision | model | images | executions | ms per execution | ms per image |",
+        "|---|---|---|---|---|---|",
+    ]
     for precision, breakdown in breakdowns.items():
-        lines += [f"| {precision} | {name} | {n} | {e} | {ms:.1f} | {per:.2f} |"
-                  for name, (n, e, ms, per) in sorted(breakdown.items())]
-    lines += ["", "Preprocessing of phone-size JPEGs (real photos upscaled, quality 90), one thread, ms per image:", "",
-              "| size | reduced DCT-scale decode (default) | exact (`--exact-decode`) | speed-up |", "|---|---|---|---|"]
+        lines += [
+            f"| {precision} | {name} | {n} | {e} | {ms:.1f} | {per:.2f} |"
+            for name, (n, e, ms, per) in sorted(breakdown.items())
+        ]
+    lines += [
+        "",
+        "Preprocessing of phone-size JPEGs (real photos upscaled, quality 90), one thread, ms per image:",
+        "",
+        "| size | reduced DCT-scale decode (default) | exact (`--exact-decode`) | speed-up |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {size} | {fast:.1f} | {exact:.1f} | {exact / fast:.1f}x |" for size, fast, exact in phone]
     report = "\n".join(lines)
     print("\n" + report)

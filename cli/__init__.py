@@ -37,8 +37,12 @@ from headmaster.cli.common import console, flag
 from headmaster.client.errors import ClientError
 from headmaster.errors import HeadmasterError
 
-app = typer.Typer(name="headmaster", no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Classify content with foundation-model embeddings and tiny heads on Triton.")
+app = typer.Typer(
+    name="headmaster",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Classify content with foundation-model embeddings and tiny heads on Triton.",
+)
 app.add_typer(export.app, name="export")
 app.add_typer(repo.app, name="repo")
 app.command("serve")(serve.serve)
@@ -67,8 +71,11 @@ app.command("history")(improve.history_command)
 
 @app.callback()
 def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
 
 
 def main() -> None:

@@ -12,14 +12,22 @@ import typer
 from headmaster.cli.common import DEFAULT_REPO, RepoOption, ServerOption, StoreOption, console, out
 
 
-def canary(name: Annotated[str, typer.Argument(help="The head to test a version of.")],
-           version: Annotated[int, typer.Option("--version", help="The candidate: a version of the head on disk.")],
-           share: Annotated[float, typer.Option(
-               help="Share of items the candidate answers, chosen by image sha256 (the same image always "
-                    "gets the same version).")] = 0.1,
-           shadow: Annotated[bool, typer.Option(
-               "--shadow", help="Run the candidate on every item without letting it answer.")] = False,
-           repo: RepoOption = DEFAULT_REPO, server: ServerOption = None) -> None:
+def canary(
+    name: Annotated[str, typer.Argument(help="The head to test a version of.")],
+    version: Annotated[int, typer.Option("--version", help="The candidate: a version of the head on disk.")],
+    share: Annotated[
+        float,
+        typer.Option(
+            help="Share of items the candidate answers, chosen by image sha256 (the same image always "
+            "gets the same version)."
+        ),
+    ] = 0.1,
+    shadow: Annotated[
+        bool, typer.Option("--shadow", help="Run the candidate on every item without letting it answer.")
+    ] = False,
+    repo: RepoOption = DEFAULT_REPO,
+    server: ServerOption = None,
+) -> None:
     """Serve a candidate version beside the live one: to a stable share of items, or in shadow.
     Both versions' answers are in every RESULT (and the store); finish with promote or abort."""
     from headmaster.model_repository import lifecycle, live
@@ -27,17 +35,23 @@ def canary(name: Annotated[str, typer.Argument(help="The head to test a version 
     target = live.find(repo, server)
     test = lifecycle.start_test(repo, name, version, share, shadow, server)
     what = "in shadow (it never answers)" if test.mode == "shadow" else f"to {test.share:.1%} of items"
-    console.print(f"[green]head {name}[/]: v{test.version} runs beside v{test.live} {what}"
-                  + (f"; live on the server at {target.http_url}" if target else "; no server serves this repository"),
-                  highlight=False)
+    console.print(
+        f"[green]head {name}[/]: v{test.version} runs beside v{test.live} {what}"
+        + (f"; live on the server at {target.http_url}" if target else "; no server serves this repository"),
+        highlight=False,
+    )
 
 
-def compare(name: Annotated[str, typer.Argument(help="The head under test (or tested).")],
-            store: StoreOption = "store", repo: RepoOption = DEFAULT_REPO,
-            versions: Annotated[tuple[int, int] | None, typer.Option(
-                "--versions", help="Compare these two versions (default: the running test's live and candidate).")
-            ] = None,
-            show: Annotated[int, typer.Option(help="How many changed images to list.")] = 20) -> None:
+def compare(
+    name: Annotated[str, typer.Argument(help="The head under test (or tested).")],
+    store: StoreOption = "store",
+    repo: RepoOption = DEFAULT_REPO,
+    versions: Annotated[
+        tuple[int, int] | None,
+        typer.Option("--versions", help="Compare these two versions (default: the running test's live and candidate)."),
+    ] = None,
+    show: Annotated[int, typer.Option(help="How many changed images to list.")] = 20,
+) -> None:
     """Agreement between the two versions of a test over the items both labelled, and the
     images whose labels changed, from the store."""
     from rich.table import Table
@@ -56,10 +70,16 @@ def compare(name: Annotated[str, typer.Argument(help="The head under test (or te
         versions = (test.live, test.version)
     a, b = versions
     result = compare_versions(open_store(store, create=False), name, a, b)
-    out.print(f"head {name}: v{a} and v{b} agree on {result.agree} of {result.items} items "
-              f"({result.agreement:.1%}); {len(result.changed)} changed"
-              + (f"; labelled by one version only: v{a} {result.only_a}, v{b} {result.only_b}"
-                 if result.only_a or result.only_b else ""), highlight=False)
+    out.print(
+        f"head {name}: v{a} and v{b} agree on {result.agree} of {result.items} items "
+        f"({result.agreement:.1%}); {len(result.changed)} changed"
+        + (
+            f"; labelled by one version only: v{a} {result.only_a}, v{b} {result.only_b}"
+            if result.only_a or result.only_b
+            else ""
+        ),
+        highlight=False,
+    )
     if result.changed:
         moves = Table(title="where the changes go")
         for column in (f"v{a}", f"v{b}", "items"):
@@ -71,19 +91,29 @@ def compare(name: Annotated[str, typer.Argument(help="The head under test (or te
         for column in ("sha256", "image", f"v{a}", f"v{b}"):
             images.add_column(column)
         for change in result.changed[:show]:
-            images.add_row(change.sha256[:12], change.uri or "", ", ".join(change.before) or "(none)",
-                           ", ".join(change.after) or "(none)")
+            images.add_row(
+                change.sha256[:12],
+                change.uri or "",
+                ", ".join(change.before) or "(none)",
+                ", ".join(change.after) or "(none)",
+            )
         out.print(images)
 
 
-def promote(name: Annotated[str, typer.Argument(help="The head whose candidate becomes live.")],
-            repo: RepoOption = DEFAULT_REPO, server: ServerOption = None) -> None:
+def promote(
+    name: Annotated[str, typer.Argument(help="The head whose candidate becomes live.")],
+    repo: RepoOption = DEFAULT_REPO,
+    server: ServerOption = None,
+) -> None:
     """End the test: the candidate answers every item from now on."""
     _finish(name, True, repo, server)
 
 
-def abort(name: Annotated[str, typer.Argument(help="The head whose test stops.")],
-          repo: RepoOption = DEFAULT_REPO, server: ServerOption = None) -> None:
+def abort(
+    name: Annotated[str, typer.Argument(help="The head whose test stops.")],
+    repo: RepoOption = DEFAULT_REPO,
+    server: ServerOption = None,
+) -> None:
     """End the test: the live version answers every item again; the candidate stays on disk."""
     _finish(name, False, repo, server)
 
@@ -92,5 +122,8 @@ def _finish(name: str, promote_it: bool, repo, server) -> None:
     from headmaster.model_repository import lifecycle
 
     change = lifecycle.finish_test(repo, name, promote_it, server)
-    console.print(f"head {name} now serves v{change.version} alone"
-                  + (f"; live on the server at {change.server}" if change.server else ""), highlight=False)
+    console.print(
+        f"head {name} now serves v{change.version} alone"
+        + (f"; live on the server at {change.server}" if change.server else ""),
+        highlight=False,
+    )

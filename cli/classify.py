@@ -31,33 +31,49 @@ def _head_cell(name: str, h) -> str:
 
 
 def classify(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively); .txt "
-                                                     "files against a text encoder's server.")],
-    url: Annotated[str | None, typer.Option(help="Server address host:port (default localhost:8001 for gRPC, "
-                                                 "localhost:8000 for HTTP).")] = None,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files and/or folders (searched recursively); .txt files against a text encoder's server."
+        ),
+    ],
+    url: Annotated[
+        str | None,
+        typer.Option(help="Server address host:port (default localhost:8001 for gRPC, localhost:8000 for HTTP)."),
+    ] = None,
     protocol: Annotated[str, typer.Option(help="grpc or http.")] = "grpc",
     output: Annotated[Path | None, typer.Option(help="Write one JSON line per image here.")] = None,
     embeddings: Annotated[bool, typer.Option(help="Include each embedding in --output.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 8,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for one request.")] = 120.0,
-    store: Annotated[str | None, typer.Option(help="Keep embeddings and labels in this store (a folder, created "
-                                                   "if new, or postgresql://...); stored images skip the encoder.")] = None,
-    store_float16: Annotated[bool, typer.Option("--store-float16", help="A new store keeps embeddings as float16 "
-                                                                      "(half the size).")] = False,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep embeddings and labels in this store (a folder, created "
+            "if new, or postgresql://...); stored images skip the encoder."
+        ),
+    ] = None,
+    store_float16: Annotated[
+        bool, typer.Option("--store-float16", help="A new store keeps embeddings as float16 (half the size).")
+    ] = False,
 ) -> None:
     """Classify images with the `classify` ensemble; prints labels, exits 2 if any image failed."""
     from headmaster.client import HeadmasterClient
 
     with HeadmasterClient(url, protocol, batch_size=batch_size, max_in_flight=concurrency, timeout_s=timeout) as client:
         if not client.is_ready():
-            raise ClientError(f"no ready Headmaster server at {client.url} ({protocol}); start one with `headmaster serve`")
+            raise ClientError(
+                f"no ready Headmaster server at {client.url} ({protocol}); start one with `headmaster serve`"
+            )
         text = client.classifies_text()  # a text encoder's server: .txt files, each one text
         suffixes = TEXT_SUFFIXES if text else IMAGE_SUFFIXES
         files = collect_images(paths, suffixes)
         if not files:
-            raise ClientError(f"no {'text' if text else 'image'} files in {', '.join(map(str, paths))} "
-                              f"(looked for {', '.join(sorted(suffixes))})")
+            raise ClientError(
+                f"no {'text' if text else 'image'} files in {', '.join(map(str, paths))} "
+                f"(looked for {', '.join(sorted(suffixes))})"
+            )
         bar, task = progress("classifying", len(files))
         with bar:
             advance = lambda n: bar.advance(task, n)  # noqa: E731
@@ -70,8 +86,10 @@ def classify(
             elif text:
                 import dataclasses
 
-                results = [dataclasses.replace(r, source=str(f)) for f, r in zip(files, client.classify_text(
-                    [f.read_bytes() for f in files], progress=advance))]
+                results = [
+                    dataclasses.replace(r, source=str(f))
+                    for f, r in zip(files, client.classify_text([f.read_bytes() for f in files], progress=advance))
+                ]
             else:
                 results = client.classify(files, progress=advance)
     if output:

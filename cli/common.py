@@ -24,16 +24,32 @@ def repo_path(value) -> Path:
     return s3.working_copy(value)
 
 
-RepoOption = Annotated[Path, typer.Option(
-    "--repo", parser=repo_path, help="The model repository: a folder, or s3://BUCKET/PREFIX (endpoint from "
-                                     "AWS_ENDPOINT_URL, or s3://HOST:PORT/BUCKET/PREFIX; credentials from AWS_*).")]
-ServerOption = Annotated[str | None, typer.Option(
-    "--server", help="HTTP address (host:port) of the server to make the change live on (default: the server "
-                     "`headmaster serve` recorded in the repository, if it runs; its key from HEADMASTER_API_KEY "
-                     "otherwise). Several, separated by commas: the replicas of one S3 repository, changed in turn.")]
-StoreOption = Annotated[str, typer.Option(
-    "--store", envvar="HEADMASTER_STORE",
-    help="The store: a folder (written by `classify --store`) or postgresql://... [env HEADMASTER_STORE]")]
+RepoOption = Annotated[
+    Path,
+    typer.Option(
+        "--repo",
+        parser=repo_path,
+        help="The model repository: a folder, or s3://BUCKET/PREFIX (endpoint from "
+        "AWS_ENDPOINT_URL, or s3://HOST:PORT/BUCKET/PREFIX; credentials from AWS_*).",
+    ),
+]
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="HTTP address (host:port) of the server to make the change live on (default: the server "
+        "`headmaster serve` recorded in the repository, if it runs; its key from HEADMASTER_API_KEY "
+        "otherwise). Several, separated by commas: the replicas of one S3 repository, changed in turn.",
+    ),
+]
+StoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="HEADMASTER_STORE",
+        help="The store: a folder (written by `classify --store`) or postgresql://... [env HEADMASTER_STORE]",
+    ),
+]
 # Parameters whose flag is not simply --<name with dashes>: used to name the flag to change.
 FLAGS = {"kind": "--model", "data": "DATA", "format": "--format", "val_fraction": "--val-fraction"}
 

@@ -21,9 +21,17 @@ from headmaster.images import collect_images
 
 ZERO_SHOT_HEADS = {
     # A multi-bucket head, and a binary contest (a positive and a negative prompt).
-    "subject": (["cat=a photo of a cat", "person=a photo of a person", "rocket=a photo of a rocket",
-                 "coffee=a photo of a cup of coffee", "flower=a photo of a flower", "building=a photo of a building"],
-                ("{}.",)),
+    "subject": (
+        [
+            "cat=a photo of a cat",
+            "person=a photo of a person",
+            "rocket=a photo of a rocket",
+            "coffee=a photo of a cup of coffee",
+            "flower=a photo of a flower",
+            "building=a photo of a building",
+        ],
+        ("{}.",),
+    ),
     "has_cat": (["cat=a photo containing a cat", "no cat=a photo with no cat"], ("{}",)),
 }
 
@@ -59,7 +67,9 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     encoder_dir, repo = workdir / "encoder", workdir / "model_repository"
     tag = pretrained or "none"
 
-    console.rule(f"1. export {model}  [dim]headmaster export encoder --model {model} --pretrained {tag} --out {encoder_dir}")
+    console.rule(
+        f"1. export {model}  [dim]headmaster export encoder --model {model} --pretrained {tag} --out {encoder_dir}"
+    )
     try:
         card = EncoderCard.load(encoder_dir)
         reuse = card.model == model and card.pretrained == pretrained
@@ -86,8 +96,14 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
 
     console.rule(f"4. serve  [dim]headmaster serve --repo {repo}")
     consistency.check(repo)
-    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            load_models=tuple(repository.model_names()), exit_timeout_s=10)
+    options = ServerOptions(
+        repository=repo,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        load_models=tuple(repository.model_names()),
+        exit_timeout_s=10,
+    )
     image_dir = images or sample_images(workdir / "images")
     results_path, store_path = workdir / "results.jsonl", workdir / "store"
     if store_path.exists():
@@ -95,8 +111,10 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     store = ParquetStore(store_path)
     with TritonServer(options) as server:
         console.print(f"Triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}")
-        console.rule(f"5. classify  [dim]headmaster classify {image_dir} --url {server.grpc_url} "
-                     f"--output {results_path} --store {store_path}")
+        console.rule(
+            f"5. classify  [dim]headmaster classify {image_dir} --url {server.grpc_url} "
+            f"--output {results_path} --store {store_path}"
+        )
         files = collect_images([image_dir])
         with HeadmasterClient(server.grpc_url) as client:
             results, _ = classify_into_store(client, store, files)
@@ -108,26 +126,41 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     for name in ZERO_SHOT_HEADS:
         table.add_column(name)
     for result in results:
-        cells = [f"[red]{result.error}[/]"] * len(ZERO_SHOT_HEADS) if not result.ok else [
-            f"{', '.join(result.heads[n].labels) or '-'} ({result.heads[n].top[1]:.2f}, v{result.heads[n].version})"
-            for n in ZERO_SHOT_HEADS]
+        cells = (
+            [f"[red]{result.error}[/]"] * len(ZERO_SHOT_HEADS)
+            if not result.ok
+            else [
+                f"{', '.join(result.heads[n].labels) or '-'} ({result.heads[n].top[1]:.2f}, v{result.heads[n].version})"
+                for n in ZERO_SHOT_HEADS
+            ]
+        )
         table.add_row(Path(result.source).name, *cells)
     Console().print(table)
     console.print(f"{sum(r.ok for r in results)} of {len(results)} images classified; results in {results_path}")
-    console.rule(f"6. rescore on CPU from the store  [dim]headmaster rescore has_cat --store {store_path} --repo {repo}")
+    console.rule(
+        f"6. rescore on CPU from the store  [dim]headmaster rescore has_cat --store {store_path} --repo {repo}"
+    )
     rescored = rescore(store, HeadVersion.load(repo, "has_cat"))
-    console.print(f"{rescored.rows} stored embeddings rescored by has_cat v{rescored.version} in "
-                  f"{rescored.seconds:.2f} s, no encoder and no server: {rescored.label_counts}")
+    console.print(
+        f"{rescored.rows} stored embeddings rescored by has_cat v{rescored.version} in "
+        f"{rescored.seconds:.2f} s, no encoder and no server: {rescored.label_counts}"
+    )
     if pretrained is None:
-        console.print("[yellow]These labels come from random weights (--pretrained none), so they are "
-                      "arbitrary. With internet: --pretrained laion2b_s34b_b79k (or a local checkpoint).[/]")
+        console.print(
+            "[yellow]These labels come from random weights (--pretrained none), so they are "
+            "arbitrary. With internet: --pretrained laion2b_s34b_b79k (or a local checkpoint).[/]"
+        )
 
 
 def quickstart(
-    workdir: Annotated[Path, typer.Option(help="Where the encoder, repository, images and results go.")] = Path("build/quickstart"),
+    workdir: Annotated[Path, typer.Option(help="Where the encoder, repository, images and results go.")] = Path(
+        "build/quickstart"
+    ),
     model: Annotated[str, typer.Option(help="open_clip model.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint; 'none' = random weights.")] = "none",
-    images: Annotated[Path | None, typer.Option(help="Your own images (default: photos shipped in scikit-image/-learn).")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Your own images (default: photos shipped in scikit-image/-learn).")
+    ] = None,
 ) -> None:
     """Export -> build the repository -> zero-shot heads -> serve -> classify real photos into a store -> print
     labels -> rescore the stored embeddings on CPU."""

@@ -16,71 +16,126 @@ app = typer.Typer(help="Build, check and repair Headmaster model repositories.",
 def build(
     encoder: Annotated[Path, typer.Option("--encoder", help="Folder written by `headmaster export encoder`.")],
     repo: RepoOption = DEFAULT_REPO,
-    flavour: Annotated[str, typer.Option(
-        help="portable: python-backend models for the bundled Triton (no Docker); "
-             "native: onnxruntime/TensorRT/PyTorch backends for NVIDIA's container.")] = "portable",
-    max_batch_size: Annotated[int | None, typer.Option(
-        help="Largest batch any model takes [default: 64; 512 with --device cuda].")] = None,
-    preferred_batch_size: Annotated[list[int] | None, typer.Option(
-        help="Encoder dynamic batcher's preferred sizes (repeat the option) [default: 8 16 32; "
-             "64 128 256 512 with --device cuda].")] = None,
-    max_queue_delay_us: Annotated[int | None, typer.Option(
-        help="How long the encoder's batcher may wait to fill a preferred batch, in microseconds "
-             "[default: 2000; 1000 with --device cuda].")] = None,
-    encoder_instances: Annotated[int | None, typer.Option(
-        help="Encoder model instances (per GPU on a GPU) [default: 1; 2 with --device cuda].")] = None,
-    preprocess_instances: Annotated[int | None, typer.Option(
-        help="Preprocess model instances [default: 1; 2 with --device cuda].")] = None,
+    flavour: Annotated[
+        str,
+        typer.Option(
+            help="portable: python-backend models for the bundled Triton (no Docker); "
+            "native: onnxruntime/TensorRT/PyTorch backends for NVIDIA's container."
+        ),
+    ] = "portable",
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Largest batch any model takes [default: 64; 512 with --device cuda].")
+    ] = None,
+    preferred_batch_size: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Encoder dynamic batcher's preferred sizes (repeat the option) [default: 8 16 32; "
+            "64 128 256 512 with --device cuda]."
+        ),
+    ] = None,
+    max_queue_delay_us: Annotated[
+        int | None,
+        typer.Option(
+            help="How long the encoder's batcher may wait to fill a preferred batch, in microseconds "
+            "[default: 2000; 1000 with --device cuda]."
+        ),
+    ] = None,
+    encoder_instances: Annotated[
+        int | None, typer.Option(help="Encoder model instances (per GPU on a GPU) [default: 1; 2 with --device cuda].")
+    ] = None,
+    preprocess_instances: Annotated[
+        int | None, typer.Option(help="Preprocess model instances [default: 1; 2 with --device cuda].")
+    ] = None,
     preprocess_threads: Annotated[int, typer.Option(help="Decode threads per preprocess instance (0 = per core).")] = 0,
-    device: Annotated[str, typer.Option(
-        help="Portable flavour: auto, cpu or cuda for the encoders; cuda also picks GPU batching defaults.")] = "auto",
-    decoder: Annotated[str | None, typer.Option(
-        help="pillow (CPU threads, open_clip's exact pixels) or torchvision (batched; nvJPEG on the GPU with "
-             "--device cuda, pixels on the GPU for the encoder) [default: pillow; torchvision with --device cuda].")] = None,
-    max_pixels: Annotated[int, typer.Option(
-        help="Most pixels an image may decode to at full size (larger JPEGs decode at 1/2..1/8); 0 = 16,000,000.")] = 0,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Portable flavour: auto, cpu or cuda for the encoders; cuda also picks GPU batching defaults."
+        ),
+    ] = "auto",
+    decoder: Annotated[
+        str | None,
+        typer.Option(
+            help="pillow (CPU threads, open_clip's exact pixels) or torchvision (batched; nvJPEG on the GPU with "
+            "--device cuda, pixels on the GPU for the encoder) [default: pillow; torchvision with --device cuda]."
+        ),
+    ] = None,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            help="Most pixels an image may decode to at full size (larger JPEGs decode at 1/2..1/8); 0 = 16,000,000."
+        ),
+    ] = 0,
     max_aspect_ratio: Annotated[float, typer.Option(help="Longest over shortest side an image may have; 0 = 32.")] = 0,
-    max_request_mb: Annotated[float, typer.Option(
-        help="Encoded megabytes of images one request may carry (all its images); 0 = 64.")] = 0,
-    exact_decode: Annotated[bool, typer.Option(
-        help="Decode large JPEGs at full size (open_clip's exact pixels) instead of at reduced DCT scale "
-             "(>= 4x the encoder's input side; within 3 levels of 255).")] = False,
-    max_text_bytes: Annotated[int, typer.Option(
-        help="UTF-8 bytes one text may have (tokenize refuses longer ones with a 400); 0 = 1 MiB.")] = 0,
-    embedding_cache_mb: Annotated[float, typer.Option(
-        help="Memory for the image encoder's cache of embeddings by sha256 of an image's pixels, so a repeated "
-             "image skips the encoder (portable flavour; least recently used out first); 0 = no cache.")] = 64.0,
-    serve_text: Annotated[bool, typer.Option(
-        help="Load the text tower, tokenize and embed_text in the server. --no-serve-text keeps them in the "
-             "repository (zero-shot heads are still made from them) but unloaded: less memory, two fewer "
-             "processes.")] = True,
+    max_request_mb: Annotated[
+        float, typer.Option(help="Encoded megabytes of images one request may carry (all its images); 0 = 64.")
+    ] = 0,
+    exact_decode: Annotated[
+        bool,
+        typer.Option(
+            help="Decode large JPEGs at full size (open_clip's exact pixels) instead of at reduced DCT scale "
+            "(>= 4x the encoder's input side; within 3 levels of 255)."
+        ),
+    ] = False,
+    max_text_bytes: Annotated[
+        int, typer.Option(help="UTF-8 bytes one text may have (tokenize refuses longer ones with a 400); 0 = 1 MiB.")
+    ] = 0,
+    embedding_cache_mb: Annotated[
+        float,
+        typer.Option(
+            help="Memory for the image encoder's cache of embeddings by sha256 of an image's pixels, so a repeated "
+            "image skips the encoder (portable flavour; least recently used out first); 0 = no cache."
+        ),
+    ] = 64.0,
+    serve_text: Annotated[
+        bool,
+        typer.Option(
+            help="Load the text tower, tokenize and embed_text in the server. --no-serve-text keeps them in the "
+            "repository (zero-shot heads are still made from them) but unloaded: less memory, two fewer "
+            "processes."
+        ),
+    ] = True,
 ) -> None:
     """Assemble a Triton repository: preprocess -> encoder -> heads -> threshold, as `classify`."""
     from headmaster.model_repository.build import build_repository
     from headmaster.model_repository.repository import BuildOptions
 
     options = BuildOptions.for_device(
-        device, flavour=flavour, max_batch_size=max_batch_size,
+        device,
+        flavour=flavour,
+        max_batch_size=max_batch_size,
         preferred_batch_sizes=tuple(preferred_batch_size) if preferred_batch_size else None,
-        max_queue_delay_us=max_queue_delay_us, encoder_instances=encoder_instances,
-        preprocess_instances=preprocess_instances, preprocess_threads=preprocess_threads, decoder=decoder,
-        max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
-        max_request_bytes=int(max_request_mb * 1024 * 1024), exact_decode=exact_decode,
-        max_text_bytes=max_text_bytes, embedding_cache_mb=embedding_cache_mb, serve_text=serve_text)
+        max_queue_delay_us=max_queue_delay_us,
+        encoder_instances=encoder_instances,
+        preprocess_instances=preprocess_instances,
+        preprocess_threads=preprocess_threads,
+        decoder=decoder,
+        max_pixels=max_pixels,
+        max_aspect_ratio=max_aspect_ratio,
+        max_request_bytes=int(max_request_mb * 1024 * 1024),
+        exact_decode=exact_decode,
+        max_text_bytes=max_text_bytes,
+        embedding_cache_mb=embedding_cache_mb,
+        serve_text=serve_text,
+    )
     from headmaster.model_repository import s3
 
     repository = build_repository(encoder, repo, options)
     pushed = s3.sync_up(repo)  # an S3 repository: versions first, configs, then the manifest
-    console.print(f"[green]built[/] {s3.describe(repo)}{f' ({len(pushed)} objects pushed)' if pushed else ''} ({flavour}) with encoder {repository.card.model} "
-                  f"{repository.card.short_fingerprint} ({repository.card.precision}): "
-                  f"{', '.join(repository.model_names())}")
+    console.print(
+        f"[green]built[/] {s3.describe(repo)}{f' ({len(pushed)} objects pushed)' if pushed else ''} ({flavour}) with encoder {repository.card.model} "
+        f"{repository.card.short_fingerprint} ({repository.card.precision}): "
+        f"{', '.join(repository.model_names())}"
+    )
     promotion = repository.promotion
     if promotion:
         gate = promotion["gate"]
         agreement = ", ".join(f"{head} {figures['label_agreement']:.2%}" for head, figures in gate["heads"].items())
-        console.print(f"{promotion['from']} -> {promotion['to']} gate passed: cosine to {promotion['from']} mean "
-                      f"{gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f} over {gate['images']} held-out "
-                      f"images; labels unchanged: {agreement or 'no heads'}")
+        console.print(
+            f"{promotion['from']} -> {promotion['to']} gate passed: cosine to {promotion['from']} mean "
+            f"{gate['mean_cosine']:.5f}, min {gate['min_cosine']:.5f} over {gate['images']} held-out "
+            f"images; labels unchanged: {agreement or 'no heads'}"
+        )
 
 
 @app.command("check")
@@ -95,12 +150,17 @@ def check(repo: RepoOption = DEFAULT_REPO) -> None:
     if found:
         for problem in found:
             console.print(problem, markup=False, highlight=False)
-        console.print(f"[red]{len(found)} problem(s)[/] in {s3.describe(repo)}; fix them with "
-                      f"`headmaster repo repair --repo {s3.describe(repo)}`", highlight=False)
+        console.print(
+            f"[red]{len(found)} problem(s)[/] in {s3.describe(repo)}; fix them with "
+            f"`headmaster repo repair --repo {s3.describe(repo)}`",
+            highlight=False,
+        )
         raise typer.Exit(1)
     repository = Repository(repo)
-    console.print(f"[green]ok[/] {s3.describe(repo)}: {len(repository.model_names())} models, "
-                  f"heads: {', '.join(repository.head_names()) or '(none)'}")
+    console.print(
+        f"[green]ok[/] {s3.describe(repo)}: {len(repository.model_names())} models, "
+        f"heads: {', '.join(repository.head_names()) or '(none)'}"
+    )
 
 
 @app.command("repair")
@@ -127,8 +187,14 @@ def repair(repo: RepoOption = DEFAULT_REPO) -> None:
 @app.command("push")
 def push(
     source: Annotated[Path, typer.Argument(help="A repository folder (written by `headmaster repo build`).")],
-    to: Annotated[str, typer.Option("--to", help="s3://BUCKET/PREFIX (or s3://HOST:PORT/BUCKET/PREFIX); "
-                                                 "credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="s3://BUCKET/PREFIX (or s3://HOST:PORT/BUCKET/PREFIX); "
+            "credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.",
+        ),
+    ],
 ) -> None:
     """Copy a repository into S3, versions before the configs that name them, the manifest last;
     objects the source no longer has are deleted last. Servers of the bucket are not told: see

@@ -14,39 +14,71 @@ from headmaster.cli.common import DEFAULT_REPO, RepoOption, console
 
 def serve(
     repo: RepoOption = DEFAULT_REPO,
-    host: Annotated[str, typer.Option(help="Address to listen on. 127.0.0.1 (default) serves this machine only; "
-                                           "0.0.0.0 serves every network the machine is on (see docs/serving.md, security).")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on. 127.0.0.1 (default) serves this machine only; "
+            "0.0.0.0 serves every network the machine is on (see docs/serving.md, security)."
+        ),
+    ] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="HTTP/REST (KServe v2) port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
-    model_control_mode: Annotated[str, typer.Option(
-        help="explicit (default: heads hot-load when train-head/zero-shot ask), poll or none.")] = "explicit",
+    model_control_mode: Annotated[
+        str, typer.Option(help="explicit (default: heads hot-load when train-head/zero-shot ask), poll or none.")
+    ] = "explicit",
     poll_interval: Annotated[int, typer.Option(help="Seconds between repository scans in poll mode.")] = 2,
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
-    log_file: Annotated[Path | None, typer.Option(
-        help="Where to write the server log (default: REPO/.headmaster/triton.log).")] = None,
+    log_file: Annotated[
+        Path | None, typer.Option(help="Where to write the server log (default: REPO/.headmaster/triton.log).")
+    ] = None,
     startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become ready.")] = 300.0,
-    api_key_file: Annotated[Path | None, typer.Option(
-        help="File holding the key of the control API (default: $HEADMASTER_API_KEY, else a new random key, "
-             "written to REPO/.headmaster/server.json for the owner).")] = None,
-    open_control_api: Annotated[bool, typer.Option(
-        "--open-control-api", help="Leave Triton's model-repository, logging, trace and shared-memory APIs open "
-                                   "to anyone who reaches the ports (they can load code onto this machine).")] = False,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the key of the control API (default: $HEADMASTER_API_KEY, else a new random key, "
+            "written to REPO/.headmaster/server.json for the owner)."
+        ),
+    ] = None,
+    open_control_api: Annotated[
+        bool,
+        typer.Option(
+            "--open-control-api",
+            help="Leave Triton's model-repository, logging, trace and shared-memory APIs open "
+            "to anyone who reaches the ports (they can load code onto this machine).",
+        ),
+    ] = False,
     watch: Annotated[bool, typer.Option(help="Adopt head versions copied into the repository by hand.")] = True,
-    tritonserver: Annotated[Path | None, typer.Option(
-        help="Another tritonserver binary (default: the one bundled in nvidia-pytriton), e.g. one with the "
-             "onnxruntime backend for a native-flavour repository.")] = None,
-    backend_directory: Annotated[Path | None, typer.Option(
-        help="Triton backend directory for --tritonserver (holding onnxruntime/, python/, ...).")] = None,
-    triton_arg: Annotated[list[str] | None, typer.Option(
-        help="Pass an option to tritonserver as it is (repeat), e.g. --triton-arg=--grpc-use-ssl=true.")] = None,
-    trace_url: Annotated[str | None, typer.Option(
-        help="Turn on Triton's OpenTelemetry tracing: export spans to this OTLP/HTTP collector, e.g. "
-             "http://127.0.0.1:4318/v1/traces (a request's traceparent header continues the caller's trace).")] = None,
+    tritonserver: Annotated[
+        Path | None,
+        typer.Option(
+            help="Another tritonserver binary (default: the one bundled in nvidia-pytriton), e.g. one with the "
+            "onnxruntime backend for a native-flavour repository."
+        ),
+    ] = None,
+    backend_directory: Annotated[
+        Path | None,
+        typer.Option(help="Triton backend directory for --tritonserver (holding onnxruntime/, python/, ...)."),
+    ] = None,
+    triton_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="Pass an option to tritonserver as it is (repeat), e.g. --triton-arg=--grpc-use-ssl=true."),
+    ] = None,
+    trace_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Turn on Triton's OpenTelemetry tracing: export spans to this OTLP/HTTP collector, e.g. "
+            "http://127.0.0.1:4318/v1/traces (a request's traceparent header continues the caller's trace)."
+        ),
+    ] = None,
     trace_rate: Annotated[int, typer.Option(help="With --trace-url: trace one request in this many.")] = 1,
-    restarts: Annotated[int, typer.Option(
-        help="Restart tritonserver when it dies, at most this many times in 10 minutes (the bundled Triton "
-             "2.51 can crash when a gRPC client disconnects mid-request); 0 = exit 1 at once.")] = 3,
+    restarts: Annotated[
+        int,
+        typer.Option(
+            help="Restart tritonserver when it dies, at most this many times in 10 minutes (the bundled Triton "
+            "2.51 can crash when a gRPC client disconnects mid-request); 0 = exit 1 at once."
+        ),
+    ] = 3,
 ) -> None:
     """Run the Triton server bundled in nvidia-pytriton on a repository until Ctrl-C / SIGTERM."""
     import dataclasses
@@ -68,15 +100,20 @@ def serve(
     if location is None:
         running = running_server(repo)
         if running is not None:
-            raise ServerError(f"{repo} is already served by tritonserver pid {running.pid} at {running.http_url}; "
-                              "stop it first (two servers on one repository would disagree about its heads)")
+            raise ServerError(
+                f"{repo} is already served by tritonserver pid {running.pid} at {running.http_url}; "
+                "stop it first (two servers on one repository would disagree about its heads)"
+            )
     repository = Repository(repo)
     try:
         consistency.check(repo)
     except RepositoryError as e:
         if location is not None:  # a replica never writes to the bucket: many start at once
-            raise RepositoryError(f"{location} does not describe a servable state: {e}; fix it with "
-                                  f"`headmaster repo repair --repo {location}`", option="repo") from None
+            raise RepositoryError(
+                f"{location} does not describe a servable state: {e}; fix it with "
+                f"`headmaster repo repair --repo {location}`",
+                option="repo",
+            ) from None
         console.print(f"[yellow]the repository does not describe a servable state:[/] {e}")
         for action in consistency.repair(repo):
             console.print(f"  repaired: {action}")
@@ -89,13 +126,22 @@ def serve(
     # From S3, Triton reads the bucket itself (AWS_* from this environment); the working copy only
     # told us what to load. No record is written: the replicas of a bucket are many, on many
     # machines, and head commands name them with --server (their key from HEADMASTER_API_KEY).
-    options = ServerOptions(repository=location.triton_path() if location else repo, host=host, http_port=http_port,
-                            grpc_port=grpc_port, metrics_port=metrics_port, model_control_mode=model_control_mode,
-                            poll_interval_s=poll_interval, load_models=tuple(repository.model_names()),
-                            log_verbose=log_verbose, api_key=key,
-                            restricted_apis=() if open_control_api else RESTRICTED_APIS,
-                            extra_args=tuple(triton_arg or ()) + tracing,
-                            binary=tritonserver, backend_directory=backend_directory)
+    options = ServerOptions(
+        repository=location.triton_path() if location else repo,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        model_control_mode=model_control_mode,
+        poll_interval_s=poll_interval,
+        load_models=tuple(repository.model_names()),
+        log_verbose=log_verbose,
+        api_key=key,
+        restricted_apis=() if open_control_api else RESTRICTED_APIS,
+        extra_args=tuple(triton_arg or ()) + tracing,
+        binary=tritonserver,
+        backend_directory=backend_directory,
+    )
     default_log = Path(repo) / STATE_DIR / (f"triton-{http_port}.log" if location else "triton.log")
     server = TritonServer(options, log_path=log_file or default_log)
     shown = str(location) if location else str(repo)
@@ -111,37 +157,48 @@ def serve(
         with console.status(f"starting Triton on {shown} (log: {server.log_path})..."):
             server.start(timeout_s=startup_timeout)
         with console.status("warming the ensembles..."):  # encoders and heads warmed as they loaded
-            warm_up(server.http_url, options.load_models, repository.student_names(),
-                        text_only=text_only(repository.card))
-        console.print(f"[green]Triton is ready[/] serving {len(options.load_models)} models from {shown}", highlight=False)
+            warm_up(
+                server.http_url, options.load_models, repository.student_names(), text_only=text_only(repository.card)
+            )
+        console.print(
+            f"[green]Triton is ready[/] serving {len(options.load_models)} models from {shown}", highlight=False
+        )
         console.print(f"  HTTP     http://{server.http_url}   (curl http://{server.http_url}/v2/models/classify)")
         console.print(f"  gRPC     {server.grpc_url}")
         console.print(f"  metrics  {server.metrics_url}")
         console.print(f"  log      {server.log_path}")
         if open_control_api:
-            console.print("[yellow]the control API is open:[/] anyone who reaches these ports can load and unload "
-                          "models, and upload code that runs as this user")
+            console.print(
+                "[yellow]the control API is open:[/] anyone who reaches these ports can load and unload "
+                "models, and upload code that runs as this user"
+            )
         elif location is not None:
-            console.print(f"  control  closed; the key is {KEY_ENV} ({'given' if key else 'random: give one to change heads'})")
+            console.print(
+                f"  control  closed; the key is {KEY_ENV} ({'given' if key else 'random: give one to change heads'})"
+            )
         else:
             console.print(f"  control  closed; the key is in {Path(repo) / STATE_DIR / 'server.json'} (owner only)")
         if host not in ("127.0.0.1", "localhost", "::1"):
-            console.print(f"[yellow]listening on {host}:[/] inference, health, metadata, model configs and "
-                          "statistics answer anyone who reaches this address, unencrypted over HTTP (see docs/serving.md, "
-                          "security, for TLS)")
+            console.print(
+                f"[yellow]listening on {host}:[/] inference, health, metadata, model configs and "
+                "statistics answer anyone who reaches this address, unencrypted over HTTP (see docs/serving.md, "
+                "security, for TLS)"
+            )
         console.print("Ctrl-C or SIGTERM stops it.")
         say = lambda line: console.print(line, highlight=False)  # noqa: E731
         supervisor = Supervisor(server, Path(repo), say=say)
         crashes: list[float] = []
         while not stopping:
             if not server.is_alive():
-                console.print(f"[red]Triton exited unexpectedly[/] ({server.exit_description()}):\n"
-                              f"{server.failure_summary()}")
+                console.print(
+                    f"[red]Triton exited unexpectedly[/] ({server.exit_description()}):\n{server.failure_summary()}"
+                )
                 crashes = [t for t in crashes if time.monotonic() - t < 600] + [time.monotonic()]
                 if len(crashes) > restarts:
                     if restarts:
-                        console.print(f"[red]not restarting:[/] {len(crashes)} crashes within 10 minutes "
-                                      f"(--restarts {restarts})")
+                        console.print(
+                            f"[red]not restarting:[/] {len(crashes)} crashes within 10 minutes (--restarts {restarts})"
+                        )
                     break
                 # Same key and ports: clients and the repository's commands carry on once it is back.
                 server.stop(drain=False, failed=True)  # reaps the stubs, frees their shared memory
@@ -153,13 +210,18 @@ def serve(
                     except RepositoryError as e:  # the bucket unreachable: what the working copy last saw
                         console.print(f"[yellow]restarting from the last copy of {location}:[/] {e}")
                 repository = Repository(repo)
-                options = dataclasses.replace(options, api_key=server.api_key,
-                                              load_models=tuple(repository.model_names()))
+                options = dataclasses.replace(
+                    options, api_key=server.api_key, load_models=tuple(repository.model_names())
+                )
                 server = TritonServer(options, log_path=server.log_path)
                 console.print(f"restarting Triton ({len(crashes)} of at most {restarts} in 10 minutes)...")
                 server.start(timeout_s=startup_timeout)
-                warm_up(server.http_url, options.load_models, repository.student_names(),
-                        text_only=text_only(repository.card))
+                warm_up(
+                    server.http_url,
+                    options.load_models,
+                    repository.student_names(),
+                    text_only=text_only(repository.card),
+                )
                 supervisor = Supervisor(server, Path(repo), say=say)
                 console.print(f"[green]Triton is ready again[/] (pid {server.pid})")  # no record from S3
                 continue

@@ -40,26 +40,42 @@ def rescore_command(
 
     bar, task = progress("rescoring", None)
     with bar:
-        result = rescore(_open(store), HeadVersion.load(repo, name, version), batch_size,
-                         lambda done, total: bar.update(task, completed=done, total=total))
+        result = rescore(
+            _open(store),
+            HeadVersion.load(repo, name, version),
+            batch_size,
+            lambda done, total: bar.update(task, completed=done, total=total),
+        )
     for fingerprint, count in result.refused.items():
-        console.print(f"[yellow]refused[/] {count} items embedded with another encoder ({fingerprint}): "
-                      "`headmaster reembed` brings them to this one")
+        console.print(
+            f"[yellow]refused[/] {count} items embedded with another encoder ({fingerprint}): "
+            "`headmaster reembed` brings them to this one"
+        )
     counts = ", ".join(f"{label} {n}" for label, n in result.label_counts.items())
-    console.print(f"[green]{result.head} v{result.version}[/]: {result.rows} items rescored in "
-                  f"{result.seconds:.1f} s; accepted: {counts}")
+    console.print(
+        f"[green]{result.head} v{result.version}[/]: {result.rows} items rescored in "
+        f"{result.seconds:.1f} s; accepted: {counts}"
+    )
 
 
 def correct_command(
     item: Annotated[str | None, typer.Argument(help="sha256 (or a unique prefix), stored URI, or image path.")] = None,
     head: Annotated[str | None, typer.Option("--head", help="The head the label is for.")] = None,
-    label: Annotated[list[str] | None, typer.Option(
-        "--label", help="The right label; repeat for a multi-label head.")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="The right label; repeat for a multi-label head.")
+    ] = None,
     none: Annotated[bool, typer.Option("--none", help="Multi-label heads: none of the labels applies.")] = False,
-    csv_file: Annotated[Path | None, typer.Option("--csv", help="Many at once: columns item,label[,head,by,note].")] = None,
-    label_studio: Annotated[Path | None, typer.Option(
-        "--label-studio", help="Many at once: a Label Studio JSON export of tasks made by `suggest --mix --output "
-                               "F.json` (the newest annotation per task; who and when from Label Studio).")] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Many at once: columns item,label[,head,by,note].")
+    ] = None,
+    label_studio: Annotated[
+        Path | None,
+        typer.Option(
+            "--label-studio",
+            help="Many at once: a Label Studio JSON export of tasks made by `suggest --mix --output "
+            "F.json` (the newest annotation per task; who and when from Label Studio).",
+        ),
+    ] = None,
     store: StoreOption = "store",
     by: Annotated[str | None, typer.Option(help="Who says so (default: the login name).")] = None,
     note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
@@ -85,8 +101,10 @@ def correct_command(
         rows = [{"item": item, "head": head, "labels": tuple(label or ()), "note": note}]
     stored = make_corrections(_open(store), rows, by or getpass.getuser(), repo)
     for correction in stored[:20]:
-        console.print(f"{correction.sha256[:12]} {correction.head}: {', '.join(correction.labels) or '(none)'} "
-                      f"(by {correction.by})")
+        console.print(
+            f"{correction.sha256[:12]} {correction.head}: {', '.join(correction.labels) or '(none)'} "
+            f"(by {correction.by})"
+        )
     console.print(f"[green]{len(stored)} corrections stored[/]")
 
 
@@ -95,23 +113,42 @@ def suggest_command(
     n: Annotated[int, typer.Option("--n", help="How many items.")] = 50,
     store: StoreOption = "store",
     version: Annotated[int | None, typer.Option(help="Head version (default: the newest one in the store).")] = None,
-    method: Annotated[str, typer.Option(help="margin (default) or entropy; see `headmaster suggest --help`.")] = "margin",
+    method: Annotated[
+        str, typer.Option(help="margin (default) or entropy; see `headmaster suggest --help`.")
+    ] = "margin",
     repo: RepoOption = DEFAULT_REPO,
-    output: Annotated[Path | None, typer.Option(
-        help="Write a CSV (item,head,label,uncertainty,uri) to fill in and give to `correct --csv`; with --mix, "
-             "F.json writes Label Studio tasks (and F.xml, its labelling config), F.csv a review CSV.")] = None,
-    mix: Annotated[str | None, typer.Option(
-        help="Review selection instead: shares of margin, threshold, ood, disagreement, diversity, random, e.g. "
-             "'margin=0.5,ood=0.1,disagreement=0.1,diversity=0.2,random=0.1' ('default' for that). Items sent are "
-             "recorded and never sent again.")] = None,
-    max_per_day: Annotated[int | None, typer.Option(help="With --mix: at most this many items per head in 24 h.")] = None,
-    other: Annotated[int | None, typer.Option(
-        help="With --mix: the version to disagree with (default: the running A/B test's candidate).")] = None,
-    seed: Annotated[int, typer.Option(help="With --mix: the random control's and diversity's seed.")] = 0,
-    image_prefix: Annotated[str | None, typer.Option(
-        help="Label Studio tasks: image URLs are this + the path under --image-root (e.g. '/data/local-files/?d=').")
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a CSV (item,head,label,uncertainty,uri) to fill in and give to `correct --csv`; with --mix, "
+            "F.json writes Label Studio tasks (and F.xml, its labelling config), F.csv a review CSV."
+        ),
     ] = None,
-    image_root: Annotated[Path | None, typer.Option(help="With --image-prefix: the folder paths are relative to.")] = None,
+    mix: Annotated[
+        str | None,
+        typer.Option(
+            help="Review selection instead: shares of margin, threshold, ood, disagreement, diversity, random, e.g. "
+            "'margin=0.5,ood=0.1,disagreement=0.1,diversity=0.2,random=0.1' ('default' for that). Items sent are "
+            "recorded and never sent again."
+        ),
+    ] = None,
+    max_per_day: Annotated[
+        int | None, typer.Option(help="With --mix: at most this many items per head in 24 h.")
+    ] = None,
+    other: Annotated[
+        int | None,
+        typer.Option(help="With --mix: the version to disagree with (default: the running A/B test's candidate)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="With --mix: the random control's and diversity's seed.")] = 0,
+    image_prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="Label Studio tasks: image URLs are this + the path under --image-root (e.g. '/data/local-files/?d=')."
+        ),
+    ] = None,
+    image_root: Annotated[
+        Path | None, typer.Option(help="With --image-prefix: the folder paths are relative to.")
+    ] = None,
 ) -> None:
     """List the stored items the head is least sure about and nobody has corrected.
 
@@ -130,20 +167,38 @@ def suggest_command(
         test = ab.running(repo, name)
         if other is None and test is not None:
             other = test.version if test.version != head_version.card.version else test.live
-        items = select(opened, head_version, n, parse_mix(None if mix == "default" else mix), repo, other,
-                       max_per_day, seed, record=True)
+        items = select(
+            opened,
+            head_version,
+            n,
+            parse_mix(None if mix == "default" else mix),
+            repo,
+            other,
+            max_per_day,
+            seed,
+            record=True,
+        )
         table = Table(title=f"{name} v{head_version.card.version}: {len(items)} items for review")
         for column in ("item", "strategy", "value", "prediction", "score", "source"):
             table.add_column(column)
         for i in items:
-            table.add_row(i.sha256[:12], i.strategy, f"{i.why:.4f}", ", ".join(i.prediction) or "-", f"{i.score:.3f}",
-                          i.uri or "-")
+            table.add_row(
+                i.sha256[:12],
+                i.strategy,
+                f"{i.why:.4f}",
+                ", ".join(i.prediction) or "-",
+                f"{i.score:.3f}",
+                i.uri or "-",
+            )
         out.print(table)
         if output:
-            written = write_tasks(items, output, head_version.card.labels, head_version.card.multi_label,
-                                  image_prefix, image_root)
-            console.print(f"written: {', '.join(map(str, written))}; labels come back with "
-                          f"`headmaster correct --label-studio EXPORT.json` or `--csv`")
+            written = write_tasks(
+                items, output, head_version.card.labels, head_version.card.multi_label, image_prefix, image_root
+            )
+            console.print(
+                f"written: {', '.join(map(str, written))}; labels come back with "
+                f"`headmaster correct --label-studio EXPORT.json` or `--csv`"
+            )
         return
     multi_label, thresholds = False, None
     try:
@@ -169,7 +224,9 @@ def suggest_command(
 def reembed_command(
     store: StoreOption = "store",
     repo: RepoOption = DEFAULT_REPO,
-    server: Annotated[str | None, typer.Option(help="Embed through this server (HTTP host:port) instead of here.")] = None,
+    server: Annotated[
+        str | None, typer.Option(help="Embed through this server (HTTP host:port) instead of here.")
+    ] = None,
 ) -> None:
     """Embed every stored item again with the repository's encoder, from its source file."""
     from headmaster.model_repository.repository import Repository
@@ -184,8 +241,10 @@ def reembed_command(
         result = reembed(opened, embedder, progress=lambda n: bar.advance(task, n))
     for sha, why in result.unreachable[:50]:
         console.print(f"[yellow]not re-embedded[/] {sha[:12]}: {why}")
-    console.print(f"[green]{result.reembedded} re-embedded[/] with {result.fingerprint}; {result.already} had it "
-                  f"already; {len(result.unreachable)} unreachable")
+    console.print(
+        f"[green]{result.reembedded} re-embedded[/] with {result.fingerprint}; {result.already} had it "
+        f"already; {len(result.unreachable)} unreachable"
+    )
     if result.unreachable:
         raise typer.Exit(2)
 
@@ -195,12 +254,22 @@ def dataset_export_command(
     name: Annotated[str, typer.Argument(help="The head whose training set to freeze.")],
     out: Annotated[Path, typer.Option("--out", help="Snapshots go to OUT/NAME/vN/.")],
     store: StoreOption = "store",
-    repo: Annotated[Path | None, typer.Option(
-        "--repo", parser=repo_path, help="The repository whose encoder's embeddings the snapshot holds (and whose "
-                                         "head gives its kind). Default: ./model_repository when there is one, "
-                                         "else the one encoder that embedded the labelled items.")] = None,
-    multi_label: Annotated[bool | None, typer.Option(
-        "--multi-label/--single-label", help="Default: the head's kind in the repository, else from the labels.")] = None,
+    repo: Annotated[
+        Path | None,
+        typer.Option(
+            "--repo",
+            parser=repo_path,
+            help="The repository whose encoder's embeddings the snapshot holds (and whose "
+            "head gives its kind). Default: ./model_repository when there is one, "
+            "else the one encoder that embedded the labelled items.",
+        ),
+    ] = None,
+    multi_label: Annotated[
+        bool | None,
+        typer.Option(
+            "--multi-label/--single-label", help="Default: the head's kind in the repository, else from the labels."
+        ),
+    ] = None,
 ) -> None:
     """Write an immutable snapshot of the head's training set (people's labels, embeddings, images)."""
     from headmaster.model_repository.repository import Repository
@@ -219,11 +288,15 @@ def dataset_export_command(
         multi_label = known[1] if known else None
     snapshot = export_snapshot(opened, name, out, fingerprint, multi_label)
     state = "unchanged since" if snapshot.reused else "written:"
-    console.print(f"[green]{name} snapshot v{snapshot.number}[/] {state} {snapshot.path} ({snapshot.items} items, "
-                  f"{snapshot.manifest_sha256})")
+    console.print(
+        f"[green]{name} snapshot v{snapshot.number}[/] {state} {snapshot.path} ({snapshot.items} items, "
+        f"{snapshot.manifest_sha256})"
+    )
     for fingerprint, count in snapshot.refused.items():
         console.print(f"[yellow]left out[/] {count} labelled items embedded only with {fingerprint}")
     if snapshot.missing_images:
-        console.print(f"[yellow]{snapshot.missing_images} source images were already gone[/] (their embeddings are "
-                      "in the snapshot)")
+        console.print(
+            f"[yellow]{snapshot.missing_images} source images were already gone[/] (their embeddings are "
+            "in the snapshot)"
+        )
     print(snapshot.path, file=sys.stdout)

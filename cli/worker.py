@@ -15,8 +15,10 @@ from headmaster.errors import PipelineError
 from headmaster.pipelines.workers import EMBED_GROUP, EMBEDDINGS, HEADS_GROUP, IMAGES
 
 app = typer.Typer(no_args_is_help=True, help="Embed -> queue -> heads workers on Redis Streams.")
-RedisOption = Annotated[str, typer.Option(
-    "--redis", envvar="HEADMASTER_REDIS", help="redis://[:password@]host:port/db [env HEADMASTER_REDIS]")]
+RedisOption = Annotated[
+    str,
+    typer.Option("--redis", envvar="HEADMASTER_REDIS", help="redis://[:password@]host:port/db [env HEADMASTER_REDIS]"),
+]
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 ClaimOption = Annotated[int, typer.Option(help="Take over entries a dead worker left pending this many ms.")]
 TriesOption = Annotated[int, typer.Option(help="Deliveries before a failing entry goes to STREAM:dead.")]
@@ -45,8 +47,13 @@ def embed_command(
     store: StoreOption,
     redis: RedisOption = DEFAULT_REDIS,
     repo: RepoOption = DEFAULT_REPO,
-    server: Annotated[str | None, typer.Option(help="Embed through this server's `embed` model (gRPC host:port); "
-                                                    "without it, locally with the repository's encoder.")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="Embed through this server's `embed` model (gRPC host:port); "
+            "without it, locally with the repository's encoder."
+        ),
+    ] = None,
     stream: Annotated[str, typer.Option(help="Images stream (entries with 'uri' or 'data').")] = IMAGES,
     output: Annotated[str, typer.Option(help="Embeddings stream.")] = EMBEDDINGS,
     group: str = EMBED_GROUP,
@@ -54,8 +61,9 @@ def embed_command(
     batch: Annotated[int, typer.Option(help="Entries per read.")] = 32,
     claim_idle_ms: ClaimOption = 30000,
     max_tries: TriesOption = 5,
-    max_backlog: Annotated[int, typer.Option(help="Wait while the embeddings stream holds this many unfinished "
-                                                  "entries.")] = 10000,
+    max_backlog: Annotated[
+        int, typer.Option(help="Wait while the embeddings stream holds this many unfinished entries.")
+    ] = 10000,
     exit_when_idle: IdleOption = None,
 ) -> None:
     """Consume image references, embed, store the embeddings, publish them for the heads."""
@@ -64,10 +72,17 @@ def embed_command(
     from headmaster.pipelines.workers import EmbedWorker, WorkerOptions
     from headmaster.store import open_store
 
-    options = WorkerOptions(group=group, batch=batch, claim_idle_ms=claim_idle_ms, max_tries=max_tries,
-                            max_backlog=max_backlog, **({"consumer": consumer} if consumer else {}))
-    worker = EmbedWorker(_broker(redis, None), open_store(store), bytes_embedder(Repository(repo), server), options,
-                         stream, output)
+    options = WorkerOptions(
+        group=group,
+        batch=batch,
+        claim_idle_ms=claim_idle_ms,
+        max_tries=max_tries,
+        max_backlog=max_backlog,
+        **({"consumer": consumer} if consumer else {}),
+    )
+    worker = EmbedWorker(
+        _broker(redis, None), open_store(store), bytes_embedder(Repository(repo), server), options, stream, output
+    )
     _run(worker, exit_when_idle)
 
 
@@ -90,18 +105,29 @@ def heads_command(
 
     heads = LiveHeads(repo)
     if not heads.current():  # a broken repository fails here too, in one line
-        raise PipelineError(f"{repo} serves no head: the worker would acknowledge every entry without a label; "
-                            "make a head first (`headmaster zero-shot` or `train-head`)", option="repo")
-    options = WorkerOptions(group=group, batch=batch, claim_idle_ms=claim_idle_ms, max_tries=max_tries,
-                            **({"consumer": consumer} if consumer else {}))
+        raise PipelineError(
+            f"{repo} serves no head: the worker would acknowledge every entry without a label; "
+            "make a head first (`headmaster zero-shot` or `train-head`)",
+            option="repo",
+        )
+    options = WorkerOptions(
+        group=group,
+        batch=batch,
+        claim_idle_ms=claim_idle_ms,
+        max_tries=max_tries,
+        **({"consumer": consumer} if consumer else {}),
+    )
     worker = HeadsWorker(_broker(redis, None), open_store(store), heads, options, stream)
     _run(worker, exit_when_idle)
     if worker.latencies:
         import numpy as np
 
         lat = np.array(worker.latencies)
-        console.print(f"enqueue -> stored label: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
-                      f"p99 {np.percentile(lat, 99) * 1000:.0f} ms", highlight=False)
+        console.print(
+            f"enqueue -> stored label: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
+            f"p99 {np.percentile(lat, 99) * 1000:.0f} ms",
+            highlight=False,
+        )
 
 
 @app.command("submit")
@@ -109,8 +135,12 @@ def submit_command(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     redis: RedisOption = DEFAULT_REDIS,
     stream: Annotated[str, typer.Option(help="Images stream.")] = IMAGES,
-    send_bytes: Annotated[bool, typer.Option("--bytes", help="Put the image bytes on the queue, not their "
-                                                             "path (for workers on other machines).")] = False,
+    send_bytes: Annotated[
+        bool,
+        typer.Option(
+            "--bytes", help="Put the image bytes on the queue, not their path (for workers on other machines)."
+        ),
+    ] = False,
     max_backlog: Annotated[int, typer.Option(help="Wait while the stream holds this many unfinished entries.")] = 10000,
     timeout: Annotated[float, typer.Option(help="Give up when the stream stays full this many seconds.")] = 600.0,
 ) -> None:
@@ -138,8 +168,14 @@ def status_command(
     broker = _broker(redis)
     rows = broker.status(stream or None)
     for row in rows:
-        table.add_row(row.stream, row.group, str(row.length), str(row.lag) if row.lag >= 0 else "?",
-                      str(row.pending), ", ".join(f"{c} {n}" for c, n in row.consumers.items()))
+        table.add_row(
+            row.stream,
+            row.group,
+            str(row.length),
+            str(row.lag) if row.lag >= 0 else "?",
+            str(row.pending),
+            ", ".join(f"{c} {n}" for c, n in row.consumers.items()),
+        )
     for name in sorted(set(stream or []) - {r.stream for r in rows}):
         table.add_row(name, "(no group reads it)", "-", "-", "-", "")
     out.print(table)

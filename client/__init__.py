@@ -13,7 +13,16 @@ from headmaster.client.results import Classification, Embedding, Failure, HeadRe
 from headmaster.client.sync import HeadmasterClient
 
 __all__ = [
-    "AsyncHeadmasterClient", "HeadmasterClient", "Classification", "Embedding", "Failure", "HeadResult",
-    "ClientError", "InvalidInputError", "ModelNotFoundError", "RequestTimeoutError",
-    "ServerSideError", "ServerUnavailableError",
+    "AsyncHeadmasterClient",
+    "HeadmasterClient",
+    "Classification",
+    "Embedding",
+    "Failure",
+    "HeadResult",
+    "ClientError",
+    "InvalidInputError",
+    "ModelNotFoundError",
+    "RequestTimeoutError",
+    "ServerSideError",
+    "ServerUnavailableError",
 ]

@@ -92,7 +92,11 @@ def _translate(error: Exception, model: str) -> ClientError:
         return RequestTimeoutError(message)
     if "UNAVAILABLE" in status or "failed to connect" in message.lower() or "connection refused" in message.lower():
         return ServerUnavailableError(f"cannot reach the Triton server: {message}")
-    if "unknown model" in message.lower() or "is not ready" in message.lower() or status in ("404", "StatusCode.NOT_FOUND"):
+    if (
+        "unknown model" in message.lower()
+        or "is not ready" in message.lower()
+        or status in ("404", "StatusCode.NOT_FOUND")
+    ):
         return ModelNotFoundError(f"model {model!r} is not served here: {message}")
     return ServerSideError(message)
 
@@ -107,9 +111,11 @@ class _Transport:
         self.timeout_s = timeout_s
         if protocol == "grpc":
             import tritonclient.grpc.aio as module
+
             self.client = module.InferenceServerClient(url)
         else:
             import tritonclient.http.aio as module
+
             self.client = module.InferenceServerClient(url, conn_timeout=timeout_s)
         self.module = module
 
@@ -133,17 +139,20 @@ class _Transport:
         try:
             headers = trace_headers() or None  # the caller's span, for a server that traces
             if self.protocol == "grpc":
-                result = await self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s,
-                                                 headers=headers)
+                result = await self.client.infer(
+                    model, inputs, outputs=requested, client_timeout=self.timeout_s, headers=headers
+                )
             else:
-                result = await asyncio.wait_for(self.client.infer(model, inputs, outputs=requested, headers=headers),
-                                                self.timeout_s)
+                result = await asyncio.wait_for(
+                    self.client.infer(model, inputs, outputs=requested, headers=headers), self.timeout_s
+                )
         except Exception as e:
             raise _translate(e, model) from e
         return {n: result.as_numpy(n) for n in outputs}
 
-    async def infer_shared(self, pool: RegionPool, model: str, items: Sequence[bytes], outputs: list[str],
-                           embedding_dim: int) -> dict[str, np.ndarray]:
+    async def infer_shared(
+        self, pool: RegionPool, model: str, items: Sequence[bytes], outputs: list[str], embedding_dim: int
+    ) -> dict[str, np.ndarray]:
         """``infer`` with the images, and the EMBEDDING output, in a shared-memory region."""
         data = serialize_bytes(items)
         out_bytes = len(items) * embedding_dim * 4 if "EMBEDDING" in outputs else 0
@@ -162,22 +171,27 @@ class _Transport:
                 if self.protocol == "grpc":
                     result = await self.client.infer(model, [image], outputs=requested, client_timeout=self.timeout_s)
                 else:
-                    result = await asyncio.wait_for(self.client.infer(model, [image], outputs=requested),
-                                                    self.timeout_s)
+                    result = await asyncio.wait_for(
+                        self.client.infer(model, [image], outputs=requested), self.timeout_s
+                    )
             except Exception as e:
                 raise _translate(e, model) from e
             answer = {n: result.as_numpy(n) for n in outputs if n != "EMBEDDING"}
             if "EMBEDDING" in outputs:
                 answer["EMBEDDING"] = slot.region.read(slot.input_capacity, len(items) * embedding_dim).reshape(
-                    len(items), embedding_dim)
+                    len(items), embedding_dim
+                )
             return answer
         finally:
             pool.release(slot)
 
     async def _metadata(self, model: str) -> dict:
         try:
-            return await self.client.get_model_metadata(model, as_json=True) if self.protocol == "grpc" \
+            return (
+                await self.client.get_model_metadata(model, as_json=True)
+                if self.protocol == "grpc"
                 else await self.client.get_model_metadata(model)
+            )
         except Exception as e:
             raise _translate(e, model) from e
 
@@ -239,9 +253,19 @@ class AsyncHeadmasterClient:
     ...     results = await client.classify(["cat.jpg", "dog.png"])
     """
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = 120.0,
-                 batch_size: int = 8, max_in_flight: int = 4, model: str = "classify",
-                 shared_memory: str | None = None, api_key: str | None = None, cuda_device: int = 0):
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        *,
+        timeout_s: float = 120.0,
+        batch_size: int = 8,
+        max_in_flight: int = 4,
+        model: str = "classify",
+        shared_memory: str | None = None,
+        api_key: str | None = None,
+        cuda_device: int = 0,
+    ):
         """``shared_memory``: "system" or "cuda" to pass images and embeddings through shared
         memory (the server's host only); registering it needs the server's ``api_key`` (or
         HEADMASTER_API_KEY)."""
@@ -253,8 +277,11 @@ class AsyncHeadmasterClient:
         self.max_in_flight = max_in_flight
         self.model = model
         self._transport = _Transport(self.url, protocol, timeout_s)
-        self._pool = RegionPool(shared_memory, self._transport.client, protocol, api_key, max_in_flight,
-                                cuda_device) if shared_memory else None
+        self._pool = (
+            RegionPool(shared_memory, self._transport.client, protocol, api_key, max_in_flight, cuda_device)
+            if shared_memory
+            else None
+        )
         self._embedding_dim: int | None = None
 
     async def __aenter__(self) -> AsyncHeadmasterClient:
@@ -276,8 +303,9 @@ class AsyncHeadmasterClient:
         return await self._transport.has_input(self.model, "TEXT")
 
     # -- images ----------------------------------------------------------------------------
-    async def _run_batch(self, model: str, outputs: list[str], batch: list[_Item], build,
-                         input_name: str = "IMAGE") -> list:
+    async def _run_batch(
+        self, model: str, outputs: list[str], batch: list[_Item], build, input_name: str = "IMAGE"
+    ) -> list:
         try:
             if self._pool is None or input_name != "IMAGE":
                 inputs = [self._transport.bytes_input(input_name, [item.data for item in batch])]
@@ -285,8 +313,9 @@ class AsyncHeadmasterClient:
             else:
                 if self._embedding_dim is None:
                     self._embedding_dim = (await self._transport.output_dims(model, "EMBEDDING"))[-1]
-                out = await self._transport.infer_shared(self._pool, model, [item.data for item in batch], outputs,
-                                                         self._embedding_dim)
+                out = await self._transport.infer_shared(
+                    self._pool, model, [item.data for item in batch], outputs, self._embedding_dim
+                )
         except InvalidInputError as e:
             if len(batch) == 1:
                 return [Failure(batch[0].source, re.sub(rf"^{input_name}\[0\]: ", "", str(e)), batch[0].sha256)]
@@ -295,8 +324,15 @@ class AsyncHeadmasterClient:
             return [result for single in singles for result in single]
         return [build(item, *row) for item, *row in zip(batch, *(out[name] for name in outputs))]
 
-    async def _run_all(self, model: str, outputs: list[str], images: Sequence, build,
-                       progress: Callable[[int], None] | None, input_name: str = "IMAGE") -> list:
+    async def _run_all(
+        self,
+        model: str,
+        outputs: list[str],
+        images: Sequence,
+        build,
+        progress: Callable[[int], None] | None,
+        input_name: str = "IMAGE",
+    ) -> list:
         loaded: list[_Item | Failure] = []
         for image in images:
             if input_name == "TEXT":
@@ -321,21 +357,24 @@ class AsyncHeadmasterClient:
                 progress(len(indices))
 
         order = list(todo)
-        chunks = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        chunks = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         await _gather(*(run(chunk) for chunk in chunks))
         return results
 
-    async def classify(self, images: Sequence[ImageInput],
-                       progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+    async def classify(
+        self, images: Sequence[ImageInput], progress: Callable[[int], None] | None = None
+    ) -> list[Classification | Failure]:
         """One result per image, in order. Unreadable files and images the server refuses come
         back as :class:`Failure`; transport problems raise (nothing can be classified then)."""
+
         def build(item: _Item, embedding: np.ndarray, result: np.ndarray) -> Classification:
             return Classification.from_result(item.source, item.sha256, embedding, result[0])
 
         return await self._run_all(self.model, ["EMBEDDING", "RESULT"], images, build, progress)
 
-    async def classify_embeddings(self, embeddings: np.ndarray, sources: Sequence[str | None],
-                                  hashes: Sequence[str]) -> list[Classification]:
+    async def classify_embeddings(
+        self, embeddings: np.ndarray, sources: Sequence[str | None], hashes: Sequence[str]
+    ) -> list[Classification]:
         """Run the heads on embeddings computed earlier (``classify_embedding``: no preprocess,
         no encoder). The caller vouches that they come from the served encoder."""
         embeddings = np.asarray(embeddings, np.float32).reshape(len(hashes), -1)
@@ -345,15 +384,20 @@ class AsyncHeadmasterClient:
         with_hashes = await self._transport.has_input("classify_embedding", "SHA256") if len(hashes) else False
 
         async def run(start: int) -> list[Classification]:
-            rows = embeddings[start:start + self.batch_size]
+            rows = embeddings[start : start + self.batch_size]
             inputs = [self._transport.fp32_input("EMBEDDING", rows)]
             if with_hashes:
-                inputs.append(self._transport.bytes_input(
-                    "SHA256", [str(h).encode("utf-8") for h in hashes[start:start + self.batch_size]]))
+                inputs.append(
+                    self._transport.bytes_input(
+                        "SHA256", [str(h).encode("utf-8") for h in hashes[start : start + self.batch_size]]
+                    )
+                )
             async with gate:
                 out = await self._transport.infer("classify_embedding", inputs, ["RESULT"])
-            return [Classification.from_result(sources[start + i], hashes[start + i], row, result[0])
-                    for i, (row, result) in enumerate(zip(rows, out["RESULT"]))]
+            return [
+                Classification.from_result(sources[start + i], hashes[start + i], row, result[0])
+                for i, (row, result) in enumerate(zip(rows, out["RESULT"]))
+            ]
 
         chunks = await _gather(*(run(s) for s in range(0, len(hashes), self.batch_size)))
         return [c for chunk in chunks for c in chunk]
@@ -365,9 +409,11 @@ class AsyncHeadmasterClient:
             raise InvalidInputError(f"{result.source or 'image'}: {result.error}")
         return result
 
-    async def embed(self, images: Sequence[ImageInput],
-                    progress: Callable[[int], None] | None = None) -> list[Embedding | Failure]:
+    async def embed(
+        self, images: Sequence[ImageInput], progress: Callable[[int], None] | None = None
+    ) -> list[Embedding | Failure]:
         """Embeddings through the ``embed`` ensemble (no heads run), one result per image."""
+
         def build(item: _Item, embedding: np.ndarray) -> Embedding:
             return Embedding(item.source, item.sha256, np.asarray(embedding, np.float32))
 
@@ -379,27 +425,34 @@ class AsyncHeadmasterClient:
         inference alone, which every Triton in front of the repository answers."""
         dims = await self._transport.input_dims("classify_embedding", "EMBEDDING")
         zeros = np.zeros((1, dims[-1]), np.float32)
-        out = await self._transport.infer("classify_embedding", [self._transport.fp32_input("EMBEDDING", zeros)],
-                                          ["RESULT"])
+        out = await self._transport.infer(
+            "classify_embedding", [self._transport.fp32_input("EMBEDDING", zeros)], ["RESULT"]
+        )
         fingerprint = json.loads(out["RESULT"].reshape(-1)[0]).get("encoder")
         if not fingerprint:
-            raise ClientError(f"the server at {self.url} does not say which encoder it runs (a repository built by "
-                              "an older Headmaster): rebuild it with `headmaster repo build`")
+            raise ClientError(
+                f"the server at {self.url} does not say which encoder it runs (a repository built by "
+                "an older Headmaster): rebuild it with `headmaster repo build`"
+            )
         return fingerprint
 
-    async def classify_text(self, texts: Sequence[TextInput],
-                            progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+    async def classify_text(
+        self, texts: Sequence[TextInput], progress: Callable[[int], None] | None = None
+    ) -> list[Classification | Failure]:
         """One result per text, in order, from a repository with a text encoder (``classify`` reads
         TEXT there). Texts the server refuses (empty, not UTF-8, over its size limit) come back as
         :class:`Failure` naming why; each result's sha256 is that of the text's UTF-8 bytes."""
+
         def build(item: _Item, embedding: np.ndarray, result: np.ndarray) -> Classification:
             return Classification.from_result(item.source, item.sha256, embedding, result[0])
 
         return await self._run_all(self.model, ["EMBEDDING", "RESULT"], texts, build, progress, "TEXT")
 
-    async def embed_texts(self, texts: Sequence[TextInput],
-                          progress: Callable[[int], None] | None = None) -> list[Embedding | Failure]:
+    async def embed_texts(
+        self, texts: Sequence[TextInput], progress: Callable[[int], None] | None = None
+    ) -> list[Embedding | Failure]:
         """Like :meth:`embed` for texts (``embed_text``), with per-text failures."""
+
         def build(item: _Item, embedding: np.ndarray) -> Embedding:
             return Embedding(item.source, item.sha256, np.asarray(embedding, np.float32))
 

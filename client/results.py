@@ -59,18 +59,35 @@ class Classification:
     ok = True
 
     @classmethod
-    def from_result(cls, source: str | None, sha256: str, embedding: np.ndarray,
-                    result_json: bytes | str) -> Classification:
+    def from_result(
+        cls, source: str | None, sha256: str, embedding: np.ndarray, result_json: bytes | str
+    ) -> Classification:
         doc = json.loads(result_json)
-        heads = {name: HeadResult(name, int(h["version"]), tuple(h["labels"]), dict(h["scores"]),
-                                  h.get("ood"), h.get("ood_distance"), h.get("value"), h.get("class"),
-                                  h.get("expected"), h.get("ab"))
-                 for name, h in doc.get("heads", {}).items()}
+        heads = {
+            name: HeadResult(
+                name,
+                int(h["version"]),
+                tuple(h["labels"]),
+                dict(h["scores"]),
+                h.get("ood"),
+                h.get("ood_distance"),
+                h.get("value"),
+                h.get("class"),
+                h.get("expected"),
+                h.get("ab"),
+            )
+            for name, h in doc.get("heads", {}).items()
+        }
         return cls(source, sha256, np.asarray(embedding, dtype=np.float32), heads, doc.get("encoder"))
 
     def to_dict(self, with_embedding: bool = False) -> dict:
-        d = {"source": self.source, "sha256": self.sha256, "ok": True, "encoder": self.encoder,
-             "heads": {n: h.as_dict() for n, h in self.heads.items()}}
+        d = {
+            "source": self.source,
+            "sha256": self.sha256,
+            "ok": True,
+            "encoder": self.encoder,
+            "heads": {n: h.as_dict() for n, h in self.heads.items()},
+        }
         if with_embedding:
             d["embedding"] = self.embedding.tolist()
         return d

@@ -75,7 +75,7 @@ class _SystemRegion:
         return buffer
 
     def write(self, data: bytes) -> None:
-        self._buffer()[:len(data)] = data
+        self._buffer()[: len(data)] = data
 
     def read(self, offset: int, count: int) -> np.ndarray:
         return np.frombuffer(self._buffer(), np.float32, count, offset).copy()
@@ -95,16 +95,19 @@ class _CudaRegion:
         try:
             import tritonclient.utils.cuda_shared_memory as cudashm
         except Exception as e:  # cuda-python missing, or tritonclient's pkg_resources import
-            raise ClientError(f"CUDA shared memory needs tritonclient's cuda_shared_memory, which failed to import "
-                              f"({type(e).__name__}: {e}); install cuda-python (and setuptools<81 for tritonclient "
-                              "2.51), or use shared_memory='system'") from None
+            raise ClientError(
+                f"CUDA shared memory needs tritonclient's cuda_shared_memory, which failed to import "
+                f"({type(e).__name__}: {e}); install cuda-python (and setuptools<81 for tritonclient "
+                "2.51), or use shared_memory='system'"
+            ) from None
         self.cudashm, self.device, self.size = cudashm, device, size
         self.name = f"headmaster-cuda-{uuid.uuid4().hex[:16]}"
         self.handle = cudashm.create_shared_memory_region(self.name, size, device)
 
     async def register(self, client, headers: dict) -> None:
-        await client.register_cuda_shared_memory(self.name, self.cudashm.get_raw_handle(self.handle), self.device,
-                                                 self.size, headers=headers)
+        await client.register_cuda_shared_memory(
+            self.name, self.cudashm.get_raw_handle(self.handle), self.device, self.size, headers=headers
+        )
 
     def write(self, data: bytes) -> None:
         self.cudashm.set_shared_memory_region(self.handle, [np.frombuffer(data, np.uint8)])
@@ -154,7 +157,9 @@ class RegionPool:
         slot = await free.get()
         if slot is None or slot.input_capacity < input_bytes or slot.region.size < slot.input_capacity + output_bytes:
             try:
-                slot = await self._replace(slot, max(input_bytes, 2 * (slot.input_capacity if slot else 0)), output_bytes)
+                slot = await self._replace(
+                    slot, max(input_bytes, 2 * (slot.input_capacity if slot else 0)), output_bytes
+                )
             except BaseException:
                 free.put_nowait(None)
                 raise
@@ -175,9 +180,11 @@ class RegionPool:
             region.release()
             message = e.message() or str(e)
             if "restricted" in message.lower() or str(e.status()) == "403":
-                raise ClientError(f"the server refused to register {self.kind} shared memory: its shared-memory API "
-                                  f"is restricted to callers with its key ({message}); pass api_key= or set "
-                                  f"{KEY_ENV}") from None
+                raise ClientError(
+                    f"the server refused to register {self.kind} shared memory: its shared-memory API "
+                    f"is restricted to callers with its key ({message}); pass api_key= or set "
+                    f"{KEY_ENV}"
+                ) from None
             raise ClientError(f"the server could not register {self.kind} shared memory: {message}") from None
         slot = Slot(region, input_capacity)
         self.all.append(slot)
@@ -198,8 +205,11 @@ class RegionPool:
             except Exception as e:  # noqa: BLE001 - our side is released either way
                 if "currently in use" not in str(e) or loop.time() > deadline:
                     # Left mapped by the server until someone with its key unregisters it, or it stops.
-                    warnings.warn(f"the server kept {self.kind} shared-memory region {slot.region.name!r} "
-                                  f"registered: {e}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"the server kept {self.kind} shared-memory region {slot.region.name!r} registered: {e}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                     break
                 await asyncio.sleep(0.05)
         slot.region.release()

@@ -50,30 +50,35 @@ class HeadmasterClient:
     def classifies_text(self) -> bool:
         return self._run(self._client.classifies_text())
 
-    def classify(self, images: Sequence[ImageInput],
-                 progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+    def classify(
+        self, images: Sequence[ImageInput], progress: Callable[[int], None] | None = None
+    ) -> list[Classification | Failure]:
         return self._run(self._client.classify(images, progress))
 
-    def classify_embeddings(self, embeddings: np.ndarray, sources: Sequence[str | None],
-                            hashes: Sequence[str]) -> list[Classification]:
+    def classify_embeddings(
+        self, embeddings: np.ndarray, sources: Sequence[str | None], hashes: Sequence[str]
+    ) -> list[Classification]:
         return self._run(self._client.classify_embeddings(embeddings, sources, hashes))
 
     def classify_one(self, image: ImageInput) -> Classification:
         return self._run(self._client.classify_one(image))
 
-    def embed(self, images: Sequence[ImageInput],
-              progress: Callable[[int], None] | None = None) -> list[Embedding | Failure]:
+    def embed(
+        self, images: Sequence[ImageInput], progress: Callable[[int], None] | None = None
+    ) -> list[Embedding | Failure]:
         return self._run(self._client.embed(images, progress))
 
     def encoder_fingerprint(self) -> str:
         return self._run(self._client.encoder_fingerprint())
 
-    def classify_text(self, texts: Sequence[TextInput],
-                      progress: Callable[[int], None] | None = None) -> list[Classification | Failure]:
+    def classify_text(
+        self, texts: Sequence[TextInput], progress: Callable[[int], None] | None = None
+    ) -> list[Classification | Failure]:
         return self._run(self._client.classify_text(texts, progress))
 
-    def embed_texts(self, texts: Sequence[TextInput],
-                    progress: Callable[[int], None] | None = None) -> list[Embedding | Failure]:
+    def embed_texts(
+        self, texts: Sequence[TextInput], progress: Callable[[int], None] | None = None
+    ) -> list[Embedding | Failure]:
         return self._run(self._client.embed_texts(texts, progress))
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:

@@ -34,6 +34,7 @@ def trace_headers() -> dict[str, str]:
 def in_context(coroutine, context: contextvars.Context):
     """Run ``coroutine`` with the caller's context variables (the current span among them) on
     another thread's event loop, where a task would otherwise start from that thread's."""
+
     async def run():
         for variable, value in context.items():
             variable.set(value)

@@ -23,9 +23,20 @@ CARD_FILE = "card.json"
 CARD_SCHEMA = 1
 
 
-def fingerprint_of(model: str, weights_sha256: str, preprocessing: dict, embed_dim: int,
-                   pooling: str | None = None, tokenizer: dict | None = None) -> str:
-    identity = {"model": model, "weights_sha256": weights_sha256, "preprocessing": preprocessing, "embed_dim": embed_dim}
+def fingerprint_of(
+    model: str,
+    weights_sha256: str,
+    preprocessing: dict,
+    embed_dim: int,
+    pooling: str | None = None,
+    tokenizer: dict | None = None,
+) -> str:
+    identity = {
+        "model": model,
+        "weights_sha256": weights_sha256,
+        "preprocessing": preprocessing,
+        "embed_dim": embed_dim,
+    }
     if pooling is not None:  # timm backbones; open_clip cards keep the fingerprints they had
         identity["pooling"] = pooling
     if tokenizer is not None:  # an hf:FOLDER's own tokenizer decides what its text embeddings are
@@ -77,8 +88,9 @@ class EncoderCard:
     tokenizer: dict | None = None
 
     def __post_init__(self) -> None:
-        expected = fingerprint_of(self.model, self.weights_sha256, self.preprocessing, self.embed_dim, self.pooling,
-                                  self.tokenizer)
+        expected = fingerprint_of(
+            self.model, self.weights_sha256, self.preprocessing, self.embed_dim, self.pooling, self.tokenizer
+        )
         if not self.fingerprint:
             object.__setattr__(self, "fingerprint", expected)
         elif self.fingerprint != expected:

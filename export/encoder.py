@@ -69,7 +69,9 @@ class ExportOptions:
         if self.format not in FORMATS:
             raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}", option="format")
         if self.precision not in PRECISIONS:
-            raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}", option="precision")
+            raise ExportError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}", option="precision"
+            )
         if self.precision == "int8" and self.format != "onnx":
             raise ExportError("precision int8 is an onnxruntime (CPU) graph: use --format onnx", option="precision")
         if self.calibration is not None and self.precision != "int8":
@@ -82,16 +84,24 @@ class ExportOptions:
         if not 1 <= self.opt_batch_size <= self.max_batch_size:
             raise ExportError("need 1 <= opt_batch_size <= max_batch_size")
         if self.model.startswith(hf_folder.PREFIX) and (self.image_size or self.pretrained):
-            raise ExportError("an hf:FOLDER encoder takes its weights and size from the folder: drop --pretrained "
-                              "and --image-size", option="pretrained")
+            raise ExportError(
+                "an hf:FOLDER encoder takes its weights and size from the folder: drop --pretrained and --image-size",
+                option="pretrained",
+            )
         if self.model.startswith(sentence_folder.PREFIX) and (self.image_size or self.pretrained or self.key_map):
-            raise ExportError("an st:FOLDER text encoder takes its weights from the folder: drop --pretrained, "
-                              "--key-map and --image-size", option="pretrained")
+            raise ExportError(
+                "an st:FOLDER text encoder takes its weights from the folder: drop --pretrained, "
+                "--key-map and --image-size",
+                option="pretrained",
+            )
         if self.model.startswith(onnx_file.PREFIX) and self.format != "onnx":
             raise ExportError("an onnx:FILE encoder is served as ONNX: use --format onnx", option="format")
         if self.model.startswith(onnx_file.PREFIX) and self.precision == "fp16":
-            raise ExportError("an onnx:FILE encoder exports as fp32 or int8 (the graph is yours: convert the file "
-                              "to fp16 first if you want fp16)", option="precision")
+            raise ExportError(
+                "an onnx:FILE encoder exports as fp32 or int8 (the graph is yours: convert the file "
+                "to fp16 first if you want fp16)",
+                option="precision",
+            )
 
 
 def _torch():
@@ -135,6 +145,7 @@ def _unfused(module):
 def _text_tower(encoder: LoadedEncoder, dtype):
     torch = _torch()
     if encoder.text is not None:  # hf:FOLDER: the folder model's own get_text_features
+
         class FolderTextTower(torch.nn.Module):
             """token ids [N, context] -> L2-normalised embedding [N, D] (float32)."""
 
@@ -168,10 +179,24 @@ def _tower_spec(encoder: LoadedEncoder, tower: str, fmt: str, precision: str) ->
     optimization = "extended" if (precision == "fp16" and fmt == "onnx") else "all"
     if tower == "image":
         assert encoder.preprocessing is not None
-        return TowerFile(f"image{EXTENSIONS[fmt]}", fmt, f"PIXELS{suffix}", "UINT8",
-                         (3, *encoder.preprocessing.size), f"EMBEDDING{suffix}", optimization)
-    return TowerFile(f"text{EXTENSIONS[fmt]}", fmt, f"TOKENS{suffix}", "INT64",
-                     (encoder.context_length,), f"EMBEDDING{suffix}", optimization)
+        return TowerFile(
+            f"image{EXTENSIONS[fmt]}",
+            fmt,
+            f"PIXELS{suffix}",
+            "UINT8",
+            (3, *encoder.preprocessing.size),
+            f"EMBEDDING{suffix}",
+            optimization,
+        )
+    return TowerFile(
+        f"text{EXTENSIONS[fmt]}",
+        fmt,
+        f"TOKENS{suffix}",
+        "INT64",
+        (encoder.context_length,),
+        f"EMBEDDING{suffix}",
+        optimization,
+    )
 
 
 def _example(spec: TowerFile, batch: int = 2):
@@ -205,8 +230,13 @@ def _export_onnx(module, spec: TowerFile, path: Path) -> None:
     torch = _torch()
     with _exportable():
         torch.onnx.export(
-            module, (_example(spec),), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[spec.input_name], output_names=[spec.output_name],
+            module,
+            (_example(spec),),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[spec.input_name],
+            output_names=[spec.output_name],
             dynamic_axes={spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}},
         )
     onnx.checker.check_model(str(path))
@@ -266,7 +296,7 @@ class _PlanRunner:
 
     def __call__(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         torch = self.torch
-        (name, array), = inputs.items()
+        ((name, array),) = inputs.items()
         x = torch.from_numpy(array).cuda()
         self.context.set_input_shape(name, tuple(x.shape))
         self.context.set_tensor_address(name, x.data_ptr())
@@ -284,8 +314,9 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
-def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions,
-                  folder: Path) -> tuple[list[str], np.ndarray]:
+def _check_inputs(
+    encoder: LoadedEncoder, tower: str, options: ExportOptions, folder: Path
+) -> tuple[list[str], np.ndarray]:
     if tower == "image":
         assert encoder.preprocessing is not None
         images = reference_images(options.check_images)
@@ -295,8 +326,9 @@ def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions,
     if encoder.preprocessing is None:  # a text encoder: also real sentences, long ones truncated
         prompts = prompts + reference_texts()
     if encoder.tokenizer is not None:  # hf:FOLDER, st:FOLDER: its saved tokenizer, as the tokenize model serves it
-        tokens = folder_tokenizer(folder / TOKENIZER_DIR, encoder.context_length, encoder.tokenizer["pad_id"],
-                                  encoder.tokenizer)
+        tokens = folder_tokenizer(
+            folder / TOKENIZER_DIR, encoder.context_length, encoder.tokenizer["pad_id"], encoder.tokenizer
+        )
         return prompts, tokens(prompts)
     import open_clip
 
@@ -304,22 +336,31 @@ def _check_inputs(encoder: LoadedEncoder, tower: str, options: ExportOptions,
     return prompts, tokens.numpy().astype(np.int64)
 
 
-def _verify(encoder: LoadedEncoder, tower: str, spec: TowerFile, path: Path, options: ExportOptions,
-            precision: str) -> dict:
+def _verify(
+    encoder: LoadedEncoder, tower: str, spec: TowerFile, path: Path, options: ExportOptions, precision: str
+) -> dict:
     """Exported artifact vs the fp32 PyTorch model on the same real inputs."""
     torch = _torch()
     names, batch = _check_inputs(encoder, tower, options, path.parent)
     reference_module = (_image_tower if tower == "image" else _text_tower)(encoder, torch.float32)
     with torch.no_grad():
         reference = reference_module(torch.from_numpy(batch)).numpy()
-    runner = _PlanRunner(path) if spec.format == "plan" else load_runner(
-        str(path), device="auto", optimization=spec.graph_optimization)
+    runner = (
+        _PlanRunner(path)
+        if spec.format == "plan"
+        else load_runner(str(path), device="auto", optimization=spec.graph_optimization)
+    )
     exported = runner({spec.input_name: batch}, [spec.output_name])[0]
     cosines = _cosines(exported, reference)
     worst = int(np.argmin(cosines))
     minimum = MIN_COSINE[precision]
-    result = {"inputs": len(names), "min_cosine": float(cosines[worst]), "worst_input": names[worst],
-              "required": minimum, "max_norm_error": float(np.abs(np.linalg.norm(exported, axis=1) - 1).max())}
+    result = {
+        "inputs": len(names),
+        "min_cosine": float(cosines[worst]),
+        "worst_input": names[worst],
+        "required": minimum,
+        "max_norm_error": float(np.abs(np.linalg.norm(exported, axis=1) - 1).max()),
+    }
     if not cosines[worst] >= minimum:
         raise ExportError(
             f"the exported {tower} tower ({spec.format}, {precision}) does not match PyTorch: "
@@ -339,24 +380,35 @@ def _tool_versions() -> dict:
     return versions
 
 
-def _quantize_image_tower(name: str, preprocessing: dict, spec: TowerFile, fp32_path: Path, path: Path,
-                          options: ExportOptions) -> dict:
+def _quantize_image_tower(
+    name: str, preprocessing: dict, spec: TowerFile, fp32_path: Path, path: Path, options: ExportOptions
+) -> dict:
     """int8 from the verified fp32 tower, promoted only through the gate; the card's record. Every
     kind of encoder (open_clip, timm, onnx:FILE, hf:FOLDER) goes through this one gate."""
     op_types = options.quantization.op_types
     if op_types and not quantize.weight_nodes(fp32_path, op_types):
         # A convolutional network has no MatMul/Gemm with weights: its "int8" graph would be fp32 renamed.
-        raise ExportError(f"{name} has no {'/'.join(op_types)} node with weights to quantize (int8 "
-                          "here quantizes a transformer's weight MatMuls; a convolutional network has none): "
-                          "export it as fp32 or fp16", option="precision")
+        raise ExportError(
+            f"{name} has no {'/'.join(op_types)} node with weights to quantize (int8 "
+            "here quantizes a transformer's weight MatMuls; a convolutional network has none): "
+            "export it as fp32 or fp16",
+            option="precision",
+        )
     calibration = quantize.calibration_images(options.calibration)
-    how = quantize.quantize_image_tower(fp32_path, path, spec.input_name,
-                                        quantize.pixels(calibration, preprocessing), options.quantization)
-    figures = quantize.promotion_gate(fp32_path, path, spec.input_name, spec.output_name,
-                                      quantize.gate_images(calibration), preprocessing)
+    how = quantize.quantize_image_tower(
+        fp32_path, path, spec.input_name, quantize.pixels(calibration, preprocessing), options.quantization
+    )
+    figures = quantize.promotion_gate(
+        fp32_path, path, spec.input_name, spec.output_name, quantize.gate_images(calibration), preprocessing
+    )
     quantize.require_passed(figures, ExportError, f"{name} int8")
-    return {"quantization": {**how, "calibration": "reference_images()" if options.calibration is None
-                             else str(options.calibration)}, "gate": figures}
+    return {
+        "quantization": {
+            **how,
+            "calibration": "reference_images()" if options.calibration is None else str(options.calibration),
+        },
+        "gate": figures,
+    }
 
 
 def _export_tower(encoder: LoadedEncoder, tower: str, folder: Path, options: ExportOptions) -> tuple[TowerFile, dict]:
@@ -372,8 +424,7 @@ def _export_tower(encoder: LoadedEncoder, tower: str, folder: Path, options: Exp
         fp32_path = folder / f"{tower}.fp32.onnx"
         _export_onnx(module, spec, fp32_path)
         check = _verify(encoder, tower, spec, fp32_path, options, precision)
-        int8 = _quantize_image_tower(encoder.name, encoder.preprocessing.as_dict(), spec, fp32_path, path,
-                                     options)
+        int8 = _quantize_image_tower(encoder.name, encoder.preprocessing.as_dict(), spec, fp32_path, path, options)
         fp32_path.unlink()
         return spec, {**check, "precision": "int8", **int8}
     if options.format == "torchscript":
@@ -413,7 +464,8 @@ def _require_tokenizer(name: str) -> None:
             f"the text tower of {name} needs its tokenizer, which does not load here ({type(e).__name__}: {e}); "
             "SigLIP's is a Hugging Face tokenizer (pip install transformers, and its files from the hub or a local "
             "cache). Export the image tower alone with --towers image (trained heads; no zero-shot)",
-            option="towers") from None
+            option="towers",
+        ) from None
 
 
 def _staging(out: Path) -> Path:
@@ -426,7 +478,7 @@ def _staging(out: Path) -> Path:
 def _export_onnx_file(options: ExportOptions) -> EncoderCard:
     """``onnx:FILE``: the user's graph rewritten into an image tower, checked against onnxruntime
     on the original file (export/onnx_file.py), int8 through the same gate as any tower."""
-    path = Path(options.model[len(onnx_file.PREFIX):]).expanduser()
+    path = Path(options.model[len(onnx_file.PREFIX) :]).expanduser()
     description = options.onnx
     if not isinstance(description, onnx_file.OnnxDescription):
         description = onnx_file.OnnxDescription.from_sources(path, None, dict(description or {}))
@@ -448,13 +500,21 @@ def _export_onnx_file(options: ExportOptions) -> EncoderCard:
         exported = load_runner(str(tower), device="auto")({spec.input_name: batch}, [spec.output_name])[0]
         cosines = _cosines(exported, reference)
         worst = int(np.argmin(cosines))
-        check = {"inputs": len(images), "min_cosine": float(cosines[worst]), "worst_input": images[worst][0],
-                 "required": MIN_COSINE["fp32"], "reference": "onnxruntime on the original file",
-                 "max_norm_error": float(np.abs(np.linalg.norm(exported, axis=1) - 1).max()), "precision": "fp32"}
+        check = {
+            "inputs": len(images),
+            "min_cosine": float(cosines[worst]),
+            "worst_input": images[worst][0],
+            "required": MIN_COSINE["fp32"],
+            "reference": "onnxruntime on the original file",
+            "max_norm_error": float(np.abs(np.linalg.norm(exported, axis=1) - 1).max()),
+            "precision": "fp32",
+        }
         if not cosines[worst] >= MIN_COSINE["fp32"]:
-            raise ExportError(f"the rewritten graph of {options.model} does not match onnxruntime on the original "
-                              f"file: cosine {cosines[worst]:.6f} < {MIN_COSINE['fp32']} on {images[worst][0]!r}; "
-                              "nothing was written")
+            raise ExportError(
+                f"the rewritten graph of {options.model} does not match onnxruntime on the original "
+                f"file: cosine {cosines[worst]:.6f} < {MIN_COSINE['fp32']} on {images[worst][0]!r}; "
+                "nothing was written"
+            )
         LOG.info("%s: min cosine vs the original file %.7f over %d images", options.model, cosines[worst], len(images))
         if options.precision == "int8":
             fp32_path = staging / "image.fp32.onnx"
@@ -463,11 +523,22 @@ def _export_onnx_file(options: ExportOptions) -> EncoderCard:
             fp32_path.unlink()
             check = {**check, "precision": "int8", **int8}
         card = EncoderCard(
-            model=encoder.name, pretrained=str(path.resolve()), weights_sha256=encoder.file_sha256,
-            preprocessing=preprocessing, embed_dim=int(exported.shape[1]), context_length=0, logit_scale=0.0,
-            precision=options.precision, format="onnx", towers={"image": spec}, verification={"image": check},
-            tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            family="onnx", pooling=encoder.description.pool)
+            model=encoder.name,
+            pretrained=str(path.resolve()),
+            weights_sha256=encoder.file_sha256,
+            preprocessing=preprocessing,
+            embed_dim=int(exported.shape[1]),
+            context_length=0,
+            logit_scale=0.0,
+            precision=options.precision,
+            format="onnx",
+            towers={"image": spec},
+            verification={"image": check},
+            tools=_tool_versions(),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            family="onnx",
+            pooling=encoder.description.pool,
+        )
         card.save(staging)
         _place(staging, out)
     except BaseException:
@@ -485,17 +556,25 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
     hf = options.model.startswith(hf_folder.PREFIX)
     st = options.model.startswith(sentence_folder.PREFIX)
     if st and (options.precision != "fp32" or options.format != "onnx" or "text" not in options.towers):
-        raise ExportError(f"{options.model} is a text encoder: export it as --format onnx --precision fp32 "
-                          "(its only tower is text)", option="model")
+        raise ExportError(
+            f"{options.model} is a text encoder: export it as --format onnx --precision fp32 (its only tower is text)",
+            option="model",
+        )
     if "text" in options.towers and not options.model.startswith("timm:") and not hf and not st:
         _require_tokenizer(options.model)  # before minutes of loading
     if st:
         encoder = sentence_folder.load(options.model)
     else:
-        encoder = (hf_folder.load(options.model, options.towers) if hf
-                   else load(options.model, options.pretrained, options.seed, options.image_size, options.key_map))
-    towers_wanted = [t for t in options.towers
-                     if (t == "image" and encoder.preprocessing is not None) or (t == "text" and encoder.has_text)]
+        encoder = (
+            hf_folder.load(options.model, options.towers)
+            if hf
+            else load(options.model, options.pretrained, options.seed, options.image_size, options.key_map)
+        )
+    towers_wanted = [
+        t
+        for t in options.towers
+        if (t == "image" and encoder.preprocessing is not None) or (t == "text" and encoder.has_text)
+    ]
     if options.towers == ("text",) and not encoder.has_text:
         raise ExportError(f"{options.model} is an image-only backbone: it has no text tower", option="towers")
     if "text" in options.towers and not encoder.has_text and not hf:
@@ -513,12 +592,23 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
         for tower in towers_wanted:
             towers[tower], checks[tower] = _export_tower(encoder, tower, staging, options)
         card = EncoderCard(
-            model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
-            preprocessing=encoder.preprocessing.as_dict() if encoder.preprocessing else {}, embed_dim=encoder.embed_dim,
-            context_length=encoder.context_length, logit_scale=encoder.logit_scale,
-            precision=options.precision, format=options.format, towers=towers, verification=checks,
-            tools=_tool_versions(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            seed=encoder.seed, family=encoder.family, pooling=encoder.pooling, logit_bias=encoder.logit_bias,
+            model=encoder.name,
+            pretrained=encoder.pretrained,
+            weights_sha256=encoder.weights_sha256,
+            preprocessing=encoder.preprocessing.as_dict() if encoder.preprocessing else {},
+            embed_dim=encoder.embed_dim,
+            context_length=encoder.context_length,
+            logit_scale=encoder.logit_scale,
+            precision=options.precision,
+            format=options.format,
+            towers=towers,
+            verification=checks,
+            tools=_tool_versions(),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            seed=encoder.seed,
+            family=encoder.family,
+            pooling=encoder.pooling,
+            logit_bias=encoder.logit_bias,
             checkpoint=encoder.checkpoint,
             tokenizer=encoder.tokenizer if "text" in towers_wanted else None,
         )
@@ -528,4 +618,3 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return card
-

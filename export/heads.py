@@ -30,19 +30,30 @@ ACTIVATIONS = ("", "identity", "ordinal")
 OPSET = 17
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # Names the repository uses for its own models; a head may not take them.
-RESERVED_NAMES = {"preprocess", "image_encoder", "text_encoder", "tokenize", "threshold",
-                  "classify", "classify_embedding", "embed", "embed_text"}
+RESERVED_NAMES = {
+    "preprocess",
+    "image_encoder",
+    "text_encoder",
+    "tokenize",
+    "threshold",
+    "classify",
+    "classify_embedding",
+    "embed",
+    "embed_text",
+}
 
 
 def check_head_name(name: str) -> str:
     if not NAME_PATTERN.match(name or ""):
         raise InvalidNameError(
             f"head name {name!r} is not allowed: use lowercase letters, digits and '_', starting "
-            "with a letter (it names a Triton model and the ensemble's SCORES_<name> output)", option="name"
+            "with a letter (it names a Triton model and the ensemble's SCORES_<name> output)",
+            option="name",
         )
     if name in RESERVED_NAMES:
-        raise InvalidNameError(f"head name {name!r} is reserved for the repository's own models: {sorted(RESERVED_NAMES)}",
-                               option="name")
+        raise InvalidNameError(
+            f"head name {name!r} is reserved for the repository's own models: {sorted(RESERVED_NAMES)}", option="name"
+        )
     return name
 
 
@@ -65,7 +76,9 @@ class HeadWeights:
             if w.ndim != 2 or b.shape != (w.shape[0],):
                 raise ExportError(f"layer {i}: weight {w.shape} and bias {b.shape} do not fit")
             if i and w.shape[1] != self.layers[i - 1][0].shape[0]:
-                raise ExportError(f"layer {i} takes {w.shape[1]} inputs, layer {i - 1} gives {self.layers[i - 1][0].shape[0]}")
+                raise ExportError(
+                    f"layer {i} takes {w.shape[1]} inputs, layer {i - 1} gives {self.layers[i - 1][0].shape[0]}"
+                )
 
     @property
     def embed_dim(self) -> int:
@@ -120,24 +133,37 @@ def check_ood(name: str, ood: dict) -> None:
     if missing:
         raise ExportError(f"head {name}: ood lacks {sorted(missing)}", option="ood")
     if ood["policy"] not in OOD_POLICIES:
-        raise ExportError(f"head {name}: ood policy must be one of {', '.join(OOD_POLICIES)}, not {ood['policy']!r}",
-                          option="ood")
+        raise ExportError(
+            f"head {name}: ood policy must be one of {', '.join(OOD_POLICIES)}, not {ood['policy']!r}", option="ood"
+        )
     if not (isinstance(ood["k"], int) and 1 <= ood["k"] <= ood["references"]):
-        raise ExportError(f"head {name}: ood k must be an integer in [1, references={ood['references']}], "
-                          f"not {ood['k']!r}", option="ood")
+        raise ExportError(
+            f"head {name}: ood k must be an integer in [1, references={ood['references']}], not {ood['k']!r}",
+            option="ood",
+        )
     if not 0.0 <= float(ood["threshold"]) <= 2.0:
-        raise ExportError(f"head {name}: ood threshold is a cosine distance in [0, 2], not {ood['threshold']!r}",
-                          option="ood")
+        raise ExportError(
+            f"head {name}: ood threshold is a cosine distance in [0, 2], not {ood['threshold']!r}", option="ood"
+        )
     search = ood.get("search")
-    if search is not None and not (isinstance(search, dict) and search.get("kind") == "ivf"
-                                   and all(isinstance(search.get(f), int) and search[f] >= 1 for f in ("lists", "probe"))
-                                   and isinstance(search.get("seed", 0), int)):
-        raise ExportError(f"head {name}: ood search must be absent (exact) or {{kind: ivf, lists >= 1, probe >= 1, "
-                          f"seed}}, not {search!r}", option="ood")
+    if search is not None and not (
+        isinstance(search, dict)
+        and search.get("kind") == "ivf"
+        and all(isinstance(search.get(f), int) and search[f] >= 1 for f in ("lists", "probe"))
+        and isinstance(search.get("seed", 0), int)
+    ):
+        raise ExportError(
+            f"head {name}: ood search must be absent (exact) or {{kind: ivf, lists >= 1, probe >= 1, "
+            f"seed}}, not {search!r}",
+            option="ood",
+        )
     named = ood.get("index_sha256")
-    if named is not None and not (search is not None and isinstance(named, str) and re.fullmatch(r"[0-9a-f]{64}", named)):
-        raise ExportError(f"head {name}: ood index_sha256 goes with an ivf search and is 64 hex digits, "
-                          f"not {named!r}", option="ood")
+    if named is not None and not (
+        search is not None and isinstance(named, str) and re.fullmatch(r"[0-9a-f]{64}", named)
+    ):
+        raise ExportError(
+            f"head {name}: ood index_sha256 goes with an ivf search and is 64 hex digits, not {named!r}", option="ood"
+        )
 
 
 def check_task(card: HeadCard) -> None:
@@ -156,8 +182,9 @@ def check_task(card: HeadCard) -> None:
             raise ExportError(f"head {name}: a hierarchy head scores every node with a sigmoid (multi_label)")
         unknown = sorted({*card.parents, *card.parents.values()} - set(card.labels))
         if unknown:
-            raise ExportError(f"head {name}: the taxonomy names {unknown}, which are not labels of the head",
-                              option="taxonomy")
+            raise ExportError(
+                f"head {name}: the taxonomy names {unknown}, which are not labels of the head", option="taxonomy"
+            )
         for label in card.parents:
             seen, node = {label}, label
             while node in card.parents:
@@ -167,11 +194,14 @@ def check_task(card: HeadCard) -> None:
                 seen.add(node)
     if task == "regression":
         if len(card.labels) != 1 or card.multi_label:
-            raise ExportError(f"head {name}: a regression head has one output (its label names the value), "
-                              f"not {list(card.labels)}")
+            raise ExportError(
+                f"head {name}: a regression head has one output (its label names the value), not {list(card.labels)}"
+            )
         low, high = card.value_range
         if not low < high:
-            raise ExportError(f"head {name}: the value range must be [low, high] with low < high, not {card.value_range}")
+            raise ExportError(
+                f"head {name}: the value range must be [low, high] with low < high, not {card.value_range}"
+            )
     if task == "ordinal" and (card.multi_label or len(card.labels) < 2):
         raise ExportError(f"head {name}: an ordinal head has two ordered classes or more, one per image")
 
@@ -211,8 +241,10 @@ class HeadCard:
             raise ExportError(f"head {self.name}: labels must be distinct and at least one, got {self.labels}")
         check_task(self)
         if not self.multi_label and len(self.labels) < 2 and self.task != "regression":
-            raise ExportError(f"head {self.name}: a single-label head needs two labels or more (a binary "
-                              "head is a positive and a negative label)")
+            raise ExportError(
+                f"head {self.name}: a single-label head needs two labels or more (a binary "
+                "head is a positive and a negative label)"
+            )
         if len(self.thresholds) != len(self.labels):
             raise ExportError(f"head {self.name}: {len(self.thresholds)} thresholds for {len(self.labels)} labels")
         if not all(0.0 <= t <= 1.0 for t in self.thresholds):
@@ -224,8 +256,13 @@ class HeadCard:
 
     def info(self) -> dict:
         """What travels with every answer of this version (the INFO output)."""
-        info = {"head": self.name, "version": self.version, "labels": list(self.labels),
-                "thresholds": [float(t) for t in self.thresholds], "multi_label": self.multi_label}
+        info = {
+            "head": self.name,
+            "version": self.version,
+            "labels": list(self.labels),
+            "thresholds": [float(t) for t in self.thresholds],
+            "multi_label": self.multi_label,
+        }
         if self.ood is not None:  # versions without a reference set keep yesterday's INFO
             info["ood"] = dict(self.ood)
         if self.task != "labels":  # flat heads keep yesterday's INFO too
@@ -270,8 +307,10 @@ def head_onnx(weights: HeadWeights, card: HeadCard):
         )
     nodes, inits, x = [], [], "EMBEDDING"
     for i, (w, b) in enumerate(weights.layers):
-        inits += [numpy_helper.from_array(np.asarray(w, np.float32), f"w{i}"),
-                  numpy_helper.from_array(np.asarray(b, np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(np.asarray(w, np.float32), f"w{i}"),
+            numpy_helper.from_array(np.asarray(b, np.float32), f"b{i}"),
+        ]
         nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"z{i}"], transB=1))
         x = f"z{i}"
         if i < len(weights.layers) - 1:
@@ -291,22 +330,30 @@ def head_onnx(weights: HeadWeights, card: HeadCard):
         # P(class = k) = P(class > k-1) - P(class > k), with P(> -1) = 1 and P(> K-1) = 0.
         nodes += [
             helper.make_node("Sigmoid", [x], ["above"]),
-            helper.make_node("ConstantOfShape", ["info_shape"], ["ones"],
-                             value=numpy_helper.from_array(np.array([1.0], np.float32))),
-            helper.make_node("ConstantOfShape", ["info_shape"], ["zeros"],
-                             value=numpy_helper.from_array(np.array([0.0], np.float32))),
+            helper.make_node(
+                "ConstantOfShape", ["info_shape"], ["ones"], value=numpy_helper.from_array(np.array([1.0], np.float32))
+            ),
+            helper.make_node(
+                "ConstantOfShape", ["info_shape"], ["zeros"], value=numpy_helper.from_array(np.array([0.0], np.float32))
+            ),
             helper.make_node("Concat", ["ones", "above"], ["upper"], axis=1),
             helper.make_node("Concat", ["above", "zeros"], ["lower"], axis=1),
             helper.make_node("Sub", ["upper", "lower"], ["SCORES"]),
         ]
     else:
-        nodes.append(helper.make_node("Sigmoid", [x], ["SCORES"]) if weights.multi_label
-                     else helper.make_node("Softmax", [x], ["SCORES"], axis=1))
+        nodes.append(
+            helper.make_node("Sigmoid", [x], ["SCORES"])
+            if weights.multi_label
+            else helper.make_node("Softmax", [x], ["SCORES"], axis=1)
+        )
     graph = helper.make_graph(
-        nodes, f"head_{card.name}_v{card.version}",
+        nodes,
+        f"head_{card.name}_v{card.version}",
         [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, ["batch", weights.embed_dim])],
-        [helper.make_tensor_value_info("SCORES", TensorProto.FLOAT, ["batch", weights.num_labels]),
-         helper.make_tensor_value_info("INFO", TensorProto.STRING, ["batch", 1])],
+        [
+            helper.make_tensor_value_info("SCORES", TensorProto.FLOAT, ["batch", weights.num_labels]),
+            helper.make_tensor_value_info("INFO", TensorProto.STRING, ["batch", 1]),
+        ],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="headmaster")
@@ -316,8 +363,14 @@ def head_onnx(weights: HeadWeights, card: HeadCard):
     return model
 
 
-def write_head(folder: Path, weights: HeadWeights, card: HeadCard, check_embeddings: np.ndarray | None = None,
-               references: np.ndarray | None = None, ood_index: bytes | None = None) -> None:
+def write_head(
+    folder: Path,
+    weights: HeadWeights,
+    card: HeadCard,
+    check_embeddings: np.ndarray | None = None,
+    references: np.ndarray | None = None,
+    ood_index: bytes | None = None,
+) -> None:
     """Write model.onnx + head.json (+ ood.npy, the reference set a card with ``ood`` names,
     and ood.faiss, the serialized IVF index ``ood_index`` a card with ``ood.index_sha256`` names),
     then load the ONNX file back and compare it with the numpy reference on
@@ -337,14 +390,18 @@ def write_head(folder: Path, weights: HeadWeights, card: HeadCard, check_embeddi
     if (card.ood is None) != (references is None):
         raise ExportError(f"head {card.name}: a reference set goes with a card that describes it (ood), and only then")
     if references is not None:
-        if references.shape != (card.ood["references"], card.embed_dim) or \
-                references_sha256(references) != card.ood["sha256"]:
+        if (
+            references.shape != (card.ood["references"], card.embed_dim)
+            or references_sha256(references) != card.ood["sha256"]
+        ):
             raise ExportError(f"head {card.name}: the reference set is not the one its card describes")
         np.save(folder / OOD_FILE, references, allow_pickle=False)
     named = (card.ood or {}).get("index_sha256")
     if (named is None) != (ood_index is None) or (ood_index is not None and index_sha256(ood_index) != named):
-        raise ExportError(f"head {card.name}: a faiss index ({OOD_INDEX_FILE}) goes with a card whose ood "
-                          "entry names its sha256 (index_sha256), and only that index")
+        raise ExportError(
+            f"head {card.name}: a faiss index ({OOD_INDEX_FILE}) goes with a card whose ood "
+            "entry names its sha256 (index_sha256), and only that index"
+        )
     if ood_index is not None:
         (folder / OOD_INDEX_FILE).write_bytes(ood_index)
     onnx.save(head_onnx(weights, card), str(folder / MODEL_FILE))
@@ -357,5 +414,7 @@ def write_head(folder: Path, weights: HeadWeights, card: HeadCard, check_embeddi
     scores, info = session.run(["SCORES", "INFO"], {"EMBEDDING": np.asarray(check_embeddings, np.float32)})
     error = float(np.abs(scores - weights.scores(check_embeddings)).max())
     if error > 1e-4 or json.loads(info[0, 0]) != card.info():
-        raise ExportError(f"head {card.name} v{card.version}: the ONNX file disagrees with the trained "
-                          f"weights (max score error {error:.2e}); nothing was published")
+        raise ExportError(
+            f"head {card.name} v{card.version}: the ONNX file disagrees with the trained "
+            f"weights (max score error {error:.2e}); nothing was published"
+        )

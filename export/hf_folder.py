@@ -52,19 +52,24 @@ def read_folder_json(path: Path, what: str, prefix: str = PREFIX):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ExportError(f"--model {prefix}{path.parent}: {path.name} is not valid JSON: {e}", option="model") from None
+        raise ExportError(
+            f"--model {prefix}{path.parent}: {path.name} is not valid JSON: {e}", option="model"
+        ) from None
 
 
 def preprocessing_of(folder: Path) -> Preprocessing:
     """The image processor's eval transform (``preprocessor_config.json``) as the served one, or a
     one-line refusal naming the setting the served preprocessing cannot reproduce."""
-    cfg = read_folder_json(folder / "preprocessor_config.json",
-                     "save the image processor into the folder too: processor.save_pretrained(FOLDER)")
+    cfg = read_folder_json(
+        folder / "preprocessor_config.json",
+        "save the image processor into the folder too: processor.save_pretrained(FOLDER)",
+    )
     where = f"--model hf:{folder}: preprocessor_config.json"
     resample = _RESAMPLE.get(cfg.get("resample", 3))
     if resample is None:
-        raise ExportError(f"{where}: resample {cfg.get('resample')!r} is not served (2 bilinear or 3 bicubic)",
-                          option="model")
+        raise ExportError(
+            f"{where}: resample {cfg.get('resample')!r} is not served (2 bilinear or 3 bicubic)", option="model"
+        )
     if cfg.get("do_rescale", True) and not math.isclose(cfg.get("rescale_factor", 1 / 255), 1 / 255):
         raise ExportError(f"{where}: rescale_factor {cfg['rescale_factor']} is not served (1/255 only)", option="model")
     normalize = cfg.get("do_normalize", True)
@@ -78,18 +83,40 @@ def preprocessing_of(folder: Path) -> Preprocessing:
         crop = crop or {"height": side, "width": side}
         target = (int(crop["height"]), int(crop["width"]))
         if target[0] != target[1] or target[0] > side:
-            raise ExportError(f"{where}: a {target[0]}x{target[1]} centre crop of a {side}-pixel shortest edge is not "
-                              "served (a square crop no larger than the edge)", option="model")
+            raise ExportError(
+                f"{where}: a {target[0]}x{target[1]} centre crop of a {side}-pixel shortest edge is not "
+                "served (a square crop no larger than the edge)",
+                option="model",
+            )
         crop_pct = target[0] / side
         if math.floor(target[0] / crop_pct) != side:
-            raise ExportError(f"{where}: shortest_edge {side} with crop {target[0]} is not reproducible", option="model")
-        return Preprocessing(size=target, resize_mode="shortest", interpolation=resample, mean=mean, std=std,
-                             crop_pct=crop_pct, convert_first=True, crop_floor=True)
+            raise ExportError(
+                f"{where}: shortest_edge {side} with crop {target[0]} is not reproducible", option="model"
+            )
+        return Preprocessing(
+            size=target,
+            resize_mode="shortest",
+            interpolation=resample,
+            mean=mean,
+            std=std,
+            crop_pct=crop_pct,
+            convert_first=True,
+            crop_floor=True,
+        )
     if "height" in size and "width" in size and not crop:
-        return Preprocessing(size=(int(size["height"]), int(size["width"])), resize_mode="squash",
-                             interpolation=resample, mean=mean, std=std, convert_first=True)
-    raise ExportError(f"{where}: size {size} with crop_size {crop} is not served (shortest_edge with an optional "
-                      "centre crop, or height and width without one)", option="model")
+        return Preprocessing(
+            size=(int(size["height"]), int(size["width"])),
+            resize_mode="squash",
+            interpolation=resample,
+            mean=mean,
+            std=std,
+            convert_first=True,
+        )
+    raise ExportError(
+        f"{where}: size {size} with crop_size {crop} is not served (shortest_edge with an optional "
+        "centre crop, or height and width without one)",
+        option="model",
+    )
 
 
 def _visual(model, model_type: str):
@@ -136,12 +163,16 @@ def no_text_reason(name: str, folder: Path, model_type: str) -> str | None:
         return f"{name} is an image-only DINOv2 model: it has no text tower"
     if model_type == "siglip":
         if not (folder / "spiece.model").is_file():
-            return (f"{name}: the SigLIP folder has no tokenizer (spiece.model), so no text tower; save it into the "
-                    "folder too: SiglipTokenizer.save_pretrained(FOLDER)")
+            return (
+                f"{name}: the SigLIP folder has no tokenizer (spiece.model), so no text tower; save it into the "
+                "folder too: SiglipTokenizer.save_pretrained(FOLDER)"
+            )
         return None
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
-        return (f"{name}: the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt), so no text "
-                "tower; save it into the folder too: tokenizer.save_pretrained(FOLDER)")
+        return (
+            f"{name}: the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt), so no text "
+            "tower; save it into the folder too: tokenizer.save_pretrained(FOLDER)"
+        )
     return None
 
 
@@ -153,22 +184,33 @@ def _tokenizer(name: str, folder: Path, config: dict) -> tuple[dict, dict[str, b
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise ExportError(f"--model {name}: transformers could not load the folder's tokenizer: "
-                          f"{type(e).__name__}: {str(e).strip().splitlines()[0]}", option="model") from None
+        raise ExportError(
+            f"--model {name}: transformers could not load the folder's tokenizer: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0]}",
+            option="model",
+        ) from None
     text_config = config.get("text_config") or {}
     if type(tokenizer).__name__ == "SiglipTokenizer":
         return _siglip_tokenizer(tokenizer, folder, text_config)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ExportError(f"--model {name}: its tokenizer ({type(tokenizer).__name__}) has no tokenizers backend "
-                          "(tokenizer.json) to serve; save a fast tokenizer into the folder", option="model")
+        raise ExportError(
+            f"--model {name}: its tokenizer ({type(tokenizer).__name__}) has no tokenizers backend "
+            "(tokenizer.json) to serve; save a fast tokenizer into the folder",
+            option="model",
+        )
     files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
     files.setdefault("tokenizer.json", backend.to_str().encode())
     context_length = int(text_config.get("max_position_embeddings", 77))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    record = {"kind": type(tokenizer).__name__, "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
-              "context_length": context_length, "padding": "max_length", "pad_id": int(pad_id),
-              "pooling": "end-of-text position"}
+    record = {
+        "kind": type(tokenizer).__name__,
+        "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
+        "context_length": context_length,
+        "padding": "max_length",
+        "pad_id": int(pad_id),
+        "pooling": "end-of-text position",
+    }
     return record, files
 
 
@@ -177,30 +219,41 @@ def _siglip_tokenizer(tokenizer, folder: Path, text_config: dict) -> tuple[dict,
     to reproduce the class (lower-casing, unk token, end-of-sequence and pad ids, special tokens)."""
     from headmaster.model_repository.backends.tokenize import SIGLIP
 
-    files = {f: (folder / f).read_bytes() for f in ("spiece.model", "tokenizer_config.json")
-             if (folder / f).is_file()}
+    files = {f: (folder / f).read_bytes() for f in ("spiece.model", "tokenizer_config.json") if (folder / f).is_file()}
     special = {t: int(i) for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
-    record = {"kind": type(tokenizer).__name__, "format": SIGLIP,
-              "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
-              "context_length": int(text_config.get("max_position_embeddings", 64)), "padding": "max_length",
-              "pad_id": int(tokenizer.pad_token_id), "eos_id": int(tokenizer.eos_token_id),
-              "unk_token": str(tokenizer.unk_token), "lowercase": bool(getattr(tokenizer, "do_lower_case", True)),
-              "special_tokens": special, "pooling": "last position, no attention mask"}
+    record = {
+        "kind": type(tokenizer).__name__,
+        "format": SIGLIP,
+        "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
+        "context_length": int(text_config.get("max_position_embeddings", 64)),
+        "padding": "max_length",
+        "pad_id": int(tokenizer.pad_token_id),
+        "eos_id": int(tokenizer.eos_token_id),
+        "unk_token": str(tokenizer.unk_token),
+        "lowercase": bool(getattr(tokenizer, "do_lower_case", True)),
+        "special_tokens": special,
+        "pooling": "last position, no attention mask",
+    }
     return record, files
 
 
 def load(name: str, towers: tuple[str, ...]) -> LoadedEncoder:
     """``hf:FOLDER`` as a LoadedEncoder: the image tower, and the text tower with its tokenizer
     when ``towers`` names it and the folder has one (see ``no_text_reason``)."""
-    folder = Path(name[len(PREFIX):]).expanduser()
+    folder = Path(name[len(PREFIX) :]).expanduser()
     if not folder.is_dir():
-        raise ExportError(f"--model {name}: no such folder (a save_pretrained folder of a transformers "
-                          "CLIP, SigLIP or DINOv2 model)", option="model")
+        raise ExportError(
+            f"--model {name}: no such folder (a save_pretrained folder of a transformers CLIP, SigLIP or DINOv2 model)",
+            option="model",
+        )
     config = read_folder_json(folder / "config.json", "not a save_pretrained folder")
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ExportError(f"--model {name}: model_type {model_type!r} in config.json is not supported; supported: "
-                          f"{', '.join(MODEL_TYPES)}", option="model")
+        raise ExportError(
+            f"--model {name}: model_type {model_type!r} in config.json is not supported; supported: "
+            f"{', '.join(MODEL_TYPES)}",
+            option="model",
+        )
     preprocessing = preprocessing_of(folder)
     text_wanted = "text" in towers
     reason = no_text_reason(name, folder, model_type) if text_wanted else None
@@ -212,16 +265,23 @@ def load(name: str, towers: tuple[str, ...]) -> LoadedEncoder:
         import torch
         import transformers
     except ImportError as e:
-        raise ExportError(f"--model {name} needs transformers: pip install 'headmaster[hf]' ({e})",
-                          option="model") from None
+        raise ExportError(
+            f"--model {name} needs transformers: pip install 'headmaster[hf]' ({e})", option="model"
+        ) from None
     class_name, pooling = MODEL_TYPES[model_type]
     try:
         # eager attention: plain MatMul/Softmax in the ONNX graph, as the other towers export.
-        model = getattr(transformers, class_name).from_pretrained(
-            str(folder), local_files_only=True, attn_implementation="eager", dtype=torch.float32).eval()
+        model = (
+            getattr(transformers, class_name)
+            .from_pretrained(str(folder), local_files_only=True, attn_implementation="eager", dtype=torch.float32)
+            .eval()
+        )
     except Exception as e:
-        raise ExportError(f"--model {name}: transformers could not load the folder as {class_name}: "
-                          f"{type(e).__name__}: {str(e).strip().splitlines()[0]}", option="model") from None
+        raise ExportError(
+            f"--model {name}: transformers could not load the folder as {class_name}: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0]}",
+            option="model",
+        ) from None
     text = tokenizer = files = None
     if text_wanted and reason is None:
         tokenizer, files = _tokenizer(name, folder, config)
@@ -231,10 +291,21 @@ def load(name: str, towers: tuple[str, ...]) -> LoadedEncoder:
         embed_dim = int(visual(torch.zeros(1, 3, *preprocessing.size)).shape[-1])
     scale = getattr(model, "logit_scale", None)
     bias = getattr(model, "logit_bias", None)
-    return LoadedEncoder(model=model, name=f"{PREFIX}{folder.name}", pretrained=str(folder.resolve()),
-                         weights_sha256=weights_sha256(model), preprocessing=preprocessing, embed_dim=embed_dim,
-                         context_length=tokenizer["context_length"] if tokenizer else 0,
-                         logit_scale=float(scale.exp().item()) if scale is not None else 0.0,
-                         seed=None, family="hf", pooling=pooling,
-                         logit_bias=float(bias.item()) if bias is not None else None, visual=visual,
-                         text=text, tokenizer=tokenizer, tokenizer_files=files)
+    return LoadedEncoder(
+        model=model,
+        name=f"{PREFIX}{folder.name}",
+        pretrained=str(folder.resolve()),
+        weights_sha256=weights_sha256(model),
+        preprocessing=preprocessing,
+        embed_dim=embed_dim,
+        context_length=tokenizer["context_length"] if tokenizer else 0,
+        logit_scale=float(scale.exp().item()) if scale is not None else 0.0,
+        seed=None,
+        family="hf",
+        pooling=pooling,
+        logit_bias=float(bias.item()) if bias is not None else None,
+        visual=visual,
+        text=text,
+        tokenizer=tokenizer,
+        tokenizer_files=files,
+    )

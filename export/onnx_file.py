@@ -64,24 +64,43 @@ class OnnxDescription:
     feature_layout: str | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("layout", LAYOUTS), ("channels", CHANNELS), ("pool", POOLS),
-                              ("feature_layout", LAYOUTS)):
+        for name, allowed in (
+            ("layout", LAYOUTS),
+            ("channels", CHANNELS),
+            ("pool", POOLS),
+            ("feature_layout", LAYOUTS),
+        ):
             if getattr(self, name) not in allowed and (name != "feature_layout" or self.feature_layout is not None):
-                raise ExportError(f"onnx description: {name} must be one of {', '.join(allowed)}, not "
-                                  f"{getattr(self, name)!r} (--{name})", option=name)
+                raise ExportError(
+                    f"onnx description: {name} must be one of {', '.join(allowed)}, not "
+                    f"{getattr(self, name)!r} (--{name})",
+                    option=name,
+                )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3:
-                raise ExportError(f"onnx description: {name} needs 3 values (one per channel), not {list(value)} "
-                                  f"(--{name})", option=name)
+                raise ExportError(
+                    f"onnx description: {name} needs 3 values (one per channel), not {list(value)} (--{name})",
+                    option=name,
+                )
         if min(self.std) <= 0 or self.scale <= 0:
-            raise ExportError(f"onnx description: std and scale must be > 0, not std={list(self.std)} "
-                              f"scale={self.scale} (--std, --scale)", option="std")
+            raise ExportError(
+                f"onnx description: std and scale must be > 0, not std={list(self.std)} "
+                f"scale={self.scale} (--std, --scale)",
+                option="std",
+            )
 
     def preprocessing(self, size: tuple[int, int]) -> Preprocessing:
         """What the served ``preprocess`` model does: resize, crop, RGB uint8 [3, H, W]."""
-        return Preprocessing(size=size, resize_mode=self.resize_mode, interpolation=self.interpolation,
-                             mean=self.mean, std=self.std, crop_pct=self.crop_pct, convert_first=True)
+        return Preprocessing(
+            size=size,
+            resize_mode=self.resize_mode,
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=self.crop_pct,
+            convert_first=True,
+        )
 
     @classmethod
     def from_sources(cls, path: Path, config: Path | None, overrides: dict) -> OnnxDescription:
@@ -96,13 +115,18 @@ class OnnxDescription:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ExportError(f"onnx description {config}: unknown keys {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted(known))}", option="onnx_config")
+            raise ExportError(
+                f"onnx description {config}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                option="onnx_config",
+            )
         missing = [k for k in ("embedding", "mean", "std") if k not in values]
         if missing:
-            raise ExportError(f"onnx:{path.name} needs {', '.join(missing)} in its description: "
-                              f"{', '.join('--' + k for k in missing)}, or keys of {path.with_suffix('.yaml').name} "
-                              "next to it", option=missing[0])
+            raise ExportError(
+                f"onnx:{path.name} needs {', '.join(missing)} in its description: "
+                f"{', '.join('--' + k for k in missing)}, or keys of {path.with_suffix('.yaml').name} "
+                "next to it",
+                option=missing[0],
+            )
         for key in ("mean", "std", "size"):
             if values.get(key) is not None:
                 value = values[key]
@@ -113,8 +137,10 @@ class OnnxDescription:
                 try:
                     values[key] = tuple(int(v) if key == "size" else float(v) for v in value)
                 except (TypeError, ValueError):
-                    raise ExportError(f"onnx description: {key} {values[key]!r} is not "
-                                      f"{'HxW' if key == 'size' else 'three numbers'}", option=key) from None
+                    raise ExportError(
+                        f"onnx description: {key} {values[key]!r} is not {'HxW' if key == 'size' else 'three numbers'}",
+                        option=key,
+                    ) from None
         try:
             return cls(**values)
         except TypeError as e:
@@ -135,8 +161,10 @@ def _read_config(path: Path) -> dict:
 
             data = yaml.safe_load(path.read_text())
     except Exception as e:
-        raise ExportError(f"onnx description file {path} is not valid {path.suffix[1:].upper()}: "
-                          f"{str(e).splitlines()[0]}", option="onnx_config") from None
+        raise ExportError(
+            f"onnx description file {path} is not valid {path.suffix[1:].upper()}: {str(e).splitlines()[0]}",
+            option="onnx_config",
+        ) from None
     if not isinstance(data, dict):
         raise ExportError(f"onnx description file {path} must hold a mapping of keys to values", option="onnx_config")
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -165,16 +193,22 @@ class OnnxEncoder:
     def card_preprocessing(self) -> dict:
         """The served preprocessing plus what the graph itself does (hashed into the fingerprint)."""
         d = self.description
-        graph = {"scale": d.scale, "channels": d.channels, "layout": d.layout, "input": self.input_name,
-                 "embedding": d.embedding}
+        graph = {
+            "scale": d.scale,
+            "channels": d.channels,
+            "layout": d.layout,
+            "input": self.input_name,
+            "embedding": d.embedding,
+        }
         if d.pool == "avg":
             graph["feature_layout"] = d.feature_layout or d.layout
         return {**self.preprocessing.as_dict(), **graph}
 
 
 def _dims(value_info) -> list:
-    return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
-            for d in value_info.type.tensor_type.shape.dim]
+    return [
+        d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in value_info.type.tensor_type.shape.dim
+    ]
 
 
 def open_file(path: Path, description: OnnxDescription) -> OnnxEncoder:
@@ -188,13 +222,17 @@ def open_file(path: Path, description: OnnxDescription) -> OnnxEncoder:
     try:
         model = onnx.load_from_string(data)
     except Exception as e:
-        raise ExportError(f"{flag}: not a readable ONNX file ({type(e).__name__}: {str(e).splitlines()[0]})",
-                          option="model") from None
+        raise ExportError(
+            f"{flag}: not a readable ONNX file ({type(e).__name__}: {str(e).splitlines()[0]})", option="model"
+        ) from None
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise ExportError(f"{flag}: an image encoder takes one input, this graph takes {len(inputs)} "
-                          f"({', '.join(i.name for i in inputs)})", option="model")
+        raise ExportError(
+            f"{flag}: an image encoder takes one input, this graph takes {len(inputs)} "
+            f"({', '.join(i.name for i in inputs)})",
+            option="model",
+        )
     graph_input = inputs[0]
     dims = _dims(graph_input)
     shown = f"input {graph_input.name!r} is [{', '.join(map(str, dims))}]"
@@ -203,37 +241,58 @@ def open_file(path: Path, description: OnnxDescription) -> OnnxEncoder:
     channel_axis, spatial = (1, (2, 3)) if description.layout == "NCHW" else (3, (1, 2))
     if isinstance(dims[channel_axis], int) and dims[channel_axis] != 3:
         other = "NHWC" if description.layout == "NCHW" else "NCHW"
-        raise ExportError(f"{flag}: {shown}: with --layout {description.layout} its channel axis {channel_axis} "
-                          f"has {dims[channel_axis]}, not 3 channels (is it {other}? --layout {other})",
-                          option="layout")
+        raise ExportError(
+            f"{flag}: {shown}: with --layout {description.layout} its channel axis {channel_axis} "
+            f"has {dims[channel_axis]}, not 3 channels (is it {other}? --layout {other})",
+            option="layout",
+        )
     static = tuple(dims[a] for a in spatial)
     size = description.size
     if size is None:
         if not all(isinstance(s, int) for s in static):
-            raise ExportError(f"{flag}: {shown}: its height and width are not fixed, so give them with "
-                              "--input-size", option="input_size")
+            raise ExportError(
+                f"{flag}: {shown}: its height and width are not fixed, so give them with --input-size",
+                option="input_size",
+            )
         size = static
     for axis, want, have in zip(("height", "width"), size, static):
         if isinstance(have, int) and have != want:
-            raise ExportError(f"{flag}: {shown}, so its {axis} is {have}, but --input-size says "
-                              f"{size[0]}x{size[1]} (height x width); the model takes {static[0]}x{static[1]}",
-                              option="input_size")
+            raise ExportError(
+                f"{flag}: {shown}, so its {axis} is {have}, but --input-size says "
+                f"{size[0]}x{size[1]} (height x width); the model takes {static[0]}x{static[1]}",
+                option="input_size",
+            )
     if isinstance(dims[0], int) and dims[0] > 0:
-        raise ExportError(f"{flag}: {shown}: its batch axis is fixed to {dims[0]}, and Triton batches requests; "
-                          "export the ONNX with a dynamic batch axis (torch.onnx.export(..., dynamic_axes="
-                          f"{{{graph_input.name!r}: {{0: 'batch'}}}}))", option="model")
+        raise ExportError(
+            f"{flag}: {shown}: its batch axis is fixed to {dims[0]}, and Triton batches requests; "
+            "export the ONNX with a dynamic batch axis (torch.onnx.export(..., dynamic_axes="
+            f"{{{graph_input.name!r}: {{0: 'batch'}}}}))",
+            option="model",
+        )
     produced = {o for node in model.graph.node for o in node.output} | {o.name for o in model.graph.output}
     if description.embedding not in produced:
         outputs = ", ".join(o.name for o in model.graph.output)
         close = difflib.get_close_matches(description.embedding, sorted(produced), n=3, cutoff=0.5)
-        raise ExportError(f"{flag}: no tensor named {description.embedding!r} (--embedding); graph outputs: "
-                          f"{outputs}{'; similar tensors: ' + ', '.join(close) if close else ''}", option="embedding")
+        raise ExportError(
+            f"{flag}: no tensor named {description.embedding!r} (--embedding); graph outputs: "
+            f"{outputs}{'; similar tensors: ' + ', '.join(close) if close else ''}",
+            option="embedding",
+        )
     if {INPUT, OUTPUT} & (produced | {graph_input.name}):
-        raise ExportError(f"{flag}: the graph already has a tensor named {INPUT} or {OUTPUT}, the names the "
-                          "rewritten tower gives its input and output; rename it in the file", option="model")
-    return OnnxEncoder(path=path, model=model, description=replace(description, size=tuple(size)),
-                       input_name=graph_input.name, input_elem_type=graph_input.type.tensor_type.elem_type,
-                       size=tuple(size), file_sha256=hashlib.sha256(data).hexdigest())
+        raise ExportError(
+            f"{flag}: the graph already has a tensor named {INPUT} or {OUTPUT}, the names the "
+            "rewritten tower gives its input and output; rename it in the file",
+            option="model",
+        )
+    return OnnxEncoder(
+        path=path,
+        model=model,
+        description=replace(description, size=tuple(size)),
+        input_name=graph_input.name,
+        input_elem_type=graph_input.type.tensor_type.elem_type,
+        size=tuple(size),
+        file_sha256=hashlib.sha256(data).hexdigest(),
+    )
 
 
 def _exposed(encoder: OnnxEncoder):
@@ -255,8 +314,9 @@ def model_input(encoder: OnnxEncoder, pixels: np.ndarray) -> np.ndarray:
     x = pixels.astype(np.float32)
     if d.channels == "BGR":
         x = x[:, ::-1]
-    x = (x * np.float32(d.scale) - np.asarray(d.mean, np.float32).reshape(1, 3, 1, 1)) \
-        / np.asarray(d.std, np.float32).reshape(1, 3, 1, 1)
+    x = (x * np.float32(d.scale) - np.asarray(d.mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(
+        d.std, np.float32
+    ).reshape(1, 3, 1, 1)
     if d.layout == "NHWC":
         x = x.transpose(0, 2, 3, 1)
     return np.ascontiguousarray(x.astype(onnx.helper.tensor_dtype_to_np_dtype(encoder.input_elem_type)))
@@ -267,13 +327,21 @@ def _pool_axes(encoder: OnnxEncoder, rank: int) -> list[int] | int | None:
     d = encoder.description
     wanted = {"none": 2, "avg": 4, "cls": 3, "mean": 3}[d.pool]
     if rank == wanted:
-        return {"none": None, "avg": [2, 3] if (d.feature_layout or d.layout) == "NCHW" else [1, 2], "cls": 0,
-                "mean": [1]}[d.pool]
-    hint = {2: "--pool none", 3: "--pool cls or --pool mean (a token sequence)",
-            4: "--pool avg (a feature map)"}.get(rank, "another --embedding tensor")
-    raise ExportError(f"--model onnx:{encoder.path.name}: tensor {d.embedding!r} has rank {rank}, but --pool "
-                      f"{d.pool} needs rank {wanted} ({'[batch, D]' if wanted == 2 else 'before pooling'}); "
-                      f"use {hint}", option="pool")
+        return {
+            "none": None,
+            "avg": [2, 3] if (d.feature_layout or d.layout) == "NCHW" else [1, 2],
+            "cls": 0,
+            "mean": [1],
+        }[d.pool]
+    hint = {2: "--pool none", 3: "--pool cls or --pool mean (a token sequence)", 4: "--pool avg (a feature map)"}.get(
+        rank, "another --embedding tensor"
+    )
+    raise ExportError(
+        f"--model onnx:{encoder.path.name}: tensor {d.embedding!r} has rank {rank}, but --pool "
+        f"{d.pool} needs rank {wanted} ({'[batch, D]' if wanted == 2 else 'before pooling'}); "
+        f"use {hint}",
+        option="pool",
+    )
 
 
 def reference_embeddings(encoder: OnnxEncoder, pixels: np.ndarray) -> np.ndarray:
@@ -285,12 +353,18 @@ def reference_embeddings(encoder: OnnxEncoder, pixels: np.ndarray) -> np.ndarray
         session = ort.InferenceSession(_exposed(encoder).SerializeToString(), providers=["CPUExecutionProvider"])
         raw = session.run([name], {encoder.input_name: model_input(encoder, pixels)})[0]
     except Exception as e:
-        raise ExportError(f"--model onnx:{encoder.path.name}: onnxruntime could not run the file on the described "
-                          f"input ({encoder.description.layout}, {encoder.size[0]}x{encoder.size[1]}): "
-                          f"{str(e).strip().splitlines()[0][:300]}", option="input_size") from None
+        raise ExportError(
+            f"--model onnx:{encoder.path.name}: onnxruntime could not run the file on the described "
+            f"input ({encoder.description.layout}, {encoder.size[0]}x{encoder.size[1]}): "
+            f"{str(e).strip().splitlines()[0][:300]}",
+            option="input_size",
+        ) from None
     if not np.issubdtype(raw.dtype, np.floating):
-        raise ExportError(f"--model onnx:{encoder.path.name}: tensor {name!r} is {raw.dtype}, not floating point: "
-                          "not an embedding (--embedding)", option="embedding")
+        raise ExportError(
+            f"--model onnx:{encoder.path.name}: tensor {name!r} is {raw.dtype}, not floating point: "
+            "not an embedding (--embedding)",
+            option="embedding",
+        )
     axes = _pool_axes(encoder, raw.ndim)
     raw = raw.astype(np.float32)
     if encoder.description.pool == "cls":
@@ -307,8 +381,10 @@ def _reduce(op: str, data: str, axes: list[int], out: str, opset: int, since: in
 
     if opset >= since:
         axes_name = f"{out}/axes"
-        return ([helper.make_node(op, [data, axes_name], [out], keepdims=0 if op != "ReduceL2" else 1)],
-                [onnx.numpy_helper.from_array(np.asarray(axes, np.int64), axes_name)])
+        return (
+            [helper.make_node(op, [data, axes_name], [out], keepdims=0 if op != "ReduceL2" else 1)],
+            [onnx.numpy_helper.from_array(np.asarray(axes, np.int64), axes_name)],
+        )
     return [helper.make_node(op, [data], [out], axes=axes, keepdims=0 if op != "ReduceL2" else 1)], []
 
 
@@ -332,19 +408,28 @@ def rewrite(encoder: OnnxEncoder):
     x = p + "float"
     nodes.append(helper.make_node("Cast", [INPUT], [x], to=TensorProto.FLOAT))
     if d.channels == "BGR":
-        nodes.append(helper.make_node("Gather", [x, const("bgr", np.asarray([2, 1, 0], np.int64))], [p + "bgr"], axis=1))
+        nodes.append(
+            helper.make_node("Gather", [x, const("bgr", np.asarray([2, 1, 0], np.int64))], [p + "bgr"], axis=1)
+        )
         x = p + "bgr"
     nodes.append(helper.make_node("Mul", [x, const("scale", np.float32(d.scale))], [p + "scaled"]))
-    nodes.append(helper.make_node("Sub", [p + "scaled", const("mean", np.asarray(d.mean, np.float32).reshape(1, 3, 1, 1))],
-                                  [p + "centred"]))
+    nodes.append(
+        helper.make_node(
+            "Sub", [p + "scaled", const("mean", np.asarray(d.mean, np.float32).reshape(1, 3, 1, 1))], [p + "centred"]
+        )
+    )
     x = p + "normalised"
-    nodes.append(helper.make_node("Div", [p + "centred", const("std", np.asarray(d.std, np.float32).reshape(1, 3, 1, 1))],
-                                  [x]))
+    nodes.append(
+        helper.make_node("Div", [p + "centred", const("std", np.asarray(d.std, np.float32).reshape(1, 3, 1, 1))], [x])
+    )
     if d.layout == "NHWC":
         nodes.append(helper.make_node("Transpose", [x], [p + "nhwc"], perm=[0, 2, 3, 1]))
         x = p + "nhwc"
-    nodes.append(helper.make_node("Cast", [x], [encoder.input_name], to=encoder.input_elem_type)
-                 if encoder.input_elem_type != TensorProto.FLOAT else helper.make_node("Identity", [x], [encoder.input_name]))
+    nodes.append(
+        helper.make_node("Cast", [x], [encoder.input_name], to=encoder.input_elem_type)
+        if encoder.input_elem_type != TensorProto.FLOAT
+        else helper.make_node("Identity", [x], [encoder.input_name])
+    )
 
     tail, y = [], d.embedding
     tail.append(helper.make_node("Cast", [y], [p + "embedding"], to=TensorProto.FLOAT))

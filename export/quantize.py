@@ -53,10 +53,15 @@ class QuantizeSettings:
     calibrate_method: str = "MinMax"  # onnxruntime CalibrationMethod name
 
     def describe(self) -> dict:
-        return {"format": "QDQ", "weights": "int8, per channel" if self.per_channel else "int8, per tensor",
-                "activations": "uint8", "op_types": list(self.op_types) if self.op_types else "all",
-                "matmul_const_b_only": self.weights_only, "float_matmul_outputs": self.weights_only,
-                "calibration_method": self.calibrate_method}
+        return {
+            "format": "QDQ",
+            "weights": "int8, per channel" if self.per_channel else "int8, per tensor",
+            "activations": "uint8",
+            "op_types": list(self.op_types) if self.op_types else "all",
+            "matmul_const_b_only": self.weights_only,
+            "float_matmul_outputs": self.weights_only,
+            "calibration_method": self.calibrate_method,
+        }
 
 
 class ScoringHead(Protocol):
@@ -87,15 +92,16 @@ def calibration_images(folder: Path | None = None) -> list[tuple[str, bytes]]:
         return reference_images()
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ExportError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})",
-                          option="calibration")
+        raise ExportError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})", option="calibration")
     images = [(str(p), p.read_bytes()) for p in files[:MAX_CALIBRATION]]
     distinct = len({data for _, data in images})
     if distinct < MIN_CALIBRATION:
-        raise ExportError(f"{folder} holds {distinct} distinct image(s); int8 calibration needs at least "
-                          f"{MIN_CALIBRATION} like the ones you will serve (activation ranges from fewer miss "
-                          "most images); add images, or leave --calibration out to use the built-in photos",
-                          option="calibration")
+        raise ExportError(
+            f"{folder} holds {distinct} distinct image(s); int8 calibration needs at least "
+            f"{MIN_CALIBRATION} like the ones you will serve (activation ranges from fewer miss "
+            "most images); add images, or leave --calibration out to use the built-in photos",
+            option="calibration",
+        )
     return images
 
 
@@ -119,8 +125,11 @@ def _activation_matmuls(path: Path) -> list[str]:
     graph = onnx.load(str(path)).graph
     constants = {i.name for i in graph.initializer}
     constants |= {o for node in graph.node if node.op_type == "Constant" for o in node.output}
-    return [node.name for node in graph.node
-            if node.op_type in QUANTIZED_OPS and not any(i in constants for i in node.input)]
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type in QUANTIZED_OPS and not any(i in constants for i in node.input)
+    ]
 
 
 def weight_nodes(path: Path, op_types: tuple[str, ...]) -> list[str]:
@@ -130,12 +139,16 @@ def weight_nodes(path: Path, op_types: tuple[str, ...]) -> list[str]:
     graph = onnx.load(str(path), load_external_data=False).graph
     constants = {i.name for i in graph.initializer}
     constants |= {o for node in graph.node if node.op_type == "Constant" for o in node.output}
-    return [node.name for node in graph.node
-            if node.op_type in op_types and any(i in constants for i in node.input)]
+    return [node.name for node in graph.node if node.op_type in op_types and any(i in constants for i in node.input)]
 
 
-def quantize_image_tower(fp32_path: Path, out_path: Path, input_name: str, calibration: np.ndarray,
-                         settings: QuantizeSettings = QuantizeSettings()) -> dict:
+def quantize_image_tower(
+    fp32_path: Path,
+    out_path: Path,
+    input_name: str,
+    calibration: np.ndarray,
+    settings: QuantizeSettings = QuantizeSettings(),
+) -> dict:
     """Write the int8 (QDQ) version of the ONNX image tower at ``fp32_path`` to ``out_path``;
     ``calibration`` is uint8 pixels [N, 3, H, W]. Returns what was done, for the card."""
     from onnxruntime.quantization import (
@@ -151,7 +164,7 @@ def quantize_image_tower(fp32_path: Path, out_path: Path, input_name: str, calib
         """Preprocessed pixels, one image a step."""
 
         def __init__(self):
-            self.items = iter([{input_name: calibration[i:i + 1]} for i in range(len(calibration))])
+            self.items = iter([{input_name: calibration[i : i + 1]} for i in range(len(calibration))])
 
         def get_next(self):
             return next(self.items, None)
@@ -165,30 +178,45 @@ def quantize_image_tower(fp32_path: Path, out_path: Path, input_name: str, calib
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         exclude = _activation_matmuls(prepared) if settings.weights_only else []
         quantize_static(
-            str(prepared), str(out_path), Reader(),
-            quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(prepared),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=settings.per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
             op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
-            calibrate_method=CalibrationMethod[settings.calibrate_method], nodes_to_exclude=exclude,
+            calibrate_method=CalibrationMethod[settings.calibrate_method],
+            nodes_to_exclude=exclude,
             # Weight MatMuls only; their outputs stay float (int32 accumulators dequantized),
             # which halved the cosine error and ran ~14% faster than re-quantizing them.
             # (MatMulConstBOnly is not honoured by the QDQ quantizer in onnxruntime 1.32, hence
             # nodes_to_exclude for Q.K^T and attention.V.)
-            extra_options={"MatMulConstBOnly": settings.weights_only,
-                           "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS) if settings.weights_only else []},
+            extra_options={
+                "MatMulConstBOnly": settings.weights_only,
+                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS) if settings.weights_only else [],
+            },
         )
     import onnx
 
     graph = onnx.load(str(out_path), load_external_data=False).graph
-    quantized = sum(1 for node in graph.node if node.op_type == "DequantizeLinear"
-                    and any(node.input[0] == init.name for init in graph.initializer))
-    return {**settings.describe(), "calibration_images": int(len(calibration)), "quantized_weights": quantized,
-            "float_activation_matmuls": len(exclude)}
+    quantized = sum(
+        1
+        for node in graph.node
+        if node.op_type == "DequantizeLinear" and any(node.input[0] == init.name for init in graph.initializer)
+    )
+    return {
+        **settings.describe(),
+        "calibration_images": int(len(calibration)),
+        "quantized_weights": quantized,
+        "float_activation_matmuls": len(exclude),
+    }
 
 
 def _embed(runner, input_name: str, output_name: str, batch: np.ndarray) -> np.ndarray:
-    return np.concatenate([runner({input_name: batch[i:i + BATCH]}, [output_name])[0]
-                           for i in range(0, len(batch), BATCH)])
+    return np.concatenate(
+        [runner({input_name: batch[i : i + BATCH]}, [output_name])[0] for i in range(0, len(batch), BATCH)]
+    )
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -197,9 +225,15 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
-def promotion_gate(fp32_path: Path, int8_path: Path, input_name: str, output_name: str,
-                   images: list[tuple[str, bytes]], preprocessing: dict,
-                   heads: list[ScoringHead] = ()) -> dict:
+def promotion_gate(
+    fp32_path: Path,
+    int8_path: Path,
+    input_name: str,
+    output_name: str,
+    images: list[tuple[str, bytes]],
+    preprocessing: dict,
+    heads: list[ScoringHead] = (),
+) -> dict:
     """Measure an int8 tower against its fp32 tower on held-out ``images``; the figures, with
     ``passed`` and ``failures`` (empty when it passed). Raises nothing: see require_passed."""
     batch = pixels(images, preprocessing)
@@ -208,34 +242,54 @@ def promotion_gate(fp32_path: Path, int8_path: Path, input_name: str, output_nam
     quantized = _embed(load_runner(str(int8_path), device="cpu"), input_name, output_name, batch)
     cosines = _cosines(quantized, reference)
     worst = int(np.argmin(cosines))
-    figures = {"images": len(names), "mean_cosine": float(cosines.mean()), "min_cosine": float(cosines[worst]),
-               "worst_image": names[worst], "required_min_cosine": MIN_COSINE,
-               "required_label_agreement": MIN_AGREEMENT, "heads": {}}
+    figures = {
+        "images": len(names),
+        "mean_cosine": float(cosines.mean()),
+        "min_cosine": float(cosines[worst]),
+        "worst_image": names[worst],
+        "required_min_cosine": MIN_COSINE,
+        "required_label_agreement": MIN_AGREEMENT,
+        "heads": {},
+    }
     failures = []
     if not cosines[worst] >= MIN_COSINE:
-        failures.append(f"min cosine to fp32 {cosines[worst]:.4f} < {MIN_COSINE} (on {names[worst]}; "
-                        f"mean {cosines.mean():.4f} over {len(names)} held-out images)")
+        failures.append(
+            f"min cosine to fp32 {cosines[worst]:.4f} < {MIN_COSINE} (on {names[worst]}; "
+            f"mean {cosines.mean():.4f} over {len(names)} held-out images)"
+        )
     for head in heads:
         before = head.accepted_mask(head.scores(reference))
         after = head.accepted_mask(head.scores(quantized))
         same = np.all(before == after, axis=1)
         changed = [names[i] for i in np.flatnonzero(~same)]
-        figures["heads"][head.title] = {"label_agreement": float(same.mean()), "changed": len(changed),
-                                        "changed_examples": changed[:5]}
+        figures["heads"][head.title] = {
+            "label_agreement": float(same.mean()),
+            "changed": len(changed),
+            "changed_examples": changed[:5],
+        }
         if not same.mean() >= MIN_AGREEMENT:
-            failures.append(f"head {head.title}: accepted labels unchanged on {same.mean():.2%} of images "
-                            f"< {MIN_AGREEMENT:.0%} ({len(changed)} of {len(names)} changed, e.g. {changed[:3]})")
+            failures.append(
+                f"head {head.title}: accepted labels unchanged on {same.mean():.2%} of images "
+                f"< {MIN_AGREEMENT:.0%} ({len(changed)} of {len(names)} changed, e.g. {changed[:3]})"
+            )
     figures["passed"] = not failures
     figures["failures"] = failures
-    LOG.info("int8 gate: cosine mean %.5f min %.5f over %d images; heads %s; %s", cosines.mean(),
-             cosines[worst], len(names), {k: v["label_agreement"] for k, v in figures["heads"].items()},
-             "passed" if not failures else "FAILED")
+    LOG.info(
+        "int8 gate: cosine mean %.5f min %.5f over %d images; heads %s; %s",
+        cosines.mean(),
+        cosines[worst],
+        len(names),
+        {k: v["label_agreement"] for k, v in figures["heads"].items()},
+        "passed" if not failures else "FAILED",
+    )
     return figures
 
 
 def require_passed(figures: dict, error: type[Exception], what: str) -> None:
     """Raise ``error`` naming every figure that failed the gate."""
     if not figures["passed"]:
-        raise error(f"{what}: the int8 image tower fails the promotion gate, so it is refused and nothing "
-                    f"was written: {'; '.join(figures['failures'])}. Calibrate on more images like yours "
-                    "(--calibration DIR), or stay with fp32")
+        raise error(
+            f"{what}: the int8 image tower fails the promotion gate, so it is refused and nothing "
+            f"was written: {'; '.join(figures['failures'])}. Calibrate on more images like yours "
+            "(--calibration DIR), or stay with fp32"
+        )

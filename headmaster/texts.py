@@ -17,13 +17,71 @@ from pathlib import Path
 TEXT_SUFFIXES = frozenset({".txt"})
 MAN_ROOT = Path("/usr/share/man")
 # Macros whose arguments are text (man(7) and mdoc(7)); every other request line is dropped.
-_TEXT_MACROS = {"SH", "SS", "B", "I", "BR", "BI", "IB", "IR", "RB", "RI", "SM", "SB", "TP", "IP",
-                "Nm", "Nd", "Ar", "Fl", "Cm", "Pa", "Va", "Fn", "Fa", "Ft", "Xr", "Sh", "Ss", "Dq", "Sq", "Ql",
-                "Em", "Sy", "Li", "Op", "It", "Ev", "Er", "Dv", "Ic", "Tn"}
-_NAMED = {"em": "\u2014", "en": "\u2013", "aq": "'", "dq": '"', "lq": '"', "rq": '"', "oq": "'", "cq": "'",
-          "bu": "*", "co": "(c)", "mi": "-", "hy": "-", "ti": "~", "ha": "^", "rs": "\\", "lh": "", "rh": ""}
-_ESCAPE = re.compile(r"\\(f(\[[^\]]*\]|\(..|.)|s[-+]?\d+|\*(\[[^\]]*\]|\(..|.)|\((..)|\[([^\]]*)\]|"
-                     r"[&|^%:c]|e|-|.)")
+_TEXT_MACROS = {
+    "SH",
+    "SS",
+    "B",
+    "I",
+    "BR",
+    "BI",
+    "IB",
+    "IR",
+    "RB",
+    "RI",
+    "SM",
+    "SB",
+    "TP",
+    "IP",
+    "Nm",
+    "Nd",
+    "Ar",
+    "Fl",
+    "Cm",
+    "Pa",
+    "Va",
+    "Fn",
+    "Fa",
+    "Ft",
+    "Xr",
+    "Sh",
+    "Ss",
+    "Dq",
+    "Sq",
+    "Ql",
+    "Em",
+    "Sy",
+    "Li",
+    "Op",
+    "It",
+    "Ev",
+    "Er",
+    "Dv",
+    "Ic",
+    "Tn",
+}
+_NAMED = {
+    "em": "\u2014",
+    "en": "\u2013",
+    "aq": "'",
+    "dq": '"',
+    "lq": '"',
+    "rq": '"',
+    "oq": "'",
+    "cq": "'",
+    "bu": "*",
+    "co": "(c)",
+    "mi": "-",
+    "hy": "-",
+    "ti": "~",
+    "ha": "^",
+    "rs": "\\",
+    "lh": "",
+    "rh": "",
+}
+_ESCAPE = re.compile(
+    r"\\(f(\[[^\]]*\]|\(..|.)|s[-+]?\d+|\*(\[[^\]]*\]|\(..|.)|\((..)|\[([^\]]*)\]|"
+    r"[&|^%:c]|e|-|.)"
+)
 
 
 def _unescape(text: str) -> str:
@@ -48,7 +106,7 @@ def man_page_text(path: Path, limit: int = 2000) -> str | None:
     raw = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
     words: list[str] = []
     for line in raw.decode("utf-8", "replace").splitlines():
-        if line.startswith((".\\\"", "'\\\"", '.\\"', "'\\\"")):
+        if line.startswith(('.\\"', "'\\\"", '.\\"', "'\\\"")):
             continue
         if line.startswith((".", "'")):
             request, _, rest = line[1:].strip().partition(" ")
@@ -62,8 +120,12 @@ def man_page_text(path: Path, limit: int = 2000) -> str | None:
     return text[:limit] if len(text) >= 200 else None
 
 
-def man_pages(sections: tuple[str, ...] = ("1", "2", "3", "5", "7", "8"), per_section: int = 100,
-              seed: int = 0, root: Path = MAN_ROOT) -> list[tuple[str, str, str]]:
+def man_pages(
+    sections: tuple[str, ...] = ("1", "2", "3", "5", "7", "8"),
+    per_section: int = 100,
+    seed: int = 0,
+    root: Path = MAN_ROOT,
+) -> list[tuple[str, str, str]]:
     """(page file name, text, section) of ``per_section`` pages drawn (seeded) from each section's
     plain ``*.N.gz`` pages (not 3pm, 1ssl, ...), fewer where a section has fewer; sorted. A text
     seen already (a page installed under two names) is not taken twice, in any section."""

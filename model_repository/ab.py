@@ -37,15 +37,23 @@ class AbTest:
         if self.mode not in MODES:
             raise RepositoryError(f"an A/B test's mode is canary or shadow, not {self.mode!r}")
         if self.mode == "canary" and not 0.0 < self.share < 1.0:
-            raise RepositoryError(f"--share must be above 0 and below 1, got {self.share}: the share of items "
-                                  f"version {self.version} answers (promote it to give it every item)")
+            raise RepositoryError(
+                f"--share must be above 0 and below 1, got {self.share}: the share of items "
+                f"version {self.version} answers (promote it to give it every item)"
+            )
         if self.version == self.live:
             raise RepositoryError(f"head {self.head} already serves v{self.live}: a test needs another version")
 
     @classmethod
     def new(cls, head: str, live: int, version: int, share: float, shadow: bool) -> AbTest:
-        return cls(head, live, version, "shadow" if shadow else "canary", 0.0 if shadow else float(share),
-                   dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        return cls(
+            head,
+            live,
+            version,
+            "shadow" if shadow else "canary",
+            0.0 if shadow else float(share),
+            dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
 
     def params(self) -> dict:
         """What threshold and the ensembles are rendered with (topology.head_dependent_models)."""
@@ -83,6 +91,8 @@ def refuse_during_test(repo: Path, head: str, action: str) -> None:
     test's pinned ensembles name: finish the test first."""
     test = running(repo, head)
     if test is not None:
-        raise RepositoryError(f"cannot {action} head {head}: it runs a {test.mode} test of v{test.version} against "
-                              f"v{test.live}; finish it first with `headmaster heads promote {head}` or "
-                              f"`headmaster heads abort {head}`")
+        raise RepositoryError(
+            f"cannot {action} head {head}: it runs a {test.mode} test of v{test.version} against "
+            f"v{test.live}; finish it first with `headmaster heads promote {head}` or "
+            f"`headmaster heads abort {head}`"
+        )

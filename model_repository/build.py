@@ -44,8 +44,10 @@ def _tokenizer_files(card: EncoderCard, encoder_dir: Path, folder: Path) -> None
         source = encoder_dir / TOKENIZER_DIR / name
         found = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else "missing"
         if found != digest:
-            raise RepositoryError(f"{encoder_dir}: tokenizer file {TOKENIZER_DIR}/{name} is {found}, not the "
-                                  f"{digest} its card records; export the encoder again")
+            raise RepositoryError(
+                f"{encoder_dir}: tokenizer file {TOKENIZER_DIR}/{name} is {found}, not the "
+                f"{digest} its card records; export the encoder again"
+            )
         shutil.copyfile(source, folder / TOKENIZER_DIR / name)
 
 
@@ -53,9 +55,13 @@ def precision_gate(previous: Repository, card: EncoderCard, encoder_dir: Path) -
     """The int8 promotion gate when ``previous`` (same encoder, not int8) switches to the int8
     export in ``encoder_dir``: its figures, or None when no switch happens. Raises
     RepositoryError naming the figures when the int8 tower fails."""
-    if not (card.precision == "int8" and previous.card.precision != "int8"
-            and previous.fingerprint == card.fingerprint and "image" in previous.card.towers
-            and "image" in card.towers):
+    if not (
+        card.precision == "int8"
+        and previous.card.precision != "int8"
+        and previous.fingerprint == card.fingerprint
+        and "image" in previous.card.towers
+        and "image" in card.towers
+    ):
         return None
     from headmaster.export import quantize  # onnxruntime.quantization: only when switching
 
@@ -63,11 +69,17 @@ def precision_gate(previous: Repository, card: EncoderCard, encoder_dir: Path) -
     new = card.towers["image"]
     heads = [HeadVersion.load(previous, head.name) for head in previous.heads() if head.live is not None]
     figures = quantize.promotion_gate(
-        encoder_artifact(previous.path, "image", served.format), Path(encoder_dir) / new.file,
-        new.input_name, new.output_name, quantize.gate_images(quantize.calibration_images()),
-        card.preprocessing, heads)
-    quantize.require_passed(figures, RepositoryError,
-                            f"cannot switch {previous.path} from {previous.card.precision} to int8")
+        encoder_artifact(previous.path, "image", served.format),
+        Path(encoder_dir) / new.file,
+        new.input_name,
+        new.output_name,
+        quantize.gate_images(quantize.calibration_images()),
+        card.preprocessing,
+        heads,
+    )
+    quantize.require_passed(
+        figures, RepositoryError, f"cannot switch {previous.path} from {previous.card.precision} to int8"
+    )
     return {"from": previous.card.precision, "to": "int8", "gate": figures}
 
 
@@ -82,8 +94,9 @@ def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = Buil
             try:
                 previous = Repository(repo)
                 for head in previous.heads():
-                    require_same_encoder(card.fingerprint, head.card.encoder_fingerprint,
-                                         f"head {head.name} v{head.live} in {repo}")
+                    require_same_encoder(
+                        card.fingerprint, head.card.encoder_fingerprint, f"head {head.name} v{head.live} in {repo}"
+                    )
             except HeadmasterError as e:
                 raise RepositoryError(
                     f"cannot build {repo} with encoder {card.short_fingerprint}: {e}. Build into a new "
@@ -91,16 +104,27 @@ def build_repository(encoder_dir: Path, repo: Path, options: BuildOptions = Buil
                 ) from None
             promotion = precision_gate(previous, card, encoder_dir)  # before anything is written
         for tower, spec in card.towers.items():
+
             def build_tower(folder: Path, _version: int, spec=spec) -> None:
                 _link_or_copy(Path(encoder_dir) / spec.file, folder / ARTIFACT_FILES[spec.format])
                 copy_backend("runtime", folder)
                 card.save(folder)
+
             replace_version(repo, f"{tower}_encoder", 1, build_tower)
-        for name, source in ((("preprocess", "preprocess"),) if "image" in card.towers else ()) + \
-                (("threshold", "threshold"),) + ((("tokenize", "tokenize"),) if "text" in card.towers else ()):
+        for name, source in (
+            ((("preprocess", "preprocess"),) if "image" in card.towers else ())
+            + (("threshold", "threshold"),)
+            + ((("tokenize", "tokenize"),) if "text" in card.towers else ())
+        ):
             own = source == "tokenize" and card.tokenizer is not None  # an hf:FOLDER's own tokenizer
-            replace_version(repo, name, 1, lambda folder, _v, source=source, own=own: (
-                _tokenizer_files(card, Path(encoder_dir), folder) if own else copy_backend(source, folder)))
+            replace_version(
+                repo,
+                name,
+                1,
+                lambda folder, _v, source=source, own=own: (
+                    _tokenizer_files(card, Path(encoder_dir), folder) if own else copy_backend(source, folder)
+                ),
+            )
         for head_dir in repo.glob(f"*/[0-9]*/{HEAD_FILE}"):
             copy_backend("runtime", head_dir.parent)
         manifest = {"schema": MANIFEST_SCHEMA, "build": asdict(options), "encoder": json.loads(card.to_json())}

@@ -54,8 +54,11 @@ class Tensor:
             raise ConfigError(f"tensor {self.name}: dims must be positive or -1, got {self.dims}")
 
     def proto(self, is_input: bool) -> dict:
-        d: dict[str, object] = {"name": self.name, "data_type": "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}",
-             "dims": [str(x) for x in self.dims]}
+        d: dict[str, object] = {
+            "name": self.name,
+            "data_type": "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}",
+            "dims": [str(x) for x in self.dims],
+        }
         if is_input and self.optional:
             d["optional"] = True
         return d
@@ -119,17 +122,27 @@ def warmup(inputs, batch_sizes: tuple[int, ...] = (1,)) -> list[dict]:
         return []
     entries = []
     for size in dict.fromkeys(batch_sizes):
-        fill = {t.name: {"data_type": f"TYPE_{t.dtype}", "dims": [str(d) for d in t.dims],
-                         **({"random_data": True} if t.dtype.startswith("FP") else {"zero_data": True})}
-                for t in inputs if not t.optional}
+        fill = {
+            t.name: {
+                "data_type": f"TYPE_{t.dtype}",
+                "dims": [str(d) for d in t.dims],
+                **({"random_data": True} if t.dtype.startswith("FP") else {"zero_data": True}),
+            }
+            for t in inputs
+            if not t.optional
+        }
         entries.append({"name": f"warmup_batch_{size}", "batch_size": size, "inputs": fill, "count": 1})
     return entries
 
 
 def _base(name: str, batching: Batching, inputs, outputs, flavour: str, instances: Instances) -> dict:
-    return {"name": name, **batching.proto(),
-            "input": [t.proto(True) for t in inputs], "output": [t.proto(False) for t in outputs],
-            "instance_group": instances.proto(flavour)}
+    return {
+        "name": name,
+        **batching.proto(),
+        "input": [t.proto(True) for t in inputs],
+        "output": [t.proto(False) for t in outputs],
+        "instance_group": instances.proto(flavour),
+    }
 
 
 class ModelDescription(Protocol):
@@ -160,8 +173,9 @@ class PreprocessModel:
         if self.decoder not in ("pillow", "torchvision"):
             raise ConfigError(f"decoder must be pillow or torchvision, not {self.decoder!r}", option="decoder")
         if self.instances.gpu and self.decoder != "torchvision":
-            raise ConfigError("preprocess runs on a GPU only with decoder torchvision (Pillow decodes on CPU)",
-                              option="decoder")
+            raise ConfigError(
+                "preprocess runs on a GPU only with decoder torchvision (Pillow decodes on CPU)", option="decoder"
+            )
         if 0 < self.max_aspect_ratio < 1:
             raise ConfigError(f"max_aspect_ratio is longest/shortest side, so >= 1, not {self.max_aspect_ratio}")
 
@@ -172,16 +186,25 @@ class PreprocessModel:
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
         instances = Instances(self.instances.count, self.instances.gpu, python_gpu=self.instances.gpu)
-        return {**_base(self.name, self.batching, [Tensor("IMAGE", "BYTES", (1,))], [self.output], flavour,
-                        instances),
-                "backend": "python",
-                "parameters": _params(preprocessing=json.dumps(self.preprocessing), decode_concurrency=self.threads,
-                                      **({"decoder": self.decoder} if self.decoder != "pillow" else {}),
-                                      **{k: v for k, v in (("max_pixels", self.max_pixels),
-                                                           ("max_aspect_ratio", self.max_aspect_ratio),
-                                                           ("max_request_bytes", self.max_request_bytes),
-                                                           ("exact_decode", "true" if self.exact_decode else ""))
-                                         if v})}
+        return {
+            **_base(self.name, self.batching, [Tensor("IMAGE", "BYTES", (1,))], [self.output], flavour, instances),
+            "backend": "python",
+            "parameters": _params(
+                preprocessing=json.dumps(self.preprocessing),
+                decode_concurrency=self.threads,
+                **({"decoder": self.decoder} if self.decoder != "pillow" else {}),
+                **{
+                    k: v
+                    for k, v in (
+                        ("max_pixels", self.max_pixels),
+                        ("max_aspect_ratio", self.max_aspect_ratio),
+                        ("max_request_bytes", self.max_request_bytes),
+                        ("exact_decode", "true" if self.exact_decode else ""),
+                    )
+                    if v
+                },
+            ),
+        }
 
 
 @dataclass(frozen=True)
@@ -202,7 +225,9 @@ class EncoderModel:
 
     def __post_init__(self) -> None:
         if self.format not in NATIVE_PLATFORMS:
-            raise ConfigError(f"encoder {self.name}: format must be one of {sorted(NATIVE_PLATFORMS)}, not {self.format!r}")
+            raise ConfigError(
+                f"encoder {self.name}: format must be one of {sorted(NATIVE_PLATFORMS)}, not {self.format!r}"
+            )
         if self.cache_bytes < 0:
             raise ConfigError(f"encoder {self.name}: cache_bytes must be >= 0, got {self.cache_bytes}")
 
@@ -235,10 +260,16 @@ class EncoderModel:
             gpu_inputs = _params(FORCE_CPU_ONLY_INPUT_TENSORS="no")
         else:
             gpu_inputs = {}
-        return {**base, "backend": "python",
-                "parameters": {**identity, **gpu_inputs, **_params(artifact=self.artifact, device=self.device,
-                                                                   graph_optimization=self.graph_optimization),
-                               **(_params(cache_bytes=self.cache_bytes) if self.cache_bytes else {})}}
+        return {
+            **base,
+            "backend": "python",
+            "parameters": {
+                **identity,
+                **gpu_inputs,
+                **_params(artifact=self.artifact, device=self.device, graph_optimization=self.graph_optimization),
+                **(_params(cache_bytes=self.cache_bytes) if self.cache_bytes else {}),
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -256,22 +287,43 @@ class TokenizeModel:
 
     def __post_init__(self) -> None:
         if self.max_text_bytes < 0:
-            raise ConfigError(f"max_text_bytes must be >= 0 (0 = the default), not {self.max_text_bytes}",
-                              option="max_text_bytes")
+            raise ConfigError(
+                f"max_text_bytes must be >= 0 (0 = the default), not {self.max_text_bytes}", option="max_text_bytes"
+            )
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
-        own = ({} if self.folder_tokenizer is None
-               else _params(tokenizer="folder", pad_id=self.folder_tokenizer["pad_id"],
-                            # a SigLIP spiece.model: the rest of its record (tokenize.siglip_tokenizer reads it)
-                            **({"spec": json.dumps(self.folder_tokenizer, sort_keys=True)}
-                               if "format" in self.folder_tokenizer else {})))
-        return {**_base(self.name, self.batching, [Tensor("TEXT", "BYTES", (1,))],
-                        [Tensor("TOKENS", "INT64", (self.context_length,))], flavour, Instances(1)),
-                "backend": "python", "parameters": {**_params(model=self.model, context_length=self.context_length),
-                                                    **own, **(_params(max_text_bytes=self.max_text_bytes)
-                                                              if self.max_text_bytes else {}),
-                                                    **(_params(refuse_empty="true") if self.refuse_empty else {})}}
+        own = (
+            {}
+            if self.folder_tokenizer is None
+            else _params(
+                tokenizer="folder",
+                pad_id=self.folder_tokenizer["pad_id"],
+                # a SigLIP spiece.model: the rest of its record (tokenize.siglip_tokenizer reads it)
+                **(
+                    {"spec": json.dumps(self.folder_tokenizer, sort_keys=True)}
+                    if "format" in self.folder_tokenizer
+                    else {}
+                ),
+            )
+        )
+        return {
+            **_base(
+                self.name,
+                self.batching,
+                [Tensor("TEXT", "BYTES", (1,))],
+                [Tensor("TOKENS", "INT64", (self.context_length,))],
+                flavour,
+                Instances(1),
+            ),
+            "backend": "python",
+            "parameters": {
+                **_params(model=self.model, context_length=self.context_length),
+                **own,
+                **(_params(max_text_bytes=self.max_text_bytes) if self.max_text_bytes else {}),
+                **(_params(refuse_empty="true") if self.refuse_empty else {}),
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -295,8 +347,10 @@ class HeadModel:
 
     def __post_init__(self) -> None:
         if self.live_version in self.also_serve or any(v < 1 for v in self.also_serve):
-            raise ConfigError(f"head {self.name}: also_serve {self.also_serve} must be versions >= 1 other than "
-                              f"the live one ({self.live_version})")
+            raise ConfigError(
+                f"head {self.name}: also_serve {self.also_serve} must be versions >= 1 other than "
+                f"the live one ({self.live_version})"
+            )
         if self.live_version < 1:
             raise ConfigError(f"head {self.name}: live_version must be >= 1, got {self.live_version}")
         if self.num_labels is not None and self.num_labels < 1:
@@ -308,8 +362,14 @@ class HeadModel:
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
-        base = _base(self.name, self.batching, [Tensor("EMBEDDING", "FP32", (self.embed_dim,))],
-                     self.outputs, flavour, self.instances)
+        base = _base(
+            self.name,
+            self.batching,
+            [Tensor("EMBEDDING", "FP32", (self.embed_dim,))],
+            self.outputs,
+            flavour,
+            self.instances,
+        )
         base["version_policy"] = {"specific": {"versions": sorted([self.live_version, *self.also_serve])}}
         if flavour == "native":
             return {**base, "platform": "onnxruntime_onnx"}
@@ -348,24 +408,36 @@ class ThresholdModel:
         if self.ab:
             tensors.append(Tensor("IMAGE", "BYTES", (1,), optional=True))
         for head in self.heads:
-            tensors += [Tensor(f"SCORES_{head}", "FP32", (-1,), optional=True),
-                        Tensor(f"INFO_{head}", "BYTES", (1,), optional=True)]
+            tensors += [
+                Tensor(f"SCORES_{head}", "FP32", (-1,), optional=True),
+                Tensor(f"INFO_{head}", "BYTES", (1,), optional=True),
+            ]
             if head in (self.ab or {}):
-                tensors += [Tensor(f"SCORES_AB_{head}", "FP32", (-1,), optional=True),
-                            Tensor(f"INFO_AB_{head}", "BYTES", (1,), optional=True)]
+                tensors += [
+                    Tensor(f"SCORES_AB_{head}", "FP32", (-1,), optional=True),
+                    Tensor(f"INFO_AB_{head}", "BYTES", (1,), optional=True),
+                ]
         return tensors
 
     @property
     def outputs(self) -> list[Tensor]:
-        return [Tensor("RESULT", "BYTES", (1,)), Tensor("EMBEDDING_OUT", "FP32", (self.embed_dim,)),
-                *(Tensor(f"SCORES_OUT_{head}", "FP32", (-1,)) for head in self.heads)]
+        return [
+            Tensor("RESULT", "BYTES", (1,)),
+            Tensor("EMBEDDING_OUT", "FP32", (self.embed_dim,)),
+            *(Tensor(f"SCORES_OUT_{head}", "FP32", (-1,)) for head in self.heads),
+        ]
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
-        return {**_base(self.name, self.batching, self.inputs, self.outputs, flavour, Instances(1)),
-                "backend": "python", "parameters": _params(heads=json.dumps(list(self.heads)), encoder=self.encoder,
-                                                           **({"ab": json.dumps(self.ab, sort_keys=True)}
-                                                              if self.ab else {}))}
+        return {
+            **_base(self.name, self.batching, self.inputs, self.outputs, flavour, Instances(1)),
+            "backend": "python",
+            "parameters": _params(
+                heads=json.dumps(list(self.heads)),
+                encoder=self.encoder,
+                **({"ab": json.dumps(self.ab, sort_keys=True)} if self.ab else {}),
+            ),
+        }
 
 
 @dataclass(frozen=True)
@@ -382,10 +454,17 @@ class StudentModel:
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)  # a python model in both flavours
-        return {**_base(self.name, self.batching, [Tensor("IMAGE", "BYTES", (1,))],
-                        [Tensor("SCORES", "FP32", (self.num_labels,)), Tensor("RESULT", "BYTES", (1,))],
-                        flavour, Instances(1)),
-                "backend": "python"}
+        return {
+            **_base(
+                self.name,
+                self.batching,
+                [Tensor("IMAGE", "BYTES", (1,))],
+                [Tensor("SCORES", "FP32", (self.num_labels,)), Tensor("RESULT", "BYTES", (1,))],
+                flavour,
+                Instances(1),
+            ),
+            "backend": "python",
+        }
 
 
 @dataclass(frozen=True)
@@ -398,8 +477,12 @@ class Step:
     version: int = -1  # -1: the newest loaded; a number while a head serves two (an A/B test)
 
     def proto(self) -> dict:
-        return {"model_name": self.model, "model_version": str(self.version),
-                "input_map": dict(self.inputs), "output_map": dict(self.outputs)}
+        return {
+            "model_name": self.model,
+            "model_version": str(self.version),
+            "input_map": dict(self.inputs),
+            "output_map": dict(self.outputs),
+        }
 
 
 @dataclass(frozen=True)
@@ -417,8 +500,9 @@ class EnsembleModel:
         for step in self.steps:
             missing = set(step.inputs.values()) - produced
             if missing:
-                raise ConfigError(f"ensemble {self.name}: step {step.model} reads {sorted(missing)}, "
-                                  "which no earlier step produces")
+                raise ConfigError(
+                    f"ensemble {self.name}: step {step.model} reads {sorted(missing)}, which no earlier step produces"
+                )
             produced |= set(step.outputs.values())
         unproduced = {t.name for t in self.outputs} - produced
         if unproduced:
@@ -428,14 +512,21 @@ class EnsembleModel:
         read = {tensor for step in self.steps for tensor in step.inputs.values()}
         both = sorted({t.name for t in self.outputs} & read)
         if both:
-            raise ConfigError(f"ensemble {self.name}: outputs {both} are also read by a step; a request asking "
-                              "for a subset of the outputs would deadlock in Triton's ensemble scheduler")
+            raise ConfigError(
+                f"ensemble {self.name}: outputs {both} are also read by a step; a request asking "
+                "for a subset of the outputs would deadlock in Triton's ensemble scheduler"
+            )
 
     def config(self, flavour: str) -> dict:
         _check_flavour(flavour)
-        return {"name": self.name, "platform": "ensemble", "max_batch_size": self.max_batch_size,
-                "input": [t.proto(True) for t in self.inputs], "output": [t.proto(False) for t in self.outputs],
-                "ensemble_scheduling": {"step": [s.proto() for s in self.steps]}}
+        return {
+            "name": self.name,
+            "platform": "ensemble",
+            "max_batch_size": self.max_batch_size,
+            "input": [t.proto(True) for t in self.inputs],
+            "output": [t.proto(False) for t in self.outputs],
+            "ensemble_scheduling": {"step": [s.proto() for s in self.steps]},
+        }
 
 
 def to_proto(model: ModelDescription, flavour: str) -> model_config_pb2.ModelConfig:

@@ -57,17 +57,12 @@ def _problem(text: str, model: str | None = None, foreign: bool = False) -> Prob
     return p
 
 
-
-
-
-
 def error_for(repo: Path, found: list[str]) -> InconsistentRepositoryError:
     """The exception Repository.validate raises for a non-empty ``problems()`` list."""
     foreign = any(getattr(p, "foreign", False) for p in found)
     error = ForeignHeadsRepositoryError if foreign else InconsistentRepositoryError
     lines = "\n".join(f"  - {p}" for p in found)
-    return error(f"{repo} has {len(found)} problem(s):\n{lines}\n"
-                 f"fix them with `headmaster repo repair --repo {repo}`")
+    return error(f"{repo} has {len(found)} problem(s):\n{lines}\nfix them with `headmaster repo repair --repo {repo}`")
 
 
 def check(repo: Path) -> None:
@@ -123,8 +118,9 @@ def _configured_heads(model_name: str, config) -> list[str]:
         except (KeyError, ValueError, TypeError):
             return []
     # A head under an A/B test has two steps (its live version and the candidate): named once.
-    return list(dict.fromkeys(s.model_name for s in config.ensemble_scheduling.step
-                              if s.model_name not in NON_HEAD_STEPS))
+    return list(
+        dict.fromkeys(s.model_name for s in config.ensemble_scheduling.step if s.model_name not in NON_HEAD_STEPS)
+    )
 
 
 def _test_of(repo: Path, name: str):
@@ -165,8 +161,11 @@ def _looks_like_head(folder: Path) -> bool:
 def head_folders(repo: Path) -> list[str]:
     """Folders that are heads: a version with head.json, or a head's config.pbtxt. Other
     folders (this package's source, when the repository is the checkout's) are not."""
-    return sorted(d.name for d in Path(repo).iterdir()
-                  if d.is_dir() and NAME_PATTERN.match(d.name) and d.name not in RESERVED_NAMES and _looks_like_head(d))
+    return sorted(
+        d.name
+        for d in Path(repo).iterdir()
+        if d.is_dir() and NAME_PATTERN.match(d.name) and d.name not in RESERVED_NAMES and _looks_like_head(d)
+    )
 
 
 def survey_head(repository, name: str) -> HeadSurvey:
@@ -192,15 +191,25 @@ def _head_problems(repository, survey: HeadSurvey) -> list[Problem]:
     found: list[Problem] = []
     name, live = survey.name, survey.configured
     if not survey.has_config:
-        found.append(_problem(f"head {name}: {name}/{CONFIG} is missing, so it is not served (a head folder "
-                              "copied in by hand and not adopted yet?)", name))
+        found.append(
+            _problem(
+                f"head {name}: {name}/{CONFIG} is missing, so it is not served (a head folder "
+                "copied in by hand and not adopted yet?)",
+                name,
+            )
+        )
     elif survey.config_error:
         found.append(_problem(f"head {name}: {survey.config_error}", name))
     elif live is None:
         found.append(_problem(f"head {name}: {name}/{CONFIG} does not name the version it serves", name))
     elif live not in survey.versions:
-        found.append(_problem(f"head {name}: {name}/{CONFIG} serves v{live}, which is not on disk "
-                              f"(versions: {survey.versions or 'none'})", name))
+        found.append(
+            _problem(
+                f"head {name}: {name}/{CONFIG} serves v{live}, which is not on disk "
+                f"(versions: {survey.versions or 'none'})",
+                name,
+            )
+        )
     for v, problem in survey.invalid.items():
         if v == live:
             found.append(_problem(f"{problem} (the version {name}/{CONFIG} serves)", name, problem.foreign))
@@ -232,7 +241,7 @@ def _old_version_target(repo: Path, path: Path) -> Path | None:
     """For ``model/.old-N-PID`` (replace_version, interrupted) whose ``model/N`` is missing:
     ``model/N``, which repair restores it to."""
     if path.name.startswith(".old-") and path.parent != repo and path.is_dir():
-        number = path.name[len(".old-"):].split("-", 1)[0]
+        number = path.name[len(".old-") :].split("-", 1)[0]
         if number.isdigit() and not (path.parent / number).exists():
             return path.parent / number
     return None
@@ -280,8 +289,13 @@ def _static_problems(repository) -> list[Problem]:
                 found.append(_problem(f"{model.name}/1/card.json: {e}; {_rebuild(repo)}", model.name))
                 continue
             if card_fingerprint != repository.fingerprint:
-                found.append(_problem(f"{model.name}/1 holds encoder {card_fingerprint.split(':')[-1][:12]}, but the "
-                                      f"manifest names {repository.card.short_fingerprint}; {_rebuild(repo)}", model.name))
+                found.append(
+                    _problem(
+                        f"{model.name}/1 holds encoder {card_fingerprint.split(':')[-1][:12]}, but the "
+                        f"manifest names {repository.card.short_fingerprint}; {_rebuild(repo)}",
+                        model.name,
+                    )
+                )
     return found
 
 
@@ -312,8 +326,9 @@ def _head_model_problems(repository, surveys: dict[str, HeadSurvey]) -> list[Pro
         if left_out:
             found.append(_problem(f"{what} leaves out heads that are on disk: {', '.join(left_out)}", model.name))
         if not (gone or broken or unconfigured or left_out) and config != _rendered(repository, model):
-            found.append(_problem(f"{model.name}/{CONFIG} is not what the repository renders for heads "
-                                  f"[{', '.join(serving)}]"))
+            found.append(
+                _problem(f"{model.name}/{CONFIG} is not what the repository renders for heads [{', '.join(serving)}]")
+            )
     return found
 
 
@@ -416,15 +431,20 @@ def repair(repo_path: Path) -> list[str]:
             if repository.flavour == "portable":
                 for v in versions(folder):
                     version_dir = folder / str(v)
-                    if (version_dir / MODEL_FILE).is_file() and (version_dir / HEAD_FILE).is_file() \
-                            and not (version_dir / RUNNER_FILE).is_file():
+                    if (
+                        (version_dir / MODEL_FILE).is_file()
+                        and (version_dir / HEAD_FILE).is_file()
+                        and not (version_dir / RUNNER_FILE).is_file()
+                    ):
                         copy_backend("runtime", version_dir)
                         actions.append(f"restored {name}/{v}/{RUNNER_FILE}")
             survey = survey_head(repository, name)
             if not survey.valid:
                 moved = _aside(folder, repo, name)
-                actions.append(f"head {name} has no valid version (versions: {survey.versions or 'none'}): moved "
-                               f"{name}/ to {moved.name}/ and left it out of the ensembles")
+                actions.append(
+                    f"head {name} has no valid version (versions: {survey.versions or 'none'}): moved "
+                    f"{name}/ to {moved.name}/ and left it out of the ensembles"
+                )
                 continue
             for v, problem in survey.invalid.items():
                 moved = _aside(folder / str(v), folder, str(v))
@@ -433,8 +453,7 @@ def repair(repo_path: Path) -> list[str]:
             model = repository.head_model(name, live)
             if not _config_matches(repository, model):
                 repository.write_config(model)
-                before = (f"; its config named v{survey.configured}" if survey.configured not in (None, live)
-                          else "")
+                before = f"; its config named v{survey.configured}" if survey.configured not in (None, live) else ""
                 actions.append(f"head {name} serves v{live}{before} (rewrote {name}/{CONFIG})")
             serving.append(name)
 

@@ -64,8 +64,9 @@ class HeadVersion:
 
         embeddings = np.asarray(embeddings, np.float32)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.card.embed_dim:
-            raise FingerprintMismatchError(f"head {self.title} reads {self.card.embed_dim}-d embeddings, "
-                                           f"not {embeddings.shape[-1]}-d")
+            raise FingerprintMismatchError(
+                f"head {self.title} reads {self.card.embed_dim}-d embeddings, not {embeddings.shape[-1]}-d"
+            )
         if not self._session:
             self._session.append(ort.InferenceSession(str(self.model), providers=["CPUExecutionProvider"]))
         return self._session[0].run(["SCORES"], {"EMBEDDING": embeddings})[0]

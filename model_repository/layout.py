@@ -32,8 +32,22 @@ RUNNER_FILE = "model.py"  # a python-backend model's source in its version folde
 STATE_DIR = ".headmaster"  # the server record and log; never a model (Triton loads by name)
 LOCK_FILE = ".headmaster.lock"  # serialises writers (publish.repository_lock)
 BACKENDS_DIR = Path(backends.__file__).parent  # the python-backend model sources
-__all__ = ["ARTIFACT_FILES", "CONFIG_FILE", "HEAD_FILE", "LOCK_FILE", "MANIFEST", "MODEL_FILE", "RUNNER_FILE",
-           "STATE_DIR", "config_path", "copy_backend", "encoder_artifact", "head_folders", "version_dir", "versions"]
+__all__ = [
+    "ARTIFACT_FILES",
+    "CONFIG_FILE",
+    "HEAD_FILE",
+    "LOCK_FILE",
+    "MANIFEST",
+    "MODEL_FILE",
+    "RUNNER_FILE",
+    "STATE_DIR",
+    "config_path",
+    "copy_backend",
+    "encoder_artifact",
+    "head_folders",
+    "version_dir",
+    "versions",
+]
 
 
 def config_path(repo: Path, model: str) -> Path:

@@ -38,8 +38,13 @@ def _user() -> str:
 def append(repo: Path, head: str, decision: str, **fields) -> dict:
     """Record one decision (``accepted``, ``refused``, ``unchanged``, ``error``, ``canary``,
     ``shadow``, ``promoted``, ``aborted``, ...) with whatever it rests on; returns the entry."""
-    entry = {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "head": head,
-             "decision": decision, "by": fields.pop("by", None) or _user(), **fields}
+    entry = {
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "head": head,
+        "decision": decision,
+        "by": fields.pop("by", None) or _user(),
+        **fields,
+    }
     target = path(repo, head)
     target.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(entry, sort_keys=False, default=str) + "\n").encode()

@@ -76,14 +76,26 @@ def _go_live(repo: Path, name: str, previous: int | None, control: live.Control 
                 _take_out(repo, name, aside, control, keep_aside=True)
         except ServerError:
             pass  # the server keeps what it had loaded; the disk says what it should serve
-        undo = f"the repository serves v{previous} again" if previous is not None else f"the head was moved aside to {aside}"
+        undo = (
+            f"the repository serves v{previous} again"
+            if previous is not None
+            else f"the head was moved aside to {aside}"
+        )
         raise ServerError(f"{e}; {undo}") from None
     return control.http_url
 
 
-def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
-            server: str | None = None, references=None, go_live: bool = True,
-            ood_index: bytes | None = None) -> Change:
+def publish(
+    repo: Path,
+    weights,
+    make_card,
+    check_embeddings=None,
+    keep: int = 5,
+    server: str | None = None,
+    references=None,
+    go_live: bool = True,
+    ood_index: bytes | None = None,
+) -> Change:
     """Publish the next version of a head (see ``repository.publish_head``) and make it live;
     ``references``: the out-of-distribution reference set its card's ``ood`` describes, and
     ``ood_index`` its serialized IVF index (large sets, ``ood.index_sha256`` on the card).
@@ -94,10 +106,21 @@ def publish(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5
     control = live.find(repo, server)
     previous = _live_version(repo, name)
     if not go_live and previous is None:
-        raise RepositoryError(f"head {name} has no live version to test a candidate against: its first version "
-                              "goes live (drop --candidate)", option="candidate")
-    card = _publish_on_disk(repo, weights, make_card, check_embeddings, keep, references,
-                            live_version=None if go_live else previous, ood_index=ood_index)
+        raise RepositoryError(
+            f"head {name} has no live version to test a candidate against: its first version "
+            "goes live (drop --candidate)",
+            option="candidate",
+        )
+    card = _publish_on_disk(
+        repo,
+        weights,
+        make_card,
+        check_embeddings,
+        keep,
+        references,
+        live_version=None if go_live else previous,
+        ood_index=ood_index,
+    )
     s3.sync_up(repo)
     if not go_live:  # the head's config still names the live version: nothing to load
         return Change(card.name, previous, control.http_url if control else None, card)
@@ -135,8 +158,9 @@ def remove(repo: Path, name: str, server: str | None = None) -> Change:
     return Change(name, None, control.http_url if control else None)
 
 
-def _take_out(repo: Path, name: str, aside: Path, control: live.Control | live.Replicas | None,
-              keep_aside: bool = False) -> None:
+def _take_out(
+    repo: Path, name: str, aside: Path, control: live.Control | live.Replicas | None, keep_aside: bool = False
+) -> None:
     """Move head ``name`` out of the repository to ``aside`` (deleted after, unless ``keep_aside``)
     and off the server, in two phases. Triton loads an ensemble's changed dependencies with it:
     were threshold's new config (without the head) on disk or in the bucket already, loading
@@ -190,8 +214,15 @@ def _write_ensembles(repository: Repository, pinned: dict[str, int], with_tests:
         repository.write_config(model)
 
 
-def start_test(repo: Path, name: str, version: int, share: float = 0.1, shadow: bool = False,
-               server: str | None = None, record: bool = True) -> ab.AbTest:
+def start_test(
+    repo: Path,
+    name: str,
+    version: int,
+    share: float = 0.1,
+    shadow: bool = False,
+    server: str | None = None,
+    record: bool = True,
+) -> ab.AbTest:
     """Serve ``version`` of head ``name`` beside its live version: to ``share`` of the items (stable
     by image sha256), or to none (``shadow``), its answers recorded either way (and the start in
     the head's ledger, unless ``record`` is False)."""
@@ -203,8 +234,10 @@ def start_test(repo: Path, name: str, version: int, share: float = 0.1, shadow: 
         state.chosen(version)
         card = validate_version(repository, name, version)
         if tuple(card.labels) != tuple(state.card.labels):
-            raise RepositoryError(f"head {name} v{version} has labels {list(card.labels)}, v{state.live} has "
-                                  f"{list(state.card.labels)}: an A/B test compares versions with the same labels")
+            raise RepositoryError(
+                f"head {name} v{version} has labels {list(card.labels)}, v{state.live} has "
+                f"{list(state.card.labels)}: an A/B test compares versions with the same labels"
+            )
         test = ab.AbTest.new(name, state.live, version, share, shadow)
         _write_ensembles(repository, {name: state.live}, with_tests=False)
     s3.sync_up(repo)
@@ -229,8 +262,14 @@ def start_test(repo: Path, name: str, version: int, share: float = 0.1, shadow: 
             pass
         raise ServerError(f"{e}; the test was not started: head {name} serves v{state.live} alone") from None
     if record:
-        ledger.append(repo, name, test.mode, live_version=test.live, candidate_version=test.version,
-                      reason=f"v{test.version} beside v{test.live}" + ("" if shadow else f" for {test.share:.1%} of items"))
+        ledger.append(
+            repo,
+            name,
+            test.mode,
+            live_version=test.live,
+            candidate_version=test.version,
+            reason=f"v{test.version} beside v{test.live}" + ("" if shadow else f" for {test.share:.1%} of items"),
+        )
     return test
 
 
@@ -243,8 +282,9 @@ def finish_test(repo: Path, name: str, promote: bool, server: str | None = None,
         test = ab.running(repo, name)
         if test is None:
             Repository(repo).head(name)  # no such head: that message first
-            raise RepositoryError(f"head {name} runs no A/B or shadow test; start one with "
-                                  f"`headmaster heads canary {name} --version N`")
+            raise RepositoryError(
+                f"head {name} runs no A/B or shadow test; start one with `headmaster heads canary {name} --version N`"
+            )
         final = test.version if promote else test.live
         if promote:
             validate_version(Repository(repo), name, final)
@@ -261,8 +301,14 @@ def finish_test(repo: Path, name: str, promote: bool, server: str | None = None,
     if control is not None:
         live.head_published(control, name)
     if record:
-        ledger.append(repo, name, "promoted" if promote else "aborted", live_version=final,
-                      candidate_version=test.version, reason=f"{test.mode} test ended by hand")
+        ledger.append(
+            repo,
+            name,
+            "promoted" if promote else "aborted",
+            live_version=final,
+            candidate_version=test.version,
+            reason=f"{test.mode} test ended by hand",
+        )
     return Change(name, final, control.http_url if control else None)
 
 
@@ -276,7 +322,9 @@ def _rollback_on_disk(repo: Path, name: str, to: int | None = None) -> int:
         older = [v for v in state.versions if v < state.live]
         target = to if to is not None else (older[-1] if older else None)
         if target is None:
-            raise RepositoryError(f"head {name} serves v{state.live}, its oldest version on disk; nothing to roll back to")
+            raise RepositoryError(
+                f"head {name} serves v{state.live}, its oldest version on disk; nothing to roll back to"
+            )
         state.chosen(target)
         card = HeadCard.load(version_dir(repository.path, name, target))
         require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {name} v{target}")
@@ -297,15 +345,29 @@ def _import_on_disk(repo: Path, version_dir: Path, name: str | None = None) -> H
         import numpy as np
 
         from headmaster.model_repository.backends.threshold import OOD_FILE, OOD_INDEX_FILE
+
         references = np.load(Path(version_dir) / OOD_FILE, allow_pickle=False)
         if source.ood.get("index_sha256"):  # the very index it was published with, not rebuilt
             ood_index = (Path(version_dir) / OOD_INDEX_FILE).read_bytes()
-    return _publish_on_disk(repo, weights, lambda v: replace(source, name=name or source.name, version=v, details=details),
-                            references=references, ood_index=ood_index)
+    return _publish_on_disk(
+        repo,
+        weights,
+        lambda v: replace(source, name=name or source.name, version=v, details=details),
+        references=references,
+        ood_index=ood_index,
+    )
 
 
-def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep: int = 5,
-                     references=None, live_version: int | None = None, ood_index: bytes | None = None) -> HeadCard:
+def _publish_on_disk(
+    repo: Path,
+    weights,
+    make_card,
+    check_embeddings=None,
+    keep: int = 5,
+    references=None,
+    live_version: int | None = None,
+    ood_index: bytes | None = None,
+) -> HeadCard:
     """Publish the next version of a head: the only way head versions enter a repository.
 
     ``make_card(version)`` returns the HeadCard for the version number the repository
@@ -320,8 +382,9 @@ def _publish_on_disk(repo: Path, weights, make_card, check_embeddings=None, keep
         card = make_card(version)
         require_same_encoder(repository.fingerprint, card.encoder_fingerprint, f"head {card.name}")
         if card.embed_dim != repository.card.embed_dim:
-            raise RepositoryError(f"head {card.name} reads {card.embed_dim}-d embeddings; "
-                                  f"the encoder gives {repository.card.embed_dim}-d")
+            raise RepositoryError(
+                f"head {card.name} reads {card.embed_dim}-d embeddings; the encoder gives {repository.card.embed_dim}-d"
+            )
         write_head(folder, weights, card, check_embeddings, references, ood_index)
         copy_backend("runtime", folder)
         published.append(card)

@@ -155,9 +155,13 @@ def _call(server, action: str, names: list[str], timeout_s: float) -> None:
                         f"closed and this command has no key for it (set {KEY_ENV}, or run the command on the "
                         "machine that serves the repository, where the key is in REPO/.headmaster/server.json)"
                     ) from None
-                raise ServerError(f"the server at {control.http_url} could not {action} model {name!r}: {message}") from None
+                raise ServerError(
+                    f"the server at {control.http_url} could not {action} model {name!r}: {message}"
+                ) from None
             except Exception as e:  # connection refused, timeouts
-                raise ServerError(f"cannot reach the Triton server at {control.http_url} to {action} {name!r}: {e}") from None
+                raise ServerError(
+                    f"cannot reach the Triton server at {control.http_url} to {action} {name!r}: {e}"
+                ) from None
             LOG.info("%s %s on %s: %.2f s", action, name, control.http_url, time.monotonic() - started)
     finally:
         client.close()
@@ -179,8 +183,11 @@ def _on_each(server, step) -> None:
     if failed:
         done = [url for url in futures if url not in failed]
         first = next(iter(failed.values()))
-        raise ServerError(f"{first}" + (f" (and {len(failed) - 1} more replicas)" if len(failed) > 1 else "")
-                          + (f" (replicas that did change: {', '.join(done)})" if done else "")) from None
+        raise ServerError(
+            f"{first}"
+            + (f" (and {len(failed) - 1} more replicas)" if len(failed) > 1 else "")
+            + (f" (replicas that did change: {', '.join(done)})" if done else "")
+        ) from None
 
 
 def head_published(server, head: str, timeout_s: float = 300.0) -> None:
@@ -225,11 +232,14 @@ def head_removed(server, head: str, timeout_s: float = 300.0, reload_threshold: 
                 time.sleep(1.0)
                 _call(control, "load", [model], timeout_s)
             else:
-                raise ServerError(f"the server at {control.http_url} kept serving {model} with head {head!r} "
-                                  "after three loads of its new config")
+                raise ServerError(
+                    f"the server at {control.http_url} kept serving {model} with head {head!r} "
+                    "after three loads of its new config"
+                )
         if reload_threshold:
             _call(control, "load", ["threshold"], timeout_s)
         _call(control, "unload", [head], timeout_s)
+
     _on_each(server, step)
 
 

@@ -47,13 +47,34 @@ from headmaster.model_repository.layout import config_path, version_dir
 # onnxruntime's tensor types -> Triton config data types (onnxruntime_utils.cc
 # ConvertFromOnnxDataType / ModelConfigDataTypeToOnnxDataType); types absent here
 # (bfloat16, complex, float8, ...) are refused by the backend.
-ONNX_TO_TRITON = {"float": "TYPE_FP32", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "uint16": "TYPE_UINT16",
-                  "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64", "string": "TYPE_STRING",
-                  "bool": "TYPE_BOOL", "float16": "TYPE_FP16", "double": "TYPE_FP64", "uint32": "TYPE_UINT32",
-                  "uint64": "TYPE_UINT64"}
+ONNX_TO_TRITON = {
+    "float": "TYPE_FP32",
+    "uint8": "TYPE_UINT8",
+    "int8": "TYPE_INT8",
+    "uint16": "TYPE_UINT16",
+    "int16": "TYPE_INT16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "string": "TYPE_STRING",
+    "bool": "TYPE_BOOL",
+    "float16": "TYPE_FP16",
+    "double": "TYPE_FP64",
+    "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64",
+}
 # Config data types the PyTorch backend maps to a torch dtype (libtorch_utils.cc), plus strings.
-TORCH_TYPES = {"TYPE_BOOL", "TYPE_UINT8", "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16",
-               "TYPE_FP32", "TYPE_FP64", "TYPE_STRING"}
+TORCH_TYPES = {
+    "TYPE_BOOL",
+    "TYPE_UINT8",
+    "TYPE_INT8",
+    "TYPE_INT16",
+    "TYPE_INT32",
+    "TYPE_INT64",
+    "TYPE_FP16",
+    "TYPE_FP32",
+    "TYPE_FP64",
+    "TYPE_STRING",
+}
 
 
 def _dtype(value: int) -> str:
@@ -72,7 +93,7 @@ def _config_dims(tensor) -> list[int]:
 def _ort_tensor(arg) -> tuple[str | None, list[int]]:
     """(Triton data type or None, dims as the backend sees them: -1 where not fixed)."""
     kind = arg.type
-    dtype = ONNX_TO_TRITON.get(kind[len("tensor("):-1]) if kind.startswith("tensor(") else None
+    dtype = ONNX_TO_TRITON.get(kind[len("tensor(") : -1]) if kind.startswith("tensor(") else None
     return dtype, [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
 
 
@@ -88,23 +109,28 @@ def onnx_signature(path: Path) -> tuple[dict, dict, dict]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ({a.name: _ort_tensor(a) for a in session.get_inputs()},
-            {a.name: _ort_tensor(a) for a in session.get_overridable_initializers()},
-            {a.name: _ort_tensor(a) for a in session.get_outputs()})
+    return (
+        {a.name: _ort_tensor(a) for a in session.get_inputs()},
+        {a.name: _ort_tensor(a) for a in session.get_overridable_initializers()},
+        {a.name: _ort_tensor(a) for a in session.get_outputs()},
+    )
 
 
 def _compare_dims(model_dims: list[int], dims: list[int], max_batch_size: int, exact: bool) -> str | None:
     """CompareDimsSupported, returning the backend's reason or None."""
     if not model_dims:  # a scalar model tensor: the config may only say 1s
-        return None if all(d == 1 for d in dims) else \
-            f"the model's tensor is a scalar, so the config may only give 1s, not {_shape(dims)}"
+        return (
+            None
+            if all(d == 1 for d in dims)
+            else f"the model's tensor is a scalar, so the config may only give 1s, not {_shape(dims)}"
+        )
     if max_batch_size > 0:
         if model_dims[0] != -1:
-            return (f"max_batch_size > 0 needs the model's first dim dynamic (-1), but the model has "
-                    f"{_shape(model_dims)}")
+            return (
+                f"max_batch_size > 0 needs the model's first dim dynamic (-1), but the model has {_shape(model_dims)}"
+            )
         dims = [-1, *dims]
-    same = len(model_dims) == len(dims) and all(
-        m == d for m, d in zip(model_dims, dims) if exact or m != -1)
+    same = len(model_dims) == len(dims) and all(m == d for m, d in zip(model_dims, dims) if exact or m != -1)
     if same:
         return None
     batch = " (batch dim + config dims)" if max_batch_size > 0 else ""
@@ -120,17 +146,23 @@ def onnx_problems(config: mc.ModelConfig, path: Path) -> list[str]:
     problems = []
     expected = sum(1 for t in config.input if not t.optional)
     if len(inputs) != expected:
-        problems.append(f"config expects {expected} inputs, {path.name} provides {len(inputs)} "
-                        f"({', '.join(sorted(inputs)) or 'none'})")
+        problems.append(
+            f"config expects {expected} inputs, {path.name} provides {len(inputs)} "
+            f"({', '.join(sorted(inputs)) or 'none'})"
+        )
     known_inputs = {**inputs, **overridable}
-    for kind, tensors, known, exact in (("input", config.input, known_inputs, False),
-                                        ("output", config.output, outputs, True)):
+    for kind, tensors, known, exact in (
+        ("input", config.input, known_inputs, False),
+        ("output", config.output, outputs, True),
+    ):
         for t in tensors:
             where = f"{kind} '{t.name}'"
             if kind == "input" and t.optional and config.max_batch_size != 0:
                 problems.append(f"{where}: optional inputs are not supported when max_batch_size > 0")
             if t.name not in known:
-                problems.append(f"{where} is not in {path.name}, whose {kind}s are {', '.join(sorted(known)) or 'none'}")
+                problems.append(
+                    f"{where} is not in {path.name}, whose {kind}s are {', '.join(sorted(known)) or 'none'}"
+                )
                 continue
             model_type, model_dims = known[t.name]
             if model_type is None:
@@ -182,19 +214,25 @@ def torchscript_problems(config: mc.ModelConfig, path: Path) -> list[str]:
     if not is_dict:
         bad = [f"{n} ({k})" for n, k in arguments if k not in ("TensorType", "ListType")]
         if bad:
-            problems.append(f"forward takes {', '.join(bad)}; the PyTorch backend takes tensors or one Dict(str, Tensor)")
+            problems.append(
+                f"forward takes {', '.join(bad)}; the PyTorch backend takes tensors or one Dict(str, Tensor)"
+            )
         expected = sum(1 for t in config.input if not t.optional)
         if len(arguments) != expected:
-            problems.append(f"config expects {expected} inputs, forward in {path.name} takes {len(arguments)} "
-                            f"({', '.join(names) or 'none'})")
+            problems.append(
+                f"config expects {expected} inputs, forward in {path.name} takes {len(arguments)} "
+                f"({', '.join(names) or 'none'})"
+            )
         config_names = [t.name for t in config.input]
         if not all(n in names for n in config_names):
             indices = [_named_index(n) for n in config_names]
             if all(i is not None for i in indices):
                 out_of_range = [n for n, i in zip(config_names, indices) if i >= len(arguments)]
                 if out_of_range or len(set(indices)) != len(indices):
-                    problems.append(f"inputs {', '.join(config_names)}: NAME__N indices must be distinct and below "
-                                    f"forward's {len(arguments)} arguments ({', '.join(names)})")
+                    problems.append(
+                        f"inputs {', '.join(config_names)}: NAME__N indices must be distinct and below "
+                        f"forward's {len(arguments)} arguments ({', '.join(names)})"
+                    )
             # else: neither argument names nor NAME__N: the backend feeds inputs in config order.
     for t in [*config.input, *config.output]:
         if _dtype(t.data_type) not in TORCH_TYPES:
@@ -204,8 +242,10 @@ def torchscript_problems(config: mc.ModelConfig, path: Path) -> list[str]:
     if all(i is not None for i in indices):
         bad = [n for n, i in zip(output_names, indices) if i >= returned]
         if bad or len(set(indices)) != len(indices):
-            problems.append(f"outputs {', '.join(output_names)}: NAME__N indices must be distinct and below the "
-                            f"{returned} tensor(s) forward returns")
+            problems.append(
+                f"outputs {', '.join(output_names)}: NAME__N indices must be distinct and below the "
+                f"{returned} tensor(s) forward returns"
+            )
     elif len(output_names) > returned:  # config order decides which tensor each output is
         problems.append(f"config has {len(output_names)} outputs in config order, forward returns {returned}")
     return problems
@@ -214,8 +254,11 @@ def torchscript_problems(config: mc.ModelConfig, path: Path) -> list[str]:
 # -- repository ----------------------------------------------------------------------------
 def served_versions(config: mc.ModelConfig, folder: Path) -> list[int]:
     """The version folders Triton loads under the config's version_policy."""
-    on_disk = sorted(int(p.name) for p in Path(folder).iterdir() if p.is_dir() and p.name.isdigit()) \
-        if Path(folder).is_dir() else []
+    on_disk = (
+        sorted(int(p.name) for p in Path(folder).iterdir() if p.is_dir() and p.name.isdigit())
+        if Path(folder).is_dir()
+        else []
+    )
     policy = config.version_policy
     if policy.HasField("specific"):
         return [v for v in on_disk if v in set(policy.specific.versions)]
@@ -257,7 +300,10 @@ def _ensemble_problems(config: mc.ModelConfig, configs: dict[str, mc.ModelConfig
         if model is None:
             problems.append(f"step {step.model_name} is not a model of this repository")
             continue
-        for kind, mapping, tensors in (("input", step.input_map, model.input), ("output", step.output_map, model.output)):
+        for kind, mapping, tensors in (
+            ("input", step.input_map, model.input),
+            ("output", step.output_map, model.output),
+        ):
             missing = sorted(set(mapping) - {t.name for t in tensors})
             if missing:
                 problems.append(f"step {step.model_name}: {kind}s {', '.join(missing)} are not in its config")
@@ -287,5 +333,7 @@ def check_repository(repository) -> list[str]:
         if not served:
             problems.append(f"{name}: its version policy selects no version folder on disk")
         for version in served:
-            problems += [f"{name} v{version}: {p}" for p in version_problems(config, version_dir(repository.path, name, version))]
+            problems += [
+                f"{name} v{version}: {p}" for p in version_problems(config, version_dir(repository.path, name, version))
+            ]
     return problems

@@ -39,8 +39,14 @@ def live_of(config, test=None) -> int | None:
     return max(served) if served else None
 
 
-GPU_DEFAULTS = {"max_batch_size": 512, "preferred_batch_sizes": (64, 128, 256, 512), "max_queue_delay_us": 1000,
-                "encoder_instances": 2, "preprocess_instances": 2, "decoder": "torchvision"}
+GPU_DEFAULTS = {
+    "max_batch_size": 512,
+    "preferred_batch_sizes": (64, 128, 256, 512),
+    "max_queue_delay_us": 1000,
+    "encoder_instances": 2,
+    "preprocess_instances": 2,
+    "decoder": "torchvision",
+}
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,10 @@ class BuildOptions:
             raise ConfigError(f"decoder must be pillow or torchvision, not {self.decoder!r}", option="decoder")
         Batching(self.max_batch_size, self.preferred_batch_sizes, self.max_queue_delay_us)
         if self.embedding_cache_mb < 0:
-            raise ConfigError(f"embedding_cache_mb must be >= 0 (0 = no cache), not {self.embedding_cache_mb}",
-                              option="embedding-cache-mb")
+            raise ConfigError(
+                f"embedding_cache_mb must be >= 0 (0 = no cache), not {self.embedding_cache_mb}",
+                option="embedding-cache-mb",
+            )
 
     @classmethod
     def for_device(cls, device: str = "auto", **given) -> BuildOptions:
@@ -119,8 +127,9 @@ class HeadState:
         """``version`` (the live one when None), refused when it is not on disk."""
         chosen = self.live if version is None else version
         if chosen not in self.versions:
-            raise RepositoryError(f"head {self.name} has no version {chosen} on disk; versions: "
-                                  f"{list(self.versions)} (live: {self.live})")
+            raise RepositoryError(
+                f"head {self.name} has no version {chosen} on disk; versions: {list(self.versions)} (live: {self.live})"
+            )
         return chosen
 
 
@@ -171,7 +180,9 @@ class Repository:
         folder = self.path / name
         found = [v for v in versions(folder) if (folder / str(v) / HEAD_FILE).is_file()]
         if not found:
-            raise RepositoryError(f"no head named {name!r} in {self.path}; heads here: {', '.join(self.head_names()) or '(none)'}")
+            raise RepositoryError(
+                f"no head named {name!r} in {self.path}; heads here: {', '.join(self.head_names()) or '(none)'}"
+            )
         live = self._live_version(name) or found[-1]
         if live not in found:
             raise RepositoryError(f"head {name}: its config serves version {live}, which is not on disk ({found})")
@@ -224,8 +235,11 @@ class Repository:
         """Distilled students (``headmaster distill``): models of their own, served from image bytes."""
         from headmaster.model_repository.backends.student import STUDENT_FILE
 
-        return sorted(p.parent.parent.name for p in self.path.glob(f"*/[0-9]*/{STUDENT_FILE}")
-                      if config_path(self.path, p.parent.parent.name).is_file())
+        return sorted(
+            p.parent.parent.name
+            for p in self.path.glob(f"*/[0-9]*/{STUDENT_FILE}")
+            if config_path(self.path, p.parent.parent.name).is_file()
+        )
 
     # -- writing ---------------------------------------------------------------------------
     def write_config(self, model) -> None:

@@ -59,14 +59,17 @@ class S3Location:
         ``s3://host:port/bucket/prefix`` (plain http) / ``s3://http(s)://host:port/bucket/prefix``."""
         if not is_s3(url):
             raise RepositoryError(f"{url!r} is not an s3:// URL", option="repo")
-        rest = url[len(SCHEME):]
+        rest = url[len(SCHEME) :]
         if "@" in rest:  # user:secret@host; the URL is not repeated, since it holds the secret
-            raise RepositoryError("an s3:// URL must not carry credentials; give them through AWS_ACCESS_KEY_ID / "
-                                  "AWS_SECRET_ACCESS_KEY (or a profile / role)", option="repo")
+            raise RepositoryError(
+                "an s3:// URL must not carry credentials; give them through AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY (or a profile / role)",
+                option="repo",
+            )
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
         scheme = re.match(r"^(https?)://", rest)
         if scheme:
-            rest = rest[scheme.end():]
+            rest = rest[scheme.end() :]
         first, _, rest_after = rest.partition("/")
         if scheme or _HOST_PORT.match(first):
             endpoint = f"{scheme.group(1) if scheme else 'http'}://{first}"
@@ -74,8 +77,11 @@ class S3Location:
         bucket, _, prefix = rest.partition("/")
         prefix = prefix.strip("/")
         if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-            raise RepositoryError(f"{url!r}: expected s3://BUCKET/PREFIX (or s3://HOST:PORT/BUCKET/PREFIX); "
-                                  f"{bucket!r} is not a bucket name", option="repo")
+            raise RepositoryError(
+                f"{url!r}: expected s3://BUCKET/PREFIX (or s3://HOST:PORT/BUCKET/PREFIX); "
+                f"{bucket!r} is not a bucket name",
+                option="repo",
+            )
         if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
             raise RepositoryError(f"{url!r}: the prefix has an empty, '.' or '..' part", option="repo")
         return cls(bucket, prefix, endpoint.rstrip("/") if endpoint else None)
@@ -93,7 +99,7 @@ class S3Location:
         return f"{self.prefix}/{relative}" if self.prefix else relative
 
     def relative(self, key: str) -> str:
-        return key[len(self.prefix) + 1:] if self.prefix else key
+        return key[len(self.prefix) + 1 :] if self.prefix else key
 
 
 def _client(location: S3Location):
@@ -103,8 +109,11 @@ def _client(location: S3Location):
         raise RepositoryError("s3:// repositories need boto3: pip install 'headmaster[s3]'", option="repo") from None
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=location.endpoint,
-                        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10))
+    return boto3.client(
+        "s3",
+        endpoint_url=location.endpoint,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10),
+    )
 
 
 def _s3_error(location: S3Location, action: str, e: Exception) -> RepositoryError:
@@ -128,7 +137,8 @@ def remote_objects(location: S3Location) -> dict[str, str]:
     found: dict[str, str] = {}
     try:
         pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=location.bucket, Prefix=location.key("") if location.prefix else "")
+            Bucket=location.bucket, Prefix=location.key("") if location.prefix else ""
+        )
         for page in pages:
             for item in page.get("Contents", []):
                 found[location.relative(item["Key"])] = item["ETag"].strip('"')
@@ -188,8 +198,11 @@ def location_of(folder: Path) -> S3Location | None:
 
 def _write_index(folder: Path, location: S3Location, index: dict[str, str]) -> None:
     state = _state(folder)
-    (state / LOCATION_FILE).write_text(json.dumps(
-        {"bucket": location.bucket, "prefix": location.prefix, "endpoint": location.endpoint, "url": str(location)}))
+    (state / LOCATION_FILE).write_text(
+        json.dumps(
+            {"bucket": location.bucket, "prefix": location.prefix, "endpoint": location.endpoint, "url": str(location)}
+        )
+    )
     (state / INDEX_FILE).write_text(json.dumps(index, sort_keys=True))
 
 
@@ -230,8 +243,12 @@ def pull(location: S3Location, folder: Path | None = None) -> Path:
                 path.rmdir() if relative.endswith("/") else path.unlink()
         for path in sorted(folder.rglob("*"), reverse=True):  # folders emptied by deletions
             relative = path.relative_to(folder).as_posix() + "/"
-            if path.is_dir() and not any(path.iterdir()) and relative not in remote \
-                    and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            if (
+                path.is_dir()
+                and not any(path.iterdir())
+                and relative not in remote
+                and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+            ):
                 path.rmdir()
         _write_index(folder, location, remote)
     return folder
@@ -250,8 +267,9 @@ def _push_order(relative: str) -> int:
     return 0
 
 
-def push(location: S3Location, folder: Path, expected: dict[str, str] | None = None,
-         only: set[str] | None = None) -> list[str]:
+def push(
+    location: S3Location, folder: Path, expected: dict[str, str] | None = None, only: set[str] | None = None
+) -> list[str]:
     """Upload what differs in ``folder`` to the bucket in the order that keeps every version
     complete before a config names it, then delete what the folder no longer has. ``expected``
     (default: the working copy's index) is what the bucket held when the work began: if the bucket
@@ -262,8 +280,11 @@ def push(location: S3Location, folder: Path, expected: dict[str, str] | None = N
     remote = remote_objects(location)
     if remote != expected:
         changed = sorted(set(remote.items()) ^ set(expected.items()))
-        raise RepositoryError(f"{location} changed while this command worked on it (another writer? e.g. "
-                              f"{changed[0][0]}); nothing was pushed: run the command again", option="repo")
+        raise RepositoryError(
+            f"{location} changed while this command worked on it (another writer? e.g. "
+            f"{changed[0][0]}); nothing was pushed: run the command again",
+            option="repo",
+        )
     local = {relative: (path, _etag(path)) for relative, path in _local_files(folder).items()}
     uploads = sorted((r for r, (_, etag) in local.items() if remote.get(r) != etag), key=lambda r: (_push_order(r), r))
     deletions = sorted(r for r in remote if r not in local)
@@ -280,8 +301,7 @@ def push(location: S3Location, folder: Path, expected: dict[str, str] | None = N
             if relative.endswith("/"):
                 client.put_object(Bucket=location.bucket, Key=location.key(relative), Body=b"")
             else:
-                client.upload_file(str(local[relative][0]), location.bucket, location.key(relative),
-                                   Config=single_part)
+                client.upload_file(str(local[relative][0]), location.bucket, location.key(relative), Config=single_part)
         except Exception as e:
             raise _s3_error(location, f"upload {relative} to", e) from None
         index[relative] = local[relative][1]
@@ -331,8 +351,10 @@ def push_repository(source: Path, url: str) -> tuple[S3Location, list[str]]:
     location = S3Location.parse(url)
     source = Path(source)
     if not (source / MANIFEST).is_file():
-        raise RepositoryError(f"{source} is not a Headmaster repository (no {MANIFEST}); "
-                              "build one with `headmaster repo build`", option="repo")
+        raise RepositoryError(
+            f"{source} is not a Headmaster repository (no {MANIFEST}); build one with `headmaster repo build`",
+            option="repo",
+        )
     copy = pull(location)
     from headmaster.model_repository.publish import repository_lock
 

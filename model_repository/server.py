@@ -42,8 +42,10 @@ S3_COPIES_ENV = "TRITON_AWS_MOUNT_DIRECTORY"
 MODEL_CONTROL_MODES = ("explicit", "poll", "none")
 # Exactly the lines Triton prints on every machine without a GPU: a model that fails to load for
 # want of CUDA says "CUDA driver version is insufficient" too, and that line must stay.
-_NO_GPU_NOISE = re.compile(r"CudaDriverHelper has not been initialized|"
-                           r"unable to create stream for \w+: CUDA driver version is insufficient")
+_NO_GPU_NOISE = re.compile(
+    r"CudaDriverHelper has not been initialized|"
+    r"unable to create stream for \w+: CUDA driver version is insufficient"
+)
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,7 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
             raise ServerError(
-                f"model_control_mode must be one of {', '.join(MODEL_CONTROL_MODES)}, "
-                f"not {self.model_control_mode!r}"
+                f"model_control_mode must be one of {', '.join(MODEL_CONTROL_MODES)}, not {self.model_control_mode!r}"
             )
         ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
         for name, port in ports.items():
@@ -233,8 +234,10 @@ class TritonServer:
         ]
         if o.restricted_apis:
             apis = ",".join(o.restricted_apis)
-            args += [f"--http-restricted-api={apis}:{KEY_HEADER}={self.api_key}",
-                     f"--grpc-restricted-protocol={apis}:{KEY_HEADER}={self.api_key}"]
+            args += [
+                f"--http-restricted-api={apis}:{KEY_HEADER}={self.api_key}",
+                f"--grpc-restricted-protocol={apis}:{KEY_HEADER}={self.api_key}",
+            ]
         if o.model_control_mode == "poll":
             args.append(f"--repository-poll-secs={o.poll_interval_s}")
         if o.model_control_mode == "explicit":
@@ -325,9 +328,15 @@ class TritonServer:
         self.watch_stubs()
         if o.write_record and not self.remote:
             self.record = ServerRecord(
-                repository=str(repository.resolve()), pid=self._process.pid, owner_pid=os.getpid(),
-                http_url=self.http_url, grpc_url=self.grpc_url, metrics_url=self.metrics_url, api_key=self.api_key,
-                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                repository=str(repository.resolve()),
+                pid=self._process.pid,
+                owner_pid=os.getpid(),
+                http_url=self.http_url,
+                grpc_url=self.grpc_url,
+                metrics_url=self.metrics_url,
+                api_key=self.api_key,
+                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            )
             server_record.write_record(repository, self.record)
         return self
 
@@ -363,8 +372,12 @@ class TritonServer:
         lines = self.log_text().splitlines()  # not an earlier run's lines
         # Triton's glog lines start with a severity letter: E = error. Its crash handler prints
         # "Signal (11) received." The CUDA lines are what it says on every machine without a GPU.
-        errors = [l for l in lines if (l[:1] == "E" or "failed to load" in l or "error:" in l.lower()
-                                       or l.startswith("Signal (")) and not _NO_GPU_NOISE.search(l)]
+        errors = [
+            l
+            for l in lines
+            if (l[:1] == "E" or "failed to load" in l or "error:" in l.lower() or l.startswith("Signal ("))
+            and not _NO_GPU_NOISE.search(l)
+        ]
         picked = errors or lines
         return "\n".join(picked[-max_lines:]) or "(the server printed nothing)"
 
@@ -405,9 +418,13 @@ class TritonServer:
             except Exception:
                 ready = {}
             running = {(stub.instance, stub.version) for stub in alive.values()}
-            dead = [stub for stub in self._suspects
-                    if os.path.exists(f"/dev/shm/{stub.region}") and (stub.instance, stub.version) not in running
-                    and stub.version in ready.get(stub.model, ())]
+            dead = [
+                stub
+                for stub in self._suspects
+                if os.path.exists(f"/dev/shm/{stub.region}")
+                and (stub.instance, stub.version) not in running
+                and stub.version in ready.get(stub.model, ())
+            ]
         self._suspects = [stub for pid, stub in self.stubs.items() if pid not in alive]
         self.stubs = alive
         return dead
@@ -450,8 +467,9 @@ class TritonServer:
             try:
                 live.unload(self, batch, timeout_s)
                 while time.monotonic() < deadline and (
-                        set(batch) & set(live.serving(self, timeout_s))
-                        or any(stub.model in batch for stub in _stubs_of(process.pid))):
+                    set(batch) & set(live.serving(self, timeout_s))
+                    or any(stub.model in batch for stub in _stubs_of(process.pid))
+                ):
                     time.sleep(0.1)
             except Exception as e:  # a server stopping under us: SIGTERM does the rest
                 LOG.warning("drain: %s", e)
@@ -480,9 +498,11 @@ class TritonServer:
                     process.wait(grace)
                 except subprocess.TimeoutExpired:
                     if grace < wait_s:
-                        LOG.warning("tritonserver still holds the model(s) %s whose python stub died (a python-backend "
-                                    "defect: the failed request is never released); stopped it after the drain",
-                                    ", ".join(sorted(self.leaked_models)))
+                        LOG.warning(
+                            "tritonserver still holds the model(s) %s whose python stub died (a python-backend "
+                            "defect: the failed request is never released); stopped it after the drain",
+                            ", ".join(sorted(self.leaked_models)),
+                        )
                         process.kill()
                         process.wait()
                         drained_leak = True  # everything was drained and unloaded; nothing was lost
@@ -494,8 +514,12 @@ class TritonServer:
             timed_out = _exit_timeout(self._log_since(told_at)) if code not in (0, None) else None
             if timed_out is not None:
                 lost, why = timed_out
-                LOG.warning("tritonserver's exit timeout (%d s) ran out %s%s", self.options.exit_timeout_s, why,
-                            "" if lost else "; nothing in flight was lost")
+                LOG.warning(
+                    "tritonserver's exit timeout (%d s) ran out %s%s",
+                    self.options.exit_timeout_s,
+                    why,
+                    "" if lost else "; nothing in flight was lost",
+                )
                 code = code if lost else 0
             # Python-backend stubs are in the server's process group; none may outlive it.
             try:
@@ -507,11 +531,19 @@ class TritonServer:
             # loaded (its exit timeout, a kill) leaves theirs, which nothing else would remove.
             copies = self.model_copies()
             if copies:
-                how = ("ran out of its exit timeout" if timed_out
-                       else f"was killed by signal {-process.returncode}" if process.returncode < 0
-                       else f"exited with code {process.returncode}")
-                LOG.warning("tritonserver %s with %d models still loaded from S3 (%s): removed the copies it had "
-                            "made of them", how, len(copies), ", ".join(sorted(set(copies.values()))))
+                how = (
+                    "ran out of its exit timeout"
+                    if timed_out
+                    else f"was killed by signal {-process.returncode}"
+                    if process.returncode < 0
+                    else f"exited with code {process.returncode}"
+                )
+                LOG.warning(
+                    "tritonserver %s with %d models still loaded from S3 (%s): removed the copies it had made of them",
+                    how,
+                    len(copies),
+                    ", ".join(sorted(set(copies.values()))),
+                )
                 for folder in copies:
                     shutil.rmtree(folder, ignore_errors=True)
             if self.record is not None:
@@ -565,18 +597,24 @@ def _exit_timeout(shutdown_log: str) -> tuple[bool, str] | None:
     models, calls = live[-1]
     if calls != "0":
         return True, f"with {calls} control calls (a model load or unload) still running"
-    open_at_end = [(service, n) for timeout, n, service in
-                   re.findall(r"Timeout (\d+): Found (\d+) (\w+) service connections", shutdown_log)
-                   if int(timeout) <= 1 and n != "0"]
+    open_at_end = [
+        (service, n)
+        for timeout, n, service in re.findall(r"Timeout (\d+): Found (\d+) (\w+) service connections", shutdown_log)
+        if int(timeout) <= 1 and n != "0"
+    ]
     if open_at_end:
         service, n = open_at_end[-1]
-        return False, (f"waiting for {n} open {service} connection(s), with {models} models still loaded: a call "
-                       "was still running (from an S3 repository, one that reads the bucket, such as the "
-                       "repository index, waits as long as the endpoint is unreachable), so no time was left to "
-                       "unload the models")
-    return False, (f"with {models} models still held after every request was answered (Triton 2.51 keeps a "
-                   "reference when a gRPC client disconnects mid-request, upstream "
-                   "triton-inference-server/server#7368)")
+        return False, (
+            f"waiting for {n} open {service} connection(s), with {models} models still loaded: a call "
+            "was still running (from an S3 repository, one that reads the bucket, such as the "
+            "repository index, waits as long as the endpoint is unreachable), so no time was left to "
+            "unload the models"
+        )
+    return False, (
+        f"with {models} models still held after every request was answered (Triton 2.51 keeps a "
+        "reference when a gRPC client disconnects mid-request, upstream "
+        "triton-inference-server/server#7368)"
+    )
 
 
 @dataclass(frozen=True)
@@ -607,8 +645,15 @@ def _stubs_of(server_pid: int) -> list[Stub]:
             continue
         if len(args) > 8 and args[0].endswith(STUB_NAME.encode()):
             model_file = Path(args[1].decode())
-            found.append(Stub(int(entry.name), _model_name(model_file.parent.parent), model_file.parent.name,
-                              args[8].decode(), args[2].decode()))
+            found.append(
+                Stub(
+                    int(entry.name),
+                    _model_name(model_file.parent.parent),
+                    model_file.parent.name,
+                    args[8].decode(),
+                    args[2].decode(),
+                )
+            )
     return found
 
 

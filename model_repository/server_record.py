@@ -116,4 +116,3 @@ def running_server(repo: Path) -> ServerRecord | None:
     except PermissionError:
         pass
     return None
-

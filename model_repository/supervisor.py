@@ -86,8 +86,10 @@ class Supervisor:
         repository = Repository(self.repo)
         published = published_versions(self.repo)
         if self._known is None:  # what is on disk when serving begins is not dropped in
-            self._known = {name: max(versions(self.repo / name), default=0)
-                           for name in repository.head_names() + repository.candidate_heads()}
+            self._known = {
+                name: max(versions(self.repo / name), default=0)
+                for name in repository.head_names() + repository.candidate_heads()
+            }
         found = []
         for name in repository.head_names():
             try:
@@ -113,8 +115,11 @@ class Supervisor:
         for name, version in candidates:
             folder = self.repo / name / str(version)
             signature = _signature(folder)
-            settled = self._seen.get(folder) == signature and signature and \
-                max(m for _, _, m in signature) / 1e9 < time.time() - SETTLE_S
+            settled = (
+                self._seen.get(folder) == signature
+                and signature
+                and max(m for _, _, m in signature) / 1e9 < time.time() - SETTLE_S
+            )
             self._seen[folder] = signature
             if not settled or self._refused.get(folder) == signature:
                 continue

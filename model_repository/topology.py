@@ -44,15 +44,18 @@ def encoder_model(card, options, tower: str) -> EncoderModel:
     """``card``: the EncoderCard; ``options``: the repository's BuildOptions."""
     spec = card.towers[tower]
     return EncoderModel(
-        name=f"{tower}_encoder", format=spec.format,
+        name=f"{tower}_encoder",
+        format=spec.format,
         input=Tensor(spec.input_name, spec.input_dtype, tuple(spec.input_dims)),
         output=Tensor(spec.output_name, "FP32", (card.embed_dim,)),
         batching=options.encoder_batching,
         instances=Instances(options.encoder_instances, gpu=True),
-        graph_optimization=spec.graph_optimization, device=options.device,
+        graph_optimization=spec.graph_optimization,
+        device=options.device,
         fingerprint=card.fingerprint,
         # Images repeat, texts are few and cheap: only the image tower keeps a cache.
-        cache_bytes=int(options.embedding_cache_mb * 2**20) if tower == "image" else 0)
+        cache_bytes=int(options.embedding_cache_mb * 2**20) if tower == "image" else 0,
+    )
 
 
 def head_model(card, options, name: str, live: int, labels: int) -> HeadModel:
@@ -65,18 +68,32 @@ def embed_ensembles(card, options) -> list[EnsembleModel]:
     ensembles = []
     if not text_only(card):
         image = encoder_model(card, options, "image")
-        ensembles.append(EnsembleModel(
-            "embed", (Tensor("IMAGE", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (d,)),),
-            (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
-             Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"})),
-            options.max_batch_size))
+        ensembles.append(
+            EnsembleModel(
+                "embed",
+                (Tensor("IMAGE", "BYTES", (1,)),),
+                (Tensor("EMBEDDING", "FP32", (d,)),),
+                (
+                    Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+                    Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "EMBEDDING"}),
+                ),
+                options.max_batch_size,
+            )
+        )
     if serves_text(card, options):
         text = encoder_model(card, options, "text")
-        ensembles.append(EnsembleModel(
-            "embed_text", (Tensor("TEXT", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (d,)),),
-            (Step("tokenize", {"TEXT": "TEXT"}, {"TOKENS": "TOKENS"}),
-             Step(text.name, {text.input.name: "TOKENS"}, {text.output.name: "EMBEDDING"})),
-            options.max_batch_size))
+        ensembles.append(
+            EnsembleModel(
+                "embed_text",
+                (Tensor("TEXT", "BYTES", (1,)),),
+                (Tensor("EMBEDDING", "FP32", (d,)),),
+                (
+                    Step("tokenize", {"TEXT": "TEXT"}, {"TOKENS": "TOKENS"}),
+                    Step(text.name, {text.input.name: "TOKENS"}, {text.output.name: "EMBEDDING"}),
+                ),
+                options.max_batch_size,
+            )
+        )
     return ensembles
 
 
@@ -84,20 +101,42 @@ def static_models(card, options) -> list:
     """Everything but the heads and what depends on the set of heads."""
     o = options
     decode_on_gpu = o.decoder == "torchvision" and o.device == "cuda"
-    models: list = [] if text_only(card) else [
-        PreprocessModel(card.preprocessing, o.light_batching, Instances(o.preprocess_instances, decode_on_gpu),
-                        o.preprocess_threads, max_pixels=o.max_pixels, max_aspect_ratio=o.max_aspect_ratio,
-                        max_request_bytes=o.max_request_bytes, exact_decode=o.exact_decode, decoder=o.decoder),
-        encoder_model(card, options, "image")]
+    models: list = (
+        []
+        if text_only(card)
+        else [
+            PreprocessModel(
+                card.preprocessing,
+                o.light_batching,
+                Instances(o.preprocess_instances, decode_on_gpu),
+                o.preprocess_threads,
+                max_pixels=o.max_pixels,
+                max_aspect_ratio=o.max_aspect_ratio,
+                max_request_bytes=o.max_request_bytes,
+                exact_decode=o.exact_decode,
+                decoder=o.decoder,
+            ),
+            encoder_model(card, options, "image"),
+        ]
+    )
     if serves_text(card, options):
-        models += [TokenizeModel(card.model, card.context_length, o.light_batching, folder_tokenizer=card.tokenizer,
-                                 max_text_bytes=o.max_text_bytes, refuse_empty=text_only(card)),
-                   encoder_model(card, options, "text")]
+        models += [
+            TokenizeModel(
+                card.model,
+                card.context_length,
+                o.light_batching,
+                folder_tokenizer=card.tokenizer,
+                max_text_bytes=o.max_text_bytes,
+                refuse_empty=text_only(card),
+            ),
+            encoder_model(card, options, "text"),
+        ]
     return models + embed_ensembles(card, options)
 
 
-def head_dependent_models(card, options, heads: list[str], pinned: dict[str, int] | None = None,
-                          ab: dict[str, dict] | None = None) -> list:
+def head_dependent_models(
+    card, options, heads: list[str], pinned: dict[str, int] | None = None, ab: dict[str, dict] | None = None
+) -> list:
     """threshold, ``classify`` (from image bytes) and ``classify_embedding`` (from an embedding
     computed earlier, e.g. one kept in a store: the heads run, the encoder does not).
 
@@ -113,13 +152,25 @@ def head_dependent_models(card, options, heads: list[str], pinned: dict[str, int
     def head_steps(embedding: str, with_embedding: bool) -> tuple[Step, ...]:
         steps, inputs, outputs = [], {"EMBEDDING": embedding}, {"RESULT": "RESULT"}
         for head in heads:
-            steps.append(Step(head, {"EMBEDDING": embedding},
-                              {"SCORES": f"HEAD_SCORES_{head}", "INFO": f"HEAD_INFO_{head}"}, pinned.get(head, -1)))
+            steps.append(
+                Step(
+                    head,
+                    {"EMBEDDING": embedding},
+                    {"SCORES": f"HEAD_SCORES_{head}", "INFO": f"HEAD_INFO_{head}"},
+                    pinned.get(head, -1),
+                )
+            )
             inputs.update({f"SCORES_{head}": f"HEAD_SCORES_{head}", f"INFO_{head}": f"HEAD_INFO_{head}"})
             outputs[f"SCORES_OUT_{head}"] = f"SCORES_{head}"
             if head in ab:
-                steps.append(Step(head, {"EMBEDDING": embedding},
-                                  {"SCORES": f"AB_SCORES_{head}", "INFO": f"AB_INFO_{head}"}, int(ab[head]["version"])))
+                steps.append(
+                    Step(
+                        head,
+                        {"EMBEDDING": embedding},
+                        {"SCORES": f"AB_SCORES_{head}", "INFO": f"AB_INFO_{head}"},
+                        int(ab[head]["version"]),
+                    )
+                )
                 inputs.update({f"SCORES_AB_{head}": f"AB_SCORES_{head}", f"INFO_AB_{head}": f"AB_INFO_{head}"})
         if with_embedding:
             outputs["EMBEDDING_OUT"] = "EMBEDDING"
@@ -133,27 +184,42 @@ def head_dependent_models(card, options, heads: list[str], pinned: dict[str, int
     if text_only(card):  # TEXT: its A/B key is the text's bytes, hashed as an image's are
         text = encoder_model(card, options, "text")
         item = "TEXT"
-        embed_steps = (Step("tokenize", {"TEXT": "TEXT"}, {"TOKENS": "TOKENS"}),
-                       Step(text.name, {text.input.name: "TOKENS"}, {text.output.name: "IMAGE_EMBEDDING"}))
+        embed_steps = (
+            Step("tokenize", {"TEXT": "TEXT"}, {"TOKENS": "TOKENS"}),
+            Step(text.name, {text.input.name: "TOKENS"}, {text.output.name: "IMAGE_EMBEDDING"}),
+        )
     else:
         image = encoder_model(card, options, "image")
         item = "IMAGE"
-        embed_steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
-                       Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "IMAGE_EMBEDDING"}))
+        embed_steps = (
+            Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+            Step(image.name, {image.input.name: "PIXELS"}, {image.output.name: "IMAGE_EMBEDDING"}),
+        )
     ab_params = {head: {k: test[k] for k in ("version", "share", "mode")} for head, test in ab.items()}
-    return [ThresholdModel(tuple(heads), d, options.light_batching, encoder=card.fingerprint, ab=ab_params or None),
-            EnsembleModel("classify", (Tensor(item, "BYTES", (1,)),),
-                          (Tensor("EMBEDDING", "FP32", (d,)), result, *head_outputs),
-                          keyed(embed_steps + head_steps("IMAGE_EMBEDDING", True), {"IMAGE": item} if ab else {}),
-                          options.max_batch_size),
-            EnsembleModel("classify_embedding", (Tensor("EMBEDDING", "FP32", (d,)),
-                                                 Tensor("SHA256", "BYTES", (1,), optional=True)),
-                          (result, *head_outputs), keyed(head_steps("EMBEDDING", False), {"SHA256": "SHA256"}),
-                          options.max_batch_size)]
+    return [
+        ThresholdModel(tuple(heads), d, options.light_batching, encoder=card.fingerprint, ab=ab_params or None),
+        EnsembleModel(
+            "classify",
+            (Tensor(item, "BYTES", (1,)),),
+            (Tensor("EMBEDDING", "FP32", (d,)), result, *head_outputs),
+            keyed(embed_steps + head_steps("IMAGE_EMBEDDING", True), {"IMAGE": item} if ab else {}),
+            options.max_batch_size,
+        ),
+        EnsembleModel(
+            "classify_embedding",
+            (Tensor("EMBEDDING", "FP32", (d,)), Tensor("SHA256", "BYTES", (1,), optional=True)),
+            (result, *head_outputs),
+            keyed(head_steps("EMBEDDING", False), {"SHA256": "SHA256"}),
+            options.max_batch_size,
+        ),
+    ]
 
 
 def model_names(card, options, heads: list[str]) -> list[str]:
     """What the server loads, dependencies first."""
-    return [m.name for m in static_models(card, options) if not isinstance(m, EnsembleModel)] + list(heads) + \
-        [m.name for m in head_dependent_models(card, options, heads)] + [m.name for m in embed_ensembles(card, options)]
-
+    return (
+        [m.name for m in static_models(card, options) if not isinstance(m, EnsembleModel)]
+        + list(heads)
+        + [m.name for m in head_dependent_models(card, options, heads)]
+        + [m.name for m in embed_ensembles(card, options)]
+    )

@@ -30,10 +30,6 @@ RUNNER_FILE = "model.py"  # the portable flavour serves heads through the python
 PROBE_ROWS = 4  # unit vectors run through the head; small, so a check costs milliseconds
 
 
-
-
-
-
 def _one_line(text: object, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -43,8 +39,16 @@ def _short(fingerprint: str) -> str:
     return str(fingerprint).split(":")[-1][:12]
 
 
-def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: str | None = None,
-                      version: int | None = None, needs_runner: bool = False, shown: str | None = None) -> HeadCard:
+def check_version_dir(
+    folder: Path,
+    fingerprint: str,
+    embed_dim: int,
+    *,
+    name: str | None = None,
+    version: int | None = None,
+    needs_runner: bool = False,
+    shown: str | None = None,
+) -> HeadCard:
     """Check one head version folder (anywhere: a repository, a staging folder, another
     machine's export) against the encoder ``fingerprint`` / ``embed_dim`` it would serve with.
 
@@ -74,9 +78,12 @@ def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: s
     if version is not None and card.version != version:
         raise refuse(f"{HEAD_FILE} says version {card.version}, not {version}")
     if card.encoder_fingerprint != fingerprint:
-        raise refuse(f"head {card.name} v{card.version} was made with encoder {_short(card.encoder_fingerprint)}, "
-                     f"but this repository serves encoder {_short(fingerprint)}: retrain or re-create it against "
-                     "the served encoder", ForeignVersionError)
+        raise refuse(
+            f"head {card.name} v{card.version} was made with encoder {_short(card.encoder_fingerprint)}, "
+            f"but this repository serves encoder {_short(fingerprint)}: retrain or re-create it against "
+            "the served encoder",
+            ForeignVersionError,
+        )
     if card.embed_dim != embed_dim:
         raise refuse(f"{HEAD_FILE} reads {card.embed_dim}-d embeddings; the encoder gives {embed_dim}-d")
     model_path = folder / MODEL_FILE
@@ -94,8 +101,10 @@ def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: s
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
     if list(inputs) != ["EMBEDDING"] or not {"SCORES", "INFO"} <= outputs:
-        raise refuse(f"{MODEL_FILE} takes {sorted(inputs)} and gives {sorted(outputs)}; a head takes EMBEDDING "
-                     "and gives SCORES and INFO")
+        raise refuse(
+            f"{MODEL_FILE} takes {sorted(inputs)} and gives {sorted(outputs)}; a head takes EMBEDDING "
+            "and gives SCORES and INFO"
+        )
     shape = inputs["EMBEDDING"].shape
     if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != embed_dim):
         raise refuse(f"{MODEL_FILE} takes EMBEDDING of shape {shape}, not [batch, {embed_dim}]")
@@ -113,10 +122,14 @@ def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: s
     if scores.shape != (PROBE_ROWS, labels):
         per_row = scores.shape[1] if scores.ndim == 2 and scores.shape[0] == PROBE_ROWS else None
         if per_row is not None:
-            raise refuse(f"{MODEL_FILE} gives {per_row} scores per embedding, but {HEAD_FILE} has {labels} labels "
-                         f"{list(card.labels)}")
-        raise refuse(f"{MODEL_FILE} gives SCORES of shape {list(scores.shape)} for {PROBE_ROWS} embeddings, "
-                     f"not [{PROBE_ROWS}, {labels}]")
+            raise refuse(
+                f"{MODEL_FILE} gives {per_row} scores per embedding, but {HEAD_FILE} has {labels} labels "
+                f"{list(card.labels)}"
+            )
+        raise refuse(
+            f"{MODEL_FILE} gives SCORES of shape {list(scores.shape)} for {PROBE_ROWS} embeddings, "
+            f"not [{PROBE_ROWS}, {labels}]"
+        )
     if scores.dtype != np.float32:
         raise refuse(f"{MODEL_FILE} gives SCORES as {scores.dtype}, not float32")
     if not np.isfinite(scores).all():
@@ -132,16 +145,21 @@ def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: s
         raise refuse(f"{MODEL_FILE} scores with a softmax (single-label), but {HEAD_FILE} says multi-label")
     made_by = {"regression": "Identity", "ordinal": "Sub"}.get(card.task)
     if activation is not None and made_by is not None and activation != made_by:
-        raise refuse(f"{MODEL_FILE} makes SCORES with {activation}, but a {card.task} head's SCORES come from "
-                     f"{made_by} (see export/heads.py)")
+        raise refuse(
+            f"{MODEL_FILE} makes SCORES with {activation}, but a {card.task} head's SCORES come from "
+            f"{made_by} (see export/heads.py)"
+        )
     if not card.multi_label and not regression and not np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
-        raise refuse(f"{MODEL_FILE}: the scores of a single-label head must sum to 1 (softmax), they sum to "
-                     f"{scores.sum(axis=1).round(4).tolist()}")
+        raise refuse(
+            f"{MODEL_FILE}: the scores of a single-label head must sum to 1 (softmax), they sum to "
+            f"{scores.sum(axis=1).round(4).tolist()}"
+        )
 
     info = np.asarray(info)
     if info.shape != (PROBE_ROWS, 1):
-        raise refuse(f"{MODEL_FILE} gives INFO of shape {list(info.shape)} for {PROBE_ROWS} embeddings, "
-                     f"not [{PROBE_ROWS}, 1]")
+        raise refuse(
+            f"{MODEL_FILE} gives INFO of shape {list(info.shape)} for {PROBE_ROWS} embeddings, not [{PROBE_ROWS}, 1]"
+        )
     expected = card.info()
     for row in info[:, 0]:
         try:
@@ -149,10 +167,15 @@ def check_version_dir(folder: Path, fingerprint: str, embed_dim: int, *, name: s
         except (ValueError, UnicodeDecodeError):
             raise refuse(f"{MODEL_FILE} gives INFO that is not JSON: {str(row)[:80]!r}") from None
         if found != expected:
-            differ = (sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-                      if isinstance(found, dict) else ["everything"])
-            raise refuse(f"{MODEL_FILE} answers with INFO that disagrees with {HEAD_FILE} on "
-                         f"{', '.join(differ)}: {json.dumps(found)[:160]}")
+            differ = (
+                sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+                if isinstance(found, dict)
+                else ["everything"]
+            )
+            raise refuse(
+                f"{MODEL_FILE} answers with INFO that disagrees with {HEAD_FILE} on "
+                f"{', '.join(differ)}: {json.dumps(found)[:160]}"
+            )
     if card.ood is not None:
         _check_references(folder, card, refuse)
     return card
@@ -189,8 +212,10 @@ def _check_index(folder: Path, card: HeadCard, refuse) -> None:
     except OSError as e:
         raise refuse(f"{OOD_INDEX_FILE} cannot be read: {e}") from None
     if index_sha256(data) != card.ood["index_sha256"]:
-        raise refuse(f"{OOD_INDEX_FILE} is not the faiss index this version was published with "
-                     f"(its sha256 differs from {HEAD_FILE}'s ood.index_sha256)")
+        raise refuse(
+            f"{OOD_INDEX_FILE} is not the faiss index this version was published with "
+            f"(its sha256 differs from {HEAD_FILE}'s ood.index_sha256)"
+        )
 
 
 def _scores_activation(model_path: Path) -> str | None:
@@ -218,8 +243,15 @@ def validate_version(repository, name: str, version: int, *, shown: str | None =
     if not isinstance(repository, Repository):
         repository = Repository(Path(repository))
     folder = version_dir(repository.path, name, version)
-    return check_version_dir(folder, repository.fingerprint, repository.card.embed_dim, name=name,
-                             version=int(version), needs_runner=repository.flavour == "portable", shown=shown)
+    return check_version_dir(
+        folder,
+        repository.fingerprint,
+        repository.card.embed_dim,
+        name=name,
+        version=int(version),
+        needs_runner=repository.flavour == "portable",
+        shown=shown,
+    )
 
 
 def check_rollback(repo: Path, name: str, to: int | None = None) -> None:

@@ -28,8 +28,9 @@ def tiny_jpeg(size: int = 64) -> bytes:
     from PIL import Image
 
     ramp = np.linspace(0, 255, size, dtype=np.uint8)
-    pixels = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)),
-                       np.full((size, size), 128, np.uint8)], axis=-1)
+    pixels = np.stack(
+        [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)], axis=-1
+    )
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
@@ -41,8 +42,13 @@ def _bytes_input(client_module, name: str, item: bytes):
     return tensor
 
 
-def warm_up(http_url: str, models: tuple[str, ...] | list[str], students: tuple[str, ...] | list[str] = (),
-            timeout_s: float = 120.0, text_only: bool = False) -> dict[str, float]:
+def warm_up(
+    http_url: str,
+    models: tuple[str, ...] | list[str],
+    students: tuple[str, ...] | list[str] = (),
+    timeout_s: float = 120.0,
+    text_only: bool = False,
+) -> dict[str, float]:
     """Send the warm-up requests to the ensembles among ``models`` (and to the distilled
     ``students``, python models reading image bytes) on the server at ``http_url``; returns
     seconds spent per model; ``text_only``: a text encoder's repository. A failure is logged, not raised: the server is up and a broken
@@ -51,8 +57,11 @@ def warm_up(http_url: str, models: tuple[str, ...] | list[str], students: tuple[
 
     jpeg = tiny_jpeg()
     # A text encoder's repository (topology.text_only): classify reads TEXT, and there is no embed.
-    plan = [(name, "TEXT", b"a short text") if text_only and name == "classify" else (name, "IMAGE", jpeg)
-            for name in ("classify", "embed", *students) if name in models]
+    plan = [
+        (name, "TEXT", b"a short text") if text_only and name == "classify" else (name, "IMAGE", jpeg)
+        for name in ("classify", "embed", *students)
+        if name in models
+    ]
     if "embed_text" in models:
         plan.append(("embed_text", "TEXT", b"a photo"))
     spent: dict[str, float] = {}
@@ -64,8 +73,11 @@ def warm_up(http_url: str, models: tuple[str, ...] | list[str], students: tuple[
             try:
                 ensemble = model in ("classify", "embed", "embed_text")
                 for _ in range(ROUNDS):
-                    answer = client.infer(model, [_bytes_input(http, input_name, item)],
-                                          outputs=[http.InferRequestedOutput("EMBEDDING")] if ensemble else None)
+                    answer = client.infer(
+                        model,
+                        [_bytes_input(http, input_name, item)],
+                        outputs=[http.InferRequestedOutput("EMBEDDING")] if ensemble else None,
+                    )
                     if model in ("classify", "embed"):
                         embedding = answer.as_numpy("EMBEDDING")
             except Exception as e:  # noqa: BLE001 - any failure: say so and go on

@@ -109,15 +109,21 @@ class _Embed:
         if len(good):
             if self.local:
                 vectors[good] = self.embedder.embed_pixels(
-                    np.stack([np.asarray(p, np.uint8) for p in batch["pixels"][good]]))
+                    np.stack([np.asarray(p, np.uint8) for p in batch["pixels"][good]])
+                )
             else:
                 for i, got in zip(good, self.embedder([bytes(batch["data"][i]) for i in good])):
                     if isinstance(got, str):
                         status[i], errors[i] = FAILED, got
                     else:
                         vectors[i] = got
-        return {"uri": batch["uri"], "sha256": batch["sha256"], "status": np.array(status.tolist()),
-                "error": np.array(errors.tolist()), "embedding": vectors}
+        return {
+            "uri": batch["uri"],
+            "sha256": batch["sha256"],
+            "status": np.array(status.tolist()),
+            "error": np.array(errors.tolist()),
+            "embedding": vectors,
+        }
 
 
 def _init_ray(address: str | None, actors: int) -> bool:
@@ -135,36 +141,51 @@ def _init_ray(address: str | None, actors: int) -> bool:
             # tasks need a slot too or the pipeline waits for ever on a 2-core machine.
             ray.init(address="local", num_cpus=actors + 2, **settings)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise PipelineError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {e}",
-                            option="address") from None
+        raise PipelineError(
+            f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {e}", option="address"
+        ) from None
     return True
 
 
-def _label(store: Store, versions, fingerprint: str, hashes: list[str], matrix: np.ndarray,
-           report: BackfillReport) -> None:
+def _label(
+    store: Store, versions, fingerprint: str, hashes: list[str], matrix: np.ndarray, report: BackfillReport
+) -> None:
     for version in versions:
         scores = version.scores(matrix)
-        rows = store.add_labels(version.card.name, [label_table(
-            hashes, fingerprint, version.card.version, scores, version.card.labels,
-            version.accepted_mask(scores), "backfill")])
+        rows = store.add_labels(
+            version.card.name,
+            [
+                label_table(
+                    hashes,
+                    fingerprint,
+                    version.card.version,
+                    scores,
+                    version.card.labels,
+                    version.accepted_mask(scores),
+                    "backfill",
+                )
+            ],
+        )
         report.labelled[version.card.name] = report.labelled.get(version.card.name, 0) + rows
 
 
-def _complete_labels(store: Store, versions, fingerprint: str, known: set[str], batch: int,
-                     report: BackfillReport) -> None:
+def _complete_labels(
+    store: Store, versions, fingerprint: str, known: set[str], batch: int, report: BackfillReport
+) -> None:
     """Stored items that lack a live version's label (a run killed between its two writes)."""
     for version in versions:
         missing = sorted(known - store.labelled(version.card.name, version.card.version))
         for start in range(0, len(missing), batch):
-            part = store.embeddings(missing[start:start + batch], fingerprint)
+            part = store.embeddings(missing[start : start + batch], fingerprint)
             if part:
                 hashes = list(part)
                 _label(store, [version], fingerprint, hashes, np.stack([part[h] for h in hashes]), report)
                 report.relabelled += len(hashes)
 
 
-def backfill(source: str, store: Store, options: BackfillOptions,
-             progress: Callable[[BackfillReport], None] | None = None) -> BackfillReport:
+def backfill(
+    source: str, store: Store, options: BackfillOptions, progress: Callable[[BackfillReport], None] | None = None
+) -> BackfillReport:
     """Embed and label every image of ``source`` into ``store``; see the module docstring."""
     from headmaster.model_repository.head_version import HeadVersion
     from headmaster.pipelines.sources import list_source
@@ -195,18 +216,32 @@ def backfill(source: str, store: Store, options: BackfillOptions,
         ctx.print_on_execution_start = False
         preprocessing = None if options.server else repository.card.preprocessing
         blocks = max(options.actors * 4, min(len(uris) // options.embed_batch + 1, 1000))
-        dataset = (ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
-                   .map_batches(_read_batch, fn_kwargs={"known": known, "preprocessing": preprocessing},
-                                batch_size=options.embed_batch, num_cpus=0.5)
-                   .map_batches(_Embed, fn_constructor_kwargs={"repo": str(repository.path), "server": options.server,
-                                                               "protocol": options.protocol},
-                                compute=ray.data.ActorPoolStrategy(size=options.actors), num_cpus=1,
-                                batch_size=options.embed_batch))
+        dataset = (
+            ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
+            .map_batches(
+                _read_batch,
+                fn_kwargs={"known": known, "preprocessing": preprocessing},
+                batch_size=options.embed_batch,
+                num_cpus=0.5,
+            )
+            .map_batches(
+                _Embed,
+                fn_constructor_kwargs={
+                    "repo": str(repository.path),
+                    "server": options.server,
+                    "protocol": options.protocol,
+                },
+                compute=ray.data.ActorPoolStrategy(size=options.actors),
+                num_cpus=1,
+                batch_size=options.embed_batch,
+            )
+        )
         seen = set(known)
         for batch in dataset.iter_batches(batch_size=options.write_batch, batch_format="numpy"):
             keep = []
-            for i, (uri, sha, status, error) in enumerate(zip(batch["uri"], batch["sha256"], batch["status"],
-                                                              batch["error"])):
+            for i, (uri, sha, status, error) in enumerate(
+                zip(batch["uri"], batch["sha256"], batch["status"], batch["error"])
+            ):
                 if status == FAILED:
                     report.failures.append((str(uri), str(error)))
                 elif status == SKIP or sha in seen:

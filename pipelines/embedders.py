@@ -30,8 +30,11 @@ class LocalBytesEmbedder:
         spec = self.local.spec
         out = []
         for start in range(0, len(pixels), self.local.batch_size):
-            out.append(self.local.runner({spec.input_name: pixels[start:start + self.local.batch_size]},
-                                         [spec.output_name])[0])
+            out.append(
+                self.local.runner({spec.input_name: pixels[start : start + self.local.batch_size]}, [spec.output_name])[
+                    0
+                ]
+            )
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
     def __call__(self, images: list[bytes]) -> list[np.ndarray | str]:

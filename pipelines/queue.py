@@ -35,8 +35,14 @@ class Broker(abc.ABC):
     """Durable append-only streams with consumer groups (at-least-once delivery)."""
 
     @abc.abstractmethod
-    def publish(self, stream: str, fields: dict[str, bytes | str], *, max_backlog: int | None = None,
-                timeout_s: float | None = None) -> str:
+    def publish(
+        self,
+        stream: str,
+        fields: dict[str, bytes | str],
+        *,
+        max_backlog: int | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
         """Append one entry. With ``max_backlog``, wait while the stream's backlog (entries no
         group has finished with) is at the bound: producers stop, memory does not grow.
         Raises :class:`headmaster.errors.QueueError` when ``timeout_s`` passes first."""

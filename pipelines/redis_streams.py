@@ -89,8 +89,12 @@ class Reconnecting(Retry):
                 LOG.warning("lost Redis at %s (%s): reconnecting with backoff", self.where, error)
             elif now - self._last_note > 30:
                 self._last_note = now
-                LOG.warning("Redis at %s still unreachable after %.0f s (%s): still trying", self.where,
-                            now - self.down_since, error)
+                LOG.warning(
+                    "Redis at %s still unreachable after %.0f s (%s): still trying",
+                    self.where,
+                    now - self.down_since,
+                    error,
+                )
             if self.stop():
                 self.stopped = True
                 raise error
@@ -104,8 +108,7 @@ class Reconnecting(Retry):
             self._nesting.depth = depth
         if depth == 0:
             if self.down_since is not None:
-                LOG.warning("reconnected to Redis at %s after %.1f s", self.where,
-                            time.monotonic() - self.down_since)
+                LOG.warning("reconnected to Redis at %s after %.1f s", self.where, time.monotonic() - self.down_since)
                 self.down_since = None
                 self.reconnects += 1
             self.answered = True
@@ -151,14 +154,22 @@ class RedisStreams(Broker):
         try:
             # socket_timeout: a read that hangs on a dead peer (no RST, e.g. a partition) becomes
             # a TimeoutError, which is retried; reads block at most a few seconds by design.
-            pool = _NotingPool.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=30,
-                                        socket_keepalive=True, retry=self._retry, decode_responses=False)
+            pool = _NotingPool.from_url(
+                url,
+                socket_connect_timeout=connect_timeout_s,
+                socket_timeout=30,
+                socket_keepalive=True,
+                retry=self._retry,
+                decode_responses=False,
+            )
             pool.retry = self._retry
             self.redis = redis.Redis(connection_pool=pool)
             self.redis.ping()
         except ValueError as e:
-            raise QueueError(f"--redis {safe_url(url)!r} is not a Redis URL ({e}); "
-                             "give redis://[:password@]host:port/db", option="redis") from None
+            raise QueueError(
+                f"--redis {safe_url(url)!r} is not a Redis URL ({e}); give redis://[:password@]host:port/db",
+                option="redis",
+            ) from None
         except self._errors as e:
             raise QueueError(f"cannot reach Redis at {safe_url(url)}: {e}", option="redis") from None
         self._claim_cursor: dict[tuple[str, str], str] = {}
@@ -178,12 +189,19 @@ class RedisStreams(Broker):
             return fn(*args, **kwargs)
         except self._errors as e:
             if self._retry.stopped:
-                raise QueueError(f"Redis at {safe_url(self.url)}: {what} failed: {e}; stopped while reconnecting "
-                                 "(entries this worker held stay pending for its group)") from None
-            if (isinstance(e, (redis.ConnectionError, redis.TimeoutError)) and self._retry.answered
-                    and self._retry.patience_s is not None):
-                raise QueueError(f"Redis at {safe_url(self.url)}: {what} failed: {e}; still unreachable after "
-                                 f"{self._retry.patience_s:g} s of reconnecting") from None
+                raise QueueError(
+                    f"Redis at {safe_url(self.url)}: {what} failed: {e}; stopped while reconnecting "
+                    "(entries this worker held stay pending for its group)"
+                ) from None
+            if (
+                isinstance(e, (redis.ConnectionError, redis.TimeoutError))
+                and self._retry.answered
+                and self._retry.patience_s is not None
+            ):
+                raise QueueError(
+                    f"Redis at {safe_url(self.url)}: {what} failed: {e}; still unreachable after "
+                    f"{self._retry.patience_s:g} s of reconnecting"
+                ) from None
             raise QueueError(f"Redis at {safe_url(self.url)}: {what} failed: {e}") from None
 
     def _group_call(self, what: str, stream: str, group: str, fn, *args, **kwargs):
@@ -195,9 +213,13 @@ class RedisStreams(Broker):
                 raise
         # Redis came back without its data (no persistence, or a new server): the group is gone,
         # and whatever it held with it. Make it again, from the start of what is there, and go on.
-        LOG.warning("group %s of %s is gone from Redis at %s (restarted without its data? see docs/pipelines.md on "
-                    "appendonly): made again; entries queued before the restart may be lost", group, stream,
-                    safe_url(self.url))
+        LOG.warning(
+            "group %s of %s is gone from Redis at %s (restarted without its data? see docs/pipelines.md on "
+            "appendonly): made again; entries queued before the restart may be lost",
+            group,
+            stream,
+            safe_url(self.url),
+        )
         self.ensure_group(stream, group)
         self._claim_cursor.pop((stream, group), None)
         return self._call(what, fn, *args, **kwargs)
@@ -206,8 +228,16 @@ class RedisStreams(Broker):
         """Messages with the delivery count Redis keeps for each (this delivery included)."""
         if not entries:
             return []
-        pending = self._call("XPENDING", self.redis.xpending_range, stream, group, min=entries[0][0],
-                             max=entries[-1][0], count=len(entries) * 4 + 16, consumername=consumer)
+        pending = self._call(
+            "XPENDING",
+            self.redis.xpending_range,
+            stream,
+            group,
+            min=entries[0][0],
+            max=entries[-1][0],
+            count=len(entries) * 4 + 16,
+            consumername=consumer,
+        )
         counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         return [Message(i, _fields(f), counts.get(i, 2)) for i, f in entries]
 
@@ -231,9 +261,11 @@ class RedisStreams(Broker):
             pause = 0.01
             while self.backlog(stream) >= max_backlog:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise QueueError(f"stream {stream} stayed at its bound of {max_backlog} unfinished entries for "
-                                     f"{timeout_s:g} s: are its consumers running? (`headmaster worker status`)",
-                                     option="max_backlog")
+                    raise QueueError(
+                        f"stream {stream} stayed at its bound of {max_backlog} unfinished entries for "
+                        f"{timeout_s:g} s: are its consumers running? (`headmaster worker status`)",
+                        option="max_backlog",
+                    )
                 time.sleep(pause)
                 pause = min(pause * 2, 0.5)
         return _text(self._call("XADD", self.redis.xadd, stream, fields))
@@ -266,8 +298,9 @@ class RedisStreams(Broker):
             self._own_cursor[key] = "0-0"
         cursor = self._own_cursor.get(key)
         if cursor is not None:
-            answer = self._group_call("XREADGROUP", stream, group, self.redis.xreadgroup, group, consumer,
-                                      {stream: cursor}, count=count)
+            answer = self._group_call(
+                "XREADGROUP", stream, group, self.redis.xreadgroup, group, consumer, {stream: cursor}, count=count
+            )
             raw = [(_text(i), f) for _, entries in answer or [] for i, f in entries]
             if len(raw) < count:
                 self._own_cursor.pop(key, None)
@@ -280,15 +313,33 @@ class RedisStreams(Broker):
             if mine:
                 LOG.info("%s: %d entries pending for %s read again", stream, len(mine), consumer)
                 return mine
-        answer = self._group_call("XREADGROUP", stream, group, self.redis.xreadgroup, group, consumer,
-                                  {stream: ">"}, count=count, block=block_ms)
+        answer = self._group_call(
+            "XREADGROUP",
+            stream,
+            group,
+            self.redis.xreadgroup,
+            group,
+            consumer,
+            {stream: ">"},
+            count=count,
+            block=block_ms,
+        )
         return [Message(_text(i), _fields(f)) for _, entries in answer or [] for i, f in entries if f]
 
     def claim_stale(self, stream, group, consumer, min_idle_ms, count) -> list[Message]:
         key = (stream, group)
         cursor, claimed, deleted = self._group_call(
-            "XAUTOCLAIM", stream, group, self.redis.xautoclaim, stream, group, consumer, min_idle_ms,
-            start_id=self._claim_cursor.get(key, "0-0"), count=count)[:3]
+            "XAUTOCLAIM",
+            stream,
+            group,
+            self.redis.xautoclaim,
+            stream,
+            group,
+            consumer,
+            min_idle_ms,
+            start_id=self._claim_cursor.get(key, "0-0"),
+            count=count,
+        )[:3]
         self._claim_cursor[key] = _text(cursor)
         if deleted:  # trimmed while pending: nothing left to deliver
             self.ack(stream, group, [_text(d) for d in deleted])
@@ -333,8 +384,9 @@ class RedisStreams(Broker):
                 summary = self._call("XPENDING", self.redis.xpending, stream, name)
                 consumers = {_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
                 lag = group.get("lag")
-                found.append(GroupStatus(stream, name, length, -1 if lag is None else int(lag),
-                                         int(group["pending"]), consumers))
+                found.append(
+                    GroupStatus(stream, name, length, -1 if lag is None else int(lag), int(group["pending"]), consumers)
+                )
         return found
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ def _s3(uri: str):
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
         options["region"] = region
-    return pafs.S3FileSystem(**options), uri[len("s3://"):]
+    return pafs.S3FileSystem(**options), uri[len("s3://") :]
 
 
 def read_uri(uri: str) -> bytes:
@@ -70,15 +70,21 @@ def list_source(source: str) -> list[str]:
             infos = fs.get_file_info(pafs.FileSelector(prefix.rstrip("/"), recursive=True))
         except OSError as e:
             raise PipelineError(f"cannot list {source}: {e}", option="source") from None
-        return sorted(f"s3://{i.path}" for i in infos
-                      if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(
+            f"s3://{i.path}"
+            for i in infos
+            if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in IMAGE_SUFFIXES
+        )
     path = Path(source)
     if path.is_dir():
         return [str(p.resolve()) for p in collect_images([path])]
     if path.is_file() and path.suffix.lower() in LISTING_SUFFIXES:
         return _listing(path)
     if not path.exists():
-        raise PipelineError(f"source {source} does not exist: give a folder, an s3:// prefix, or a "
-                            "Parquet/CSV listing of URIs", option="source")
-    raise PipelineError(f"source {source} is neither a folder, an s3:// prefix, nor a .parquet/.csv listing",
-                        option="source")
+        raise PipelineError(
+            f"source {source} does not exist: give a folder, an s3:// prefix, or a Parquet/CSV listing of URIs",
+            option="source",
+        )
+    raise PipelineError(
+        f"source {source} is neither a folder, an s3:// prefix, nor a .parquet/.csv listing", option="source"
+    )

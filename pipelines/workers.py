@@ -83,8 +83,9 @@ class Worker:
         o = self.options
         messages = self.broker.claim_stale(self.stream, o.group, o.consumer, o.claim_idle_ms, o.batch)
         if len(messages) < o.batch:
-            messages += self.broker.read(self.stream, o.group, o.consumer, o.batch - len(messages),
-                                         o.block_ms if not messages else 1)
+            messages += self.broker.read(
+                self.stream, o.group, o.consumer, o.batch - len(messages), o.block_ms if not messages else 1
+            )
         if not messages:
             return 0
         failed = self.handle(messages)
@@ -95,16 +96,24 @@ class Worker:
                 continue
             if message.deliveries >= o.max_tries:
                 fields = {k: v for k, v in message.fields.items() if k != "embedding" or len(v) < 1 << 20}
-                fields.update({"reason": reason, "group": o.group, "deliveries": str(message.deliveries),
-                               "source_id": message.id})
+                fields.update(
+                    {"reason": reason, "group": o.group, "deliveries": str(message.deliveries), "source_id": message.id}
+                )
                 self.broker.publish(dead_letters(self.stream), fields)
                 done.append(message.id)
                 self.dead += 1
-                LOG.warning("%s: entry %s dead-lettered after %d tries: %s", self.stream, message.id,
-                            message.deliveries, reason)
+                LOG.warning(
+                    "%s: entry %s dead-lettered after %d tries: %s", self.stream, message.id, message.deliveries, reason
+                )
             else:  # left pending: redelivered after claim_idle_ms, to this worker or another
-                LOG.info("%s: entry %s failed (try %d of %d): %s", self.stream, message.id, message.deliveries,
-                         o.max_tries, reason)
+                LOG.info(
+                    "%s: entry %s failed (try %d of %d): %s",
+                    self.stream,
+                    message.id,
+                    message.deliveries,
+                    o.max_tries,
+                    reason,
+                )
         self.broker.ack(self.stream, o.group, done)
         self.processed += len(messages) - len(failed)
         return len(messages)
@@ -131,8 +140,15 @@ class Worker:
 class EmbedWorker(Worker):
     """Images stream -> embedding (server or local) -> store -> embeddings stream."""
 
-    def __init__(self, broker: Broker, store: Store, embedder, options: WorkerOptions,
-                 stream: str = IMAGES, output: str = EMBEDDINGS):
+    def __init__(
+        self,
+        broker: Broker,
+        store: Store,
+        embedder,
+        options: WorkerOptions,
+        stream: str = IMAGES,
+        output: str = EMBEDDINGS,
+    ):
         super().__init__(broker, options)
         self.store, self.embedder, self.stream, self.output = store, embedder, stream, output
 
@@ -178,8 +194,9 @@ class EmbedWorker(Worker):
             for message in messages:
                 if message.id in read and read[message.id][1] in fresh:
                     uris.setdefault(read[message.id][1], _text(message.fields.get("uri", b"")) or None)
-            self.store.add_embeddings(list(fresh), [uris.get(s) for s in fresh], fingerprint,
-                                      np.stack(list(fresh.values())))
+            self.store.add_embeddings(
+                list(fresh), [uris.get(s) for s in fresh], fingerprint, np.stack(list(fresh.values()))
+            )
         known.update(fresh)
         for message in messages:
             if message.id not in read or message.id in failed:
@@ -187,10 +204,17 @@ class EmbedWorker(Worker):
             sha = read[message.id][1]
             # Published even when the item was stored before: a worker that died between storing
             # and publishing left the heads without it; the heads worker skips what is labelled.
-            self.broker.publish(self.output, {
-                "sha256": sha, "fingerprint": fingerprint, "embedding": known[sha].astype("<f4").tobytes(),
-                "uri": message.fields.get("uri", b""), "enqueued_at": message.fields.get("enqueued_at", b""),
-            }, max_backlog=self.options.max_backlog)
+            self.broker.publish(
+                self.output,
+                {
+                    "sha256": sha,
+                    "fingerprint": fingerprint,
+                    "embedding": known[sha].astype("<f4").tobytes(),
+                    "uri": message.fields.get("uri", b""),
+                    "enqueued_at": message.fields.get("enqueued_at", b""),
+                },
+                max_backlog=self.options.max_backlog,
+            )
         return failed
 
 
@@ -228,8 +252,9 @@ class LiveHeads:
 class HeadsWorker(Worker):
     """Embeddings stream -> every live head on CPU (onnxruntime, the server's threshold) -> store."""
 
-    def __init__(self, broker: Broker, store: Store, heads: LiveHeads, options: WorkerOptions,
-                 stream: str = EMBEDDINGS):
+    def __init__(
+        self, broker: Broker, store: Store, heads: LiveHeads, options: WorkerOptions, stream: str = EMBEDDINGS
+    ):
         super().__init__(broker, options)
         self.store, self.heads, self.stream = store, heads, stream
         self.latencies: list[float] = []  # enqueue -> label stored, seconds (when producers set enqueued_at)
@@ -271,9 +296,20 @@ class HeadsWorker(Worker):
                 scores = version.scores(np.stack([rows[sha] for sha in todo]))
             except HeadmasterError as e:  # e.g. a head of another size: the batch is retried, then dead-lettered
                 return {m.id: f"{version.title}: {e}" for m in messages}
-            self.store.add_labels(version.card.name, [label_table(
-                todo, self.heads.fingerprint, version.card.version, scores, version.card.labels,
-                version.accepted_mask(scores), "worker")])
+            self.store.add_labels(
+                version.card.name,
+                [
+                    label_table(
+                        todo,
+                        self.heads.fingerprint,
+                        version.card.version,
+                        scores,
+                        version.card.labels,
+                        version.accepted_mask(scores),
+                        "worker",
+                    )
+                ],
+            )
         now = time.time()
         for message in messages:
             at = _text(message.fields.get("enqueued_at", b""))

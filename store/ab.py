@@ -45,18 +45,32 @@ class Comparison:
 def compare_versions(store, head: str, a: int, b: int) -> Comparison:
     """Agreement of versions ``a`` and ``b`` of ``head`` over the items both labelled."""
     if head not in store.label_heads():
-        raise StoreError(f"the store at {store.location} holds no labels of head {head!r}; "
-                         "classify with --store while the test runs")
+        raise StoreError(
+            f"the store at {store.location} holds no labels of head {head!r}; classify with --store while the test runs"
+        )
     rows = {}
     for version in (a, b):
         table = store.labels(head, version)
         rows[version] = dict(zip(table["sha256"].to_pylist(), map(tuple, table["labels"].to_pylist())))
     both = sorted(set(rows[a]) & set(rows[b]))
     if not both:
-        raise StoreError(f"no item in the store at {store.location} holds labels of both v{a} and v{b} of head "
-                         f"{head} (v{a}: {len(rows[a])} items, v{b}: {len(rows[b])})")
+        raise StoreError(
+            f"no item in the store at {store.location} holds labels of both v{a} and v{b} of head "
+            f"{head} (v{a}: {len(rows[a])} items, v{b}: {len(rows[b])})"
+        )
     uris = store.uris()
-    changed = [Changed(sha, next(iter(uris.get(sha, {}).values()), None), rows[a][sha], rows[b][sha])
-               for sha in both if set(rows[a][sha]) != set(rows[b][sha])]
-    return Comparison(head, a, b, len(both), len(both) - len(changed), changed,
-                      len(set(rows[a]) - set(rows[b])), len(set(rows[b]) - set(rows[a])))
+    changed = [
+        Changed(sha, next(iter(uris.get(sha, {}).values()), None), rows[a][sha], rows[b][sha])
+        for sha in both
+        if set(rows[a][sha]) != set(rows[b][sha])
+    ]
+    return Comparison(
+        head,
+        a,
+        b,
+        len(both),
+        len(both) - len(changed),
+        changed,
+        len(set(rows[a]) - set(rows[b])),
+        len(set(rows[b]) - set(rows[a])),
+    )

@@ -8,7 +8,6 @@ picks by location. Rows are appended, never edited: "latest wins" reads give the
 labels and corrections, and the history stays.
 """
 
-
 from __future__ import annotations
 
 import abc
@@ -59,20 +58,44 @@ def now() -> dt.datetime:
 def label_schema():
     import pyarrow as pa
 
-    return pa.schema([("sha256", pa.string()), ("fingerprint", pa.string()), ("version", pa.int32()),
-                      ("scores", pa.list_(pa.float32())), ("labels", pa.list_(pa.string())),
-                      ("source", pa.string()), ("at", pa.timestamp("us", tz="UTC"))])
+    return pa.schema(
+        [
+            ("sha256", pa.string()),
+            ("fingerprint", pa.string()),
+            ("version", pa.int32()),
+            ("scores", pa.list_(pa.float32())),
+            ("labels", pa.list_(pa.string())),
+            ("source", pa.string()),
+            ("at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
 
 
 def correction_schema():
     import pyarrow as pa
 
-    return pa.schema([("sha256", pa.string()), ("head", pa.string()), ("labels", pa.list_(pa.string())),
-                      ("by", pa.string()), ("at", pa.timestamp("us", tz="UTC")), ("note", pa.string())])
+    return pa.schema(
+        [
+            ("sha256", pa.string()),
+            ("head", pa.string()),
+            ("labels", pa.list_(pa.string())),
+            ("by", pa.string()),
+            ("at", pa.timestamp("us", tz="UTC")),
+            ("note", pa.string()),
+        ]
+    )
 
 
-def label_table(hashes, fingerprint: str, version: int, scores: np.ndarray, label_names: Sequence[str],
-                accepted: np.ndarray, source: str, at: dt.datetime | None = None):
+def label_table(
+    hashes,
+    fingerprint: str,
+    version: int,
+    scores: np.ndarray,
+    label_names: Sequence[str],
+    accepted: np.ndarray,
+    source: str,
+    at: dt.datetime | None = None,
+):
     """Label rows as an Arrow table, built column-wise (a million rows take well under a second).
     ``accepted``: [n, L] bool, which labels each row accepted."""
     import pyarrow as pa
@@ -83,15 +106,18 @@ def label_table(hashes, fingerprint: str, version: int, scores: np.ndarray, labe
     _, columns = np.nonzero(accepted)
     label_offsets = pa.array(np.concatenate([[0], np.cumsum(accepted.sum(axis=1))]).astype(np.int32))
     label_values = pa.array(list(label_names), pa.string()).take(pa.array(columns, pa.int32()))
-    return pa.table({
-        "sha256": hashes if isinstance(hashes, pa.Array) else pa.array(hashes, pa.string()),
-        "fingerprint": pa.repeat(pa.scalar(fingerprint, pa.string()), n),
-        "version": pa.repeat(pa.scalar(version, pa.int32()), n),
-        "scores": score_lists,
-        "labels": pa.ListArray.from_arrays(label_offsets, label_values),
-        "source": pa.repeat(pa.scalar(source, pa.string()), n),
-        "at": pa.repeat(pa.scalar(at or now(), pa.timestamp("us", tz="UTC")), n),
-    }, schema=label_schema())
+    return pa.table(
+        {
+            "sha256": hashes if isinstance(hashes, pa.Array) else pa.array(hashes, pa.string()),
+            "fingerprint": pa.repeat(pa.scalar(fingerprint, pa.string()), n),
+            "version": pa.repeat(pa.scalar(version, pa.int32()), n),
+            "scores": score_lists,
+            "labels": pa.ListArray.from_arrays(label_offsets, label_values),
+            "source": pa.repeat(pa.scalar(source, pa.string()), n),
+            "at": pa.repeat(pa.scalar(at or now(), pa.timestamp("us", tz="UTC")), n),
+        },
+        schema=label_schema(),
+    )
 
 
 def classification_tables(results, fingerprint: str, source: str = "classify") -> dict[str, list]:
@@ -104,7 +130,8 @@ def classification_tables(results, fingerprint: str, source: str = "classify") -
             if head.ab:  # the version of an A/B test that did not answer: kept, never the current label
                 other = head.ab["other"]
                 grouped.setdefault((name, int(other["version"]), OTHER_ARM), []).append(
-                    (result.sha256, other["scores"], other["labels"]))
+                    (result.sha256, other["scores"], other["labels"])
+                )
     tables: dict[str, list] = {}
     at = now()
     for (name, version, origin), rows in grouped.items():
@@ -112,7 +139,8 @@ def classification_tables(results, fingerprint: str, source: str = "classify") -
         scores = np.array([[row_scores[label] for label in names] for _, row_scores, _ in rows], np.float32)
         accepted = np.array([[label in labels for label in names] for _, _, labels in rows], bool)
         tables.setdefault(name, []).append(
-            label_table([sha for sha, _, _ in rows], fingerprint, version, scores, names, accepted, origin, at))
+            label_table([sha for sha, _, _ in rows], fingerprint, version, scores, names, accepted, origin, at)
+        )
     return tables
 
 
@@ -125,8 +153,11 @@ def latest(table, keys: Sequence[str], order: str = "at"):
         return table
     # Ties in time go to the row written last (rows come in the order they were written).
     table = table.append_column("__row", pa.array(np.arange(table.num_rows)))
-    ordered = table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]
-                                         + [(order, "descending"), ("__row", "descending")])).drop_columns(["__row"])
+    ordered = table.take(
+        pc.sort_indices(
+            table, sort_keys=[(k, "ascending") for k in keys] + [(order, "descending"), ("__row", "descending")]
+        )
+    ).drop_columns(["__row"])
     first = np.zeros(ordered.num_rows, bool)
     first[0] = True
     for key in keys:
@@ -181,8 +212,9 @@ class Store(abc.ABC):
 
     # -- items ------------------------------------------------------------------------
     @abc.abstractmethod
-    def add_embeddings(self, hashes: Sequence[str], uris: Sequence[str | None], fingerprint: str,
-                       matrix: np.ndarray) -> None:
+    def add_embeddings(
+        self, hashes: Sequence[str], uris: Sequence[str | None], fingerprint: str, matrix: np.ndarray
+    ) -> None:
         """Add items embedded by ``fingerprint`` (column-wise, for bulk loads)."""
 
     def add_items(self, items: Sequence[StoredItem]) -> None:
@@ -190,8 +222,12 @@ class Store(abc.ABC):
         for item in items:
             by_fingerprint.setdefault(item.fingerprint, []).append(item)
         for fingerprint, group in by_fingerprint.items():
-            self.add_embeddings([i.sha256 for i in group], [i.uri for i in group], fingerprint,
-                                np.stack([np.asarray(i.embedding, np.float32) for i in group]))
+            self.add_embeddings(
+                [i.sha256 for i in group],
+                [i.uri for i in group],
+                fingerprint,
+                np.stack([np.asarray(i.embedding, np.float32) for i in group]),
+            )
 
     @abc.abstractmethod
     def embeddings(self, hashes: Iterable[str], fingerprint: str) -> dict[str, np.ndarray]:
@@ -267,6 +303,9 @@ class Store(abc.ABC):
         sha = file_sha256(Path(item)) if Path(item).is_file() else None
         if sha in known:
             return sha
-        where = f"the file {item} was never classified with --store" if sha else \
-            f"{item!r} is neither a stored sha256, a stored URI, nor a readable file"
+        where = (
+            f"the file {item} was never classified with --store"
+            if sha
+            else f"{item!r} is neither a stored sha256, a stored URI, nor a readable file"
+        )
         raise StoreError(f"unknown item: {where} (store: {self.location})")

@@ -39,8 +39,9 @@ def _read(path: Path) -> tuple[bytes, str] | Failure:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def classify_into_store(client, store: Store, files: Sequence[Path], progress: Callable[[int], None] | None = None,
-                        chunk: int = 256) -> tuple[list[Classification | Failure], StoreStats]:
+def classify_into_store(
+    client, store: Store, files: Sequence[Path], progress: Callable[[int], None] | None = None, chunk: int = 256
+) -> tuple[list[Classification | Failure], StoreStats]:
     """``client`` is a :class:`HeadmasterClient`; returns one result per file, in order. Against a
     text encoder's server (``classify`` reads TEXT) each file's bytes are one text (a .txt file):
     the item's sha256 is the text's."""
@@ -50,7 +51,7 @@ def classify_into_store(client, store: Store, files: Sequence[Path], progress: C
     results: list[Classification | Failure] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for start in range(0, len(files), chunk):
-            part = list(files[start:start + chunk])
+            part = list(files[start : start + chunk])
             out: list[Classification | Failure | None] = [None] * len(part)
             read = list(pool.map(_read, part))
             hashes: list[str | None] = [None] * len(part)
@@ -72,22 +73,28 @@ def classify_into_store(client, store: Store, files: Sequence[Path], progress: C
                     out[i] = dataclasses.replace(answer, source=str(part[i]))
             if reused:
                 vectors = np.stack([known[hashes[i]] for i in reused])
-                for i, answer in zip(reused, client.classify_embeddings(vectors, [str(part[i]) for i in reused],
-                                                                        [hashes[i] for i in reused])):
+                for i, answer in zip(
+                    reused,
+                    client.classify_embeddings(vectors, [str(part[i]) for i in reused], [hashes[i] for i in reused]),
+                ):
                     out[i] = answer
             copies = [i for i, sha in enumerate(hashes) if sha is not None and first[sha] != i]
             for i in copies:
                 out[i] = dataclasses.replace(out[first[hashes[i]]], source=str(part[i]))
             if progress:
                 progress(len(reused) + len(copies) + sum(h is None for h in hashes))
-            new_items = [StoredItem(out[i].sha256, str(Path(part[i]).resolve()), fingerprint, out[i].embedding)
-                         for i in fresh if out[i].ok]
+            new_items = [
+                StoredItem(out[i].sha256, str(Path(part[i]).resolve()), fingerprint, out[i].embedding)
+                for i in fresh
+                if out[i].ok
+            ]
             store.add_items(new_items)
             # Labels once per item, from the first copy (the others got the same answer).
             store.add_classifications([out[i] for i in first.values() if out[i].ok], fingerprint)
             stats.embedded += len(new_items)
-            stats.reused += sum(1 for i, sha in enumerate(hashes)
-                                if sha is not None and out[i].ok and (sha in known or first[sha] != i))
+            stats.reused += sum(
+                1 for i, sha in enumerate(hashes) if sha is not None and out[i].ok and (sha in known or first[sha] != i)
+            )
             stats.failed += sum(not r.ok for r in out)
             results += out
     return results, stats

@@ -63,18 +63,26 @@ class ParquetStore(Store):
             except json.JSONDecodeError as e:
                 raise StoreError(f"{meta_path} is not valid JSON: {e}") from None
             if meta.get("format") != "headmaster-store" or meta.get("schema") != SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: store schema {meta.get('schema')!r} is not supported "
-                                 f"(this Headmaster reads schema {SCHEMA_VERSION})")
+                raise StoreError(
+                    f"{self.path}: store schema {meta.get('schema')!r} is not supported "
+                    f"(this Headmaster reads schema {SCHEMA_VERSION})"
+                )
         elif not create:
-            raise StoreError(f"{self.path} is not a Headmaster store (no {STORE_FILE}); "
-                             "`headmaster classify ... --store PATH` creates one")
+            raise StoreError(
+                f"{self.path} is not a Headmaster store (no {STORE_FILE}); "
+                "`headmaster classify ... --store PATH` creates one"
+            )
         elif self.path.exists() and any(self.path.iterdir()):
             raise StoreError(f"{self.path} exists and is not a Headmaster store; choose an empty or new folder")
         else:
             if embedding_dtype not in EMBEDDING_DTYPES:
                 raise StoreError(f"embedding dtype must be one of {EMBEDDING_DTYPES}, not {embedding_dtype!r}")
-            meta = {"format": "headmaster-store", "schema": SCHEMA_VERSION, "embedding_dtype": embedding_dtype,
-                    "created": now().isoformat(timespec="seconds")}
+            meta = {
+                "format": "headmaster-store",
+                "schema": SCHEMA_VERSION,
+                "embedding_dtype": embedding_dtype,
+                "created": now().isoformat(timespec="seconds"),
+            }
             self.path.mkdir(parents=True, exist_ok=True)
             tmp = meta_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -101,10 +109,17 @@ class ParquetStore(Store):
                 if writer is None:
                     # Dictionary-encoding embeddings, scores or hashes (all distinct) only costs:
                     # it made reading embeddings three times slower.
-                    repeated = [n for n in ("fingerprint", "source", "head", "by", "version") if n in table.schema.names]
-                    writer = pq.ParquetWriter(tmp, table.schema, use_dictionary=repeated,
-                                              compression={n: "none" if n in ("embedding", "scores") else "snappy"
-                                                           for n in table.schema.names})
+                    repeated = [
+                        n for n in ("fingerprint", "source", "head", "by", "version") if n in table.schema.names
+                    ]
+                    writer = pq.ParquetWriter(
+                        tmp,
+                        table.schema,
+                        use_dictionary=repeated,
+                        compression={
+                            n: "none" if n in ("embedding", "scores") else "snappy" for n in table.schema.names
+                        },
+                    )
                 writer.write_table(table, row_group_size=65536)
                 rows += table.num_rows
         except BaseException:
@@ -133,8 +148,15 @@ class ParquetStore(Store):
         import pyarrow as pa
 
         value = pa.float16() if self.embedding_dtype == "float16" else pa.float32()
-        return pa.schema([("sha256", pa.string()), ("uri", pa.string()), ("fingerprint", pa.string()),
-                          ("embedding", pa.list_(value, dim)), ("embedded_at", pa.timestamp("us", tz="UTC"))])
+        return pa.schema(
+            [
+                ("sha256", pa.string()),
+                ("uri", pa.string()),
+                ("fingerprint", pa.string()),
+                ("embedding", pa.list_(value, dim)),
+                ("embedded_at", pa.timestamp("us", tz="UTC")),
+            ]
+        )
 
     def _item_dataset(self, fingerprint: str):
         import pyarrow.dataset as ds
@@ -143,34 +165,43 @@ class ParquetStore(Store):
         return ds.dataset(parts, format="parquet") if parts else None
 
     # -- items ------------------------------------------------------------------------
-    def add_embeddings(self, hashes: Sequence[str], uris: Sequence[str | None], fingerprint: str,
-                       matrix: np.ndarray) -> None:
+    def add_embeddings(
+        self, hashes: Sequence[str], uris: Sequence[str | None], fingerprint: str, matrix: np.ndarray
+    ) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         matrix = np.asarray(matrix)
         if matrix.ndim != 2 or len(matrix) != len(hashes) or len(uris) != len(hashes):
-            raise StoreError(f"add_embeddings needs one uri and one embedding row per hash: {len(hashes)} hashes, "
-                             f"{len(uris)} uris, embeddings of shape {matrix.shape}")
+            raise StoreError(
+                f"add_embeddings needs one uri and one embedding row per hash: {len(hashes)} hashes, "
+                f"{len(uris)} uris, embeddings of shape {matrix.shape}"
+            )
         if not len(matrix):
             return
         parts = self._parts(self._items_folder(fingerprint))
         if parts:
             stored = pq.read_schema(parts[-1]).field("embedding").type.list_size
             if stored != matrix.shape[1]:
-                raise StoreError(f"the store holds {stored}-dimensional embeddings of encoder {fingerprint}; "
-                                 f"refusing {matrix.shape[1]}-dimensional ones")
+                raise StoreError(
+                    f"the store holds {stored}-dimensional embeddings of encoder {fingerprint}; "
+                    f"refusing {matrix.shape[1]}-dimensional ones"
+                )
         last = {sha: i for i, sha in enumerate(hashes)}  # one row per item: the last one given wins
         if len(last) < len(hashes):
             keep = sorted(last.values())
             hashes, uris, matrix = [hashes[i] for i in keep], [uris[i] for i in keep], matrix[keep]
         matrix = matrix.astype(self.embedding_dtype, copy=False)
-        table = pa.table({
-            "sha256": pa.array(hashes, pa.string()), "uri": pa.array(uris, pa.string()),
-            "fingerprint": pa.repeat(pa.scalar(fingerprint, pa.string()), len(matrix)),
-            "embedding": embedding_column(matrix),
-            "embedded_at": pa.repeat(pa.scalar(now(), pa.timestamp("us", tz="UTC")), len(matrix)),
-        }, schema=self._item_schema(matrix.shape[1]))
+        table = pa.table(
+            {
+                "sha256": pa.array(hashes, pa.string()),
+                "uri": pa.array(uris, pa.string()),
+                "fingerprint": pa.repeat(pa.scalar(fingerprint, pa.string()), len(matrix)),
+                "embedding": embedding_column(matrix),
+                "embedded_at": pa.repeat(pa.scalar(now(), pa.timestamp("us", tz="UTC")), len(matrix)),
+            },
+            schema=self._item_schema(matrix.shape[1]),
+        )
         self._write(self._items_folder(fingerprint), [table])
 
     def embeddings(self, hashes: Iterable[str], fingerprint: str) -> dict[str, np.ndarray]:
@@ -195,8 +226,11 @@ class ParquetStore(Store):
     def fingerprints(self) -> dict[str, int]:
         import pyarrow.compute as pc
 
-        return {table["fingerprint"][0].as_py(): len(pc.unique(table["sha256"]))
-                for table in self._item_tables(["sha256", "fingerprint"]) if table.num_rows}
+        return {
+            table["fingerprint"][0].as_py(): len(pc.unique(table["sha256"]))
+            for table in self._item_tables(["sha256", "fingerprint"])
+            if table.num_rows
+        }
 
     def _superseded(self, dataset) -> dict[str, object] | None:
         """For items stored more than once (concurrent writers), the newest row's time; None
@@ -221,7 +255,9 @@ class ParquetStore(Store):
         newest, done = self._superseded(dataset), set()
         # Read-ahead of one batch and one file keeps memory at about two batches.
         columns = ["sha256", "embedding"] + (["embedded_at"] if newest else [])
-        for batch in dataset.to_batches(columns=columns, batch_size=batch_size, batch_readahead=1, fragment_readahead=1):
+        for batch in dataset.to_batches(
+            columns=columns, batch_size=batch_size, batch_readahead=1, fragment_readahead=1
+        ):
             if newest:  # an item stored twice is yielded once, as its newest row
                 keep = []
                 for sha, at in zip(batch.column(0).to_pylist(), batch.column(2).to_pylist()):
@@ -262,7 +298,9 @@ class ParquetStore(Store):
         condition = ds.field("version") == version
         if hashes is not None:
             condition &= ds.field("sha256").isin(list(set(hashes)))
-        table = ds.dataset(parts, format="parquet", schema=label_schema()).to_table(columns=["sha256"], filter=condition)
+        table = ds.dataset(parts, format="parquet", schema=label_schema()).to_table(
+            columns=["sha256"], filter=condition
+        )
         return set(table["sha256"].to_pylist())
 
     def label_heads(self) -> list[str]:
@@ -274,18 +312,28 @@ class ParquetStore(Store):
 
         if not corrections:
             return
-        table = pa.table({
-            "sha256": [c.sha256 for c in corrections], "head": [c.head for c in corrections],
-            "labels": [list(c.labels) for c in corrections], "by": [c.by for c in corrections],
-            "at": [c.at for c in corrections], "note": [c.note for c in corrections],
-        }, schema=correction_schema())
+        table = pa.table(
+            {
+                "sha256": [c.sha256 for c in corrections],
+                "head": [c.head for c in corrections],
+                "labels": [list(c.labels) for c in corrections],
+                "by": [c.by for c in corrections],
+                "at": [c.at for c in corrections],
+                "note": [c.note for c in corrections],
+            },
+            schema=correction_schema(),
+        )
         self._write(self.path / "corrections", [table])
 
     def corrections(self, head: str) -> dict[str, Correction]:
         import pyarrow.dataset as ds
 
-        table = latest(self._read(self.path / "corrections", correction_schema(), filter=ds.field("head") == head),
-                       ["sha256"])
-        return {row["sha256"]: Correction(row["sha256"], row["head"], tuple(row["labels"]), row["by"], row["at"],
-                                          row["note"] or "")
-                for row in table.to_pylist()}
+        table = latest(
+            self._read(self.path / "corrections", correction_schema(), filter=ds.field("head") == head), ["sha256"]
+        )
+        return {
+            row["sha256"]: Correction(
+                row["sha256"], row["head"], tuple(row["labels"]), row["by"], row["at"], row["note"] or ""
+            )
+            for row in table.to_pylist()
+        }

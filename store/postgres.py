@@ -118,8 +118,9 @@ def _float4_adapters():
 class PostgresStore(Store):
     """The store in a PostgreSQL database (see the module docstring for the tables)."""
 
-    def __init__(self, dsn: str, *, create: bool = True, embedding_dtype: str = "float32",
-                 use_pgvector: bool | None = None):
+    def __init__(
+        self, dsn: str, *, create: bool = True, embedding_dtype: str = "float32", use_pgvector: bool | None = None
+    ):
         """``use_pgvector``: None uses pgvector when the server has it, False always stores
         ``real[]``, True refuses to create a store without it. An existing store keeps the
         column type it was created with."""
@@ -148,8 +149,10 @@ class PostgresStore(Store):
         except psycopg.ProgrammingError as e:
             raise StoreError(f"{self.location} is not a valid PostgreSQL DSN: {_first_line(e)}") from None
         except psycopg.Error as e:
-            raise StoreError(f"cannot connect to PostgreSQL at {self.location}: {_first_line(e)}; check that the "
-                             "server is running and that the DSN's host, port, user and database are right") from None
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {self.location}: {_first_line(e)}; check that the "
+                "server is running and that the DSN's host, port, user and database are right"
+            ) from None
         try:
             conn.execute("SET TIME ZONE 'UTC'")  # timestamps come back in UTC, as from Parquet
             dumper, loader = _float4_adapters()
@@ -168,14 +171,18 @@ class PostgresStore(Store):
         try:
             from pgvector.psycopg import register_vector
         except ImportError:
-            raise StoreError(f"the store {self.location} keeps embeddings in pgvector's {self.embedding_type} "
-                             "column; install the pgvector package: pip install 'headmaster[postgres]'") from None
+            raise StoreError(
+                f"the store {self.location} keeps embeddings in pgvector's {self.embedding_type} "
+                "column; install the pgvector package: pip install 'headmaster[postgres]'"
+            ) from None
         try:
             register_vector(conn)
         except psycopg.Error as e:
-            raise StoreError(f"the store {self.location} keeps embeddings in pgvector's {self.embedding_type} "
-                             f"column, but the database has no such type ({_first_line(e)}); was the vector "
-                             "extension dropped, or is it in a schema outside the search_path?") from None
+            raise StoreError(
+                f"the store {self.location} keeps embeddings in pgvector's {self.embedding_type} "
+                f"column, but the database has no such type ({_first_line(e)}); was the vector "
+                "extension dropped, or is it in a schema outside the search_path?"
+            ) from None
 
     def close(self) -> None:
         self._conn.close()
@@ -201,20 +208,28 @@ class PostgresStore(Store):
                     if meta.get("format") != "headmaster-store" or meta.get("schema") != str(SCHEMA_VERSION):
                         schema = meta.get("schema")  # as the Parquet store words it: a number, or its repr
                         schema = int(schema) if schema and schema.isdigit() else repr(schema)
-                        raise StoreError(f"{self.location}: store schema {schema} is not supported "
-                                         f"(this Headmaster reads schema {SCHEMA_VERSION})")
+                        raise StoreError(
+                            f"{self.location}: store schema {schema} is not supported "
+                            f"(this Headmaster reads schema {SCHEMA_VERSION})"
+                        )
                     if meta.get("embedding_type") not in EMBEDDING_TYPES:
-                        raise StoreError(f"{self.location}: unknown embedding column type "
-                                         f"{meta.get('embedding_type')!r} in {META_TABLE}")
+                        raise StoreError(
+                            f"{self.location}: unknown embedding column type "
+                            f"{meta.get('embedding_type')!r} in {META_TABLE}"
+                        )
                     return meta
                 if not create:
-                    raise StoreError(f"{self.location} holds no Headmaster store (no {META_TABLE} table); "
-                                     "`headmaster classify ... --store DSN` creates one")
+                    raise StoreError(
+                        f"{self.location} holds no Headmaster store (no {META_TABLE} table); "
+                        "`headmaster classify ... --store DSN` creates one"
+                    )
                 found = [t for t in TABLES if self._existing(t)]
                 if found:
-                    raise StoreError(f"{self.location} already has tables named {', '.join(found)} that are not a "
-                                     "Headmaster store; use another database, or another schema "
-                                     "(options=-csearch_path=NAME in the DSN)")
+                    raise StoreError(
+                        f"{self.location} already has tables named {', '.join(found)} that are not a "
+                        "Headmaster store; use another database, or another schema "
+                        "(options=-csearch_path=NAME in the DSN)"
+                    )
                 if embedding_dtype not in EMBEDDING_DTYPES:
                     raise StoreError(f"embedding dtype must be one of {EMBEDDING_DTYPES}, not {embedding_dtype!r}")
                 column = self._embedding_column(embedding_dtype, use_pgvector)
@@ -234,17 +249,22 @@ class PostgresStore(Store):
                 self._conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         except psycopg.Error as e:
             if use_pgvector:
-                raise StoreError(f"pgvector is needed but CREATE EXTENSION vector failed on {self.location}: "
-                                 f"{_first_line(e)} (Debian: apt-get install postgresql-NN-pgvector)") from None
-            LOG.info("store %s: embeddings in real[] columns; pgvector is not available (%s)", self.location,
-                     _first_line(e))
+                raise StoreError(
+                    f"pgvector is needed but CREATE EXTENSION vector failed on {self.location}: "
+                    f"{_first_line(e)} (Debian: apt-get install postgresql-NN-pgvector)"
+                ) from None
+            LOG.info(
+                "store %s: embeddings in real[] columns; pgvector is not available (%s)", self.location, _first_line(e)
+            )
             return "real[]"
         if embedding_dtype == "float16":
             if self._conn.execute("SELECT to_regtype('halfvec') IS NOT NULL").fetchone()[0]:
                 LOG.info("store %s: embeddings in pgvector halfvec columns", self.location)
                 return "halfvec"
-            LOG.info("store %s: embeddings in pgvector vector columns (float32: halfvec needs pgvector >= 0.7)",
-                     self.location)
+            LOG.info(
+                "store %s: embeddings in pgvector vector columns (float32: halfvec needs pgvector >= 0.7)",
+                self.location,
+            )
             return "vector"
         LOG.info("store %s: embeddings in pgvector vector columns", self.location)
         return "vector"
@@ -264,8 +284,13 @@ class PostgresStore(Store):
             "CREATE INDEX corrections_head ON corrections (head, sha256)",
         ):
             self._conn.execute(statement)
-        meta = {"format": "headmaster-store", "schema": str(SCHEMA_VERSION), "embedding_dtype": embedding_dtype,
-                "embedding_type": column, "created": now().isoformat(timespec="seconds")}
+        meta = {
+            "format": "headmaster-store",
+            "schema": str(SCHEMA_VERSION),
+            "embedding_dtype": embedding_dtype,
+            "embedding_type": column,
+            "created": now().isoformat(timespec="seconds"),
+        }
         with self._conn.cursor() as cur:
             cur.executemany(f"INSERT INTO {META_TABLE} (key, value) VALUES (%s, %s)", list(meta.items()))
 
@@ -289,12 +314,15 @@ class PostgresStore(Store):
         return self._conn.adapters.types[self.embedding_type].oid
 
     # -- items ------------------------------------------------------------------------
-    def add_embeddings(self, hashes: Sequence[str], uris: Sequence[str | None], fingerprint: str,
-                       matrix: np.ndarray) -> None:
+    def add_embeddings(
+        self, hashes: Sequence[str], uris: Sequence[str | None], fingerprint: str, matrix: np.ndarray
+    ) -> None:
         matrix = np.asarray(matrix, np.float32)
         if matrix.ndim != 2 or len(matrix) != len(hashes) or len(uris) != len(hashes):
-            raise StoreError(f"add_embeddings needs one uri and one embedding row per hash: {len(hashes)} hashes, "
-                             f"{len(uris)} uris, embeddings of shape {matrix.shape}")
+            raise StoreError(
+                f"add_embeddings needs one uri and one embedding row per hash: {len(hashes)} hashes, "
+                f"{len(uris)} uris, embeddings of shape {matrix.shape}"
+            )
         if not len(matrix):
             return
         if self.embedding_dtype == "float16":  # what a float16 store gives back, whatever the column
@@ -303,14 +331,20 @@ class PostgresStore(Store):
         at = now()
         with self._conn.transaction():
             stored = self._conn.execute(
-                "SELECT embedding FROM items WHERE fingerprint = %s LIMIT 1", (fingerprint,), binary=True).fetchone()
+                "SELECT embedding FROM items WHERE fingerprint = %s LIMIT 1", (fingerprint,), binary=True
+            ).fetchone()
             if stored is not None and len(self._from_column(stored[0])) != matrix.shape[1]:
-                raise StoreError(f"the store holds {len(self._from_column(stored[0]))}-dimensional embeddings of "
-                                 f"encoder {fingerprint}; refusing {matrix.shape[1]}-dimensional ones")
+                raise StoreError(
+                    f"the store holds {len(self._from_column(stored[0]))}-dimensional embeddings of "
+                    f"encoder {fingerprint}; refusing {matrix.shape[1]}-dimensional ones"
+                )
             self._conn.execute("CREATE TEMPORARY TABLE items_in (LIKE items) ON COMMIT DROP")
-            with self._conn.cursor() as cur, cur.copy(
+            with (
+                self._conn.cursor() as cur,
+                cur.copy(
                     "COPY items_in (sha256, fingerprint, uri, embedding, embedded_at) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
+                ) as copy,
+            ):
                 copy.set_types(["text", "text", "text", self._column_oid(), "timestamptz"])
                 for sha, i in rows.items():
                     copy.write_row((sha, fingerprint, uris[i], self._to_column(matrix[i]), at))
@@ -320,7 +354,8 @@ class PostgresStore(Store):
             self._conn.execute(
                 'INSERT INTO items SELECT * FROM items_in ORDER BY sha256 COLLATE "C" '
                 "ON CONFLICT (sha256, fingerprint) DO UPDATE "
-                "SET uri = excluded.uri, embedding = excluded.embedding, embedded_at = excluded.embedded_at")
+                "SET uri = excluded.uri, embedding = excluded.embedding, embedded_at = excluded.embedded_at"
+            )
 
     def embeddings(self, hashes: Iterable[str], fingerprint: str) -> dict[str, np.ndarray]:
         wanted = list(set(hashes))
@@ -328,13 +363,18 @@ class PostgresStore(Store):
         for start in range(0, len(wanted), 10000):
             rows = self._conn.execute(
                 "SELECT sha256, embedding FROM items WHERE fingerprint = %s AND sha256 = ANY(%s::text[])",
-                (fingerprint, wanted[start:start + 10000]), binary=True).fetchall()
+                (fingerprint, wanted[start : start + 10000]),
+                binary=True,
+            ).fetchall()
             found.update((sha, self._from_column(value)) for sha, value in rows)
         return found
 
     def fingerprints(self) -> dict[str, int]:
-        return dict(self._conn.execute(
-            'SELECT fingerprint, count(*) FROM items GROUP BY fingerprint ORDER BY fingerprint COLLATE "C"').fetchall())
+        return dict(
+            self._conn.execute(
+                'SELECT fingerprint, count(*) FROM items GROUP BY fingerprint ORDER BY fingerprint COLLATE "C"'
+            ).fetchall()
+        )
 
     def iter_embeddings(self, fingerprint: str, batch_size: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
         # A connection of its own: the caller may write to the store between batches (rescore
@@ -362,24 +402,33 @@ class PostgresStore(Store):
     def add_labels(self, head: str, batches: Iterable) -> int:
         schema = label_schema()
         rows = 0
-        with self._conn.transaction(), self._conn.cursor() as cur, cur.copy(
+        with (
+            self._conn.transaction(),
+            self._conn.cursor() as cur,
+            cur.copy(
                 'COPY labels (head, sha256, fingerprint, version, scores, labels, source, "at") '
-                "FROM STDIN (FORMAT BINARY)") as copy:
+                "FROM STDIN (FORMAT BINARY)"
+            ) as copy,
+        ):
             copy.set_types(["text", "text", "text", "int4", FLOAT4_ARRAY_OID, "text[]", "text", "timestamptz"])
             for table in batches:
                 if not table.schema.equals(schema):
                     try:
                         table = table.select(schema.names).cast(schema)
                     except (KeyError, ValueError, TypeError) as e:
-                        raise StoreError(f"label rows for head {head} do not fit the label schema "
-                                         f"({e}); build them with label_table()") from None
+                        raise StoreError(
+                            f"label rows for head {head} do not fit the label schema "
+                            f"({e}); build them with label_table()"
+                        ) from None
                 scores = table["scores"].combine_chunks()
                 offsets, values = scores.offsets.to_numpy(), scores.values.to_numpy(zero_copy_only=False)
-                columns = [table[name].to_pylist() for name in ("sha256", "fingerprint", "version", "labels",
-                                                                "source", "at")]
+                columns = [
+                    table[name].to_pylist() for name in ("sha256", "fingerprint", "version", "labels", "source", "at")
+                ]
                 for i, (sha, fingerprint, version, labels, source, at) in enumerate(zip(*columns)):
-                    copy.write_row((head, sha, fingerprint, version, values[offsets[i]:offsets[i + 1]], labels,
-                                    source, _utc(at)))
+                    copy.write_row(
+                        (head, sha, fingerprint, version, values[offsets[i] : offsets[i + 1]], labels, source, _utc(at))
+                    )
                 rows += table.num_rows
         return rows
 
@@ -387,48 +436,69 @@ class PostgresStore(Store):
         import pyarrow as pa
 
         schema = label_schema()
-        condition, params = (("AND version = %s", (head, version)) if version is not None
-                             else ("AND source IS DISTINCT FROM %s", (head, OTHER_ARM)))
+        condition, params = (
+            ("AND version = %s", (head, version))
+            if version is not None
+            else ("AND source IS DISTINCT FROM %s", (head, OTHER_ARM))
+        )
         batches = []
         with self._conn.transaction(), self._conn.cursor("headmaster_labels", binary=True) as cur:
             cur.execute(
                 'SELECT DISTINCT ON (sha256 COLLATE "C") sha256, fingerprint, version, scores, labels, source, "at" '
-                f'FROM labels WHERE head = %s {condition} ORDER BY sha256 COLLATE "C", "at" DESC, id DESC', params)
+                f'FROM labels WHERE head = %s {condition} ORDER BY sha256 COLLATE "C", "at" DESC, id DESC',
+                params,
+            )
             while rows := cur.fetchmany(FETCH_ROWS):
                 sha, fingerprint, versions, scores, labels, source, at = zip(*rows)
                 lengths = np.array([0 if s is None else len(s) for s in scores], np.int32)
                 flat = [s for s in scores if s is not None]
-                batches.append(pa.RecordBatch.from_arrays([
-                    pa.array(sha, pa.string()), pa.array(fingerprint, pa.string()), pa.array(versions, pa.int32()),
-                    pa.ListArray.from_arrays(
-                        pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
-                        pa.array(np.concatenate(flat) if flat else np.empty(0, np.float32), pa.float32()),
-                        mask=pa.array([s is None for s in scores])),
-                    pa.array(labels, pa.list_(pa.string())), pa.array(source, pa.string()),
-                    pa.array(at, pa.timestamp("us", tz="UTC")),
-                ], schema=schema))
+                batches.append(
+                    pa.RecordBatch.from_arrays(
+                        [
+                            pa.array(sha, pa.string()),
+                            pa.array(fingerprint, pa.string()),
+                            pa.array(versions, pa.int32()),
+                            pa.ListArray.from_arrays(
+                                pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
+                                pa.array(np.concatenate(flat) if flat else np.empty(0, np.float32), pa.float32()),
+                                mask=pa.array([s is None for s in scores]),
+                            ),
+                            pa.array(labels, pa.list_(pa.string())),
+                            pa.array(source, pa.string()),
+                            pa.array(at, pa.timestamp("us", tz="UTC")),
+                        ],
+                        schema=schema,
+                    )
+                )
         return pa.Table.from_batches(batches, schema=schema)
 
     def labelled(self, head: str, version: int, hashes=None) -> set[str]:
         # One indexed lookup (labels_head) per batch: what every queue batch asks.
         if hashes is None:
-            rows = self._conn.execute("SELECT DISTINCT sha256 FROM labels WHERE head = %s AND version = %s",
-                                      (head, version))
+            rows = self._conn.execute(
+                "SELECT DISTINCT sha256 FROM labels WHERE head = %s AND version = %s", (head, version)
+            )
         else:
-            rows = self._conn.execute("SELECT DISTINCT sha256 FROM labels WHERE head = %s AND version = %s "
-                                      "AND sha256 = ANY(%s)", (head, version, list(set(hashes))))
+            rows = self._conn.execute(
+                "SELECT DISTINCT sha256 FROM labels WHERE head = %s AND version = %s AND sha256 = ANY(%s)",
+                (head, version, list(set(hashes))),
+            )
         return {sha for (sha,) in rows.fetchall()}
 
     def label_heads(self) -> list[str]:
-        return [head for (head,) in self._conn.execute(
-            'SELECT DISTINCT head COLLATE "C" FROM labels ORDER BY 1').fetchall()]
+        return [
+            head for (head,) in self._conn.execute('SELECT DISTINCT head COLLATE "C" FROM labels ORDER BY 1').fetchall()
+        ]
 
     # -- corrections ------------------------------------------------------------------
     def add_corrections(self, corrections: Sequence[Correction]) -> None:
         if not corrections:
             return
-        with self._conn.transaction(), self._conn.cursor() as cur, cur.copy(
-                'COPY corrections (sha256, head, labels, "by", "at", note) FROM STDIN (FORMAT BINARY)') as copy:
+        with (
+            self._conn.transaction(),
+            self._conn.cursor() as cur,
+            cur.copy('COPY corrections (sha256, head, labels, "by", "at", note) FROM STDIN (FORMAT BINARY)') as copy,
+        ):
             copy.set_types(["text", "text", "text[]", "text", "timestamptz", "text"])
             for c in corrections:
                 copy.write_row((c.sha256, c.head, list(c.labels), c.by, _utc(c.at), c.note))
@@ -436,6 +506,9 @@ class PostgresStore(Store):
     def corrections(self, head: str) -> dict[str, Correction]:
         rows = self._conn.execute(
             'SELECT DISTINCT ON (sha256) sha256, head, labels, "by", "at", note FROM corrections WHERE head = %s '
-            'ORDER BY sha256, "at" DESC, id DESC', (head,)).fetchall()
-        return {sha: Correction(sha, head_, tuple(labels), by, at, note or "")
-                for sha, head_, labels, by, at, note in rows}
+            'ORDER BY sha256, "at" DESC, id DESC',
+            (head,),
+        ).fetchall()
+        return {
+            sha: Correction(sha, head_, tuple(labels), by, at, note or "") for sha, head_, labels, by, at, note in rows
+        }

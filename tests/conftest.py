@@ -36,8 +36,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def pytest_report_header(config):
     if NATIVE:
-        return (f"headmaster: native tier: flavour {FLAVOUR}, tritonserver {NATIVE_TRITON or '(bundled)'}, "
-                f"backends {NATIVE_BACKENDS}")
+        return (
+            f"headmaster: native tier: flavour {FLAVOUR}, tritonserver {NATIVE_TRITON or '(bundled)'}, "
+            f"backends {NATIVE_BACKENDS}"
+        )
     return None
 
 
@@ -52,11 +54,24 @@ def pytest_report_header(config):
 # another fixture, is in the server tier. A test that starts one itself (start_server,
 # TritonServer, `headmaster serve`) carries `@pytest.mark.server`; the guard below fails one that
 # does not, so the fast tier never starts a server by mistake.
-SERVER_FIXTURES = frozenset({
-    "server",  # the session's (below)
-    "ab_server", "cache_served", "convnext_served", "lite0_served", "live_server", "ood_setup", "replicas", "served",
-    "store_server", "taught", "tasks", "text_served", "torchvision_server",  # one module's own (tests/scenarios/)
-})
+SERVER_FIXTURES = frozenset(
+    {
+        "server",  # the session's (below)
+        "ab_server",
+        "cache_served",
+        "convnext_served",
+        "lite0_served",
+        "live_server",
+        "ood_setup",
+        "replicas",
+        "served",
+        "store_server",
+        "taught",
+        "tasks",
+        "text_served",
+        "torchvision_server",  # one module's own (tests/scenarios/)
+    }
+)
 # Real services other than Triton.
 DISK_FIXTURES = frozenset({"tmp_path_factory", "postgres_url", "redis_url"})
 
@@ -94,9 +109,12 @@ def _starts_triton(args) -> bool:
 
 def _guarded_popen_init(self, args, *rest, **kwargs):
     if _running and _running[-1].get_closest_marker("server") is None and _starts_triton(args):
-        pytest.fail(f"{_running[-1].nodeid} starts a Triton server ({' '.join(map(str, args))[:120]}) but is not "
-                    "in the server tier: mark it @pytest.mark.server, or add the fixture that starts it to "
-                    "SERVER_FIXTURES in tests/conftest.py", pytrace=False)
+        pytest.fail(
+            f"{_running[-1].nodeid} starts a Triton server ({' '.join(map(str, args))[:120]}) but is not "
+            "in the server tier: mark it @pytest.mark.server, or add the fixture that starts it to "
+            "SERVER_FIXTURES in tests/conftest.py",
+            pytrace=False,
+        )
     _popen_init(self, args, *rest, **kwargs)
 
 
@@ -158,8 +176,12 @@ def open_clip_model():
 
 @pytest.fixture(scope="session")
 def repo(encoder_dir, tmp_path_factory) -> Path:
-    return build_repo(encoder_dir, tmp_path_factory.mktemp("repo") / "model_repository",
-                      max_queue_delay_us=20000, preferred_batch_sizes=(4, 8))
+    return build_repo(
+        encoder_dir,
+        tmp_path_factory.mktemp("repo") / "model_repository",
+        max_queue_delay_us=20000,
+        preferred_batch_sizes=(4, 8),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -188,5 +210,3 @@ def digits_dir(tmp_path_factory) -> Path:
 def embedding_cache(tmp_path_factory) -> Path:
     """One embedding cache for the session: each digit image is embedded once."""
     return tmp_path_factory.mktemp("embedding-cache")
-
-

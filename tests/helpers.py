@@ -56,8 +56,10 @@ def free_port() -> int:
 
 
 def _pg_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name)
-                   if p.parent.parent.name.isdigit() else 0)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     return found[-1].parent if found else None
 
 
@@ -95,21 +97,55 @@ def _start_postgres() -> str:
 
     def stop():
         if started:
-            subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"],
-                           check=False, capture_output=True, timeout=60)
+            subprocess.run(
+                [*as_user, str(bin_dir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"],
+                check=False,
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(root, ignore_errors=True)
 
     try:
-        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
-                        "--encoding=UTF8", "--locale=C", "--no-sync"], check=True, capture_output=True, timeout=60)
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", data, "-l", os.path.join(root, "server.log"), "-w",
-                        "-o", f"-p {port} -k {root} -c listen_addresses='' -c fsync=off -c full_page_writes=off",
-                        "start"], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                *as_user,
+                str(bin_dir / "initdb"),
+                "-D",
+                data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        subprocess.run(
+            [
+                *as_user,
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                data,
+                "-l",
+                os.path.join(root, "server.log"),
+                "-w",
+                "-o",
+                f"-p {port} -k {root} -c listen_addresses='' -c fsync=off -c full_page_writes=off",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         started = True
     except subprocess.CalledProcessError as e:
         log = Path(root, "server.log")
-        message = f"could not start PostgreSQL: {e.stderr.decode(errors='replace')}" \
-                  f"{log.read_text() if log.is_file() else ''}"
+        message = (
+            f"could not start PostgreSQL: {e.stderr.decode(errors='replace')}{log.read_text() if log.is_file() else ''}"
+        )
         stop()
         pytest.fail(message)
     _Server.stop = stop
@@ -180,7 +216,8 @@ ARTIFACTS = Path(os.environ.get("HEADMASTER_TEST_ARTIFACTS", Path(__file__).pare
 # encoders on KIND_GPU (default cpu: KIND_CPU, for a Triton without GPU).
 NATIVE_TRITON = os.environ.get("HEADMASTER_NATIVE_TRITON") or None
 NATIVE_BACKENDS = os.environ.get("HEADMASTER_NATIVE_BACKENDS") or (
-    str(Path(NATIVE_TRITON).resolve().parent.parent / "backends") if NATIVE_TRITON else None)
+    str(Path(NATIVE_TRITON).resolve().parent.parent / "backends") if NATIVE_TRITON else None
+)
 NATIVE = NATIVE_BACKENDS is not None
 FLAVOUR = "native" if NATIVE else "portable"
 NATIVE_DEVICE = "auto" if os.environ.get("HEADMASTER_NATIVE_DEVICE", "cpu") == "gpu" else "cpu"
@@ -192,8 +229,10 @@ def photo_bytes() -> dict[str, bytes]:
     """Real photos as their encoded bytes (PNG / JPEG files from installed packages)."""
     skimage_data = importlib.resources.files("skimage.data")
     sklearn_images = importlib.resources.files("sklearn.datasets") / "images"
-    photos = {name: (skimage_data / name).read_bytes()
-              for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png")}
+    photos = {
+        name: (skimage_data / name).read_bytes()
+        for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png")
+    }
     photos.update({name: (sklearn_images / name).read_bytes() for name in ("china.jpg", "flower.jpg")})
     return photos
 
@@ -223,11 +262,20 @@ def start_server(repo: Path, log_dir: Path):
     from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
 
     repository = Repository(repo)
-    native = {"binary": Path(NATIVE_TRITON) if NATIVE_TRITON else None,
-              "backend_directory": Path(NATIVE_BACKENDS)} if NATIVE else {}
-    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), load_models=tuple(repository.model_names()),
-                            exit_timeout_s=10, **native)
+    native = (
+        {"binary": Path(NATIVE_TRITON) if NATIVE_TRITON else None, "backend_directory": Path(NATIVE_BACKENDS)}
+        if NATIVE
+        else {}
+    )
+    options = ServerOptions(
+        repository=repo,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        load_models=tuple(repository.model_names()),
+        exit_timeout_s=10,
+        **native,
+    )
     log_dir.mkdir(parents=True, exist_ok=True)
     return TritonServer(options, log_path=log_dir / f"tritonserver-{repo.parent.name}.log").start()
 
@@ -259,6 +307,7 @@ def clone_repo(source: Path, target: Path) -> Path:
             os.link(src, dst)
         else:
             shutil.copy2(src, dst)
+
     shutil.copytree(source, target, copy_function=copy)
     return target
 
@@ -270,12 +319,31 @@ def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tup
     from headmaster.model_repository.repository import Repository
 
     repository = Repository(repo)
-    weights = HeadWeights(((rng.normal(scale=3.0, size=(len(labels), 384)).astype(np.float32),
-                            rng.normal(size=len(labels)).astype(np.float32)),), multi_label=False)
+    weights = HeadWeights(
+        (
+            (
+                rng.normal(scale=3.0, size=(len(labels), 384)).astype(np.float32),
+                rng.normal(size=len(labels)).astype(np.float32),
+            ),
+        ),
+        multi_label=False,
+    )
     thresholds = tuple(float(t) for t in rng.uniform(0.0, 0.6, size=len(labels)))
-    return publish(repo, weights, lambda v: HeadCard(
-        name=name, version=v, labels=labels, thresholds=thresholds, multi_label=False,
-        encoder_fingerprint=repository.fingerprint, embed_dim=384, kind="linear", details={"written": True})).card
+    return publish(
+        repo,
+        weights,
+        lambda v: HeadCard(
+            name=name,
+            version=v,
+            labels=labels,
+            thresholds=thresholds,
+            multi_label=False,
+            encoder_fingerprint=repository.fingerprint,
+            embed_dim=384,
+            kind="linear",
+            details={"written": True},
+        ),
+    ).card
 
 
 class Clients:
@@ -366,9 +434,22 @@ class RedisServer:
         """Start it and return once it answers (its data loaded)."""
         import redis
 
-        self.process = subprocess.Popen([self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
-                                         self.root, "--protected-mode", "yes", *self.extra],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                self.root,
+                "--protected-mode",
+                "yes",
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -414,8 +495,11 @@ class MotoS3Server:
         self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
         self._output = open(log, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=self._output, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while True:
             assert self.process.poll() is None, log.read_text()

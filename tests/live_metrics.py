@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import urllib.request
 
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)')
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
 
 
 # The image encoder's cache series (backends/runtime.py) count images the encoder skipped, not

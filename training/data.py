@@ -61,17 +61,21 @@ def from_folders(root: Path, text: bool = False) -> Dataset:
     if not buckets:
         raise DataError(f"{root} has no sub-folders: put each bucket's images in a folder named after its label")
     if len(buckets) == 1:
-        raise DataError(f"{root} has a single bucket ({buckets[0].name}): a head needs two or more. For a "
-                        f"yes/no head add a folder of images without it, e.g. 'not {buckets[0].name}'")
+        raise DataError(
+            f"{root} has a single bucket ({buckets[0].name}): a head needs two or more. For a "
+            f"yes/no head add a folder of images without it, e.g. 'not {buckets[0].name}'"
+        )
     examples, skipped = [], []
     for bucket in buckets:
         files = sorted(p for p in bucket.rglob("*") if p.is_file() and _is_visible(p))
         images = [p for p in files if p.suffix.lower() in suffixes]
-        skipped += [(str(p), f"not {'a' if text else 'an'} {kind} file name") for p in files
-                    if p.suffix.lower() not in suffixes]
+        skipped += [
+            (str(p), f"not {'a' if text else 'an'} {kind} file name") for p in files if p.suffix.lower() not in suffixes
+        ]
         if not images:
-            raise DataError(f"bucket {bucket.name!r} in {root} has no {kind}s "
-                            f"(looked for {', '.join(sorted(suffixes))})")
+            raise DataError(
+                f"bucket {bucket.name!r} in {root} has no {kind}s (looked for {', '.join(sorted(suffixes))})"
+            )
         examples += [Example(p, (bucket.name,)) for p in images]
     return Dataset(tuple(examples), tuple(b.name for b in buckets), False, str(root), tuple(skipped))
 
@@ -96,7 +100,7 @@ def from_manifest(manifest: Path) -> Dataset:
                 record = json.loads(line)
                 rows.append((record["path"], tuple(sorted(set(record.get("labels", []))))))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{manifest}:{number}: expected {{\"path\": ..., \"labels\": [...]}}: {e}") from None
+                raise DataError(f'{manifest}:{number}: expected {{"path": ..., "labels": [...]}}: {e}') from None
     else:
         with open(manifest, newline="") as f:
             reader = csv.DictReader(f)
@@ -104,23 +108,29 @@ def from_manifest(manifest: Path) -> Dataset:
                 hint = ""
                 if reader.fieldnames and "path" in reader.fieldnames and len(reader.fieldnames) == 2:
                     other = next(n for n in reader.fieldnames if n != "path")
-                    hint = (f"; path,{other} (a number per image) is what a regression head trains on: "
-                            "`train-head --task regression`")
-                raise DataError(f"{manifest}: a CSV manifest needs the columns path,labels (got "
-                                f"{reader.fieldnames}){hint}")
+                    hint = (
+                        f"; path,{other} (a number per image) is what a regression head trains on: "
+                        "`train-head --task regression`"
+                    )
+                raise DataError(
+                    f"{manifest}: a CSV manifest needs the columns path,labels (got {reader.fieldnames}){hint}"
+                )
             rows = [(row["path"], _split_labels(row["labels"] or "")) for row in reader]
     if not rows:
         raise DataError(f"manifest {manifest} lists no images")
     labels = sorted({label for _, row_labels in rows for label in row_labels})
     if not labels:
         raise DataError(f"manifest {manifest} gives no labels at all")
-    examples = tuple(Example((manifest.parent / path).resolve() if not Path(path).is_absolute() else Path(path), row_labels)
-                     for path, row_labels in rows)
+    examples = tuple(
+        Example((manifest.parent / path).resolve() if not Path(path).is_absolute() else Path(path), row_labels)
+        for path, row_labels in rows
+    )
     for label in labels:
         positives = sum(label in e.labels for e in examples)
         if positives == len(examples):
-            raise DataError(f"label {label!r} is on every image of {manifest}: a multi-label head needs images "
-                            "without it too")
+            raise DataError(
+                f"label {label!r} is on every image of {manifest}: a multi-label head needs images without it too"
+            )
     return Dataset(examples, tuple(labels), True, str(manifest))
 
 
@@ -149,8 +159,9 @@ def from_text_csv(manifest: Path, folder: Path | None = None) -> Dataset:
     with open(manifest, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{manifest}: a text CSV needs the columns text,label (got {reader.fieldnames})",
-                            option="manifest")
+            raise DataError(
+                f"{manifest}: a text CSV needs the columns text,label (got {reader.fieldnames})", option="manifest"
+            )
         rows = []
         for number, row in enumerate(reader, 2):
             text, label = row["text"] or "", (row["label"] or "").strip()
@@ -178,8 +189,11 @@ def read_labelled(data: Path | None, manifest: Path | None, text: bool = False) 
     bucket folders (single-label) or a manifest (multi-label), exactly one of them. ``text`` (a
     text encoder's repository): folders of .txt files, or a CSV of text,label."""
     if (data is None) == (manifest is None):
-        raise DataError("give one labelled data source: a folder with one sub-folder per label, or a manifest "
-                        "(CSV path,labels or JSONL; text,label for a text encoder)", option="data")
+        raise DataError(
+            "give one labelled data source: a folder with one sub-folder per label, or a manifest "
+            "(CSV path,labels or JSONL; text,label for a text encoder)",
+            option="data",
+        )
     if text:
         return from_folders(data, text=True) if data is not None else from_text_csv(manifest)
     return from_folders(data) if data is not None else from_manifest(manifest)
@@ -194,16 +208,21 @@ def read_taxonomy(path: Path) -> dict[str, str]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"parent", "child"} <= set(reader.fieldnames):
-            raise DataError(f"{path}: a taxonomy is a CSV with the columns parent,child (got {reader.fieldnames})",
-                            option="taxonomy")
+            raise DataError(
+                f"{path}: a taxonomy is a CSV with the columns parent,child (got {reader.fieldnames})",
+                option="taxonomy",
+            )
         parents: dict[str, str] = {}
         for number, row in enumerate(reader, 2):
             parent, child = (row["parent"] or "").strip(), (row["child"] or "").strip()
             if not parent or not child or parent == child:
                 raise DataError(f"{path}:{number}: a row names a parent and a different child", option="taxonomy")
             if parents.get(child, parent) != parent:
-                raise DataError(f"{path}:{number}: {child!r} has two parents ({parents[child]!r} and {parent!r}); "
-                                "a taxonomy is a tree", option="taxonomy")
+                raise DataError(
+                    f"{path}:{number}: {child!r} has two parents ({parents[child]!r} and {parent!r}); "
+                    "a taxonomy is a tree",
+                    option="taxonomy",
+                )
             parents[child] = parent
     if not parents:
         raise DataError(f"taxonomy {path} has no parent,child rows", option="taxonomy")
@@ -245,14 +264,18 @@ def from_hierarchy(root: Path, taxonomy: Path | dict | None = None) -> Dataset:
         if given:
             node = parts[-1]
             if node not in given and node not in given.values():
-                raise DataError(f"folder {path.parent} is named {node!r}, which the taxonomy does not have",
-                                option="taxonomy")
+                raise DataError(
+                    f"folder {path.parent} is named {node!r}, which the taxonomy does not have", option="taxonomy"
+                )
         else:
             for i, part in enumerate(parts):
                 folder = "/".join(parts[: i + 1])
                 if where.setdefault(part, folder) != folder:
-                    raise DataError(f"label {part!r} is both {where[part]}/ and {folder}/ in {root}: labels of a "
-                                    "taxonomy must be unique (rename one)", option="data")
+                    raise DataError(
+                        f"label {part!r} is both {where[part]}/ and {folder}/ in {root}: labels of a "
+                        "taxonomy must be unique (rename one)",
+                        option="data",
+                    )
                 if i:
                     parents[part] = parts[i - 1]
             node = parts[-1]
@@ -262,8 +285,11 @@ def from_hierarchy(root: Path, taxonomy: Path | dict | None = None) -> Dataset:
     labels = tuple(sorted({label for e in examples for label in e.labels} | set(parents) | set(parents.values())))
     roots = [label for label in labels if label not in parents]
     if len(roots) < 2:
-        raise DataError(f"the taxonomy in {root} has {len(roots)} top-level label(s) ({', '.join(roots)}): a "
-                        "hierarchy head needs two or more", option="data")
+        raise DataError(
+            f"the taxonomy in {root} has {len(roots)} top-level label(s) ({', '.join(roots)}): a "
+            "hierarchy head needs two or more",
+            option="data",
+        )
     for label in labels:
         path_to_root(label, parents)
     return Dataset(tuple(examples), labels, True, str(root), tuple(skipped), "hierarchy", parents)
@@ -279,22 +305,27 @@ def from_values(manifest: Path) -> Dataset:
         reader = csv.DictReader(f)
         names = [n for n in (reader.fieldnames or []) if n != "path"]
         if "path" not in (reader.fieldnames or []) or len(names) != 1:
-            raise DataError(f"{manifest}: a values CSV has the columns path and one value column (e.g. "
-                            f"path,quality), got {reader.fieldnames}", option="manifest")
+            raise DataError(
+                f"{manifest}: a values CSV has the columns path and one value column (e.g. "
+                f"path,quality), got {reader.fieldnames}",
+                option="manifest",
+            )
         examples = []
         for number, row in enumerate(reader, 2):
             try:
                 value = float(row[names[0]])
             except (TypeError, ValueError):
-                raise DataError(f"{manifest}:{number}: {names[0]} {row[names[0]]!r} is not a number",
-                                option="manifest") from None
+                raise DataError(
+                    f"{manifest}:{number}: {names[0]} {row[names[0]]!r} is not a number", option="manifest"
+                ) from None
             if not np.isfinite(value):
                 raise DataError(f"{manifest}:{number}: {names[0]} must be a finite number", option="manifest")
             path = Path(row["path"])
             examples.append(Example(path if path.is_absolute() else (manifest.parent / path).resolve(), (), value))
     if len(examples) < 2 or len({e.value for e in examples}) < 2:
-        raise DataError(f"{manifest}: a regression head needs images with at least two different values",
-                        option="manifest")
+        raise DataError(
+            f"{manifest}: a regression head needs images with at least two different values", option="manifest"
+        )
     return Dataset(tuple(examples), (names[0],), False, str(manifest), (), "regression")
 
 
@@ -306,11 +337,15 @@ def ordered(dataset: Dataset, order: tuple[str, ...] | None) -> Dataset:
         try:
             order = tuple(sorted(labels, key=float))
         except ValueError:
-            raise DataError(f"ordinal classes need an order (e.g. --order {','.join(labels)}): the folders "
-                            f"{', '.join(labels)} are not all numbers", option="order") from None
+            raise DataError(
+                f"ordinal classes need an order (e.g. --order {','.join(labels)}): the folders "
+                f"{', '.join(labels)} are not all numbers",
+                option="order",
+            ) from None
     if sorted(order) != sorted(labels) or len(set(order)) != len(order):
-        raise DataError(f"--order {','.join(order)} must name each class folder once: {', '.join(labels)}",
-                        option="order")
+        raise DataError(
+            f"--order {','.join(order)} must name each class folder once: {', '.join(labels)}", option="order"
+        )
     return Dataset(dataset.examples, tuple(order), False, dataset.source, dataset.skipped, "ordinal")
 
 

@@ -83,13 +83,20 @@ def data_config(student: str, image_size: int | None, num_classes: int, pretrain
     try:
         model = timm.create_model(student, pretrained=pretrained, num_classes=num_classes)
     except Exception as e:  # no hub here: pretrained weights must be in the local cache
-        raise DataError(f"cannot create {student} with pretrained weights: {type(e).__name__}: {e}; "
-                        "drop --pretrained, or fetch the weights on a machine with a hub", option="pretrained") from None
+        raise DataError(
+            f"cannot create {student} with pretrained weights: {type(e).__name__}: {e}; "
+            "drop --pretrained, or fetch the weights on a machine with a hub",
+            option="pretrained",
+        ) from None
     config = resolve_data_config({}, model=model)
     size = int(image_size or config["input_size"][-1])
-    return model, {"size": size, "crop_pct": float(config.get("crop_pct") or 0.875),
-                   "interpolation": str(config.get("interpolation") or "bilinear"),
-                   "mean": [float(x) for x in config["mean"]], "std": [float(x) for x in config["std"]]}
+    return model, {
+        "size": size,
+        "crop_pct": float(config.get("crop_pct") or 0.875),
+        "interpolation": str(config.get("interpolation") or "bilinear"),
+        "mean": [float(x) for x in config["mean"]],
+        "std": [float(x) for x in config["std"]],
+    }
 
 
 def stored_images(store, fingerprint: str, max_items: int | None) -> tuple[list[str], np.ndarray, list[bytes]]:
@@ -119,9 +126,11 @@ def stored_images(store, fingerprint: str, max_items: int | None) -> tuple[list[
     if skipped:
         LOG.warning("%d stored items skipped: their image is gone or changed since it was stored", skipped)
     if len(hashes) < 8:
-        raise StoreError(f"the store at {store.location} holds {len(hashes)} readable images embedded by the served "
-                         f"encoder ({skipped} unreadable or changed); distillation needs at least 8: classify images "
-                         "with --store first")
+        raise StoreError(
+            f"the store at {store.location} holds {len(hashes)} readable images embedded by the served "
+            f"encoder ({skipped} unreadable or changed); distillation needs at least 8: classify images "
+            "with --store first"
+        )
     return hashes, np.stack(vectors).astype(np.float32), images
 
 
@@ -136,7 +145,7 @@ def _train(model, pixels: np.ndarray, targets: np.ndarray, options: DistillOptio
         order = torch.randperm(len(x))
         total = 0.0
         for start in range(0, len(x), options.batch_size):
-            index = order[start:start + options.batch_size]
+            index = order[start : start + options.batch_size]
             if len(index) < 2:  # BatchNorm needs two
                 continue
             logits = model(x[index])
@@ -158,8 +167,8 @@ def _train(model, pixels: np.ndarray, targets: np.ndarray, options: DistillOptio
     if norms:
         with torch.no_grad():
             for start in range(0, len(x), options.batch_size):
-                if len(x[start:start + options.batch_size]) >= 2:
-                    model(x[start:start + options.batch_size])
+                if len(x[start : start + options.batch_size]) >= 2:
+                    model(x[start : start + options.batch_size])
     model.eval()
 
 
@@ -179,9 +188,16 @@ def _export(model, path: Path, size: int, multi_label: bool, check: np.ndarray) 
             return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
 
     wrapped = Scores(model).eval()
-    torch.onnx.export(wrapped, torch.zeros(1, 3, size, size), str(path), input_names=["PIXELS"],
-                      output_names=["SCORES"], dynamic_axes={"PIXELS": {0: "batch"}, "SCORES": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        wrapped,
+        torch.zeros(1, 3, size, size),
+        str(path),
+        input_names=["PIXELS"],
+        output_names=["SCORES"],
+        dynamic_axes={"PIXELS": {0: "batch"}, "SCORES": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     onnx.checker.check_model(str(path))
     with torch.no_grad():
         expected = wrapped(torch.from_numpy(check)).numpy()
@@ -208,14 +224,16 @@ def _speeds(student_onnx: Path, size: int, repository, teacher) -> tuple[float, 
     student = ort.InferenceSession(str(student_onnx), providers=["CPUExecutionProvider"])
     pixels = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
     student_rate = _images_per_second(lambda: student.run(["SCORES"], {"PIXELS": pixels}), batch)
-    encoder = ort.InferenceSession(str(encoder_artifact(repository.path, "image", spec.format)),
-                                   providers=["CPUExecutionProvider"])
+    encoder = ort.InferenceSession(
+        str(encoder_artifact(repository.path, "image", spec.format)), providers=["CPUExecutionProvider"]
+    )
     dtype = np.uint8 if spec.input_dtype == "UINT8" else np.float32
     teacher_pixels = np.random.default_rng(0).integers(0, 255, size=(batch, *spec.input_dims)).astype(dtype)
 
     def teacher_run():
         embeddings = encoder.run([spec.output_name], {spec.input_name: teacher_pixels})[0]
         teacher.scores(embeddings)
+
     return student_rate, _images_per_second(teacher_run, batch)
 
 
@@ -242,15 +260,20 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
     if not 0.0 < options.val_fraction < 1.0 or options.epochs < 1:
         raise DataError("--val-fraction must be between 0 and 1 and --epochs at least 1", option="val_fraction")
     if not 0.0 <= options.min_agreement <= 1.0:
-        raise DataError(f"the agreement floor is a share in [0, 1], not {options.min_agreement}", option="min_agreement")
+        raise DataError(
+            f"the agreement floor is a share in [0, 1], not {options.min_agreement}", option="min_agreement"
+        )
     teacher = HeadVersion.load(repository, options.head)
     info = teacher.info
     if task_of(info) != "labels":  # the served student answers with the flat label rule
-        raise DataError(f"head {options.head} is a {task_of(info)} head: distill makes students of label heads "
-                        "only (a hierarchy's paths, an ordinal class or a value are not served by a student)",
-                        option="head")
-    hashes, embeddings, images = stored_images(open_store(options.store, create=False), repository.fingerprint,
-                                               options.max_items)
+        raise DataError(
+            f"head {options.head} is a {task_of(info)} head: distill makes students of label heads "
+            "only (a hierarchy's paths, an ordinal class or a value are not served by a student)",
+            option="head",
+        )
+    hashes, embeddings, images = stored_images(
+        open_store(options.store, create=False), repository.fingerprint, options.max_items
+    )
     targets = teacher.scores(embeddings).astype(np.float32)
     model, config = data_config(options.student, options.image_size, len(info["labels"]), options.pretrained)
     pixels = np.stack([preprocess(data, config) for data in images]).astype(np.float32)
@@ -270,38 +293,64 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    student_scores = np.concatenate([session.run(["SCORES"], {"PIXELS": pixels[i:i + 64]})[0]
-                                     for i in range(0, len(pixels), 64)])
+    student_scores = np.concatenate(
+        [session.run(["SCORES"], {"PIXELS": pixels[i : i + 64]})[0] for i in range(0, len(pixels), 64)]
+    )
     same_top = student_scores.argmax(1) == targets.argmax(1)
     same_labels = (accepted_mask(student_scores[val], info) == accepted_mask(targets[val], info)).all(axis=1)
     student_rate, teacher_rate = _speeds(onnx_path, config["size"], repository, teacher)
 
     report = DistillReport(
-        name=name, version=0, teacher=f"{options.head} v{info['version']}", student=options.student,
-        parameters=int(sum(p.numel() for p in model.parameters())), train_items=len(train), val_items=len(val),
-        top1_agreement=float(same_top[val].mean()), label_agreement=float(same_labels.mean()),
+        name=name,
+        version=0,
+        teacher=f"{options.head} v{info['version']}",
+        student=options.student,
+        parameters=int(sum(p.numel() for p in model.parameters())),
+        train_items=len(train),
+        val_items=len(val),
+        top1_agreement=float(same_top[val].mean()),
+        label_agreement=float(same_labels.mean()),
         mean_abs_score_diff=float(np.abs(student_scores[val] - targets[val]).mean()),
-        train_top1_agreement=float(same_top[train].mean()), onnx_max_diff=onnx_diff,
-        student_img_s=round(student_rate, 1), teacher_img_s=round(teacher_rate, 1),
-        seconds=round(time.monotonic() - started, 1), details={"epochs": options.epochs, "pretrained": options.pretrained, "image_size": config["size"],
-                              "store": str(options.store), "encoder": repository.fingerprint,
-                              "min_agreement": options.min_agreement})
+        train_top1_agreement=float(same_top[train].mean()),
+        onnx_max_diff=onnx_diff,
+        student_img_s=round(student_rate, 1),
+        teacher_img_s=round(teacher_rate, 1),
+        seconds=round(time.monotonic() - started, 1),
+        details={
+            "epochs": options.epochs,
+            "pretrained": options.pretrained,
+            "image_size": config["size"],
+            "store": str(options.store),
+            "encoder": repository.fingerprint,
+            "min_agreement": options.min_agreement,
+        },
+    )
     if not report.label_agreement >= options.min_agreement:
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
-        raise DataError(f"the student {options.student} accepts the teacher's labels on {report.label_agreement:.1%} "
-                        f"of {report.val_items} held-out images (top-1 {report.top1_agreement:.1%}), below the floor "
-                        f"of {options.min_agreement:.1%}, so it is refused and nothing was published; train longer "
-                        "(--epochs), on more stored images or from pretrained weights, or lower the floor to publish "
-                        "it as it is", option="min_agreement")
+        raise DataError(
+            f"the student {options.student} accepts the teacher's labels on {report.label_agreement:.1%} "
+            f"of {report.val_items} held-out images (top-1 {report.top1_agreement:.1%}), below the floor "
+            f"of {options.min_agreement:.1%}, so it is refused and nothing was published; train longer "
+            "(--epochs), on more stored images or from pretrained weights, or lower the floor to publish "
+            "it as it is",
+            option="min_agreement",
+        )
 
     def build(folder: Path, version: int) -> None:
         (folder / "model.onnx").write_bytes(onnx_path.read_bytes())
-        card = {"name": name, "version": version, "teacher": report.teacher, "architecture": options.student,
-                "labels": list(info["labels"]), "thresholds": list(info["thresholds"]),
-                "multi_label": bool(info["multi_label"]), "preprocessing": config,
-                "report": {**report.to_dict(), "version": version}}
+        card = {
+            "name": name,
+            "version": version,
+            "teacher": report.teacher,
+            "architecture": options.student,
+            "labels": list(info["labels"]),
+            "thresholds": list(info["thresholds"]),
+            "multi_label": bool(info["multi_label"]),
+            "preprocessing": config,
+            "report": {**report.to_dict(), "version": version},
+        }
         (folder / STUDENT_FILE).write_text(json.dumps(card, indent=2) + "\n")
         copy_backend("student", folder)
 

@@ -58,8 +58,10 @@ class EmbeddingCache:
         import pyarrow.parquet as pq
 
         matrix = np.stack(list(embeddings.values())).astype(np.float32)
-        table = pa.table({"sha256": list(embeddings), "embedding": embedding_column(matrix)},
-                         metadata={"fingerprint": self.fingerprint})
+        table = pa.table(
+            {"sha256": list(embeddings), "embedding": embedding_column(matrix)},
+            metadata={"fingerprint": self.fingerprint},
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"{time.time_ns()}-{os.getpid()}.parquet"
         tmp = final.with_suffix(".tmp")
@@ -77,8 +79,10 @@ class LocalEmbedder:
         self.preprocessing = repo.card.preprocessing
         self.spec = repo.card.towers["image"]
         if self.spec.format == "plan":
-            raise UnsupportedHereError("the image encoder is a TensorRT plan, which runs only in Triton on its GPU: "
-                                  "embed through the server with --server HOST:PORT")
+            raise UnsupportedHereError(
+                "the image encoder is a TensorRT plan, which runs only in Triton on its GPU: "
+                "embed through the server with --server HOST:PORT"
+            )
         path = encoder_artifact(repo.path, "image", self.spec.format)
         self.runner = load_runner(str(path), device="auto", optimization=self.spec.graph_optimization)
         self.batch_size = batch_size
@@ -97,9 +101,13 @@ class LocalEmbedder:
     def __call__(self, paths: list[Path], progress: Progress = None) -> list[np.ndarray | str]:
         results: list[np.ndarray | str] = []
         for start in range(0, len(paths), self.batch_size):
-            pixels = list(self.pool.map(self._pixels, paths[start:start + self.batch_size]))
+            pixels = list(self.pool.map(self._pixels, paths[start : start + self.batch_size]))
             good = [p for p in pixels if not isinstance(p, str)]
-            vectors = iter(self.runner({self.spec.input_name: np.stack(good)}, [self.spec.output_name])[0]) if good else iter(())
+            vectors = (
+                iter(self.runner({self.spec.input_name: np.stack(good)}, [self.spec.output_name])[0])
+                if good
+                else iter(())
+            )
             results += [p if isinstance(p, str) else next(vectors) for p in pixels]
             if progress:
                 progress(len(pixels))
@@ -135,8 +143,9 @@ class LocalTextEmbedder:
         card = repo.card
         self.fingerprint = repo.fingerprint
         self.spec = card.towers["text"]
-        self.tokens = folder_tokenizer(repo.path / "tokenize" / "1" / TOKENIZER_DIR, card.context_length,
-                                       card.tokenizer["pad_id"], card.tokenizer)
+        self.tokens = folder_tokenizer(
+            repo.path / "tokenize" / "1" / TOKENIZER_DIR, card.context_length, card.tokenizer["pad_id"], card.tokenizer
+        )
         path = encoder_artifact(repo.path, "text", self.spec.format)
         self.runner = load_runner(str(path), device="auto", optimization=self.spec.graph_optimization)
         self.batch_size = batch_size
@@ -144,10 +153,13 @@ class LocalTextEmbedder:
     def __call__(self, paths: list[Path], progress: Progress = None) -> list[np.ndarray | str]:
         results: list[np.ndarray | str] = []
         for start in range(0, len(paths), self.batch_size):
-            texts = _read_texts(paths[start:start + self.batch_size])
+            texts = _read_texts(paths[start : start + self.batch_size])
             good = [t for t in texts if not isinstance(t, _Refused)]
-            vectors = iter(self.runner({self.spec.input_name: self.tokens(good)}, [self.spec.output_name])[0]) \
-                if good else iter(())
+            vectors = (
+                iter(self.runner({self.spec.input_name: self.tokens(good)}, [self.spec.output_name])[0])
+                if good
+                else iter(())
+            )
             results += [str(t) if isinstance(t, _Refused) else next(vectors) for t in texts]
             if progress:
                 progress(len(texts))
@@ -171,8 +183,10 @@ class ServerEmbedder:
 
         with HeadmasterClient(self.url, self.protocol, batch_size=16, max_in_flight=4) as client:
             if self.text:  # the files' bytes as TEXT; the server refuses what the local path refuses
-                found = [r.embedding if r.ok else r.error for r in client.embed_texts(
-                    [p.read_bytes() if p.is_file() else b"" for p in paths], progress)]
+                found = [
+                    r.embedding if r.ok else r.error
+                    for r in client.embed_texts([p.read_bytes() if p.is_file() else b"" for p in paths], progress)
+                ]
                 return [f"cannot read file: {p}" if not p.is_file() else r for p, r in zip(paths, found)]
             return [r.embedding if r.ok else r.error for r in client.embed(paths, progress)]
 
@@ -185,8 +199,9 @@ def embedder_for(repo: Repository, server: str | None):
     return LocalTextEmbedder(repo) if text_only(repo.card) else LocalEmbedder(repo)
 
 
-def embed_files(paths: list[Path], embedder, cache: EmbeddingCache | None,
-                progress: Progress = None) -> tuple[list[str | None], dict[str, np.ndarray], dict[str, str]]:
+def embed_files(
+    paths: list[Path], embedder, cache: EmbeddingCache | None, progress: Progress = None
+) -> tuple[list[str | None], dict[str, np.ndarray], dict[str, str]]:
     """Embed what the cache lacks. Returns each path's sha256 (None if unreadable), the
     embeddings by sha256, and the failures by path."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -210,13 +225,21 @@ def embed_files(paths: list[Path], embedder, cache: EmbeddingCache | None,
         if cache:
             cache.add(fresh)
     known.update(fresh)
-    failures = {str(p): "cannot read file" if h is None else failed[h]
-                for p, h in zip(paths, hashes) if h is None or h in failed}
+    failures = {
+        str(p): "cannot read file" if h is None else failed[h]
+        for p, h in zip(paths, hashes)
+        if h is None or h in failed
+    }
     return hashes, known, failures
 
 
-def embed_paths(paths: list[Path], repo: Repository, server: str | None, cache_dir: Path | None,
-                progress: Callable[[int, int], None] | None = None):
+def embed_paths(
+    paths: list[Path],
+    repo: Repository,
+    server: str | None,
+    cache_dir: Path | None,
+    progress: Callable[[int, int], None] | None = None,
+):
     """``embed_files`` for training: the repository's encoder here (or through ``server``), the
     embedding cache, and ``progress(done, total)``."""
     embedder = embedder_for(repo, server)

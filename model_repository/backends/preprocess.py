@@ -92,8 +92,9 @@ def _refuse_size(width: int, height: int, max_pixels: int, what: str = "") -> In
     )
 
 
-def _check_geometry(image: Image.Image, max_pixels: int, max_aspect_ratio: float, draft_side: int,
-                    reduce: bool) -> None:
+def _check_geometry(
+    image: Image.Image, max_pixels: int, max_aspect_ratio: float, draft_side: int, reduce: bool
+) -> None:
     """Refuse (or, for JPEG, plan a reduced decode of) an image by its header, before decoding.
 
     ``reduce``: decode a JPEG at the smallest DCT scale that keeps its shortest side >=
@@ -120,8 +121,11 @@ def _check_geometry(image: Image.Image, max_pixels: int, max_aspect_ratio: float
         scale = 1
         # Beyond max_pixels any scale that fits; otherwise only one that divides both sides, so
         # that every scaled pixel covers whole source pixels (odd sides decode at full size).
-        while scale < 8 and min(width, height) // (scale * 2) >= draft_side > 0 and (
-                pixels > max_pixels or (reduce and width % (scale * 2) == 0 and height % (scale * 2) == 0)):
+        while (
+            scale < 8
+            and min(width, height) // (scale * 2) >= draft_side > 0
+            and (pixels > max_pixels or (reduce and width % (scale * 2) == 0 and height % (scale * 2) == 0))
+        ):
             scale *= 2
             pixels = -(-width // scale) * -(-height // scale)
         if pixels <= max_pixels and coefficients + 4 * pixels > _BYTES_PER_PIXEL * max_pixels:
@@ -134,14 +138,18 @@ def _check_geometry(image: Image.Image, max_pixels: int, max_aspect_ratio: float
             image.draft(image.mode, (width // scale, height // scale))
             return
         if pixels > max_pixels:
-            raise _refuse_size(width, height, max_pixels,
-                               f" even decoded at 1/{scale} size" if scale > 1 else "")
+            raise _refuse_size(width, height, max_pixels, f" even decoded at 1/{scale} size" if scale > 1 else "")
     elif pixels > max_pixels:
         raise _refuse_size(width, height, max_pixels)
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO,
-                 draft_side: int = 0, reduce: bool = False) -> Image.Image:
+def decode_image(
+    data: bytes,
+    max_pixels: int = MAX_PIXELS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+    draft_side: int = 0,
+    reduce: bool = False,
+) -> Image.Image:
     """Decode encoded image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF; or base64 of them).
 
     Returns the first frame, upright (EXIF orientation applied), in one of the 8-bit modes
@@ -152,8 +160,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_aspect_ratio: fl
     return _decode(data, max_pixels, max_aspect_ratio, draft_side, reduce)[0]
 
 
-def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float, draft_side: int,
-            reduce: bool) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(
+    data: bytes, max_pixels: int, max_aspect_ratio: float, draft_side: int, reduce: bool
+) -> tuple[Image.Image, tuple[int, int]]:
     """``decode_image``, and the upright size of the full image (before any reduced decode)."""
     if data is None or len(data) == 0:
         raise InvalidImage("empty payload (0 bytes): expected the bytes of an encoded image")
@@ -175,9 +184,7 @@ def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float, draft_side: i
     try:
         image.load()  # decode now (the first frame), so truncated or corrupt data fails here, not later
     except Exception as e:
-        raise InvalidImage(
-            f"corrupt or truncated {image.format or 'image'} data ({len(data)} bytes): {e}"
-        ) from None
+        raise InvalidImage(f"corrupt or truncated {image.format or 'image'} data ({len(data)} bytes): {e}") from None
     image = to_8bit(image)
     try:
         # Phone photos store their rotation in EXIF; without this they embed sideways.
@@ -193,8 +200,12 @@ def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float, draft_side: i
 _OPEN_CLIP_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P"})
 # 16-bit greys: keep the high byte of each value (as Pillow does for 16-bit RGB(A) PNG and
 # TIFF, and libpng's strip_16), via Pillow's raw unpackers, without a 32-bit copy.
-_HIGH_BYTE = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B",
-              "I;16N": "L;16" if sys.byteorder == "little" else "L;16B"}
+_HIGH_BYTE = {
+    "I;16": "L;16",
+    "I;16L": "L;16",
+    "I;16B": "L;16B",
+    "I;16N": "L;16" if sys.byteorder == "little" else "L;16B",
+}
 
 
 def _sample_format(image: Image.Image) -> tuple[int, int]:
@@ -256,11 +267,14 @@ def to_8bit(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX: Pillow's 8-bit colour conversions
     except (ValueError, OSError) as e:
-        raise InvalidImage(f"image mode {mode} cannot be converted to RGB ({e}); send an RGB or greyscale image") from None
+        raise InvalidImage(
+            f"image mode {mode} cannot be converted to RGB ({e}); send an RGB or greyscale image"
+        ) from None
 
 
-def _resize(image: Image.Image, size_hw: tuple[int, int], resample: int,
-            full_size: tuple[int, int] | None = None) -> Image.Image:
+def _resize(
+    image: Image.Image, size_hw: tuple[int, int], resample: int, full_size: tuple[int, int] | None = None
+) -> Image.Image:
     # torchvision.transforms.functional.resize on a PIL image: no-op when already that size.
     if (image.height, image.width) == tuple(size_hw):
         return image
@@ -333,8 +347,7 @@ def to_pixels(image: Image.Image, cfg: dict, full_size: tuple[int, int] | None =
         crop_pct = float(cfg["crop_pct"])
         scaled = tuple(int(np.floor(x / crop_pct)) for x in size)
         # timm: torchvision's shortest-edge Resize for a square size, ResizeKeepRatio otherwise.
-        target = (_shortest_edge_size(w, h, scaled[0]) if scaled[0] == scaled[1]
-                  else _keep_ratio_size(w, h, scaled, 0.0))
+        target = _shortest_edge_size(w, h, scaled[0]) if scaled[0] == scaled[1] else _keep_ratio_size(w, h, scaled, 0.0)
         image = _center_crop_or_pad(_resize(image, target, resample, full_size), size, 0, bool(cfg.get("crop_floor")))
     elif mode == "shortest":
         # Resize then crop, as open_clip does. Resizing only the crop's source box
@@ -358,9 +371,13 @@ def to_pixels(image: Image.Image, cfg: dict, full_size: tuple[int, int] | None =
 def preprocess_bytes(data: bytes, cfg: dict) -> np.ndarray:
     """Encoded bytes -> uint8 [3, H, W]; limits from ``cfg`` (``max_pixels``, ``max_aspect_ratio``)."""
     draft_side = _DRAFT_MARGIN * max(cfg["size"])
-    image, full_size = _decode(data, int(cfg.get("max_pixels") or MAX_PIXELS),
-                               float(cfg.get("max_aspect_ratio") or MAX_ASPECT_RATIO), draft_side,
-                               reduce=not cfg.get("exact_decode", False))
+    image, full_size = _decode(
+        data,
+        int(cfg.get("max_pixels") or MAX_PIXELS),
+        float(cfg.get("max_aspect_ratio") or MAX_ASPECT_RATIO),
+        draft_side,
+        reduce=not cfg.get("exact_decode", False),
+    )
     return to_pixels(image, cfg, full_size)
 
 
@@ -412,15 +429,16 @@ class TorchDecoder:
             target = _shortest_edge_size(width, height, self.size[0])
         else:
             target = _keep_ratio_size(width, height, self.size, 0.0)
-        x = torch.nn.functional.interpolate(decoded[None].float(), size=target, mode=self.interpolation,
-                                            antialias=True, align_corners=False)[0]
+        x = torch.nn.functional.interpolate(
+            decoded[None].float(), size=target, mode=self.interpolation, antialias=True, align_corners=False
+        )[0]
         x = x.round_().clamp_(0, 255).to(torch.uint8)
         if self.cfg.get("crop_floor"):  # Hugging Face's centre crop (see _center_crop_or_pad)
             top, left = (x.shape[1] - self.size[0]) // 2, (x.shape[2] - self.size[1]) // 2
         else:
             top = int(round((x.shape[1] - self.size[0]) / 2.0))
             left = int(round((x.shape[2] - self.size[1]) / 2.0))
-        return x[:, top:top + self.size[0], left:left + self.size[1]]
+        return x[:, top : top + self.size[0], left : left + self.size[1]]
 
     def __call__(self, items: list[bytes], pillow) -> list:
         """uint8 [3, H, W] tensors on ``device`` (or the exception of an image that failed);
@@ -433,14 +451,18 @@ class TorchDecoder:
         if jpegs:
             tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
             try:
-                decoded = self.io.decode_jpeg(tensors, mode=self.io.ImageReadMode.RGB, device=self.device,
-                                              apply_exif_orientation=True)
+                decoded = self.io.decode_jpeg(
+                    tensors, mode=self.io.ImageReadMode.RGB, device=self.device, apply_exif_orientation=True
+                )
             except Exception:  # one bad image spoils the batch call: find it one by one
                 decoded = []
                 for tensor in tensors:
                     try:
-                        decoded.append(self.io.decode_jpeg(tensor, mode=self.io.ImageReadMode.RGB, device=self.device,
-                                                           apply_exif_orientation=True))
+                        decoded.append(
+                            self.io.decode_jpeg(
+                                tensor, mode=self.io.ImageReadMode.RGB, device=self.device, apply_exif_orientation=True
+                            )
+                        )
                     except Exception:
                         decoded.append(None)
             for i, image in zip(jpegs, decoded):
@@ -472,23 +494,31 @@ def limits_from_parameters(params: dict, preprocessing: dict | None = None) -> d
     from ``params`` is taken from the ``preprocessing`` dict when it has one, else the default.
     """
     preprocessing = preprocessing or {}
+
     def number(name, cast, default):
         value = str(params.get(name, "")).strip()
         return cast(value) if value else default
 
     concurrency = number("decode_concurrency", int, number("threads", int, DECODE_CONCURRENCY))
-    limits = {"max_pixels": number("max_pixels", int, int(preprocessing.get("max_pixels") or MAX_PIXELS)),
-              "max_aspect_ratio": number("max_aspect_ratio", float,
-                                         float(preprocessing.get("max_aspect_ratio") or MAX_ASPECT_RATIO)),
-              "decode_concurrency": concurrency or _usable_cores(),
-              "max_request_bytes": number("max_request_bytes", int, MAX_REQUEST_BYTES),
-              "exact_decode": str(params.get("exact_decode", preprocessing.get("exact_decode", ""))).strip().lower()
-              in ("1", "true", "yes"),
-              "decoder": str(params.get("decoder", "") or "pillow")}
+    limits = {
+        "max_pixels": number("max_pixels", int, int(preprocessing.get("max_pixels") or MAX_PIXELS)),
+        "max_aspect_ratio": number(
+            "max_aspect_ratio", float, float(preprocessing.get("max_aspect_ratio") or MAX_ASPECT_RATIO)
+        ),
+        "decode_concurrency": concurrency or _usable_cores(),
+        "max_request_bytes": number("max_request_bytes", int, MAX_REQUEST_BYTES),
+        "exact_decode": str(params.get("exact_decode", preprocessing.get("exact_decode", ""))).strip().lower()
+        in ("1", "true", "yes"),
+        "decoder": str(params.get("decoder", "") or "pillow"),
+    }
     if limits["decoder"] not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {limits['decoder']!r}")
-    if limits["max_pixels"] < 1 or limits["max_aspect_ratio"] < 1 or limits["decode_concurrency"] < 1 \
-            or limits["max_request_bytes"] < 1:
+    if (
+        limits["max_pixels"] < 1
+        or limits["max_aspect_ratio"] < 1
+        or limits["decode_concurrency"] < 1
+        or limits["max_request_bytes"] < 1
+    ):
         raise ValueError(f"preprocess limits must be positive (aspect ratio >= 1), not {limits}")
     return limits
 
@@ -532,13 +562,21 @@ class TritonPythonModel:
         responses = []
         for batch, size in zip(batches, sizes):
             if size > limit:
-                responses.append(pb.InferenceResponse(error=pb.TritonError(
-                    f"the request carries {size} bytes of images, over the limit of {limit} (max_request_bytes); "
-                    "send fewer or smaller images per request", pb.TritonError.INVALID_ARG)))
+                responses.append(
+                    pb.InferenceResponse(
+                        error=pb.TritonError(
+                            f"the request carries {size} bytes of images, over the limit of {limit} (max_request_bytes); "
+                            "send fewer or smaller images per request",
+                            pb.TritonError.INVALID_ARG,
+                        )
+                    )
+                )
                 continue
             pixels = [next(results) for _ in range(len(batch))]
             bad = [(i, p) for i, p in enumerate(pixels) if isinstance(p, InvalidImage)]
-            broken = [(i, p) for i, p in enumerate(pixels) if isinstance(p, Exception) and not isinstance(p, InvalidImage)]
+            broken = [
+                (i, p) for i, p in enumerate(pixels) if isinstance(p, Exception) and not isinstance(p, InvalidImage)
+            ]
             if bad:
                 message = "; ".join(f"IMAGE[{i}]: {e}" for i, e in bad)
                 responses.append(pb.InferenceResponse(error=pb.TritonError(message, pb.TritonError.INVALID_ARG)))
@@ -551,7 +589,9 @@ class TritonPythonModel:
                 import torch.utils.dlpack
 
                 stacked = self.decoder.torch.stack(pixels)
-                responses.append(pb.InferenceResponse([pb.Tensor.from_dlpack("PIXELS", torch.utils.dlpack.to_dlpack(stacked))]))
+                responses.append(
+                    pb.InferenceResponse([pb.Tensor.from_dlpack("PIXELS", torch.utils.dlpack.to_dlpack(stacked))])
+                )
         return responses
 
     def finalize(self):

@@ -71,16 +71,27 @@ class OnnxRunner:
         for name, tensor in inputs.items():
             tensor = tensor.contiguous()
             on_gpu = tensor.device.type == "cuda"
-            binding.bind_input(name, "cuda" if on_gpu else "cpu", tensor.device.index or 0 if on_gpu else 0,
-                               _NUMPY_OF[str(tensor.dtype)], list(tensor.shape), tensor.data_ptr())
+            binding.bind_input(
+                name,
+                "cuda" if on_gpu else "cpu",
+                tensor.device.index or 0 if on_gpu else 0,
+                _NUMPY_OF[str(tensor.dtype)],
+                list(tensor.shape),
+                tensor.data_ptr(),
+            )
         for name in outputs:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
 
-_NUMPY_OF = {"torch.uint8": np.uint8, "torch.float32": np.float32, "torch.float16": np.float16,
-             "torch.int64": np.int64, "torch.int32": np.int32}
+_NUMPY_OF = {
+    "torch.uint8": np.uint8,
+    "torch.float32": np.float32,
+    "torch.float16": np.float16,
+    "torch.int64": np.int64,
+    "torch.int32": np.int32,
+}
 
 
 class TorchScriptRunner:
@@ -99,8 +110,9 @@ class TorchScriptRunner:
     def __call__(self, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
-            args = [(a if isinstance(a, torch.Tensor) else torch.from_numpy(a)).to(self.device)
-                    for a in inputs.values()]
+            args = [
+                (a if isinstance(a, torch.Tensor) else torch.from_numpy(a)).to(self.device) for a in inputs.values()
+            ]
             result = self.module(*args)
         result = result if isinstance(result, (tuple, list)) else (result,)
         return [r.float().cpu().numpy() if r.is_floating_point() else r.cpu().numpy() for r in result]
@@ -182,15 +194,17 @@ class CacheMetrics:
 
     def __init__(self, pb_utils, model: str):
         labels = {"model": model}
-        kinds = {CACHE_HITS_METRIC: ("COUNTER", "images whose embedding came from the encoder's cache"),
-                 CACHE_MISSES_METRIC: ("COUNTER", "images the encoder ran because its cache did not hold them"),
-                 CACHE_ENTRIES_METRIC: ("GAUGE", "embeddings held in the encoder's cache"),
-                 CACHE_BYTES_METRIC: ("GAUGE", "bytes held in the encoder's cache (its bound is the "
-                                               "cache_bytes parameter)")}
+        kinds = {
+            CACHE_HITS_METRIC: ("COUNTER", "images whose embedding came from the encoder's cache"),
+            CACHE_MISSES_METRIC: ("COUNTER", "images the encoder ran because its cache did not hold them"),
+            CACHE_ENTRIES_METRIC: ("GAUGE", "embeddings held in the encoder's cache"),
+            CACHE_BYTES_METRIC: ("GAUGE", "bytes held in the encoder's cache (its bound is the cache_bytes parameter)"),
+        }
         # The families are kept: one that is garbage-collected is removed from the server.
-        self.families = {name: pb_utils.MetricFamily(name=name, description=description,
-                                                     kind=getattr(pb_utils.MetricFamily, kind))
-                         for name, (kind, description) in kinds.items()}
+        self.families = {
+            name: pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
+            for name, (kind, description) in kinds.items()
+        }
         self.metrics = {name: family.Metric(labels=labels) for name, family in self.families.items()}
 
     def record(self, hits: int, misses: int, cache: EmbeddingCache) -> None:
@@ -205,7 +219,7 @@ class CacheMetrics:
 def run_cached(runner, cache: EmbeddingCache, batch: dict, outputs: list[str]) -> tuple[list[np.ndarray], int, int]:
     """The runner's outputs for ``batch`` (one input), running only the rows the cache lacks;
     returns the outputs, the hits and the misses."""
-    (name, rows), = batch.items()
+    ((name, rows),) = batch.items()
     keys = [cache.key(row) for row in rows]
     found = [cache.get(k) for k in keys]
     missing = [i for i, f in enumerate(found) if f is None]
@@ -272,8 +286,10 @@ class TritonPythonModel:
             return [pb.InferenceResponse(error=error) for _ in requests]
         responses, start = [], 0
         for size in sizes:
-            tensors = [pb.Tensor(name, np.ascontiguousarray(result[start:start + size]))
-                       for name, result in zip(self.outputs, results)]
+            tensors = [
+                pb.Tensor(name, np.ascontiguousarray(result[start : start + size]))
+                for name, result in zip(self.outputs, results)
+            ]
             responses.append(pb.InferenceResponse(tensors))
             start += size
         return responses

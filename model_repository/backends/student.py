@@ -63,8 +63,9 @@ class TritonPythonModel:
             self.card = json.load(f)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            os.path.join(folder, "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
 
     def _answer(self, request):
         pb = self.pb
@@ -74,16 +75,27 @@ class TritonPythonModel:
             try:
                 pixels.append(preprocess(bytes(data), self.card["preprocessing"]))
             except Exception as e:
-                return pb.InferenceResponse(error=pb.TritonError(f"IMAGE[{i}]: cannot decode: {e}",
-                                                                 pb.TritonError.INVALID_ARG))
+                return pb.InferenceResponse(
+                    error=pb.TritonError(f"IMAGE[{i}]: cannot decode: {e}", pb.TritonError.INVALID_ARG)
+                )
         scores = self.session.run(["SCORES"], {"PIXELS": np.stack(pixels)})[0].astype(np.float32)
         card = self.card
         labels = accepted(scores, card["labels"], card["thresholds"], card["multi_label"])
-        docs = [json.dumps({"student": card["name"], "teacher": card["teacher"], "labels": accepted_labels,
-                            "scores": dict(zip(card["labels"], map(float, row)))}, separators=(",", ":"))
-                for accepted_labels, row in zip(labels, scores)]
-        return pb.InferenceResponse([pb.Tensor("SCORES", scores),
-                                     pb.Tensor("RESULT", np.array([[d] for d in docs], dtype=object))])
+        docs = [
+            json.dumps(
+                {
+                    "student": card["name"],
+                    "teacher": card["teacher"],
+                    "labels": accepted_labels,
+                    "scores": dict(zip(card["labels"], map(float, row))),
+                },
+                separators=(",", ":"),
+            )
+            for accepted_labels, row in zip(labels, scores)
+        ]
+        return pb.InferenceResponse(
+            [pb.Tensor("SCORES", scores), pb.Tensor("RESULT", np.array([[d] for d in docs], dtype=object))]
+        )
 
     def execute(self, requests):
         responses = []

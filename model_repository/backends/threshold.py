@@ -82,8 +82,15 @@ def ab_results(answer: list[dict], candidate: list[dict], keys: list[str], test:
         arm = "candidate" if test["mode"] == "canary" and in_candidate_arm(key, float(test["share"])) else "live"
         agree = set(live_result["labels"]) == set(candidate_result["labels"])
         chosen, other = (candidate_result, live_result) if arm == "candidate" else (live_result, candidate_result)
-        chosen = {**chosen, "ab": {"mode": test["mode"], "arm": arm, "agree": agree,
-                                   "other": {k: other[k] for k in ("version", "labels", "scores")}}}
+        chosen = {
+            **chosen,
+            "ab": {
+                "mode": test["mode"],
+                "arm": arm,
+                "agree": agree,
+                "other": {k: other[k] for k in ("version", "labels", "scores")},
+            },
+        }
         out.append((chosen, arm, agree))
     return out
 
@@ -111,11 +118,11 @@ def s3_parts(url: str) -> tuple[str | None, str, str]:
     """(endpoint, bucket, prefix) of Triton's ``s3://[http(s)://host:port/]bucket/prefix``; the
     endpoint None (AWS, or AWS_ENDPOINT_URL) for the plain form. The same reading as
     ``model_repository/s3.py``, which this model cannot import inside NVIDIA's container."""
-    rest = url[len("s3://"):]
+    rest = url[len("s3://") :]
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     scheme = re.match(r"^(https?)://", rest)
     if scheme:
-        rest = rest[scheme.end():]
+        rest = rest[scheme.end() :]
     first, _, after = rest.partition("/")
     if scheme or re.fullmatch(r"[A-Za-z0-9.\-]+:\d+", first):
         endpoint, rest = f"{scheme.group(1) if scheme else 'http'}://{first}", after
@@ -149,8 +156,10 @@ def index_sha256(data: bytes) -> str:
 
 def _checked_index(data: bytes, ood: dict, where: str) -> bytes:
     if index_sha256(data) != ood["index_sha256"]:
-        raise ValueError(f"{where} is not the faiss index this version was published with "
-                         "(its sha256 differs from the ood entry's index_sha256)")
+        raise ValueError(
+            f"{where} is not the faiss index this version was published with "
+            "(its sha256 differs from the ood entry's index_sha256)"
+        )
     return data
 
 
@@ -192,8 +201,13 @@ def ivf_search(references: int) -> dict | None:
     spherical k-means over the references, ``probe`` of them visited per query."""
     if references <= EXACT_MAX:
         return None
-    return {"kind": "ivf", "lists": int(round(math.sqrt(references))), "probe": IVF_PROBE, "seed": 1,
-            "iterations": IVF_ITERATIONS}
+    return {
+        "kind": "ivf",
+        "lists": int(round(math.sqrt(references))),
+        "probe": IVF_PROBE,
+        "seed": 1,
+        "iterations": IVF_ITERATIONS,
+    }
 
 
 class KnnIndex:
@@ -223,8 +237,13 @@ class KnnIndex:
         faiss.omp_set_num_threads(1)  # one thread: the same centres wherever the index is built
         try:
             lists = max(1, min(int(search["lists"]), len(self.references)))
-            kmeans = faiss.Kmeans(dim, lists, niter=int(search.get("iterations", IVF_ITERATIONS)),
-                                  seed=int(search.get("seed", 1)), spherical=True)
+            kmeans = faiss.Kmeans(
+                dim,
+                lists,
+                niter=int(search.get("iterations", IVF_ITERATIONS)),
+                seed=int(search.get("seed", 1)),
+                spherical=True,
+            )
             kmeans.train(self.references)
             self._quantizer = faiss.IndexFlatIP(dim)  # the IVF index does not own it: keep it alive
             self._quantizer.add(kmeans.centroids)
@@ -435,9 +454,11 @@ class TritonPythonModel:
         self._ab_family = None
         if self.ab:
             self._ab_family = pb_utils.MetricFamily(
-                name=AB_METRIC, description="items answered during an A/B or shadow test of a head version, "
+                name=AB_METRIC,
+                description="items answered during an A/B or shadow test of a head version, "
                 "by arm and by whether the live and candidate versions accepted the same labels",
-                kind=pb_utils.MetricFamily.COUNTER)
+                kind=pb_utils.MetricFamily.COUNTER,
+            )
         self._info_cache: dict[bytes, dict] = {}
         self.live_metrics = LiveMetrics(pb_utils)
         try:  # one search thread: the encoder owns the cores; OpenMP spinning beside it cost 4-7x here
@@ -480,9 +501,16 @@ class TritonPythonModel:
         key = (head, live, candidate, mode, arm, agree)
         counter = self._ab_counters.get(key)
         if counter is None:
-            counter = self._ab_counters[key] = self._ab_family.Metric(labels={
-                "head": head, "live_version": str(live), "candidate_version": str(candidate), "mode": mode,
-                "arm": arm, "agree": "true" if agree else "false"})
+            counter = self._ab_counters[key] = self._ab_family.Metric(
+                labels={
+                    "head": head,
+                    "live_version": str(live),
+                    "candidate_version": str(candidate),
+                    "mode": mode,
+                    "arm": arm,
+                    "agree": "true" if agree else "false",
+                }
+            )
         counter.increment(n)
 
     def _candidate(self, request, head: str, embedding) -> tuple[np.ndarray, list[dict]] | None:
@@ -522,8 +550,9 @@ class TritonPythonModel:
                 candidate_scores, candidate = candidate
                 if keys is None:
                     image, sha = (pb.get_input_tensor_by_name(request, n) for n in ("IMAGE", "SHA256"))
-                    keys = item_keys(None if image is None else image.as_numpy(),
-                                     None if sha is None else sha.as_numpy(), embedding)
+                    keys = item_keys(
+                        None if image is None else image.as_numpy(), None if sha is None else sha.as_numpy(), embedding
+                    )
                 test = self.ab[head]
                 tally: dict[tuple[str, bool], int] = {}
                 chosen = []
@@ -570,11 +599,16 @@ TOP_SCORE_BUCKETS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # upper bou
 LIVE_METRICS = {  # name -> (labels beyond head and version, description)
     ITEMS_METRIC: ((), "items answered by a head version"),
     ANSWERS_METRIC: (("label",), "accepted labels per head version and label"),
-    ABSTENTIONS_METRIC: ((), "items for which a head version accepted no label (below every "
-                             "threshold, or abstained as out of distribution)"),
+    ABSTENTIONS_METRIC: (
+        (),
+        "items for which a head version accepted no label (below every threshold, or abstained as out of distribution)",
+    ),
     OOD_METRIC: ((), "items a head version flagged as out of distribution"),
-    TOP_SCORE_METRIC: (("le",), "items per head version whose highest label score is at most le "
-                                "(cumulative, as a Prometheus histogram's buckets)"),
+    TOP_SCORE_METRIC: (
+        ("le",),
+        "items per head version whose highest label score is at most le "
+        "(cumulative, as a Prometheus histogram's buckets)",
+    ),
 }
 
 
@@ -617,9 +651,10 @@ class LiveMetrics:
     def __init__(self, pb_utils):
         self._logger = getattr(pb_utils, "Logger", None)
         self._failed = False
-        self._families = {name: pb_utils.MetricFamily(name=name, description=description,
-                                                      kind=pb_utils.MetricFamily.COUNTER)
-                          for name, (_, description) in LIVE_METRICS.items()}
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+            for name, (_, description) in LIVE_METRICS.items()
+        }
         self._metrics: dict[tuple[str, tuple], object] = {}
 
     def record(self, head: str, info: dict, results: list[dict]) -> None:

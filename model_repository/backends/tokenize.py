@@ -35,16 +35,19 @@ def decode_texts(raw, max_bytes: int = MAX_TEXT_BYTES, allow_empty: bool = False
     for i, item in enumerate(raw):
         data = item if isinstance(item, bytes) else str(item).encode("utf-8")
         if len(data) > max_bytes:
-            raise InvalidText(f"TEXT[{i}]: {len(data)} bytes is over the limit of {max_bytes} bytes per text "
-                              "(max_text_bytes)")
+            raise InvalidText(
+                f"TEXT[{i}]: {len(data)} bytes is over the limit of {max_bytes} bytes per text (max_text_bytes)"
+            )
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InvalidText(f"TEXT[{i}]: not valid UTF-8 text (byte {e.start}: {e.reason}); send text "
-                              "encoded as UTF-8") from None
+            raise InvalidText(
+                f"TEXT[{i}]: not valid UTF-8 text (byte {e.start}: {e.reason}); send text encoded as UTF-8"
+            ) from None
         if not allow_empty and not text.strip():
-            raise InvalidText(f"TEXT[{i}]: empty text ({len(data)} bytes, nothing but whitespace): there is "
-                              "nothing to classify")
+            raise InvalidText(
+                f"TEXT[{i}]: empty text ({len(data)} bytes, nothing but whitespace): there is nothing to classify"
+            )
         texts.append(text)
     return texts
 
@@ -64,7 +67,8 @@ def folder_tokenizer(folder, context_length: int, pad_id: int, spec: dict | None
 
     def tokens(texts: list[str]) -> np.ndarray:
         return np.asarray([e.ids for e in tokenizer.encode_batch(list(texts))], dtype=np.int64).reshape(
-            len(texts), context_length)
+            len(texts), context_length
+        )
 
     return tokens
 
@@ -119,7 +123,7 @@ def siglip_tokenizer(folder, context_length: int, pad_id: int, spec: dict):
                 tokens.extend([part] if part in special else pieces(part))
         if len(tokens) > 1 and tokens[0] == _UNDERLINE and tokens[1] in special:
             tokens = tokens[1:]
-        out = [special[t] if t in special else model.piece_to_id(t) for t in tokens][:context_length - 1]
+        out = [special[t] if t in special else model.piece_to_id(t) for t in tokens][: context_length - 1]
         if not out or out[-1] != eos_id:
             out.append(eos_id)
         return out + [pad_id] * (context_length - len(out))
@@ -143,8 +147,12 @@ class TritonPythonModel:
         self.allow_empty = params.get("refuse_empty") != "true"
         if params.get("tokenizer") == "folder":
             version = Path(args["model_repository"]) / args["model_version"]  # this model's version folder
-            self._encode = folder_tokenizer(version / TOKENIZER_DIR, self.context_length,
-                                            int(params["pad_id"]), json.loads(params.get("spec", "null")))
+            self._encode = folder_tokenizer(
+                version / TOKENIZER_DIR,
+                self.context_length,
+                int(params["pad_id"]),
+                json.loads(params.get("spec", "null")),
+            )
         else:
             import open_clip
 

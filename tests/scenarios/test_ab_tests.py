@@ -75,9 +75,10 @@ def assert_answers_are_the_versions_own(repo, results, embeddings) -> None:
     cache = {}
     for result, embedding in zip(results, embeddings):
         answer = result.heads[HEAD]
-        for version, labels, scores in ((answer.version, answer.labels, answer.scores),
-                                        (answer.ab["other"]["version"], answer.ab["other"]["labels"],
-                                         answer.ab["other"]["scores"])):
+        for version, labels, scores in (
+            (answer.version, answer.labels, answer.scores),
+            (answer.ab["other"]["version"], answer.ab["other"]["labels"], answer.ab["other"]["scores"]),
+        ):
             weights, info = cache.setdefault(version, version_of(repo, version))
             expected = weights.scores(np.asarray(embedding, np.float32)[None, :])[0]
             np.testing.assert_allclose([scores[label] for label in info["labels"]], expected, atol=1e-4)
@@ -96,14 +97,16 @@ def ab_counters(server) -> dict[tuple[str, str, str], float]:
     return counts
 
 
-def classify_items(server, hashes, vectors, results: list, stop_after: int | None = None,
-                   event: threading.Event | None = None) -> None:
+def classify_items(
+    server, hashes, vectors, results: list, stop_after: int | None = None, event: threading.Event | None = None
+) -> None:
     with HeadmasterClient(server.grpc_url, batch_size=64, max_in_flight=2, timeout_s=60) as client:
         for start in range(0, len(hashes), 250):
             if event is not None and start >= (stop_after or 0):
                 event.set()
-            results += client.classify_embeddings(vectors[start:start + 250], hashes[start:start + 250],
-                                                  hashes[start:start + 250])
+            results += client.classify_embeddings(
+                vectors[start : start + 250], hashes[start : start + 250], hashes[start : start + 250]
+            )
 
 
 def test_canary_share_stable_arms_counters_and_promote_under_load(ab_server, jpeg_photos, tmp_path):
@@ -141,8 +144,11 @@ def test_canary_share_stable_arms_counters_and_promote_under_load(ab_server, jpe
         assert seen == {"candidate" if in_share(sha, SHARE) else "live"}
     # ... and by its bytes or by its stored embedding + sha256 alike.
     with HeadmasterClient(server.grpc_url) as client:
-        stored = client.classify_embeddings(np.stack([a.embedding for _, _, a in load.answers[:3]]),
-                                            [None] * 3, [a.sha256 for _, _, a in load.answers[:3]])
+        stored = client.classify_embeddings(
+            np.stack([a.embedding for _, _, a in load.answers[:3]]),
+            [None] * 3,
+            [a.sha256 for _, _, a in load.answers[:3]],
+        )
     assert [s.heads[HEAD].ab["arm"] for s in stored] == [a.heads[HEAD].ab["arm"] for _, _, a in load.answers[:3]]
 
     # Prometheus: the counters grew by exactly the items answered, per arm and agreement.
@@ -159,8 +165,9 @@ def test_canary_share_stable_arms_counters_and_promote_under_load(ab_server, jpe
     store.add_embeddings(hashes, [f"item-{i}.jpg" for i in range(ITEMS)], "fp", vectors)
     store.add_classifications(results, "fp")
     current = store.labels(HEAD)
-    assert dict(zip(current["sha256"].to_pylist(), current["version"].to_pylist())) == \
-        {r.sha256: r.heads[HEAD].version for r in results}
+    assert dict(zip(current["sha256"].to_pylist(), current["version"].to_pylist())) == {
+        r.sha256: r.heads[HEAD].version for r in results
+    }
     assert store.labels(HEAD, base).num_rows == store.labels(HEAD, candidate).num_rows == ITEMS
     agree = sum(r.heads[HEAD].ab["agree"] for r in results)
     shown = run_cli("heads", "compare", HEAD, "--repo", str(repo), "--store", str(tmp_path / "store"), "--show", "3")
@@ -211,8 +218,9 @@ def test_shadow_never_changes_an_answer_and_abort_under_load(ab_server, jpeg_pho
     shadowed = [r for r in results if r.heads[HEAD].ab is not None]
     assert len(shadowed) >= 1000  # the first half ran while the shadow did
     assert all(r.heads[HEAD].version == base for r in results)
-    assert all(r.heads[HEAD].ab["arm"] == "live" and r.heads[HEAD].ab["other"]["version"] == candidate
-               for r in shadowed)
+    assert all(
+        r.heads[HEAD].ab["arm"] == "live" and r.heads[HEAD].ab["other"]["version"] == candidate for r in shadowed
+    )
     assert_answers_are_the_versions_own(repo, shadowed, [v for r, v in zip(results, vectors) if r.heads[HEAD].ab])
     # ...is what every photo got, with or without the shadow.
     for _, _, answer in load.answers:
@@ -236,9 +244,11 @@ def test_a_head_under_test_refuses_other_changes(ab_server, tmp_path):
     started = run_cli("heads", "canary", HEAD, "--version", str(candidate), "--share", "0.5", "--repo", str(repo))
     assert started.returncode == 0, started.stderr
     assert f"v{candidate} runs beside v{base} to 50.0% of items" in started.stderr
-    for action in (lambda: lifecycle.rollback(repo, HEAD, candidate),
-                   lambda: lifecycle.remove(repo, HEAD),
-                   lambda: written_version(repo, HEAD, np.random.default_rng(7), ("cat", "dog", "bird"))):
+    for action in (
+        lambda: lifecycle.rollback(repo, HEAD, candidate),
+        lambda: lifecycle.remove(repo, HEAD),
+        lambda: written_version(repo, HEAD, np.random.default_rng(7), ("cat", "dog", "bird")),
+    ):
         with pytest.raises(RepositoryError, match=rf"runs a canary test of v{candidate}.*heads promote {HEAD}"):
             action()
     again = run_cli("heads", "canary", HEAD, "--version", str(candidate), "--repo", str(repo))
@@ -258,11 +268,24 @@ def test_train_head_candidate_is_published_not_live_then_tested(ab_server, digit
 
     server, repo = ab_server
     data = subset(digits_dir, tmp_path / "digits", {"3": 15, "8": 15}, rename={"3": "three", "8": "eight"})
-    common = ["--name", "digit", "--repo", repo, "--server", server.http_url, "--cache", embedding_cache,
-              "--epochs", "20"]
+    common = [
+        "--name",
+        "digit",
+        "--repo",
+        repo,
+        "--server",
+        server.http_url,
+        "--cache",
+        embedding_cache,
+        "--epochs",
+        "20",
+    ]
     first = run_cli("train-head", data, *common, "--candidate")
-    assert first.returncode == 1 and "error: head digit has no live version to test a candidate against" in \
-        first.stderr and "Traceback" not in first.stderr
+    assert (
+        first.returncode == 1
+        and "error: head digit has no live version to test a candidate against" in first.stderr
+        and "Traceback" not in first.stderr
+    )
     assert not (repo / "digit").exists()
     assert run_cli("train-head", data, *common).returncode == 0
     candidate = run_cli("train-head", data, *common, "--candidate", "--seed", "1")

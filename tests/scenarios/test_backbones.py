@@ -52,15 +52,22 @@ def _export(family_exports, family) -> EncoderCard:
     if family.name not in family_exports:
         out = family_exports["root"] / family.name
         towers = ("image",)  # the text towers are the export path every CLIP test already covers
-        family_exports[family.name] = export_encoder(ExportOptions(
-            model=_model_name(family), pretrained=None, out=out, towers=towers,
-            image_size=IMAGE_SIZE.get(family.name)))
+        family_exports[family.name] = export_encoder(
+            ExportOptions(
+                model=_model_name(family),
+                pretrained=None,
+                out=out,
+                towers=towers,
+                image_size=IMAGE_SIZE.get(family.name),
+            )
+        )
     return family_exports[family.name]
 
 
 @pytest.mark.slow  # an export and its check against PyTorch per family: about 10 minutes for all on 2 cores
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f.library in ("open_clip", "timm") and f.name != "clip"],
-                         ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if f.library in ("open_clip", "timm") and f.name != "clip"], ids=lambda f: f.name
+)
 def test_each_family_exports_and_matches_pytorch_on_real_photos(family, family_exports):
     if family.name in ("eva-clip", "mobileclip") and not HEAVY:
         pytest.skip(f"{family.smallest} takes long to export here; HEADMASTER_TEST_HEAVY_FAMILIES=1 runs it")
@@ -73,8 +80,10 @@ def test_each_family_exports_and_matches_pytorch_on_real_photos(family, family_e
         assert card.model == f"timm:{family.smallest}" and card.context_length == 0 and "timm" in card.tools
         # The fingerprint covers the pooling: the same weights pooled otherwise are another space.
         other = next(p for p in ("cls", "mean", "head-less") if p != card.pooling)
-        assert fingerprint_of(card.model, card.weights_sha256, card.preprocessing, card.embed_dim, other) \
+        assert (
+            fingerprint_of(card.model, card.weights_sha256, card.preprocessing, card.embed_dim, other)
             != card.fingerprint
+        )
     if family.name == "siglip":
         assert card.logit_bias is not None
     else:
@@ -125,12 +134,18 @@ def test_unknown_and_unsupported_models_are_refused_by_name():
     with pytest.raises(ExportError, match="unknown timm model 'timm:vit_tiny_patch14_dinov2'"):
         load("timm:vit_tiny_patch14_dinov2", None)  # of the DINOv2 family's pattern, but not in timm
     # Typos: the closest names by edit distance over the whole registry, before any family check.
-    with pytest.raises(ExportError, match=r"unknown timm model 'timm:mobilenetv3_smal_100'; closest known names: "
-                                          r"timm:mobilenetv3_small_100, ") as e:
+    with pytest.raises(
+        ExportError,
+        match=r"unknown timm model 'timm:mobilenetv3_smal_100'; closest known names: "
+        r"timm:mobilenetv3_small_100, ",
+    ) as e:
         load("timm:mobilenetv3_smal_100", None)
     assert "convnext" not in str(e.value) and e.value.option == "model"
-    with pytest.raises(ExportError, match=r"unknown timm model 'timm:vit_small_patch14_dinov'; closest known names: "
-                                          r"timm:vit_small_patch14_dinov2, "):
+    with pytest.raises(
+        ExportError,
+        match=r"unknown timm model 'timm:vit_small_patch14_dinov'; closest known names: "
+        r"timm:vit_small_patch14_dinov2, ",
+    ):
         load("timm:vit_small_patch14_dinov", None)
     with pytest.raises(ExportError, match=r"unknown open_clip model 'ViT-B-33'; closest known names: ViT-B-32, "):
         load("ViT-B-33", None)
@@ -145,8 +160,13 @@ def test_unknown_and_unsupported_models_are_refused_by_name():
 
 @pytest.mark.slow  # the command lists timm's registry: 41 s on 2 busy cores (2026-12-07)
 def test_export_list_shows_families_and_licences():
-    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "export", "list"], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})  # a wide terminal
+    result = subprocess.run(
+        [sys.executable, "-m", "headmaster.cli", "export", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    )  # a wide terminal
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     for family in FAMILIES:
@@ -218,8 +238,13 @@ def test_image_only_repositories_train_heads_but_refuse_zero_shot(convnext_serve
     assert "embed_text" not in repository.model_names() and "tokenize" not in repository.model_names()
     with HeadmasterClient(server.http_url, "http") as client:
         results = client.classify(sorted(Path(data).rglob("*.png"))[:6])
-    assert all(r.ok and r.heads["digit"].version == 1 and set(r.heads["digit"].scores) == {"0", "1", "7"}
-               and r.heads["digit"].ood is not None for r in results)
+    assert all(
+        r.ok
+        and r.heads["digit"].version == 1
+        and set(r.heads["digit"].scores) == {"0", "1", "7"}
+        and r.heads["digit"].ood is not None
+        for r in results
+    )
     with pytest.raises(ExportError, match="is an image-only backbone \\(convnext\\): it has no text tower"):
         create_zero_shot_head(repo, "animal", ["cat", "dog"])
     result = run_cli("zero-shot", "animal", "--label", "cat", "--label", "dog", "--repo", repo)

@@ -115,8 +115,12 @@ def test_backfill_stores_every_image_once_with_every_head(ray_cluster, backfill_
     folder, hashes = catalogue
     store = open_store(tmp_path / "store")
     seen = []
-    report = backfill(str(folder), store, BackfillOptions(repo=backfill_repo, actors=2, write_batch=64),
-                      progress=lambda r: seen.append(r.embedded))
+    report = backfill(
+        str(folder),
+        store,
+        BackfillOptions(repo=backfill_repo, actors=2, write_batch=64),
+        progress=lambda r: seen.append(r.embedded),
+    )
     assert (report.total, report.embedded, report.skipped) == (N + 2, N, 1)
     assert len(seen) >= 3 and seen == sorted(seen), "progress is reported per bounded write batch"
     [(uri, reason)] = report.failures
@@ -143,8 +147,12 @@ def test_stored_items_missing_labels_are_completed_once(ray_cluster, backfill_re
     repository = Repository(backfill_repo)
     store = open_store(tmp_path / "store")
     files = sorted(folder.glob("00[0-2]?.jpg"))
-    store.add_embeddings([hashlib.sha256(f.read_bytes()).hexdigest() for f in files], [str(f) for f in files],
-                         repository.fingerprint, np.stack(LocalEmbedder(repository)(files)))
+    store.add_embeddings(
+        [hashlib.sha256(f.read_bytes()).hexdigest() for f in files],
+        [str(f) for f in files],
+        repository.fingerprint,
+        np.stack(LocalEmbedder(repository)(files)),
+    )
     report = backfill(str(folder), store, BackfillOptions(repo=backfill_repo, actors=1))
     assert report.relabelled == len(files) * len(repository.heads())
     assert (report.embedded, report.skipped) == (N - len(files), len(files) + 1)
@@ -158,8 +166,9 @@ def test_listings_as_source(ray_cluster, backfill_repo, catalogue, tmp_path):
 
     folder, _ = catalogue
     listing = folder.parent / "listing.csv"
-    listing.write_text("uri,note\nimages/0001.jpg,relative\n" + f"{folder / '0002.jpg'},absolute\n"
-                       "images/gone.jpg,missing\n")
+    listing.write_text(
+        "uri,note\nimages/0001.jpg,relative\n" + f"{folder / '0002.jpg'},absolute\nimages/gone.jpg,missing\n"
+    )
     store = open_store(tmp_path / "store")
     report = backfill(str(listing), store, BackfillOptions(repo=backfill_repo))
     assert (report.total, report.embedded) == (3, 2)
@@ -183,8 +192,18 @@ def test_killed_backfill_resumes_exactly_once(backfill_repo, catalogue, tmp_path
     hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("0*.jpg")}
     assert len(hashes) == 96
     store_path = tmp_path / "store"
-    args = ["backfill", str(folder), "--store", str(store_path), "--repo", str(backfill_repo), "--write-batch", "16",
-            "--batch-size", "8"]
+    args = [
+        "backfill",
+        str(folder),
+        "--store",
+        str(store_path),
+        "--repo",
+        str(backfill_repo),
+        "--write-batch",
+        "16",
+        "--batch-size",
+        "8",
+    ]
     first = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -237,11 +256,21 @@ def test_backfill_from_an_s3_prefix(backfill_repo, catalogue, tmp_path):
     port = free_port()
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     s3.start()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     try:
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         client.create_bucket(Bucket="catalogue")
         files = [*sorted(folder.glob("002?.jpg")), folder / "broken.jpg"]
         for f in files:
@@ -249,8 +278,13 @@ def test_backfill_from_an_s3_prefix(backfill_repo, catalogue, tmp_path):
         client.put_object(Bucket="catalogue", Key="2026/notes.txt", Body=b"not listed: not an image name")
         client.put_object(Bucket="catalogue", Key="other/0001.jpg", Body=(folder / "0001.jpg").read_bytes())
         store_path = tmp_path / "store"
-        result = subprocess.run([*CLI, "backfill", "s3://catalogue/2026/", "--store", str(store_path), "--repo",
-                                 str(backfill_repo)], capture_output=True, text=True, timeout=600, env=env)
+        result = subprocess.run(
+            [*CLI, "backfill", "s3://catalogue/2026/", "--store", str(store_path), "--repo", str(backfill_repo)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
     finally:
         s3.stop()
     assert result.returncode == 2, result.stderr

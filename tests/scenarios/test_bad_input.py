@@ -35,8 +35,9 @@ def image_input(module, items: list[bytes]):
     return tensor
 
 
-@pytest.mark.parametrize("module, status", [(grpcclient, "StatusCode.INVALID_ARGUMENT"), (httpclient, "400")],
-                         ids=["grpc", "http"])
+@pytest.mark.parametrize(
+    "module, status", [(grpcclient, "StatusCode.INVALID_ARGUMENT"), (httpclient, "400")], ids=["grpc", "http"]
+)
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_image_is_an_invalid_argument_saying_why(server, case, module, status):
     data, message = BAD[case]
@@ -61,12 +62,14 @@ def test_bad_requests_in_a_dynamic_batch_do_not_fail_their_neighbours(server, jp
     async def send_all():
         client = grpcaio.InferenceServerClient(server.grpc_url)
         try:
+
             async def one(data):
                 try:
                     result = await client.infer("classify", [image_input(grpcaio, [data])])
                     return result.as_numpy("EMBEDDING")[0]
                 except InferenceServerException as e:
                     return e
+
             return await asyncio.gather(*(one(p) for p in payloads))
         finally:
             await client.close()
@@ -95,7 +98,14 @@ def test_the_client_isolates_bad_images_inside_its_own_batches(server, jpeg_phot
         results = client.classify(images)
         with pytest.raises(InvalidInputError, match="empty payload"):
             client.classify_one(b"")
-    assert [type(r) for r in results] == [Classification, Failure, Classification, Classification, Failure, Classification]
+    assert [type(r) for r in results] == [
+        Classification,
+        Failure,
+        Classification,
+        Classification,
+        Failure,
+        Classification,
+    ]
     assert "Pillow cannot identify" in results[1].error
     assert "truncated PNG" in results[4].error
 

@@ -42,8 +42,9 @@ def test_serve_refuses_a_taken_port(repo, tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        result = run_cli("serve", "--repo", repo, "--http-port", taken, "--grpc-port", free_port(),
-                         "--metrics-port", free_port())
+        result = run_cli(
+            "serve", "--repo", repo, "--http-port", taken, "--grpc-port", free_port(), "--metrics-port", free_port()
+        )
     assert_clean_error(result, f"port {taken} (http) is already in use on 127.0.0.1")
 
 
@@ -109,8 +110,11 @@ def shm_mapped_by(pids: set[int]) -> set[str]:
             maps = (Path("/proc") / str(pid) / "maps").read_text()
         except OSError:
             continue
-        names |= {line.split("/dev/shm/", 1)[1].split(" (deleted)")[0].strip() for line in maps.splitlines()
-                  if "/dev/shm/" in line}
+        names |= {
+            line.split("/dev/shm/", 1)[1].split(" (deleted)")[0].strip()
+            for line in maps.splitlines()
+            if "/dev/shm/" in line
+        }
     return names
 
 
@@ -121,8 +125,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only) and this counts a "
-                           "python stub per model; a native repository needs the onnxruntime backend")
+@pytest.mark.portable_only(
+    "`headmaster serve` runs the bundled Triton (python backend only) and this counts a "
+    "python stub per model; a native repository needs the onnxruntime backend"
+)
 @pytest.mark.server  # runs `headmaster serve`
 def test_serve_stops_cleanly_on_sigterm(repo, tmp_path):
     repo = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already: a clone is not
@@ -159,8 +165,19 @@ def test_classify_command_writes_jsonl_and_flags_bad_files(server, jpeg_photos, 
     (folder / "notes.jpg").write_text("this is a shopping list, not a photo")
     for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
         output = tmp_path / f"{protocol}.jsonl"
-        result = run_cli("classify", folder, "--url", url, "--protocol", protocol, "--output", output,
-                         "--batch-size", 2, "--embeddings")
+        result = run_cli(
+            "classify",
+            folder,
+            "--url",
+            url,
+            "--protocol",
+            protocol,
+            "--output",
+            output,
+            "--batch-size",
+            2,
+            "--embeddings",
+        )
         assert result.returncode == 2, result.stderr  # some images failed
         assert "3 classified, 1 failed" in result.stderr
         lines = [json.loads(line) for line in output.read_text().splitlines()]
@@ -188,15 +205,38 @@ def test_zero_shot_head_hot_loads_into_a_running_server(repo, tmp_path, jpeg_pho
     try:
         with HeadmasterClient(server.grpc_url) as client:
             assert "vehicle" not in client.classify([image])[0].heads
-            result = run_cli("zero-shot", "vehicle", "--repo", live_repo, "--label", "car=a photo of a car",
-                             "--label", "bike=a photo of a bicycle", "--server", server.http_url)
+            result = run_cli(
+                "zero-shot",
+                "vehicle",
+                "--repo",
+                live_repo,
+                "--label",
+                "car=a photo of a car",
+                "--label",
+                "bike=a photo of a bicycle",
+                "--server",
+                server.http_url,
+            )
             assert result.returncode == 0, result.stderr
-            assert re.search(r"head vehicle v1 \(zero-shot, logit scale [0-9.]+\): car, bike", result.stderr), result.stderr
+            assert re.search(r"head vehicle v1 \(zero-shot, logit scale [0-9.]+\): car, bike", result.stderr), (
+                result.stderr
+            )
             head = client.classify([image])[0].heads["vehicle"]
             assert (head.version, set(head.scores)) == (1, {"car", "bike"})
-            result = run_cli("zero-shot", "vehicle", "--repo", live_repo, "--label", "car=a photo of a car",
-                             "--label", "bike=a photo of a bicycle", "--label", "bus=a photo of a bus",
-                             "--server", server.http_url)
+            result = run_cli(
+                "zero-shot",
+                "vehicle",
+                "--repo",
+                live_repo,
+                "--label",
+                "car=a photo of a car",
+                "--label",
+                "bike=a photo of a bicycle",
+                "--label",
+                "bus=a photo of a bus",
+                "--server",
+                server.http_url,
+            )
             assert result.returncode == 0, result.stderr
             head = client.classify([image])[0].heads["vehicle"]
             assert (head.version, set(head.scores)) == (2, {"car", "bike", "bus"})

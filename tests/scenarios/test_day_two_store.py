@@ -25,8 +25,11 @@ from tests import helpers
 from tests.helpers import CLI, run_cli
 
 # The PostgreSQL server's fixtures, shared with other modules through tests/helpers.py.
-postgres_url, pgvector_available, postgres_schema = helpers.postgres_url, helpers.pgvector_available, \
-    helpers.postgres_schema
+postgres_url, pgvector_available, postgres_schema = (
+    helpers.postgres_url,
+    helpers.pgvector_available,
+    helpers.postgres_schema,
+)
 
 HEADS = ("animal", "has_cat")
 
@@ -65,8 +68,9 @@ class Backend:
             import pyarrow.compute as pc
             import pyarrow.dataset as ds
 
-            table = ds.dataset(sorted(Path(self.location, "items").rglob("part-*.parquet")), format="parquet") \
-                .to_table(columns=["sha256"])
+            table = ds.dataset(sorted(Path(self.location, "items").rglob("part-*.parquet")), format="parquet").to_table(
+                columns=["sha256"]
+            )
             return table.num_rows, len(pc.unique(table["sha256"]))
         import psycopg
 
@@ -107,11 +111,25 @@ def encoder_images(server) -> int:
     return sum(int(m.get("inference_count", 0)) for m in stats.get("model_stats", []))
 
 
-def classify_cli(server, folder: Path, backend: Backend, output: Path, *extra) -> tuple[subprocess.CompletedProcess, int]:
+def classify_cli(
+    server, folder: Path, backend: Backend, output: Path, *extra
+) -> tuple[subprocess.CompletedProcess, int]:
     """`headmaster classify FOLDER --store ...`; returns the run and the images the encoder ran."""
     before = encoder_images(server)
-    result = run_cli("classify", folder, "--url", server.grpc_url, "--store", backend.location, "--output", output,
-                     "--embeddings", "--batch-size", 16, *extra)
+    result = run_cli(
+        "classify",
+        folder,
+        "--url",
+        server.grpc_url,
+        "--store",
+        backend.location,
+        "--output",
+        output,
+        "--embeddings",
+        "--batch-size",
+        16,
+        *extra,
+    )
     return result, encoder_images(server) - before
 
 
@@ -126,8 +144,9 @@ def assert_store_labels_are(store: Store, expected: dict[str, dict]) -> None:
     for head in HEADS:
         table = store.labels(head)
         assert sorted(table["sha256"].to_pylist()) == sorted(expected), head
-        for sha, version, labels, scores in zip(*(table[c].to_pylist() for c in ("sha256", "version", "labels",
-                                                                                 "scores"))):
+        for sha, version, labels, scores in zip(
+            *(table[c].to_pylist() for c in ("sha256", "version", "labels", "scores"))
+        ):
             want = expected[sha]["heads"][head]
             assert (version, tuple(labels)) == (want["version"], tuple(want["labels"])), (head, sha)
             np.testing.assert_allclose(scores, list(want["scores"].values()), atol=1e-5)
@@ -173,8 +192,9 @@ def test_day_two_only_new_images_go_to_the_encoder(server, digit_files, backend,
     with HeadmasterClient(server.grpc_url, batch_size=8) as client:
         fresh = {r.sha256: r for r in client.classify(sample)}
     for sha, result in fresh.items():
-        assert {h: tuple(v["labels"]) for h, v in two[sha]["heads"].items()} == \
-            {h: r.labels for h, r in result.heads.items()}
+        assert {h: tuple(v["labels"]) for h, v in two[sha]["heads"].items()} == {
+            h: r.labels for h, r in result.heads.items()
+        }
 
 
 def test_copies_in_one_run_are_one_item_and_a_stored_folder_skips_the_encoder(server, digit_files, backend, tmp_path):
@@ -222,9 +242,25 @@ def test_a_store_other_writers_fill(server, digit_files, backend, tmp_path):
     # Two runs at once: 1180..1379 and 1280..1479 (100 in common, none stored yet).
     a, b = place(digit_files[1180:1380], tmp_path / "a"), place(digit_files[1280:1480], tmp_path / "b")
     before = encoder_images(server)
-    runs = [subprocess.Popen([*CLI, "classify", str(folder), "--url", server.grpc_url, "--store", backend.location,
-                              "--batch-size", "16"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for folder in (a, b)]
+    runs = [
+        subprocess.Popen(
+            [
+                *CLI,
+                "classify",
+                str(folder),
+                "--url",
+                server.grpc_url,
+                "--store",
+                backend.location,
+                "--batch-size",
+                "16",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for folder in (a, b)
+    ]
     errors = [run.communicate(timeout=300)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], errors
     assert 300 <= encoder_images(server) - before <= 400  # each new image once, or twice when both runs raced

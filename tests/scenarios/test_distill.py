@@ -37,8 +37,11 @@ def taught(repo, digits_dir, embedding_cache, tmp_path_factory):
     copy = clone_repo(repo, root / "repo")
     server = start_server(copy, ARTIFACTS / "distill")
     data = subset(digits_dir, root / "digits", {"0": 40, "1": 40, "2": 40})
-    train_head(TrainOptions(name="digit", repo=copy, data=data, cache_dir=embedding_cache,
-                            config=TrainConfig(seed=0, epochs=40)))
+    train_head(
+        TrainOptions(
+            name="digit", repo=copy, data=data, cache_dir=embedding_cache, config=TrainConfig(seed=0, epochs=40)
+        )
+    )
     files = sorted(data.glob("*/*.png"))
     store = open_store(root / "store")
     with HeadmasterClient(server.grpc_url) as client:
@@ -62,8 +65,23 @@ def served(server, model: str, images: list[bytes]) -> tuple[np.ndarray, list[di
 def test_distill_trains_exports_reports_and_serves_the_student(taught):
     server, repo, store, files = taught
     # A student this small and short-trained is not held to the default floor (90%): lowered, it is published.
-    done = run_cli("distill", "digit", "--student", "mobilenetv3_small_100", "--store", str(store), "--repo", str(repo),
-                   "--epochs", "4", "--image-size", "64", "--min-agreement", "0.5", timeout=600)
+    done = run_cli(
+        "distill",
+        "digit",
+        "--student",
+        "mobilenetv3_small_100",
+        "--store",
+        str(store),
+        "--repo",
+        str(repo),
+        "--epochs",
+        "4",
+        "--image-size",
+        "64",
+        "--min-agreement",
+        "0.5",
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert "student digit_student v1 (mobilenetv3_small_100" in done.stdout
     assert "96 training / 24 held-out images" in done.stdout
@@ -86,14 +104,18 @@ def test_distill_trains_exports_reports_and_serves_the_student(taught):
     images = [f.read_bytes() for f in files]
     scores, results = served(server, "digit_student", images[:16])
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    local = session.run(["SCORES"], {"PIXELS": np.stack([preprocess(b, card["preprocessing"]) for b in images[:16]])})[0]
+    local = session.run(["SCORES"], {"PIXELS": np.stack([preprocess(b, card["preprocessing"]) for b in images[:16]])})[
+        0
+    ]
     np.testing.assert_allclose(scores, local, atol=1e-5)
     teacher = HeadVersion.load(repo, "digit")
     assert [r["labels"] for r in results] == teacher.accepted(scores)
     assert all(r["student"] == "digit_student" and r["teacher"] == "digit v1" for r in results)
 
     # The reported agreement is the one the served student has with the teacher on the stored items.
-    all_scores = np.concatenate([served(server, "digit_student", images[i:i + 16])[0] for i in range(0, len(images), 16)])
+    all_scores = np.concatenate(
+        [served(server, "digit_student", images[i : i + 16])[0] for i in range(0, len(images), 16)]
+    )
     stored = open_store(store, create=False)
     with HeadmasterClient(server.grpc_url) as client:
         fingerprint = client.encoder_fingerprint()
@@ -103,8 +125,9 @@ def test_distill_trains_exports_reports_and_serves_the_student(taught):
     vectors = stored.embeddings(hashes, fingerprint)
     teacher_scores = teacher.scores(np.stack([vectors[h] for h in hashes]))
     measured = float((all_scores.argmax(1) == teacher_scores.argmax(1)).mean())
-    reported = (report["top1_agreement"] * report["val_items"] + report["train_top1_agreement"] * report["train_items"]) \
-        / (report["val_items"] + report["train_items"])
+    reported = (
+        report["top1_agreement"] * report["val_items"] + report["train_top1_agreement"] * report["train_items"]
+    ) / (report["val_items"] + report["train_items"])
     assert measured == pytest.approx(reported, abs=1.5 / len(images))
 
 
@@ -124,13 +147,31 @@ def test_bad_input_to_the_student_and_to_distill(taught, tmp_path):
     assert empty.returncode == 1 and "error:" in empty.stderr and "Traceback" not in empty.stderr
     clash = run_cli("distill", "digit", "--name", "digit", "--store", str(store), "--repo", str(repo))
     # Below the agreement floor: refused with the figures, in one line, and nothing published.
-    weak = run_cli("distill", "digit", "--name", "digit_weak", "--store", str(store), "--repo", str(repo),
-                   "--epochs", "1", "--image-size", "64", "--min-agreement", "1.0", timeout=600)
+    weak = run_cli(
+        "distill",
+        "digit",
+        "--name",
+        "digit_weak",
+        "--store",
+        str(store),
+        "--repo",
+        str(repo),
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--min-agreement",
+        "1.0",
+        timeout=600,
+    )
     assert weak.returncode == 1 and "Traceback" not in weak.stderr, weak.stderr
     error = [line for line in weak.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and re.search(r"accepts the teacher's labels on \d+\.\d% of 24 held-out images \(top-1 "
-                                         r"\d+\.\d%\), below the floor of 100\.0%, so it is refused and nothing was "
-                                         r"published; .* \(change --min-agreement\)$", error[0]), weak.stderr
+    assert len(error) == 1 and re.search(
+        r"accepts the teacher's labels on \d+\.\d% of 24 held-out images \(top-1 "
+        r"\d+\.\d%\), below the floor of 100\.0%, so it is refused and nothing was "
+        r"published; .* \(change --min-agreement\)$",
+        error[0],
+    ), weak.stderr
     assert not (Path(repo) / "digit_weak").exists()
     assert "digit_weak" not in Repository(repo).model_names()
     bad_floor = run_cli("distill", "digit", "--store", str(store), "--repo", str(repo), "--min-agreement", "1.5")

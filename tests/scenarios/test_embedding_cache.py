@@ -35,8 +35,12 @@ HELD = 3  # embeddings the cache of this module's repository holds
 
 @pytest.fixture(scope="module")
 def cache_served(encoder_dir, tmp_path_factory):
-    repo = build_repo(encoder_dir, tmp_path_factory.mktemp("cache") / "model_repository",
-                      heads={"animal": ZERO_SHOT["animal"]}, embedding_cache_mb=HELD * ENTRY / 2**20)
+    repo = build_repo(
+        encoder_dir,
+        tmp_path_factory.mktemp("cache") / "model_repository",
+        heads={"animal": ZERO_SHOT["animal"]},
+        embedding_cache_mb=HELD * ENTRY / 2**20,
+    )
     server = start_server(repo, ARTIFACTS / "embedding-cache")
     yield server, repo
     server.stop()

@@ -41,7 +41,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def copy_digits(digits_dir: Path, target: Path, start: int, count: int) -> Path:
     for digit in DIGITS:
         (target / digit).mkdir(parents=True, exist_ok=True)
-        for path in sorted((digits_dir / digit).glob("*.png"))[start:start + count]:
+        for path in sorted((digits_dir / digit).glob("*.png"))[start : start + count]:
             shutil.copy(path, target / digit / path.name)
     return target
 
@@ -55,27 +55,35 @@ def setup(encoder_dir, digits_dir, embedding_cache, tmp_path_factory):
     train = copy_digits(digits_dir, root / "train", 0, TRAIN)
     holdout = copy_digits(digits_dir, root / "holdout", TRAIN, HOLD)
     train_head(TrainOptions(name="digit", repo=repo, data=train, cache_dir=embedding_cache))
-    train_head(TrainOptions(name="digit", repo=repo, data=train, cache_dir=embedding_cache,
-                            config=TrainConfig(kind="mlp", hidden=16, epochs=8, seed=3)))
+    train_head(
+        TrainOptions(
+            name="digit",
+            repo=repo,
+            data=train,
+            cache_dir=embedding_cache,
+            config=TrainConfig(kind="mlp", hidden=16, epochs=8, seed=3),
+        )
+    )
     return {"repo": repo, "train": train, "holdout": holdout, "cache": embedding_cache, "root": root}
 
 
 def reference_scores(setup, paths: list[str], version: int, head: str = "digit") -> np.ndarray:
     """The head's scores computed here: embeddings from the encoder, the ONNX file in onnxruntime."""
     repository = Repository(setup["repo"])
-    hashes, vectors, failures = embed_files([Path(p) for p in paths], LocalEmbedder(repository),
-                                            EmbeddingCache(setup["cache"], repository.fingerprint))
+    hashes, vectors, failures = embed_files(
+        [Path(p) for p in paths], LocalEmbedder(repository), EmbeddingCache(setup["cache"], repository.fingerprint)
+    )
     assert not failures
-    session = ort.InferenceSession(str(setup["repo"] / head / str(version) / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(setup["repo"] / head / str(version) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     return session.run(["SCORES"], {"EMBEDDING": np.stack([vectors[h] for h in hashes])})[0]
 
 
 @pytest.fixture(scope="module")
 def report(setup, tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
-    options = EvalOptions(name="digit", repo=setup["repo"], data=setup["holdout"], cache_dir=setup["cache"],
-                          version=1)
+    options = EvalOptions(name="digit", repo=setup["repo"], data=setup["holdout"], cache_dir=setup["cache"], version=1)
     run, quality, files = make_report(options, folder)
     return run, quality, files
 
@@ -113,9 +121,14 @@ class Collect(HTMLParser):
             self.cells[-1] += data
 
     def count(self, tag: str, cls: str, section: str | None = None, **attrs) -> int:
-        return sum(1 for t, a, s, _ in self.tags
-                   if t == tag and cls in (a.get("class") or "").split() and (section is None or s == section)
-                   and all(a.get(k) == v for k, v in attrs.items()))
+        return sum(
+            1
+            for t, a, s, _ in self.tags
+            if t == tag
+            and cls in (a.get("class") or "").split()
+            and (section is None or s == section)
+            and all(a.get(k) == v for k, v in attrs.items())
+        )
 
 
 def parse(text: str) -> Collect:
@@ -150,9 +163,19 @@ def test_confusion_matrix_and_metrics_equal_scikit_learn(setup, report):
 
 def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", *args]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -201,8 +224,11 @@ def test_mislabelled_images_are_found_and_leaks_too(setup, tmp_path):
     print(f"label issues: {len(ranked)}; moved images in the top 20: {found} of 15")
     # A random-weight encoder and 15 wrong labels among 55 sevens: measured 11 of 15 in the top 20.
     assert found >= 9 and sum(name.startswith("was-one-") for name in ranked[:10]) >= 6
-    assert all(issue.suggested == ("1",) for issue in quality.label_issues if Path(issue.path).name in top
-               and Path(issue.path).name.startswith("was-one-"))
+    assert all(
+        issue.suggested == ("1",)
+        for issue in quality.label_issues
+        if Path(issue.path).name in top and Path(issue.path).name.startswith("was-one-")
+    )
     with open(files.corrections) as f:
         rows = list(csv.DictReader(f))
     by_item = {row["item"]: row for row in rows}
@@ -211,14 +237,16 @@ def test_mislabelled_images_are_found_and_leaks_too(setup, tmp_path):
     # Leakage: checked against the training folder the head records, one exact copy found.
     assert quality.leakage_checked and str(setup["train"]) in quality.train_source
     assert [(Path(x.holdout_path).name, x.kind) for x in quality.leaks if x.kind == "exact"] == [
-        ("from-training.png", "exact")]
+        ("from-training.png", "exact")
+    ]
     page = parse(files.html.read_text())
     assert page.count("img", "thumb", section="quality") >= len(quality.label_issues[:100]) + 2
 
 
 def test_compare_two_versions_side_by_side(setup, tmp_path):
-    options = EvalOptions(name="digit", repo=setup["repo"], data=setup["holdout"], cache_dir=setup["cache"],
-                          compare=(1, 2))
+    options = EvalOptions(
+        name="digit", repo=setup["repo"], data=setup["holdout"], cache_dir=setup["cache"], compare=(1, 2)
+    )
     run, _, files = make_report(options, tmp_path / "report", quality=False)
     c = run.comparison
     assert (c.a.head.title, c.b.head.title) == ("digit v1", "digit v2")
@@ -229,7 +257,8 @@ def test_compare_two_versions_side_by_side(setup, tmp_path):
     expected = {paths[i] for i in np.flatnonzero(a.argmax(axis=1) != b.argmax(axis=1))}
     assert expected and {ch.path for ch in c.changed} == expected
     assert {n: (x, y) for n, x, y in c.rows}["accuracy"] == pytest.approx(
-        (c.a.metrics["accuracy"], c.b.metrics["accuracy"]))
+        (c.a.metrics["accuracy"], c.b.metrics["accuracy"])
+    )
     page = parse(files.html.read_text())
     assert page.count("img", "thumb", section="compare") == len(expected)
     assert any(t == "table" and a.get("id") == "compare-table" for t, a, _, _ in page.tags)
@@ -238,8 +267,9 @@ def test_compare_two_versions_side_by_side(setup, tmp_path):
 def test_against_a_zero_shot_head_with_the_same_labels(setup, tmp_path):
     # Another label order than the trained head: scores are matched by label name.
     create_zero_shot_head(setup["repo"], "digit_prompts", [f"{d}=a photo of the digit {d}" for d in reversed(DIGITS)])
-    options = EvalOptions(name="digit", repo=setup["repo"], data=setup["holdout"], cache_dir=setup["cache"],
-                          against="digit_prompts")
+    options = EvalOptions(
+        name="digit", repo=setup["repo"], data=setup["holdout"], cache_dir=setup["cache"], against="digit_prompts"
+    )
     run, _, _ = make_report(options, tmp_path / "report", quality=False)
     c = run.comparison
     paths = list(run.holdout.paths)
@@ -294,8 +324,9 @@ def test_multi_label_head_on_a_manifest_holdout(setup, digits_dir, tmp_path):
     holdout = tag_manifest(digits_dir, tmp_path / "holdout.csv", every[6::24])
     train_head(TrainOptions(name="digit_tags", repo=setup["repo"], manifest=train, cache_dir=setup["cache"]))
     # --train-data: the training images join the holdout's in the (multi-label) label-error check.
-    options = EvalOptions(name="digit_tags", repo=setup["repo"], manifest=holdout, cache_dir=setup["cache"],
-                          train_data=train)
+    options = EvalOptions(
+        name="digit_tags", repo=setup["repo"], manifest=holdout, cache_dir=setup["cache"], train_data=train
+    )
     run, quality, files = make_report(options, tmp_path / "report")
     e = run.evaluation
     assert e.multi_label and e.labels == ("even", "round", "small")
@@ -311,8 +342,10 @@ def test_multi_label_head_on_a_manifest_holdout(setup, digits_dir, tmp_path):
     assert page.count("img", "thumb", section="mistakes") == wrong
     assert quality.leakage_checked and not [x for x in quality.leaks if x.kind == "exact"]
     assert not quality.notes and all(set(i.suggested) <= set(e.labels) for i in quality.label_issues)
-    print(f"multi-label label issues: {len(quality.label_issues)} "
-          f"({sum(not i.in_holdout for i in quality.label_issues)} in the training set)")
+    print(
+        f"multi-label label issues: {len(quality.label_issues)} "
+        f"({sum(not i.in_holdout for i in quality.label_issues)} in the training set)"
+    )
     metrics = json.loads(files.metrics.read_text())["evaluation"]
     assert set(metrics["precision_recall"]) == set(e.labels) and metrics["micro_f1"] > 0.5
     for label, pr in metrics["precision_recall"].items():  # the sweep marks the head's own threshold
@@ -328,20 +361,33 @@ def test_eval_on_a_dataset_snapshot_uses_its_labels_and_stored_embeddings(setup,
 
     repository = Repository(setup["repo"])
     paths = sorted(setup["holdout"].rglob("*.png"))
-    hashes, vectors, _ = embed_files(paths, LocalEmbedder(repository),
-                                     EmbeddingCache(setup["cache"], repository.fingerprint))
+    hashes, vectors, _ = embed_files(
+        paths, LocalEmbedder(repository), EmbeddingCache(setup["cache"], repository.fingerprint)
+    )
     store = ParquetStore(tmp_path / "store")
-    store.add_embeddings(hashes, [str(p) for p in paths], repository.fingerprint, np.stack([vectors[h] for h in hashes]))
-    make_corrections(store, [{"item": h, "head": "digit", "labels": (p.parent.name,)} for h, p in zip(hashes, paths)],
-                     by="reviewer", repo=setup["repo"])
+    store.add_embeddings(
+        hashes, [str(p) for p in paths], repository.fingerprint, np.stack([vectors[h] for h in hashes])
+    )
+    make_corrections(
+        store,
+        [{"item": h, "head": "digit", "labels": (p.parent.name,)} for h, p in zip(hashes, paths)],
+        by="reviewer",
+        repo=setup["repo"],
+    )
     snapshot = export_snapshot(store, "digit", tmp_path / "snapshots", repository.fingerprint)
-    run, _, files = make_report(EvalOptions(name="digit", repo=setup["repo"], snapshot=snapshot.path, version=1),
-                                tmp_path / "report", quality=False)
+    run, _, files = make_report(
+        EvalOptions(name="digit", repo=setup["repo"], snapshot=snapshot.path, version=1),
+        tmp_path / "report",
+        quality=False,
+    )
     assert len(run.holdout) == len(paths) and run.holdout.source == "snapshot digit v1"
     scores = reference_scores(setup, [str(p) for p in paths], 1)
     truth = [DIGITS.index(p.parent.name) for p in paths]
     by_hash = dict(zip(hashes, scores.argmax(axis=1)))
-    expected = confusion_matrix([truth[hashes.index(h)] for h in run.holdout.hashes],
-                                [by_hash[h] for h in run.holdout.hashes], labels=range(len(DIGITS)))
+    expected = confusion_matrix(
+        [truth[hashes.index(h)] for h in run.holdout.hashes],
+        [by_hash[h] for h in run.holdout.hashes],
+        labels=range(len(DIGITS)),
+    )
     np.testing.assert_array_equal(np.asarray(run.evaluation.confusion), expected)
     assert files.html.is_file()

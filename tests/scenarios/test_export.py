@@ -21,10 +21,16 @@ def test_card_records_the_fingerprint_and_everything_it_is_made_of(encoder_dir):
     card = EncoderCard.load(encoder_dir)
     assert (card.model, card.pretrained, card.seed, card.precision, card.format) == (MODEL, None, SEED, "fp32", "onnx")
     assert card.embed_dim == 384 and card.context_length == 77
-    assert card.preprocessing == {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bicubic",
-                                  "mean": [0.48145466, 0.4578275, 0.40821073],
-                                  "std": [0.26862954, 0.26130258, 0.27577711],
-                                  "fill_color": 0, "mode": "RGB", "exif_transpose": True}
+    assert card.preprocessing == {
+        "size": [224, 224],
+        "resize_mode": "shortest",
+        "interpolation": "bicubic",
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "fill_color": 0,
+        "mode": "RGB",
+        "exif_transpose": True,
+    }
     assert card.fingerprint == fingerprint_of(MODEL, card.weights_sha256, card.preprocessing, 384)
     assert card.towers["image"].input_dtype == "UINT8" and card.towers["image"].input_dims == (3, 224, 224)
     assert card.towers["text"].input_dtype == "INT64" and card.towers["text"].input_dims == (77,)
@@ -51,8 +57,17 @@ def test_a_hand_edited_card_is_refused(encoder_dir, tmp_path):
 
 @pytest.mark.parametrize("fmt, precision, minimum", [("onnx", "fp16", 0.999), ("torchscript", "fp32", 0.9999)])
 def test_other_formats_and_precisions_pass_their_check(tmp_path, encoder_dir, fmt, precision, minimum):
-    card = export_encoder(ExportOptions(model=MODEL, pretrained=None, out=tmp_path / "enc", seed=SEED,
-                                        format=fmt, precision=precision, towers=("image",)))
+    card = export_encoder(
+        ExportOptions(
+            model=MODEL,
+            pretrained=None,
+            out=tmp_path / "enc",
+            seed=SEED,
+            format=fmt,
+            precision=precision,
+            towers=("image",),
+        )
+    )
     assert card.verification["image"]["min_cosine"] >= minimum
     assert card.verification["image"]["required"] == minimum
     assert (tmp_path / "enc" / card.towers["image"].file).is_file()
@@ -75,10 +90,13 @@ def test_an_export_that_fails_its_check_writes_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("model, pretrained, message", [
-    ("ViT-Q-99", None, "unknown open_clip model 'ViT-Q-99'"),
-    (MODEL, "no_such_tag", "has no pretrained weights tagged 'no_such_tag'"),
-])
+@pytest.mark.parametrize(
+    "model, pretrained, message",
+    [
+        ("ViT-Q-99", None, "unknown open_clip model 'ViT-Q-99'"),
+        (MODEL, "no_such_tag", "has no pretrained weights tagged 'no_such_tag'"),
+    ],
+)
 def test_unknown_models_and_tags_are_refused(tmp_path, model, pretrained, message):
     with pytest.raises(ExportError, match=message):
         export_encoder(ExportOptions(model=model, pretrained=pretrained, out=tmp_path / "enc"))
@@ -93,8 +111,21 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path):
 
 
 def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "export", "encoder", "--model", "ViT-Q-99",
-                             "--out", str(tmp_path / "enc")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "headmaster.cli",
+            "export",
+            "encoder",
+            "--model",
+            "ViT-Q-99",
+            "--out",
+            str(tmp_path / "enc"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert "error: unknown open_clip model 'ViT-Q-99'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -102,8 +133,21 @@ def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
 
 def test_the_cli_names_the_flag_to_change(tmp_path):
     """The library names the parameter at fault; the command line turns it into its flag."""
-    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "export", "encoder", "--format", "tflite",
-                             "--out", str(tmp_path / "enc")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "headmaster.cli",
+            "export",
+            "encoder",
+            "--format",
+            "tflite",
+            "--out",
+            str(tmp_path / "enc"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert "error: format must be one of onnx, plan, torchscript, not 'tflite' (change --format)" in result.stderr
     assert "Traceback" not in result.stderr

@@ -13,8 +13,13 @@ from tests.helpers import ARTIFACTS, build_repo, cosine_rows, start_server
 
 @pytest.fixture(scope="module")
 def torchvision_server(encoder_dir, tmp_path_factory):
-    repo = build_repo(encoder_dir, tmp_path_factory.mktemp("torchvision") / "model_repository", decoder="torchvision",
-                      max_queue_delay_us=20000, preferred_batch_sizes=(4, 8))
+    repo = build_repo(
+        encoder_dir,
+        tmp_path_factory.mktemp("torchvision") / "model_repository",
+        decoder="torchvision",
+        max_queue_delay_us=20000,
+        preferred_batch_sizes=(4, 8),
+    )
     server = start_server(repo, ARTIFACTS)
     yield server
     server.stop()
@@ -22,8 +27,10 @@ def torchvision_server(encoder_dir, tmp_path_factory):
 
 def test_torchvision_decoded_embeddings_match_the_pillow_path(server, torchvision_server, jpeg_photos):
     images = list(jpeg_photos.values())
-    with HeadmasterClient(server.grpc_url, batch_size=4) as pillow, \
-            HeadmasterClient(torchvision_server.grpc_url, batch_size=4) as torchvision:
+    with (
+        HeadmasterClient(server.grpc_url, batch_size=4) as pillow,
+        HeadmasterClient(torchvision_server.grpc_url, batch_size=4) as torchvision,
+    ):
         expected = pillow.classify(images)
         served = torchvision.classify(images)
     assert all(r.ok for r in served)

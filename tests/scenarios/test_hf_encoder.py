@@ -33,8 +33,13 @@ from tests.helpers import ARTIFACTS, build_repo, cosine_rows, run_cli, start_ser
 transformers = pytest.importorskip("transformers", reason="hf:FOLDER needs transformers (pip install 'headmaster[hf]')")
 
 TOWER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-PROMPTS = ["a photo of a cat", "A DOG, running!", "an astronaut   riding a horse", "café au lait",
-           " ".join(["a very long prompt"] * 30)]  # the last one is truncated to the context length
+PROMPTS = [
+    "a photo of a cat",
+    "A DOG, running!",
+    "an astronaut   riding a horse",
+    "café au lait",
+    " ".join(["a very long prompt"] * 30),
+]  # the last one is truncated to the context length
 
 
 def _clip_tokenizer():
@@ -55,12 +60,50 @@ def _siglip_tokenizer(folder: Path):
     import sentencepiece
 
     rng = random.Random(3)
-    words = ["a", "photo", "of", "the", "cat", "dog", "car", "tree", "astronaut", "riding", "horse", "café", "au", "lait", "running", "small", "big", "red", "blue", "green", "picture", "painting", "sketch", "drawing", "bright", "dark", "naïve", "ünïcode"]
+    words = [
+        "a",
+        "photo",
+        "of",
+        "the",
+        "cat",
+        "dog",
+        "car",
+        "tree",
+        "astronaut",
+        "riding",
+        "horse",
+        "café",
+        "au",
+        "lait",
+        "running",
+        "small",
+        "big",
+        "red",
+        "blue",
+        "green",
+        "picture",
+        "painting",
+        "sketch",
+        "drawing",
+        "bright",
+        "dark",
+        "naïve",
+        "ünïcode",
+    ]
     corpus = folder.parent / "siglip-corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(400)))
-    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder.parent / "siglip-sp"),
-                                             vocab_size=150, hard_vocab_limit=False, model_type="unigram",
-                                             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder.parent / "siglip-sp"),
+        vocab_size=150,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
     return transformers.SiglipTokenizer(vocab_file=str(folder.parent / "siglip-sp.model"))
 
 
@@ -71,20 +114,32 @@ def _save(folder: Path, kind: str) -> Path:
     torch.manual_seed(7)
     vision = dict(TOWER, image_size=64, patch_size=16)
     if kind == "clip":
-        model = transformers.CLIPModel(transformers.CLIPConfig(
-            vision_config=vision, text_config=dict(TOWER, max_position_embeddings=77), projection_dim=32))
+        model = transformers.CLIPModel(
+            transformers.CLIPConfig(
+                vision_config=vision, text_config=dict(TOWER, max_position_embeddings=77), projection_dim=32
+            )
+        )
         processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
         _clip_tokenizer().save_pretrained(folder)
     elif kind == "siglip":
-        model = transformers.SiglipModel(transformers.SiglipConfig(
-            vision_config=vision, text_config=dict(TOWER, vocab_size=1000, max_position_embeddings=64,
-                                                   bos_token_id=1, eos_token_id=2, pad_token_id=1)))
+        model = transformers.SiglipModel(
+            transformers.SiglipConfig(
+                vision_config=vision,
+                text_config=dict(
+                    TOWER, vocab_size=1000, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=1
+                ),
+            )
+        )
         processor = transformers.SiglipImageProcessor(size={"height": 64, "width": 64})
         _siglip_tokenizer(folder).save_pretrained(folder)
     else:
         model = transformers.Dinov2Model(transformers.Dinov2Config(**TOWER, image_size=56, patch_size=14))
-        processor = transformers.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
-                                                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        processor = transformers.BitImageProcessor(
+            size={"shortest_edge": 64},
+            crop_size={"height": 56, "width": 56},
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
     model.eval().save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -99,9 +154,13 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(folders):
-    return {kind: (export_encoder(ExportOptions(model=f"hf:{folder}", pretrained=None,
-                                                out=folder.parent / f"{kind}-encoder")), folder.parent / f"{kind}-encoder")
-            for kind, folder in folders.items()}
+    return {
+        kind: (
+            export_encoder(ExportOptions(model=f"hf:{folder}", pretrained=None, out=folder.parent / f"{kind}-encoder")),
+            folder.parent / f"{kind}-encoder",
+        )
+        for kind, folder in folders.items()
+    }
 
 
 def _theirs(kind: str, folder: Path, photos: list[bytes]) -> np.ndarray:
@@ -111,11 +170,15 @@ def _theirs(kind: str, folder: Path, photos: list[bytes]) -> np.ndarray:
 
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
     model = transformers.AutoModel.from_pretrained(folder).eval()
-    pixels = processor(images=[Image.open(io.BytesIO(d)).convert("RGB") for d in photos],
-                       return_tensors="pt")["pixel_values"]
+    pixels = processor(images=[Image.open(io.BytesIO(d)).convert("RGB") for d in photos], return_tensors="pt")[
+        "pixel_values"
+    ]
     with torch.no_grad():
-        out = model(pixel_values=pixels).pooler_output if kind == "dinov2" else \
-            model.get_image_features(pixel_values=pixels).pooler_output
+        out = (
+            model(pixel_values=pixels).pooler_output
+            if kind == "dinov2"
+            else model.get_image_features(pixel_values=pixels).pooler_output
+        )
     return torch.nn.functional.normalize(out, dim=-1).numpy()
 
 
@@ -156,8 +219,11 @@ def test_what_is_not_a_supported_folder_is_refused_in_one_line(folders, tmp_path
     assert "no preprocessor_config.json (save the image processor into the folder too" in result.stderr
     vit = tmp_path / "vit"
     transformers.ViTModel(transformers.ViTConfig(**TOWER, image_size=32, patch_size=16)).save_pretrained(vit)
-    with pytest.raises(ExportError, match=r"model_type 'vit' in config\.json is not supported; supported: clip, "
-                                          r"siglip, dinov2"):
+    with pytest.raises(
+        ExportError,
+        match=r"model_type 'vit' in config\.json is not supported; supported: clip, "
+        r"siglip, dinov2",
+    ):
         export_encoder(ExportOptions(model=f"hf:{vit}", pretrained=None, out=tmp_path / "e"))
     untokenized = tmp_path / "untokenized"
     shutil.copytree(folders["clip"], untokenized)
@@ -165,16 +231,20 @@ def test_what_is_not_a_supported_folder_is_refused_in_one_line(folders, tmp_path
         (untokenized / name).unlink()
     result = run_cli("export", "encoder", "--model", f"hf:{untokenized}", "--towers", "text", "--out", tmp_path / "e")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert ("the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt), so no text tower; save it "
-            "into the folder too: tokenizer.save_pretrained(FOLDER); export --towers image") in result.stderr
+    assert (
+        "the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt), so no text tower; save it "
+        "into the folder too: tokenizer.save_pretrained(FOLDER); export --towers image"
+    ) in result.stderr
     spieceless = tmp_path / "spieceless"
     shutil.copytree(folders["siglip"], spieceless)
     (spieceless / "spiece.model").unlink()
-    with pytest.raises(ExportError, match=r"the SigLIP folder has no tokenizer \(spiece.model\), so no text tower; "
-                                          r"save it into the folder too: SiglipTokenizer.save_pretrained\(FOLDER\); "
-                                          "export --towers image"):
-        export_encoder(ExportOptions(model=f"hf:{spieceless}", pretrained=None, out=tmp_path / "e",
-                                     towers=("text",)))
+    with pytest.raises(
+        ExportError,
+        match=r"the SigLIP folder has no tokenizer \(spiece.model\), so no text tower; "
+        r"save it into the folder too: SiglipTokenizer.save_pretrained\(FOLDER\); "
+        "export --towers image",
+    ):
+        export_encoder(ExportOptions(model=f"hf:{spieceless}", pretrained=None, out=tmp_path / "e", towers=("text",)))
     with pytest.raises(ExportError, match=r"hf:.*/absent: no such folder"):
         export_encoder(ExportOptions(model=f"hf:{tmp_path / 'absent'}", pretrained=None, out=tmp_path / "e"))
     assert not (tmp_path / "e").exists()
@@ -203,8 +273,12 @@ def test_a_served_hf_encoder_embeds_and_classifies_as_transformers_does(folders,
     # transformers' own zero-shot: logits_per_image over the same prompts.
     processor = transformers.CLIPProcessor.from_pretrained(folders["clip"])
     model = transformers.AutoModel.from_pretrained(folders["clip"]).eval()
-    inputs = processor(text=labels, images=[Image.open(io.BytesIO(d)).convert("RGB") for d in photos],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        text=labels,
+        images=[Image.open(io.BytesIO(d)).convert("RGB") for d in photos],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         logits = model(**inputs).logits_per_image.numpy()
     theirs = [labels[i] for i in logits.argmax(axis=1)]
@@ -250,14 +324,26 @@ def test_the_tokenizer_is_part_of_the_card_and_checked_when_built(exports, tmp_p
     changed = tmp_path / "encoder"
     shutil.copytree(out, changed)
     (changed / "tokenizer" / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(RepositoryError, match=r"tokenizer file tokenizer/tokenizer_config\.json is .*, not the .* its "
-                                              r"card records; export the encoder again"):
+    with pytest.raises(
+        RepositoryError,
+        match=r"tokenizer file tokenizer/tokenizer_config\.json is .*, not the .* its "
+        r"card records; export the encoder again",
+    ):
         build_repository(changed, tmp_path / "repo")
 
 
-SIGLIP_PROMPTS = ["a photo of a cat", "A DOG, running!", "an astronaut   riding a horse", "Café au lait...",
-                  "Hello</s>world", "x \u2581 y", "", "Ünïcode ÇAFÉ \u2014 \u201cquoted\u201d", "a\tb\nc",
-                  " ".join(["a very long prompt"] * 30)]
+SIGLIP_PROMPTS = [
+    "a photo of a cat",
+    "A DOG, running!",
+    "an astronaut   riding a horse",
+    "Café au lait...",
+    "Hello</s>world",
+    "x \u2581 y",
+    "",
+    "Ünïcode ÇAFÉ \u2014 \u201cquoted\u201d",
+    "a\tb\nc",
+    " ".join(["a very long prompt"] * 30),
+]
 
 
 def _siglip_text(folder: Path, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -277,12 +363,16 @@ def test_the_siglip_text_tower_and_its_sentencepiece_tokenizer_match_transformer
     card, out = exports["siglip"]
     assert type(transformers.AutoTokenizer.from_pretrained(folders["siglip"])).__name__ == "SiglipTokenizer"
     assert card.tokenizer["format"] == "sentencepiece-siglip" and card.tokenizer["pad_id"] == 1
-    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == sorted(card.tokenizer["files"]) == [
-        "spiece.model", "tokenizer_config.json"]
+    assert (
+        sorted(p.name for p in (out / "tokenizer").iterdir())
+        == sorted(card.tokenizer["files"])
+        == ["spiece.model", "tokenizer_config.json"]
+    )
     assert card.logit_bias is not None and card.verification["text"]["min_cosine"] >= 0.9999
     ids, theirs = _siglip_text(folders["siglip"], SIGLIP_PROMPTS)
-    tokens = folder_tokenizer(out / "tokenizer", card.context_length, card.tokenizer["pad_id"],
-                              card.tokenizer)(SIGLIP_PROMPTS)
+    tokens = folder_tokenizer(out / "tokenizer", card.context_length, card.tokenizer["pad_id"], card.tokenizer)(
+        SIGLIP_PROMPTS
+    )
     # Every id, padding included: the casing, punctuation, whitespace, special-token and truncation cases.
     assert tokens.shape == ids.shape == (len(SIGLIP_PROMPTS), 64) and (tokens == ids).all()
     assert len(set(map(tuple, tokens[:4].tolist()))) == 4 and (tokens[-1] != 1).sum() == 63
@@ -311,11 +401,15 @@ def test_a_served_siglip_folder_classifies_zero_shot_as_transformers_does(folder
     # transformers' own zero-shot: sigmoid(logits_per_image) (scale and bias of the folder's model).
     processor = transformers.AutoImageProcessor.from_pretrained(folders["siglip"])
     model = transformers.AutoModel.from_pretrained(folders["siglip"]).eval()
-    pixels = processor(images=[Image.open(io.BytesIO(d)).convert("RGB") for d in photos],
-                       return_tensors="pt")["pixel_values"]
+    pixels = processor(images=[Image.open(io.BytesIO(d)).convert("RGB") for d in photos], return_tensors="pt")[
+        "pixel_values"
+    ]
     with torch.no_grad():
-        probs = torch.sigmoid(model(input_ids=torch.from_numpy(_siglip_text(folders["siglip"], labels)[0]),
-                                    pixel_values=pixels).logits_per_image).numpy()
+        probs = torch.sigmoid(
+            model(
+                input_ids=torch.from_numpy(_siglip_text(folders["siglip"], labels)[0]), pixel_values=pixels
+            ).logits_per_image
+        ).numpy()
     theirs = [labels[i] for i in probs.argmax(axis=1)]
     scores = [a.heads["thing"].scores for a in answers]
     ours = [max(s, key=s.get) for s in scores]

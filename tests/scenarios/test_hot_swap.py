@@ -31,8 +31,9 @@ def live_server(repo, tmp_path):
     server.stop()
 
 
-def test_ten_versions_go_live_under_load_without_a_failed_request(live_server, jpeg_photos, digits_dir,
-                                                                  embedding_cache, tmp_path):
+def test_ten_versions_go_live_under_load_without_a_failed_request(
+    live_server, jpeg_photos, digits_dir, embedding_cache, tmp_path
+):
     server, repo = live_server
     images = list(jpeg_photos.values())[:4]
     head = "animal"
@@ -44,12 +45,21 @@ def test_ten_versions_go_live_under_load_without_a_failed_request(live_server, j
 
     record(1)
     rng = np.random.default_rng(0)
-    data = subset(digits_dir, tmp_path / "digits", {"0": 25, "1": 25, "2": 25}, rename={"0": "cat", "1": "dog", "2": "bird"})
+    data = subset(
+        digits_dir, tmp_path / "digits", {"0": 25, "1": 25, "2": 25}, rename={"0": "cat", "1": "dog", "2": "bird"}
+    )
     with Clients(server.grpc_url, images, n=CLIENTS, settle_s=2.0) as load:
         for i in range(10):
             if i % 2 == 0:  # trained from labelled images
-                card = train_head(TrainOptions(name=head, repo=repo, data=data, cache_dir=embedding_cache,
-                                               config=TrainConfig(seed=i, epochs=40))).card
+                card = train_head(
+                    TrainOptions(
+                        name=head,
+                        repo=repo,
+                        data=data,
+                        cache_dir=embedding_cache,
+                        config=TrainConfig(seed=i, epochs=40),
+                    )
+                ).card
             else:  # written: other label sets too (the score width changes)
                 card = written_version(repo, head, rng, ("cat", "dog", "bird", f"thing{i}")[: 3 + i % 4 // 2])
             record(card.version)

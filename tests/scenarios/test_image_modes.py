@@ -44,15 +44,21 @@ def test_16bit_png_embeds_like_its_8bit_picture_not_like_white(server, photos):
     assert cosine_rows(e16[None], ewhite[None])[0] < 0.99
 
 
-@pytest.mark.parametrize("module, status", [(grpcclient, "StatusCode.INVALID_ARGUMENT"), (httpclient, "400")],
-                         ids=["grpc", "http"])
-@pytest.mark.parametrize("case, message", [
-    ("1x6000 strip", r"image is 6000x1: aspect ratio 6000\.00:1 is over the limit of 32:1 \(max_aspect_ratio\)"),
-    ("float TIFF", r"image mode F \(32-bit floating point pixels\) has no standard range"),
-])
+@pytest.mark.parametrize(
+    "module, status", [(grpcclient, "StatusCode.INVALID_ARGUMENT"), (httpclient, "400")], ids=["grpc", "http"]
+)
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("1x6000 strip", r"image is 6000x1: aspect ratio 6000\.00:1 is over the limit of 32:1 \(max_aspect_ratio\)"),
+        ("float TIFF", r"image mode F \(32-bit floating point pixels\) has no standard range"),
+    ],
+)
 def test_images_past_the_limits_are_a_400_naming_the_limit(server, jpeg_photos, case, message, module, status):
-    data = {"1x6000 strip": lambda: encode(Image.new("RGB", (6000, 1), (90, 120, 200)), "PNG"),
-            "float TIFF": lambda: encode(Image.new("F", (64, 48), 0.5), "TIFF")}[case]()
+    data = {
+        "1x6000 strip": lambda: encode(Image.new("RGB", (6000, 1), (90, 120, 200)), "PNG"),
+        "float TIFF": lambda: encode(Image.new("F", (64, 48), 0.5), "TIFF"),
+    }[case]()
     assert_image_refused(server, module, data, status, message)
     # The server still answers ordinary images.
     assert embed(server.grpc_url, [next(iter(jpeg_photos.values()))]).shape[0] == 1

@@ -101,8 +101,10 @@ def test_good_corrections_are_accepted_poisoned_ones_refused_and_the_ledger_says
     assert first.candidate == 2 and Repository(repository.path).head(HEAD).live == 1  # published, not live
     # cleanlab found slips among few flags (measured: 2 of the 4 among 4 flags), and they did not train.
     flagged = {issue.sha256 for issue in first.issues}
-    assert sum(hashes[i] in flagged for i in slips) >= 2 and len(flagged) <= 10, \
-        (len(flagged), [hashes[i] in flagged for i in slips])
+    assert sum(hashes[i] in flagged for i in slips) >= 2 and len(flagged) <= 10, (
+        len(flagged),
+        [hashes[i] in flagged for i in slips],
+    )
     assert first.entry["training"]["label_issues"] == len(first.issues) and first.issues_csv.is_file()
     card = HeadVersion.load(repository.path, HEAD, 2).card
     assert card.details["data"]["excluded"] == len(first.issues)  # the golden items are not in the store
@@ -157,8 +159,13 @@ def test_good_corrections_are_accepted_poisoned_ones_refused_and_the_ledger_says
         improve(options(repository, store, golden=other))
 
     # `headmaster history` shows it all.
-    result = subprocess.run([*CLI, "history", HEAD, "--repo", str(repository.path)], capture_output=True, text=True,
-                            env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    result = subprocess.run(
+        [*CLI, "history", HEAD, "--repo", str(repository.path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "250"},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("│ 20")]
     assert [line.split("│")[2].strip() for line in lines] == [e["decision"] for e in entries]
@@ -184,11 +191,18 @@ def test_an_accepted_candidate_goes_to_shadow_and_is_promoted_when_it_agrees(loo
         rescore(store, HeadVersion.load(repository.path, HEAD, version))
     promoted = improve(options(repository, store, min_items=50, min_agreement=0.5))
     assert promoted.decision == "promoted"
-    assert Repository(repository.path).head(HEAD).live == accepted.candidate and ab.running(repository.path, HEAD) is None
+    assert (
+        Repository(repository.path).head(HEAD).live == accepted.candidate and ab.running(repository.path, HEAD) is None
+    )
     decisions = [e["decision"] for e in ledger.read(repository.path, HEAD)]
     assert decisions == ["accepted", "shadow", "waiting", "promoted"]
-    shown = subprocess.run([*CLI, "history", HEAD, "--repo", str(repository.path)], capture_output=True, text=True,
-                           env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    shown = subprocess.run(
+        [*CLI, "history", HEAD, "--repo", str(repository.path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "250"},
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr
     rows = [line.split("│") for line in shown.stdout.splitlines() if line.startswith("│ 20")]
     assert [r[2].strip() for r in rows] == decisions
@@ -207,7 +221,7 @@ def test_the_gate_refuses_a_worse_class_and_worse_calibration_and_passes_a_copy(
     assert same.accepted and same.metrics["accuracy"]["difference"] == 0
 
     weights = HeadWeights.from_onnx(live.model)
-    (w, b), = weights.layers
+    ((w, b),) = weights.layers
     w, b = w.copy(), b.copy()
     w[LABELS.index("bee")] = 0
     b[LABELS.index("bee")] = -50.0

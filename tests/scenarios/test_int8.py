@@ -106,10 +106,21 @@ def test_a_broken_quantization_is_refused_with_its_figures(tmp_path):
     for shade in range(quantize.MIN_CALIBRATION):  # the fewest distinct images calibration takes
         Image.new("RGB", (224, 224), (shade, shade, shade)).save(black / f"black{shade}.png")
     out = tmp_path / "broken"
-    options = ExportOptions(model=MODEL, pretrained=None, out=out, seed=SEED, precision="int8", towers=("image",),
-                            calibration=black, quantization=quantize.QuantizeSettings(op_types=None, weights_only=False))
-    with pytest.raises(ExportError, match=r"min cosine to fp32 0\.\d{4} < 0\.98 \(on .+; mean 0\.\d{4} over \d+ "
-                                          r"held-out images\)"):
+    options = ExportOptions(
+        model=MODEL,
+        pretrained=None,
+        out=out,
+        seed=SEED,
+        precision="int8",
+        towers=("image",),
+        calibration=black,
+        quantization=quantize.QuantizeSettings(op_types=None, weights_only=False),
+    )
+    with pytest.raises(
+        ExportError,
+        match=r"min cosine to fp32 0\.\d{4} < 0\.98 \(on .+; mean 0\.\d{4} over \d+ "
+        r"held-out images\)",
+    ):
         export_encoder(options)
     assert not out.exists() and not list(tmp_path.glob(".broken*"))  # nothing written
 
@@ -163,9 +174,15 @@ def _switch(encoder_dir, int8_dir, repo: Path):
     card = EncoderCard.load(int8_dir)
     spec = card.towers["image"]
     heads = [HeadVersion.load(repository, head.name) for head in repository.heads()]
-    figures = quantize.promotion_gate(encoder_artifact(repo, "image", "onnx"), int8_dir / spec.file,
-                                      spec.input_name, spec.output_name,
-                                      quantize.gate_images(quantize.calibration_images()), card.preprocessing, heads)
+    figures = quantize.promotion_gate(
+        encoder_artifact(repo, "image", "onnx"),
+        int8_dir / spec.file,
+        spec.input_name,
+        spec.output_name,
+        quantize.gate_images(quantize.calibration_images()),
+        card.preprocessing,
+        heads,
+    )
     return figures, heads
 
 
@@ -187,8 +204,9 @@ def test_a_repository_switches_to_int8_only_through_the_gate(encoder_dir, int8_d
     for failure in figures["failures"]:
         assert failure in message
     for title, head in figures["heads"].items():
-        assert (f"head {title}: accepted labels unchanged on {head['label_agreement']:.2%}" in message) == \
-               (head["label_agreement"] < 0.99)
+        assert (f"head {title}: accepted labels unchanged on {head['label_agreement']:.2%}" in message) == (
+            head["label_agreement"] < 0.99
+        )
     assert {p: p.read_bytes() for p in before} == before  # nothing written
     assert Repository(repo).card.precision == "fp32"
 
@@ -214,11 +232,24 @@ def test_a_repository_whose_heads_keep_their_labels_switches_and_the_heads_carry
     repo = build_repo(encoder_dir, tmp_path / "repo", heads={})
     fp32 = Repository(repo)
     rng = np.random.default_rng(0)
-    weights = HeadWeights(((rng.normal(size=(3, fp32.card.embed_dim)).astype(np.float32),
-                            np.zeros(3, np.float32)),), multi_label=True)
-    publish(repo, weights, lambda v: HeadCard(
-        name="tags", version=v, labels=("a", "b", "c"), thresholds=(0.0, 0.0, 0.0), multi_label=True,
-        encoder_fingerprint=fp32.fingerprint, embed_dim=fp32.card.embed_dim, kind="linear", details={}))
+    weights = HeadWeights(
+        ((rng.normal(size=(3, fp32.card.embed_dim)).astype(np.float32), np.zeros(3, np.float32)),), multi_label=True
+    )
+    publish(
+        repo,
+        weights,
+        lambda v: HeadCard(
+            name="tags",
+            version=v,
+            labels=("a", "b", "c"),
+            thresholds=(0.0, 0.0, 0.0),
+            multi_label=True,
+            encoder_fingerprint=fp32.fingerprint,
+            embed_dim=fp32.card.embed_dim,
+            kind="linear",
+            details={},
+        ),
+    )
     repository = build_repository(int8_dir, repo, fp32.options)
     assert repository.card.precision == "int8"
     gate = repository.promotion["gate"]

@@ -9,8 +9,9 @@ from tests.helpers import ZERO_SHOT, build_repo
 
 
 def test_a_lean_repository_makes_zero_shot_heads_but_serves_no_text_model(encoder_dir, tmp_path):
-    repo = build_repo(encoder_dir, tmp_path / "model_repository", heads={"animal": ZERO_SHOT["animal"]},
-                      serve_text=False)
+    repo = build_repo(
+        encoder_dir, tmp_path / "model_repository", heads={"animal": ZERO_SHOT["animal"]}, serve_text=False
+    )
     repository = Repository(repo)
     assert repository.head("animal").live == 1  # made from the text tower on disk
     assert (repo / "text_encoder" / "1").is_dir()

@@ -45,8 +45,9 @@ def test_counters_rise_by_what_the_answers_say(server, photos):
         rng = np.random.default_rng(5)
         vectors = rng.normal(size=(40, results[0].embedding.shape[0])).astype(np.float32)
         hashes = [f"{i:064x}" for i in range(len(vectors))]
-        results += client.classify_embeddings(vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
-                                              [None] * len(vectors), hashes)
+        results += client.classify_embeddings(
+            vectors / np.linalg.norm(vectors, axis=1, keepdims=True), [None] * len(vectors), hashes
+        )
     assert all(r.ok for r in results)
     got = increase(before, scrape(server.metrics_url))
     want = expected_increase(results)
@@ -55,5 +56,6 @@ def test_counters_rise_by_what_the_answers_say(server, photos):
     # over several buckets: the counters were exercised, not only present.
     names = {name for name, _ in got}
     assert {"headmaster_items_total", "headmaster_answers_total", "headmaster_top_score_bucket"} <= names
-    assert got[("headmaster_items_total", (("head", "animal"), ("version", str(results[0].heads["animal"].version))))] \
-        == len(results)
+    assert got[
+        ("headmaster_items_total", (("head", "animal"), ("version", str(results[0].heads["animal"].version))))
+    ] == len(results)

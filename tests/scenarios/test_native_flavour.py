@@ -35,8 +35,7 @@ def scores_dims(repo: Path, head: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def native_repo(encoder_dir, tmp_path_factory) -> Path:
-    repo = build_repo(encoder_dir, tmp_path_factory.mktemp("native") / "repo", heads={}, flavour="native",
-                      device="cpu")
+    repo = build_repo(encoder_dir, tmp_path_factory.mktemp("native") / "repo", heads={}, flavour="native", device="cpu")
     create_zero_shot_head(repo, "animals", TWO)
     create_zero_shot_head(repo, "animals", THREE)
     return repo
@@ -45,8 +44,9 @@ def native_repo(encoder_dir, tmp_path_factory) -> Path:
 def test_every_model_and_version_matches_its_file(native_repo):
     repository = Repository(native_repo)
     assert repository.head("animals").versions == (1, 2) and repository.head("animals").live == 2
-    platforms = {name: parse((native_repo / name / "config.pbtxt").read_text()).platform
-                 for name in repository.model_names()}
+    platforms = {
+        name: parse((native_repo / name / "config.pbtxt").read_text()).platform for name in repository.model_names()
+    }
     assert platforms["image_encoder"] == platforms["text_encoder"] == platforms["animals"] == "onnxruntime_onnx"
     assert check_repository(repository) == []
     checked = []
@@ -69,8 +69,9 @@ def test_the_config_follows_the_live_versions_label_count(native_repo, tmp_path)
     repository.set_live("animals", 1)
     try:
         assert scores_dims(native_repo, "animals") == [2]
-        assert served_versions(parse((native_repo / "animals" / "config.pbtxt").read_text()),
-                               native_repo / "animals") == [1]
+        assert served_versions(
+            parse((native_repo / "animals" / "config.pbtxt").read_text()), native_repo / "animals"
+        ) == [1]
         assert check_repository(native_repo) == []
     finally:
         repository.set_live("animals", 2)
@@ -83,8 +84,9 @@ def test_encoder_configs_are_the_exported_files_shapes(native_repo, encoder_dir)
 
     for tower in ("image", "text"):
         config = parse((native_repo / f"{tower}_encoder" / "config.pbtxt").read_text())
-        session = ort.InferenceSession(str(native_repo / f"{tower}_encoder" / "1" / "model.onnx"),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(native_repo / f"{tower}_encoder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
         [model_input], [model_output] = session.get_inputs(), session.get_outputs()
         assert (config.input[0].name, model_input.shape[1:]) == (model_input.name, list(config.input[0].dims))
         assert (config.output[0].name, model_output.shape[1:]) == (model_output.name, list(config.output[0].dims))
@@ -100,6 +102,7 @@ def test_a_version_with_another_label_count_hot_loads(encoder_dir, jpeg_photos, 
     server = start_server(repo, ARTIFACTS / "native-flavour")
     try:
         with HeadmasterClient(server.grpc_url) as client:
+
             def labels() -> set[tuple[int, tuple[str, ...]]]:
                 results = client.classify(images)
                 assert all(r.ok for r in results), [getattr(r, "error", r) for r in results if not r.ok]
@@ -130,8 +133,11 @@ def test_a_gpu_native_repository_matches_its_files_as_nvidias_backends_check_the
     from tests.helpers import MODEL, SEED
 
     encoder = tmp_path / "encoder"
-    export_encoder(ExportOptions(model=MODEL, pretrained=None, out=encoder, seed=SEED, precision=precision,
-                                 format=fmt, towers=("image",)))
+    export_encoder(
+        ExportOptions(
+            model=MODEL, pretrained=None, out=encoder, seed=SEED, precision=precision, format=fmt, towers=("image",)
+        )
+    )
     repository = build_repository(encoder, tmp_path / "repo", BuildOptions.for_device("cuda", flavour="native"))
     assert check_repository(repository) == []
     config = parse((tmp_path / "repo" / "image_encoder" / "config.pbtxt").read_text())

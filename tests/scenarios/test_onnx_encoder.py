@@ -35,6 +35,7 @@ def _export_classifier(path: Path, nhwc: bool = False) -> Path:
     torch.manual_seed(3)
     model = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()
     if nhwc:  # what a TensorFlow export looks like: channels last
+
         class ChannelsLast(torch.nn.Module):
             def __init__(self, inner):
                 super().__init__()
@@ -46,8 +47,16 @@ def _export_classifier(path: Path, nhwc: bool = False) -> Path:
         model = ChannelsLast(model).eval()
     example = torch.zeros(1, 224, 224, 3) if nhwc else torch.zeros(1, 3, 224, 224)
     with torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     return path
 
 
@@ -58,7 +67,8 @@ def classifier_file(tmp_path_factory) -> Path:
     # The description next to the file, as a user keeps it with their model.
     (folder / "mobilenet.yaml").write_text(
         f"embedding: {POOLED}\nmean: {IMAGENET['mean']}\nstd: {IMAGENET['std']}\n"
-        "crop_pct: 0.875\ninterpolation: bicubic\n")
+        "crop_pct: 0.875\ninterpolation: bicubic\n"
+    )
     yield path
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -89,17 +99,31 @@ def test_an_inner_tensor_of_an_onnx_classifier_becomes_an_encoder(classifier_fil
 
 def test_the_fingerprint_covers_the_file_and_its_description(classifier_file, exported, tmp_path):
     card = EncoderCard.load(exported)
-    other = export_encoder(ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e",
-                                         onnx={"mean": [0.5] * 3, "std": [0.5] * 3}))
+    other = export_encoder(
+        ExportOptions(
+            model=f"onnx:{classifier_file}",
+            pretrained=None,
+            out=tmp_path / "e",
+            onnx={"mean": [0.5] * 3, "std": [0.5] * 3},
+        )
+    )
     assert other.weights_sha256 == card.weights_sha256 and other.fingerprint != card.fingerprint
 
 
 def test_channels_last_bgr_and_a_pooled_feature_map(tmp_path):
     path = _export_classifier(tmp_path / "nhwc.onnx", nhwc=True)
     inner = "/inner" + FEATURE_MAP  # the wrapper's module name prefixes every tensor
-    description = {"embedding": inner, "pool": "avg", "layout": "NHWC", "channels": "BGR", "scale": 1.0,
-                   "mean": [103.5, 116.3, 123.7], "std": [57.4, 57.1, 58.4], "resize_mode": "squash",
-                   "feature_layout": "NCHW"}  # the wrapper turns the input to NCHW first
+    description = {
+        "embedding": inner,
+        "pool": "avg",
+        "layout": "NHWC",
+        "channels": "BGR",
+        "scale": 1.0,
+        "mean": [103.5, 116.3, 123.7],
+        "std": [57.4, 57.1, 58.4],
+        "resize_mode": "squash",
+        "feature_layout": "NCHW",
+    }  # the wrapper turns the input to NCHW first
     card = export_encoder(ExportOptions(model=f"onnx:{path}", pretrained=None, out=tmp_path / "e", onnx=description))
     assert card.embed_dim == 288 and card.pooling == "avg" and card.preprocessing["layout"] == "NHWC"
     assert card.verification["image"]["min_cosine"] >= 0.9999
@@ -120,31 +144,66 @@ def test_channels_last_bgr_and_a_pooled_feature_map(tmp_path):
     assert cosine_rows(ours, features).min() >= 0.9999
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"size": (256, 256)}, "input 'input' is \\[batch, 3, 224, 224\\], so its height is 224, but --input-size says 256x256"),
-    ({"layout": "NHWC"}, "with --layout NHWC its channel axis 3 has 224, not 3 channels \\(is it NCHW\\? --layout NCHW\\)"),
-    ({"embedding": "/flatten/Flatten_outptu_0"}, "no tensor named '/flatten/Flatten_outptu_0' \\(--embedding\\); "
-                                                 "graph outputs: logits; similar tensors: /flatten/Flatten_output_0"),
-    ({"embedding": FEATURE_MAP}, "has rank 4, but --pool none needs rank 2 .*use --pool avg"),
-    ({"pool": "cls"}, "has rank 2, but --pool cls needs rank 3 .*use --pool none"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"size": (256, 256)},
+            "input 'input' is \\[batch, 3, 224, 224\\], so its height is 224, but --input-size says 256x256",
+        ),
+        (
+            {"layout": "NHWC"},
+            "with --layout NHWC its channel axis 3 has 224, not 3 channels \\(is it NCHW\\? --layout NCHW\\)",
+        ),
+        (
+            {"embedding": "/flatten/Flatten_outptu_0"},
+            "no tensor named '/flatten/Flatten_outptu_0' \\(--embedding\\); "
+            "graph outputs: logits; similar tensors: /flatten/Flatten_output_0",
+        ),
+        ({"embedding": FEATURE_MAP}, "has rank 4, but --pool none needs rank 2 .*use --pool avg"),
+        ({"pool": "cls"}, "has rank 2, but --pool cls needs rank 3 .*use --pool none"),
+    ],
+)
 def test_a_wrong_description_fails_at_export_in_one_line(classifier_file, tmp_path, change, message):
     description = {"embedding": POOLED, **IMAGENET, **change}
     with pytest.raises(ExportError, match=message) as caught:
-        export_encoder(ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e",
-                                     onnx=description))
+        export_encoder(
+            ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e", onnx=description)
+        )
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.partial-*"))
 
 
 def test_the_cli_refuses_a_wrong_description_in_one_line(classifier_file, tmp_path):
-    result = run_cli("export", "encoder", "--model", f"onnx:{classifier_file}", "--out", tmp_path / "e",
-                     "--input-size", "192", "--embedding", "logits")
+    result = run_cli(
+        "export",
+        "encoder",
+        "--model",
+        f"onnx:{classifier_file}",
+        "--out",
+        tmp_path / "e",
+        "--input-size",
+        "192",
+        "--embedding",
+        "logits",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "so its height is 224, but --input-size says 192x192" in result.stderr
-    result = run_cli("export", "encoder", "--model", f"onnx:{tmp_path / 'absent.onnx'}", "--out", tmp_path / "e",
-                     "--embedding", "x", "--mean", "0.5", "--std", "0.5")
+    result = run_cli(
+        "export",
+        "encoder",
+        "--model",
+        f"onnx:{tmp_path / 'absent.onnx'}",
+        "--out",
+        tmp_path / "e",
+        "--embedding",
+        "x",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+    )
     assert result.returncode == 1 and "absent.onnx: no such file" in result.stderr
     bare = tmp_path / "bare.onnx"
     shutil.copy(classifier_file, bare)  # no description file next to this one
@@ -193,8 +252,12 @@ def test_served_embeddings_are_onnxruntimes_on_the_original_file(classifier_file
     offline = reference_embeddings(encoder, np.stack([preprocess_bytes(d, card.preprocessing) for d in photos]))
     assert cosine_rows(embedded, offline).min() >= 0.9999
     assert all(r.ok and set(r.heads["digit"].scores) == {"0", "1", "7"} for r in results)
-    assert run_cli("zero-shot", "animal", "--label", "cat", "--label", "dog", "--repo", repo).stderr.count(
-        "is an image-only backbone (onnx)") == 1
+    assert (
+        run_cli("zero-shot", "animal", "--label", "cat", "--label", "dog", "--repo", repo).stderr.count(
+            "is an image-only backbone (onnx)"
+        )
+        == 1
+    )
 
 
 def test_int8_goes_through_the_same_gate(classifier_file, tmp_path):
@@ -203,16 +266,34 @@ def test_int8_goes_through_the_same_gate(classifier_file, tmp_path):
     settings its min cosine is 0.989 on one x86 machine and below 0.98 on another: int8 kernels
     differ by CPU, so the test does not ride on the default's margin.)"""
     coarse = QuantizeSettings(op_types=None, weights_only=False, per_channel=False)
-    with pytest.raises(ExportError, match=r"int8: the int8 image tower fails the promotion gate.*min cosine to fp32 "
-                                          r"0\.\d+ < 0\.98") as caught:
-        export_encoder(ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e",
-                                     precision="int8", quantization=coarse, onnx={"embedding": "logits", **IMAGENET}))
+    with pytest.raises(
+        ExportError,
+        match=r"int8: the int8 image tower fails the promotion gate.*min cosine to fp32 "
+        r"0\.\d+ < 0\.98",
+    ) as caught:
+        export_encoder(
+            ExportOptions(
+                model=f"onnx:{classifier_file}",
+                pretrained=None,
+                out=tmp_path / "e",
+                precision="int8",
+                quantization=coarse,
+                onnx={"embedding": "logits", **IMAGENET},
+            )
+        )
     assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []
     # The pooled features leave no MatMul / Gemm to quantize (the convolutions would stay float): an
     # "int8" file would be the fp32 graph renamed, so it is refused as a timm CNN's is.
     with pytest.raises(ExportError, match=r"has no MatMul/Gemm node with weights to quantize .*export it as fp32"):
-        export_encoder(ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "e",
-                                     precision="int8", onnx={"embedding": POOLED, **IMAGENET}))
+        export_encoder(
+            ExportOptions(
+                model=f"onnx:{classifier_file}",
+                pretrained=None,
+                out=tmp_path / "e",
+                precision="int8",
+                onnx={"embedding": POOLED, **IMAGENET},
+            )
+        )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ExportError, match="exports as fp32 or int8"):
         ExportOptions(model=f"onnx:{classifier_file}", pretrained=None, out=tmp_path / "f", precision="fp16")

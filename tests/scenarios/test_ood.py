@@ -47,7 +47,7 @@ def ood_setup(encoder_dir, digits_dir, embedding_cache, tmp_path_factory):
     for i in order[:TRAIN]:
         (train / paths[i].parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(paths[i], train / paths[i].parent.name)
-    for i in order[TRAIN:TRAIN + HOLD]:
+    for i in order[TRAIN : TRAIN + HOLD]:
         (hold / paths[i].parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(paths[i], hold / paths[i].parent.name)
     photos = root / "photos"
@@ -56,8 +56,15 @@ def ood_setup(encoder_dir, digits_dir, embedding_cache, tmp_path_factory):
         (photos / name).write_bytes(data)
     result = train_head(TrainOptions(name="digit", repo=repo, data=train, cache_dir=embedding_cache, ood="abstain"))
     server = start_server(repo, ARTIFACTS)
-    yield {"repo": repo, "train": train, "holdout": hold, "photos": photos, "server": server, "card": result.card,
-           "cache": embedding_cache}
+    yield {
+        "repo": repo,
+        "train": train,
+        "holdout": hold,
+        "photos": photos,
+        "server": server,
+        "card": result.card,
+        "cache": embedding_cache,
+    }
     server.stop()
 
 
@@ -88,7 +95,7 @@ def test_served_results_say_ood_as_the_cpu_path_does_and_abstain(ood_setup):
     accepted = head.accepted(head.scores(embeddings), embeddings)
     assert [list(g.labels) for g in got] == accepted
     assert all(not g.labels for g in got if g.ood)  # abstain: no label for what lies outside
-    digit_flags, photo_flags = flags[:len(digits)], flags[len(digits):]
+    digit_flags, photo_flags = flags[: len(digits)], flags[len(digits) :]
     assert digit_flags.mean() <= 0.2 and photo_flags.mean() >= 0.5, (digit_flags.mean(), photo_flags.mean())
     # Day two: the zero-shot head made without a reference set answers exactly as before.
     assert all(r.heads["animal"].ood is None for r in served)
@@ -102,8 +109,11 @@ def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeyp
     from headmaster.model_repository.backends import threshold
 
     monkeypatch.setattr(threshold, "EXACT_MAX", 500)
-    card = train_head(TrainOptions(name="digit_ivf", repo=ood_setup["repo"], data=ood_setup["train"],
-                                   cache_dir=ood_setup["cache"], ood="flag")).card
+    card = train_head(
+        TrainOptions(
+            name="digit_ivf", repo=ood_setup["repo"], data=ood_setup["train"], cache_dir=ood_setup["cache"], ood="flag"
+        )
+    ).card
     monkeypatch.undo()
     assert card.ood["search"]["kind"] == "ivf" and card.ood["references"] > 500
     index_file = Repository(ood_setup["repo"]).version_dir("digit_ivf") / OOD_INDEX_FILE
@@ -115,8 +125,10 @@ def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeyp
     # tampered copy is refused, naming the file; put back, the version answers.
     index_file.write_bytes(stored[:-1] + bytes([stored[-1] ^ 1]))
     try:
-        with HeadmasterClient(ood_setup["server"].http_url, "http", batch_size=8) as client, \
-                pytest.raises(ServerSideError, match=r"ood\.faiss is not the faiss index this version was published with"):
+        with (
+            HeadmasterClient(ood_setup["server"].http_url, "http", batch_size=8) as client,
+            pytest.raises(ServerSideError, match=r"ood\.faiss is not the faiss index this version was published with"),
+        ):
             client.classify([str(digits[0])])
     finally:
         index_file.write_bytes(stored)
@@ -127,8 +139,11 @@ def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeyp
     got = [r.heads["digit_ivf"] for r in served]
     assert [g.ood for g in got] == head.out_of_distribution(embeddings).tolist()
     np.testing.assert_allclose([g.ood_distance for g in got], head.ood_distances(embeddings), atol=1e-4)
-    np.testing.assert_allclose([g.ood_distance for g in got], atol=1e-4, desired=knn_distance(
-        KnnIndex.deserialized(stored, card.ood["search"]), embeddings, card.ood["k"]))
+    np.testing.assert_allclose(
+        [g.ood_distance for g in got],
+        atol=1e-4,
+        desired=knn_distance(KnnIndex.deserialized(stored, card.ood["search"]), embeddings, card.ood["k"]),
+    )
     assert not all(g.ood for g in got) and any(g.ood for g in got)
 
 
@@ -174,22 +189,35 @@ def test_eval_reports_auroc_and_fpr_against_an_ood_folder(ood_setup, tmp_path):
     head = HeadVersion.load(repository, "digit")
 
     def embed(paths):  # the command's cache: the same embeddings, not computed twice
-        hashes, vectors, _ = embed_files(paths, LocalEmbedder(repository),
-                                         EmbeddingCache(ood_setup["cache"], repository.fingerprint))
+        hashes, vectors, _ = embed_files(
+            paths, LocalEmbedder(repository), EmbeddingCache(ood_setup["cache"], repository.fingerprint)
+        )
         return np.stack([vectors[h] for h in hashes])
 
     inside = embed(sorted(ood_setup["holdout"].rglob("*.png")))
     outside = embed(sorted(ood_setup["photos"].iterdir()))
     d_in, d_out = head.ood_distances(inside), head.ood_distances(outside)
-    assert o["auroc"] == pytest.approx(roc_auc_score(np.r_[np.zeros(len(d_in)), np.ones(len(d_out))],
-                                                     np.r_[d_in, d_out]), abs=1e-6)
+    assert o["auroc"] == pytest.approx(
+        roc_auc_score(np.r_[np.zeros(len(d_in)), np.ones(len(d_out))], np.r_[d_in, d_out]), abs=1e-6
+    )
     assert o["auroc"] > 0.8 and 0 <= o["fpr_at_95_tpr"] <= 1
     assert o["fpr_at_95_tpr"] == pytest.approx((d_out <= np.quantile(d_in, 0.95, method="higher")).mean())
     assert o["holdout_with_rule"]["coverage"] <= o["holdout_without_rule"]["coverage"]
     assert o["ood_labelled_with_rule"] < o["ood_labelled_without_rule"]
     # A head without a reference set, and a folder without images: one line each.
-    bad = run_cli("eval", "animal", "--report", tmp_path / "r2", "--repo", ood_setup["repo"], "--data",
-                  ood_setup["holdout"], "--no-quality", "--ood", ood_setup["photos"])
+    bad = run_cli(
+        "eval",
+        "animal",
+        "--report",
+        tmp_path / "r2",
+        "--repo",
+        ood_setup["repo"],
+        "--data",
+        ood_setup["holdout"],
+        "--no-quality",
+        "--ood",
+        ood_setup["photos"],
+    )
     assert bad.returncode == 1 and "has no out-of-distribution reference set" in bad.stderr
     assert "Traceback" not in bad.stderr
     empty = tmp_path / "empty"
@@ -230,33 +258,66 @@ def drift_store(ood_setup, tmp_path_factory):
     digits = sorted(ood_setup["holdout"].rglob("*.png"))
     digits = [digits[i] for i in np.random.default_rng(1).permutation(len(digits))]  # every digit on both days
     photos = sorted(ood_setup["photos"].iterdir())
-    hashes, vectors, _ = embed_files(digits + photos, LocalEmbedder(repository),
-                                     EmbeddingCache(ood_setup["cache"], repository.fingerprint))
+    hashes, vectors, _ = embed_files(
+        digits + photos, LocalEmbedder(repository), EmbeddingCache(ood_setup["cache"], repository.fingerprint)
+    )
     store = open_store(tmp_path_factory.mktemp("drift") / "store")
-    days = {dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc): hashes[:100],
-            dt.datetime(2026, 12, 2, 12, tzinfo=dt.timezone.utc): hashes[100:163] + hashes[len(digits):]}
+    days = {
+        dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc): hashes[:100],
+        dt.datetime(2026, 12, 2, 12, tzinfo=dt.timezone.utc): hashes[100:163] + hashes[len(digits) :],
+    }
     assert len(days[dt.datetime(2026, 12, 2, 12, tzinfo=dt.timezone.utc)]) == 90
     for at, day in days.items():
         matrix = np.stack([vectors[h] for h in day])
         store.add_embeddings(day, [None] * len(day), repository.fingerprint, matrix)
         scores = head.scores(matrix)
-        store.add_labels("digit", [label_table(day, repository.fingerprint, head.card.version, scores,
-                                               head.card.labels, head.accepted_mask(scores, matrix), "classify", at)])
+        store.add_labels(
+            "digit",
+            [
+                label_table(
+                    day,
+                    repository.fingerprint,
+                    head.card.version,
+                    scores,
+                    head.card.labels,
+                    head.accepted_mask(scores, matrix),
+                    "classify",
+                    at,
+                )
+            ],
+        )
     return store.location
 
 
 def test_drift_keeps_quiet_on_unseen_digits_and_catches_photos(ood_setup, drift_store, tmp_path):
     common = ["--store", drift_store, "--repo", ood_setup["repo"]]
-    quiet = run_cli("drift", "digit", *common, "--since", "2026-12-01", "--until", "2026-12-02",
-                    "--json", tmp_path / "quiet.json")
+    quiet = run_cli(
+        "drift", "digit", *common, "--since", "2026-12-01", "--until", "2026-12-02", "--json", tmp_path / "quiet.json"
+    )
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr
     report = json.loads((tmp_path / "quiet.json").read_text())
     assert report["n_current"] == 100 and report["drift"] is False
-    assert {c["name"] for c in report["checks"]} == {"label_share", "top_score", "ood_rate", "embedding_mmd",
-                                                     "embedding_classifier"}
+    assert {c["name"] for c in report["checks"]} == {
+        "label_share",
+        "top_score",
+        "ood_rate",
+        "embedding_mmd",
+        "embedding_classifier",
+    }
 
-    drifted = run_cli("drift", "digit", *common, "--since", "2026-12-02", "--json", tmp_path / "day2.json",
-                      "--html", tmp_path / "day2.html", "--metrics-file", tmp_path / "drift.prom")
+    drifted = run_cli(
+        "drift",
+        "digit",
+        *common,
+        "--since",
+        "2026-12-02",
+        "--json",
+        tmp_path / "day2.json",
+        "--html",
+        tmp_path / "day2.html",
+        "--metrics-file",
+        tmp_path / "drift.prom",
+    )
     assert drifted.returncode == 3, drifted.stdout + drifted.stderr
     checks = {c["name"]: c for c in json.loads((tmp_path / "day2.json").read_text())["checks"]}
     assert checks["ood_rate"]["drift"] and checks["ood_rate"]["value"] >= 0.2
@@ -266,18 +327,28 @@ def test_drift_keeps_quiet_on_unseen_digits_and_catches_photos(ood_setup, drift_
     assert 'headmaster_drift_detected{head="digit",version="1",check="ood_rate"} 1' in metrics
 
     # Day 1 as the reference instead of the version's training embeddings.
-    against_day1 = run_cli("drift", "digit", *common, "--since", "2026-12-02", "--reference-since", "2026-12-01",
-                           "--reference-until", "2026-12-02")
+    against_day1 = run_cli(
+        "drift",
+        "digit",
+        *common,
+        "--since",
+        "2026-12-02",
+        "--reference-since",
+        "2026-12-01",
+        "--reference-until",
+        "2026-12-02",
+    )
     assert against_day1.returncode == 3, against_day1.stdout + against_day1.stderr
 
 
 def test_drift_refuses_a_small_window_and_a_head_without_reference(ood_setup, drift_store):
     common = ["--store", drift_store, "--repo", ood_setup["repo"]]
-    small = run_cli("drift", "digit", *common, "--since", "2026-12-01", "--until", "2026-12-02",
-                    "--min-items", "500")
+    small = run_cli("drift", "digit", *common, "--since", "2026-12-01", "--until", "2026-12-02", "--min-items", "500")
     assert small.returncode == 1
-    assert ("the current window (store 2026-12-01T00:00:00+00:00..2026-12-02T00:00:00+00:00) holds 100 items of "
-            "head digit; at least 500 are needed to test for drift (change --min-items)") in " ".join(small.stderr.split())
+    assert (
+        "the current window (store 2026-12-01T00:00:00+00:00..2026-12-02T00:00:00+00:00) holds 100 items of "
+        "head digit; at least 500 are needed to test for drift (change --min-items)"
+    ) in " ".join(small.stderr.split())
     none = run_cli("drift", "animal", *common)
     assert none.returncode == 1
     assert "head animal v1 has no reference embeddings" in " ".join(none.stderr.split())
@@ -303,15 +374,43 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaste
     repo = clone_repo(ood_setup["repo"], tmp_path / "repo")  # the module's server holds the original
     http, grpc, metrics, web = free_port(), free_port(), free_port(), free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(monitoring / "alerts.yml")],
-        "scrape_configs": [{"job_name": "headmaster", "static_configs": [{"targets": [f"127.0.0.1:{metrics}"]}]}]}))
-    serve = subprocess.Popen([*CLI, "serve", "--repo", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
-                              "--metrics-port", str(metrics)], stderr=subprocess.PIPE, text=True)
-    scraper = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                f"--web.listen-address=127.0.0.1:{web}"], stdout=subprocess.DEVNULL,
-                               stderr=open(tmp_path / "prometheus.log", "w"))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(monitoring / "alerts.yml")],
+                "scrape_configs": [
+                    {"job_name": "headmaster", "static_configs": [{"targets": [f"127.0.0.1:{metrics}"]}]}
+                ],
+            }
+        )
+    )
+    serve = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--repo",
+            str(repo),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    scraper = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),
+    )
 
     def query(expr: str) -> list:
         url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
@@ -321,8 +420,9 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaste
 
     try:
         read_until_ready(serve)
-        images = [str(p) for p in sorted(ood_setup["holdout"].rglob("*.png"))[:12]
-                  + sorted(ood_setup["photos"].iterdir())]
+        images = [
+            str(p) for p in sorted(ood_setup["holdout"].rglob("*.png"))[:12] + sorted(ood_setup["photos"].iterdir())
+        ]
         with HeadmasterClient(f"127.0.0.1:{grpc}", batch_size=8) as client:
             for _ in range(4):  # traffic across several scrapes, so that rate() has two samples or more
                 assert all(r.ok for r in client.classify(images))
@@ -335,8 +435,12 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaste
         assert {r["health"] for g in rules["data"]["groups"] for r in g["rules"]} == {"ok"}
         for variable in dashboard["templating"]["list"]:
             if variable["type"] == "query":
-                assert "digit" in json.loads(urllib.request.urlopen(
-                    f"http://127.0.0.1:{web}/api/v1/label/head/values", timeout=10).read())["data"]
+                assert (
+                    "digit"
+                    in json.loads(
+                        urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/label/head/values", timeout=10).read()
+                    )["data"]
+                )
         empty = []
         for panel in dashboard["panels"]:
             for target in panel["targets"]:

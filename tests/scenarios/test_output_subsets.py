@@ -50,20 +50,32 @@ def via_json(url: str, model: str, name: str, dtype: str, value: np.ndarray, out
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     except urllib.error.HTTPError as e:
         raise AssertionError(f"{model} {outputs}: HTTP {e.code} {e.read()[:300]!r}") from None
-    return {o["name"]: np.array(o["data"], dtype=object if o["datatype"] == "BYTES" else np.float32).reshape(o["shape"])
-            for o in answer["outputs"]}
+    return {
+        o["name"]: np.array(o["data"], dtype=object if o["datatype"] == "BYTES" else np.float32).reshape(o["shape"])
+        for o in answer["outputs"]
+    }
 
 
-def via_client(module, url: str, model: str, name: str, dtype: str, value: np.ndarray, outputs) -> dict[str, np.ndarray]:
+def via_client(
+    module, url: str, model: str, name: str, dtype: str, value: np.ndarray, outputs
+) -> dict[str, np.ndarray]:
     client = module.InferenceServerClient(url)
     try:
         tensor = module.InferInput(name, list(value.shape), dtype)
         tensor.set_data_from_numpy(value)
-        requested = [module.InferRequestedOutput(o, binary_data=True) if module is httpclient
-                     else module.InferRequestedOutput(o) for o in outputs] or None
+        requested = [
+            module.InferRequestedOutput(o, binary_data=True) if module is httpclient else module.InferRequestedOutput(o)
+            for o in outputs
+        ] or None
         result = client.infer(model, [tensor], outputs=requested)
-        names = [o["name"] for o in (result.get_response()["outputs"] if module is httpclient
-                                     else result.get_response(as_json=True)["outputs"])]
+        names = [
+            o["name"]
+            for o in (
+                result.get_response()["outputs"]
+                if module is httpclient
+                else result.get_response(as_json=True)["outputs"]
+            )
+        ]
         return {n: result.as_numpy(n) for n in names}
     finally:
         client.close()
@@ -95,4 +107,3 @@ def test_every_subset_of_outputs_is_answered(server, photos, model, transport):
         assert sorted(answer) == sorted(subset), (model, subset)
         for output in subset:
             assert same(answer[output], full[output]), (model, subset, output)
-

@@ -65,8 +65,16 @@ def publish_embeddings(broker, stream: str, fingerprint: str, vectors: np.ndarra
     for i, vector in enumerate(vectors):
         sha = (prefix + f"{i:08x}").rjust(64, "a")
         hashes.append(sha)
-        broker.publish(stream, {"sha256": sha, "fingerprint": fingerprint, "embedding": vector.astype("<f4").tobytes(),
-                                "uri": f"item-{i}", "enqueued_at": repr(time.time())})
+        broker.publish(
+            stream,
+            {
+                "sha256": sha,
+                "fingerprint": fingerprint,
+                "embedding": vector.astype("<f4").tobytes(),
+                "uri": f"item-{i}",
+                "enqueued_at": repr(time.time()),
+            },
+        )
     return hashes
 
 
@@ -104,8 +112,9 @@ def test_heads_worker_labels_every_item_with_every_live_head(broker, names, work
     store = open_store(tmp_path / "store")
     vectors = unit_vectors(300)
     hashes = publish_embeddings(broker, embeddings, Repository(worker_repo).fingerprint, vectors)
-    worker = HeadsWorker(broker, store, LiveHeads(worker_repo), WorkerOptions(group="heads", batch=64, block_ms=100),
-                         embeddings)
+    worker = HeadsWorker(
+        broker, store, LiveHeads(worker_repo), WorkerOptions(group="heads", batch=64, block_ms=100), embeddings
+    )
     worker.run(idle_exit_s=1.0)
     assert worker.processed == 300 and worker.dead == 0
     assert_labelled_once(store, worker_repo, hashes, vectors)
@@ -132,14 +141,23 @@ def test_redelivered_entries_are_not_labelled_twice(broker, names, worker_repo, 
     vectors = unit_vectors(100, seed=1)
     hashes = publish_embeddings(broker, embeddings, Repository(worker_repo).fingerprint, vectors)
     broker.ensure_group(embeddings, "heads")
-    crashed = CrashAfterStore(broker, store, LiveHeads(worker_repo),
-                              WorkerOptions(group="heads", consumer="dead", batch=60, block_ms=100), embeddings)
+    crashed = CrashAfterStore(
+        broker,
+        store,
+        LiveHeads(worker_repo),
+        WorkerOptions(group="heads", consumer="dead", batch=60, block_ms=100),
+        embeddings,
+    )
     assert crashed.step() == 60
     [status] = broker.status([embeddings])
     assert status.consumers == {"dead": 60}
-    survivor = HeadsWorker(broker, store, LiveHeads(worker_repo),
-                           WorkerOptions(group="heads", consumer="survivor", batch=64, block_ms=100,
-                                         claim_idle_ms=300), embeddings)
+    survivor = HeadsWorker(
+        broker,
+        store,
+        LiveHeads(worker_repo),
+        WorkerOptions(group="heads", consumer="survivor", batch=64, block_ms=100, claim_idle_ms=300),
+        embeddings,
+    )
     time.sleep(0.4)
     survivor.run(idle_exit_s=1.0)
     assert_labelled_once(store, worker_repo, hashes, vectors)
@@ -163,10 +181,25 @@ def test_heads_worker_killed_mid_batch_loses_nothing(broker, names, worker_repo,
     open_store(store_path)
     vectors = unit_vectors(3000, seed=2)
     hashes = publish_embeddings(broker, embeddings, Repository(worker_repo).fingerprint, vectors)
-    common = ["worker", "heads", "--store", store_path, "--repo", worker_repo, "--redis", redis_url,
-              "--stream", embeddings, "--claim-idle-ms", "2000"]
-    victim = subprocess.Popen([*CLI, *map(str, common), "--consumer", "victim", "--batch", "100"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    common = [
+        "worker",
+        "heads",
+        "--store",
+        store_path,
+        "--repo",
+        worker_repo,
+        "--redis",
+        redis_url,
+        "--stream",
+        embeddings,
+        "--claim-idle-ms",
+        "2000",
+    ]
+    victim = subprocess.Popen(
+        [*CLI, *map(str, common), "--consumer", "victim", "--batch", "100"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -209,16 +242,27 @@ def test_poison_entries_go_to_the_dead_letter_stream_and_the_rest_flow_on(broker
     hashes = publish_embeddings(broker, embeddings, fingerprint, vectors[:25], prefix="a")
     poison = {
         "short": {"sha256": "b" * 64, "fingerprint": fingerprint, "embedding": b"\0" * 100},
-        "nan": {"sha256": "c" * 64, "fingerprint": fingerprint,
-                "embedding": np.full(384, np.nan, np.float32).tobytes()},
-        "foreign": {"sha256": "d" * 64, "fingerprint": "sha256:" + "0" * 64,
-                    "embedding": vectors[0].astype("<f4").tobytes()},
+        "nan": {
+            "sha256": "c" * 64,
+            "fingerprint": fingerprint,
+            "embedding": np.full(384, np.nan, np.float32).tobytes(),
+        },
+        "foreign": {
+            "sha256": "d" * 64,
+            "fingerprint": "sha256:" + "0" * 64,
+            "embedding": vectors[0].astype("<f4").tobytes(),
+        },
     }
     for fields in poison.values():
         broker.publish(embeddings, fields)
     hashes += publish_embeddings(broker, embeddings, fingerprint, vectors[25:], prefix="e")
-    worker = HeadsWorker(broker, store, LiveHeads(worker_repo),
-                         WorkerOptions(group="heads", batch=16, block_ms=50, claim_idle_ms=200, max_tries=3), embeddings)
+    worker = HeadsWorker(
+        broker,
+        store,
+        LiveHeads(worker_repo),
+        WorkerOptions(group="heads", batch=16, block_ms=50, claim_idle_ms=200, max_tries=3),
+        embeddings,
+    )
     worker.run(idle_exit_s=2.0)
     assert worker.dead == 3
     dead = broker.redis.xrange(dead_letters(embeddings))
@@ -238,26 +282,36 @@ def test_backpressure_stops_producers_at_the_bound(broker, names, worker_repo, t
     broker.ensure_group(embeddings, "heads")
     vector = unit_vectors(1)[0].astype("<f4").tobytes()
     for i in range(20):
-        broker.publish(embeddings, {"sha256": f"{i:064x}", "fingerprint": fingerprint, "embedding": vector},
-                       max_backlog=20)
+        broker.publish(
+            embeddings, {"sha256": f"{i:064x}", "fingerprint": fingerprint, "embedding": vector}, max_backlog=20
+        )
     started = time.monotonic()
     with pytest.raises(QueueError, match="stayed at its bound of 20 unfinished entries"):
-        broker.publish(embeddings, {"sha256": "f" * 64, "fingerprint": fingerprint, "embedding": vector},
-                       max_backlog=20, timeout_s=1.0)
+        broker.publish(
+            embeddings,
+            {"sha256": "f" * 64, "fingerprint": fingerprint, "embedding": vector},
+            max_backlog=20,
+            timeout_s=1.0,
+        )
     assert time.monotonic() - started >= 1.0
     assert broker.redis.xlen(embeddings) == 20
     # With a consumer draining it, a producer of 400 entries gets through, the backlog never past the bound.
     store = open_store(tmp_path / "store")
-    worker = HeadsWorker(broker, store, LiveHeads(worker_repo),
-                         WorkerOptions(group="heads", batch=8, block_ms=50), embeddings)
+    worker = HeadsWorker(
+        broker, store, LiveHeads(worker_repo), WorkerOptions(group="heads", batch=8, block_ms=50), embeddings
+    )
     stop = threading.Event()
     consumer = threading.Thread(target=worker.run, kwargs={"stop": stop.is_set})
     consumer.start()
     seen = []
     try:
         for i in range(400):
-            broker.publish(embeddings, {"sha256": f"{i + 1000:064x}", "fingerprint": fingerprint, "embedding": vector},
-                           max_backlog=20, timeout_s=60)
+            broker.publish(
+                embeddings,
+                {"sha256": f"{i + 1000:064x}", "fingerprint": fingerprint, "embedding": vector},
+                max_backlog=20,
+                timeout_s=60,
+            )
             seen.append(broker.backlog(embeddings))
     finally:
         stop.set()
@@ -309,12 +363,41 @@ def test_embed_then_heads_end_to_end_with_real_workers(broker, names, worker_rep
     open_store(store_path)
     result = run_cli("worker", "submit", folder, "--redis", redis_url, "--stream", images)
     assert result.returncode == 0, result.stderr
-    embed = run_cli("worker", "embed", "--store", store_path, "--repo", worker_repo, "--redis", redis_url,
-                    "--stream", images, "--output", embeddings, "--max-tries", "2", "--claim-idle-ms", "300",
-                    "--exit-when-idle", "2")
+    embed = run_cli(
+        "worker",
+        "embed",
+        "--store",
+        store_path,
+        "--repo",
+        worker_repo,
+        "--redis",
+        redis_url,
+        "--stream",
+        images,
+        "--output",
+        embeddings,
+        "--max-tries",
+        "2",
+        "--claim-idle-ms",
+        "300",
+        "--exit-when-idle",
+        "2",
+    )
     assert embed.returncode == 0, embed.stderr
-    heads = run_cli("worker", "heads", "--store", store_path, "--repo", worker_repo, "--redis", redis_url,
-                    "--stream", embeddings, "--exit-when-idle", "2")
+    heads = run_cli(
+        "worker",
+        "heads",
+        "--store",
+        store_path,
+        "--repo",
+        worker_repo,
+        "--redis",
+        redis_url,
+        "--stream",
+        embeddings,
+        "--exit-when-idle",
+        "2",
+    )
     assert heads.returncode == 0, heads.stderr
     assert "enqueue -> stored label" in heads.stderr
     from headmaster.training.embeddings import LocalEmbedder
@@ -348,7 +431,8 @@ def test_embed_worker_through_the_server(broker, names, repo, server, tmp_path, 
     embedder = ServerBytesEmbedder(Repository(repo), server.grpc_url)
     try:
         EmbedWorker(broker, store, embedder, WorkerOptions(group="embed", block_ms=100), images, embeddings).run(
-            idle_exit_s=1.0)
+            idle_exit_s=1.0
+        )
     finally:
         embedder.close()
     local = LocalBytesEmbedder(Repository(repo))
@@ -410,8 +494,9 @@ def test_workers_ride_out_a_redis_restart_and_a_redis_crash(worker_repo, tmp_pat
         assert submitted.returncode == 0, submitted.stderr
         for name, batch in (("embed", "8"), ("heads", "16")):
             with open(logs[name], "w") as log:
-                workers[name] = subprocess.Popen([*CLI, "worker", name, *map(str, common), "--batch", batch],
-                                                 stdout=log, stderr=subprocess.STDOUT)
+                workers[name] = subprocess.Popen(
+                    [*CLI, "worker", name, *map(str, common), "--batch", batch], stdout=log, stderr=subprocess.STDOUT
+                )
 
         def labelled() -> int:
             table = label_rows(open_store(store_path), "animal")
@@ -554,8 +639,10 @@ def test_a_connection_redis_closed_while_idle_is_reported_too(caplog):
         redis_server.start()
         assert broker.backlog("s") == 0  # no persistence: the restart emptied it
         assert broker.reconnects == 1
-        assert caplog.messages == [f"lost Redis at {redis_server.url} while idle (the server closed the connection)",
-                                   f"reconnected to Redis at {redis_server.url}"]
+        assert caplog.messages == [
+            f"lost Redis at {redis_server.url} while idle (the server closed the connection)",
+            f"reconnected to Redis at {redis_server.url}",
+        ]
     finally:
         broker.close()
         redis_server.close()
@@ -568,8 +655,9 @@ def test_a_worker_goes_on_after_redis_comes_back_empty_and_stops_while_it_is_awa
     broker = RedisStreams(redis_server.url, patience_s=None)
     fingerprint = Repository(worker_repo).fingerprint
     store = open_store(tmp_path / "store")
-    worker = HeadsWorker(broker, store, LiveHeads(worker_repo), WorkerOptions(group="heads", batch=16, block_ms=50),
-                         "embeddings")
+    worker = HeadsWorker(
+        broker, store, LiveHeads(worker_repo), WorkerOptions(group="heads", batch=16, block_ms=50), "embeddings"
+    )
     stop = threading.Event()
     errors = []
 

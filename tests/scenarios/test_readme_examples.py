@@ -72,8 +72,10 @@ from headmaster.model_repository.server import free_port
 from tests.helpers import ARTIFACTS, ZERO_SHOT, build_repo, photo_bytes, subset
 
 # The examples run `headmaster serve` as written: the bundled Triton, python backend only.
-pytestmark = [pytest.mark.portable_only("the README's examples run `headmaster serve`, the bundled Triton"),
-              pytest.mark.server]  # the blocks reach the served world through request.getfixturevalue
+pytestmark = [
+    pytest.mark.portable_only("the README's examples run `headmaster serve`, the bundled Triton"),
+    pytest.mark.server,
+]  # the blocks reach the served world through request.getfixturevalue
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -148,8 +150,11 @@ def doc_files() -> list[Path]:
 
 def readme_blocks(text: str | None = None) -> list[Block]:
     """Every fenced block of README.md and the docs pages (or of ``text`` alone), named."""
-    sources = [("README.md", text)] if text is not None else \
-        [(str(path.relative_to(ROOT)), path.read_text()) for path in doc_files()]
+    sources = (
+        [("README.md", text)]
+        if text is not None
+        else [(str(path.relative_to(ROOT)), path.read_text()) for path in doc_files()]
+    )
     blocks: list[Block] = []
     for source, content in sources:
         blocks += file_blocks(source, content)
@@ -176,7 +181,8 @@ def cases() -> list:
     out = []
     for block in readme_blocks():
         if block.lang in ("bash", "sh", "shell", "console") and any(
-                c.startswith(("make ", ".venv/bin/headmaster quickstart")) for c in block.commands):
+            c.startswith(("make ", ".venv/bin/headmaster quickstart")) for c in block.commands
+        ):
             for command in block.commands:
                 out.append(pytest.param(block, command, id=f"{block.slug}--{slugify(command.split('#')[0])}"))
         else:
@@ -223,26 +229,45 @@ class World:
     def substitute(self, code: str) -> str:
         """The one substitution: the server's addresses, when it could not take the default ports."""
         for host in ("localhost", "127.0.0.1"):
-            code = (code.replace(f"{host}:8000", f"{host}:{self.ports['http']}")
-                        .replace(f"{host}:8001", f"{host}:{self.ports['grpc']}")
-                        .replace(f"{host}:8002", f"{host}:{self.ports['metrics']}"))
+            code = (
+                code.replace(f"{host}:8000", f"{host}:{self.ports['http']}")
+                .replace(f"{host}:8001", f"{host}:{self.ports['grpc']}")
+                .replace(f"{host}:8002", f"{host}:{self.ports['metrics']}")
+            )
         return code
 
     def bash(self, code: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=self.root, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", code],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def python(self, code: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", code], cwd=self.root, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def classify(self, image: Path) -> dict:
         """What the running server answers for one image (plain KServe v2 JSON)."""
         import base64
 
-        body = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
-                                       "data": [base64.b64encode(image.read_bytes()).decode()]}],
-                           "outputs": [{"name": "RESULT"}]}).encode()
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "IMAGE",
+                        "shape": [1, 1],
+                        "datatype": "BYTES",
+                        "data": [base64.b64encode(image.read_bytes()).decode()],
+                    }
+                ],
+                "outputs": [{"name": "RESULT"}],
+            }
+        ).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.ports['http']}/v2/models/classify/infer", body)
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(json.loads(response.read())["outputs"][0]["data"][0])
@@ -258,8 +283,12 @@ def write_jpeg(data: bytes, path: Path) -> None:
 def world(encoder_dir, digits_dir, tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("readme") / "checkout"
     root.mkdir()
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "XDG_CACHE_HOME": str(root / ".cache"), "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "XDG_CACHE_HOME": str(root / ".cache"),
+        "COLUMNS": "200",
+    }
     env.pop("HEADMASTER_API_KEY", None)
     env.pop("HEADMASTER_STORE", None)
     world = World(root, env)
@@ -274,7 +303,7 @@ def world(encoder_dir, digits_dir, tmp_path_factory) -> World:
     has_cat = root / "photos" / "has_cat"
     for digit, folder, first, count in (("0", "cat", 20, 12), ("1", "no cat", 20, 6), ("2", "no cat", 20, 6)):
         (has_cat / folder).mkdir(parents=True, exist_ok=True)
-        for path in sorted((digits_dir / digit).glob("*.png"))[first:first + count]:
+        for path in sorted((digits_dir / digit).glob("*.png"))[first : first + count]:
             shutil.copy(path, has_cat / folder / path.name)
 
     # The hub example runs beside the rest.
@@ -287,9 +316,13 @@ def world(encoder_dir, digits_dir, tmp_path_factory) -> World:
         (hub_root / ".venv").symlink_to(VENV_BIN.parent)
         # Offline, as every machine here is: huggingface_hub must not even try the network (tests
         # talk to loopback only), so it fails at once instead of after a minute of retries.
-        world.hub_attempt = subprocess.Popen(["bash", "-euo", "pipefail", "-c", hub.split("#")[0]], cwd=hub_root,
-                                             env={**env, "HF_HUB_OFFLINE": "1"}, stdout=open(world.hub_log, "w"),
-                                             stderr=subprocess.STDOUT)
+        world.hub_attempt = subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", hub.split("#")[0]],
+            cwd=hub_root,
+            env={**env, "HF_HUB_OFFLINE": "1"},
+            stdout=open(world.hub_log, "w"),
+            stderr=subprocess.STDOUT,
+        )
     yield world
     if world.hub_attempt is not None and world.hub_attempt.poll() is None:
         world.hub_attempt.send_signal(signal.SIGTERM)
@@ -310,12 +343,23 @@ def served(world) -> World:
         extra: list[str] = []
     else:
         world.ports = {name: free_port() for name in DEFAULT_PORTS}
-        extra = ["--http-port", str(world.ports["http"]), "--grpc-port", str(world.ports["grpc"]),
-                 "--metrics-port", str(world.ports["metrics"])]
+        extra = [
+            "--http-port",
+            str(world.ports["http"]),
+            "--grpc-port",
+            str(world.ports["grpc"]),
+            "--metrics-port",
+            str(world.ports["metrics"]),
+        ]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     world.serve_log = ARTIFACTS / "readme-serve.log"
-    world.serve = subprocess.Popen(["headmaster", "serve", "--repo", "model_repository", *extra], cwd=world.root,
-                                   env=world.env, stdout=open(world.serve_log, "w"), stderr=subprocess.STDOUT)
+    world.serve = subprocess.Popen(
+        ["headmaster", "serve", "--repo", "model_repository", *extra],
+        cwd=world.root,
+        env=world.env,
+        stdout=open(world.serve_log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 300
     while running_server(world.repo) is None:
         assert world.serve.poll() is None, world.serve_log.read_text()
@@ -365,9 +409,19 @@ def check_diagram(block: Block, world: World) -> None:
 
 
 def help_text(*command: str) -> str:
-    result = subprocess.run(["headmaster", *command, "--help"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                                 "COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"})
+    result = subprocess.run(
+        ["headmaster", *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "COLUMNS": "300",
+            "NO_COLOR": "1",
+            "TERM": "dumb",
+        },
+    )
     assert result.returncode == 0, f"headmaster {' '.join(command)} --help failed:\n{result.stdout}{result.stderr}"
     return result.stdout
 
@@ -520,8 +574,9 @@ def check_perf_analyzer(output: str, block: Block) -> None:
 
 def make_quickstart(command: str, world: World, tmp_path: Path) -> None:
     recipe = re.search(r"^quickstart:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M)
-    assert recipe and recipe.group(1).strip() == "$(VENV)/bin/headmaster quickstart", \
+    assert recipe and recipe.group(1).strip() == "$(VENV)/bin/headmaster quickstart", (
         "make quickstart no longer runs `.venv/bin/headmaster quickstart`: update this test"
+    )
     code = f".venv/bin/headmaster quickstart --workdir {tmp_path / 'quickstart'}"
     output = ran(world.bash(code), code)
     check_quickstart(output, tmp_path / "quickstart")
@@ -618,10 +673,15 @@ def test_readme_block(block: Block, command: str | None, request, tmp_path):
     world = request.getfixturevalue("served")
     code = world.substitute(block.code)
     if block.lang != "python" and not world.default_ports and re.search(r"headmaster classify (?!.*--url)", code):
-        pytest.skip(f"the default ports {DEFAULT_PORTS} are taken here and this block relies on classify's "
-                    "default --url localhost:8001")
-    before = {name: list(head_state(world, name)[0].versions)
-              for name in ("animal", "has_cat") if (world.repo / name).is_dir()}
+        pytest.skip(
+            f"the default ports {DEFAULT_PORTS} are taken here and this block relies on classify's "
+            "default --url localhost:8001"
+        )
+    before = {
+        name: list(head_state(world, name)[0].versions)
+        for name in ("animal", "has_cat")
+        if (world.repo / name).is_dir()
+    }
     if block.lang == "python":
         output = ran(world.python(code), code)
     else:

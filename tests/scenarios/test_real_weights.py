@@ -64,8 +64,11 @@ def test_the_key_map_loads_every_tensor_and_the_imagenet_classifier_names_the_ph
 
 def test_a_checkpoint_in_another_codebases_names_fails_in_one_line_without_its_key_map(tmp_path):
     path = checkpoints.shipped_path(SHIPPED)
-    with pytest.raises(ExportError, match=r"does not fit EfficientNet: 245 missing keys \(blocks.0.0.bn1.bias, .*\), "
-                                          r"296 unexpected keys \(_blocks.0._bn1.bias, .*--key-map") as e:
+    with pytest.raises(
+        ExportError,
+        match=r"does not fit EfficientNet: 245 missing keys \(blocks.0.0.bn1.bias, .*\), "
+        r"296 unexpected keys \(_blocks.0._bn1.bias, .*--key-map",
+    ) as e:
         load(LITE0, str(path))
     assert "\n" not in str(e.value)
     # Another architecture of the same family: every name maps, the shapes do not.
@@ -96,7 +99,7 @@ def test_a_json_key_map_loads_a_state_dict_saved_under_other_names(tmp_path):
     assert theirs.weights_sha256 == ours.weights_sha256 == weights_sha256(ours.model)
     assert theirs.checkpoint["key_map"] == str(rules) and theirs.checkpoint["dropped"] == 2  # the classifier
     rules.write_text(json.dumps({"rename": [["(", ""]]}))
-    with pytest.raises(ExportError, match="is not a JSON object of \"rename\""):
+    with pytest.raises(ExportError, match='is not a JSON object of "rename"'):
         load(LITE0, str(tmp_path / "other.pt"), key_map=str(rules))
 
 
@@ -147,8 +150,10 @@ def test_a_head_on_real_embeddings_matches_logistic_regression_and_the_server_an
     # The linear probe as the CLIP paper runs it: C chosen on a validation split, refitted on all.
     split = np.random.default_rng(1).permutation(len(y_train))
     fit, val = split[:800], split[800:]
-    sweep = {c: LogisticRegression(C=c, max_iter=3000).fit(x_train[fit], y_train[fit]).score(x_train[val], y_train[val])
-             for c in np.logspace(-2, 3, 11)}
+    sweep = {
+        c: LogisticRegression(C=c, max_iter=3000).fit(x_train[fit], y_train[fit]).score(x_train[val], y_train[val])
+        for c in np.logspace(-2, 3, 11)
+    }
     baseline = LogisticRegression(C=max(sweep, key=sweep.get), max_iter=3000).fit(x_train, y_train).predict(x_test)
     ours, theirs = (offline == y_test).mean(), (baseline == y_test).mean()
     # Real features separate digits far above chance (10%); random weights do not come close.
@@ -171,6 +176,7 @@ def test_int8_refuses_a_convolutional_network_it_would_not_quantize(tmp_path):
     """int8 quantizes weight MatMuls (a transformer's); EfficientNet has none, so its "int8"
     graph would be the fp32 one renamed: refused in one line, nothing written."""
     with pytest.raises(ExportError, match="has no MatMul/Gemm node with weights to quantize") as e:
-        export_encoder(ExportOptions(model=LITE0, pretrained=None, out=tmp_path / "int8", towers=("image",),
-                                     precision="int8"))
+        export_encoder(
+            ExportOptions(model=LITE0, pretrained=None, out=tmp_path / "int8", towers=("image",), precision="int8")
+        )
     assert "\n" not in str(e.value) and not (tmp_path / "int8").exists()

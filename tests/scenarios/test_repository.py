@@ -34,8 +34,19 @@ def other_encoder(tmp_path_factory):
 def test_repository_has_every_model_and_validates(repo):
     repository = Repository(repo)
     check(repository.path)
-    assert repository.model_names() == ["preprocess", "image_encoder", "tokenize", "text_encoder", "animal", "has_cat",
-                                        "threshold", "classify", "classify_embedding", "embed", "embed_text"]
+    assert repository.model_names() == [
+        "preprocess",
+        "image_encoder",
+        "tokenize",
+        "text_encoder",
+        "animal",
+        "has_cat",
+        "threshold",
+        "classify",
+        "classify_embedding",
+        "embed",
+        "embed_text",
+    ]
     for name in repository.model_names():
         assert parse((repo / name / "config.pbtxt").read_text()).name == name
 
@@ -45,7 +56,9 @@ def test_native_flavour_renders_from_the_same_description(encoder_dir, tmp_path)
 
     native = build_repo(encoder_dir, tmp_path / "native", flavour="native")
     repository = Repository(native)
-    platforms = {name: parse((native / name / "config.pbtxt").read_text()).platform for name in repository.model_names()}
+    platforms = {
+        name: parse((native / name / "config.pbtxt").read_text()).platform for name in repository.model_names()
+    }
     assert platforms["image_encoder"] == platforms["text_encoder"] == "onnxruntime_onnx"
     assert platforms["animal"] == platforms["has_cat"] == "onnxruntime_onnx"
     assert platforms["classify"] == "ensemble"
@@ -65,13 +78,23 @@ def test_zero_shot_weights_are_the_open_clip_text_embeddings(repo, open_clip_mod
 
 
 def foreign_card(version: int) -> HeadCard:
-    return HeadCard(name="stranger", version=version, labels=("a", "b"), thresholds=(0.0, 0.0), multi_label=False,
-                    encoder_fingerprint="sha256:" + "f" * 64, embed_dim=384, kind="linear")
+    return HeadCard(
+        name="stranger",
+        version=version,
+        labels=("a", "b"),
+        thresholds=(0.0, 0.0),
+        multi_label=False,
+        encoder_fingerprint="sha256:" + "f" * 64,
+        embed_dim=384,
+        kind="linear",
+    )
 
 
 def test_a_head_from_another_encoder_is_refused(repo):
     weights = HeadWeights(((np.zeros((2, 384), np.float32), np.zeros(2, np.float32)),), False)
-    with pytest.raises(FingerprintMismatchError, match="was made with encoder ffffffffffff, but this repository serves"):
+    with pytest.raises(
+        FingerprintMismatchError, match="was made with encoder ffffffffffff, but this repository serves"
+    ):
         lifecycle.publish(repo, weights, foreign_card)
     assert not (repo / "stranger").exists()
 
@@ -96,7 +119,9 @@ def test_validate_catches_a_tampered_head(encoder_dir, tmp_path):
 
 def test_manifest_holds_the_encoder_card(repo, encoder_dir):
     assert Repository(repo).card == EncoderCard.load(encoder_dir)
-    assert Repository(repo).options == BuildOptions(max_queue_delay_us=20000, preferred_batch_sizes=(4, 8), **TIER_OPTIONS)
+    assert Repository(repo).options == BuildOptions(
+        max_queue_delay_us=20000, preferred_batch_sizes=(4, 8), **TIER_OPTIONS
+    )
 
 
 def test_not_a_repository_is_named(tmp_path):
@@ -137,8 +162,11 @@ def test_docker_compose_serves_what_a_native_build_produces(encoder_dir, tmp_pat
     native = Repository(build_repo(encoder_dir, tmp_path / "model_repository", flavour="native"))
     assert set(loaded) <= set(native.model_names())
     # Loading those ensembles pulls in every model of the repository.
-    used = {s.model_name for name in loaded
-            for s in parse((native.path / name / "config.pbtxt").read_text()).ensemble_scheduling.step}
+    used = {
+        s.model_name
+        for name in loaded
+        for s in parse((native.path / name / "config.pbtxt").read_text()).ensemble_scheduling.step
+    }
     assert used | set(loaded) == set(native.model_names())
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     # Closed like `headmaster serve`: the same APIs behind the same header, on both transports,

@@ -86,8 +86,11 @@ def test_a_corrupt_live_version_is_found_and_the_previous_one_served_again(repo)
     assert len(found) == 1
     assert found[0].startswith("head version animal/2: model.onnx does not load in onnxruntime: ")
     assert found[0].endswith("(the version animal/config.pbtxt serves)")
-    with pytest.raises(RepositoryError, match=r"1 problem\(s\):\n  - head version animal/2: (.|\n)*"
-                                              r"fix them with `headmaster repo repair --repo "):
+    with pytest.raises(
+        RepositoryError,
+        match=r"1 problem\(s\):\n  - head version animal/2: (.|\n)*"
+        r"fix them with `headmaster repo repair --repo ",
+    ):
         check(repo)
 
     actions = repaired(repo)
@@ -100,14 +103,18 @@ def test_a_corrupt_live_version_is_found_and_the_previous_one_served_again(repo)
 
 def test_a_head_folder_deleted_by_hand_is_found_and_taken_out_of_the_ensembles(repo):
     shutil.rmtree(repo / "has_cat")
-    assert problems(repo) == ["threshold expects heads that are not on disk: has_cat",
-                              "ensemble classify runs heads that are not on disk: has_cat",
-                              "ensemble classify_embedding runs heads that are not on disk: has_cat"]
+    assert problems(repo) == [
+        "threshold expects heads that are not on disk: has_cat",
+        "ensemble classify runs heads that are not on disk: has_cat",
+        "ensemble classify_embedding runs heads that are not on disk: has_cat",
+    ]
     with pytest.raises(RepositoryError, match="3 problem"):
         check(repo)
-    assert repaired(repo) == ["rewrote threshold/config.pbtxt for heads [animal]",
-                              "rewrote classify/config.pbtxt for heads [animal]",
-                              "rewrote classify_embedding/config.pbtxt for heads [animal]"]
+    assert repaired(repo) == [
+        "rewrote threshold/config.pbtxt for heads [animal]",
+        "rewrote classify/config.pbtxt for heads [animal]",
+        "rewrote classify_embedding/config.pbtxt for heads [animal]",
+    ]
     assert head_steps(repo) == head_steps(repo, "classify_embedding") == ["animal"]
     assert "has_cat" not in Repository(repo).model_names()
 
@@ -123,8 +130,10 @@ def test_three_scores_for_four_labels_never_go_live(repo, tmp_path):
     with pytest.raises(InvalidVersionError, match=message):
         lifecycle.rollback(repo, "animal")  # the default target: the version before the live one
     assert live_version(repo, "animal") == 2
-    assert problems(repo) == ["head version animal/1: model.onnx gives 3 scores per embedding, but head.json has 4 "
-                              "labels ['cat', 'dog', 'bird', 'fish']"]
+    assert problems(repo) == [
+        "head version animal/1: model.onnx gives 3 scores per embedding, but head.json has 4 "
+        "labels ['cat', 'dog', 'bird', 'fish']"
+    ]
 
     outside = shutil.copytree(repo / "animal" / "1", tmp_path / "elsewhere" / "1")
     with pytest.raises(InvalidVersionError, match=r"head version .*elsewhere/1: model\.onnx gives 3 scores"):
@@ -141,16 +150,27 @@ def test_a_sound_version_imports_and_rolls_back(repo, tmp_path):
     assert problems(repo) == []
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda r: (r / "preprocess" / "config.pbtxt").unlink(), "preprocess/config.pbtxt is missing"),
-    (lambda r: replace_file(r / "classify" / "config.pbtxt", "name: [[["),
-     "classify/config.pbtxt: not a valid config.pbtxt: 1:7 : 'name: [[[': Expected string but found: '['"),
-    (lambda r: replace_file(r / "animal" / "config.pbtxt", (r / "has_cat" / "config.pbtxt").read_text()),
-     "head animal: animal/config.pbtxt names the model 'has_cat', not 'animal'"),
-    (lambda r: replace_file(r / "embed" / "config.pbtxt", (r / "embed" / "config.pbtxt").read_text()
-                            .replace("max_batch_size: 64", "max_batch_size: 8")),
-     "embed/config.pbtxt is not what the manifest renders"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda r: (r / "preprocess" / "config.pbtxt").unlink(), "preprocess/config.pbtxt is missing"),
+        (
+            lambda r: replace_file(r / "classify" / "config.pbtxt", "name: [[["),
+            "classify/config.pbtxt: not a valid config.pbtxt: 1:7 : 'name: [[[': Expected string but found: '['",
+        ),
+        (
+            lambda r: replace_file(r / "animal" / "config.pbtxt", (r / "has_cat" / "config.pbtxt").read_text()),
+            "head animal: animal/config.pbtxt names the model 'has_cat', not 'animal'",
+        ),
+        (
+            lambda r: replace_file(
+                r / "embed" / "config.pbtxt",
+                (r / "embed" / "config.pbtxt").read_text().replace("max_batch_size: 64", "max_batch_size: 8"),
+            ),
+            "embed/config.pbtxt is not what the manifest renders",
+        ),
+    ],
+)
 def test_configs_missing_unreadable_or_naming_another_model(repo, damage, expected):
     damage(repo)
     assert problems(repo)[0] == expected
@@ -175,12 +195,16 @@ def test_a_head_with_no_valid_version_is_moved_aside(repo):
     replace_file(repo / "has_cat" / "1" / "head.json", "{}")
     found = problems(repo)
     assert found[0].startswith("head version has_cat/1: head.json is not a valid head card: ")
-    assert found[1:] == ["head has_cat: no valid version on disk (versions: [1])",
-                         "threshold expects heads with no valid version: has_cat",
-                         "ensemble classify runs heads with no valid version: has_cat",
-                         "ensemble classify_embedding runs heads with no valid version: has_cat"]
+    assert found[1:] == [
+        "head has_cat: no valid version on disk (versions: [1])",
+        "threshold expects heads with no valid version: has_cat",
+        "ensemble classify runs heads with no valid version: has_cat",
+        "ensemble classify_embedding runs heads with no valid version: has_cat",
+    ]
     actions = repaired(repo)
-    assert actions[0].startswith("head has_cat has no valid version (versions: [1]): moved has_cat/ to .invalid-has_cat-")
+    assert actions[0].startswith(
+        "head has_cat has no valid version (versions: [1]): moved has_cat/ to .invalid-has_cat-"
+    )
     assert head_steps(repo) == ["animal"] and not (repo / "has_cat").exists()
 
 
@@ -197,7 +221,8 @@ def test_a_head_folder_without_config_is_reported_and_adopted(repo):
         "not adopted yet?)",
         "threshold expects heads that have no config.pbtxt: animal",
         "ensemble classify runs heads that have no config.pbtxt: animal",
-        "ensemble classify_embedding runs heads that have no config.pbtxt: animal"]
+        "ensemble classify_embedding runs heads that have no config.pbtxt: animal",
+    ]
     assert repaired(repo) == ["head animal serves v1 (rewrote animal/config.pbtxt)"]
 
 
@@ -212,16 +237,21 @@ def test_leftovers_are_found_and_cleared(repo):
         "animal/.staging-2-abc: leftover of an interrupted write",
         "classify/.config.pbtxt.x1y2: leftover of an interrupted write",
         "image_encoder/.old-1-99: leftover of an interrupted rebuild, and image_encoder/1 is missing",
-        f"image_encoder/1/ is missing; rebuild with `headmaster repo build --encoder DIR --repo {repo}`"]
-    assert sorted(repaired(repo)) == ["removed the leftover .removed-pets-12",
-                                      "removed the leftover animal/.staging-2-abc",
-                                      "removed the leftover classify/.config.pbtxt.x1y2",
-                                      "restored image_encoder/1 from the leftover image_encoder/.old-1-99"]
+        f"image_encoder/1/ is missing; rebuild with `headmaster repo build --encoder DIR --repo {repo}`",
+    ]
+    assert sorted(repaired(repo)) == [
+        "removed the leftover .removed-pets-12",
+        "removed the leftover animal/.staging-2-abc",
+        "removed the leftover classify/.config.pbtxt.x1y2",
+        "restored image_encoder/1 from the leftover image_encoder/.old-1-99",
+    ]
 
 
 def test_missing_encoder_files_name_the_rebuild(repo):
     (repo / "image_encoder" / "1" / "model.onnx").unlink()
-    expected = [f"image_encoder/1/model.onnx is missing; rebuild with `headmaster repo build --encoder DIR --repo {repo}`"]
+    expected = [
+        f"image_encoder/1/model.onnx is missing; rebuild with `headmaster repo build --encoder DIR --repo {repo}`"
+    ]
     assert problems(repo) == expected
     assert repair(repo) == []
     assert problems(repo) == expected
@@ -259,10 +289,12 @@ def test_repo_check_names_every_problem_and_repair_fixes_them(repo):
     check = run("repo", "check", "--repo", repo)
     assert check.returncode == 1, check.stderr
     lines = check.stderr.strip().splitlines()
-    assert lines[:4] == ["animal/.staging-2-abc: leftover of an interrupted write",
-                         "threshold expects heads that are not on disk: has_cat",
-                         "ensemble classify runs heads that are not on disk: has_cat",
-                         "ensemble classify_embedding runs heads that are not on disk: has_cat"]
+    assert lines[:4] == [
+        "animal/.staging-2-abc: leftover of an interrupted write",
+        "threshold expects heads that are not on disk: has_cat",
+        "ensemble classify runs heads that are not on disk: has_cat",
+        "ensemble classify_embedding runs heads that are not on disk: has_cat",
+    ]
     assert lines[4] == f"4 problem(s) in {repo}; fix them with `headmaster repo repair --repo {repo}`"
     fixed = run("repo", "repair", "--repo", repo)
     assert fixed.returncode == 0, fixed.stderr
@@ -272,13 +304,16 @@ def test_repo_check_names_every_problem_and_repair_fixes_them(repo):
     assert again.returncode == 0 and again.stderr.startswith(f"ok {repo}"), again.stderr
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda f: replace_file(f / "model.onnx", b"\x08garbage"), "model.onnx does not load in onnxruntime"),
-    (lambda f: replace_file(f / "head.json", "{not json"), "head.json is not a valid head card"),
-    (lambda f: replace_file(f / "head.json", '{"schema": 1}'), "head.json is not a valid head card"),
-    (lambda f: (f / "model.onnx").unlink(), "model.onnx is missing"),
-    (four_labels, "model.onnx gives 3 scores per embedding, but head.json has 4 labels"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda f: replace_file(f / "model.onnx", b"\x08garbage"), "model.onnx does not load in onnxruntime"),
+        (lambda f: replace_file(f / "head.json", "{not json"), "head.json is not a valid head card"),
+        (lambda f: replace_file(f / "head.json", '{"schema": 1}'), "head.json is not a valid head card"),
+        (lambda f: (f / "model.onnx").unlink(), "model.onnx is missing"),
+        (four_labels, "model.onnx gives 3 scores per embedding, but head.json has 4 labels"),
+    ],
+)
 def test_importing_a_corrupt_folder_prints_one_line(repo, tmp_path, damage, match):
     import re
 

@@ -37,8 +37,12 @@ def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_l
     hashes, x, _ = world.draw(100)
     far = world.rng.normal(size=(8, x.shape[1])).astype(np.float32)
     far_hashes = [hashlib.sha256(f"far {i}".encode()).hexdigest() for i in range(8)]
-    store.add_embeddings(hashes + far_hashes, [f"/photos/{h[:8]}.png" for h in hashes + far_hashes], fingerprint,
-                         np.vstack([x, far / np.linalg.norm(far, axis=1, keepdims=True)]))
+    store.add_embeddings(
+        hashes + far_hashes,
+        [f"/photos/{h[:8]}.png" for h in hashes + far_hashes],
+        fingerprint,
+        np.vstack([x, far / np.linalg.norm(far, axis=1, keepdims=True)]),
+    )
     live = HeadVersion.load(repository.path, HEAD, 1)
     for version in (1, 2):
         rescore(store, HeadVersion.load(repository.path, HEAD, version))
@@ -46,8 +50,13 @@ def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_l
     mix = parse_mix("margin=0.4,ood=0.1,disagreement=0.2,diversity=0.2,random=0.1")
     batch = select(store, live, 50, mix, repository.path, other=2, seed=0)
     by = {s: [i for i in batch if i.strategy == s] for s in mix}
-    assert {s: len(v) for s, v in by.items()} == {"margin": 20, "ood": 5, "disagreement": 10, "diversity": 10,
-                                                  "random": 5}
+    assert {s: len(v) for s, v in by.items()} == {
+        "margin": 20,
+        "ood": 5,
+        "disagreement": 10,
+        "diversity": 10,
+        "random": 5,
+    }
     assert len({i.sha256 for i in batch}) == 50
     assert {i.sha256 for i in by["ood"]} <= set(far_hashes)
     v1, v2 = ({r["sha256"]: set(r["labels"]) for r in store.labels(HEAD, v).to_pylist()} for v in (1, 2))
@@ -64,6 +73,7 @@ def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_l
 
     def distance(items) -> float:
         return float(np.mean([1 - (done @ stored[i.sha256]).max() for i in items]))
+
     assert distance(by["diversity"]) > distance(by["random"])
     for item in batch:  # the pre-annotation
         assert item.version == 1 and item.prediction == tuple(sorted(i for i in v1[item.sha256]))
@@ -92,11 +102,22 @@ def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_l
     for number, task in enumerate(tasks[:4], 1):
         predicted = task["data"]["prediction"]
         answer = predicted if number == 1 else [next(label for label in LABELS if label not in predicted)]
-        annotations = [] if number == 4 else [{
-            "id": 100 + number, "completed_by": {"id": 7, "email": "ann@example.com"},
-            "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": answer}}],
-            "was_cancelled": number == 3, "created_at": f"2026-12-0{number}T10:00:00.000000Z",
-            "updated_at": f"2026-12-0{number}T10:00:00.000000Z"}]
+        annotations = (
+            []
+            if number == 4
+            else [
+                {
+                    "id": 100 + number,
+                    "completed_by": {"id": 7, "email": "ann@example.com"},
+                    "result": [
+                        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": answer}}
+                    ],
+                    "was_cancelled": number == 3,
+                    "created_at": f"2026-12-0{number}T10:00:00.000000Z",
+                    "updated_at": f"2026-12-0{number}T10:00:00.000000Z",
+                }
+            ]
+        )
         exported.append({**task, "id": number, "annotations": annotations})
     export_path = tmp_path / "export.json"
     export_path.write_text(json.dumps(exported))
@@ -128,8 +149,22 @@ def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_l
     assert json.loads(row.note)["corrects"]["version"] == 1
 
     # The command: a default mix, Label Studio tasks out.
-    result = run_cli("suggest", HEAD, "--mix", "default", "--n", "5", "--store", store.path, "--repo",
-                     repository.path, "--output", tmp_path / "cli.json", "--version", "1")
+    result = run_cli(
+        "suggest",
+        HEAD,
+        "--mix",
+        "default",
+        "--n",
+        "5",
+        "--store",
+        store.path,
+        "--repo",
+        repository.path,
+        "--output",
+        tmp_path / "cli.json",
+        "--version",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert len(json.loads((tmp_path / "cli.json").read_text())) == 5 and (tmp_path / "cli.xml").is_file()
     bad = run_cli("suggest", HEAD, "--mix", "loudest=1", "--store", store.path, "--repo", repository.path)

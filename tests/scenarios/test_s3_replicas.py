@@ -39,9 +39,15 @@ def bucket(tmp_path_factory):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     server = MotoS3Server(ARTIFACTS / "s3-moto.log")
     port = server.port
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": SECRET_ID, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-           "AWS_DEFAULT_REGION": "us-east-1", "HEADMASTER_S3_CACHE": str(work / "cache"),
-           "HEADMASTER_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": SECRET_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "HEADMASTER_S3_CACHE": str(work / "cache"),
+        "HEADMASTER_API_KEY": API_KEY,
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("AWS_ENDPOINT_URL", None)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the in-process checks below use the same bucket and cache
@@ -58,8 +64,9 @@ OUTPUTS: list[str] = []  # every command's output, searched for the credentials 
 
 
 def run(bucket, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
-    done = subprocess.run([*HEADMASTER, *map(str, args)], capture_output=True, text=True, env=bucket["env"],
-                          timeout=timeout)
+    done = subprocess.run(
+        [*HEADMASTER, *map(str, args)], capture_output=True, text=True, env=bucket["env"], timeout=timeout
+    )
     OUTPUTS.append(done.stdout + done.stderr)
     if check:
         assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
@@ -77,16 +84,22 @@ def test_push_uploads_versions_before_what_names_them(bucket, repo, tmp_path):
     before = log.stat().st_size
     location, changed = s3.push_repository(repo, bucket["url"].replace("/prod", "/order"))
     time.sleep(0.5)  # the server writes its access line after it answers
-    puts = [line.split('"PUT ', 1)[1].split()[0].split("?")[0] for line in bucket["server"].requests_since(before)
-            if '"PUT /' in line and "/order/" in line]
+    puts = [
+        line.split('"PUT ', 1)[1].split()[0].split("?")[0]
+        for line in bucket["server"].requests_since(before)
+        if '"PUT /' in line and "/order/" in line
+    ]
     paths = [p.split("/order/", 1)[1] for p in puts]
     assert set(paths) == set(changed) and len(paths) > 20
     assert paths[-1] == "headmaster.json"
     configs = [i for i, p in enumerate(paths) if p.endswith("/config.pbtxt")]
     versions = [i for i, p in enumerate(paths) if p.count("/") >= 2]
     assert max(versions) < min(configs), "a config was uploaded before a version file"
-    assert paths.index("animal/config.pbtxt") < paths.index("threshold/config.pbtxt") < paths.index(
-        "classify/config.pbtxt")
+    assert (
+        paths.index("animal/config.pbtxt")
+        < paths.index("threshold/config.pbtxt")
+        < paths.index("classify/config.pbtxt")
+    )
     assert "classify/1/" in paths  # the ensemble's empty version folder, as a folder marker
     assert not any(p.startswith(".") or "/." in p for p in paths)  # lock, state, staging stay local
     assert s3.push_repository(repo, bucket["url"].replace("/prod", "/order"))[1] == []
@@ -195,10 +208,24 @@ class Replica:
         url = bucket["url"].replace(f":{bucket['port']}/", f":{relay.port}/") if relay else bucket["url"]
         self.output = open(log, "w")
         self.process = subprocess.Popen(
-            [*HEADMASTER, "serve", "--repo", url, "--http-port", str(ports[0]), "--grpc-port",
-             str(ports[1]), "--metrics-port", str(ports[2]), "--log-file", str(log.with_suffix(".triton.log"))],
-            stdout=self.output, stderr=subprocess.STDOUT,
-            env=bucket["env"])
+            [
+                *HEADMASTER,
+                "serve",
+                "--repo",
+                url,
+                "--http-port",
+                str(ports[0]),
+                "--grpc-port",
+                str(ports[1]),
+                "--metrics-port",
+                str(ports[2]),
+                "--log-file",
+                str(log.with_suffix(".triton.log")),
+            ],
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
+            env=bucket["env"],
+        )
         self.workdir: Path | None = None  # tritonserver's own temp folder, once it runs
 
     def tritonserver(self) -> tuple[int, Path]:
@@ -206,8 +233,10 @@ class Replica:
         --backend-directory serve assembles there, beside the copies of the bucket's models)."""
         for entry in Path("/proc").iterdir():
             try:
-                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) \
-                        == self.process.pid:
+                if (
+                    entry.name.isdigit()
+                    and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.process.pid
+                ):
                     args = (entry / "cmdline").read_bytes().decode().split("\0")
                     if args[0].endswith("tritonserver"):
                         backends = next(a.split("=", 1)[1] for a in args if a.startswith("--backend-directory="))
@@ -244,8 +273,11 @@ class Replica:
     def left_behind(self) -> list[str]:
         """What this replica's tritonserver left in its temp folder (its copies of the bucket's models
         included): nothing, after a clean stop."""
-        return sorted(str(p.relative_to(self.workdir)) for p in self.workdir.rglob("*")) \
-            if self.workdir and self.workdir.exists() else []
+        return (
+            sorted(str(p.relative_to(self.workdir)) for p in self.workdir.rglob("*"))
+            if self.workdir and self.workdir.exists()
+            else []
+        )
 
 
 def _tmp_folders() -> set[str]:
@@ -259,8 +291,10 @@ def replicas(bucket, repo, tmp_path_factory):
     run(bucket, "repo", "push", source, "--to", bucket["url"])
     before = _tmp_folders()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    started = [Replica(bucket, ARTIFACTS / f"s3-replica-{i}.log", relay=Relay(bucket["port"]) if i == 2 else None)
-               for i in range(3)]
+    started = [
+        Replica(bucket, ARTIFACTS / f"s3-replica-{i}.log", relay=Relay(bucket["port"]) if i == 2 else None)
+        for i in range(3)
+    ]
     try:
         deadline = time.monotonic() + 300
         for replica in started:
@@ -307,16 +341,32 @@ def test_three_replicas_agree_on_every_head_version_under_load(bucket, replicas,
     watcher.start()
     try:
         # 1. A new version of `animal`, published to the bucket and loaded on each replica in turn.
-        run(bucket, "--verbose", "zero-shot", "animal", "--repo", bucket["url"], "--server", servers,
-            "--label", "cat=a photo of a cat", "--label", "dog=a photo of a dog", "--template", "a picture of {}.")
+        run(
+            bucket,
+            "--verbose",
+            "zero-shot",
+            "animal",
+            "--repo",
+            bucket["url"],
+            "--server",
+            servers,
+            "--label",
+            "cat=a photo of a cat",
+            "--label",
+            "dog=a photo of a dog",
+            "--template",
+            "a picture of {}.",
+        )
         done = time.monotonic()
         time.sleep(2.0)  # answers to requests sent after the command returned
         assert 2 in published, "the bucket never named animal v2"
         print("\n" + "\n".join(OUTPUTS[-1].splitlines()[-40:]))
         for load in loads:
             sent, answered = min((s, a) for s, a, r in load.answers if r.heads["animal"].version == 2)
-            print(f"first v2 answer: sent {sent - published[2]:+.1f} s, answered {answered - published[2]:+.1f} s "
-                  f"after the bucket named it; command returned {done - published[2]:+.1f} s")
+            print(
+                f"first v2 answer: sent {sent - published[2]:+.1f} s, answered {answered - published[2]:+.1f} s "
+                f"after the bucket named it; command returned {done - published[2]:+.1f} s"
+            )
         for load in loads:
             assert _versions_seen(load, "animal", done) == {2}
             first_new = min(sent for sent, _, r in load.answers if r.heads["animal"].version == 2)
@@ -351,8 +401,12 @@ def test_three_replicas_agree_on_every_head_version_under_load(bucket, replicas,
     for load in loads:
         failed_at = [sent for sent, _, r in load.results if isinstance(r, Exception) or not r.ok]
         if failed_at:
-            print("failures from", {k: round(min(failed_at) - v, 1) for k, v in steps.items()},
-                  "to", {k: round(max(failed_at) - v, 1) for k, v in steps.items()})
+            print(
+                "failures from",
+                {k: round(min(failed_at) - v, 1) for k, v in steps.items()},
+                "to",
+                {k: round(max(failed_at) - v, 1) for k, v in steps.items()},
+            )
         assert load.failures == [], load.failures[:3]
         assert _versions_seen(load, "animal", refused_at) <= {1, 2} and 3 not in _versions_seen(load, "animal", 0)
         assert _versions_seen(load, "animal", rolled) == {1}
@@ -370,8 +424,9 @@ def test_head_commands_work_against_the_bucket(bucket, replicas, digits_dir, jpe
     live on every replica; a replica that is gone is named and the rest put back."""
     servers = ",".join(r.http_url for r in replicas)
     data = subset(digits_dir, tmp_path / "digits", {"3": 12, "8": 12}, rename={"3": "three", "8": "eight"})
-    trained = run(bucket, "train-head", data, "--name", "digit", "--repo", bucket["url"], "--server", servers,
-                  "--epochs", "30")
+    trained = run(
+        bucket, "train-head", data, "--name", "digit", "--repo", bucket["url"], "--server", servers, "--epochs", "30"
+    )
     assert "head digit v1" in trained.stderr + trained.stdout
     # A version made elsewhere (here: the bucket's own animal v1, pulled) imported as a new head.
     elsewhere = tmp_path / "elsewhere"
@@ -397,15 +452,37 @@ def test_head_commands_work_against_the_bucket(bucket, replicas, digits_dir, jpe
     run(bucket, "classify", photos_dir, "--url", replicas[0].grpc_url, "--store", store)
     rescored = run(bucket, "rescore", "digit", "--store", store, "--repo", bucket["url"])
     assert "digit" in rescored.stdout + rescored.stderr
-    run(bucket, "eval", "digit", "--data", data, "--repo", bucket["url"], "--report", tmp_path / "report",
-        "--no-quality")
+    run(
+        bucket,
+        "eval",
+        "digit",
+        "--data",
+        data,
+        "--repo",
+        bucket["url"],
+        "--report",
+        tmp_path / "report",
+        "--no-quality",
+    )
     assert (tmp_path / "report" / "metrics.json").is_file()
 
     # A replica that cannot be reached: the command names it, and the bucket and the replicas
     # already changed go back to v1.
     gone = f"127.0.0.1:{free_port()}"
-    failed = run(bucket, "train-head", data, "--name", "digit", "--repo", bucket["url"], "--epochs", "30",
-                 "--server", f"{servers},{gone}", check=False)
+    failed = run(
+        bucket,
+        "train-head",
+        data,
+        "--name",
+        "digit",
+        "--repo",
+        bucket["url"],
+        "--epochs",
+        "30",
+        "--server",
+        f"{servers},{gone}",
+        check=False,
+    )
     assert failed.returncode == 1 and gone in failed.stderr and "serves v1 again" in failed.stderr
     assert "versions: 1" in (s3.pull(s3.S3Location.parse(bucket["url"])) / "digit" / "config.pbtxt").read_text()
     rollout = run(bucket, "rollout", "--repo", bucket["url"], "--server", f"{servers},{gone}", check=False)
@@ -418,12 +495,37 @@ def test_a_shadow_test_on_the_bucket_reaches_every_replica(bucket, replicas, dig
     answer beside it while the test runs, and without it after."""
     servers = ",".join(r.http_url for r in replicas)
     data = subset(digits_dir, tmp_path / "digits", {"3": 12, "8": 12}, rename={"3": "three", "8": "eight"})
-    run(bucket, "train-head", data, "--name", "digit", "--repo", bucket["url"], "--server", servers, "--epochs", "30",
-        "--candidate", "--seed", "3")
+    run(
+        bucket,
+        "train-head",
+        data,
+        "--name",
+        "digit",
+        "--repo",
+        bucket["url"],
+        "--server",
+        servers,
+        "--epochs",
+        "30",
+        "--candidate",
+        "--seed",
+        "3",
+    )
     working = s3.pull(s3.S3Location.parse(bucket["url"]))
     candidate = max(int(p.name) for p in (working / "digit").iterdir() if p.name.isdigit())
-    run(bucket, "heads", "canary", "digit", "--version", candidate, "--shadow", "--repo", bucket["url"],
-        "--server", servers)
+    run(
+        bucket,
+        "heads",
+        "canary",
+        "digit",
+        "--version",
+        candidate,
+        "--shadow",
+        "--repo",
+        bucket["url"],
+        "--server",
+        servers,
+    )
     photo = next(iter(jpeg_photos.values()))
 
     def answers() -> list:
@@ -471,8 +573,13 @@ def test_helm_test_hook_classifies_through_a_replica(replicas, tmp_path):
     # /tmp first: the checkout itself may live under /tmp.
     script = pod["spec"]["containers"][0]["args"][0].replace("/tmp/", f"{tmp_path}/")
     script = script.replace("/photo/photo.png", str(CHART / "files" / "photo.png"))
-    done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "SERVER": replicas[0].http_url})
+    done = subprocess.run(
+        ["/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SERVER": replicas[0].http_url},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     answer = yaml.safe_load(done.stdout)  # JSON is YAML
     result = answer["outputs"][0]["data"][0]

@@ -39,8 +39,10 @@ from tests.helpers import ARTIFACTS, Clients, clone_repo, run_cli, subset, writt
 
 HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
 # `headmaster serve` runs the bundled Triton, which has only the python backend.
-pytestmark = [pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)"),
-              pytest.mark.server]  # every test runs `headmaster serve` or a Triton
+pytestmark = [
+    pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)"),
+    pytest.mark.server,
+]  # every test runs `headmaster serve` or a Triton
 
 
 class Serve:
@@ -52,8 +54,22 @@ class Serve:
         self.http_url, self.grpc_url = f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
         self.output = open(log, "w")
         self.process = subprocess.Popen(
-            [*HEADMASTER, "serve", "--repo", str(repo), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-             "--metrics-port", str(ports[2]), *options], stdout=self.output, stderr=subprocess.STDOUT)
+            [
+                *HEADMASTER,
+                "serve",
+                "--repo",
+                str(repo),
+                "--http-port",
+                str(ports[0]),
+                "--grpc-port",
+                str(ports[1]),
+                "--metrics-port",
+                str(ports[2]),
+                *options,
+            ],
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 240
         while running_server(repo) is None:
             assert self.process.poll() is None, self.printed()
@@ -127,9 +143,13 @@ RESTRICTED_HTTP = [
     ("POST", "/v2/repository/models/classify/unload", b"{}"),
     ("POST", "/v2/repository/models/classify/load", b"{}"),
     # The load API can carry files: this is how code would be uploaded and run.
-    ("POST", "/v2/repository/models/evil/load",
-     json.dumps({"parameters": {"config": json.dumps({"backend": "python"}),
-                                "file:1/model.py": "aW1wb3J0IG9zCg=="}}).encode()),
+    (
+        "POST",
+        "/v2/repository/models/evil/load",
+        json.dumps(
+            {"parameters": {"config": json.dumps({"backend": "python"}), "file:1/model.py": "aW1wb3J0IG9zCg=="}}
+        ).encode(),
+    ),
     ("GET", "/v2/logging", None),
     ("POST", "/v2/logging", b'{"log_verbose_level": 1}'),
     # Tracing every request at TENSORS level would copy every caller's inputs into the trace.
@@ -140,8 +160,11 @@ RESTRICTED_HTTP = [
     ("POST", "/v2/systemsharedmemory/region/evil/register", b'{"key": "/evil", "offset": 0, "byte_size": 64}'),
     ("GET", "/v2/systemsharedmemory/status", None),
     ("POST", "/v2/systemsharedmemory/unregister", b"{}"),
-    ("POST", "/v2/cudasharedmemory/region/evil/register", b'{"raw_handle": {"b64": "AAAA"}, "device_id": 0, '
-                                                           b'"byte_size": 64}'),
+    (
+        "POST",
+        "/v2/cudasharedmemory/region/evil/register",
+        b'{"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 64}',
+    ),
     ("GET", "/v2/cudasharedmemory/status", None),
 ]
 
@@ -158,8 +181,9 @@ def test_the_control_api_refuses_callers_without_the_key_over_grpc(served):
     calls = {
         "index": lambda **kw: client.get_model_repository_index(**kw),
         "unload": lambda **kw: client.unload_model("classify", **kw),
-        "load with files": lambda **kw: client.load_model("evil", config=json.dumps({"backend": "python"}),
-                                                          files={"file:1/model.py": b"import os\n"}, **kw),
+        "load with files": lambda **kw: client.load_model(
+            "evil", config=json.dumps({"backend": "python"}), files={"file:1/model.py": b"import os\n"}, **kw
+        ),
         "log settings": lambda **kw: client.update_log_settings({"log_verbose_level": 1}, **kw),
         "trace settings": lambda **kw: client.update_trace_settings(settings={"trace_rate": "1"}, **kw),
         "shared memory": lambda **kw: client.register_system_shared_memory("evil", "/evil", 64, **kw),
@@ -181,8 +205,13 @@ def test_the_control_api_refuses_callers_without_the_key_over_grpc(served):
 
 
 def test_inference_health_metadata_statistics_and_model_configs_stay_open(served, jpeg_photos):
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/classify", "/v2/models/classify/stats",
-                 "/v2/models/classify/config"):
+    for path in (
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/classify",
+        "/v2/models/classify/stats",
+        "/v2/models/classify/config",
+    ):
         assert http(served.http_url, path) == 200, path
     # Reading a config changes nothing: perf_analyzer and Model Analyzer read it first, over gRPC too,
     # where they cannot send a key.
@@ -193,8 +222,10 @@ def test_inference_health_metadata_statistics_and_model_configs_stay_open(served
         client.close()
     with HeadmasterClient(served.grpc_url) as client:
         assert client.classify([next(iter(jpeg_photos.values()))])[0].ok
-        assert client.encoder_fingerprint() == json.loads((served.repo / "headmaster.json").read_text())["encoder"][
-            "fingerprint"]
+        assert (
+            client.encoder_fingerprint()
+            == json.loads((served.repo / "headmaster.json").read_text())["encoder"]["fingerprint"]
+        )
 
 
 def test_the_record_is_for_its_owner_only_and_a_stale_one_is_ignored(served, tmp_path):
@@ -220,8 +251,12 @@ def test_a_head_trained_with_no_flag_goes_live_while_serve_runs(served, jpeg_pho
     image = jpeg_photos["chelsea.jpg"]
     data = subset(digits_dir, tmp_path / "digits", {"0": 20, "1": 20}, rename={"0": "cat", "1": "no cat"})
     with Clients(served.grpc_url, list(jpeg_photos.values())[:2]) as clients:
-        done = subprocess.run([*HEADMASTER, "train-head", str(data), "--name", "has_cat", "--repo", str(served.repo),
-                               "--epochs", "30"], capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [*HEADMASTER, "train-head", str(data), "--name", "has_cat", "--repo", str(served.repo), "--epochs", "30"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         finished = time.monotonic()
         assert done.returncode == 0, done.stderr
         assert "live on the server at" in done.stderr + done.stdout
@@ -238,9 +273,20 @@ def test_a_rollback_with_no_flag_stays_rolled_back(served, jpeg_photos):
     of dropped-in folders must not take it for one and make it live again."""
     image = jpeg_photos["chelsea.jpg"]
     newest = version_answered(served.grpc_url, image, "has_cat")
-    done = subprocess.run([*HEADMASTER, "rollback", "has_cat", "--repo", str(served.repo),
-                           "--server", served.http_url.replace("127.0.0.1", "localhost")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            *HEADMASTER,
+            "rollback",
+            "has_cat",
+            "--repo",
+            str(served.repo),
+            "--server",
+            served.http_url.replace("127.0.0.1", "localhost"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert version_answered(served.grpc_url, image, "has_cat") < newest
     time.sleep(6)  # three scans of the repository
@@ -255,8 +301,23 @@ def test_a_candidate_trained_while_serve_runs_stays_a_candidate(served, jpeg_pho
     live_before = version_answered(served.grpc_url, image, "has_cat")
     adopted_before = served.printed().count("adopted")
     data = subset(digits_dir, tmp_path / "digits", {"0": 20, "1": 20}, rename={"0": "cat", "1": "no cat"})
-    done = subprocess.run([*HEADMASTER, "train-head", str(data), "--name", "has_cat", "--repo", str(served.repo),
-                           "--epochs", "5", "--candidate"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            *HEADMASTER,
+            "train-head",
+            str(data),
+            "--name",
+            "has_cat",
+            "--repo",
+            str(served.repo),
+            "--epochs",
+            "5",
+            "--candidate",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     candidate = max(int(p.name) for p in (served.repo / "has_cat").iterdir() if p.name.isdigit())
     assert candidate > live_before
@@ -429,8 +490,11 @@ def test_serve_restarts_a_crashed_tritonserver_with_the_same_ports_and_key(repo,
         regions = regions_of(first.pid)
         os.kill(first.pid, signal.SIGKILL)  # what a crash looks like from outside
         deadline = time.monotonic() + 240
-        while (running_server(copy) is None or read_record(copy).pid == first.pid
-               or version_answered(serve.grpc_url, image, "animal") is None):
+        while (
+            running_server(copy) is None
+            or read_record(copy).pid == first.pid
+            or version_answered(serve.grpc_url, image, "animal") is None
+        ):
             assert serve.process.poll() is None, serve.printed()
             assert time.monotonic() < deadline, serve.printed()
             time.sleep(1)
@@ -474,8 +538,14 @@ def test_a_request_cut_by_the_exit_timeout_is_still_a_failed_stop(repo, tmp_path
     from headmaster.model_repository.server import ServerOptions, TritonServer
 
     copy = clone_repo(repo, tmp_path / "repo")
-    options = ServerOptions(repository=copy, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            load_models=tuple(Repository(copy).model_names()), exit_timeout_s=2)
+    options = ServerOptions(
+        repository=copy,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        load_models=tuple(Repository(copy).model_names()),
+        exit_timeout_s=2,
+    )
     server = TritonServer(options, log_path=tmp_path / "triton.log").start()
     outcome, left_running = [], []
 
@@ -494,8 +564,11 @@ def test_a_request_cut_by_the_exit_timeout_is_still_a_failed_stop(repo, tmp_path
                 outcome.append(await c.classify(images))
             except ClientError as e:
                 outcome.append(e)
-                left_running.extend(t for t in asyncio.all_tasks() if t is not asyncio.current_task()
-                                    and "AsyncHeadmasterClient" in t.get_coro().__qualname__)
+                left_running.extend(
+                    t
+                    for t in asyncio.all_tasks()
+                    if t is not asyncio.current_task() and "AsyncHeadmasterClient" in t.get_coro().__qualname__
+                )
 
     thread = threading.Thread(target=asyncio.run, args=(classify(),), daemon=True)
     thread.start()

@@ -112,8 +112,11 @@ def test_per_head_score_tensors_are_outputs_too(server, photos):
 
 
 def http_json(url: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{url}{path}",
+        data=json.dumps(body).encode() if body else None,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -122,14 +125,24 @@ def test_plain_kserve_v2_json_without_tritonclient(server, served, photos):
     """curl-style: JSON in, JSON out; images travel as base64 text."""
     names, grpc_results = served
     picked = names[:2]
-    body = {"inputs": [{"name": "IMAGE", "shape": [2, 1], "datatype": "BYTES",
-                        "data": [base64.b64encode(photos[n]).decode() for n in picked]}],
-            "outputs": [{"name": "RESULT"}, {"name": "EMBEDDING"}]}
+    body = {
+        "inputs": [
+            {
+                "name": "IMAGE",
+                "shape": [2, 1],
+                "datatype": "BYTES",
+                "data": [base64.b64encode(photos[n]).decode() for n in picked],
+            }
+        ],
+        "outputs": [{"name": "RESULT"}, {"name": "EMBEDDING"}],
+    }
     answer = http_json(server.http_url, "/v2/models/classify/infer", body)
     outputs = {o["name"]: o for o in answer["outputs"]}
     documents = [json.loads(text) for text in outputs["RESULT"]["data"]]
     for doc, expected in zip(documents, grpc_results[:2]):
-        assert {h: tuple(v["labels"]) for h, v in doc["heads"].items()} == {h: v.labels for h, v in expected.heads.items()}
+        assert {h: tuple(v["labels"]) for h, v in doc["heads"].items()} == {
+            h: v.labels for h, v in expected.heads.items()
+        }
     embeddings = np.array(outputs["EMBEDDING"]["data"], np.float32).reshape(outputs["EMBEDDING"]["shape"])
     np.testing.assert_allclose(embeddings, np.stack([r.embedding for r in grpc_results[:2]]), atol=1e-5)
 
@@ -147,8 +160,9 @@ def test_embed_ensemble_gives_the_classify_embedding(server, served, photos, enc
         assert client.encoder_fingerprint() == EncoderCard.load(encoder_dir).fingerprint
     assert [e.ok for e in embedded] == [True] * len(names) + [False]
     assert "cannot identify" in embedded[-1].error
-    np.testing.assert_allclose(np.stack([e.embedding for e in embedded[:-1]]),
-                               np.stack([r.embedding for r in results]), atol=1e-6)
+    np.testing.assert_allclose(
+        np.stack([e.embedding for e in embedded[:-1]]), np.stack([r.embedding for r in results]), atol=1e-6
+    )
     assert [e.sha256 for e in embedded[:-1]] == [r.sha256 for r in results]
 
 

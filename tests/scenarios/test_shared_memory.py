@@ -37,7 +37,8 @@ def registered(server) -> list[str]:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         status = client.get_system_shared_memory_status(
-            headers={f"triton-grpc-protocol-{KEY_HEADER}": server.api_key}, as_json=True)
+            headers={f"triton-grpc-protocol-{KEY_HEADER}": server.api_key}, as_json=True
+        )
     finally:
         client.close()
     return sorted(status.get("regions", {}))
@@ -62,8 +63,9 @@ def test_classify_and_embed_through_system_shared_memory_equal_the_socket(server
     with HeadmasterClient(url, protocol, batch_size=3, max_in_flight=2) as client:
         plain = client.classify(images)
         embedded = client.embed(images)
-    with HeadmasterClient(url, protocol, batch_size=3, max_in_flight=2, shared_memory="system",
-                          api_key=server.api_key) as client:
+    with HeadmasterClient(
+        url, protocol, batch_size=3, max_in_flight=2, shared_memory="system", api_key=server.api_key
+    ) as client:
         shared = client.classify(images)
         shared_embedded = client.embed(images)
         assert len(registered(server)) >= 1  # the server holds the client's regions while it is open
@@ -87,8 +89,10 @@ def test_a_bad_image_in_a_shared_memory_batch_fails_alone(server, jpeg_photos):
 
 def test_registering_shared_memory_needs_the_key(server, jpeg_photos, monkeypatch):
     monkeypatch.delenv("HEADMASTER_API_KEY", raising=False)
-    with HeadmasterClient(server.grpc_url, shared_memory="system") as client, \
-            pytest.raises(ClientError, match=r"shared-memory API is restricted to callers with its key.*api_key="):
+    with (
+        HeadmasterClient(server.grpc_url, shared_memory="system") as client,
+        pytest.raises(ClientError, match=r"shared-memory API is restricted to callers with its key.*api_key="),
+    ):
         client.classify([jpeg_photos["chelsea.jpg"]])
     monkeypatch.setenv("HEADMASTER_API_KEY", server.api_key)  # the environment variable works as well
     with HeadmasterClient(server.grpc_url, shared_memory="system") as client:
@@ -141,8 +145,9 @@ def test_closing_right_after_a_busy_run_unregisters_every_region(server, jpeg_ph
     # use: a client closed straight after its last answer must still leave nothing registered.
     batch = list(jpeg_photos.values()) * 2
     for _ in range(15):
-        with HeadmasterClient(server.grpc_url, batch_size=2, max_in_flight=4, shared_memory="system",
-                              api_key=server.api_key) as client:
+        with HeadmasterClient(
+            server.grpc_url, batch_size=2, max_in_flight=4, shared_memory="system", api_key=server.api_key
+        ) as client:
             assert all(r.ok for r in client.embed(batch))
         assert registered(server) == []
     assert not ours()

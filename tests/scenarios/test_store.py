@@ -86,8 +86,9 @@ def test_classify_store_then_rescore_gives_the_server_labels(store_server, photo
             assert a.sha256 == b.sha256
             assert {n: h.labels for n, h in a.heads.items()} == {n: h.labels for n, h in b.heads.items()}
             for name in a.heads:
-                np.testing.assert_allclose(list(a.heads[name].scores.values()),
-                                           list(b.heads[name].scores.values()), atol=1e-5)
+                np.testing.assert_allclose(
+                    list(a.heads[name].scores.values()), list(b.heads[name].scores.values()), atol=1e-5
+                )
 
         # A new version goes live; the server classifies with it; rescoring the store with the
         # same version on CPU must give the same labels.
@@ -143,7 +144,7 @@ def test_chunks_of_only_new_images_into_a_store_that_holds_items(store_server, p
     assert reads == Counter({str(p): 1 for p in photo_files})
     assert [Path(r.source).name for r in results] == [p.name for p in photo_files]
     assert [r.source for r in results if not r.ok] == [str(photo_files[0].parent / "broken.jpg")]
-    fingerprint, = store.fingerprints()
+    (fingerprint,) = store.fingerprints()
     assert store.fingerprints() == {fingerprint: 7}
     assert sorted(store.labels("animal")["sha256"].to_pylist()) == sorted(r.sha256 for r in results if r.ok)
 
@@ -202,12 +203,14 @@ def test_classify_cli_with_store_then_rescore_suggest_correct(store_server, phot
 def digit_store(repo, digits_dir, embedding_cache, tmp_path_factory):
     """Digits 3 / 5 / 8 (40 each) embedded locally into a store, labelled by people (the folder names)."""
     root = tmp_path_factory.mktemp("digit-store")
-    data = subset(digits_dir, root / "images", {"3": 40, "5": 40, "8": 40},
-                  rename={"3": "three", "5": "five", "8": "eight"})
+    data = subset(
+        digits_dir, root / "images", {"3": 40, "5": 40, "8": 40}, rename={"3": "three", "5": "five", "8": "eight"}
+    )
     paths = sorted(data.rglob("*.png"))
     repository = Repository(repo)
-    hashes, vectors, failures = embed_files(paths, LocalEmbedder(repository),
-                                            EmbeddingCache(embedding_cache, repository.fingerprint))
+    hashes, vectors, failures = embed_files(
+        paths, LocalEmbedder(repository), EmbeddingCache(embedding_cache, repository.fingerprint)
+    )
     assert not failures
     return repository, paths, hashes, vectors
 
@@ -215,9 +218,12 @@ def digit_store(repo, digits_dir, embedding_cache, tmp_path_factory):
 def new_store(tmp_path: Path, digit_store) -> ParquetStore:
     repository, paths, hashes, vectors = digit_store
     store = ParquetStore(tmp_path / "store")
-    store.add_embeddings(hashes, [str(p) for p in paths], repository.fingerprint, np.stack([vectors[h] for h in hashes]))
-    make_corrections(store, [{"item": h, "head": "digit", "labels": (p.parent.name,)} for h, p in zip(hashes, paths)],
-                     by="folders")
+    store.add_embeddings(
+        hashes, [str(p) for p in paths], repository.fingerprint, np.stack([vectors[h] for h in hashes])
+    )
+    make_corrections(
+        store, [{"item": h, "head": "digit", "labels": (p.parent.name,)} for h, p in zip(hashes, paths)], by="folders"
+    )
     return store
 
 
@@ -286,9 +292,11 @@ def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the
     store.add_embeddings(hashes[:5], [None] * 5, FOREIGN, np.random.default_rng(0).normal(size=(5, 384)))
     done = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
-    assert done.stderr == (f"error: the items labelled for 'digit' are embedded by 2 encoders "
-                           f"({repository.fingerprint} (120 items), {FOREIGN} (5 items)): name the repository whose "
-                           "encoder the snapshot is for (change --repo)\n")
+    assert done.stderr == (
+        f"error: the items labelled for 'digit' are embedded by 2 encoders "
+        f"({repository.fingerprint} (120 items), {FOREIGN} (5 items)): name the repository whose "
+        "encoder the snapshot is for (change --repo)\n"
+    )
 
 
 def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store, tmp_path):
@@ -312,6 +320,7 @@ def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store
     alien = tmp_path / "alien" / "1"
     weights = HeadWeights.from_onnx(HeadVersion.load(repo, "animal").model)
     from headmaster.export.heads import write_head
+
     write_head(alien, weights, HeadCard(**{**card.__dict__, "encoder_fingerprint": "sha256:" + "a" * 64}))
     with pytest.raises(FingerprintMismatchError, match="holds none of those"):
         rescore(store, HeadVersion(HeadCard.load(alien), alien))
@@ -356,7 +365,9 @@ def test_reembed_brings_reachable_items_to_the_new_encoder(repo, digit_store, tm
 def test_suggest_lists_the_least_certain_uncorrected_items(repo, digit_store, tmp_path):
     repository, paths, hashes, vectors = digit_store
     store = ParquetStore(tmp_path / "store")
-    store.add_embeddings(hashes, [str(p) for p in paths], repository.fingerprint, np.stack([vectors[h] for h in hashes]))
+    store.add_embeddings(
+        hashes, [str(p) for p in paths], repository.fingerprint, np.stack([vectors[h] for h in hashes])
+    )
     rescore(store, HeadVersion.load(repo, "animal"))
     table = store.labels("animal")
     top = np.sort(np.array(table["scores"].to_pylist()), axis=1)
@@ -372,12 +383,27 @@ def test_suggest_lists_the_least_certain_uncorrected_items(repo, digit_store, tm
         suggest(store, "nothing")
     # A later version scoring the same items does not hide the earlier one's rows.
     scores = np.array(table["scores"].to_pylist(), np.float32)
-    store.add_labels("animal", [label_table(table["sha256"], repository.fingerprint, version + 1, scores,
-                                            ("bird", "cat", "dog"), scores > 0.5, "rescore")])
+    store.add_labels(
+        "animal",
+        [
+            label_table(
+                table["sha256"],
+                repository.fingerprint,
+                version + 1,
+                scores,
+                ("bird", "cat", "dog"),
+                scores > 0.5,
+                "rescore",
+            )
+        ],
+    )
     assert suggest(store, "animal", n=5)[0] == version + 1
     again_version, again = suggest(store, "animal", n=5, version=version)
     assert again_version == version and [s.sha256 for s in again] == [s.sha256 for s in found]
-    with pytest.raises(StoreError, match=rf"no labels of head 'animal' from version 9 \(its newest are from versions \[{version + 1}\]\)"):
+    with pytest.raises(
+        StoreError,
+        match=rf"no labels of head 'animal' from version 9 \(its newest are from versions \[{version + 1}\]\)",
+    ):
         suggest(store, "animal", version=9)
 
 

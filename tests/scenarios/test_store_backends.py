@@ -25,8 +25,11 @@ from tests import helpers
 from tests.helpers import free_port, with_schema
 
 # The PostgreSQL server's fixtures, shared with other modules through tests/helpers.py.
-postgres_url, pgvector_available, postgres_schema = helpers.postgres_url, helpers.pgvector_available, \
-    helpers.postgres_schema
+postgres_url, pgvector_available, postgres_schema = (
+    helpers.postgres_url,
+    helpers.pgvector_available,
+    helpers.postgres_schema,
+)
 
 # Every case a real store; the postgres ones reach PostgreSQL through request.getfixturevalue,
 # which the tiers in tests/conftest.py cannot see.
@@ -48,8 +51,10 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def items(start: int, n: int, fingerprint: str, dim: int, seed: int = 0) -> list[StoredItem]:
-    return [StoredItem(sha(start + i), f"/photos/{start + i}.jpg", fingerprint, row)
-            for i, row in enumerate(unit_rows(n, dim, seed))]
+    return [
+        StoredItem(sha(start + i), f"/photos/{start + i}.jpg", fingerprint, row)
+        for i, row in enumerate(unit_rows(n, dim, seed))
+    ]
 
 
 def labelled(hashes, version: int, seed: int, at: dt.datetime, fingerprint: str = FP_A):
@@ -145,8 +150,9 @@ def test_iter_embeddings_covers_every_row_once(store):
 def test_labels_written_while_embeddings_stream(store):
     """rescore's shape: add_labels consumes batches that iter_embeddings is still producing."""
     store.add_items(items(0, 40, FP_A, 8))
-    batches = (labelled(list(map(str, hashes)), 1, seed=len(hashes), at=T0)
-               for hashes, _ in store.iter_embeddings(FP_A, 16))
+    batches = (
+        labelled(list(map(str, hashes)), 1, seed=len(hashes), at=T0) for hashes, _ in store.iter_embeddings(FP_A, 16)
+    )
     assert store.add_labels("animal", batches) == 40
     assert store.labels("animal").num_rows == 40
 
@@ -166,8 +172,13 @@ def test_labels_latest_wins_and_version_filter(store):
     expected = {r["sha256"]: r for r in old.to_pylist()} | {r["sha256"]: r for r in new.to_pylist()}
     for sha256, row in rows.items():
         want = expected[sha256]
-        assert (row["version"], row["labels"], row["at"], row["fingerprint"], row["source"]) == \
-            (want["version"], want["labels"], want["at"], want["fingerprint"], want["source"])
+        assert (row["version"], row["labels"], row["at"], row["fingerprint"], row["source"]) == (
+            want["version"],
+            want["labels"],
+            want["at"],
+            want["fingerprint"],
+            want["source"],
+        )
         np.testing.assert_allclose(row["scores"], want["scores"])
 
     v1 = store.labels("animal", version=1)
@@ -217,12 +228,14 @@ def test_add_labels_is_all_or_nothing(store):
 
 # -- corrections -------------------------------------------------------------------------
 def test_corrections_latest_wins_per_head_and_item(store):
-    store.add_corrections([
-        Correction(sha(0), "animal", ("cat",), "ann", T0),
-        Correction(sha(0), "animal", ("dog",), "bob", T0 + dt.timedelta(minutes=5), note="it barks"),
-        Correction(sha(1), "animal", (), "ann", T0),
-        Correction(sha(0), "colour", ("red", "blue"), "ann", T0 + dt.timedelta(hours=1)),
-    ])
+    store.add_corrections(
+        [
+            Correction(sha(0), "animal", ("cat",), "ann", T0),
+            Correction(sha(0), "animal", ("dog",), "bob", T0 + dt.timedelta(minutes=5), note="it barks"),
+            Correction(sha(1), "animal", (), "ann", T0),
+            Correction(sha(0), "colour", ("red", "blue"), "ann", T0 + dt.timedelta(hours=1)),
+        ]
+    )
     store.add_corrections([Correction(sha(1), "animal", ("bird",), "cy", T0 - dt.timedelta(days=1))])  # older
     store.add_corrections([])
     animal = store.corrections("animal")
@@ -255,8 +268,9 @@ def test_resolve_ambiguous_prefix(store):
     # Two hashes that share their first 8 hex digits.
     first = "deadbeef" + "0" * 56
     second = "deadbeef" + "1" * 56
-    store.add_items([StoredItem(first, None, FP_A, unit_rows(1, 8, 0)[0]),
-                     StoredItem(second, None, FP_A, unit_rows(1, 8, 1)[0])])
+    store.add_items(
+        [StoredItem(first, None, FP_A, unit_rows(1, 8, 0)[0]), StoredItem(second, None, FP_A, unit_rows(1, 8, 1)[0])]
+    )
     with pytest.raises(StoreError, match="matches 2 stored items"):
         store.resolve("deadbeef")
     assert store.resolve("deadbeef1") == second
@@ -278,8 +292,15 @@ def every_read(store, fingerprint: str = FP_A) -> dict:
 
 def test_a_new_store_answers_every_read_with_nothing(store):
     """A store whose fingerprint partition does not exist yet (day one, or a new encoder)."""
-    assert every_read(store) == {"embeddings": {}, "fingerprints": {}, "iter": [], "uris": {}, "labels": [],
-                                 "label_heads": [], "corrections": {}}
+    assert every_read(store) == {
+        "embeddings": {},
+        "fingerprints": {},
+        "iter": [],
+        "uris": {},
+        "labels": [],
+        "label_heads": [],
+        "corrections": {},
+    }
     assert store.labels("animal").schema == label_schema()
     assert store.labels("animal", version=1).schema == label_schema()
     with pytest.raises(StoreError, match="unknown item"):
@@ -333,8 +354,15 @@ def test_empty_writes_change_nothing(store):
     assert store.add_labels("animal", [labelled([], 1, seed=0, at=T0)]) == 0  # a table of zero rows
     store.add_corrections([])
     store.add_classifications([], FP_A)
-    assert every_read(store) == {"embeddings": {}, "fingerprints": {}, "iter": [], "uris": {}, "labels": [],
-                                 "label_heads": [], "corrections": {}}
+    assert every_read(store) == {
+        "embeddings": {},
+        "fingerprints": {},
+        "iter": [],
+        "uris": {},
+        "labels": [],
+        "label_heads": [],
+        "corrections": {},
+    }
     # ... and the store still takes rows afterwards, of any dimension.
     store.add_items(items(0, 2, FP_A, 12))
     assert store.fingerprints() == {FP_A: 2}
@@ -357,8 +385,9 @@ def test_one_item_twice_in_one_call_is_stored_once_the_last_wins(store):
     latest_rows = {r["sha256"]: r for r in store.labels("animal").to_pylist()}
     assert len(latest_rows) == 2
     np.testing.assert_allclose(latest_rows[sha(0)]["scores"], table["scores"][2].as_py())
-    store.add_corrections([Correction(sha(0), "animal", ("cat",), "ann", T0),
-                           Correction(sha(0), "animal", ("dog",), "bob", T0)])
+    store.add_corrections(
+        [Correction(sha(0), "animal", ("cat",), "ann", T0), Correction(sha(0), "animal", ("dog",), "bob", T0)]
+    )
     assert store.corrections("animal")[sha(0)].by == "bob"
 
 
@@ -394,8 +423,10 @@ def test_a_store_another_writer_filled(backend):
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=write, args=(mine, forward)),
-               threading.Thread(target=write, args=(theirs, forward[::-1]))]
+    threads = [
+        threading.Thread(target=write, args=(mine, forward)),
+        threading.Thread(target=write, args=(theirs, forward[::-1])),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -472,21 +503,27 @@ def test_pgvector_columns(postgres_url, pgvector_available):
                     assert store.embedding_type == column
                     a, b = items(0, 3, FP_A, 8), items(10, 2, FP_B, 12)
                     store.add_items(a + b)
-                    kind, = store._conn.execute(
+                    (kind,) = store._conn.execute(
                         "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
-                        "WHERE attrelid = 'items'::regclass AND attname = 'embedding'").fetchone()
+                        "WHERE attrelid = 'items'::regclass AND attname = 'embedding'"
+                    ).fetchone()
                     assert kind == column
-                    dims = dict(store._conn.execute(
-                        "SELECT fingerprint, max(vector_dims(embedding::vector)) FROM items GROUP BY 1").fetchall())
+                    dims = dict(
+                        store._conn.execute(
+                            "SELECT fingerprint, max(vector_dims(embedding::vector)) FROM items GROUP BY 1"
+                        ).fetchall()
+                    )
                     assert dims == {FP_A: 8, FP_B: 12}
                     # pgvector's operators work on the stored rows: the nearest item to itself is itself.
-                    nearest, = store._conn.execute(
+                    (nearest,) = store._conn.execute(
                         "SELECT sha256 FROM items WHERE fingerprint = %s ORDER BY embedding::vector <=> "
                         "(SELECT embedding::vector FROM items WHERE sha256 = %s AND fingerprint = %s) LIMIT 1",
-                        (FP_A, sha(1), FP_A)).fetchone()
+                        (FP_A, sha(1), FP_A),
+                    ).fetchone()
                     assert nearest == sha(1)
-                    np.testing.assert_allclose(store.embeddings([sha(1)], FP_A)[sha(1)], a[1].embedding,
-                                               atol=1e-3 if dtype == "float16" else 0)
+                    np.testing.assert_allclose(
+                        store.embeddings([sha(1)], FP_A)[sha(1)], a[1].embedding, atol=1e-3 if dtype == "float16" else 0
+                    )
             finally:
                 conn.execute(f"DROP SCHEMA {schema} CASCADE")
 

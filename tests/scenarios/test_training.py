@@ -49,8 +49,9 @@ def digits_split(digits_dir, tmp_path_factory):
 
 def embed(repo: Path, paths, cache: Path) -> np.ndarray:
     repository = Repository(repo)
-    hashes, vectors, failures = embed_files(list(paths), LocalEmbedder(repository),
-                                            EmbeddingCache(cache, repository.fingerprint))
+    hashes, vectors, failures = embed_files(
+        list(paths), LocalEmbedder(repository), EmbeddingCache(cache, repository.fingerprint)
+    )
     assert not failures
     return np.stack([vectors[h] for h in hashes])
 
@@ -83,8 +84,9 @@ def test_digits_head_is_as_accurate_as_logistic_regression(train_repo, digits_sp
 
 def test_same_data_and_seed_give_the_same_head_without_re_embedding(train_repo, digits_dir, embedding_cache, tmp_path):
     data = subset(digits_dir, tmp_path / "data", {"3": 40, "8": 40})
-    options = TrainOptions(name="three_or_eight", repo=train_repo, data=data, cache_dir=embedding_cache,
-                           config=TrainConfig(seed=7))
+    options = TrainOptions(
+        name="three_or_eight", repo=train_repo, data=data, cache_dir=embedding_cache, config=TrainConfig(seed=7)
+    )
     first = train_head(options)
     shards = sorted((embedding_cache / first.card.encoder_fingerprint.split(":")[1]).glob("*.parquet"))
     second = train_head(options)
@@ -98,8 +100,15 @@ def test_same_data_and_seed_give_the_same_head_without_re_embedding(train_repo, 
 
 def test_mlp_head(train_repo, digits_dir, embedding_cache, tmp_path):
     data = subset(digits_dir, tmp_path / "data", {"1": 60, "7": 60, "4": 60})
-    result = train_head(TrainOptions(name="mlp_digits", repo=train_repo, data=data, cache_dir=embedding_cache,
-                                     config=TrainConfig(kind="mlp", hidden=64)))
+    result = train_head(
+        TrainOptions(
+            name="mlp_digits",
+            repo=train_repo,
+            data=data,
+            cache_dir=embedding_cache,
+            config=TrainConfig(kind="mlp", hidden=64),
+        )
+    )
     weights = HeadWeights.from_onnx(train_repo / "mlp_digits" / str(result.card.version) / "model.onnx")
     assert [w.shape for w, _ in weights.layers] == [(64, 384), (3, 64)]
     assert result.card.kind == "mlp" and result.metrics["accuracy"] > 0.7
@@ -108,11 +117,11 @@ def test_mlp_head(train_repo, digits_dir, embedding_cache, tmp_path):
 def test_data_checks_warn_list_and_skip(train_repo, digits_dir, embedding_cache, tmp_path):
     data = subset(digits_dir, tmp_path / "data", {"0": 100, "1": 12})
     zero = sorted((data / "0").glob("*.png"))
-    shutil.copy(zero[0], data / "0" / "copy-of-first.png")         # exact duplicate, same bucket
-    shutil.copy(zero[1], data / "1" / "also-a-one.png")            # same bytes under two labels
-    (data / "1" / "notes.txt").write_text("taken on a Tuesday")     # not an image file name
+    shutil.copy(zero[0], data / "0" / "copy-of-first.png")  # exact duplicate, same bucket
+    shutil.copy(zero[1], data / "1" / "also-a-one.png")  # same bytes under two labels
+    (data / "1" / "notes.txt").write_text("taken on a Tuesday")  # not an image file name
     (data / "1" / "broken.png").write_bytes(zero[2].read_bytes()[:60])  # truncated PNG
-    (data / "0" / "text.png").write_text("I am text")               # not an image at all
+    (data / "0" / "text.png").write_text("I am text")  # not an image at all
     result = train_head(TrainOptions(name="zero_or_one", repo=train_repo, data=data, cache_dir=embedding_cache))
     report = result.checks
     warnings = "\n".join(report.warnings)
@@ -124,16 +133,21 @@ def test_data_checks_warn_list_and_skip(train_repo, digits_dir, embedding_cache,
     assert "truncated" in skipped["broken.png"] and "cannot identify" in skipped["text.png"]
     assert skipped["notes.txt"] == "not an image file name"
     assert [sorted(Path(p).name for p in group) for group in report.exact_duplicates] == [
-        sorted([zero[0].name, "copy-of-first.png"])]
+        sorted([zero[0].name, "copy-of-first.png"])
+    ]
     assert [sorted(Path(p).name for p in group) for group in report.conflicting] == [
-        sorted([zero[1].name, "also-a-one.png"])]
+        sorted([zero[1].name, "also-a-one.png"])
+    ]
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"cat": 3}, "single bucket"),
-    ({"cat": 3, "dog": 0}, "bucket 'dog' .* has no images"),
-    ({}, "has no sub-folders"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"cat": 3}, "single bucket"),
+        ({"cat": 3, "dog": 0}, "bucket 'dog' .* has no images"),
+        ({}, "has no sub-folders"),
+    ],
+)
 def test_unusable_data_is_a_clear_error(train_repo, digits_dir, embedding_cache, tmp_path, layout, message):
     root = tmp_path / "data"
     root.mkdir()
@@ -158,10 +172,28 @@ def test_a_collapsed_encoder_is_named_as_the_problem_not_a_flag(train_repo, digi
     paths = sorted(data.rglob("*.png"))
     vectors = base + 1e-6 * rng.normal(size=(len(paths), repository.card.embed_dim))
     EmbeddingCache(tmp_path / "cache", repository.fingerprint).add(
-        {file_sha256(p): v.astype(np.float32) for p, v in zip(paths, vectors)})
-    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "train-head", str(data), "--name", "collapsed",
-                             "--repo", str(train_repo), "--cache", str(tmp_path / "cache"), "--local"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "300"})
+        {file_sha256(p): v.astype(np.float32) for p, v in zip(paths, vectors)}
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "headmaster.cli",
+            "train-head",
+            str(data),
+            "--name",
+            "collapsed",
+            "--repo",
+            str(train_repo),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--local",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert result.returncode == 1, result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -172,8 +204,17 @@ def test_a_collapsed_encoder_is_named_as_the_problem_not_a_flag(train_repo, digi
 
 def test_precision_target_thresholds_a_binary_head(train_repo, digits_dir, embedding_cache, tmp_path):
     data = subset(digits_dir, tmp_path / "data", {"0": 120, "6": 120}, rename={"0": "zero", "6": "other"})
-    result = train_head(TrainOptions(name="is_zero", repo=train_repo, data=data, cache_dir=embedding_cache,
-                                     thresholds="precision", target_precision=0.95, positive="zero"))
+    result = train_head(
+        TrainOptions(
+            name="is_zero",
+            repo=train_repo,
+            data=data,
+            cache_dir=embedding_cache,
+            thresholds="precision",
+            target_precision=0.95,
+            positive="zero",
+        )
+    )
     rows = {row["label"]: row for row in result.thresholds}
     assert rows["other"]["threshold"] == 0.0 and "fallback" in rows["other"]["why"]
     assert rows["zero"]["precision"] >= 0.95 or "unreachable" in rows["zero"]["why"]
@@ -204,11 +245,15 @@ def test_multi_label_head_from_a_manifest(train_repo, digits_dir, embedding_cach
     assert weights.multi_label
     x = embed(train_repo, sorted(digits_dir.rglob("*.png"))[1::5][:10], embedding_cache)  # not in the manifest
     session = ort.InferenceSession(str(train_repo / "digit_tags" / str(card.version) / "model.onnx"))
-    np.testing.assert_allclose(session.run(["SCORES"], {"EMBEDDING": x})[0], weights.scores(x), atol=1e-4)  # float32 Gemm vs numpy: 1.1e-5 seen
+    np.testing.assert_allclose(
+        session.run(["SCORES"], {"EMBEDDING": x})[0], weights.scores(x), atol=1e-4
+    )  # float32 Gemm vs numpy: 1.1e-5 seen
 
 
 def test_trained_head_takes_priority_over_zero_shot(train_repo, digits_dir, embedding_cache, tmp_path):
-    create_zero_shot_head(train_repo, "is_seven", ["seven=a photo of the digit seven", "other=a photo of another digit"])
+    create_zero_shot_head(
+        train_repo, "is_seven", ["seven=a photo of the digit seven", "other=a photo of another digit"]
+    )
     data = subset(digits_dir, tmp_path / "data", {"7": 60, "2": 60}, rename={"7": "seven", "2": "other"})
     trained = train_head(TrainOptions(name="is_seven", repo=train_repo, data=data, cache_dir=embedding_cache))
     state = Repository(train_repo).head("is_seven")
@@ -228,22 +273,31 @@ def other_repo(tmp_path_factory) -> Path:
     return root / "repo"
 
 
-def test_a_head_trained_on_one_encoder_is_refused_by_a_repository_serving_another(train_repo, other_repo, digits_dir,
-                                                                                  embedding_cache, tmp_path):
+def test_a_head_trained_on_one_encoder_is_refused_by_a_repository_serving_another(
+    train_repo, other_repo, digits_dir, embedding_cache, tmp_path
+):
     data = subset(digits_dir, tmp_path / "data", {"3": 30, "5": 30})
     trained = train_head(TrainOptions(name="three_five", repo=train_repo, data=data, cache_dir=embedding_cache))
     with pytest.raises(FingerprintMismatchError, match=r"head three_five v\d+ was made with encoder"):
         lifecycle.import_version(other_repo, train_repo / "three_five" / str(trained.card.version))
     assert "three_five" not in Repository(other_repo).head_names()
     # The same head imports fine into a repository of its own encoder.
-    assert lifecycle.import_version(train_repo, train_repo / "three_five" / str(trained.card.version), name="copy").version == 1
+    assert (
+        lifecycle.import_version(train_repo, train_repo / "three_five" / str(trained.card.version), name="copy").version
+        == 1
+    )
 
 
-def test_embeddings_from_a_server_of_another_encoder_are_refused(other_repo, server, digits_dir, embedding_cache, tmp_path):
+def test_embeddings_from_a_server_of_another_encoder_are_refused(
+    other_repo, server, digits_dir, embedding_cache, tmp_path
+):
     data = subset(digits_dir, tmp_path / "data", {"3": 10, "5": 10})
     with pytest.raises(FingerprintMismatchError, match=f"the server at {server.http_url} was made with encoder"):
-        train_head(TrainOptions(name="three_five", repo=other_repo, data=data, server=server.http_url,
-                                cache_dir=embedding_cache))
+        train_head(
+            TrainOptions(
+                name="three_five", repo=other_repo, data=data, server=server.http_url, cache_dir=embedding_cache
+            )
+        )
 
 
 def test_train_head_through_the_server_embeds_like_locally(repo, server, digits_dir, embedding_cache, tmp_path):
@@ -259,14 +313,34 @@ def test_train_head_through_the_server_embeds_like_locally(repo, server, digits_
 
 def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path):
     data = subset(digits_dir, tmp_path / "data", {"1": 40, "2": 40, "3": 40})
-    result = subprocess.run([sys.executable, "-m", "headmaster.cli", "train-head", str(data), "--name", "small",
-                             "--repo", str(train_repo), "--cache", str(embedding_cache)],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "headmaster.cli",
+            "train-head",
+            str(data),
+            "--name",
+            "small",
+            "--repo",
+            str(train_repo),
+            "--cache",
+            str(embedding_cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert result.returncode == 0, result.stderr
     assert "confusion matrix" in result.stdout and "why this threshold" in result.stdout
     assert "head small v1 (linear, single-label): 1, 2, 3" in result.stderr
-    listing = subprocess.run([sys.executable, "-m", "headmaster.cli", "heads", "--repo", str(train_repo)],
-                             capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(
+        [sys.executable, "-m", "headmaster.cli", "heads", "--repo", str(train_repo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listing.returncode == 0 and "small" in listing.stdout and "live" in listing.stdout
 
 

@@ -21,8 +21,11 @@ from headmaster.model_repository.server import free_port
 from headmaster.model_repository.warmup import ROUNDS
 from tests.helpers import ARTIFACTS, clone_repo, read_until_ready
 
-pytestmark = [pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)"),
-              pytest.mark.server, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)"),
+    pytest.mark.server,
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +34,26 @@ def warm_served(repo, tmp_path_factory):
     ports = [free_port() for _ in range(3)]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, "-m", "headmaster.cli", "serve", "--repo", str(copy), "--http-port", str(ports[0]),
-         "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-         "--log-file", str(ARTIFACTS / "warm-start-triton.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "headmaster.cli",
+            "serve",
+            "--repo",
+            str(copy),
+            "--http-port",
+            str(ports[0]),
+            "--grpc-port",
+            str(ports[1]),
+            "--metrics-port",
+            str(ports[2]),
+            "--log-file",
+            str(ARTIFACTS / "warm-start-triton.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         read_until_ready(process)
         yield copy, f"127.0.0.1:{ports[0]}"

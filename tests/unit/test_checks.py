@@ -36,7 +36,10 @@ def test_single_label_weights_are_sklearns_balanced():
 
 def test_multi_label_weights_are_negatives_over_positives():
     assert class_weights({"sea": 10, "boat": 40, "sky": 25}, 50, multi_label=True) == {
-        "sea": 4.0, "boat": 0.25, "sky": 1.0}
+        "sea": 4.0,
+        "boat": 0.25,
+        "sky": 1.0,
+    }
 
 
 # -- check_counts ----------------------------------------------------------------------------------
@@ -65,10 +68,13 @@ def test_imbalance_warns_from_the_ratio_on_single_label_only():
     assert warnings == []
 
 
-@pytest.mark.parametrize("count, message", [
-    (0, "label 'dog' has no readable images left; a head cannot learn it"),
-    (1, "label 'dog' has 1 readable image; it needs at least 2 (one to train on, one to validate)"),
-])
+@pytest.mark.parametrize(
+    "count, message",
+    [
+        (0, "label 'dog' has no readable images left; a head cannot learn it"),
+        (1, "label 'dog' has 1 readable image; it needs at least 2 (one to train on, one to validate)"),
+    ],
+)
 def test_too_few_images_are_errors(count, message):
     with pytest.raises(DataError) as e:
         check_counts({"cat": 30, "dog": count}, 30 + count, False)
@@ -147,8 +153,11 @@ def test_split_is_a_stratified_partition():
 @pytest.mark.parametrize("multi_label", [False, True])
 def test_split_never_splits_a_group(multi_label):
     rng = np.random.default_rng(2)
-    labels = single_label({"cat": 30, "dog": 30}) if not multi_label else \
-        [tuple(sorted({"a", "b"} & set(rng.choice(["a", "b", "c"], 2)))) for _ in range(60)]
+    labels = (
+        single_label({"cat": 30, "dog": 30})
+        if not multi_label
+        else [tuple(sorted({"a", "b"} & set(rng.choice(["a", "b", "c"], 2)))) for _ in range(60)]
+    )
     groups = np.arange(60) // 3  # 20 groups of three
     for seed in range(5):
         train, val = split(labels, groups, ("cat", "dog") if not multi_label else ("a", "b"), multi_label, 0.2, seed)
@@ -172,8 +181,10 @@ def test_a_label_with_no_validation_image_is_refused():
         try:
             _, val = split(labels, np.arange(12), ("cat", "dog"), False, 0.25, seed)
         except DataError as e:
-            assert str(e) == ("no validation image left for ['dog'] (too few images, or all of them near "
-                              "duplicates of each other, which stay on one side); add images of it")
+            assert str(e) == (
+                "no validation image left for ['dog'] (too few images, or all of them near "
+                "duplicates of each other, which stay on one side); add images of it"
+            )
             assert e.option == "val_fraction"
             refused += 1
         else:
@@ -249,11 +260,13 @@ def test_precision_mode_picks_the_lowest_threshold_reaching_the_target():
         assert rows[0]["precision"] == pytest.approx(precision_at(expected))
         assert rows[0]["why"] == f"lowest threshold with precision >= {target:g}"
     # by hand: >= 0.5 keeps 0.5, 0.55, 0.6, 0.7, 0.9: four positives of five, precision 0.8
-    assert choose_thresholds(s[:, None], y[:, None], ("dog",), "precision", target_precision=0.8)[0] == \
-        (pytest.approx(0.5),)
+    assert choose_thresholds(s[:, None], y[:, None], ("dog",), "precision", target_precision=0.8)[0] == (
+        pytest.approx(0.5),
+    )
     # and 0.9 takes the lowest threshold with only positives above it: 0.6
-    assert choose_thresholds(s[:, None], y[:, None], ("dog",), "precision", target_precision=0.9)[0] == \
-        (pytest.approx(0.6),)
+    assert choose_thresholds(s[:, None], y[:, None], ("dog",), "precision", target_precision=0.9)[0] == (
+        pytest.approx(0.6),
+    )
 
 
 def test_an_unreachable_precision_falls_back_to_best_f1():
@@ -286,12 +299,19 @@ def test_none_mode_and_one_sided_validation():
     assert rows[1]["why"] == "validation has no negatives or no positives: 0.5"
 
 
-@pytest.mark.parametrize("kwargs, option, message", [
-    ({"mode": "f1"}, "thresholds", "thresholds must be one of best-f1, precision, none, not 'f1'"),
-    ({"mode": "best-f1", "positive": "cow"}, "positive", "the positive label 'cow' is not a label of this head: a, b"),
-    ({"mode": "precision", "target_precision": 0.0}, "target_precision", "the target precision must be in (0, 1]"),
-    ({"mode": "precision", "target_precision": 1.5}, "target_precision", "the target precision must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, option, message",
+    [
+        ({"mode": "f1"}, "thresholds", "thresholds must be one of best-f1, precision, none, not 'f1'"),
+        (
+            {"mode": "best-f1", "positive": "cow"},
+            "positive",
+            "the positive label 'cow' is not a label of this head: a, b",
+        ),
+        ({"mode": "precision", "target_precision": 0.0}, "target_precision", "the target precision must be in (0, 1]"),
+        ({"mode": "precision", "target_precision": 1.5}, "target_precision", "the target precision must be in (0, 1]"),
+    ],
+)
 def test_errors_name_the_parameter(kwargs, option, message):
     with pytest.raises(TrainingError) as e:
         choose_thresholds(np.zeros((2, 2), np.float32), np.eye(2, dtype=int), ("a", "b"), **kwargs)

@@ -23,18 +23,34 @@ from headmaster.model_repository.config import (
     to_proto,
 )
 
-PREPROCESSING = {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bicubic",
-                 "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-IMAGE = EncoderModel("image_encoder", "onnx", Tensor("PIXELS", "UINT8", (3, 224, 224)), Tensor("EMBEDDING", "FP32", (512,)))
+PREPROCESSING = {
+    "size": [224, 224],
+    "resize_mode": "shortest",
+    "interpolation": "bicubic",
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+}
+IMAGE = EncoderModel(
+    "image_encoder", "onnx", Tensor("PIXELS", "UINT8", (3, 224, 224)), Tensor("EMBEDDING", "FP32", (512,))
+)
 ENSEMBLE = EnsembleModel(
-    "classify", (Tensor("IMAGE", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (512,)),),
-    (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
-     Step("image_encoder", {"PIXELS": "PIXELS"}, {"EMBEDDING": "EMBEDDING"})))
+    "classify",
+    (Tensor("IMAGE", "BYTES", (1,)),),
+    (Tensor("EMBEDDING", "FP32", (512,)),),
+    (
+        Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+        Step("image_encoder", {"PIXELS": "PIXELS"}, {"EMBEDDING": "EMBEDDING"}),
+    ),
+)
 ALL_KINDS = [
     PreprocessModel(PREPROCESSING),
     IMAGE,
-    EncoderModel("image_encoder", "torchscript", Tensor("PIXELS__0", "UINT8", (3, 224, 224)),
-                 Tensor("EMBEDDING__0", "FP32", (512,))),
+    EncoderModel(
+        "image_encoder",
+        "torchscript",
+        Tensor("PIXELS__0", "UINT8", (3, 224, 224)),
+        Tensor("EMBEDDING__0", "FP32", (512,)),
+    ),
     TokenizeModel("ViT-B-32", 77),
     HeadModel("animal", 512, 3),
     ThresholdModel(("animal", "has_cat"), 512),
@@ -58,7 +74,10 @@ def test_native_flavour_uses_the_container_platforms():
     assert parse(render(plan, "native")).platform == "tensorrt_plan"
     ts = EncoderModel("image_encoder", "torchscript", IMAGE.input, IMAGE.output)
     assert parse(render(ts, "native")).platform == "pytorch_libtorch"
-    assert parse(render(IMAGE, "native")).instance_group[0].kind == parse("instance_group {kind: KIND_GPU}").instance_group[0].kind
+    assert (
+        parse(render(IMAGE, "native")).instance_group[0].kind
+        == parse("instance_group {kind: KIND_GPU}").instance_group[0].kind
+    )
 
 
 def test_portable_flavour_runs_the_same_artifact_through_the_python_backend():
@@ -92,21 +111,32 @@ def test_plan_cannot_be_portable():
         render(plan, "portable")
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Tensor("X", "FLOAT", (1,)), "dtype must be one of"),
-    (lambda: Tensor("X", "FP32", ()), "dims must be positive or -1"),
-    (lambda: Tensor("X", "FP32", (0,)), "dims must be positive or -1"),
-    (lambda: Batching(8, (16,)), r"preferred_batch_sizes \[16\] are not within 1..max_batch_size=8"),
-    (lambda: Batching(0), "max_batch_size must be >= 1"),
-    (lambda: Instances(0), "instance count must be >= 1"),
-    (lambda: HeadModel("animal", 512, 0), "live_version must be >= 1"),
-    (lambda: EncoderModel("image_encoder", "savedmodel", IMAGE.input, IMAGE.output), "format must be one of"),
-    (lambda: EnsembleModel("e", (Tensor("A", "FP32", (1,)),), (Tensor("C", "FP32", (1,)),),
-                           (Step("m", {"x": "B"}, {"y": "C"}),)), r"reads \['B'\], which no earlier step produces"),
-    (lambda: EnsembleModel("e", (Tensor("A", "FP32", (1,)),), (Tensor("Z", "FP32", (1,)),),
-                           (Step("m", {"x": "A"}, {"y": "C"}),)), r"outputs \['Z'\] are produced by no step"),
-    (lambda: render(IMAGE, "docker"), "flavour must be one of portable, native"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Tensor("X", "FLOAT", (1,)), "dtype must be one of"),
+        (lambda: Tensor("X", "FP32", ()), "dims must be positive or -1"),
+        (lambda: Tensor("X", "FP32", (0,)), "dims must be positive or -1"),
+        (lambda: Batching(8, (16,)), r"preferred_batch_sizes \[16\] are not within 1..max_batch_size=8"),
+        (lambda: Batching(0), "max_batch_size must be >= 1"),
+        (lambda: Instances(0), "instance count must be >= 1"),
+        (lambda: HeadModel("animal", 512, 0), "live_version must be >= 1"),
+        (lambda: EncoderModel("image_encoder", "savedmodel", IMAGE.input, IMAGE.output), "format must be one of"),
+        (
+            lambda: EnsembleModel(
+                "e", (Tensor("A", "FP32", (1,)),), (Tensor("C", "FP32", (1,)),), (Step("m", {"x": "B"}, {"y": "C"}),)
+            ),
+            r"reads \['B'\], which no earlier step produces",
+        ),
+        (
+            lambda: EnsembleModel(
+                "e", (Tensor("A", "FP32", (1,)),), (Tensor("Z", "FP32", (1,)),), (Step("m", {"x": "A"}, {"y": "C"}),)
+            ),
+            r"outputs \['Z'\] are produced by no step",
+        ),
+        (lambda: render(IMAGE, "docker"), "flavour must be one of portable, native"),
+    ],
+)
 def test_invalid_descriptions_are_refused_with_the_field_named(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
@@ -136,9 +166,15 @@ def test_rendered_json_form_round_trips():
 
 def test_an_ensemble_output_that_feeds_a_step_is_refused_when_rendered():
     with pytest.raises(ConfigError, match="also read by a step"):
-        EnsembleModel("bad", (Tensor("IMAGE", "BYTES", (1,)),), (Tensor("EMBEDDING", "FP32", (4,)),),
-                      (Step("enc", {"IMAGE": "IMAGE"}, {"E": "EMBEDDING"}),
-                       Step("head", {"EMBEDDING": "EMBEDDING"}, {"S": "SCORES"})))
+        EnsembleModel(
+            "bad",
+            (Tensor("IMAGE", "BYTES", (1,)),),
+            (Tensor("EMBEDDING", "FP32", (4,)),),
+            (
+                Step("enc", {"IMAGE": "IMAGE"}, {"E": "EMBEDDING"}),
+                Step("head", {"EMBEDDING": "EMBEDDING"}, {"S": "SCORES"}),
+            ),
+        )
 
 
 def test_errors_name_the_parameter_and_the_cli_its_flag():

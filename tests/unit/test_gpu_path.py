@@ -35,10 +35,22 @@ CLIP = {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bicubic
 
 def card():
     """The parts of an encoder card the topology reads."""
-    tower = SimpleNamespace(format="onnx", input_name="PIXELS", input_dtype="UINT8", input_dims=[3, 224, 224],
-                            output_name="EMBEDDING", graph_optimization="all")
-    return SimpleNamespace(preprocessing={**CLIP, "mean": [0.5] * 3, "std": [0.5] * 3}, model="ViT-B-32",
-                           context_length=77, fingerprint="f" * 64, embed_dim=512, towers={"image": tower})
+    tower = SimpleNamespace(
+        format="onnx",
+        input_name="PIXELS",
+        input_dtype="UINT8",
+        input_dims=[3, 224, 224],
+        output_name="EMBEDDING",
+        graph_optimization="all",
+    )
+    return SimpleNamespace(
+        preprocessing={**CLIP, "mean": [0.5] * 3, "std": [0.5] * 3},
+        model="ViT-B-32",
+        context_length=77,
+        fingerprint="f" * 64,
+        embed_dim=512,
+        towers={"image": tower},
+    )
 
 
 def jpeg(image: Image.Image, **options) -> bytes:
@@ -50,12 +62,21 @@ def jpeg(image: Image.Image, **options) -> bytes:
 # -- build options and configs -------------------------------------------------------------------
 def test_cuda_picks_gpu_batching_defaults_and_what_is_given_wins():
     gpu = BuildOptions.for_device("cuda")
-    assert (gpu.max_batch_size, gpu.preferred_batch_sizes, gpu.encoder_instances, gpu.decoder) == \
-        (GPU_DEFAULTS["max_batch_size"], GPU_DEFAULTS["preferred_batch_sizes"], 2, "torchvision")
-    given = BuildOptions.for_device("cuda", max_batch_size=128, preferred_batch_sizes=(32, 64), decoder="pillow",
-                                    encoder_instances=None)
-    assert (given.max_batch_size, given.preferred_batch_sizes, given.decoder, given.encoder_instances) == \
-        (128, (32, 64), "pillow", 2)
+    assert (gpu.max_batch_size, gpu.preferred_batch_sizes, gpu.encoder_instances, gpu.decoder) == (
+        GPU_DEFAULTS["max_batch_size"],
+        GPU_DEFAULTS["preferred_batch_sizes"],
+        2,
+        "torchvision",
+    )
+    given = BuildOptions.for_device(
+        "cuda", max_batch_size=128, preferred_batch_sizes=(32, 64), decoder="pillow", encoder_instances=None
+    )
+    assert (given.max_batch_size, given.preferred_batch_sizes, given.decoder, given.encoder_instances) == (
+        128,
+        (32, 64),
+        "pillow",
+        2,
+    )
     assert BuildOptions.for_device("cpu") == BuildOptions(device="cpu")
     with pytest.raises(ConfigError, match="preferred_batch_sizes"):
         BuildOptions.for_device("cuda", max_batch_size=64)  # the GPU's preferred sizes no longer fit: said
@@ -74,7 +95,9 @@ def test_a_gpu_repository_places_decode_and_encoder_on_every_gpu(flavour):
     kind_gpu = parse("instance_group {kind: KIND_GPU}").instance_group[0].kind
     encoder, preprocess = parsed["image_encoder"], parsed["preprocess"]
     assert encoder.instance_group[0].kind == kind_gpu and encoder.instance_group[0].count == 2
-    assert preprocess.instance_group[0].kind == kind_gpu and preprocess.parameters["decoder"].string_value == "torchvision"
+    assert (
+        preprocess.instance_group[0].kind == kind_gpu and preprocess.parameters["decoder"].string_value == "torchvision"
+    )
     assert list(encoder.dynamic_batching.preferred_batch_size) == [64, 128, 256, 512]
     assert encoder.max_batch_size == 512
     if flavour == "portable":  # GPU tensors from preprocess reach the python encoder as they are (DLPack)
@@ -138,7 +161,7 @@ def test_what_the_torchvision_path_does_not_take_goes_through_pillow(decoder):
     cmyk = jpeg(Image.fromarray(skimage.data.chelsea()).convert("CMYK"))
     tiny = jpeg(Image.fromarray(skimage.data.chelsea()).resize((100, 80)))  # smaller than the crop: padded
     good = jpeg(Image.fromarray(skimage.data.coffee()))
-    truncated = good[:len(good) // 2]
+    truncated = good[: len(good) // 2]
     items = [png.getvalue(), cmyk, tiny, truncated, b"", good]
     results = torch_decoder(items, pillow)
     for data, result in zip(items[:3], results[:3]):
@@ -152,11 +175,16 @@ def test_what_the_torchvision_path_does_not_take_goes_through_pillow(decoder):
 def test_the_onnx_runner_binds_torch_tensors_and_answers_as_with_numpy(tmp_path):
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(3 * 8 * 8, 4)).astype(np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["PIXELS"], ["x"], to=TensorProto.FLOAT),
-         helper.make_node("Flatten", ["x"], ["flat"], axis=1),
-         helper.make_node("MatMul", ["flat", "w"], ["EMBEDDING"])],
-        "image", [helper.make_tensor_value_info("PIXELS", TensorProto.UINT8, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, ["batch", 4])], [w])
+        [
+            helper.make_node("Cast", ["PIXELS"], ["x"], to=TensorProto.FLOAT),
+            helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["EMBEDDING"]),
+        ],
+        "image",
+        [helper.make_tensor_value_info("PIXELS", TensorProto.UINT8, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, ["batch", 4])],
+        [w],
+    )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
     runner = load_runner(str(tmp_path / "model.onnx"), device="cpu")
     pixels = np.random.default_rng(1).integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)

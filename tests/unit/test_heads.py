@@ -17,24 +17,39 @@ rng = np.random.default_rng(7)
 
 
 def card(labels=("a", "b", "c"), thresholds=None, multi_label=False, version=3, dim=16, name="topic") -> HeadCard:
-    return HeadCard(name=name, version=version, labels=tuple(labels),
-                    thresholds=tuple(thresholds or [0.0] * len(labels)), multi_label=multi_label,
-                    encoder_fingerprint=FP, embed_dim=dim, kind="linear")
+    return HeadCard(
+        name=name,
+        version=version,
+        labels=tuple(labels),
+        thresholds=tuple(thresholds or [0.0] * len(labels)),
+        multi_label=multi_label,
+        encoder_fingerprint=FP,
+        embed_dim=dim,
+        kind="linear",
+    )
 
 
 def linear(dim=16, labels=3, multi_label=False) -> HeadWeights:
-    return HeadWeights(((rng.normal(size=(labels, dim)).astype(np.float32), rng.normal(size=labels).astype(np.float32)),),
-                       multi_label)
+    return HeadWeights(
+        ((rng.normal(size=(labels, dim)).astype(np.float32), rng.normal(size=labels).astype(np.float32)),), multi_label
+    )
 
 
 def mlp(dim=16, hidden=8, labels=3, multi_label=False) -> HeadWeights:
-    return HeadWeights(((rng.normal(size=(hidden, dim)).astype(np.float32), rng.normal(size=hidden).astype(np.float32)),
-                        (rng.normal(size=(labels, hidden)).astype(np.float32), rng.normal(size=labels).astype(np.float32))),
-                       multi_label)
+    return HeadWeights(
+        (
+            (rng.normal(size=(hidden, dim)).astype(np.float32), rng.normal(size=hidden).astype(np.float32)),
+            (rng.normal(size=(labels, hidden)).astype(np.float32), rng.normal(size=labels).astype(np.float32)),
+        ),
+        multi_label,
+    )
 
 
-@pytest.mark.parametrize("weights", [linear(), mlp(), linear(multi_label=True), mlp(multi_label=True)],
-                         ids=["linear-softmax", "mlp-softmax", "linear-sigmoid", "mlp-sigmoid"])
+@pytest.mark.parametrize(
+    "weights",
+    [linear(), mlp(), linear(multi_label=True), mlp(multi_label=True)],
+    ids=["linear-softmax", "mlp-softmax", "linear-sigmoid", "mlp-sigmoid"],
+)
 def test_onnx_head_matches_numpy_reference(tmp_path, weights):
     head = card(multi_label=weights.multi_label)
     write_head(tmp_path, weights, head)  # checks itself; here we check independently too
@@ -45,8 +60,13 @@ def test_onnx_head_matches_numpy_reference(tmp_path, weights):
     if not weights.multi_label:
         np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-5)
     assert info.shape == (5, 1)
-    assert json.loads(info[0, 0]) == {"head": "topic", "version": 3, "labels": ["a", "b", "c"],
-                                      "thresholds": [0.0, 0.0, 0.0], "multi_label": weights.multi_label}
+    assert json.loads(info[0, 0]) == {
+        "head": "topic",
+        "version": 3,
+        "labels": ["a", "b", "c"],
+        "thresholds": [0.0, 0.0, 0.0],
+        "multi_label": weights.multi_label,
+    }
     assert HeadCard.load(tmp_path) == head
 
 
@@ -60,22 +80,31 @@ def test_layers_must_chain():
         HeadWeights(((np.zeros((8, 16)), np.zeros(8)), (np.zeros((3, 5)), np.zeros(3))), False)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("Cats", "is not allowed"), ("1cat", "is not allowed"), ("cat-dog", "is not allowed"),
-    ("classify", "reserved"), ("threshold", "reserved"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("Cats", "is not allowed"),
+        ("1cat", "is not allowed"),
+        ("cat-dog", "is not allowed"),
+        ("classify", "reserved"),
+        ("threshold", "reserved"),
+    ],
+)
 def test_head_names_are_checked(name, message):
     with pytest.raises(InvalidNameError, match=message):
         check_head_name(name)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"labels": ("a", "a")}, "labels must be distinct"),
-    ({"labels": ("only",)}, "single-label head needs two labels"),
-    ({"thresholds": (0.5,)}, "1 thresholds for 3 labels"),
-    ({"thresholds": (0.5, 1.5, 0.0)}, r"thresholds must lie in \[0, 1\]"),
-    ({"version": 0}, "versions start at 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"labels": ("a", "a")}, "labels must be distinct"),
+        ({"labels": ("only",)}, "single-label head needs two labels"),
+        ({"thresholds": (0.5,)}, "1 thresholds for 3 labels"),
+        ({"thresholds": (0.5, 1.5, 0.0)}, r"thresholds must lie in \[0, 1\]"),
+        ({"version": 0}, "versions start at 1"),
+    ],
+)
 def test_head_cards_are_validated(kwargs, message):
     with pytest.raises(ExportError, match=message):
         card(**kwargs)

@@ -52,6 +52,7 @@ def png16(array: np.ndarray) -> bytes:
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
@@ -80,23 +81,40 @@ def pgm16(grey: np.ndarray) -> bytes:
 # name: (bytes in that mode, the same picture as an 8-bit PNG, the mode Pillow opens it in)
 LOSSLESS = {
     "16-bit grey PNG": (png16(widen(GREY)), GREY_PNG, "I;16"),
-    "16-bit grey PNG (Pillow-written)": (encode(Image.fromarray(GREY.astype(np.uint16) * 257), "PNG"), GREY_PNG, "I;16"),
+    "16-bit grey PNG (Pillow-written)": (
+        encode(Image.fromarray(GREY.astype(np.uint16) * 257), "PNG"),
+        GREY_PNG,
+        "I;16",
+    ),
     "16-bit grey+alpha PNG": (png16(widen(np.dstack([GREY, ALPHA]))), LA_PNG, "RGBA"),
     "16-bit RGB PNG": (png16(widen(PHOTO)), RGB_PNG, "RGB"),
     "16-bit RGBA PNG": (png16(widen(np.dstack([PHOTO, ALPHA]))), RGBA_PNG, "RGBA"),
     "16-bit grey TIFF": (tiff(widen(GREY)), GREY_PNG, "I;16"),
     "16-bit grey TIFF big-endian": (tiff(widen(GREY), byteorder=">"), GREY_PNG, "I;16B"),
     "16-bit RGB TIFF": (tiff(widen(PHOTO), photometric="rgb"), RGB_PNG, "RGB"),
-    "16-bit RGBA TIFF": (tiff(widen(np.dstack([PHOTO, ALPHA])), photometric="rgb", extrasamples=["unassalpha"]),
-                         RGBA_PNG, "RGBA"),
+    "16-bit RGBA TIFF": (
+        tiff(widen(np.dstack([PHOTO, ALPHA])), photometric="rgb", extrasamples=["unassalpha"]),
+        RGBA_PNG,
+        "RGBA",
+    ),
     "16-bit PGM (mode I)": (pgm16(widen(GREY)), GREY_PNG, "I"),
     "LA PNG": (LA_PNG, encode(Image.fromarray(np.dstack([GREY, ALPHA]), "LA").convert("RGBA"), "PNG"), "LA"),
     "CMYK TIFF": (encode(Image.fromarray(PHOTO).convert("CMYK"), "TIFF"), RGB_PNG, "CMYK"),
-    "16-bit CMYK TIFF": (tiff(widen(np.dstack([255 - PHOTO, np.zeros_like(GREY)])), photometric="separated"),
-                         RGB_PNG, "CMYK"),
-    "1-bit PNG": (encode(Image.fromarray(GREY > 128), "PNG"), encode(Image.fromarray((GREY > 128) * np.uint8(255)), "PNG"), "1"),
-    "1-bit TIFF": (encode(Image.fromarray(GREY > 100), "TIFF", compression="group4"),
-                   encode(Image.fromarray((GREY > 100) * np.uint8(255)), "PNG"), "1"),
+    "16-bit CMYK TIFF": (
+        tiff(widen(np.dstack([255 - PHOTO, np.zeros_like(GREY)])), photometric="separated"),
+        RGB_PNG,
+        "CMYK",
+    ),
+    "1-bit PNG": (
+        encode(Image.fromarray(GREY > 128), "PNG"),
+        encode(Image.fromarray((GREY > 128) * np.uint8(255)), "PNG"),
+        "1",
+    ),
+    "1-bit TIFF": (
+        encode(Image.fromarray(GREY > 100), "TIFF", compression="group4"),
+        encode(Image.fromarray((GREY > 100) * np.uint8(255)), "PNG"),
+        "1",
+    ),
 }
 
 
@@ -119,11 +137,17 @@ def pa_image() -> Image.Image:
 
 
 P_TRANSPARENT = with_transparency(palette_photo(), 3)
-LOSSLESS.update({
-    "P with transparency PNG": (encode(P_TRANSPARENT, "PNG"), encode(P_TRANSPARENT.convert("RGBA"), "PNG"), "P"),
-    "P with transparency GIF": (encode(palette_photo(), "GIF", transparency=3), encode(P_TRANSPARENT.convert("RGBA"), "PNG"), "P"),
-    "PA TIFF": (encode(pa_image(), "TIFF"), encode(pa_image().convert("RGBA"), "PNG"), "PA"),
-})
+LOSSLESS.update(
+    {
+        "P with transparency PNG": (encode(P_TRANSPARENT, "PNG"), encode(P_TRANSPARENT.convert("RGBA"), "PNG"), "P"),
+        "P with transparency GIF": (
+            encode(palette_photo(), "GIF", transparency=3),
+            encode(P_TRANSPARENT.convert("RGBA"), "PNG"),
+            "P",
+        ),
+        "PA TIFF": (encode(pa_image(), "TIFF"), encode(pa_image().convert("RGBA"), "PNG"), "PA"),
+    }
+)
 
 
 @pytest.mark.parametrize("cfg", [CLIP, SIGLIP], ids=["shortest", "squash"])
@@ -192,8 +216,10 @@ def frames(images: list[Image.Image], fmt: str, **options) -> bytes:
     return encode(images[0], fmt, save_all=True, append_images=images[1:], **options)
 
 
-OTHERS = [Image.fromarray(skimage.data.coffee()[:400, :512]).resize((512, 512)),
-          Image.fromarray(skimage.data.chelsea()).resize((512, 512))]
+OTHERS = [
+    Image.fromarray(skimage.data.coffee()[:400, :512]).resize((512, 512)),
+    Image.fromarray(skimage.data.chelsea()).resize((512, 512)),
+]
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF", "PNG"], ids=["GIF", "multi-page TIFF", "APNG"])
@@ -206,9 +232,16 @@ def test_multi_frame_images_give_their_first_frame(fmt):
 
 
 # EXIF orientation -> the operation that makes the stored pixels upright; stored = its inverse.
-UPRIGHT = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-           7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+UPRIGHT = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 INVERSE = {Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270}
 
 
@@ -225,12 +258,16 @@ def test_exif_orientation_gives_the_upright_picture(orientation):
     np.testing.assert_array_equal(pixels(data, SIGLIP), pixels(encode(upright, "PNG"), SIGLIP))
 
 
-@pytest.mark.parametrize("data, message", [
-    (tiff(GREY.astype(np.float32) / 255), r"image mode F \(32-bit floating point pixels\) has no standard range"),
-    (tiff(GREY.astype(np.int16) * 100), r"image mode I \(16-bit signed integer pixels"),
-    (tiff(GREY.astype(np.uint32) * 16843009), r"image mode I \(32-bit unsigned integer pixels"),
-    (tiff(GREY.astype(np.int32)), r"image mode I \(32-bit signed integer pixels"),
-], ids=["float TIFF", "signed 16-bit TIFF", "32-bit TIFF", "signed 32-bit TIFF"])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (tiff(GREY.astype(np.float32) / 255), r"image mode F \(32-bit floating point pixels\) has no standard range"),
+        (tiff(GREY.astype(np.int16) * 100), r"image mode I \(16-bit signed integer pixels"),
+        (tiff(GREY.astype(np.uint32) * 16843009), r"image mode I \(32-bit unsigned integer pixels"),
+        (tiff(GREY.astype(np.int32)), r"image mode I \(32-bit signed integer pixels"),
+    ],
+    ids=["float TIFF", "signed 16-bit TIFF", "32-bit TIFF", "signed 32-bit TIFF"],
+)
 def test_modes_without_a_standard_range_are_refused_saying_what_to_send(data, message):
     with pytest.raises(InvalidImage, match=message) as caught:
         pixels(data)

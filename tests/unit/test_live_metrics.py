@@ -31,5 +31,7 @@ def test_one_request_sums_items_labels_abstentions_ood_and_cumulative_buckets():
 def test_a_regression_head_counts_items_and_ood_only():
     results = [{"version": 1, "labels": [], "scores": {"value": 3.2}, "value": 3.2, "ood": True}]
     base = (("head", "age"), ("version", "1"))
-    assert metric_counts("age", "regression", results) == {("headmaster_items_total", base): 1,
-                                                           ("headmaster_ood_total", base): 1}
+    assert metric_counts("age", "regression", results) == {
+        ("headmaster_items_total", base): 1,
+        ("headmaster_ood_total", base): 1,
+    }

@@ -31,8 +31,13 @@ def test_the_mix_is_parsed_normalised_and_allocated_to_exactly_n():
 def test_k_center_picks_the_unexplored_cluster_first_and_never_twice():
     rng = np.random.default_rng(0)
     a, b, c = (rng.normal(size=64) for _ in range(3))
-    pool = np.vstack([a + 0.05 * rng.normal(size=(20, 64)), b + 0.05 * rng.normal(size=(20, 64)),
-                      c + 0.05 * rng.normal(size=(5, 64))])
+    pool = np.vstack(
+        [
+            a + 0.05 * rng.normal(size=(20, 64)),
+            b + 0.05 * rng.normal(size=(20, 64)),
+            c + 0.05 * rng.normal(size=(5, 64)),
+        ]
+    )
     labelled = np.vstack([a, b])  # people labelled near a and b already
     picks = k_center(pool, labelled, 3)
     assert len(set(picks)) == 3 and picks[0] >= 40  # the first pick is from the c cluster
@@ -40,15 +45,35 @@ def test_k_center_picks_the_unexplored_cluster_first_and_never_twice():
 
 
 def test_a_label_studio_export_is_read_as_corrections_with_who_when_and_the_prediction(tmp_path):
-    task = {"id": 3, "data": {"image": "/x.png", "sha256": "a" * 64, "head": "animal", "version": 2,
-                              "prediction": ["cat"], "score": 0.61},
-            "annotations": [
-                {"id": 1, "completed_by": 4, "result": [{"type": "choices", "value": {"choices": ["cat"]}}],
-                 "created_at": "2026-12-01T09:00:00Z", "updated_at": "2026-12-01T09:00:00Z"},
-                {"id": 2, "completed_by": 5, "created_username": "zoe", "result": [
-                    {"type": "choices", "value": {"choices": ["dog"]}}],
-                 "created_at": "2026-12-02T09:00:00Z", "updated_at": "2026-12-02T09:00:00Z"},
-                {"id": 9, "was_cancelled": True, "result": [], "created_at": "2026-12-03T09:00:00Z"}]}
+    task = {
+        "id": 3,
+        "data": {
+            "image": "/x.png",
+            "sha256": "a" * 64,
+            "head": "animal",
+            "version": 2,
+            "prediction": ["cat"],
+            "score": 0.61,
+        },
+        "annotations": [
+            {
+                "id": 1,
+                "completed_by": 4,
+                "result": [{"type": "choices", "value": {"choices": ["cat"]}}],
+                "created_at": "2026-12-01T09:00:00Z",
+                "updated_at": "2026-12-01T09:00:00Z",
+            },
+            {
+                "id": 2,
+                "completed_by": 5,
+                "created_username": "zoe",
+                "result": [{"type": "choices", "value": {"choices": ["dog"]}}],
+                "created_at": "2026-12-02T09:00:00Z",
+                "updated_at": "2026-12-02T09:00:00Z",
+            },
+            {"id": 9, "was_cancelled": True, "result": [], "created_at": "2026-12-03T09:00:00Z"},
+        ],
+    }
     path = tmp_path / "export.json"
     path.write_text(json.dumps([task, {"id": 4, "data": {"sha256": "b" * 64}, "annotations": []}]))
     rows, skipped = read_label_studio(path)
@@ -56,8 +81,13 @@ def test_a_label_studio_export_is_read_as_corrections_with_who_when_and_the_pred
     (row,) = rows
     assert row["labels"] == ("dog",) and row["by"] == "zoe" and row["at"].isoformat() == "2026-12-02T09:00:00+00:00"
     note = json.loads(row["note"])
-    assert note == {"tool": "label-studio", "task": 3, "annotation": 2,
-                    "corrects": {"labels": ["cat"], "score": 0.61, "version": 2}, "agrees": False}
+    assert note == {
+        "tool": "label-studio",
+        "task": 3,
+        "annotation": 2,
+        "corrects": {"labels": ["cat"], "score": 0.61, "version": 2},
+        "agrees": False,
+    }
     path.write_text("{}")
     with pytest.raises(DataError, match="not a Label Studio JSON export"):
         read_label_studio(path)

@@ -41,11 +41,16 @@ def tiny_image_encoder(path: Path, input_dtype=TensorProto.UINT8, input_name="PI
     """PIXELS uint8 [batch, 3, SIZE, SIZE] -> EMBEDDING float [batch, D]."""
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(3 * SIZE * SIZE, D)).astype(np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Cast", [input_name], ["x"], to=TensorProto.FLOAT),
-         helper.make_node("Flatten", ["x"], ["flat"], axis=1),
-         helper.make_node("MatMul", ["flat", "w"], ["EMBEDDING"])],
-        "image", [helper.make_tensor_value_info(input_name, input_dtype, [batch, 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, [batch, D])], [w])
+        [
+            helper.make_node("Cast", [input_name], ["x"], to=TensorProto.FLOAT),
+            helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["EMBEDDING"]),
+        ],
+        "image",
+        [helper.make_tensor_value_info(input_name, input_dtype, [batch, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, [batch, D])],
+        [w],
+    )
     return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
@@ -53,22 +58,40 @@ def tiny_text_encoder(path: Path) -> Path:
     """TOKENS int64 [batch, CONTEXT] -> EMBEDDING float [batch, D]."""
     w = numpy_helper.from_array(np.ones((CONTEXT, D), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["TOKENS"], ["x"], to=TensorProto.FLOAT),
-         helper.make_node("MatMul", ["x", "w"], ["EMBEDDING"])],
-        "text", [helper.make_tensor_value_info("TOKENS", TensorProto.INT64, ["batch", CONTEXT])],
-        [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, ["batch", D])], [w])
+        [
+            helper.make_node("Cast", ["TOKENS"], ["x"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["x", "w"], ["EMBEDDING"]),
+        ],
+        "text",
+        [helper.make_tensor_value_info("TOKENS", TensorProto.INT64, ["batch", CONTEXT])],
+        [helper.make_tensor_value_info("EMBEDDING", TensorProto.FLOAT, ["batch", D])],
+        [w],
+    )
     return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
 def image_config(**changes):
-    spec = {"name": "image_encoder", "format": "onnx", "input": Tensor("PIXELS", "UINT8", (3, SIZE, SIZE)),
-            "output": Tensor("EMBEDDING", "FP32", (D,)), **changes}
+    spec = {
+        "name": "image_encoder",
+        "format": "onnx",
+        "input": Tensor("PIXELS", "UINT8", (3, SIZE, SIZE)),
+        "output": Tensor("EMBEDDING", "FP32", (D,)),
+        **changes,
+    }
     return parse(render(EncoderModel(**spec), "native"))
 
 
 def head_card(version: int, labels: tuple[str, ...], fingerprint: str = "sha256:" + "a" * 64) -> HeadCard:
-    return HeadCard(name="animals", version=version, labels=labels, thresholds=(0.0,) * len(labels),
-                    multi_label=False, encoder_fingerprint=fingerprint, embed_dim=D, kind="linear")
+    return HeadCard(
+        name="animals",
+        version=version,
+        labels=labels,
+        thresholds=(0.0,) * len(labels),
+        multi_label=False,
+        encoder_fingerprint=fingerprint,
+        embed_dim=D,
+        kind="linear",
+    )
 
 
 def head_weights(labels: int, seed: int = 0) -> HeadWeights:
@@ -95,16 +118,19 @@ def test_a_head_config_without_the_label_count_is_what_the_backend_refused(tmp_p
     path = head_file(tmp_path / "1", ("cat", "dog"))
     config = to_proto(HeadModel("animals", D, 1), "native")  # SCORES dims [-1]
     assert onnx_problems(config, path) == [
-        "output 'SCORES': config shape [-1,-1] (batch dim + config dims) but the model has [-1,2]"]
+        "output 'SCORES': config shape [-1,-1] (batch dim + config dims) but the model has [-1,2]"
+    ]
 
 
 def test_a_wrong_dim(tmp_path):
     path = tiny_image_encoder(tmp_path / "model.onnx")
     assert onnx_problems(image_config(output=Tensor("EMBEDDING", "FP32", (D + 1,))), path) == [
-        f"output 'EMBEDDING': config shape [-1,{D + 1}] (batch dim + config dims) but the model has [-1,{D}]"]
+        f"output 'EMBEDDING': config shape [-1,{D + 1}] (batch dim + config dims) but the model has [-1,{D}]"
+    ]
     assert onnx_problems(image_config(input=Tensor("PIXELS", "UINT8", (3, SIZE, SIZE + 1))), path) == [
         f"input 'PIXELS': config shape [-1,3,{SIZE},{SIZE + 1}] (batch dim + config dims) but the model has "
-        f"[-1,3,{SIZE},{SIZE}]"]
+        f"[-1,3,{SIZE},{SIZE}]"
+    ]
 
 
 def test_an_input_may_name_a_fixed_size_where_the_model_is_dynamic_an_output_may_not(tmp_path):
@@ -114,25 +140,28 @@ def test_an_input_may_name_a_fixed_size_where_the_model_is_dynamic_an_output_may
     config = to_proto(HeadModel("animals", D, 1, num_labels=2), "native")
     config.input[0].dims[:] = [-1]
     assert onnx_problems(config, head) == [
-        f"input 'EMBEDDING': config shape [-1,-1] (batch dim + config dims) but the model has [-1,{D}]"]
+        f"input 'EMBEDDING': config shape [-1,-1] (batch dim + config dims) but the model has [-1,{D}]"
+    ]
 
 
 def test_a_wrong_dtype(tmp_path):
     path = tiny_image_encoder(tmp_path / "model.onnx")
     assert onnx_problems(image_config(input=Tensor("PIXELS", "FP32", (3, SIZE, SIZE))), path) == [
-        "input 'PIXELS': config data type TYPE_FP32 but model.onnx has TYPE_UINT8"]
+        "input 'PIXELS': config data type TYPE_FP32 but model.onnx has TYPE_UINT8"
+    ]
     path = tiny_image_encoder(tmp_path / "fp16" / "model.onnx", input_dtype=TensorProto.FLOAT16)
     assert onnx_problems(image_config(), path) == [
-        "input 'PIXELS': config data type TYPE_UINT8 but model.onnx has TYPE_FP16"]
+        "input 'PIXELS': config data type TYPE_UINT8 but model.onnx has TYPE_FP16"
+    ]
 
 
 def test_a_wrong_name(tmp_path):
     path = tiny_image_encoder(tmp_path / "model.onnx", input_name="pixel_values")
-    assert onnx_problems(image_config(), path) == [
-        "input 'PIXELS' is not in model.onnx, whose inputs are pixel_values"]
+    assert onnx_problems(image_config(), path) == ["input 'PIXELS' is not in model.onnx, whose inputs are pixel_values"]
     path = tiny_image_encoder(tmp_path / "ok" / "model.onnx")
     assert onnx_problems(image_config(output=Tensor("EMBEDDINGS", "FP32", (D,))), path) == [
-        "output 'EMBEDDINGS' is not in model.onnx, whose outputs are EMBEDDING"]
+        "output 'EMBEDDINGS' is not in model.onnx, whose outputs are EMBEDDING"
+    ]
 
 
 def test_batching_needs_a_dynamic_first_dim(tmp_path):
@@ -140,7 +169,8 @@ def test_batching_needs_a_dynamic_first_dim(tmp_path):
     assert onnx_problems(image_config(), path) == [
         f"input 'PIXELS': max_batch_size > 0 needs the model's first dim dynamic (-1), but the model has "
         f"[1,3,{SIZE},{SIZE}]",
-        f"output 'EMBEDDING': max_batch_size > 0 needs the model's first dim dynamic (-1), but the model has [1,{D}]"]
+        f"output 'EMBEDDING': max_batch_size > 0 needs the model's first dim dynamic (-1), but the model has [1,{D}]",
+    ]
 
 
 def test_input_count_is_compared(tmp_path):
@@ -149,7 +179,8 @@ def test_input_count_is_compared(tmp_path):
     config.input.add(name="EXTRA", data_type=config.input[0].data_type, dims=[1])
     assert onnx_problems(config, path) == [
         "config expects 2 inputs, model.onnx provides 1 (PIXELS)",
-        "input 'EXTRA' is not in model.onnx, whose inputs are PIXELS"]
+        "input 'EXTRA' is not in model.onnx, whose inputs are PIXELS",
+    ]
 
 
 def test_an_unreadable_file_is_one_problem(tmp_path):
@@ -175,8 +206,13 @@ def torchscript_file(tmp_path_factory) -> Path:
 
 
 def ts_config(**changes):
-    spec = {"name": "image_encoder", "format": "torchscript", "input": Tensor("PIXELS__0", "UINT8", (3, SIZE, SIZE)),
-            "output": Tensor("EMBEDDING__0", "FP32", (D,)), **changes}
+    spec = {
+        "name": "image_encoder",
+        "format": "torchscript",
+        "input": Tensor("PIXELS__0", "UINT8", (3, SIZE, SIZE)),
+        "output": Tensor("EMBEDDING__0", "FP32", (D,)),
+        **changes,
+    }
     return parse(render(EncoderModel(**spec), "native"))
 
 
@@ -189,7 +225,8 @@ def test_torchscript_named_index_passes(torchscript_file):
 
 def test_torchscript_output_index_beyond_what_forward_returns(torchscript_file):
     assert torchscript_problems(ts_config(output=Tensor("EMBEDDING__1", "FP32", (D,))), torchscript_file) == [
-        "outputs EMBEDDING__1: NAME__N indices must be distinct and below the 1 tensor(s) forward returns"]
+        "outputs EMBEDDING__1: NAME__N indices must be distinct and below the 1 tensor(s) forward returns"
+    ]
 
 
 def test_torchscript_argument_count(torchscript_file):
@@ -197,7 +234,8 @@ def test_torchscript_argument_count(torchscript_file):
     config.input.add(name="TOKENS__1", data_type=config.input[0].data_type, dims=[1])
     assert torchscript_problems(config, torchscript_file) == [
         "config expects 2 inputs, forward in model.pt takes 1 (pixels)",
-        "inputs PIXELS__0, TOKENS__1: NAME__N indices must be distinct and below forward's 1 arguments (pixels)"]
+        "inputs PIXELS__0, TOKENS__1: NAME__N indices must be distinct and below forward's 1 arguments (pixels)",
+    ]
 
 
 # -- a whole repository --------------------------------------------------------------------
@@ -207,21 +245,39 @@ def tiny_encoder(tmp_path) -> Path:
     tiny_image_encoder(folder / "image.onnx")
     tiny_text_encoder(folder / "text.onnx")
     card = EncoderCard(
-        model="ViT-S-32", pretrained=None, weights_sha256="0" * 64,
-        preprocessing={"size": [SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
-                       "resize_mode": "shortest", "fill_color": 0, "mode": "RGB", "exif_transpose": True},
-        embed_dim=D, context_length=CONTEXT, logit_scale=1.0, precision="fp32", format="onnx",
-        towers={"image": TowerFile("image.onnx", "onnx", "PIXELS", "UINT8", (3, SIZE, SIZE), "EMBEDDING"),
-                "text": TowerFile("text.onnx", "onnx", "TOKENS", "INT64", (CONTEXT,), "EMBEDDING")},
-        verification={}, tools={}, created="2026-01-01T00:00:00+00:00")
+        model="ViT-S-32",
+        pretrained=None,
+        weights_sha256="0" * 64,
+        preprocessing={
+            "size": [SIZE, SIZE],
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+            "fill_color": 0,
+            "mode": "RGB",
+            "exif_transpose": True,
+        },
+        embed_dim=D,
+        context_length=CONTEXT,
+        logit_scale=1.0,
+        precision="fp32",
+        format="onnx",
+        towers={
+            "image": TowerFile("image.onnx", "onnx", "PIXELS", "UINT8", (3, SIZE, SIZE), "EMBEDDING"),
+            "text": TowerFile("text.onnx", "onnx", "TOKENS", "INT64", (CONTEXT,), "EMBEDDING"),
+        },
+        verification={},
+        tools={},
+        created="2026-01-01T00:00:00+00:00",
+    )
     (folder / CARD_FILE).write_text(card.to_json())
     return folder
 
 
 def publish(repo: Path, labels: tuple[str, ...], seed: int = 0) -> HeadCard:
     fingerprint = Repository(repo).fingerprint
-    return lifecycle.publish(repo, head_weights(len(labels), seed),
-                             lambda v: head_card(v, labels, fingerprint)).card
+    return lifecycle.publish(repo, head_weights(len(labels), seed), lambda v: head_card(v, labels, fingerprint)).card
 
 
 def test_a_correct_native_repository_passes(tiny_encoder, tmp_path):
@@ -244,7 +300,8 @@ def test_a_head_whose_label_count_changes_per_version(tiny_encoder, tmp_path):
     # with SCORES [-1], left): the one problem names the version and both shapes.
     config_path.write_text(config_path.read_text().replace("versions: 2", "versions: 1"))
     assert check_repository(repo) == [
-        "animals v1: output 'SCORES': config shape [-1,3] (batch dim + config dims) but the model has [-1,2]"]
+        "animals v1: output 'SCORES': config shape [-1,3] (batch dim + config dims) but the model has [-1,2]"
+    ]
     with pytest.raises(RepositoryError, match=r"animals v1: output 'SCORES': config shape \[-1,3\]"):
         check(repo)
     # Serving v1 the supported way re-renders the config for its two labels.

@@ -83,8 +83,17 @@ def _head(policy: str | None, dim: int = 64) -> tuple[HeadCard, HeadWeights, np.
         references = rng.normal(size=(50, dim)).astype(np.float32)
         references = (references / np.linalg.norm(references, axis=1, keepdims=True)).astype(np.float16)
         ood = {"k": 1, "threshold": 0.5, "policy": policy, "references": 50, "sha256": references_sha256(references)}
-    card = HeadCard(name="kind", version=2, labels=("a", "b", "c"), thresholds=(0.0, 0.0, 0.0), multi_label=False,
-                    encoder_fingerprint=FINGERPRINT, embed_dim=dim, kind="linear", ood=ood)
+    card = HeadCard(
+        name="kind",
+        version=2,
+        labels=("a", "b", "c"),
+        thresholds=(0.0, 0.0, 0.0),
+        multi_label=False,
+        encoder_fingerprint=FINGERPRINT,
+        embed_dim=dim,
+        kind="linear",
+        ood=ood,
+    )
     return card, weights, references
 
 
@@ -127,11 +136,14 @@ def test_the_reference_set_is_validated_with_the_version(tmp_path):
         write_head(tmp_path / "3", weights, replace(card, version=3))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"policy": "ignore"}, "ood policy must be one of abstain, flag, not 'ignore'"),
-    ({"k": 51}, r"ood k must be an integer in \[1, references=50\]"),
-    ({"threshold": 3.0}, r"ood threshold is a cosine distance in \[0, 2\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"policy": "ignore"}, "ood policy must be one of abstain, flag, not 'ignore'"),
+        ({"k": 51}, r"ood k must be an integer in \[1, references=50\]"),
+        ({"threshold": 3.0}, r"ood threshold is a cosine distance in \[0, 2\]"),
+    ],
+)
 def test_bad_ood_entries_are_refused(change, message):
     card, _, _ = _head("flag")
     with pytest.raises(ExportError, match=message):
@@ -150,7 +162,9 @@ def test_the_threshold_step_reads_each_versions_reference_set_from_the_repositor
 
 
 def _clustered(rng, centres: np.ndarray, n: int) -> np.ndarray:
-    x = centres[rng.integers(0, len(centres), n)] + 1.2 / np.sqrt(centres.shape[1]) * rng.normal(size=(n, centres.shape[1]))
+    x = centres[rng.integers(0, len(centres), n)] + 1.2 / np.sqrt(centres.shape[1]) * rng.normal(
+        size=(n, centres.shape[1])
+    )
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
 
 
@@ -164,15 +178,16 @@ def test_a_large_reference_set_is_searched_through_ivf_with_high_recall():
     references, queries = _clustered(rng, centres, size), _clustered(rng, centres, 300)
     assert threshold.ivf_search(threshold.EXACT_MAX) is None
     search = threshold.ivf_search(size)
-    assert search["kind"] == "ivf" and search["lists"] == round(size ** 0.5)
+    assert search["kind"] == "ivf" and search["lists"] == round(size**0.5)
     exact, ivf = KnnIndex(references), KnnIndex(references, search)
     assert len(ivf) == size and ivf.index.nprobe == threshold.IVF_PROBE
     want, got = exact.index.search(queries, 10)[1], ivf.index.search(queries, 10)[1]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got)])
     assert recall >= 0.95, recall
     # An index built again from the same references finds the same neighbours at the same distances.
-    np.testing.assert_array_equal(knn_distance(KnnIndex(references, search), queries, 10),
-                                  knn_distance(ivf, queries, 10))
+    np.testing.assert_array_equal(
+        knn_distance(KnnIndex(references, search), queries, 10), knn_distance(ivf, queries, 10)
+    )
 
 
 def test_fit_records_the_ivf_search_and_its_threshold_keeps_95_percent(monkeypatch, digits):
@@ -180,8 +195,13 @@ def test_fit_records_the_ivf_search_and_its_threshold_keeps_95_percent(monkeypat
     x_train, y_train, x_val, y_val, _ = digits
     monkeypatch.setattr(threshold, "EXACT_MAX", 500)
     fit = fit_ood(x_train, y_train, x_val, y_val, "flag")
-    assert fit.card["search"] == {"kind": "ivf", "lists": 32, "probe": threshold.IVF_PROBE, "seed": 1,
-                                  "iterations": threshold.IVF_ITERATIONS}
+    assert fit.card["search"] == {
+        "kind": "ivf",
+        "lists": 32,
+        "probe": threshold.IVF_PROBE,
+        "seed": 1,
+        "iterations": threshold.IVF_ITERATIONS,
+    }
     index = KnnIndex(fit.references.astype(np.float32), fit.card["search"])
     kept = (knn_distance(index, x_val, fit.card["k"]) <= fit.card["threshold"]).mean()
     assert TPR <= kept < TPR + 0.02
@@ -213,9 +233,12 @@ def test_a_collapsed_embedding_set_is_refused_plainly():
     base = rng.normal(size=384)
     collapsed = base + 1e-6 * rng.normal(size=(60, 384))  # a random-weight DINOv2 on digits: 3e-07 apart
     truth = np.eye(3, dtype=np.int64)[np.arange(60) % 3]
-    with pytest.raises(DataError, match=r"the embeddings of different labels are nearly identical \(the means of "
-                                        r"a, b, c lie within cosine distance \d\.\de-\d\d of each other; 1e-04 or more "
-                                        r"is needed\): the encoder or its preprocessing is wrong for these images") as e:
+    with pytest.raises(
+        DataError,
+        match=r"the embeddings of different labels are nearly identical \(the means of "
+        r"a, b, c lie within cosine distance \d\.\de-\d\d of each other; 1e-04 or more "
+        r"is needed\): the encoder or its preprocessing is wrong for these images",
+    ) as e:
         checks.check_spread(collapsed, truth, ("a", "b", "c"))
     assert e.value.option is None and "\n" not in str(e.value)
     spread = rng.normal(size=(60, 384))  # distinct images: accepted
@@ -280,8 +303,9 @@ def test_a_version_published_before_the_index_was_stored_builds_it(tmp_path, mon
     built = threshold.load_index(str(folder), old.ood)
     stored = KnnIndex.deserialized(fit.index, fit.card["search"])
     queries = np.concatenate([x_val, unseen])
-    np.testing.assert_array_equal(knn_distance(built, queries, fit.card["k"]),
-                                  knn_distance(stored, queries, fit.card["k"]))
+    np.testing.assert_array_equal(
+        knn_distance(built, queries, fit.card["k"]), knn_distance(stored, queries, fit.card["k"])
+    )
 
 
 def test_an_s3_served_threshold_step_fetches_the_stored_index(tmp_path, monkeypatch, digits):
@@ -304,8 +328,12 @@ def test_an_s3_served_threshold_step_fetches_the_stored_index(tmp_path, monkeypa
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", threshold.REPOSITORY_ENV: f"s3://127.0.0.1:{port}/models/prod"}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            threshold.REPOSITORY_ENV: f"s3://127.0.0.1:{port}/models/prod",
+        }.items():
             monkeypatch.setenv(key, value)
         monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
         monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
@@ -316,7 +344,9 @@ def test_an_s3_served_threshold_step_fetches_the_stored_index(tmp_path, monkeypa
         model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
         model.repository, model._indexes = str(tmp_path / "elsewhere"), {}  # no head folders beside it
         queries = np.concatenate([x_val, unseen])
-        in_memory = knn_distance(KnnIndex(fit.references.astype(np.float32), fit.card["search"]), queries, fit.card["k"])
+        in_memory = knn_distance(
+            KnnIndex(fit.references.astype(np.float32), fit.card["search"]), queries, fit.card["k"]
+        )
         served = model._index("kind", card.info())
         np.testing.assert_array_equal(knn_distance(served, queries, fit.card["k"]), in_memory)
         other = KnnIndex(fit.references.astype(np.float32), {**fit.card["search"], "seed": 7}).serialized()

@@ -15,11 +15,19 @@ from headmaster.model_repository.backends.preprocess import InvalidImage, decode
 
 SKIMAGE = importlib.resources.files("skimage.data")
 # RGB photos of several shapes, a greyscale photo, an RGBA logo, a palette GIF, a JPEG.
-FILES = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "logo.png",
-         "no_time_for_that_tiny.gif", "rocket.jpg", "retina.jpg"]
+FILES = [
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "camera.png",
+    "logo.png",
+    "no_time_for_that_tiny.gif",
+    "rocket.jpg",
+    "retina.jpg",
+]
 CONFIGS = [
-    {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bicubic"},   # CLIP
-    {"size": [256, 256], "resize_mode": "squash", "interpolation": "bicubic"},     # SigLIP
+    {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bicubic"},  # CLIP
+    {"size": [256, 256], "resize_mode": "squash", "interpolation": "bicubic"},  # SigLIP
     {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bilinear"},
     {"size": [224, 224], "resize_mode": "longest", "interpolation": "bicubic", "fill_color": 0},
     {"size": [192, 256], "resize_mode": "longest", "interpolation": "bicubic", "fill_color": 128},
@@ -32,13 +40,21 @@ def open_clip_pixels(data: bytes, cfg: dict) -> torch.Tensor:
     """open_clip's own eval transform, stopped before Normalize (which lives in our graph)."""
     from open_clip.transform import image_transform
 
-    transform = image_transform(tuple(cfg["size"]), is_train=False, mean=(0, 0, 0), std=(1, 1, 1),
-                                resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"],
-                                fill_color=cfg.get("fill_color", 0))
+    transform = image_transform(
+        tuple(cfg["size"]),
+        is_train=False,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        resize_mode=cfg["resize_mode"],
+        interpolation=cfg["interpolation"],
+        fill_color=cfg.get("fill_color", 0),
+    )
     return transform(Image.open(io.BytesIO(data)))
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['resize_mode']}-{c['size'][0]}x{c['size'][1]}-{c['interpolation']}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c['resize_mode']}-{c['size'][0]}x{c['size'][1]}-{c['interpolation']}"
+)
 @pytest.mark.parametrize("name", FILES)
 def test_pixels_equal_open_clip_transform(name, cfg):
     data = (SKIMAGE / name).read_bytes()
@@ -53,8 +69,10 @@ def test_image_smaller_than_the_crop_is_padded_like_open_clip():
     small = io.BytesIO()
     Image.open(io.BytesIO((SKIMAGE / "chelsea.png").read_bytes())).resize((90, 60)).save(small, "PNG")
     cfg = {"size": [224, 224], "resize_mode": "longest", "interpolation": "bicubic", "fill_color": 7}
-    assert torch.equal(torch.from_numpy(preprocess_bytes(small.getvalue(), cfg)).float().div(255),
-                       open_clip_pixels(small.getvalue(), cfg))
+    assert torch.equal(
+        torch.from_numpy(preprocess_bytes(small.getvalue(), cfg)).float().div(255),
+        open_clip_pixels(small.getvalue(), cfg),
+    )
 
 
 def jpeg(size=(64, 48), **save) -> bytes:
@@ -83,15 +101,18 @@ def truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", r"empty payload \(0 bytes\)"),
-    (b"hello, I am a text file\n", "not an image: Pillow cannot identify the format of these 24 bytes"),
-    (truncated_png(), r"corrupt or truncated PNG data"),
-    (jpeg()[: len(jpeg()) * 2 // 3], r"corrupt or truncated JPEG data"),
-    (jpeg()[:300], r"not a readable image: OSError"),  # cut inside the header
-    (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "not a readable image|cannot identify"),
-    (b"bm90IGFuIGltYWdl", "cannot identify the format"),  # base64 of text is still not an image
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", r"empty payload \(0 bytes\)"),
+        (b"hello, I am a text file\n", "not an image: Pillow cannot identify the format of these 24 bytes"),
+        (truncated_png(), r"corrupt or truncated PNG data"),
+        (jpeg()[: len(jpeg()) * 2 // 3], r"corrupt or truncated JPEG data"),
+        (jpeg()[:300], r"not a readable image: OSError"),  # cut inside the header
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "not a readable image|cannot identify"),
+        (b"bm90IGFuIGltYWdl", "cannot identify the format"),  # base64 of text is still not an image
+    ],
+)
 def test_bad_bytes_fail_with_a_message_naming_the_problem(data, message):
     with pytest.raises(InvalidImage, match=message):
         preprocess_bytes(data, CONFIGS[0])
@@ -129,8 +150,15 @@ def timm_pixels(data: bytes, cfg: dict) -> torch.Tensor:
     """timm's own eval transform on an image its loader opened (RGB), before Normalize."""
     from timm.data import create_transform
 
-    transform = create_transform(input_size=(3, *cfg["size"]), is_training=False, interpolation=cfg["interpolation"],
-                                 mean=(0, 0, 0), std=(1, 1, 1), crop_pct=cfg.get("crop_pct", 1.0), crop_mode="center")
+    transform = create_transform(
+        input_size=(3, *cfg["size"]),
+        is_training=False,
+        interpolation=cfg["interpolation"],
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        crop_pct=cfg.get("crop_pct", 1.0),
+        crop_mode="center",
+    )
     return transform(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
@@ -147,8 +175,13 @@ def test_timm_crop_modes_other_than_center_are_refused():
     from headmaster.errors import ExportError
     from headmaster.export.encoders import Preprocessing
 
-    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0, 0, 0), "std": (1, 1, 1),
-           "crop_pct": 0.9}
+    cfg = {
+        "input_size": (3, 224, 224),
+        "interpolation": "bicubic",
+        "mean": (0, 0, 0),
+        "std": (1, 1, 1),
+        "crop_pct": 0.9,
+    }
     with pytest.raises(ExportError, match="crop_mode 'squash' is not served"):
         Preprocessing.from_timm({**cfg, "crop_mode": "squash"})
     with pytest.raises(ExportError, match="interpolation 'nearest' is not served"):

@@ -49,12 +49,16 @@ def strip(width: int, height: int) -> Image.Image:
 
 # ------------------------------------------------------------------ limits, from the header
 
+
 @pytest.mark.parametrize("width", [3000, 6000, 99_999])
 def test_extreme_aspect_ratios_are_refused_naming_the_limit(width):
     data = encode(strip(width, 1), "PNG")
     assert len(data) < 200_000
-    with pytest.raises(InvalidImage, match=rf"image is {width}x1: aspect ratio {width}\.00:1 is over the limit "
-                                           r"of 32:1 \(max_aspect_ratio\); crop or pad it nearer to square"):
+    with pytest.raises(
+        InvalidImage,
+        match=rf"image is {width}x1: aspect ratio {width}\.00:1 is over the limit "
+        r"of 32:1 \(max_aspect_ratio\); crop or pad it nearer to square",
+    ):
         preprocess_bytes(data, CLIP)
 
 
@@ -66,8 +70,11 @@ def test_aspect_ratio_at_the_limit_is_served_and_the_limit_is_configurable():
 
 def test_images_over_the_pixel_limit_are_refused_before_decoding():
     data = encode(PHOTO.resize((1200, 1000)), "PNG")
-    with pytest.raises(InvalidImage, match=r"image is 1200x1000 = 1200000 pixels, over the limit of 1000000 "
-                                           r"\(max_pixels\); send an image of at most 1000000 pixels"):
+    with pytest.raises(
+        InvalidImage,
+        match=r"image is 1200x1000 = 1200000 pixels, over the limit of 1000000 "
+        r"\(max_pixels\); send an image of at most 1000000 pixels",
+    ):
         preprocess_bytes(data, {**CLIP, "max_pixels": 1_000_000})
     assert preprocess_bytes(data, {**CLIP, "max_pixels": 1_200_000}).shape == (3, 224, 224)
 
@@ -93,8 +100,15 @@ def test_large_jpegs_decode_at_reduced_size_within_two_levels_of_the_full_size_p
 
 
 # Real photos upscaled to phone-camera sizes.
-PHONE_SIZES = {(4032, 3024): 2, (3024, 4032): 2, (4000, 3000): 2, (8000, 6000): 4, (2400, 1800): 2,
-               (4001, 2999): 1, (2401, 1800): 1}  # odd sides: full size (a scaled pixel must cover whole ones)
+PHONE_SIZES = {
+    (4032, 3024): 2,
+    (3024, 4032): 2,
+    (4000, 3000): 2,
+    (8000, 6000): 4,
+    (2400, 1800): 2,
+    (4001, 2999): 1,
+    (2401, 1800): 1,
+}  # odd sides: full size (a scaled pixel must cover whole ones)
 
 
 @pytest.mark.parametrize("size", PHONE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -142,8 +156,11 @@ def test_jpegs_too_large_even_at_reduced_size_are_refused():
 
 def test_progressive_jpegs_are_refused_when_their_coefficients_overflow_the_budget():
     data = encode(PHOTO.resize((2000, 2000)), "JPEG", progressive=True, subsampling=0)
-    with pytest.raises(InvalidImage, match=r"progressive JPEG of 2000x2000 needs about \d+ MiB to decode, over "
-                                           r"the budget of \d+ MiB \(8 bytes x max_pixels 4000000\)"):
+    with pytest.raises(
+        InvalidImage,
+        match=r"progressive JPEG of 2000x2000 needs about \d+ MiB to decode, over "
+        r"the budget of \d+ MiB \(8 bytes x max_pixels 4000000\)",
+    ):
         preprocess_bytes(data, {**CLIP, "max_pixels": 4_000_000, "exact_decode": True})
     assert preprocess_bytes(data, {**CLIP, "max_pixels": 6_000_000, "exact_decode": True}).shape == (3, 224, 224)
     # Decoded at 1/2 size (1000x1000 >= 4 x 224), the output buffer is a quarter: within budget.
@@ -167,10 +184,23 @@ def test_limits_come_from_model_parameters():
     assert defaults["max_pixels"] == MAX_PIXELS and defaults["max_aspect_ratio"] == MAX_ASPECT_RATIO
     assert defaults["decode_concurrency"] >= 1
     assert limits_from_parameters({"threads": "3"})["decode_concurrency"] == 3  # the older parameter
-    given = limits_from_parameters({"max_pixels": "1000", "max_aspect_ratio": "4.5", "decode_concurrency": "2",
-                                    "threads": "8", "max_request_bytes": "4096"})
-    assert given == {"max_pixels": 1000, "max_aspect_ratio": 4.5, "decode_concurrency": 2, "max_request_bytes": 4096,
-                     "exact_decode": False, "decoder": "pillow"}
+    given = limits_from_parameters(
+        {
+            "max_pixels": "1000",
+            "max_aspect_ratio": "4.5",
+            "decode_concurrency": "2",
+            "threads": "8",
+            "max_request_bytes": "4096",
+        }
+    )
+    assert given == {
+        "max_pixels": 1000,
+        "max_aspect_ratio": 4.5,
+        "decode_concurrency": 2,
+        "max_request_bytes": 4096,
+        "exact_decode": False,
+        "decoder": "pillow",
+    }
     assert limits_from_parameters({"decoder": "torchvision"})["decoder"] == "torchvision"
     # One decode thread per core this process may use (a container's cpuset), not per host core.
     assert defaults["decode_concurrency"] == len(os.sched_getaffinity(0))
@@ -227,8 +257,13 @@ MEASURE = textwrap.dedent("""
 
 def measure(paths: list[Path], cfg=CLIP, mode="one") -> dict:
     # A fresh interpreter (the same one), run from the repository root so `tests` imports.
-    out = subprocess.run([sys.executable, "-c", MEASURE, *map(str, paths), json.dumps(cfg), mode],
-                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, *map(str, paths), json.dumps(cfg), mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -267,13 +302,30 @@ def large_files(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-REFUSED = {"1x3000.png": "aspect ratio 3000.00:1", "1x6000.png": "aspect ratio 6000.00:1",
-           "1x99999.png": "aspect ratio 99999.00:1"}
+REFUSED = {
+    "1x3000.png": "aspect ratio 3000.00:1",
+    "1x6000.png": "aspect ratio 6000.00:1",
+    "1x99999.png": "aspect ratio 99999.00:1",
+}
 
 
-@pytest.mark.parametrize("name", [
-    "1x3000.png", "1x6000.png", "1x99999.png", "limit.png", "limit.jpg", "limit-exif-rotated.jpg", "limit-cmyk.jpg",
-    "limit-rgba.png", "limit-16bit.pgm", "limit-32to1.png", "limit-progressive.jpg", "48mp-drafted.jpg"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "1x3000.png",
+        "1x6000.png",
+        "1x99999.png",
+        "limit.png",
+        "limit.jpg",
+        "limit-exif-rotated.jpg",
+        "limit-cmyk.jpg",
+        "limit-rgba.png",
+        "limit-16bit.pgm",
+        "limit-32to1.png",
+        "limit-progressive.jpg",
+        "48mp-drafted.jpg",
+    ],
+)
 def test_peak_memory_of_one_image_is_under_150_mb(large_files, name):
     result = measure([large_files[name]])
     if name in REFUSED:
@@ -291,6 +343,7 @@ def test_eight_large_images_through_the_model_stay_within_the_decode_concurrency
 
 
 # ------------------------------------------------------------------ a stand-in for Triton's pb_utils
+
 
 class FakeTensor:
     def __init__(self, name, array):
@@ -329,8 +382,10 @@ LIMITS = ("max_pixels", "max_aspect_ratio", "decode_concurrency")
 
 def model_args(cfg: dict) -> dict:
     """The model config Triton passes to initialize: limits as parameters (string values)."""
-    params = {"preprocessing": json.dumps({k: v for k, v in cfg.items() if k not in LIMITS}),
-              **{k: str(cfg[k]) for k in LIMITS if k in cfg}}
+    params = {
+        "preprocessing": json.dumps({k: v for k, v in cfg.items() if k not in LIMITS}),
+        **{k: str(cfg[k]) for k in LIMITS if k in cfg},
+    }
     return {"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}})}
 
 

@@ -21,6 +21,7 @@ from headmaster.model_repository.publish import (
 def writer(text):
     def build(folder, version):
         (folder / "model.txt").write_text(f"{text} v{version}")
+
     return build
 
 

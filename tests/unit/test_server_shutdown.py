@@ -67,7 +67,9 @@ def test_a_timeout_with_inferences_in_flight_is_a_loss():
 
 
 def test_a_model_load_or_other_call_still_in_flight_is_not_waved_through():
-    busy = REFERENCES_OUTLIVED.replace("Timeout 0: Found 2 live models and 0 in-flight", "Timeout 0: Found 2 live models and 1 in-flight")
+    busy = REFERENCES_OUTLIVED.replace(
+        "Timeout 0: Found 2 live models and 0 in-flight", "Timeout 0: Found 2 live models and 1 in-flight"
+    )
     lost, why = _exit_timeout(busy)
     assert lost and "1 control calls" in why
 
@@ -82,9 +84,11 @@ def test_a_timeout_spent_on_an_open_connection_names_it_and_blames_no_client():
 
 def test_connections_that_closed_before_the_timeout_are_not_the_cause():
     closed = REFERENCES_OUTLIVED.replace(
-        "Signal (15) received.\n", "Signal (15) received.\n"
+        "Signal (15) received.\n",
+        "Signal (15) received.\n"
         'I1206 02:39:18.0 1 http_server.cc:248] "Timeout 10: Found 1 HTTP service connections"\n'
-        'I1206 02:39:19.0 1 http_server.cc:248] "Timeout 9: Found 0 HTTP service connections"\n')
+        'I1206 02:39:19.0 1 http_server.cc:248] "Timeout 9: Found 0 HTTP service connections"\n',
+    )
     assert "#7368" in _exit_timeout(closed)[1]
 
 

@@ -92,11 +92,13 @@ def labels_at(hashes, version, at):
 
 
 def test_latest_keeps_the_newest_row_per_key():
-    table = pa.concat_tables([
-        labels_at(["a", "b", "c"], 1, T0),
-        labels_at(["a"], 2, T0 + dt.timedelta(hours=1)),
-        labels_at(["b"], 3, T0 - dt.timedelta(hours=1)),  # written later, but older
-    ])
+    table = pa.concat_tables(
+        [
+            labels_at(["a", "b", "c"], 1, T0),
+            labels_at(["a"], 2, T0 + dt.timedelta(hours=1)),
+            labels_at(["b"], 3, T0 - dt.timedelta(hours=1)),  # written later, but older
+        ]
+    )
     result = latest(table, ["sha256"])
     assert dict(zip(result["sha256"].to_pylist(), result["version"].to_pylist())) == {"a": 2, "b": 1, "c": 1}
     assert result.schema == label_schema()
@@ -122,8 +124,17 @@ def test_latest_matches_a_reference_on_random_rows():
     items = rng.choice([sha(i) for i in range(12)], n).tolist()
     minutes = rng.integers(0, 4, n)
     at = [T0 + dt.timedelta(minutes=int(m)) for m in minutes]
-    table = pa.table({"sha256": items, "head": heads, "labels": [[str(i)] for i in range(n)],
-                      "by": ["me"] * n, "at": at, "note": [str(i) for i in range(n)]}, schema=correction_schema())
+    table = pa.table(
+        {
+            "sha256": items,
+            "head": heads,
+            "labels": [[str(i)] for i in range(n)],
+            "by": ["me"] * n,
+            "at": at,
+            "note": [str(i) for i in range(n)],
+        },
+        schema=correction_schema(),
+    )
     # written in three appends, as the store does, so the table has several chunks
     table = pa.concat_tables([table.slice(0, 100), table.slice(100, 150), table.slice(250)])
     expected = {}
@@ -132,8 +143,10 @@ def test_latest_matches_a_reference_on_random_rows():
         if key not in expected or at[row] >= at[expected[key]]:
             expected[key] = row
     result = latest(table, ["head", "sha256"])
-    got = {(h, s): int(note) for h, s, note in zip(result["head"].to_pylist(), result["sha256"].to_pylist(),
-                                                   result["note"].to_pylist())}
+    got = {
+        (h, s): int(note)
+        for h, s, note in zip(result["head"].to_pylist(), result["sha256"].to_pylist(), result["note"].to_pylist())
+    }
     assert got == expected
     assert result.num_rows == len(expected)
 
@@ -198,8 +211,11 @@ def classification(n: int, **heads: HeadResult) -> Classification:
 
 def test_classification_tables_group_by_head_version():
     results = [
-        classification(1, animals=HeadResult("animals", 1, ("cat",), {"cat": 0.9, "dog": 0.1}),
-                       mood=HeadResult("mood", 4, (), {"happy": 0.2, "sad": 0.3, "calm": 0.1})),
+        classification(
+            1,
+            animals=HeadResult("animals", 1, ("cat",), {"cat": 0.9, "dog": 0.1}),
+            mood=HeadResult("mood", 4, (), {"happy": 0.2, "sad": 0.3, "calm": 0.1}),
+        ),
         # a hot swap lands mid-run: version 2, with its scores in another order
         classification(2, animals=HeadResult("animals", 2, ("dog",), {"dog": 0.8, "cat": 0.2})),
         classification(3, animals=HeadResult("animals", 1, ("cat", "dog"), {"dog": 0.7, "cat": 0.6})),
@@ -239,8 +255,10 @@ def store(tmp_path):
 def test_add_items_groups_by_fingerprint(store):
     other = "sha256:" + "e" * 64
     rng = np.random.default_rng(3)
-    items = [StoredItem(sha(i), f"/img/{i}.jpg", FP if i % 2 else other, rng.normal(size=4).astype(np.float64))
-             for i in range(6)]
+    items = [
+        StoredItem(sha(i), f"/img/{i}.jpg", FP if i % 2 else other, rng.normal(size=4).astype(np.float64))
+        for i in range(6)
+    ]
     store.add_items(items)
     assert store.fingerprints() == {FP: 3, other: 3}
     for fingerprint in (FP, other):
@@ -254,9 +272,13 @@ def test_add_items_groups_by_fingerprint(store):
 
 
 def test_add_classifications_then_labels(store):
-    store.add_classifications([
-        classification(1, animals=HeadResult("animals", 1, ("cat",), {"cat": 0.9, "dog": 0.1})),
-        classification(2, animals=HeadResult("animals", 2, ("dog",), {"cat": 0.3, "dog": 0.7}))], FP)
+    store.add_classifications(
+        [
+            classification(1, animals=HeadResult("animals", 1, ("cat",), {"cat": 0.9, "dog": 0.1})),
+            classification(2, animals=HeadResult("animals", 2, ("dog",), {"cat": 0.3, "dog": 0.7})),
+        ],
+        FP,
+    )
     assert store.label_heads() == ["animals"]
     table = store.labels("animals")
     assert dict(zip(table["sha256"].to_pylist(), table["labels"].to_pylist())) == {sha(1): ["cat"], sha(2): ["dog"]}
@@ -264,12 +286,14 @@ def test_add_classifications_then_labels(store):
 
 
 def test_corrections_newest_wins(store):
-    store.add_corrections([
-        Correction(sha(1), "animals", ("cat",), "ann", T0),
-        Correction(sha(1), "animals", ("dog",), "bob", T0 + dt.timedelta(minutes=1), note="look again"),
-        Correction(sha(2), "animals", (), "ann", T0),
-        Correction(sha(1), "mood", ("sad",), "ann", T0 + dt.timedelta(days=1)),
-    ])
+    store.add_corrections(
+        [
+            Correction(sha(1), "animals", ("cat",), "ann", T0),
+            Correction(sha(1), "animals", ("dog",), "bob", T0 + dt.timedelta(minutes=1), note="look again"),
+            Correction(sha(2), "animals", (), "ann", T0),
+            Correction(sha(1), "mood", ("sad",), "ann", T0 + dt.timedelta(days=1)),
+        ]
+    )
     store.add_corrections([Correction(sha(2), "animals", ("cat", "dog"), "cy", T0)])  # same time, written later
     got = store.corrections("animals")
     assert got == {

@@ -26,8 +26,14 @@ FP = "sha256:" + "0" * 64
 
 
 def hierarchy_info(thresholds=None) -> dict:
-    return {"version": 1, "labels": list(NODES), "thresholds": thresholds or [0.5] * len(NODES), "multi_label": True,
-            "task": "hierarchy", "parents": PARENTS}
+    return {
+        "version": 1,
+        "labels": list(NODES),
+        "thresholds": thresholds or [0.5] * len(NODES),
+        "multi_label": True,
+        "task": "hierarchy",
+        "parents": PARENTS,
+    }
 
 
 def scores_for(**values) -> np.ndarray:
@@ -51,8 +57,14 @@ def test_a_hierarchy_answers_one_consistent_path_root_first():
 
 
 def test_a_regression_head_gives_its_value_inside_the_training_range():
-    info = {"version": 1, "labels": ["digit_value"], "thresholds": [0.0], "multi_label": False, "task": "regression",
-            "range": [0.0, 9.0]}
+    info = {
+        "version": 1,
+        "labels": ["digit_value"],
+        "thresholds": [0.0],
+        "multi_label": False,
+        "task": "regression",
+        "range": [0.0, 9.0],
+    }
     scores = np.array([[3.25], [-2.0], [12.0]], np.float32)
     results = head_results(scores, info)
     assert [r["value"] for r in results] == [3.25, 0.0, 9.0]
@@ -60,10 +72,21 @@ def test_a_regression_head_gives_its_value_inside_the_training_range():
 
 
 def test_an_ordinal_head_answers_the_median_class_and_the_expected_rank():
-    info = {"version": 1, "labels": ["G", "PG", "R", "X"], "thresholds": [0.0] * 4, "multi_label": False, "task": "ordinal"}
-    scores = np.array([[0.1, 0.2, 0.3, 0.4],    # P(>= R) = 0.7, P(X) = 0.4: R
-                       [0.6, 0.3, 0.05, 0.05],  # P(> G) = 0.4: G
-                       [0.0, 0.5, 0.0, 0.5]], np.float32)  # P(X) = 0.5 reaches the cut: X
+    info = {
+        "version": 1,
+        "labels": ["G", "PG", "R", "X"],
+        "thresholds": [0.0] * 4,
+        "multi_label": False,
+        "task": "ordinal",
+    }
+    scores = np.array(
+        [
+            [0.1, 0.2, 0.3, 0.4],  # P(>= R) = 0.7, P(X) = 0.4: R
+            [0.6, 0.3, 0.05, 0.05],  # P(> G) = 0.4: G
+            [0.0, 0.5, 0.0, 0.5],
+        ],
+        np.float32,
+    )  # P(X) = 0.5 reaches the cut: X
     results = head_results(scores, info)
     assert [r["class"] for r in results] == ["R", "G", "X"]
     assert [r["labels"] for r in results] == [["R"], ["G"], ["X"]]
@@ -71,9 +94,18 @@ def test_an_ordinal_head_answers_the_median_class_and_the_expected_rank():
 
 
 def card(task: str, labels, weights: HeadWeights, **more) -> HeadCard:
-    return HeadCard(name="h", version=1, labels=tuple(labels), thresholds=(0.0,) * len(labels),
-                    multi_label=weights.multi_label, encoder_fingerprint=FP, embed_dim=weights.embed_dim,
-                    kind="linear", task=task, **more)
+    return HeadCard(
+        name="h",
+        version=1,
+        labels=tuple(labels),
+        thresholds=(0.0,) * len(labels),
+        multi_label=weights.multi_label,
+        encoder_fingerprint=FP,
+        embed_dim=weights.embed_dim,
+        kind="linear",
+        task=task,
+        **more,
+    )
 
 
 @pytest.mark.parametrize("task", ["regression", "ordinal", "hierarchy"])
@@ -84,12 +116,14 @@ def test_onnx_graphs_match_numpy_and_read_back(task, tmp_path):
         c = card(task, ["quality"], w, value_range=(0.0, 10.0))
     elif task == "ordinal":
         row = rng.normal(size=(1, 8))
-        w = HeadWeights(((np.repeat(row, 3, 0).astype(np.float32), np.array([1.0, 0.0, -1.5], np.float32)),),
-                        False, "ordinal")
+        w = HeadWeights(
+            ((np.repeat(row, 3, 0).astype(np.float32), np.array([1.0, 0.0, -1.5], np.float32)),), False, "ordinal"
+        )
         c = card(task, ["G", "PG", "R", "X"], w)
     else:
-        w = HeadWeights(((rng.normal(size=(len(NODES), 8)).astype(np.float32), np.zeros(len(NODES), np.float32)),),
-                        True)
+        w = HeadWeights(
+            ((rng.normal(size=(len(NODES), 8)).astype(np.float32), np.zeros(len(NODES), np.float32)),), True
+        )
         c = card(task, NODES, w, parents=PARENTS)
     write_head(tmp_path, w, c)  # compares the ONNX file with numpy itself
     x = rng.normal(size=(5, 8)).astype(np.float32)
@@ -106,8 +140,16 @@ def test_onnx_graphs_match_numpy_and_read_back(task, tmp_path):
 
 def test_yesterdays_card_loads_as_a_flat_head_with_yesterdays_info(tmp_path):
     w = HeadWeights(((np.eye(2, 4, dtype=np.float32), np.zeros(2, np.float32)),), False)
-    c = HeadCard(name="h", version=1, labels=("a", "b"), thresholds=(0.5, 0.5), multi_label=False,
-                 encoder_fingerprint=FP, embed_dim=4, kind="linear")
+    c = HeadCard(
+        name="h",
+        version=1,
+        labels=("a", "b"),
+        thresholds=(0.5, 0.5),
+        multi_label=False,
+        encoder_fingerprint=FP,
+        embed_dim=4,
+        kind="linear",
+    )
     write_head(tmp_path, w, c)
     raw = json.loads((tmp_path / "head.json").read_text())
     for key in ("task", "parents", "value_range"):
@@ -115,14 +157,31 @@ def test_yesterdays_card_loads_as_a_flat_head_with_yesterdays_info(tmp_path):
     (tmp_path / "head.json").write_text(json.dumps(raw))
     old = HeadCard.load(tmp_path)
     assert old.task == "labels" and old.parents is None
-    assert old.info() == {"head": "h", "version": 1, "labels": ["a", "b"], "thresholds": [0.5, 0.5],
-                          "multi_label": False}
+    assert old.info() == {
+        "head": "h",
+        "version": 1,
+        "labels": ["a", "b"],
+        "thresholds": [0.5, 0.5],
+        "multi_label": False,
+    }
 
 
 def test_a_regression_version_whose_graph_squashes_scores_is_refused(tmp_path):
     w = HeadWeights(((np.ones((2, 4), np.float32), np.zeros(2, np.float32)),), False)
-    write_head(tmp_path, w, HeadCard(name="h", version=1, labels=("a", "b"), thresholds=(0.5, 0.5),
-                                     multi_label=False, encoder_fingerprint=FP, embed_dim=4, kind="linear"))
+    write_head(
+        tmp_path,
+        w,
+        HeadCard(
+            name="h",
+            version=1,
+            labels=("a", "b"),
+            thresholds=(0.5, 0.5),
+            multi_label=False,
+            encoder_fingerprint=FP,
+            embed_dim=4,
+            kind="linear",
+        ),
+    )
     raw = json.loads((tmp_path / "head.json").read_text())
     raw.update(labels=["a", "b"], task="ordinal")
     (tmp_path / "head.json").write_text(json.dumps(raw))
@@ -130,18 +189,37 @@ def test_a_regression_version_whose_graph_squashes_scores_is_refused(tmp_path):
         check_version_dir(tmp_path, FP, 4)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"task": "tree"}, "task must be one of"),
-    ({"task": "hierarchy", "parents": {"a": "zzz"}}, "not labels of the head"),
-    ({"task": "hierarchy", "parents": {"a": "b", "b": "a"}}, "cycle"),
-    ({"task": "hierarchy"}, "parents"),
-    ({"task": "regression", "value_range": (1.0, 1.0), "labels": ("v",), "thresholds": (0.0,),
-      "multi_label": False}, "low < high"),
-    ({"task": "ordinal", "multi_label": True}, "ordinal head"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"task": "tree"}, "task must be one of"),
+        ({"task": "hierarchy", "parents": {"a": "zzz"}}, "not labels of the head"),
+        ({"task": "hierarchy", "parents": {"a": "b", "b": "a"}}, "cycle"),
+        ({"task": "hierarchy"}, "parents"),
+        (
+            {
+                "task": "regression",
+                "value_range": (1.0, 1.0),
+                "labels": ("v",),
+                "thresholds": (0.0,),
+                "multi_label": False,
+            },
+            "low < high",
+        ),
+        ({"task": "ordinal", "multi_label": True}, "ordinal head"),
+    ],
+)
 def test_bad_cards_are_refused_with_what_is_wrong(change, message):
-    fields = {"name": "h", "version": 1, "labels": ("a", "b"), "thresholds": (0.5, 0.5), "multi_label": True,
-              "encoder_fingerprint": FP, "embed_dim": 4, "kind": "linear"}
+    fields = {
+        "name": "h",
+        "version": 1,
+        "labels": ("a", "b"),
+        "thresholds": (0.5, 0.5),
+        "multi_label": True,
+        "encoder_fingerprint": FP,
+        "embed_dim": 4,
+        "kind": "linear",
+    }
     with pytest.raises(ExportError, match=message):
         HeadCard(**{**fields, **change})
 
@@ -187,8 +265,9 @@ def digits():
 
 def test_regression_on_digit_values_beats_predicting_the_mean(digits):
     x_train, x_val, y_train, y_val = digits
-    head, info = fit_regression(x_train, y_train.astype(float), x_val, y_val.astype(float),
-                                TrainConfig(epochs=200, seed=0))
+    head, info = fit_regression(
+        x_train, y_train.astype(float), x_val, y_val.astype(float), TrainConfig(epochs=200, seed=0)
+    )
     predicted = head.scores(x_val)[:, 0]
     m = regression_metrics(predicted, y_val)
     mean_only = regression_metrics(np.full(len(y_val), y_train.mean()), y_val)
@@ -204,7 +283,13 @@ def test_ordinal_probabilities_are_consistent_and_mistakes_fall_near(digits):
     assert (scores >= -1e-6).all() and np.allclose(scores.sum(axis=1), 1, atol=1e-5)
     cuts = head.layers[-1][1]
     assert (np.diff(cuts) <= 0).all()  # P(class > k) falls with k: rank consistency
-    info = {"version": 1, "labels": [str(i) for i in range(10)], "thresholds": [0.0] * 10, "multi_label": False, "task": "ordinal"}
+    info = {
+        "version": 1,
+        "labels": [str(i) for i in range(10)],
+        "thresholds": [0.0] * 10,
+        "multi_label": False,
+        "task": "ordinal",
+    }
     predicted = np.array([int(r["class"]) for r in head_results(scores, info)])
     m = ordinal_metrics(predicted, y_val, tuple(info["labels"]))
     assert sum(m["by_distance"]) == len(y_val) and m["by_distance"][0] == round(m["accuracy"] * len(y_val))

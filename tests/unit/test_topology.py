@@ -21,8 +21,16 @@ KIND_CPU, KIND_GPU = ModelInstanceGroup.KIND_CPU, ModelInstanceGroup.KIND_GPU
 D = 8
 SIZE = 4
 CONTEXT = 5
-PREPROCESSING = {"size": [SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
-                 "resize_mode": "shortest", "fill_color": 0, "mode": "RGB", "exif_transpose": True}
+PREPROCESSING = {
+    "size": [SIZE, SIZE],
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+    "fill_color": 0,
+    "mode": "RGB",
+    "exif_transpose": True,
+}
 IMAGE = TowerFile("image.onnx", "onnx", "PIXELS", "UINT8", (3, SIZE, SIZE), "EMBEDDING")
 TEXT = TowerFile("text.onnx", "onnx", "TOKENS", "INT64", (CONTEXT,), "EMBEDDING")
 THREE = ["animals", "mood", "nsfw"]
@@ -30,10 +38,20 @@ THREE = ["animals", "mood", "nsfw"]
 
 def make_card(towers=None) -> EncoderCard:
     return EncoderCard(
-        model="ViT-S-32", pretrained=None, weights_sha256="0" * 64, preprocessing=PREPROCESSING,
-        embed_dim=D, context_length=CONTEXT, logit_scale=1.0, precision="fp32", format="onnx",
+        model="ViT-S-32",
+        pretrained=None,
+        weights_sha256="0" * 64,
+        preprocessing=PREPROCESSING,
+        embed_dim=D,
+        context_length=CONTEXT,
+        logit_scale=1.0,
+        precision="fp32",
+        format="onnx",
         towers={"image": IMAGE, "text": TEXT} if towers is None else towers,
-        verification={}, tools={}, created="2026-01-01T00:00:00+00:00")
+        verification={},
+        tools={},
+        created="2026-01-01T00:00:00+00:00",
+    )
 
 
 @pytest.fixture
@@ -56,8 +74,9 @@ def by_name(models) -> dict:
 def everything(card, options, heads, live_labels=3) -> dict:
     """Every model description of a repository with ``heads``, by name."""
     heads_models = [topology.head_model(card, options, h, 1, live_labels) for h in heads]
-    return by_name(topology.static_models(card, options) + heads_models
-                   + topology.head_dependent_models(card, options, heads))
+    return by_name(
+        topology.static_models(card, options) + heads_models + topology.head_dependent_models(card, options, heads)
+    )
 
 
 # -- model_names: what loads, dependencies first ---------------------------------------------
@@ -77,13 +96,27 @@ def test_model_names_keep_the_order_heads_are_given_in(card):
 
 def test_model_names_without_a_text_tower(image_only):
     assert topology.model_names(image_only, OPTIONS, ["animals"]) == [
-        "preprocess", "image_encoder", "animals", "threshold", "classify", "classify_embedding", "embed"]
+        "preprocess",
+        "image_encoder",
+        "animals",
+        "threshold",
+        "classify",
+        "classify_embedding",
+        "embed",
+    ]
 
 
 def test_a_text_tower_left_unserved_loads_no_text_model(card):
     lean = dataclasses.replace(OPTIONS, serve_text=False)
     assert topology.model_names(card, lean, ["animals"]) == [
-        "preprocess", "image_encoder", "animals", "threshold", "classify", "classify_embedding", "embed"]
+        "preprocess",
+        "image_encoder",
+        "animals",
+        "threshold",
+        "classify",
+        "classify_embedding",
+        "embed",
+    ]
 
 
 @pytest.mark.parametrize("heads", [[], ["animals"], THREE], ids=["0 heads", "1 head", "3 heads"])
@@ -113,8 +146,10 @@ def test_threshold_inputs(card, heads):
     assert threshold.encoder == card.fingerprint
     expected = [Tensor("EMBEDDING", "FP32", (D,), optional=False), Tensor("SHA256", "BYTES", (1,), optional=True)]
     for head in heads:
-        expected += [Tensor(f"SCORES_{head}", "FP32", (-1,), optional=True),
-                     Tensor(f"INFO_{head}", "BYTES", (1,), optional=True)]
+        expected += [
+            Tensor(f"SCORES_{head}", "FP32", (-1,), optional=True),
+            Tensor(f"INFO_{head}", "BYTES", (1,), optional=True),
+        ]
     assert threshold.inputs == expected
     assert [t.name for t in threshold.outputs] == ["RESULT", "EMBEDDING_OUT"] + [f"SCORES_OUT_{h}" for h in heads]
 
@@ -123,7 +158,11 @@ def test_threshold_config_marks_head_inputs_optional(card):
     threshold = topology.head_dependent_models(card, OPTIONS, ["animals"])[0]
     config = parse(render(threshold, "portable"))
     assert {i.name: i.optional for i in config.input} == {
-        "EMBEDDING": False, "SHA256": True, "SCORES_animals": True, "INFO_animals": True}
+        "EMBEDDING": False,
+        "SHA256": True,
+        "SCORES_animals": True,
+        "INFO_animals": True,
+    }
     assert config.parameters["heads"].string_value == '["animals"]'
     assert config.parameters["encoder"].string_value == card.fingerprint
 
@@ -177,14 +216,19 @@ def test_every_classify_output_is_made_by_threshold_and_read_by_no_step(card, he
 
 def test_the_invariant_is_enforced_by_config(card):
     """The topology before the fix exposed EMBEDDING as an output while the heads read it."""
-    steps = (Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
-             Step("image_encoder", {"PIXELS": "PIXELS"}, {"EMBEDDING": "EMBEDDING"}),
-             Step("animals", {"EMBEDDING": "EMBEDDING"}, {"SCORES": "S", "INFO": "I"}),
-             Step("threshold", {"EMBEDDING": "EMBEDDING", "SCORES_animals": "S", "INFO_animals": "I"},
-                  {"RESULT": "RESULT"}))
+    steps = (
+        Step("preprocess", {"IMAGE": "IMAGE"}, {"PIXELS": "PIXELS"}),
+        Step("image_encoder", {"PIXELS": "PIXELS"}, {"EMBEDDING": "EMBEDDING"}),
+        Step("animals", {"EMBEDDING": "EMBEDDING"}, {"SCORES": "S", "INFO": "I"}),
+        Step("threshold", {"EMBEDDING": "EMBEDDING", "SCORES_animals": "S", "INFO_animals": "I"}, {"RESULT": "RESULT"}),
+    )
     with pytest.raises(ConfigError, match=r"outputs \['EMBEDDING'\] are also read by a step"):
-        EnsembleModel("classify", (Tensor("IMAGE", "BYTES", (1,)),),
-                      (Tensor("EMBEDDING", "FP32", (D,)), Tensor("RESULT", "BYTES", (1,))), steps)
+        EnsembleModel(
+            "classify",
+            (Tensor("IMAGE", "BYTES", (1,)),),
+            (Tensor("EMBEDDING", "FP32", (D,)), Tensor("RESULT", "BYTES", (1,))),
+            steps,
+        )
 
 
 @pytest.mark.parametrize("heads", [[], ["animals"], THREE], ids=["0 heads", "1 head", "3 heads"])
@@ -220,13 +264,17 @@ def test_a_card_without_a_text_tower_has_no_text_models(image_only):
 
 # -- models follow the card and the options ----------------------------------------------------
 def test_encoder_model_follows_card_and_options(card):
-    options = BuildOptions(max_batch_size=32, preferred_batch_sizes=(4, 8), max_queue_delay_us=500,
-                           encoder_instances=3, device="cpu")
+    options = BuildOptions(
+        max_batch_size=32, preferred_batch_sizes=(4, 8), max_queue_delay_us=500, encoder_instances=3, device="cpu"
+    )
     image = topology.encoder_model(card, options, "image")
     assert image.input == Tensor("PIXELS", "UINT8", (3, SIZE, SIZE))
     assert image.output == Tensor("EMBEDDING", "FP32", (D,))
-    assert (image.batching.max_batch_size, image.batching.preferred_batch_sizes,
-            image.batching.max_queue_delay_us) == (32, (4, 8), 500)
+    assert (image.batching.max_batch_size, image.batching.preferred_batch_sizes, image.batching.max_queue_delay_us) == (
+        32,
+        (4, 8),
+        500,
+    )
     assert image.instances.count == 3
     assert image.fingerprint == card.fingerprint
     text = topology.encoder_model(card, options, "text")
@@ -299,8 +347,9 @@ def test_a_text_encoder_classifies_text_through_tokenize_and_its_text_tower():
     for model in models.values():
         parse(render(model, "portable"))
         parse(render(model, "native"))
-    ab = topology.head_dependent_models(text_card, OPTIONS, THREE, ab={"mood": {"version": 2, "share": 0.5,
-                                                                               "mode": "ab"}})
+    ab = topology.head_dependent_models(
+        text_card, OPTIONS, THREE, ab={"mood": {"version": 2, "share": 0.5, "mode": "ab"}}
+    )
     classify_ab = by_name(ab)["classify"]
     assert classify_ab.steps[-1].inputs["IMAGE"] == "TEXT"  # an A/B arm is picked by the text's sha256
 
@@ -310,8 +359,11 @@ def test_decode_texts_names_the_item_and_the_reason():
 
     assert decode_texts([b"caf\xc3\xa9", "plain"]) == ["caf\u00e9", "plain"]
     assert decode_texts([b""], allow_empty=True) == [""]
-    for raw, message in (([b"ok", b""], r"TEXT\[1\]: empty text"), ([b" \n"], r"TEXT\[0\]: empty text"),
-                         ([b"\xff"], r"TEXT\[0\]: not valid UTF-8 text \(byte 0"),
-                         ([b"x" * 11], r"TEXT\[0\]: 11 bytes is over the limit of 10 bytes")):
+    for raw, message in (
+        ([b"ok", b""], r"TEXT\[1\]: empty text"),
+        ([b" \n"], r"TEXT\[0\]: empty text"),
+        ([b"\xff"], r"TEXT\[0\]: not valid UTF-8 text \(byte 0"),
+        ([b"x" * 11], r"TEXT\[0\]: 11 bytes is over the limit of 10 bytes"),
+    ):
         with pytest.raises(InvalidText, match=message):
             decode_texts(raw, max_bytes=10)

@@ -19,15 +19,24 @@ DIM = 16
 
 
 def card(labels=("cat", "dog", "bird"), multi_label=False, **changes) -> HeadCard:
-    base = HeadCard(name="animal", version=3, labels=tuple(labels), thresholds=tuple(0.1 for _ in labels),
-                    multi_label=multi_label, encoder_fingerprint=FINGERPRINT, embed_dim=DIM, kind="linear")
+    base = HeadCard(
+        name="animal",
+        version=3,
+        labels=tuple(labels),
+        thresholds=tuple(0.1 for _ in labels),
+        multi_label=multi_label,
+        encoder_fingerprint=FINGERPRINT,
+        embed_dim=DIM,
+        kind="linear",
+    )
     return replace(base, **changes)
 
 
 def weights(labels: int, multi_label=False, seed=0) -> HeadWeights:
     rng = np.random.default_rng(seed)
-    return HeadWeights(((rng.normal(size=(labels, DIM)).astype(np.float32), rng.normal(size=labels).astype(np.float32)),),
-                       multi_label)
+    return HeadWeights(
+        ((rng.normal(size=(labels, DIM)).astype(np.float32), rng.normal(size=labels).astype(np.float32)),), multi_label
+    )
 
 
 def write(folder, head_card: HeadCard, head_weights: HeadWeights | None = None, onnx_card: HeadCard | None = None):
@@ -57,19 +66,35 @@ def test_a_sound_version_passes_and_returns_its_card(tmp_path, multi_label):
 
 def test_three_scores_for_four_labels_is_refused(tmp_path):
     folder = write(tmp_path / "3", card(("cat", "dog", "bird", "fish")), onnx_card=card())
-    refused(folder, r"model.onnx gives 3 scores per embedding, but head.json has 4 labels \['cat', 'dog', 'bird', 'fish'\]")
+    refused(
+        folder, r"model.onnx gives 3 scores per embedding, but head.json has 4 labels \['cat', 'dog', 'bird', 'fish'\]"
+    )
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda f: (f / "model.onnx").write_bytes(b"\x08garbage, not a protobuf"), "model.onnx does not load in onnxruntime"),
-    (lambda f: (f / "model.onnx").unlink(), "model.onnx is missing"),
-    (lambda f: (f / "head.json").unlink(), "head.json is missing"),
-    (lambda f: (f / "head.json").write_text("{not json"), "head.json is not a valid head card: .* is not valid JSON"),
-    (lambda f: (f / "head.json").write_text('{"schema": 1, "name": "animal"}'), "head.json is not a valid head card"),
-    (lambda f: (f / "head.json").write_text('{"schema": 1, "name": "animal", "labels": 3}'),
-     "head.json is not a valid head card"),
-    (lambda f: shutil.rmtree(f), "no such folder"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (
+            lambda f: (f / "model.onnx").write_bytes(b"\x08garbage, not a protobuf"),
+            "model.onnx does not load in onnxruntime",
+        ),
+        (lambda f: (f / "model.onnx").unlink(), "model.onnx is missing"),
+        (lambda f: (f / "head.json").unlink(), "head.json is missing"),
+        (
+            lambda f: (f / "head.json").write_text("{not json"),
+            "head.json is not a valid head card: .* is not valid JSON",
+        ),
+        (
+            lambda f: (f / "head.json").write_text('{"schema": 1, "name": "animal"}'),
+            "head.json is not a valid head card",
+        ),
+        (
+            lambda f: (f / "head.json").write_text('{"schema": 1, "name": "animal", "labels": 3}'),
+            "head.json is not a valid head card",
+        ),
+        (lambda f: shutil.rmtree(f), "no such folder"),
+    ],
+)
 def test_damaged_files_are_refused_in_one_line(tmp_path, damage, match):
     folder = write(tmp_path / "3", card())
     damage(folder)
@@ -78,8 +103,9 @@ def test_damaged_files_are_refused_in_one_line(tmp_path, damage, match):
 
 def test_another_encoder_is_refused_as_a_fingerprint_mismatch(tmp_path):
     folder = write(tmp_path / "3", card(encoder_fingerprint="sha256:" + "e" * 64))
-    error = refused(folder, "head animal v3 was made with encoder eeeeeeeeeeee, but this repository serves encoder "
-                            "aaaaaaaaaaaa")
+    error = refused(
+        folder, "head animal v3 was made with encoder eeeeeeeeeeee, but this repository serves encoder aaaaaaaaaaaa"
+    )
     assert isinstance(error, ForeignVersionError) and isinstance(error, FingerprintMismatchError)
     assert isinstance(error, RepositoryError)
 
@@ -126,9 +152,12 @@ def test_a_model_with_other_tensors_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
     folder = write(tmp_path / "3", card())
-    graph = helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "g",
-                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", DIM])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", DIM])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", DIM])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", DIM])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(folder / "model.onnx"))

@@ -44,8 +44,6 @@ TOP_K = (2, 3, 5)  # top-k accuracies reported for heads with more than k labels
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))  # threshold sweep grid
 
 
-
-
 @dataclass(frozen=True)
 class EvalOptions:
     name: str
@@ -107,9 +105,15 @@ def snapshot_holdout(path: Path, fingerprint: str) -> Holdout:
 
     snapshot, hashes, vectors = load_for_training(path, fingerprint)
     dataset = snapshot.dataset()
-    return Holdout(tuple(str(e.path) for e in dataset.examples), tuple(hashes), dataset.labels,
-                   tuple(e.labels for e in dataset.examples), np.stack([vectors[h] for h in hashes]),
-                   dataset.multi_label, dataset.source)
+    return Holdout(
+        tuple(str(e.path) for e in dataset.examples),
+        tuple(hashes),
+        dataset.labels,
+        tuple(e.labels for e in dataset.examples),
+        np.stack([vectors[h] for h in hashes]),
+        dataset.multi_label,
+        dataset.source,
+    )
 
 
 def embed_dataset(dataset: Dataset, embed: Embedder, progress: Callable[[int], None] | None = None) -> Holdout:
@@ -122,8 +126,16 @@ def embed_dataset(dataset: Dataset, embed: Embedder, progress: Callable[[int], N
         LOG.info("skipped %s: %s", path, why)  # listed by the caller and in the report
     dim = next(iter(vectors.values())).shape[0] if vectors else 1
     x = np.stack([vectors[hashes[i]] for i in keep]) if keep else np.zeros((0, dim), np.float32)
-    return Holdout(tuple(str(paths[i]) for i in keep), tuple(hashes[i] for i in keep), dataset.labels,
-                   tuple(dataset.examples[i].labels for i in keep), x, dataset.multi_label, dataset.source, skipped)
+    return Holdout(
+        tuple(str(paths[i]) for i in keep),
+        tuple(hashes[i] for i in keep),
+        dataset.labels,
+        tuple(dataset.examples[i].labels for i in keep),
+        x,
+        dataset.multi_label,
+        dataset.source,
+        skipped,
+    )
 
 
 # -- the head ----------------------------------------------------------------------------------
@@ -132,15 +144,19 @@ def check_labels(head: HeadVersion, holdout: Holdout) -> tuple[str, ...]:
     head lacks, or a holdout with several labels per image for a single-label head, are errors."""
     extra = [label for label in holdout.labels if label not in head.card.labels]
     if extra:
-        raise EvalError(f"the holdout {holdout.source} has labels that head {head.title} does not have: "
-                        f"{', '.join(map(repr, extra))}. Head labels: {', '.join(map(repr, head.card.labels))}. "
-                        "Rename or remove those folders (or manifest labels)")
+        raise EvalError(
+            f"the holdout {holdout.source} has labels that head {head.title} does not have: "
+            f"{', '.join(map(repr, extra))}. Head labels: {', '.join(map(repr, head.card.labels))}. "
+            "Rename or remove those folders (or manifest labels)"
+        )
     if not head.card.multi_label:
         bad = [p for p, row in zip(holdout.paths, holdout.truth_sets) if len(row) != 1]
         if bad:
-            raise EvalError(f"head {head.title} is single-label, but {len(bad)} holdout images have "
-                            f"{'no' if not holdout.truth_sets[holdout.paths.index(bad[0])] else 'several'} labels "
-                            f"(first: {bad[0]}); give each image exactly one label")
+            raise EvalError(
+                f"head {head.title} is single-label, but {len(bad)} holdout images have "
+                f"{'no' if not holdout.truth_sets[holdout.paths.index(bad[0])] else 'several'} labels "
+                f"(first: {bad[0]}); give each image exactly one label"
+            )
     return tuple(label for label in head.card.labels if label not in holdout.labels)
 
 
@@ -224,12 +240,16 @@ def _curve(label: str, truth: np.ndarray, scores: np.ndarray, threshold: float) 
     threshold = float(threshold)
     for t in sorted([t for t in SWEEP if abs(t - threshold) > 1e-6] + [threshold]):
         predicted = (scores >= t).astype(int)
-        sweep.append({"threshold": float(t),
-                      "precision": float(precision_score(truth, predicted, zero_division=0)),
-                      "recall": float(recall_score(truth, predicted, zero_division=0)),
-                      "f1": float(f1_score(truth, predicted, zero_division=0)),
-                      "accepted": float(predicted.mean()) if len(predicted) else 0.0,
-                      "current": t == threshold})
+        sweep.append(
+            {
+                "threshold": float(t),
+                "precision": float(precision_score(truth, predicted, zero_division=0)),
+                "recall": float(recall_score(truth, predicted, zero_division=0)),
+                "f1": float(f1_score(truth, predicted, zero_division=0)),
+                "accepted": float(predicted.mean()) if len(predicted) else 0.0,
+                "current": t == threshold,
+            }
+        )
     ap = float(average_precision_score(truth, scores)) if truth.any() else 0.0
     return Curve(label, precision, recall, thresholds, ap, float(threshold), tuple(sweep))
 
@@ -263,54 +283,83 @@ def evaluate(head: HeadVersion, holdout: Holdout, scores: np.ndarray | None = No
     truth = holdout.truth(labels)
     accepted = tuple(tuple(row) for row in accept(scores.astype(np.float32), card.info()))
     present = [j for j, label in enumerate(labels) if label not in missing]
-    metrics: dict = {"head": card.name, "version": card.version, "kind": card.kind, "multi_label": card.multi_label,
-                     "labels": list(labels), "thresholds": list(card.thresholds), "n": int(len(truth)),
-                     "holdout": holdout.source, "missing_labels": list(missing),
-                     "skipped": [{"path": p, "why": why} for p, why in holdout.skipped]}
+    metrics: dict = {
+        "head": card.name,
+        "version": card.version,
+        "kind": card.kind,
+        "multi_label": card.multi_label,
+        "labels": list(labels),
+        "thresholds": list(card.thresholds),
+        "n": int(len(truth)),
+        "holdout": holdout.source,
+        "missing_labels": list(missing),
+        "skipped": [{"path": p, "why": why} for p, why in holdout.skipped],
+    }
     curves: list[Curve] = []
     if card.multi_label:
         predicted = np.array([[label in row for label in labels] for row in accepted], dtype=int)
-        report = classification_report(truth, predicted, labels=range(len(labels)), target_names=list(labels),
-                                       output_dict=True, zero_division=0)
+        report = classification_report(
+            truth, predicted, labels=range(len(labels)), target_names=list(labels), output_dict=True, zero_division=0
+        )
         confusion = multilabel_confusion_matrix(truth, predicted, labels=range(len(labels)))
-        metrics.update({
-            "subset_accuracy": float(accuracy_score(truth, predicted)),
-            "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
-            "macro_f1": float(f1_score(truth[:, present], predicted[:, present], average="macro", zero_division=0)),
-            "per_label": {name: report[name] for name in labels},
-            "confusion_per_label": {name: {"tn": int(c[0, 0]), "fp": int(c[0, 1]), "fn": int(c[1, 0]),
-                                           "tp": int(c[1, 1])} for name, c in zip(labels, confusion)}})
+        metrics.update(
+            {
+                "subset_accuracy": float(accuracy_score(truth, predicted)),
+                "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+                "macro_f1": float(f1_score(truth[:, present], predicted[:, present], average="macro", zero_division=0)),
+                "per_label": {name: report[name] for name in labels},
+                "confusion_per_label": {
+                    name: {"tn": int(c[0, 0]), "fp": int(c[0, 1]), "fn": int(c[1, 0]), "tp": int(c[1, 1])}
+                    for name, c in zip(labels, confusion)
+                },
+            }
+        )
         curves = [_curve(labels[j], truth[:, j], scores[:, j], card.thresholds[j]) for j in present]
         cal = calibration(truth.ravel(), scores.ravel(), "every (image, label) score vs whether the label is there")
     else:
         y_true, y_top = truth.argmax(axis=1), scores.argmax(axis=1)
-        report = classification_report(y_true, y_top, labels=range(len(labels)), target_names=list(labels),
-                                       output_dict=True, zero_division=0)
+        report = classification_report(
+            y_true, y_top, labels=range(len(labels)), target_names=list(labels), output_dict=True, zero_division=0
+        )
         confusion = confusion_matrix(y_true, y_top, labels=range(len(labels)))
         covered = np.array([bool(row) for row in accepted])
         correct = np.array([bool(row) and row[0] == labels[t] for row, t in zip(accepted, y_true)])
-        metrics.update({
-            "accuracy": float(accuracy_score(y_true, y_top)),
-            # Over the labels the holdout has: a label without images has no recall to average.
-            "macro_f1": float(f1_score(y_true, y_top, labels=present, average="macro", zero_division=0)),
-            "per_label": {name: report[name] for name in labels},
-            "confusion_matrix": confusion.tolist(),
-            "thresholded": {"coverage": float(covered.mean()),
-                            "accuracy_of_accepted": float(correct[covered].mean()) if covered.any() else 0.0}})
+        metrics.update(
+            {
+                "accuracy": float(accuracy_score(y_true, y_top)),
+                # Over the labels the holdout has: a label without images has no recall to average.
+                "macro_f1": float(f1_score(y_true, y_top, labels=present, average="macro", zero_division=0)),
+                "per_label": {name: report[name] for name in labels},
+                "confusion_matrix": confusion.tolist(),
+                "thresholded": {
+                    "coverage": float(covered.mean()),
+                    "accuracy_of_accepted": float(correct[covered].mean()) if covered.any() else 0.0,
+                },
+            }
+        )
         if len(labels) > 2:
-            metrics["top_k_accuracy"] = {str(k): float(top_k_accuracy_score(y_true, scores, k=k,
-                                                                              labels=range(len(labels))))
-                                         for k in TOP_K if k < len(labels)}
+            metrics["top_k_accuracy"] = {
+                str(k): float(top_k_accuracy_score(y_true, scores, k=k, labels=range(len(labels))))
+                for k in TOP_K
+                if k < len(labels)
+            }
         else:
             j = positive_label(card)
             curves = [_curve(labels[j], truth[:, j], scores[:, j], card.thresholds[j])]
         cal = calibration(y_top == y_true, scores.max(axis=1), "the top label's score vs whether it is right")
     if curves:
-        metrics["precision_recall"] = {c.label: {"average_precision": c.average_precision, "threshold": c.threshold,
-                                                 "sweep": list(c.sweep)} for c in curves}
-    metrics["calibration"] = {"ece": cal.ece, "bins": CALIBRATION_BINS, "what": cal.what,
-                              "prob_true": cal.prob_true.tolist(), "prob_pred": cal.prob_pred.tolist(),
-                              "counts": cal.counts.tolist()}
+        metrics["precision_recall"] = {
+            c.label: {"average_precision": c.average_precision, "threshold": c.threshold, "sweep": list(c.sweep)}
+            for c in curves
+        }
+    metrics["calibration"] = {
+        "ece": cal.ece,
+        "bins": CALIBRATION_BINS,
+        "what": cal.what,
+        "prob_true": cal.prob_true.tolist(),
+        "prob_pred": cal.prob_pred.tolist(),
+        "counts": cal.counts.tolist(),
+    }
     return Evaluation(head, labels, scores, truth, accepted, missing, metrics, confusion, tuple(curves), cal)
 
 
@@ -339,9 +388,12 @@ def _headline(e: Evaluation) -> dict[str, float]:
     if e.multi_label:
         rows = {"subset accuracy": m["subset_accuracy"], "micro-F1": m["micro_f1"], "macro-F1": m["macro_f1"]}
     else:
-        rows = {"accuracy": m["accuracy"], "macro-F1": m["macro_f1"],
-                "coverage (thresholds)": m["thresholded"]["coverage"],
-                "accuracy of accepted": m["thresholded"]["accuracy_of_accepted"]}
+        rows = {
+            "accuracy": m["accuracy"],
+            "macro-F1": m["macro_f1"],
+            "coverage (thresholds)": m["thresholded"]["coverage"],
+            "accuracy of accepted": m["thresholded"]["accuracy_of_accepted"],
+        }
         rows.update({f"top-{k} accuracy": v for k, v in m.get("top_k_accuracy", {}).items()})
     rows["ECE"] = m["calibration"]["ece"]
     for label, values in m["per_label"].items():
@@ -358,9 +410,14 @@ def compare(a: Evaluation, b: Evaluation, holdout: Holdout) -> Comparison:
     """Side-by-side metrics and the images whose prediction changed from a to b."""
     if set(a.labels) != set(b.labels) or a.multi_label != b.multi_label:
         only_a, only_b = sorted(set(a.labels) - set(b.labels)), sorted(set(b.labels) - set(a.labels))
-        raise EvalError(f"{a.head.title} and {b.head.title} cannot be compared: "
-                        + (f"labels only in {a.head.title}: {only_a}; only in {b.head.title}: {only_b}"
-                           if only_a or only_b else "one is multi-label and the other is not"))
+        raise EvalError(
+            f"{a.head.title} and {b.head.title} cannot be compared: "
+            + (
+                f"labels only in {a.head.title}: {only_a}; only in {b.head.title}: {only_b}"
+                if only_a or only_b
+                else "one is multi-label and the other is not"
+            )
+        )
     ha, hb = _headline(a), _headline(b)
     rows = tuple((name, ha[name], hb[name]) for name in ha if name in hb)
     changed = []
@@ -368,8 +425,17 @@ def compare(a: Evaluation, b: Evaluation, holdout: Holdout) -> Comparison:
     before, after = a.predicted_sets(), b.predicted_sets()
     for i, (x, y) in enumerate(zip(before, after)):
         if set(x) != set(y):
-            changed.append(Change(i, holdout.paths[i], holdout.truth_sets[i], x, y,
-                                  _score_of(a.scores[i], a.labels, x), _score_of(b_scores[i], a.labels, y)))
+            changed.append(
+                Change(
+                    i,
+                    holdout.paths[i],
+                    holdout.truth_sets[i],
+                    x,
+                    y,
+                    _score_of(a.scores[i], a.labels, x),
+                    _score_of(b_scores[i], a.labels, y),
+                )
+            )
     return Comparison(a, b, rows, tuple(changed))
 
 
@@ -402,8 +468,11 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
     elif options.against:
         second = HeadVersion.load(repository, options.against)
     if options.ood is not None and not first.has_ood:
-        raise EvalError(f"head {first.title} has no out-of-distribution reference set (trained with --ood off, or "
-                        "before heads carried one): retrain it to evaluate --ood", option="ood")
+        raise EvalError(
+            f"head {first.title} has no out-of-distribution reference set (trained with --ood off, or "
+            "before heads carried one): retrain it to evaluate --ood",
+            option="ood",
+        )
     if options.manifest is not None and not first.card.multi_label:
         LOG.info("a manifest holdout for a single-label head: each image needs exactly one label")
     embed = Embedder(repository, options.server, options.cache_dir)
@@ -430,7 +499,8 @@ def run_eval(options: EvalOptions, progress: Callable[[int, int], None] | None =
         outside = [vectors[h] for p, h in zip(paths, hashes) if h is not None and str(p) not in failures]
         if not outside:
             raise EvalError(f"--ood {options.ood}: none of its {len(paths)} images could be read", option="ood")
-        evaluation.metrics["ood"] = ood_metrics(first, holdout.embeddings, np.stack(outside),
-                                                holdout.truth(first.card.labels), str(options.ood))
+        evaluation.metrics["ood"] = ood_metrics(
+            first, holdout.embeddings, np.stack(outside), holdout.truth(first.card.labels), str(options.ood)
+        )
     comparison = compare(evaluation, evaluate(second, holdout), holdout) if second else None
     return EvalRun(options, repository, holdout, evaluation, comparison, embed)

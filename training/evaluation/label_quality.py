@@ -49,8 +49,10 @@ class LabelIssue:
     @property
     def action(self) -> str:
         where = "holdout" if self.in_holdout else "training set"
-        return (f"look at it: if it is {' + '.join(self.suggested) or 'none of the labels'}, fix the label in the "
-                f"{where} (corrections.csv lists it for `headmaster correct`); if the given label is right, keep it")
+        return (
+            f"look at it: if it is {' + '.join(self.suggested) or 'none of the labels'}, fix the label in the "
+            f"{where} (corrections.csv lists it for `headmaster correct`); if the given label is right, keep it"
+        )
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,11 @@ class Leak:
 
     @property
     def action(self) -> str:
-        return ("remove it from the holdout (or from the training set and retrain): the head was trained on "
-                + ("this very file" if self.kind == "exact" else "a near copy of it") + ", so its score here is optimistic")
+        return (
+            "remove it from the holdout (or from the training set and retrain): the head was trained on "
+            + ("this very file" if self.kind == "exact" else "a near copy of it")
+            + ", so its score here is optimistic"
+        )
 
 
 @dataclass(frozen=True)
@@ -91,14 +96,28 @@ class QualityReport:
     notes: tuple[str, ...] = field(default_factory=tuple)  # what was not checked, and why
 
     def as_dict(self) -> dict:
-        return {"label_issues": [{"rank": i.rank, "path": i.path, "sha256": i.sha256, "given": list(i.given),
-                                  "suggested": list(i.suggested), "self_confidence": i.self_confidence,
-                                  "in_holdout": i.in_holdout} for i in self.label_issues],
-                "near_duplicates": [{"a": d.path_a, "b": d.path_b, "cosine": d.cosine} for d in self.near_duplicates],
-                "leakage_checked": self.leakage_checked, "train_source": self.train_source,
-                "leaks": [{"holdout": x.holdout_path, "train": x.train_path, "kind": x.kind, "cosine": x.cosine}
-                          for x in self.leaks],
-                "notes": list(self.notes)}
+        return {
+            "label_issues": [
+                {
+                    "rank": i.rank,
+                    "path": i.path,
+                    "sha256": i.sha256,
+                    "given": list(i.given),
+                    "suggested": list(i.suggested),
+                    "self_confidence": i.self_confidence,
+                    "in_holdout": i.in_holdout,
+                }
+                for i in self.label_issues
+            ],
+            "near_duplicates": [{"a": d.path_a, "b": d.path_b, "cosine": d.cosine} for d in self.near_duplicates],
+            "leakage_checked": self.leakage_checked,
+            "train_source": self.train_source,
+            "leaks": [
+                {"holdout": x.holdout_path, "train": x.train_path, "kind": x.kind, "cosine": x.cosine}
+                for x in self.leaks
+            ],
+            "notes": list(self.notes),
+        }
 
 
 # -- label issues -----------------------------------------------------------------------------
@@ -137,15 +156,19 @@ def find_label_issues(sets: list[Holdout], notes: list[str]) -> list[LabelIssue]
         y = np.array([[c in row for c in classes] for row in given], dtype=int)
         usable = np.arange(len(rows))
         if len(rows) < 2 * CV_FOLDS or len(classes) < 2:
-            notes.append(f"label errors not checked: {len(rows)} images and {len(classes)} labels are too few "
-                         f"for {CV_FOLDS}-fold cross-validation")
+            notes.append(
+                f"label errors not checked: {len(rows)} images and {len(classes)} labels are too few "
+                f"for {CV_FOLDS}-fold cross-validation"
+            )
             return []
     else:
         counts = {c: sum(row == (c,) for row in given) for c in classes}
         rare = sorted(c for c, n in counts.items() if n < 2)
         if rare:
-            notes.append(f"label errors not checked for {', '.join(map(repr, rare))}: fewer than 2 images "
-                         "(cross-validation needs two)")
+            notes.append(
+                f"label errors not checked for {', '.join(map(repr, rare))}: fewer than 2 images "
+                "(cross-validation needs two)"
+            )
         kept = [c for c in classes if c not in rare]
         usable = np.array([k for k, row in enumerate(given) if row[0] in kept], dtype=int)
         if len(kept) < 2:
@@ -155,8 +178,9 @@ def find_label_issues(sets: list[Holdout], notes: list[str]) -> list[LabelIssue]
         y = np.array([classes.index(given[k][0]) for k in usable])
     probabilities = out_of_fold_probabilities(x[usable], y, multi_label)
     labels_arg = [list(np.flatnonzero(row)) for row in y] if multi_label else y
-    ranked = cleanlab.filter.find_label_issues(labels_arg, probabilities, multi_label=multi_label, n_jobs=1,
-                                               return_indices_ranked_by="self_confidence")
+    ranked = cleanlab.filter.find_label_issues(
+        labels_arg, probabilities, multi_label=multi_label, n_jobs=1, return_indices_ranked_by="self_confidence"
+    )
     issues = []
     for rank, k in enumerate(ranked, 1):
         s, i = rows[usable[k]]
@@ -168,15 +192,18 @@ def find_label_issues(sets: list[Holdout], notes: list[str]) -> list[LabelIssue]
         else:
             suggested = (classes[int(p.argmax())],)
             given_p, suggested_p = float(p[y[k]]), float(p.max())
-        issues.append(LabelIssue(rank, s.paths[i], s.hashes[i], s.truth_sets[i], suggested, given_p, suggested_p,
-                                 s is sets[0]))
+        issues.append(
+            LabelIssue(rank, s.paths[i], s.hashes[i], s.truth_sets[i], suggested, given_p, suggested_p, s is sets[0])
+        )
     return issues
 
 
 # -- duplicates and leakage -------------------------------------------------------------------------
 def holdout_near_duplicates(holdout: Holdout) -> list[NearDuplicate]:
-    return [NearDuplicate(holdout.paths[i], holdout.paths[j], c, holdout.truth_sets[i], holdout.truth_sets[j])
-            for i, j, c in near_duplicate_pairs(holdout.embeddings)]
+    return [
+        NearDuplicate(holdout.paths[i], holdout.paths[j], c, holdout.truth_sets[i], holdout.truth_sets[j])
+        for i, j, c in near_duplicate_pairs(holdout.embeddings)
+    ]
 
 
 def find_leaks(holdout: Holdout, train: Holdout) -> list[Leak]:
@@ -203,11 +230,15 @@ def training_source(card: HeadCard, train_data: Path | None) -> tuple[Path | Non
         return Path(train_data), f"--train-data {train_data}"
     source = (card.details.get("data") or {}).get("source")
     if not source:
-        return None, (f"leakage not checked: {card.name} v{card.version} records no training data "
-                      f"({card.kind} head); give --train-data DIR to check against a folder")
+        return None, (
+            f"leakage not checked: {card.name} v{card.version} records no training data "
+            f"({card.kind} head); give --train-data DIR to check against a folder"
+        )
     if not Path(source).exists():
-        return None, (f"leakage not checked: {card.name} v{card.version} was trained on {source}, which does not "
-                      "exist here; give --train-data DIR")
+        return None, (
+            f"leakage not checked: {card.name} v{card.version} was trained on {source}, which does not "
+            "exist here; give --train-data DIR"
+        )
     return Path(source), f"{source} (recorded in {card.name} v{card.version})"
 
 
@@ -224,24 +255,36 @@ def check_quality(holdout: Holdout, card: HeadCard, embed: Embedder, train_data:
         train = embed_dataset(dataset, embed)
         recorded = (card.details.get("data") or {}).get("sha256")
         if recorded and recorded != _training_hash(train):
-            notes.append(f"{source} has changed since {card.name} v{card.version} was trained on it (its content "
-                         "hash differs); leakage is checked against what is there now")
+            notes.append(
+                f"{source} has changed since {card.name} v{card.version} was trained on it (its content "
+                "hash differs); leakage is checked against what is there now"
+            )
     sets = [holdout]
     if train is not None and train_data is not None:
         # Pooled only when its labels are the head's: a suggestion must be a label the head has.
         foreign = sorted(set(train.labels) - set(card.labels))
         if foreign:
-            notes.append(f"training images not used for the label-error check: {source} has labels head "
-                         f"{card.name} lacks ({', '.join(map(repr, foreign))})")
+            notes.append(
+                f"training images not used for the label-error check: {source} has labels head "
+                f"{card.name} lacks ({', '.join(map(repr, foreign))})"
+            )
         elif train.multi_label != holdout.multi_label:
-            notes.append("training images not used for the label-error check: one set is a manifest "
-                         "(several labels per image), the other folders")
+            notes.append(
+                "training images not used for the label-error check: one set is a manifest "
+                "(several labels per image), the other folders"
+            )
         else:
             sets.append(train)
     issues = find_label_issues(sets, notes)
     leaks = find_leaks(holdout, train) if train is not None else []
-    return QualityReport(tuple(issues), tuple(holdout_near_duplicates(holdout)), tuple(leaks), train is not None,
-                         described if train is not None else None, tuple(notes))
+    return QualityReport(
+        tuple(issues),
+        tuple(holdout_near_duplicates(holdout)),
+        tuple(leaks),
+        train is not None,
+        described if train is not None else None,
+        tuple(notes),
+    )
 
 
 def _training_hash(train: Holdout) -> str:
@@ -256,11 +299,19 @@ def corrections(report: QualityReport, head: str) -> list[dict[str, str]]:
     """Rows of corrections.csv: item (sha256), head, label (suggested; ';' between several), note."""
     rows = []
     for issue in report.label_issues:
-        rows.append({"item": issue.sha256, "head": head, "label": ";".join(issue.suggested),
-                     "note": (f"cleanlab rank {issue.rank}: labelled {' + '.join(issue.given) or '(none)'} in the "
-                              f"{'holdout' if issue.in_holdout else 'training set'} ({issue.path}); out-of-fold "
-                              f"probability of that label {issue.self_confidence:.3f}, of the suggestion "
-                              f"{issue.suggested_probability:.3f}")})
+        rows.append(
+            {
+                "item": issue.sha256,
+                "head": head,
+                "label": ";".join(issue.suggested),
+                "note": (
+                    f"cleanlab rank {issue.rank}: labelled {' + '.join(issue.given) or '(none)'} in the "
+                    f"{'holdout' if issue.in_holdout else 'training set'} ({issue.path}); out-of-fold "
+                    f"probability of that label {issue.self_confidence:.3f}, of the suggestion "
+                    f"{issue.suggested_probability:.3f}"
+                ),
+            }
+        )
     return rows
 
 
@@ -270,4 +321,3 @@ def write_corrections(rows: list[dict[str, str]], path: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
-

@@ -39,26 +39,34 @@ def fpr_at_tpr(inside: np.ndarray, outside: np.ndarray, tpr: float = TPR) -> tup
     return float((outside <= threshold).mean()), threshold
 
 
-def ood_metrics(head: HeadVersion, inside: np.ndarray, outside: np.ndarray, truth: np.ndarray,
-                source: str) -> dict:
+def ood_metrics(head: HeadVersion, inside: np.ndarray, outside: np.ndarray, truth: np.ndarray, source: str) -> dict:
     """inside / outside: embeddings [n, D]; truth: the holdout's 0/1 label matrix in the head's order."""
     from sklearn.metrics import roc_auc_score
 
     if not head.has_ood:
-        raise EvalError(f"head {head.title} has no out-of-distribution reference set (trained with --ood off, or "
-                        "before heads carried one): retrain it to evaluate --ood", option="ood")
+        raise EvalError(
+            f"head {head.title} has no out-of-distribution reference set (trained with --ood off, or "
+            "before heads carried one): retrain it to evaluate --ood",
+            option="ood",
+        )
     d_in, d_out = head.ood_distances(inside), head.ood_distances(outside)
     fpr, threshold_95 = fpr_at_tpr(d_in, d_out)
     flags_in, flags_out = ood_rule(d_in, head.card.ood), ood_rule(d_out, head.card.ood)
     info = {**head.info, "ood": {**head.card.ood, "policy": "abstain"}}  # what abstaining would do
     scores_in, scores_out = head.scores(inside), head.scores(outside)
     metrics = {
-        "ood_source": source, "ood_images": int(len(outside)), "in_distribution_images": int(len(inside)),
+        "ood_source": source,
+        "ood_images": int(len(outside)),
+        "in_distribution_images": int(len(inside)),
         "auroc": float(roc_auc_score(np.r_[np.zeros(len(d_in)), np.ones(len(d_out))], np.r_[d_in, d_out])),
-        "fpr_at_95_tpr": fpr, "threshold_at_95_tpr_here": threshold_95,
-        "version_threshold": float(head.card.ood["threshold"]), "k": int(head.card.ood["k"]),
-        "policy": head.card.ood["policy"], "references": int(head.card.ood["references"]),
-        "holdout_kept": float(1 - flags_in.mean()), "ood_rejected": float(flags_out.mean()),
+        "fpr_at_95_tpr": fpr,
+        "threshold_at_95_tpr_here": threshold_95,
+        "version_threshold": float(head.card.ood["threshold"]),
+        "k": int(head.card.ood["k"]),
+        "policy": head.card.ood["policy"],
+        "references": int(head.card.ood["references"]),
+        "holdout_kept": float(1 - flags_in.mean()),
+        "ood_rejected": float(flags_out.mean()),
         "ood_labelled_without_rule": float(accepted_mask(scores_out, head.info).any(axis=1).mean()),
         "ood_labelled_with_rule": float(accepted_mask(scores_out, info, flags_out).any(axis=1).mean()),
     }
@@ -67,7 +75,8 @@ def ood_metrics(head: HeadVersion, inside: np.ndarray, outside: np.ndarray, trut
             mask = accepted_mask(scores_in, info, flags)
             covered = mask.any(axis=1)
             correct = (mask & truth.astype(bool)).any(axis=1)
-            metrics[f"holdout_{name}"] = {"coverage": float(covered.mean()),
-                                          "accuracy_of_accepted": float(correct[covered].mean()) if covered.any()
-                                          else 0.0}
+            metrics[f"holdout_{name}"] = {
+                "coverage": float(covered.mean()),
+                "accuracy_of_accepted": float(correct[covered].mean()) if covered.any() else 0.0,
+            }
     return metrics

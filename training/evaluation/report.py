@@ -72,8 +72,9 @@ def confusion_png(e: Evaluation, path: Path) -> Path:
     if matrix.size <= 900:
         threshold = matrix.max() / 2 if matrix.size else 0
         for (r, c), v in np.ndenumerate(matrix):
-            ax.text(c, r, str(int(v)), ha="center", va="center", fontsize=8,
-                    color="white" if v > threshold else "black")
+            ax.text(
+                c, r, str(int(v)), ha="center", va="center", fontsize=8, color="white" if v > threshold else "black"
+            )
     fig.savefig(path)
     return path
 
@@ -84,8 +85,12 @@ def pr_png(e: Evaluation, path: Path) -> Path | None:
     fig = _figure(6, 4.5)
     ax = fig.subplots()
     for curve in e.curves:
-        ax.plot(curve.recall, curve.precision, drawstyle="steps-post",
-                label=f"{curve.label} (AP {curve.average_precision:.3f})")
+        ax.plot(
+            curve.recall,
+            curve.precision,
+            drawstyle="steps-post",
+            label=f"{curve.label} (AP {curve.average_precision:.3f})",
+        )
         at = [row for row in curve.sweep if row["current"]]
         if at:
             ax.plot(at[0]["recall"], at[0]["precision"], "o", color=ax.lines[-1].get_color())
@@ -148,7 +153,7 @@ TEXT_PREVIEW_CHARS = 280  # of a text item (a .txt file: a text encoder's data),
 def text_preview(path: str) -> str:
     """The start of a text file, HTML-escaped (what a text item shows where an image shows a thumbnail)."""
     try:
-        text = Path(path).read_bytes()[:4 * TEXT_PREVIEW_CHARS].decode("utf-8", "replace")
+        text = Path(path).read_bytes()[: 4 * TEXT_PREVIEW_CHARS].decode("utf-8", "replace")
     except OSError as e:
         LOG.warning("no preview for %s: %s", path, e)
         return ""
@@ -190,10 +195,15 @@ def _card(classes: str, paths: tuple[str, ...], caption: str, **data: str) -> st
 
 def _item(e: Evaluation, i: int, path: str, confidence: float, caption: str) -> str:
     accepted = ", ".join(e.accepted[i]) or "none"
-    return _card("item", (path,), f'<b>{esc(Path(path).name)}</b><br>{esc(caption)}<br>'
-                   f'<span class="scores">scores: {esc(_scores_text(e, i))}</span><br>'
-                   f'<span class="accepted">with thresholds: {esc(accepted)}</span>',
-                   confidence=f"{confidence:.6f}", index=str(i))
+    return _card(
+        "item",
+        (path,),
+        f"<b>{esc(Path(path).name)}</b><br>{esc(caption)}<br>"
+        f'<span class="scores">scores: {esc(_scores_text(e, i))}</span><br>'
+        f'<span class="accepted">with thresholds: {esc(accepted)}</span>',
+        confidence=f"{confidence:.6f}",
+        index=str(i),
+    )
 
 
 def mistake_groups(e: Evaluation, paths: tuple[str, ...]) -> list[tuple[str, str, list[tuple[int, float]]]]:
@@ -206,8 +216,10 @@ def mistake_groups(e: Evaluation, paths: tuple[str, ...]) -> list[tuple[str, str
     if e.multi_label:
         accepted = np.array([[label in row for label in e.labels] for row in e.accepted])
         for j, label in enumerate(e.labels):
-            for kind, mask in (("fn", (e.truth[:, j] == 1) & ~accepted[:, j]),
-                               ("fp", (e.truth[:, j] == 0) & accepted[:, j])):
+            for kind, mask in (
+                ("fn", (e.truth[:, j] == 1) & ~accepted[:, j]),
+                ("fp", (e.truth[:, j] == 0) & accepted[:, j]),
+            ):
                 rows = [(int(i), float(e.scores[i, j])) for i in np.flatnonzero(mask)]
                 if rows:
                     title = f"{label}: missed" if kind == "fn" else f"{label}: accepted but not there"
@@ -218,8 +230,9 @@ def mistake_groups(e: Evaluation, paths: tuple[str, ...]) -> list[tuple[str, str
         for p in range(len(e.labels)):
             rows = [(int(i), float(e.scores[i, p])) for i in np.flatnonzero((actual == a) & (top == p))]
             if a != p and rows:
-                groups.append((f"g-{a}-{p}", f"actual {e.labels[a]}, predicted {e.labels[p]}",
-                               sorted(rows, key=lambda r: -r[1])))
+                groups.append(
+                    (f"g-{a}-{p}", f"actual {e.labels[a]}, predicted {e.labels[p]}", sorted(rows, key=lambda r: -r[1]))
+                )
     return groups
 
 
@@ -231,7 +244,9 @@ def confusion_html(e: Evaluation) -> str:
         for j, (label, c) in enumerate(zip(e.labels, e.confusion)):
             cells = []
             for kind, value in (("tp", c[1, 1]), ("fn", c[1, 0]), ("fp", c[0, 1]), ("tn", c[0, 0])):
-                text = f'<a href="#g-{kind}-{j}">{int(value)}</a>' if kind in ("fn", "fp") and value else str(int(value))
+                text = (
+                    f'<a href="#g-{kind}-{j}">{int(value)}</a>' if kind in ("fn", "fp") and value else str(int(value))
+                )
                 cells.append(f'<td class="cell" data-kind="{kind}">{text}</td>')
             rows.append(f"<tr><th>{esc(label)}</th>{''.join(cells)}</tr>")
         return f'<table id="confusion" class="matrix"><thead>{header}</thead><tbody>{"".join(rows)}</tbody></table>'
@@ -244,7 +259,9 @@ def confusion_html(e: Evaluation) -> str:
             value = int(value)
             kind = "diag" if a == p else ("miss" if value else "zero")
             text = f'<a href="#g-{a}-{p}">{value}</a>' if kind == "miss" else str(value)
-            shade = f"rgba({'40,120,200' if a == p else '220,60,40'},{0.08 + 0.6 * value / top:.2f})" if value else "#fff"
+            shade = (
+                f"rgba({'40,120,200' if a == p else '220,60,40'},{0.08 + 0.6 * value / top:.2f})" if value else "#fff"
+            )
             cells.append(f'<td class="cell" data-kind="{kind}" style="background:{shade}">{text}</td>')
         rows.append(f"<tr><th>{esc(label)}</th>{''.join(cells)}</tr>")
     return f'<table id="confusion" class="matrix"><thead>{header}</thead><tbody>{"".join(rows)}</tbody></table>'
@@ -253,28 +270,47 @@ def confusion_html(e: Evaluation) -> str:
 def metrics_html(e: Evaluation) -> str:
     m = e.metrics
     if e.multi_label:
-        summary = [["subset accuracy", _f(m["subset_accuracy"])], ["micro-F1", _f(m["micro_f1"])],
-                   ["macro-F1", _f(m["macro_f1"])]]
+        summary = [
+            ["subset accuracy", _f(m["subset_accuracy"])],
+            ["micro-F1", _f(m["micro_f1"])],
+            ["macro-F1", _f(m["macro_f1"])],
+        ]
     else:
-        summary = [["accuracy (top label)", _f(m["accuracy"])], ["macro-F1", _f(m["macro_f1"])],
-                   ["share given a label with thresholds", _f(m["thresholded"]["coverage"])],
-                   ["accuracy of those", _f(m["thresholded"]["accuracy_of_accepted"])]]
+        summary = [
+            ["accuracy (top label)", _f(m["accuracy"])],
+            ["macro-F1", _f(m["macro_f1"])],
+            ["share given a label with thresholds", _f(m["thresholded"]["coverage"])],
+            ["accuracy of those", _f(m["thresholded"]["accuracy_of_accepted"])],
+        ]
         summary += [[f"top-{k} accuracy", _f(v)] for k, v in m.get("top_k_accuracy", {}).items()]
     summary += [["expected calibration error", _f(m["calibration"]["ece"])], ["images", str(m["n"])]]
-    per_label = [[label, _f(v["precision"]), _f(v["recall"]), _f(v["f1-score"]), str(int(v["support"])),
-                  _f(t)] for (label, v), t in zip(m["per_label"].items(), e.head.card.thresholds)]
-    return (_table(["metric", "value"], summary, 'id="summary"')
-            + _table(["label", "precision", "recall", "F1", "support", "threshold"], per_label, 'id="per-label"'))
+    per_label = [
+        [label, _f(v["precision"]), _f(v["recall"]), _f(v["f1-score"]), str(int(v["support"])), _f(t)]
+        for (label, v), t in zip(m["per_label"].items(), e.head.card.thresholds)
+    ]
+    return _table(["metric", "value"], summary, 'id="summary"') + _table(
+        ["label", "precision", "recall", "F1", "support", "threshold"], per_label, 'id="per-label"'
+    )
 
 
 def sweep_html(e: Evaluation) -> str:
     parts = []
     for curve in e.curves:
-        rows = [[_f(r["threshold"]) + (" (current)" if r["current"] else ""), _f(r["precision"]), _f(r["recall"]),
-                 _f(r["f1"]), _f(r["accepted"])] for r in curve.sweep]
-        parts.append(f'<div><h3>threshold sweep: {esc(curve.label)} (AP {curve.average_precision:.3f})</h3>'
-                     + _table(["threshold", "precision", "recall", "F1", "share accepted"], rows, 'class="sweep"')
-                     + "</div>")
+        rows = [
+            [
+                _f(r["threshold"]) + (" (current)" if r["current"] else ""),
+                _f(r["precision"]),
+                _f(r["recall"]),
+                _f(r["f1"]),
+                _f(r["accepted"]),
+            ]
+            for r in curve.sweep
+        ]
+        parts.append(
+            f"<div><h3>threshold sweep: {esc(curve.label)} (AP {curve.average_precision:.3f})</h3>"
+            + _table(["threshold", "precision", "recall", "F1", "share accepted"], rows, 'class="sweep"')
+            + "</div>"
+        )
     return f'<div class="sweeps">{"".join(parts)}</div>' if parts else ""
 
 
@@ -292,52 +328,83 @@ def groups_html(e: Evaluation, paths: tuple[str, ...]) -> str:
                 caption = f"predicted {e.labels[e.top[i]]} at {confidence:.3f}"
             items.append(_item(e, i, paths[i], confidence, caption))
         more = f'<p class="more">and {len(rows) - MAX_PER_GROUP} more</p>' if len(rows) > MAX_PER_GROUP else ""
-        out.append(f'<div class="group" id="{gid}"><h3>{esc(title)} <span class="count">({len(rows)})</span></h3>'
-                   f'<div class="items">{"".join(items)}</div>{more}</div>')
+        out.append(
+            f'<div class="group" id="{gid}"><h3>{esc(title)} <span class="count">({len(rows)})</span></h3>'
+            f'<div class="items">{"".join(items)}</div>{more}</div>'
+        )
     return "".join(out)
 
 
 def compare_html(c: Comparison, paths: tuple[str, ...]) -> str:
     a, b = c.a.head.title, c.b.head.title
-    rows = "".join(f'<tr><td>{esc(name)}</td><td>{_f(x)}</td><td>{_f(y)}</td>'
-                   f'<td class="{"better" if y > x else "worse" if y < x else ""}">{y - x:+.3f}</td></tr>'
-                   for name, x, y in c.rows)
-    table = (f'<table id="compare-table"><thead><tr><th>metric</th><th>{esc(a)}</th><th>{esc(b)}</th>'
-             f'<th>change</th></tr></thead><tbody>{rows}</tbody></table>')
+    rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{_f(x)}</td><td>{_f(y)}</td>"
+        f'<td class="{"better" if y > x else "worse" if y < x else ""}">{y - x:+.3f}</td></tr>'
+        for name, x, y in c.rows
+    )
+    table = (
+        f'<table id="compare-table"><thead><tr><th>metric</th><th>{esc(a)}</th><th>{esc(b)}</th>'
+        f"<th>change</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
     items = []
     for ch in c.changed[:MAX_FINDINGS]:
         right = set(ch.truth)
         verdict = "fixed" if set(ch.after) == right else "broken" if set(ch.before) == right else "still wrong"
-        caption = (f"actual {', '.join(ch.truth) or 'none'}: {a} said {', '.join(ch.before) or 'none'} "
-                   f"({ch.score_before:.3f}), {b} says {', '.join(ch.after) or 'none'} ({ch.score_after:.3f})")
-        items.append(_card(f"item change {verdict}", (ch.path,), f'<b>{esc(Path(ch.path).name)}</b> '
-                             f'<span class="verdict">{verdict}</span><br>{esc(caption)}',
-                             confidence=f"{ch.score_after:.6f}", index=str(ch.index)))
+        caption = (
+            f"actual {', '.join(ch.truth) or 'none'}: {a} said {', '.join(ch.before) or 'none'} "
+            f"({ch.score_before:.3f}), {b} says {', '.join(ch.after) or 'none'} ({ch.score_after:.3f})"
+        )
+        items.append(
+            _card(
+                f"item change {verdict}",
+                (ch.path,),
+                f'<b>{esc(Path(ch.path).name)}</b> <span class="verdict">{verdict}</span><br>{esc(caption)}',
+                confidence=f"{ch.score_after:.6f}",
+                index=str(ch.index),
+            )
+        )
     more = f'<p class="more">and {len(c.changed) - MAX_FINDINGS} more</p>' if len(c.changed) > MAX_FINDINGS else ""
-    return (f'<section id="compare"><h2>{esc(a)} vs {esc(b)}</h2>{table}'
-            f'<h3>predictions that changed ({len(c.changed)} of {len(paths)} images)</h3>'
-            f'<div class="items" id="changed">{"".join(items)}</div>{more}</section>')
+    return (
+        f'<section id="compare"><h2>{esc(a)} vs {esc(b)}</h2>{table}'
+        f"<h3>predictions that changed ({len(c.changed)} of {len(paths)} images)</h3>"
+        f'<div class="items" id="changed">{"".join(items)}</div>{more}</section>'
+    )
 
 
 def quality_html(q: QualityReport) -> str:
     issues = []
     for issue in q.label_issues[:MAX_FINDINGS]:
-        issues.append(_card(
-            "item issue", (issue.path,), f'<b>#{issue.rank} {esc(Path(issue.path).name)}</b><br>labelled '
-            f'{esc(" + ".join(issue.given) or "none")}, looks like {esc(" + ".join(issue.suggested) or "none")} '
-            f'({issue.suggested_probability:.2f}; its label {issue.self_confidence:.2f})'
-            f'{"" if issue.in_holdout else " [training set]"}<br><i>{esc(issue.action)}</i>',
-            confidence=f"{issue.self_confidence:.6f}"))
+        issues.append(
+            _card(
+                "item issue",
+                (issue.path,),
+                f"<b>#{issue.rank} {esc(Path(issue.path).name)}</b><br>labelled "
+                f"{esc(' + '.join(issue.given) or 'none')}, looks like {esc(' + '.join(issue.suggested) or 'none')} "
+                f"({issue.suggested_probability:.2f}; its label {issue.self_confidence:.2f})"
+                f"{'' if issue.in_holdout else ' [training set]'}<br><i>{esc(issue.action)}</i>",
+                confidence=f"{issue.self_confidence:.6f}",
+            )
+        )
     pairs = []
     for d in q.near_duplicates[:MAX_FINDINGS]:
-        pairs.append(_card("pair duplicate", (d.path_a, d.path_b),
-                             f'{esc(Path(d.path_a).name)} ({esc(", ".join(d.labels_a))}) ~ {esc(Path(d.path_b).name)} '
-                             f'({esc(", ".join(d.labels_b))}), cosine {d.cosine:.3f}<br><i>{esc(d.action)}</i>'))
+        pairs.append(
+            _card(
+                "pair duplicate",
+                (d.path_a, d.path_b),
+                f"{esc(Path(d.path_a).name)} ({esc(', '.join(d.labels_a))}) ~ {esc(Path(d.path_b).name)} "
+                f"({esc(', '.join(d.labels_b))}), cosine {d.cosine:.3f}<br><i>{esc(d.action)}</i>",
+            )
+        )
     leaks = []
     for x in q.leaks[:MAX_FINDINGS]:
-        leaks.append(_card("pair leak", (x.holdout_path, x.train_path),
-                             f'holdout {esc(x.holdout_path)} {"=" if x.kind == "exact" else "~"} training '
-                             f'{esc(x.train_path)} ({esc(x.kind)}, cosine {x.cosine:.3f})<br><i>{esc(x.action)}</i>'))
+        leaks.append(
+            _card(
+                "pair leak",
+                (x.holdout_path, x.train_path),
+                f"holdout {esc(x.holdout_path)} {'=' if x.kind == 'exact' else '~'} training "
+                f"{esc(x.train_path)} ({esc(x.kind)}, cosine {x.cosine:.3f})<br><i>{esc(x.action)}</i>",
+            )
+        )
 
     def more(found, shown):
         if not found:
@@ -345,20 +412,24 @@ def quality_html(q: QualityReport) -> str:
         return f'<p class="more">and {len(found) - len(shown)} more</p>' if len(found) > len(shown) else ""
 
     leaked = len({x.holdout_path for x in q.leaks})
-    leak_text = (f"checked against {esc(q.train_source)}: {leaked} holdout images are in it "
-                 f"({len(q.leaks)} pairs)"
-                 if q.leakage_checked else "not checked")
+    leak_text = (
+        f"checked against {esc(q.train_source)}: {leaked} holdout images are in it ({len(q.leaks)} pairs)"
+        if q.leakage_checked
+        else "not checked"
+    )
     notes = "".join(f"<li>{esc(n)}</li>" for n in q.notes)
-    return ('<section id="quality"><h2>data quality</h2>'
-            + (f'<ul class="notes">{notes}</ul>' if notes else "")
-            + f'<h3>likely label errors ({len(q.label_issues)}, most likely first; cleanlab on out-of-fold '
-              f'logistic-regression probabilities)</h3><div class="items" id="label-issues">{"".join(issues)}</div>'
-            + more(q.label_issues, issues)
-            + f'<h3>near duplicates inside the holdout ({len(q.near_duplicates)} pairs)</h3>'
-              f'<div class="items" id="near-duplicates">{"".join(pairs)}</div>' + more(q.near_duplicates, pairs)
-            + f'<h3>leakage from the training set: {leak_text}</h3>'
-              f'<div class="items" id="leaks">{"".join(leaks)}</div>' + more(q.leaks, leaks)
-            + "</section>")
+    return (
+        '<section id="quality"><h2>data quality</h2>'
+        + (f'<ul class="notes">{notes}</ul>' if notes else "")
+        + f"<h3>likely label errors ({len(q.label_issues)}, most likely first; cleanlab on out-of-fold "
+        f'logistic-regression probabilities)</h3><div class="items" id="label-issues">{"".join(issues)}</div>'
+        + more(q.label_issues, issues)
+        + f"<h3>near duplicates inside the holdout ({len(q.near_duplicates)} pairs)</h3>"
+        f'<div class="items" id="near-duplicates">{"".join(pairs)}</div>'
+        + more(q.near_duplicates, pairs)
+        + f"<h3>leakage from the training set: {leak_text}</h3>"
+        f'<div class="items" id="leaks">{"".join(leaks)}</div>' + more(q.leaks, leaks) + "</section>"
+    )
 
 
 CSS = """
@@ -404,13 +475,21 @@ def render_html(run: EvalRun, quality: QualityReport | None, plots: dict[str, Pa
     e, h = run.evaluation, run.holdout
     card = e.head.card
     title = f"{e.head.title} on {h.source}"
-    plots_html = "".join(f'<img class="plot" id="plot-{esc(name)}" src="{_png_uri(path)}" alt="{esc(name)}">'
-                         for name, path in plots.items())
+    plots_html = "".join(
+        f'<img class="plot" id="plot-{esc(name)}" src="{_png_uri(path)}" alt="{esc(name)}">'
+        for name, path in plots.items()
+    )
     skipped = "".join(f"<li>{esc(p)}: {esc(why)}</li>" for p, why in h.skipped)
-    missing = (f"<p class='notes'>Head labels with no holdout image (no recall measured): "
-               f"{esc(', '.join(e.missing_labels))}</p>" if e.missing_labels else "")
-    head_info = (f"{card.kind}, {'multi-label' if card.multi_label else 'single-label'}, "
-                 f"{'live' if e.head.live else 'not live'}, created {card.created}")
+    missing = (
+        f"<p class='notes'>Head labels with no holdout image (no recall measured): "
+        f"{esc(', '.join(e.missing_labels))}</p>"
+        if e.missing_labels
+        else ""
+    )
+    head_info = (
+        f"{card.kind}, {'multi-label' if card.multi_label else 'single-label'}, "
+        f"{'live' if e.head.live else 'not live'}, created {card.created}"
+    )
     body = [
         f"<h1>{esc(title)}</h1>",
         f"<p>{esc(head_info)}; {len(h)} images evaluated, {len(h.skipped)} skipped. Scores from the version's "
@@ -418,7 +497,7 @@ def render_html(run: EvalRun, quality: QualityReport | None, plots: dict[str, Pa
         missing,
         f'<section id="metrics"><h2>metrics</h2>{metrics_html(e)}{sweep_html(e)}</section>',
         f'<section id="matrix"><h2>confusion matrix</h2><p>Rows: actual; columns: '
-        f'{"counts per label" if e.multi_label else "top label"}. A red number links to its images.</p>'
+        f"{'counts per label' if e.multi_label else 'top label'}. A red number links to its images.</p>"
         f"{confusion_html(e)}</section>",
         f'<section id="plots" class="plots"><h2>plots</h2>{plots_html}<p>ECE = sum over bins of '
         "(images in bin / all images) x |share right in bin - mean score in bin|, over the 10 equal-width "
@@ -431,9 +510,11 @@ def render_html(run: EvalRun, quality: QualityReport | None, plots: dict[str, Pa
     if quality is not None:
         body.append(quality_html(quality))
     body.append(f'<section id="skipped"><h2>skipped files ({len(h.skipped)})</h2><ul>{skipped}</ul></section>')
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}"
-            f"<script>{JS}</script></body></html>")
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}"
+        f"<script>{JS}</script></body></html>"
+    )
 
 
 def _json_default(value):
@@ -449,31 +530,40 @@ def write_report(run: EvalRun, quality: QualityReport | None, folder: Path) -> R
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     e = run.evaluation
-    plots = {"confusion": confusion_png(e, folder / "confusion.png"),
-             "precision-recall": pr_png(e, folder / "precision_recall.png"),
-             "reliability": reliability_png(e, folder / "reliability.png")}
+    plots = {
+        "confusion": confusion_png(e, folder / "confusion.png"),
+        "precision-recall": pr_png(e, folder / "precision_recall.png"),
+        "reliability": reliability_png(e, folder / "reliability.png"),
+    }
     plots = {name: path for name, path in plots.items() if path is not None}
     metrics = {"evaluation": e.metrics}
     if run.comparison is not None:
         c = run.comparison
         metrics["comparison"] = {
-            "a": c.a.head.title, "b": c.b.head.title, "b_metrics": c.b.metrics,
+            "a": c.a.head.title,
+            "b": c.b.head.title,
+            "b_metrics": c.b.metrics,
             "side_by_side": [{"metric": name, "a": x, "b": y} for name, x, y in c.rows],
-            "changed": [{"path": ch.path, "truth": list(ch.truth), "a": list(ch.before), "b": list(ch.after)}
-                        for ch in c.changed]}
+            "changed": [
+                {"path": ch.path, "truth": list(ch.truth), "a": list(ch.before), "b": list(ch.after)}
+                for ch in c.changed
+            ],
+        }
     if quality is not None:
         metrics["quality"] = quality.as_dict()
     metrics_path = folder / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
-    corrections_path = write_corrections(corrections(quality, e.head.card.name) if quality else [],
-                                         folder / "corrections.csv")
+    corrections_path = write_corrections(
+        corrections(quality, e.head.card.name) if quality else [], folder / "corrections.csv"
+    )
     html_path = folder / "index.html"
     html_path.write_text(render_html(run, quality, plots), encoding="utf-8")
     return ReportFiles(folder, html_path, metrics_path, corrections_path, plots)
 
 
-def make_report(options: EvalOptions, folder: Path, progress: Callable[[int, int], None] | None = None,
-                quality: bool = True) -> tuple[EvalRun, QualityReport | None, ReportFiles]:
+def make_report(
+    options: EvalOptions, folder: Path, progress: Callable[[int, int], None] | None = None, quality: bool = True
+) -> tuple[EvalRun, QualityReport | None, ReportFiles]:
     """The whole `headmaster eval`: evaluate, check the data, write the report."""
     run = run_eval(options, progress)
     checked = check_quality(run.holdout, run.evaluation.head.card, run.embed, options.train_data) if quality else None

@@ -46,18 +46,21 @@ def make_corrections(store: Store, rows: list[dict], by: str, repo: Path | None 
                 allowed, multi_label = heads[head]
                 unknown = [label for label in labels if label not in allowed]
                 if unknown:
-                    raise DataError(f"head {head} has no label {', '.join(map(repr, unknown))} "
-                                    f"(its labels: {', '.join(allowed)})")
+                    raise DataError(
+                        f"head {head} has no label {', '.join(map(repr, unknown))} (its labels: {', '.join(allowed)})"
+                    )
                 if not multi_label and len(labels) != 1:
                     raise DataError(f"head {head} is single-label: give exactly one label, not {len(labels)}")
             sha = store.resolve(row["item"], known)
-            corrections.append(Correction(sha, head, labels, row.get("by") or by, row.get("at") or at,
-                                          row.get("note") or ""))
+            corrections.append(
+                Correction(sha, head, labels, row.get("by") or by, row.get("at") or at, row.get("note") or "")
+            )
         except HeadmasterError as e:  # collect them all: a bulk file should be fixed in one go
             problems.append(f"row {number} ({row.get('item')}): {e}")
     if problems:
-        raise DataError(f"{len(problems)} of {len(rows)} corrections were refused, none stored:\n  "
-                        + "\n  ".join(problems[:20]))
+        raise DataError(
+            f"{len(problems)} of {len(rows)} corrections were refused, none stored:\n  " + "\n  ".join(problems[:20])
+        )
     store.add_corrections(corrections)
     return corrections
 
@@ -67,13 +70,22 @@ def read_csv(path: Path, head: str | None) -> list[dict]:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or ())
         if not {"item", "label"} <= columns or ("head" not in columns and head is None):
-            raise DataError(f"{path}: a corrections CSV needs the columns item,label (and head, or --head); "
-                            f"it has {sorted(columns)}")
+            raise DataError(
+                f"{path}: a corrections CSV needs the columns item,label (and head, or --head); "
+                f"it has {sorted(columns)}"
+            )
         # A review CSV (`suggest --mix --output F.csv`) also names the prediction each row answers.
         from headmaster.training.feedback.review import note_for_csv
 
-        return [{"item": row["item"], "head": row.get("head") or head,
-                 "labels": tuple(label.strip() for label in (row["label"] or "").split(";") if label.strip()),
-                 "by": row.get("by"), "note": note_for_csv(row)} for row in reader
-                # a review CSV's rows left empty were not reviewed (a filled-in one says "none" with ';')
-                if not ("strategy" in columns and not (row["label"] or "").strip())]
+        return [
+            {
+                "item": row["item"],
+                "head": row.get("head") or head,
+                "labels": tuple(label.strip() for label in (row["label"] or "").split(";") if label.strip()),
+                "by": row.get("by"),
+                "note": note_for_csv(row),
+            }
+            for row in reader
+            # a review CSV's rows left empty were not reviewed (a filled-in one says "none" with ';')
+            if not ("strategy" in columns and not (row["label"] or "").strip())
+        ]

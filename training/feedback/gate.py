@@ -51,7 +51,9 @@ class GateOptions:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise DataError("the gate's allowed accuracy drop must be >= 0", option="max_accuracy_drop")
         if self.bootstrap < 100:
-            raise DataError(f"the gate needs at least 100 bootstrap resamples, not {self.bootstrap}", option="bootstrap")
+            raise DataError(
+                f"the gate needs at least 100 bootstrap resamples, not {self.bootstrap}", option="bootstrap"
+            )
         if min(self.max_class_drop, self.ece_margin, self.ood_margin) < 0:
             raise DataError("the gate's margins must be >= 0")
 
@@ -80,14 +82,21 @@ def ece(correct: np.ndarray, confidence: np.ndarray) -> float:
     return calibration(correct, confidence, "top score").ece
 
 
-def version_metrics(version, embeddings: np.ndarray, truth: np.ndarray, labels: tuple[str, ...]) -> tuple[dict, np.ndarray]:
+def version_metrics(
+    version, embeddings: np.ndarray, truth: np.ndarray, labels: tuple[str, ...]
+) -> tuple[dict, np.ndarray]:
     """A version's golden-set metrics and its per-item correctness (what the bootstrap resamples)."""
     predicted, confidence = _predictions(version, embeddings, labels)
     correct = predicted == truth
     flags = version.out_of_distribution(embeddings)
     per_class = {label: float(correct[truth == j].mean()) for j, label in enumerate(labels) if (truth == j).any()}
-    return {"version": version.card.version, "accuracy": float(correct.mean()), "ece": ece(correct, confidence),
-            "ood_rate": None if flags is None else float(np.mean(flags)), "recall": per_class}, correct
+    return {
+        "version": version.card.version,
+        "accuracy": float(correct.mean()),
+        "ece": ece(correct, confidence),
+        "ood_rate": None if flags is None else float(np.mean(flags)),
+        "recall": per_class,
+    }, correct
 
 
 def _interval(live: np.ndarray, candidate: np.ndarray, options: GateOptions, rng: np.random.Generator):
@@ -101,15 +110,18 @@ def _interval(live: np.ndarray, candidate: np.ndarray, options: GateOptions, rng
     return float(diff.mean()), float(low), float(high)
 
 
-def gate(live, candidate, embeddings: np.ndarray, truth_labels: list[str], options: GateOptions = GateOptions()
-         ) -> GateResult:
+def gate(
+    live, candidate, embeddings: np.ndarray, truth_labels: list[str], options: GateOptions = GateOptions()
+) -> GateResult:
     """``live`` and ``candidate``: HeadVersion-like (``card``, ``scores``, ``out_of_distribution``);
     ``truth_labels``: each golden item's one label."""
     if live.card.multi_label or candidate.card.multi_label:
         raise DataError("the gate judges single-label heads only (multi-label: not done yet)")
     if len(truth_labels) != len(embeddings) or not len(embeddings):
-        raise DataError(f"the golden set needs one label per embedding and at least one item "
-                        f"({len(truth_labels)} labels, {len(embeddings)} embeddings)")
+        raise DataError(
+            f"the golden set needs one label per embedding and at least one item "
+            f"({len(truth_labels)} labels, {len(embeddings)} embeddings)"
+        )
     labels = tuple(sorted(set(truth_labels)))
     truth = np.array([labels.index(label) for label in truth_labels])
     rng = np.random.default_rng(options.seed)
@@ -119,12 +131,20 @@ def gate(live, candidate, embeddings: np.ndarray, truth_labels: list[str], optio
     for j, label in enumerate(labels):
         members = truth == j
         diff, low, high = _interval(live_correct[members], cand_correct[members], options, rng)
-        classes[label] = {"items": int(members.sum()), "live": live_metrics["recall"][label],
-                          "candidate": cand_metrics["recall"][label], "difference": diff, "low": low, "high": high}
+        classes[label] = {
+            "items": int(members.sum()),
+            "live": live_metrics["recall"][label],
+            "candidate": cand_metrics["recall"][label],
+            "difference": diff,
+            "low": low,
+            "high": high,
+        }
         if high < -options.max_class_drop:
-            reasons.append(f"class {label!r} is worse: recall {classes[label]['live']:.3f} -> "
-                           f"{classes[label]['candidate']:.3f} ({diff:+.3f}, {options.confidence:.0%} interval "
-                           f"[{low:+.3f}, {high:+.3f}] over {int(members.sum())} golden items)")
+            reasons.append(
+                f"class {label!r} is worse: recall {classes[label]['live']:.3f} -> "
+                f"{classes[label]['candidate']:.3f} ({diff:+.3f}, {options.confidence:.0%} interval "
+                f"[{low:+.3f}, {high:+.3f}] over {int(members.sum())} golden items)"
+            )
         elif members.sum() < 10:
             notes.append(f"class {label!r} has {int(members.sum())} golden items: only large drops can show")
     missing = [label for label in labels if label not in candidate.card.labels]
@@ -132,15 +152,23 @@ def gate(live, candidate, embeddings: np.ndarray, truth_labels: list[str], optio
         notes.append(f"the candidate has no label {', '.join(map(repr, missing))} of the golden set")
     overall = _interval(live_correct, cand_correct, options, rng)
     if overall[2] < 0:
-        reasons.append(f"accuracy is worse: {live_metrics['accuracy']:.3f} -> {cand_metrics['accuracy']:.3f} "
-                       f"({options.confidence:.0%} interval [{overall[1]:+.3f}, {overall[2]:+.3f}])")
-    elif options.max_accuracy_drop is not None and \
-            cand_metrics["accuracy"] < live_metrics["accuracy"] - options.max_accuracy_drop - 1e-12:
-        reasons.append(f"accuracy on the golden set fell: {live_metrics['accuracy']:.3f} -> "
-                       f"{cand_metrics['accuracy']:.3f} (allowed drop {options.max_accuracy_drop})")
+        reasons.append(
+            f"accuracy is worse: {live_metrics['accuracy']:.3f} -> {cand_metrics['accuracy']:.3f} "
+            f"({options.confidence:.0%} interval [{overall[1]:+.3f}, {overall[2]:+.3f}])"
+        )
+    elif (
+        options.max_accuracy_drop is not None
+        and cand_metrics["accuracy"] < live_metrics["accuracy"] - options.max_accuracy_drop - 1e-12
+    ):
+        reasons.append(
+            f"accuracy on the golden set fell: {live_metrics['accuracy']:.3f} -> "
+            f"{cand_metrics['accuracy']:.3f} (allowed drop {options.max_accuracy_drop})"
+        )
     if cand_metrics["ece"] > live_metrics["ece"] + options.ece_margin:
-        reasons.append(f"calibration is worse: ECE {live_metrics['ece']:.3f} -> {cand_metrics['ece']:.3f} "
-                       f"(margin {options.ece_margin})")
+        reasons.append(
+            f"calibration is worse: ECE {live_metrics['ece']:.3f} -> {cand_metrics['ece']:.3f} "
+            f"(margin {options.ece_margin})"
+        )
     if live_metrics["ood_rate"] is not None and cand_metrics["ood_rate"] is not None:
         # A version's OOD threshold is set to flag 1 - TPR of its own validation images, so that
         # share of golden items is flagged by design, whatever the live version happens to flag.
@@ -148,19 +176,35 @@ def gate(live, candidate, embeddings: np.ndarray, truth_labels: list[str], optio
         # refused when even the low end of the candidate's interval is beyond the allowance.
         baseline = max(live_metrics["ood_rate"], 1 - OOD_TPR)
         flags = candidate.out_of_distribution(embeddings).astype(np.float64)
-        low = float(np.quantile(flags[rng.integers(0, len(flags), size=(options.bootstrap, len(flags)))].mean(axis=1),
-                                (1 - options.confidence) / 2))
+        low = float(
+            np.quantile(
+                flags[rng.integers(0, len(flags), size=(options.bootstrap, len(flags)))].mean(axis=1),
+                (1 - options.confidence) / 2,
+            )
+        )
         cand_metrics["ood_rate_low"] = low
         if low > baseline + options.ood_margin:
-            reasons.append(f"more golden items look out of distribution: {live_metrics['ood_rate']:.1%} -> "
-                           f"{cand_metrics['ood_rate']:.1%} ({options.confidence:.0%} interval from {low:.1%}; "
-                           f"allowed up to {baseline + options.ood_margin:.1%})")
+            reasons.append(
+                f"more golden items look out of distribution: {live_metrics['ood_rate']:.1%} -> "
+                f"{cand_metrics['ood_rate']:.1%} ({options.confidence:.0%} interval from {low:.1%}; "
+                f"allowed up to {baseline + options.ood_margin:.1%})"
+            )
     elif live_metrics["ood_rate"] is not None:
         notes.append("the candidate has no out-of-distribution reference set; the live version has one")
-    metrics = {"golden_items": len(truth), "live": live_metrics, "candidate": cand_metrics, "classes": classes,
-               "accuracy": {"difference": overall[0], "low": overall[1], "high": overall[2]},
-               "options": {"max_class_drop": options.max_class_drop, "max_accuracy_drop": options.max_accuracy_drop,
-                           "ece_margin": options.ece_margin,
-                           "ood_margin": options.ood_margin, "bootstrap": options.bootstrap,
-                           "confidence": options.confidence, "seed": options.seed}}
+    metrics = {
+        "golden_items": len(truth),
+        "live": live_metrics,
+        "candidate": cand_metrics,
+        "classes": classes,
+        "accuracy": {"difference": overall[0], "low": overall[1], "high": overall[2]},
+        "options": {
+            "max_class_drop": options.max_class_drop,
+            "max_accuracy_drop": options.max_accuracy_drop,
+            "ece_margin": options.ece_margin,
+            "ood_margin": options.ood_margin,
+            "bootstrap": options.bootstrap,
+            "confidence": options.confidence,
+            "seed": options.seed,
+        },
+    }
     return GateResult(not reasons, reasons, metrics, notes)

@@ -121,8 +121,9 @@ def load_golden(path: Path, repository: Repository, server: str | None, cache_di
 
         holdout = embed_dataset(from_folders(path), Embedder(repository, server, cache_dir))
     else:
-        raise DataError(f"the golden set {path} is neither a dataset snapshot nor a folder of label folders",
-                        option="golden")
+        raise DataError(
+            f"the golden set {path} is neither a dataset snapshot nor a folder of label folders", option="golden"
+        )
     if holdout.multi_label or any(len(t) != 1 for t in holdout.truth_sets):
         raise DataError(f"the golden set {path} must give each item exactly one label", option="golden")
     if not len(holdout):
@@ -135,8 +136,9 @@ def _recorded_golden(entries: list[dict]) -> dict | None:
     return next((e["golden"] for e in reversed(entries) if e.get("golden")), None)
 
 
-def flag_label_issues(hashes: list[str], labels: list[str], x: np.ndarray, uris: dict[str, str],
-                      seed: int = 0) -> tuple[list[Issue], str | None]:
+def flag_label_issues(
+    hashes: list[str], labels: list[str], x: np.ndarray, uris: dict[str, str], seed: int = 0
+) -> tuple[list[Issue], str | None]:
     """Confident learning over out-of-fold probabilities; (issues most likely wrong first, or a
     note saying why none could be looked for)."""
     import cleanlab.filter
@@ -147,12 +149,17 @@ def flag_label_issues(hashes: list[str], labels: list[str], x: np.ndarray, uris:
     y = np.array([classes.index(label) for label in labels])
     counts = np.bincount(y, minlength=len(classes))
     if len(classes) < 2 or counts.min() < 2:
-        return [], f"mislabels not looked for: every label needs 2 or more items (counts {dict(zip(classes, counts.tolist()))})"
+        return (
+            [],
+            f"mislabels not looked for: every label needs 2 or more items (counts {dict(zip(classes, counts.tolist()))})",
+        )
     probs = out_of_fold_probabilities(x, y, False, seed)
     ranked = cleanlab.filter.find_label_issues(labels=y, pred_probs=probs, return_indices_ranked_by="self_confidence")
     note = None if counts.min() >= CV_FOLDS else f"a label has {counts.min()} items: fewer folds than {CV_FOLDS}"
-    return [Issue(hashes[i], labels[i], classes[int(probs[i].argmax())], float(probs[i, y[i]]), uris.get(hashes[i], ""))
-            for i in ranked], note
+    return [
+        Issue(hashes[i], labels[i], classes[int(probs[i].argmax())], float(probs[i, y[i]]), uris.get(hashes[i], ""))
+        for i in ranked
+    ], note
 
 
 def write_issues(issues: list[Issue], head: str, path: Path) -> Path:
@@ -163,9 +170,16 @@ def write_issues(issues: list[Issue], head: str, path: Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(["item", "head", "label", "note", "uri"])
         for rank, issue in enumerate(issues, 1):
-            writer.writerow([issue.sha256, head, issue.suggested,
-                             f"cleanlab rank {rank}: labelled {issue.given}, out-of-fold probability of that label "
-                             f"{issue.self_confidence:.3f}; suggested {issue.suggested}", issue.uri])
+            writer.writerow(
+                [
+                    issue.sha256,
+                    head,
+                    issue.suggested,
+                    f"cleanlab rank {rank}: labelled {issue.given}, out-of-fold probability of that label "
+                    f"{issue.self_confidence:.3f}; suggested {issue.suggested}",
+                    issue.uri,
+                ]
+            )
     return path
 
 
@@ -180,20 +194,39 @@ def _judge_test(options: ImproveOptions, test: ab.AbTest) -> ImproveResult:
     except StoreError:  # no item labelled by both versions yet
         items, agree = 0, 0
     agreement = agree / items if items else 0.0
-    metrics = {"items": items, "agree": agree, "agreement": agreement,
-               "min_agreement": options.min_agreement, "min_items": options.min_items}
+    metrics = {
+        "items": items,
+        "agree": agree,
+        "agreement": agreement,
+        "min_agreement": options.min_agreement,
+        "min_items": options.min_items,
+    }
     common = {"live_version": test.live, "candidate_version": test.version, "test": test.mode, "metrics": metrics}
     if items < options.min_items:
-        entry = ledger.append(options.repo, options.name, "waiting", reason=(
-            f"the {test.mode} test of v{test.version} has {items} items both versions labelled; "
-            f"{options.min_items} needed"), **common)
+        entry = ledger.append(
+            options.repo,
+            options.name,
+            "waiting",
+            reason=(
+                f"the {test.mode} test of v{test.version} has {items} items both versions labelled; "
+                f"{options.min_items} needed"
+            ),
+            **common,
+        )
         return ImproveResult("waiting", entry)
     promote = agreement >= options.min_agreement
     lifecycle.finish_test(options.repo, options.name, promote, options.server, record=False)
     decision = "promoted" if promote else "aborted"
-    entry = ledger.append(options.repo, options.name, decision, reason=(
-        f"v{test.version} agreed with v{test.live} on {agreement:.1%} of {items} items "
-        f"({'at or above' if promote else 'below'} {options.min_agreement:.0%})"), **common)
+    entry = ledger.append(
+        options.repo,
+        options.name,
+        decision,
+        reason=(
+            f"v{test.version} agreed with v{test.live} on {agreement:.1%} of {items} items "
+            f"({'at or above' if promote else 'below'} {options.min_agreement:.0%})"
+        ),
+        **common,
+    )
     return ImproveResult(decision, entry, test.version)
 
 
@@ -206,8 +239,10 @@ def improve(options: ImproveOptions) -> ImproveResult:
     repository = Repository(options.repo)
     live = HeadVersion.load(repository, options.name)  # the live version: the head must exist
     if live.card.multi_label or live.card.task != "labels":
-        raise DataError(f"head {options.name} is {'multi-label' if live.card.multi_label else live.card.task}: "
-                        "improve gates single-label heads only (not done for the others)")
+        raise DataError(
+            f"head {options.name} is {'multi-label' if live.card.multi_label else live.card.task}: "
+            "improve gates single-label heads only (not done for the others)"
+        )
     running = ab.running(options.repo, options.name)
     if running is not None:
         return _judge_test(options, running)
@@ -215,47 +250,87 @@ def improve(options: ImproveOptions) -> ImproveResult:
     entries = ledger.read(options.repo, options.name)
     recorded = _recorded_golden(entries)
     if options.golden is None and recorded is None:
-        raise DataError(f"head {options.name} has no golden set yet: give --golden (a dataset snapshot or a folder "
-                        "of label folders, never trained on); it is recorded and used from then on", option="golden")
+        raise DataError(
+            f"head {options.name} has no golden set yet: give --golden (a dataset snapshot or a folder "
+            "of label folders, never trained on); it is recorded and used from then on",
+            option="golden",
+        )
     golden = load_golden(options.golden or Path(recorded["path"]), repository, options.server, options.cache_dir)
     if recorded is not None and golden.sha256 != recorded["sha256"] and not options.replace_golden:
-        raise DataError(f"the golden set is frozen: {recorded['path']} ({recorded['sha256'][:19]}...) judged earlier "
-                        f"candidates, {golden.path} holds other items or labels ({golden.sha256[:19]}...); give "
-                        "--replace-golden to judge by the new one from now on", option="golden")
+        raise DataError(
+            f"the golden set is frozen: {recorded['path']} ({recorded['sha256'][:19]}...) judged earlier "
+            f"candidates, {golden.path} holds other items or labels ({golden.sha256[:19]}...); give "
+            "--replace-golden to judge by the new one from now on",
+            option="golden",
+        )
     golden_record = {"path": golden.path, "sha256": golden.sha256, "items": len(golden.labels)}
 
     store = open_store(options.store, create=False)
     out = options.snapshot_dir or (Path("snapshots") if "://" in options.store else Path(options.store) / "snapshots")
     snapshot = export_snapshot(store, options.name, out, repository.fingerprint, multi_label=False)
-    snapshot_record = {"path": str(snapshot.path), "number": snapshot.number,
-                       "manifest_sha256": snapshot.manifest_sha256, "items": snapshot.items}
+    snapshot_record = {
+        "path": str(snapshot.path),
+        "number": snapshot.number,
+        "manifest_sha256": snapshot.manifest_sha256,
+        "items": snapshot.items,
+    }
     last = next((e for e in reversed(entries) if e.get("decision") in ("accepted", "refused")), None)
-    if (not options.force and last is not None and last.get("snapshot", {}).get("manifest_sha256")
-            == snapshot.manifest_sha256 and last.get("golden", {}).get("sha256") == golden.sha256
-            and last.get("live_version") == live.card.version):
-        entry = ledger.append(options.repo, options.name, "unchanged", live_version=live.card.version,
-                              snapshot=snapshot_record, golden=golden_record,
-                              reason=f"no new corrections since the {last['decision']} candidate of {last['at']}")
+    if (
+        not options.force
+        and last is not None
+        and last.get("snapshot", {}).get("manifest_sha256") == snapshot.manifest_sha256
+        and last.get("golden", {}).get("sha256") == golden.sha256
+        and last.get("live_version") == live.card.version
+    ):
+        entry = ledger.append(
+            options.repo,
+            options.name,
+            "unchanged",
+            live_version=live.card.version,
+            snapshot=snapshot_record,
+            golden=golden_record,
+            reason=f"no new corrections since the {last['decision']} candidate of {last['at']}",
+        )
         return ImproveResult("unchanged", entry)
 
     # The training rows: the snapshot less the golden items.
     golden_hashes = set(golden.hashes)
     vectors = snapshot.embeddings()
-    rows = [(sha, ex.labels[0]) for sha, ex in zip(snapshot.hashes(), snapshot.dataset().examples)
-            if sha not in golden_hashes and len(ex.labels) == 1]
+    rows = [
+        (sha, ex.labels[0])
+        for sha, ex in zip(snapshot.hashes(), snapshot.dataset().examples)
+        if sha not in golden_hashes and len(ex.labels) == 1
+    ]
     uris = {sha: next((u for u in by.values() if u), "") for sha, by in store.uris().items()}
-    issues, issue_note = flag_label_issues([sha for sha, _ in rows], [label for _, label in rows],
-                                           np.stack([vectors[sha] for sha, _ in rows]) if rows else np.zeros((0, 1)),
-                                           uris, options.config.seed) if rows else ([], "no training rows")
-    issues_csv = write_issues(issues, options.name, out / options.name / f"issues-v{snapshot.number}.csv") \
-        if issues else None
+    issues, issue_note = (
+        flag_label_issues(
+            [sha for sha, _ in rows],
+            [label for _, label in rows],
+            np.stack([vectors[sha] for sha, _ in rows]) if rows else np.zeros((0, 1)),
+            uris,
+            options.config.seed,
+        )
+        if rows
+        else ([], "no training rows")
+    )
+    issues_csv = (
+        write_issues(issues, options.name, out / options.name / f"issues-v{snapshot.number}.csv") if issues else None
+    )
     exclude = golden_hashes | ({i.sha256 for i in issues} if options.drop_issues else set())
-    common = {"live_version": live.card.version, "snapshot": snapshot_record, "golden": golden_record,
-              "training": {"items": len(rows) - (len(issues) if options.drop_issues else 0),
-                           "golden_left_out": sum(sha in golden_hashes for sha in snapshot.hashes()),
-                           "label_issues": len(issues), "label_issues_left_out": options.drop_issues,
-                           "label_issues_csv": str(issues_csv) if issues_csv else None, "note": issue_note,
-                           "config": options.config.as_dict()}}
+    common = {
+        "live_version": live.card.version,
+        "snapshot": snapshot_record,
+        "golden": golden_record,
+        "training": {
+            "items": len(rows) - (len(issues) if options.drop_issues else 0),
+            "golden_left_out": sum(sha in golden_hashes for sha in snapshot.hashes()),
+            "label_issues": len(issues),
+            "label_issues_left_out": options.drop_issues,
+            "label_issues_csv": str(issues_csv) if issues_csv else None,
+            "note": issue_note,
+            "config": options.config.as_dict(),
+        },
+    }
 
     verdict: list[GateResult] = []
 
@@ -265,31 +340,60 @@ def improve(options: ImproveOptions) -> ImproveResult:
         card = make_card(live.card.version + 1)  # the number is provisional: the publish assigns it
         with tempfile.TemporaryDirectory(prefix="headmaster-candidate-") as folder:
             # Written as it would be published (ONNX, card, reference set), then run from the file.
-            write_head(Path(folder), weights, card, x_val, ood_fit.references if ood_fit else None,
-                       ood_fit.index if ood_fit else None)
+            write_head(
+                Path(folder),
+                weights,
+                card,
+                x_val,
+                ood_fit.references if ood_fit else None,
+                ood_fit.index if ood_fit else None,
+            )
             verdict.append(gate(live, HeadVersion(card, Path(folder)), golden.embeddings, golden.labels, options.gate))
         if not verdict[-1].accepted:
             raise Refused(verdict[-1])
 
-    train = TrainOptions(name=options.name, repo=options.repo, data=snapshot.path, config=options.config,
-                         keep=options.keep, server=options.server, candidate=True, exclude=frozenset(exclude),
-                         before_publish=check)
+    train = TrainOptions(
+        name=options.name,
+        repo=options.repo,
+        data=snapshot.path,
+        config=options.config,
+        keep=options.keep,
+        server=options.server,
+        candidate=True,
+        exclude=frozenset(exclude),
+        before_publish=check,
+    )
     try:
         trained = train_head(train)
     except Refused as refused:
-        entry = ledger.append(options.repo, options.name, "refused", candidate_version=None,
-                              reason="; ".join(refused.result.reasons), notes=refused.result.notes,
-                              metrics=refused.result.metrics, **common)
+        entry = ledger.append(
+            options.repo,
+            options.name,
+            "refused",
+            candidate_version=None,
+            reason="; ".join(refused.result.reasons),
+            notes=refused.result.notes,
+            metrics=refused.result.metrics,
+            **common,
+        )
         return ImproveResult("refused", entry, None, refused.result, issues, issues_csv)
     except HeadmasterError as e:
         ledger.append(options.repo, options.name, "error", reason=str(e), **common)
         raise
     result = verdict[-1]
     version = trained.card.version
-    entry = ledger.append(options.repo, options.name, "accepted", candidate_version=version,
-                          reason=f"no class, calibration or OOD rate worse on {len(golden.labels)} golden items",
-                          notes=result.notes, metrics=result.metrics, **common)
+    entry = ledger.append(
+        options.repo,
+        options.name,
+        "accepted",
+        candidate_version=version,
+        reason=f"no class, calibration or OOD rate worse on {len(golden.labels)} golden items",
+        notes=result.notes,
+        metrics=result.metrics,
+        **common,
+    )
     if options.then != "none":
-        lifecycle.start_test(options.repo, options.name, version, options.share, options.then == "shadow",
-                             options.server)
+        lifecycle.start_test(
+            options.repo, options.name, version, options.share, options.then == "shadow", options.server
+        )
     return ImproveResult("accepted", entry, version, result, issues, issues_csv)

@@ -23,8 +23,7 @@ class ReembedResult:
     unreachable: list[tuple[str, str]] = field(default_factory=list)  # (sha256, why)
 
 
-def reembed(store: Store, embedder, chunk: int = 256,
-            progress: Callable[[int], None] | None = None) -> ReembedResult:
+def reembed(store: Store, embedder, chunk: int = 256, progress: Callable[[int], None] | None = None) -> ReembedResult:
     """``embedder``: a LocalEmbedder or ServerEmbedder (paths -> embeddings or error strings)."""
     fingerprint = embedder.fingerprint
     result = ReembedResult(fingerprint)
@@ -42,14 +41,15 @@ def reembed(store: Store, embedder, chunk: int = 256,
         else:
             result.unreachable.append((sha, f"source gone: {', '.join(map(str, sources)) or 'no URI stored'}"))
     for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
+        part = todo[start : start + chunk]
         vectors = embedder([path for _, path in part], progress)
         good = [(sha, path, v) for (sha, path), v in zip(part, vectors) if not isinstance(v, str)]
         result.unreachable += [(sha, f"{path}: {v}") for (sha, path), v in zip(part, vectors) if isinstance(v, str)]
         if good:
             import numpy as np
 
-            store.add_embeddings([s for s, _, _ in good], [str(p) for _, p, _ in good], fingerprint,
-                                 np.stack([v for _, _, v in good]))
+            store.add_embeddings(
+                [s for s, _, _ in good], [str(p) for _, p, _ in good], fingerprint, np.stack([v for _, _, v in good])
+            )
             result.reembedded += len(good)
     return result

@@ -33,8 +33,9 @@ class RescoreResult:
     refused: dict[str, int] = field(default_factory=dict)  # foreign fingerprint -> items left unscored
 
 
-def rescore(store: Store, head: HeadVersion, batch_size: int = 65536,
-            progress: Callable[[int, int], None] | None = None) -> RescoreResult:
+def rescore(
+    store: Store, head: HeadVersion, batch_size: int = 65536, progress: Callable[[int, int], None] | None = None
+) -> RescoreResult:
     """progress(done, total) is called after each batch."""
     import numpy as np
 
@@ -47,10 +48,12 @@ def rescore(store: Store, head: HeadVersion, batch_size: int = 65536,
         raise FingerprintMismatchError(
             f"head {card.name} v{card.version} reads embeddings of encoder {card.encoder_fingerprint}, but the store "
             f"{store.location} holds none of those (it holds {stored}). Re-embed the store with that encoder "
-            "(`headmaster reembed`) or rescore with a head trained on the stored encoder.")
+            "(`headmaster reembed`) or rescore with a head trained on the stored encoder."
+        )
     for fp, n in refused.items():
-        LOG.warning("refused %d items embedded with encoder %s (head %s needs %s)", n, fp, card.name,
-                    card.encoder_fingerprint)
+        LOG.warning(
+            "refused %d items embedded with encoder %s (head %s needs %s)", n, fp, card.name, card.encoder_fingerprint
+        )
     counts = np.zeros(len(card.labels), np.int64)
     total, done = fingerprints[card.encoder_fingerprint], [0]
     started = time.perf_counter()
@@ -58,8 +61,10 @@ def rescore(store: Store, head: HeadVersion, batch_size: int = 65536,
     def batches():
         for hashes, matrix in store.iter_embeddings(card.encoder_fingerprint, batch_size):
             if matrix.shape[1] != card.embed_dim:
-                raise FingerprintMismatchError(f"stored embeddings have {matrix.shape[1]} dimensions, head "
-                                               f"{card.name} v{card.version} reads {card.embed_dim}")
+                raise FingerprintMismatchError(
+                    f"stored embeddings have {matrix.shape[1]} dimensions, head "
+                    f"{card.name} v{card.version} reads {card.embed_dim}"
+                )
             scores = head.scores(matrix)
             accepted = head.accepted_mask(scores, matrix)  # an abstaining head labels no outlier
             counts[:] += accepted.sum(axis=0)
@@ -69,5 +74,6 @@ def rescore(store: Store, head: HeadVersion, batch_size: int = 65536,
             yield label_table(hashes, card.encoder_fingerprint, card.version, scores, card.labels, accepted, "rescore")
 
     rows = store.add_labels(card.name, batches())
-    return RescoreResult(card.name, card.version, rows, time.perf_counter() - started,
-                         dict(zip(card.labels, map(int, counts))), refused)
+    return RescoreResult(
+        card.name, card.version, rows, time.perf_counter() - started, dict(zip(card.labels, map(int, counts))), refused
+    )

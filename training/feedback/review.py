@@ -87,7 +87,7 @@ def parse_mix(text: str | None) -> dict[str, float]:
 def _allocate(n: int, mix: dict[str, float]) -> dict[str, int]:
     raw = {k: n * v for k, v in mix.items()}
     counts = {k: int(np.floor(v)) for k, v in raw.items()}
-    for k in sorted(raw, key=lambda k: raw[k] - counts[k], reverse=True)[:n - sum(counts.values())]:
+    for k in sorted(raw, key=lambda k: raw[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
         counts[k] += 1
     return counts
 
@@ -118,8 +118,10 @@ def record_sent(repo: Path, items: Sequence[ReviewItem], batch: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     at = now().isoformat(timespec="seconds")
-    text = "".join(json.dumps({"sha256": i.sha256, "at": at, "batch": batch, "strategy": i.strategy,
-                               "version": i.version}) + "\n" for i in items)
+    text = "".join(
+        json.dumps({"sha256": i.sha256, "at": at, "batch": batch, "strategy": i.strategy, "version": i.version}) + "\n"
+        for i in items
+    )
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, text.encode())
@@ -137,7 +139,7 @@ def k_center(pool: np.ndarray, centres: np.ndarray, k: int) -> list[int]:
         centres = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
         nearest = np.full(len(pool), np.inf, np.float32)
         for start in range(0, len(centres), 4096):
-            nearest = np.minimum(nearest, (1 - pool @ centres[start:start + 4096].T).min(axis=1))
+            nearest = np.minimum(nearest, (1 - pool @ centres[start : start + 4096].T).min(axis=1))
     else:
         nearest = np.full(len(pool), np.inf, np.float32)
         nearest[0] = -1.0  # no centre yet: start from the first row (the pool is shuffled)
@@ -150,8 +152,17 @@ def k_center(pool: np.ndarray, centres: np.ndarray, k: int) -> list[int]:
     return picks
 
 
-def select(store: Store, version, n: int, mix: dict[str, float], repo: Path, other: int | None = None,
-           max_per_day: int | None = None, seed: int = 0, record: bool = True) -> list[ReviewItem]:
+def select(
+    store: Store,
+    version,
+    n: int,
+    mix: dict[str, float],
+    repo: Path,
+    other: int | None = None,
+    max_per_day: int | None = None,
+    seed: int = 0,
+    record: bool = True,
+) -> list[ReviewItem]:
     """``version``: the HeadVersion whose stored labels are reviewed (the live one, usually)."""
     card, head = version.card, version.card.name
     sent = sent_items(repo, head)
@@ -160,8 +171,10 @@ def select(store: Store, version, n: int, mix: dict[str, float], repo: Path, oth
         n = min(n, max(0, max_per_day - sum(at >= since for at in sent.values())))
     table = store.labels(head, card.version)
     if table.num_rows == 0:
-        raise DataError(f"the store {store.location} holds no labels of {head} v{card.version}: classify with "
-                        f"--store, or `headmaster rescore {head} --version {card.version}` first")
+        raise DataError(
+            f"the store {store.location} holds no labels of {head} v{card.version}: classify with "
+            f"--store, or `headmaster rescore {head} --version {card.version}` first"
+        )
     corrected = set(store.corrections(head))
     hashes_all = table["sha256"].to_pylist()
     keep = [i for i, sha in enumerate(hashes_all) if sha not in corrected and sha not in sent]
@@ -204,8 +217,9 @@ def select(store: Store, version, n: int, mix: dict[str, float], repo: Path, oth
                 return np.zeros(0, int), np.zeros(0)
             theirs = store.labels(head, other)
             answer = dict(zip(theirs["sha256"].to_pylist(), map(tuple, theirs["labels"].to_pylist())))
-            differ = np.array([sha in answer and set(answer[sha]) != set(mine) for sha, mine in zip(hashes, labels)],
-                              bool)
+            differ = np.array(
+                [sha in answer and set(answer[sha]) != set(mine) for sha, mine in zip(hashes, labels)], bool
+            )
             values = uncertainty(scores, "margin", card.multi_label, thresholds)
             rows = np.flatnonzero(differ)
             order = rows[np.argsort(values[rows], kind="stable")]
@@ -248,9 +262,19 @@ def select(store: Store, version, n: int, mix: dict[str, float], repo: Path, oth
                 chosen[int(row)] = ("margin", float(values[row]))
                 carry -= 1
     uris = store.uris()
-    items = [ReviewItem(hashes[row], next((u for u in uris.get(hashes[row], {}).values() if u), None), head,
-                        card.version, labels[row], float(scores[row].max()), strategy, value)
-             for row, (strategy, value) in chosen.items()]
+    items = [
+        ReviewItem(
+            hashes[row],
+            next((u for u in uris.get(hashes[row], {}).values() if u), None),
+            head,
+            card.version,
+            labels[row],
+            float(scores[row].max()),
+            strategy,
+            value,
+        )
+        for row, (strategy, value) in chosen.items()
+    ]
     if record:
         record_sent(repo, items, now().strftime("%Y%m%dT%H%M%S"))
     return items
@@ -260,8 +284,10 @@ def select(store: Store, version, n: int, mix: dict[str, float], repo: Path, oth
 def label_config(labels: Sequence[str], multi_label: bool) -> str:
     """The Label Studio labelling interface the tasks are made for (an image and its choices)."""
     choices = "\n".join(f"    <Choice value={quoteattr(label)}/>" for label in labels)
-    return (f'<View>\n  <Image name="{TO_NAME}" value="$image"/>\n  <Choices name="{FROM_NAME}" toName="{TO_NAME}" '
-            f'choice="{"multiple" if multi_label else "single"}" showInLine="true">\n{choices}\n  </Choices>\n</View>\n')
+    return (
+        f'<View>\n  <Image name="{TO_NAME}" value="$image"/>\n  <Choices name="{FROM_NAME}" toName="{TO_NAME}" '
+        f'choice="{"multiple" if multi_label else "single"}" showInLine="true">\n{choices}\n  </Choices>\n</View>\n'
+    )
 
 
 def image_url(uri: str | None, prefix: str | None, root: Path | None) -> str:
@@ -283,20 +309,46 @@ def image_url(uri: str | None, prefix: str | None, root: Path | None) -> str:
 def to_label_studio(items: Sequence[ReviewItem], prefix: str | None = None, root: Path | None = None) -> list[dict]:
     tasks = []
     for item in items:
-        result = [{"id": "prediction", "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                   "value": {"choices": list(item.prediction)}}] if item.prediction else []
-        tasks.append({
-            "data": {"image": image_url(item.uri, prefix, root), "sha256": item.sha256, "head": item.head,
-                     "version": item.version, "prediction": list(item.prediction), "score": item.score,
-                     "strategy": item.strategy},
-            "predictions": [{"model_version": f"{item.head} v{item.version}", "score": item.score,
-                             "result": result}],
-        })
+        result = (
+            [
+                {
+                    "id": "prediction",
+                    "from_name": FROM_NAME,
+                    "to_name": TO_NAME,
+                    "type": "choices",
+                    "value": {"choices": list(item.prediction)},
+                }
+            ]
+            if item.prediction
+            else []
+        )
+        tasks.append(
+            {
+                "data": {
+                    "image": image_url(item.uri, prefix, root),
+                    "sha256": item.sha256,
+                    "head": item.head,
+                    "version": item.version,
+                    "prediction": list(item.prediction),
+                    "score": item.score,
+                    "strategy": item.strategy,
+                },
+                "predictions": [
+                    {"model_version": f"{item.head} v{item.version}", "score": item.score, "result": result}
+                ],
+            }
+        )
     return tasks
 
 
-def write_tasks(items: Sequence[ReviewItem], path: Path, labels: Sequence[str], multi_label: bool,
-                prefix: str | None = None, root: Path | None = None) -> list[Path]:
+def write_tasks(
+    items: Sequence[ReviewItem],
+    path: Path,
+    labels: Sequence[str],
+    multi_label: bool,
+    prefix: str | None = None,
+    root: Path | None = None,
+) -> list[Path]:
     """``.json``: Label Studio tasks (and its label config beside, ``.xml``); ``.csv``: a CSV whose
     empty ``label`` column a person fills in for `headmaster correct --csv`."""
     path = Path(path)
@@ -310,8 +362,9 @@ def write_tasks(items: Sequence[ReviewItem], path: Path, labels: Sequence[str], 
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
             for i in items:
-                writer.writerow([i.sha256, i.head, "", ";".join(i.prediction), f"{i.score:.6f}", i.version,
-                                 i.strategy, i.uri or ""])
+                writer.writerow(
+                    [i.sha256, i.head, "", ";".join(i.prediction), f"{i.score:.6f}", i.version, i.strategy, i.uri or ""]
+                )
         return [path]
     raise DataError(f"{path}: review tasks are written as .json (Label Studio) or .csv", option="output")
 
@@ -353,20 +406,38 @@ def read_label_studio(path: Path, head: str | None = None) -> tuple[list[dict], 
         if not annotations:
             skipped.append(f"task {task.get('id')}: no annotation")
             continue
-        annotation = max(annotations, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
-        choices = [c for r in annotation.get("result") or [] if r.get("type") == "choices"
-                   for c in (r.get("value") or {}).get("choices", [])]
+        annotation = max(
+            annotations, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0)
+        )
+        choices = [
+            c
+            for r in annotation.get("result") or []
+            if r.get("type") == "choices"
+            for c in (r.get("value") or {}).get("choices", [])
+        ]
         item = data.get("sha256") or data.get("image")
         name = head or data.get("head")
         if not item or not name:
             skipped.append(f"task {task.get('id')}: no sha256/image or head in its data")
             continue
         predicted = data.get("prediction")
-        note = {"tool": "label-studio", "task": task.get("id"), "annotation": annotation.get("id"),
-                "corrects": {"labels": predicted, "score": data.get("score"), "version": data.get("version")},
-                "agrees": None if predicted is None else sorted(predicted) == sorted(choices)}
-        rows.append({"item": item, "head": name, "labels": tuple(choices), "by": _annotator(annotation),
-                     "at": _when(annotation.get("created_at")), "note": json.dumps(note)})
+        note = {
+            "tool": "label-studio",
+            "task": task.get("id"),
+            "annotation": annotation.get("id"),
+            "corrects": {"labels": predicted, "score": data.get("score"), "version": data.get("version")},
+            "agrees": None if predicted is None else sorted(predicted) == sorted(choices),
+        }
+        rows.append(
+            {
+                "item": item,
+                "head": name,
+                "labels": tuple(choices),
+                "by": _annotator(annotation),
+                "at": _when(annotation.get("created_at")),
+                "note": json.dumps(note),
+            }
+        )
     return rows, skipped
 
 
@@ -376,9 +447,18 @@ def note_for_csv(row: dict) -> str | None:
         return row.get("note")
     predicted = [p for p in (row.get("prediction") or "").split(";") if p]
     given = sorted(label.strip() for label in (row.get("label") or "").split(";") if label.strip())
-    return json.dumps({"tool": "csv", "corrects": {"labels": predicted, "score": float(row["score"]) if row.get("score")
-                                                   else None, "version": int(row["version"]) if row.get("version") else None},
-                       "agrees": sorted(predicted) == given, "note": row.get("note") or ""})
+    return json.dumps(
+        {
+            "tool": "csv",
+            "corrects": {
+                "labels": predicted,
+                "score": float(row["score"]) if row.get("score") else None,
+                "version": int(row["version"]) if row.get("version") else None,
+            },
+            "agrees": sorted(predicted) == given,
+            "note": row.get("note") or "",
+        }
+    )
 
 
 def as_dict(item: ReviewItem) -> dict:

@@ -117,13 +117,15 @@ def labelled_fingerprint(store: Store, head: str) -> str | None:
             counts[fingerprint] = counts.get(fingerprint, 0) + 1
     if len(counts) > 1:
         found = ", ".join(f"{fp} ({n} items)" for fp, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-        raise DataError(f"the items labelled for {head!r} are embedded by {len(counts)} encoders ({found}): "
-                        "name the repository whose encoder the snapshot is for", option="repo")
+        raise DataError(
+            f"the items labelled for {head!r} are embedded by {len(counts)} encoders ({found}): "
+            "name the repository whose encoder the snapshot is for",
+            option="repo",
+        )
     return next(iter(counts), None)
 
 
-def export_snapshot(store: Store, head: str, out: Path, fingerprint: str,
-                    multi_label: bool | None = None) -> Snapshot:
+def export_snapshot(store: Store, head: str, out: Path, fingerprint: str, multi_label: bool | None = None) -> Snapshot:
     """Freeze the training set of ``head`` (its corrections) embedded by ``fingerprint``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -131,8 +133,10 @@ def export_snapshot(store: Store, head: str, out: Path, fingerprint: str,
     check_head_name(head)
     corrections = store.corrections(head)
     if not corrections:
-        raise DataError(f"no item in {store.location} has a label for head {head!r}: label some with "
-                        "`headmaster correct ITEM --head NAME --label L` (or --csv FILE) first")
+        raise DataError(
+            f"no item in {store.location} has a label for head {head!r}: label some with "
+            "`headmaster correct ITEM --head NAME --label L` (or --csv FILE) first"
+        )
     vectors = store.embeddings(corrections, fingerprint)
     by_encoder = store.uris()
     refused: dict[str, int] = {}
@@ -142,8 +146,10 @@ def export_snapshot(store: Store, head: str, out: Path, fingerprint: str,
                 refused[fp] = refused.get(fp, 0) + 1
     kept = sorted(sha for sha in corrections if sha in vectors)
     if not kept:
-        raise DataError(f"none of the {len(corrections)} items labelled for {head!r} has an embedding of encoder "
-                        f"{fingerprint} (they are embedded with {sorted(refused)}); `headmaster reembed` first")
+        raise DataError(
+            f"none of the {len(corrections)} items labelled for {head!r} has an embedding of encoder "
+            f"{fingerprint} (they are embedded with {sorted(refused)}); `headmaster reembed` first"
+        )
     if multi_label is None:
         multi_label = any(len(corrections[sha].labels) != 1 for sha in kept)
     if not multi_label and any(len(corrections[sha].labels) != 1 for sha in kept):
@@ -167,18 +173,38 @@ def export_snapshot(store: Store, head: str, out: Path, fingerprint: str,
         bucket = "_multi" if multi_label else correction.labels[0]
         placed = _place_image(sha, by_encoder.get(sha, {}), staging / "images" / bucket)
         missing += placed is None
-        lines.append({"path": os.path.relpath(placed, staging) if placed else None, "sha256": sha,
-                      "labels": sorted(correction.labels), "by": correction.by, "at": correction.at.isoformat(),
-                      "note": correction.note, "source": next(iter(by_encoder.get(sha, {}).values()), None)})
+        lines.append(
+            {
+                "path": os.path.relpath(placed, staging) if placed else None,
+                "sha256": sha,
+                "labels": sorted(correction.labels),
+                "by": correction.by,
+                "at": correction.at.isoformat(),
+                "note": correction.note,
+                "source": next(iter(by_encoder.get(sha, {}).values()), None),
+            }
+        )
     (staging / MANIFEST_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
     matrix = np.stack([vectors[sha] for sha in kept]).astype(np.float32)
-    pq.write_table(pa.table({"sha256": kept, "embedding": embedding_column(matrix)},
-                            metadata={"fingerprint": fingerprint}), staging / EMBEDDINGS_FILE)
+    pq.write_table(
+        pa.table({"sha256": kept, "embedding": embedding_column(matrix)}, metadata={"fingerprint": fingerprint}),
+        staging / EMBEDDINGS_FILE,
+    )
     counts = {label: sum(label in corrections[sha].labels for sha in kept) for label in labels}
-    snapshot = Snapshot(path=folder / f"v{number}", head=head, number=number, fingerprint=fingerprint,
-                        manifest_sha256=manifest_hash, multi_label=multi_label, labels=tuple(labels), counts=counts,
-                        items=len(kept), created=now().isoformat(timespec="seconds"), refused=refused,
-                        missing_images=missing)
+    snapshot = Snapshot(
+        path=folder / f"v{number}",
+        head=head,
+        number=number,
+        fingerprint=fingerprint,
+        manifest_sha256=manifest_hash,
+        multi_label=multi_label,
+        labels=tuple(labels),
+        counts=counts,
+        items=len(kept),
+        created=now().isoformat(timespec="seconds"),
+        refused=refused,
+        missing_images=missing,
+    )
     meta = {k: v for k, v in asdict(snapshot).items() if k not in ("path", "reused")}
     (staging / SNAPSHOT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(staging, snapshot.path)  # a snapshot appears complete, or not at all

@@ -46,20 +46,31 @@ def uncertainty(scores: np.ndarray, method: str, multi_label: bool, thresholds: 
     raise StoreError(f"unknown uncertainty method {method!r}: use one of {METHODS}")
 
 
-def suggest(store: Store, head: str, n: int = 50, version: int | None = None, method: str = "margin",
-            multi_label: bool = False, thresholds: tuple[float, ...] | None = None) -> tuple[int, list[Suggestion]]:
+def suggest(
+    store: Store,
+    head: str,
+    n: int = 50,
+    version: int | None = None,
+    method: str = "margin",
+    multi_label: bool = False,
+    thresholds: tuple[float, ...] | None = None,
+) -> tuple[int, list[Suggestion]]:
     """Returns (the version scored, the ``n`` most uncertain uncorrected items)."""
     if version is None:
         every = store.labels(head)
         if every.num_rows == 0:
-            raise StoreError(f"the store {store.location} holds no labels of head {head!r}: classify with --store "
-                             "or `headmaster rescore` first")
+            raise StoreError(
+                f"the store {store.location} holds no labels of head {head!r}: classify with --store "
+                "or `headmaster rescore` first"
+            )
         version = max(every["version"].to_pylist())
     table = store.labels(head, version)  # the newest row per item, of that version
     if table.num_rows == 0:
         newest = sorted(set(store.labels(head)["version"].to_pylist()))
-        raise StoreError(f"the store holds no labels of head {head!r} from version {version} (its newest are from "
-                         f"versions {newest}); `headmaster rescore {head} --version {version}` first")
+        raise StoreError(
+            f"the store holds no labels of head {head!r} from version {version} (its newest are from "
+            f"versions {newest}); `headmaster rescore {head} --version {version}` first"
+        )
     corrected = set(store.corrections(head))
     keep = np.array([sha not in corrected for sha in table["sha256"].to_pylist()], bool)
     table = table.filter(keep)
@@ -71,5 +82,13 @@ def suggest(store: Store, head: str, n: int = 50, version: int | None = None, me
     order = np.argsort(values if method == "margin" else -values, kind="stable")[:n]
     uris = store.uris()
     hashes, labels = table["sha256"].to_pylist(), table["labels"].to_pylist()
-    return version, [Suggestion(hashes[i], next(iter(uris.get(hashes[i], {}).values()), None), float(values[i]),
-                                tuple(labels[i]), tuple(map(float, scores[i]))) for i in order]
+    return version, [
+        Suggestion(
+            hashes[i],
+            next(iter(uris.get(hashes[i], {}).values()), None),
+            float(values[i]),
+            tuple(labels[i]),
+            tuple(map(float, scores[i])),
+        )
+        for i in order
+    ]

@@ -38,9 +38,15 @@ class CheckReport:
     near_duplicates: list[tuple[str, str, float]] = field(default_factory=list)  # (path, path, cosine)
 
     def as_dict(self) -> dict:
-        return {"counts": self.counts, "class_weights": self.class_weights, "warnings": self.warnings,
-                "unreadable": len(self.unreadable), "exact_duplicate_groups": len(self.exact_duplicates),
-                "conflicting_groups": len(self.conflicting), "near_duplicate_pairs": len(self.near_duplicates)}
+        return {
+            "counts": self.counts,
+            "class_weights": self.class_weights,
+            "warnings": self.warnings,
+            "unreadable": len(self.unreadable),
+            "exact_duplicate_groups": len(self.exact_duplicates),
+            "conflicting_groups": len(self.conflicting),
+            "near_duplicate_pairs": len(self.near_duplicates),
+        }
 
 
 def class_weights(counts: dict[str, int], total: int, multi_label: bool) -> dict[str, float]:
@@ -50,14 +56,15 @@ def class_weights(counts: dict[str, int], total: int, multi_label: bool) -> dict
     return {label: total / (len(counts) * c) for label, c in counts.items()}
 
 
-def near_duplicate_pairs(x: np.ndarray, threshold: float = NEAR_DUPLICATE_COSINE,
-                         chunk: int = 2048) -> list[tuple[int, int, float]]:
+def near_duplicate_pairs(
+    x: np.ndarray, threshold: float = NEAR_DUPLICATE_COSINE, chunk: int = 2048
+) -> list[tuple[int, int, float]]:
     """Pairs i < j of rows whose centred cosine >= threshold, in chunks (memory O(chunk * n))."""
     x = x - x.mean(axis=0)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     pairs = []
     for start in range(0, len(x), chunk):
-        block = x[start:start + chunk] @ x.T
+        block = x[start : start + chunk] @ x.T
         rows, cols = np.nonzero(block >= threshold)
         for r, c in zip(rows, cols):
             i = start + int(r)
@@ -82,12 +89,14 @@ def check_spread(x: np.ndarray, truth: np.ndarray, labels: tuple[str, ...]) -> N
     """Refuse a collapsed embedding set (see the module docstring) with what it means."""
     spread = label_spread(x, truth)
     if spread < COLLAPSED_DISTANCE:
-        raise DataError(f"the embeddings of different labels are nearly identical (the means of "
-                        f"{', '.join(labels[:4])}{', ...' if len(labels) > 4 else ''} lie within cosine distance "
-                        f"{spread:.1e} of each other; {COLLAPSED_DISTANCE:.0e} or more is needed): the encoder or its "
-                        "preprocessing is wrong for these images (random weights, or a model for another kind of "
-                        "image); export an encoder with pretrained weights suited to them and build the repository "
-                        "with it")
+        raise DataError(
+            f"the embeddings of different labels are nearly identical (the means of "
+            f"{', '.join(labels[:4])}{', ...' if len(labels) > 4 else ''} lie within cosine distance "
+            f"{spread:.1e} of each other; {COLLAPSED_DISTANCE:.0e} or more is needed): the encoder or its "
+            "preprocessing is wrong for these images (random weights, or a model for another kind of "
+            "image); export an encoder with pretrained weights suited to them and build the repository "
+            "with it"
+        )
 
 
 def components(n: int, pairs) -> np.ndarray:
@@ -111,27 +120,40 @@ def check_counts(counts: dict[str, int], total: int, multi_label: bool) -> tuple
         if count == 0:
             raise DataError(f"label {label!r} has no readable images left; a head cannot learn it")
         if count < 2:
-            raise DataError(f"label {label!r} has {count} readable image; it needs at least 2 "
-                            "(one to train on, one to validate)")
+            raise DataError(
+                f"label {label!r} has {count} readable image; it needs at least 2 (one to train on, one to validate)"
+            )
         if count < FEW_IMAGES:
-            warnings.append(f"label {label!r} has only {count} images (fewer than {FEW_IMAGES}): "
-                            "its metrics will be noisy and the head may not generalise")
+            warnings.append(
+                f"label {label!r} has only {count} images (fewer than {FEW_IMAGES}): "
+                "its metrics will be noisy and the head may not generalise"
+            )
     weights = class_weights(counts, total, multi_label)
     if not multi_label and max(counts.values()) >= IMBALANCE_RATIO * min(counts.values()):
         shown = ", ".join(f"{label} {counts[label]} (weight {w:.2f})" for label, w in weights.items())
-        warnings.append(f"strong imbalance, largest/smallest = {max(counts.values()) / min(counts.values()):.1f}: "
-                        f"training weighs each label against its frequency: {shown}")
+        warnings.append(
+            f"strong imbalance, largest/smallest = {max(counts.values()) / min(counts.values()):.1f}: "
+            f"training weighs each label against its frequency: {shown}"
+        )
     return weights, warnings
 
 
-def split(labels: list[tuple[str, ...]], groups: np.ndarray, label_names: tuple[str, ...], multi_label: bool,
-          val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split(
+    labels: list[tuple[str, ...]],
+    groups: np.ndarray,
+    label_names: tuple[str, ...],
+    multi_label: bool,
+    val_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a train and a validation split: stratified by label, never splitting a group."""
     from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
     n = len(labels)
     if not 0.05 <= val_fraction <= 0.5:
-        raise DataError(f"the validation fraction must be between 0.05 and 0.5, got {val_fraction}", option="val_fraction")
+        raise DataError(
+            f"the validation fraction must be between 0.05 and 0.5, got {val_fraction}", option="val_fraction"
+        )
     indices = np.arange(n)
     if multi_label:
         train, val = next(GroupShuffleSplit(1, test_size=val_fraction, random_state=seed).split(indices, groups=groups))
@@ -143,7 +165,9 @@ def split(labels: list[tuple[str, ...]], groups: np.ndarray, label_names: tuple[
         for side, rows in (("validation", val), ("training", train)):
             missing = {label_names[i] for i in set(y.tolist()) - set(y[rows].tolist())}
             if missing:
-                raise DataError(f"no {side} image left for {sorted(missing)} (too few images, or all of them "
-                                "near duplicates of each other, which stay on one side); add images of it",
-                                option="val_fraction")
+                raise DataError(
+                    f"no {side} image left for {sorted(missing)} (too few images, or all of them "
+                    "near duplicates of each other, which stay on one side); add images of it",
+                    option="val_fraction",
+                )
     return np.sort(train), np.sort(val)

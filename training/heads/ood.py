@@ -85,8 +85,15 @@ def choose_k(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val:
     return best, {"k_rule": "best mean AUROC with each label held out as unseen", "auroc_by_k": per_k}
 
 
-def fit_ood(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, policy: str,
-            max_references: int = MAX_REFERENCES, seed: int = 0) -> OodFit:
+def fit_ood(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    policy: str,
+    max_references: int = MAX_REFERENCES,
+    seed: int = 0,
+) -> OodFit:
     """The reference set, k and threshold of a new head version (``policy``: abstain | flag)."""
     if policy not in OOD_POLICIES:
         raise TrainingError(f"ood must be one of {', '.join(MODES)}, not {policy!r}", option="ood")
@@ -108,9 +115,19 @@ def fit_ood(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     stored = index.serialized() if search and index.index is not None else None
     # Rounded up, so that the image at the quantile stays inside after the card's rounding.
     threshold = math.ceil(float(np.quantile(distances, TPR, method="higher")) * 1e6) / 1e6
-    card = {"k": int(k), "threshold": threshold, "policy": policy, "references": int(len(references)),
-            "sha256": references_sha256(references),
-            **({"search": search, "index_sha256": index_sha256(stored)} if stored is not None else {})}
-    details = {**how, "tpr": TPR, "training_rows": int(len(x_train)), "subsampled": bool(len(keep) < len(x_train)),
-               "validation_kept": float((distances <= card["threshold"]).mean())}
+    card = {
+        "k": int(k),
+        "threshold": threshold,
+        "policy": policy,
+        "references": int(len(references)),
+        "sha256": references_sha256(references),
+        **({"search": search, "index_sha256": index_sha256(stored)} if stored is not None else {}),
+    }
+    details = {
+        **how,
+        "tpr": TPR,
+        "training_rows": int(len(x_train)),
+        "subsampled": bool(len(keep) < len(x_train)),
+        "validation_kept": float((distances <= card["threshold"]).mean()),
+    }
     return OodFit(references, card, details, stored)

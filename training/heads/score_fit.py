@@ -25,18 +25,24 @@ def _trunk(dim: int, out: int, config: TrainConfig, bias: bool = True):
 
     if config.kind == "linear":
         return torch.nn.Linear(dim, out, bias=bias)
-    return torch.nn.Sequential(torch.nn.Linear(dim, config.hidden), torch.nn.ReLU(),
-                               torch.nn.Linear(config.hidden, out, bias=bias))
+    return torch.nn.Sequential(
+        torch.nn.Linear(dim, config.hidden), torch.nn.ReLU(), torch.nn.Linear(config.hidden, out, bias=bias)
+    )
 
 
 def _layers(trunk) -> list[tuple[np.ndarray, np.ndarray]]:
     import torch
 
-    linears = [m for m in (trunk if isinstance(trunk, torch.nn.Sequential) else [trunk])
-               if isinstance(m, torch.nn.Linear)]
-    return [(m.weight.detach().numpy().astype(np.float64),
-             (m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_features)).astype(np.float64))
-            for m in linears]
+    linears = [
+        m for m in (trunk if isinstance(trunk, torch.nn.Sequential) else [trunk]) if isinstance(m, torch.nn.Linear)
+    ]
+    return [
+        (
+            m.weight.detach().numpy().astype(np.float64),
+            (m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_features)).astype(np.float64),
+        )
+        for m in linears
+    ]
 
 
 def _fold_input(layers, mean: np.ndarray, std: np.ndarray):
@@ -56,8 +62,9 @@ def _standardise(x_train: np.ndarray, x_val: np.ndarray):
     return as_tensor(x_train), as_tensor(x_val), mean, std
 
 
-def fit_regression(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                   config: TrainConfig) -> tuple[HeadWeights, dict]:
+def fit_regression(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, config: TrainConfig
+) -> tuple[HeadWeights, dict]:
     """y: float values [n]. The head outputs the value (SCORES [n, 1], no activation)."""
     import torch
 
@@ -72,8 +79,12 @@ def fit_regression(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
     w, b = layers[-1]
     layers[-1] = (w * y_std, b * y_std + y_mean)  # the standardised target back in its own units
     head = HeadWeights(_fold_input(layers, mean, std), multi_label=False, activation="identity")
-    return head, {"epochs_run": len(history), "best_epoch": best[2] + 1, "best_val_loss": best[0],
-                  "loss": "mean squared error (standardised target)"}
+    return head, {
+        "epochs_run": len(history),
+        "best_epoch": best[2] + 1,
+        "best_val_loss": best[0],
+        "loss": "mean squared error (standardised target)",
+    }
 
 
 def _coral(dim: int, classes: int, config: TrainConfig):
@@ -92,8 +103,9 @@ def _coral(dim: int, classes: int, config: TrainConfig):
     return Coral()
 
 
-def fit_ordinal(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, classes: int,
-                config: TrainConfig) -> tuple[HeadWeights, dict]:
+def fit_ordinal(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, classes: int, config: TrainConfig
+) -> tuple[HeadWeights, dict]:
     """y: class indices [n] in 0..classes-1 (their order is the order of the classes)."""
     import torch
 
@@ -115,5 +127,9 @@ def fit_ordinal(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     cuts = np.minimum.accumulate(cuts + b[0])
     layers[-1] = (np.repeat(w, classes - 1, axis=0), cuts)
     head = HeadWeights(_fold_input(layers, mean, std), multi_label=False, activation="ordinal")
-    return head, {"epochs_run": len(history), "best_epoch": best[2] + 1, "best_val_loss": best[0],
-                  "loss": "CORAL: binary cross-entropy on the K-1 tasks 'class > k' (shared weights)"}
+    return head, {
+        "epochs_run": len(history),
+        "best_epoch": best[2] + 1,
+        "best_val_loss": best[0],
+        "loss": "CORAL: binary cross-entropy on the K-1 tasks 'class > k' (shared weights)",
+    }

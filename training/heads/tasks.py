@@ -48,16 +48,21 @@ TASKS = ("hierarchy", "regression", "ordinal")
 def load_task_dataset(options) -> Dataset:
     """The labelled images of a hierarchy, regression or ordinal head (see TrainOptions)."""
     if options.store is not None:
-        raise DataError(f"--task {options.task} trains from labelled files; --store trains flat label heads",
-                        option="store")
+        raise DataError(
+            f"--task {options.task} trains from labelled files; --store trains flat label heads", option="store"
+        )
     if options.task == "regression":
         if options.manifest is None or options.data is not None:
-            raise DataError("a regression head reads its values from a CSV: --manifest FILE with columns path and "
-                            "one value column (e.g. path,quality)", option="manifest")
+            raise DataError(
+                "a regression head reads its values from a CSV: --manifest FILE with columns path and "
+                "one value column (e.g. path,quality)",
+                option="manifest",
+            )
         return from_values(options.manifest)
     if options.data is None or options.manifest is not None:
-        raise DataError(f"a {options.task} head reads a folder of label folders (give DATA, not --manifest)",
-                        option="data")
+        raise DataError(
+            f"a {options.task} head reads a folder of label folders (give DATA, not --manifest)", option="data"
+        )
     if options.task == "hierarchy":
         return from_hierarchy(options.data, options.taxonomy)
     if options.taxonomy is not None:
@@ -73,9 +78,12 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
         raise DataError("--order goes with --task ordinal", option="order")
     repo = Repository(options.repo)
     dataset = load_task_dataset(options)
-    hashes, vectors, failures = embed_paths([e.path for e in dataset.examples], repo,
-                                            None if options.local else options.server, options.cache_dir, progress)
-    report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
+    hashes, vectors, failures = embed_paths(
+        [e.path for e in dataset.examples], repo, None if options.local else options.server, options.cache_dir, progress
+    )
+    report = checks.CheckReport(
+        counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped)
+    )
     by_sha = by_content(dataset.examples, hashes, failures)
     rows = []  # (sha, Example)
     for sha, members in by_sha.items():
@@ -97,8 +105,9 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
     labels = dataset.labels
     examples = [e for _, e in rows]
     if dataset.task == "ordinal":
-        train, val = checks.split([e.labels for e in examples], groups, labels, False, options.val_fraction,
-                                  options.config.seed)
+        train, val = checks.split(
+            [e.labels for e in examples], groups, labels, False, options.val_fraction, options.config.seed
+        )
     else:  # regression and hierarchy: a group-aware random split (no single label to stratify by)
         train, val = checks.split([()] * len(rows), groups, labels, True, options.val_fraction, options.config.seed)
     config = options.config
@@ -108,10 +117,12 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
         report.counts = {label: int(truth[:, j].sum()) for j, label in enumerate(labels)}
         weights, warnings = checks.check_counts(report.counts, len(rows), True)
         report.class_weights, report.warnings = weights, report.warnings + warnings
-        head, fit_info = fit(x[train], truth[train], x[val], truth[val], True,
-                             np.array([weights[label] for label in labels]), config)
-        thresholds, explanation = choose_thresholds(head.scores(x[val]), truth[val], labels, options.thresholds,
-                                                    options.target_precision)
+        head, fit_info = fit(
+            x[train], truth[train], x[val], truth[val], True, np.array([weights[label] for label in labels]), config
+        )
+        thresholds, explanation = choose_thresholds(
+            head.scores(x[val]), truth[val], labels, options.thresholds, options.target_precision
+        )
         parents, multi_label, y = dataset.parents, True, truth
     elif dataset.task == "regression":
         y = np.array([e.value for e in examples], dtype=np.float64)
@@ -123,13 +134,25 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
         report.counts = {label: int((y == j).sum()) for j, label in enumerate(labels)}
         head, fit_info = fit_ordinal(x[train], y[train], x[val], y[val], len(labels), config)
         thresholds = (0.0,) * len(labels)
-        explanation = [{"label": label, "threshold": 0.0, "why": "ordinal: the median class is the answer"}
-                       for label in labels]
+        explanation = [
+            {"label": label, "threshold": 0.0, "why": "ordinal: the median class is the answer"} for label in labels
+        ]
 
     def card_for(version: int, **more) -> HeadCard:
-        return HeadCard(name=options.name, version=version, labels=labels, thresholds=thresholds,
-                        multi_label=multi_label, encoder_fingerprint=repo.fingerprint, embed_dim=head.embed_dim,
-                        kind=config.kind, task=dataset.task, parents=parents, value_range=value_range, **more)
+        return HeadCard(
+            name=options.name,
+            version=version,
+            labels=labels,
+            thresholds=thresholds,
+            multi_label=multi_label,
+            encoder_fingerprint=repo.fingerprint,
+            embed_dim=head.embed_dim,
+            kind=config.kind,
+            task=dataset.task,
+            parents=parents,
+            value_range=value_range,
+            **more,
+        )
 
     val_scores = head.scores(x[val])
     info = card_for(1).info()
@@ -142,27 +165,56 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
         # The same split through a plain multiclass head: what the ordinal loss buys.
         # The same optimiser as the ordinal head (AdamW, early stopping), so the comparison shows
         # what the cumulative targets change, not what L-BFGS does.
-        baseline, _ = fit(x[train], y[train], x[val], y[val], False, np.ones(len(labels)),
-                          dataclasses.replace(config, solver="adamw"))
+        baseline, _ = fit(
+            x[train], y[train], x[val], y[val], False, np.ones(len(labels)), dataclasses.replace(config, solver="adamw")
+        )
         metrics["multiclass_baseline"] = ordinal_metrics(baseline.scores(x[val]).argmax(axis=1), y[val], labels)
     if options.ood not in ood_detection.MODES:
         raise DataError(f"ood must be one of {', '.join(ood_detection.MODES)}, not {options.ood!r}", option="ood")
     y_ood = y if dataset.task == "ordinal" else np.zeros((len(rows), 2))  # k by held-out class for ordinal only
-    ood_fit = None if options.ood == "off" else ood_detection.fit_ood(
-        x[train], y_ood[train], x[val], y_ood[val], options.ood, options.ood_references, config.seed)
-    data_hash = content_hash([(sha, e.labels + ((repr(e.value),) if e.value is not None else ()))
-                              for sha, e in rows])
+    ood_fit = (
+        None
+        if options.ood == "off"
+        else ood_detection.fit_ood(
+            x[train], y_ood[train], x[val], y_ood[val], options.ood, options.ood_references, config.seed
+        )
+    )
+    data_hash = content_hash([(sha, e.labels + ((repr(e.value),) if e.value is not None else ())) for sha, e in rows])
 
     def make_card(version: int) -> HeadCard:
-        return card_for(version, ood=ood_fit.card if ood_fit else None, details={
-            "data": {"source": dataset.source, "sha256": data_hash, "images": len(rows), "train": int(len(train)),
-                     "validation": int(len(val)), "checks": report.as_dict()},
-            "training": {**config.as_dict(), **fit_info, "val_fraction": options.val_fraction, "task": dataset.task},
-            "thresholds": {"mode": options.thresholds, "per_label": explanation},
-            "metrics": metrics, "ood": ood_fit.details if ood_fit else None})
+        return card_for(
+            version,
+            ood=ood_fit.card if ood_fit else None,
+            details={
+                "data": {
+                    "source": dataset.source,
+                    "sha256": data_hash,
+                    "images": len(rows),
+                    "train": int(len(train)),
+                    "validation": int(len(val)),
+                    "checks": report.as_dict(),
+                },
+                "training": {
+                    **config.as_dict(),
+                    **fit_info,
+                    "val_fraction": options.val_fraction,
+                    "task": dataset.task,
+                },
+                "thresholds": {"mode": options.thresholds, "per_label": explanation},
+                "metrics": metrics,
+                "ood": ood_fit.details if ood_fit else None,
+            },
+        )
 
-    change = lifecycle.publish(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep,
-                               server=options.server, references=ood_fit.references if ood_fit else None,
-                               ood_index=ood_fit.index if ood_fit else None,
-                               go_live=not options.candidate)
+    change = lifecycle.publish(
+        options.repo,
+        head,
+        make_card,
+        check_embeddings=x[val],
+        keep=options.keep,
+        server=options.server,
+        references=ood_fit.references if ood_fit else None,
+        ood_index=ood_fit.index if ood_fit else None,
+        go_live=not options.candidate,
+    )
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)

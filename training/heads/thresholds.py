@@ -17,21 +17,35 @@ from headmaster.errors import TrainingError
 MODES = ("best-f1", "precision", "none")
 
 
-def choose_thresholds(scores: np.ndarray, truth: np.ndarray, labels: tuple[str, ...], mode: str,
-                      target_precision: float = 0.9, positive: str | None = None) -> tuple[tuple[float, ...], list[dict]]:
+def choose_thresholds(
+    scores: np.ndarray,
+    truth: np.ndarray,
+    labels: tuple[str, ...],
+    mode: str,
+    target_precision: float = 0.9,
+    positive: str | None = None,
+) -> tuple[tuple[float, ...], list[dict]]:
     """truth: 0/1 matrix [n, L]. Returns thresholds and one explanation row per label."""
     from sklearn.metrics import precision_recall_curve
 
     if mode not in MODES:
         raise TrainingError(f"thresholds must be one of {', '.join(MODES)}, not {mode!r}", option="thresholds")
     if positive is not None and positive not in labels:
-        raise TrainingError(f"the positive label {positive!r} is not a label of this head: {', '.join(labels)}", option="positive")
+        raise TrainingError(
+            f"the positive label {positive!r} is not a label of this head: {', '.join(labels)}", option="positive"
+        )
     if not 0 < target_precision <= 1:
-        raise TrainingError(f"the target precision must be in (0, 1], got {target_precision}", option="target_precision")
+        raise TrainingError(
+            f"the target precision must be in (0, 1], got {target_precision}", option="target_precision"
+        )
     thresholds, rows = [], []
     for j, label in enumerate(labels):
         if mode == "none" or (positive is not None and label != positive):
-            why = "none asked: the top label wins" if mode == "none" else f"fallback when {positive!r} is below its threshold"
+            why = (
+                "none asked: the top label wins"
+                if mode == "none"
+                else f"fallback when {positive!r} is below its threshold"
+            )
             thresholds.append(0.0)
             rows.append({"label": label, "threshold": 0.0, "why": why})
             continue
@@ -54,6 +68,14 @@ def choose_thresholds(scores: np.ndarray, truth: np.ndarray, labels: tuple[str, 
                 why = f"target precision {target_precision:g} unreachable (best {precision.max():.3f}); best F1 instead"
         threshold = float(np.float32(cuts[k]))
         thresholds.append(threshold)
-        rows.append({"label": label, "threshold": threshold, "why": why, "precision": float(precision[k]),
-                     "recall": float(recall[k]), "f1": float(f1[k])})
+        rows.append(
+            {
+                "label": label,
+                "threshold": threshold,
+                "why": why,
+                "precision": float(precision[k]),
+                "recall": float(recall[k]),
+                "f1": float(f1[k]),
+            }
+        )
     return tuple(thresholds), rows

@@ -37,8 +37,9 @@ def load_dataset(options: TrainOptions) -> Dataset | None:
     """The labelled images to embed; None when the data is a snapshot or the store (their
     embeddings are stored already)."""
     if sum(x is not None for x in (options.data, options.manifest, options.store)) != 1:
-        raise DataError("give one of: a data folder (one sub-folder per bucket) or snapshot, --manifest FILE, "
-                        "or --store PATH")
+        raise DataError(
+            "give one of: a data folder (one sub-folder per bucket) or snapshot, --manifest FILE, or --store PATH"
+        )
     if options.store is not None or (options.data is not None and is_snapshot(options.data)):
         return None  # stored embeddings: see train_head
     return read_labelled(options.data, options.manifest, text=text_only(Repository(options.repo).card))
@@ -61,17 +62,27 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
         if options.store is not None:
             from headmaster.store import open_store
 
-            out = options.snapshot_dir or (Path("snapshots") if "://" in options.store else Path(options.store) / "snapshots")
-            snapshot_path = export_snapshot(open_store(options.store, create=False), options.name, out,
-                                            repo.fingerprint).path
+            out = options.snapshot_dir or (
+                Path("snapshots") if "://" in options.store else Path(options.store) / "snapshots"
+            )
+            snapshot_path = export_snapshot(
+                open_store(options.store, create=False), options.name, out, repo.fingerprint
+            ).path
         snapshot, hashes, vectors = load_for_training(snapshot_path, repo.fingerprint)
         dataset, failures = snapshot.dataset(), {}
     else:
-        hashes, vectors, failures = embed_paths([e.path for e in dataset.examples], repo,
-                                                None if options.local else options.server, options.cache_dir, progress)
+        hashes, vectors, failures = embed_paths(
+            [e.path for e in dataset.examples],
+            repo,
+            None if options.local else options.server,
+            options.cache_dir,
+            progress,
+        )
 
     # One row per distinct image content; contradictory copies are dropped, not guessed.
-    report = checks.CheckReport(counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped))
+    report = checks.CheckReport(
+        counts={}, class_weights={}, unreadable=sorted(failures.items()) + list(dataset.skipped)
+    )
     by_sha = by_content(dataset.examples, hashes, failures)
     rows: list[tuple[str, tuple[str, ...], str]] = []  # (sha, labels, path)
     excluded = 0
@@ -90,8 +101,9 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
     if report.conflicting:
         report.warnings.append(f"{len(report.conflicting)} images appear under different labels; left out")
     if report.exact_duplicates:
-        report.warnings.append(f"{len(report.exact_duplicates)} images appear more than once with the same label; "
-                               "each is used once")
+        report.warnings.append(
+            f"{len(report.exact_duplicates)} images appear more than once with the same label; each is used once"
+        )
 
     labels = dataset.labels
     x = np.stack([vectors[sha] for sha, _, _ in rows]) if rows else np.zeros((0, 1), np.float32)
@@ -103,53 +115,102 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
     checks.check_spread(x, truth, labels)
 
     pairs = checks.near_duplicate_pairs(x)
-    report.near_duplicates = [(rows[i][2], rows[j][2], c) for i, j, c in pairs
-                              if dataset.multi_label or rows[i][1] == rows[j][1]]
+    report.near_duplicates = [
+        (rows[i][2], rows[j][2], c) for i, j, c in pairs if dataset.multi_label or rows[i][1] == rows[j][1]
+    ]
     if report.near_duplicates:
-        report.warnings.append(f"{len(report.near_duplicates)} near-duplicate pairs (cosine >= "
-                               f"{checks.NEAR_DUPLICATE_COSINE}); each pair is kept in one split")
+        report.warnings.append(
+            f"{len(report.near_duplicates)} near-duplicate pairs (cosine >= "
+            f"{checks.NEAR_DUPLICATE_COSINE}); each pair is kept in one split"
+        )
     groups = checks.components(len(rows), pairs)
     if len(rows) and np.bincount(groups).max() > options.val_fraction * len(rows):
         # A chain of near duplicates spans too much of the data to keep in one split.
-        report.warnings.append("near duplicates chain together across much of the data; they are listed "
-                               "but not kept together, so validation may see near copies of training images")
+        report.warnings.append(
+            "near duplicates chain together across much of the data; they are listed "
+            "but not kept together, so validation may see near copies of training images"
+        )
         groups = np.arange(len(rows))
-    train, val = checks.split([row_labels for _, row_labels, _ in rows], groups,
-                              labels, dataset.multi_label, options.val_fraction, options.config.seed)
+    train, val = checks.split(
+        [row_labels for _, row_labels, _ in rows],
+        groups,
+        labels,
+        dataset.multi_label,
+        options.val_fraction,
+        options.config.seed,
+    )
 
     y = truth if dataset.multi_label else truth.argmax(axis=1)
     class_weight_vector = np.array([weights[label] for label in labels])
     head, fit_info = fit(x[train], y[train], x[val], y[val], dataset.multi_label, class_weight_vector, options.config)
     val_scores = head.scores(x[val])
-    thresholds, explanation = choose_thresholds(val_scores, truth[val], labels, options.thresholds,
-                                                options.target_precision, options.positive)
+    thresholds, explanation = choose_thresholds(
+        val_scores, truth[val], labels, options.thresholds, options.target_precision, options.positive
+    )
     metrics = evaluate(val_scores, truth[val], labels, dataset.multi_label, thresholds)
     data_hash = content_hash([(sha, row_labels) for sha, row_labels, _ in rows])
     if options.ood not in ood_detection.MODES:
         raise DataError(f"ood must be one of {', '.join(ood_detection.MODES)}, not {options.ood!r}", option="ood")
-    ood_fit = None if options.ood == "off" else ood_detection.fit_ood(
-        x[train], y[train], x[val], y[val], options.ood, options.ood_references, options.config.seed)
+    ood_fit = (
+        None
+        if options.ood == "off"
+        else ood_detection.fit_ood(
+            x[train], y[train], x[val], y[val], options.ood, options.ood_references, options.config.seed
+        )
+    )
 
     def make_card(version: int) -> HeadCard:
         return HeadCard(
-            name=options.name, version=version, labels=labels, thresholds=thresholds,
-            multi_label=dataset.multi_label, encoder_fingerprint=repo.fingerprint, embed_dim=head.embed_dim,
+            name=options.name,
+            version=version,
+            labels=labels,
+            thresholds=thresholds,
+            multi_label=dataset.multi_label,
+            encoder_fingerprint=repo.fingerprint,
+            embed_dim=head.embed_dim,
             kind=options.config.kind,
-            details={"data": {"source": dataset.source, "sha256": data_hash, "images": len(rows),
-                              "snapshot": {"path": str(snapshot.path), "head": snapshot.head, "number": snapshot.number,
-                                           "manifest_sha256": snapshot.manifest_sha256} if snapshot else None,
-                              "train": int(len(train)), "validation": int(len(val)), "excluded": excluded,
-                              "checks": report.as_dict()},
-                     "training": {**options.config.as_dict(), **fit_info, "val_fraction": options.val_fraction},
-                     "thresholds": {"mode": options.thresholds, "target_precision": options.target_precision,
-                                    "positive": options.positive, "per_label": explanation},
-                     "metrics": metrics, "ood": ood_fit.details if ood_fit else None},
-            ood=ood_fit.card if ood_fit else None)
+            details={
+                "data": {
+                    "source": dataset.source,
+                    "sha256": data_hash,
+                    "images": len(rows),
+                    "snapshot": {
+                        "path": str(snapshot.path),
+                        "head": snapshot.head,
+                        "number": snapshot.number,
+                        "manifest_sha256": snapshot.manifest_sha256,
+                    }
+                    if snapshot
+                    else None,
+                    "train": int(len(train)),
+                    "validation": int(len(val)),
+                    "excluded": excluded,
+                    "checks": report.as_dict(),
+                },
+                "training": {**options.config.as_dict(), **fit_info, "val_fraction": options.val_fraction},
+                "thresholds": {
+                    "mode": options.thresholds,
+                    "target_precision": options.target_precision,
+                    "positive": options.positive,
+                    "per_label": explanation,
+                },
+                "metrics": metrics,
+                "ood": ood_fit.details if ood_fit else None,
+            },
+            ood=ood_fit.card if ood_fit else None,
+        )
 
     if options.before_publish is not None:
         options.before_publish(head, make_card, ood_fit, x[val])
-    change = lifecycle.publish(options.repo, head, make_card, check_embeddings=x[val], keep=options.keep,
-                               server=options.server, references=ood_fit.references if ood_fit else None,
-                               ood_index=ood_fit.index if ood_fit else None,
-                               go_live=not options.candidate)
+    change = lifecycle.publish(
+        options.repo,
+        head,
+        make_card,
+        check_embeddings=x[val],
+        keep=options.keep,
+        server=options.server,
+        references=ood_fit.references if ood_fit else None,
+        ood_index=ood_fit.index if ood_fit else None,
+        go_live=not options.candidate,
+    )
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)

@@ -69,8 +69,15 @@ def _deterministic(seed: int):
         torch.set_num_threads(threads)
 
 
-def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, multi_label: bool,
-        class_weights: np.ndarray, config: TrainConfig) -> tuple[HeadWeights, dict]:
+def fit(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    multi_label: bool,
+    class_weights: np.ndarray,
+    config: TrainConfig,
+) -> tuple[HeadWeights, dict]:
     """y: label indices (single-label) or a 0/1 matrix [n, L] (multi-label)."""
     import torch
 
@@ -84,17 +91,26 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
         yt = torch.from_numpy(y_train.astype(np.float32 if multi_label else np.int64))
         yv = torch.from_numpy(y_val.astype(np.float32 if multi_label else np.int64))
         dim = xt.shape[1]
-        model = torch.nn.Linear(dim, num_labels) if config.kind == "linear" else torch.nn.Sequential(
-            torch.nn.Linear(dim, config.hidden), torch.nn.ReLU(), torch.nn.Linear(config.hidden, num_labels))
+        model = (
+            torch.nn.Linear(dim, num_labels)
+            if config.kind == "linear"
+            else torch.nn.Sequential(
+                torch.nn.Linear(dim, config.hidden), torch.nn.ReLU(), torch.nn.Linear(config.hidden, num_labels)
+            )
+        )
         weights = torch.from_numpy(class_weights.astype(np.float32))
-        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=weights) if multi_label else torch.nn.CrossEntropyLoss(weight=weights)
+        loss_fn = (
+            torch.nn.BCEWithLogitsLoss(pos_weight=weights) if multi_label else torch.nn.CrossEntropyLoss(weight=weights)
+        )
         if config.kind == "linear" and config.solver == "auto":
             info = _fit_linear(model, loss_fn, xt, yt, xv, yv)
         else:
             best, history = _train(model, loss_fn, xt, yt, xv, yv, config)
             info = {"epochs_run": len(history), "best_epoch": best[2] + 1, "best_val_loss": best[0]}
         linears = [m for m in (model if config.kind == "mlp" else [model]) if isinstance(m, torch.nn.Linear)]
-        layers = [(m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64)) for m in linears]
+        layers = [
+            (m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64)) for m in linears
+        ]
     # Fold (x - mean) / std into the first layer: W' = W / std, b' = b - W' @ mean.
     w, b = layers[0]
     w = w / std
@@ -112,13 +128,20 @@ def _fit_linear(model, loss_fn, xt, yt, xv, yv) -> dict:
     torch.nn.init.zeros_(model.bias)
     best, sweep = (float("inf"), None, None), {}
     for l2 in L2_GRID:
-        optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=LBFGS_ITERATIONS, history_size=20,
-                                      tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS(
+            model.parameters(),
+            lr=1,
+            max_iter=LBFGS_ITERATIONS,
+            history_size=20,
+            tolerance_grad=1e-6,
+            tolerance_change=1e-9,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure(optimizer=optimizer, l2=l2):  # bound now: step() calls it within this iteration
             optimizer.zero_grad()
             # The bias is not penalised, as in LogisticRegression.
-            loss = loss_fn(model(xt), yt) + 0.5 * l2 * (model.weight ** 2).sum()
+            loss = loss_fn(model(xt), yt) + 0.5 * l2 * (model.weight**2).sum()
             loss.backward()
             return loss
 
@@ -129,8 +152,12 @@ def _fit_linear(model, loss_fn, xt, yt, xv, yv) -> dict:
         if val_loss < best[0] - 1e-6:
             best = (val_loss, {k: v.clone() for k, v in model.state_dict().items()}, l2)
     model.load_state_dict(best[1])
-    return {"solver": "lbfgs", "l2": best[2], "best_val_loss": best[0],
-            "l2_sweep": {str(k): v for k, v in sweep.items()}}
+    return {
+        "solver": "lbfgs",
+        "l2": best[2],
+        "best_val_loss": best[0],
+        "l2_sweep": {str(k): v for k, v in sweep.items()},
+    }
 
 
 def _train(model, loss_fn, xt, yt, xv, yv, config: TrainConfig):

@@ -42,8 +42,10 @@ TEXT_TEMPLATES = ("{}",)  # a text encoder: the label's description as written, 
 # how peaked the scores are; pass another with --logit-scale (e.g. 50 or 100 for E5 / BGE,
 # trained at temperature 0.02 / 0.01).
 SENTENCE_LOGIT_SCALE = 20.0
-SENTENCE_SCALE_FROM = ("sentence-transformers' contrastive training scale (MultipleNegativesRankingLoss, "
-                       "1 / temperature 0.05): the encoder has no logit scale of its own")
+SENTENCE_SCALE_FROM = (
+    "sentence-transformers' contrastive training scale (MultipleNegativesRankingLoss, "
+    "1 / temperature 0.05): the encoder has no logit scale of its own"
+)
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,12 @@ class Label:
 def check_text_tower(repo: Repository) -> None:
     """Refuse zero-shot on an encoder without a text tower, saying what to do instead."""
     if repo.card.model.startswith(("timm:", "onnx:")) or (repo.card.model.startswith("hf:") and not repo.has_text):
-        raise ExportError(f"{repo.card.model} is an image-only backbone ({repo.card.family}): it has no text tower, "
-                          "so no zero-shot heads; train a head on labelled images (`headmaster train-head`), or "
-                          "build a repository from a CLIP / SigLIP encoder for zero-shot", option="model")
+        raise ExportError(
+            f"{repo.card.model} is an image-only backbone ({repo.card.family}): it has no text tower, "
+            "so no zero-shot heads; train a head on labelled images (`headmaster train-head`), or "
+            "build a repository from a CLIP / SigLIP encoder for zero-shot",
+            option="model",
+        )
     if not repo.has_text:
         raise ExportError(f"{repo.path} has no text tower: export the encoder with both towers for zero-shot heads")
 
@@ -79,17 +84,24 @@ def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
     check_text_tower(repo)
     spec = repo.card.towers["text"]
     if spec.format == "plan":
-        raise UnsupportedHereError("the text tower is a TensorRT plan, which this machine cannot run; "
-                              "export an onnx copy of the same encoder for zero-shot heads")
+        raise UnsupportedHereError(
+            "the text tower is a TensorRT plan, which this machine cannot run; "
+            "export an onnx copy of the same encoder for zero-shot heads"
+        )
     if repo.card.tokenizer is not None:  # hf:FOLDER: the folder's own tokenizer, as the tokenize model serves it
-        tokens = folder_tokenizer(version_dir(repo.path, "tokenize", 1) / TOKENIZER_DIR, repo.card.context_length,
-                                  repo.card.tokenizer["pad_id"], repo.card.tokenizer)(texts)
+        tokens = folder_tokenizer(
+            version_dir(repo.path, "tokenize", 1) / TOKENIZER_DIR,
+            repo.card.context_length,
+            repo.card.tokenizer["pad_id"],
+            repo.card.tokenizer,
+        )(texts)
     else:
         import open_clip
 
         tokens = open_clip.get_tokenizer(repo.card.model)(texts, context_length=repo.card.context_length).numpy()
-    runner = load_runner(str(encoder_artifact(repo.path, "text", spec.format)),
-                         device="cpu", optimization=spec.graph_optimization)
+    runner = load_runner(
+        str(encoder_artifact(repo.path, "text", spec.format)), device="cpu", optimization=spec.graph_optimization
+    )
     return runner({spec.input_name: tokens.astype(np.int64)}, [spec.output_name])[0]
 
 
@@ -107,19 +119,26 @@ def logit_scale_of(repo: Repository, given: float | None = None) -> tuple[float,
     check_text_tower(repo)
     if given is not None:
         if not np.isfinite(given) or given <= 0:
-            raise DataError(f"--logit-scale {given}: the scale must be a positive number (cosines are "
-                            "multiplied by it before the softmax)", option="logit-scale")
+            raise DataError(
+                f"--logit-scale {given}: the scale must be a positive number (cosines are "
+                "multiplied by it before the softmax)",
+                option="logit-scale",
+            )
         return float(given), "given (--logit-scale)"
     if repo.card.logit_scale > 0:
         return float(repo.card.logit_scale), "the encoder's own (exp of its logit_scale, on its card)"
     if text_only(repo):
         return SENTENCE_LOGIT_SCALE, SENTENCE_SCALE_FROM
-    raise DataError(f"{repo.card.model} has no logit scale on its card (0): every zero-shot score would be the "
-                    "same; give one with --logit-scale (CLIP's is 100)", option="logit-scale")
+    raise DataError(
+        f"{repo.card.model} has no logit scale on its card (0): every zero-shot score would be the "
+        "same; give one with --logit-scale (CLIP's is 100)",
+        option="logit-scale",
+    )
 
 
-def zero_shot_weights(repo: Repository, labels: list[Label], templates: tuple[str, ...],
-                      logit_scale: float | None = None) -> HeadWeights:
+def zero_shot_weights(
+    repo: Repository, labels: list[Label], templates: tuple[str, ...], logit_scale: float | None = None
+) -> HeadWeights:
     for template in templates:
         if "{}" not in template:
             raise DataError(f"template {template!r} has no '{{}}' where the label goes")
@@ -138,9 +157,16 @@ def classifier(text_embeddings: np.ndarray, logit_scale: float, logit_bias: floa
     return HeadWeights(((weight, np.full(len(weight), logit_bias, np.float32)),), multi_label=True)
 
 
-def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templates: tuple[str, ...] | None = None,
-                          thresholds: dict[str, float] | None = None, replace_trained: bool = False,
-                          server: str | None = None, logit_scale: float | None = None) -> HeadCard:
+def create_zero_shot_head(
+    repo_path: Path,
+    name: str,
+    labels: list[str],
+    templates: tuple[str, ...] | None = None,
+    thresholds: dict[str, float] | None = None,
+    replace_trained: bool = False,
+    server: str | None = None,
+    logit_scale: float | None = None,
+) -> HeadCard:
     """Publish the next version of head ``name`` as a zero-shot classifier over ``labels``, and
     make it live on ``server`` (default: the server recorded in the repository, if one runs).
 
@@ -157,13 +183,16 @@ def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templat
             raise DataError(
                 f"head {name} serves v{live.live}, a trained ({live.card.kind}) head; trained heads take priority "
                 "over zero-shot ones for the same dimension. Pick another name, roll back with "
-                f"`headmaster rollback {name}`, or pass --replace-trained")
+                f"`headmaster rollback {name}`, or pass --replace-trained"
+            )
     parsed = [Label.parse(text) for text in labels]
     sigmoid = repo.card.logit_bias is not None
     if len(parsed) < (1 if sigmoid else 2):
-        raise DataError("a zero-shot head needs two labels or more; for a yes/no question give a "
-                              "positive and a negative prompt, e.g. --label 'cat=a photo containing a cat' "
-                              "--label 'no cat=a photo with no cat'")
+        raise DataError(
+            "a zero-shot head needs two labels or more; for a yes/no question give a "
+            "positive and a negative prompt, e.g. --label 'cat=a photo containing a cat' "
+            "--label 'no cat=a photo with no cat'"
+        )
     thresholds = dict(thresholds or {})
     unknown = set(thresholds) - {label.name for label in parsed}
     if unknown:
@@ -171,16 +200,30 @@ def create_zero_shot_head(repo_path: Path, name: str, labels: list[str], templat
     templates = tuple(templates) if templates else default_templates(repo)
     scale, scale_from = logit_scale_of(repo, logit_scale)
     weights = zero_shot_weights(repo, parsed, templates, scale)
-    return lifecycle.publish(repo_path, weights, lambda version: HeadCard(
-        name=name, version=version, labels=tuple(label.name for label in parsed),
-        # A sigmoid head accepts a label whose own probability reaches its threshold (default 0.5).
-        thresholds=tuple(float(thresholds.get(label.name, 0.5 if sigmoid else 0.0)) for label in parsed),
-        multi_label=weights.multi_label, encoder_fingerprint=repo.fingerprint, embed_dim=repo.card.embed_dim,
-        kind="zero-shot", details={"prompts": {label.name: label.prompt for label in parsed},
-                                   "templates": list(templates),
-                                   "scoring": "sigmoid(scale * cosine + bias)" if sigmoid else "softmax(scale * cosine)",
-                                   "logit_scale": scale, "logit_scale_from": scale_from,
-                                   "logit_bias": repo.card.logit_bias,
-                                   "scores": "texts against the labels' descriptions" if text_only(repo)
-                                   else "images against the labels' prompts"}),
-        server=server).card
+    return lifecycle.publish(
+        repo_path,
+        weights,
+        lambda version: HeadCard(
+            name=name,
+            version=version,
+            labels=tuple(label.name for label in parsed),
+            # A sigmoid head accepts a label whose own probability reaches its threshold (default 0.5).
+            thresholds=tuple(float(thresholds.get(label.name, 0.5 if sigmoid else 0.0)) for label in parsed),
+            multi_label=weights.multi_label,
+            encoder_fingerprint=repo.fingerprint,
+            embed_dim=repo.card.embed_dim,
+            kind="zero-shot",
+            details={
+                "prompts": {label.name: label.prompt for label in parsed},
+                "templates": list(templates),
+                "scoring": "sigmoid(scale * cosine + bias)" if sigmoid else "softmax(scale * cosine)",
+                "logit_scale": scale,
+                "logit_scale_from": scale_from,
+                "logit_bias": repo.card.logit_bias,
+                "scores": "texts against the labels' descriptions"
+                if text_only(repo)
+                else "images against the labels' prompts",
+            },
+        ),
+        server=server,
+    ).card
