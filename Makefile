@@ -1,7 +1,7 @@
 # The two commands of the README. Both create .venv/ on first use.
 #   make quickstart   export -> repository -> serve -> classify real photos -> print labels
 #   make test         the test suite (a real Triton server, real models, real images)
-#   make lint         ruff and mypy (CI runs it before the tests)
+#   make lint         ruff check, ruff format --check and mypy (CI runs it before the tests)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -51,9 +51,10 @@ quickstart: setup
 test: setup
 	$(PY) -m pytest
 
-# Lint and types before tests: ruff over the whole checkout, mypy over the modules [tool.mypy] names.
+# Lint, format and types before tests: ruff over the whole checkout, mypy over the modules [tool.mypy] names.
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) .ci/typecheck.py
 
 benchmark: setup
