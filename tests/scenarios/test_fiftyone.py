@@ -36,7 +36,7 @@ PERSON = r"""
 import datetime, json, sys
 import fiftyone as fo
 
-src, out, plan = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+src, out, plan, use_dirs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "dirs"
 ds = fo.Dataset.from_dir(dataset_dir=src, dataset_type=fo.types.FiftyOneDataset)
 seen = {}
 for sample in ds:
@@ -63,7 +63,7 @@ for sample in ds:
         sample["annotated_at"] = datetime.datetime.fromisoformat(todo["annotated_at"])
     sample.save()
 schema = ds.get_field_schema()
-ds.export(export_dir=out, dataset_type=fo.types.FiftyOneDataset, export_media=False)
+ds.export(export_dir=out, dataset_type=fo.types.FiftyOneDataset, export_media=False, use_dirs=use_dirs)
 print(json.dumps({
     "samples": seen,
     "classes": ds.default_classes,
@@ -73,7 +73,7 @@ print(json.dumps({
 """
 
 
-def fiftyone(tmp_path: Path, source: Path, out: Path, plan: dict) -> dict:
+def fiftyone(tmp_path: Path, source: Path, out: Path, plan: dict, use_dirs: bool = False) -> dict:
     if not FIFTYONE_PYTHON.is_file():
         pytest.fail(
             f"FiftyOne's venv is missing ({FIFTYONE_PYTHON}): `make setup` makes it "
@@ -90,7 +90,7 @@ def fiftyone(tmp_path: Path, source: Path, out: Path, plan: dict) -> dict:
         "FIFTYONE_SHOW_PROGRESS_BARS": "false",
     }
     done = subprocess.run(
-        [str(FIFTYONE_PYTHON), "-c", PERSON, str(source), str(out), json.dumps(plan)],
+        [str(FIFTYONE_PYTHON), "-c", PERSON, str(source), str(out), json.dumps(plan), "dirs" if use_dirs else "file"],
         capture_output=True,
         text=True,
         env=env,
@@ -192,7 +192,8 @@ def test_a_multi_label_review_round_trips_and_foreign_folders_are_refused(tmp_pa
         items[0].sha256: {"multi": True, "labels": ["red", "small"], "annotator": "bo"},
         items[1].sha256: {"multi": True, "labels": [], "annotator": "bo"},
     }
-    seen = fiftyone(tmp_path, tasks, tmp_path / "exported", plan)
+    seen = fiftyone(tmp_path, tasks, tmp_path / "exported", plan, use_dirs=True)  # samples/ of one file each
+    assert (tmp_path / "exported" / "samples").is_dir() and not (tmp_path / "exported" / "samples.json").exists()
     assert seen["prediction_type"] == "Classifications" == seen["ground_truth_type"]
     assert [seen["samples"][i.sha256]["prediction"] for i in items] == [["red"], ["red", "round"], []]
     rows, skipped = read_fiftyone(tmp_path / "exported")
