@@ -246,7 +246,9 @@ def suggest_command(
                 f"written: {', '.join(map(str, written))}; labels come back with "
                 f"`headmaster correct --label-studio EXPORT.json` or `--csv`"
             )
-        if client is not None:
+        if client is not None and not items:
+            console.print("nothing to review: no tasks imported into Label Studio")
+        elif client is not None:
             from headmaster.training.feedback.label_studio_api import push
 
             card = head_version.card

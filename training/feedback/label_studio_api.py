@@ -153,9 +153,9 @@ class LabelStudio:
 
     def users(self) -> dict[int, str]:
         """User id -> email (or username) for the organization's members."""
-        return {
-            int(u["id"]): str(u.get("email") or u.get("username") or u["id"]) for u in self.call("GET", "/api/users")
-        }
+        answer = self.call("GET", "/api/users")
+        members = answer.get("results", []) if isinstance(answer, dict) else answer  # a list in 1.23
+        return {int(u["id"]): str(u.get("email") or u.get("username") or u["id"]) for u in members}
 
 
 class _Refused(LabelingToolError):
