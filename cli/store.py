@@ -198,7 +198,7 @@ def suggest_command(
         from headmaster.errors import DataError
         from headmaster.model_repository import ab
         from headmaster.store.base import now
-        from headmaster.training.feedback.review import parse_mix, select, write_tasks
+        from headmaster.training.feedback.review import parse_mix, record_sent, select, write_tasks
 
         head_version = HeadVersion.load(repo, name, version)
         client = None
@@ -223,7 +223,7 @@ def suggest_command(
             other,
             max_per_day,
             seed,
-            record=True,
+            record=client is None,  # with Label Studio: recorded as sent once it took them (below)
         )
         table = Table(title=f"{name} v{head_version.card.version}: {len(items)} items for review")
         for column in ("item", "strategy", "value", "prediction", "score", "source"):
@@ -262,6 +262,7 @@ def suggest_command(
                 image_prefix,
                 image_root,
             )
+            record_sent(repo, items, now().strftime("%Y%m%dT%H%M%S"))
             console.print(
                 f"{count} tasks imported into Label Studio project {project_id} ({client.url}/projects/{project_id}); "
                 f"labels come back with `headmaster correct --label-studio-url {client.url} --project {project_id}`"

@@ -169,6 +169,19 @@ def test_review_tasks_go_to_label_studio_and_its_annotations_come_back_with_who_
         "suggest", HEAD, "--mix", "margin=1", "--n", "6", *common, "--label-studio-url", label_studio.url, key="wrong"
     )
     assert result.returncode == 1 and "refused the API key (LABEL_STUDIO_API_KEY): HTTP 401" in result.stderr
+    result = headmaster(
+        "suggest",
+        HEAD,
+        "--mix",
+        "margin=1",
+        *common,
+        "--label-studio-url",
+        label_studio.url,
+        "--label-studio-project",
+        999,
+        key=label_studio.pat,
+    )
+    assert result.returncode == 1 and "has no project 999" in result.stderr
     assert sent_items(repository.path, HEAD) == {}
 
     # Out: a new project with the head's labelling config, the batch as tasks with predictions (the PAT).
