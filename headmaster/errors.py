@@ -73,6 +73,10 @@ class ToolError(HeadmasterError):
     """An external tool (perf_analyzer) is missing or failed."""
 
 
+class LabelingToolError(ToolError):
+    """A labelling tool's server (Label Studio) cannot be reached, refused the key, or lacks the project."""
+
+
 # -- data, training, evaluation, the store ---------------------------------------------------------
 class DataError(HeadmasterError):
     """Labelled data cannot make or measure a head; the message says what to change."""

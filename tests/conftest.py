@@ -73,7 +73,7 @@ SERVER_FIXTURES = frozenset(
     }
 )
 # Real services other than Triton.
-DISK_FIXTURES = frozenset({"tmp_path_factory", "postgres_url", "redis_url"})
+DISK_FIXTURES = frozenset({"tmp_path_factory", "postgres_url", "redis_url", "label_studio_process"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers

@@ -441,16 +441,8 @@ def subcommands(help_output: str) -> set[str]:
     return names
 
 
-def check_synopsis(block: Block) -> None:
-    """Every command and --option of the reference exists in that command's --help."""
-    assert block.lang == "text", "the command-line synopsis is a reference, not a script: fence it as ```text"
-    entries: list[str] = []
-    for line in block.code.splitlines():
-        if line.startswith("headmaster "):
-            entries.append(line)
-        elif line.strip() and entries:
-            entries[-1] += " " + line.strip()  # an indented continuation of the command above
-    assert len(entries) >= 15, entries
+def unknown_options(entries: list[str]) -> list[str]:
+    """The commands and --options of these `headmaster ...` lines that its --help does not know."""
     helps: dict[tuple, str] = {}
 
     def help_of(path: tuple) -> str:
@@ -471,6 +463,46 @@ def check_synopsis(block: Block) -> None:
         for option in sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", entry))):
             if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text):
                 problems.append(f"headmaster {' '.join(path)} has no {option}")
+    return problems
+
+
+LABEL_STUDIO_TEST = ROOT / "tests" / "scenarios" / "test_label_studio.py"
+
+
+def check_label_studio_block(block: Block) -> None:
+    """The Label Studio block needs a Label Studio server and people labelling in it: it is
+    covered by tests/scenarios/test_label_studio.py, which starts label-studio with the same
+    options and runs the same commands against it. Here: every headmaster command and option
+    exists, and every label-studio option is one that test starts it with."""
+    text = re.sub(r"\\\n\s*", " ", block.code)  # continuation lines joined
+    commands = [
+        c.strip().rstrip("&").strip() for c in text.splitlines() if c.strip() and not c.lstrip().startswith("#")
+    ]
+    lines = " ".join(commands)
+    entries = [c[c.index("headmaster ") :] for c in commands if "headmaster " in c]
+    assert entries, block.code
+    problems = unknown_options(entries)
+    assert not problems, f"{block.source} line {block.line} names what does not exist:\n" + "\n".join(problems)
+    test = LABEL_STUDIO_TEST.read_text()
+    start = next(c for c in commands if "label-studio start" in c)
+    for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", start):
+        assert f'"{option}"' in test, f"{LABEL_STUDIO_TEST.name} does not start label-studio with {option}"
+    for needed in ("--label-studio-url", "--label-studio-project", "--project"):
+        if needed in lines:
+            assert f'"{needed}"' in test, f"{LABEL_STUDIO_TEST.name} never runs a command with {needed}"
+
+
+def check_synopsis(block: Block) -> None:
+    """Every command and --option of the reference exists in that command's --help."""
+    assert block.lang == "text", "the command-line synopsis is a reference, not a script: fence it as ```text"
+    entries: list[str] = []
+    for line in block.code.splitlines():
+        if line.startswith("headmaster "):
+            entries.append(line)
+        elif line.strip() and entries:
+            entries[-1] += " " + line.strip()  # an indented continuation of the command above
+    assert len(entries) >= 15, entries
+    problems = unknown_options(entries)
     assert not problems, "the synopsis names what does not exist:\n" + "\n".join(problems)
 
 
@@ -665,6 +697,8 @@ def test_readme_block(block: Block, command: str | None, request, tmp_path):
 
     if block.heading == "Command line":
         return check_synopsis(block)
+    if "label-studio start" in block.code:
+        return check_label_studio_block(block)
     if "─►" in block.code:
         return check_diagram(block, request.getfixturevalue("world"))
     if block.lang not in ("bash", "sh", "shell", "python"):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 
-from headmaster.errors import DataError
+from headmaster.errors import DataError, LabelingToolError
 from headmaster.model_repository import ledger
+from headmaster.training.feedback.label_studio_api import LabelStudio
 from headmaster.training.feedback.review import _allocate, k_center, label_config, parse_mix, read_label_studio
 
 
@@ -105,3 +107,18 @@ def test_the_ledger_appends_lines_and_skips_a_torn_one(tmp_path):
     entries = ledger.read(tmp_path, "animal")
     assert [e["decision"] for e in entries] == ["accepted", "refused"]  # the torn line alone is lost
     assert ledger.read(tmp_path, "other") == []
+
+
+def test_the_label_studio_client_needs_a_key_and_says_when_nobody_answers():
+    with pytest.raises(LabelingToolError, match="no Label Studio API key: set LABEL_STUDIO_API_KEY"):
+        LabelStudio("127.0.0.1:8080", None)
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = LabelStudio(f"127.0.0.1:{port}", "a-legacy-token", timeout=5)
+    assert client.url == f"http://127.0.0.1:{port}"
+    with pytest.raises(LabelingToolError, match=f"cannot reach Label Studio at http://127.0.0.1:{port}"):
+        client.whoami()
+    pat = LabelStudio(f"127.0.0.1:{port}", "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln", timeout=5)
+    with pytest.raises(LabelingToolError, match="cannot reach Label Studio"):  # the PAT's exchange comes first
+        pat.whoami()

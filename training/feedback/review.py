@@ -392,13 +392,20 @@ def read_label_studio(path: Path, head: str | None = None) -> tuple[list[dict], 
     """Label Studio's JSON export -> correction rows (for ``make_corrections``), and what was skipped.
 
     Per task, the newest annotation that was not cancelled counts; its ``choices`` are the labels.
-    The note records the tool, task and annotation ids, and the prediction it answered."""
+    The note records the tool, task and annotation ids, and the prediction it answered. Label
+    Studio's plain export names the annotator by user id only (``completed_by: 1``); an export
+    made with ``annotations__completed_by`` expanded (or :func:`label_studio_api.pull`) gives the email."""
     try:
         tasks = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is not a Label Studio JSON export: {e}") from None
     if not isinstance(tasks, list):
         raise DataError(f"{path} is not a Label Studio JSON export (a list of tasks)")
+    return rows_from_tasks(tasks, head)
+
+
+def rows_from_tasks(tasks: Sequence[dict], head: str | None = None) -> tuple[list[dict], list[str]]:
+    """Label Studio tasks with their annotations (its export's shape) -> correction rows, skipped."""
     rows, skipped = [], []
     for task in tasks:
         data = task.get("data") or {}
