@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,23 @@ class Recording(LogReporter):
 
     def printed(self) -> str:
         return "\n".join(self.said)
+
+
+@pytest.mark.pure  # this process's signal handlers and an empty tmp_path
+def test_sigint_and_sigterm_are_stop_requests_only_while_the_loop_runs(tmp_path):
+    loop = ServeLoop(options(tmp_path))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with loop._stop_on_signals():
+        assert not loop.stop_requested
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, a stop request
+        assert loop.stop_requested
+    assert {s: signal.getsignal(s) for s in before} == before
+    # Off the main thread Python lets no one handle signals: the caller stops the loop itself.
+    elsewhere = ServeLoop(options(tmp_path))
+    worker = threading.Thread(target=lambda: elsewhere._stop_on_signals().__enter__())
+    worker.start()
+    worker.join()
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_the_repository_is_repaired_before_anything_starts(repo, tmp_path):
