@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,15 @@ def alive(pid: int) -> bool:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def outliving(pids: set[int], grace_s: float = 10.0) -> list[int]:
+    """Those of ``pids`` still running after ``grace_s``: the stubs are SIGKILLed as the loop
+    stops, and on a busy machine the kernel can take a moment to finish them."""
+    deadline = time.monotonic() + grace_s
+    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 class Recording(LogReporter):
@@ -117,7 +127,7 @@ def test_sigterm_stops_the_loop_cleanly_and_leaves_nothing_behind(repo, tmp_path
     assert len(seen["group"]) >= 8, seen  # tritonserver + a python stub per model
     assert seen["record"] is not None and seen["record"].pid in seen["group"]
     assert "stopping: refusing new requests, finishing those in flight, unloading models..." in reporter.said
-    assert not [pid for pid in seen["group"] if alive(pid)], "processes outlived the loop"
+    assert not outliving(seen["group"]), "processes outlived the loop"
     assert not record_path(copy).exists()
     assert signal.getsignal(signal.SIGTERM) is handler_before  # put back
 
@@ -149,5 +159,5 @@ def test_a_crash_restarts_with_the_same_ports_and_key_and_one_too_many_ends_the_
     assert "Triton exited unexpectedly (killed by SIGKILL)" in printed
     assert "restarting Triton (1 of at most 1 in 10 minutes)..." in printed
     assert "not restarting: 2 crashes within 10 minutes (--restarts 1)" in printed
-    assert not [pid for pid in first_group | second_group if alive(pid)], "processes outlived the loop"
+    assert not outliving(first_group | second_group), "processes outlived the loop"
     assert not record_path(copy).exists()
