@@ -88,6 +88,8 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
         shutil.rmtree(repo)  # a fresh repository each run: heads start at version 1
     repository = build_repository(encoder_dir, repo)
     console.print(f"models: {', '.join(repository.model_names())}")
+    if repository.text_note():
+        console.print(repository.text_note(), markup=False, highlight=False)
 
     console.rule(f"3. zero-shot heads  [dim]headmaster zero-shot NAME --repo {repo} --label ...")
     for name, (labels, templates) in ZERO_SHOT_HEADS.items():

@@ -97,8 +97,15 @@ def _translate(error: Exception, model: str) -> ClientError:
         or "is not ready" in message.lower()
         or status in ("404", "StatusCode.NOT_FOUND")
     ):
-        return ModelNotFoundError(f"model {model!r} is not served here: {message}")
+        # A repository's text models load only when it was built asking for them.
+        hint = "; an image encoder's repository serves it when built with `headmaster repo build --serve-text`"
+        return ModelNotFoundError(
+            f"model {model!r} is not served here: {message}{hint if model in _TEXT_MODELS else ''}"
+        )
     return ServerSideError(message)
+
+
+_TEXT_MODELS = ("embed_text", "tokenize", "text_encoder")
 
 
 class _Transport:

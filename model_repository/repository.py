@@ -70,10 +70,11 @@ class BuildOptions:
     decoder: str = "pillow"  # pillow (CPU threads) | torchvision (batched; on the GPU when device is cuda)
     # The image encoder's cache of embeddings by sha256 of the pixels (backends/runtime.py), portable flavour.
     embedding_cache_mb: float = 64.0
-    # Load the text tower, tokenize and embed_text. Off: they stay in the repository (zero-shot
-    # heads are made from them on this machine, not through the server) but the server does not
-    # load them: a ViT-B-32 serves classify and embed in ~850 MB less (two fewer processes).
-    serve_text: bool = True
+    # Load an image encoder's text tower, tokenize and embed_text (a text encoder's always load:
+    # they are its classify). Off by default: they stay in the repository (zero-shot heads are made
+    # from them on this machine, not through the server) but the server does not load them, so a
+    # ViT-B-32 serves classify and embed in ~850 MB less (two fewer processes). `--serve-text` asks.
+    serve_text: bool = False
 
     def __post_init__(self) -> None:
         if self.flavour not in ("portable", "native"):
@@ -104,7 +105,15 @@ class BuildOptions:
 
     @classmethod
     def from_dict(cls, d: dict) -> BuildOptions:
-        return cls(**{**d, "preferred_batch_sizes": tuple(d.get("preferred_batch_sizes", ()))})
+        # A manifest written before serve_text existed (or before it defaulted to off) was built
+        # serving text: it keeps doing so, so an upgrade never drops embed_text from a deployment.
+        return cls(
+            **{
+                **d,
+                "preferred_batch_sizes": tuple(d.get("preferred_batch_sizes", ())),
+                "serve_text": d.get("serve_text", True),
+            }
+        )
 
     @property
     def light_batching(self) -> Batching:
@@ -230,6 +239,16 @@ class Repository:
 
     def model_names(self) -> list[str]:
         return topology.model_names(self.card, self.options, self.head_names()) + self.student_names()
+
+    def text_note(self) -> str | None:
+        """What a repository built without ``--serve-text`` leaves out, and how to get it; None
+        when nothing is left out (text is served, or the encoder has no text tower)."""
+        if "text" not in self.card.towers or topology.serves_text(self.card, self.options):
+            return None
+        return (
+            "embed_text is not served (nor tokenize, text_encoder): the text tower stays in the repository "
+            "for zero-shot heads, unloaded; to serve it, rebuild with `headmaster repo build --serve-text`"
+        )
 
     def student_names(self) -> list[str]:
         """Distilled students (``headmaster distill``): models of their own, served from image bytes."""

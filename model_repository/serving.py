@@ -139,6 +139,9 @@ class ServeLoop:
                     "stop it first (two servers on one repository would disagree about its heads)"
                 )
         self.repository = self._consistent_repository()
+        note = self.repository.text_note()
+        if note:
+            self.reporter.say(note)
         # The checks opened every ONNX file in onnxruntime (~450 MB for a ViT-B-32 repository);
         # glibc keeps what they freed unless asked, and this process then watches the server for days.
         _give_freed_memory_back()

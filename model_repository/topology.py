@@ -35,8 +35,8 @@ def text_only(card) -> bool:
 
 
 def serves_text(card, options) -> bool:
-    """The text tower is loaded: a text encoder's always; an image encoder's unless
-    ``--no-serve-text`` keeps it on disk only (for zero-shot heads, not served: less memory)."""
+    """The text tower is loaded: a text encoder's always; an image encoder's only when built with
+    ``--serve-text`` (otherwise it stays on disk for zero-shot heads, unloaded: less memory)."""
     return "text" in card.towers and (options.serve_text or text_only(card))
 
 

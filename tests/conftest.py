@@ -181,6 +181,7 @@ def repo(encoder_dir, tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("repo") / "model_repository",
         max_queue_delay_us=20000,
         preferred_batch_sizes=(4, 8),
+        serve_text=True,  # the session server's embed_text, tokenize and text_encoder are tested
     )
 
 

@@ -251,6 +251,9 @@ def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Pat
 
     if "flavour" not in options:  # the native tier builds native repositories
         options = {**TIER_OPTIONS, **options}
+    # The suite's repositories serve the text tower (embed_text, tokenize) unless a test asks for a
+    # lean one: `repo build`'s own default (lean) is tested through the CLI in test_lean_repository.
+    options = {"serve_text": True, **options}
     build_repository(encoder_dir, repo, BuildOptions(**options))
     for name, (labels, templates, thresholds) in heads.items():
         create_zero_shot_head(repo, name, labels, templates, thresholds)

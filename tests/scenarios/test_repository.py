@@ -120,7 +120,7 @@ def test_validate_catches_a_tampered_head(encoder_dir, tmp_path):
 def test_manifest_holds_the_encoder_card(repo, encoder_dir):
     assert Repository(repo).card == EncoderCard.load(encoder_dir)
     assert Repository(repo).options == BuildOptions(
-        max_queue_delay_us=20000, preferred_batch_sizes=(4, 8), **TIER_OPTIONS
+        max_queue_delay_us=20000, preferred_batch_sizes=(4, 8), serve_text=True, **TIER_OPTIONS
     )
 
 

@@ -64,7 +64,7 @@ def image_only() -> EncoderCard:
     return make_card({"image": IMAGE})
 
 
-OPTIONS = BuildOptions()
+OPTIONS = BuildOptions(serve_text=True)  # every model an image+text card can serve
 
 
 def by_name(models) -> dict:
@@ -106,8 +106,9 @@ def test_model_names_without_a_text_tower(image_only):
     ]
 
 
-def test_a_text_tower_left_unserved_loads_no_text_model(card):
-    lean = dataclasses.replace(OPTIONS, serve_text=False)
+def test_a_text_tower_is_left_unserved_by_default(card):
+    lean = BuildOptions()  # `repo build` without --serve-text
+    assert lean.serve_text is False
     assert topology.model_names(card, lean, ["animals"]) == [
         "preprocess",
         "image_encoder",
@@ -251,6 +252,27 @@ def test_embed_ensembles(card):
     assert [s.model for s in embed_text.steps] == ["tokenize", "text_encoder"]
     assert embed.outputs == embed_text.outputs == (Tensor("EMBEDDING", "FP32", (D,)),)
     assert embed_text.steps[1].inputs == {"TOKENS": "TOKENS"}
+
+
+def test_a_text_encoder_serves_its_text_tower_whatever_serve_text_says():
+    text_card = dataclasses.replace(make_card({"text": TEXT}), preprocessing={}, fingerprint="")
+    for options in (BuildOptions(), BuildOptions(serve_text=False), OPTIONS):
+        names = topology.model_names(text_card, options, ["mood"])
+        assert {"tokenize", "text_encoder", "embed_text", "classify"} <= set(names), names
+
+
+@pytest.mark.parametrize(
+    ("stored", "served"),
+    [({}, True), ({"serve_text": True}, True), ({"serve_text": False}, False)],
+    ids=["manifest from before serve_text", "built serving text", "built lean"],
+)
+def test_a_manifest_keeps_the_text_serving_it_was_built_with(card, stored, served):
+    """Repositories built before the lean default wrote no serve_text and served text: reading
+    their manifest after an upgrade must not drop embed_text from a running deployment."""
+    manifest = {k: v for k, v in dataclasses.asdict(BuildOptions()).items() if k != "serve_text"} | stored
+    options = BuildOptions.from_dict(manifest)
+    assert options.serve_text is served
+    assert ("embed_text" in topology.model_names(card, options, [])) is served
 
 
 # -- no text tower -------------------------------------------------------------------------------
