@@ -6,8 +6,10 @@ repository built before that default keeps serving what it served."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from headmaster.client import HeadmasterClient
 from headmaster.client.errors import ModelNotFoundError
@@ -17,6 +19,7 @@ from headmaster.model_repository.repository import Repository
 from headmaster.training.heads.zero_shot import create_zero_shot_head
 from tests.helpers import ARTIFACTS, ZERO_SHOT, build_repo, run_cli, start_server
 
+ROOT = Path(__file__).resolve().parents[2]
 TEXT_MODELS = {"tokenize", "text_encoder", "embed_text"}
 NOTE = "embed_text is not served"
 
@@ -43,6 +46,12 @@ def test_repo_build_is_lean_unless_asked_with_serve_text(encoder_dir, tmp_path):
     assert (lean / "text_encoder" / "1").is_dir() and (lean / "tokenize" / "1").is_dir()  # on disk all the same
     said = built.stdout + built.stderr
     assert said.count(NOTE) == 1 and "repo build --serve-text" in said, said
+    # The deployments' default model lists ask a default-built repository only for what it has.
+    chart = yaml.safe_load((ROOT / "deploy" / "helm" / "headmaster" / "values.yaml").read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    loaded = [a.split("=", 1)[1] for a in compose["services"]["triton"]["command"] if a.startswith("--load-model=")]
+    for asked in (chart["repository"]["loadModels"], loaded):
+        assert asked and set(asked) <= set(Repository(lean).model_names()), asked
     checked = run_cli("repo", "check", "--repo", lean)
     assert checked.returncode == 0, checked.stderr
     assert (checked.stdout + checked.stderr).count(NOTE) == 1, checked.stdout + checked.stderr

@@ -84,8 +84,7 @@ def test_default_values_render_valid_manifests():
         "--load-model=classify",
         "--load-model=classify_embedding",
         "--load-model=embed",
-        "--load-model=embed_text",
-    ]
+    ]  # not embed_text: `repo build` leaves it out unless asked (--serve-text)
     restricted = [a for a in args if "restricted" in a]
     from headmaster.model_repository.server_record import RESTRICTED_APIS
 
@@ -201,6 +200,7 @@ def test_compose_file_references_resolve():
     command = " ".join(triton["command"])
     assert "--model-repository=s3://http://minio:9000/" in command
     assert "${HEADMASTER_API_KEY:?" in command
+    assert "--load-model=embed_text" not in command  # `repo build` leaves it out unless asked (--serve-text)
     env = triton["environment"]
     assert env["AWS_ACCESS_KEY_ID"].startswith("${") and env["AWS_SECRET_ACCESS_KEY"].startswith("${")
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())

@@ -282,7 +282,7 @@ def publish(repo: Path, labels: tuple[str, ...], seed: int = 0) -> HeadCard:
 
 def test_a_correct_native_repository_passes(tiny_encoder, tmp_path):
     repo = tmp_path / "repo"
-    build_repository(tiny_encoder, repo, BuildOptions(flavour="native", device="cpu"))
+    build_repository(tiny_encoder, repo, BuildOptions(flavour="native", device="cpu", serve_text=True))
     publish(repo, ("cat", "dog"))
     assert check_repository(repo) == []
     check(repo)
@@ -290,7 +290,7 @@ def test_a_correct_native_repository_passes(tiny_encoder, tmp_path):
 
 def test_a_head_whose_label_count_changes_per_version(tiny_encoder, tmp_path):
     repo = tmp_path / "repo"
-    build_repository(tiny_encoder, repo, BuildOptions(flavour="native", device="cpu"))
+    build_repository(tiny_encoder, repo, BuildOptions(flavour="native", device="cpu", serve_text=True))
     publish(repo, ("cat", "dog"))
     publish(repo, ("cat", "dog", "bird"), seed=1)
     config_path = repo / "animals" / "config.pbtxt"
@@ -314,7 +314,7 @@ def test_a_head_whose_label_count_changes_per_version(tiny_encoder, tmp_path):
 
 def test_portable_configs_declare_the_same_shapes(tiny_encoder, tmp_path):
     repo = tmp_path / "repo"
-    build_repository(tiny_encoder, repo, BuildOptions(flavour="portable"))
+    build_repository(tiny_encoder, repo, BuildOptions(flavour="portable", serve_text=True))
     publish(repo, ("cat", "dog", "bird"))
     assert list(parse((repo / "animals" / "config.pbtxt").read_text()).output[0].dims) == [3]
     assert check_repository(repo) == []
@@ -322,7 +322,7 @@ def test_portable_configs_declare_the_same_shapes(tiny_encoder, tmp_path):
 
 def test_a_broken_repository_lists_every_problem(tiny_encoder, tmp_path):
     repo = tmp_path / "repo"
-    build_repository(tiny_encoder, repo, BuildOptions(flavour="native", device="cpu"))
+    build_repository(tiny_encoder, repo, BuildOptions(flavour="native", device="cpu", serve_text=True))
     publish(repo, ("cat", "dog"))
     tiny_image_encoder(repo / "image_encoder" / "1" / "model.onnx.new", input_dtype=TensorProto.FLOAT)
     (repo / "image_encoder" / "1" / "model.onnx").unlink()
