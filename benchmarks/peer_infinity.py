@@ -421,7 +421,7 @@ def main() -> None:
     for precision in args.precisions:
         encoder_dir, repo = serve_throughput.prepare(precision, (8, 16, 32), "cpu")
         # classify and embed need no text tower: it stays on disk (the zero-shot heads were made
-        # from it) but is not loaded (repo build --no-serve-text).
+        # from it) but is not loaded (repo build's default; --serve-text loads it).
         build_repository(encoder_dir, repo, BuildOptions(preferred_batch_sizes=(8, 16, 32), serve_text=False))
         for r in range(args.rounds):
             fresh = fresh_all[31 * r : 31 * (r + 1)]  # for the single-image figures

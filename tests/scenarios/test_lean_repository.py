@@ -6,6 +6,8 @@ repository built before that default keeps serving what it served."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from headmaster.model_repository import consistency
 from headmaster.model_repository.layout import MANIFEST
 from headmaster.model_repository.repository import Repository
 from headmaster.training.heads.zero_shot import create_zero_shot_head
-from tests.helpers import ARTIFACTS, ZERO_SHOT, build_repo, run_cli, start_server
+from tests.helpers import CLI, ZERO_SHOT, build_repo, free_port, read_until_ready, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT_MODELS = {"tokenize", "text_encoder", "embed_text"}
@@ -83,34 +85,30 @@ def test_a_repository_built_before_serve_text_keeps_serving_text(encoder_dir, tm
     assert set(Repository(repo).model_names()) >= TEXT_MODELS
 
 
-@pytest.mark.server  # starts its own Triton
-def test_a_zero_shot_head_hot_loads_into_a_running_lean_server(encoder_dir, tmp_path, jpeg_photos):
+@pytest.mark.server  # runs `headmaster serve`
+def test_a_zero_shot_head_hot_loads_into_a_served_lean_repository(encoder_dir, tmp_path, jpeg_photos):
     import tritonclient.http as http
 
     repo = build_repo(
         encoder_dir, tmp_path / "model_repository", heads={"animal": ZERO_SHOT["animal"]}, serve_text=False
     )
     image = next(iter(jpeg_photos.values()))
-    server = start_server(repo, ARTIFACTS / "lean")
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    serve = subprocess.Popen([*CLI, "serve", "--repo", str(repo), *ports], stderr=subprocess.PIPE, text=True)
     try:
-        probe = http.InferenceServerClient(server.http_url)
+        printed = "".join(read_until_ready(serve))
+        assert printed.count(NOTE) == 1 and "repo build --serve-text" in printed, printed
+        probe = http.InferenceServerClient(f"127.0.0.1:{http_port}")
         assert probe.is_model_ready("classify") and probe.is_model_ready("embed")
         assert not any(probe.is_model_ready(name) for name in TEXT_MODELS)
-        with HeadmasterClient(server.grpc_url) as client:
+        with HeadmasterClient(f"127.0.0.1:{grpc_port}") as client:
             assert set(client.classify([image])[0].heads) == {"animal"}
             with pytest.raises(ModelNotFoundError, match=r"'embed_text' is not served here.*--serve-text"):
                 client.embed_text(["a photo of a cat"])
+            # No --server: the head goes live on the server `serve` recorded in the repository.
             result = run_cli(
-                "zero-shot",
-                "vehicle",
-                "--repo",
-                repo,
-                "--label",
-                "car=a photo of a car",
-                "--label",
-                "bike=a photo of a bicycle",
-                "--server",
-                server.http_url,
+                "zero-shot", "vehicle", "--repo", repo, "--label", "car=a photo of a car", "--label", "bike=a bicycle"
             )
             assert result.returncode == 0, result.stderr
             head = client.classify([image])[0].heads["vehicle"]
@@ -118,4 +116,6 @@ def test_a_zero_shot_head_hot_loads_into_a_running_lean_server(encoder_dir, tmp_
         assert not any(probe.is_model_ready(name) for name in TEXT_MODELS)  # the head came from disk
         probe.close()
     finally:
-        server.stop()
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(90)
+    assert serve.returncode == 0
