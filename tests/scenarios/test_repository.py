@@ -159,7 +159,8 @@ def test_docker_compose_serves_what_a_native_build_produces(encoder_dir, tmp_pat
     (repository,) = [arg.split("=", 1)[1] for arg in service["command"] if arg.startswith("--model-repository=")]
     assert repository.startswith("s3://") and service["environment"]["HEADMASTER_REPOSITORY"] == repository
     loaded = [arg.split("=", 1)[1] for arg in service["command"] if arg.startswith("--load-model=")]
-    native = Repository(build_repo(encoder_dir, tmp_path / "model_repository", flavour="native"))
+    # Built as the file's own comments build it: `repo build --flavour native`, lean by default.
+    native = Repository(build_repo(encoder_dir, tmp_path / "model_repository", flavour="native", serve_text=False))
     assert set(loaded) <= set(native.model_names())
     # Loading those ensembles pulls in every model of the repository.
     used = {
