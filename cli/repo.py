@@ -92,7 +92,8 @@ def build(
         typer.Option(
             help="Load an image encoder's text tower, tokenize and embed_text in the server. Off by default: they "
             "stay in the repository (zero-shot heads are still made from them) but unloaded: ~850 MB and two "
-            "processes less for a ViT-B-32. A text encoder (st:/hf: text) always serves them."
+            "processes less for a ViT-B-32. A text encoder (st:FOLDER: no image tower) always serves them: "
+            "they are its classify."
         ),
     ] = False,
 ) -> None:
