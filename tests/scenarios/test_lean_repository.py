@@ -39,7 +39,6 @@ def test_a_lean_repository_makes_zero_shot_heads_but_serves_no_text_model(encode
     consistency.check(repo)  # a servable state
 
 
-@pytest.mark.slow  # four CLI runs, each importing the exporter's stack
 def test_repo_build_is_lean_unless_asked_with_serve_text(encoder_dir, tmp_path):
     lean, full = tmp_path / "lean", tmp_path / "full"
     built = run_cli("repo", "build", "--encoder", encoder_dir, "--repo", lean)
