@@ -6,9 +6,8 @@ remove, adopt, A/B tests; ``training/distill.py``: a student) is written as phas
 :class:`RepositoryChange`::
 
     with RepositoryChange.of(repo, server) as change:
-        with change.writing() as repository:  # the lock, for this phase's disk writes
-            ...
-        change.push()  # an S3 working copy: what the disk now says, in the bucket
+        with change.phase() as repository:  # the lock for this phase's disk writes, then the push
+            ...  # (an S3 working copy: the bucket says what the disk now says)
         change.undo_with("the repository serves v3 again", put_back)
         change.head_published(name)  # the ordered loads, everywhere
 
@@ -63,6 +62,14 @@ class RepositoryChange:
         """The repository under its lock, for one phase of disk writes."""
         with repository_lock(self.repo):
             yield Repository(self.repo)
+
+    @contextlib.contextmanager
+    def phase(self, only: set[str] | None = None) -> Iterator[Repository]:
+        """One phase of the change on disk: its writes under the lock, then (if they all succeeded)
+        the push, so the bucket says what the disk says before any replica is told to load it."""
+        with self.writing() as repository:
+            yield repository
+        self.push(only)  # after the lock is let go: the push takes it again
 
     def push(self, only: set[str] | None = None) -> list[str]:
         """An S3 working copy goes up (nothing for an ordinary repository); ``only``: just those

@@ -83,10 +83,9 @@ def _go_live(change: RepositoryChange, name: str, previous: int | None) -> None:
     server still serves: the previous live version, or no head at all for a new one."""
 
     def put_back(version: int) -> None:
-        with change.writing() as repository:
+        with change.phase() as repository:  # in the bucket too, before any replica reloads
             repository.set_live(name, version)
             repository.render_heads()
-        change.push()  # an S3 repository names the previous state again before any replica reloads
         change.head_published(name)
 
     if previous is not None:
@@ -114,7 +113,6 @@ def publish(repo: Path, draft: HeadDraft, keep: int = 5, server: str | None = No
         )
     with change:
         card = _publish_on_disk(change, draft, keep, live_version=None if go_live else previous)
-        change.push()
         if not go_live:  # the head's config still names the live version: nothing to load
             return Change(card.name, previous, change.server, card)
         _go_live(change, name, previous)
@@ -128,7 +126,6 @@ def rollback(repo: Path, name: str, to: int | None = None, server: str | None = 
     previous = _live_version(repo, name)
     with change:
         version = _rollback_on_disk(change, name, to)
-        change.push()
         _go_live(change, name, previous)
     return Change(name, version, change.server)
 
@@ -141,7 +138,6 @@ def import_version(repo: Path, version_dir: Path, name: str | None = None, serve
     previous = _live_version(repo, target)
     with change:
         card = _publish_on_disk(change, _imported(repo, version_dir, name))
-        change.push()
         _go_live(change, card.name, previous)
     return Change(card.name, card.version, change.server, card)
 
@@ -166,14 +162,13 @@ def _take_out(change: RepositoryChange, name: str, aside: Path, keep_aside: bool
     ensembles change (threshold's head inputs are optional: the old one fits them), load
     everywhere and the head unloads; then threshold changes and loads. A crash in between leaves
     a consistent repository: the next render finishes it."""
-    with change.writing() as repository:
+    first = {f"{model}/{CONFIG_FILE}" for model in HEAD_DEPENDENT if model != "threshold"}  # threshold waits
+    with change.phase(only=first) as repository:
         (change.repo / name).rename(aside)  # one step for readers
         _write_ensembles(repository, {}, with_tests=True)
-    change.push(only={f"{model}/{CONFIG_FILE}" for model in HEAD_DEPENDENT if model != "threshold"})
     change.head_removed(name, reload_threshold=False)
-    with change.writing() as repository:
+    with change.phase() as repository:  # the head's folder and threshold leave the bucket
         repository.render_heads()
-    change.push()  # the head's folder and threshold leave the bucket
     change.load(["threshold"])
     if not keep_aside:
         shutil.rmtree(aside)
@@ -226,7 +221,7 @@ def start_test(
     the head's ledger, unless ``record`` is False)."""
     change = RepositoryChange.of(repo, server)
     with change:
-        with change.writing() as repository:
+        with change.phase() as repository:
             state = repository.head(name)
             ab.refuse_during_test(repo, name, "start another test on")
             state.chosen(version)
@@ -238,24 +233,21 @@ def start_test(
                 )
             test = ab.AbTest.new(name, state.live, version, share, shadow)
             _write_ensembles(repository, {name: state.live}, with_tests=False)
-        change.push()
 
         def put_back() -> None:
-            with change.writing() as repository:
+            with change.phase() as repository:
                 ab.clear(repo, name)
                 # Named again before the render: without the test's record, the head's config (listing
                 # both versions) would read as the candidate being live.
                 repository.set_live(name, state.live)
                 repository.render_heads()
-            change.push()
             change.head_published(name)
 
         change.undo_with(f"the test was not started: head {name} serves v{state.live} alone", put_back)
         change.load(ENSEMBLES)
-        with change.writing() as repository:
+        with change.phase() as repository:
             ab.record(repo, test)
             repository.render_heads()
-        change.push()
         change.head_published(name)
     if record:
         ledger.append(
@@ -275,7 +267,7 @@ def finish_test(repo: Path, name: str, promote: bool, server: str | None = None,
     head's ledger unless ``record`` is False (the caller records it with its reasons)."""
     change = RepositoryChange.of(repo, server)
     with change:
-        with change.writing() as repository:
+        with change.phase() as repository:
             test = ab.running(repo, name)
             if test is None:
                 repository.head(name)  # no such head: that message first
@@ -287,13 +279,11 @@ def finish_test(repo: Path, name: str, promote: bool, server: str | None = None,
             if promote:
                 validate_version(repository, name, final)
             _write_ensembles(repository, {name: final}, with_tests=False)
-        change.push()
         change.load(ENSEMBLES)
-        with change.writing() as repository:
+        with change.phase() as repository:
             ab.clear(repo, name)
             repository.set_live(name, final)
             repository.render_heads()
-        change.push()
         change.head_published(name)
     if record:
         ledger.append(
@@ -311,7 +301,7 @@ def finish_test(repo: Path, name: str, promote: bool, server: str | None = None,
 def _rollback_on_disk(change: RepositoryChange, name: str, to: int | None = None) -> int:
     """Serve an older version of a head again (default: the one before the live one)."""
     check_rollback(change.repo, name, to)  # the target must validate before it goes live
-    with change.writing() as repository:
+    with change.phase() as repository:
         state = repository.head(name)
         older = [v for v in state.versions if v < state.live]
         target = to if to is not None else (older[-1] if older else None)
@@ -356,7 +346,7 @@ def _publish_on_disk(
     stays live); the oldest versions beyond ``keep`` are deleted.
     """
     published: list[HeadCard] = []
-    with change.writing() as repository:
+    with change.phase() as repository:
 
         def build(folder: Path, version: int) -> None:
             card = draft.numbered(version)

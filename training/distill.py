@@ -376,7 +376,7 @@ def publish_student(
     ab.refuse_during_test(repo, teacher, "distill a student of")
     change = RepositoryChange.of(repo, server)
     with change:
-        with change.writing() as repository:
+        with change.phase() as repository:
             first = not (Path(repo) / name).exists()
 
             def build(folder: Path, version: int) -> None:
@@ -389,13 +389,11 @@ def publish_student(
             version = publish_version(repo, name, build)
             repository.write_config(StudentModel(name, labels, batching=_student_batching(repository)))
             prune_versions(repo, name, keep, protect={version})
-        change.push()
         aside = Path(repo) / f".refused-{name}-{version}-{int(time.time())}"
 
         def put_back() -> None:
-            with change.writing():
+            with change.phase():
                 (Path(repo) / (name if first else f"{name}/{version}")).rename(aside)
-            change.push()
             if first:
                 change.unload([name])
             else:
