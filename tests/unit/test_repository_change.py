@@ -31,7 +31,7 @@ from headmaster.model_repository.consistency import problems
 from headmaster.model_repository.layout import copy_backend
 from headmaster.model_repository.repository import Repository
 from headmaster.model_repository.topology import HEAD_DEPENDENT
-from tests.helpers import build_repo, clone_repo
+from tests.helpers import build_repo, clone_repo, free_port
 
 HEAD = "animal"
 ENSEMBLES = [
@@ -312,3 +312,22 @@ def test_a_student_is_checked_numbered_and_refused_during_its_teachers_test(disk
     with pytest.raises(RepositoryError, match=f"cannot distill a student of head {HEAD}: it runs a"):
         publish_student(disk_repo, HEAD, good, student_card(3))
     assert sorted(p.name for p in (disk_repo / name).iterdir() if p.name.isdigit()) == ["2", "3"]
+
+
+def test_a_student_no_server_could_load_is_moved_aside_and_the_previous_one_stays(disk_repo, tmp_path):
+    """The server named is gone (a replica that went away): the load fails like a refusal, and the
+    new version leaves the repository again; the first one then takes the whole model with it."""
+    from headmaster.training.distill import publish_student
+
+    name, gone = f"{HEAD}_student", f"127.0.0.1:{free_port()}"
+    good = student_onnx(tmp_path / "good.onnx", 3)
+    with pytest.raises(ServerError, match=rf"(?s)cannot reach .*{gone}.*; the student {name} v1 was moved aside to"):
+        publish_student(disk_repo, HEAD, good, student_card(3), server=gone)
+    assert not (disk_repo / name).exists() and name not in Repository(disk_repo).model_names()
+    assert [p.name for p in disk_repo.glob(f".refused-{name}-1-*/1")] == ["1"]
+
+    assert publish_student(disk_repo, HEAD, good, student_card(3)) == 1  # a new model again, as a new head would be
+    with pytest.raises(ServerError, match=rf"; the student {name} v2 was moved aside to"):
+        publish_student(disk_repo, HEAD, good, student_card(3), server=gone)
+    assert sorted(p.name for p in (disk_repo / name).iterdir() if p.name.isdigit()) == ["1"]
+    assert name in Repository(disk_repo).model_names() and problems(disk_repo) == []
