@@ -39,7 +39,7 @@ def head_repo(encoder_dir: Path, target: Path) -> Path:
     """A repository of its own (the ViT-B-32 export of serve_throughput.py) holding only the 10 heads."""
     from headmaster.export.heads import HeadCard, HeadWeights
     from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.lifecycle import publish
+    from headmaster.model_repository.lifecycle import HeadDraft, publish
     from headmaster.model_repository.repository import BuildOptions, Repository
 
     shutil.rmtree(target, ignore_errors=True)
@@ -55,16 +55,18 @@ def head_repo(encoder_dir: Path, target: Path) -> Path:
         )
         publish(
             target,
-            weights,
-            lambda v, h=h, labels=labels: HeadCard(
-                name=f"head{h}",
-                version=v,
-                labels=labels,
-                thresholds=(0.3,) * LABELS,
-                multi_label=False,
-                encoder_fingerprint=repository.fingerprint,
-                embed_dim=dim,
-                kind="linear",
+            HeadDraft(
+                weights,
+                HeadCard(
+                    name=f"head{h}",
+                    version=1,
+                    labels=labels,
+                    thresholds=(0.3,) * LABELS,
+                    multi_label=False,
+                    encoder_fingerprint=repository.fingerprint,
+                    embed_dim=dim,
+                    kind="linear",
+                ),
             ),
         )
     return target

@@ -609,17 +609,19 @@ def swap_head(serve: Serve, index: int, probe: Probe, t0: float, rng: random.Ran
             thresholds = tuple(float(t) for t in np.random.default_rng(index + 2).uniform(0.0, 0.6, size=len(names)))
             change = lifecycle.publish(
                 serve.repo,
-                weights,
-                lambda v: HeadCard(
-                    name=head,
-                    version=v,
-                    labels=names,
-                    thresholds=thresholds,
-                    multi_label=False,
-                    encoder_fingerprint=repository.fingerprint,
-                    embed_dim=dim,
-                    kind="linear",
-                    details={"written": True, "soak": True},
+                lifecycle.HeadDraft(
+                    weights,
+                    HeadCard(
+                        name=head,
+                        version=1,
+                        labels=names,
+                        thresholds=thresholds,
+                        multi_label=False,
+                        encoder_fingerprint=repository.fingerprint,
+                        embed_dim=dim,
+                        kind="linear",
+                        details={"written": True, "soak": True},
+                    ),
                 ),
             )
             version = change.version

@@ -266,3 +266,41 @@ def check_rollback(repo: Path, name: str, to: int | None = None) -> None:
     target = to if to is not None else (older[-1] if older else None)
     if target is not None and target in state.versions:
         validate_version(repository, name, target)
+
+
+def check_student_dir(folder: Path, name: str, version: int, num_labels: int, needs_runner: bool = True) -> dict:
+    """A distilled student's version folder (``training/distill.py``) before it goes live, as
+    :func:`check_version_dir` checks a head's: ``student.json`` names this student and version and
+    carries its preprocessing and its teacher's labels and thresholds, ``model.onnx`` loads and gives
+    one score in [0, 1] per label for a batch of pixels. Returns the card; raises
+    :class:`InvalidVersionError`, one line."""
+    from headmaster.model_repository.backends.student import STUDENT_FILE
+
+    folder = Path(folder)
+
+    def refuse(what: str) -> InvalidVersionError:
+        return InvalidVersionError(f"student version {folder}: {_one_line(what)}")
+
+    try:
+        card = json.loads((folder / STUDENT_FILE).read_text())
+        size = int(card["preprocessing"]["size"])
+        labels, thresholds = list(card["labels"]), list(card["thresholds"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise refuse(f"{STUDENT_FILE} is missing or not a student card: {type(e).__name__}: {e}") from None
+    if card.get("name") != name or card.get("version") != version:
+        raise refuse(f"{STUDENT_FILE} names {card.get('name')!r} v{card.get('version')}, not {name!r} v{version}")
+    if len(labels) != num_labels or len(thresholds) != num_labels:
+        raise refuse(f"{STUDENT_FILE} has {len(labels)} labels and {len(thresholds)} thresholds, not {num_labels}")
+    if needs_runner and not (folder / RUNNER_FILE).is_file():
+        raise refuse(f"{RUNNER_FILE} is missing (a student is served through it)")
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
+        pixels = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
+        scores = np.asarray(session.run(["SCORES"], {"PIXELS": pixels})[0])
+    except Exception as e:  # onnxruntime raises its own pybind11 types for every kind of bad file
+        raise refuse(f"{MODEL_FILE} does not run on a batch of [2, 3, {size}, {size}] pixels: {e}") from None
+    if scores.shape != (2, num_labels) or not np.isfinite(scores).all() or scores.min() < 0 or scores.max() > 1:
+        raise refuse(f"{MODEL_FILE} gives SCORES of shape {list(scores.shape)}, not [2, {num_labels}] in [0, 1]")
+    return card

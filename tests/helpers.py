@@ -318,7 +318,7 @@ def clone_repo(source: Path, target: Path) -> Path:
 def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tuple[str, ...]):
     """A head version written directly: random weights, random thresholds."""
     from headmaster.export.heads import HeadCard, HeadWeights
-    from headmaster.model_repository.lifecycle import publish
+    from headmaster.model_repository.lifecycle import HeadDraft, publish
     from headmaster.model_repository.repository import Repository
 
     repository = Repository(repo)
@@ -334,17 +334,19 @@ def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tup
     thresholds = tuple(float(t) for t in rng.uniform(0.0, 0.6, size=len(labels)))
     return publish(
         repo,
-        weights,
-        lambda v: HeadCard(
-            name=name,
-            version=v,
-            labels=labels,
-            thresholds=thresholds,
-            multi_label=False,
-            encoder_fingerprint=repository.fingerprint,
-            embed_dim=384,
-            kind="linear",
-            details={"written": True},
+        HeadDraft(
+            weights,
+            HeadCard(
+                name=name,
+                version=1,
+                labels=labels,
+                thresholds=thresholds,
+                multi_label=False,
+                encoder_fingerprint=repository.fingerprint,
+                embed_dim=384,
+                kind="linear",
+                details={"written": True},
+            ),
         ),
     ).card
 

@@ -242,13 +242,10 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
     import torch
 
     from headmaster.export.heads import check_head_name
-    from headmaster.model_repository import live, s3
-    from headmaster.model_repository.backends.student import STUDENT_FILE, preprocess
+    from headmaster.model_repository import ab
+    from headmaster.model_repository.backends.student import preprocess
     from headmaster.model_repository.backends.threshold import accepted_mask, task_of
-    from headmaster.model_repository.config import StudentModel
     from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.layout import copy_backend
-    from headmaster.model_repository.publish import prune_versions, publish_version, repository_lock
     from headmaster.model_repository.repository import Repository
     from headmaster.store import open_store
 
@@ -263,6 +260,7 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
         raise DataError(
             f"the agreement floor is a share in [0, 1], not {options.min_agreement}", option="min_agreement"
         )
+    ab.refuse_during_test(options.repo, options.head, "distill a student of")  # which version teaches?
     teacher = HeadVersion.load(repository, options.head)
     info = teacher.info
     if task_of(info) != "labels":  # the served student answers with the flat label rule
@@ -338,34 +336,72 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
             option="min_agreement",
         )
 
-    def build(folder: Path, version: int) -> None:
-        (folder / "model.onnx").write_bytes(onnx_path.read_bytes())
-        card = {
-            "name": name,
-            "version": version,
-            "teacher": report.teacher,
-            "architecture": options.student,
-            "labels": list(info["labels"]),
-            "thresholds": list(info["thresholds"]),
-            "multi_label": bool(info["multi_label"]),
-            "preprocessing": config,
-            "report": {**report.to_dict(), "version": version},
-        }
-        (folder / STUDENT_FILE).write_text(json.dumps(card, indent=2) + "\n")
-        copy_backend("student", folder)
-
-    with repository_lock(options.repo):
-        report.version = publish_version(options.repo, name, build)
-        repository.write_config(StudentModel(name, len(info["labels"]), batching=_student_batching(repository)))
-        prune_versions(options.repo, name, STUDENT_KEEP, protect={report.version})
+    card = {
+        "name": name,
+        "teacher": report.teacher,
+        "architecture": options.student,
+        "labels": list(info["labels"]),
+        "thresholds": list(info["thresholds"]),
+        "multi_label": bool(info["multi_label"]),
+        "preprocessing": config,
+        "report": report.to_dict(),
+    }
+    report.version = publish_student(options.repo, options.head, onnx_path, card, server=server)
     import shutil
 
     shutil.rmtree(staging, ignore_errors=True)
-    s3.sync_up(options.repo)
-    control = live.find(options.repo, server)
-    if control is not None:
-        live.load(control, [name])
     return report
+
+
+def publish_student(
+    repo: Path, teacher: str, onnx_path: Path, card: dict, keep: int = STUDENT_KEEP, server: str | None = None
+) -> int:
+    """Publish the next version of the student ``card["name"]`` (its ``model.onnx`` at ``onnx_path``,
+    ``card`` its student.json without the version) and load it, as one repository change: refused
+    while its teacher runs an A/B or shadow test, checked before it is renamed into place
+    (``validation.check_student_dir``), and, if the server refuses to load it, moved aside again
+    (the previous version, if any, is then the newest on disk, the one Triton serves). Returns the
+    version published."""
+    import time
+
+    from headmaster.model_repository import ab
+    from headmaster.model_repository.backends.student import STUDENT_FILE
+    from headmaster.model_repository.change import RepositoryChange
+    from headmaster.model_repository.config import StudentModel
+    from headmaster.model_repository.layout import copy_backend
+    from headmaster.model_repository.publish import prune_versions, publish_version
+    from headmaster.model_repository.validation import check_student_dir
+
+    name, labels = card["name"], len(card["labels"])
+    ab.refuse_during_test(repo, teacher, "distill a student of")
+    change = RepositoryChange.of(repo, server)
+    with change:
+        with change.phase() as repository:
+            first = not (Path(repo) / name).exists()
+
+            def build(folder: Path, version: int) -> None:
+                (folder / "model.onnx").write_bytes(Path(onnx_path).read_bytes())
+                numbered = {**card, "version": version, "report": {**card.get("report", {}), "version": version}}
+                (folder / STUDENT_FILE).write_text(json.dumps(numbered, indent=2) + "\n")
+                copy_backend("student", folder)
+                check_student_dir(folder, name, version, labels)
+
+            version = publish_version(repo, name, build)
+            repository.write_config(StudentModel(name, labels, batching=_student_batching(repository)))
+            prune_versions(repo, name, keep, protect={version})
+        aside = Path(repo) / f".refused-{name}-{version}-{int(time.time())}"
+
+        def put_back() -> None:
+            with change.phase():
+                (Path(repo) / (name if first else f"{name}/{version}")).rename(aside)
+            if first:
+                change.unload([name])
+            else:
+                change.load([name])  # Triton serves the newest version on disk: the previous one
+
+        change.undo_with(f"the student {name} v{version} was moved aside to {aside}", put_back)
+        change.load([name])
+    return version
 
 
 def _student_batching(repository):

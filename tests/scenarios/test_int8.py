@@ -227,7 +227,7 @@ def test_a_repository_whose_heads_keep_their_labels_switches_and_the_heads_carry
     """The passing side of the switch gate, made certain: a multi-label head whose thresholds are
     0 accepts every label on every image, whatever the tower's precision."""
     from headmaster.export.heads import HeadCard, HeadWeights
-    from headmaster.model_repository.lifecycle import publish
+    from headmaster.model_repository.lifecycle import HeadDraft, publish
 
     repo = build_repo(encoder_dir, tmp_path / "repo", heads={})
     fp32 = Repository(repo)
@@ -237,17 +237,19 @@ def test_a_repository_whose_heads_keep_their_labels_switches_and_the_heads_carry
     )
     publish(
         repo,
-        weights,
-        lambda v: HeadCard(
-            name="tags",
-            version=v,
-            labels=("a", "b", "c"),
-            thresholds=(0.0, 0.0, 0.0),
-            multi_label=True,
-            encoder_fingerprint=fp32.fingerprint,
-            embed_dim=fp32.card.embed_dim,
-            kind="linear",
-            details={},
+        HeadDraft(
+            weights,
+            HeadCard(
+                name="tags",
+                version=1,
+                labels=("a", "b", "c"),
+                thresholds=(0.0, 0.0, 0.0),
+                multi_label=True,
+                encoder_fingerprint=fp32.fingerprint,
+                embed_dim=fp32.card.embed_dim,
+                kind="linear",
+                details={},
+            ),
         ),
     )
     repository = build_repository(int8_dir, repo, fp32.options)

@@ -95,7 +95,7 @@ def test_a_head_from_another_encoder_is_refused(repo):
     with pytest.raises(
         FingerprintMismatchError, match="was made with encoder ffffffffffff, but this repository serves"
     ):
-        lifecycle.publish(repo, weights, foreign_card)
+        lifecycle.publish(repo, lifecycle.HeadDraft(weights, foreign_card(1)))
     assert not (repo / "stranger").exists()
 
 

@@ -277,7 +277,9 @@ def tiny_encoder(tmp_path) -> Path:
 
 def publish(repo: Path, labels: tuple[str, ...], seed: int = 0) -> HeadCard:
     fingerprint = Repository(repo).fingerprint
-    return lifecycle.publish(repo, head_weights(len(labels), seed), lambda v: head_card(v, labels, fingerprint)).card
+    return lifecycle.publish(
+        repo, lifecycle.HeadDraft(head_weights(len(labels), seed), head_card(1, labels, fingerprint))
+    ).card
 
 
 def test_a_correct_native_repository_passes(tiny_encoder, tmp_path):

@@ -334,20 +334,13 @@ def improve(options: ImproveOptions) -> ImproveResult:
 
     verdict: list[GateResult] = []
 
-    def check(weights, make_card, ood_fit, x_val) -> None:
+    def check(draft) -> None:
         from headmaster.export.heads import write_head
 
-        card = make_card(live.card.version + 1)  # the number is provisional: the publish assigns it
+        card = draft.numbered(live.card.version + 1)  # the number is provisional: the publish assigns it
         with tempfile.TemporaryDirectory(prefix="headmaster-candidate-") as folder:
             # Written as it would be published (ONNX, card, reference set), then run from the file.
-            write_head(
-                Path(folder),
-                weights,
-                card,
-                x_val,
-                ood_fit.references if ood_fit else None,
-                ood_fit.index if ood_fit else None,
-            )
+            write_head(Path(folder), draft.weights, card, draft.check_embeddings, draft.references, draft.ood_index)
             verdict.append(gate(live, HeadVersion(card, Path(folder)), golden.embeddings, golden.labels, options.gate))
         if not verdict[-1].accepted:
             raise Refused(verdict[-1])

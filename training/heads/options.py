@@ -38,7 +38,7 @@ class TrainOptions:
     candidate: bool = False  # publish without going live: for `heads canary` (an A/B or shadow test)
     order: tuple[str, ...] | None = None  # ordinal: the class folders, lowest first (default: numeric)
     exclude: frozenset[str] = frozenset()  # sha256 of items left out (a golden set, likely mislabels): labels only
-    # Called with the candidate before anything is published: (weights, make_card, ood_fit, x_val);
+    # Called with the candidate (a lifecycle.HeadDraft) before anything is published;
     # raising stops the publish (`headmaster improve`'s gate). Flat-label heads only.
     before_publish: Callable | None = None
 

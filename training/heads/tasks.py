@@ -181,40 +181,38 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
     )
     data_hash = content_hash([(sha, e.labels + ((repr(e.value),) if e.value is not None else ())) for sha, e in rows])
 
-    def make_card(version: int) -> HeadCard:
-        return card_for(
-            version,
-            ood=ood_fit.card if ood_fit else None,
-            details={
-                "data": {
-                    "source": dataset.source,
-                    "sha256": data_hash,
-                    "images": len(rows),
-                    "train": int(len(train)),
-                    "validation": int(len(val)),
-                    "checks": report.as_dict(),
-                },
-                "training": {
-                    **config.as_dict(),
-                    **fit_info,
-                    "val_fraction": options.val_fraction,
-                    "task": dataset.task,
-                },
-                "thresholds": {"mode": options.thresholds, "per_label": explanation},
-                "metrics": metrics,
-                "ood": ood_fit.details if ood_fit else None,
+    card = card_for(
+        1,  # provisional: the repository numbers the version it publishes
+        ood=ood_fit.card if ood_fit else None,
+        details={
+            "data": {
+                "source": dataset.source,
+                "sha256": data_hash,
+                "images": len(rows),
+                "train": int(len(train)),
+                "validation": int(len(val)),
+                "checks": report.as_dict(),
             },
-        )
+            "training": {
+                **config.as_dict(),
+                **fit_info,
+                "val_fraction": options.val_fraction,
+                "task": dataset.task,
+            },
+            "thresholds": {"mode": options.thresholds, "per_label": explanation},
+            "metrics": metrics,
+            "ood": ood_fit.details if ood_fit else None,
+        },
+    )
 
-    change = lifecycle.publish(
-        options.repo,
+    draft = lifecycle.HeadDraft(
         head,
-        make_card,
+        card,
         check_embeddings=x[val],
-        keep=options.keep,
-        server=options.server,
         references=ood_fit.references if ood_fit else None,
         ood_index=ood_fit.index if ood_fit else None,
-        go_live=not options.candidate,
+    )
+    change = lifecycle.publish(
+        options.repo, draft, keep=options.keep, server=options.server, go_live=not options.candidate
     )
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)

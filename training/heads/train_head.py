@@ -159,58 +159,55 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
         )
     )
 
-    def make_card(version: int) -> HeadCard:
-        return HeadCard(
-            name=options.name,
-            version=version,
-            labels=labels,
-            thresholds=thresholds,
-            multi_label=dataset.multi_label,
-            encoder_fingerprint=repo.fingerprint,
-            embed_dim=head.embed_dim,
-            kind=options.config.kind,
-            details={
-                "data": {
-                    "source": dataset.source,
-                    "sha256": data_hash,
-                    "images": len(rows),
-                    "snapshot": {
-                        "path": str(snapshot.path),
-                        "head": snapshot.head,
-                        "number": snapshot.number,
-                        "manifest_sha256": snapshot.manifest_sha256,
-                    }
-                    if snapshot
-                    else None,
-                    "train": int(len(train)),
-                    "validation": int(len(val)),
-                    "excluded": excluded,
-                    "checks": report.as_dict(),
-                },
-                "training": {**options.config.as_dict(), **fit_info, "val_fraction": options.val_fraction},
-                "thresholds": {
-                    "mode": options.thresholds,
-                    "target_precision": options.target_precision,
-                    "positive": options.positive,
-                    "per_label": explanation,
-                },
-                "metrics": metrics,
-                "ood": ood_fit.details if ood_fit else None,
+    card = HeadCard(
+        name=options.name,
+        version=1,  # provisional: the repository numbers the version it publishes
+        labels=labels,
+        thresholds=thresholds,
+        multi_label=dataset.multi_label,
+        encoder_fingerprint=repo.fingerprint,
+        embed_dim=head.embed_dim,
+        kind=options.config.kind,
+        details={
+            "data": {
+                "source": dataset.source,
+                "sha256": data_hash,
+                "images": len(rows),
+                "snapshot": {
+                    "path": str(snapshot.path),
+                    "head": snapshot.head,
+                    "number": snapshot.number,
+                    "manifest_sha256": snapshot.manifest_sha256,
+                }
+                if snapshot
+                else None,
+                "train": int(len(train)),
+                "validation": int(len(val)),
+                "excluded": excluded,
+                "checks": report.as_dict(),
             },
-            ood=ood_fit.card if ood_fit else None,
-        )
-
-    if options.before_publish is not None:
-        options.before_publish(head, make_card, ood_fit, x[val])
-    change = lifecycle.publish(
-        options.repo,
+            "training": {**options.config.as_dict(), **fit_info, "val_fraction": options.val_fraction},
+            "thresholds": {
+                "mode": options.thresholds,
+                "target_precision": options.target_precision,
+                "positive": options.positive,
+                "per_label": explanation,
+            },
+            "metrics": metrics,
+            "ood": ood_fit.details if ood_fit else None,
+        },
+        ood=ood_fit.card if ood_fit else None,
+    )
+    draft = lifecycle.HeadDraft(
         head,
-        make_card,
+        card,
         check_embeddings=x[val],
-        keep=options.keep,
-        server=options.server,
         references=ood_fit.references if ood_fit else None,
         ood_index=ood_fit.index if ood_fit else None,
-        go_live=not options.candidate,
+    )
+    if options.before_publish is not None:
+        options.before_publish(draft)
+    change = lifecycle.publish(
+        options.repo, draft, keep=options.keep, server=options.server, go_live=not options.candidate
     )
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)

@@ -202,28 +202,30 @@ def create_zero_shot_head(
     weights = zero_shot_weights(repo, parsed, templates, scale)
     return lifecycle.publish(
         repo_path,
-        weights,
-        lambda version: HeadCard(
-            name=name,
-            version=version,
-            labels=tuple(label.name for label in parsed),
-            # A sigmoid head accepts a label whose own probability reaches its threshold (default 0.5).
-            thresholds=tuple(float(thresholds.get(label.name, 0.5 if sigmoid else 0.0)) for label in parsed),
-            multi_label=weights.multi_label,
-            encoder_fingerprint=repo.fingerprint,
-            embed_dim=repo.card.embed_dim,
-            kind="zero-shot",
-            details={
-                "prompts": {label.name: label.prompt for label in parsed},
-                "templates": list(templates),
-                "scoring": "sigmoid(scale * cosine + bias)" if sigmoid else "softmax(scale * cosine)",
-                "logit_scale": scale,
-                "logit_scale_from": scale_from,
-                "logit_bias": repo.card.logit_bias,
-                "scores": "texts against the labels' descriptions"
-                if text_only(repo)
-                else "images against the labels' prompts",
-            },
+        lifecycle.HeadDraft(
+            weights,
+            HeadCard(
+                name=name,
+                version=1,
+                labels=tuple(label.name for label in parsed),
+                # A sigmoid head accepts a label whose own probability reaches its threshold (default 0.5).
+                thresholds=tuple(float(thresholds.get(label.name, 0.5 if sigmoid else 0.0)) for label in parsed),
+                multi_label=weights.multi_label,
+                encoder_fingerprint=repo.fingerprint,
+                embed_dim=repo.card.embed_dim,
+                kind="zero-shot",
+                details={
+                    "prompts": {label.name: label.prompt for label in parsed},
+                    "templates": list(templates),
+                    "scoring": "sigmoid(scale * cosine + bias)" if sigmoid else "softmax(scale * cosine)",
+                    "logit_scale": scale,
+                    "logit_scale_from": scale_from,
+                    "logit_bias": repo.card.logit_bias,
+                    "scores": "texts against the labels' descriptions"
+                    if text_only(repo)
+                    else "images against the labels' prompts",
+                },
+            ),
         ),
         server=server,
     ).card
