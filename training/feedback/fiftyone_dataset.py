@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from headmaster.errors import DataError
+from headmaster.training.feedback.review import correction_row
 
 FORMAT_VERSION = "1.22.1"  # the FiftyOne version whose export this mirrors (and the test runs)
 PREDICTION, GROUND_TRUTH = "prediction", "ground_truth"
@@ -309,22 +310,11 @@ def read_fiftyone(path: Path, head: str | None = None, field: str = GROUND_TRUTH
         # no prediction field: not ours to say; an empty one: the version abstained (no label)
         predicted_labels = predicted[0] if predicted is not None else ([] if PREDICTION in sample else None)
         who = label_doc.get("annotator") or sample.get("annotator")
-        note = {
-            "tool": "fiftyone",
-            "dataset": meta.get("name"),
-            "sample": sid,
-            "field": field,
-            "corrects": {"labels": predicted_labels, "score": sample.get("score"), "version": sample.get("version")},
-            "agrees": None if predicted_labels is None else sorted(predicted_labels) == sorted(choices),
-        }
+        at = _when(sample.get("annotated_at")) or _when(sample.get("last_modified_at"))
+        where = {"dataset": meta.get("name"), "sample": sid, "field": field}
         rows.append(
-            {
-                "item": item,
-                "head": name,
-                "labels": tuple(choices),
-                "by": str(who) if who else None,
-                "at": _when(sample.get("annotated_at")) or _when(sample.get("last_modified_at")),
-                "note": json.dumps(note),
-            }
+            correction_row(
+                item, name, choices, predicted_labels, sample, str(who) if who else None, at, "fiftyone", **where
+            )
         )
     return rows, skipped

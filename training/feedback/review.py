@@ -427,25 +427,36 @@ def rows_from_tasks(tasks: Sequence[dict], head: str | None = None) -> tuple[lis
         if not item or not name:
             skipped.append(f"task {task.get('id')}: no sha256/image or head in its data")
             continue
-        predicted = data.get("prediction")
-        note = {
-            "tool": "label-studio",
-            "task": task.get("id"),
-            "annotation": annotation.get("id"),
-            "corrects": {"labels": predicted, "score": data.get("score"), "version": data.get("version")},
-            "agrees": None if predicted is None else sorted(predicted) == sorted(choices),
-        }
         rows.append(
-            {
-                "item": item,
-                "head": name,
-                "labels": tuple(choices),
-                "by": _annotator(annotation),
-                "at": _when(annotation.get("created_at")),
-                "note": json.dumps(note),
-            }
+            correction_row(
+                item,
+                name,
+                choices,
+                data.get("prediction"),
+                data,
+                _annotator(annotation),
+                _when(annotation.get("created_at")),
+                "label-studio",
+                task=task.get("id"),
+                annotation=annotation.get("id"),
+            )
         )
     return rows, skipped
+
+
+def correction_row(
+    item: str, head: str, labels: Sequence[str], predicted, source: dict, by: str | None, at, tool: str, **where
+) -> dict:
+    """One correction as `correct` stores it, whatever tool it was made in: who, when, the tool (and
+    ``where`` in it: task, annotation, sample ids) and the prediction it answers (``predicted``, with
+    the ``source`` item's score and version; None: the tool's item carried no prediction)."""
+    note = {
+        "tool": tool,
+        **where,
+        "corrects": {"labels": predicted, "score": source.get("score"), "version": source.get("version")},
+        "agrees": None if predicted is None else sorted(predicted) == sorted(labels),
+    }
+    return {"item": item, "head": head, "labels": tuple(labels), "by": by, "at": at, "note": json.dumps(note)}
 
 
 def note_for_csv(row: dict) -> str | None:
