@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from headmaster.errors import DataError
-from headmaster.training.feedback.review import correction_row
+from headmaster.training.feedback.review import correction_row, parse_when
 
 FORMAT_VERSION = "1.22.1"  # the FiftyOne version whose export this mirrors (and the test runs)
 PREDICTION, GROUND_TRUTH = "prediction", "ground_truth"
@@ -212,23 +212,11 @@ def _plain(value):
                 date = date.get("$numberLong")
             if isinstance(date, (int, str)) and str(date).lstrip("-").isdigit():
                 return dt.datetime.fromtimestamp(int(date) / 1000, dt.timezone.utc)
-            return _when(date)
+            return parse_when(date)
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
-
-def _when(value) -> dt.datetime | None:
-    if isinstance(value, dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
 def _read_json(path: Path, what: str):
@@ -310,7 +298,7 @@ def read_fiftyone(path: Path, head: str | None = None, field: str = GROUND_TRUTH
         # no prediction field: not ours to say; an empty one: the version abstained (no label)
         predicted_labels = predicted[0] if predicted is not None else ([] if PREDICTION in sample else None)
         who = label_doc.get("annotator") or sample.get("annotator")
-        at = _when(sample.get("annotated_at")) or _when(sample.get("last_modified_at"))
+        at = parse_when(sample.get("annotated_at")) or parse_when(sample.get("last_modified_at"))
         where = {"dataset": meta.get("name"), "sample": sid, "field": field}
         rows.append(
             correction_row(

@@ -370,11 +370,15 @@ def write_tasks(
 
 
 # -- files back -----------------------------------------------------------------------------------
-def _when(text: str | None) -> dt.datetime | None:
-    if not text:
+def parse_when(value) -> dt.datetime | None:
+    """A labelling tool's timestamp (ISO 8601, "Z" for UTC, or a datetime) as an aware datetime,
+    UTC when it names no zone; None when it is missing or not a time."""
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    if not isinstance(value, str) or not value:
         return None
     try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
     return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
@@ -435,7 +439,7 @@ def rows_from_tasks(tasks: Sequence[dict], head: str | None = None) -> tuple[lis
                 data.get("prediction"),
                 data,
                 _annotator(annotation),
-                _when(annotation.get("created_at")),
+                parse_when(annotation.get("created_at")),
                 "label-studio",
                 task=task.get("id"),
                 annotation=annotation.get("id"),
