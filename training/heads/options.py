@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headmaster.export.heads import HeadCard
+from headmaster.export.heads import HeadCard, HeadWeights
 from headmaster.training.heads import checks
 from headmaster.training.heads import ood as ood_detection
 from headmaster.training.heads.trainer import TrainConfig
@@ -51,3 +51,30 @@ class TrainResult:
     thresholds: list[dict]
     fit: dict
     server: str | None = None  # the server that now serves the new version (None: none was running)
+
+
+def publish_fitted(
+    options: TrainOptions,
+    head: HeadWeights,
+    card: HeadCard,
+    check_embeddings,
+    ood_fit,
+    before_publish: Callable | None = None,
+):
+    """Publish a fitted head (any task) with its out-of-distribution set, as ``options`` say: a
+    candidate or live, on the repository's server if one serves it. ``before_publish(draft)``
+    sees the draft first (a test's hook). Returns the lifecycle Change."""
+    from headmaster.model_repository import lifecycle
+
+    draft = lifecycle.HeadDraft(
+        head,
+        card,
+        check_embeddings=check_embeddings,
+        references=ood_fit.references if ood_fit else None,
+        ood_index=ood_fit.index if ood_fit else None,
+    )
+    if before_publish is not None:
+        before_publish(draft)
+    return lifecycle.publish(
+        options.repo, draft, keep=options.keep, server=options.server, go_live=not options.candidate
+    )

@@ -21,7 +21,6 @@ import numpy as np
 
 from headmaster.errors import DataError
 from headmaster.export.heads import HeadCard
-from headmaster.model_repository import lifecycle
 from headmaster.model_repository.backends.threshold import ordinal_class
 from headmaster.model_repository.repository import Repository
 from headmaster.training.data import (
@@ -36,7 +35,7 @@ from headmaster.training.data import (
 from headmaster.training.embeddings import embed_paths
 from headmaster.training.heads import checks
 from headmaster.training.heads import ood as ood_detection
-from headmaster.training.heads.options import TrainResult
+from headmaster.training.heads.options import TrainResult, publish_fitted
 from headmaster.training.heads.score_fit import fit_ordinal, fit_regression
 from headmaster.training.heads.task_metrics import hierarchy_metrics, ordinal_metrics, regression_metrics
 from headmaster.training.heads.thresholds import choose_thresholds
@@ -205,14 +204,5 @@ def train_task_head(options, progress: Callable[[int, int], None] | None = None)
         },
     )
 
-    draft = lifecycle.HeadDraft(
-        head,
-        card,
-        check_embeddings=x[val],
-        references=ood_fit.references if ood_fit else None,
-        ood_index=ood_fit.index if ood_fit else None,
-    )
-    change = lifecycle.publish(
-        options.repo, draft, keep=options.keep, server=options.server, go_live=not options.candidate
-    )
+    change = publish_fitted(options, head, card, x[val], ood_fit)
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)

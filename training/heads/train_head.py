@@ -16,7 +16,6 @@ import numpy as np
 
 from headmaster.errors import DataError
 from headmaster.export.heads import HeadCard, check_head_name
-from headmaster.model_repository import lifecycle
 from headmaster.model_repository.repository import Repository
 from headmaster.model_repository.topology import text_only
 from headmaster.training.data import Dataset, by_content, content_hash, read_labelled
@@ -25,7 +24,7 @@ from headmaster.training.feedback.snapshots import export_snapshot, is_snapshot,
 from headmaster.training.heads import checks
 from headmaster.training.heads import ood as ood_detection
 from headmaster.training.heads.metrics import evaluate
-from headmaster.training.heads.options import TrainOptions, TrainResult
+from headmaster.training.heads.options import TrainOptions, TrainResult, publish_fitted
 from headmaster.training.heads.tasks import train_task_head
 from headmaster.training.heads.thresholds import choose_thresholds
 from headmaster.training.heads.trainer import fit
@@ -198,16 +197,5 @@ def train_head(options: TrainOptions, progress: Callable[[int, int], None] | Non
         },
         ood=ood_fit.card if ood_fit else None,
     )
-    draft = lifecycle.HeadDraft(
-        head,
-        card,
-        check_embeddings=x[val],
-        references=ood_fit.references if ood_fit else None,
-        ood_index=ood_fit.index if ood_fit else None,
-    )
-    if options.before_publish is not None:
-        options.before_publish(draft)
-    change = lifecycle.publish(
-        options.repo, draft, keep=options.keep, server=options.server, go_live=not options.candidate
-    )
+    change = publish_fitted(options, head, card, x[val], ood_fit, options.before_publish)
     return TrainResult(change.card, metrics, report, explanation, fit_info, change.server)
