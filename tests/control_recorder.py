@@ -10,13 +10,16 @@ tests (tests/scenarios/test_hot_swap.py and friends).
 A model's config as the server "holds" it is what ``disk`` says at the time of its last load
 (``stale_loads`` makes the first loads of a model keep the old one, as a Triton that reloaded
 from a config not yet rewritten would); ``refuse`` answers a load or unload of a model with an
-HTTP status (403: the restricted API without the key; 400: Triton could not load it).
+HTTP status (403: the restricted API without the key; 400: Triton could not load it). ``look``,
+when given, is called at each call and what it returns is kept with the call (``Call.saw``): the
+repository-change tests note what the disk said at the moment each load came.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,6 +32,7 @@ class Call:
     model: str  # "" for index
     key: str | None  # the KEY_HEADER it carried
     body: dict  # the JSON body of a POST ({} for a GET)
+    saw: object = None  # what ``look`` returned when the call came
 
 
 @dataclass
@@ -38,6 +42,7 @@ class ControlRecorder:
     disk: dict[str, dict] = field(default_factory=dict)  # model -> the config a load picks up
     refuse: dict[tuple[str, str], int] = field(default_factory=dict)  # (action, model) -> HTTP status
     stale_loads: dict[str, int] = field(default_factory=dict)  # model -> loads that keep the old config
+    look: Callable[[], object] | None = None  # called at each call, before it is answered
     calls: list[Call] = field(default_factory=list)
     held: dict[str, dict] = field(default_factory=dict)  # model -> config as loaded
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -47,6 +52,10 @@ class ControlRecorder:
     def order(self, *actions: str) -> list[tuple[str, str]]:
         """(action, model) of the calls, in order; only ``actions`` when given."""
         return [(c.action, c.model) for c in self.calls if not actions or c.action in actions]
+
+    def seen(self, *actions: str) -> list[tuple[str, str, object]]:
+        """(action, model, what ``look`` returned) of the calls, in order; only ``actions`` when given."""
+        return [(c.action, c.model, c.saw) for c in self.calls if not actions or c.action in actions]
 
     def __enter__(self) -> ControlRecorder:
         recorder = self
@@ -105,8 +114,9 @@ class ControlRecorder:
             self._server = None
 
     def _record(self, action: str, model: str, headers, body: dict) -> None:
+        saw = self.look() if self.look is not None else None
         with self._lock:
-            self.calls.append(Call(action, model, headers.get(KEY_HEADER), body))
+            self.calls.append(Call(action, model, headers.get(KEY_HEADER), body, saw))
 
     def _change(self, action: str, model: str, headers, body: dict) -> tuple[int, dict]:
         self._record(action, model, headers, body)

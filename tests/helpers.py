@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -53,6 +54,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Ports(NamedTuple):
+    """Triton's three ports for one ``headmaster serve``."""
+
+    http: int
+    grpc: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port())
+
+    def options(self) -> list[str]:
+        return ["--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)]
+
+
+def serve_command(repo: Path | str, ports: Ports, *extra: object) -> list[str]:
+    """The argv of ``headmaster serve`` on ``repo`` (a folder or an s3:// URL) and ``ports``, then ``extra``."""
+    return [*CLI, "serve", "--repo", str(repo), *ports.options(), *map(str, extra)]
 
 
 def _pg_bin() -> Path | None:

@@ -13,7 +13,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from headmaster.export.reference import reference_images
 from headmaster.model_repository.repository import Repository
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.zero_shot import classifier, create_zero_shot_head
-from tests.helpers import ARTIFACTS, build_repo, cosine_rows, run_cli, start_server, subset
+from tests.helpers import ARTIFACTS, CLI, build_repo, cosine_rows, run_cli, start_server, subset
 
 HEAVY = os.environ.get("HEADMASTER_TEST_HEAVY_FAMILIES") == "1"
 # DINOv2's pretrained config asks for 518x518 (1,369 tokens); the test exports it at 224.
@@ -161,7 +160,7 @@ def test_unknown_and_unsupported_models_are_refused_by_name():
 @pytest.mark.slow  # the command lists timm's registry: 41 s on 2 busy cores (2026-12-07)
 def test_export_list_shows_families_and_licences():
     result = subprocess.run(
-        [sys.executable, "-m", "headmaster.cli", "export", "list"],
+        [*CLI, "export", "list"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,17 +15,7 @@ import pytest
 
 from headmaster.client import HeadmasterClient
 from headmaster.model_repository.server import free_port
-from tests.helpers import ARTIFACTS, clone_repo, start_server
-
-CLI = [sys.executable, "-m", "headmaster.cli"]
-
-
-def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def ports() -> list[str]:
-    return ["--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+from tests.helpers import ARTIFACTS, Ports, clone_repo, run_cli, serve_command, start_server
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, message: str) -> None:
@@ -42,22 +31,22 @@ def test_serve_refuses_a_taken_port(repo, tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        result = run_cli(
-            "serve", "--repo", repo, "--http-port", taken, "--grpc-port", free_port(), "--metrics-port", free_port()
-        )
+        result = run_cli("serve", "--repo", repo, *Ports(taken, free_port(), free_port()).options())
     assert_clean_error(result, f"port {taken} (http) is already in use on 127.0.0.1")
 
 
 @pytest.mark.server  # runs `headmaster serve` / starts Triton itself
 def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
-    assert_clean_error(run_cli("serve", "--repo", tmp_path, *ports()), "is not a Headmaster model repository")
+    assert_clean_error(
+        run_cli("serve", "--repo", tmp_path, *Ports.free().options()), "is not a Headmaster model repository"
+    )
 
 
 @pytest.mark.server  # runs `headmaster serve` / starts Triton itself
 def test_serve_repairs_a_broken_config_and_says_so(repo, tmp_path):
     broken = clone_repo(repo, tmp_path / "repo")
     (broken / "classify" / "config.pbtxt").write_text("name: 'classify'\nmax_batch_size: lots\n")
-    process = subprocess.Popen([*CLI, "serve", "--repo", str(broken), *ports()], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(serve_command(broken, Ports.free()), stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in process.stderr:
@@ -78,7 +67,7 @@ def test_serve_repairs_a_broken_config_and_says_so(repo, tmp_path):
 def test_serve_reports_why_triton_could_not_load_a_model(repo, tmp_path):
     broken = clone_repo(repo, tmp_path / "repo")
     (broken / "threshold" / "1" / "model.py").write_text("this is not python\n")
-    result = run_cli("serve", "--repo", broken, *ports(), "--startup-timeout", 120)
+    result = run_cli("serve", "--repo", broken, *Ports.free().options(), "--startup-timeout", 120)
     # Triton exits 1 on a model that fails to load (now and then it crashes on the way out: -11).
     assert_clean_error(result, "tritonserver exited with code")
     assert "threshold" in result.stderr and "failed to load" in result.stderr
@@ -133,7 +122,7 @@ def alive(pid: int) -> bool:
 def test_serve_stops_cleanly_on_sigterm(repo, tmp_path):
     repo = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already: a clone is not
     shm_before = set(os.listdir("/dev/shm"))
-    process = subprocess.Popen([*CLI, "serve", "--repo", str(repo), *ports()], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(serve_command(repo, Ports.free()), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
         seen = []

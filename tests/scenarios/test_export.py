@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from headmaster.export import encoder as encoder_module
 from headmaster.export.card import EncoderCard, fingerprint_of
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import load
-from tests.helpers import MODEL, SEED
+from tests.helpers import MODEL, SEED, run_cli
 
 
 def test_card_records_the_fingerprint_and_everything_it_is_made_of(encoder_dir):
@@ -111,21 +109,7 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path):
 
 
 def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "headmaster.cli",
-            "export",
-            "encoder",
-            "--model",
-            "ViT-Q-99",
-            "--out",
-            str(tmp_path / "enc"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("export", "encoder", "--model", "ViT-Q-99", "--out", tmp_path / "enc")
     assert result.returncode == 1
     assert "error: unknown open_clip model 'ViT-Q-99'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -133,21 +117,7 @@ def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
 
 def test_the_cli_names_the_flag_to_change(tmp_path):
     """The library names the parameter at fault; the command line turns it into its flag."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "headmaster.cli",
-            "export",
-            "encoder",
-            "--format",
-            "tflite",
-            "--out",
-            str(tmp_path / "enc"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("export", "encoder", "--format", "tflite", "--out", tmp_path / "enc")
     assert result.returncode == 1
     assert "error: format must be one of onnx, plan, torchscript, not 'tflite' (change --format)" in result.stderr
     assert "Traceback" not in result.stderr

@@ -19,7 +19,7 @@ from headmaster.model_repository import consistency
 from headmaster.model_repository.layout import MANIFEST
 from headmaster.model_repository.repository import Repository
 from headmaster.training.heads.zero_shot import create_zero_shot_head
-from tests.helpers import CLI, ZERO_SHOT, build_repo, free_port, read_until_ready, run_cli
+from tests.helpers import ZERO_SHOT, Ports, build_repo, read_until_ready, run_cli, serve_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT_MODELS = {"tokenize", "text_encoder", "embed_text"}
@@ -92,16 +92,15 @@ def test_a_zero_shot_head_hot_loads_into_a_served_lean_repository(encoder_dir, t
         encoder_dir, tmp_path / "model_repository", heads={"animal": ZERO_SHOT["animal"]}, serve_text=False
     )
     image = next(iter(jpeg_photos.values()))
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
-    serve = subprocess.Popen([*CLI, "serve", "--repo", str(repo), *ports], stderr=subprocess.PIPE, text=True)
+    ports = Ports.free()
+    serve = subprocess.Popen(serve_command(repo, ports), stderr=subprocess.PIPE, text=True)
     try:
         printed = "".join(read_until_ready(serve))
         assert printed.count(NOTE) == 1 and "repo build --serve-text" in printed, printed
-        probe = http.InferenceServerClient(f"127.0.0.1:{http_port}")
+        probe = http.InferenceServerClient(f"127.0.0.1:{ports.http}")
         assert probe.is_model_ready("classify") and probe.is_model_ready("embed")
         assert not any(probe.is_model_ready(name) for name in TEXT_MODELS)
-        with HeadmasterClient(f"127.0.0.1:{grpc_port}") as client:
+        with HeadmasterClient(f"127.0.0.1:{ports.grpc}") as client:
             assert set(client.classify([image])[0].heads) == {"animal"}
             with pytest.raises(ModelNotFoundError, match=r"'embed_text' is not served here.*--serve-text"):
                 client.embed_text(["a photo of a cat"])

@@ -364,7 +364,7 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaste
     import urllib.parse
     import urllib.request
 
-    from tests.helpers import CLI, clone_repo, free_port
+    from tests.helpers import Ports, clone_repo, free_port, serve_command
 
     prometheus = shutil.which("prometheus")
     if prometheus is None:
@@ -372,7 +372,7 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaste
     monitoring = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
     dashboard = json.loads((monitoring / "grafana-dashboard.json").read_text())
     repo = clone_repo(ood_setup["repo"], tmp_path / "repo")  # the module's server holds the original
-    http, grpc, metrics, web = free_port(), free_port(), free_port(), free_port()
+    ports, web = Ports.free(), free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         json.dumps(
@@ -380,27 +380,12 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaste
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(monitoring / "alerts.yml")],
                 "scrape_configs": [
-                    {"job_name": "headmaster", "static_configs": [{"targets": [f"127.0.0.1:{metrics}"]}]}
+                    {"job_name": "headmaster", "static_configs": [{"targets": [f"127.0.0.1:{ports.metrics}"]}]}
                 ],
             }
         )
     )
-    serve = subprocess.Popen(
-        [
-            *CLI,
-            "serve",
-            "--repo",
-            str(repo),
-            "--http-port",
-            str(http),
-            "--grpc-port",
-            str(grpc),
-            "--metrics-port",
-            str(metrics),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    serve = subprocess.Popen(serve_command(repo, ports), stderr=subprocess.PIPE, text=True)
     scraper = subprocess.Popen(
         [
             prometheus,
@@ -423,7 +408,7 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_headmaste
         images = [
             str(p) for p in sorted(ood_setup["holdout"].rglob("*.png"))[:12] + sorted(ood_setup["photos"].iterdir())
         ]
-        with HeadmasterClient(f"127.0.0.1:{grpc}", batch_size=8) as client:
+        with HeadmasterClient(f"127.0.0.1:{ports.grpc}", batch_size=8) as client:
             for _ in range(4):  # traffic across several scrapes, so that rate() has two samples or more
                 assert all(r.ok for r in client.classify(images))
                 time.sleep(2)

@@ -69,7 +69,7 @@ from pathlib import Path
 import pytest
 
 from headmaster.model_repository.server import free_port
-from tests.helpers import ARTIFACTS, ZERO_SHOT, build_repo, photo_bytes, subset
+from tests.helpers import ARTIFACTS, ZERO_SHOT, Ports, build_repo, photo_bytes, subset
 
 # The examples run `headmaster serve` as written: the bundled Triton, python backend only.
 pytestmark = [
@@ -343,14 +343,7 @@ def served(world) -> World:
         extra: list[str] = []
     else:
         world.ports = {name: free_port() for name in DEFAULT_PORTS}
-        extra = [
-            "--http-port",
-            str(world.ports["http"]),
-            "--grpc-port",
-            str(world.ports["grpc"]),
-            "--metrics-port",
-            str(world.ports["metrics"]),
-        ]
+        extra = Ports(**world.ports).options()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     world.serve_log = ARTIFACTS / "readme-serve.log"
     world.serve = subprocess.Popen(

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +19,9 @@ from headmaster.model_repository.config import parse
 from headmaster.model_repository.consistency import check, problems, repair
 from headmaster.model_repository.repository import Repository
 from headmaster.model_repository.validation import validate_version
-from tests.helpers import build_repo, clone_repo, written_version
+from tests.helpers import build_repo, clone_repo, run_cli, written_version
 
 LABELS = ("cat", "dog", "bird")
-CLI = [sys.executable, "-m", "headmaster.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -279,14 +276,10 @@ def test_problems_never_raises_on_a_thoroughly_damaged_repository(repo):
 
 
 # -- the command line --------------------------------------------------------------------
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
 def test_repo_check_names_every_problem_and_repair_fixes_them(repo):
     shutil.rmtree(repo / "has_cat")
     (repo / "animal" / ".staging-2-abc").mkdir()
-    check = run("repo", "check", "--repo", repo)
+    check = run_cli("repo", "check", "--repo", repo)
     assert check.returncode == 1, check.stderr
     lines = check.stderr.strip().splitlines()
     assert lines[:4] == [
@@ -296,11 +289,11 @@ def test_repo_check_names_every_problem_and_repair_fixes_them(repo):
         "ensemble classify_embedding runs heads that are not on disk: has_cat",
     ]
     assert lines[4] == f"4 problem(s) in {repo}; fix them with `headmaster repo repair --repo {repo}`"
-    fixed = run("repo", "repair", "--repo", repo)
+    fixed = run_cli("repo", "repair", "--repo", repo)
     assert fixed.returncode == 0, fixed.stderr
     assert "removed the leftover animal/.staging-2-abc" in fixed.stderr
     assert "rewrote classify/config.pbtxt for heads [animal]" in fixed.stderr
-    again = run("repo", "check", "--repo", repo)
+    again = run_cli("repo", "check", "--repo", repo)
     assert again.returncode == 0 and again.stderr.startswith(f"ok {repo}"), again.stderr
 
 
@@ -319,7 +312,7 @@ def test_importing_a_corrupt_folder_prints_one_line(repo, tmp_path, damage, matc
 
     folder = shutil.copytree(repo / "animal" / "1", tmp_path / "elsewhere" / "1", copy_function=shutil.copy)
     damage(folder)
-    result = run("heads", "import", folder, "--repo", repo)
+    result = run_cli("heads", "import", folder, "--repo", repo)
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 1, output
     assert "Traceback" not in output and len(output.splitlines()) == 1, output

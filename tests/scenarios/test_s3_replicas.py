@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,9 +23,8 @@ import pytest
 from headmaster.client import HeadmasterClient
 from headmaster.model_repository import s3
 from headmaster.model_repository.server import free_port
-from tests.helpers import ARTIFACTS, Clients, MotoS3Server, clone_repo, subset
+from tests.helpers import ARTIFACTS, CLI, Clients, MotoS3Server, Ports, clone_repo, serve_command, subset
 
-HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
 pytestmark = pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)")
 # Credentials that must never be printed, logged or written anywhere (moto accepts any).
 SECRET_ID, SECRET_KEY, API_KEY = "AKIAHMTESTSECRETID42", "hm-secret-Key/+9wQzTest", "hm-api-key-test-7f3a"
@@ -64,9 +62,7 @@ OUTPUTS: list[str] = []  # every command's output, searched for the credentials 
 
 
 def run(bucket, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [*HEADMASTER, *map(str, args)], capture_output=True, text=True, env=bucket["env"], timeout=timeout
-    )
+    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=bucket["env"], timeout=timeout)
     OUTPUTS.append(done.stdout + done.stderr)
     if check:
         assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
@@ -202,26 +198,13 @@ class Replica:
     """`headmaster serve --repo s3://...`: the bundled Triton reading the bucket itself."""
 
     def __init__(self, bucket, log: Path, relay: Relay | None = None):
-        ports = [free_port() for _ in range(3)]
-        self.http_url, self.grpc_url, self.log = f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", log
+        ports = Ports.free()
+        self.http_url, self.grpc_url, self.log = f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", log
         self.relay = relay
         url = bucket["url"].replace(f":{bucket['port']}/", f":{relay.port}/") if relay else bucket["url"]
         self.output = open(log, "w")
         self.process = subprocess.Popen(
-            [
-                *HEADMASTER,
-                "serve",
-                "--repo",
-                url,
-                "--http-port",
-                str(ports[0]),
-                "--grpc-port",
-                str(ports[1]),
-                "--metrics-port",
-                str(ports[2]),
-                "--log-file",
-                str(log.with_suffix(".triton.log")),
-            ],
+            serve_command(url, ports, "--log-file", log.with_suffix(".triton.log")),
             stdout=self.output,
             stderr=subprocess.STDOUT,
             env=bucket["env"],

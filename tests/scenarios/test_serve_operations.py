@@ -35,9 +35,8 @@ from tritonclient.utils import InferenceServerException
 from headmaster.client import AsyncHeadmasterClient, ClientError, HeadmasterClient
 from headmaster.model_repository.server import SHM_PREFIX, free_port
 from headmaster.model_repository.server_record import KEY_HEADER, read_record, record_path, running_server
-from tests.helpers import ARTIFACTS, Clients, clone_repo, run_cli, subset, written_version
+from tests.helpers import ARTIFACTS, CLI, Clients, Ports, clone_repo, run_cli, serve_command, subset, written_version
 
-HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
 # `headmaster serve` runs the bundled Triton, which has only the python backend.
 pytestmark = [
     pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)"),
@@ -50,23 +49,11 @@ class Serve:
 
     def __init__(self, repo: Path, log: Path, *options: str):
         self.repo, self.log = repo, log
-        ports = [free_port() for _ in range(3)]
-        self.http_url, self.grpc_url = f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
+        ports = Ports.free()
+        self.http_url, self.grpc_url = f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}"
         self.output = open(log, "w")
         self.process = subprocess.Popen(
-            [
-                *HEADMASTER,
-                "serve",
-                "--repo",
-                str(repo),
-                "--http-port",
-                str(ports[0]),
-                "--grpc-port",
-                str(ports[1]),
-                "--metrics-port",
-                str(ports[2]),
-                *options,
-            ],
+            serve_command(repo, ports, *options),
             stdout=self.output,
             stderr=subprocess.STDOUT,
         )
@@ -252,7 +239,7 @@ def test_a_head_trained_with_no_flag_goes_live_while_serve_runs(served, jpeg_pho
     data = subset(digits_dir, tmp_path / "digits", {"0": 20, "1": 20}, rename={"0": "cat", "1": "no cat"})
     with Clients(served.grpc_url, list(jpeg_photos.values())[:2]) as clients:
         done = subprocess.run(
-            [*HEADMASTER, "train-head", str(data), "--name", "has_cat", "--repo", str(served.repo), "--epochs", "30"],
+            [*CLI, "train-head", str(data), "--name", "has_cat", "--repo", str(served.repo), "--epochs", "30"],
             capture_output=True,
             text=True,
             timeout=600,
@@ -275,7 +262,7 @@ def test_a_rollback_with_no_flag_stays_rolled_back(served, jpeg_photos):
     newest = version_answered(served.grpc_url, image, "has_cat")
     done = subprocess.run(
         [
-            *HEADMASTER,
+            *CLI,
             "rollback",
             "has_cat",
             "--repo",
@@ -303,7 +290,7 @@ def test_a_candidate_trained_while_serve_runs_stays_a_candidate(served, jpeg_pho
     data = subset(digits_dir, tmp_path / "digits", {"0": 20, "1": 20}, rename={"0": "cat", "1": "no cat"})
     done = subprocess.run(
         [
-            *HEADMASTER,
+            *CLI,
             "train-head",
             str(data),
             "--name",

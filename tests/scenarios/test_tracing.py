@@ -13,7 +13,7 @@ import pytest
 
 from headmaster.client import HeadmasterClient
 from headmaster.client.tracing import trace_headers
-from tests.helpers import CLI, clone_repo, free_port, read_until_ready, run_cli
+from tests.helpers import Ports, clone_repo, read_until_ready, run_cli, serve_command
 
 
 @pytest.fixture()
@@ -50,25 +50,8 @@ def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiv
 
     url, spans = otlp_receiver
     copy = clone_repo(repo, tmp_path / "repo")  # the session's repository is served already
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    serve = subprocess.Popen(
-        [
-            *CLI,
-            "serve",
-            "--repo",
-            str(copy),
-            "--http-port",
-            str(http),
-            "--grpc-port",
-            str(grpc),
-            "--metrics-port",
-            str(metrics),
-            "--trace-url",
-            url,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    ports = Ports.free()
+    serve = subprocess.Popen(serve_command(copy, ports, "--trace-url", url), stderr=subprocess.PIPE, text=True)
     try:
         read_until_ready(serve)
         tracer = TracerProvider().get_tracer("headmaster-test")
@@ -77,7 +60,7 @@ def test_served_spans_join_the_callers_trace(repo, photos, tmp_path, otlp_receiv
             span_id = format(span.get_span_context().span_id, "016x")
             # What the client sends is checked first: a failure below is then the server's side.
             assert trace_headers()["traceparent"].startswith(f"00-{trace_id}-{span_id}-")
-            with HeadmasterClient(f"127.0.0.1:{grpc}") as client:
+            with HeadmasterClient(f"127.0.0.1:{ports.grpc}") as client:
                 assert client.classify([photos["chelsea.png"]])[0].ok
         deadline = time.monotonic() + 60  # Triton exports in batches, every few seconds
         while time.monotonic() < deadline and not any(

@@ -6,7 +6,6 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
 from headmaster.training.heads.zero_shot import create_zero_shot_head
-from tests.helpers import MODEL, build_repo, subset
+from tests.helpers import CLI, MODEL, build_repo, subset
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +175,7 @@ def test_a_collapsed_encoder_is_named_as_the_problem_not_a_flag(train_repo, digi
     )
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "headmaster.cli",
+            *CLI,
             "train-head",
             str(data),
             "--name",
@@ -315,9 +312,7 @@ def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path
     data = subset(digits_dir, tmp_path / "data", {"1": 40, "2": 40, "3": 40})
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "headmaster.cli",
+            *CLI,
             "train-head",
             str(data),
             "--name",
@@ -336,7 +331,7 @@ def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path
     assert "confusion matrix" in result.stdout and "why this threshold" in result.stdout
     assert "head small v1 (linear, single-label): 1, 2, 3" in result.stderr
     listing = subprocess.run(
-        [sys.executable, "-m", "headmaster.cli", "heads", "--repo", str(train_repo)],
+        [*CLI, "heads", "--repo", str(train_repo)],
         capture_output=True,
         text=True,
         timeout=120,

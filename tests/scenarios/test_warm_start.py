@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 
 import pytest
 import tritonclient.http as httpclient
 
 from headmaster.model_repository.config import parse
 from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.server import free_port
 from headmaster.model_repository.warmup import ROUNDS
-from tests.helpers import ARTIFACTS, clone_repo, read_until_ready
+from tests.helpers import ARTIFACTS, Ports, clone_repo, read_until_ready, serve_command
 
 pytestmark = [
     pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)"),
@@ -31,32 +29,17 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def warm_served(repo, tmp_path_factory):
     copy = clone_repo(repo, tmp_path_factory.mktemp("warm") / "model_repository")
-    ports = [free_port() for _ in range(3)]
+    ports = Ports.free()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "headmaster.cli",
-            "serve",
-            "--repo",
-            str(copy),
-            "--http-port",
-            str(ports[0]),
-            "--grpc-port",
-            str(ports[1]),
-            "--metrics-port",
-            str(ports[2]),
-            "--log-file",
-            str(ARTIFACTS / "warm-start-triton.log"),
-        ],
+        serve_command(copy, ports, "--log-file", ARTIFACTS / "warm-start-triton.log"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         read_until_ready(process)
-        yield copy, f"127.0.0.1:{ports[0]}"
+        yield copy, f"127.0.0.1:{ports.http}"
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(120)

@@ -3,7 +3,7 @@
 - Undo: registered steps run newest first when a load is refused, and the error says what they
   undid; on the session's real Triton, a head version and an A/B candidate that Triton refuses to
   load leave the repository naming what the server still serves.
-- Order: a recording stand-in for Triton's control API (load / unload / model config, nothing else)
+- Order: a recording stand-in for Triton's control API (tests/control_recorder.py)
   notes each call with what the disk said at that moment, so the phases of a head's removal and of
   an A/B test's start and end are checked against the disk, not just their order of calls.
 - Distillation publishes its student through the same change: checked, refused during its
@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from headmaster.model_repository.consistency import problems
 from headmaster.model_repository.layout import copy_backend
 from headmaster.model_repository.repository import Repository
 from headmaster.model_repository.topology import HEAD_DEPENDENT
+from tests.control_recorder import ControlRecorder
 from tests.helpers import build_repo, clone_repo, free_port
 
 HEAD = "animal"
@@ -38,6 +37,7 @@ ENSEMBLES = [
     "classify",
     "classify_embedding",
 ]  # in HEAD_DEPENDENT's order  # a zero-shot head of tests.helpers.ZERO_SHOT: cat, dog, bird
+POSTS = ("load", "unload", "index")  # the control calls but the model-config reads
 
 
 # -- the transaction alone -------------------------------------------------------------------------
@@ -134,44 +134,6 @@ def test_a_candidate_triton_refuses_leaves_no_test_running(server, repo, tmp_pat
 
 
 # -- the order of loads, against the disk: a recording control API --------------------------------------
-class RecordingControl(ThreadingHTTPServer):
-    """Answers Triton's load, unload and model-config calls with success, and notes each call with
-    what ``look()`` finds on the disk at that moment."""
-
-    def __init__(self, look):
-        self.calls: list[tuple[str, str, dict]] = []
-        self.look = look
-        super().__init__(("127.0.0.1", 0), RecordingHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
-
-
-class RecordingHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # tritonclient keeps its connection open
-
-    def _answer(self, body: bytes = b"{}") -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:  # /v2/repository/models/<model>/(load|unload)
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        parts = self.path.strip("/").split("/")
-        self.server.calls.append((parts[-1], parts[-2], self.server.look()))  # type: ignore[attr-defined]
-        self._answer()
-
-    def do_GET(self) -> None:  # /v2/models/<model>/config: the ensembles already let the head go
-        self._answer(json.dumps({"name": self.path.strip("/").split("/")[-2]}).encode())
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def naming(repo: Path, head: str) -> dict:
     """Which head-dependent configs on disk name ``head``, its folder, and the A/B record."""
     return {
@@ -194,17 +156,14 @@ def disk_repo(encoder_dir, tmp_path_factory) -> Path:
 
 
 def test_a_head_leaves_in_two_phases_each_loaded_against_its_own_disk(disk_repo):
-    recorder = RecordingControl(lambda: naming(disk_repo, HEAD))
-    try:
-        lifecycle.remove(disk_repo, HEAD, server=recorder.address)
-    finally:
-        recorder.shutdown()
+    with ControlRecorder(look=lambda: naming(disk_repo, HEAD)) as recorder:
+        lifecycle.remove(disk_repo, HEAD, server=recorder.http_url)
     ensembles_named = {"threshold": True, "classify": False, "classify_embedding": False, "folder": False}
     phase_one = {**ensembles_named, "test": False}
     phase_two = dict.fromkeys(HEAD_DEPENDENT, False) | {"folder": False, "test": False}
     # The ensembles load while threshold's config still fits the head (never collapsed into one write:
     # Triton would reload threshold with them and drop the still-old classify meanwhile).
-    assert recorder.calls == [
+    assert recorder.seen(*POSTS) == [
         ("load", "classify_embedding", phase_one),
         ("load", "classify", phase_one),
         ("unload", HEAD, phase_one),
@@ -226,14 +185,11 @@ def test_an_ab_test_starts_and_ends_in_phases(disk_repo):
         steps = re.findall(rf'model_name: "{HEAD}"\s+model_version: (-?\d+)', ensembles)
         return {"test": ab.running(disk_repo, HEAD) is not None, "head": served, "steps": tuple(map(int, steps))}
 
-    recorder = RecordingControl(look)
-    try:
-        lifecycle.start_test(disk_repo, HEAD, candidate, share=0.5, server=recorder.address, record=False)
-        started = list(recorder.calls)
+    with ControlRecorder(look=look) as recorder:
+        lifecycle.start_test(disk_repo, HEAD, candidate, share=0.5, server=recorder.http_url, record=False)
+        started = recorder.seen(*POSTS)
         recorder.calls.clear()
-        lifecycle.finish_test(disk_repo, HEAD, promote=True, server=recorder.address, record=False)
-    finally:
-        recorder.shutdown()
+        lifecycle.finish_test(disk_repo, HEAD, promote=True, server=recorder.http_url, record=False)
     live_version = state.live
     # Start: the ensembles pin the live version, then the head loads both, threshold and the ensembles run both.
     assert started == [
@@ -244,7 +200,7 @@ def test_an_ab_test_starts_and_ends_in_phases(disk_repo):
         ],
     ]
     # Promote: the ensembles pin the candidate alone, then the head loads it alone, and the ensembles say -1 again.
-    assert recorder.calls == [
+    assert recorder.seen(*POSTS) == [
         *[
             ("load", model, {"test": True, "head": (live_version, candidate), "steps": (candidate,)})
             for model in ENSEMBLES
