@@ -38,6 +38,13 @@ def improve_command(
     max_accuracy_drop: Annotated[
         float, typer.Option(help="Refuse when golden accuracy falls by more than this (point estimate; -1: off).")
     ] = 0.0,
+    require_gain: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse unless the golden set shows the candidate better: the interval of the accuracy difference "
+            "wholly above 0 (a tie or a gain within the noise waits for more corrections)."
+        ),
+    ] = False,
     max_class_drop: Annotated[
         float, typer.Option(help="Refuse when a class's recall interval lies wholly below minus this.")
     ] = 0.0,
@@ -82,6 +89,7 @@ def improve_command(
         gate=GateOptions(
             max_class_drop=max_class_drop,
             max_accuracy_drop=None if max_accuracy_drop < 0 else max_accuracy_drop,
+            require_gain=require_gain,
             ece_margin=ece_margin,
             ood_margin=ood_margin,
             confidence=confidence,

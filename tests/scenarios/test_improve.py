@@ -219,6 +219,9 @@ def test_the_gate_refuses_a_worse_class_and_worse_calibration_and_passes_a_copy(
     _, x, truth = world.draw(30)
     same = gate(live, live, x, truth)
     assert same.accepted and same.metrics["accuracy"]["difference"] == 0
+    # With --require-gain a copy gains nothing, so it is refused for that alone.
+    copy = gate(live, live, x, truth, GateOptions(require_gain=True))
+    assert copy.reasons == [copy.reasons[0]] and copy.reasons[0].startswith("accuracy is not shown better")
 
     weights = HeadWeights.from_onnx(live.model)
     ((w, b),) = weights.layers

@@ -122,3 +122,44 @@ def test_the_label_studio_client_needs_a_key_and_says_when_nobody_answers():
     pat = LabelStudio(f"127.0.0.1:{port}", "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln", timeout=5)
     with pytest.raises(LabelingToolError, match="cannot reach Label Studio"):  # the PAT's exchange comes first
         pat.whoami()
+
+
+class _Fixed:
+    """A head version whose answers are fixed: the gate only needs card, scores and the OOD flags."""
+
+    def __init__(self, version: int, predicted: np.ndarray):
+        from types import SimpleNamespace
+
+        self.card = SimpleNamespace(version=version, labels=("a", "b"), multi_label=False)
+        self.predicted = predicted
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return np.eye(2)[self.predicted] * 0.8 + 0.1
+
+    def out_of_distribution(self, x: np.ndarray):
+        return None
+
+
+def test_require_gain_refuses_a_tie_and_a_gain_within_the_noise_but_passes_a_clear_gain():
+    from headmaster.training.feedback.gate import GateOptions, gate
+
+    truth = ["a", "b"] * 200
+    right = np.array([0, 1] * 200)
+    live = right.copy()
+    live[:40] = 1 - live[:40]  # 40 of 400 wrong
+    x = np.zeros((len(truth), 1))
+    tie = live.copy()
+    tie[:2], tie[40:42] = right[:2], 1 - right[40:42]  # two fixed, two broken: same accuracy
+    small = live.copy()
+    small[:2] = right[:2]  # +2 items: inside the noise of 400
+    clear = live.copy()
+    clear[:30] = right[:30]  # +30 items
+    strict = GateOptions(require_gain=True, ece_margin=1.0)  # fixed scores: calibration is not the point here
+    for candidate in (tie, small):
+        assert gate(_Fixed(1, live), _Fixed(2, candidate), x, truth).accepted  # the default: no fall, passes
+        refused = gate(_Fixed(1, live), _Fixed(2, candidate), x, truth, strict)
+        assert not refused.accepted and refused.reasons[0].startswith("accuracy is not shown better")
+        assert refused.metrics["accuracy"]["low"] <= 0 and refused.metrics["options"]["require_gain"]
+    accepted = gate(_Fixed(1, live), _Fixed(2, clear), x, truth, strict)
+    assert accepted.accepted, accepted.reasons
+    assert accepted.metrics["accuracy"]["low"] > 0

@@ -13,6 +13,13 @@ when, on that set:
 - **overall accuracy got worse**, by the same rule on all golden items, or fell at all on the
   golden set (``max_accuracy_drop``, default 0, on the point estimate: a candidate no better
   than the live version on the golden set gains nothing by going live);
+- **overall accuracy is not shown better** (``require_gain``, off by default): the whole
+  interval of the paired difference must lie above 0. A tie or a gain the golden set cannot
+  tell from noise is refused, so a version goes live only on evidence that it is better: the
+  point-estimate rule above lets a candidate that is equal on the golden set and slightly worse
+  elsewhere through, which is how a live head's accuracy on other items can fall while golden
+  accuracy never does. The price is fewer promotions: small gains wait until enough
+  corrections add up to one the golden set can show;
 - **calibration got worse**: the expected calibration error of the top score (the bins of
   ``eval``) grew by more than ``ece_margin``;
 - **more golden items look out of distribution**: the share the candidate flags "ood" exceeds
@@ -39,6 +46,7 @@ from headmaster.training.heads.ood import TPR as OOD_TPR
 class GateOptions:
     max_class_drop: float = 0.0  # a class is worse when its recall CI lies wholly below -this
     max_accuracy_drop: float | None = 0.0  # golden accuracy may fall by at most this, point estimate (None: off)
+    require_gain: bool = False  # refuse unless the accuracy difference's interval lies wholly above 0
     ece_margin: float = 0.03  # calibration error may grow by at most this
     ood_margin: float = 0.05  # share of golden items flagged out of distribution may grow by at most this
     bootstrap: int = 2000  # resamples
@@ -164,6 +172,12 @@ def gate(
             f"accuracy on the golden set fell: {live_metrics['accuracy']:.3f} -> "
             f"{cand_metrics['accuracy']:.3f} (allowed drop {options.max_accuracy_drop})"
         )
+    elif options.require_gain and overall[1] <= 0:
+        reasons.append(
+            f"accuracy is not shown better: {live_metrics['accuracy']:.3f} -> {cand_metrics['accuracy']:.3f} "
+            f"({options.confidence:.0%} interval [{overall[1]:+.3f}, {overall[2]:+.3f}] over {len(truth)} golden "
+            "items; --require-gain)"
+        )
     if cand_metrics["ece"] > live_metrics["ece"] + options.ece_margin:
         reasons.append(
             f"calibration is worse: ECE {live_metrics['ece']:.3f} -> {cand_metrics['ece']:.3f} "
@@ -200,6 +214,7 @@ def gate(
         "options": {
             "max_class_drop": options.max_class_drop,
             "max_accuracy_drop": options.max_accuracy_drop,
+            "require_gain": options.require_gain,
             "ece_margin": options.ece_margin,
             "ood_margin": options.ood_margin,
             "bootstrap": options.bootstrap,
