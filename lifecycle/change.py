@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from headmaster.errors import ServerError
-from headmaster.model_repository import live, s3
-from headmaster.model_repository.publish import repository_lock
-from headmaster.model_repository.repository import Repository
+from headmaster.repository import s3
+from headmaster.repository.publish import repository_lock
+from headmaster.repository.repo import Repository
+from headmaster.server import live
 
 LOG = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository.server import free_port
+from headmaster.server.triton import free_port
 from tests.helpers import ARTIFACTS, clone_repo, start_server
 
 CLI = [sys.executable, "-m", "headmaster.cli"]

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository import s3
-from headmaster.model_repository.server import free_port
+from headmaster.repository import s3
+from headmaster.server.triton import free_port
 from tests.helpers import ARTIFACTS, Clients, MotoS3Server, clone_repo, subset
 
 HEADMASTER = [sys.executable, "-c", "from headmaster.cli import main; main()"]
