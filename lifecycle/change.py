@@ -1,7 +1,7 @@
 """One repository change: the lock for each disk write, the push of an S3 working copy, the ordered
 loads on the server (or on every replica), and the undo when a server refuses a load.
 
-Every operation that changes what a repository serves (``lifecycle.py``: publish, rollback, import,
+Every operation that changes what a repository serves (``operations.py``: publish, rollback, import,
 remove, adopt, A/B tests; ``training/distill.py``: a student) is written as phases of one
 :class:`RepositoryChange`::
 

@@ -2,7 +2,7 @@
 
 Every operation that changes which head versions a repository serves goes through here:
 the version is validated before it can become live (``validation.validate_version``), the
-repository on disk is changed under its lock (``repository.py``), and then the server that
+repository on disk is changed under its lock (``repository/repo.py``), and then the server that
 serves the repository is told, in the order :mod:`live` explains. The server is the one
 given, or else the one recorded in the repository (``REPO/.headmaster/server.json``), so
 ``train-head``, ``zero-shot``, ``rollback`` and ``heads import/remove`` go live with no flag

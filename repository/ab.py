@@ -5,7 +5,8 @@ candidate, ``version_policy: specific``), the ensembles run both (each step pinn
 version) and ``threshold`` picks, per item, which one answers: in a ``canary`` test the items
 whose image sha256 falls in ``share`` (see ``rules/threshold.in_candidate_arm``), in a
 ``shadow`` test none. Starting and finishing a test (and the order of the reloads that keeps
-every request answerable) is :mod:`lifecycle`'s; this module only reads and writes the record.
+every request answerable) is the job of :mod:`headmaster.lifecycle.operations`; this module only
+reads and writes the record.
 """
 
 from __future__ import annotations

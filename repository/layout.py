@@ -1,7 +1,7 @@
 """Where everything of a Headmaster model repository lives: the one place that knows the layout.
 
     REPO/headmaster.json        manifest: flavour, build settings, the encoder card
-    REPO/.headmaster/           the running server's record and log (server_record.py); the lock file
+    REPO/.headmaster/           the running server's record and log (server/record.py); the lock file
     REPO/preprocess/1/model.py  bytes -> pixels          (served/preprocess.py)
     REPO/image_encoder/1/       model.onnx|plan|pt (+ model.py, the portable runner)
     REPO/text_encoder/1/        same, for the text tower

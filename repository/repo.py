@@ -2,7 +2,7 @@
 its heads and their live versions, and the configs it writes for them.
 
 Where files live is ``layout.py``; which models exist and how they connect, ``topology.py``;
-assembling a repository, ``build.py``; changing heads, ``lifecycle.py``; finding every
+assembling a repository, ``build.py``; changing heads, ``lifecycle/operations.py``; finding every
 inconsistency, ``consistency.py``.
 """
 

@@ -14,7 +14,7 @@ every request in flight or arriving meanwhile still finds a consistent set of mo
 Triton itself keeps serving the old version of a model until the new one has loaded, and
 lets in-flight requests finish on the version they started on.
 
-The control API is closed by a key (see :mod:`server_record`); a :class:`Control` carries
+The control API is closed by a key (see :mod:`headmaster.server.record`); a :class:`Control` carries
 the address and the key, found in the repository's server record or given by the caller.
 """
 
