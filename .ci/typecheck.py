@@ -1,4 +1,4 @@
-"""Run mypy on the package as Python imports it (``headmaster.client``, ``headmaster.model_repository``, ...).
+"""Run mypy on the package as Python imports it (``headmaster.client``, ``headmaster.server``, ...).
 
 The checkout's top-level folders become ``headmaster.*`` through pyproject's ``package-dir`` table,
 and the editable install maps them with an import hook, which mypy cannot follow. So this script

@@ -56,7 +56,7 @@ LOG = logging.getLogger("active_loop")
 
 
 def accuracy(repo: Path, x: np.ndarray, y: np.ndarray, version: int | None = None) -> float:
-    from headmaster.model_repository.head_version import HeadVersion
+    from headmaster.repository.head_version import HeadVersion
 
     head = HeadVersion.load(repo, HEAD, version)
     predicted = np.array([int(head.card.labels[i]) for i in head.scores(x).argmax(axis=1)])
@@ -76,7 +76,7 @@ def answer(items, truth: dict[str, int], wrong: float, rng: np.random.Generator)
 
 
 def go_live(repo: Path, version: int) -> None:
-    from headmaster.model_repository import lifecycle
+    from headmaster.lifecycle import operations as lifecycle
 
     lifecycle.start_test(repo, HEAD, version, shadow=True)
     lifecycle.finish_test(repo, HEAD, promote=True)
@@ -104,9 +104,9 @@ def run(strategy: str, work: Path, encoder: Path, pool: tuple, golden: tuple, he
     multiprocessing.set_start_method("fork", force=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # (a spawned process)
     logging.getLogger("headmaster").setLevel(logging.WARNING)
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.repository import BuildOptions, Repository
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.head_version import HeadVersion
+    from headmaster.repository.repo import BuildOptions, Repository
     from headmaster.store import ParquetStore
     from headmaster.training.feedback.corrections import make_corrections
     from headmaster.training.feedback.improve import improve
@@ -244,8 +244,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("headmaster").setLevel(logging.WARNING)
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.repository import BuildOptions, Repository
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions, Repository
     from headmaster.store import ParquetStore
     from headmaster.store.base import file_sha256
     from headmaster.training.feedback.corrections import make_corrections

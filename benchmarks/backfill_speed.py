@@ -59,9 +59,9 @@ def main() -> None:
     import ray
 
     from headmaster.client import HeadmasterClient
-    from headmaster.model_repository.repository import Repository
-    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
     from headmaster.pipelines.backfill import BackfillOptions, backfill
+    from headmaster.repository.repo import Repository
+    from headmaster.server.triton import ServerOptions, TritonServer, free_port
     from headmaster.store import open_store
     from headmaster.store.classify import classify_into_store
 

@@ -89,9 +89,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.head_version import HeadVersion
+    from headmaster.repository.repo import Repository
     from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
     from headmaster.training.evaluation import drift
     from headmaster.training.heads.train_head import TrainOptions, train_head

@@ -53,7 +53,7 @@ say "device $DEVICE ($GPU_NAME), model $MODEL $PRECISION, python $PYTHON, work $
 
 # -- 1. install what is missing ----------------------------------------------------------------
 have() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
-if ! have headmaster.model_repository.server || ! have tritonclient.grpc || ! have pytriton; then
+if ! have headmaster.server.triton || ! have tritonclient.grpc || ! have pytriton; then
   SITE="$WORK/site"; mkdir -p "$SITE"
   if compgen -G "$WHEELS/*.whl" >/dev/null; then  # no network (the lent GPU machines): carried wheels
     step "install from $WHEELS" "$PYTHON" -m pip install -q --no-deps --no-index --target "$SITE" "$WHEELS"/*.whl
@@ -105,7 +105,7 @@ step "build the repository" "${HM[@]}" repo build --encoder "$SERVED" --repo "$R
 
 # -- 4. serve --------------------------------------------------------------------------------------
 PORTS=($("$PYTHON" -c "
-from headmaster.model_repository.server import free_port
+from headmaster.server.triton import free_port
 print(*(free_port() for _ in range(3)))"))
 "${HM[@]}" serve --repo "$REPO" --http-port "${PORTS[0]}" --grpc-port "${PORTS[1]}" \
   --metrics-port "${PORTS[2]}" --open-control-api >"$WORK/serve.log" 2>&1 &
@@ -127,8 +127,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from headmaster.export.card import EncoderCard
-from headmaster.model_repository import perf_analyzer
-from headmaster.model_repository.backends.preprocess import preprocess_bytes
+from headmaster.server import perf_analyzer
+from headmaster.served.preprocess import preprocess_bytes
 
 work, batch, conc = Path(os.environ["WORK"]), int(os.environ["BATCH"]), int(os.environ["CONCURRENCY"])
 ms = int(os.environ["MEASURE_MS"])

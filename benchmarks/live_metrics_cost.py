@@ -2,7 +2,7 @@
 
 The threshold step calls ``LiveMetrics.record`` once per head per request; every metric call is
 a message from the python stub to the Triton process. This runs the same code
-(``model_repository/backends/threshold.py``, copied as a model with a timing ``execute``) in a
+(``served/threshold.py``, copied as a model with a timing ``execute``, its rule kernel beside it) in a
 real bundled Triton and measures, per request of n items (one head of 10 labels, scores
 random, a third of the items flagged OOD): the time of ``record`` (the metric calls included)
 and of ``metric_counts`` alone (the Python that sums them), medians over the repeats.
@@ -18,6 +18,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -73,14 +74,16 @@ def main() -> None:
 
     import tritonclient.http as http
 
-    from headmaster.model_repository.backends import threshold
-    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+    from headmaster.repository.layout import KERNEL_FILE, KERNELS
+    from headmaster.served import threshold as served_threshold
+    from headmaster.server.triton import ServerOptions, TritonServer, free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         (repo / "bench" / "1").mkdir(parents=True)
         (repo / "bench" / "config.pbtxt").write_text(CONFIG)
-        (repo / "bench" / "1" / "model.py").write_text(Path(threshold.__file__).read_text() + TIMED_MODEL)
+        (repo / "bench" / "1" / "model.py").write_text(Path(served_threshold.__file__).read_text() + TIMED_MODEL)
+        shutil.copyfile(KERNELS["threshold"], repo / "bench" / "1" / KERNEL_FILE)
         options = ServerOptions(
             repository=repo,
             http_port=free_port(),

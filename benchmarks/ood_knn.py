@@ -47,7 +47,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def per_image_ms(index, queries: np.ndarray, k: int, batch: int, seconds: float = 3.0) -> float:
-    from headmaster.model_repository.backends.threshold import knn_distance
+    from headmaster.rules.threshold import knn_distance
 
     knn_distance(index, queries[:batch], k)  # warm up
     done, started = 0, time.perf_counter()
@@ -60,7 +60,7 @@ def per_image_ms(index, queries: np.ndarray, k: int, batch: int, seconds: float 
 
 def encoder_ms(batch: int) -> float:
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository.backends.runtime import load_runner
+    from headmaster.served.runtime import load_runner
 
     with tempfile.TemporaryDirectory() as tmp:
         card = export_encoder(ExportOptions(model="ViT-B-32", pretrained=None, out=Path(tmp) / "e", towers=("image",)))
@@ -82,7 +82,7 @@ def clustered(rng, centres: np.ndarray, n: int, spread: float) -> np.ndarray:
 
 def cap_cost(dim: int, references: int, k: int = 10) -> list[tuple[int, float]]:
     """FPR at 95% TPR against the reference-set size (seeded subsamples of one set)."""
-    from headmaster.model_repository.backends.threshold import KnnIndex, knn_distance
+    from headmaster.rules.threshold import KnnIndex, knn_distance
 
     rng = np.random.default_rng(0)
     centres = unit(rng.normal(size=(2000, dim)).astype(np.float32))
@@ -103,7 +103,7 @@ def ivf_rows(dim: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
     """The inverted-file search against the exact one on clustered references (as cap_cost)."""
     import faiss
 
-    from headmaster.model_repository.backends.threshold import KnnIndex, ivf_search, knn_distance
+    from headmaster.rules.threshold import KnnIndex, ivf_search, knn_distance
 
     faiss.omp_set_num_threads(1)  # as the threshold step runs it
     rows = []
@@ -145,7 +145,8 @@ def first_request(dim: int, size: int, k: int) -> dict:
     references: the index built on first use vs read from the stored ood.faiss."""
     import faiss
 
-    from headmaster.model_repository.backends import threshold
+    from headmaster.rules import threshold
+    from headmaster.served import threshold as served_threshold
 
     faiss.omp_set_num_threads(1)  # as the threshold step runs it
     rng = np.random.default_rng(0)
@@ -177,7 +178,7 @@ def first_request(dim: int, size: int, k: int) -> dict:
         (version / threshold.OOD_INDEX_FILE).write_bytes(stored)
         distances = []
         for name, entry in (("built_s", ood), ("stored_s", {**ood, "index_sha256": threshold.index_sha256(stored)})):
-            model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
+            model = served_threshold.TritonPythonModel.__new__(served_threshold.TritonPythonModel)
             model.repository, model._indexes = tmp, {}
             started = time.perf_counter()
             distances.append(threshold.knn_distance(model._index("head", {"version": 1, "ood": entry}), queries, k))
@@ -233,7 +234,7 @@ def main() -> None:
 
     import faiss
 
-    from headmaster.model_repository.backends.threshold import KnnIndex
+    from headmaster.rules.threshold import KnnIndex
 
     rng = np.random.default_rng(0)
     queries = unit(rng.normal(size=(2048, args.dim)).astype(np.float32))

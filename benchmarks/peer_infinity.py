@@ -110,7 +110,7 @@ def setup_peer() -> Path:
 
 
 def free_port() -> int:
-    from headmaster.model_repository.server import free_port as free
+    from headmaster.server.triton import free_port as free
 
     return free()
 
@@ -409,8 +409,8 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.repository import BuildOptions
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions
 
     bin_dir = setup_peer()
     serve_throughput = _load("serve_throughput")

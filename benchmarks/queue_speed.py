@@ -38,9 +38,9 @@ HEADS, LABELS = 10, 10
 def head_repo(encoder_dir: Path, target: Path) -> Path:
     """A repository of its own (the ViT-B-32 export of serve_throughput.py) holding only the 10 heads."""
     from headmaster.export.heads import HeadCard, HeadWeights
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.lifecycle import HeadDraft, publish
-    from headmaster.model_repository.repository import BuildOptions, Repository
+    from headmaster.lifecycle.operations import HeadDraft, publish
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions, Repository
 
     shutil.rmtree(target, ignore_errors=True)
     build_repository(encoder_dir, target, BuildOptions())
@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
 
-    from headmaster.model_repository.repository import Repository
     from headmaster.pipelines.redis_streams import RedisStreams
+    from headmaster.repository.repo import Repository
     from tests.helpers import CLI, free_port
 
     encoder_dir = WORKDIR / "encoder-fp32"

@@ -133,7 +133,7 @@ def export(work: Path, precision: str):
 
 
 def embeddings(folder: Path, repo: Path, cache: Path) -> tuple[list[Path], np.ndarray, np.ndarray]:
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
     from headmaster.training.embeddings import embed_paths
 
     paths = sorted(folder.rglob("*.png"))
@@ -157,7 +157,7 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test
 
 
 def head_accuracy(repo: Path, name: str, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    from headmaster.model_repository.head_version import HeadVersion
+    from headmaster.repository.head_version import HeadVersion
 
     head = HeadVersion.load(repo, name)
     labels = np.array([int(label) for label in head.card.labels])
@@ -167,10 +167,10 @@ def head_accuracy(repo: Path, name: str, x: np.ndarray, y: np.ndarray) -> tuple[
 
 def served_vs_offline(repo: Path, paths: list[Path], x_test: np.ndarray, heads: list[str], work: Path) -> dict:
     from headmaster.client import HeadmasterClient
-    from headmaster.model_repository.backends.threshold import accept
-    from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.repository import Repository
-    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+    from headmaster.repository.head_version import HeadVersion
+    from headmaster.repository.repo import Repository
+    from headmaster.rules.threshold import accept
+    from headmaster.server.triton import ServerOptions, TritonServer, free_port
 
     options = ServerOptions(
         repository=repo,
@@ -233,7 +233,7 @@ def int8(work: Path, train_paths: list[Path], test_paths: list[Path], repo: Path
     through the same gate on the 1,000 test digits with both heads."""
     from headmaster.errors import ExportError
     from headmaster.export import quantize
-    from headmaster.model_repository.head_version import HeadVersion
+    from headmaster.repository.head_version import HeadVersion
 
     try:
         export(work, "int8")
@@ -334,7 +334,7 @@ def distilled(repo: Path, train_paths: list[Path], x_train: np.ndarray, work: Pa
     lowered to 0 so the figure is recorded either way; the default floor's verdict is reported."""
     import shutil
 
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
     from headmaster.store import open_store
     from headmaster.store.base import StoredItem, file_sha256
     from headmaster.training.distill import MIN_AGREEMENT, DistillOptions, distill
@@ -382,8 +382,8 @@ def main() -> None:
     if not parts <= set(PARTS):
         parser.error(f"--only: unknown part(s) {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.repository import BuildOptions
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions
     from headmaster.training.heads.train_head import TrainOptions, train_head
     from headmaster.training.heads.trainer import TrainConfig
 

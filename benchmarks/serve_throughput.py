@@ -61,8 +61,8 @@ def prepare(precision: str, preferred: tuple[int, ...], device: str) -> tuple[Pa
     from headmaster.errors import CardError
     from headmaster.export.card import EncoderCard
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.repository import BuildOptions
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions
     from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     encoder_dir, repo = WORKDIR / f"encoder-{precision}", WORKDIR / f"model_repository-{precision}"
@@ -94,8 +94,8 @@ class Raw:
 
     def __init__(self, encoder_dir: Path, images: list[bytes], device: str = "cpu"):
         from headmaster.export.card import EncoderCard
-        from headmaster.model_repository.backends.preprocess import preprocess_bytes
-        from headmaster.model_repository.backends.runtime import load_runner
+        from headmaster.served.preprocess import preprocess_bytes
+        from headmaster.served.runtime import load_runner
 
         card = EncoderCard.load(encoder_dir)
         self.pixels = np.stack([preprocess_bytes(images[i % len(images)], card.preprocessing) for i in range(64)])
@@ -160,7 +160,7 @@ def phone_photo_preprocessing(seconds: float) -> list[tuple[str, float, float]]:
     """ms per image, one thread: real photos upscaled to phone-camera sizes, reduced vs exact decode."""
     from PIL import Image
 
-    from headmaster.model_repository.backends.preprocess import preprocess_bytes
+    from headmaster.served.preprocess import preprocess_bytes
     from tests.helpers import photo_bytes
 
     cfg = {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bicubic"}
@@ -188,9 +188,9 @@ def measure(images: list[bytes], args) -> tuple[list, dict]:
     import contextlib
 
     from headmaster.errors import ToolError
-    from headmaster.model_repository import perf_analyzer
-    from headmaster.model_repository.repository import Repository
-    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+    from headmaster.repository.repo import Repository
+    from headmaster.server import perf_analyzer
+    from headmaster.server.triton import ServerOptions, TritonServer, free_port
 
     with contextlib.ExitStack() as stack:
         raw, served, servers = {}, {}, {}
@@ -262,7 +262,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from headmaster.model_repository import perf_analyzer
+    from headmaster.server import perf_analyzer
 
     images = jpeg_inputs()
     load_start = os.getloadavg()[0]

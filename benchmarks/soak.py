@@ -132,8 +132,8 @@ def odd_inputs(png: bytes) -> dict[str, tuple[bytes, bool]]:
 # -- setup (child process) ----------------------------------------------------------------------
 def setup(work: Path) -> None:
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.repository import BuildOptions, Repository
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions, Repository
     from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     encoder, repo = work / "encoder" / "vit-s-32", work / "model_repository"
@@ -430,8 +430,8 @@ class Load:
 # -- serve ------------------------------------------------------------------------------------------
 class Serve:
     def __init__(self, repo: Path, log: Path):
-        from headmaster.model_repository.server import free_port
-        from headmaster.model_repository.server_record import running_server
+        from headmaster.server.record import running_server
+        from headmaster.server.triton import free_port
 
         self.repo, self.log = repo, log
         self.ports = [free_port() for _ in range(3)]
@@ -573,7 +573,7 @@ def kill_stub(serve: Serve, model: str, probe: Probe, t0: float) -> dict:
 def swap_head(serve: Serve, index: int, probe: Probe, t0: float, rng: random.Random) -> dict:
     """Publish a new version of a head (CLI zero-shot or lifecycle.publish of random weights) and
     measure until `classify` answers with it."""
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
 
     head = ("animal", "has_cat")[index % 2]
     via = ("zero-shot CLI", "lifecycle.publish")[(index // 2) % 2]
@@ -592,7 +592,7 @@ def swap_head(serve: Serve, index: int, probe: Probe, t0: float, rng: random.Ran
             version = Repository(serve.repo).head(head).live
         else:
             from headmaster.export.heads import HeadCard, HeadWeights
-            from headmaster.model_repository import lifecycle
+            from headmaster.lifecycle import operations as lifecycle
 
             repository = Repository(serve.repo)
             names = tuple(label.split("=", 1)[0] for label in labels)

@@ -52,11 +52,11 @@ def main() -> None:
 
     from headmaster.client import HeadmasterClient
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository.backends.threshold import accept
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.repository import BuildOptions, Repository
-    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.head_version import HeadVersion
+    from headmaster.repository.repo import BuildOptions, Repository
+    from headmaster.rules.threshold import accept
+    from headmaster.server.triton import ServerOptions, TritonServer, free_port
     from headmaster.texts import man_pages
     from headmaster.training.embeddings import embed_paths
     from headmaster.training.heads.train_head import TrainOptions, train_head

@@ -1,7 +1,7 @@
 """A/B and shadow tests of head versions: `heads canary`, `heads compare`, `heads promote`, `heads abort`.
 
 Starting and finishing a test changes the repository and the server through
-`model_repository.lifecycle` (the reload order that keeps every request answerable is there)."""
+`lifecycle.operations` (the reload order that keeps every request answerable is there)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def canary(
 ) -> None:
     """Serve a candidate version beside the live one: to a stable share of items, or in shadow.
     Both versions' answers are in every RESULT (and the store); finish with promote or abort."""
-    from headmaster.model_repository import lifecycle, live
+    from headmaster.lifecycle import operations as lifecycle
+    from headmaster.server import live
 
     target = live.find(repo, server)
     test = lifecycle.start_test(repo, name, version, share, shadow, server)
@@ -57,8 +58,8 @@ def compare(
     from rich.table import Table
 
     from headmaster.errors import RepositoryError
-    from headmaster.model_repository import ab
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository import ab
+    from headmaster.repository.repo import Repository
     from headmaster.store import open_store
     from headmaster.store.ab import compare_versions
 
@@ -119,7 +120,7 @@ def abort(
 
 
 def _finish(name: str, promote_it: bool, repo, server) -> None:
-    from headmaster.model_repository import lifecycle
+    from headmaster.lifecycle import operations as lifecycle
 
     change = lifecycle.finish_test(repo, name, promote_it, server)
     console.print(

@@ -18,8 +18,8 @@ DEFAULT_REPO = Path("model_repository")
 
 def repo_path(value) -> Path:
     """--repo: a folder, or s3://[host:port/]bucket/prefix, whose fresh local working copy the
-    command then works on (model_repository/s3.py); a change to it is pushed back in order."""
-    from headmaster.model_repository import s3
+    command then works on (repository/s3.py); a change to it is pushed back in order."""
+    from headmaster.repository import s3
 
     return s3.working_copy(value)
 

@@ -62,8 +62,8 @@ def drift_command(
 ) -> None:
     """Compare a current window of stored items with a reference (label share, top-score
     distribution, OOD rate, embedding MMD and domain classifier); exit 3 when any check finds drift."""
-    from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.head_version import HeadVersion
+    from headmaster.repository.repo import Repository
     from headmaster.store import open_store
     from headmaster.training.evaluation import drift
 

@@ -236,7 +236,7 @@ def eval_command(
         train_data=train_data,
         ood=ood,
     )
-    from headmaster.model_repository.head_version import HeadVersion
+    from headmaster.repository.head_version import HeadVersion
 
     if HeadVersion.load(repo, name, version if not compare else compare[0]).card.task != "labels":
         _eval_task(options, report)

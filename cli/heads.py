@@ -1,6 +1,6 @@
 """The head commands: `zero-shot`, `train-head`, `heads` (list, remove, import), `rollback`.
 
-Each changes the repository through `model_repository.lifecycle`, which also makes the change
+Each changes the repository through `lifecycle.operations`, which also makes the change
 live on the server that serves it."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def zero_shot(
 
     On a text encoder's repository (st:...), the head scores texts against the labels'
     descriptions, embedded by the same encoder."""
-    from headmaster.model_repository import live
+    from headmaster.server import live
     from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     target = live.find(repo, server)
@@ -308,8 +308,8 @@ def heads(ctx: typer.Context, repo: RepoOption = DEFAULT_REPO) -> None:
     from rich.table import Table
 
     from headmaster.export.heads import HeadCard
-    from headmaster.model_repository.layout import version_dir
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.layout import version_dir
+    from headmaster.repository.repo import Repository
 
     repository = Repository(repo)
     table = Table(title=f"heads in {repo} (encoder {repository.card.model} {repository.card.short_fingerprint})")
@@ -337,7 +337,7 @@ def remove(
     server: ServerOption = None,
 ) -> None:
     """Take a head out of the repository, and out of the server that serves it."""
-    from headmaster.model_repository import lifecycle
+    from headmaster.lifecycle import operations as lifecycle
 
     change = lifecycle.remove(repo, name, server)
     console.print(f"removed head {name} from {repo}" + _where(change))
@@ -351,9 +351,9 @@ def import_(
     server: ServerOption = None,
 ) -> None:
     """Publish a head version made elsewhere as the next version here (same encoder only)."""
-    from headmaster.model_repository import lifecycle
-    from headmaster.model_repository.repository import Repository
-    from headmaster.model_repository.validation import check_version_dir
+    from headmaster.lifecycle import operations as lifecycle
+    from headmaster.repository.repo import Repository
+    from headmaster.repository.validation import check_version_dir
 
     here = Repository(repo)  # a corrupt folder is refused in one line (InvalidVersionError), before anything
     check_version_dir(version_dir, here.fingerprint, here.card.embed_dim)
@@ -370,7 +370,7 @@ def rollback(
     server: ServerOption = None,
 ) -> None:
     """Serve an older version of a head again (validated first)."""
-    from headmaster.model_repository import lifecycle
+    from headmaster.lifecycle import operations as lifecycle
 
     change = lifecycle.rollback(repo, name, to, server)
     console.print(f"head {name} now serves v{change.version}" + _where(change))
@@ -392,8 +392,9 @@ def rollout(
 ) -> None:
     """Make every replica of a repository load the head versions it names now, one replica after
     another, then check that they all serve the same versions; stragglers are named (exit 1)."""
-    from headmaster.model_repository import live, s3
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository import s3
+    from headmaster.repository.repo import Repository
+    from headmaster.server import live
 
     repository = Repository(repo)
     wanted = {state.name: str(state.live) for state in repository.heads()}

@@ -170,8 +170,8 @@ def history_command(
 ) -> None:
     """Every decision about the head's versions (improve's gate, tests started, promoted, aborted):
     when, what, which versions, the data it rested on, and why."""
-    from headmaster.model_repository import ledger
-    from headmaster.model_repository.repository import Repository
+    from headmaster.lifecycle import ledger
+    from headmaster.repository.repo import Repository
 
     Repository(repo).head(name)  # an unknown head: that message, not an empty table
     entries = ledger.read(repo, name)

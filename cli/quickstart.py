@@ -54,10 +54,10 @@ def run_quickstart(workdir: Path, model: str, pretrained: str | None, images: Pa
     from headmaster.errors import CardError
     from headmaster.export.card import EncoderCard
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository import consistency
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+    from headmaster.repository import consistency
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.head_version import HeadVersion
+    from headmaster.server.triton import ServerOptions, TritonServer, free_port
     from headmaster.store import ParquetStore
     from headmaster.store.classify import classify_into_store
     from headmaster.training.feedback.rescore import rescore

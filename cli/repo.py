@@ -98,8 +98,8 @@ def build(
     ] = False,
 ) -> None:
     """Assemble a Triton repository: preprocess -> encoder -> heads -> threshold, as `classify`."""
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.repository import BuildOptions
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions
 
     options = BuildOptions.for_device(
         device,
@@ -119,7 +119,7 @@ def build(
         embedding_cache_mb=embedding_cache_mb,
         serve_text=serve_text,
     )
-    from headmaster.model_repository import s3
+    from headmaster.repository import s3
 
     served_text = _served_text(repo)
     repository = build_repository(encoder, repo, options)
@@ -148,9 +148,9 @@ def build(
 def check(repo: RepoOption = DEFAULT_REPO) -> None:
     """Find every way the repository differs from what can be served: configs, files, head
     versions (each one run once), ensembles, leftovers. Exit 1 when there is any."""
-    from headmaster.model_repository import s3
-    from headmaster.model_repository.consistency import problems
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository import s3
+    from headmaster.repository.consistency import problems
+    from headmaster.repository.repo import Repository
 
     found = problems(repo)
     if found:
@@ -176,8 +176,8 @@ def _served_text(repo) -> bool:
     """Whether the repository already at ``repo`` (if any) serves embed_text, so a rebuild that
     drops it says so."""
     from headmaster.errors import HeadmasterError
-    from headmaster.model_repository.layout import MANIFEST
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.layout import MANIFEST
+    from headmaster.repository.repo import Repository
 
     try:
         return (Path(repo) / MANIFEST).is_file() and "embed_text" in Repository(repo).model_names()
@@ -190,9 +190,9 @@ def repair(repo: RepoOption = DEFAULT_REPO) -> None:
     """Make the repository describe what can be served, from what is on disk: each head serves
     its configured version if valid, else its newest valid one; invalid versions and heads are
     moved aside (.invalid-*); configs are re-rendered; leftovers removed."""
-    from headmaster.model_repository import s3
-    from headmaster.model_repository.consistency import problems
-    from headmaster.model_repository.consistency import repair as repair_repository
+    from headmaster.repository import s3
+    from headmaster.repository.consistency import problems
+    from headmaster.repository.consistency import repair as repair_repository
 
     for action in repair_repository(repo):
         console.print(action, markup=False, highlight=False)
@@ -221,8 +221,8 @@ def push(
     """Copy a repository into S3, versions before the configs that name them, the manifest last;
     objects the source no longer has are deleted last. Servers of the bucket are not told: see
     `headmaster rollout`."""
-    from headmaster.model_repository import s3
-    from headmaster.model_repository.consistency import check as check_repository
+    from headmaster.repository import s3
+    from headmaster.repository.consistency import check as check_repository
 
     check_repository(source)  # never push a repository that cannot be served
     location, changed = s3.push_repository(source, to)

@@ -82,8 +82,8 @@ def serve(
     """Run the Triton server bundled in nvidia-pytriton on a repository until Ctrl-C / SIGTERM."""
     import os
 
-    from headmaster.model_repository.server_record import KEY_ENV
-    from headmaster.model_repository.serving import ServeLoop, ServeOptions
+    from headmaster.lifecycle.serving import ServeLoop, ServeOptions
+    from headmaster.server.record import KEY_ENV
 
     key = api_key_file.read_text().strip() if api_key_file else os.environ.get(KEY_ENV) or None
     options = ServeOptions(
@@ -126,7 +126,7 @@ class _ConsoleReporter:
         return console.status(escape(text))
 
     def ready(self, loop) -> None:
-        from headmaster.model_repository.server_record import KEY_ENV, STATE_DIR
+        from headmaster.server.record import KEY_ENV, STATE_DIR
 
         server, o = loop.server, loop.options
         console.print(

@@ -36,7 +36,7 @@ def rescore_command(
     batch_size: Annotated[int, typer.Option(help="Embeddings per onnxruntime call.")] = 65536,
 ) -> None:
     """Run a head version over every stored embedding on CPU and record its labels (no encoder, no server)."""
-    from headmaster.model_repository.head_version import HeadVersion
+    from headmaster.repository.head_version import HeadVersion
     from headmaster.training.feedback.rescore import rescore
 
     bar, task = progress("rescoring", None)
@@ -211,7 +211,7 @@ def suggest_command(
     (multi-label); smallest first. entropy: of the scores; largest first. With --mix: a review
     batch from several strategies, each item with the version's prediction, score and version."""
     from headmaster.errors import DataError
-    from headmaster.model_repository.head_version import HeadVersion
+    from headmaster.repository.head_version import HeadVersion
     from headmaster.training.feedback.suggest import suggest
 
     if mix is None and (label_studio_url is not None or label_studio_project is not None):
@@ -226,7 +226,7 @@ def suggest_command(
         check_output(output)
     opened = _open(store)
     if mix is not None:
-        from headmaster.model_repository import ab
+        from headmaster.repository import ab
         from headmaster.store.base import now
         from headmaster.training.feedback.review import parse_mix, record_sent, select, write_tasks
 
@@ -336,7 +336,7 @@ def reembed_command(
     ] = None,
 ) -> None:
     """Embed every stored item again with the repository's encoder, from its source file."""
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
     from headmaster.training.embeddings import embedder_for
     from headmaster.training.feedback.reembed import reembed
 
@@ -379,7 +379,7 @@ def dataset_export_command(
     ] = None,
 ) -> None:
     """Write an immutable snapshot of the head's training set (people's labels, embeddings, images)."""
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
     from headmaster.training.feedback.corrections import head_labels
     from headmaster.training.feedback.snapshots import export_snapshot, labelled_fingerprint
 

@@ -67,9 +67,9 @@ def embed_command(
     exit_when_idle: IdleOption = None,
 ) -> None:
     """Consume image references, embed, store the embeddings, publish them for the heads."""
-    from headmaster.model_repository.repository import Repository
     from headmaster.pipelines.embedders import bytes_embedder
     from headmaster.pipelines.workers import EmbedWorker, WorkerOptions
+    from headmaster.repository.repo import Repository
     from headmaster.store import open_store
 
     options = WorkerOptions(

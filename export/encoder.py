@@ -32,9 +32,9 @@ from headmaster.export import hf_folder, onnx_file, quantize, sentence_folder
 from headmaster.export.card import EncoderCard, TowerFile
 from headmaster.export.encoders import LoadedEncoder, load
 from headmaster.export.reference import reference_images, reference_prompts, reference_texts
-from headmaster.model_repository.backends.preprocess import preprocess_bytes
-from headmaster.model_repository.backends.runtime import load_runner
-from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
+from headmaster.served.preprocess import preprocess_bytes
+from headmaster.served.runtime import load_runner
+from headmaster.served.tokenize import TOKENIZER_DIR, folder_tokenizer
 
 LOG = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A head version is self-contained: its graph computes the scores *and* emits ``IN
 JSON constant with the version number, label names, thresholds and whether the head is
 multi-label. The ensemble's threshold step applies exactly the thresholds that came out
 with the scores, so no hot swap can pair new weights with old labels (see
-``model_repository/backends/threshold.py``). ``head.json`` beside ``model.onnx`` holds the
+``rules/threshold.py``). ``head.json`` beside ``model.onnx`` holds the
 full record: encoder fingerprint, how the head was made, metrics.
 
 The same file runs in Triton (onnxruntime backend, or the python backend in the portable
@@ -127,7 +127,7 @@ class HeadWeights:
 
 def check_ood(name: str, ood: dict) -> None:
     """The ``ood`` entry of a head card, refused with what is wrong."""
-    from headmaster.model_repository.backends.threshold import OOD_POLICIES
+    from headmaster.rules.threshold import OOD_POLICIES
 
     missing = {"k", "threshold", "policy", "references", "sha256"} - set(ood)
     if missing:
@@ -168,7 +168,7 @@ def check_ood(name: str, ood: dict) -> None:
 
 def check_task(card: HeadCard) -> None:
     """A card's task and what it needs, refused with what is wrong."""
-    from headmaster.model_repository.backends.threshold import TASKS
+    from headmaster.rules.threshold import TASKS
 
     name, task = card.name, card.task
     if task not in TASKS:
@@ -378,12 +378,7 @@ def write_head(
     import onnx
     import onnxruntime as ort
 
-    from headmaster.model_repository.backends.threshold import (
-        OOD_FILE,
-        OOD_INDEX_FILE,
-        index_sha256,
-        references_sha256,
-    )
+    from headmaster.rules.threshold import OOD_FILE, OOD_INDEX_FILE, index_sha256, references_sha256
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -217,7 +217,7 @@ def _tokenizer(name: str, folder: Path, config: dict) -> tuple[dict, dict[str, b
 def _siglip_tokenizer(tokenizer, folder: Path, text_config: dict) -> tuple[dict, dict[str, bytes]]:
     """A SigLIP folder's SiglipTokenizer: its spiece.model, and what tokenize.siglip_tokenizer needs
     to reproduce the class (lower-casing, unk token, end-of-sequence and pad ids, special tokens)."""
-    from headmaster.model_repository.backends.tokenize import SIGLIP
+    from headmaster.served.tokenize import SIGLIP
 
     files = {f: (folder / f).read_bytes() for f in ("spiece.model", "tokenizer_config.json") if (folder / f).is_file()}
     special = {t: int(i) for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}

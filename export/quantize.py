@@ -31,8 +31,8 @@ import numpy as np
 from headmaster.errors import ExportError
 from headmaster.export.reference import held_out_images, reference_images
 from headmaster.images import IMAGE_SUFFIXES
-from headmaster.model_repository.backends.preprocess import preprocess_bytes
-from headmaster.model_repository.backends.runtime import load_runner
+from headmaster.served.preprocess import preprocess_bytes
+from headmaster.served.runtime import load_runner
 
 LOG = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class QuantizeSettings:
 
 
 class ScoringHead(Protocol):
-    """What the gate needs of a head version (model_repository.head_version.HeadVersion has it)."""
+    """What the gate needs of a head version (repository.head_version.HeadVersion has it)."""
 
     title: str
 

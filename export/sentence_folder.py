@@ -13,9 +13,9 @@ folder's own (the mean of the unmasked token embeddings, or the [CLS] token), no
 exported graph gives ``SentenceTransformer(FOLDER).encode(texts, normalize_embeddings=True)``
 for any padding length. The tokenizer is the folder's ``tokenizer.json``, truncated at the
 folder's ``max_seq_length`` and padded to it, saved in the export's ``tokenizer/``, hashed on the
-card and in the fingerprint, and served by the ``tokenize`` model (backends/tokenize.py), as for
+card and in the fingerprint, and served by the ``tokenize`` model (served/tokenize.py), as for
 a Hugging Face CLIP folder (export/hf_folder.py). The encoder has no image tower: its repository
-classifies text (model_repository/topology.py).
+classifies text (repository/topology.py).
 """
 
 from __future__ import annotations

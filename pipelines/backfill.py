@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.errors import PipelineError
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.repo import Repository
 from headmaster.store.base import Store, label_table
 
 LOG = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _read_batch(batch: dict, known: set[str], preprocessing) -> dict:
         if status == OK and sha in known:
             status, data = SKIP, b""
         if status == OK and preprocessing is not None:
-            from headmaster.model_repository.backends.preprocess import InvalidImage, preprocess_bytes
+            from headmaster.served.preprocess import InvalidImage, preprocess_bytes
 
             try:
                 pixels = preprocess_bytes(data, preprocessing)
@@ -187,8 +187,8 @@ def backfill(
     source: str, store: Store, options: BackfillOptions, progress: Callable[[BackfillReport], None] | None = None
 ) -> BackfillReport:
     """Embed and label every image of ``source`` into ``store``; see the module docstring."""
-    from headmaster.model_repository.head_version import HeadVersion
     from headmaster.pipelines.sources import list_source
+    from headmaster.repository.head_version import HeadVersion
 
     started = time.monotonic()
     if options.actors < 1:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from headmaster.export.card import require_same_encoder
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.repo import Repository
 
 
 class LocalBytesEmbedder:
@@ -19,7 +19,7 @@ class LocalBytesEmbedder:
 
     def pixels(self, data: bytes) -> np.ndarray | str:
         """Decode and preprocess as the server does; a message when the bytes are not a usable image."""
-        from headmaster.model_repository.backends.preprocess import InvalidImage, preprocess_bytes
+        from headmaster.served.preprocess import InvalidImage, preprocess_bytes
 
         try:
             return preprocess_bytes(data, self.local.preprocessing)

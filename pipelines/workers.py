@@ -231,8 +231,8 @@ class LiveHeads:
         self._checked = 0.0
 
     def current(self) -> list:
-        from headmaster.model_repository.head_version import HeadVersion
-        from headmaster.model_repository.repository import Repository
+        from headmaster.repository.head_version import HeadVersion
+        from headmaster.repository.repo import Repository
 
         if time.monotonic() - self._checked < self.recheck_s and self._signature is not None:
             return self.versions

@@ -1,7 +1,7 @@
 """A recording stand-in for Triton's model-control HTTP API, for load-order unit tests.
 
 Not a fake of Triton: it serves nothing and loads nothing. It answers the handful of calls
-:mod:`headmaster.model_repository.live` makes (``POST /v2/repository/models/NAME/load|unload``,
+:mod:`headmaster.server.live` makes (``POST /v2/repository/models/NAME/load|unload``,
 ``GET /v2/models/NAME/config``, ``POST /v2/repository/index``) on a loopback port, and writes
 down each one, in order, with the key header it carried. What our code asks, and in which order,
 is then checked in milliseconds; what Triton does with it stays the business of the real-Triton
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from headmaster.model_repository.server_record import KEY_HEADER
+from headmaster.server.record import KEY_HEADER
 
 
 @dataclass(frozen=True)

@@ -266,8 +266,8 @@ ZERO_SHOT = {
 
 
 def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Path:
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.repository import BuildOptions
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions
     from headmaster.training.heads.zero_shot import create_zero_shot_head
 
     if "flavour" not in options:  # the native tier builds native repositories
@@ -282,8 +282,8 @@ def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Pat
 
 
 def start_server(repo: Path, log_dir: Path):
-    from headmaster.model_repository.repository import Repository
-    from headmaster.model_repository.server import ServerOptions, TritonServer, free_port
+    from headmaster.repository.repo import Repository
+    from headmaster.server.triton import ServerOptions, TritonServer, free_port
 
     repository = Repository(repo)
     native = (
@@ -339,8 +339,8 @@ def clone_repo(source: Path, target: Path) -> Path:
 def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tuple[str, ...]):
     """A head version written directly: random weights, random thresholds."""
     from headmaster.export.heads import HeadCard, HeadWeights
-    from headmaster.model_repository.lifecycle import HeadDraft, publish
-    from headmaster.model_repository.repository import Repository
+    from headmaster.lifecycle.operations import HeadDraft, publish
+    from headmaster.repository.repo import Repository
 
     repository = Repository(repo)
     weights = HeadWeights(

@@ -13,7 +13,7 @@ import urllib.request
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
 
 
-# The image encoder's cache series (backends/runtime.py) count images the encoder skipped, not
+# The image encoder's cache series (served/runtime.py) count images the encoder skipped, not
 # what heads answered: left out of a scrape unless its prefix names them.
 CACHE_PREFIX = "headmaster_embedding_cache"
 

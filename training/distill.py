@@ -4,7 +4,7 @@ The teacher's scores come from the store: every stored item has the embedding th
 encoder made of its image, so the live head version applied to it *is* the teacher's answer,
 on CPU, with no encoder run. The student sees the image itself (read from the item's stored
 URI, its bytes checked against the item's sha256), preprocessed exactly as the served student
-model will (``backends/student.preprocess``), and is trained to match the teacher's
+model will (``served/student.preprocess``), and is trained to match the teacher's
 probabilities (soft cross-entropy for a single-label head, binary cross-entropy per label for a
 multi-label one). It is exported to ONNX (checked against PyTorch), compared with the teacher
 on held-out items, timed against the teacher on CPU (onnxruntime), and published into the
@@ -73,7 +73,7 @@ class DistillReport:
 
 
 def data_config(student: str, image_size: int | None, num_classes: int, pretrained: bool):
-    """The timm model and its preprocessing (the dict backends/student.py reads)."""
+    """The timm model and its preprocessing (the dict served/student.py reads)."""
     import timm
     from timm.data import resolve_data_config
 
@@ -217,7 +217,7 @@ def _images_per_second(run, batch: int, min_s: float = 1.0) -> float:
 def _speeds(student_onnx: Path, size: int, repository, teacher) -> tuple[float, float]:
     import onnxruntime as ort
 
-    from headmaster.model_repository.layout import encoder_artifact
+    from headmaster.repository.layout import encoder_artifact
 
     batch = 16
     spec = repository.card.towers["image"]
@@ -242,11 +242,11 @@ def distill(options: DistillOptions, server: str | None = None) -> DistillReport
     import torch
 
     from headmaster.export.heads import check_head_name
-    from headmaster.model_repository import ab
-    from headmaster.model_repository.backends.student import preprocess
-    from headmaster.model_repository.backends.threshold import accepted_mask, task_of
-    from headmaster.model_repository.head_version import HeadVersion
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository import ab
+    from headmaster.repository.head_version import HeadVersion
+    from headmaster.repository.repo import Repository
+    from headmaster.rules.threshold import accepted_mask, task_of
+    from headmaster.served.student import preprocess
     from headmaster.store import open_store
 
     started = time.monotonic()
@@ -364,13 +364,13 @@ def publish_student(
     version published."""
     import time
 
-    from headmaster.model_repository import ab
-    from headmaster.model_repository.backends.student import STUDENT_FILE
-    from headmaster.model_repository.change import RepositoryChange
-    from headmaster.model_repository.config import StudentModel
-    from headmaster.model_repository.layout import copy_backend
-    from headmaster.model_repository.publish import prune_versions, publish_version
-    from headmaster.model_repository.validation import check_student_dir
+    from headmaster.lifecycle.change import RepositoryChange
+    from headmaster.repository import ab
+    from headmaster.repository.config import StudentModel
+    from headmaster.repository.layout import copy_backend
+    from headmaster.repository.publish import prune_versions, publish_version
+    from headmaster.repository.validation import check_student_dir
+    from headmaster.served.student import STUDENT_FILE
 
     name, labels = card["name"], len(card["labels"])
     ab.refuse_during_test(repo, teacher, "distill a student of")
@@ -405,6 +405,6 @@ def publish_student(
 
 
 def _student_batching(repository):
-    from headmaster.model_repository.config import Batching
+    from headmaster.repository.config import Batching
 
     return Batching(min(16, repository.options.max_batch_size))

@@ -20,9 +20,9 @@ import numpy as np
 
 from headmaster.errors import UnsupportedHereError
 from headmaster.export.card import require_same_encoder
-from headmaster.model_repository.layout import encoder_artifact
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.topology import text_only
+from headmaster.repository.layout import encoder_artifact
+from headmaster.repository.repo import Repository
+from headmaster.repository.topology import text_only
 from headmaster.store.base import embedding_column, embedding_matrix, file_sha256
 
 LOG = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class LocalEmbedder:
     """The repository's image encoder, run here with onnxruntime / TorchScript."""
 
     def __init__(self, repo: Repository, batch_size: int = 32):
-        from headmaster.model_repository.backends.runtime import load_runner
+        from headmaster.served.runtime import load_runner
 
         self.fingerprint = repo.fingerprint
         self.preprocessing = repo.card.preprocessing
@@ -89,7 +89,7 @@ class LocalEmbedder:
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 
     def _pixels(self, path: Path):
-        from headmaster.model_repository.backends.preprocess import InvalidImage, preprocess_bytes
+        from headmaster.served.preprocess import InvalidImage, preprocess_bytes
 
         try:
             return preprocess_bytes(path.read_bytes(), self.preprocessing)
@@ -116,7 +116,7 @@ class LocalEmbedder:
 
 def _read_texts(paths: list[Path]) -> list[str]:
     """Each .txt file's text, or why it is refused (as the served tokenize model refuses it)."""
-    from headmaster.model_repository.backends.tokenize import InvalidText, decode_texts
+    from headmaster.served.tokenize import InvalidText, decode_texts
 
     found: list[str] = []
     for path in paths:
@@ -137,8 +137,8 @@ class LocalTextEmbedder:
     """A text encoder's repository (st:FOLDER): the served tokenizer and text tower, run here."""
 
     def __init__(self, repo: Repository, batch_size: int = 32):
-        from headmaster.model_repository.backends.runtime import load_runner
-        from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
+        from headmaster.served.runtime import load_runner
+        from headmaster.served.tokenize import TOKENIZER_DIR, folder_tokenizer
 
         card = repo.card
         self.fingerprint = repo.fingerprint

@@ -24,8 +24,10 @@ import pytest
 from headmaster.client import HeadmasterClient
 from headmaster.errors import RepositoryError
 from headmaster.export.heads import HeadCard, HeadWeights
-from headmaster.model_repository import ab, lifecycle, live
-from headmaster.model_repository.backends.threshold import accept
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository import ab
+from headmaster.rules.threshold import accept
+from headmaster.server import live
 from headmaster.store import open_store
 from tests.helpers import ARTIFACTS, Clients, clone_repo, run_cli, start_server, written_version
 

@@ -26,7 +26,7 @@ from headmaster.export.card import EncoderCard, fingerprint_of
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import FAMILIES, family_of, load
 from headmaster.export.reference import reference_images
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.repo import Repository
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.zero_shot import classifier, create_zero_shot_head
 from tests.helpers import ARTIFACTS, CLI, build_repo, cosine_rows, run_cli, start_server, subset

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
 from headmaster.store import open_store
 from headmaster.training.embeddings import LocalEmbedder
 from tests.helpers import CLI, clone_repo, free_port, run_cli

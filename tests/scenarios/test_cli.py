@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository.server import free_port
+from headmaster.server.triton import free_port
 from tests.helpers import ARTIFACTS, Ports, clone_repo, run_cli, serve_command, start_server
 
 

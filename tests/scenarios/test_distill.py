@@ -18,10 +18,10 @@ import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository import live
-from headmaster.model_repository.backends.student import STUDENT_FILE, preprocess
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
+from headmaster.served.student import STUDENT_FILE, preprocess
+from headmaster.server import live
 from headmaster.store import open_store
 from headmaster.store.classify import classify_into_store
 from headmaster.training.heads.train_head import TrainOptions, train_head

@@ -1,4 +1,4 @@
-"""The image encoder's cache of embeddings (backends/runtime.py): a repeated image skips the
+"""The image encoder's cache of embeddings (served/runtime.py): a repeated image skips the
 encoder, the heads still run live, the cache stays within its bound, and its hits and misses
 are counted on the metrics port.
 
@@ -14,15 +14,15 @@ import pytest
 from PIL import Image
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository import live
-from headmaster.model_repository.backends.runtime import (
+from headmaster.repository.config import parse
+from headmaster.served.runtime import (
     CACHE_BYTES_METRIC,
     CACHE_ENTRIES_METRIC,
     CACHE_HITS_METRIC,
     CACHE_MISSES_METRIC,
     ENTRY_OVERHEAD,
 )
-from headmaster.model_repository.config import parse
+from headmaster.server import live
 from tests.helpers import ARTIFACTS, ZERO_SHOT, build_repo, start_server, written_version
 from tests.live_metrics import scrape
 

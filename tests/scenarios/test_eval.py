@@ -21,7 +21,7 @@ import pytest
 from sklearn.metrics import confusion_matrix
 
 from headmaster.errors import EvalError
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.repo import Repository
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 from headmaster.training.evaluation.evaluate import EvalOptions
 from headmaster.training.evaluation.report import make_report

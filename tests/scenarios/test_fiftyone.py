@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from headmaster.errors import DataError
-from headmaster.model_repository.head_version import HeadVersion
+from headmaster.repository.head_version import HeadVersion
 from headmaster.store.base import now
 from headmaster.training.feedback.fiftyone_dataset import read_fiftyone, write_fiftyone
 from headmaster.training.feedback.rescore import rescore

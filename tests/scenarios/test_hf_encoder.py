@@ -23,10 +23,10 @@ from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import weights_sha256
 from headmaster.export.reference import reference_images
-from headmaster.model_repository.backends.preprocess import preprocess_bytes
-from headmaster.model_repository.backends.runtime import load_runner
-from headmaster.model_repository.backends.tokenize import folder_tokenizer
-from headmaster.model_repository.build import build_repository
+from headmaster.repository.build import build_repository
+from headmaster.served.preprocess import preprocess_bytes
+from headmaster.served.runtime import load_runner
+from headmaster.served.tokenize import folder_tokenizer
 from headmaster.training.heads.zero_shot import create_zero_shot_head
 from tests.helpers import ARTIFACTS, build_repo, cosine_rows, run_cli, start_server
 

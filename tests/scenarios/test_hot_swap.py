@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from headmaster.export.heads import HeadCard, HeadWeights
-from headmaster.model_repository import lifecycle, live
-from headmaster.model_repository.backends.threshold import accept
-from headmaster.model_repository.repository import Repository
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.repo import Repository
+from headmaster.rules.threshold import accept
+from headmaster.server import live
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
 from tests.helpers import ARTIFACTS, Clients, clone_repo, start_server, subset, written_version

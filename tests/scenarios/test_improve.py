@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 
 from headmaster.errors import DataError
-from headmaster.model_repository import ab, ledger, lifecycle
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.lifecycle import ledger
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository import ab
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
 from headmaster.store import ParquetStore
 from headmaster.training.feedback.corrections import make_corrections
 from headmaster.training.feedback.gate import GateOptions, gate

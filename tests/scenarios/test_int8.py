@@ -22,11 +22,11 @@ from headmaster.export import quantize
 from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.reference import reference_images
-from headmaster.model_repository.backends.runtime import load_runner
-from headmaster.model_repository.build import build_repository
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.layout import MANIFEST, encoder_artifact
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.build import build_repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.layout import MANIFEST, encoder_artifact
+from headmaster.repository.repo import Repository
+from headmaster.served.runtime import load_runner
 from tests.helpers import MODEL, SEED, build_repo
 
 # The int8 export (calibration, quantization, its gate) takes minutes: 160 s to build int8_dir, and
@@ -227,7 +227,7 @@ def test_a_repository_whose_heads_keep_their_labels_switches_and_the_heads_carry
     """The passing side of the switch gate, made certain: a multi-label head whose thresholds are
     0 accepts every label on every image, whatever the tower's precision."""
     from headmaster.export.heads import HeadCard, HeadWeights
-    from headmaster.model_repository.lifecycle import HeadDraft, publish
+    from headmaster.lifecycle.operations import HeadDraft, publish
 
     repo = build_repo(encoder_dir, tmp_path / "repo", heads={})
     fp32 = Repository(repo)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from headmaster.model_repository.head_version import HeadVersion
+from headmaster.repository.head_version import HeadVersion
 from headmaster.training.feedback.label_studio_api import LabelStudio, pull
 from headmaster.training.feedback.rescore import rescore
 from headmaster.training.feedback.review import read_label_studio, sent_items

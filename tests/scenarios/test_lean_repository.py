@@ -15,9 +15,9 @@ import yaml
 
 from headmaster.client import HeadmasterClient
 from headmaster.client.errors import ModelNotFoundError
-from headmaster.model_repository import consistency
-from headmaster.model_repository.layout import MANIFEST
-from headmaster.model_repository.repository import Repository
+from headmaster.repository import consistency
+from headmaster.repository.layout import MANIFEST
+from headmaster.repository.repo import Repository
 from headmaster.training.heads.zero_shot import create_zero_shot_head
 from tests.helpers import ZERO_SHOT, Ports, build_repo, read_until_ready, run_cli, serve_command
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository.backends.threshold import TOP_SCORE_BUCKETS
+from headmaster.served.threshold import TOP_SCORE_BUCKETS
 from tests.live_metrics import increase, scrape
 
 

@@ -2,7 +2,7 @@
 
 Triton's onnxruntime backend refuses a config whose dims differ from the ONNX file's own
 (a head's SCORES is [batch, labels], fixed per version). The static check
-(model_repository/native_check.py) makes the backend's comparisons over every model and
+(repository/native_check.py) makes the backend's comparisons over every model and
 every version on disk, here for a head published with 2 labels and then with 3.
 
 On the native tier (HEADMASTER_NATIVE_BACKENDS / HEADMASTER_NATIVE_TRITON, see conftest.py)
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository import lifecycle
-from headmaster.model_repository.config import parse, to_proto
-from headmaster.model_repository.native_check import check_repository, served_versions, version_problems
-from headmaster.model_repository.repository import Repository
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.config import parse, to_proto
+from headmaster.repository.native_check import check_repository, served_versions, version_problems
+from headmaster.repository.repo import Repository
 from headmaster.training.heads.zero_shot import create_zero_shot_head
 from tests.helpers import ARTIFACTS, build_repo, start_server
 
@@ -113,7 +113,7 @@ def test_a_version_with_another_label_count_hot_loads(encoder_dir, jpeg_photos, 
             assert scores_dims(repo, "animals") == [3]
             assert labels() == {(2, ("bird", "cat", "dog"))}
             lifecycle.rollback(repo, "animals", to=1)
-            from headmaster.model_repository import live
+            from headmaster.server import live
 
             live.head_published(server, "animals")
             assert scores_dims(repo, "animals") == [2]
@@ -128,8 +128,8 @@ def test_a_gpu_native_repository_matches_its_files_as_nvidias_backends_check_the
     defaults, checked statically as onnxruntime_backend / the PyTorch backend check at load
     (no GPU here to load them; a TensorRT plan needs TensorRT to be read at all)."""
     from headmaster.export.encoder import ExportOptions, export_encoder
-    from headmaster.model_repository.build import build_repository
-    from headmaster.model_repository.repository import BuildOptions
+    from headmaster.repository.build import build_repository
+    from headmaster.repository.repo import BuildOptions
     from tests.helpers import MODEL, SEED
 
     encoder = tmp_path / "encoder"

@@ -18,7 +18,7 @@ from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.onnx_file import OnnxDescription, open_file, reference_embeddings
 from headmaster.export.quantize import QuantizeSettings
 from headmaster.export.reference import reference_images
-from headmaster.model_repository.backends.preprocess import preprocess_bytes
+from headmaster.served.preprocess import preprocess_bytes
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from tests.helpers import ARTIFACTS, build_repo, cosine_rows, run_cli, start_server, subset
 
@@ -138,7 +138,7 @@ def test_channels_last_bgr_and_a_pooled_feature_map(tmp_path):
     x = pixels[:, ::-1].astype(np.float32)  # RGB -> BGR
     x = (x - np.float32(description["mean"]).reshape(1, 3, 1, 1)) / np.float32(description["std"]).reshape(1, 3, 1, 1)
     features = session.run([inner], {"input": x.transpose(0, 2, 3, 1)})[0].mean(axis=(2, 3))
-    from headmaster.model_repository.backends.runtime import load_runner
+    from headmaster.served.runtime import load_runner
 
     ours = load_runner(str(tmp_path / "e" / "image.onnx"), device="cpu")({"PIXELS": pixels}, ["EMBEDDING"])[0]
     assert cosine_rows(ours, features).min() >= 0.9999

@@ -21,9 +21,9 @@ from PIL import Image
 from headmaster.client import HeadmasterClient
 from headmaster.client.errors import ServerSideError
 from headmaster.export.reference import held_out_images, reference_images
-from headmaster.model_repository.backends.threshold import OOD_FILE, OOD_INDEX_FILE, KnnIndex, knn_distance
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
+from headmaster.rules.threshold import OOD_FILE, OOD_INDEX_FILE, KnnIndex, knn_distance
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from tests.helpers import ARTIFACTS, build_repo, read_until_ready, run_cli, start_server
@@ -106,7 +106,7 @@ def test_an_ivf_version_is_served_as_the_cpu_path_searches_it(ood_setup, monkeyp
     """A version whose reference set is searched through IVF (EXACT_MAX lowered so that 1,200 digits
     are "large"): train-head stores the index it built (ood.faiss, its sha256 on the card); the
     server reads that file and flags what HeadVersion, reading the same file, flags."""
-    from headmaster.model_repository.backends import threshold
+    from headmaster.rules import threshold
 
     monkeypatch.setattr(threshold, "EXACT_MAX", 500)
     card = train_head(
@@ -229,7 +229,7 @@ def test_eval_reports_auroc_and_fpr_against_an_ood_folder(ood_setup, tmp_path):
 def test_a_tampered_reference_set_is_refused_before_it_goes_live(ood_setup, tmp_path):
     """Rollback / import validate the reference set: another file of the same shape is refused."""
     from headmaster.errors import InvalidVersionError
-    from headmaster.model_repository import lifecycle
+    from headmaster.lifecycle import operations as lifecycle
 
     folder = Repository(ood_setup["repo"]).version_dir("digit")
     copy = tmp_path / "digit-copy"

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from headmaster.model_repository import perf_analyzer
+from headmaster.server import perf_analyzer
 
 
 @pytest.fixture(scope="module")

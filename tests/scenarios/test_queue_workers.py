@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from headmaster.errors import QueueError
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
 from headmaster.store import open_store
 from tests import helpers
 from tests.helpers import CLI, clone_repo, free_port, run_cli, written_version

@@ -68,7 +68,7 @@ from pathlib import Path
 
 import pytest
 
-from headmaster.model_repository.server import free_port
+from headmaster.server.triton import free_port
 from tests.helpers import ARTIFACTS, ZERO_SHOT, Ports, build_repo, photo_bytes, subset
 
 # The examples run `headmaster serve` as written: the bundled Triton, python backend only.
@@ -336,7 +336,7 @@ def world(encoder_dir, digits_dir, tmp_path_factory) -> World:
 @pytest.fixture(scope="module")
 def served(world) -> World:
     """`headmaster serve --repo model_repository` running in the world's folder."""
-    from headmaster.model_repository.server_record import running_server
+    from headmaster.server.record import running_server
 
     if all(port_free(p) for p in DEFAULT_PORTS.values()):
         world.ports = dict(DEFAULT_PORTS)
@@ -370,7 +370,7 @@ def ran(result: subprocess.CompletedProcess, code: str) -> str:
 
 def head_state(world: World, name: str):
     from headmaster.export.heads import HeadCard
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
 
     state = next(s for s in Repository(world.repo).heads() if s.name == name)
     cards = {v: HeadCard.load(world.repo / name / str(v)) for v in state.versions}
@@ -512,7 +512,7 @@ def check_curl(output: str, world: World) -> None:
     assert answer["outputs"][0]["name"] == "RESULT", answer
     assert answer["outputs"][0]["datatype"] == "BYTES" and answer["outputs"][0]["shape"] == [1, 1]
     result = json.loads(answer["outputs"][0]["data"][0])
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
 
     assert result["encoder"] == Repository(world.repo).fingerprint
     assert set(result["heads"]["animal"]["scores"]) == {"cat", "dog", "bird"}, result

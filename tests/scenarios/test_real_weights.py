@@ -22,9 +22,9 @@ from headmaster.errors import ExportError
 from headmaster.export import checkpoints
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import load, weights_sha256
-from headmaster.model_repository.backends.threshold import accept
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
+from headmaster.rules.threshold import accept
 from headmaster.training.embeddings import embed_paths
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from tests.helpers import ARTIFACTS, build_repo, run_cli, start_server

@@ -15,11 +15,11 @@ from headmaster.errors import FingerprintMismatchError, RepositoryError
 from headmaster.export.card import EncoderCard
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.heads import HeadCard, HeadWeights
-from headmaster.model_repository import lifecycle
-from headmaster.model_repository.build import build_repository
-from headmaster.model_repository.config import parse
-from headmaster.model_repository.consistency import check
-from headmaster.model_repository.repository import BuildOptions, Repository
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.build import build_repository
+from headmaster.repository.config import parse
+from headmaster.repository.consistency import check
+from headmaster.repository.repo import BuildOptions, Repository
 from tests.helpers import MODEL, TIER_OPTIONS, ZERO_SHOT
 
 
@@ -172,7 +172,7 @@ def test_docker_compose_serves_what_a_native_build_produces(encoder_dir, tmp_pat
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     # Closed like `headmaster serve`: the same APIs behind the same header, on both transports,
     # and the ports on loopback unless the operator says otherwise.
-    from headmaster.model_repository.server_record import KEY_HEADER, RESTRICTED_APIS
+    from headmaster.server.record import KEY_HEADER, RESTRICTED_APIS
 
     for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
         (value,) = [arg.split("=", 1)[1] for arg in service["command"] if arg.startswith(flag)]

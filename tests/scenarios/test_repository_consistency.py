@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from headmaster.errors import FingerprintMismatchError, InvalidVersionError, RepositoryError
-from headmaster.model_repository import lifecycle
-from headmaster.model_repository.config import parse
-from headmaster.model_repository.consistency import check, problems, repair
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.validation import validate_version
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.config import parse
+from headmaster.repository.consistency import check, problems, repair
+from headmaster.repository.repo import Repository
+from headmaster.repository.validation import validate_version
 from tests.helpers import build_repo, clone_repo, run_cli, written_version
 
 LABELS = ("cat", "dog", "bird")

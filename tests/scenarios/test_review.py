@@ -17,8 +17,8 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from headmaster.model_repository import lifecycle
-from headmaster.model_repository.head_version import HeadVersion
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.head_version import HeadVersion
 from headmaster.training.feedback.rescore import rescore
 from headmaster.training.feedback.review import parse_mix, select, sent_items, write_tasks
 from headmaster.training.heads.train_head import TrainOptions, train_head

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository import s3
-from headmaster.model_repository.server import free_port
+from headmaster.repository import s3
+from headmaster.server.triton import free_port
 from tests.helpers import ARTIFACTS, CLI, Clients, MotoS3Server, Ports, clone_repo, serve_command, subset
 
 pytestmark = pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)")

@@ -1,4 +1,4 @@
-"""The serve loop driven in this process (model_repository/serving.py), on a real Triton.
+"""The serve loop driven in this process (lifecycle/serving.py), on a real Triton.
 
 The CLI tests (test_cli.py, test_serve_operations.py) run `headmaster serve` as a user does; these
 call :class:`ServeLoop` directly and act from inside its reporter, so no subprocess sits between
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.server import free_port
-from headmaster.model_repository.server_record import record_path, running_server
-from headmaster.model_repository.serving import LogReporter, ServeLoop, ServeOptions
+from headmaster.lifecycle.serving import LogReporter, ServeLoop, ServeOptions
+from headmaster.repository.repo import Repository
+from headmaster.server.record import record_path, running_server
+from headmaster.server.triton import free_port
 from tests.helpers import clone_repo
 
 pytestmark = pytest.mark.portable_only("the loop runs the bundled Triton (python backend only)")

@@ -33,8 +33,8 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from headmaster.client import AsyncHeadmasterClient, ClientError, HeadmasterClient
-from headmaster.model_repository.server import SHM_PREFIX, free_port
-from headmaster.model_repository.server_record import KEY_HEADER, read_record, record_path, running_server
+from headmaster.server.record import KEY_HEADER, read_record, record_path, running_server
+from headmaster.server.triton import SHM_PREFIX, free_port
 from tests.helpers import ARTIFACTS, CLI, Clients, Ports, clone_repo, run_cli, serve_command, subset, written_version
 
 # `headmaster serve` runs the bundled Triton, which has only the python backend.
@@ -350,8 +350,8 @@ def test_a_version_triton_refuses_to_load_leaves_the_disk_naming_what_is_served(
     """Validation passes (a sound head) but Triton cannot load it (its runner is broken): the
     repository goes back to the version the server still serves, and says so; the watcher tries
     that folder once."""
-    from headmaster.model_repository.consistency import problems
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.consistency import problems
+    from headmaster.repository.repo import Repository
 
     image = jpeg_photos["astronaut.jpg"]
     serving = version_answered(served.grpc_url, image, "has_cat")
@@ -521,8 +521,8 @@ def test_serve_restarts_a_crashed_tritonserver_with_the_same_ports_and_key(repo,
 def test_a_request_cut_by_the_exit_timeout_is_still_a_failed_stop(repo, tmp_path, jpeg_photos):
     """The other side of reading Triton's exit log: requests still running when its exit timeout
     expires are lost, and stop reports a failure (tritonserver's exit code 1, or its crash)."""
-    from headmaster.model_repository.repository import Repository
-    from headmaster.model_repository.server import ServerOptions, TritonServer
+    from headmaster.repository.repo import Repository
+    from headmaster.server.triton import ServerOptions, TritonServer
 
     copy = clone_repo(repo, tmp_path / "repo")
     options = ServerOptions(

@@ -18,7 +18,7 @@ from PIL import Image
 from headmaster.client import AsyncHeadmasterClient, Classification, HeadmasterClient
 from headmaster.export.card import EncoderCard
 from headmaster.export.heads import HeadCard, HeadWeights
-from headmaster.model_repository.backends.threshold import accept
+from headmaster.rules.threshold import accept
 from tests.helpers import cosine_rows
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from headmaster.client import ClientError, HeadmasterClient
 from headmaster.client.shared_memory import KEY_HEADER as CLIENT_KEY_HEADER
-from headmaster.model_repository.server_record import KEY_HEADER
+from headmaster.server.record import KEY_HEADER
 
 SHM = Path("/dev/shm")
 

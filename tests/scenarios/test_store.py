@@ -22,9 +22,9 @@ import pytest
 from headmaster.client import HeadmasterClient
 from headmaster.errors import DataError, FingerprintMismatchError, StoreError
 from headmaster.export.heads import HeadCard, HeadWeights
-from headmaster.model_repository import live
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
+from headmaster.server import live
 from headmaster.store import ParquetStore, open_store
 from headmaster.store.base import label_table
 from headmaster.store.classify import classify_into_store

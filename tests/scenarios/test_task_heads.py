@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
 from tests.helpers import ARTIFACTS, clone_repo, run_cli, start_server

@@ -17,9 +17,9 @@ import pytest
 from headmaster.client import HeadmasterClient
 from headmaster.errors import DataError, ExportError
 from headmaster.export.encoder import ExportOptions, export_encoder
-from headmaster.model_repository.backends.threshold import accept
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
+from headmaster.rules.threshold import accept
 from headmaster.texts import man_pages
 from headmaster.training.embeddings import embed_paths
 from headmaster.training.heads.train_head import TrainOptions, train_head
@@ -290,8 +290,10 @@ def test_the_loop_and_the_canary_run_on_text(text_served, tmp_path):
     as a stored embedding) and in shadow, compared over the store, promoted: it then answers."""
     import csv
 
-    from headmaster.model_repository import ab, lifecycle, live
-    from headmaster.model_repository.backends.threshold import in_candidate_arm
+    from headmaster.lifecycle import operations as lifecycle
+    from headmaster.repository import ab
+    from headmaster.rules.threshold import in_candidate_arm
+    from headmaster.server import live
     from headmaster.store import open_store
     from headmaster.store.classify import classify_into_store
     from tests.helpers import run_cli
@@ -382,7 +384,7 @@ def test_a_zero_shot_head_from_descriptions_classifies_texts_served_as_offline(t
     embedding of its description (template '{}'), times the scale a sentence encoder gets (it has
     no logit scale: 20, recorded on the head card); hot-loaded on the running text server, which
     answers every manual page as the head scores it offline, far above chance."""
-    from headmaster.model_repository import live
+    from headmaster.server import live
     from headmaster.training.heads.zero_shot import SENTENCE_LOGIT_SCALE
     from tests.helpers import run_cli
 

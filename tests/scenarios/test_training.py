@@ -15,10 +15,10 @@ import pytest
 from headmaster.errors import DataError, FingerprintMismatchError, HeadmasterError
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.heads import HeadCard, HeadWeights
-from headmaster.model_repository import lifecycle
-from headmaster.model_repository.backends.threshold import accept
-from headmaster.model_repository.build import build_repository
-from headmaster.model_repository.repository import Repository
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.build import build_repository
+from headmaster.repository.repo import Repository
+from headmaster.rules.threshold import accept
 from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_files
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig

@@ -2,7 +2,7 @@
 
 The encoders are warmed by Triton itself (``model_warmup`` in their configs); the heads, the
 models that read bytes or text, and the ensembles, by serve's own requests
-(model_repository/warmup.py). What the first requests after ready cost against steady state is
+(server/warmup.py). What the first requests after ready cost against steady state is
 measured in benchmarks/peer_infinity.py, not here.
 """
 
@@ -14,9 +14,9 @@ import subprocess
 import pytest
 import tritonclient.http as httpclient
 
-from headmaster.model_repository.config import parse
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.warmup import ROUNDS
+from headmaster.repository.config import parse
+from headmaster.repository.repo import Repository
+from headmaster.server.warmup import ROUNDS
 from tests.helpers import ARTIFACTS, Ports, clone_repo, read_until_ready, serve_command
 
 pytestmark = [

@@ -7,7 +7,7 @@ import pytest
 from google.protobuf import json_format
 
 from headmaster.errors import ConfigError
-from headmaster.model_repository.config import (
+from headmaster.repository.config import (
     Batching,
     EncoderModel,
     EnsembleModel,

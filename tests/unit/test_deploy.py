@@ -86,7 +86,7 @@ def test_default_values_render_valid_manifests():
         "--load-model=embed",
     ]  # not embed_text: `repo build` leaves it out unless asked (--serve-text)
     restricted = [a for a in args if "restricted" in a]
-    from headmaster.model_repository.server_record import RESTRICTED_APIS
+    from headmaster.server.record import RESTRICTED_APIS
 
     apis = ",".join(RESTRICTED_APIS)  # what `headmaster serve` closes, closed the same way here
     assert restricted == [

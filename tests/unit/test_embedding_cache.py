@@ -1,4 +1,4 @@
-"""The encoder's embedding cache alone (backends/runtime.py): keys by content, LRU within a byte
+"""The encoder's embedding cache alone (served/runtime.py): keys by content, LRU within a byte
 bound, only the missing rows run; and how the bound is configured and rendered."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from headmaster.errors import ConfigError
-from headmaster.model_repository.backends.runtime import ENTRY_OVERHEAD, EmbeddingCache, run_cached
-from headmaster.model_repository.config import EncoderModel, Tensor, to_proto
-from headmaster.model_repository.repository import BuildOptions
+from headmaster.repository.config import EncoderModel, Tensor, to_proto
+from headmaster.repository.repo import BuildOptions
+from headmaster.served.runtime import ENTRY_OVERHEAD, EmbeddingCache, run_cached
 
 
 class Doubler:

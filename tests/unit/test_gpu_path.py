@@ -19,16 +19,11 @@ from onnx import TensorProto, helper, numpy_helper, save
 from PIL import Image
 
 from headmaster.errors import ConfigError
-from headmaster.model_repository import topology
-from headmaster.model_repository.backends.preprocess import (
-    InvalidImage,
-    TorchDecoder,
-    limits_from_parameters,
-    preprocess_bytes,
-)
-from headmaster.model_repository.backends.runtime import _concatenate, load_runner
-from headmaster.model_repository.config import Instances, PreprocessModel, parse, render
-from headmaster.model_repository.repository import GPU_DEFAULTS, BuildOptions
+from headmaster.repository import topology
+from headmaster.repository.config import Instances, PreprocessModel, parse, render
+from headmaster.repository.repo import GPU_DEFAULTS, BuildOptions
+from headmaster.served.preprocess import InvalidImage, TorchDecoder, limits_from_parameters, preprocess_bytes
+from headmaster.served.runtime import _concatenate, load_runner
 
 CLIP = {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bicubic"}
 

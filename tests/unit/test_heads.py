@@ -10,7 +10,7 @@ import pytest
 
 from headmaster.errors import ExportError, InvalidNameError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name, head_onnx, write_head
-from headmaster.model_repository.backends.threshold import accept, head_results
+from headmaster.rules.threshold import accept, head_results
 
 FP = "sha256:" + "0" * 64
 rng = np.random.default_rng(7)

@@ -20,7 +20,7 @@ import skimage.data
 import tifffile
 from PIL import Image, ImageCms
 
-from headmaster.model_repository.backends.preprocess import InvalidImage, decode_image, preprocess_bytes, to_8bit
+from headmaster.served.preprocess import InvalidImage, decode_image, preprocess_bytes, to_8bit
 
 CLIP = {"size": [224, 224], "resize_mode": "shortest", "interpolation": "bicubic"}
 SIGLIP = {"size": [256, 256], "resize_mode": "squash", "interpolation": "bicubic"}

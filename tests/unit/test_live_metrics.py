@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from headmaster.model_repository.backends.threshold import metric_counts
+from headmaster.served.threshold import metric_counts
 
 
 def test_one_request_sums_items_labels_abstentions_ood_and_cumulative_buckets():

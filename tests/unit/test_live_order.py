@@ -11,8 +11,8 @@ import json
 import pytest
 
 from headmaster.errors import ServerError
-from headmaster.model_repository import live
-from headmaster.model_repository.server_record import KEY_ENV
+from headmaster.server import live
+from headmaster.server.record import KEY_ENV
 from tests.control_recorder import ControlRecorder
 
 pytestmark = pytest.mark.pure  # a loopback HTTP server in this process; no Triton, nothing shared on disk

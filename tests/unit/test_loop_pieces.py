@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from headmaster.errors import DataError, LabelingToolError
-from headmaster.model_repository import ledger
+from headmaster.lifecycle import ledger
 from headmaster.training.feedback.label_studio_api import LabelStudio
 from headmaster.training.feedback.review import _allocate, k_center, label_config, parse_mix, read_label_studio
 

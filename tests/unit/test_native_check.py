@@ -17,12 +17,12 @@ from onnx import TensorProto, helper, numpy_helper
 from headmaster.errors import RepositoryError
 from headmaster.export.card import CARD_FILE, EncoderCard, TowerFile
 from headmaster.export.heads import HeadCard, HeadWeights, write_head
-from headmaster.model_repository import lifecycle
-from headmaster.model_repository.build import build_repository
-from headmaster.model_repository.config import EncoderModel, HeadModel, Tensor, parse, render, to_proto
-from headmaster.model_repository.consistency import check
-from headmaster.model_repository.native_check import check_repository, onnx_problems, torchscript_problems
-from headmaster.model_repository.repository import BuildOptions, Repository
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.build import build_repository
+from headmaster.repository.config import EncoderModel, HeadModel, Tensor, parse, render, to_proto
+from headmaster.repository.consistency import check
+from headmaster.repository.native_check import check_repository, onnx_problems, torchscript_problems
+from headmaster.repository.repo import BuildOptions, Repository
 
 D = 8  # embedding size of the tiny encoders
 SIZE = 4  # image side of the tiny image encoder

@@ -10,15 +10,10 @@ import pytest
 
 from headmaster.errors import ExportError, InvalidVersionError, TrainingError
 from headmaster.export.heads import HeadCard, HeadWeights, write_head
-from headmaster.model_repository.backends import threshold
-from headmaster.model_repository.backends.threshold import (
-    OOD_FILE,
-    KnnIndex,
-    head_results,
-    knn_distance,
-    references_sha256,
-)
-from headmaster.model_repository.validation import check_version_dir
+from headmaster.repository.validation import check_version_dir
+from headmaster.rules import threshold
+from headmaster.rules.threshold import OOD_FILE, KnnIndex, head_results, knn_distance, references_sha256
+from headmaster.served import threshold as served_threshold
 from headmaster.training.heads.ood import K_CANDIDATES, TPR, fit_ood
 
 FINGERPRINT = "sha256:" + "b" * 64
@@ -154,7 +149,7 @@ def test_the_threshold_step_reads_each_versions_reference_set_from_the_repositor
     """The python backend, as Triton runs it: REPO/threshold next to REPO/<head>/<version>."""
     card, weights, references = _head("abstain")
     write_head(tmp_path / "repo" / "kind" / "2", weights, card, references=references)
-    model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
+    model = served_threshold.TritonPythonModel.__new__(served_threshold.TritonPythonModel)
     model.repository = str(tmp_path / "repo")
     model._indexes = {}
     index = model._index("kind", card.info())
@@ -267,7 +262,7 @@ def test_an_ivf_index_is_built_once_at_publish_and_read_back_not_rebuilt(tmp_pat
     loaded = threshold.load_index(str(folder), card.ood)
     assert loaded.index.nprobe == threshold.IVF_PROBE and len(loaded) == fit.card["references"]
     np.testing.assert_array_equal(knn_distance(loaded, queries, fit.card["k"]), in_memory)
-    model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
+    model = served_threshold.TritonPythonModel.__new__(served_threshold.TritonPythonModel)
     model.repository, model._indexes = str(tmp_path / "repo"), {}
     np.testing.assert_array_equal(knn_distance(model._index("kind", card.info()), queries, fit.card["k"]), in_memory)
 
@@ -314,7 +309,7 @@ def test_an_s3_served_threshold_step_fetches_the_stored_index(tmp_path, monkeypa
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from headmaster.model_repository.server import free_port
+    from headmaster.server.triton import free_port
 
     x_train, y_train, x_val, y_val, unseen = digits
     monkeypatch.setattr(threshold, "EXACT_MAX", 500)
@@ -341,7 +336,7 @@ def test_an_s3_served_threshold_step_fetches_the_stored_index(tmp_path, monkeypa
         client.create_bucket(Bucket="models")
         for name in (threshold.OOD_FILE, threshold.OOD_INDEX_FILE):
             client.put_object(Bucket="models", Key=f"prod/kind/2/{name}", Body=(folder / name).read_bytes())
-        model = threshold.TritonPythonModel.__new__(threshold.TritonPythonModel)
+        model = served_threshold.TritonPythonModel.__new__(served_threshold.TritonPythonModel)
         model.repository, model._indexes = str(tmp_path / "elsewhere"), {}  # no head folders beside it
         queries = np.concatenate([x_val, unseen])
         in_memory = knn_distance(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from headmaster.model_repository.backends.preprocess import InvalidImage, decode_image, preprocess_bytes
+from headmaster.served.preprocess import InvalidImage, decode_image, preprocess_bytes
 
 SKIMAGE = importlib.resources.files("skimage.data")
 # RGB photos of several shapes, a greyscale photo, an RGBA logo, a palette GIF, a JPEG.

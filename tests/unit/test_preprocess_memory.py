@@ -22,8 +22,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from headmaster.model_repository.backends import preprocess
-from headmaster.model_repository.backends.preprocess import (
+from headmaster.served import preprocess
+from headmaster.served.preprocess import (
     MAX_ASPECT_RATIO,
     MAX_PIXELS,
     InvalidImage,
@@ -219,7 +219,7 @@ MEASURE = textwrap.dedent("""
     import io, json, sys, time
     import numpy as np
     from PIL import Image
-    from headmaster.model_repository.backends import preprocess
+    from headmaster.served import preprocess
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from headmaster.errors import RepositoryError
-from headmaster.model_repository.publish import (
+from headmaster.repository.publish import (
     prune_versions,
     publish_version,
     published_versions,

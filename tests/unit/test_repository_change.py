@@ -1,4 +1,4 @@
-"""The repository-change transaction (model_repository/change.py) and the operations written with it.
+"""The repository-change transaction (lifecycle/change.py) and the operations written with it.
 
 - Undo: registered steps run newest first when a load is refused, and the error says what they
   undid; on the session's real Triton, a head version and an A/B candidate that Triton refuses to
@@ -23,12 +23,14 @@ import pytest
 
 from headmaster.errors import InvalidVersionError, RepositoryError, ServerError
 from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights, write_head
-from headmaster.model_repository import ab, lifecycle, live
-from headmaster.model_repository.change import RepositoryChange
-from headmaster.model_repository.consistency import problems
-from headmaster.model_repository.layout import copy_backend
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.topology import HEAD_DEPENDENT
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.lifecycle.change import RepositoryChange
+from headmaster.repository import ab
+from headmaster.repository.consistency import problems
+from headmaster.repository.layout import copy_backend
+from headmaster.repository.repo import Repository
+from headmaster.repository.topology import HEAD_DEPENDENT
+from headmaster.server import live
 from tests.control_recorder import ControlRecorder
 from tests.helpers import build_repo, clone_repo, free_port
 

@@ -7,7 +7,7 @@ the S3 endpoint of the repository was gone and a repository-index call (which li
 an HTTP connection open through the whole timeout.
 """
 
-from headmaster.model_repository.server import _exit_timeout
+from headmaster.server.triton import _exit_timeout
 
 # A client killed mid-request: every inference finished, two model references never went.
 REFERENCES_OUTLIVED = """\

@@ -12,8 +12,8 @@ import pytest
 
 from headmaster.errors import DataError, ExportError, InvalidVersionError
 from headmaster.export.heads import HeadCard, HeadWeights, write_head
-from headmaster.model_repository.backends.threshold import accept, accepted_mask, head_results
-from headmaster.model_repository.validation import check_version_dir
+from headmaster.repository.validation import check_version_dir
+from headmaster.rules.threshold import accept, accepted_mask, head_results
 from headmaster.training.data import from_folders, from_hierarchy, from_values, ordered, read_taxonomy
 from headmaster.training.heads.score_fit import fit_ordinal, fit_regression
 from headmaster.training.heads.task_metrics import hierarchy_metrics, ordinal_metrics, regression_metrics

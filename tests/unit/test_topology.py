@@ -12,9 +12,9 @@ from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
 
 from headmaster.errors import ConfigError
 from headmaster.export.card import EncoderCard, TowerFile
-from headmaster.model_repository import topology
-from headmaster.model_repository.config import EnsembleModel, Step, Tensor, parse, render, to_proto
-from headmaster.model_repository.repository import BuildOptions
+from headmaster.repository import topology
+from headmaster.repository.config import EnsembleModel, Step, Tensor, parse, render, to_proto
+from headmaster.repository.repo import BuildOptions
 
 KIND_CPU, KIND_GPU = ModelInstanceGroup.KIND_CPU, ModelInstanceGroup.KIND_GPU
 
@@ -377,7 +377,7 @@ def test_a_text_encoder_classifies_text_through_tokenize_and_its_text_tower():
 
 
 def test_decode_texts_names_the_item_and_the_reason():
-    from headmaster.model_repository.backends.tokenize import InvalidText, decode_texts
+    from headmaster.served.tokenize import InvalidText, decode_texts
 
     assert decode_texts([b"caf\xc3\xa9", "plain"]) == ["caf\u00e9", "plain"]
     assert decode_texts([b""], allow_empty=True) == [""]

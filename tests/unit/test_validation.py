@@ -12,7 +12,7 @@ import pytest
 
 from headmaster.errors import FingerprintMismatchError, ForeignVersionError, InvalidVersionError, RepositoryError
 from headmaster.export.heads import HeadCard, HeadWeights, head_onnx, write_head
-from headmaster.model_repository.validation import check_version_dir
+from headmaster.repository.validation import check_version_dir
 
 FINGERPRINT = "sha256:" + "a" * 64
 DIM = 16

@@ -101,7 +101,7 @@ def store_window(
 def version_window(head_version) -> Window:
     """The version's own training embeddings (its OOD reference set), and the OOD rate its
     validation measured."""
-    from headmaster.model_repository.backends.threshold import load_references
+    from headmaster.rules.threshold import load_references
 
     if not head_version.has_ood:
         raise DataError(

@@ -30,10 +30,10 @@ import numpy as np
 
 from headmaster.errors import EvalError
 from headmaster.export.heads import HeadCard
-from headmaster.model_repository.backends.threshold import accept
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.topology import text_only
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
+from headmaster.repository.topology import text_only
+from headmaster.rules.threshold import accept
 from headmaster.training.data import Dataset, read_labelled
 from headmaster.training.embeddings import EmbeddingCache, default_cache_dir, embed_files, embedder_for
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.export.heads import HeadCard
-from headmaster.model_repository.topology import text_only
+from headmaster.repository.topology import text_only
 from headmaster.training.data import content_hash, read_labelled
 from headmaster.training.evaluation.evaluate import Embedder, Holdout, embed_dataset
 from headmaster.training.heads.checks import near_duplicate_pairs

@@ -17,8 +17,8 @@ import numpy as np
 
 from headmaster.errors import EvalError
 from headmaster.images import IMAGE_SUFFIXES
-from headmaster.model_repository.backends.threshold import accepted_mask, ood_rule
-from headmaster.model_repository.head_version import HeadVersion
+from headmaster.repository.head_version import HeadVersion
+from headmaster.rules.threshold import accepted_mask, ood_rule
 
 TPR = 0.95
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.errors import EvalError
-from headmaster.model_repository.backends.threshold import regression_value
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
+from headmaster.rules.threshold import regression_value
 from headmaster.training.data import Dataset, from_folders, from_hierarchy, from_values
 from headmaster.training.evaluation.report import (
     CSS,

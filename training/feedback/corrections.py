@@ -18,7 +18,7 @@ from headmaster.store.base import Correction, Store, now
 
 def head_labels(repo: Path | None, head: str) -> tuple[tuple[str, ...], bool] | None:
     """The labels and multi-label flag of the live version, when the repository has the head."""
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
 
     if repo is None:
         return None

@@ -19,7 +19,7 @@
    of ``min_items`` stored items both labelled, aborted when it does not.
 
 Every decision, with the snapshot hash, the golden set's hash, the metrics and the reasons,
-is appended to the head's ledger (:mod:`model_repository.ledger`), which `headmaster history`
+is appended to the head's ledger (:mod:`lifecycle.ledger`), which `headmaster history`
 prints. Nothing changed since the last decision (same snapshot, golden set and live version):
 the run records ``unchanged`` and trains nothing, so a schedule can run it every hour.
 """
@@ -35,9 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from headmaster.errors import DataError, HeadmasterError, StoreError
-from headmaster.model_repository import ab, ledger, lifecycle
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.repository import Repository
+from headmaster.lifecycle import ledger
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository import ab
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.repo import Repository
 from headmaster.training.data import content_hash
 from headmaster.training.feedback.gate import GateOptions, GateResult, gate
 from headmaster.training.heads.trainer import TrainConfig

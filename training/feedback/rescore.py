@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from headmaster.errors import FingerprintMismatchError
-from headmaster.model_repository.head_version import HeadVersion
+from headmaster.repository.head_version import HeadVersion
 from headmaster.store.base import Store, label_table
 
 LOG = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from headmaster.errors import DataError
-from headmaster.model_repository.layout import STATE_DIR
+from headmaster.repository.layout import STATE_DIR
 from headmaster.store.base import Store, now
 from headmaster.training.feedback.suggest import uncertainty
 

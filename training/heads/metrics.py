@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from headmaster.model_repository.backends.threshold import accept
+from headmaster.rules.threshold import accept
 
 
 def evaluate(

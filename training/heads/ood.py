@@ -26,14 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from headmaster.errors import TrainingError
-from headmaster.model_repository.backends.threshold import (
-    OOD_POLICIES,
-    KnnIndex,
-    index_sha256,
-    ivf_search,
-    knn_distance,
-    references_sha256,
-)
+from headmaster.rules.threshold import OOD_POLICIES, KnnIndex, index_sha256, ivf_search, knn_distance, references_sha256
 
 TPR = 0.95  # in-distribution validation images kept below the threshold
 K_CANDIDATES = (1, 3, 5, 10, 20, 50)

@@ -64,7 +64,7 @@ def publish_fitted(
     """Publish a fitted head (any task) with its out-of-distribution set, as ``options`` say: a
     candidate or live, on the repository's server if one serves it. ``before_publish(draft)``
     sees the draft first (a test's hook). Returns the lifecycle Change."""
-    from headmaster.model_repository import lifecycle
+    from headmaster.lifecycle import operations as lifecycle
 
     draft = lifecycle.HeadDraft(
         head,

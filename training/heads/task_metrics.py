@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from headmaster.model_repository.backends.threshold import accept, depths
+from headmaster.rules.threshold import accept, depths
 
 
 def hierarchy_metrics(scores: np.ndarray, truth_paths: list[tuple[str, ...]], info: dict) -> dict:

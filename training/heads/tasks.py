@@ -21,8 +21,8 @@ import numpy as np
 
 from headmaster.errors import DataError
 from headmaster.export.heads import HeadCard
-from headmaster.model_repository.backends.threshold import ordinal_class
-from headmaster.model_repository.repository import Repository
+from headmaster.repository.repo import Repository
+from headmaster.rules.threshold import ordinal_class
 from headmaster.training.data import (
     Dataset,
     by_content,

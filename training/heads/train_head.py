@@ -16,8 +16,8 @@ import numpy as np
 
 from headmaster.errors import DataError
 from headmaster.export.heads import HeadCard, check_head_name
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.topology import text_only
+from headmaster.repository.repo import Repository
+from headmaster.repository.topology import text_only
 from headmaster.training.data import Dataset, by_content, content_hash, read_labelled
 from headmaster.training.embeddings import embed_paths
 from headmaster.training.feedback.snapshots import export_snapshot, is_snapshot, load_for_training

@@ -27,9 +27,9 @@ import numpy as np
 
 from headmaster.errors import DataError, ExportError, UnsupportedHereError
 from headmaster.export.heads import HeadCard, HeadWeights, check_head_name
-from headmaster.model_repository import lifecycle
-from headmaster.model_repository.layout import encoder_artifact, version_dir
-from headmaster.model_repository.repository import Repository
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.layout import encoder_artifact, version_dir
+from headmaster.repository.repo import Repository
 
 LOG = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def check_text_tower(repo: Repository) -> None:
 
 def embed_texts(repo: Repository, texts: list[str]) -> np.ndarray:
     """Text embeddings from the repository's own text tower, run locally on CPU."""
-    from headmaster.model_repository.backends.runtime import load_runner
-    from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR, folder_tokenizer
+    from headmaster.served.runtime import load_runner
+    from headmaster.served.tokenize import TOKENIZER_DIR, folder_tokenizer
 
     check_text_tower(repo)
     spec = repo.card.towers["text"]

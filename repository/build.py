@@ -19,12 +19,12 @@ from pathlib import Path
 from headmaster.errors import HeadmasterError, RepositoryError
 from headmaster.export.card import EncoderCard, require_same_encoder
 from headmaster.export.heads import HEAD_FILE
-from headmaster.model_repository import consistency
-from headmaster.model_repository.backends.tokenize import TOKENIZER_DIR
-from headmaster.model_repository.head_version import HeadVersion
-from headmaster.model_repository.layout import ARTIFACT_FILES, MANIFEST, MANIFEST_SCHEMA, copy_backend, encoder_artifact
-from headmaster.model_repository.publish import replace_version, repository_lock, write_file
-from headmaster.model_repository.repository import BuildOptions, Repository
+from headmaster.repository import consistency
+from headmaster.repository.head_version import HeadVersion
+from headmaster.repository.layout import ARTIFACT_FILES, MANIFEST, MANIFEST_SCHEMA, copy_backend, encoder_artifact
+from headmaster.repository.publish import replace_version, repository_lock, write_file
+from headmaster.repository.repo import BuildOptions, Repository
+from headmaster.served.tokenize import TOKENIZER_DIR
 
 LOG = logging.getLogger(__name__)
 

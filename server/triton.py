@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import IO
 
 from headmaster.errors import ServerError
-from headmaster.model_repository import server_record
-from headmaster.model_repository.backends.threshold import REPOSITORY_ENV
-from headmaster.model_repository.server_record import KEY_HEADER, RESTRICTED_APIS, ServerRecord
+from headmaster.rules.threshold import REPOSITORY_ENV
+from headmaster.server import record as server_record
+from headmaster.server.record import KEY_HEADER, RESTRICTED_APIS, ServerRecord
 
 LOG = logging.getLogger(__name__)
 SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -411,7 +411,7 @@ class TritonServer:
         alive = {stub.pid: stub for stub in _stubs_of(process.pid)}
         dead = []
         if self._suspects:
-            from headmaster.model_repository import live
+            from headmaster.server import live
 
             try:
                 ready = live.serving(self, 10.0)
@@ -445,7 +445,7 @@ class TritonServer:
         Nothing here reads the repository (Triton's model statistics say what is loaded, its stubs
         what still runs): with an S3 endpoint gone, a call that lists the bucket waits on it, and
         Triton's exit waits on that call until its exit timeout, with the models still loaded."""
-        from headmaster.model_repository import live
+        from headmaster.server import live
 
         process = self._process
         if process is None:  # never started: nothing to drain

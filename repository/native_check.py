@@ -42,7 +42,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from headmaster.errors import ConfigError
-from headmaster.model_repository.layout import config_path, version_dir
+from headmaster.repository.layout import config_path, version_dir
 
 # onnxruntime's tensor types -> Triton config data types (onnxruntime_utils.cc
 # ConvertFromOnnxDataType / ModelConfigDataTypeToOnnxDataType); types absent here
@@ -313,8 +313,8 @@ def _ensemble_problems(config: mc.ModelConfig, configs: dict[str, mc.ModelConfig
 def check_repository(repository) -> list[str]:
     """Every served model and version of a repository (a ``Repository`` or its path) against
     its files; one line per problem, empty when Triton's backends would accept them all."""
-    from headmaster.model_repository.config import parse
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.config import parse
+    from headmaster.repository.repo import Repository
 
     repository = repository if isinstance(repository, Repository) else Repository(Path(repository))
     configs: dict[str, mc.ModelConfig] = {}

@@ -2,7 +2,7 @@
 
 Every operation that changes which head versions a repository serves goes through here:
 the version is validated before it can become live (``validation.validate_version``), the
-repository on disk is changed under its lock (``repository.py``), and then the server that
+repository on disk is changed under its lock (``repository/repo.py``), and then the server that
 serves the repository is told, in the order :mod:`live` explains. The server is the one
 given, or else the one recorded in the repository (``REPO/.headmaster/server.json``), so
 ``train-head``, ``zero-shot``, ``rollback`` and ``heads import/remove`` go live with no flag
@@ -32,13 +32,15 @@ import numpy as np
 from headmaster.errors import HeadmasterError, RepositoryError
 from headmaster.export.card import require_same_encoder
 from headmaster.export.heads import MODEL_FILE, HeadCard, HeadWeights, check_head_name, write_head
-from headmaster.model_repository import ab, ledger, live
-from headmaster.model_repository.change import RepositoryChange
-from headmaster.model_repository.layout import CONFIG_FILE, copy_backend, version_dir
-from headmaster.model_repository.publish import prune_versions, publish_version
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.topology import HEAD_DEPENDENT
-from headmaster.model_repository.validation import check_rollback, check_version_dir, validate_version
+from headmaster.lifecycle import ledger
+from headmaster.lifecycle.change import RepositoryChange
+from headmaster.repository import ab
+from headmaster.repository.layout import CONFIG_FILE, copy_backend, version_dir
+from headmaster.repository.publish import prune_versions, publish_version
+from headmaster.repository.repo import Repository
+from headmaster.repository.topology import HEAD_DEPENDENT
+from headmaster.repository.validation import check_rollback, check_version_dir, validate_version
+from headmaster.server import live
 
 LOG = logging.getLogger(__name__)
 
@@ -326,7 +328,7 @@ def _imported(repo: Path, version_dir: Path, name: str | None = None) -> HeadDra
     details = {**source.details, "imported_from": str(Path(version_dir).resolve())}
     references, ood_index = None, None
     if source.ood is not None:  # check_version_dir has verified them against the card
-        from headmaster.model_repository.backends.threshold import OOD_FILE, OOD_INDEX_FILE
+        from headmaster.rules.threshold import OOD_FILE, OOD_INDEX_FILE
 
         references = np.load(Path(version_dir) / OOD_FILE, allow_pickle=False)
         if source.ood.get("index_sha256"):  # the very index it was published with, not rebuilt

@@ -2,7 +2,7 @@
 its heads and their live versions, and the configs it writes for them.
 
 Where files live is ``layout.py``; which models exist and how they connect, ``topology.py``;
-assembling a repository, ``build.py``; changing heads, ``lifecycle.py``; finding every
+assembling a repository, ``build.py``; changing heads, ``lifecycle/operations.py``; finding every
 inconsistency, ``consistency.py``.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 from headmaster.errors import ConfigError, RepositoryError
 from headmaster.export.card import EncoderCard, require_same_encoder
 from headmaster.export.heads import HEAD_FILE, HeadCard
-from headmaster.model_repository import ab, topology
-from headmaster.model_repository.config import Batching, EnsembleModel, parse, render
-from headmaster.model_repository.layout import (
+from headmaster.repository import ab, topology
+from headmaster.repository.config import Batching, EnsembleModel, parse, render
+from headmaster.repository.layout import (
     CONFIG_FILE,
     MANIFEST,
     MANIFEST_SCHEMA,
@@ -26,7 +26,7 @@ from headmaster.model_repository.layout import (
     version_dir,
     versions,
 )
-from headmaster.model_repository.publish import write_file
+from headmaster.repository.publish import write_file
 
 
 def live_of(config, test=None) -> int | None:
@@ -68,7 +68,7 @@ class BuildOptions:
     max_text_bytes: int = 0  # UTF-8 bytes per text the tokenize model takes (0 = its default, 1 MiB)
     device: str = "auto"  # portable runner: auto | cpu | cuda
     decoder: str = "pillow"  # pillow (CPU threads) | torchvision (batched; on the GPU when device is cuda)
-    # The image encoder's cache of embeddings by sha256 of the pixels (backends/runtime.py), portable flavour.
+    # The image encoder's cache of embeddings by sha256 of the pixels (served/runtime.py), portable flavour.
     embedding_cache_mb: float = 64.0
     # Load an image encoder's text tower, tokenize and embed_text (a text encoder's always load:
     # they are its classify). Off by default: they stay in the repository (zero-shot heads are made
@@ -252,7 +252,7 @@ class Repository:
 
     def student_names(self) -> list[str]:
         """Distilled students (``headmaster distill``): models of their own, served from image bytes."""
-        from headmaster.model_repository.backends.student import STUDENT_FILE
+        from headmaster.served.student import STUDENT_FILE
 
         return sorted(
             p.parent.parent.name

@@ -1,7 +1,7 @@
 """One repository change: the lock for each disk write, the push of an S3 working copy, the ordered
 loads on the server (or on every replica), and the undo when a server refuses a load.
 
-Every operation that changes what a repository serves (``lifecycle.py``: publish, rollback, import,
+Every operation that changes what a repository serves (``operations.py``: publish, rollback, import,
 remove, adopt, A/B tests; ``training/distill.py``: a student) is written as phases of one
 :class:`RepositoryChange`::
 
@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from headmaster.errors import ServerError
-from headmaster.model_repository import live, s3
-from headmaster.model_repository.publish import repository_lock
-from headmaster.model_repository.repository import Repository
+from headmaster.repository import s3
+from headmaster.repository.publish import repository_lock
+from headmaster.repository.repo import Repository
+from headmaster.server import live
 
 LOG = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from headmaster.export.heads import check_head_name
-from headmaster.model_repository.layout import STATE_DIR
+from headmaster.repository.layout import STATE_DIR
 
 LOG = logging.getLogger(__name__)
 LEDGER_DIR = "ledger"

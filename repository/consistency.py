@@ -32,9 +32,9 @@ from headmaster.errors import (
     InconsistentRepositoryError,
 )
 from headmaster.export.heads import HEAD_FILE, MODEL_FILE, NAME_PATTERN, RESERVED_NAMES
-from headmaster.model_repository.layout import CONFIG_FILE, versions
-from headmaster.model_repository.publish import repository_lock
-from headmaster.model_repository.validation import RUNNER_FILE, validate_version
+from headmaster.repository.layout import CONFIG_FILE, versions
+from headmaster.repository.publish import repository_lock
+from headmaster.repository.validation import RUNNER_FILE, validate_version
 
 CONFIG = CONFIG_FILE
 LEFTOVER_DIRS = (".staging-", ".removed-", ".old-")  # publish.py / remove_head, interrupted
@@ -78,7 +78,7 @@ def _rebuild(repo: Path) -> str:
 # -- reading configs ------------------------------------------------------------------------
 def _read_config(folder: Path, name: str):
     """(config, None) or (None, problem text) for ``folder/config.pbtxt``."""
-    from headmaster.model_repository.config import parse
+    from headmaster.repository.config import parse
 
     path = folder / CONFIG
     if not path.is_file():
@@ -95,7 +95,7 @@ def _read_config(folder: Path, name: str):
 
 
 def _rendered(repository, model):
-    from headmaster.model_repository.config import parse, render
+    from headmaster.repository.config import parse, render
 
     return parse(render(model, repository.flavour))
 
@@ -106,7 +106,7 @@ def _config_matches(repository, model) -> bool:
 
 
 def _configured_version(config, test=None) -> int | None:
-    from headmaster.model_repository.repository import live_of
+    from headmaster.repository.repo import live_of
 
     return live_of(config, test)
 
@@ -124,7 +124,7 @@ def _configured_heads(model_name: str, config) -> list[str]:
 
 
 def _test_of(repo: Path, name: str):
-    from headmaster.model_repository import ab
+    from headmaster.repository import ab
 
     try:
         return ab.running(repo, name)
@@ -257,7 +257,7 @@ def _leftover_problem(repo: Path, path: Path) -> Problem:
 
 
 def _static_problems(repository) -> list[Problem]:
-    from headmaster.model_repository.config import EncoderModel, EnsembleModel
+    from headmaster.repository.config import EncoderModel, EnsembleModel
 
     repo = repository.path
     found: list[Problem] = []
@@ -300,7 +300,7 @@ def _static_problems(repository) -> list[Problem]:
 
 
 def _head_model_problems(repository, surveys: dict[str, HeadSurvey]) -> list[Problem]:
-    from headmaster.model_repository.config import EnsembleModel
+    from headmaster.repository.config import EnsembleModel
 
     serving = sorted(name for name, s in surveys.items() if s.valid and s.has_config)
     found: list[Problem] = []
@@ -335,7 +335,7 @@ def _head_model_problems(repository, surveys: dict[str, HeadSurvey]) -> list[Pro
 def problems(repo_path: Path) -> list[str]:
     """Every inconsistency of the repository at ``repo_path``, one line each ([] = clean).
     Never raises: a repository too damaged to look into is itself the one problem."""
-    from headmaster.model_repository.repository import MANIFEST, Repository
+    from headmaster.repository.repo import MANIFEST, Repository
 
     repo = Path(repo_path)
     try:
@@ -373,7 +373,7 @@ def _native_problems(repository, found: list[Problem]) -> list[Problem]:
     line twice for one defect; a config that merely differs from its rendering is no reason to
     hold back the more precise line)."""
     try:
-        from headmaster.model_repository.native_check import check_repository
+        from headmaster.repository.native_check import check_repository
     except ImportError:
         return []
     reported = {p.model for p in found if p.model}
@@ -403,8 +403,8 @@ def repair(repo_path: Path) -> list[str]:
     line per action taken ([] when there was nothing to do). Raises RepositoryError only if
     the manifest cannot be read. Problems it cannot fix (missing encoder files) remain in
     ``problems()``, which names the rebuild."""
-    from headmaster.model_repository.layout import copy_backend
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.layout import copy_backend
+    from headmaster.repository.repo import Repository
 
     repo = Path(repo_path)
     repository = Repository(repo)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headmaster.errors import RepositoryError
-from headmaster.model_repository.layout import CONFIG_FILE, MANIFEST, STATE_DIR
-from headmaster.model_repository.topology import HEAD_DEPENDENT
+from headmaster.repository.layout import CONFIG_FILE, MANIFEST, STATE_DIR
+from headmaster.repository.topology import HEAD_DEPENDENT
 
 LOG = logging.getLogger(__name__)
 SCHEME = "s3://"
@@ -216,7 +216,7 @@ def _read_index(folder: Path) -> dict[str, str]:
 def pull(location: S3Location, folder: Path | None = None) -> Path:
     """Make the working copy ``folder`` (default: the cache's for this location) equal the
     bucket: changed objects downloaded, files gone from the bucket deleted. Returns it."""
-    from headmaster.model_repository.publish import repository_lock
+    from headmaster.repository.publish import repository_lock
 
     folder = Path(folder or cache_dir(location))
     folder.mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,7 @@ def push(
 def sync_up(repo: Path, only: set[str] | None = None) -> list[str]:
     """After a write to a working copy: push it (nothing for an ordinary repository); ``only``:
     just those relative paths, for a change that reaches the bucket in two phases."""
-    from headmaster.model_repository.publish import repository_lock
+    from headmaster.repository.publish import repository_lock
 
     location = location_of(repo)
     if location is None:
@@ -356,7 +356,7 @@ def push_repository(source: Path, url: str) -> tuple[S3Location, list[str]]:
             option="repo",
         )
     copy = pull(location)
-    from headmaster.model_repository.publish import repository_lock
+    from headmaster.repository.publish import repository_lock
 
     with repository_lock(copy):
         for relative, path in _local_files(copy).items():

@@ -24,7 +24,7 @@ from headmaster.errors import (
     InvalidVersionError,
 )
 from headmaster.export.heads import HEAD_FILE, MODEL_FILE, HeadCard
-from headmaster.model_repository.layout import version_dir
+from headmaster.repository.layout import version_dir
 
 RUNNER_FILE = "model.py"  # the portable flavour serves heads through the python backend
 PROBE_ROWS = 4  # unit vectors run through the head; small, so a check costs milliseconds
@@ -183,7 +183,7 @@ def check_version_dir(
 
 def _check_references(folder: Path, card: HeadCard, refuse) -> None:
     """The out-of-distribution reference set the card names: present, that size, those bytes."""
-    from headmaster.model_repository.backends.threshold import OOD_FILE, load_references
+    from headmaster.rules.threshold import OOD_FILE, load_references
 
     path = folder / OOD_FILE
     if not path.is_file():
@@ -202,7 +202,7 @@ def _check_references(folder: Path, card: HeadCard, refuse) -> None:
 
 def _check_index(folder: Path, card: HeadCard, refuse) -> None:
     """The IVF index the card names (ood.index_sha256): present, those bytes."""
-    from headmaster.model_repository.backends.threshold import OOD_INDEX_FILE, index_sha256
+    from headmaster.rules.threshold import OOD_INDEX_FILE, index_sha256
 
     path = folder / OOD_INDEX_FILE
     if not path.is_file():
@@ -238,7 +238,7 @@ def validate_version(repository, name: str, version: int, *, shown: str | None =
     folder's head and version, and a portable repository needs the version's ``model.py``.
     Returns the card; raises :class:`InvalidVersionError` (a RepositoryError), one line.
     ``shown``: how the folder is named in the message (default: its path)."""
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
 
     if not isinstance(repository, Repository):
         repository = Repository(Path(repository))
@@ -258,7 +258,7 @@ def check_rollback(repo: Path, name: str, to: int | None = None) -> None:
     """The version ``rollback(repo, name, to)`` would serve must validate first (the rule for
     the default target is rollback's: the newest version below the live one). Targets that
     are not on disk are left to rollback's own message."""
-    from headmaster.model_repository.repository import Repository
+    from headmaster.repository.repo import Repository
 
     repository = Repository(Path(repo))
     state = repository.head(name)
@@ -274,7 +274,7 @@ def check_student_dir(folder: Path, name: str, version: int, num_labels: int, ne
     carries its preprocessing and its teacher's labels and thresholds, ``model.onnx`` loads and gives
     one score in [0, 1] per label for a batch of pixels. Returns the card; raises
     :class:`InvalidVersionError`, one line."""
-    from headmaster.model_repository.backends.student import STUDENT_FILE
+    from headmaster.served.student import STUDENT_FILE
 
     folder = Path(folder)
 

@@ -1,19 +1,20 @@
 """Where everything of a Headmaster model repository lives: the one place that knows the layout.
 
     REPO/headmaster.json        manifest: flavour, build settings, the encoder card
-    REPO/.headmaster/           the running server's record and log (server_record.py); the lock file
-    REPO/preprocess/1/model.py  bytes -> pixels          (backends/preprocess.py)
+    REPO/.headmaster/           the running server's record and log (server/record.py); the lock file
+    REPO/preprocess/1/model.py  bytes -> pixels          (served/preprocess.py)
     REPO/image_encoder/1/       model.onnx|plan|pt (+ model.py, the portable runner)
     REPO/text_encoder/1/        same, for the text tower
-    REPO/tokenize/1/model.py    text -> token ids        (backends/tokenize.py)
+    REPO/tokenize/1/model.py    text -> token ids        (served/tokenize.py)
     REPO/<head>/<N>/            model.onnx + head.json (+ model.py): one folder per version
-    REPO/threshold/1/model.py   scores -> accepted labels (backends/threshold.py)
+    REPO/threshold/1/model.py   scores -> accepted labels (served/threshold.py)
+    REPO/threshold/1/headmaster_rules.py   the rule kernel it imports (rules/threshold.py)
     REPO/classify/, REPO/classify_embedding/, REPO/embed/, REPO/embed_text/   ensembles
     REPO/<model>/config.pbtxt   every model's config, rendered by config.render
 
 The manifest lists the models, and the server loads exactly those by name, so other folders in
-the same directory (this package's own source, when the repository is the checkout's
-``model_repository/``) are never taken for models.
+the same directory (the checkout's ``model_repository/`` holds a README.md) are never taken
+for models.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from headmaster import rules, served
 from headmaster.export.heads import HEAD_FILE, MODEL_FILE, NAME_PATTERN
-from headmaster.model_repository import backends
-from headmaster.model_repository.config import ARTIFACT_FILES
+from headmaster.repository.config import ARTIFACT_FILES
 
 MANIFEST = "headmaster.json"
 MANIFEST_SCHEMA = 1
@@ -31,11 +32,16 @@ CONFIG_FILE = "config.pbtxt"
 RUNNER_FILE = "model.py"  # a python-backend model's source in its version folder
 STATE_DIR = ".headmaster"  # the server record and log; never a model (Triton loads by name)
 LOCK_FILE = ".headmaster.lock"  # serialises writers (publish.repository_lock)
-BACKENDS_DIR = Path(backends.__file__).parent  # the python-backend model sources
+BACKENDS_DIR = Path(served.__file__).parent  # the python-backend model sources
+KERNEL_FILE = "headmaster_rules.py"  # the rule kernel, beside the model.py that imports it
+# Served model -> the rule kernel module it imports from its own version folder (see the import
+# at the top of served/threshold.py for why a copy, and why this name).
+KERNELS = {"threshold": Path(rules.__file__).parent / "threshold.py"}
 __all__ = [
     "ARTIFACT_FILES",
     "CONFIG_FILE",
     "HEAD_FILE",
+    "KERNEL_FILE",
     "LOCK_FILE",
     "MANIFEST",
     "MODEL_FILE",
@@ -78,8 +84,11 @@ def head_folders(repo: Path) -> list[str]:
 
 
 def copy_backend(source: str, folder: Path) -> None:
-    """Put a python-backend model source into a version folder as model.py."""
+    """Put a python-backend model source into a version folder as model.py, with the rule
+    kernel beside it when the model imports one."""
     shutil.copyfile(BACKENDS_DIR / f"{source}.py", Path(folder) / RUNNER_FILE)
+    if source in KERNELS:
+        shutil.copyfile(KERNELS[source], Path(folder) / KERNEL_FILE)
     # The stub imports model.py with Python in isolated mode (no PYTHON* variables), so it
     # would write __pycache__/ into the version folder after loading; Triton then sees a
     # newer mtime and reloads the model on the next load call (the encoder included, on the

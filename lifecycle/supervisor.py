@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headmaster.errors import HeadmasterError
-from headmaster.model_repository import lifecycle, live
-from headmaster.model_repository.layout import versions
-from headmaster.model_repository.publish import published_versions
-from headmaster.model_repository.repository import Repository
+from headmaster.lifecycle import operations as lifecycle
+from headmaster.repository.layout import versions
+from headmaster.repository.publish import published_versions
+from headmaster.repository.repo import Repository
+from headmaster.server import live
 
 if TYPE_CHECKING:  # the server module imports this one
-    from headmaster.model_repository.server import TritonServer
+    from headmaster.server.triton import TritonServer
 
 LOG = logging.getLogger(__name__)
 SETTLE_S = 1.0  # a dropped-in folder whose files changed less than this long ago may still be copying

@@ -13,7 +13,7 @@ step reads: Triton's ensemble scheduler prunes the producer of an output a reque
 
 from __future__ import annotations
 
-from headmaster.model_repository.config import (
+from headmaster.repository.config import (
     EncoderModel,
     EnsembleModel,
     HeadModel,
@@ -143,7 +143,7 @@ def head_dependent_models(
     ``pinned``: head -> the version its step runs, for a head whose config loads two versions
     (Triton's ``-1`` would pick the newer one, the candidate, not the live one). ``ab``: head ->
     {"version", "share", "mode"} of its A/B or shadow test: the candidate runs as a second step
-    of the same model, its outputs handed to threshold (see backends/threshold.py)."""
+    of the same model, its outputs handed to threshold (see served/threshold.py)."""
     pinned, ab = pinned or {}, ab or {}
     d = card.embed_dim
     result = Tensor("RESULT", "BYTES", (1,))

@@ -44,7 +44,7 @@ def preprocess(data: bytes, config: dict) -> np.ndarray:
 
 
 def accepted(scores: np.ndarray, labels: list[str], thresholds: list[float], multi_label: bool) -> list[list[str]]:
-    """The teacher head's rule (backends/threshold.accepted_mask, without OOD)."""
+    """The teacher head's rule (rules/threshold.accepted_mask, without OOD)."""
     passed = scores >= np.asarray(thresholds, np.float32)
     if multi_label:
         return [[labels[j] for j in np.flatnonzero(row)] for row in passed]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headmaster.errors import ToolError
-from headmaster.model_repository.server_record import KEY_HEADER
+from headmaster.server.record import KEY_HEADER
 
 
 @dataclass(frozen=True)

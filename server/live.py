@@ -14,7 +14,7 @@ every request in flight or arriving meanwhile still finds a consistent set of mo
 Triton itself keeps serving the old version of a model until the new one has loaded, and
 lets in-flight requests finish on the version they started on.
 
-The control API is closed by a key (see :mod:`server_record`); a :class:`Control` carries
+The control API is closed by a key (see :mod:`headmaster.server.record`); a :class:`Control` carries
 the address and the key, found in the repository's server record or given by the caller.
 """
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from headmaster.errors import ServerError
-from headmaster.model_repository.server_record import KEY_ENV, KEY_HEADER, ServerRecord, running_server
-from headmaster.model_repository.topology import HEAD_DEPENDENT
+from headmaster.repository.topology import HEAD_DEPENDENT
+from headmaster.server.record import KEY_ENV, KEY_HEADER, ServerRecord, running_server
 
 LOG = logging.getLogger(__name__)
 # Models whose configs name every head, in the order they are loaded after a head arrives.
@@ -95,7 +95,7 @@ def _control(repo: Path, record: ServerRecord | None, server: str | None) -> Con
         control = Control.of(record)
     else:
         control = Control.of(server)
-    from headmaster.model_repository import s3
+    from headmaster.repository import s3
 
     if s3.location_of(repo) is not None:
         control = replace(control, configs=Path(repo))

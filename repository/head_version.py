@@ -16,16 +16,9 @@ import numpy as np
 
 from headmaster.errors import FingerprintMismatchError
 from headmaster.export.heads import MODEL_FILE, HeadCard
-from headmaster.model_repository.backends.threshold import (
-    accept,
-    accepted_mask,
-    head_results,
-    knn_distance,
-    load_index,
-    ood_rule,
-)
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.validation import check_version_dir
+from headmaster.repository.repo import Repository
+from headmaster.repository.validation import check_version_dir
+from headmaster.rules.threshold import accept, accepted_mask, head_results, knn_distance, load_index, ood_rule
 
 
 @dataclass(frozen=True)

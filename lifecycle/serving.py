@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Protocol
 
 from headmaster.errors import RepositoryError, ServerError
-from headmaster.model_repository import consistency, s3
-from headmaster.model_repository.repository import Repository
-from headmaster.model_repository.server import ServerOptions, TritonServer
-from headmaster.model_repository.server_record import RESTRICTED_APIS, STATE_DIR, running_server
-from headmaster.model_repository.supervisor import Supervisor
-from headmaster.model_repository.topology import text_only
-from headmaster.model_repository.tracing import trace_args
-from headmaster.model_repository.warmup import warm_up
+from headmaster.lifecycle.supervisor import Supervisor
+from headmaster.repository import consistency, s3
+from headmaster.repository.repo import Repository
+from headmaster.repository.topology import text_only
+from headmaster.server.record import RESTRICTED_APIS, STATE_DIR, running_server
+from headmaster.server.tracing import trace_args
+from headmaster.server.triton import ServerOptions, TritonServer
+from headmaster.server.warmup import warm_up
 
 LOG = logging.getLogger(__name__)
 CRASH_WINDOW_S = 600.0  # `restarts` counts the crashes within this many seconds
@@ -84,7 +84,7 @@ class Reporter(Protocol):
 
 
 class LogReporter:
-    """The loop's events as log lines (``headmaster.model_repository.serving``)."""
+    """The loop's events as log lines (``headmaster.lifecycle.serving``)."""
 
     def say(self, text: str, tone: str = "", rest: str = "") -> None:
         level = {"warn": logging.WARNING, "bad": logging.ERROR}.get(tone, logging.INFO)

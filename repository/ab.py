@@ -3,9 +3,10 @@
 While ``REPO/<head>/ab.json`` exists, the head's config loads two versions (the live one and the
 candidate, ``version_policy: specific``), the ensembles run both (each step pinned to its
 version) and ``threshold`` picks, per item, which one answers: in a ``canary`` test the items
-whose image sha256 falls in ``share`` (see ``backends/threshold.in_candidate_arm``), in a
+whose image sha256 falls in ``share`` (see ``rules/threshold.in_candidate_arm``), in a
 ``shadow`` test none. Starting and finishing a test (and the order of the reloads that keeps
-every request answerable) is :mod:`lifecycle`'s; this module only reads and writes the record.
+every request answerable) is the job of :mod:`headmaster.lifecycle.operations`; this module only
+reads and writes the record.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from headmaster.errors import RepositoryError
-from headmaster.model_repository.backends.threshold import in_candidate_arm
-from headmaster.model_repository.publish import write_file
+from headmaster.repository.publish import write_file
+from headmaster.rules.threshold import in_candidate_arm
 
 AB_FILE = "ab.json"  # beside the head's config.pbtxt; not a version folder, so Triton ignores it
 MODES = ("canary", "shadow")

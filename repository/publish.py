@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from headmaster.errors import RepositoryError
-from headmaster.model_repository.layout import LOCK_FILE, STATE_DIR, versions
+from headmaster.repository.layout import LOCK_FILE, STATE_DIR, versions
 
 PUBLISHED_FILE = "published.json"  # in STATE_DIR: per model, the highest version a command wrote
 

@@ -9,7 +9,7 @@ not inside the server), checks what the protobuf cannot, and prints it with text
 Two flavours come from the same description:
 - ``native``: the platforms of NVIDIA's Triton container (``onnxruntime_onnx``,
   ``tensorrt_plan``, ``pytorch_libtorch``) for the encoders and heads, on GPU.
-- ``portable``: the same artifacts run by python-backend models (``backends/runtime.py``),
+- ``portable``: the same artifacts run by python-backend models (``served/runtime.py``),
   for the Triton that ships in the nvidia-pytriton wheel, which has no other backend.
 Preprocessing, tokenising and thresholds are python-backend models in both.
 """
@@ -116,7 +116,7 @@ def warmup(inputs, batch_sizes: tuple[int, ...] = (1,)) -> list[dict]:
     model loads, so it reports ready only once onnxruntime has allocated its arena and picked its
     kernels (the first real requests otherwise pay for that: up to 2.7x the steady latency).
     Only for inputs Triton can invent: fixed dims and numbers (BYTES images and texts are warmed
-    by the server's own requests, ``model_repository/warmup.py``). Integers are zeros (a valid
+    by the server's own requests, ``server/warmup.py``). Integers are zeros (a valid
     token id), floats random. Not for ensembles (Triton refuses it there)."""
     if any(t.dtype == "BYTES" or -1 in t.dims for t in inputs if not t.optional):
         return []
@@ -160,7 +160,7 @@ class PreprocessModel:
     instances: Instances = Instances(1)
     threads: int = 0  # images decoded at once per instance (decode_concurrency); 0 = one per CPU core
     name: str = "preprocess"
-    # Bounds on the work one image or request may cause (backends/preprocess.py); 0 = its default.
+    # Bounds on the work one image or request may cause (served/preprocess.py); 0 = its default.
     max_pixels: int = 0  # pixels decoded at full size (larger JPEGs decode at 1/2..1/8)
     max_aspect_ratio: float = 0  # longest side / shortest side
     max_request_bytes: int = 0  # encoded bytes of all the images of one request
@@ -220,7 +220,7 @@ class EncoderModel:
     graph_optimization: str = "all"  # onnxruntime level for the portable runner
     device: str = "auto"  # portable runner: auto | cpu | cuda; cpu also means KIND_CPU when native
     fingerprint: str = ""  # the encoder card's: clients check they embed with the right encoder
-    # Portable runner: bytes of embeddings kept by sha256 of the input row (backends/runtime.py); 0 = none.
+    # Portable runner: bytes of embeddings kept by sha256 of the input row (served/runtime.py); 0 = none.
     cache_bytes: int = 0
 
     def __post_init__(self) -> None:
@@ -282,7 +282,7 @@ class TokenizeModel:
     name: str = "tokenize"
     # hf:FOLDER: the card's tokenizer record; the folder's tokenizer files sit in tokenizer/ of the version.
     folder_tokenizer: dict | None = None
-    max_text_bytes: int = 0  # UTF-8 bytes per text (0 = backends/tokenize.py's default); longer is refused
+    max_text_bytes: int = 0  # UTF-8 bytes per text (0 = served/tokenize.py's default); longer is refused
     refuse_empty: bool = False  # a text encoder's repository: an empty text is a 400, not an embedding
 
     def __post_init__(self) -> None:
@@ -341,7 +341,7 @@ class HeadModel:
     num_labels: int | None = None
     batching: Batching = Batching(64, (), 0)
     instances: Instances = Instances(1)
-    # Versions loaded beside the live one: the candidate of an A/B or shadow test (model_repository/ab.py),
+    # Versions loaded beside the live one: the candidate of an A/B or shadow test (repository/ab.py),
     # which must have the live version's labels (one SCORES dim serves both).
     also_serve: tuple[int, ...] = ()
 
@@ -396,7 +396,7 @@ class ThresholdModel:
     # The encoder fingerprint every RESULT names: clients learn which embedding space an answer
     # lives in without reading model configs (an API the server keeps closed).
     encoder: str = ""
-    # head -> {"version", "share", "mode"} of the A/B or shadow test it runs (model_repository/ab.py).
+    # head -> {"version", "share", "mode"} of the A/B or shadow test it runs (repository/ab.py).
     ab: dict | None = None
 
     @property

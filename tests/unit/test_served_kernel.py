@@ -1,0 +1,61 @@
+"""The served threshold model runs from its version folder alone, as Triton's python stub loads it.
+
+Triton 2.51's stub appends the version folder and then the model folder to ``sys.path`` and imports
+``<version>.model`` (python_backend's pb_stub.cc); a Triton image has no headmaster installed. So
+the rule kernel must come from the copy ``copy_backend`` puts beside ``model.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from headmaster.repository.layout import KERNEL_FILE, KERNELS, RUNNER_FILE, copy_backend
+
+STUB = """
+import importlib, importlib.abc, json, sys
+
+class NoHeadmaster(importlib.abc.MetaPathFinder):  # a Triton image: no headmaster to import
+    def find_spec(self, name, path=None, target=None):
+        if name == "headmaster" or name.startswith("headmaster."):
+            raise ImportError(f"no {name} in this stub")
+        return None
+
+sys.meta_path.insert(0, NoHeadmaster())
+sys.path += [sys.argv[1], sys.argv[2]]  # the version folder, then the model folder
+model = importlib.import_module("1.model")
+info = {"version": 3, "labels": ["cat", "dog"], "thresholds": [0.5, 0.5], "multi_label": False}
+print(json.dumps({
+    "kernel": sys.modules["headmaster_rules"].__file__,
+    "rule": model.head_results.__module__,
+    "headmaster": sorted(m for m in sys.modules if m.split(".")[0] == "headmaster"),
+    "accepted": model.head_results(__import__("numpy").array([[0.9, 0.1]], dtype="float32"), info)[0]["labels"],
+}))
+"""
+
+
+def test_the_threshold_version_folder_serves_without_the_package(tmp_path):
+    folder = tmp_path / "threshold" / "1"
+    folder.mkdir(parents=True)
+    copy_backend("threshold", folder)
+    assert (folder / KERNEL_FILE).read_bytes() == KERNELS["threshold"].read_bytes()
+    assert (folder / RUNNER_FILE).is_file()
+    run = subprocess.run(
+        [sys.executable, "-c", STUB, str(folder), str(folder.parent)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    assert seen["kernel"] == str(folder / KERNEL_FILE)
+    assert seen["rule"] == "headmaster_rules"
+    assert seen["headmaster"] == []
+    assert seen["accepted"] == ["cat"]
+
+
+def test_other_served_models_get_no_kernel(tmp_path):
+    copy_backend("preprocess", tmp_path)
+    assert not (tmp_path / KERNEL_FILE).exists()
