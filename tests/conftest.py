@@ -47,7 +47,8 @@ def pytest_report_header(config):
 # pure: no Triton, nothing shared on disk (in memory, or small files under its own tmp_path).
 # disk: real artifacts built once and shared (an exported encoder, a repository, the digits, a
 #   module's own exports: anything made through tmp_path_factory) or a real PostgreSQL / Redis; no Triton.
-# server: starts or uses a real Triton.  slow: over ~20 s on 2 cores (marked by hand).
+# server: starts or uses a real Triton.  slow: over ~5 s of CPU on 2 cores (a full ViT export, real
+#   weights, worker processes, FiftyOne, Label Studio; marked by hand, the figure in a comment).
 # The fast tier is `pytest -m "not server and not slow"`.
 
 # Fixtures that start a Triton server, or hand one out: a test using one, directly or through
