@@ -220,7 +220,8 @@ def cli():
     ``tests.helpers.run_cli`` returns (a CompletedProcess with the exit code, stdout and stderr).
     A subprocess imports torch, open_clip, ... again: 3-7 s of CPU a call, most of what a test
     of an error message costs. Every command path keeps a subprocess test (run_cli) elsewhere,
-    which checks the entry point as a user runs it; this one is for the behaviour behind it."""
+    which checks the entry point as a user runs it; this one is for the behaviour behind it.
+    Unlike a subprocess, Python warnings go to pytest's summary, not to stderr."""
     import contextlib
     import logging
     import sys
@@ -237,6 +238,9 @@ def cli():
             # As in a subprocess with pipes: no colours, the consoles' text in stdout and stderr.
             for console, buffer in zip((common.console, common.out), (stderr, stdout)):
                 console.file, console._color_system = buffer, None
+            # pytest's own handlers out of the way, so that the command's logging.basicConfig puts
+            # its handler (to the console, so to stderr) in place, as in a process of its own.
+            root.handlers[:] = []
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                 old_argv, sys.argv = sys.argv, argv
                 try:
@@ -249,7 +253,7 @@ def cli():
         finally:
             for console, file, color in consoles:
                 console._file, console._color_system = file, color
-            root.handlers[:], root.level = handlers, level  # the command's logging.basicConfig
+            root.handlers[:], root.level = handlers, level
         return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
     return run
