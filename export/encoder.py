@@ -439,11 +439,17 @@ def _export_tower(encoder: LoadedEncoder, tower: str, folder: Path, options: Exp
     return spec, {**_verify(encoder, tower, spec, path, options, precision), "precision": precision}
 
 
+def _refuse_foreign_folder(out: Path) -> None:
+    """An export only ever replaces a previous export (or an empty folder)."""
+    if out.exists() and any(out.iterdir()) and not (out / "card.json").exists():
+        raise ExportError(f"{out} exists and is not an encoder export; choose an empty or new folder", option="out")
+
+
 def _place(staging: Path, out: Path) -> None:
-    """Move a finished export into place; only ever replaces a previous export."""
+    """Move a finished export into place; only ever replaces a previous export (checked again: the
+    folder may have changed during the export)."""
     if out.exists():
-        if any(out.iterdir()) and not (out / "card.json").exists():
-            raise ExportError(f"{out} exists and is not an encoder export; choose an empty or new folder", option="out")
+        _refuse_foreign_folder(out)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         staging.rename(out)
@@ -562,6 +568,7 @@ def export_encoder(options: ExportOptions) -> EncoderCard:
         )
     if "text" in options.towers and not options.model.startswith("timm:") and not hf and not st:
         _require_tokenizer(options.model)  # before minutes of loading
+    _refuse_foreign_folder(Path(options.out))  # before minutes of loading and exporting
     if st:
         encoder = sentence_folder.load(options.model)
     else:

@@ -47,7 +47,8 @@ def pytest_report_header(config):
 # pure: no Triton, nothing shared on disk (in memory, or small files under its own tmp_path).
 # disk: real artifacts built once and shared (an exported encoder, a repository, the digits, a
 #   module's own exports: anything made through tmp_path_factory) or a real PostgreSQL / Redis; no Triton.
-# server: starts or uses a real Triton.  slow: over ~20 s on 2 cores (marked by hand).
+# server: starts or uses a real Triton.  slow: over ~5 s of CPU on 2 cores (a full ViT export, real
+#   weights, worker processes, FiftyOne, Label Studio; marked by hand, the figure in a comment).
 # The fast tier is `pytest -m "not server and not slow"`.
 
 # Fixtures that start a Triton server, or hand one out: a test using one, directly or through
@@ -211,3 +212,48 @@ def digits_dir(tmp_path_factory) -> Path:
 def embedding_cache(tmp_path_factory) -> Path:
     """One embedding cache for the session: each digit image is embedded once."""
     return tmp_path_factory.mktemp("embedding-cache")
+
+
+@pytest.fixture
+def cli():
+    """``cli(*args)``: the `headmaster` command run in this process, returning what
+    ``tests.helpers.run_cli`` returns (a CompletedProcess with the exit code, stdout and stderr).
+    A subprocess imports torch, open_clip, ... again: 3-7 s of CPU a call, most of what a test
+    of an error message costs. Every command path keeps a subprocess test (run_cli) elsewhere,
+    which checks the entry point as a user runs it; this one is for the behaviour behind it.
+    Unlike a subprocess, Python warnings go to pytest's summary, not to stderr."""
+    import contextlib
+    import logging
+    import sys
+
+    from headmaster.cli import common, main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = ["headmaster", *map(str, args)]
+        stdout, stderr = io.StringIO(), io.StringIO()
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        consoles = [(c, c._file, c._color_system) for c in (common.console, common.out)]
+        try:
+            # As in a subprocess with pipes: no colours, the consoles' text in stdout and stderr.
+            for console, buffer in zip((common.console, common.out), (stderr, stdout)):
+                console.file, console._color_system = buffer, None
+            # pytest's own handlers out of the way, so that the command's logging.basicConfig puts
+            # its handler (to the console, so to stderr) in place, as in a process of its own.
+            root.handlers[:] = []
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                old_argv, sys.argv = sys.argv, argv
+                try:
+                    main()
+                    code = 0
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                finally:
+                    sys.argv = old_argv
+        finally:
+            for console, file, color in consoles:
+                console._file, console._color_system = file, color
+            root.handlers[:], root.level = handlers, level
+        return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+    return run

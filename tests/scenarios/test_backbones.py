@@ -127,7 +127,7 @@ def test_a_timm_checkpoint_by_path_loads_with_its_classifier_dropped(tmp_path):
         load("timm:convnext_atto", str(tmp_path / "broken.pth"))
 
 
-def test_unknown_and_unsupported_models_are_refused_by_name():
+def test_unknown_and_unsupported_models_are_refused_by_name(cli):
     with pytest.raises(ExportError, match="timm model 'resnet18' belongs to no supported family"):
         family_of("timm:resnet18")
     with pytest.raises(ExportError, match="unknown timm model 'timm:vit_tiny_patch14_dinov2'"):
@@ -148,12 +148,13 @@ def test_unknown_and_unsupported_models_are_refused_by_name():
         load("timm:vit_small_patch14_dinov", None)
     with pytest.raises(ExportError, match=r"unknown open_clip model 'ViT-B-33'; closest known names: ViT-B-32, "):
         load("ViT-B-33", None)
-    result = run_cli("export", "encoder", "--model", "timm:mobilenetv3_smal_100", "--out", "/nonexistent/never")
+    # The command in this process (timm's registry already imported): the message, one line.
+    result = cli("export", "encoder", "--model", "timm:mobilenetv3_smal_100", "--out", "/nonexistent/never")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "closest known names: timm:mobilenetv3_small_100" in result.stderr
     with pytest.raises(ExportError, match="--image-size is for timm backbones"):
         load("ViT-S-32", None, image_size=224)
-    result = run_cli("export", "encoder", "--model", "ViT-B-32-SigLIP2-256", "--out", "/nonexistent/never")
+    result = cli("export", "encoder", "--model", "ViT-B-32-SigLIP2-256", "--out", "/nonexistent/never")
     assert result.returncode == 1 and "needs its tokenizer" in result.stderr and "--towers image" in result.stderr
 
 

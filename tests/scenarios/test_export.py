@@ -53,6 +53,7 @@ def test_a_hand_edited_card_is_refused(encoder_dir, tmp_path):
         EncoderCard.load(tmp_path)
 
 
+@pytest.mark.slow  # two full ViT-S-32 exports and their checks: 6-8 s of CPU each, 19-31 s on 2 busy cores (2026-12-07)
 @pytest.mark.parametrize("fmt, precision, minimum", [("onnx", "fp16", 0.999), ("torchscript", "fp32", 0.9999)])
 def test_other_formats_and_precisions_pass_their_check(tmp_path, encoder_dir, fmt, precision, minimum):
     card = export_encoder(
@@ -108,8 +109,10 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path):
     assert (tmp_path / "enc" / "thesis.tex").read_text() == "precious"
 
 
-def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
-    result = run_cli("export", "encoder", "--model", "ViT-Q-99", "--out", tmp_path / "enc")
+def test_cli_reports_errors_in_one_line_without_traceback(cli, tmp_path):
+    # In this process: open_clip's registry is already imported (test_the_cli_names_the_flag_to_change
+    # below runs the same command in a subprocess).
+    result = cli("export", "encoder", "--model", "ViT-Q-99", "--out", tmp_path / "enc")
     assert result.returncode == 1
     assert "error: unknown open_clip model 'ViT-Q-99'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -179,6 +179,7 @@ def test_review_tasks_go_through_fiftyone_and_come_back_as_corrections(loop, tmp
     assert again.returncode == 1 and "new or empty folder" in again.stderr
 
 
+@pytest.mark.slow  # real FiftyOne and its MongoDB in a subprocess: 36 s on 2 busy cores (2026-12-07)
 def test_a_multi_label_review_round_trips_and_foreign_folders_are_refused(tmp_path):
     """Multi-label heads: Classifications both ways, 'none of them' an empty list. Then what is not
     a FiftyOneDataset export of our tasks gives an error naming what is wrong."""

@@ -86,7 +86,7 @@ def options(repository, store, **extra) -> ImproveOptions:
     return ImproveOptions(name=HEAD, repo=repository.path, store=str(store.path), **extra)
 
 
-def test_good_corrections_are_accepted_poisoned_ones_refused_and_the_ledger_says_why(loop, tmp_path):
+def test_good_corrections_are_accepted_poisoned_ones_refused_and_the_ledger_says_why(loop, tmp_path, cli):
     repository, world, store, golden = loop
     with pytest.raises(DataError, match="has no golden set yet: give --golden"):
         improve(options(repository, store))
@@ -142,7 +142,8 @@ def test_good_corrections_are_accepted_poisoned_ones_refused_and_the_ledger_says
     assert state.live == 2 and sorted(p.name for p in (repository.path / HEAD).iterdir()) == before
 
     # Forced to train again on the same data: refused again, exit 3, the reason on the terminal.
-    again = run_cli("improve", HEAD, "--store", store.path, "--repo", repository.path, "--force")
+    # (in this process: the subprocess above checked the command as a schedule runs it)
+    again = cli("improve", HEAD, "--store", store.path, "--repo", repository.path, "--force")
     assert again.returncode == 3 and "refused" in again.stderr and "class 'ant' is worse" in again.stderr
     assert "likely mislabelled items" in again.stderr and "ant" in again.stdout  # the gate's table
     assert Repository(repository.path).head(HEAD).live == 2
@@ -172,10 +173,10 @@ def test_good_corrections_are_accepted_poisoned_ones_refused_and_the_ledger_says
     lines = [line for line in result.stdout.splitlines() if line.startswith("│ 20")]
     assert [line.split("│")[2].strip() for line in lines] == [e["decision"] for e in entries]
     assert "class 'ant' is worse: recall" in lines[-1] and entries[0]["snapshot"]["manifest_sha256"][7:19] in lines[0]
-    as_json = run_cli("history", HEAD, "--repo", repository.path, "--json", "--last", "2")
+    as_json = cli("history", HEAD, "--repo", repository.path, "--json", "--last", "2")
     assert [json.loads(line) for line in as_json.stdout.splitlines()] == entries[-2:]
     assert entries[-1]["metrics"] == entries[-2]["metrics"]  # same data, same seed: the same candidate
-    unknown = run_cli("history", "nothing", "--repo", repository.path)
+    unknown = cli("history", "nothing", "--repo", repository.path)
     assert unknown.returncode == 1 and "nothing" in unknown.stderr and "Traceback" not in unknown.stderr
 
 

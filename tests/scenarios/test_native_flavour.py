@@ -122,6 +122,7 @@ def test_a_version_with_another_label_count_hot_loads(encoder_dir, jpeg_photos, 
         server.stop()
 
 
+@pytest.mark.slow  # a full ViT-S-32 export in fp16 each: 7.6-8.9 s of CPU, 20-29 s on 2 busy cores (2026-12-07)
 @pytest.mark.parametrize("fmt, precision", [("onnx", "fp16"), ("torchscript", "fp16")])
 def test_a_gpu_native_repository_matches_its_files_as_nvidias_backends_check_them(tmp_path, fmt, precision):
     """What NVIDIA's container runs on a GPU: fp16 towers on KIND_GPU with the GPU batching

@@ -174,6 +174,7 @@ def frozen(pid: int) -> None:
         time.sleep(0.001)
 
 
+@pytest.mark.slow  # real worker processes, one killed: 5 s of CPU, 26 s on 2 busy cores (2026-12-07)
 def test_heads_worker_killed_mid_batch_loses_nothing(broker, names, worker_repo, redis_url, tmp_path):
     """Real worker processes: one is SIGKILLed while it holds pending entries; another claims them."""
     _, embeddings = names
@@ -349,6 +350,7 @@ def test_a_new_head_version_is_picked_up_without_a_restart(broker, names, worker
     assert all(len(labels[s]["scores"]) == 4 for s in second)
 
 
+@pytest.mark.slow  # real worker processes end to end: 5.4 s of CPU, 37 s on 2 busy cores (2026-12-07)
 def test_embed_then_heads_end_to_end_with_real_workers(broker, names, worker_repo, redis_url, tmp_path, jpeg_photos):
     """submit -> `worker embed` (local encoder) -> `worker heads`: items and labels as the
     repository's own encoder and heads give them; an unreadable image dead-lettered with why."""
@@ -474,6 +476,7 @@ def random_pngs(folder, n: int, seed: int) -> list[str]:
     return hashes
 
 
+@pytest.mark.slow  # workers through a Redis restart and crash: 14 s of CPU, 47 s on 2 busy cores (2026-12-07)
 def test_workers_ride_out_a_redis_restart_and_a_redis_crash(worker_repo, tmp_path):
     """Both real workers keep running through a Redis restart (SIGTERM) and a crash (SIGKILL),
     each mid-stream, on the persistence the README asks for (appendonly yes, appendfsync always):

@@ -62,6 +62,7 @@ def test_the_key_map_loads_every_tensor_and_the_imagenet_classifier_names_the_ph
     assert top["coffee"] in ("espresso", "cup"), top
 
 
+@pytest.mark.slow  # real weights into three timm models: 7.8 s of CPU, 37 s on 2 busy cores (2026-12-07)
 def test_a_checkpoint_in_another_codebases_names_fails_in_one_line_without_its_key_map(tmp_path):
     path = checkpoints.shipped_path(SHIPPED)
     with pytest.raises(
@@ -172,6 +173,7 @@ def test_a_head_on_real_embeddings_matches_logistic_regression_and_the_server_an
     assert (served_embeddings * x_test).sum(axis=1).min() >= 0.9999
 
 
+@pytest.mark.slow  # an EfficientNet export and its quantization check: 6.5 s of CPU, 25 s on 2 busy cores (2026-12-07)
 def test_int8_refuses_a_convolutional_network_it_would_not_quantize(tmp_path):
     """int8 quantizes weight MatMuls (a transformer's); EfficientNet has none, so its "int8"
     graph would be the fp32 one renamed: refused in one line, nothing written."""

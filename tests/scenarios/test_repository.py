@@ -99,6 +99,7 @@ def test_a_head_from_another_encoder_is_refused(repo):
     assert not (repo / "stranger").exists()
 
 
+@pytest.mark.slow  # exports a second ViT-S-32 (other_encoder): 7.4 s of CPU, 29 s on 2 busy cores (2026-12-07)
 def test_rebuilding_with_another_encoder_is_refused_while_its_heads_exist(repo, other_encoder):
     with pytest.raises(RepositoryError, match=r"cannot build .* head animal v1 .* was made with encoder"):
         build_repository(other_encoder, repo)
