@@ -42,6 +42,12 @@ class OnnxRunner:
         # them (off, every batch allocates again); with warm-up at load, that size is reached
         # before the server says ready, not under the first client's requests.
         options.intra_op_num_threads = threads
+        # The intra-op threads sleep between operators instead of spinning: on CPU the encoder
+        # shares its cores with preprocess's decode threads, the heads and Triton itself, and a
+        # spinning thread burns the time they need. benchmarks/encoder_ceiling.py measured the
+        # encoder alone on the shared 2-core machine at 7.7 img/s without spinning against
+        # 5.7 with it (batch 8, the same 2 threads, 3 alternating rounds; benchmarks/RESULTS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = True
