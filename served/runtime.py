@@ -42,6 +42,13 @@ class OnnxRunner:
         # them (off, every batch allocates again); with warm-up at load, that size is reached
         # before the server says ready, not under the first client's requests.
         options.intra_op_num_threads = threads
+        # The intra-op threads sleep between operators instead of spinning: on CPU the encoder
+        # shares its cores with preprocess's decode threads, the heads and Triton itself, and a
+        # spinning thread burns the time they need. benchmarks/encoder_ceiling.py measured the
+        # encoder alone (fp32 ViT-B/32, batch 8, 2 threads) on the shared 2-core machine at 7.7
+        # img/s without spinning against 5.7 with it at load ~13, and 37.3 against 33.3 at load
+        # ~2: no worse when quiet (benchmarks/RESULTS.md, 2026-12-07).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = True
