@@ -34,29 +34,9 @@ import numpy as np
 # and always with the kernel of the build that wrote it, never a newer one installed beside it.
 # Imported as part of the package (tests, benchmarks), there is no such module: the package's.
 try:
-    from headmaster_rules import (
-        REPOSITORY_ENV,
-        KnnIndex,
-        ab_results,
-        fetch_index,
-        head_results,
-        item_keys,
-        knn_distance,
-        load_index,
-        task_of,
-    )
+    import headmaster_rules as kernel  # the copy beside model.py, in Triton
 except ImportError:
-    from headmaster.rules.threshold import (
-        REPOSITORY_ENV,
-        KnnIndex,
-        ab_results,
-        fetch_index,
-        head_results,
-        item_keys,
-        knn_distance,
-        load_index,
-        task_of,
-    )
+    from headmaster.rules import threshold as kernel  # imported as part of the package
 
 AB_METRIC = "headmaster_ab_items_total"
 
@@ -93,9 +73,9 @@ class TritonPythonModel:
             pass
         # Head versions live beside this model in the repository: REPO/<head>/<version>/.
         self.repository = os.path.dirname(os.path.abspath(args["model_repository"]))
-        self._indexes: dict[tuple[str, int, str], KnnIndex] = {}
+        self._indexes: dict[tuple[str, int, str], kernel.KnnIndex] = {}
 
-    def _index(self, head: str, info: dict) -> KnnIndex:
+    def _index(self, head: str, info: dict) -> kernel.KnnIndex:
         # One index per version, read on first use (an IVF version's index was built when it was
         # published): a hot swap brings its own reference set.
         key = (head, int(info["version"]), info["ood"]["sha256"])
@@ -104,11 +84,11 @@ class TritonPythonModel:
             folder = os.path.join(self.repository, head, str(info["version"]))
             for old in [k for k in self._indexes if k[0] == head]:
                 del self._indexes[old]
-            remote = os.environ.get(REPOSITORY_ENV, "")
+            remote = os.environ.get(kernel.REPOSITORY_ENV, "")
             if remote.startswith("s3://") and not os.path.isdir(folder):
-                index = fetch_index(remote, head, int(info["version"]), info["ood"])
+                index = kernel.fetch_index(remote, head, int(info["version"]), info["ood"])
             else:
-                index = load_index(folder, info["ood"])
+                index = kernel.load_index(folder, info["ood"])
             self._indexes[key] = index
         return index
 
@@ -147,8 +127,8 @@ class TritonPythonModel:
         meta = self._info(info.as_numpy().reshape(-1)[0])
         distances = None
         if meta.get("ood"):
-            distances = knn_distance(self._index(head, meta), embedding, int(meta["ood"]["k"]))
-        return scores.as_numpy(), head_results(scores.as_numpy(), meta, distances)
+            distances = kernel.knn_distance(self._index(head, meta), embedding, int(meta["ood"]["k"]))
+        return scores.as_numpy(), kernel.head_results(scores.as_numpy(), meta, distances)
 
     def _answer(self, request):
         pb = self.pb
@@ -167,21 +147,21 @@ class TritonPythonModel:
             values = scores.as_numpy()
             distances = None
             if meta.get("ood"):
-                distances = knn_distance(self._index(head, meta), embedding, int(meta["ood"]["k"]))
-            results = head_results(values, meta, distances)
+                distances = kernel.knn_distance(self._index(head, meta), embedding, int(meta["ood"]["k"]))
+            results = kernel.head_results(values, meta, distances)
             candidate = self._candidate(request, head, embedding) if self.ab else None
             if candidate is not None:
                 candidate_scores, candidate = candidate
                 if keys is None:
                     image, sha = (pb.get_input_tensor_by_name(request, n) for n in ("IMAGE", "SHA256"))
-                    keys = item_keys(
+                    keys = kernel.item_keys(
                         None if image is None else image.as_numpy(), None if sha is None else sha.as_numpy(), embedding
                     )
                 test = self.ab[head]
                 tally: dict[tuple[str, bool], int] = {}
                 chosen = []
                 values = np.array(values, copy=True)  # SCORES_OUT: each row from the arm that answered
-                for i, (result, arm, agree) in enumerate(ab_results(results, candidate, keys, test)):
+                for i, (result, arm, agree) in enumerate(kernel.ab_results(results, candidate, keys, test)):
                     chosen.append(result)
                     if arm == "candidate":
                         values[i] = candidate_scores[i]
@@ -292,7 +272,7 @@ class LiveMetrics:
             self._failed = True
 
     def _record(self, head: str, info: dict, results: list[dict]) -> None:
-        for (name, labels), n in metric_counts(head, task_of(info), results).items():
+        for (name, labels), n in metric_counts(head, kernel.task_of(info), results).items():
             metric = self._metrics.get((name, labels))
             if metric is None:
                 if len(self._metrics) > 100_000:  # versions come and go: never grow without end
