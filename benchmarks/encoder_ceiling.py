@@ -129,18 +129,12 @@ def run_ort(path: str, batch: int, seconds: float, threads: int | None, spinning
     picks one per physical core); otherwise its options with that many threads and spinning as given."""
     import onnxruntime as ort
 
-    from headmaster.served.runtime import load_runner
+    from headmaster.served.runtime import load_runner, session_options
 
     if threads is None:
         session = load_runner(path, device="cpu", optimization="all").session
     else:
-        options = ort.SessionOptions()  # served/runtime.py's OnnxRunner options, varied
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.enable_cpu_mem_arena = True
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options = session_options(ort, threads, "all", spinning=spinning)  # the runner's, varied
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     pixels = np.random.default_rng(0).integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
     for _ in range(3):

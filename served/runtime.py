@@ -28,37 +28,44 @@ def _cuda_index(device: str) -> int:
     return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
 
 
+def session_options(ort, threads: int, optimization: str, spinning: bool = False):
+    """The onnxruntime session options every runner uses (``spinning``: only for the benchmark
+    that measured why it is off)."""
+    options = ort.SessionOptions()
+    # Chosen, and said here rather than left to defaults: one model runs one batch at a time
+    # (sequential, one inter-op thread); intra-op threads: 0 = one per physical core for an
+    # encoder (it is the work), 1 for a head (tiny matrices; more threads only contend). The
+    # CPU arena stays on: it keeps the activation buffers of the largest batch seen and reuses
+    # them (off, every batch allocates again); with warm-up at load, that size is reached
+    # before the server says ready, not under the first client's requests.
+    options.intra_op_num_threads = threads
+    # The intra-op threads sleep between operators instead of spinning: on CPU the encoder
+    # shares its cores with preprocess's decode threads, the heads and Triton itself, and a
+    # spinning thread burns the time they need. benchmarks/encoder_ceiling.py measured the
+    # encoder alone (fp32 ViT-B/32, batch 8, 2 threads) on the shared 2-core machine at 7.7
+    # img/s without spinning against 5.7 with it at load ~13, and 37.3 against 33.3 at load
+    # ~2: no worse when quiet (benchmarks/RESULTS.md, 2026-12-07).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_cpu_mem_arena = True
+    # fp16 graphs crash onnxruntime's CPU layout optimisations (level 99, seen with
+    # onnxruntime 1.32): the exporter records 'extended' for them.
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    }[optimization]
+    return options
+
+
 class OnnxRunner:
     def __init__(self, path: str, device: str, threads: int, optimization: str):
         import onnxruntime as ort
 
         self.ort = ort
 
-        options = ort.SessionOptions()
-        # Chosen, and said here rather than left to defaults: one model runs one batch at a time
-        # (sequential, one inter-op thread); intra-op threads: 0 = one per physical core for an
-        # encoder (it is the work), 1 for a head (tiny matrices; more threads only contend). The
-        # CPU arena stays on: it keeps the activation buffers of the largest batch seen and reuses
-        # them (off, every batch allocates again); with warm-up at load, that size is reached
-        # before the server says ready, not under the first client's requests.
-        options.intra_op_num_threads = threads
-        # The intra-op threads sleep between operators instead of spinning: on CPU the encoder
-        # shares its cores with preprocess's decode threads, the heads and Triton itself, and a
-        # spinning thread burns the time they need. benchmarks/encoder_ceiling.py measured the
-        # encoder alone (fp32 ViT-B/32, batch 8, 2 threads) on the shared 2-core machine at 7.7
-        # img/s without spinning against 5.7 with it at load ~13, and 37.3 against 33.3 at load
-        # ~2: no worse when quiet (benchmarks/RESULTS.md, 2026-12-07).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.enable_cpu_mem_arena = True
-        # fp16 graphs crash onnxruntime's CPU layout optimisations (level 99, seen with
-        # onnxruntime 1.32): the exporter records 'extended' for them.
-        options.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        }[optimization]
+        options = session_options(ort, threads, optimization)
         available = ort.get_available_providers()
         wanted: list = ["CPUExecutionProvider"]
         self.cuda = device in ("auto", "cuda") or device.startswith("cuda:")
