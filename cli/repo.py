@@ -87,6 +87,14 @@ def build(
             "image skips the encoder (portable flavour; least recently used out first); 0 = no cache."
         ),
     ] = 64.0,
+    decoded_cache_mb: Annotated[
+        float,
+        typer.Option(
+            help="Memory for preprocess's cache of decoded pixels by sha256 of an image's bytes, so a repeated "
+            "image skips decode and resize (~150 KB an image at 224 px; Pillow decoder only; least recently used "
+            "out first); 0 = no cache."
+        ),
+    ] = 32.0,
     serve_text: Annotated[
         bool,
         typer.Option(
@@ -117,6 +125,7 @@ def build(
         exact_decode=exact_decode,
         max_text_bytes=max_text_bytes,
         embedding_cache_mb=embedding_cache_mb,
+        decoded_cache_mb=decoded_cache_mb,
         serve_text=serve_text,
     )
     from headmaster.repository import s3

@@ -166,10 +166,15 @@ class PreprocessModel:
     max_request_bytes: int = 0  # encoded bytes of all the images of one request
     exact_decode: bool = False  # large JPEGs at full size (open_clip's exact pixels) instead of reduced
     decoder: str = "pillow"  # pillow | torchvision (batched; nvJPEG when the instances are on a GPU)
+    # Bytes of decoded pixels kept by sha256 of an image's bytes (served/preprocess.py); 0 = none.
+    # Pillow's path only: with decoder torchvision it is not rendered (that path keeps no cache).
+    cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         if min(self.threads, self.max_pixels, self.max_aspect_ratio, self.max_request_bytes) < 0:
             raise ConfigError("preprocess limits must be >= 0 (0 = the default)")
+        if self.cache_bytes < 0:
+            raise ConfigError(f"preprocess: cache_bytes must be >= 0, got {self.cache_bytes}")
         if self.decoder not in ("pillow", "torchvision"):
             raise ConfigError(f"decoder must be pillow or torchvision, not {self.decoder!r}", option="decoder")
         if self.instances.gpu and self.decoder != "torchvision":
@@ -200,6 +205,7 @@ class PreprocessModel:
                         ("max_aspect_ratio", self.max_aspect_ratio),
                         ("max_request_bytes", self.max_request_bytes),
                         ("exact_decode", "true" if self.exact_decode else ""),
+                        ("cache_bytes", self.cache_bytes if self.decoder == "pillow" else 0),
                     )
                     if v
                 },

@@ -3,7 +3,9 @@
     REPO/headmaster.json        manifest: flavour, build settings, the encoder card
     REPO/.headmaster/           the running server's record and log (server/record.py); the lock file
     REPO/preprocess/1/model.py  bytes -> pixels          (served/preprocess.py)
-    REPO/image_encoder/1/       model.onnx|plan|pt (+ model.py, the portable runner)
+    REPO/preprocess/1/headmaster_cache.py    the cache class it imports (served/cache.py)
+    REPO/image_encoder/1/       model.onnx|plan|pt (+ model.py, the portable runner, and
+                                headmaster_cache.py beside it, as beside every runner)
     REPO/text_encoder/1/        same, for the text tower
     REPO/tokenize/1/model.py    text -> token ids        (served/tokenize.py)
     REPO/<head>/<N>/            model.onnx + head.json (+ model.py): one folder per version
@@ -37,8 +39,15 @@ KERNEL_FILE = "headmaster_rules.py"  # the rule kernel, beside the model.py that
 # Served model -> the rule kernel module it imports from its own version folder (see the import
 # at the top of served/threshold.py for why a copy, and why this name).
 KERNELS = {"threshold": Path(rules.__file__).parent / "threshold.py"}
+CACHE_FILE = "headmaster_cache.py"  # the content cache class (served/cache.py), beside its users' model.py
+# Served models that import the cache class from their own version folder, as threshold does its
+# kernel: preprocess (decoded pixels) and the runner (the image encoder's embeddings; the other
+# runners, text encoder and heads, import the module too, even with their cache off).
+CACHE_USERS = ("preprocess", "runtime")
 __all__ = [
     "ARTIFACT_FILES",
+    "CACHE_FILE",
+    "CACHE_USERS",
     "CONFIG_FILE",
     "HEAD_FILE",
     "KERNEL_FILE",
@@ -85,10 +94,12 @@ def head_folders(repo: Path) -> list[str]:
 
 def copy_backend(source: str, folder: Path) -> None:
     """Put a python-backend model source into a version folder as model.py, with the rule
-    kernel beside it when the model imports one."""
+    kernel and the cache class beside it when the model imports them."""
     shutil.copyfile(BACKENDS_DIR / f"{source}.py", Path(folder) / RUNNER_FILE)
     if source in KERNELS:
         shutil.copyfile(KERNELS[source], Path(folder) / KERNEL_FILE)
+    if source in CACHE_USERS:
+        shutil.copyfile(BACKENDS_DIR / "cache.py", Path(folder) / CACHE_FILE)
     # The stub imports model.py with Python in isolated mode (no PYTHON* variables), so it
     # would write __pycache__/ into the version folder after loading; Triton then sees a
     # newer mtime and reloads the model on the next load call (the encoder included, on the

@@ -70,6 +70,10 @@ class BuildOptions:
     decoder: str = "pillow"  # pillow (CPU threads) | torchvision (batched; on the GPU when device is cuda)
     # The image encoder's cache of embeddings by sha256 of the pixels (served/runtime.py), portable flavour.
     embedding_cache_mb: float = 64.0
+    # Preprocess's cache of decoded pixels by sha256 of an image's bytes (served/preprocess.py), so a
+    # repeated image skips decode and resize; Pillow's decoder only. ~150 KB an image at 224 px:
+    # 32 MiB holds ~220 of them.
+    decoded_cache_mb: float = 32.0
     # Load an image encoder's text tower, tokenize and embed_text (a text encoder's always load:
     # they are its classify). Off by default: they stay in the repository (zero-shot heads are made
     # from them on this machine, not through the server) but the server does not load them, so a
@@ -88,6 +92,11 @@ class BuildOptions:
             raise ConfigError(
                 f"embedding_cache_mb must be >= 0 (0 = no cache), not {self.embedding_cache_mb}",
                 option="embedding-cache-mb",
+            )
+        if self.decoded_cache_mb < 0:
+            raise ConfigError(
+                f"decoded_cache_mb must be >= 0 (0 = no cache), not {self.decoded_cache_mb}",
+                option="decoded-cache-mb",
             )
 
     @classmethod

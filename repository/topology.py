@@ -115,6 +115,7 @@ def static_models(card, options) -> list:
                 max_request_bytes=o.max_request_bytes,
                 exact_decode=o.exact_decode,
                 decoder=o.decoder,
+                cache_bytes=int(o.decoded_cache_mb * 2**20),
             ),
             encoder_model(card, options, "image"),
         ]

@@ -1,8 +1,8 @@
 """Triton python-backend model: encoded image bytes -> uint8 pixels for the image encoder.
 
 Copied as ``model.py`` into the ``preprocess`` model of a built repository, so it imports
-nothing from Headmaster: numpy and Pillow only (NVIDIA's Triton container needs just
-``pip install pillow``). Headmaster imports the same functions to embed images locally, so
+nothing from Headmaster but the cache class copied beside it: numpy and Pillow only (NVIDIA's
+Triton container needs just ``pip install pillow``). Headmaster imports the same functions to embed images locally, so
 served and local embeddings share one implementation.
 
 It reproduces open_clip's eval transform (``open_clip.transform.image_transform``) step by
@@ -30,6 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+# The content cache class shared with the encoder runner (served/cache.py): layout.copy_backend
+# copies it beside this model.py as ``headmaster_cache.py`` (why a copy, and why that name: the
+# rule kernel's import at the top of served/threshold.py); imported as part of the package, the
+# package's.
+try:
+    import headmaster_cache as cache  # the copy beside model.py, in Triton
+except ImportError:
+    from headmaster.served import cache
 
 # PIL's resample codes for open_clip's interpolation names ('random' means bicubic at eval).
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "random": Image.BICUBIC}
@@ -541,12 +550,44 @@ class TritonPythonModel:
         if self.cfg["decoder"] == "torchvision":
             on_gpu = args.get("model_instance_kind") == "GPU"
             self.decoder = TorchDecoder(self.cfg, f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
+        # Decoded pixels by the sha256 of the image's bytes exactly as received (content, never a
+        # name; base64 of the same image is other bytes, so another entry): a repeated image skips
+        # decode and resize. Pillow's path only (the torchvision decoder's pixels stay on the GPU,
+        # where hashing and keeping them would cost a copy). The cache lives in this model
+        # instance: a preprocess that is reloaded or rebuilt (other preprocessing, other limits)
+        # starts empty, so pixels are only ever those this very code and config made. Refusals
+        # and failures are never kept: such bytes are decoded (and refused) again every time.
+        cache_bytes = int(params.get("cache_bytes", "0") or 0)
+        self.cache = cache.ContentCache(cache_bytes) if cache_bytes > 0 and self.decoder is None else None
+        self.cache_metrics = None
+        if self.cache is not None:
+            try:
+                self.cache_metrics = cache.CacheMetrics(pb_utils, config["name"], cache.DECODED_PREFIX, "pixels")
+            except Exception as e:  # noqa: BLE001 - no metrics (an old Triton): the cache still works
+                pb_utils.Logger.log_warn(f"headmaster decoded cache metrics: {type(e).__name__}: {e}")
 
     def _one(self, data):
         try:
             return preprocess_bytes(data, self.cfg)
         except Exception as e:  # InvalidImage, or a decoder failing in a way nobody foresaw: this image only
             return e
+
+    def _pillow(self, items: list) -> list:
+        """The pixels of each item (or the exception it raised), decoded by the thread pool; with
+        a cache, only the items it does not hold are decoded."""
+        if self.cache is None:
+            return list(self.pool.map(self._one, items))
+        keys = [self.cache.key_of_bytes(item) for item in items]
+        found = [self.cache.get(key) for key in keys]
+        missing = [i for i, rows in enumerate(found) if rows is None]
+        out = [None if rows is None else rows[0] for rows in found]
+        for i, pixels in zip(missing, self.pool.map(self._one, [items[i] for i in missing])):
+            out[i] = pixels
+            if isinstance(pixels, np.ndarray):  # refusals and failures are not kept
+                self.cache.put(keys[i], (pixels,))
+        if self.cache_metrics is not None:
+            self.cache_metrics.record(len(items) - len(missing), len(missing), self.cache)
+        return out
 
     def execute(self, requests):
         pb = self.pb
@@ -556,7 +597,7 @@ class TritonPythonModel:
         # An oversize request is refused whole before anything in it is decoded.
         flat = [item for batch, size in zip(batches, sizes) if size <= limit for item in batch]
         if self.decoder is None:
-            results = iter(list(self.pool.map(self._one, flat)))
+            results = iter(self._pillow(flat))
         else:
             results = iter(self.decoder(flat, self._one))
         responses = []

@@ -16,12 +16,19 @@ as torch tensors, onnxruntime's CUDA provider through I/O binding.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections import OrderedDict
 
 import numpy as np
+
+# The cache class is shared with preprocess (served/cache.py). layout.copy_backend copies it beside
+# this model.py as ``headmaster_cache.py``, imported from there in Triton (why a copy, and why that
+# name: the rule kernel's import at the top of served/threshold.py); imported as part of the
+# package (tests, benchmarks), the package's.
+try:
+    import headmaster_cache as cache  # the copy beside model.py, in Triton
+except ImportError:
+    from headmaster.served import cache
 
 
 def _cuda_index(device: str) -> int:
@@ -159,89 +166,21 @@ def _concatenate(parts: list):
 # encoder that is reloaded (a new export, int8 promotion) starts empty and never answers with
 # the old tower; what follows the encoder (heads, thresholds) always runs live, so a head's new
 # version answers even for a cached image. Bounded in bytes (least recently used first out).
-CACHE_HITS_METRIC = "headmaster_embedding_cache_hits_total"
-CACHE_MISSES_METRIC = "headmaster_embedding_cache_misses_total"
-CACHE_ENTRIES_METRIC = "headmaster_embedding_cache_entries"
-CACHE_BYTES_METRIC = "headmaster_embedding_cache_bytes"
-ENTRY_OVERHEAD = 256  # bytes per entry beyond its arrays: the key, the dict slot, the array headers
+# Series: headmaster_embedding_cache_* (cache.EMBEDDING_PREFIX).
 
 
-class EmbeddingCache:
-    """Rows of the outputs by sha256 of one input row, least recently used evicted past ``max_bytes``."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[bytes, tuple[np.ndarray, ...]] = OrderedDict()
-        self.bytes = 0
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(row: np.ndarray) -> bytes:
-        return hashlib.sha256(np.ascontiguousarray(row).data).digest() + str((row.dtype, row.shape)).encode()
-
-    @staticmethod
-    def size(rows: tuple[np.ndarray, ...]) -> int:
-        return sum(r.nbytes for r in rows) + ENTRY_OVERHEAD
-
-    def get(self, key: bytes):
-        rows = self.entries.get(key)
-        if rows is None:
-            self.misses += 1
-            return None
-        self.entries.move_to_end(key)
-        self.hits += 1
-        return rows
-
-    def put(self, key: bytes, rows: tuple[np.ndarray, ...]) -> None:
-        size = self.size(rows)
-        if size > self.max_bytes or key in self.entries:
-            return
-        self.entries[key] = tuple(np.array(r, copy=True) for r in rows)  # not a view of the batch
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, evicted = self.entries.popitem(last=False)
-            self.bytes -= self.size(evicted)
-
-
-class CacheMetrics:
-    """The cache's counters and gauges on Triton's metrics port, labelled by model."""
-
-    def __init__(self, pb_utils, model: str):
-        labels = {"model": model}
-        kinds = {
-            CACHE_HITS_METRIC: ("COUNTER", "images whose embedding came from the encoder's cache"),
-            CACHE_MISSES_METRIC: ("COUNTER", "images the encoder ran because its cache did not hold them"),
-            CACHE_ENTRIES_METRIC: ("GAUGE", "embeddings held in the encoder's cache"),
-            CACHE_BYTES_METRIC: ("GAUGE", "bytes held in the encoder's cache (its bound is the cache_bytes parameter)"),
-        }
-        # The families are kept: one that is garbage-collected is removed from the server.
-        self.families = {
-            name: pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
-            for name, (kind, description) in kinds.items()
-        }
-        self.metrics = {name: family.Metric(labels=labels) for name, family in self.families.items()}
-
-    def record(self, hits: int, misses: int, cache: EmbeddingCache) -> None:
-        if hits:
-            self.metrics[CACHE_HITS_METRIC].increment(hits)
-        if misses:
-            self.metrics[CACHE_MISSES_METRIC].increment(misses)
-        self.metrics[CACHE_ENTRIES_METRIC].set(len(cache.entries))
-        self.metrics[CACHE_BYTES_METRIC].set(cache.bytes)
-
-
-def run_cached(runner, cache: EmbeddingCache, batch: dict, outputs: list[str]) -> tuple[list[np.ndarray], int, int]:
+def run_cached(runner, store: cache.ContentCache, batch: dict, outputs: list[str]) -> tuple[list[np.ndarray], int, int]:
     """The runner's outputs for ``batch`` (one input), running only the rows the cache lacks;
     returns the outputs, the hits and the misses."""
     ((name, rows),) = batch.items()
-    keys = [cache.key(row) for row in rows]
-    found = [cache.get(k) for k in keys]
+    keys = [store.key(row) for row in rows]
+    found = [store.get(k) for k in keys]
     missing = [i for i, f in enumerate(found) if f is None]
     if missing:
         computed = runner({name: rows[missing] if len(missing) < len(rows) else rows}, outputs)
         for j, i in enumerate(missing):
             found[i] = tuple(result[j] for result in computed)
-            cache.put(keys[i], found[i])
+            store.put(keys[i], found[i])
     results = [np.stack([f[k] for f in found]) for k in range(len(outputs))]
     return results, len(rows) - len(missing), len(missing)
 
@@ -267,11 +206,11 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]
         cache_bytes = int(params.get("cache_bytes", "0") or 0)
         # One input only (an image tower): the key is that row's bytes.
-        self.cache = EmbeddingCache(cache_bytes) if cache_bytes > 0 and len(self.inputs) == 1 else None
+        self.cache = cache.ContentCache(cache_bytes) if cache_bytes > 0 and len(self.inputs) == 1 else None
         self.cache_metrics = None
         if self.cache is not None:
             try:
-                self.cache_metrics = CacheMetrics(pb_utils, config["name"])
+                self.cache_metrics = cache.CacheMetrics(pb_utils, config["name"], cache.EMBEDDING_PREFIX, "embeddings")
             except Exception as e:  # noqa: BLE001 - no metrics (an old Triton): the cache still works
                 pb_utils.Logger.log_warn(f"headmaster embedding cache metrics: {type(e).__name__}: {e}")
 

@@ -13,20 +13,21 @@ import urllib.request
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
 
 
-# The image encoder's cache series (served/runtime.py) count images the encoder skipped, not
-# what heads answered: left out of a scrape unless its prefix names them.
-CACHE_PREFIX = "headmaster_embedding_cache"
+# The cache series (served/cache.py: the image encoder's embeddings, preprocess's decoded pixels)
+# count images a model skipped, not what heads answered: left out of a scrape unless its prefix
+# names them.
+CACHE_PREFIXES = ("headmaster_embedding_cache", "headmaster_decoded_cache")
 
 
 def scrape(metrics_url: str, prefix: str = "headmaster_") -> dict[tuple[str, tuple], float]:
     """(series name, sorted label pairs) -> value of every series whose name starts with prefix
-    (the encoder cache's only when the prefix is theirs)."""
+    (a cache's only when the prefix is theirs)."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     out = {}
-    skip_cache = not prefix.startswith(CACHE_PREFIX)
+    skipped = tuple(p for p in CACHE_PREFIXES if not prefix.startswith(p))
     for line in text.splitlines():
         match = _SAMPLE.match(line)
-        if match and match["name"].startswith(prefix) and not (skip_cache and match["name"].startswith(CACHE_PREFIX)):
+        if match and match["name"].startswith(prefix) and not (skipped and match["name"].startswith(skipped)):
             labels = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or "")))
             out[match["name"], labels] = float(match["value"])
     return out

@@ -15,7 +15,7 @@ from PIL import Image
 
 from headmaster.client import HeadmasterClient
 from headmaster.repository.config import parse
-from headmaster.served.runtime import (
+from headmaster.served.cache import (
     CACHE_BYTES_METRIC,
     CACHE_ENTRIES_METRIC,
     CACHE_HITS_METRIC,

@@ -1,5 +1,6 @@
-"""The encoder's embedding cache alone (served/runtime.py): keys by content, LRU within a byte
-bound, only the missing rows run; and how the bound is configured and rendered."""
+"""The encoder's embedding cache alone (served/runtime.py, with served/cache.py's class): keys by
+content, LRU within a byte bound, only the missing rows run; and how the bound is configured and
+rendered."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from headmaster.errors import ConfigError
 from headmaster.repository.config import EncoderModel, Tensor, to_proto
 from headmaster.repository.repo import BuildOptions
-from headmaster.served.runtime import ENTRY_OVERHEAD, EmbeddingCache, run_cached
+from headmaster.served.cache import ENTRY_OVERHEAD, ContentCache
+from headmaster.served.runtime import run_cached
 
 
 class Doubler:
@@ -29,7 +31,7 @@ def pixels(*seeds: int) -> np.ndarray:
 
 
 def test_only_rows_the_cache_lacks_run_and_answers_are_the_same():
-    runner, cache = Doubler(), EmbeddingCache(10**6)
+    runner, cache = Doubler(), ContentCache(10**6)
     first, hits, misses = run_cached(runner, cache, {"PIXELS": pixels(1, 2)}, ["EMBEDDING"])
     assert (hits, misses, runner.calls) == (0, 2, [2])
     again, hits, misses = run_cached(runner, cache, {"PIXELS": pixels(2, 3, 1)}, ["EMBEDDING"])
@@ -41,22 +43,22 @@ def test_only_rows_the_cache_lacks_run_and_answers_are_the_same():
 
 def test_the_key_is_the_content():
     a = pixels(1)[0]
-    assert EmbeddingCache.key(a) == EmbeddingCache.key(a.copy())
+    assert ContentCache.key(a) == ContentCache.key(a.copy())
     b = a.copy()
     b[0, 0, 0] ^= 1  # one bit of one pixel
-    assert EmbeddingCache.key(a) != EmbeddingCache.key(b)
+    assert ContentCache.key(a) != ContentCache.key(b)
 
 
 def test_least_recently_used_leave_first_and_the_bound_holds():
     entry = 4 * 4 + ENTRY_OVERHEAD
-    cache, runner = EmbeddingCache(2 * entry), Doubler()
+    cache, runner = ContentCache(2 * entry), Doubler()
     for seed in (1, 2):
         run_cached(runner, cache, {"PIXELS": pixels(seed)}, ["EMBEDDING"])
     run_cached(runner, cache, {"PIXELS": pixels(1)}, ["EMBEDDING"])  # 1 is now the most recent
     run_cached(runner, cache, {"PIXELS": pixels(3)}, ["EMBEDDING"])  # 2 leaves
     assert len(cache.entries) == 2 and cache.bytes == 2 * entry
-    assert cache.get(EmbeddingCache.key(pixels(2)[0])) is None
-    assert cache.get(EmbeddingCache.key(pixels(1)[0])) is not None
+    assert cache.get(ContentCache.key(pixels(2)[0])) is None
+    assert cache.get(ContentCache.key(pixels(1)[0])) is not None
 
 
 def test_the_bound_is_configured_in_megabytes_and_rendered_only_when_set():
