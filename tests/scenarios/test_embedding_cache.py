@@ -1,8 +1,9 @@
-"""The image encoder's cache of embeddings (served/runtime.py): a repeated image skips the
-encoder, the heads still run live, the cache stays within its bound, and its hits and misses
-are counted on the metrics port.
+"""The image encoder's cache of embeddings (served/runtime.py) and preprocess's cache of decoded
+pixels (served/preprocess.py): a repeated image skips decode and the encoder, the heads still run
+live, each cache stays within its bound, and their hits and misses are counted on the metrics port.
 
-One server on a repository of its own whose cache holds exactly three embeddings.
+One server on a repository of its own whose caches hold exactly three embeddings and two images'
+pixels.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ import pytest
 from PIL import Image
 
 from headmaster.client import HeadmasterClient
+from headmaster.export.card import EncoderCard
 from headmaster.repository.config import parse
 from headmaster.served.cache import (
     CACHE_BYTES_METRIC,
     CACHE_ENTRIES_METRIC,
     CACHE_HITS_METRIC,
     CACHE_MISSES_METRIC,
+    DECODED_BYTES_METRIC,
+    DECODED_ENTRIES_METRIC,
+    DECODED_HITS_METRIC,
+    DECODED_MISSES_METRIC,
     ENTRY_OVERHEAD,
 )
 from headmaster.server import live
@@ -31,6 +37,13 @@ pytestmark = pytest.mark.portable_only("the cache lives in the portable runner (
 EMBED_DIM = 384  # the test encoder's (tests/conftest.py MODEL)
 ENTRY = EMBED_DIM * 4 + ENTRY_OVERHEAD
 HELD = 3  # embeddings the cache of this module's repository holds
+HELD_PIXELS = 2  # images whose decoded pixels preprocess's cache holds
+
+
+def pixels_entry(encoder_dir) -> int:
+    """Bytes of one image's pixels in preprocess's cache: uint8 [3, H, W] of the encoder's input."""
+    height, width = EncoderCard.load(encoder_dir).preprocessing["size"]
+    return 3 * height * width + ENTRY_OVERHEAD
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +53,7 @@ def cache_served(encoder_dir, tmp_path_factory):
         tmp_path_factory.mktemp("cache") / "model_repository",
         heads={"animal": ZERO_SHOT["animal"]},
         embedding_cache_mb=HELD * ENTRY / 2**20,
+        decoded_cache_mb=HELD_PIXELS * pixels_entry(encoder_dir) / 2**20,
     )
     server = start_server(repo, ARTIFACTS / "embedding-cache")
     yield server, repo
@@ -49,6 +63,11 @@ def cache_served(encoder_dir, tmp_path_factory):
 def cache_metrics(server) -> dict[str, float]:
     found = scrape(server.metrics_url, "headmaster_embedding_cache")
     return {name: value for (name, labels), value in found.items() if ("model", "image_encoder") in labels}
+
+
+def decoded_metrics(server) -> dict[str, float]:
+    found = scrape(server.metrics_url, "headmaster_decoded_cache")
+    return {name: value for (name, labels), value in found.items() if ("model", "preprocess") in labels}
 
 
 def jpeg(seed: int) -> bytes:
@@ -63,6 +82,44 @@ def test_only_the_image_encoder_carries_the_bound(cache_served):
     image = parse((repo / "image_encoder" / "config.pbtxt").read_text())
     assert int(image.parameters["cache_bytes"].string_value) == int(HELD * ENTRY)
     assert "cache_bytes" not in parse((repo / "text_encoder" / "config.pbtxt").read_text()).parameters
+
+
+def test_preprocess_carries_its_own_bound(cache_served, encoder_dir):
+    _, repo = cache_served
+    preprocess = parse((repo / "preprocess" / "config.pbtxt").read_text())
+    assert int(preprocess.parameters["cache_bytes"].string_value) == int(HELD_PIXELS * pixels_entry(encoder_dir))
+
+
+def test_a_repeated_jpeg_skips_decode_by_its_bytes_and_embeds_the_same(cache_served):
+    server, _ = cache_served
+    image, same_size = jpeg(20), jpeg(21)  # two images of one size: other bytes, other pixels
+    with HeadmasterClient(server.grpc_url) as client:
+        before = decoded_metrics(server)
+        first = client.embed([image])[0].embedding
+        after_first = decoded_metrics(server)
+        again = client.embed([bytes(bytearray(image))])[0].embedding  # the same bytes in another buffer
+        after_again = decoded_metrics(server)
+        other = client.embed([same_size])[0].embedding
+        after_other = decoded_metrics(server)
+    assert after_first[DECODED_MISSES_METRIC] == before.get(DECODED_MISSES_METRIC, 0) + 1
+    assert after_again[DECODED_HITS_METRIC] == after_first.get(DECODED_HITS_METRIC, 0) + 1
+    assert after_again[DECODED_MISSES_METRIC] == after_first[DECODED_MISSES_METRIC]
+    np.testing.assert_array_equal(again, first)  # bit-identical: the pixels were the decoded ones
+    assert after_other[DECODED_MISSES_METRIC] == after_again[DECODED_MISSES_METRIC] + 1
+    assert after_other[DECODED_HITS_METRIC] == after_again[DECODED_HITS_METRIC]
+    assert not np.allclose(other, first)
+
+
+def test_a_refused_image_is_not_kept(cache_served):
+    server, _ = cache_served
+    with HeadmasterClient(server.grpc_url) as client:
+        before = decoded_metrics(server)
+        for _ in range(2):
+            (refused,) = client.classify([b"these are not the bytes of an image"])
+            assert not refused.ok and "not an image" in refused.error
+        after = decoded_metrics(server)
+    assert after[DECODED_MISSES_METRIC] == before[DECODED_MISSES_METRIC] + 2
+    assert after[DECODED_HITS_METRIC] == before[DECODED_HITS_METRIC]
 
 
 def test_a_repeated_image_is_answered_from_the_cache_by_its_content(cache_served):
@@ -111,3 +168,18 @@ def test_the_cache_stays_within_its_bound_and_drops_the_least_recently_used(cach
         assert cache_metrics(server)[CACHE_HITS_METRIC] == metrics[CACHE_HITS_METRIC] + 1
         client.classify([images[0]])  # the oldest was dropped: the encoder runs again
         assert cache_metrics(server)[CACHE_MISSES_METRIC] == metrics[CACHE_MISSES_METRIC] + 1
+
+
+def test_the_decoded_cache_stays_within_its_bound_and_drops_the_least_recently_used(cache_served, encoder_dir):
+    server, _ = cache_served
+    images = [jpeg(200 + i) for i in range(HELD_PIXELS + 2)]
+    with HeadmasterClient(server.grpc_url) as client:
+        for image in images:
+            client.classify([image])
+        metrics = decoded_metrics(server)
+        assert metrics[DECODED_ENTRIES_METRIC] == HELD_PIXELS
+        assert metrics[DECODED_BYTES_METRIC] <= HELD_PIXELS * pixels_entry(encoder_dir)
+        client.classify([images[-1]])  # the newest is held
+        assert decoded_metrics(server)[DECODED_HITS_METRIC] == metrics[DECODED_HITS_METRIC] + 1
+        client.classify([images[0]])  # the oldest was dropped: decoded again
+        assert decoded_metrics(server)[DECODED_MISSES_METRIC] == metrics[DECODED_MISSES_METRIC] + 1
