@@ -97,11 +97,11 @@ if [[ $DEVICE == cuda ]] && ! "$PYTHON" -c "import onnxruntime as o, sys; sys.ex
     >"$WORK/torchscript.log" 2>&1 || { cat "$WORK/torchscript.log"; exit 1; }
 fi
 
-# -- 3. build (no embedding cache: perf_analyzer repeats its images) ---------------------------
+# -- 3. build (no caches: perf_analyzer repeats its images) ------------------------------------
 REPO="$WORK/model_repository"
 rm -rf "$REPO"
 step "build the repository" "${HM[@]}" repo build --encoder "$SERVED" --repo "$REPO" --device "$DEVICE" \
-  --embedding-cache-mb 0 >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
+  --embedding-cache-mb 0 --decoded-cache-mb 0 >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
 
 # -- 4. serve --------------------------------------------------------------------------------------
 PORTS=($("$PYTHON" -c "

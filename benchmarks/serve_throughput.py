@@ -80,8 +80,14 @@ def prepare(precision: str, preferred: tuple[int, ...], device: str) -> tuple[Pa
     build_repository(
         encoder_dir,
         repo,
+        # No caches: the served path repeats a handful of photos, which the caches would answer
+        # without decoding or running the encoder.
         BuildOptions.for_device(
-            device, preferred_batch_sizes=preferred, max_queue_delay_us=None if device == "cuda" else 2000
+            device,
+            preferred_batch_sizes=preferred,
+            max_queue_delay_us=None if device == "cuda" else 2000,
+            embedding_cache_mb=0,
+            decoded_cache_mb=0,
         ),
     )
     for name, (labels, templates) in HEADS.items():

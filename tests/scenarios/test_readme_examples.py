@@ -500,10 +500,12 @@ def check_synopsis(block: Block) -> None:
 
 
 def check_cache_hits(output: str) -> None:
-    """The same image classified twice: the metric line the block greps counts at least that hit."""
-    line = next((x for x in output.splitlines() if x.startswith("headmaster_embedding_cache_hits_total{")), None)
-    assert line is not None, output
-    assert float(line.split()[-1]) >= 1, line
+    """The same image classified twice: each cache's metric line the block greps counts at least
+    that hit (the second request skipped decode, so preprocess's cache answered it)."""
+    for series in ("headmaster_decoded_cache_hits_total{", "headmaster_embedding_cache_hits_total{"):
+        line = next((x for x in output.splitlines() if x.startswith(series)), None)
+        assert line is not None, output
+        assert float(line.split()[-1]) >= 1, line
 
 
 def check_curl(output: str, world: World) -> None:
