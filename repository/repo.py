@@ -116,11 +116,15 @@ class BuildOptions:
     def from_dict(cls, d: dict) -> BuildOptions:
         # A manifest written before serve_text existed (or before it defaulted to off) was built
         # serving text: it keeps doing so, so an upgrade never drops embed_text from a deployment.
+        # One written before the decoded cache has a preprocess/1/model.py that keeps none: its
+        # config renders as it was built (no cache_bytes), so `repo check` finds nothing to
+        # rewrite; a rebuild brings the cache.
         return cls(
             **{
                 **d,
                 "preferred_batch_sizes": tuple(d.get("preferred_batch_sizes", ())),
                 "serve_text": d.get("serve_text", True),
+                "decoded_cache_mb": d.get("decoded_cache_mb", 0.0),
             }
         )
 

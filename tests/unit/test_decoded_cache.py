@@ -107,8 +107,10 @@ def test_the_bound_is_configured_in_megabytes_and_rendered_for_pillow_only():
         BuildOptions(decoded_cache_mb=-1)
     options = BuildOptions(decoded_cache_mb=1.5)
     assert BuildOptions.from_dict(asdict(options)).decoded_cache_mb == 1.5
-    old = {k: v for k, v in asdict(options).items() if k != "decoded_cache_mb"}  # a manifest from before
-    assert BuildOptions.from_dict(old).decoded_cache_mb == BuildOptions().decoded_cache_mb
+    # A manifest from before the cache: its preprocess keeps none, so its config renders without one.
+    old = {k: v for k, v in asdict(options).items() if k != "decoded_cache_mb"}
+    assert BuildOptions.from_dict(old).decoded_cache_mb == 0
+    assert BuildOptions().decoded_cache_mb == 32
     model = PreprocessModel(PREPROCESSING, cache_bytes=1234)
     for flavour in ("portable", "native"):  # preprocess is a python-backend model in both
         assert to_proto(model, flavour).parameters["cache_bytes"].string_value == "1234"
@@ -128,6 +130,9 @@ def test_the_build_options_reach_the_preprocess_config():
     preprocess = by_name(topology.static_models(card, BuildOptions(decoded_cache_mb=2)))["preprocess"]
     assert preprocess.cache_bytes == 2 * 2**20
     assert by_name(topology.static_models(card, BuildOptions(decoded_cache_mb=0)))["preprocess"].cache_bytes == 0
+    before = {k: v for k, v in asdict(BuildOptions()).items() if k != "decoded_cache_mb"}  # an older manifest
+    preprocess = by_name(topology.static_models(card, BuildOptions.from_dict(before)))["preprocess"]
+    assert "cache_bytes" not in to_proto(preprocess, "portable").parameters  # rendered as it was built
 
 
 def by_name(models) -> dict:
