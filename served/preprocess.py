@@ -2,8 +2,10 @@
 
 Copied as ``model.py`` into the ``preprocess`` model of a built repository, so it imports
 nothing from Headmaster but the cache class copied beside it: numpy and Pillow only (NVIDIA's
-Triton container needs just ``pip install pillow``). Headmaster imports the same functions to embed images locally, so
-served and local embeddings share one implementation.
+Triton container needs just ``pip install pillow``). Headmaster imports the same functions to
+embed images locally, so served and local embeddings share one implementation. Served, it keeps
+the pixels of the images it decoded by the sha256 of their bytes (``cache_bytes``), so a
+repeated image is not decoded again.
 
 It reproduces open_clip's eval transform (``open_clip.transform.image_transform``) step by
 step on the PIL image: resize (shortest / longest / squash), centre crop or pad, convert to
