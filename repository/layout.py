@@ -38,7 +38,7 @@ BACKENDS_DIR = Path(served.__file__).parent  # the python-backend model sources
 KERNEL_FILE = "headmaster_rules.py"  # the rule kernel, beside the model.py that imports it
 # Served model -> the rule kernel module it imports from its own version folder (see the import
 # at the top of served/threshold.py for why a copy, and why this name).
-KERNELS = {"threshold": Path(rules.__file__).parent / "threshold.py"}
+KERNELS = {source: Path(rules.__file__).parent / "threshold.py" for source in ("threshold", "student")}
 CACHE_FILE = "headmaster_cache.py"  # the content cache class (served/cache.py), beside its users' model.py
 # Served models that import the cache class from their own version folder, as threshold does its
 # kernel: preprocess (decoded pixels) and the runner (the image encoder's embeddings; the other

@@ -5,8 +5,9 @@ the image alone; it is served as its own model, beside the encoder and the heads
 preprocessing (timm's data config: resize the shorter side to size / crop_pct, centre crop,
 normalise). It answers like the head it learned from: RESULT is one JSON per image with the
 labels its teacher's thresholds accept. Copied as ``model.py`` next to ``model.onnx`` and
-``student.json``; needs numpy, Pillow and onnxruntime. A bad image gets its request refused
-(INVALID_ARG) without failing the batch.
+``student.json``, with the rule kernel beside it (``headmaster_rules.py``, as threshold's); needs
+numpy, Pillow and onnxruntime. A bad image gets its request refused (INVALID_ARG) without failing
+the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import json
 import os
 
 import numpy as np
+
+# The teacher's threshold rule is the served threshold model's own kernel (rules/threshold.py),
+# copied beside this model.py as threshold's is (see the import in served/threshold.py for why).
+try:
+    import headmaster_rules as kernel  # the copy beside model.py, in Triton
+except ImportError:
+    from headmaster.rules import threshold as kernel  # imported as part of the package
 
 STUDENT_FILE = "student.json"
 
@@ -44,12 +52,9 @@ def preprocess(data: bytes, config: dict) -> np.ndarray:
 
 
 def accepted(scores: np.ndarray, labels: list[str], thresholds: list[float], multi_label: bool) -> list[list[str]]:
-    """The teacher head's rule (rules/threshold.accepted_mask, without OOD)."""
-    passed = scores >= np.asarray(thresholds, np.float32)
-    if multi_label:
-        return [[labels[j] for j in np.flatnonzero(row)] for row in passed]
-    best = np.where(passed, scores, -np.inf).argmax(axis=1)
-    return [[labels[b]] if row[b] else [] for row, b in zip(passed, best)]
+    """The teacher head's labels for each row: the kernel's rule (a flat head, no OOD: distill
+    refuses other tasks)."""
+    return kernel.accept(scores, {"labels": labels, "thresholds": thresholds, "multi_label": multi_label})
 
 
 class TritonPythonModel:

@@ -38,11 +38,12 @@ print(json.dumps({
 """
 
 
-def test_the_threshold_version_folder_serves_without_the_package(tmp_path):
-    folder = tmp_path / "threshold" / "1"
+@pytest.mark.parametrize("source", ["threshold", "student"])  # the student answers with its teacher's rule
+def test_the_kernel_users_version_folders_serve_without_the_package(tmp_path, source):
+    folder = tmp_path / source / "1"
     folder.mkdir(parents=True)
-    copy_backend("threshold", folder)
-    assert (folder / KERNEL_FILE).read_bytes() == KERNELS["threshold"].read_bytes()
+    copy_backend(source, folder)
+    assert (folder / KERNEL_FILE).read_bytes() == KERNELS[source].read_bytes()
     assert (folder / RUNNER_FILE).is_file()
     run = subprocess.run(
         [sys.executable, "-c", STUB, str(folder), str(folder.parent)],
