@@ -227,10 +227,12 @@ def postgres_schema(postgres_url, pgvector_available):
 MODEL = "ViT-S-32"
 SEED = 0
 # A CLIP of open_clip's own architecture at toy size (tests/tiny_clip/open_clip_config.json: two
-# layers per tower, 32 dimensions), loaded through open_clip's local-dir: schema, so a CLI subprocess
-# finds it too: for tests whose subject is not the encoder (training, the repository, the loop).
-# Exported in about 3 s of CPU where ViT-S-32 takes about 15, and embeds the digits several times
-# faster. Tests about the encoder itself, or about ViT-S-32's figures, keep MODEL.
+# layers per tower, widths 64 and 32), loaded through open_clip's local-dir: schema, so that a CLI
+# subprocess finds it too: for tests whose subject is not the encoder (training, the repository,
+# the loop). Exported in about 3 s of CPU where ViT-S-32 takes about 15, and embeds the digits
+# several times faster. Its embeddings have ViT-S-32's 384 dimensions, so synthetic embeddings
+# drawn for it (test_improve's clusters) keep the geometry their figures were measured in; tests
+# that need the dimension read it from the card. Tests about the encoder keep MODEL.
 TINY_MODEL = "local-dir:" + str(Path(__file__).parent / "tiny_clip")
 ARTIFACTS = Path(os.environ.get("HEADMASTER_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 

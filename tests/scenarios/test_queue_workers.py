@@ -36,9 +36,10 @@ from headmaster.pipelines.workers import (  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def worker_repo(repo, tmp_path_factory):
-    """A copy of the session's repository, so head versions written here stay here."""
-    return clone_repo(repo, tmp_path_factory.mktemp("workers") / "model_repository")
+def worker_repo(tiny_repo, tmp_path_factory):
+    """A copy of the session's tiny-encoder repository, so head versions written here stay here
+    (the workers are the subject, not the encoder)."""
+    return clone_repo(tiny_repo, tmp_path_factory.mktemp("workers") / "model_repository")
 
 
 @pytest.fixture
