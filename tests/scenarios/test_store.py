@@ -276,7 +276,9 @@ def test_corrections_change_the_next_snapshot_and_head_only(tiny_repo, digit_sto
     assert Snapshot.load(Path(v4.details["data"]["snapshot"]["path"])).manifest_sha256 == second.manifest_sha256
 
 
-def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the_store(digit_store, tmp_path):
+def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the_store(
+    digit_store, tmp_path, cli, monkeypatch
+):
     """On a machine without ./model_repository (a labeller's), `dataset export` needs no --repo:
     the one encoder that embedded the labelled items, the kind from the labels. Two encoders:
     one line asking for --repo."""
@@ -291,7 +293,8 @@ def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the
     assert (snapshot.fingerprint, snapshot.multi_label, snapshot.items) == (repository.fingerprint, False, 120)
 
     store.add_embeddings(hashes[:5], [None] * 5, FOREIGN, np.random.default_rng(0).normal(size=(5, 384)))
-    done = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    monkeypatch.chdir(elsewhere)  # the refusal in this process (the `cli` fixture): the same command
+    done = cli(*command[len(CLI) :])
     assert done.returncode == 1
     assert done.stderr == (
         f"error: the items labelled for 'digit' are embedded by 2 encoders "
