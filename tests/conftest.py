@@ -1,8 +1,10 @@
 """Shared fixtures: one exported encoder, one repository, one real Triton server per session.
 
 The encoder is open_clip's ViT-S-32 architecture with random weights (seed 0): no model hub
-is reachable here, and random weights exercise the same graphs as pretrained ones. Images
-are real photos that ship inside scikit-image and scikit-learn.
+is reachable here, and random weights exercise the same graphs as pretrained ones. Tests whose
+subject is not the encoder use a tiny CLIP of the same code instead (``tiny_encoder_dir``,
+``tiny_repo``: tests.helpers.TINY_MODEL), which the fast tier exports in place of ViT-S-32.
+Images are real photos that ship inside scikit-image and scikit-learn.
 """
 
 from __future__ import annotations
