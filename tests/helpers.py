@@ -229,7 +229,7 @@ SEED = 0
 # A CLIP of open_clip's own architecture at toy size (tests/tiny_clip/open_clip_config.json: two
 # layers per tower, widths 64 and 32), loaded through open_clip's local-dir: schema, so that a CLI
 # subprocess finds it too: for tests whose subject is not the encoder (training, the repository,
-# the loop). Exported in about 3 s of CPU where ViT-S-32 takes about 15, and embeds the digits
+# the loop). Exported in about 2 s of CPU in the suite where ViT-S-32 takes about 15, and embeds the digits
 # several times faster. Its embeddings have ViT-S-32's 384 dimensions, so synthetic embeddings
 # drawn for it (test_improve's clusters) keep the geometry their figures were measured in; tests
 # that need the dimension read it from the card. Tests about the encoder keep MODEL.
