@@ -1,8 +1,10 @@
 """Shared fixtures: one exported encoder, one repository, one real Triton server per session.
 
 The encoder is open_clip's ViT-S-32 architecture with random weights (seed 0): no model hub
-is reachable here, and random weights exercise the same graphs as pretrained ones. Images
-are real photos that ship inside scikit-image and scikit-learn.
+is reachable here, and random weights exercise the same graphs as pretrained ones. Tests whose
+subject is not the encoder use a tiny CLIP of the same code instead (``tiny_encoder_dir``,
+``tiny_repo``: tests.helpers.TINY_MODEL), which the fast tier exports in place of ViT-S-32.
+Images are real photos that ship inside scikit-image and scikit-learn.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.helpers import (
     NATIVE_BACKENDS,
     NATIVE_TRITON,
     SEED,
+    TINY_MODEL,
     build_repo,
     photo_bytes,
     start_server,
@@ -164,6 +167,17 @@ def encoder_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """The tiny CLIP (tests.helpers.TINY_MODEL), random weights (seed 0), both towers: where the
+    encoder is not what a test is about."""
+    from headmaster.export.encoder import ExportOptions, export_encoder
+
+    out = tmp_path_factory.mktemp("encoder") / "tiny-clip"
+    export_encoder(ExportOptions(model=TINY_MODEL, pretrained=None, out=out, seed=SEED))
+    return out
+
+
+@pytest.fixture(scope="session")
 def open_clip_model():
     """The same random-weight model, straight from open_clip, with open_clip's own transform:
     the independent reference for served embeddings."""
@@ -183,6 +197,19 @@ def repo(encoder_dir, tmp_path_factory) -> Path:
         max_queue_delay_us=20000,
         preferred_batch_sizes=(4, 8),
         serve_text=True,  # the session server's embed_text, tokenize and text_encoder are tested
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_encoder_dir, tmp_path_factory) -> Path:
+    """The session repository's twin on the tiny encoder (same options, same zero-shot heads), for
+    tests of the repository's files that need no server and no ViT-S-32."""
+    return build_repo(
+        tiny_encoder_dir,
+        tmp_path_factory.mktemp("tiny-repo") / "model_repository",
+        max_queue_delay_us=20000,
+        preferred_batch_sizes=(4, 8),
+        serve_text=True,
     )
 
 

@@ -226,6 +226,14 @@ def postgres_schema(postgres_url, pgvector_available):
 # -- the session's encoder, repository and server, and data ------------------------------------------------
 MODEL = "ViT-S-32"
 SEED = 0
+# A CLIP of open_clip's own architecture at toy size (tests/tiny_clip/open_clip_config.json: two
+# layers per tower, widths 64 and 32), loaded through open_clip's local-dir: schema, so that a CLI
+# subprocess finds it too: for tests whose subject is not the encoder (training, the repository,
+# the loop). Exported in about 2 s of CPU in the suite where ViT-S-32 takes about 15, and embeds the digits
+# several times faster. Its embeddings have ViT-S-32's 384 dimensions, so synthetic embeddings
+# drawn for it (test_improve's clusters) keep the geometry their figures were measured in; tests
+# that need the dimension read it from the card. Tests about the encoder keep MODEL.
+TINY_MODEL = "local-dir:" + str(Path(__file__).parent / "tiny_clip")
 ARTIFACTS = Path(os.environ.get("HEADMASTER_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 
 # The native tier (opt-in): HEADMASTER_NATIVE_BACKENDS names a backend directory holding
@@ -346,7 +354,7 @@ def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tup
     weights = HeadWeights(
         (
             (
-                rng.normal(scale=3.0, size=(len(labels), 384)).astype(np.float32),
+                rng.normal(scale=3.0, size=(len(labels), repository.card.embed_dim)).astype(np.float32),
                 rng.normal(size=len(labels)).astype(np.float32),
             ),
         ),
@@ -364,7 +372,7 @@ def written_version(repo: Path, name: str, rng: np.random.Generator, labels: tup
                 thresholds=thresholds,
                 multi_label=False,
                 encoder_fingerprint=repository.fingerprint,
-                embed_dim=384,
+                embed_dim=repository.card.embed_dim,
                 kind="linear",
                 details={"written": True},
             ),

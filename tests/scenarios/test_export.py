@@ -12,12 +12,23 @@ from headmaster.export import encoder as encoder_module
 from headmaster.export.card import EncoderCard, fingerprint_of
 from headmaster.export.encoder import ExportOptions, export_encoder
 from headmaster.export.encoders import load
-from tests.helpers import MODEL, SEED, run_cli
+from tests.helpers import MODEL, SEED, TINY_MODEL, run_cli
+
+# The card and the fingerprint on both session encoders: the tiny one in the fast tier, ViT-S-32's
+# (whose export costs about 15 s of CPU, shared with the server tier) in `make test`.
+ENCODERS = pytest.mark.parametrize(
+    "fixture, model",
+    [("tiny_encoder_dir", TINY_MODEL), pytest.param("encoder_dir", MODEL, marks=pytest.mark.slow)],
+    ids=["tiny", "vit-s-32"],
+)
 
 
-def test_card_records_the_fingerprint_and_everything_it_is_made_of(encoder_dir):
+@ENCODERS
+@pytest.mark.disk  # the fixture is asked for by name: conftest's tiering cannot see it
+def test_card_records_the_fingerprint_and_everything_it_is_made_of(request, fixture, model):
+    encoder_dir = request.getfixturevalue(fixture)
     card = EncoderCard.load(encoder_dir)
-    assert (card.model, card.pretrained, card.seed, card.precision, card.format) == (MODEL, None, SEED, "fp32", "onnx")
+    assert (card.model, card.pretrained, card.seed, card.precision, card.format) == (model, None, SEED, "fp32", "onnx")
     assert card.embed_dim == 384 and card.context_length == 77
     assert card.preprocessing == {
         "size": [224, 224],
@@ -29,7 +40,7 @@ def test_card_records_the_fingerprint_and_everything_it_is_made_of(encoder_dir):
         "mode": "RGB",
         "exif_transpose": True,
     }
-    assert card.fingerprint == fingerprint_of(MODEL, card.weights_sha256, card.preprocessing, 384)
+    assert card.fingerprint == fingerprint_of(model, card.weights_sha256, card.preprocessing, 384)
     assert card.towers["image"].input_dtype == "UINT8" and card.towers["image"].input_dims == (3, 224, 224)
     assert card.towers["text"].input_dtype == "INT64" and card.towers["text"].input_dims == (77,)
     for tower in ("image", "text"):
@@ -39,14 +50,16 @@ def test_card_records_the_fingerprint_and_everything_it_is_made_of(encoder_dir):
     assert {"torch", "open_clip_torch", "onnx", "onnxruntime"} <= set(card.tools)
 
 
-def test_same_weights_same_fingerprint_other_weights_other_fingerprint(encoder_dir):
-    card = EncoderCard.load(encoder_dir)
-    assert load(MODEL, None, seed=SEED).weights_sha256 == card.weights_sha256
-    assert load(MODEL, None, seed=SEED + 1).weights_sha256 != card.weights_sha256
+@ENCODERS
+@pytest.mark.disk
+def test_same_weights_same_fingerprint_other_weights_other_fingerprint(request, fixture, model):
+    card = EncoderCard.load(request.getfixturevalue(fixture))
+    assert load(model, None, seed=SEED).weights_sha256 == card.weights_sha256
+    assert load(model, None, seed=SEED + 1).weights_sha256 != card.weights_sha256
 
 
-def test_a_hand_edited_card_is_refused(encoder_dir, tmp_path):
-    doc = json.loads((encoder_dir / "card.json").read_text())
+def test_a_hand_edited_card_is_refused(tiny_encoder_dir, tmp_path):
+    doc = json.loads((tiny_encoder_dir / "card.json").read_text())
     doc["preprocessing"]["interpolation"] = "bilinear"
     (tmp_path / "card.json").write_text(json.dumps(doc))
     with pytest.raises(CardError, match="does not match its own fields"):

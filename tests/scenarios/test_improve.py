@@ -69,9 +69,10 @@ def add(store: ParquetStore, fingerprint: str, hashes, x, labels, by: str = "rev
 
 
 @pytest.fixture
-def loop(repo, tmp_path):
-    """A repository with head critter v1 trained on 10 labels per class, its store, a golden snapshot."""
-    repository = Repository(clone_repo(repo, tmp_path / "repo"))
+def loop(tiny_repo, tmp_path):
+    """A repository with head critter v1 trained on 10 labels per class, its store, a golden snapshot.
+    The tiny encoder's repository: the items are drawn in its space, never embedded."""
+    repository = Repository(clone_repo(tiny_repo, tmp_path / "repo"))
     world = World(repository.card.embed_dim)
     store = ParquetStore(tmp_path / "store")
     add(store, repository.fingerprint, *world.draw(10))
@@ -180,7 +181,9 @@ def test_good_corrections_are_accepted_poisoned_ones_refused_and_the_ledger_says
     assert unknown.returncode == 1 and "nothing" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
-def test_an_accepted_candidate_goes_to_shadow_and_is_promoted_when_it_agrees(loop):
+def test_an_accepted_candidate_goes_to_shadow_and_is_promoted_when_it_agrees(loop, cli, monkeypatch):
+    from headmaster.cli import common
+
     repository, world, store, golden = loop
     add(store, repository.fingerprint, *world.draw(40))
     accepted = improve(options(repository, store, golden=golden, then="shadow"))
@@ -199,13 +202,10 @@ def test_an_accepted_candidate_goes_to_shadow_and_is_promoted_when_it_agrees(loo
     )
     decisions = [e["decision"] for e in ledger.read(repository.path, HEAD)]
     assert decisions == ["accepted", "shadow", "waiting", "promoted"]
-    shown = subprocess.run(
-        [*CLI, "history", HEAD, "--repo", str(repository.path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "250"},
-        timeout=120,
-    )
+    # In this process, 250 columns wide (the test above runs `history` as a subprocess).
+    for console in (common.console, common.out):
+        monkeypatch.setattr(console, "_width", 250)
+    shown = cli("history", HEAD, "--repo", repository.path)
     assert shown.returncode == 0, shown.stderr
     rows = [line.split("│") for line in shown.stdout.splitlines() if line.startswith("│ 20")]
     assert [r[2].strip() for r in rows] == decisions

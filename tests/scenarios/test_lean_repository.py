@@ -26,9 +26,9 @@ TEXT_MODELS = {"tokenize", "text_encoder", "embed_text"}
 NOTE = "embed_text is not served"
 
 
-def test_a_lean_repository_makes_zero_shot_heads_but_serves_no_text_model(encoder_dir, tmp_path):
+def test_a_lean_repository_makes_zero_shot_heads_but_serves_no_text_model(tiny_encoder_dir, tmp_path):
     repo = build_repo(
-        encoder_dir, tmp_path / "model_repository", heads={"animal": ZERO_SHOT["animal"]}, serve_text=False
+        tiny_encoder_dir, tmp_path / "model_repository", heads={"animal": ZERO_SHOT["animal"]}, serve_text=False
     )
     repository = Repository(repo)
     assert repository.head("animal").live == 1  # made from the text tower on disk
@@ -39,9 +39,9 @@ def test_a_lean_repository_makes_zero_shot_heads_but_serves_no_text_model(encode
     consistency.check(repo)  # a servable state
 
 
-def test_repo_build_is_lean_unless_asked_with_serve_text(encoder_dir, tmp_path):
+def test_repo_build_is_lean_unless_asked_with_serve_text(tiny_encoder_dir, tmp_path, cli):
     lean, full = tmp_path / "lean", tmp_path / "full"
-    built = run_cli("repo", "build", "--encoder", encoder_dir, "--repo", lean)
+    built = run_cli("repo", "build", "--encoder", tiny_encoder_dir, "--repo", lean)
     assert built.returncode == 0, built.stderr
     assert not TEXT_MODELS & set(Repository(lean).model_names())
     assert (lean / "text_encoder" / "1").is_dir() and (lean / "tokenize" / "1").is_dir()  # on disk all the same
@@ -57,20 +57,21 @@ def test_repo_build_is_lean_unless_asked_with_serve_text(encoder_dir, tmp_path):
     assert checked.returncode == 0, checked.stderr
     assert (checked.stdout + checked.stderr).count(NOTE) == 1, checked.stdout + checked.stderr
 
-    built = run_cli("repo", "build", "--encoder", encoder_dir, "--repo", full, "--serve-text")
+    # The next two builds in this process (the `cli` fixture): the first was the subprocess.
+    built = cli("repo", "build", "--encoder", tiny_encoder_dir, "--repo", full, "--serve-text")
     assert built.returncode == 0, built.stderr
     assert set(Repository(full).model_names()) >= TEXT_MODELS
     assert NOTE not in built.stdout + built.stderr
 
     # Rebuilding a repository that served text without the flag drops it, and says that it did.
-    rebuilt = run_cli("repo", "build", "--encoder", encoder_dir, "--repo", full, "--no-serve-text")
+    rebuilt = cli("repo", "build", "--encoder", tiny_encoder_dir, "--repo", full, "--no-serve-text")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert not TEXT_MODELS & set(Repository(full).model_names())
     assert "its previous build served it" in rebuilt.stdout + rebuilt.stderr
 
 
-def test_a_repository_built_before_serve_text_keeps_serving_text(encoder_dir, tmp_path):
-    repo = build_repo(encoder_dir, tmp_path / "model_repository", heads={}, serve_text=True)
+def test_a_repository_built_before_serve_text_keeps_serving_text(tiny_encoder_dir, tmp_path):
+    repo = build_repo(tiny_encoder_dir, tmp_path / "model_repository", heads={}, serve_text=True)
     manifest = json.loads((repo / MANIFEST).read_text())
     del manifest["build"]["serve_text"]  # as every manifest written before the option existed
     (repo / MANIFEST).write_text(json.dumps(manifest))
@@ -85,11 +86,11 @@ def test_a_repository_built_before_serve_text_keeps_serving_text(encoder_dir, tm
 
 
 @pytest.mark.server  # runs `headmaster serve`
-def test_a_zero_shot_head_hot_loads_into_a_served_lean_repository(encoder_dir, tmp_path, jpeg_photos):
+def test_a_zero_shot_head_hot_loads_into_a_served_lean_repository(tiny_encoder_dir, tmp_path, jpeg_photos):
     import tritonclient.http as http
 
     repo = build_repo(
-        encoder_dir, tmp_path / "model_repository", heads={"animal": ZERO_SHOT["animal"]}, serve_text=False
+        tiny_encoder_dir, tmp_path / "model_repository", heads={"animal": ZERO_SHOT["animal"]}, serve_text=False
     )
     image = next(iter(jpeg_photos.values()))
     ports = Ports.free()

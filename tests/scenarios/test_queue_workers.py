@@ -36,9 +36,17 @@ from headmaster.pipelines.workers import (  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def worker_repo(repo, tmp_path_factory):
-    """A copy of the session's repository, so head versions written here stay here."""
-    return clone_repo(repo, tmp_path_factory.mktemp("workers") / "model_repository")
+def worker_repo(tiny_repo, tmp_path_factory):
+    """A copy of the session's tiny-encoder repository, so head versions written here stay here
+    (the workers are the subject, not the encoder)."""
+    return clone_repo(tiny_repo, tmp_path_factory.mktemp("workers") / "model_repository")
+
+
+@pytest.fixture(scope="module")
+def vit_worker_repo(repo, tmp_path_factory):
+    """A copy of the session's ViT-S-32 repository: where a test needs the embed worker as slow as
+    a real encoder (the tiny one embeds 150 images before a second Redis outage can come mid-stream)."""
+    return clone_repo(repo, tmp_path_factory.mktemp("workers-vit") / "model_repository")
 
 
 @pytest.fixture
@@ -477,7 +485,7 @@ def random_pngs(folder, n: int, seed: int) -> list[str]:
 
 
 @pytest.mark.slow  # workers through a Redis restart and crash: 14 s of CPU, 47 s on 2 busy cores (2026-12-07)
-def test_workers_ride_out_a_redis_restart_and_a_redis_crash(worker_repo, tmp_path):
+def test_workers_ride_out_a_redis_restart_and_a_redis_crash(vit_worker_repo, tmp_path):
     """Both real workers keep running through a Redis restart (SIGTERM) and a crash (SIGKILL),
     each mid-stream, on the persistence the README asks for (appendonly yes, appendfsync always):
     they log the loss and the reconnection, and every image is stored and labelled exactly once.
@@ -489,7 +497,7 @@ def test_workers_ride_out_a_redis_restart_and_a_redis_crash(worker_repo, tmp_pat
     store_path = tmp_path / "store"
     open_store(store_path)
     url = redis_server.url
-    common = ["--store", store_path, "--repo", worker_repo, "--redis", url, "--claim-idle-ms", "600000"]
+    common = ["--store", store_path, "--repo", vit_worker_repo, "--redis", url, "--claim-idle-ms", "600000"]
     logs = {name: tmp_path / f"{name}.log" for name in ("embed", "heads")}
     workers = {}
     try:
@@ -535,11 +543,11 @@ def test_workers_ride_out_a_redis_restart_and_a_redis_crash(worker_repo, tmp_pat
             assert text.count(f"lost Redis at {url}") >= 2, f"{name}: {text}"
             assert text.count(f"reconnected to Redis at {url}") >= 2, f"{name}: {text}"
         store = open_store(store_path)
-        repository = Repository(worker_repo)
+        repository = Repository(vit_worker_repo)
         stored = [sha for table in store._item_tables(["sha256"]) for sha in table.column("sha256").to_pylist()]
         assert sorted(stored) == sorted(hashes), "every image stored exactly once"
         vectors = store.embeddings(hashes, repository.fingerprint)
-        assert_labelled_once(store, worker_repo, hashes, np.stack([vectors[s] for s in hashes]))
+        assert_labelled_once(store, vit_worker_repo, hashes, np.stack([vectors[s] for s in hashes]))
         broker = RedisStreams(url)
         try:
             for status in broker.status():

@@ -25,8 +25,9 @@ LABELS = ("cat", "dog", "bird")
 
 
 @pytest.fixture(scope="module")
-def base(encoder_dir, tmp_path_factory) -> Path:
-    return build_repo(encoder_dir, tmp_path_factory.mktemp("consistency") / "base")
+def base(tiny_encoder_dir, tmp_path_factory) -> Path:
+    # The tiny encoder: these tests damage and repair the repository's files, whatever it serves.
+    return build_repo(tiny_encoder_dir, tmp_path_factory.mktemp("consistency") / "base")
 
 
 @pytest.fixture
@@ -276,7 +277,7 @@ def test_problems_never_raises_on_a_thoroughly_damaged_repository(repo):
 
 
 # -- the command line --------------------------------------------------------------------
-def test_repo_check_names_every_problem_and_repair_fixes_them(repo):
+def test_repo_check_names_every_problem_and_repair_fixes_them(repo, cli):
     shutil.rmtree(repo / "has_cat")
     (repo / "animal" / ".staging-2-abc").mkdir()
     check = run_cli("repo", "check", "--repo", repo)
@@ -289,11 +290,13 @@ def test_repo_check_names_every_problem_and_repair_fixes_them(repo):
         "ensemble classify_embedding runs heads that are not on disk: has_cat",
     ]
     assert lines[4] == f"4 problem(s) in {repo}; fix them with `headmaster repo repair --repo {repo}`"
-    fixed = run_cli("repo", "repair", "--repo", repo)
+    # repair and the second check in this process (the `cli` fixture): their entry points run as
+    # subprocesses in test_s3_replicas.py and test_lean_repository.py.
+    fixed = cli("repo", "repair", "--repo", repo)
     assert fixed.returncode == 0, fixed.stderr
     assert "removed the leftover animal/.staging-2-abc" in fixed.stderr
     assert "rewrote classify/config.pbtxt for heads [animal]" in fixed.stderr
-    again = run_cli("repo", "check", "--repo", repo)
+    again = cli("repo", "check", "--repo", repo)
     assert again.returncode == 0 and again.stderr.startswith(f"ok {repo}"), again.stderr
 
 

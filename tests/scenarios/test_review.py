@@ -22,11 +22,10 @@ from headmaster.repository.head_version import HeadVersion
 from headmaster.training.feedback.rescore import rescore
 from headmaster.training.feedback.review import parse_mix, select, sent_items, write_tasks
 from headmaster.training.heads.train_head import TrainOptions, train_head
-from tests.helpers import run_cli
 from tests.scenarios.test_improve import HEAD, LABELS, add, loop  # noqa: F401 (loop: the fixture)
 
 
-def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_label_studio(loop, tmp_path):  # noqa: F811
+def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_label_studio(loop, tmp_path, cli):  # noqa: F811
     repository, world, store, _ = loop
     fingerprint = repository.fingerprint
     # A candidate from more labels, in shadow beside v1.
@@ -121,7 +120,9 @@ def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_l
         exported.append({**task, "id": number, "annotations": annotations})
     export_path = tmp_path / "export.json"
     export_path.write_text(json.dumps(exported))
-    result = run_cli("correct", "--label-studio", export_path, "--store", store.path, "--repo", repository.path)
+    # The commands in this process (the `cli` fixture): `suggest` and `correct` run as subprocesses in
+    # test_store.py's test_classify_cli_with_store_then_rescore_suggest_correct and test_label_studio.py.
+    result = cli("correct", "--label-studio", export_path, "--store", store.path, "--repo", repository.path)
     assert result.returncode == 0, result.stderr
     assert "2 corrections stored" in result.stderr and result.stderr.count("skipped") == 2
     now = store.corrections(HEAD)
@@ -142,14 +143,14 @@ def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_l
         writer = csv.DictWriter(f, fieldnames=[*rows[0].keys()])
         writer.writeheader()
         writer.writerows(rows)
-    result = run_cli("correct", "--csv", csv_path, "--store", store.path, "--repo", repository.path)
+    result = cli("correct", "--csv", csv_path, "--store", store.path, "--repo", repository.path)
     assert result.returncode == 0 and "1 corrections stored" in result.stderr, result.stderr
     row = store.corrections(HEAD)[rows[0]["item"]]
     assert row.by == "bob" and json.loads(row.note)["tool"] == "csv"
     assert json.loads(row.note)["corrects"]["version"] == 1
 
     # The command: a default mix, Label Studio tasks out.
-    result = run_cli(
+    result = cli(
         "suggest",
         HEAD,
         "--mix",
@@ -167,5 +168,5 @@ def test_a_review_batch_mixes_strategies_never_repeats_and_round_trips_through_l
     )
     assert result.returncode == 0, result.stderr
     assert len(json.loads((tmp_path / "cli.json").read_text())) == 5 and (tmp_path / "cli.xml").is_file()
-    bad = run_cli("suggest", HEAD, "--mix", "loudest=1", "--store", store.path, "--repo", repository.path)
+    bad = cli("suggest", HEAD, "--mix", "loudest=1", "--store", store.path, "--repo", repository.path)
     assert bad.returncode == 1 and "unknown review strategy 'loudest'" in bad.stderr

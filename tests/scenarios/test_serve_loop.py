@@ -96,8 +96,8 @@ def test_sigint_and_sigterm_are_stop_requests_only_while_the_loop_runs(tmp_path)
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_the_repository_is_repaired_before_anything_starts(repo, tmp_path):
-    broken = clone_repo(repo, tmp_path / "repo")
+def test_the_repository_is_repaired_before_anything_starts(tiny_repo, tmp_path):
+    broken = clone_repo(tiny_repo, tmp_path / "repo")  # nothing is served: the tiny encoder's
     (broken / "classify" / "config.pbtxt").write_text("name: 'classify'\nmax_batch_size: lots\n")
     reporter = Recording()
     loop = ServeLoop(options(broken), reporter)

@@ -200,14 +200,15 @@ def test_classify_cli_with_store_then_rescore_suggest_correct(store_server, phot
 
 
 @pytest.fixture(scope="module")
-def digit_store(repo, digits_dir, embedding_cache, tmp_path_factory):
-    """Digits 3 / 5 / 8 (40 each) embedded locally into a store, labelled by people (the folder names)."""
+def digit_store(tiny_repo, digits_dir, embedding_cache, tmp_path_factory):
+    """Digits 3 / 5 / 8 (40 each) embedded locally into a store, labelled by people (the folder names).
+    The tiny encoder: these tests are about the store, snapshots and rescoring, not the encoder."""
     root = tmp_path_factory.mktemp("digit-store")
     data = subset(
         digits_dir, root / "images", {"3": 40, "5": 40, "8": 40}, rename={"3": "three", "5": "five", "8": "eight"}
     )
     paths = sorted(data.rglob("*.png"))
-    repository = Repository(repo)
+    repository = Repository(tiny_repo)
     hashes, vectors, failures = embed_files(
         paths, LocalEmbedder(repository), EmbeddingCache(embedding_cache, repository.fingerprint)
     )
@@ -234,9 +235,9 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def test_corrections_change_the_next_snapshot_and_head_only(repo, digit_store, tmp_path):
+def test_corrections_change_the_next_snapshot_and_head_only(tiny_repo, digit_store, tmp_path):
     repository, paths, hashes, _ = digit_store
-    train_repo = clone_repo(repo, tmp_path / "repo")
+    train_repo = clone_repo(tiny_repo, tmp_path / "repo")
     store = new_store(tmp_path, digit_store)
     first = export_snapshot(store, "digit", tmp_path / "snapshots", repository.fingerprint)
     assert (first.number, first.items, first.counts) == (1, 120, {"eight": 40, "five": 40, "three": 40})
@@ -275,7 +276,9 @@ def test_corrections_change_the_next_snapshot_and_head_only(repo, digit_store, t
     assert Snapshot.load(Path(v4.details["data"]["snapshot"]["path"])).manifest_sha256 == second.manifest_sha256
 
 
-def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the_store(digit_store, tmp_path):
+def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the_store(
+    digit_store, tmp_path, cli, monkeypatch
+):
     """On a machine without ./model_repository (a labeller's), `dataset export` needs no --repo:
     the one encoder that embedded the labelled items, the kind from the labels. Two encoders:
     one line asking for --repo."""
@@ -290,7 +293,8 @@ def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the
     assert (snapshot.fingerprint, snapshot.multi_label, snapshot.items) == (repository.fingerprint, False, 120)
 
     store.add_embeddings(hashes[:5], [None] * 5, FOREIGN, np.random.default_rng(0).normal(size=(5, 384)))
-    done = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    monkeypatch.chdir(elsewhere)  # the refusal in this process (the `cli` fixture): the same command
+    done = cli(*command[len(CLI) :])
     assert done.returncode == 1
     assert done.stderr == (
         f"error: the items labelled for 'digit' are embedded by 2 encoders "
@@ -299,7 +303,7 @@ def test_dataset_export_without_a_repository_takes_the_encoder_and_kind_from_the
     )
 
 
-def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store, tmp_path):
+def test_foreign_encoder_rows_are_refused_by_rescore_and_train(tiny_repo, digit_store, tmp_path):
     repository, paths, hashes, vectors = digit_store
     store = new_store(tmp_path, digit_store)
     # Five more items, embedded by another encoder only, and labelled.
@@ -308,7 +312,7 @@ def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store
     store.add_embeddings(foreign, [None] * 5, FOREIGN, rng.normal(size=(5, 384)))
     make_corrections(store, [{"item": h, "head": "digit", "labels": ("three",)} for h in foreign], by="someone")
 
-    result = rescore(store, HeadVersion.load(repo, "animal"))
+    result = rescore(store, HeadVersion.load(tiny_repo, "animal"))
     assert result.rows == 120 and result.refused == {FOREIGN: 5}
     assert set(store.labels("animal")["sha256"].to_pylist()) == set(hashes)  # none of the foreign rows
 
@@ -316,9 +320,9 @@ def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store
     assert snapshot.items == 120 and snapshot.refused == {FOREIGN: 5}
 
     # A head of the foreign encoder finds nothing it may read.
-    card = HeadVersion.load(repo, "animal").card
+    card = HeadVersion.load(tiny_repo, "animal").card
     alien = tmp_path / "alien" / "1"
-    weights = HeadWeights.from_onnx(HeadVersion.load(repo, "animal").model)
+    weights = HeadWeights.from_onnx(HeadVersion.load(tiny_repo, "animal").model)
     from headmaster.export.heads import write_head
 
     write_head(alien, weights, HeadCard(**{**card.__dict__, "encoder_fingerprint": "sha256:" + "a" * 64}))
@@ -329,15 +333,15 @@ def test_foreign_encoder_rows_are_refused_by_rescore_and_train(repo, digit_store
     alien_snapshot = export_snapshot(store, "digit", tmp_path / "alien-snapshots", FOREIGN)
     assert alien_snapshot.items == 5
     with pytest.raises(FingerprintMismatchError):
-        train_head(TrainOptions(name="digit", repo=clone_repo(repo, tmp_path / "repo"), data=alien_snapshot.path))
+        train_head(TrainOptions(name="digit", repo=clone_repo(tiny_repo, tmp_path / "repo"), data=alien_snapshot.path))
     only_foreign = ParquetStore(tmp_path / "only-foreign")
     only_foreign.add_embeddings(foreign, [None] * 5, FOREIGN, rng.normal(size=(5, 384)))
     make_corrections(only_foreign, [{"item": h, "head": "digit", "labels": ("x",)} for h in foreign], by="someone")
     with pytest.raises(DataError, match="reembed"):
-        train_head(TrainOptions(name="digit", repo=repo, store=str(only_foreign.path)))
+        train_head(TrainOptions(name="digit", repo=tiny_repo, store=str(only_foreign.path)))
 
 
-def test_reembed_brings_reachable_items_to_the_new_encoder(repo, digit_store, tmp_path):
+def test_reembed_brings_reachable_items_to_the_new_encoder(tiny_repo, digit_store, tmp_path):
     repository, paths, hashes, vectors = digit_store
     sources = tmp_path / "sources"
     shutil.copytree(paths[0].parent.parent, sources)
@@ -362,13 +366,13 @@ def test_reembed_brings_reachable_items_to_the_new_encoder(repo, digit_store, tm
     assert reembed(store, LocalEmbedder(repository)).already == 8  # nothing more to do
 
 
-def test_suggest_lists_the_least_certain_uncorrected_items(repo, digit_store, tmp_path):
+def test_suggest_lists_the_least_certain_uncorrected_items(tiny_repo, digit_store, tmp_path):
     repository, paths, hashes, vectors = digit_store
     store = ParquetStore(tmp_path / "store")
     store.add_embeddings(
         hashes, [str(p) for p in paths], repository.fingerprint, np.stack([vectors[h] for h in hashes])
     )
-    rescore(store, HeadVersion.load(repo, "animal"))
+    rescore(store, HeadVersion.load(tiny_repo, "animal"))
     table = store.labels("animal")
     top = np.sort(np.array(table["scores"].to_pylist()), axis=1)
     margins = top[:, -1] - top[:, -2]  # top score minus the second

@@ -285,10 +285,11 @@ def test_bad_task_input_is_one_clear_line(tasks, tmp_path):
         assert done.stderr.startswith(f"error: head {name} is a {task} head: distill makes students of label heads")
 
 
-def test_a_regression_head_from_the_command_line_is_called_one(repo, digits_dir, embedding_cache, tmp_path):
+def test_a_regression_head_from_the_command_line_is_called_one(tiny_repo, digits_dir, embedding_cache, tmp_path, cli):
     """A path,value file without --task is refused naming --task regression; with it, the
-    summary line calls the head a regression head (not "single-label")."""
-    own = clone_repo(repo, tmp_path / "repo")
+    summary line calls the head a regression head (not "single-label"). The tiny encoder: the
+    command line is the subject."""
+    own = clone_repo(tiny_repo, tmp_path / "repo")
     values = tmp_path / "values.csv"
     with open(values, "w", newline="") as f:
         writer = csv.writer(f)
@@ -301,7 +302,8 @@ def test_a_regression_head_from_the_command_line_is_called_one(repo, digits_dir,
         f"error: {values}: a CSV manifest needs the columns path,labels (got ['path', 'digit_value']); "
         "path,digit_value (a number per image) is what a regression head trains on: `train-head --task regression`"
     )
-    done = run_cli("train-head", "--manifest", values, "--task", "regression", *common)
+    # In this process (the subprocess above checked the entry point).
+    done = cli("train-head", "--manifest", values, "--task", "regression", *common)
     assert done.returncode == 0, done.stderr
     summary = [line for line in done.stderr.splitlines() if line.startswith("head digit_value v1 ")]
     assert summary == ["head digit_value v1 (linear, regression): digit_value; no server serves this repository"]

@@ -23,12 +23,20 @@ from headmaster.training.embeddings import EmbeddingCache, LocalEmbedder, embed_
 from headmaster.training.heads.train_head import TrainOptions, train_head
 from headmaster.training.heads.trainer import TrainConfig
 from headmaster.training.heads.zero_shot import create_zero_shot_head
-from tests.helpers import CLI, MODEL, build_repo, subset
+from tests.helpers import CLI, TINY_MODEL, build_repo, subset
 
 
 @pytest.fixture(scope="module")
-def train_repo(encoder_dir, tmp_path_factory) -> Path:
-    return build_repo(encoder_dir, tmp_path_factory.mktemp("train") / "repo", heads={})
+def train_repo(tiny_encoder_dir, tmp_path_factory) -> Path:
+    """The tiny encoder: these tests are about training, not the encoder (embedding the digits
+    through ViT-S-32 made this module about 34 s of CPU)."""
+    return build_repo(tiny_encoder_dir, tmp_path_factory.mktemp("train") / "repo", heads={})
+
+
+@pytest.fixture(scope="module")
+def vit_train_repo(encoder_dir, tmp_path_factory) -> Path:
+    """ViT-S-32, for the accuracy figures measured on it (the slow tests)."""
+    return build_repo(encoder_dir, tmp_path_factory.mktemp("train-vit") / "repo", heads={})
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +64,22 @@ def embed(repo: Path, paths, cache: Path) -> np.ndarray:
 
 
 @pytest.mark.slow  # embeds the 1,797 digits and fits both: 210 s on 2 busy cores (2026-12-07)
-def test_digits_head_is_as_accurate_as_logistic_regression(train_repo, digits_split, embedding_cache):
+def test_digits_head_is_as_accurate_as_logistic_regression(vit_train_repo, digits_split, embedding_cache):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     train_root, holdout = digits_split
-    result = train_head(TrainOptions(name="digit", repo=train_repo, data=train_root, cache_dir=embedding_cache))
+    result = train_head(TrainOptions(name="digit", repo=vit_train_repo, data=train_root, cache_dir=embedding_cache))
     assert result.card.labels == tuple(str(d) for d in range(10)) and not result.card.multi_label
     # The published ONNX file, run by onnxruntime, on images the trainer never saw.
-    x_hold = embed(train_repo, holdout, embedding_cache)
+    x_hold = embed(vit_train_repo, holdout, embedding_cache)
     y_hold = np.array([int(p.parent.name) for p in holdout])
-    session = ort.InferenceSession(str(train_repo / "digit" / str(result.card.version) / "model.onnx"))
+    session = ort.InferenceSession(str(vit_train_repo / "digit" / str(result.card.version) / "model.onnx"))
     ours = (session.run(["SCORES"], {"EMBEDDING": x_hold})[0].argmax(axis=1) == y_hold).mean()
     # scikit-learn's LogisticRegression on the same training images' embeddings.
     train_paths = sorted(train_root.rglob("*.png"))
-    x_train = embed(train_repo, train_paths, embedding_cache)
+    x_train = embed(vit_train_repo, train_paths, embedding_cache)
     y_train = np.array([int(p.parent.name) for p in train_paths])
     reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x_train, y_train)
     theirs = (reference.predict(x_hold) == y_hold).mean()
@@ -109,7 +117,8 @@ def test_mlp_head(train_repo, digits_dir, embedding_cache, tmp_path):
         )
     )
     weights = HeadWeights.from_onnx(train_repo / "mlp_digits" / str(result.card.version) / "model.onnx")
-    assert [w.shape for w, _ in weights.layers] == [(64, 384), (3, 64)]
+    dim = Repository(train_repo).card.embed_dim
+    assert [w.shape for w, _ in weights.layers] == [(64, dim), (3, 64)]
     assert result.card.kind == "mlp" and result.metrics["accuracy"] > 0.7
 
 
@@ -263,9 +272,9 @@ def test_trained_head_takes_priority_over_zero_shot(train_repo, digits_dir, embe
 
 @pytest.fixture(scope="module")
 def other_repo(tmp_path_factory) -> Path:
-    """A repository serving another encoder (same architecture, other weights)."""
+    """A repository serving another encoder (the tiny one's architecture, other weights)."""
     root = tmp_path_factory.mktemp("other-encoder")
-    export_encoder(ExportOptions(model=MODEL, pretrained=None, out=root / "enc", seed=1, towers=("image",)))
+    export_encoder(ExportOptions(model=TINY_MODEL, pretrained=None, out=root / "enc", seed=1, towers=("image",)))
     build_repository(root / "enc", root / "repo")
     return root / "repo"
 
@@ -308,25 +317,16 @@ def test_train_head_through_the_server_embeds_like_locally(repo, server, digits_
     np.testing.assert_allclose(np.stack(served), np.stack(local), atol=1e-5)
 
 
-def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path):
+def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path, cli, monkeypatch):
+    from headmaster.cli import common
+
     data = subset(digits_dir, tmp_path / "data", {"1": 40, "2": 40, "3": 40})
-    result = subprocess.run(
-        [
-            *CLI,
-            "train-head",
-            str(data),
-            "--name",
-            "small",
-            "--repo",
-            str(train_repo),
-            "--cache",
-            str(embedding_cache),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    # In this process (the `cli` fixture): train-head's entry point runs as a subprocess in
+    # test_a_collapsed_encoder_is_named_as_the_problem_not_a_flag. 200 columns, as COLUMNS=200 gave
+    # the subprocess: rich wraps the report's tables at the console's width.
+    for console in (common.console, common.out):
+        monkeypatch.setattr(console, "_width", 200)
+    result = cli("train-head", data, "--name", "small", "--repo", train_repo, "--cache", embedding_cache)
     assert result.returncode == 0, result.stderr
     assert "confusion matrix" in result.stdout and "why this threshold" in result.stdout
     assert "head small v1 (linear, single-label): 1, 2, 3" in result.stderr
@@ -340,9 +340,9 @@ def test_cli_prints_the_report(train_repo, digits_dir, embedding_cache, tmp_path
 
 
 @pytest.mark.slow  # reads the `digit` head test_digits_head_is_as_accurate_as_logistic_regression publishes
-def test_accept_rule_matches_the_report_for_the_published_thresholds(train_repo):
+def test_accept_rule_matches_the_report_for_the_published_thresholds(vit_train_repo):
     """What the threshold step will do with the published thresholds is what was measured."""
-    state = Repository(train_repo).head("digit")
+    state = Repository(vit_train_repo).head("digit")
     coverage = state.card.details["metrics"]["thresholded"]["coverage"]
     assert 0 < coverage <= 1
     assert accept(np.eye(10, dtype=np.float32), state.card.info()) == [[str(d)] for d in range(10)]

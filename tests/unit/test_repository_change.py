@@ -149,11 +149,11 @@ def naming(repo: Path, head: str) -> dict:
 
 
 @pytest.fixture
-def disk_repo(encoder_dir, tmp_path_factory) -> Path:
-    """A repository of its own (nothing serves it) with the zero-shot heads."""
+def disk_repo(tiny_encoder_dir, tmp_path_factory) -> Path:
+    """A repository of its own (nothing serves it) with the zero-shot heads, on the tiny encoder."""
     source = tmp_path_factory.getbasetemp() / "change-repo" / "model_repository"
     if not source.exists():
-        build_repo(encoder_dir, source)
+        build_repo(tiny_encoder_dir, source)
     return clone_repo(source, tmp_path_factory.mktemp("change") / "model_repository")
 
 
