@@ -74,7 +74,8 @@ test: setup
 # The fast tier (-m "not server and not slow", docs/testing.md) in two pytest-xdist workers, a test file
 # per worker at a time (--dist loadfile): a module's own fixtures (a trained head, a built repository)
 # are made once. `make test` stays in one process: the server tier is not yet checked side by side.
-test-fast: setup
+# FiftyOne's and Label Studio's venvs are left out: only slow tests use them.
+test-fast: $(VENV)/.installed system-deps $(HELM)
 	$(PY) -m pytest -m "not server and not slow" -n 2 --dist loadfile
 
 # Lint, format and types before tests: ruff over the whole checkout, mypy over the modules [tool.mypy] names.
