@@ -1,6 +1,7 @@
 # The two commands of the README. Both create .venv/ on first use.
 #   make quickstart   export -> repository -> serve -> classify real photos -> print labels
 #   make test         the test suite (a real Triton server, real models, real images)
+#   make test-fast    its fast tier (no Triton, nothing slow) in two worker processes (pytest-xdist)
 #   make lint         ruff check, ruff format --check and mypy (CI runs it before the tests)
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ HELM := .tools/helm
 FIFTYONE := .tools/fiftyone
 LABEL_STUDIO := .tools/label-studio/bin/label-studio
 
-.PHONY: setup system-deps quickstart test lint benchmark
+.PHONY: setup system-deps quickstart test test-fast lint benchmark
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +70,13 @@ quickstart: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The fast tier (-m "not server and not slow", docs/testing.md) in two pytest-xdist workers, a test file
+# per worker at a time (--dist loadfile): a module's own fixtures (a trained head, a built repository)
+# are made once. `make test` stays in one process: the server tier is not yet checked side by side.
+# FiftyOne's and Label Studio's venvs are left out: only slow tests use them.
+test-fast: $(VENV)/.installed system-deps $(HELM)
+	$(PY) -m pytest -m "not server and not slow" -n 2 --dist loadfile
 
 # Lint, format and types before tests: ruff over the whole checkout, mypy over the modules [tool.mypy] names.
 lint: $(VENV)/.installed

@@ -9,8 +9,10 @@ Images are real photos that ship inside scikit-image and scikit-learn.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tests.helpers import (
     NATIVE_TRITON,
     SEED,
     TINY_MODEL,
+    WORKER,
     build_repo,
     photo_bytes,
     start_server,
@@ -159,10 +162,25 @@ def jpeg_photos(photos) -> dict[str, bytes]:
 
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory) -> Path:
+    """The session's ViT-S-32 export (14-16 s of CPU). Under xdist the workers share one: the first
+    to take the lock exports it into the run's temp folder (the parent of each worker's own), the
+    others wait for it. Sharing it between workers is as safe as sharing it between the tests of one
+    session, which they already do: no test writes into it."""
     from headmaster.export.encoder import ExportOptions, export_encoder
 
-    out = tmp_path_factory.mktemp("encoder") / "vit-s-32"
-    export_encoder(ExportOptions(model=MODEL, pretrained=None, out=out, seed=SEED))
+    if WORKER is None:
+        out = tmp_path_factory.mktemp("encoder") / "vit-s-32"
+        export_encoder(ExportOptions(model=MODEL, pretrained=None, out=out, seed=SEED))
+        return out
+    shared = tmp_path_factory.getbasetemp().parent / "encoder"
+    shared.mkdir(exist_ok=True)
+    out, done = shared / "vit-s-32", shared / "done"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or if this worker dies
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that died mid-export left a part
+            export_encoder(ExportOptions(model=MODEL, pretrained=None, out=out, seed=SEED))
+            done.touch()
     return out
 
 

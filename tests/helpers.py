@@ -50,10 +50,38 @@ def read_until_ready(serve: subprocess.Popen) -> list[str]:
     return seen
 
 
+# Under pytest-xdist (`pytest -n 2`) each worker process is named gw0, gw1, ... in PYTEST_XDIST_WORKER.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+# Ports under xdist: each worker takes them from a range of its own, below Linux's ephemeral range
+# (32768-60999), so two workers never pick the same port, and no outgoing connection (another worker's
+# client, a gRPC channel) is given one as its source port in the seconds between the pick and the
+# server's bind (Triton binds its ports only after loading its models). Alone, the kernel's choice
+# (bind to 0) is enough, as it was before xdist.
+_PORT_BASE, _PORT_SPAN = 20000, 500
+_next_port: list[int] = []  # this worker's next candidate (a random start, so two runs side by side differ)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port no one listens on now: the kernel's pick, or under xdist the next free one in
+    this worker's range (never the same one twice in a row of _PORT_SPAN picks)."""
+    if WORKER is None or not WORKER.startswith("gw") or not WORKER[2:].isdigit():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    low = _PORT_BASE + int(WORKER[2:]) % ((32768 - _PORT_BASE) // _PORT_SPAN) * _PORT_SPAN
+    if not _next_port:
+        _next_port.append(low + int.from_bytes(os.urandom(2), "big") % _PORT_SPAN)
+    for _ in range(_PORT_SPAN):
+        port = _next_port[0]
+        _next_port[0] = low + (port + 1 - low) % _PORT_SPAN
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken: by this worker's own servers, or anything else on the machine
+                continue
+        return port
+    raise RuntimeError(f"no free loopback port in {low}-{low + _PORT_SPAN - 1} (xdist worker {WORKER})")
 
 
 class Ports(NamedTuple):
@@ -234,7 +262,11 @@ SEED = 0
 # drawn for it (test_improve's clusters) keep the geometry their figures were measured in; tests
 # that need the dimension read it from the card. Tests about the encoder keep MODEL.
 TINY_MODEL = "local-dir:" + str(Path(__file__).parent / "tiny_clip")
+# Logs and pictures a run keeps (servers' logs, the eval report's screenshot). Under xdist, a folder
+# per worker (test-artifacts/gw0, ...): each worker's session server (and any module's, run on both) writes the same names.
 ARTIFACTS = Path(os.environ.get("HEADMASTER_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+if WORKER:
+    ARTIFACTS = ARTIFACTS / WORKER
 
 # The native tier (opt-in): HEADMASTER_NATIVE_BACKENDS names a backend directory holding
 # onnxruntime/ (Triton's onnxruntime backend) and python/, HEADMASTER_NATIVE_TRITON a
@@ -291,7 +323,7 @@ def build_repo(encoder_dir: Path, repo: Path, heads=ZERO_SHOT, **options) -> Pat
 
 def start_server(repo: Path, log_dir: Path):
     from headmaster.repository.repo import Repository
-    from headmaster.server.triton import ServerOptions, TritonServer, free_port
+    from headmaster.server.triton import ServerOptions, TritonServer
 
     repository = Repository(repo)
     native = (

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from headmaster.client import HeadmasterClient
-from headmaster.server.triton import free_port
-from tests.helpers import ARTIFACTS, Ports, clone_repo, run_cli, serve_command, start_server
+from tests.helpers import ARTIFACTS, Ports, clone_repo, free_port, run_cli, serve_command, start_server
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, message: str) -> None:

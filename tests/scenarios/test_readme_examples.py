@@ -68,8 +68,7 @@ from pathlib import Path
 
 import pytest
 
-from headmaster.server.triton import free_port
-from tests.helpers import ARTIFACTS, ZERO_SHOT, Ports, build_repo, photo_bytes, subset
+from tests.helpers import ARTIFACTS, ZERO_SHOT, Ports, build_repo, free_port, photo_bytes, subset
 
 # The examples run `headmaster serve` as written: the bundled Triton, python backend only.
 pytestmark = [

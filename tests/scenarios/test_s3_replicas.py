@@ -22,8 +22,7 @@ import pytest
 
 from headmaster.client import HeadmasterClient
 from headmaster.repository import s3
-from headmaster.server.triton import free_port
-from tests.helpers import ARTIFACTS, CLI, Clients, MotoS3Server, Ports, clone_repo, serve_command, subset
+from tests.helpers import ARTIFACTS, CLI, Clients, MotoS3Server, Ports, clone_repo, free_port, serve_command, subset
 
 pytestmark = pytest.mark.portable_only("`headmaster serve` runs the bundled Triton (python backend only)")
 # Credentials that must never be printed, logged or written anywhere (moto accepts any).

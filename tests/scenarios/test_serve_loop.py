@@ -18,8 +18,7 @@ import pytest
 from headmaster.lifecycle.serving import LogReporter, ServeLoop, ServeOptions
 from headmaster.repository.repo import Repository
 from headmaster.server.record import record_path, running_server
-from headmaster.server.triton import free_port
-from tests.helpers import clone_repo
+from tests.helpers import clone_repo, free_port
 
 pytestmark = pytest.mark.portable_only("the loop runs the bundled Triton (python backend only)")
 

@@ -34,8 +34,19 @@ from tritonclient.utils import InferenceServerException
 
 from headmaster.client import AsyncHeadmasterClient, ClientError, HeadmasterClient
 from headmaster.server.record import KEY_HEADER, read_record, record_path, running_server
-from headmaster.server.triton import SHM_PREFIX, free_port
-from tests.helpers import ARTIFACTS, CLI, Clients, Ports, clone_repo, run_cli, serve_command, subset, written_version
+from headmaster.server.triton import SHM_PREFIX
+from tests.helpers import (
+    ARTIFACTS,
+    CLI,
+    Clients,
+    Ports,
+    clone_repo,
+    free_port,
+    run_cli,
+    serve_command,
+    subset,
+    written_version,
+)
 
 # `headmaster serve` runs the bundled Triton, which has only the python backend.
 pytestmark = [

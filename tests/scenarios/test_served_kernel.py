@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from headmaster.repository.layout import CACHE_FILE, KERNEL_FILE, RUNNER_FILE, copy_backend
-from headmaster.server.triton import ServerOptions, TritonServer, free_port
+from headmaster.server.triton import ServerOptions, TritonServer
+from tests.helpers import free_port
 
 PROBE = """
 

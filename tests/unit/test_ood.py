@@ -309,7 +309,7 @@ def test_an_s3_served_threshold_step_fetches_the_stored_index(tmp_path, monkeypa
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from headmaster.server.triton import free_port
+    from tests.helpers import free_port
 
     x_train, y_train, x_val, y_val, unseen = digits
     monkeypatch.setattr(threshold, "EXACT_MAX", 500)
