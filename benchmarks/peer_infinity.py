@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import datetime as dt
 import importlib.util
 import io
@@ -348,13 +349,21 @@ def load(server, pool: list[bytes], seconds: float, model: str | None = None) ->
     timed(server, pool[:BATCH], model)  # each side's client connection made before the clock starts
     stop_at = time.monotonic() + seconds
 
+    sent: collections.Counter = collections.Counter()  # pool index -> times sent
+
     def client(k: int) -> None:
-        i = k * 97
+        # Client k takes the k-th batch of every CLIENTS batches of the pool: no two clients ever
+        # send the same image, so a repeat can only come from the pool running out (counted below).
+        # (Until 2026-12-08 client k started at k * 97 and stepped by BATCH * CLIENTS, so the
+        # clients' slices overlapped and most images were sent by several clients a few batches
+        # apart: Headmaster's caches answered those repeats, which flattered its images/s.)
+        i = k * BATCH
         while time.monotonic() < stop_at:
-            batch = [pool[(i + j) % len(pool)] for j in range(BATCH)]
+            indices = [(i + j) % len(pool) for j in range(BATCH)]
             i += BATCH * CLIENTS
-            spent, ok = timed(server, batch, model)
+            spent, ok = timed(server, [pool[x] for x in indices], model)
             with lock:
+                sent.update(indices)
                 latencies.append(spent) if ok else None
                 failures[0] += 0 if ok else 1
 
@@ -372,7 +381,7 @@ def load(server, pool: list[bytes], seconds: float, model: str | None = None) ->
     ms = np.array(latencies) * 1000
     return {
         "img_s": len(latencies) * BATCH / spent,
-        "repeats": max(0, (len(latencies) + failures[0]) * BATCH - len(pool)),
+        "repeats": sum(n - 1 for n in sent.values()),  # images sent more than once in the window
         "p50": float(np.percentile(ms, 50)) if len(ms) else 0.0,
         "p99": float(np.percentile(ms, 99)) if len(ms) else 0.0,
         "failures": failures[0],
