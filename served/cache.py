@@ -68,6 +68,20 @@ class ContentCache:
         self.hits += 1
         return rows
 
+    def lookup(self, keys: list[bytes], make) -> tuple[list, int]:
+        """The entry of each key: held ones from the cache, the others from ``make(missing)``
+        (the indices of the keys the cache lacks -> their entries, in that order), which are kept;
+        a made entry that is not a tuple of arrays (an exception: a refused image) is handed back
+        but never kept. Returns the entries and how many were made."""
+        found = [self.get(key) for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            for i, entry in zip(missing, make(missing)):
+                found[i] = entry
+                if isinstance(entry, tuple):
+                    self.put(keys[i], entry)
+        return found, len(missing)
+
     def put(self, key: bytes, rows: tuple[np.ndarray, ...]) -> None:
         size = self.size(rows)
         if size > self.max_bytes or key in self.entries:
@@ -113,3 +127,16 @@ class CacheMetrics:
             self.metrics["misses"].increment(misses)
         self.metrics["entries"].set(len(cache.entries))
         self.metrics["bytes"].set(cache.bytes)
+
+
+def open_cache(pb_utils, model: str, max_bytes: int, prefix: str, held: str):
+    """A served model's cache (None when ``max_bytes`` is 0) and its metrics (None where this
+    Triton has no custom metrics: the cache still works)."""
+    if max_bytes <= 0:
+        return None, None
+    store = ContentCache(max_bytes)
+    try:
+        return store, CacheMetrics(pb_utils, model, prefix, held)
+    except Exception as e:  # noqa: BLE001 - no metrics (an old Triton)
+        pb_utils.Logger.log_warn(f"headmaster {prefix} metrics: {type(e).__name__}: {e}")
+        return store, None

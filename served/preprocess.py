@@ -559,14 +559,10 @@ class TritonPythonModel:
         # instance: a preprocess that is reloaded or rebuilt (other preprocessing, other limits)
         # starts empty, so pixels are only ever those this very code and config made. Refusals
         # and failures are never kept: such bytes are decoded (and refused) again every time.
-        cache_bytes = int(params.get("cache_bytes", "0") or 0)
-        self.cache = cache.ContentCache(cache_bytes) if cache_bytes > 0 and self.decoder is None else None
-        self.cache_metrics = None
-        if self.cache is not None:
-            try:
-                self.cache_metrics = cache.CacheMetrics(pb_utils, config["name"], cache.DECODED_PREFIX, "pixels")
-            except Exception as e:  # noqa: BLE001 - no metrics (an old Triton): the cache still works
-                pb_utils.Logger.log_warn(f"headmaster decoded cache metrics: {type(e).__name__}: {e}")
+        cache_bytes = int(params.get("cache_bytes", "0") or 0) if self.decoder is None else 0
+        self.cache, self.cache_metrics = cache.open_cache(
+            pb_utils, config["name"], cache_bytes, cache.DECODED_PREFIX, "pixels"
+        )
 
     def _one(self, data):
         try:
@@ -579,17 +575,15 @@ class TritonPythonModel:
         a cache, only the items it does not hold are decoded."""
         if self.cache is None:
             return list(self.pool.map(self._one, items))
-        keys = [self.cache.key_of_bytes(item) for item in items]
-        found = [self.cache.get(key) for key in keys]
-        missing = [i for i, rows in enumerate(found) if rows is None]
-        out = [None if rows is None else rows[0] for rows in found]
-        for i, pixels in zip(missing, self.pool.map(self._one, [items[i] for i in missing])):
-            out[i] = pixels
-            if isinstance(pixels, np.ndarray):  # refusals and failures are not kept
-                self.cache.put(keys[i], (pixels,))
+
+        def decode(missing: list[int]) -> list:  # refusals and failures stay exceptions: not kept
+            made = self.pool.map(self._one, [items[i] for i in missing])
+            return [(p,) if isinstance(p, np.ndarray) else p for p in made]
+
+        found, made = self.cache.lookup([self.cache.key_of_bytes(item) for item in items], decode)
         if self.cache_metrics is not None:
-            self.cache_metrics.record(len(items) - len(missing), len(missing), self.cache)
-        return out
+            self.cache_metrics.record(len(items) - made, made, self.cache)
+        return [entry[0] if isinstance(entry, tuple) else entry for entry in found]
 
     def execute(self, requests):
         pb = self.pb

@@ -173,16 +173,14 @@ def run_cached(runner, store: cache.ContentCache, batch: dict, outputs: list[str
     """The runner's outputs for ``batch`` (one input), running only the rows the cache lacks;
     returns the outputs, the hits and the misses."""
     ((name, rows),) = batch.items()
-    keys = [store.key(row) for row in rows]
-    found = [store.get(k) for k in keys]
-    missing = [i for i, f in enumerate(found) if f is None]
-    if missing:
+
+    def run(missing: list[int]) -> list[tuple[np.ndarray, ...]]:
         computed = runner({name: rows[missing] if len(missing) < len(rows) else rows}, outputs)
-        for j, i in enumerate(missing):
-            found[i] = tuple(result[j] for result in computed)
-            store.put(keys[i], found[i])
+        return [tuple(result[j] for result in computed) for j in range(len(missing))]
+
+    found, made = store.lookup([store.key(row) for row in rows], run)
     results = [np.stack([f[k] for f in found]) for k in range(len(outputs))]
-    return results, len(rows) - len(missing), len(missing)
+    return results, len(rows) - made, made
 
 
 class TritonPythonModel:
@@ -204,15 +202,11 @@ class TritonPythonModel:
         )
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
-        cache_bytes = int(params.get("cache_bytes", "0") or 0)
         # One input only (an image tower): the key is that row's bytes.
-        self.cache = cache.ContentCache(cache_bytes) if cache_bytes > 0 and len(self.inputs) == 1 else None
-        self.cache_metrics = None
-        if self.cache is not None:
-            try:
-                self.cache_metrics = cache.CacheMetrics(pb_utils, config["name"], cache.EMBEDDING_PREFIX, "embeddings")
-            except Exception as e:  # noqa: BLE001 - no metrics (an old Triton): the cache still works
-                pb_utils.Logger.log_warn(f"headmaster embedding cache metrics: {type(e).__name__}: {e}")
+        cache_bytes = int(params.get("cache_bytes", "0") or 0) if len(self.inputs) == 1 else 0
+        self.cache, self.cache_metrics = cache.open_cache(
+            pb_utils, config["name"], cache_bytes, cache.EMBEDDING_PREFIX, "embeddings"
+        )
 
     def _input(self, request, name):
         tensor = self.pb.get_input_tensor_by_name(request, name)
