@@ -16,7 +16,8 @@ import pytest
 
 from headmaster.repository.layout import BACKENDS_DIR, CACHE_FILE, KERNEL_FILE, KERNELS, RUNNER_FILE, copy_backend
 
-STUB = """
+# How the stub loads a version folder, with no headmaster importable; each probe prints JSON.
+LOADER = """
 import importlib, importlib.abc, json, sys
 
 class NoHeadmaster(importlib.abc.MetaPathFinder):  # a Triton image: no headmaster to import
@@ -28,6 +29,9 @@ class NoHeadmaster(importlib.abc.MetaPathFinder):  # a Triton image: no headmast
 sys.meta_path.insert(0, NoHeadmaster())
 sys.path += [sys.argv[1], sys.argv[2]]  # the version folder, then the model folder
 model = importlib.import_module("1.model")
+"""
+
+STUB = """
 info = {"version": 3, "labels": ["cat", "dog"], "thresholds": [0.5, 0.5], "multi_label": False}
 print(json.dumps({
     "kernel": sys.modules["headmaster_rules"].__file__,
@@ -38,6 +42,19 @@ print(json.dumps({
 """
 
 
+def load_as_the_stub(folder, probe: str) -> dict:
+    """Import ``folder``'s model.py as Triton's stub does, in a fresh interpreter, and run ``probe``."""
+    run = subprocess.run(
+        [sys.executable, "-c", LOADER + probe, str(folder), str(folder.parent)],
+        cwd=folder.parent.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
 @pytest.mark.parametrize("source", ["threshold", "student"])  # the student answers with its teacher's rule
 def test_the_kernel_users_version_folders_serve_without_the_package(tmp_path, source):
     folder = tmp_path / source / "1"
@@ -45,15 +62,7 @@ def test_the_kernel_users_version_folders_serve_without_the_package(tmp_path, so
     copy_backend(source, folder)
     assert (folder / KERNEL_FILE).read_bytes() == KERNELS[source].read_bytes()
     assert (folder / RUNNER_FILE).is_file()
-    run = subprocess.run(
-        [sys.executable, "-c", STUB, str(folder), str(folder.parent)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr
-    seen = json.loads(run.stdout)
+    seen = load_as_the_stub(folder, STUB)
     assert seen["kernel"] == str(folder / KERNEL_FILE)
     assert seen["rule"] == "headmaster_rules"
     assert seen["headmaster"] == []
@@ -66,17 +75,6 @@ def test_other_served_models_get_no_kernel(tmp_path):
 
 
 CACHE_STUB = """
-import importlib, importlib.abc, json, sys
-
-class NoHeadmaster(importlib.abc.MetaPathFinder):  # a Triton image: no headmaster to import
-    def find_spec(self, name, path=None, target=None):
-        if name == "headmaster" or name.startswith("headmaster."):
-            raise ImportError(f"no {name} in this stub")
-        return None
-
-sys.meta_path.insert(0, NoHeadmaster())
-sys.path += [sys.argv[1], sys.argv[2]]  # the version folder, then the model folder
-model = importlib.import_module("1.model")
 store = model.cache.ContentCache(10**6)
 store.put(store.key_of_bytes(b"image"), (__import__("numpy").zeros((3, 2, 2), "uint8"),))
 print(json.dumps({
@@ -94,15 +92,7 @@ def test_the_cache_users_version_folders_serve_without_the_package(tmp_path, sou
     folder.mkdir(parents=True)
     copy_backend(source, folder)
     assert (folder / CACHE_FILE).read_bytes() == (BACKENDS_DIR / "cache.py").read_bytes()
-    run = subprocess.run(
-        [sys.executable, "-c", CACHE_STUB, str(folder), str(folder.parent)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr
-    seen = json.loads(run.stdout)
+    seen = load_as_the_stub(folder, CACHE_STUB)
     assert (seen["module"], seen["file"]) == ("headmaster_cache", str(folder / CACHE_FILE))
     assert seen["headmaster"] == []
     assert seen["held"] == 3 * 2 * 2 + 256
