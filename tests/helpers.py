@@ -66,9 +66,9 @@ def free_port() -> int:
     """A loopback port no one listens on now: the kernel's pick, or under xdist the next free one in
     this worker's range (never the same one twice in a row of _PORT_SPAN picks)."""
     if WORKER is None or not WORKER.startswith("gw") or not WORKER[2:].isdigit():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        from headmaster.server import triton
+
+        return triton.free_port()
     low = _PORT_BASE + int(WORKER[2:]) % ((32768 - _PORT_BASE) // _PORT_SPAN) * _PORT_SPAN
     if not _next_port:
         _next_port.append(low + int.from_bytes(os.urandom(2), "big") % _PORT_SPAN)
