@@ -129,14 +129,15 @@ class CacheMetrics:
         self.metrics["bytes"].set(cache.bytes)
 
 
-def open_cache(pb_utils, model: str, max_bytes: int, prefix: str, held: str):
-    """A served model's cache (None when ``max_bytes`` is 0) and its metrics (None where this
-    Triton has no custom metrics: the cache still works)."""
+def open_cache(pb_utils, config: dict, max_bytes: int, prefix: str, held: str):
+    """A served model's cache (None when ``max_bytes`` is 0) and its metrics, labelled by the
+    model's name from its ``config`` (None where this Triton has no custom metrics: the cache
+    still works)."""
     if max_bytes <= 0:
         return None, None
     store = ContentCache(max_bytes)
     try:
-        return store, CacheMetrics(pb_utils, model, prefix, held)
+        return store, CacheMetrics(pb_utils, config["name"], prefix, held)
     except Exception as e:  # noqa: BLE001 - no metrics (an old Triton)
         pb_utils.Logger.log_warn(f"headmaster {prefix} metrics: {type(e).__name__}: {e}")
         return store, None

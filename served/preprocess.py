@@ -560,9 +560,7 @@ class TritonPythonModel:
         # starts empty, so pixels are only ever those this very code and config made. Refusals
         # and failures are never kept: such bytes are decoded (and refused) again every time.
         cache_bytes = int(params.get("cache_bytes", "0") or 0) if self.decoder is None else 0
-        self.cache, self.cache_metrics = cache.open_cache(
-            pb_utils, config["name"], cache_bytes, cache.DECODED_PREFIX, "pixels"
-        )
+        self.cache, self.cache_metrics = cache.open_cache(pb_utils, config, cache_bytes, cache.DECODED_PREFIX, "pixels")
 
     def _one(self, data):
         try:

@@ -205,7 +205,7 @@ class TritonPythonModel:
         # One input only (an image tower): the key is that row's bytes.
         cache_bytes = int(params.get("cache_bytes", "0") or 0) if len(self.inputs) == 1 else 0
         self.cache, self.cache_metrics = cache.open_cache(
-            pb_utils, config["name"], cache_bytes, cache.EMBEDDING_PREFIX, "embeddings"
+            pb_utils, config, cache_bytes, cache.EMBEDDING_PREFIX, "embeddings"
         )
 
     def _input(self, request, name):
